@@ -1,0 +1,67 @@
+"""The base ConfigDict every ``configs/*.py`` starts from (every key a run reads).
+
+Configs are locked: ``--config.some_typo=1`` fails with an error naming the
+unknown key instead of being ignored.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Paper defaults (MNIST-style VAE, exemplar prior, AdamNormGrad, batch 100)."""
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = "fashion_mnist"       # mnist | fashion_mnist | digits | omniglot
+  c.data_dir = ""                   # '' = defaults (tfds ~/tensorflow_datasets; Debian Fashion-MNIST)
+  c.data_source = "auto"            # auto | idx | tfds | sklearn | mat
+  c.val_size = 0                    # >0: last val_size training images are validation (0: data-set default, 10000 for MNIST)
+  c.max_train = 0                   # >0: truncate the training split (tiny runs)
+  c.max_test = 0                    # >0: truncate validation and test splits
+  c.eval_binarize_seed = 0          # fixed binarisation of validation/test images
+  # Model.
+  c.model = "vae"
+  c.latent_dim = 40
+  c.hidden = (300, 300)
+  c.likelihood = "bernoulli"
+  # Prior.
+  c.prior = "exemplar"              # gaussian | vampprior | exemplar (see exvae/priors)
+  c.exemplar = ml_collections.ConfigDict(dict(
+      num_exemplars=25000,          # M random exemplars per batch (<= 0: all)
+      rat=False,                    # retrieval augmented training
+      rat_k=10,                     # neighbours per batch element for RAT
+      loo=True,                     # leave-one-out in training
+      chunk_size=4096,              # bank chunk of the streamed log-sum-exp
+      log_var_init_mean=0.0,        # log s2 = mean + std * N(0, 1), as the reference
+      log_var_init_std=1.0))
+  c.vampprior = ml_collections.ConfigDict(dict(num_pseudo=500, init_mean=0.05, init_std=0.01))
+  # Optimisation.
+  c.optimizer = "adamnormgrad"      # adamnormgrad | adam
+  c.learning_rate = 5e-4
+  c.batch_size = 100
+  c.num_epochs = 2000
+  c.max_steps = 0                   # >0: stop after this many steps in total
+  c.warmup_epochs = 100             # KL warm-up: beta = min(1, epoch / warmup)
+  c.early_stopping_patience = 50    # epochs without validation improvement (after warm-up)
+  c.seed = 0
+  # Bookkeeping.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.val_every_epochs = 1
+  c.num_picture_samples = 64
+  c.progress = True
+  # Evaluation (eval.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      num_importance_samples=5000,  # S per test point
+      max_queries=5000,             # latent codes scored per call (memory bound)
+      bank_seed=1234,               # binarisation of training images for the evaluation bank
+      max_test_examples=0,          # >0: evaluate on the first n test images only
+      use_best=True,                # best-on-validation parameters (else the last)
+      seed=0))
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config so unknown keys are errors."""
+  c.lock()
+  return c

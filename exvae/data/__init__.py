@@ -1,0 +1,256 @@
+"""Data sets for exvae: MNIST, Fashion-MNIST, Omniglot (28x28) and sklearn digits.
+
+Entry point: :func:`load` returns a :class:`Splits` with float32 images in
+[0, 1] of shape (N, H, W, C). All four data sets are modelled with a Bernoulli
+likelihood (``binary=True``): the trainer re-binarises training images every
+batch, while validation and test images come back already binarised once with
+fixed seeds (as in the Exemplar VAE paper).
+
+Splits (as in the paper):
+  * mnist, fashion_mnist: first 50000 official training images = train, the
+    last 10000 = validation (``val_size`` overrides 10000), official 10000 test.
+  * omniglot (``chardata.mat``): training images shuffled with a fixed
+    permutation (seed 0, as the VampPrior code shuffles), 23000 train, the
+    remaining 1345 validation, official 8070 test.
+  * digits (sklearn): fixed permutation (seed 0): 300 test, 200 validation,
+    1297 train.
+
+Nothing is ever downloaded and no fake data is ever returned: a missing data
+set raises :class:`DataNotFoundError` explaining how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from exvae.data.core import DataNotFoundError, Splits, binarize, validate_images
+from exvae.data.idx import IDX_FILES, IdxFormatError, find_idx_dir, idx_candidate_dirs, load_idx_dataset, read_idx
+
+__all__ = [
+    "DataNotFoundError",
+    "IdxFormatError",
+    "Splits",
+    "KNOWN_DATASETS",
+    "DEFAULT_IDX_DIRS",
+    "load",
+    "binarize",
+    "validate_images",
+    "read_idx",
+]
+
+KNOWN_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "digits", "omniglot")
+_SOURCES = {
+    "mnist": ("auto", "idx", "tfds"),
+    "fashion_mnist": ("auto", "idx", "tfds"),
+    "digits": ("auto", "sklearn"),
+    "omniglot": ("auto", "mat"),
+}
+# Where IDX files are looked for when data_dir is None. Fashion-MNIST:
+# `apt-get install dataset-fashion-mnist` (Debian) installs the genuine files there.
+DEFAULT_IDX_DIRS = {
+    "mnist": "/usr/share/datasets/mnist",
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
+}
+_IDX_URLS = {
+    "mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/ (mirror of yann.lecun.com/exdb/mnist)",
+    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)",
+}
+_DEFAULT_VAL = {"mnist": 10000, "fashion_mnist": 10000, "digits": 200}
+_OMNIGLOT_TRAIN = 23000
+_SPLIT_SEED = 0
+# Streams for the fixed evaluation binarisations: rng seeded with (seed, stream).
+_VAL_STREAM, _TEST_STREAM = 1, 2
+
+
+def _missing_mnist_message(name: str, data_dir: str | None, source: str) -> str:
+    from exvae.data.tfds_source import default_tfds_data_dir, how_to_prepare, TFDS_NAMES
+
+    idx_root = data_dir if data_dir is not None else DEFAULT_IDX_DIRS[name]
+    dirs = idx_candidate_dirs(name, idx_root)
+    files = ", ".join(f + "[.gz]" for f in IDX_FILES)
+    tfds_dir = os.path.expanduser(data_dir) if data_dir is not None else default_tfds_data_dir()
+    lines = [f"{name}: data not found (source={source!r}, data_dir={data_dir!r})."]
+    if source in ("auto", "idx"):
+        lines.append(f"Looked for the IDX files {files} in: {', '.join(dirs)}")
+    if source in ("auto", "tfds"):
+        lines.append(
+            f"Looked for a tfds-prepared '{TFDS_NAMES[name]}' in {tfds_dir}/{TFDS_NAMES[name]}/<version>/"
+        )
+    lines.append("To fix, either:")
+    if name == "fashion_mnist":
+        lines.append(
+            f"  - on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist (installs the "
+            f"genuine IDX files in {DEFAULT_IDX_DIRS[name]}, used when data_dir is None)"
+        )
+        if data_dir is not None and find_idx_dir(name, DEFAULT_IDX_DIRS[name]) is not None:
+            lines.append(
+                f"    (they ARE installed here: pass data_dir=None or --config.data_dir={DEFAULT_IDX_DIRS[name]})"
+            )
+    lines.append(
+        f"  - put the four IDX files ({_IDX_URLS[name]}) in a directory and pass it as "
+        "data_dir (--config.data_dir=/path/to/dir)"
+    )
+    lines.append(
+        "  - or prepare it with tfds on a machine with internet and pass that tfds "
+        "directory as data_dir (--config.data_dir=...):\n" + how_to_prepare(name, data_dir)
+    )
+    return "\n".join(lines)
+
+
+def _load_mnist_like(name: str, data_dir: str | None, source: str):
+    """Returns (xtr uint8 (N,H,W[,1]), ytr, xte, yte, source description)."""
+    from exvae.data import tfds_source
+
+    if source in ("auto", "idx"):
+        idx_root = data_dir if data_dir is not None else DEFAULT_IDX_DIRS[name]
+        found = find_idx_dir(name, idx_root)
+        if found is not None:
+            directory, paths = found
+            xtr, ytr, xte, yte = load_idx_dataset(name, directory, paths)
+            return xtr, ytr, xte, yte, f"idx:{directory}"
+        if source == "idx":
+            raise DataNotFoundError(_missing_mnist_message(name, data_dir, source))
+    if source == "tfds" or tfds_source.tfds_prepared_dir(name, data_dir) is not None:
+        return tfds_source.load_tfds(name, data_dir)
+    raise DataNotFoundError(_missing_mnist_message(name, data_dir, source))
+
+
+def _check_count(value: int | None, what: str, minimum: int = 1) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < minimum):
+        raise ValueError(f"{what} must be an integer >= {minimum} or None, got {value!r}")
+
+
+def _as_float_images(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255.0)
+    return np.asarray(x, np.float32)
+
+
+def load(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    source: str = "auto",
+    val_size: int | None = None,
+    eval_binarize_seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> Splits:
+    """Loads a data set and splits it into train / validation / test.
+
+    Args:
+      name: one of 'mnist', 'fashion_mnist', 'digits', 'omniglot'.
+      data_dir: where the data lives. mnist / fashion_mnist: a directory with
+        the four IDX files (or a sub-directory such as ``mnist``,
+        ``MNIST/raw``) or a tfds data_dir; None: the default IDX directory
+        (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST), then the tfds
+        default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). omniglot:
+        directory holding ``chardata.mat`` (or the file itself). Ignored for
+        digits.
+      source: 'auto' (IDX files if present, else a prepared tfds data set),
+        'idx', 'tfds' (mnist, fashion_mnist), 'sklearn' (digits), 'mat'
+        (omniglot).
+      val_size: size of the validation split carved from the end of the
+        official training set (defaults: 10000 for mnist/fashion_mnist, 200 for
+        digits, the 1345 images beyond 23000 for omniglot).
+      eval_binarize_seed: seed of the fixed binarisation of val and test (they
+        use different streams derived from it).
+      max_train: keep only the first ``max_train`` training images.
+      max_test: keep only the first ``max_test`` validation and test images.
+
+    Returns:
+      A :class:`Splits`; images float32 (N, H, W, C); val/test binarised.
+
+    Raises:
+      ValueError: unknown name or source, bad sizes.
+      DataNotFoundError: the data is not on disk (the message says how to get it).
+      IdxFormatError: corrupt IDX files.
+    """
+    if name not in KNOWN_DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(KNOWN_DATASETS)}")
+    if source not in _SOURCES[name]:
+        raise ValueError(
+            f"bad source {source!r} for data set {name!r}; valid sources: {', '.join(_SOURCES[name])}"
+        )
+    _check_count(val_size, "val_size")
+    _check_count(max_train, "max_train")
+    _check_count(max_test, "max_test")
+
+    train_y: np.ndarray | None
+    if name in ("mnist", "fashion_mnist"):
+        xtr, ytr, xte, yte, desc = _load_mnist_like(name, data_dir, source)
+        n_val = _DEFAULT_VAL[name] if val_size is None else int(val_size)
+        if n_val >= len(xtr):
+            raise ValueError(f"val_size={n_val} must be smaller than the {len(xtr)} training images")
+        train_x, val_x = xtr[: len(xtr) - n_val], xtr[len(xtr) - n_val :]
+        train_y, val_y = ytr[: len(ytr) - n_val], ytr[len(ytr) - n_val :]
+        test_x, test_y = xte, yte
+    elif name == "digits":
+        from exvae.data.digits import DIGITS_TEST, digits_permutation, load_digits_arrays
+
+        x, y = load_digits_arrays()
+        n_val = _DEFAULT_VAL[name] if val_size is None else int(val_size)
+        if DIGITS_TEST + n_val >= len(x):
+            raise ValueError(f"val_size={n_val} leaves no digits for training")
+        perm = digits_permutation(len(x))
+        te, va, tr = perm[:DIGITS_TEST], perm[DIGITS_TEST : DIGITS_TEST + n_val], perm[DIGITS_TEST + n_val :]
+        train_x, train_y, val_x, val_y, test_x, test_y = x[tr], y[tr], x[va], y[va], x[te], y[te]
+        desc = "sklearn:load_digits"
+    else:  # omniglot
+        from exvae.data.omniglot import find_omniglot, read_chardata
+
+        path = find_omniglot(data_dir)
+        xtr, ytr, test_x, test_y = read_chardata(path)
+        if val_size is None:
+            if len(xtr) <= _OMNIGLOT_TRAIN:
+                raise ValueError(
+                    f"{path} has only {len(xtr)} training images (the genuine file has 24345); "
+                    f"pass val_size explicitly"
+                )
+            n_val = len(xtr) - _OMNIGLOT_TRAIN
+        else:
+            n_val = int(val_size)
+        if n_val >= len(xtr):
+            raise ValueError(f"val_size={n_val} must be smaller than the {len(xtr)} training images")
+        perm = np.random.default_rng(_SPLIT_SEED).permutation(len(xtr))
+        tr, va = perm[: len(xtr) - n_val], perm[len(xtr) - n_val :]
+        train_x, val_x = xtr[tr], xtr[va]
+        train_y = ytr[tr] if ytr is not None else None
+        val_y = ytr[va] if ytr is not None else None
+        desc = path
+
+    binary = True  # all four data sets use a Bernoulli likelihood
+    val_x, test_x = _as_float_images(val_x), _as_float_images(test_x)
+    if binary:
+        val_x = binarize(val_x, (int(eval_binarize_seed), _VAL_STREAM))
+        test_x = binarize(test_x, (int(eval_binarize_seed), _TEST_STREAM))
+    if max_train is not None:
+        train_x = train_x[:max_train].copy()  # do not keep the full array alive
+        train_y = train_y[:max_train] if train_y is not None else None
+    if max_test is not None:
+        val_x, test_x = val_x[:max_test].copy(), test_x[:max_test].copy()
+        val_y = val_y[:max_test] if val_y is not None else None
+        test_y = test_y[:max_test] if test_y is not None else None
+
+    train_x = _as_float_images(train_x)
+    train_x, val_x, test_x = (np.ascontiguousarray(a, np.float32) for a in (train_x, val_x, test_x))
+    shape = train_x.shape[1:]
+    validate_images(train_x, name=f"{name} train_x")
+    validate_images(val_x, image_shape=shape, name=f"{name} val_x")
+    validate_images(test_x, image_shape=shape, name=f"{name} test_x")
+    as_labels = lambda a: None if a is None else np.ascontiguousarray(a, np.int32)  # noqa: E731
+    return Splits(
+        name=name,
+        train_x=train_x,
+        train_y=as_labels(train_y),
+        val_x=val_x,
+        val_y=as_labels(val_y),
+        test_x=test_x,
+        test_y=as_labels(test_y),
+        binary=binary,
+        source=desc,
+    )

@@ -1,0 +1,131 @@
+"""The MLP VAE of the Exemplar VAE paper, behind a small pure-function interface.
+
+Encoder: x -> GatedDense(300) -> GatedDense(300) -> (Linear(d) for mu,
+clip(Linear(d), -6, 2) for the log-variance).  Decoder: z -> GatedDense(300)
+-> GatedDense(300) -> Linear(D) giving Bernoulli logits.
+
+Training, evaluation and the priors only see :class:`Model`, a bundle of pure
+functions of ``(params, inputs)``, so new architectures plug in by providing
+the same four callables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from exvae.nets.gated import GatedDense, he_init
+
+Params = Any
+
+# Posterior log-variance range of the reference (Hardtanh(-6, 2)).
+LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
+
+
+class VAE(nn.Module):
+  """MLP VAE with gated dense layers.
+
+  Attributes:
+    image_shape: (H, W, C) of the data.
+    latent_dim: size d of z.
+    hidden: widths of the gated dense layers (encoder; decoder mirrors).
+  """
+
+  image_shape: Sequence[int]
+  latent_dim: int = 40
+  hidden: Sequence[int] = (300, 300)
+
+  def setup(self):
+    self.enc_layers = [GatedDense(h, name=f"enc_{i}") for i, h in enumerate(self.hidden)]
+    self.enc_mu = nn.Dense(self.latent_dim, kernel_init=he_init, name="enc_mu")
+    self.enc_logvar = nn.Dense(self.latent_dim, kernel_init=he_init, name="enc_logvar")
+    self.dec_layers = [GatedDense(h, name=f"dec_{i}") for i, h in enumerate(self.hidden)]
+    self.dec_out = nn.Dense(math.prod(self.image_shape), kernel_init=he_init, name="dec_out")
+
+  def _trunk(self, x):
+    h = x.reshape(x.shape[0], -1)
+    for layer in self.enc_layers:
+      h = layer(h)
+    return h
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: (B, H, W, C) in [0, 1] -> (mu (B, d), logvar (B, d))."""
+    h = self._trunk(x)
+    logvar = jnp.clip(self.enc_logvar(h), LOGVAR_MIN, LOGVAR_MAX)
+    return self.enc_mu(h), logvar
+
+  def encode_mean(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> mu (B, d); skips the log-variance head (exemplar codes)."""
+    return self.enc_mu(self._trunk(x))
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    """z: (B, d) -> Bernoulli logits (B, H, W, C)."""
+    h = z
+    for layer in self.dec_layers:
+      h = layer(h)
+    return self.dec_out(h).reshape((z.shape[0],) + tuple(self.image_shape))
+
+  def __call__(self, x):
+    mu, logvar = self.encode(x)
+    return self.decode(mu), logvar
+
+
+# eq=False: hashed by identity, so a Model can be a static jit argument.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """Pure-function view of a generative model (what priors and losses use).
+
+  Attributes:
+    init: ``init(key) -> params``.
+    encode: ``encode(params, x) -> (mu, logvar)``; x (B, H, W, C), outputs (B, d).
+    encode_mean: ``encode_mean(params, x) -> mu`` (B, d).
+    decode: ``decode(params, z) -> likelihood parameters`` for ``x`` (B, H, W, C).
+    latent_dim: d.
+    image_shape: (H, W, C).
+  """
+
+  init: Callable[[jax.Array], Params]
+  encode: Callable[[Params, jax.Array], tuple[jax.Array, jax.Array]]
+  encode_mean: Callable[[Params, jax.Array], jax.Array]
+  decode: Callable[[Params, jax.Array], jax.Array]
+  latent_dim: int
+  image_shape: tuple[int, int, int]
+  module: nn.Module
+
+
+def make_model(config, image_shape: Sequence[int]) -> Model:
+  """Builds the model named by ``config.model`` (currently ``'vae'``).
+
+  Args:
+    config: ConfigDict with ``model``, ``latent_dim`` and ``hidden``.
+    image_shape: (H, W, C) of the data set.
+
+  Returns:
+    A :class:`Model` whose functions are pure and jit-friendly.
+  """
+  name = config.model
+  if name != "vae":
+    raise ValueError(f"Unknown model {name!r}; known models: ['vae'].")
+  image_shape = tuple(int(s) for s in image_shape)
+  module = VAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
+               hidden=tuple(int(h) for h in config.hidden))
+
+  def init(key):
+    return module.init(key, jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+
+  def encode(params, x):
+    return module.apply({"params": params}, x, method=VAE.encode)
+
+  def encode_mean(params, x):
+    return module.apply({"params": params}, x, method=VAE.encode_mean)
+
+  def decode(params, z):
+    return module.apply({"params": params}, z, method=VAE.decode)
+
+  return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode,
+               latent_dim=int(config.latent_dim), image_shape=image_shape, module=module)

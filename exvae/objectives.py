@@ -1,0 +1,121 @@
+"""Objectives: the (KL-warm-up) ELBO for training and importance weights for the IWAE bound.
+
+Everything here composes a :class:`~exvae.models.Model`, a
+:class:`~exvae.priors.Prior` and a likelihood; nothing here is model- or
+prior-specific.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from exvae.likelihoods import diag_gaussian_log_prob
+from exvae.models.vae import Model
+from exvae.priors.base import ContextInputs, Prior
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+  """Static description of a run: hashed by identity, passed to jitted steps as static.
+
+  Attributes:
+    model: the model's pure functions.
+    prior: the prior object.
+    log_lik: ``log_lik(x, decoder_out) -> (B,)``.
+    mean_fn: ``mean_fn(decoder_out) -> (B, H, W, C)`` mean image (pictures).
+    optimizer: optax transformation.
+    binary: dynamic binarisation of training images.
+    batch_size: B.
+    steps_per_epoch: training steps per epoch (drop-last).
+    warmup_epochs: KL warm-up length; beta = min(1, (epoch + 1) / warmup).
+  """
+
+  model: Model
+  prior: Prior
+  log_lik: Callable[[jax.Array, jax.Array], jax.Array]
+  mean_fn: Callable[[jax.Array], jax.Array]
+  optimizer: optax.GradientTransformation
+  binary: bool
+  batch_size: int
+  steps_per_epoch: int
+  warmup_epochs: int
+
+
+def kl_beta(step: jax.Array, steps_per_epoch: int, warmup_epochs: int) -> jax.Array:
+  """KL warm-up weight for a (traced) global step; 1 when warm-up is 0."""
+  if warmup_epochs <= 0:
+    return jnp.asarray(1.0, jnp.float32)
+  epoch = (step // steps_per_epoch).astype(jnp.float32)
+  return jnp.minimum(1.0, (epoch + 1.0) / warmup_epochs)
+
+
+def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
+              key: jax.Array, beta: jax.Array, pool: jax.Array | None):
+  """Per-batch training loss with one reparameterised sample (Monte-Carlo KL).
+
+  Args:
+    params: ``{"model": ..., "prior": ...}``.
+    prior_state: the prior's non-learnable state (e.g. RAT cache).
+    setup: static run description.
+    x: (B, H, W, C) binarised batch.
+    ids: (B,) int32 training-set indices of the batch (leave-one-out).
+    key: PRNG key for this step.
+    beta: scalar KL weight.
+    pool: (N, H, W, C) training images for exemplar priors, or None.
+
+  Returns:
+    ``(loss, (metrics, new_prior_state))``; loss is the batch mean of
+    ``-log p(x|z) + beta (log q(z|x) - log p(z))``.
+  """
+  model, prior = setup.model, setup.prior
+  k_ctx, k_z = jax.random.split(key)
+  mu, logvar = model.encode(params["model"], x)
+  inputs = ContextInputs(x=x, ids=ids, mu=mu, key=k_ctx, pool=pool, binary=setup.binary)
+  ctx, new_state = prior.context(params["prior"], prior_state, model, params["model"], inputs,
+                                 train=True)
+  z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mu.shape)
+  log_px = setup.log_lik(x, model.decode(params["model"], z))
+  log_qz = diag_gaussian_log_prob(z, mu, logvar)
+  log_pz = prior.log_prob(params["prior"], z, ctx, ids)
+  kl = log_qz - log_pz
+  loss = jnp.mean(-log_px + beta * kl)
+  metrics = {"loss": loss, "elbo": jnp.mean(log_px - kl), "recon": -jnp.mean(log_px),
+             "kl": jnp.mean(kl), "beta": beta}
+  return loss, (metrics, new_state)
+
+
+def log_importance_weights(params, setup: Setup, ctx, x: jax.Array, key: jax.Array,
+                           num_samples: int, ids: jax.Array | None = None):
+  """Importance weights log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), z_s ~ q(z|x).
+
+  Args:
+    params: ``{"model": ..., "prior": ...}``.
+    setup: static run description.
+    ctx: the prior's context (at evaluation: the full exemplar bank).
+    x: (B, H, W, C) images.
+    key: PRNG key.
+    num_samples: S (static).
+    ids: optional (B,) ids for leave-one-out (None at evaluation).
+
+  Returns:
+    ``(log_w, log_px, log_pz, log_qz)``, each (B, S).
+  """
+  model, prior = setup.model, setup.prior
+  b = x.shape[0]
+  mu, logvar = model.encode(params["model"], x)
+  eps = jax.random.normal(key, (b, num_samples, mu.shape[-1]))
+  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
+  log_qz = diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])       # (B, S)
+  zf = z.reshape(b * num_samples, -1)
+  out = model.decode(params["model"], zf)
+  xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
+      (b * num_samples,) + x.shape[1:])
+  log_px = setup.log_lik(xr, out).reshape(b, num_samples)
+  rid = None if ids is None else jnp.repeat(ids, num_samples)
+  log_pz = prior.log_prob(params["prior"], zf, ctx, rid).reshape(b, num_samples)
+  return log_px + log_pz - log_qz, log_px, log_pz, log_qz

@@ -1,0 +1,148 @@
+"""The prior interface: the one extension point of exvae.
+
+A prior is a small object with pure methods. Its learnable parameters live in
+the same pytree as the model's (``params["prior"]``) and are trained by the same
+optimiser; non-learnable per-run state (e.g. the RAT cache of exemplar codes)
+lives in ``prior_state`` inside the train state and is checkpointed with it.
+
+Training and evaluation call only these methods:
+
+* ``init(key, model, num_train) -> params``
+* ``init_state(model, num_train) -> state``                     (default: ``{}``)
+* ``refresh(params, state, model, model_params, inputs) -> state``
+  once per epoch, outside the gradient                          (default: identity)
+* ``context(params, state, model, model_params, inputs, train) -> (ctx, state)``
+  what ``log_prob`` needs for this batch (encoded pseudo-inputs,
+  subsampled exemplars, retrieved neighbours, or the full bank at evaluation)
+* ``log_prob(params, z, ctx, ids=None) -> (B,)``; ``ids`` enable leave-one-out
+* ``sample(params, key, n, ctx) -> (n, d)``
+
+All of them must be traceable under ``jax.jit`` (static shapes, no Python
+control flow on array values).  A new prior is one file defining a subclass and
+a call to :func:`register`; configs select it by name (``config.prior``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from exvae.models.vae import Model
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextInputs:
+  """What a prior may look at when building its per-batch context.
+
+  Attributes:
+    x: (B, H, W, C) the (binarised) training batch, or None at evaluation.
+    ids: (B,) int32 indices of the batch in the training set (-1: not a
+      training point), or None.
+    mu: (B, d) encoder means of ``x`` (already computed by the loss), or None.
+    key: PRNG key for the prior's own randomness (exemplar subsampling).
+    pool: (N, H, W, C) the training images that serve as exemplars (grey
+      levels in [0, 1]), or None if the prior needs none.
+    binary: whether exemplar images are binarised before encoding.
+  """
+
+  x: jax.Array | None = None
+  ids: jax.Array | None = None
+  mu: jax.Array | None = None
+  key: jax.Array | None = None
+  pool: jax.Array | None = None
+  binary: bool = True
+
+
+jax.tree_util.register_dataclass(
+    ContextInputs, data_fields=["x", "ids", "mu", "key", "pool"], meta_fields=["binary"])
+
+
+class Prior:
+  """Base class; subclasses override what they need.
+
+  Attributes:
+    needs_pool: True if the prior reads training images (exemplar priors).
+  """
+
+  name: str = "base"
+  needs_pool: bool = False
+
+  def __init__(self, config):
+    self.config = config
+
+  # -- parameters and state -------------------------------------------------
+  def init(self, key: jax.Array, model: Model, num_train: int) -> PyTree:
+    """Learnable parameters (a pytree, possibly empty)."""
+    del key, model, num_train
+    return {}
+
+  def init_state(self, model: Model, num_train: int) -> PyTree:
+    """Non-learnable state carried in the train state (checkpointed)."""
+    del model, num_train
+    return {}
+
+  def refresh(self, params, state, model: Model, model_params, inputs: ContextInputs) -> PyTree:
+    """Called at the start of every epoch (no gradients; ``inputs`` has pool, key). Returns new state."""
+    del params, model, model_params, inputs
+    return state
+
+  # -- density ----------------------------------------------------------------
+  def context(self, params, state, model: Model, model_params, inputs: ContextInputs,
+              train: bool) -> tuple[PyTree, PyTree]:
+    """Returns ``(ctx, new_state)`` for this batch."""
+    del params, model, model_params, inputs, train
+    return {}, state
+
+  def log_prob(self, params, z: jax.Array, ctx, ids: jax.Array | None = None) -> jax.Array:
+    """z: (B, d) -> log p(z): (B,)."""
+    raise NotImplementedError
+
+  def sample(self, params, key: jax.Array, n: int, ctx) -> jax.Array:
+    """Draws (n, d) codes from the prior."""
+    raise NotImplementedError
+
+  def describe(self, params) -> dict[str, float]:
+    """Scalars worth logging (e.g. the learned prior variance)."""
+    del params
+    return {}
+
+  # Identity hashing: a prior object is a static argument of jitted steps.
+  __hash__ = object.__hash__
+  __eq__ = object.__eq__
+
+
+_REGISTRY: dict[str, Callable[[Any], Prior]] = {}
+
+
+def register(name: str):
+  """Class decorator: makes a prior selectable as ``config.prior = name``."""
+
+  def deco(cls):
+    if name in _REGISTRY:
+      raise ValueError(f"Prior {name!r} registered twice.")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return deco
+
+
+def make_prior(name: str, config) -> Prior:
+  """Instantiates the registered prior ``name`` with ``config`` (the prior's sub-config)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown prior {name!r}; registered priors: {sorted(_REGISTRY)}.")
+  return _REGISTRY[name](config)
+
+
+def registered_priors() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def binarize(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Dynamic binarisation: Bernoulli(x) as float32."""
+  return jax.random.bernoulli(key, x).astype(jnp.float32)

@@ -1,0 +1,174 @@
+"""Exemplar prior: a Parzen window over the encoder means of training exemplars.
+
+    log p(z) = logsumexp_n log N(z; mu(x_n), s2 I) - log N'
+
+with one learned scalar ``log_var = log s2`` shared by all exemplars and
+dimensions, and ``mu`` the SAME encoder mean network as the posterior.
+
+Training modes (``config.exemplar``):
+
+* exact (``rat=False``): every batch draws ``num_exemplars`` (M) random training
+  indices with replacement and encodes them WITH gradients; leave-one-out masks
+  a point's own exemplar and N' counts the components actually in the sum.
+* RAT (``rat=True``): a cache of all N training codes (``prior_state``) is
+  refreshed without gradients at each epoch start; the batch's own means are
+  written into it; the ``rat_k`` nearest cached codes of each batch element
+  among M random candidates are retrieved (exact top-k, self excluded); the
+  union of the B*k retrieved exemplars (static shape, duplicates masked so each
+  exemplar counts once) is re-encoded with gradients and written back; the
+  mixture runs over the union with weights 1/N (N - 1 under leave-one-out), so
+  it lower-bounds the full-bank Parzen density.
+
+Evaluation (``train=False``) uses all training exemplars, encoded once (images
+binarised with a fixed key for binary data), and no leave-one-out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from exvae import kernels
+from exvae.priors.base import Prior, binarize, register
+
+
+def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 2048):
+  """Encoder means of every image in ``pool`` (N, H, W, C) -> (N, d), in chunks.
+
+  Traceable (``lax.map`` over chunks) so memory stays at one chunk of
+  activations; no gradients are intended to flow (callers stop them).
+  """
+  n = pool.shape[0]
+  ids = jnp.arange(n)
+
+  def one(i):
+    x = pool[i]
+    if binary:
+      x = binarize(jax.random.fold_in(key, i), x)
+    return model.encode_mean(model_params, x[None])[0]
+
+  # Batched lax.map: vectorised over chunks of batch_size, sequential across.
+  return jax.lax.map(one, ids, batch_size=min(batch_size, n))
+
+
+def _binarize_rows(key, x, ids, binary):
+  """Binarises rows with a per-row key (depends on the key and the row id only)."""
+  if not binary:
+    return x
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  return jax.vmap(binarize)(keys, x)
+
+
+@register("exemplar")
+class ExemplarPrior(Prior):
+  """Exemplar (Parzen window) prior, exact-subsampled or retrieval-augmented."""
+
+  needs_pool = True
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.cfg = config.exemplar
+
+  # -- parameters and state -----------------------------------------------
+  def init(self, key, model, num_train):
+    self._check(num_train)
+    # The reference initialises the shared log-variance with a N(0, 1) draw:
+    # log_var = log_var_init_mean + log_var_init_std * N(0, 1).
+    log_var = self.cfg.log_var_init_mean + self.cfg.log_var_init_std * jax.random.normal(key, ())
+    return {"log_var": log_var.astype(jnp.float32)}
+
+  def _check(self, num_train: int):
+    m = self._num_candidates(num_train)
+    if self.cfg.loo and (num_train <= 1 or m <= 1):
+      raise ValueError(
+          f"Exemplar prior with leave-one-out needs at least 2 exemplars "
+          f"(training set has {num_train}, num_exemplars={self.cfg.num_exemplars}): "
+          "with one exemplar nothing is left to mix once a point's own exemplar is "
+          "masked. Use more data or set exemplar.loo=False.")
+    if self.cfg.rat and self.cfg.rat_k < 1:
+      raise ValueError(f"exemplar.rat_k must be >= 1, got {self.cfg.rat_k}.")
+
+  def _num_candidates(self, num_train: int) -> int:
+    m = int(self.cfg.num_exemplars)
+    return num_train if m <= 0 else m
+
+  def init_state(self, model, num_train):
+    if not self.cfg.rat:
+      return {}
+    return {"cache": jnp.zeros((num_train, model.latent_dim), jnp.float32)}
+
+  def refresh(self, params, state, model, model_params, inputs):
+    if not self.cfg.rat:
+      return state
+    codes = encode_pool(model, model_params, inputs.pool, inputs.key, inputs.binary)
+    return {"cache": jax.lax.stop_gradient(codes)}
+
+  # -- context ----------------------------------------------------------------
+  def context(self, params, state, model, model_params, inputs, train):
+    pool = inputs.pool
+    n = pool.shape[0]
+    if not train:
+      bank = encode_pool(model, model_params, pool, inputs.key, inputs.binary)
+      return {"bank": jax.lax.stop_gradient(bank)}, state
+    m = self._num_candidates(n)
+    k_idx, k_bin = jax.random.split(inputs.key)
+    if m == n and not self.cfg.rat:
+      cand = jnp.arange(n, dtype=jnp.int32)        # the whole set, no subsampling
+    else:
+      cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
+    if not self.cfg.rat:
+      x = _binarize_rows(k_bin, pool[cand], cand, inputs.binary)
+      bank = model.encode_mean(model_params, x)
+      return {"bank": bank, "bank_ids": cand}, state
+    return self._rat_context(state, model, model_params, inputs, cand, k_bin)
+
+  def _rat_context(self, state, model, model_params, inputs, cand, k_bin):
+    pool, ids = inputs.pool, inputs.ids
+    n = pool.shape[0]
+    cache = state["cache"].at[ids].set(jax.lax.stop_gradient(inputs.mu), mode="drop")
+    k = min(int(self.cfg.rat_k), cand.shape[0])
+    query_ids = ids if self.cfg.loo else None
+    _, pos = kernels.topk_neighbors(
+        jax.lax.stop_gradient(inputs.mu), cache[cand], k,
+        bank_ids=cand if self.cfg.loo else None, query_ids=query_ids,
+        chunk_size=int(self.cfg.chunk_size))
+    valid = pos >= 0
+    union = jnp.where(valid, cand[jnp.maximum(pos, 0)], n).reshape(-1)   # n = invalid
+    # Static-shape de-duplication: sort, keep the first of each run.
+    union = jnp.sort(union)
+    first = jnp.concatenate([jnp.ones((1,), bool), union[1:] != union[:-1]])
+    mask = first & (union < n)
+    safe = jnp.minimum(union, n - 1)
+    x = _binarize_rows(k_bin, pool[safe], safe, inputs.binary)
+    bank = model.encode_mean(model_params, x)
+    cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
+    # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.
+    log_norm = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
+    ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask,
+           "log_norm": log_norm}
+    return ctx, {"cache": cache}
+
+  # -- density ----------------------------------------------------------------
+  def log_prob(self, params, z, ctx, ids=None):
+    use_loo = self.cfg.loo and ids is not None and "bank_ids" in ctx
+    lse, count = kernels.log_kernel_sum(
+        z, ctx["bank"], params["log_var"],
+        bank_mask=ctx.get("bank_mask"),
+        bank_ids=ctx["bank_ids"] if use_loo else None,
+        query_ids=ids if use_loo else None,
+        chunk_size=int(self.cfg.chunk_size))
+    if "log_norm" in ctx:
+      return lse - ctx["log_norm"]
+    # N' = number of components actually in the sum (count 0 -> -inf, not NaN).
+    return lse - jnp.log(jnp.maximum(count, 1.0))
+
+  def sample(self, params, key, n, ctx):
+    k1, k2 = jax.random.split(key)
+    bank = ctx["bank"]
+    i = jax.random.randint(k1, (n,), 0, bank.shape[0])
+    return bank[i] + jnp.exp(0.5 * params["log_var"]) * jax.random.normal(k2, (n, bank.shape[1]))
+
+  def describe(self, params):
+    return {"prior_log_var": params["log_var"]}

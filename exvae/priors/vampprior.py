@@ -1,0 +1,62 @@
+"""VampPrior (Tomczak & Welling 2018): p(z) = 1/K sum_k q(z | u_k).
+
+The K pseudo-inputs u_k are learned images; as in the reference they are
+clipped to [0, 1] (hardtanh) before being encoded.  Config: ``vampprior.num_pseudo``,
+``vampprior.init_mean``, ``vampprior.init_std``.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from exvae.priors.base import Prior, register
+
+
+def mixture_diag_log_prob(z, mu, logvar):
+  """log (1/K) sum_k N(z; mu_k, diag(exp(logvar_k))).
+
+  Args:
+    z: (B, d) queries.
+    mu: (K, d) component means.
+    logvar: (K, d) component log-variances.
+
+  Returns:
+    (B,) log-densities.
+  """
+  inv_var = jnp.exp(-logvar)                                    # (K, d)
+  # Quadratic form in matmul form: sum_d (z - mu)^2 / var
+  #   = z^2 . inv_var - 2 z . (mu * inv_var) + sum_d mu^2 * inv_var
+  # so B x K x d is never materialised.
+  quad = (z**2) @ inv_var.T - 2.0 * z @ (mu * inv_var).T + jnp.sum(mu**2 * inv_var, -1)
+  quad = jnp.maximum(quad, 0.0)
+  d = z.shape[-1]
+  log_comp = -0.5 * (d * jnp.log(2 * jnp.pi) + jnp.sum(logvar, -1) + quad)   # (B, K)
+  return jax.nn.logsumexp(log_comp, axis=-1) - jnp.log(mu.shape[0])
+
+
+@register("vampprior")
+class VampPrior(Prior):
+  """Mixture of the variational posteriors of K learned pseudo-inputs."""
+
+  def init(self, key, model, num_train):
+    del num_train
+    cfg = self.config.vampprior
+    u = cfg.init_mean + cfg.init_std * jax.random.normal(
+        key, (cfg.num_pseudo,) + tuple(model.image_shape))
+    return {"pseudo_inputs": u}
+
+  def context(self, params, state, model, model_params, inputs, train):
+    del inputs, train
+    u = jnp.clip(params["pseudo_inputs"], 0.0, 1.0)
+    mu, logvar = model.encode(model_params, u)
+    return {"mu": mu, "logvar": logvar}, state
+
+  def log_prob(self, params, z, ctx, ids=None):
+    del params, ids
+    return mixture_diag_log_prob(z, ctx["mu"], ctx["logvar"])
+
+  def sample(self, params, key, n, ctx):
+    del params
+    k1, k2 = jax.random.split(key)
+    comp = jax.random.randint(k1, (n,), 0, ctx["mu"].shape[0])
+    eps = jax.random.normal(k2, (n, ctx["mu"].shape[1]))
+    return ctx["mu"][comp] + jnp.exp(0.5 * ctx["logvar"][comp]) * eps

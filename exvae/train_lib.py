@@ -1,0 +1,462 @@
+"""Training: train state, the jitted train step, the epoch loop, checkpoints and resume.
+
+One batch end to end: the epoch permutation (a pure function of the seed and
+the epoch) lives on the device; :func:`train_step` slices the batch ids out of
+it, gathers the images from the training pool, binarises them with a key
+``fold_in(base_key, step)``, builds the prior's context (exemplars encoded with
+gradients, RAT neighbours, pseudo-inputs), and applies one optax update.  Since
+every random choice is a function of (seed, step), a run resumed from a
+checkpoint reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from exvae import checkpoints, data, pictures
+from exvae.likelihoods import get_likelihood
+from exvae.models import make_model
+from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
+from exvae.optim import make_optimizer
+from exvae.priors import ContextInputs, make_prior
+
+PyTree = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when a training step produced a non-finite loss or gradient."""
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training (a pytree; checkpointed as is).
+
+  Attributes:
+    step: global step (int32 scalar).
+    params: ``{"model": ..., "prior": ...}``.
+    opt_state: optax state.
+    prior_state: the prior's non-learnable state (RAT cache).
+    key: base PRNG key; step keys are ``fold_in(key, step)``.
+    nonfinite: number of steps skipped because of a non-finite loss/gradient.
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  prior_state: PyTree
+  key: jax.Array
+  nonfinite: jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Building a run
+# ----------------------------------------------------------------------------
+
+
+def validate_config(config) -> None:
+  """Raises ValueError on values that cannot work (before any data is loaded)."""
+  if config.batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {config.batch_size}.")
+  if config.learning_rate <= 0:
+    raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}.")
+  if config.latent_dim < 1:
+    raise ValueError(f"latent_dim must be >= 1, got {config.latent_dim}.")
+  if config.eval.num_importance_samples < 1:
+    raise ValueError("eval.num_importance_samples must be >= 1.")
+
+
+def load_data(config) -> data.Splits:
+  """Loads the configured data set (clear DataNotFoundError if missing)."""
+  return data.load(
+      config.dataset, data_dir=config.data_dir or None, source=config.data_source,
+      val_size=config.val_size or None, eval_binarize_seed=config.eval_binarize_seed,
+      max_train=config.max_train or None, max_test=config.max_test or None)
+
+
+def make_setup(config, splits: data.Splits) -> Setup:
+  """Builds the static run description from the config and the data."""
+  validate_config(config)
+  n = splits.train_x.shape[0]
+  if config.batch_size > n:
+    raise ValueError(f"batch_size {config.batch_size} exceeds the training set size {n}.")
+  model = make_model(config, splits.image_shape)
+  prior = make_prior(config.prior, config)
+  log_lik, mean_fn = get_likelihood(config.likelihood)
+  return Setup(model=model, prior=prior, log_lik=log_lik, mean_fn=mean_fn,
+               optimizer=make_optimizer(config), binary=bool(splits.binary),
+               batch_size=int(config.batch_size), steps_per_epoch=n // int(config.batch_size),
+               warmup_epochs=int(config.warmup_epochs))
+
+
+def init_state(config, setup: Setup, num_train: int) -> TrainState:
+  """Fresh train state from ``config.seed``."""
+  key = jax.random.PRNGKey(config.seed)
+  k_model, k_prior, k_run = jax.random.split(key, 3)
+  params = {"model": setup.model.init(k_model),
+            "prior": setup.prior.init(k_prior, setup.model, num_train)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=setup.optimizer.init(params),
+                    prior_state=setup.prior.init_state(setup.model, num_train),
+                    key=k_run, nonfinite=jnp.zeros((), jnp.int32))
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of the training set in ``epoch``: a pure function of (seed, epoch)."""
+  return np.random.default_rng([int(seed), int(epoch)]).permutation(n).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Jitted steps (module level; `setup` is static and hashed by identity)
+# ----------------------------------------------------------------------------
+
+
+def _tree_all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",), donate_argnames=("state",))
+def train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: Setup):
+  """One optimisation step.
+
+  Args:
+    state: the train state (donated).
+    pool: (N, H, W, C) training images in [0, 1] (the exemplar pool too).
+    perm: (N,) int32 this epoch's permutation of the training set.
+    setup: static run description.
+
+  Returns:
+    ``(new_state, metrics)``.  If the loss or a gradient is not finite, the
+    parameters are left unchanged and ``state.nonfinite`` is incremented; the
+    host loop raises :class:`NonFiniteLossError` at its next check.
+  """
+  step = state.step
+  key = jax.random.fold_in(state.key, step)
+  k_bin, k_loss = jax.random.split(key)
+  i = step % setup.steps_per_epoch
+  ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
+  x = pool[ids]
+  if setup.binary:
+    x = jax.random.bernoulli(k_bin, x).astype(jnp.float32)
+  beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
+  grad_fn = jax.value_and_grad(elbo_loss, has_aux=True)
+  (loss, (metrics, new_prior_state)), grads = grad_fn(
+      state.params, state.prior_state, setup, x, ids, k_loss, beta, pool)
+  updates, new_opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  ok = jnp.isfinite(loss) & _tree_all_finite(grads)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = TrainState(
+      # The step always advances (the host loop counts steps itself, without a
+      # device sync); a skipped update is recorded in `nonfinite`.
+      step=step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      prior_state=keep(new_prior_state, state.prior_state),
+      key=state.key,
+      nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
+  metrics = dict(metrics, **setup.prior.describe(state.params["prior"]))
+  return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("setup",), donate_argnames=("state",))
+def refresh_step(state: TrainState, pool: jax.Array, *, setup: Setup) -> TrainState:
+  """Epoch-start hook of the prior (RAT: re-encode the whole cache, no gradients)."""
+  key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0x5EED)
+  inputs = ContextInputs(key=key, pool=pool, binary=setup.binary)
+  prior_state = setup.prior.refresh(state.params["prior"], state.prior_state, setup.model,
+                                    state.params["model"], inputs)
+  return state.replace(prior_state=prior_state)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setup):
+  """The prior's evaluation context (exemplar prior: ALL training exemplars, no gradients)."""
+  inputs = ContextInputs(key=key, pool=pool, binary=setup.binary)
+  ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
+                               train=False)
+  return jax.lax.stop_gradient(ctx)
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
+def eval_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup,
+               num_samples: int) -> dict[str, jax.Array]:
+  """Per-example sums over ``num_samples`` importance samples (to be merged across chunks).
+
+  Args:
+    params: model and prior parameters.
+    ctx: the prior's evaluation context.
+    x: (B, H, W, C) binarised images.
+    key: PRNG key of this chunk.
+    num_samples: S for this chunk (static).
+
+  Returns:
+    dict of (B,) arrays: ``lse_w`` (logsumexp of log weights), ``sum_w``,
+    ``sum_px``, ``sum_kl`` (sums over the chunk's samples).
+  """
+  log_w, log_px, log_pz, log_qz = log_importance_weights(params, setup, ctx, x, key, num_samples)
+  return {"lse_w": jax.nn.logsumexp(log_w, axis=1), "sum_w": log_w.sum(1),
+          "sum_px": log_px.sum(1), "sum_kl": (log_qz - log_pz).sum(1)}
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
+def picture_batch(params, ctx, x, key, *, setup: Setup, num_samples: int):
+  """Prior samples (num_samples images) and reconstructions of ``x`` (mean images)."""
+  z = setup.prior.sample(params["prior"], key, num_samples, ctx)
+  samples = setup.mean_fn(setup.model.decode(params["model"], z))
+  mu, _ = setup.model.encode(params["model"], x)
+  recons = setup.mean_fn(setup.model.decode(params["model"], mu))
+  return samples, recons
+
+
+# ----------------------------------------------------------------------------
+# Host-side evaluation helper (used for validation and by eval_lib)
+# ----------------------------------------------------------------------------
+
+
+def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
+                   num_samples: int, max_queries: int = 5000,
+                   progress: bool = False, desc: str = "eval") -> dict[str, np.ndarray]:
+  """IWAE bound and ELBO terms for every example of ``xs``.
+
+  Each example gets ``num_samples`` importance samples drawn in chunks; one
+  call scores ``batch * chunk <= max_queries`` latent codes, so memory is
+  bounded whatever S and the test-set size.  The last partial batch is padded
+  (results discarded) so the jitted function never retraces.
+
+  Args:
+    params: model and prior parameters.
+    setup: static run description.
+    ctx: prior evaluation context.
+    xs: (M, H, W, C) images (binarised for binary data).
+    key: PRNG key; sample chunk c of batch b uses fold_in(fold_in(key, b), c).
+    num_samples: S.
+    max_queries: bound on batch * chunk.
+    progress: show a tqdm bar.
+    desc: bar label.
+
+  Returns:
+    dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
+    ``elbo``, ``recon`` (-E log p(x|z)), ``kl`` (E[log q - log p]).
+  """
+  m = xs.shape[0]
+  chunk = min(num_samples, max_queries)
+  batch = max(1, min(m, max_queries // chunk))
+  n_chunks = math.ceil(num_samples / chunk)
+  out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl")}
+  n_batches = math.ceil(m / batch)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=m, desc=desc, unit="ex", dynamic_ncols=True)
+  for b in range(n_batches):
+    lo, hi = b * batch, min((b + 1) * batch, m)
+    xb = np.zeros((batch,) + xs.shape[1:], np.float32)
+    xb[: hi - lo] = xs[lo:hi]
+    xb = jnp.asarray(xb)
+    lse, sw, spx, skl = None, 0.0, 0.0, 0.0
+    remaining = num_samples
+    for c in range(n_chunks):
+      s = min(chunk, remaining)
+      remaining -= s
+      r = eval_batch(params, ctx, xb, jax.random.fold_in(jax.random.fold_in(key, b), c),
+                     setup=setup, num_samples=s)
+      r = jax.device_get(r)
+      lse = r["lse_w"].astype(np.float64) if lse is None else np.logaddexp(lse, r["lse_w"])
+      sw, spx, skl = sw + r["sum_w"], spx + r["sum_px"], skl + r["sum_kl"]
+    k = hi - lo
+    out["log_px_iwae"][lo:hi] = (lse - math.log(num_samples))[:k]
+    out["elbo"][lo:hi] = (np.asarray(sw) / num_samples)[:k]
+    out["recon"][lo:hi] = (-np.asarray(spx) / num_samples)[:k]
+    out["kl"][lo:hi] = (np.asarray(skl) / num_samples)[:k]
+    if bar is not None:
+      bar.update(k)
+  if bar is not None:
+    bar.close()
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _sigterm_handler(signum, frame):
+  del signum, frame
+  raise _Interrupt()
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _to_float(tree) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config, workdir: str,
+             epoch: int) -> dict[str, float]:
+  """Validation ELBO (S=1 per example, full exemplar bank) and a picture."""
+  ctx = eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup)
+  res = evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
+                       num_samples=1, max_queries=config.eval.max_queries)
+  metrics = {"val_loss": float(-res["elbo"].mean()), "val_recon": float(res["recon"].mean()),
+             "val_kl": float(res["kl"].mean())}
+  n_pic = int(config.num_picture_samples)
+  if n_pic > 0:
+    xv = jnp.asarray(splits.val_x[: min(n_pic // 2, splits.val_x.shape[0])])
+    samples, recons = picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
+                                    setup=setup, num_samples=n_pic)
+    path = os.path.join(workdir, "pictures", f"epoch_{epoch + 1:05d}.png")
+    pictures.save_samples_and_reconstructions(path, np.asarray(samples), np.asarray(xv),
+                                              np.asarray(recons))
+    metrics["picture"] = path
+  return metrics
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains with validation-based early stopping; resumes from ``workdir`` if possible.
+
+  Args:
+    config: a ConfigDict (see ``configs/``).
+    workdir: output directory: checkpoints/, metrics.jsonl, pictures/, config.json.
+
+  Returns:
+    A summary dict: final step, epochs, best validation loss and epoch, wall time.
+
+  Raises:
+    NonFiniteLossError: a step produced a non-finite loss; the last good
+      checkpoint is left intact.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  splits = load_data(config)
+  data.validate_images(splits.train_x, name="training images")
+  setup = make_setup(config, splits)
+  n = splits.train_x.shape[0]
+  spe = setup.steps_per_epoch
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  pool = jnp.asarray(splits.train_x)
+  state = init_state(config, setup, n)
+  manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
+                                max_to_keep=int(config.keep_checkpoints))
+  meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
+          "finished": False}
+  best_params = jax.tree.map(jnp.copy, state.params)   # never aliased with donated buffers
+  restored = manager.restore_latest(state, best_params)
+  if restored is not None:
+    state, best_params, meta = restored
+    logging.info("Resumed from step %d.", int(state.step))
+    print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
+             "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
+  if meta.get("finished"):
+    print("Training already finished in this workdir; nothing to do.", flush=True)
+    return dict(summary, step=int(state.step), **meta)
+
+  max_steps = int(config.num_epochs) * spe
+  if config.max_steps:
+    max_steps = min(max_steps, int(config.max_steps))
+  last_saved = int(state.step)
+  t_start = time.time()
+  prev_handler = signal.signal(signal.SIGTERM, _sigterm_handler)
+
+  def save(force_meta=None):
+    nonlocal last_saved
+    manager.save(int(state.step), state, best_params, force_meta or meta)
+    last_saved = int(state.step)
+
+  def maybe_validate():
+    """Runs validation for every completed epoch not validated yet (also after a resume)."""
+    nonlocal best_params, meta
+    step = int(state.step)
+    while meta["epochs_validated"] < step // spe:
+      epoch = meta["epochs_validated"]           # 0-based epoch that just finished
+      if (epoch + 1) % int(config.val_every_epochs) == 0 or step >= max_steps:
+        vm = validate(state, setup, pool, splits, config, workdir, epoch)
+        improved = meta["best_val"] is None or vm["val_loss"] < meta["best_val"]
+        if improved:
+          meta.update(best_val=vm["val_loss"], best_epoch=epoch, bad_epochs=0)
+          best_params = jax.tree.map(jnp.copy, state.params)
+        elif epoch + 1 > int(config.warmup_epochs):   # not counted during warm-up
+          meta["bad_epochs"] += 1
+        record = dict(vm, epoch=epoch + 1, step=step, best_val=meta["best_val"],
+                      bad_epochs=meta["bad_epochs"], time=time.time() - t_start)
+        _append_jsonl(metrics_path, record)
+        print(f"epoch {epoch + 1}: val_loss={vm['val_loss']:.3f} (best {meta['best_val']:.3f} "
+              f"at epoch {meta['best_epoch'] + 1})", flush=True)
+      meta["epochs_validated"] = epoch + 1
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=max_steps, initial=int(state.step), desc="train", unit="step",
+             dynamic_ncols=True, disable=not config.progress)
+  try:
+    maybe_validate()
+    perm_epoch, perm = -1, None
+    host_step = int(state.step)    # tracked on the host: no device sync per step
+    while host_step < max_steps:
+      if meta["bad_epochs"] >= int(config.early_stopping_patience):
+        print(f"Early stopping: no improvement for {meta['bad_epochs']} epochs.", flush=True)
+        break
+      step = host_step
+      epoch = step // spe
+      if epoch != perm_epoch:
+        perm = jnp.asarray(epoch_permutation(config.seed, epoch, n))
+        perm_epoch = epoch
+      if step % spe == 0:
+        state = refresh_step(state, pool, setup=setup)
+      state, metrics = train_step(state, pool, perm, setup=setup)
+      host_step = new_step = step + 1
+      if new_step % int(config.log_every_steps) == 0 or new_step % spe == 0:
+        m = _to_float(metrics)
+        if int(state.nonfinite) > 0:
+          raise NonFiniteLossError(
+              f"Non-finite loss or gradient at step {int(state.step)} (loss={m['loss']}); the "
+              f"update was skipped and training stopped. The last good checkpoint (step "
+              f"{last_saved}) is intact in {manager.directory}. Try a lower learning_rate.")
+        _append_jsonl(metrics_path, dict(m, step=new_step, epoch=new_step / spe,
+                                         time=time.time() - t_start))
+        bar.set_postfix(loss=f"{m['loss']:.2f}", beta=f"{m['beta']:.2f}")
+      bar.update(1)
+      if new_step % spe == 0:
+        maybe_validate()
+        save()
+      elif new_step % int(config.checkpoint_every_steps) == 0:
+        save()
+    maybe_validate()
+    meta["finished"] = True
+  except (KeyboardInterrupt, _Interrupt):
+    print("Interrupted: saving a checkpoint before exiting.", flush=True)
+    raise
+  finally:
+    bar.close()
+    signal.signal(signal.SIGTERM, prev_handler)
+    # Save on every exit path, but never a state that went non-finite.
+    if int(state.nonfinite) == 0 and (int(state.step) != last_saved or meta["finished"]):
+      save()
+    manager.wait_until_finished()
+  wall = time.time() - t_start
+  summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall, **meta)
+  _append_jsonl(metrics_path, {"summary": summary})
+  return summary
