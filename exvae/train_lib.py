@@ -129,8 +129,7 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-@functools.partial(jax.jit, static_argnames=("setup",), donate_argnames=("state",))
-def train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: Setup):
+def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: Setup):
   """One optimisation step.
 
   Args:
@@ -171,6 +170,10 @@ def train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: Se
       nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
   metrics = dict(metrics, **setup.prior.describe(state.params["prior"]))
   return new_state, metrics
+
+
+# The jitted step: state donated (updated in place), setup static (identity hash).
+train_step = jax.jit(_train_step, static_argnames=("setup",), donate_argnames=("state",))
 
 
 @functools.partial(jax.jit, static_argnames=("setup",), donate_argnames=("state",))
@@ -361,7 +364,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
                                 max_to_keep=int(config.keep_checkpoints))
   meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
-          "finished": False}
+          "early_stopped": False}
   best_params = jax.tree.map(jnp.copy, state.params)   # never aliased with donated buffers
   restored = manager.restore_latest(state, best_params)
   if restored is not None:
@@ -371,9 +374,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
              "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
-  if meta.get("finished"):
-    print("Training already finished in this workdir; nothing to do.", flush=True)
-    return dict(summary, step=int(state.step), **meta)
+  if meta.get("early_stopped"):
+    print("Training already early-stopped in this workdir; nothing to do.", flush=True)
+    return dict(summary, step=int(state.step), finished=True, **meta)
 
   max_steps = int(config.num_epochs) * spe
   if config.max_steps:
@@ -418,6 +421,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     while host_step < max_steps:
       if meta["bad_epochs"] >= int(config.early_stopping_patience):
         print(f"Early stopping: no improvement for {meta['bad_epochs']} epochs.", flush=True)
+        meta["early_stopped"] = True
         break
       step = host_step
       epoch = step // spe
@@ -445,7 +449,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       elif new_step % int(config.checkpoint_every_steps) == 0:
         save()
     maybe_validate()
-    meta["finished"] = True
   except (KeyboardInterrupt, _Interrupt):
     print("Interrupted: saving a checkpoint before exiting.", flush=True)
     raise
@@ -453,10 +456,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     bar.close()
     signal.signal(signal.SIGTERM, prev_handler)
     # Save on every exit path, but never a state that went non-finite.
-    if int(state.nonfinite) == 0 and (int(state.step) != last_saved or meta["finished"]):
+    if int(state.nonfinite) == 0 and int(state.step) != last_saved:
       save()
     manager.wait_until_finished()
   wall = time.time() - t_start
-  summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall, **meta)
+  summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall,
+                 finished=meta["early_stopped"] or int(state.step) >= max_steps, **meta)
   _append_jsonl(metrics_path, {"summary": summary})
   return summary

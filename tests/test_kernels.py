@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 from scipy.special import logsumexp
 
-from exvae.kernels import log_kernel_sum, topk_neighbors
+from exvae.kernels import log_kernel_sum, pruned_log_kernel_sum, topk_neighbors
 
 
 def _data(b=7, n=53, d=5, seed=0, scale=1.0):
@@ -44,7 +44,7 @@ def _naive_jax(z, bank, log_var, valid):
     return jax.nn.logsumexp(jnp.where(valid, logn, -jnp.inf), axis=1)
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 16, 53, 4096])
+@pytest.mark.parametrize("chunk", [1, 8, 16, 53, 4096, None])
 def test_lse_matches_scipy_with_masks_and_loo(chunk):
     rng, z, bank = _data()
     b, n = z.shape[0], bank.shape[0]
@@ -144,12 +144,17 @@ def test_check_grads_float64():
         bank = rng.normal(size=(11, 4))
         mask = np.ones(11, bool)
         mask[2] = False
+        ids = np.arange(11, dtype=np.int32)
+        qids = np.array([4, -1, 10], np.int32)
 
         def f(z, bank, lv):
-            return log_kernel_sum(z, bank, lv, bank_mask=mask, chunk_size=4)[0]
+            out = log_kernel_sum(z, bank, lv, bank_mask=mask, bank_ids=ids, query_ids=qids,
+                                 chunk_size=4)[0]
+            assert out.dtype == jnp.float64
+            return out
 
         check_grads(f, (z, bank, np.float64(0.1)), order=1, modes=("rev",),
-                    atol=1e-4, rtol=1e-4)
+                    atol=1e-5, rtol=1e-5)
 
 
 def test_usable_inside_outer_jit():
@@ -242,3 +247,71 @@ def test_no_retracing_in_loop():
 
     for t in range(4):
         step(z + t, bank, jnp.float32(0.1 * t))
+
+    # The standalone jitted entry points do not retrace either.
+    lse_traced = chex.assert_max_traces(n=1)(
+        lambda z, bank: log_kernel_sum(z, bank, 0.0, chunk_size=16)[0])
+    g = jax.jit(jax.grad(lambda z, bank: lse_traced(z, bank).sum()))
+    for t in range(3):
+        g(z * (1 + t), bank)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_bf16_bank_error_small():
+    rng, z, bank = _data(b=16, n=300, d=40, seed=13)
+    z = bank[:16] + 0.3 * rng.normal(size=(16, 40)).astype(np.float32)
+    ref, _ = _ref_lse(z, bank, np.log(0.5), _valid(16, 300))
+    lse, _ = log_kernel_sum(z, bank, np.log(0.5), chunk_size=64, bank_dtype=jnp.bfloat16)
+    # Perturbation error only (no cancellation blow-up): ~1e-2 nats at d = 40.
+    assert np.max(np.abs(np.asarray(lse) - ref)) < 0.05
+    g = jax.grad(lambda z: log_kernel_sum(z, bank, 0.0, bank_dtype=jnp.bfloat16)[0].sum())(z)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_exact_self_match_clamped():
+    # Queries equal to exemplars (no LOO): the nearest term must not exceed density 1.
+    _, _, bank = _data(b=1, n=50, d=8, seed=14)
+    bank = bank + 30.0  # large norms stress the matmul-form cancellation
+    lse, _ = log_kernel_sum(bank[:5], bank, np.log(1e-3), chunk_size=16)
+    ref, _ = _ref_lse(bank[:5], bank, np.log(1e-3), _valid(5, 50))
+    np.testing.assert_allclose(np.asarray(lse), ref, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+@pytest.mark.parametrize("keep", [1, 8, 64, 400])
+def test_pruned_within_certified_bound(keep):
+    rng = np.random.default_rng(15)
+    centers = 2.0 * rng.normal(size=(8, 6))
+    bank = (centers[rng.integers(0, 8, 400)] + 0.7 * rng.normal(size=(400, 6))).astype(np.float32)
+    c = (bank[7] + 0.2 * rng.normal(size=6)).astype(np.float32)
+    z = (c + 0.3 * rng.normal(size=(20, 6))).astype(np.float32)
+    mask = rng.random(400) > 0.1
+    lv = np.log(0.4)
+    ref, _ = _ref_lse(z, bank, lv, _valid(20, 400, mask))
+    res = pruned_log_kernel_sum(z, c, bank, lv, keep=keep, bank_mask=mask, tol=1e-3)
+    lse, err = np.asarray(res.lse), np.asarray(res.err_bound)
+    assert np.all(err >= 0) and np.all(np.isfinite(lse))
+    assert np.all(lse <= ref + 1e-4)
+    assert np.all(ref <= lse + err + 1e-4)
+    if keep >= int(res.num_needed):
+        assert np.all(err <= np.log1p(1e-3) + 1e-6)
+    if keep == 400:
+        np.testing.assert_allclose(lse, ref, atol=1e-4)
+        assert np.all(err == 0)
+
+
+def test_pruned_explicit_radius_and_jit():
+    rng, z, bank = _data(b=10, n=100, d=3, seed=16)
+    c = np.zeros(3, np.float32)
+    z = 0.1 * z
+    f = jax.jit(lambda z, c, bank: pruned_log_kernel_sum(z, c, bank, 0.0, keep=20,
+                                                         radius=1.0))
+    res = f(z, c, bank)
+    ref, _ = _ref_lse(z, bank, 0.0, _valid(10, 100))
+    assert np.all(ref >= np.asarray(res.lse) - 1e-5)
+    assert np.all(ref <= np.asarray(res.lse + res.err_bound) + 1e-5)
+    assert float(res.radius) == 1.0

@@ -8,18 +8,23 @@ log-sum-exp, and the gradient is a custom VJP that recomputes each chunk.
 
 Layout / speed notes (measured on a 2-core AVX-512 CPU, XLA:CPU + YNNPACK):
 * The exponent -|z - mu|^2 / (2 s2) comes out of ONE matmul of augmented operands
-    za = [z/s2, -1/(2 s2), -|z|^2/(2 s2), 1]     (B, d+3)
-    ba = [mu,   |mu|^2,    1,             pen]   (N, d+3)
-  where pen = -1e30 for masked/padding rows (0 otherwise). No B x N elementwise
-  pass is needed to build the exponent or apply the bank mask; each chunk is then a
-  max-reduce and an exp-sum-reduce over the (B, C) tile, both multithreaded.
-* Codes are centred on the bank mean first (distances are translation invariant),
-  which keeps |z|^2 and |mu|^2 small and the matmul-form cancellation error low.
-* The (B, C) tile should stay around a few MB (L2/L3 resident): the default chunk
-  is chosen as ~2M elements / B (C ~ 384 for B = 5000, ~20k for B = 100).
-* The per-element clamp dist >= 0 costs a separate pass, so it is applied per row
-  instead: the running max exponent is capped at 0 (the nearest exemplar's term is
-  <= 1). Other terms can only exceed 1 by rounding (~1e-6 relative).
+    za = [z/s2, 1,              -|z|^2/(2 s2), (1)]      (B, d+2 [+1])
+    ba = [mu,   -|mu|^2/(2 s2), 1,             (pen)]    (C, d+2 [+1])
+  where pen = -1e30 for masked exemplars (column only present with a bank_mask).
+  No B x N elementwise pass builds the exponent or applies the mask; each chunk
+  is then one max-reduce and one exp-sum-reduce over the (B, C) tile.
+* The bank side is augmented per chunk inside the loop (dynamic slices of the
+  original bank, ragged tail handled separately): no padded/augmented copy of the
+  bank is materialised (that alone cost ~90 ms at N = 1e6).
+* Codes are centred on the query mean (distances are translation invariant), which
+  keeps norms small and the matmul-form cancellation error low.
+* The (B, C) tile should stay a few MB (L2/L3 resident): the default chunk is
+  ~2M elements / B (C = 384 for B = 5000, ~21k for B = 100).
+* The per-element clamp dist >= 0 costs a separate pass (~6%), so it is applied per
+  row: the running max exponent is capped at 0 (the nearest exemplar's term is
+  <= 1); other terms can exceed 1 only by rounding (~1e-6 relative).
+* A one-pass variant (sum exp(a - previous max) with an overflow fallback under
+  lax.cond) was tried: no faster on CPU, and much slower for small s2.
 """
 
 from __future__ import annotations
@@ -166,7 +171,39 @@ def _loo_counts(valid: Array, bank_ids: Array, qids: Array) -> Array:
     return jnp.where(qids >= 0, hi - lo, 0)
 
 
-def _stream(n: int, chunk: int, fn, carry, arrays: tuple):
+def _varying(x) -> set:
+    """Mesh axes over which x is device-varying (inside jax.shard_map; else empty)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    return set(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _sum_to_primal(ct: Array, primal: Array) -> Array:
+    """Cotangent of an input that is replicated while the computation is varying
+    (e.g. z replicated, bank sharded, inside shard_map): sum the per-device parts."""
+    extra = tuple(sorted(_varying(ct) - _varying(primal)))
+    return lax.psum(ct, extra) if extra else ct
+
+
+def _vary_like(tree, refs: tuple):
+    """Mark scan-carry inits as device-varying like `refs` (inside jax.shard_map).
+
+    Under shard_map a carry computed from a sharded bank is 'varying' over the mesh
+    axis while a fresh jnp.full(...) init is not, and scan rejects the mismatch.
+    Outside shard_map this is the identity.
+    """
+    axes: set = set()
+    for r in jax.tree_util.tree_leaves(refs):
+        axes |= _varying(r)
+
+    def cast(x):
+        missing = tuple(sorted(axes - _varying(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree_util.tree_map(cast, tree) if axes else tree
+
+
+def _stream(n: int, chunk: int, fn, carry, arrays: tuple, refs: tuple = ()):
     """Run fn(carry, start, *chunk_slices) -> (carry, y) over the bank in chunks.
 
     Full chunks go through lax.scan with dynamic slices of the ORIGINAL arrays (no
@@ -175,6 +212,7 @@ def _stream(n: int, chunk: int, fn, carry, arrays: tuple):
     the bank axis (or None if fn returns None).
     """
     num_full, rem = divmod(n, chunk)
+    carry = _vary_like(carry, tuple(a for a in arrays if a is not None) + tuple(refs))
 
     def sl(start, size):
         return tuple(None if x is None else lax.dynamic_slice_in_dim(x, start, size, 0)
@@ -234,7 +272,8 @@ def _lse0(z, bank, log_var, bank_mask, bank_ids, query_ids, chunk_size, bank_dty
         return (m_new, s), None
 
     init = (jnp.full((b,), -jnp.inf, ct), jnp.zeros((b,), ct))
-    (m, s), _ = _stream(n, chunk, fn, init, (bank, bank_mask, bank_ids if use_ids else None))
+    (m, s), _ = _stream(n, chunk, fn, init, (bank, bank_mask, bank_ids if use_ids else None),
+                        refs=(st.za, st.qids))
     # Per-row clamp: the largest term is a density ratio <= 1 (dist >= 0).
     lse0 = jnp.minimum(m, 0.0) + jnp.log(jnp.where(s > 0, s, 1.0))
     return jnp.where((st.count > 0) & (s > 0), lse0, -jnp.inf), st.count
@@ -288,13 +327,14 @@ def _lse_bwd(static, res, cts):
 
     init = jnp.zeros(st.za.shape, ct)
     wb, gmu = _stream(n, chunk, fn, init,
-                      (bank, bank_mask, bank_ids if use_ids else None))
+                      (bank, bank_mask, bank_ids if use_ids else None),
+                      refs=(st.za, st.qids, g, lse_safe))
     # grad_z = sum_n w (mu_n - z)/s2 ; column d+1 of ba is the constant 1.
     gz = inv_s2 * (wb[:, :d] - st.zc * wb[:, d + 1:d + 2])
     # d lse / d log_var = sum_n w dist/(2 s2) - d/2 = -sum_n w a - d/2 (pen terms have w=0).
     glv = -jnp.sum(st.za * wb) - 0.5 * d * jnp.sum(g)
-    return (gz.astype(z.dtype), gmu.astype(bank.dtype), glv.astype(log_var.dtype),
-            None, None, None)
+    return (_sum_to_primal(gz.astype(z.dtype), z), _sum_to_primal(gmu.astype(bank.dtype), bank),
+            _sum_to_primal(glv.astype(log_var.dtype), log_var), None, None, None)
 
 
 _lse_core.defvjp(_lse_fwd, _lse_bwd)
@@ -410,6 +450,9 @@ def topk_neighbors(z: Array, bank: Array, k: int, *,
     query_ids = jnp.asarray(query_ids, jnp.int32).reshape(-1) if use_ids else None
     bank_mask = None if bank_mask is None else jnp.asarray(bank_mask, bool).reshape(-1)
     st = _setup(z, bank, None, bank_mask, bank_ids, query_ids, None, for_topk=True)
+    if chunk_size is None:
+        # lax.top_k has a large per-row, per-call cost on CPU: fewer, longer chunks.
+        chunk_size = max(default_chunk_size(b, n), 4096)
     chunk, _ = _chunking(b, n, chunk_size)
 
     def fn(carry, start, bank_c, mask_c, ids_c):
@@ -426,7 +469,8 @@ def topk_neighbors(z: Array, bank: Array, k: int, *,
         return (best_neg, jnp.take_along_axis(all_idx, pos, axis=1)), None
 
     init = (jnp.full((b, k), -jnp.inf, ct), jnp.full((b, k), -1, jnp.int32))
-    (best_neg, best_idx), _ = _stream(n, chunk, fn, init, (bank, bank_mask, bank_ids))
+    (best_neg, best_idx), _ = _stream(n, chunk, fn, init, (bank, bank_mask, bank_ids),
+                                      refs=(st.za, st.qids))
     found = best_neg > -jnp.inf
     dist = jnp.where(found, jnp.maximum(-best_neg, 0.0), jnp.inf)
     return dist.astype(jnp.float32), jnp.where(found, best_idx, -1)
