@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from exvae.likelihoods import diag_gaussian_log_prob
 from exvae.models.vae import Model
 from exvae.priors.base import ContextInputs, Prior
 
@@ -74,15 +73,13 @@ def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
   """
   model, prior = setup.model, setup.prior
   k_ctx, k_z = jax.random.split(key)
-  mu, logvar = model.encode(params["model"], x)
-  inputs = ContextInputs(x=x, ids=ids, mu=mu, key=k_ctx, pool=pool, binary=setup.binary)
+  sc = model.score(params["model"], x, k_z, 1, setup.log_lik)
+  inputs = ContextInputs(x=x, ids=ids, mu=sc.mu, key=k_ctx, pool=pool, binary=setup.binary)
   ctx, new_state = prior.context(params["prior"], prior_state, model, params["model"], inputs,
                                  train=True)
-  z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mu.shape)
-  log_px = setup.log_lik(x, model.decode(params["model"], z))
-  log_qz = diag_gaussian_log_prob(z, mu, logvar)
-  log_pz = prior.log_prob(params["prior"], z, ctx, ids)
-  kl = log_qz - log_pz
+  log_pz = prior.log_prob(params["prior"], sc.z[:, 0], ctx, ids)
+  log_px = sc.log_px[:, 0]
+  kl = sc.log_q[:, 0] - sc.log_p_rest[:, 0] - log_pz
   loss = jnp.mean(-log_px + beta * kl)
   metrics = {"loss": loss, "elbo": jnp.mean(log_px - kl), "recon": -jnp.mean(log_px),
              "kl": jnp.mean(kl), "beta": beta}
@@ -103,19 +100,15 @@ def log_importance_weights(params, setup: Setup, ctx, x: jax.Array, key: jax.Arr
     ids: optional (B,) ids for leave-one-out (None at evaluation).
 
   Returns:
-    ``(log_w, log_px, log_pz, log_qz)``, each (B, S).
+    ``(log_w, log_px, log_pz, log_qz)``, each (B, S); ``log_pz`` includes the
+    lower latents' terms of hierarchical models.
   """
   model, prior = setup.model, setup.prior
   b = x.shape[0]
-  mu, logvar = model.encode(params["model"], x)
-  eps = jax.random.normal(key, (b, num_samples, mu.shape[-1]))
-  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
-  log_qz = diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])       # (B, S)
-  zf = z.reshape(b * num_samples, -1)
-  out = model.decode(params["model"], zf)
-  xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
-      (b * num_samples,) + x.shape[1:])
-  log_px = setup.log_lik(xr, out).reshape(b, num_samples)
+  sc = model.score(params["model"], x, key, num_samples, setup.log_lik)
   rid = None if ids is None else jnp.repeat(ids, num_samples)
-  log_pz = prior.log_prob(params["prior"], zf, ctx, rid).reshape(b, num_samples)
+  log_pz = prior.log_prob(params["prior"], sc.z.reshape(b * num_samples, -1), ctx,
+                          rid).reshape(b, num_samples)
+  log_pz = log_pz + sc.log_p_rest          # lower latents' prior terms, if any
+  log_px, log_qz = sc.log_px, sc.log_q
   return log_px + log_pz - log_qz, log_px, log_pz, log_qz

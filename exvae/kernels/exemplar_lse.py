@@ -379,6 +379,9 @@ def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
     bank_ids = jnp.asarray(bank_ids, jnp.int32).reshape(-1) if use_ids else None
     query_ids = jnp.asarray(query_ids, jnp.int32).reshape(-1) if use_ids else None
     bank_mask = None if bank_mask is None else jnp.asarray(bank_mask, bool).reshape(-1)
+    if bank.shape[0] == 0:  # empty bank: nothing valid (keeps gradients defined)
+        zero = jnp.sum(z, axis=1) * 0.0 + 0.0 * log_var
+        return zero - jnp.inf, jnp.zeros((z.shape[0],), jnp.float32)
     return _lse_core(z, bank, log_var, bank_mask, bank_ids, query_ids,
                      (chunk_size, bank_dtype))
 
@@ -449,6 +452,8 @@ def topk_neighbors(z: Array, bank: Array, k: int, *,
     bank_ids = jnp.asarray(bank_ids, jnp.int32).reshape(-1) if use_ids else None
     query_ids = jnp.asarray(query_ids, jnp.int32).reshape(-1) if use_ids else None
     bank_mask = None if bank_mask is None else jnp.asarray(bank_mask, bool).reshape(-1)
+    if n == 0:
+        return jnp.full((b, k), jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32)
     st = _setup(z, bank, None, bank_mask, bank_ids, query_ids, None, for_topk=True)
     if chunk_size is None:
         # lax.top_k has a large per-row, per-call cost on CPU: fewer, longer chunks.

@@ -76,15 +76,65 @@ class VAE(nn.Module):
 
 
 # eq=False: hashed by identity, so a Model can be a static jit argument.
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """Per-sample terms of a model's importance weights (all but the prior's).
+
+  Attributes:
+    z: (B, S, d) samples of the latent that the prior scores (the top latent).
+    mu: (B, d) posterior mean of that latent (the exemplar code of x).
+    log_px: (B, S) log p(x | latents).
+    log_p_rest: (B, S) log-density of the lower latents given the top one
+      (0 for a one-level VAE).
+    log_q: (B, S) log q(all latents | x).
+  """
+
+  z: jax.Array
+  mu: jax.Array
+  log_px: jax.Array
+  log_p_rest: jax.Array
+  log_q: jax.Array
+
+
+def gaussian_score(encode, decode, params, x, key, num_samples, log_lik) -> Scores:
+  """Scores of a one-level Gaussian-posterior VAE with S reparameterised samples.
+
+  Args:
+    encode: ``encode(params, x) -> (mu, logvar)``.
+    decode: ``decode(params, z) -> likelihood parameters``.
+    params: model parameters.
+    x: (B, H, W, C) images.
+    key: PRNG key.
+    num_samples: S (static).
+    log_lik: ``log_lik(x, decoder_out) -> (B,)``.
+  """
+  from exvae.likelihoods import diag_gaussian_log_prob
+  b = x.shape[0]
+  mu, logvar = encode(params, x)
+  eps = jax.random.normal(key, (b, num_samples, mu.shape[-1]))
+  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
+  log_q = diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])        # (B, S)
+  out = decode(params, z.reshape(b * num_samples, -1))
+  xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
+      (b * num_samples,) + x.shape[1:])
+  log_px = log_lik(xr, out).reshape(b, num_samples)
+  return Scores(z=z, mu=mu, log_px=log_px, log_p_rest=jnp.zeros_like(log_px), log_q=log_q)
+
+
+# eq=False: hashed by identity, so a Model can be a static jit argument.
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
   """Pure-function view of a generative model (what priors and losses use).
 
   Attributes:
     init: ``init(key) -> params``.
-    encode: ``encode(params, x) -> (mu, logvar)``; x (B, H, W, C), outputs (B, d).
-    encode_mean: ``encode_mean(params, x) -> mu`` (B, d).
-    decode: ``decode(params, z) -> likelihood parameters`` for ``x`` (B, H, W, C).
+    encode: ``encode(params, x) -> (mu, logvar)`` of the latent the prior
+      scores (the top latent); x (B, H, W, C), outputs (B, d).
+    encode_mean: ``encode_mean(params, x) -> mu`` (B, d): the exemplar code.
+    decode: ``decode(params, z) -> likelihood parameters`` for ``x`` (B, H, W, C),
+      from a top latent (lower latents, if any, are sampled or set to their means).
+    score: ``score(params, x, key, num_samples, log_lik) -> Scores``: S
+      posterior samples and every term of log w except log p(z_top).
     latent_dim: d.
     image_shape: (H, W, C).
   """
@@ -93,6 +143,7 @@ class Model:
   encode: Callable[[Params, jax.Array], tuple[jax.Array, jax.Array]]
   encode_mean: Callable[[Params, jax.Array], jax.Array]
   decode: Callable[[Params, jax.Array], jax.Array]
+  score: Callable[..., Scores]
   latent_dim: int
   image_shape: tuple[int, int, int]
   module: nn.Module
@@ -127,5 +178,8 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
   def decode(params, z):
     return module.apply({"params": params}, z, method=VAE.decode)
 
-  return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode,
+  def score(params, x, key, num_samples, log_lik):
+    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik)
+
+  return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode, score=score,
                latent_dim=int(config.latent_dim), image_shape=image_shape, module=module)
