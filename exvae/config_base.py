@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 100             # KL warm-up: beta = min(1, epoch / warmup)
   c.early_stopping_patience = 50    # epochs without validation improvement (after warm-up)
   c.seed = 0
+  c.num_devices = 0                 # data-parallel devices (0: all visible; 1: no mesh)
   # Bookkeeping.
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3

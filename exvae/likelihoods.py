@@ -1,4 +1,14 @@
-"""Observation log-likelihoods ``log p(x | decoder output)``, summed per example."""
+"""Observation log-likelihoods ``log p(x | decoder output)``, summed per example.
+
+* ``bernoulli``: decoder output = logits (B, H, W, C), for binarised images.
+* ``logistic``: discretised logistic over 256 grey levels (the VampPrior /
+  Exemplar VAE ``log_logistic_256`` for grey/continuous data, made exactly
+  normalised): decoder output = ``(mean, log_scale)``, two (B, H, W, C) arrays.
+
+:func:`get_likelihood` returns ``(log_prob(x, out) -> (B,), mean(out) -> (B, H, W, C))``.
+"""
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +34,69 @@ def bernoulli_mean(logits: jax.Array) -> jax.Array:
   return jax.nn.sigmoid(logits)
 
 
-LIKELIHOODS = {"bernoulli": (bernoulli_log_prob, bernoulli_mean)}
+NUM_BINS = 256
+
+
+def _log_sigmoid_diff(a: jax.Array, b: jax.Array) -> jax.Array:
+  """log(sigmoid(a) - sigmoid(b)) for a > b, accurate in both tails.
+
+  Uses sigmoid(a) - sigmoid(b) = sigmoid(-b) - sigmoid(-a) to move the pair
+  to the side where (a + b) / 2 <= 0; there log_sigmoid does not saturate, so
+  ``log_sigmoid(a) + log(1 - exp(log_sigmoid(b) - log_sigmoid(a)))`` keeps
+  full relative precision even for bins far out in a tail.
+  """
+  flip = (a + b) > 0
+  hi = jnp.where(flip, -b, a)
+  lo = jnp.where(flip, -a, b)
+  la, lb = jax.nn.log_sigmoid(hi), jax.nn.log_sigmoid(lo)
+  # log1p(-exp(d)) for d = lb - la < 0, written as log(-expm1(d)).
+  return la + jnp.log(-jnp.expm1(jnp.minimum(lb - la, -1e-30)))
+
+
+def discretized_logistic_log_prob(x: jax.Array, params, num_bins: int = NUM_BINS) -> jax.Array:
+  """Discretised logistic log-likelihood over ``num_bins`` grey levels, summed per example.
+
+  Grey level ``k`` (x = k / (num_bins - 1)) owns the interval
+  ``[x - h, x + h]`` with ``h = 1 / (2 (num_bins - 1))``; the first bin
+  extends to -inf and the last to +inf, so the probabilities of the
+  ``num_bins`` levels sum to one for any ``(mean, log_scale)``:
+
+      P(k) = sigmoid((x + h - mean) / s) - sigmoid((x - h - mean) / s),  s = exp(log_scale).
+
+  Args:
+    x: (B, ...) grey levels in [0, 1] on the 1/(num_bins - 1) grid (values
+      are snapped to the nearest level).
+    params: ``(mean, log_scale)``, each broadcastable to ``x`` (per-pixel or
+      global scale).
+    num_bins: number of grey levels (256 for 8-bit images).
+
+  Returns:
+    (B,) log-likelihood summed over all non-batch axes.
+  """
+  mean, log_scale = params
+  k = jnp.round(jnp.clip(x, 0.0, 1.0) * (num_bins - 1))
+  xc = k / (num_bins - 1)
+  half = 0.5 / (num_bins - 1)
+  inv_s = jnp.exp(-log_scale)
+  plus = (xc + half - mean) * inv_s
+  minus = (xc - half - mean) * inv_s
+  log_mid = _log_sigmoid_diff(plus, minus)
+  log_first = jax.nn.log_sigmoid(plus)            # P(x <= x0 + h)
+  log_last = jax.nn.log_sigmoid(-minus)           # P(x >= x_last - h)
+  ll = jnp.where(k <= 0, log_first, jnp.where(k >= num_bins - 1, log_last, log_mid))
+  return ll.reshape(ll.shape[0], -1).sum(-1)
+
+
+def logistic_mean(params) -> jax.Array:
+  """Picture of the logistic decoder: its location parameter clipped to [0, 1] (B, H, W, C)."""
+  mean, _ = params
+  return jnp.clip(mean, 0.0, 1.0)
+
+
+LIKELIHOODS: dict[str, tuple[Callable, Callable]] = {
+    "bernoulli": (bernoulli_log_prob, bernoulli_mean),
+    "logistic": (discretized_logistic_log_prob, logistic_mean),
+}
 
 
 def get_likelihood(name: str):

@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import checkpoints, data, pictures
+from exvae import checkpoints, data, distributed, pictures
 from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
 from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
@@ -148,7 +148,7 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   k_bin, k_loss = jax.random.split(key)
   i = step % setup.steps_per_epoch
   ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
-  x = pool[ids]
+  x = distributed.shard_batch(pool[ids])          # data parallel over the mesh, if any
   if setup.binary:
     x = jax.random.bernoulli(k_bin, x).astype(jnp.float32)
   beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
@@ -308,6 +308,8 @@ def _sigterm_handler(signum, frame):
 
 
 def _append_jsonl(path: str, record: dict) -> None:
+  if not distributed.is_primary():
+    return
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -330,13 +332,26 @@ def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config,
     samples, recons = picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
                                     setup=setup, num_samples=n_pic)
     path = os.path.join(workdir, "pictures", f"epoch_{epoch + 1:05d}.png")
-    pictures.save_samples_and_reconstructions(path, np.asarray(samples), np.asarray(xv),
-                                              np.asarray(recons))
+    if distributed.is_primary():
+      pictures.save_samples_and_reconstructions(path, np.asarray(samples), np.asarray(xv),
+                                                np.asarray(recons))
     metrics["picture"] = path
   return metrics
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`)."""
+  mesh = distributed.make_data_mesh(int(config.num_devices))
+  if mesh is not None and int(config.batch_size) % mesh.size:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{mesh.size} data-parallel devices.")
+  if mesh is None:
+    return _train(config, workdir, None)
+  with jax.set_mesh(mesh):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict[str, Any]:
   """Trains with validation-based early stopping; resumes from ``workdir`` if possible.
 
   Args:
@@ -356,11 +371,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   setup = make_setup(config, splits)
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  primary = distributed.is_primary()
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
-  pool = jnp.asarray(splits.train_x)
-  state = init_state(config, setup, n)
+  pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
+  state = distributed.replicate(init_state(config, setup, n), mesh)
   manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
                                 max_to_keep=int(config.keep_checkpoints))
   meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
@@ -369,6 +386,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   restored = manager.restore_latest(state, best_params)
   if restored is not None:
     state, best_params, meta = restored
+    # Restored as host-layout arrays: place them on this run's mesh (which may
+    # have a different device count than the run that wrote the checkpoint).
+    state, best_params = distributed.replicate((state, best_params), mesh)
     logging.info("Resumed from step %d.", int(state.step))
     print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -413,7 +433,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   from tqdm.auto import tqdm
   bar = tqdm(total=max_steps, initial=int(state.step), desc="train", unit="step",
-             dynamic_ncols=True, disable=not config.progress)
+             dynamic_ncols=True, disable=not (config.progress and primary))
   try:
     maybe_validate()
     perm_epoch, perm = -1, None
@@ -426,7 +446,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       step = host_step
       epoch = step // spe
       if epoch != perm_epoch:
-        perm = jnp.asarray(epoch_permutation(config.seed, epoch, n))
+        perm = distributed.replicate(jnp.asarray(epoch_permutation(config.seed, epoch, n)), mesh)
         perm_epoch = epoch
       if step % spe == 0:
         state = refresh_step(state, pool, setup=setup)

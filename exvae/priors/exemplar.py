@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from exvae import kernels
+from exvae import distributed, kernels
 from exvae.priors.base import Prior, binarize, register
 
 
@@ -119,7 +119,8 @@ class ExemplarPrior(Prior):
     else:
       cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
     if not self.cfg.rat:
-      x = _binarize_rows(k_bin, pool[cand], cand, inputs.binary)
+      # The M exemplars are split over the data-parallel devices, if any.
+      x = distributed.shard_batch(_binarize_rows(k_bin, pool[cand], cand, inputs.binary))
       bank = model.encode_mean(model_params, x)
       return {"bank": bank, "bank_ids": cand}, state
     return self._rat_context(state, model, model_params, inputs, cand, k_bin)
@@ -141,7 +142,7 @@ class ExemplarPrior(Prior):
     first = jnp.concatenate([jnp.ones((1,), bool), union[1:] != union[:-1]])
     mask = first & (union < n)
     safe = jnp.minimum(union, n - 1)
-    x = _binarize_rows(k_bin, pool[safe], safe, inputs.binary)
+    x = distributed.shard_batch(_binarize_rows(k_bin, pool[safe], safe, inputs.binary))
     bank = model.encode_mean(model_params, x)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
     # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.

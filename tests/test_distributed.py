@@ -1,0 +1,66 @@
+"""Data-parallel training on 4 simulated CPU devices equals single-device training.
+
+Each check runs in a fresh interpreter because XLA_FLAGS must be set before
+JAX initialises its CPU backend.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+from conftest import load_config
+from exvae import distributed, train_lib
+out = {{}}
+for name, ndev in (("single", 1), ("mesh", 4)):
+    c = load_config("test", prior={prior!r}, num_devices=ndev, **{{"exemplar.rat": {rat}}})
+    splits = train_lib.load_data(c)
+    setup = train_lib.make_setup(c, splits)
+    n = splits.train_x.shape[0]
+    mesh = distributed.make_data_mesh(ndev)
+    def run():
+        pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
+        state = distributed.replicate(train_lib.init_state(c, setup, n), mesh)
+        perm = distributed.replicate(jnp.asarray(train_lib.epoch_permutation(0, 0, n)), mesh)
+        state = train_lib.refresh_step(state, pool, setup=setup)
+        hlo = train_lib.train_step.lower(state, pool, perm, setup=setup).compile().as_text()
+        out["allreduce_" + name] = "all-reduce" in hlo
+        losses = []
+        for _ in range(5):
+            state, m = train_lib.train_step(state, pool, perm, setup=setup)
+            losses.append(float(m["loss"]))
+        return state, losses
+    if mesh is None:
+        state, losses = run()
+    else:
+        with jax.set_mesh(mesh):
+            state, losses = run()
+    out[name] = dict(losses=losses, n_dev=len(jax.devices()),
+                     params=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("prior,rat", [("exemplar", False), ("exemplar", True), ("vampprior", False)])
+def test_four_device_training_matches_single_device(prior, rat):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT, prior=prior, rat=rat)],
+                     capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(r.stdout.split("RESULT", 1)[1])
+  assert res["mesh"]["n_dev"] == 4
+  # The 4-device step is really data parallel: gradients are all-reduced.
+  assert res["allreduce_mesh"] and not res["allreduce_single"]
+  import numpy as np
+  np.testing.assert_allclose(res["mesh"]["losses"], res["single"]["losses"], rtol=2e-4)
+  for a, b in zip(res["mesh"]["params"], res["single"]["params"]):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
