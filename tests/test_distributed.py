@@ -64,3 +64,29 @@ def test_four_device_training_matches_single_device(prior, rat):
   np.testing.assert_allclose(res["mesh"]["losses"], res["single"]["losses"], rtol=2e-4)
   for a, b in zip(res["mesh"]["params"], res["single"]["params"]):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
+  """A run checkpointed on 4 devices resumes on 1 device and tracks a 1-device run."""
+  import numpy as np
+  import chex
+  from conftest import load_config
+  from exvae import checkpoints, train_lib
+  wd = str(tmp_path / "four")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                      f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
+                      "--config.max_steps=30", "--config.num_devices=4"],
+                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  c = load_config("test", max_steps=60, num_devices=1)
+  train_lib.train_and_evaluate(c, wd)                      # resume here, on one device
+  ref = str(tmp_path / "one")
+  train_lib.train_and_evaluate(c, ref)
+  splits = train_lib.load_data(c)
+  setup = train_lib.make_setup(c, splits)
+  t = train_lib.init_state(c, setup, splits.train_x.shape[0])
+  s4, _, _ = checkpoints.Manager(os.path.join(wd, "checkpoints")).restore_latest(t, t.params)
+  s1, _, _ = checkpoints.Manager(os.path.join(ref, "checkpoints")).restore_latest(t, t.params)
+  assert int(s4.step) == int(s1.step) == 60
+  chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-2, atol=1e-3)

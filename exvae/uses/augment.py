@@ -1,0 +1,409 @@
+"""Generative data augmentation with an Exemplar VAE (the paper's classifier setup).
+
+A permutation-invariant MLP ``D -> h -> h -> C`` (ReLU) is trained with label
+smoothing 0.1, SGD with momentum 0.9, a learning rate of 0.1 decayed linearly
+to 1% of it over the run, batches of 100, and the loss
+
+    0.4 * CE(f(x), y) + 0.6 * CE(f(x_aug), y),
+
+where ``x_aug`` is decoded from ``z ~ N(mu(x), s2 I)`` (Bernoulli mean image,
+rounded to the 1/255 grey-level grid) and keeps x's label.  Without
+augmentation the loss is ``CE(f(x), y)`` alone.  The encoder sees
+``Bernoulli(x)`` (fresh key per step) for binary data, as during VAE training.
+
+Inputs are grey-level images in [0, 1].  :func:`grey_splits` recovers the
+grey validation/test images of data sets the loader returns binarised (MNIST,
+Fashion-MNIST, digits); otherwise the binarised ones are used (and reported).
+
+Every random choice is a function of (seed, step); the train step is a
+module-level jitted function with the static :class:`AugmentSetup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import warnings
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from exvae.models.vae import Model
+
+PyTree = Any
+
+REAL_WEIGHT = 0.4        # loss weight of the real images (0.6 for the augmented ones)
+LABEL_SMOOTHING = 0.1
+
+
+class MLP(nn.Module):
+  """Permutation-invariant classifier: flatten -> Dense(h) -> ReLU -> Dense(h) -> ReLU -> Dense(C).
+
+  Attributes:
+    hidden: h.
+    num_classes: C.
+  """
+
+  hidden: int = 1024
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) or (B, D) -> logits (B, num_classes)."""
+    h = x.reshape(x.shape[0], -1)
+    h = nn.relu(nn.Dense(self.hidden)(h))
+    h = nn.relu(nn.Dense(self.hidden)(h))
+    return nn.Dense(self.num_classes)(h)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AugmentSetup:
+  """Static description of a classifier run (hashed by identity: a static jit arg).
+
+  Attributes:
+    classifier: the MLP.
+    optimizer: SGD with momentum and the linear decay.
+    vae: the generative model (None: no augmentation).
+    augment: use the 0.4/0.6 augmented loss.
+    binary: binarise x before encoding it.
+    num_classes: C.
+    batch_size: B.
+    steps_per_epoch: training steps per epoch (drop-last).
+  """
+
+  classifier: MLP
+  optimizer: optax.GradientTransformation
+  vae: Model | None
+  augment: bool
+  binary: bool
+  num_classes: int
+  batch_size: int
+  steps_per_epoch: int
+
+
+@struct.dataclass
+class ClassifierState:
+  """Train state of the classifier (a pytree).
+
+  Attributes:
+    step: global step (int32).
+    params: classifier parameters.
+    opt_state: optax state.
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+
+def make_optimizer(total_steps: int, learning_rate: float = 0.1, final_fraction: float = 0.01,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+  """SGD + momentum, lr decayed linearly from ``learning_rate`` to ``final_fraction`` of it."""
+  sched = optax.linear_schedule(learning_rate, learning_rate * final_fraction,
+                                transition_steps=max(int(total_steps), 1))
+  return optax.sgd(sched, momentum=momentum)
+
+
+def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Array,
+                   key: jax.Array, binary: bool) -> jax.Array:
+  """Decoded samples z ~ N(mu(x), s2 I), rounded to the 1/255 grid.
+
+  Args:
+    vae: the generative model.
+    vae_params: its parameters.
+    x: (B, H, W, C) grey levels in [0, 1].
+    log_var: scalar log s2.
+    key: PRNG key.
+    binary: encode Bernoulli(x) instead of x.
+
+  Returns:
+    (B, H, W, C) augmented images in [0, 1] (multiples of 1/255).
+  """
+  k_bin, k_eps = jax.random.split(key)
+  xin = jax.random.bernoulli(k_bin, x).astype(jnp.float32) if binary else x
+  mu = vae.encode_mean(vae_params, xin)
+  z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(k_eps, mu.shape, mu.dtype)
+  p = jax.nn.sigmoid(vae.decode(vae_params, z))
+  return jax.lax.stop_gradient(jnp.round(p * 255.0) / 255.0)
+
+
+def _ce(logits: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
+  labels = optax.smooth_labels(jax.nn.one_hot(y, num_classes), LABEL_SMOOTHING)
+  return optax.softmax_cross_entropy(logits, labels).mean()
+
+
+def _train_step(state: ClassifierState, vae_params: PyTree, log_var: jax.Array,
+                pool_x: jax.Array, pool_y: jax.Array, perm: jax.Array, key: jax.Array, *,
+                setup: AugmentSetup) -> tuple[ClassifierState, dict[str, jax.Array]]:
+  """One SGD step on batch ``step % steps_per_epoch`` of the epoch's permutation.
+
+  Args:
+    state: classifier state (donated).
+    vae_params: generative model parameters (unused without augmentation).
+    log_var: scalar log s2.
+    pool_x: (N, H, W, C) training images.
+    pool_y: (N,) int labels.
+    perm: (N,) int32 this epoch's order.
+    key: base key; the step's key is ``fold_in(key, step)``.
+    setup: static description.
+
+  Returns:
+    ``(new_state, {'loss', 'ce_real', 'ce_aug'})``.
+  """
+  i = state.step % setup.steps_per_epoch
+  ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
+  x, y = pool_x[ids], pool_y[ids]
+  k = jax.random.fold_in(key, state.step)
+  x_aug = augment_images(setup.vae, vae_params, x, log_var, k, setup.binary) if setup.augment else x
+
+  def loss_fn(params):
+    ce_real = _ce(setup.classifier.apply({"params": params}, x), y, setup.num_classes)
+    if not setup.augment:
+      return ce_real, (ce_real, jnp.zeros(()))
+    ce_aug = _ce(setup.classifier.apply({"params": params}, x_aug), y, setup.num_classes)
+    return REAL_WEIGHT * ce_real + (1.0 - REAL_WEIGHT) * ce_aug, (ce_real, ce_aug)
+
+  (loss, (ce_real, ce_aug)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return (ClassifierState(step=state.step + 1, params=params, opt_state=opt_state),
+          {"loss": loss, "ce_real": ce_real, "ce_aug": ce_aug})
+
+
+train_step = jax.jit(_train_step, static_argnames=("setup",), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, static_argnames=("classifier",))
+def predict(classifier: MLP, params: PyTree, x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B,) int32 predicted classes."""
+  return jnp.argmax(classifier.apply({"params": params}, x), axis=-1).astype(jnp.int32)
+
+
+def error_rate(classifier: MLP, params: PyTree, x: np.ndarray, y: np.ndarray,
+               batch_size: int = 1000) -> float:
+  """Fraction of ``x`` misclassified (fixed-size padded batches)."""
+  n = x.shape[0]
+  bs = max(1, min(batch_size, n))
+  wrong = 0
+  for lo in range(0, n, bs):
+    hi = min(lo + bs, n)
+    xb = np.zeros((bs,) + x.shape[1:], np.float32)
+    xb[: hi - lo] = x[lo:hi]
+    p = np.asarray(predict(classifier, params, jnp.asarray(xb)))[: hi - lo]
+    wrong += int(np.sum(p != y[lo:hi]))
+  return wrong / max(n, 1)
+
+
+def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                     test_y: np.ndarray, *, hidden: int, epochs: int, augment: bool,
+                     vae: Model | None = None, vae_params: PyTree = None,
+                     log_var: float = 0.0, binary: bool = True, seed: int = 0,
+                     batch_size: int = 100, learning_rate: float = 0.1,
+                     num_classes: int | None = None, max_steps: int | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+  """Trains the MLP with or without generative augmentation; reports the test error.
+
+  Args:
+    train_x: (N, H, W, C) grey levels in [0, 1].
+    train_y: (N,) int labels.
+    test_x: (M, H, W, C) evaluation images.
+    test_y: (M,) labels.
+    hidden: h.
+    epochs: passes over the training set (the lr decays over all of them).
+    augment: use the augmented loss (needs ``vae``, ``vae_params``, ``log_var``).
+    vae, vae_params: the generative model and its parameters.
+    log_var: log s2 of the augmentation noise.
+    binary: encode Bernoulli(x) (binary data sets).
+    seed: seeds the classifier init, the epoch orders and the augmentation.
+    batch_size: B (drop-last).
+    learning_rate: initial lr.
+    num_classes: C (default: max label + 1).
+    max_steps: stop after this many steps (tests; the schedule still spans all epochs).
+    progress: show a tqdm bar.
+
+  Returns:
+    ``{'test_error', 'losses' (per-step list), 'epoch_losses', 'steps', 'seconds', ...}``.
+  """
+  if augment and (vae is None or vae_params is None):
+    raise ValueError("augmentation needs the generative model and its parameters")
+  train_x = np.ascontiguousarray(train_x, np.float32)
+  train_y = np.asarray(train_y, np.int32)
+  n = train_x.shape[0]
+  if batch_size > n:
+    raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
+  c = int(num_classes or int(max(train_y.max(), np.max(test_y))) + 1)
+  spe = n // batch_size
+  total = epochs * spe
+  clf = MLP(hidden=int(hidden), num_classes=c)
+  opt = make_optimizer(total, learning_rate)
+  setup = AugmentSetup(classifier=clf, optimizer=opt, vae=vae, augment=bool(augment),
+                       binary=bool(binary), num_classes=c, batch_size=int(batch_size),
+                       steps_per_epoch=spe)
+  key = jax.random.PRNGKey(seed)
+  k_init, k_run = jax.random.split(key)
+  params = clf.init(k_init, jnp.zeros((1,) + train_x.shape[1:], jnp.float32))["params"]
+  state = ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=opt.init(params))
+  pool_x, pool_y = jnp.asarray(train_x), jnp.asarray(train_y)
+  lv = jnp.float32(log_var)
+  steps = total if max_steps is None else min(total, int(max_steps))
+  losses: list[float] = []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=steps, desc=f"mlp h={hidden} aug={augment}", unit="step",
+               dynamic_ncols=True)
+  t0 = time.time()
+  step = 0
+  pending = []
+  while step < steps:
+    epoch = step // spe
+    perm = jnp.asarray(np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32))
+    for _ in range(min(spe, steps - step)):
+      state, m = train_step(state, vae_params, lv, pool_x, pool_y, perm, k_run, setup=setup)
+      pending.append(m["loss"])
+      step += 1
+    losses.extend(float(v) for v in jax.device_get(pending))
+    pending = []
+    if bar is not None:
+      bar.update(min(spe, steps - bar.n))
+      bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  if bar is not None:
+    bar.close()
+  seconds = time.time() - t0
+  err = error_rate(clf, state.params, np.asarray(test_x, np.float32), np.asarray(test_y))
+  ep = [float(np.mean(losses[e * spe:(e + 1) * spe])) for e in range(int(np.ceil(step / spe)))]
+  return {"test_error": err, "losses": losses, "epoch_losses": ep, "steps": step,
+          "epochs": epochs, "hidden": int(hidden), "augment": bool(augment),
+          "seconds": seconds, "params": state.params}
+
+
+# ----------------------------------------------------------------------------
+# Grey-level data for the classifier
+# ----------------------------------------------------------------------------
+
+
+class GreyData(NamedTuple):
+  """Labelled grey-level splits for the classifier.
+
+  Attributes:
+    train_x, val_x, test_x: (N, H, W, C) float32 in [0, 1].
+    train_y, val_y, test_y: (N,) int32.
+    grey_eval: True if val/test are grey levels, False if the loader's fixed
+      binarisations had to be used.
+  """
+
+  train_x: np.ndarray
+  train_y: np.ndarray
+  val_x: np.ndarray
+  val_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  grey_eval: bool
+
+
+def grey_splits(config, splits) -> GreyData:
+  """The splits with grey-level (not binarised) validation and test images.
+
+  ``exvae.data.load`` binarises val/test once for binary data sets; the
+  classifier is trained and evaluated on grey levels as in the paper, so the
+  grey images are re-read with the same split rule (checked: the training
+  split must equal ``splits.train_x``).  Data sets where that is not possible
+  fall back to the binarised val/test (``grey_eval=False``, with a warning).
+  """
+  if splits.train_y is None:
+    raise ValueError(f"data set {splits.name!r} has no labels")
+  fallback = GreyData(splits.train_x, splits.train_y, splits.val_x, splits.val_y,
+                      splits.test_x, splits.test_y, grey_eval=not splits.binary)
+  if not splits.binary:
+    return fallback
+  try:
+    if splits.name == "digits":
+      from exvae.data.digits import DIGITS_TEST, DIGITS_VAL, digits_permutation, load_digits_arrays
+      x, y = load_digits_arrays()
+      n_val = int(config.val_size or DIGITS_VAL)
+      perm = digits_permutation(len(x))
+      te, va, tr = perm[:DIGITS_TEST], perm[DIGITS_TEST:DIGITS_TEST + n_val], perm[DIGITS_TEST + n_val:]
+      xtr, ytr, xva, yva, xte, yte = x[tr], y[tr], x[va], y[va], x[te], y[te]
+    elif splits.name in ("mnist", "fashion_mnist"):
+      from exvae import data as data_lib
+      xall, yall, xte, yte, _ = data_lib._load_mnist_like(
+          splits.name, config.data_dir or None, config.data_source)
+      n_val = int(config.val_size or 10000)
+      xtr, xva = xall[: len(xall) - n_val], xall[len(xall) - n_val:]
+      ytr, yva = yall[: len(yall) - n_val], yall[len(yall) - n_val:]
+    else:
+      raise NotImplementedError(f"no grey-level reader for {splits.name!r}")
+    as_f = lambda a: (a[..., None] if a.ndim == 3 else a).astype(np.float32) / (  # noqa: E731
+        np.float32(255.0) if a.dtype == np.uint8 else np.float32(1.0))
+    xtr, xva, xte = as_f(np.asarray(xtr)), as_f(np.asarray(xva)), as_f(np.asarray(xte))
+    if config.max_train:
+      xtr, ytr = xtr[: config.max_train], ytr[: config.max_train]
+    if config.max_test:
+      xva, yva = xva[: config.max_test], yva[: config.max_test]
+      xte, yte = xte[: config.max_test], yte[: config.max_test]
+    if xtr.shape != splits.train_x.shape or not np.allclose(xtr, splits.train_x, atol=1e-6):
+      raise ValueError("re-read training split differs from the loaded one")
+    as_y = lambda a: np.asarray(a, np.int32)  # noqa: E731
+    return GreyData(np.ascontiguousarray(xtr), as_y(ytr), np.ascontiguousarray(xva), as_y(yva),
+                    np.ascontiguousarray(xte), as_y(yte), grey_eval=True)
+  except Exception as e:  # noqa: BLE001  (any failure: use what the loader gave)
+    warnings.warn(f"grey-level val/test images unavailable ({type(e).__name__}: {e}); "
+                  "using the loader's binarised val/test images")
+    return fallback
+
+
+def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
+                     seed: int = 0, log_var: float | None = None, max_steps: int | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+  """Trains the classifier without and with augmentation; returns both test errors.
+
+  Args:
+    trained: a :class:`exvae.bank.Trained` (its model generates the augmentations).
+    epochs: classifier epochs.
+    hidden: MLP width h.
+    use_val: train on train + validation (the paper's setting), else train only.
+    seed: classifier seed (the same for both runs).
+    log_var: augmentation noise log s2 (default: the prior's; mean posterior
+      log-variance for priors without one).
+    max_steps: cap on steps (tests).
+    progress: show progress bars.
+
+  Returns:
+    JSON-able dict: ``test_error_without``, ``test_error_with``, settings.
+  """
+  from exvae import bank as bank_lib
+  g = grey_splits(trained.config, trained.splits)
+  x, y = g.train_x, g.train_y
+  if use_val:
+    x, y = np.concatenate([x, g.val_x]), np.concatenate([y, g.val_y])
+  model, mp = trained.setup.model, trained.params["model"]
+  source = "given"
+  if log_var is None:
+    mean_lv = None
+    if "log_var" not in trained.params.get("prior", {}):
+      _, mean_lv = bank_lib.encode_images(model, mp, g.train_x, np.arange(g.train_x.shape[0]),
+                                          jax.random.PRNGKey(0), binary=trained.splits.binary,
+                                          with_logvar=True)
+    log_var, source = bank_lib.bank_log_var(trained, mean_lv)
+  out: dict[str, Any] = {"epochs": int(epochs), "hidden": int(hidden), "use_val": bool(use_val),
+                         "num_train": int(x.shape[0]), "num_test": int(g.test_x.shape[0]),
+                         "grey_eval": bool(g.grey_eval), "log_var": float(log_var),
+                         "log_var_source": source, "seed": int(seed)}
+  for aug in (False, True):
+    r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
+                         vae=model, vae_params=mp, log_var=log_var,
+                         binary=trained.splits.binary, seed=seed, max_steps=max_steps,
+                         progress=progress)
+    tag = "with" if aug else "without"
+    out[f"test_error_{tag}"] = r["test_error"]
+    out[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None
+    out[f"seconds_{tag}"] = r["seconds"]
+    out["steps"] = r["steps"]
+  return out

@@ -1,0 +1,175 @@
+"""k-nearest-neighbour classification on encoder means (unsupervised latents).
+
+The paper's test of how well latents cluster classes: encode every image to
+its encoder mean mu(x), classify a query by majority vote among its k
+nearest reference codes (Euclidean distance), for k in 3, 5, ..., 15.
+
+The neighbours come from the streamed retrieval kernel
+:func:`exvae.kernels.topk_neighbors`, called ONCE with the largest k; the
+votes for every smaller k reuse the first k columns of that sorted list.
+
+Vote rule (ties): the class with the most votes among the k neighbours; if
+several classes tie on votes, the one whose voting neighbours have the
+smallest summed Euclidean distance to the query; if that ties too, the lowest
+label.
+
+Settings: validation (queries = validation split, reference = training
+split) and test (queries = test split, reference = training + validation).
+Only the encoder is used, so any trained model works (Gaussian, VampPrior or
+exemplar prior).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exvae import kernels
+
+DEFAULT_KS: tuple[int, ...] = (3, 5, 7, 9, 11, 13, 15)
+
+
+def neighbors(queries: np.ndarray, reference: np.ndarray, k: int, *, batch_size: int = 1024,
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """The k nearest reference rows of every query (squared L2), in query batches.
+
+  Args:
+    queries: (Q, d) codes.
+    reference: (N, d) codes.
+    k: neighbours (<= N).
+    batch_size: queries per kernel call (the last batch is padded).
+    progress: show a tqdm bar.
+
+  Returns:
+    ``(sq_dists (Q, k) float32 ascending, idx (Q, k) int32)``.
+  """
+  q = queries.shape[0]
+  if k > reference.shape[0]:
+    raise ValueError(f"k={k} exceeds the {reference.shape[0]} reference codes")
+  ref = jnp.asarray(reference, jnp.float32)
+  bs = max(1, min(batch_size, q))
+  dists = np.zeros((q, k), np.float32)
+  idx = np.zeros((q, k), np.int32)
+  starts = range(0, q, bs)
+  if progress:
+    from tqdm.auto import tqdm
+    starts = tqdm(starts, desc="knn", unit="batch", dynamic_ncols=True)
+  for lo in starts:
+    hi = min(lo + bs, q)
+    zb = np.zeros((bs, queries.shape[1]), np.float32)
+    zb[: hi - lo] = queries[lo:hi]
+    d, i = jax.device_get(kernels.topk_neighbors(jnp.asarray(zb), ref, int(k)))
+    dists[lo:hi], idx[lo:hi] = d[: hi - lo], i[: hi - lo]
+  return dists, idx
+
+
+def vote(neighbor_labels: np.ndarray, neighbor_dists: np.ndarray, num_classes: int) -> np.ndarray:
+  """Majority vote with the documented tie-breaking.
+
+  Args:
+    neighbor_labels: (Q, k) int labels of the neighbours.
+    neighbor_dists: (Q, k) Euclidean (not squared) distances.
+    num_classes: C (labels in [0, C)).
+
+  Returns:
+    (Q,) int32 predicted labels: most votes, then smallest summed distance of
+    the voters, then lowest label.
+  """
+  q, k = neighbor_labels.shape
+  onehot = np.zeros((q, k, num_classes), np.float64)
+  onehot[np.arange(q)[:, None], np.arange(k)[None, :], neighbor_labels] = 1.0
+  counts = onehot.sum(1)                                                  # (Q, C)
+  dsum = (onehot * neighbor_dists[:, :, None].astype(np.float64)).sum(1)  # (Q, C)
+  top = counts == counts.max(1, keepdims=True)
+  # argmin returns the first (lowest) label among equal summed distances.
+  return np.argmin(np.where(top, dsum, np.inf), axis=1).astype(np.int32)
+
+
+def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray,
+                ks: Sequence[int] = DEFAULT_KS, *, batch_size: int = 1024,
+                progress: bool = False) -> dict[int, np.ndarray]:
+  """kNN predictions for several k from one top-k retrieval with max(ks).
+
+  Args:
+    queries: (Q, d) codes.
+    reference: (N, d) codes.
+    reference_labels: (N,) int labels.
+    ks: the k values (each <= N).
+    batch_size: queries per kernel call.
+    progress: show a progress bar.
+
+  Returns:
+    ``{k: (Q,) int32 predictions}``.
+  """
+  ks = sorted({int(k) for k in ks})
+  if not ks or ks[0] < 1:
+    raise ValueError(f"ks must be positive integers, got {ks}")
+  reference_labels = np.asarray(reference_labels, np.int64)
+  kmax = ks[-1]
+  sq, idx = neighbors(np.asarray(queries, np.float32), np.asarray(reference, np.float32), kmax,
+                      batch_size=batch_size, progress=progress)
+  if (idx < 0).any():
+    raise ValueError("fewer reference codes than neighbours requested")
+  labels = reference_labels[idx]
+  dist = np.sqrt(np.maximum(sq, 0.0))
+  c = int(reference_labels.max()) + 1
+  return {k: vote(labels[:, :k], dist[:, :k], c) for k in ks}
+
+
+def knn_errors(queries: np.ndarray, query_labels: np.ndarray, reference: np.ndarray,
+               reference_labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, **kw) -> dict[int, float]:
+  """Error rate (fraction misclassified) per k.
+
+  Returns:
+    ``{k: error in [0, 1]}``.
+  """
+  preds = knn_predict(queries, reference, reference_labels, ks, **kw)
+  y = np.asarray(query_labels)
+  return {k: float(np.mean(p != y)) for k, p in preds.items()}
+
+
+def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS, *,
+                 batch_size: int = 2048, progress: bool = False) -> dict[str, Any]:
+  """kNN error rates of a trained run in the validation and test settings.
+
+  Args:
+    trained: a :class:`exvae.bank.Trained`.
+    bank: the training bank (built from ``trained`` if None).
+    ks: the k values.
+    batch_size: images per encoder call / queries per kernel call.
+    progress: show progress bars.
+
+  Returns:
+    ``{'val': {k: err}, 'test': {k: err}, 'num_train', 'num_val', 'num_test'}``.
+
+  Raises:
+    ValueError: the data set has no labels.
+  """
+  from exvae import bank as bank_lib
+  s = trained.splits
+  if s.train_y is None or s.val_y is None or s.test_y is None:
+    raise ValueError(f"kNN classification needs labels; data set {s.name!r} has none")
+  if bank is None:
+    bank = bank_lib.from_checkpoint(trained.config, "", trained=trained, batch_size=batch_size,
+                                    progress=progress)
+  model, mp = trained.setup.model, trained.params["model"]
+  key = jax.random.PRNGKey(0)   # val/test are already binarised: binarisation is the identity
+
+  def enc(x):
+    return bank_lib.encode_images(model, mp, x, np.arange(x.shape[0]), key, binary=False,
+                                  batch_size=batch_size)
+
+  val_codes, test_codes = enc(s.val_x), enc(s.test_x)
+  train_codes, train_y = bank.codes, bank.labels
+  val = knn_errors(val_codes, s.val_y, train_codes, train_y, ks, batch_size=batch_size,
+                   progress=progress)
+  ref = np.concatenate([train_codes, val_codes])
+  ref_y = np.concatenate([train_y, s.val_y])
+  test = knn_errors(test_codes, s.test_y, ref, ref_y, ks, batch_size=batch_size, progress=progress)
+  return {"val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in test.items()},
+          "num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
+          "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
+          "tie_break": "most votes, then smallest summed Euclidean distance, then lowest label"}
