@@ -19,10 +19,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_test = 0                    # >0: truncate validation and test splits
   c.eval_binarize_seed = 0          # fixed binarisation of validation/test images
   # Model.
-  c.model = "vae"
-  c.latent_dim = 40
+  c.model = "vae"                   # vae | hvae | convhvae (see exvae/models)
+  c.latent_dim = 40                 # d of the prior's latent (z2 for hvae / convhvae)
   c.hidden = (300, 300)
-  c.likelihood = "bernoulli"
+  c.likelihood = "bernoulli"        # bernoulli | logistic (discretised, 256 levels)
+  c.hvae = ml_collections.ConfigDict(dict(
+      z1_dim=40,                    # size of the lower latent z1 (hvae, convhvae)
+      conv_channels=(32, 32, 64, 64, 6),   # convhvae encoder gated convs
+      dec_channels=(64, 64, 64, 64)))      # convhvae decoder 3x3 gated convs
   # Prior.
   c.prior = "exemplar"              # gaussian | vampprior | exemplar (see exvae/priors)
   c.exemplar = ml_collections.ConfigDict(dict(
