@@ -37,20 +37,16 @@ def bernoulli_mean(logits: jax.Array) -> jax.Array:
 NUM_BINS = 256
 
 
-def _log_sigmoid_diff(a: jax.Array, b: jax.Array) -> jax.Array:
-  """log(sigmoid(a) - sigmoid(b)) for a > b, accurate in both tails.
+def _log_sigmoid_diff(a: jax.Array, b: jax.Array, delta: jax.Array) -> jax.Array:
+  """log(sigmoid(a) - sigmoid(b)) for ``a = b + delta``, ``delta > 0``, accurate everywhere.
 
-  Uses sigmoid(a) - sigmoid(b) = sigmoid(-b) - sigmoid(-a) to move the pair
-  to the side where (a + b) / 2 <= 0; there log_sigmoid does not saturate, so
-  ``log_sigmoid(a) + log(1 - exp(log_sigmoid(b) - log_sigmoid(a)))`` keeps
-  full relative precision even for bins far out in a tail.
+  Uses the identity ``sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-delta))``:
+  each factor is computed in log space without cancellation, so neither a
+  narrow bin near the mode (where the two CDF values nearly coincide) nor a
+  bin far in either tail (where both saturate at 0 or 1) loses precision.
   """
-  flip = (a + b) > 0
-  hi = jnp.where(flip, -b, a)
-  lo = jnp.where(flip, -a, b)
-  la, lb = jax.nn.log_sigmoid(hi), jax.nn.log_sigmoid(lo)
-  # log1p(-exp(d)) for d = lb - la < 0, written as log(-expm1(d)).
-  return la + jnp.log(-jnp.expm1(jnp.minimum(lb - la, -1e-30)))
+  return (jax.nn.log_sigmoid(a) + jax.nn.log_sigmoid(-b)
+          + jnp.log(-jnp.expm1(-jnp.maximum(delta, 1e-30))))
 
 
 def discretized_logistic_log_prob(x: jax.Array, params, num_bins: int = NUM_BINS) -> jax.Array:
@@ -80,7 +76,7 @@ def discretized_logistic_log_prob(x: jax.Array, params, num_bins: int = NUM_BINS
   inv_s = jnp.exp(-log_scale)
   plus = (xc + half - mean) * inv_s
   minus = (xc - half - mean) * inv_s
-  log_mid = _log_sigmoid_diff(plus, minus)
+  log_mid = _log_sigmoid_diff(plus, minus, (2.0 * half) * inv_s)
   log_first = jax.nn.log_sigmoid(plus)            # P(x <= x0 + h)
   log_last = jax.nn.log_sigmoid(-minus)           # P(x >= x_last - h)
   ll = jnp.where(k <= 0, log_first, jnp.where(k >= num_bins - 1, log_last, log_mid))

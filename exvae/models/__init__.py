@@ -1,4 +1,55 @@
-"""VAE models: ``encode(x) -> (mu, logvar)``, ``decode(z) -> likelihood params``."""
-from exvae.models.vae import VAE, Model, make_model
+"""Models behind one pure-function interface (:class:`Model`), selected by ``config.model``.
 
-__all__ = ["VAE", "Model", "make_model"]
+* ``vae``: one-level MLP VAE (:mod:`exvae.models.vae`).
+* ``hvae``: two-level MLP VAE, prior on z2 (:mod:`exvae.models.hvae`).
+* ``convhvae``: two-level VAE with gated convolutions (:mod:`exvae.models.conv`).
+
+Every model supports ``config.likelihood`` 'bernoulli' (decoder gives logits)
+and 'logistic' (decoder gives ``(mean, log_scale)`` of a discretised logistic).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from exvae.models import vae as _vae
+from exvae.models.conv import ConvHVAE, make_convhvae
+from exvae.models.hvae import HVAE, make_head_vae_model, make_hvae
+from exvae.models.vae import VAE, Model, Scores
+
+
+def _make_vae(config, image_shape: Sequence[int]) -> Model:
+  # The Bernoulli VAE is exactly vae.make_model; other likelihoods add an output head.
+  if config.likelihood == "bernoulli":
+    return _vae.make_model(config, image_shape)
+  return make_head_vae_model(config, image_shape)
+
+
+MODELS: dict[str, Callable[..., Model]] = {
+    "vae": _make_vae,
+    "hvae": make_hvae,
+    "convhvae": make_convhvae,
+}
+
+
+def make_model(config, image_shape: Sequence[int]) -> Model:
+  """Builds the model named by ``config.model``.
+
+  Args:
+    config: ConfigDict with ``model``, ``latent_dim``, ``hidden``,
+      ``likelihood`` and (hierarchical models) ``hvae``.
+    image_shape: (H, W, C) of the data set.
+
+  Returns:
+    A :class:`Model` whose functions are pure and jit-friendly.
+
+  Raises:
+    ValueError: unknown model or likelihood name.
+  """
+  name = config.model
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
+  return MODELS[name](config, image_shape)
+
+
+__all__ = ["VAE", "HVAE", "ConvHVAE", "Model", "Scores", "MODELS", "make_model"]

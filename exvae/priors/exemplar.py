@@ -134,7 +134,7 @@ class ExemplarPrior(Prior):
     _, pos = kernels.topk_neighbors(
         jax.lax.stop_gradient(inputs.mu), cache[cand], k,
         bank_ids=cand if self.cfg.loo else None, query_ids=query_ids,
-        chunk_size=int(self.cfg.chunk_size))
+        chunk_size=int(self.cfg.chunk_size) or None)
     valid = pos >= 0
     union = jnp.where(valid, cand[jnp.maximum(pos, 0)], n).reshape(-1)   # n = invalid
     # Static-shape de-duplication: sort, keep the first of each run.
@@ -159,7 +159,7 @@ class ExemplarPrior(Prior):
         bank_mask=ctx.get("bank_mask"),
         bank_ids=ctx["bank_ids"] if use_loo else None,
         query_ids=ids if use_loo else None,
-        chunk_size=int(self.cfg.chunk_size))
+        chunk_size=int(self.cfg.chunk_size) or None)
     if "log_norm" in ctx:
       return lse - ctx["log_norm"]
     # N' = number of components actually in the sum (count 0 -> -inf, not NaN).

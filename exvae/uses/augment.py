@@ -6,8 +6,8 @@ to 1% of it over the run, batches of 100, and the loss
 
     0.4 * CE(f(x), y) + 0.6 * CE(f(x_aug), y),
 
-where ``x_aug`` is decoded from ``z ~ N(mu(x), s2 I)`` (Bernoulli mean image,
-rounded to the 1/255 grey-level grid) and keeps x's label.  Without
+where ``x_aug`` is decoded from ``z ~ N(mu(x), s2 I)`` (the decoder's mean
+image, e.g. the Bernoulli mean, rounded to the 1/255 grey-level grid) and keeps x's label.  Without
 augmentation the loss is ``CE(f(x), y)`` alone.  The encoder sees
 ``Bernoulli(x)`` (fresh key per step) for binary data, as during VAE training.
 
@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import time
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from exvae.likelihoods import bernoulli_mean
 from exvae.models.vae import Model
 
 PyTree = Any
@@ -75,6 +76,7 @@ class AugmentSetup:
     num_classes: C.
     batch_size: B.
     steps_per_epoch: training steps per epoch (drop-last).
+    mean_fn: decoder output -> mean image (the Bernoulli mean by default).
   """
 
   classifier: MLP
@@ -85,6 +87,7 @@ class AugmentSetup:
   num_classes: int
   batch_size: int
   steps_per_epoch: int
+  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean
 
 
 @struct.dataclass
@@ -111,7 +114,8 @@ def make_optimizer(total_steps: int, learning_rate: float = 0.1, final_fraction:
 
 
 def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Array,
-                   key: jax.Array, binary: bool) -> jax.Array:
+                   key: jax.Array, binary: bool,
+                   mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> jax.Array:
   """Decoded samples z ~ N(mu(x), s2 I), rounded to the 1/255 grid.
 
   Args:
@@ -121,6 +125,7 @@ def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Ar
     log_var: scalar log s2.
     key: PRNG key.
     binary: encode Bernoulli(x) instead of x.
+    mean_fn: decoder output -> mean image (Bernoulli mean by default).
 
   Returns:
     (B, H, W, C) augmented images in [0, 1] (multiples of 1/255).
@@ -129,7 +134,7 @@ def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Ar
   xin = jax.random.bernoulli(k_bin, x).astype(jnp.float32) if binary else x
   mu = vae.encode_mean(vae_params, xin)
   z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(k_eps, mu.shape, mu.dtype)
-  p = jax.nn.sigmoid(vae.decode(vae_params, z))
+  p = jnp.clip(mean_fn(vae.decode(vae_params, z)), 0.0, 1.0)
   return jax.lax.stop_gradient(jnp.round(p * 255.0) / 255.0)
 
 
@@ -160,7 +165,8 @@ def _train_step(state: ClassifierState, vae_params: PyTree, log_var: jax.Array,
   ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
   x, y = pool_x[ids], pool_y[ids]
   k = jax.random.fold_in(key, state.step)
-  x_aug = augment_images(setup.vae, vae_params, x, log_var, k, setup.binary) if setup.augment else x
+  x_aug = augment_images(setup.vae, vae_params, x, log_var, k, setup.binary,
+                                 setup.mean_fn) if setup.augment else x
 
   def loss_fn(params):
     ce_real = _ce(setup.classifier.apply({"params": params}, x), y, setup.num_classes)
@@ -206,6 +212,7 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
                      log_var: float = 0.0, binary: bool = True, seed: int = 0,
                      batch_size: int = 100, learning_rate: float = 0.1,
                      num_classes: int | None = None, max_steps: int | None = None,
+                     mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
                      progress: bool = False) -> dict[str, Any]:
   """Trains the MLP with or without generative augmentation; reports the test error.
 
@@ -225,6 +232,7 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     learning_rate: initial lr.
     num_classes: C (default: max label + 1).
     max_steps: stop after this many steps (tests; the schedule still spans all epochs).
+    mean_fn: decoder output -> mean image (the run's ``setup.mean_fn``).
     progress: show a tqdm bar.
 
   Returns:
@@ -244,7 +252,7 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   opt = make_optimizer(total, learning_rate)
   setup = AugmentSetup(classifier=clf, optimizer=opt, vae=vae, augment=bool(augment),
                        binary=bool(binary), num_classes=c, batch_size=int(batch_size),
-                       steps_per_epoch=spe)
+                       steps_per_epoch=spe, mean_fn=mean_fn)
   key = jax.random.PRNGKey(seed)
   k_init, k_run = jax.random.split(key)
   params = clf.init(k_init, jnp.zeros((1,) + train_x.shape[1:], jnp.float32))["params"]
@@ -400,7 +408,7 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
     r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
                          vae=model, vae_params=mp, log_var=log_var,
                          binary=trained.splits.binary, seed=seed, max_steps=max_steps,
-                         progress=progress)
+                         mean_fn=trained.setup.mean_fn, progress=progress)
     tag = "with" if aug else "without"
     out[f"test_error_{tag}"] = r["test_error"]
     out[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None

@@ -8,49 +8,59 @@
   since the encoder was trained on binary images);
 * interpolation: the decoded straight line between two exemplars' codes.
 
-Images are Bernoulli mean images (sigmoid of the decoder logits).  Every
-sampling function is a jitted pure function of explicit keys; the ``save_*``
-functions write PNG grids with :mod:`exvae.pictures`.
+Images are the decoder's mean images (``mean_fn``: the Bernoulli mean
+sigmoid(logits) by default; pass the run's ``setup.mean_fn`` for other
+likelihoods).  Every sampling function is a jitted pure function of
+explicit keys; the ``save_*`` functions write PNG grids with
+:mod:`exvae.pictures`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from exvae import pictures
+from exvae.likelihoods import bernoulli_mean
 from exvae.models.vae import Model
 
 PyTree = Any
 
 
-def _mean_image(model: Model, params: PyTree, z: jax.Array) -> jax.Array:
-  """Bernoulli mean images sigmoid(decode(z)): (B, d) -> (B, H, W, C)."""
-  return jax.nn.sigmoid(model.decode(params, z))
+MeanFn = Callable[[Any], jax.Array]
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def decode_mean(model: Model, params: PyTree, z: jax.Array) -> jax.Array:
+def _mean_image(model: Model, params: PyTree, z: jax.Array, mean_fn: MeanFn) -> jax.Array:
+  """Mean images mean_fn(decode(z)): (B, d) -> (B, H, W, C)."""
+  return mean_fn(model.decode(params, z))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mean_fn"))
+def decode_mean(model: Model, params: PyTree, z: jax.Array, *,
+                mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
   """Decodes codes to mean images.
 
   Args:
     model: the model (static).
     params: model parameters.
     z: (B, d) codes.
+    mean_fn: decoder output -> mean image (static; every function here takes
+      it: the Bernoulli mean by default, the run's ``setup.mean_fn`` in general).
 
   Returns:
-    (B, H, W, C) Bernoulli means in [0, 1].
+    (B, H, W, C) mean images in [0, 1].
   """
-  return _mean_image(model, params, z)
+  return _mean_image(model, params, z, mean_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n"))
+@functools.partial(jax.jit, static_argnames=("model", "n", "mean_fn"))
 def conditional_samples(model: Model, params: PyTree, x: jax.Array, log_var: jax.Array,
-                        key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                        key: jax.Array, n: int, *, mean_fn: MeanFn = bernoulli_mean
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """n samples per exemplar: z ~ N(mu(x_b), s2 I), decoded.
 
   Args:
@@ -67,13 +77,14 @@ def conditional_samples(model: Model, params: PyTree, x: jax.Array, log_var: jax
   mu = model.encode_mean(params, x)
   b, d = mu.shape
   z = mu[:, None] + jnp.exp(0.5 * log_var) * jax.random.normal(key, (b, n, d), mu.dtype)
-  imgs = _mean_image(model, params, z.reshape(b * n, d))
+  imgs = _mean_image(model, params, z.reshape(b * n, d), mean_fn)
   return imgs.reshape((b, n) + imgs.shape[1:]), z, mu
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n"))
+@functools.partial(jax.jit, static_argnames=("model", "n", "mean_fn"))
 def unconditional_samples(model: Model, params: PyTree, codes: jax.Array, log_var: jax.Array,
-                          key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+                          key: jax.Array, n: int, *, mean_fn: MeanFn = bernoulli_mean
+                          ) -> tuple[jax.Array, jax.Array]:
   """n samples of the exemplar prior (random bank row, then N(mu, s2 I)), decoded.
 
   Args:
@@ -90,12 +101,13 @@ def unconditional_samples(model: Model, params: PyTree, codes: jax.Array, log_va
   k_idx, k_eps = jax.random.split(key)
   rows = jax.random.randint(k_idx, (n,), 0, codes.shape[0], dtype=jnp.int32)
   z = codes[rows] + jnp.exp(0.5 * log_var) * jax.random.normal(k_eps, (n, codes.shape[1]))
-  return _mean_image(model, params, z), rows
+  return _mean_image(model, params, z, mean_fn), rows
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "binary"))
+@functools.partial(jax.jit, static_argnames=("model", "steps", "binary", "mean_fn"))
 def cyclic_chains(model: Model, params: PyTree, x0: jax.Array, log_var: jax.Array,
-                  key: jax.Array, steps: int, binary: bool = True) -> jax.Array:
+                  key: jax.Array, steps: int, binary: bool = True, *,
+                  mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
   """Cyclic generation: each decoded sample is the next step's exemplar.
 
   Step t: ``z_t ~ N(mu(x_{t-1}), s2 I)``, ``x_t = mean(decode(z_t))``; the
@@ -121,7 +133,7 @@ def cyclic_chains(model: Model, params: PyTree, x0: jax.Array, log_var: jax.Arra
     xin = jax.random.bernoulli(k_bin, x).astype(jnp.float32) if binary else x
     mu = model.encode_mean(params, xin)
     z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(k_eps, mu.shape, mu.dtype)
-    xn = _mean_image(model, params, z)
+    xn = _mean_image(model, params, z, mean_fn)
     return xn, xn
 
   # Binarising x_0 (an already binarised exemplar) changes nothing: Bernoulli(0/1) = 0/1.
@@ -129,9 +141,9 @@ def cyclic_chains(model: Model, params: PyTree, x0: jax.Array, log_var: jax.Arra
   return jnp.moveaxis(xs, 0, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps"))
+@functools.partial(jax.jit, static_argnames=("model", "steps", "mean_fn"))
 def interpolate(model: Model, params: PyTree, z_a: jax.Array, z_b: jax.Array,
-                steps: int) -> jax.Array:
+                steps: int, *, mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
   """Decoded straight-line paths between pairs of codes.
 
   Args:
@@ -147,7 +159,7 @@ def interpolate(model: Model, params: PyTree, z_a: jax.Array, z_b: jax.Array,
   t = jnp.linspace(0.0, 1.0, steps)[None, :, None]
   z = (1.0 - t) * z_a[:, None] + t * z_b[:, None]                       # (P, steps, d)
   p, s, d = z.shape
-  imgs = _mean_image(model, params, z.reshape(p * s, d))
+  imgs = _mean_image(model, params, z.reshape(p * s, d), mean_fn)
   return imgs.reshape((p, s) + imgs.shape[1:])
 
 

@@ -1,0 +1,219 @@
+"""The downstream commands behind ``uses.py`` (callable in-process, e.g. from tests).
+
+Each command restores the best-on-validation parameters of a trained workdir
+(:func:`exvae.bank.restore_trained`), builds the training bank (or loads
+``bank_path``), writes its outputs under ``out`` and returns a JSON-able
+summary dict:
+
+* ``bank``:     ``bank.npz``; size on disk vs the raw uint8 images.
+* ``generate``: ``conditional.png``, ``unconditional.png``, ``cyclic.png``,
+  ``interpolation.png`` (+ ``generate.json``).
+* ``knn``:      ``knn.json``: kNN error per k, validation and test settings.
+* ``augment``:  ``augment.json``: MLP test error without / with augmentation.
+* ``plots``:    ``tsne.png`` (codes coloured by label), ``curves.png``.
+* ``grow``:     ``bank_grown.npz`` (train + validation exemplars, no
+  retraining) and ``grow.json`` (log p(z) of validation / test codes before
+  and after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exvae import bank as bank_lib
+from exvae.uses import augment as augment_lib
+from exvae.uses import generation, knn, plots
+
+
+def _write_json(path: str, obj: dict) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def _load(config, workdir: str, bank_path: str | None):
+  """(trained, bank): the restored run and its training bank (built or loaded)."""
+  trained = bank_lib.restore_trained(config, workdir)
+  progress = bool(config.progress)
+  if bank_path:
+    bank = bank_lib.ExemplarBank.load(bank_path)
+    if bank.latent_dim != trained.setup.model.latent_dim:
+      raise ValueError(f"bank {bank_path} has d={bank.latent_dim}, the model "
+                       f"d={trained.setup.model.latent_dim}: built from another model?")
+  else:
+    bank = bank_lib.from_checkpoint(config, workdir, trained=trained, progress=progress)
+  return trained, bank
+
+
+def _encode(trained, x: np.ndarray) -> np.ndarray:
+  """Encoder means of already-binarised (val/test) images (N, d)."""
+  return bank_lib.encode_images(trained.setup.model, trained.params["model"], x,
+                                np.arange(x.shape[0]), jax.random.PRNGKey(0), binary=False)
+
+
+def cmd_bank(config, workdir: str, out: str, *, bank_path: str | None = None,
+             **_) -> dict[str, Any]:
+  """Builds the training bank, saves ``<out>/bank.npz``, reports its size."""
+  trained, bank = _load(config, workdir, bank_path)
+  path = os.path.join(out, "bank.npz")
+  bank.save(path)
+  rep = dict(bank.size_report(path), path=path, log_var=bank.log_var,
+             labels=bank.labels is not None)
+  print(f"bank: {rep['num_exemplars']} exemplars x d={rep['latent_dim']} -> {path}: "
+        f"{rep['bank_bytes']:,} bytes on disk vs {rep['raw_images_bytes']:,} bytes of raw uint8 "
+        f"images ({100 * rep['ratio']:.1f}%); log s2 = {bank.log_var:.3f}", flush=True)
+  return rep
+
+
+def cmd_generate(config, workdir: str, out: str, *, bank_path: str | None = None,
+                 num_exemplars: int = 8, num_samples: int = 10, chain_steps: int = 10,
+                 interp_steps: int = 10, num_unconditional: int = 64, seed: int = 0,
+                 **_) -> dict[str, Any]:
+  """Conditional, unconditional, cyclic and interpolation PNGs from test exemplars."""
+  trained, bank = _load(config, workdir, bank_path)
+  model, mp, mean_fn = trained.setup.model, trained.params["model"], trained.setup.mean_fn
+  test_x = trained.splits.test_x
+  e = max(2, min(int(num_exemplars), test_x.shape[0]))
+  x = jnp.asarray(test_x[:e])
+  lv = jnp.float32(bank.log_var)
+  key = jax.random.PRNGKey(seed)
+  k_cond, k_unc, k_cyc = jax.random.split(key, 3)
+  res: dict[str, Any] = {"log_var": bank.log_var, "num_exemplars": e}
+  imgs, _, _ = generation.conditional_samples(model, mp, x, lv, k_cond, int(num_samples),
+                                              mean_fn=mean_fn)
+  res["conditional_png"] = generation.save_conditional_grid(
+      os.path.join(out, "conditional.png"), np.asarray(x), np.asarray(imgs))
+  u, _ = generation.unconditional_samples(model, mp, jnp.asarray(bank.codes), lv, k_unc,
+                                          int(num_unconditional), mean_fn=mean_fn)
+  res["unconditional_png"] = generation.save_samples_grid(
+      os.path.join(out, "unconditional.png"), np.asarray(u))
+  chains = generation.cyclic_chains(model, mp, x, lv, k_cyc, int(chain_steps),
+                                    binary=bool(trained.splits.binary), mean_fn=mean_fn)
+  res["cyclic_png"] = generation.save_chains(os.path.join(out, "cyclic.png"), np.asarray(x),
+                                             np.asarray(chains))
+  p = e // 2
+  xa, xb = x[:p], x[p:2 * p]
+  za = model.encode_mean(mp, xa)
+  zb = model.encode_mean(mp, xb)
+  path_imgs = generation.interpolate(model, mp, za, zb, int(interp_steps), mean_fn=mean_fn)
+  res["interpolation_png"] = generation.save_interpolation(
+      os.path.join(out, "interpolation.png"), np.asarray(xa), np.asarray(xb),
+      np.asarray(path_imgs))
+  _write_json(os.path.join(out, "generate.json"), res)
+  print("generate: " + ", ".join(res[k] for k in res if k.endswith("_png")), flush=True)
+  return res
+
+
+def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
+            ks: Sequence[int] = knn.DEFAULT_KS, **_) -> dict[str, Any]:
+  """kNN error per k on encoder means (val: ref = train; test: ref = train + val)."""
+  trained, bank = _load(config, workdir, bank_path)
+  res = knn.evaluate_knn(trained, bank, ks, progress=bool(config.progress))
+  res["path"] = _write_json(os.path.join(out, "knn.json"), res)
+  print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
+  print("   k   val (ref=train)   test (ref=train+val)")
+  for k in res["ks"]:
+    print(f"  {k:2d}   {100 * res['val'][str(k)]:14.2f}   {100 * res['test'][str(k)]:19.2f}")
+  print(f"-> {res['path']}", flush=True)
+  return res
+
+
+def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: int = 1024,
+                use_val: bool = True, seed: int = 0, max_steps: int | None = None,
+                **_) -> dict[str, Any]:
+  """MLP test error without and with generative augmentation."""
+  trained = bank_lib.restore_trained(config, workdir)
+  res = augment_lib.run_augmentation(trained, epochs=int(epochs), hidden=int(hidden),
+                                     use_val=bool(use_val), seed=int(seed),
+                                     max_steps=max_steps or None,
+                                     progress=bool(config.progress))
+  res["path"] = _write_json(os.path.join(out, "augment.json"), res)
+  print(f"MLP {res['num_train']}-example training set, h={hidden}, {epochs} epochs: test error "
+        f"{100 * res['test_error_without']:.2f}% without -> {100 * res['test_error_with']:.2f}% "
+        f"with augmentation{'' if res['grey_eval'] else ' (binarised val/test images)'}; "
+        f"-> {res['path']}", flush=True)
+  return res
+
+
+def cmd_plots(config, workdir: str, out: str, *, bank_path: str | None = None,
+              tsne_points: int = 5000, seed: int = 0, **_) -> dict[str, Any]:
+  """t-SNE of training codes coloured by label, and the training curves."""
+  trained, bank = _load(config, workdir, bank_path)
+  emb, labels, _ = plots.tsne_embedding(bank.codes, bank.labels, num_points=int(tsne_points),
+                                        seed=int(seed))
+  res = {"tsne_png": plots.plot_embedding(
+      os.path.join(out, "tsne.png"), emb, labels,
+      title=f"t-SNE of {emb.shape[0]} encoder means ({trained.splits.name}, {config.prior} prior)"),
+      "tsne_points": int(emb.shape[0])}
+  res["curves_png"] = plots.plot_training_curves(workdir, os.path.join(out, "curves.png"))
+  print(f"plots: {res['tsne_png']}, {res['curves_png']}", flush=True)
+  return res
+
+
+def cmd_grow(config, workdir: str, out: str, *, bank_path: str | None = None,
+             **_) -> dict[str, Any]:
+  """Adds the validation split to the bank (no training); log p(z) before/after."""
+  trained, bank = _load(config, workdir, bank_path)
+  s = trained.splits
+  model, mp = trained.setup.model, trained.params["model"]
+  val_codes, test_codes = _encode(trained, s.val_x), _encode(trained, s.test_x)
+  before_val, before_test = bank.log_prob(val_codes), bank.log_prob(test_codes)
+  labels = s.val_y if bank.labels is not None else None
+  grown = bank.add(model, mp, s.val_x, labels=labels, progress=bool(config.progress))
+  grown = dataclasses.replace(
+      grown, metadata=dict(grown.metadata, source=f"{bank.metadata.get('source', 'train')}+val"))
+  after_val, after_test = grown.log_prob(val_codes), grown.log_prob(test_codes)
+  path = os.path.join(out, "bank_grown.npz")
+  grown.save(path)
+  res = {"num_before": bank.size, "num_after": grown.size, "path": path,
+         "val_log_pz_before": float(before_val.mean()), "val_log_pz_after": float(after_val.mean()),
+         "test_log_pz_before": float(before_test.mean()),
+         "test_log_pz_after": float(after_test.mean()),
+         "bank_bytes": grown.nbytes_on_disk(path), "raw_images_bytes": grown.raw_images_nbytes}
+  _write_json(os.path.join(out, "grow.json"), res)
+  print(f"grow: {bank.size} -> {grown.size} exemplars (parameters unchanged) -> {path}\n"
+        f"  mean log p(z) of validation codes: {res['val_log_pz_before']:.3f} -> "
+        f"{res['val_log_pz_after']:.3f}\n"
+        f"  mean log p(z) of test codes:       {res['test_log_pz_before']:.3f} -> "
+        f"{res['test_log_pz_after']:.3f}", flush=True)
+  return res
+
+
+COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
+    "bank": cmd_bank, "generate": cmd_generate, "knn": cmd_knn, "augment": cmd_augment,
+    "plots": cmd_plots, "grow": cmd_grow,
+}
+
+
+def run(command: str, config, workdir: str, out: str | None = None, **opts) -> dict[str, Any]:
+  """Runs one command.
+
+  Args:
+    command: one of :data:`COMMANDS`.
+    config: the run's ConfigDict.
+    workdir: the training workdir.
+    out: output directory (default ``<workdir>/uses``).
+    **opts: command options (see the ``cmd_*`` functions).
+
+  Returns:
+    The command's summary dict.
+
+  Raises:
+    ValueError: unknown command.
+    CheckpointNotFoundError: ``workdir`` holds no checkpoint.
+  """
+  if command not in COMMANDS:
+    raise ValueError(f"Unknown command {command!r}; commands: {sorted(COMMANDS)}")
+  out = out or os.path.join(workdir, "uses")
+  os.makedirs(out, exist_ok=True)
+  return COMMANDS[command](config, workdir, out, **opts)
