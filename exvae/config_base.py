@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
       bank_seed=1234,               # binarisation of training images for the evaluation bank
       max_test_examples=0,          # >0: evaluate on the first n test images only
       use_best=True,                # best-on-validation parameters (else the last)
+      prune_keep=0,                 # >0: certified pruning, sum only the nearest prune_keep exemplars
+      prune_tol=1e-3,               # (reporting only) tolerance used for the kernel's num_needed
       seed=0))
   return c
 

@@ -87,7 +87,8 @@ def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
 
 
 def log_importance_weights(params, setup: Setup, ctx, x: jax.Array, key: jax.Array,
-                           num_samples: int, ids: jax.Array | None = None):
+                           num_samples: int, ids: jax.Array | None = None,
+                           with_error: bool = False):
   """Importance weights log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), z_s ~ q(z|x).
 
   Args:
@@ -98,17 +99,25 @@ def log_importance_weights(params, setup: Setup, ctx, x: jax.Array, key: jax.Arr
     key: PRNG key.
     num_samples: S (static).
     ids: optional (B,) ids for leave-one-out (None at evaluation).
+    with_error: score the prior through ``prior.log_prob_grouped`` (samples
+      grouped by test point, certified pruning if the prior offers it) and
+      also return the per-sample certified error.
 
   Returns:
     ``(log_w, log_px, log_pz, log_qz)``, each (B, S); ``log_pz`` includes the
-    lower latents' terms of hierarchical models.
+    lower latents' terms of hierarchical models.  With ``with_error`` a fifth
+    (B, S) array: the exact log w lies in ``[log_w, log_w + err]``.
   """
   model, prior = setup.model, setup.prior
   b = x.shape[0]
   sc = model.score(params["model"], x, key, num_samples, setup.log_lik)
-  rid = None if ids is None else jnp.repeat(ids, num_samples)
-  log_pz = prior.log_prob(params["prior"], sc.z.reshape(b * num_samples, -1), ctx,
-                          rid).reshape(b, num_samples)
+  if with_error:
+    log_pz, err = prior.log_prob_grouped(params["prior"], sc.z, sc.mu, ctx)
+  else:
+    rid = None if ids is None else jnp.repeat(ids, num_samples)
+    log_pz = prior.log_prob(params["prior"], sc.z.reshape(b * num_samples, -1), ctx,
+                            rid).reshape(b, num_samples)
   log_pz = log_pz + sc.log_p_rest          # lower latents' prior terms, if any
   log_px, log_qz = sc.log_px, sc.log_q
-  return log_px + log_pz - log_qz, log_px, log_pz, log_qz
+  out = (log_px + log_pz - log_qz, log_px, log_pz, log_qz)
+  return out + (err,) if with_error else out

@@ -209,11 +209,14 @@ def eval_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, set
 
   Returns:
     dict of (B,) arrays: ``lse_w`` (logsumexp of log weights), ``sum_w``,
-    ``sum_px``, ``sum_kl`` (sums over the chunk's samples).
+    ``sum_px``, ``sum_kl`` (sums over the chunk's samples), ``max_err`` (the
+    largest certified error of a pruned prior evaluation; 0 when exact).
   """
-  log_w, log_px, log_pz, log_qz = log_importance_weights(params, setup, ctx, x, key, num_samples)
+  log_w, log_px, log_pz, log_qz, err = log_importance_weights(
+      params, setup, ctx, x, key, num_samples, with_error=True)
   return {"lse_w": jax.nn.logsumexp(log_w, axis=1), "sum_w": log_w.sum(1),
-          "sum_px": log_px.sum(1), "sum_kl": (log_qz - log_pz).sum(1)}
+          "sum_px": log_px.sum(1), "sum_kl": (log_qz - log_pz).sum(1),
+          "max_err": err.max(1)}
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
@@ -254,13 +257,15 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
 
   Returns:
     dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
-    ``elbo``, ``recon`` (-E log p(x|z)), ``kl`` (E[log q - log p]).
+    ``elbo``, ``recon`` (-E log p(x|z)), ``kl`` (E[log q - log p]), ``max_err``
+    (certified: the exact-prior IWAE estimate lies in
+    ``[log_px_iwae, log_px_iwae + max_err]``; 0 unless pruning is on).
   """
   m = xs.shape[0]
   chunk = min(num_samples, max_queries)
   batch = max(1, min(m, max_queries // chunk))
   n_chunks = math.ceil(num_samples / chunk)
-  out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl")}
+  out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl", "max_err")}
   n_batches = math.ceil(m / batch)
   bar = None
   if progress:
@@ -271,7 +276,7 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     xb = np.zeros((batch,) + xs.shape[1:], np.float32)
     xb[: hi - lo] = xs[lo:hi]
     xb = jnp.asarray(xb)
-    lse, sw, spx, skl = None, 0.0, 0.0, 0.0
+    lse, sw, spx, skl, mx = None, 0.0, 0.0, 0.0, 0.0
     remaining = num_samples
     for c in range(n_chunks):
       s = min(chunk, remaining)
@@ -281,11 +286,13 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
       r = jax.device_get(r)
       lse = r["lse_w"].astype(np.float64) if lse is None else np.logaddexp(lse, r["lse_w"])
       sw, spx, skl = sw + r["sum_w"], spx + r["sum_px"], skl + r["sum_kl"]
+      mx = np.maximum(mx, r["max_err"])
     k = hi - lo
     out["log_px_iwae"][lo:hi] = (lse - math.log(num_samples))[:k]
     out["elbo"][lo:hi] = (np.asarray(sw) / num_samples)[:k]
     out["recon"][lo:hi] = (-np.asarray(spx) / num_samples)[:k]
     out["kl"][lo:hi] = (np.asarray(skl) / num_samples)[:k]
+    out["max_err"][lo:hi] = np.asarray(mx)[:k]
     if bar is not None:
       bar.update(k)
   if bar is not None:

@@ -191,3 +191,25 @@ def test_bad_images_are_rejected():
     data.validate_images(np.full((2, 8, 8, 1), 2.0, np.float32))
   with pytest.raises(ValueError):
     data.validate_images(np.zeros((2, 8, 8, 1), np.float32), image_shape=(28, 28, 1))
+
+
+@pytest.mark.parametrize("keep", [16, 200])
+def test_pruned_evaluation_is_within_its_certified_gap(keep):
+  """eval.prune_keep: the exact IWAE estimate lies in [pruned, pruned + max_err]."""
+  c, splits, setup = _setup()
+  n = splits.train_x.shape[0]
+  state = train_lib.init_state(c, setup, n)
+  pool = jnp.asarray(splits.train_x)
+  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
+  for _ in range(30):
+    state, _ = train_lib.train_step(state, pool, perm, setup=setup)
+  ctx = train_lib.eval_context(state.params, pool, jax.random.PRNGKey(3), setup=setup)
+  x = np.asarray(splits.test_x[:12])
+  exact = train_lib.evaluate_split(state.params, setup, ctx, x, jax.random.PRNGKey(4), 32)
+  c2, splits2, setup2 = _setup(**{"eval.prune_keep": keep})
+  pruned = train_lib.evaluate_split(state.params, setup2, ctx, x, jax.random.PRNGKey(4), 32)
+  assert np.all(exact["max_err"] == 0)
+  lo, gap = pruned["log_px_iwae"], pruned["max_err"]
+  assert np.all(lo <= exact["log_px_iwae"] + 1e-4)
+  assert np.all(exact["log_px_iwae"] <= lo + gap + 1e-4)
+  assert np.any(gap > 0)                     # something was really pruned

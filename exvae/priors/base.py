@@ -106,6 +106,18 @@ class Prior:
     """Draws (n, d) codes from the prior."""
     raise NotImplementedError
 
+  def log_prob_grouped(self, params, z: jax.Array, centers: jax.Array, ctx):
+    """Evaluation hook: z (b, S, d) are S samples around each of b centres (d,).
+
+    Returns ``(log_p (b, S), err (b, S))`` where the exact log-density lies in
+    ``[log_p, log_p + err]``.  The default is exact (err = 0); a prior may
+    override it with a faster certified approximation (the exemplar prior's
+    triangle-inequality pruning).
+    """
+    del centers
+    b, s, d = z.shape
+    return self.log_prob(params, z.reshape(b * s, d), ctx).reshape(b, s), jnp.zeros((b, s))
+
   def describe(self, params) -> dict[str, float]:
     """Scalars worth logging (e.g. the learned prior variance)."""
     del params

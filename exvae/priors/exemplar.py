@@ -165,6 +165,24 @@ class ExemplarPrior(Prior):
     # N' = number of components actually in the sum (count 0 -> -inf, not NaN).
     return lse - jnp.log(jnp.maximum(count, 1.0))
 
+  def log_prob_grouped(self, params, z, centers, ctx):
+    """Certified pruned evaluation when ``eval.prune_keep > 0`` (exact otherwise).
+
+    Only the ``prune_keep`` exemplars nearest to each test point's encoder mean
+    are summed; the triangle inequality bounds what the skipped ones could add,
+    and that bound is returned as ``err`` (see exvae/kernels/pruned.py).
+    """
+    keep = int(self.config.eval.prune_keep)
+    bank = ctx["bank"]
+    if keep <= 0 or "bank_ids" in ctx or "log_norm" in ctx:
+      return super().log_prob_grouped(params, z, centers, ctx)
+    keep = min(keep, bank.shape[0])
+    fn = lambda zz, c: kernels.pruned_log_kernel_sum(zz, c, bank, params["log_var"], keep=keep,
+                                                     tol=float(self.config.eval.prune_tol))
+    res = jax.vmap(fn)(z, centers)
+    log_norm = jnp.log(jnp.float32(bank.shape[0]))
+    return res.lse - log_norm, res.err_bound
+
   def sample(self, params, key, n, ctx):
     k1, k2 = jax.random.split(key)
     bank = ctx["bank"]

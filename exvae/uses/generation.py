@@ -168,6 +168,11 @@ def interpolate(model: Model, params: PyTree, z_a: jax.Array, z_b: jax.Array,
 # ----------------------------------------------------------------------------
 
 
+def _scale(height: int) -> int:
+  """Pixel upscaling of a grid: 2 for 28x28 images, more for tiny ones (8x8 digits)."""
+  return max(2, 56 // max(int(height), 1))
+
+
 def save_conditional_grid(path: str, inputs: np.ndarray, samples: np.ndarray) -> str:
   """One row per exemplar: the input, then its n samples.
 
@@ -181,12 +186,14 @@ def save_conditional_grid(path: str, inputs: np.ndarray, samples: np.ndarray) ->
   """
   inputs, samples = np.asarray(inputs), np.asarray(samples)
   rows = np.concatenate([inputs[:, None], samples], axis=1)              # (B, 1 + n, ...)
-  return pictures.save_grid(path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1])
+  return pictures.save_grid(path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1],
+                            scale=_scale(rows.shape[2]))
 
 
 def save_samples_grid(path: str, images: np.ndarray, ncols: int | None = None) -> str:
   """Unconditional samples (N, H, W, C) as a square-ish grid."""
-  return pictures.save_grid(path, np.asarray(images), ncols=ncols)
+  images = np.asarray(images)
+  return pictures.save_grid(path, images, ncols=ncols, scale=_scale(images.shape[1]))
 
 
 def save_chains(path: str, x0: np.ndarray, chains: np.ndarray) -> str:
@@ -209,4 +216,5 @@ def save_interpolation(path: str, x_a: np.ndarray, x_b: np.ndarray, paths: np.nd
     paths: (P, steps, H, W, C) decoded paths.
   """
   rows = np.concatenate([np.asarray(x_a)[:, None], np.asarray(paths), np.asarray(x_b)[:, None]], 1)
-  return pictures.save_grid(path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1])
+  return pictures.save_grid(path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1],
+                            scale=_scale(rows.shape[2]))
