@@ -47,7 +47,10 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   template = train_lib.init_state(config, setup, n)
   manager = checkpoints.Manager(ckpt_dir, create=False)
   state, best, meta = manager.restore_latest(template, template.params)
-  params = best if config.eval.use_best else state.params
+  # Best-on-validation parameters, unless no epoch was validated yet (a run
+  # stopped by max_steps inside its first epoch): then the last ones.
+  use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
+  params = best if use_best else state.params
   step = int(state.step)
 
   test_x = splits.test_x
@@ -84,7 +87,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
       "data_source": splits.source,
       "prior": config.prior,
       "checkpoint_step": step,
-      "params": "best" if config.eval.use_best else "last",
+      "params": "best" if use_best else "last",
       "best_epoch": int(meta.get("best_epoch", -1)) + 1,
       "best_val_loss": meta.get("best_val"),
       "bank_seconds": t_bank,

@@ -112,9 +112,16 @@ def test_adding_exemplars_changes_density_and_sampling_not_params(env):
   grown = old.add(model, params, new_x, ids=np.arange(600, 640), labels=new_y)
   # Parameters untouched (growing the model is not training).
   jax.tree.map(np.testing.assert_array_equal, before_params, jax.tree.map(np.array, params))
-  # The density at each new exemplar's own code goes up once it is in the bank.
-  lp_old, lp_new = old.log_prob(new_codes), grown.log_prob(new_codes)
-  assert np.all(lp_new > lp_old), (lp_old, lp_new)
+  assert grown.size == 240 and old.size == 200
+  np.testing.assert_allclose(grown.codes[200:], new_codes, rtol=1e-6, atol=1e-6)
+  # Adding ONE exemplar always raises log p at its own code: p_new = (N p_old + K(0)) / (N + 1)
+  # and K(0) (the kernel's peak) exceeds p_old, an average of kernels that are all <= K(0).
+  for i in range(5):
+    one = old.add(model, params, new_x[i:i + 1], ids=[600 + i], labels=new_y[i:i + 1])
+    assert one.log_prob(new_codes[i:i + 1])[0] > old.log_prob(new_codes[i:i + 1])[0]
+    # The un-normalised kernel sum rises everywhere; the density drops far from the new code.
+    far = new_codes[i:i + 1] + 50.0
+    assert one.log_prob(far)[0] < old.log_prob(far)[0]
   # Sampling from a bank of only the new exemplars lands near them.
   only_new = ExemplarBank.build(model, params, new_x, ids=np.arange(600, 640), labels=new_y,
                                 log_var=LOG_VAR, binary=True, key=old.key)
@@ -124,12 +131,13 @@ def test_adding_exemplars_changes_density_and_sampling_not_params(env):
   d_src = np.linalg.norm(z - only_new.codes[rows], axis=1)
   assert np.sqrt(np.mean(d_src**2)) == pytest.approx(np.exp(0.5 * LOG_VAR) * np.sqrt(old.latent_dim),
                                                       rel=0.15)
-  d_new, _ = only_new.nearest(z, 1)
-  d_old, _ = old.nearest(z, 1)
-  assert np.mean(d_new[:, 0]) < np.mean(d_old[:, 0])
-  # ... and they score higher under the grown bank than under the old one.
+  # With a narrow kernel, a sample's nearest exemplar in the grown bank is (nearly always)
+  # one of the new exemplars, and the samples score higher under the grown bank.
+  tight = dataclasses.replace(only_new, log_var=-9.0)
+  z, rows = tight.sample(jax.random.PRNGKey(2), 500)
+  _, nn_rows = dataclasses.replace(grown, log_var=-9.0).nearest(z, 1)
+  assert np.mean(nn_rows[:, 0] >= 200) > 0.9
   assert np.mean(grown.log_prob(z)) > np.mean(old.log_prob(z))
-
 
 def test_bad_inputs(env, tmp_path):
   model, params, splits = env
