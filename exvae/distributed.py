@@ -48,6 +48,14 @@ def shard_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
 
 
+def active_data_mesh():
+  """The active (abstract) mesh if it has a ``data`` axis of size > 1, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
+    return None
+  return mesh
+
+
 def replicate(tree, mesh: Mesh | None):
   """Places every leaf of ``tree`` on all devices of ``mesh`` (identity without a mesh)."""
   if mesh is None:

@@ -19,10 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import checkpoints, data, pictures, train_lib
+from exvae import checkpoints, data, distributed, pictures, train_lib
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
+  """Evaluates on all devices of a data mesh (``config.num_devices``); see :func:`_evaluate`."""
+  mesh = distributed.make_data_mesh(int(config.num_devices))
+  if mesh is None:
+    return _evaluate(config, workdir, None)
+  with jax.set_mesh(mesh):
+    return _evaluate(config, workdir, mesh)
+
+
+def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   """Evaluates the checkpoint in ``workdir``; writes ``eval_metrics.json`` and prints it.
 
   Args:
@@ -50,14 +59,14 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   # Best-on-validation parameters, unless no epoch was validated yet (a run
   # stopped by max_steps inside its first epoch): then the last ones.
   use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
-  params = best if use_best else state.params
+  params = distributed.replicate(best if use_best else state.params, mesh)
   step = int(state.step)
 
   test_x = splits.test_x
   if config.eval.max_test_examples:
     test_x = test_x[: int(config.eval.max_test_examples)]
   data.validate_images(test_x, image_shape=splits.image_shape, name="test images")
-  pool = jnp.asarray(splits.train_x)
+  pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
   s = int(config.eval.num_importance_samples)
   t0 = time.time()
   ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
@@ -99,11 +108,13 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     metrics[k] = float(v)
   samples, recons = train_lib.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
-  metrics["samples_png"] = pictures.save_samples_and_reconstructions(
-      os.path.join(workdir, "eval_samples.png"), np.asarray(samples), np.asarray(test_x[:32]),
-      np.asarray(recons))
-  tmp = os.path.join(workdir, "eval_metrics.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(metrics, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, "eval_metrics.json"))
+  metrics["samples_png"] = os.path.join(workdir, "eval_samples.png")
+  metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
+  if distributed.is_primary():
+    pictures.save_samples_and_reconstructions(
+        metrics["samples_png"], np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons))
+    tmp = os.path.join(workdir, "eval_metrics.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(metrics, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, "eval_metrics.json"))
   return metrics

@@ -90,3 +90,24 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
   s1, _, _ = checkpoints.Manager(os.path.join(ref, "checkpoints")).restore_latest(t, t.params)
   assert int(s4.step) == int(s1.step) == 60
   chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-2, atol=1e-3)
+
+
+def test_eval_with_bank_sharded_over_four_devices_matches_one(tmp_path):
+  """eval.py on 4 devices (bank split along N, shard_map reduction) equals 1 device."""
+  import json as _json
+  from conftest import load_config
+  from exvae import eval_lib, train_lib
+  wd = str(tmp_path / "run")
+  c = load_config("test", max_steps=64)
+  train_lib.train_and_evaluate(c, wd)
+  one = eval_lib.evaluate(c, wd)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
+                      f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
+                      "--config.num_devices=4"], capture_output=True, text=True, env=env,
+                     cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  four = _json.load(open(os.path.join(wd, "eval_metrics.json")))
+  assert four["num_devices"] == 4 and one["num_devices"] == 1
+  for k in ("test_nll", "test_elbo", "test_kl"):
+    assert abs(four[k] - one[k]) < 1e-3 * max(1.0, abs(one[k])), (k, four[k], one[k])

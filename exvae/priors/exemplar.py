@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from exvae import distributed, kernels
+from exvae import distributed, kernels, parallel
 from exvae.priors.base import Prior, binarize, register
 
 
@@ -111,7 +111,9 @@ class ExemplarPrior(Prior):
     n = pool.shape[0]
     if not train:
       bank = encode_pool(model, model_params, pool, inputs.key, inputs.binary)
-      return {"bank": jax.lax.stop_gradient(bank)}, state
+      # On a device mesh the evaluation bank is split along N (each device holds
+      # N / devices codes); log_prob then reduces shard by shard.
+      return {"bank": distributed.shard_batch(jax.lax.stop_gradient(bank))}, state
     m = self._num_candidates(n)
     k_idx, k_bin = jax.random.split(inputs.key)
     if m == n and not self.cfg.rat:
@@ -154,6 +156,14 @@ class ExemplarPrior(Prior):
   # -- density ----------------------------------------------------------------
   def log_prob(self, params, z, ctx, ids=None):
     use_loo = self.cfg.loo and ids is not None and "bank_ids" in ctx
+    mesh = distributed.active_data_mesh()
+    if mesh is not None and set(ctx) == {"bank"}:
+      # Evaluation bank on a mesh: per-device streamed reduction, merged with
+      # collectives (exvae/parallel.py); identical to the single-device value.
+      lse, count = parallel.sharded_log_kernel_sum(
+          mesh, z, ctx["bank"], params["log_var"], axis=distributed.DATA_AXIS,
+          chunk_size=int(self.cfg.chunk_size) or None)
+      return lse - jnp.log(jnp.maximum(count, 1.0))
     lse, count = kernels.log_kernel_sum(
         z, ctx["bank"], params["log_var"],
         bank_mask=ctx.get("bank_mask"),

@@ -1,0 +1,221 @@
+"""Downstream uses: generation, kNN, augmentation, plots and the uses.py CLI end to end."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from exvae import bank as bank_lib
+from exvae import checkpoints, train_lib
+from exvae.uses import augment, commands, generation, knn
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A tiny trained workdir (2 epochs on digits, ~10 s) and its restored state and bank."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = load_config("test")
+  train_lib.train_and_evaluate(config, workdir)
+  trained = bank_lib.restore_trained(config, workdir)
+  bank = bank_lib.from_checkpoint(config, workdir, trained=trained)
+  return config, workdir, trained, bank
+
+
+# ----------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------
+
+
+def test_conditional_samples_stay_near_their_exemplar(run):
+  _, _, t, bank = run
+  model, mp = t.setup.model, t.params["model"]
+  x = jnp.asarray(t.splits.test_x[:32])
+  imgs, z, mu = generation.conditional_samples(model, mp, x, jnp.float32(bank.log_var),
+                                               jax.random.PRNGKey(0), 6)
+  assert imgs.shape == (32, 6, 8, 8, 1) and z.shape == (32, 6, 4)
+  assert float(imgs.min()) >= 0 and float(imgs.max()) <= 1
+  np.testing.assert_allclose(mu, model.encode_mean(mp, x), rtol=1e-5, atol=1e-5)
+  z, mu = np.asarray(z), np.asarray(mu)
+  own = np.linalg.norm(z - mu[:, None], axis=-1).mean()
+  other_idx = (np.arange(32) + 1 + np.random.default_rng(0).integers(0, 31, 32)) % 32
+  assert np.all(other_idx != np.arange(32))
+  other = np.linalg.norm(z - mu[other_idx][:, None], axis=-1).mean()
+  assert own < other, (own, other)
+  # The spread matches s2 of the bank: E|z - mu|^2 = d s2.
+  np.testing.assert_allclose(np.mean(np.sum((z - mu[:, None]) ** 2, -1)),
+                             4 * np.exp(bank.log_var), rtol=0.25)
+
+
+def test_unconditional_cyclic_interpolation(run, tmp_path):
+  _, _, t, bank = run
+  model, mp = t.setup.model, t.params["model"]
+  lv = jnp.float32(bank.log_var)
+  u, rows = generation.unconditional_samples(model, mp, jnp.asarray(bank.codes), lv,
+                                             jax.random.PRNGKey(1), 16)
+  assert u.shape == (16, 8, 8, 1) and rows.shape == (16,) and int(rows.max()) < bank.size
+  x0 = jnp.asarray(t.splits.test_x[:3])
+  chains = generation.cyclic_chains(model, mp, x0, lv, jax.random.PRNGKey(2), 5)
+  assert chains.shape == (3, 5, 8, 8, 1) and bool(jnp.all(jnp.isfinite(chains)))
+  again = generation.cyclic_chains(model, mp, x0, lv, jax.random.PRNGKey(2), 5)
+  np.testing.assert_array_equal(chains, again)                      # explicit keys: deterministic
+  za, zb = model.encode_mean(mp, x0[:2]), model.encode_mean(mp, x0[1:3])
+  path = generation.interpolate(model, mp, za, zb, 7)
+  assert path.shape == (2, 7, 8, 8, 1)
+  np.testing.assert_allclose(path[:, 0], generation.decode_mean(model, mp, za), atol=1e-5)
+  np.testing.assert_allclose(path[:, -1], generation.decode_mean(model, mp, zb), atol=1e-5)
+  p = generation.save_interpolation(str(tmp_path / "i.png"), np.asarray(x0[:2]),
+                                    np.asarray(x0[1:3]), np.asarray(path))
+  assert os.path.getsize(p) > 0
+
+
+# ----------------------------------------------------------------------------
+# kNN
+# ----------------------------------------------------------------------------
+
+
+def _brute_force_knn(q, ref, ref_y, k):
+  """Plain NumPy/Python kNN with the documented tie-breaking."""
+  preds = []
+  for zq in q:
+    d = np.sqrt(((ref.astype(np.float64) - zq) ** 2).sum(1))
+    nn = np.argsort(d, kind="stable")[:k]
+    votes = collections.Counter(ref_y[nn].tolist())
+    best = max(votes.values())
+    tied = [c for c, v in votes.items() if v == best]
+    dsum = {c: sum(d[i] for i in nn if ref_y[i] == c) for c in tied}
+    preds.append(min(tied, key=lambda c: (dsum[c], c)))
+  return np.asarray(preds)
+
+
+def test_knn_matches_brute_force():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=(150, 5)).astype(np.float32)
+  ref_y = rng.integers(0, 4, 150).astype(np.int32)
+  q = rng.normal(size=(40, 5)).astype(np.float32)
+  preds = knn.knn_predict(q, ref, ref_y, knn.DEFAULT_KS, batch_size=16)
+  assert sorted(preds) == list(knn.DEFAULT_KS)
+  for k in knn.DEFAULT_KS:
+    np.testing.assert_array_equal(preds[k], _brute_force_knn(q, ref, ref_y, k), err_msg=f"k={k}")
+  errs = knn.knn_errors(q, preds[5], ref, ref_y, (5,))
+  assert errs[5] == 0.0
+
+
+def test_knn_tie_breaking():
+  # 1-D points: query at 0. Labels 2 and 1 get 1 vote each (k=2) at distances 1 and 2:
+  # the smaller summed distance wins (label 2); with equal distances the lowest label wins.
+  ref = np.array([[1.0], [-2.0], [5.0]], np.float32)
+  p = knn.knn_predict(np.zeros((1, 1), np.float32), ref, np.array([2, 1, 0]), (2,))
+  assert p[2][0] == 2
+  ref = np.array([[1.0], [-1.0], [5.0]], np.float32)
+  p = knn.knn_predict(np.zeros((1, 1), np.float32), ref, np.array([3, 1, 0]), (2,))
+  assert p[2][0] == 1
+
+
+# ----------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------
+
+
+def test_augmented_images_on_grey_grid(run):
+  _, _, t, bank = run
+  x = jnp.asarray(t.splits.train_x[:16])
+  a = augment.augment_images(t.setup.model, t.params["model"], x, jnp.float32(bank.log_var),
+                             jax.random.PRNGKey(0), True)
+  a = np.asarray(a)
+  assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+  np.testing.assert_allclose(a * 255, np.round(a * 255), atol=1e-3)
+
+
+def test_augmentation_training_loss_decreases(run):
+  _, _, t, bank = run
+  x, y = t.splits.train_x[:400], t.splits.train_y[:400]
+  r = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], hidden=32,
+                               epochs=8, augment=True, vae=t.setup.model,
+                               vae_params=t.params["model"], log_var=bank.log_var,
+                               batch_size=50, seed=0)
+  losses = np.asarray(r["losses"])
+  assert r["steps"] == 64 and losses.shape == (64,)
+  assert np.all(np.isfinite(losses))
+  assert losses[-10:].mean() < losses[:10].mean() - 0.1, (losses[:10], losses[-10:])
+  assert 0.0 <= r["test_error"] < 0.9
+  r2 = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], hidden=32,
+                                epochs=8, augment=False, batch_size=50, seed=0, max_steps=5)
+  assert r2["steps"] == 5 and np.all(np.isfinite(r2["losses"]))
+
+
+def test_grey_splits_recover_grey_levels(run):
+  config, _, t, _ = run
+  g = augment.grey_splits(config, t.splits)
+  assert g.grey_eval
+  np.testing.assert_array_equal(g.train_x, t.splits.train_x)
+  np.testing.assert_array_equal(g.test_y, t.splits.test_y)
+  assert g.test_x.shape == t.splits.test_x.shape
+  assert len(np.unique(g.test_x)) > 2                                # grey, not binarised
+
+
+# ----------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------
+
+
+def test_cli_commands_end_to_end(run, tmp_path):
+  config, workdir, t, bank = run
+  out = str(tmp_path / "out")
+  r = commands.run("bank", config, workdir, out)
+  assert r["bank_bytes"] < r["raw_images_bytes"]
+  saved = bank_lib.ExemplarBank.load(os.path.join(out, "bank.npz"))
+  np.testing.assert_array_equal(saved.codes, bank.codes)
+  np.testing.assert_array_equal(saved.labels, t.splits.train_y)
+
+  r = commands.run("generate", config, workdir, out, bank_path=os.path.join(out, "bank.npz"),
+                   num_exemplars=4, num_samples=3, chain_steps=4, interp_steps=5)
+  for k in ("conditional_png", "unconditional_png", "cyclic_png", "interpolation_png"):
+    assert os.path.getsize(r[k]) > 0
+
+  r = commands.run("knn", config, workdir, out, ks=(3, 5))
+  with open(os.path.join(out, "knn.json")) as f:
+    saved = json.load(f)
+  assert set(saved["val"]) == {"3", "5"} and set(saved["test"]) == {"3", "5"}
+  assert all(0 <= v <= 1 for v in saved["val"].values())
+  assert saved["num_train"] == t.splits.train_x.shape[0]
+
+  r = commands.run("augment", config, workdir, out, epochs=1, hidden=16, max_steps=3)
+  with open(os.path.join(out, "augment.json")) as f:
+    saved = json.load(f)
+  assert {"test_error_with", "test_error_without"} <= set(saved) and saved["steps"] == 3
+
+  r = commands.run("plots", config, workdir, out, tsne_points=60)
+  assert os.path.getsize(r["tsne_png"]) > 0 and os.path.getsize(r["curves_png"]) > 0
+
+  r = commands.run("grow", config, workdir, out)
+  grown = bank_lib.ExemplarBank.load(r["path"])
+  assert grown.size == bank.size + t.splits.val_x.shape[0] == r["num_after"]
+  np.testing.assert_array_equal(grown.codes[: bank.size], bank.codes)
+  np.testing.assert_array_equal(grown.labels[bank.size:], t.splits.val_y)
+  assert r["val_log_pz_after"] > r["val_log_pz_before"]
+
+  with pytest.raises(checkpoints.CheckpointNotFoundError):
+    commands.run("bank", config, str(tmp_path / "empty"), out)
+  with pytest.raises(ValueError, match="Unknown command"):
+    commands.run("nope", config, workdir, out)
+
+
+def test_cli_script(run, tmp_path):
+  _, workdir, _, _ = run
+  out = str(tmp_path / "cli")
+  cmd = [sys.executable, os.path.join(ROOT, "uses.py"), "bank",
+         f"--config={os.path.join(ROOT, 'configs', 'test.py')}", f"--workdir={workdir}",
+         f"--out={out}", "--config.progress=False"]
+  p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "bytes on disk vs" in p.stdout and os.path.exists(os.path.join(out, "bank.npz"))
+  p = subprocess.run(cmd[:2] + ["frobnicate"] + cmd[3:], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode != 0 and "command one of" in (p.stdout + p.stderr)
