@@ -228,3 +228,57 @@ def test_hierarchical_log_w_terms_and_iwae_s1(model):
   # More samples tighten the bound (on average).
   r64 = train_lib.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=64)
   assert r64["log_px_iwae"].mean() > r64["elbo"].mean()
+
+
+# ----------------------------------------------------------------------------
+# Every config builds its model and prior at the data set's real image shape
+# ----------------------------------------------------------------------------
+
+_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "omniglot": (28, 28, 1),
+           "digits": (8, 8, 1), "celeba": (64, 64, 3)}
+
+
+def _config_names():
+  import glob
+  import os
+  from conftest import ROOT
+  return sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("name", _config_names())
+def test_every_config_builds(name):
+  from exvae.priors import make_prior
+  c = load_config(name)
+  m = make_model(c, _SHAPES[c.dataset])
+  params = jax.eval_shape(m.init, jax.random.PRNGKey(0))
+  prior = make_prior(c.prior, c)
+  jax.eval_shape(lambda k: prior.init(k, m, 50000), jax.random.PRNGKey(0))
+  assert _count(params) > 0
+  if name.split("_")[0] in ("mnist", "fashion", "omniglot") and c.model != "vae":
+    assert c.latent_dim == 40 and c.hvae.z1_dim == 40 and tuple(c.hidden) == (300, 300)
+    assert _count(params) == expected_params(c.model, c.likelihood)
+
+
+def test_celeba_logistic_convhvae_trains_on_mock_tfds_data():
+  """The CelebA path end to end on tfds mock data (random pixels): loader, logistic, RAT."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = load_config("celeba_convhvae_exemplar", batch_size=8, latent_dim=4, hidden=(16, 16),
+                  **{"hvae.z1_dim": 4, "hvae.conv_channels": (4, 4, 8, 8, 2),
+                     "hvae.dec_channels": (4, 4), "exemplar.num_exemplars": 16,
+                     "exemplar.rat_k": 2, "exemplar.chunk_size": 16})
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    splits = train_lib.load_data(c)
+  assert splits.name == "celeba" and not splits.binary
+  assert splits.train_x.shape == (24, 64, 64, 3) and splits.val_x.shape == (24, 64, 64, 3)
+  np.testing.assert_allclose(splits.test_x * 255, np.round(splits.test_x * 255), atol=1e-4)
+  setup = train_lib.make_setup(c, splits)
+  state = train_lib.init_state(c, setup, 24)
+  pool = jnp.asarray(splits.train_x)
+  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, 24))
+  state = train_lib.refresh_step(state, pool, setup=setup)
+  losses = []
+  for _ in range(12):
+    state, m = train_lib.train_step(state, pool, perm, setup=setup)
+    losses.append(float(m["loss"]))
+  assert np.all(np.isfinite(losses)) and int(state.nonfinite) == 0
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses

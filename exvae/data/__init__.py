@@ -40,12 +40,13 @@ __all__ = [
     "read_idx",
 ]
 
-KNOWN_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "digits", "omniglot")
+KNOWN_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "digits", "omniglot", "celeba")
 _SOURCES = {
     "mnist": ("auto", "idx", "tfds"),
     "fashion_mnist": ("auto", "idx", "tfds"),
     "digits": ("auto", "sklearn"),
     "omniglot": ("auto", "mat"),
+    "celeba": ("auto", "tfds"),  # continuous colour 64x64 (exvae/data/celeba.py), not binarised
 }
 # Where IDX files are looked for when data_dir is None. Fashion-MNIST:
 # `apt-get install dataset-fashion-mnist` (Debian) installs the genuine files there.
@@ -179,6 +180,10 @@ def load(
     _check_count(val_size, "val_size")
     _check_count(max_train, "max_train")
     _check_count(max_test, "max_test")
+    if name == "celeba":  # continuous data: its own loader (official tfds splits, no binarisation)
+        from exvae.data.celeba import load_celeba
+
+        return load_celeba(data_dir, max_train=max_train, max_test=max_test)
 
     train_y: np.ndarray | None
     if name in ("mnist", "fashion_mnist"):
