@@ -11,10 +11,11 @@ and generative data augmentation need.  Because the prior is non-parametric,
 the model grows without retraining: :meth:`ExemplarBank.add` encodes new
 images with the frozen encoder and appends their codes (no parameter changes).
 
-Binarisation convention (binary data): row ``n`` is binarised with the key
-``fold_in(key, id_n)`` before encoding, where ``id_n`` is the exemplar's id.
+Binarisation convention (binary data): row ``n`` is binarised with draws that
+depend only on ``(key, id_n)`` (:func:`exvae.rng.bernoulli_rows`), where ``id_n``
+is the exemplar's id.
 With the default ids ``arange(N)`` this is exactly the convention of
-:func:`exvae.priors.exemplar.encode_pool` (``fold_in(key, row_index)``), so a
+:func:`exvae.priors.exemplar.encode_pool` (``bernoulli_rows(key, x, row_index)``), so a
 bank built from the training split with ``PRNGKey(config.eval.bank_seed)``
 holds the same codes as the evaluation prior.  Codes depend only on (key, id,
 image), so adding exemplars in several calls gives the same bank as building
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import kernels
+from exvae import kernels, rng
 from exvae.models.vae import Model
 
 PyTree = Any
@@ -61,7 +62,7 @@ def encode_rows(model: Model, model_params: PyTree, x: jax.Array, ids: jax.Array
     model: the model (static).
     model_params: the model's parameters.
     x: (B, H, W, C) grey levels in [0, 1].
-    ids: (B,) integer exemplar ids; row b uses ``fold_in(key, ids[b])``.
+    ids: (B,) integer exemplar ids; row b's draws depend on ``(key, ids[b])``.
     key: binarisation key.
     binary: binarise (Bernoulli of the grey level) before encoding.
     with_logvar: also return the posterior log-variances.
@@ -71,8 +72,7 @@ def encode_rows(model: Model, model_params: PyTree, x: jax.Array, ids: jax.Array
   """
   x = jnp.asarray(x, jnp.float32)
   if binary:
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids.astype(jnp.uint32))
-    x = jax.vmap(lambda k, xi: jax.random.bernoulli(k, xi).astype(jnp.float32))(keys, x)
+    x = rng.bernoulli_rows(key, x, ids)
   if with_logvar:
     mu, logvar = model.encode(model_params, x)
     return mu.astype(jnp.float32), logvar.astype(jnp.float32)
@@ -131,7 +131,7 @@ def encode_images(model: Model, model_params: PyTree, images: np.ndarray, ids: n
     model: the model.
     model_params: its parameters.
     images: (N, H, W, C) grey levels in [0, 1].
-    ids: (N,) integer ids (binarisation keys ``fold_in(key, id)``).
+    ids: (N,) integer ids (row n binarised from ``(key, id_n)``).
     key: binarisation key.
     binary: binarise before encoding.
     batch_size: rows per jitted call.
@@ -245,7 +245,7 @@ class ExemplarBank:
       ids: (N,) unique int ids; default ``arange(N)``.
       labels: (N,) int labels or None.
       log_var: shared prior log-variance log s2.
-      binary: binarise row n with ``fold_in(key, ids[n])`` before encoding.
+      binary: binarise row n from ``(key, ids[n])`` before encoding.
       key: binarisation key (kept in the bank for :meth:`add`).
       batch_size: images per jitted encoder call.
       metadata: extra JSON-able metadata (``image_shape`` and ``binary`` are

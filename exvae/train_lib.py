@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import checkpoints, data, distributed, pictures
+from exvae import checkpoints, data, distributed, pictures, rng
 from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
 from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
@@ -150,7 +150,7 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
   x = distributed.shard_batch(pool[ids])          # data parallel over the mesh, if any
   if setup.binary:
-    x = jax.random.bernoulli(k_bin, x).astype(jnp.float32)
+    x = rng.bernoulli_rows(k_bin, x, ids)          # dynamic binarisation, fresh every step
   beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
   grad_fn = jax.value_and_grad(elbo_loss, has_aux=True)
   (loss, (metrics, new_prior_state)), grads = grad_fn(

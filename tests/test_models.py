@@ -101,9 +101,10 @@ def _small_config(model, likelihood="bernoulli", **kw):
                         "hvae.dec_channels": (4, 4)}, **kw)
 
 
-@pytest.mark.parametrize("shape", [(28, 28, 1), (7, 9, 3)])
-@pytest.mark.parametrize("likelihood", LIKELIHOODS)
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("model,likelihood,shape", [
+    (m, lik, (28, 28, 1)) for m in MODEL_NAMES for lik in LIKELIHOODS] + [
+    ("convhvae", lik, (7, 9, 3)) for lik in LIKELIHOODS],     # odd sizes, colour: 'SAME' padding
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_shapes_and_log_variance_clip(model, likelihood, shape):
   m = make_model(_small_config(model, likelihood), shape)
   p = m.init(jax.random.PRNGKey(0))

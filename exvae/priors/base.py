@@ -156,5 +156,6 @@ def registered_priors() -> list[str]:
 
 
 def binarize(key: jax.Array, x: jax.Array) -> jax.Array:
-  """Dynamic binarisation: Bernoulli(x) as float32."""
-  return jax.random.bernoulli(key, x).astype(jnp.float32)
+  """Dynamic binarisation: Bernoulli(x) as float32 (fast counter-based draws, see exvae.rng)."""
+  from exvae import rng
+  return rng.bernoulli(key, x)

@@ -30,8 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from exvae import distributed, kernels, parallel
-from exvae.priors.base import Prior, binarize, register
+from exvae import distributed, kernels, parallel, rng
+from exvae.priors.base import Prior, register
 
 
 def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 2048):
@@ -44,21 +44,20 @@ def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 
   ids = jnp.arange(n)
 
   def one(i):
-    x = pool[i]
+    x = pool[i][None]
     if binary:
-      x = binarize(jax.random.fold_in(key, i), x)
-    return model.encode_mean(model_params, x[None])[0]
+      x = rng.bernoulli_rows(key, x, i[None])
+    return model.encode_mean(model_params, x)[0]
 
   # Batched lax.map: vectorised over chunks of batch_size, sequential across.
   return jax.lax.map(one, ids, batch_size=min(batch_size, n))
 
 
 def _binarize_rows(key, x, ids, binary):
-  """Binarises rows with a per-row key (depends on the key and the row id only)."""
+  """Binarises rows; row r's pixels depend on (key, ids[r]) only (see exvae.rng)."""
   if not binary:
     return x
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-  return jax.vmap(binarize)(keys, x)
+  return rng.bernoulli_rows(key, x, ids)
 
 
 @register("exemplar")
