@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
       rat_k=10,                     # neighbours per batch element for RAT
       loo=True,                     # leave-one-out in training
       chunk_size=0,                 # bank chunk of the streamed kernel (0: auto, ~2M / batch)
+      encode_chunk=1000,            # exemplars encoded per rematerialised chunk (exact mode)
       log_var_init_mean=0.0,        # log s2 = mean + std * N(0, 1), as the reference
       log_var_init_std=1.0))
   c.vampprior = ml_collections.ConfigDict(dict(num_pseudo=500, init_mean=0.05, init_std=0.01))

