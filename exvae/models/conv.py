@@ -119,30 +119,12 @@ class ConvHVAE(HierarchicalBase):
     h = self.q_z2_conv(x)
     return h.reshape(h.shape[0], -1)
 
-  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q(z2|x): x (B, H, W, C) -> (mu (B, d2), logvar (B, d2))."""
-    return self.q_z2_head(self._q_z2_trunk(x))
-
-  def encode_mean(self, x: jax.Array) -> jax.Array:
-    """x (B, H, W, C) -> mean of q(z2|x) (B, d2) (the exemplar code)."""
-    return self.q_z2_head.mean(self._q_z2_trunk(x))
 
   def q_z1_features(self, x: jax.Array) -> jax.Array:
     """The conv x-branch of q(z1|x,z2): (B, H, W, C) -> (B, h_size)."""
     h = self.q_z1_conv(x)
     return h.reshape(h.shape[0], -1)
 
-  def q_z1(self, hx: jax.Array, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q(z1|x,z2) from x-features (N, h_size) and z2 (N, d2) -> (mu, logvar) (N, d1)."""
-    h = jnp.concatenate([hx, self.q_z1_z2(z2)], axis=-1)
-    return self.q_z1_head(self.q_z1_joint(h))
-
-  def p_z1(self, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """p(z1|z2): z2 (N, d2) -> (mu, logvar) (N, d1)."""
-    h = z2
-    for layer in self.p_z1_layers:
-      h = layer(h)
-    return self.p_z1_head(h)
 
   def p_x(self, z1: jax.Array, z2: jax.Array):
     """p(x|z1,z2): z1 (N, d1), z2 (N, d2) -> logits or (mean, log_scale), (N, H, W, C)."""

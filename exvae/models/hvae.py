@@ -104,10 +104,31 @@ class DenseOutputHead(nn.Module):
 class HierarchicalBase(nn.Module):
   """Shared logic of two-level models; subclasses define the six networks.
 
-  Subclasses implement ``encode(x) -> (mu2, logvar2)``, ``encode_mean(x)``,
-  ``q_z1_features(x) -> (B, F)``, ``q_z1(hx, z2) -> (mu1, logvar1)``,
-  ``p_z1(z2) -> (mu1, logvar1)`` and ``p_x(z1, z2) -> likelihood params``.
+  Subclasses define the submodules ``q_z2_head``, ``q_z1_z2``, ``q_z1_joint``,
+  ``q_z1_head``, ``p_z1_layers`` and ``p_z1_head`` and implement
+  ``_q_z2_trunk(x) -> (B, F2)``, ``q_z1_features(x) -> (B, F)`` and
+  ``p_x(z1, z2) -> likelihood params``; the rest is shared here.
   """
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q(z2|x): x (B, H, W, C) -> (mu (B, d2), logvar (B, d2))."""
+    return self.q_z2_head(self._q_z2_trunk(x))
+
+  def encode_mean(self, x: jax.Array) -> jax.Array:
+    """x (B, H, W, C) -> mean of q(z2|x) (B, d2) (the exemplar code)."""
+    return self.q_z2_head.mean(self._q_z2_trunk(x))
+
+  def q_z1(self, hx: jax.Array, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q(z1|x,z2) from x-features (N, F) and z2 (N, d2) -> (mu, logvar) (N, d1)."""
+    h = jnp.concatenate([hx, self.q_z1_z2(z2)], axis=-1)
+    return self.q_z1_head(self.q_z1_joint(h))
+
+  def p_z1(self, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """p(z1|z2): z2 (N, d2) -> (mu, logvar) (N, d1)."""
+    h = z2
+    for layer in self.p_z1_layers:
+      h = layer(h)
+    return self.p_z1_head(h)
 
   def decode(self, z2: jax.Array):
     """z2: (B, d2) -> likelihood parameters of x (B, H, W, C) with z1 = E[z1 | z2]."""
@@ -192,29 +213,11 @@ class HVAE(HierarchicalBase):
       h = layer(h)
     return h
 
-  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q(z2|x): x (B, H, W, C) -> (mu (B, d2), logvar (B, d2))."""
-    return self.q_z2_head(self._q_z2_trunk(x))
-
-  def encode_mean(self, x: jax.Array) -> jax.Array:
-    """x (B, H, W, C) -> mean of q(z2|x) (B, d2) (the exemplar code)."""
-    return self.q_z2_head.mean(self._q_z2_trunk(x))
 
   def q_z1_features(self, x: jax.Array) -> jax.Array:
     """The x-branch of q(z1|x,z2): (B, H, W, C) -> (B, hidden[0])."""
     return self.q_z1_x(x.reshape(x.shape[0], -1))
 
-  def q_z1(self, hx: jax.Array, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q(z1|x,z2) from x-features (N, F) and z2 (N, d2) -> (mu, logvar) (N, d1)."""
-    h = jnp.concatenate([hx, self.q_z1_z2(z2)], axis=-1)
-    return self.q_z1_head(self.q_z1_joint(h))
-
-  def p_z1(self, z2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """p(z1|z2): z2 (N, d2) -> (mu, logvar) (N, d1)."""
-    h = z2
-    for layer in self.p_z1_layers:
-      h = layer(h)
-    return self.p_z1_head(h)
 
   def p_x(self, z1: jax.Array, z2: jax.Array):
     """p(x|z1,z2): z1 (N, d1), z2 (N, d2) -> logits or (mean, log_scale), (N, H, W, C)."""
