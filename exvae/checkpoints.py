@@ -110,7 +110,9 @@ class Manager:
         print(f"Restored step {step} (newer unreadable steps: {errors}).", flush=True)
       return out.get("state") if need_state else None, out["best"], dict(out["meta"])
     raise CheckpointNotFoundError(
-        f"None of the checkpoints {steps} in {self.directory} could be restored.")
+        f"None of the checkpoints {steps} in {self.directory} could be restored "
+        "(see the warnings above). If they were written with a different config "
+        "(model size, prior, data set), pass the same config or use a new --workdir.")
 
   def wait_until_finished(self) -> None:
     self._mngr.wait_until_finished()
