@@ -393,7 +393,11 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
           "early_stopped": False}
   best_params = jax.tree.map(jnp.copy, state.params)   # never aliased with donated buffers
-  restored = manager.restore_latest(state, best_params)
+  try:
+    restored = manager.restore_latest(state, best_params)
+  except checkpoints.CheckpointNotFoundError:
+    manager.close()
+    raise
   if restored is not None:
     state, best_params, meta = restored
     # Restored as host-layout arrays: place them on this run's mesh (which may

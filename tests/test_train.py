@@ -213,3 +213,11 @@ def test_pruned_evaluation_is_within_its_certified_gap(keep):
   assert np.all(lo <= exact["log_px_iwae"] + 1e-4)
   assert np.all(exact["log_px_iwae"] <= lo + gap + 1e-4)
   assert np.any(gap > 0)                     # something was really pruned
+
+
+def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
+  wd = str(tmp_path / "mismatch")
+  train_lib.train_and_evaluate(load_config("test", max_steps=10), wd)
+  with pytest.warns(UserWarning, match="could not be restored"):
+    with pytest.raises(checkpoints.CheckpointNotFoundError, match="different config"):
+      train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd)
