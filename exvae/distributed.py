@@ -11,6 +11,7 @@ host; on CPU the collectives go through gloo).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -32,6 +33,20 @@ def make_data_mesh(num_devices: int = 0) -> Mesh | None:
   if n == 1:
     return None
   return Mesh(np.asarray(devices[:n]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+@contextlib.contextmanager
+def data_mesh(num_devices: int = 0):
+  """Context: the ``data`` mesh of :func:`make_data_mesh`, made active with ``jax.set_mesh``.
+
+  Yields the mesh, or None (and activates nothing) for a single device.
+  """
+  mesh = make_data_mesh(num_devices)
+  if mesh is None:
+    yield None
+    return
+  with jax.set_mesh(mesh):
+    yield mesh
 
 
 def shard_batch(x: jax.Array) -> jax.Array:

@@ -24,10 +24,7 @@ from exvae import checkpoints, data, distributed, pictures, train_lib
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
   """Evaluates on all devices of a data mesh (``config.num_devices``); see :func:`_evaluate`."""
-  mesh = distributed.make_data_mesh(int(config.num_devices))
-  if mesh is None:
-    return _evaluate(config, workdir, None)
-  with jax.set_mesh(mesh):
+  with distributed.data_mesh(int(config.num_devices)) as mesh:
     return _evaluate(config, workdir, mesh)
 
 

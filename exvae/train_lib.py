@@ -351,13 +351,10 @@ def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config,
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`)."""
-  mesh = distributed.make_data_mesh(int(config.num_devices))
-  if mesh is not None and int(config.batch_size) % mesh.size:
-    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                     f"{mesh.size} data-parallel devices.")
-  if mesh is None:
-    return _train(config, workdir, None)
-  with jax.set_mesh(mesh):
+  with distributed.data_mesh(int(config.num_devices)) as mesh:
+    if mesh is not None and int(config.batch_size) % mesh.size:
+      raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                       f"{mesh.size} data-parallel devices.")
     return _train(config, workdir, mesh)
 
 

@@ -16,34 +16,15 @@ from conftest import ROOT
 SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, {root!r})
-import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, os.path.join({root!r}, "tests"))
-from conftest import load_config
-from exvae import distributed, train_lib
+import jax, numpy as np
+from conftest import load_config, run_train_steps
 out = {{}}
 for name, ndev in (("single", 1), ("mesh", 4)):
     c = load_config("test", prior={prior!r}, num_devices=ndev, **{{"exemplar.rat": {rat}}})
-    splits = train_lib.load_data(c)
-    setup = train_lib.make_setup(c, splits)
-    n = splits.train_x.shape[0]
-    mesh = distributed.make_data_mesh(ndev)
-    def run():
-        pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
-        state = distributed.replicate(train_lib.init_state(c, setup, n), mesh)
-        perm = distributed.replicate(jnp.asarray(train_lib.epoch_permutation(0, 0, n)), mesh)
-        state = train_lib.refresh_step(state, pool, setup=setup)
-        hlo = train_lib.train_step.lower(state, pool, perm, setup=setup).compile().as_text()
-        out["allreduce_" + name] = "all-reduce" in hlo
-        losses = []
-        for _ in range(5):
-            state, m = train_lib.train_step(state, pool, perm, setup=setup)
-            losses.append(float(m["loss"]))
-        return state, losses
-    if mesh is None:
-        state, losses = run()
-    else:
-        with jax.set_mesh(mesh):
-            state, losses = run()
+    def hlo(text, name=name):
+        out["allreduce_" + name] = "all-reduce" in text
+    state, losses = run_train_steps(c, ndev, on_compiled=hlo)
     out[name] = dict(losses=losses, n_dev=len(jax.devices()),
                      params=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)])
 print("RESULT" + json.dumps(out))

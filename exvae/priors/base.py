@@ -154,8 +154,3 @@ def make_prior(name: str, config) -> Prior:
 def registered_priors() -> list[str]:
   return sorted(_REGISTRY)
 
-
-def binarize(key: jax.Array, x: jax.Array) -> jax.Array:
-  """Dynamic binarisation: Bernoulli(x) as float32 (fast counter-based draws, see exvae.rng)."""
-  from exvae import rng
-  return rng.bernoulli(key, x)

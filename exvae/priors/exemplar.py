@@ -93,13 +93,6 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
-def _binarize_rows(key, x, ids, binary):
-  """Binarises rows; row r's pixels depend on (key, ids[r]) only (see exvae.rng)."""
-  if not binary:
-    return x
-  return rng.bernoulli_rows(key, x, ids)
-
-
 @register("exemplar")
 class ExemplarPrior(Prior):
   """Exemplar (Parzen window) prior, exact-subsampled or retrieval-augmented."""
