@@ -58,6 +58,44 @@ def _pad_bank(bank: Array, bank_mask: Optional[Array], bank_ids: Optional[Array]
     return bank, bank_mask, bank_ids, n_local
 
 
+def _bank_shard_args(mesh: Mesh, axis: str, replicated: list, bank: Array,
+                     bank_mask: Optional[Array], bank_ids: Optional[Array],
+                     query_ids: Optional[Array]):
+    """Pads the bank and lays out the shard_map arguments shared by both kernels.
+
+    Args:
+      mesh, axis: the mesh and the axis the bank is split along.
+      replicated: leading arguments given whole to every device (queries, ...).
+      bank, bank_mask, bank_ids, query_ids: as in `log_kernel_sum`.
+
+    Returns:
+      ``(args, specs, unpack, n_local)``: the flat arguments and their
+      PartitionSpecs, a function mapping the per-device trailing arguments
+      ``rest`` to ``(mask_l, ids_l, query_ids)`` (None where absent), and the
+      per-device bank size.
+    """
+    ndev = mesh.shape[axis]
+    use_ids = bank_ids is not None and query_ids is not None
+    bank, bank_mask, bank_ids, n_local = _pad_bank(bank, bank_mask, bank_ids if use_ids else None,
+                                                   ndev)
+    args = list(replicated) + [bank]
+    specs = [P()] * len(replicated) + [P(axis)]
+    has_mask = bank_mask is not None
+    if has_mask:
+        args.append(jnp.asarray(bank_mask, bool))
+        specs.append(P(axis))
+    if use_ids:
+        args += [bank_ids, jnp.asarray(query_ids, jnp.int32)]
+        specs += [P(axis), P()]
+
+    def unpack(rest):
+        mask_l = rest[0] if has_mask else None
+        ids_l, qids = (rest[-2], rest[-1]) if use_ids else (None, None)
+        return mask_l, ids_l, qids
+
+    return args, tuple(specs), unpack, n_local
+
+
 @partial(jax.jit, static_argnames=("mesh", "axis", "chunk_size", "bank_dtype"))
 def sharded_log_kernel_sum(mesh: Mesh, z: Array, bank: Array, log_var: Array, *,
                            bank_mask: Optional[Array] = None,
@@ -79,23 +117,11 @@ def sharded_log_kernel_sum(mesh: Mesh, z: Array, bank: Array, log_var: Array, *,
     Returns:
       (lse (B,), count (B,)) replicated, equal to the single-device result.
     """
-    ndev = mesh.shape[axis]
-    use_ids = bank_ids is not None and query_ids is not None
-    bank, bank_mask, bank_ids, _ = _pad_bank(bank, bank_mask, bank_ids if use_ids else None,
-                                             ndev)
-    args = [z, bank, jnp.asarray(log_var)]
-    specs = [P(), P(axis), P()]
-    if bank_mask is not None:
-        args.append(jnp.asarray(bank_mask, bool))
-        specs.append(P(axis))
-    if use_ids:
-        args += [bank_ids, jnp.asarray(query_ids, jnp.int32)]
-        specs += [P(axis), P()]
-    has_mask = bank_mask is not None
+    args, specs, unpack, _ = _bank_shard_args(mesh, axis, [z, jnp.asarray(log_var)], bank,
+                                              bank_mask, bank_ids, query_ids)
 
-    def local(z, bank_l, lv, *rest):
-        mask_l = rest[0] if has_mask else None
-        ids_l, qids = (rest[-2], rest[-1]) if use_ids else (None, None)
+    def local(z, lv, bank_l, *rest):
+        mask_l, ids_l, qids = unpack(rest)
         lse_l, cnt_l = log_kernel_sum(z, bank_l, lv, bank_mask=mask_l, bank_ids=ids_l,
                                       query_ids=qids, chunk_size=chunk_size,
                                       bank_dtype=bank_dtype)
@@ -106,7 +132,7 @@ def sharded_log_kernel_sum(mesh: Mesh, z: Array, bank: Array, log_var: Array, *,
         lse = jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
         return lse, lax.psum(cnt_l, axis)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(P(), P()))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
     return fn(*args)
 
 
@@ -134,22 +160,12 @@ def sharded_topk_neighbors(mesh: Mesh, z: Array, bank: Array, k: int, *,
       (sq_dists (B, k) ascending, idx (B, k) int32 global bank indices, -1 if missing).
     """
     ndev = mesh.shape[axis]
-    use_ids = bank_ids is not None and query_ids is not None
-    bank, bank_mask, bank_ids, n_local = _pad_bank(
-        bank, bank_mask, bank_ids if use_ids else None, ndev)
-    args = [lax.stop_gradient(z), lax.stop_gradient(bank)]
-    specs = [P(), P(axis)]
-    if bank_mask is not None:
-        args.append(jnp.asarray(bank_mask, bool))
-        specs.append(P(axis))
-    if use_ids:
-        args += [bank_ids, jnp.asarray(query_ids, jnp.int32)]
-        specs += [P(axis), P()]
-    has_mask = bank_mask is not None
+    args, specs, unpack, n_local = _bank_shard_args(
+        mesh, axis, [lax.stop_gradient(z)], lax.stop_gradient(bank), bank_mask, bank_ids,
+        query_ids)
 
     def local(z, bank_l, *rest):
-        mask_l = rest[0] if has_mask else None
-        ids_l, qids = (rest[-2], rest[-1]) if use_ids else (None, None)
+        mask_l, ids_l, qids = unpack(rest)
         d_l, i_l = topk_neighbors(z, bank_l, k, bank_mask=mask_l, bank_ids=ids_l,
                                   query_ids=qids, chunk_size=chunk_size, approx=approx)
         offset = lax.axis_index(axis).astype(jnp.int32) * n_local
@@ -164,5 +180,5 @@ def sharded_topk_neighbors(mesh: Mesh, z: Array, bank: Array, k: int, *,
         neg, pos = lax.top_k(-d_all, k)
         return -neg, jnp.take_along_axis(i_all, pos, axis=1)
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(P(), P()))
+    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
     return fn(*args)
