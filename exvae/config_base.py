@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.early_stopping_patience = 50    # epochs without validation improvement (after warm-up)
   c.seed = 0
   c.num_devices = 0                 # data-parallel devices (0: all visible; 1: no mesh)
+  c.pool_sharding = "auto"          # auto | replicated | sharded: training images split along N
+                                    # over the devices (auto: sharded when several hosts)
   # Bookkeeping.
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3

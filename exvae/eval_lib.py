@@ -48,7 +48,9 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         f"No checkpoint found in {ckpt_dir}. Train first: "
         f"python train.py --config=<config> --workdir={workdir}")
   splits = train_lib.load_data(config)
-  setup = train_lib.make_setup(config, splits)
+  train_lib.validate_config(config)
+  pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
+  setup = train_lib.make_setup(config, splits, pool_sharded)
   n = splits.train_x.shape[0]
   template = train_lib.init_state(config, setup, n)
   manager = checkpoints.Manager(ckpt_dir, create=False)
@@ -63,7 +65,6 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   if config.eval.max_test_examples:
     test_x = test_x[: int(config.eval.max_test_examples)]
   data.validate_images(test_x, image_shape=splits.image_shape, name="test images")
-  pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
   s = int(config.eval.num_importance_samples)
   t0 = time.time()
   ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),

@@ -32,6 +32,8 @@ class Setup:
     batch_size: B.
     steps_per_epoch: training steps per epoch (drop-last).
     warmup_epochs: KL warm-up length; beta = min(1, (epoch + 1) / warmup).
+    num_train: N, the number of training images (the exemplar pool).
+    pool_sharded: the pool is split along N over the ``data`` mesh axis.
   """
 
   model: Model
@@ -43,6 +45,13 @@ class Setup:
   batch_size: int
   steps_per_epoch: int
   warmup_epochs: int
+  num_train: int = 0
+  pool_sharded: bool = False
+
+  def context_inputs(self, pool, key, **kw) -> ContextInputs:
+    """The prior's :class:`ContextInputs` for this run's pool (layout fields filled in)."""
+    return ContextInputs(key=key, pool=pool, binary=self.binary, pool_sharded=self.pool_sharded,
+                         pool_size=self.num_train, **kw)
 
 
 def kl_beta(step: jax.Array, steps_per_epoch: int, warmup_epochs: int) -> jax.Array:
@@ -74,7 +83,7 @@ def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
   model, prior = setup.model, setup.prior
   k_ctx, k_z = jax.random.split(key)
   sc = model.score(params["model"], x, k_z, 1, setup.log_lik)
-  inputs = ContextInputs(x=x, ids=ids, mu=sc.mu, key=k_ctx, pool=pool, binary=setup.binary)
+  inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
   ctx, new_state = prior.context(params["prior"], prior_state, model, params["model"], inputs,
                                  train=True)
   log_pz = prior.log_prob(params["prior"], sc.z[:, 0], ctx, ids)

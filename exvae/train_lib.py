@@ -32,7 +32,7 @@ from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
 from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
 from exvae.optim import make_optimizer
-from exvae.priors import ContextInputs, make_prior
+from exvae.priors import make_prior
 
 PyTree = Any
 
@@ -77,6 +77,9 @@ def validate_config(config) -> None:
     raise ValueError(f"latent_dim must be >= 1, got {config.latent_dim}.")
   if config.eval.num_importance_samples < 1:
     raise ValueError("eval.num_importance_samples must be >= 1.")
+  if config.pool_sharding not in distributed.POOL_SHARDING:
+    raise ValueError(f"pool_sharding must be one of {distributed.POOL_SHARDING}, "
+                     f"got {config.pool_sharding!r}.")
 
 
 def load_data(config) -> data.Splits:
@@ -87,8 +90,15 @@ def load_data(config) -> data.Splits:
       max_train=config.max_train or None, max_test=config.max_test or None)
 
 
-def make_setup(config, splits: data.Splits) -> Setup:
-  """Builds the static run description from the config and the data."""
+def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup:
+  """Builds the static run description from the config and the data.
+
+  Args:
+    config: the run's ConfigDict.
+    splits: the loaded data.
+    pool_sharded: the training pool will be split along N over the ``data``
+      mesh (see :func:`make_pool`).
+  """
   validate_config(config)
   n = splits.train_x.shape[0]
   if config.batch_size > n:
@@ -99,7 +109,23 @@ def make_setup(config, splits: data.Splits) -> Setup:
   return Setup(model=model, prior=prior, log_lik=log_lik, mean_fn=mean_fn,
                optimizer=make_optimizer(config), binary=bool(splits.binary),
                batch_size=int(config.batch_size), steps_per_epoch=n // int(config.batch_size),
-               warmup_epochs=int(config.warmup_epochs))
+               warmup_epochs=int(config.warmup_epochs), num_train=n,
+               pool_sharded=bool(pool_sharded))
+
+
+def make_pool(config, splits: data.Splits, mesh) -> tuple[jax.Array, bool]:
+  """Places the training pool on the mesh as ``config.pool_sharding`` says.
+
+  Returns:
+    ``(pool, sharded)``: the pool (replicated, or split along N with each
+    host placing only the rows its devices hold) and whether it is split.
+  """
+  sharded = distributed.pool_is_sharded(config.pool_sharding, mesh)
+  n = splits.train_x.shape[0]
+  if not sharded:
+    return distributed.place_pool(splits.train_x, n, mesh, False), False
+  start, stop = distributed.pool_rows_of_this_host(n, mesh)
+  return distributed.place_pool(splits.train_x[start:stop], n, mesh, True, start=start), True
 
 
 def init_state(config, setup: Setup, num_train: int) -> TrainState:
@@ -148,7 +174,8 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   k_bin, k_loss = jax.random.split(key)
   i = step % setup.steps_per_epoch
   ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
-  x = distributed.shard_batch(pool[ids])          # data parallel over the mesh, if any
+  # Data parallel over the mesh, if any (a split pool: each device sends the rows it owns).
+  x = distributed.shard_batch(distributed.take_rows(pool, ids, setup.pool_sharded))
   if setup.binary:
     x = rng.bernoulli_rows(k_bin, x, ids)          # dynamic binarisation, fresh every step
   beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
@@ -183,7 +210,7 @@ train_step = jax.jit(_train_step, static_argnames=("setup",), donate_argnames=("
 def refresh_step(state: TrainState, pool: jax.Array, *, setup: Setup) -> TrainState:
   """Epoch-start hook of the prior (RAT: re-encode the whole cache, no gradients)."""
   key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0x5EED)
-  inputs = ContextInputs(key=key, pool=pool, binary=setup.binary)
+  inputs = setup.context_inputs(pool, key)
   prior_state = setup.prior.refresh(state.params["prior"], state.prior_state, setup.model,
                                     state.params["model"], inputs)
   return state.replace(prior_state=prior_state)
@@ -192,7 +219,7 @@ def refresh_step(state: TrainState, pool: jax.Array, *, setup: Setup) -> TrainSt
 @functools.partial(jax.jit, static_argnames=("setup",))
 def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setup):
   """The prior's evaluation context (exemplar prior: ALL training exemplars, no gradients)."""
-  inputs = ContextInputs(key=key, pool=pool, binary=setup.binary)
+  inputs = setup.context_inputs(pool, key)
   ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
                                train=False)
   return jax.lax.stop_gradient(ctx)
@@ -375,7 +402,9 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   splits = load_data(config)
   data.validate_images(splits.train_x, name="training images")
-  setup = make_setup(config, splits)
+  validate_config(config)
+  pool, pool_sharded = make_pool(config, splits, mesh)
+  setup = make_setup(config, splits, pool_sharded)
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
   primary = distributed.is_primary()
@@ -383,7 +412,6 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
   state = distributed.replicate(init_state(config, setup, n), mesh)
   manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
                                 max_to_keep=int(config.keep_checkpoints))

@@ -41,10 +41,10 @@ def run_train_steps(c, num_devices: int, steps: int = 5, on_compiled=None):
   import jax.numpy as jnp
   from exvae import distributed, train_lib
   splits = train_lib.load_data(c)
-  setup = train_lib.make_setup(c, splits)
   n = splits.train_x.shape[0]
   with distributed.data_mesh(num_devices) as mesh:
-    pool = distributed.replicate(jnp.asarray(splits.train_x), mesh)
+    pool, sharded = train_lib.make_pool(c, splits, mesh)
+    setup = train_lib.make_setup(c, splits, sharded)
     state = distributed.replicate(train_lib.init_state(c, setup, n), mesh)
     perm = distributed.replicate(jnp.asarray(train_lib.epoch_permutation(0, 0, n)), mesh)
     state = train_lib.refresh_step(state, pool, setup=setup)

@@ -20,13 +20,22 @@ sys.path.insert(0, os.path.join({root!r}, "tests"))
 import jax, numpy as np
 from conftest import load_config, run_train_steps
 out = {{}}
-for name, ndev in (("single", 1), ("mesh", 4)):
-    c = load_config("test", prior={prior!r}, num_devices=ndev, **{{"exemplar.rat": {rat}}})
+for name, ndev, pool in (("single", 1, "auto"), ("mesh", 4, "replicated"), ("split", 4, "sharded")):
+    c = load_config("test", prior={prior!r}, num_devices=ndev, pool_sharding=pool,
+                    **{{"exemplar.rat": {rat}}})
     def hlo(text, name=name):
         out["allreduce_" + name] = "all-reduce" in text
+        # Does any collective move the whole (padded, 1300-row) pool?
+        out["pool_moved_" + name] = any(("all-gather" in l or "all-to-all" in l) and "[1300," in l
+                                        for l in text.splitlines())
     state, losses = run_train_steps(c, ndev, on_compiled=hlo)
     out[name] = dict(losses=losses, n_dev=len(jax.devices()),
                      params=[np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.params)])
+from exvae import distributed, train_lib
+c = load_config("test", num_devices=4, pool_sharding="sharded")
+with distributed.data_mesh(4) as mesh:
+    pool, sharded = train_lib.make_pool(c, train_lib.load_data(c), mesh)
+    out["split_rows"] = [int(s.data.shape[0]) for s in pool.addressable_shards]
 print("RESULT" + json.dumps(out))
 """
 
@@ -41,10 +50,17 @@ def test_four_device_training_matches_single_device(prior, rat):
   assert res["mesh"]["n_dev"] == 4
   # The 4-device step is really data parallel: gradients are all-reduced.
   assert res["allreduce_mesh"] and not res["allreduce_single"]
+  # The split pool: 1297 images padded to 1300, a quarter on each device, and
+  # the compiled step never gathers the whole pool onto a device.
+  assert res["split_rows"] == [325] * 4
+  assert not res["pool_moved_split"]
   import numpy as np
-  np.testing.assert_allclose(res["mesh"]["losses"], res["single"]["losses"], rtol=2e-4)
-  for a, b in zip(res["mesh"]["params"], res["single"]["params"]):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  # A pool split along N (each device holding a quarter of the images) gives
+  # the same steps as a replicated pool and as one device.
+  for name in ("mesh", "split"):
+    np.testing.assert_allclose(res[name]["losses"], res["single"]["losses"], rtol=2e-4)
+    for a, b in zip(res[name]["params"], res["single"]["params"]):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
@@ -83,12 +99,14 @@ def test_eval_with_bank_sharded_over_four_devices_matches_one(tmp_path):
   train_lib.train_and_evaluate(c, wd)
   one = eval_lib.evaluate(c, wd)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
-                      f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-                      "--config.num_devices=4"], capture_output=True, text=True, env=env,
-                     cwd=ROOT, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  four = _json.load(open(os.path.join(wd, "eval_metrics.json")))
-  assert four["num_devices"] == 4 and one["num_devices"] == 1
-  for k in ("test_nll", "test_elbo", "test_kl"):
-    assert abs(four[k] - one[k]) < 1e-3 * max(1.0, abs(one[k])), (k, four[k], one[k])
+  # The training images replicated, then split along N (the bank encoded shard by shard).
+  for pool in ("replicated", "sharded"):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
+                        f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
+                        "--config.num_devices=4", f"--config.pool_sharding={pool}"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    four = _json.load(open(os.path.join(wd, "eval_metrics.json")))
+    assert four["num_devices"] == 4 and one["num_devices"] == 1
+    for k in ("test_nll", "test_elbo", "test_kl"):
+      assert abs(four[k] - one[k]) < 1e-3 * max(1.0, abs(one[k])), (pool, k, four[k], one[k])

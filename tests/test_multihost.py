@@ -36,6 +36,10 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   a, b = json.loads(ref.read_text()), json.loads(out.read_text())
   assert a["num_processes"] == 1 and b["num_processes"] == 2 and b["num_devices"] == 2
+  # Each host holds only its half of the training images (1297 padded to 1298).
+  assert b["pool_sharded"] and not a["pool_sharded"]
+  assert b["local_rows"] == 649 and b["host_range"] == [0, 649]
+  assert a["local_rows"] == 1297
   np.testing.assert_allclose(b["losses"], a["losses"], rtol=2e-4)
   for x, y in zip(b["params"], a["params"]):
     np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)

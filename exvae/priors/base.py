@@ -48,6 +48,9 @@ class ContextInputs:
     pool: (N, H, W, C) the training images that serve as exemplars (grey
       levels in [0, 1]), or None if the prior needs none.
     binary: whether exemplar images are binarised before encoding.
+    pool_sharded: ``pool`` is split along N over the ``data`` mesh axis (and
+      padded): read it with ``distributed.take_rows`` / ``map_pool_shards``.
+    pool_size: the number of real training images N (0: ``pool.shape[0]``).
   """
 
   x: jax.Array | None = None
@@ -56,10 +59,18 @@ class ContextInputs:
   key: jax.Array | None = None
   pool: jax.Array | None = None
   binary: bool = True
+  pool_sharded: bool = False
+  pool_size: int = 0
+
+  @property
+  def num_pool(self) -> int:
+    """N, the number of training images (a split pool carries padding rows)."""
+    return int(self.pool_size) or int(self.pool.shape[0])
 
 
 jax.tree_util.register_dataclass(
-    ContextInputs, data_fields=["x", "ids", "mu", "key", "pool"], meta_fields=["binary"])
+    ContextInputs, data_fields=["x", "ids", "mu", "key", "pool"],
+    meta_fields=["binary", "pool_sharded", "pool_size"])
 
 
 class Prior:

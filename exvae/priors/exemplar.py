@@ -34,26 +34,44 @@ from exvae import distributed, kernels, parallel, rng
 from exvae.priors.base import Prior, register
 
 
-def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 2048):
+def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 2048, *,
+                sharded: bool = False, n: int = 0):
   """Encoder means of every image in ``pool`` (N, H, W, C) -> (N, d), in chunks.
 
   Traceable (``lax.map`` over chunks) so memory stays at one chunk of
-  activations; no gradients are intended to flow (callers stop them).
+  activations; no gradients are intended to flow (callers stop them).  A pool
+  split along N over the ``data`` mesh (``sharded``) is encoded where it lies,
+  each device its own rows, with no image leaving its device.
+
+  Args:
+    model, model_params: the model and its parameters.
+    pool: (N, H, W, C) images, or (N_pad, H, W, C) split along ``data``.
+    key: binarisation key (row r depends on (key, r) only, whatever the layout).
+    binary: binarise before encoding.
+    batch_size: rows encoded at once.
+    sharded: ``pool`` is split (static).
+    n: the number of real rows N (0: ``pool.shape[0]``).
+
+  Returns:
+    (N, d) codes.
   """
-  n = pool.shape[0]
-  ids = jnp.arange(n)
+  n = int(n) or pool.shape[0]
 
-  def one(i):
-    x = pool[i][None]
-    if binary:
-      x = rng.bernoulli_rows(key, x, i[None])
-    return model.encode_mean(model_params, x)[0]
+  def encode_rows_local(params, rows, ids):
+    def one(args):
+      x, i = args
+      x = x[None]
+      if binary:
+        x = rng.bernoulli_rows(key, x, i[None])
+      return model.encode_mean(params, x)[0]
+    # Batched lax.map: vectorised over chunks of batch_size, sequential across.
+    return jax.lax.map(one, (rows, ids), batch_size=min(batch_size, rows.shape[0]))
 
-  # Batched lax.map: vectorised over chunks of batch_size, sequential across.
-  return jax.lax.map(one, ids, batch_size=min(batch_size, n))
+  return distributed.map_pool_shards(encode_rows_local, model_params, pool, n, sharded)[:n]
 
 
-def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000):
+def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
+                sharded: bool = False):
   """Encoder means of ``pool[ids]`` WITH gradients, in rematerialised chunks.
 
   Gathering, binarising and encoding M = 25000 exemplars in one piece streams
@@ -70,6 +88,7 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     key: binarisation key (row r's pixels depend on (key, ids[r]) only).
     binary: binarise before encoding.
     chunk: rows per chunk.
+    sharded: ``pool`` is split along N over the ``data`` mesh (static).
 
   Returns:
     (M, d) codes.
@@ -80,7 +99,7 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off below
   # Gather + binarise once, stored as uint8 (4x less memory traffic than float32);
   # the rematerialised backward then re-reads these bits, not the pool.
-  x = pool[padded]
+  x = distributed.take_rows(pool, padded, sharded)
   x = rng.bernoulli_rows(key, x, padded, dtype=jnp.uint8) if binary else x
 
   @jax.checkpoint
@@ -134,15 +153,17 @@ class ExemplarPrior(Prior):
   def refresh(self, params, state, model, model_params, inputs):
     if not self.cfg.rat:
       return state
-    codes = encode_pool(model, model_params, inputs.pool, inputs.key, inputs.binary)
+    codes = encode_pool(model, model_params, inputs.pool, inputs.key, inputs.binary,
+                        sharded=inputs.pool_sharded, n=inputs.num_pool)
     return {"cache": jax.lax.stop_gradient(codes)}
 
   # -- context ----------------------------------------------------------------
   def context(self, params, state, model, model_params, inputs, train):
     pool = inputs.pool
-    n = pool.shape[0]
+    n = inputs.num_pool
     if not train:
-      bank = encode_pool(model, model_params, pool, inputs.key, inputs.binary)
+      bank = encode_pool(model, model_params, pool, inputs.key, inputs.binary,
+                         sharded=inputs.pool_sharded, n=n)
       # On a device mesh the evaluation bank is split along N (each device holds
       # N / devices codes); log_prob then reduces shard by shard.
       return {"bank": distributed.shard_batch(jax.lax.stop_gradient(bank))}, state
@@ -155,13 +176,13 @@ class ExemplarPrior(Prior):
     if not self.cfg.rat:
       # Chunked + rematerialised; each chunk split over the data-parallel devices.
       bank = encode_rows(model, model_params, pool, cand, k_bin, inputs.binary,
-                         int(self.cfg.encode_chunk))
+                         int(self.cfg.encode_chunk), sharded=inputs.pool_sharded)
       return {"bank": bank, "bank_ids": cand}, state
     return self._rat_context(state, model, model_params, inputs, cand, k_bin)
 
   def _rat_context(self, state, model, model_params, inputs, cand, k_bin):
     pool, ids = inputs.pool, inputs.ids
-    n = pool.shape[0]
+    n = inputs.num_pool
     cache = state["cache"].at[ids].set(jax.lax.stop_gradient(inputs.mu), mode="drop")
     k = min(int(self.cfg.rat_k), cand.shape[0])
     query_ids = ids if self.cfg.loo else None
@@ -177,7 +198,7 @@ class ExemplarPrior(Prior):
     mask = first & (union < n)
     safe = jnp.minimum(union, n - 1)
     bank = encode_rows(model, model_params, pool, safe, k_bin, inputs.binary,
-                       int(self.cfg.encode_chunk))
+                       int(self.cfg.encode_chunk), sharded=inputs.pool_sharded)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
     # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.
     log_norm = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
