@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README results table: the four Fashion-MNIST priors, same epochs each,
-# then importance-sampled test NLL. Usage: EPOCHS=10 WARMUP=5 S=1000 scripts/results.sh
+# The README results tables: configs trained for the same number of epochs,
+# then importance-sampled test NLL.
+# Usage: EPOCHS=10 WARMUP=5 S=1000 [CONFIGS="..."] [EVAL_ARGS="--config.eval.max_test_examples=1000"] scripts/results.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -11,6 +12,7 @@ for cfg in ${CONFIGS:-fashion_vae_gaussian fashion_vae_vampprior fashion_vae_exe
   $PY train.py --config=configs/$cfg.py --workdir="$wd" --config.num_epochs="$EPOCHS" \
     --config.warmup_epochs="$WARMUP" --config.progress=False
   echo "$cfg train_wall_s=$(( $(date +%s) - start ))" >> "$OUT/walltimes.txt"
+  # shellcheck disable=SC2086  # EVAL_ARGS is a list of flags
   $PY eval.py --config=configs/$cfg.py --workdir="$wd" --config.eval.num_importance_samples="$S" \
-    --config.progress=False | tail -1
+    --config.progress=False ${EVAL_ARGS:-} | tail -1
 done
