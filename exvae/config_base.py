@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_test = 0                    # >0: truncate validation and test splits
   c.eval_binarize_seed = 0          # fixed binarisation of validation/test images
   # Model.
-  c.model = "vae"                   # vae | hvae | convhvae (see exvae/models)
+  c.model = "vae"                   # vae | hvae | convhvae | pixelcnn (see exvae/models)
   c.latent_dim = 40                 # d of the prior's latent (z2 for hvae / convhvae)
   c.hidden = (300, 300)
   c.likelihood = "bernoulli"        # bernoulli | logistic (discretised, 256 levels)
@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
       z1_dim=40,                    # size of the lower latent z1 (hvae, convhvae)
       conv_channels=(32, 32, 64, 64, 6),   # convhvae encoder gated convs
       dec_channels=(64, 64, 64, 64)))      # convhvae decoder 3x3 gated convs
+  c.pixelcnn = ml_collections.ConfigDict(dict(
+      channels=64,                  # F: feature maps of the vertical/horizontal stacks and of cond(z)
+      num_layers=6,                 # gated residual layers (mask 'B') after the mask-'A' input layer
+      kernel_size=5))               # odd k: vertical convs (k//2+1) x k, horizontal 1 x (k//2+1)
   # Prior.
   c.prior = "exemplar"              # gaussian | vampprior | exemplar (see exvae/priors)
   c.exemplar = ml_collections.ConfigDict(dict(

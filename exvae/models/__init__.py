@@ -3,6 +3,8 @@
 * ``vae``: one-level MLP VAE (:mod:`exvae.models.vae`).
 * ``hvae``: two-level MLP VAE, prior on z2 (:mod:`exvae.models.hvae`).
 * ``convhvae``: two-level VAE with gated convolutions (:mod:`exvae.models.conv`).
+* ``pixelcnn``: MLP encoder, gated PixelCNN decoder p(x|z) autoregressive over
+  pixels (:mod:`exvae.models.pixelcnn`; stands in for the paper's PixelSNAIL).
 
 Every model supports ``config.likelihood`` 'bernoulli' (decoder gives logits)
 and 'logistic' (decoder gives ``(mean, log_scale)`` of a discretised logistic).
@@ -15,6 +17,7 @@ from typing import Callable, Sequence
 from exvae.models import vae as _vae
 from exvae.models.conv import ConvHVAE, make_convhvae
 from exvae.models.hvae import HVAE, make_head_vae_model, make_hvae
+from exvae.models.pixelcnn import PixelVAE, make_pixelvae
 from exvae.models.vae import VAE, Model, Scores
 
 
@@ -29,6 +32,7 @@ MODELS: dict[str, Callable[..., Model]] = {
     "vae": _make_vae,
     "hvae": make_hvae,
     "convhvae": make_convhvae,
+    "pixelcnn": make_pixelvae,
 }
 
 
@@ -37,7 +41,7 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
 
   Args:
     config: ConfigDict with ``model``, ``latent_dim``, ``hidden``,
-      ``likelihood`` and (hierarchical models) ``hvae``.
+      ``likelihood`` and (hierarchical models) ``hvae``, (pixelcnn) ``pixelcnn``.
     image_shape: (H, W, C) of the data set.
 
   Returns:
@@ -52,4 +56,4 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
   return MODELS[name](config, image_shape)
 
 
-__all__ = ["VAE", "HVAE", "ConvHVAE", "Model", "Scores", "MODELS", "make_model"]
+__all__ = ["VAE", "HVAE", "ConvHVAE", "PixelVAE", "Model", "Scores", "MODELS", "make_model"]
