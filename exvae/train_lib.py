@@ -155,6 +155,37 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def train_batch(base_key: jax.Array, step: jax.Array, pool: jax.Array, perm: jax.Array, *,
+                setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The batch of one training step, and the key left for the loss.
+
+  The step key is ``fold_in(base_key, step)`` (so a resumed run draws the
+  same batches and noise); binary data sets are binarised afresh at every
+  step from that key (dynamic binarisation: an image seen in another epoch
+  gets other bits), while validation and test images are binarised once
+  with a fixed seed when the data is loaded.
+
+  Args:
+    base_key: the run's base PRNG key.
+    step: global step (scalar int32).
+    pool: (N, H, W, C) training images in [0, 1].
+    perm: (N,) int32 this epoch's permutation of the training set.
+    setup: static run description.
+
+  Returns:
+    ``(x (B, H, W, C), ids (B,) int32 rows of the pool, loss key)``.
+  """
+  key = jax.random.fold_in(base_key, step)
+  k_bin, k_loss = jax.random.split(key)
+  i = step % setup.steps_per_epoch
+  ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
+  # Data parallel over the mesh, if any (a split pool: each device sends the rows it owns).
+  x = distributed.shard_batch(distributed.take_rows(pool, ids, setup.pool_sharded))
+  if setup.binary:
+    x = rng.bernoulli_rows(k_bin, x, ids)          # dynamic binarisation, fresh every step
+  return x, ids, k_loss
+
+
 def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: Setup):
   """One optimisation step.
 
@@ -170,14 +201,7 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
     host loop raises :class:`NonFiniteLossError` at its next check.
   """
   step = state.step
-  key = jax.random.fold_in(state.key, step)
-  k_bin, k_loss = jax.random.split(key)
-  i = step % setup.steps_per_epoch
-  ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
-  # Data parallel over the mesh, if any (a split pool: each device sends the rows it owns).
-  x = distributed.shard_batch(distributed.take_rows(pool, ids, setup.pool_sharded))
-  if setup.binary:
-    x = rng.bernoulli_rows(k_bin, x, ids)          # dynamic binarisation, fresh every step
+  x, ids, k_loss = train_batch(state.key, step, pool, perm, setup=setup)
   beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
   grad_fn = jax.value_and_grad(elbo_loss, has_aux=True)
   (loss, (metrics, new_prior_state)), grads = grad_fn(

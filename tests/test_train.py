@@ -47,6 +47,37 @@ def test_train_step_traces_once_and_loss_decreases(prior, rat):
   assert int(state.step) == 40 and int(state.nonfinite) == 0
 
 
+def test_training_binarisation_is_fresh_each_epoch_and_eval_is_fixed():
+  c, splits, setup = _setup()
+  assert setup.binary
+  n = splits.train_x.shape[0]
+  pool = jnp.asarray(splits.train_x)
+  spe = setup.steps_per_epoch
+  batch = jax.jit(train_lib.train_batch, static_argnames=("setup",))
+  key = jax.random.PRNGKey(0)
+  perm = jnp.arange(n, dtype=jnp.int32)            # same rows at step 0 of every epoch
+  draws = [batch(key, jnp.int32(e * spe), pool, perm, setup=setup) for e in range(200)]
+  xs = np.stack([np.asarray(x) for x, _, _ in draws])            # (epochs, B, H, W, 1)
+  ids = np.asarray(draws[0][1])
+  assert all(np.array_equal(np.asarray(i), ids) for _, i, _ in draws)
+  assert set(np.unique(xs).tolist()) == {0.0, 1.0}
+  # Another epoch, another binarisation of the same images ...
+  assert (xs[0] != xs[1]).mean() > 0.05
+  # ... each a Bernoulli draw of the grey levels: the mean over 200 epochs
+  # matches them (binomial sd <= 0.035 per pixel).
+  grey = np.asarray(pool[ids])
+  assert np.abs(xs.mean(0) - grey).max() < 0.2
+  assert abs(float(xs.mean() - grey.mean())) < 0.01
+  # The same step (a resumed run) redraws exactly the same bits.
+  again, _, _ = batch(key, jnp.int32(3 * spe), pool, perm, setup=setup)
+  np.testing.assert_array_equal(np.asarray(again), xs[3])
+  # Validation and test images are binarised once, identically on every load.
+  again_splits = train_lib.load_data(c)
+  for a, b in ((splits.val_x, again_splits.val_x), (splits.test_x, again_splits.test_x)):
+    assert set(np.unique(a).tolist()) <= {0.0, 1.0}
+    np.testing.assert_array_equal(a, b)
+
+
 def test_iwae_s1_equals_elbo_and_bound_tightens():
   c, splits, setup = _setup()
   n = splits.train_x.shape[0]
