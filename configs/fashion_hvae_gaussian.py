@@ -4,14 +4,8 @@ Paper row "HVAE, Gaussian prior", Fashion-MNIST column: published test NLL 227.3
 (Norouzi et al. 2020, S = 5000 importance samples).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "fashion_mnist"
-  c.model = "hvae"
-  c.latent_dim = 40                 # z2 (the prior's latent)
-  c.hvae.z1_dim = 40
-  c.prior = "gaussian"
-  return finalize(c)
+  return paper_config("fashion_mnist", "hvae", "gaussian")

@@ -8,19 +8,8 @@ is 223.26 +- 0.01 nats).  The decoder is a gated PixelCNN standing in for
 PixelSNAIL (see exvae/models/pixelcnn.py).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "fashion_mnist"
-  c.model = "pixelcnn"
-  c.latent_dim = 40
-  c.pixelcnn.channels = 64
-  c.pixelcnn.num_layers = 6
-  c.pixelcnn.kernel_size = 5
-  c.prior = "gaussian"
-  # The decoder is evaluated on every importance sample: 1000 images at once
-  # keep the activations (~400 MB per 128-channel layer) well inside memory.
-  c.eval.max_queries = 1000
-  return finalize(c)
+  return paper_config("fashion_mnist", "pixelcnn", "gaussian")

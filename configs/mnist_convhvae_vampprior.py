@@ -4,15 +4,8 @@ Paper row "ConvHVAE, VampPrior", Dynamic MNIST column: published test NLL 79.67 
 (Norouzi et al. 2020, S = 5000 importance samples).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "mnist"
-  c.model = "convhvae"
-  c.latent_dim = 40                 # z2 (the prior's latent)
-  c.hvae.z1_dim = 40
-  c.prior = "vampprior"
-  c.vampprior.num_pseudo = 500
-  return finalize(c)
+  return paper_config("mnist", "convhvae", "vampprior")

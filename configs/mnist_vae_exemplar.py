@@ -1,12 +1,7 @@
 """Dynamic MNIST, MLP VAE, exact exemplar prior, M = 25000 exemplars per batch (paper row "Exemplar VAE")."""
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "mnist"
-  c.prior = "exemplar"
-  c.exemplar.num_exemplars = 25000
-  c.exemplar.rat = False
-  return finalize(c)
+  return paper_config("mnist", "vae", "exemplar")

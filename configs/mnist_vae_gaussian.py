@@ -1,10 +1,7 @@
 """Dynamic MNIST, MLP VAE, standard Gaussian prior (paper row "VAE, Gaussian prior")."""
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "mnist"
-  c.prior = "gaussian"
-  return finalize(c)
+  return paper_config("mnist", "vae", "gaussian")

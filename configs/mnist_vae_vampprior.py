@@ -1,11 +1,7 @@
 """Dynamic MNIST, MLP VAE, VampPrior with 500 pseudo-inputs (paper row "VAE, VampPrior")."""
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "mnist"
-  c.prior = "vampprior"
-  c.vampprior.num_pseudo = 500
-  return finalize(c)
+  return paper_config("mnist", "vae", "vampprior")

@@ -10,22 +10,8 @@ exemplars with gradients every step, RAT only the batch's retrieved
 neighbours (the encoder is the MLP VAE's either way).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "omniglot"
-  c.model = "pixelcnn"
-  c.latent_dim = 40
-  c.pixelcnn.channels = 64
-  c.pixelcnn.num_layers = 6
-  c.pixelcnn.kernel_size = 5
-  c.prior = "exemplar"
-  c.exemplar.num_exemplars = 11500
-  c.exemplar.rat = True
-  c.exemplar.rat_k = 10
-  # The decoder is evaluated on every importance sample: 1000 images at once
-  # keep the activations (~400 MB per 128-channel layer) well inside memory.
-  c.eval.max_queries = 1000
-  return finalize(c)
+  return paper_config("omniglot", "pixelcnn", "exemplar", rat=True)

@@ -4,14 +4,8 @@ Paper row "Exemplar VAE", Omniglot column: published test NLL 105.22 +- 0.18 nat
 (Norouzi et al. 2020, S = 5000 importance samples).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "omniglot"
-  c.model = "vae"
-  c.prior = "exemplar"
-  c.exemplar.num_exemplars = 11500
-  c.exemplar.rat = False
-  return finalize(c)
+  return paper_config("omniglot", "vae", "exemplar")

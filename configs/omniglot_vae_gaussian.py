@@ -4,12 +4,8 @@ Paper row "VAE, Gaussian prior", Omniglot column: published test NLL 108.34 +- 0
 (Norouzi et al. 2020, S = 5000 importance samples).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "omniglot"
-  c.model = "vae"
-  c.prior = "gaussian"
-  return finalize(c)
+  return paper_config("omniglot", "vae", "gaussian")

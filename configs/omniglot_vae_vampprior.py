@@ -4,13 +4,8 @@ Paper row "VAE, VampPrior", Omniglot column: published test NLL 106.78 +- 0.21 n
 (Norouzi et al. 2020, S = 5000 importance samples).
 """
 
-from exvae.config_base import base_config, finalize
+from exvae.config_base import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.dataset = "omniglot"
-  c.model = "vae"
-  c.prior = "vampprior"
-  c.vampprior.num_pseudo = 500
-  return finalize(c)
+  return paper_config("omniglot", "vae", "vampprior")

@@ -75,6 +75,55 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Exemplar candidates M per step in the paper's configs: half the training set.
+_PAPER_NUM_EXEMPLARS = {"mnist": 25000, "fashion_mnist": 25000, "omniglot": 11500}
+
+
+def paper_config(dataset: str, model: str, prior: str, *,
+                 rat: bool = False) -> ml_collections.ConfigDict:
+  """The locked config of one row of the paper's tables.
+
+  Every row shares d = 40 (z1 = 40 for the hierarchical models), K = 500
+  VampPrior pseudo-inputs, M = half the training set as exemplar candidates
+  (25000 for MNIST and Fashion-MNIST, 11500 for Omniglot) and k = 10
+  retrieved neighbours under RAT; PixelCNN decoders score 1000 codes per
+  evaluation call to bound their activations (~400 MB per 128-channel layer).
+
+  Args:
+    dataset: 'mnist', 'fashion_mnist' or 'omniglot'.
+    model: 'vae', 'hvae', 'convhvae' or 'pixelcnn'.
+    prior: 'gaussian', 'vampprior' or 'exemplar'.
+    rat: exemplar prior only: retrieval augmented training instead of the exact prior.
+
+  Returns:
+    The locked ConfigDict.
+  """
+  if dataset not in _PAPER_NUM_EXEMPLARS:
+    raise ValueError(f"No paper config for dataset {dataset!r}; known: "
+                     f"{sorted(_PAPER_NUM_EXEMPLARS)}.")
+  if rat and prior != "exemplar":
+    raise ValueError(f"rat=True needs the exemplar prior, got prior={prior!r}.")
+  c = base_config()
+  c.dataset = dataset
+  c.model = model
+  c.latent_dim = 40                 # z2 for the hierarchical models (the prior's latent)
+  c.hvae.z1_dim = 40
+  c.prior = prior
+  if prior == "vampprior":
+    c.vampprior.num_pseudo = 500
+  if prior == "exemplar":
+    c.exemplar.num_exemplars = _PAPER_NUM_EXEMPLARS[dataset]
+    c.exemplar.rat = rat
+    if rat:
+      c.exemplar.rat_k = 10
+  if model == "pixelcnn":
+    c.pixelcnn.channels = 64
+    c.pixelcnn.num_layers = 6
+    c.pixelcnn.kernel_size = 5
+    c.eval.max_queries = 1000
+  return finalize(c)
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the config so unknown keys are errors."""
   c.lock()

@@ -57,6 +57,34 @@ def run_train_steps(c, num_devices: int, steps: int = 5, on_compiled=None):
   return state, losses
 
 
+def train_traced_once(c, steps: int):
+  """``steps`` train steps of config ``c`` on one device, the step traced exactly once.
+
+  Returns:
+    ``(setup, state, pool, losses)``; ``chex.assert_max_traces`` fails the
+    caller if the jitted step retraces inside the loop.
+  """
+  import chex
+  import jax
+  import jax.numpy as jnp
+  from exvae import train_lib
+  chex.clear_trace_counter()
+  splits = train_lib.load_data(c)
+  setup = train_lib.make_setup(c, splits)
+  n = splits.train_x.shape[0]
+  state = train_lib.init_state(c, setup, n)
+  pool = jnp.asarray(splits.train_x)
+  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
+  step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=1),
+                 static_argnames=("setup",), donate_argnames=("state",))
+  state = train_lib.refresh_step(state, pool, setup=setup)
+  losses = []
+  for _ in range(steps):
+    state, m = step(state, pool, perm, setup=setup)
+    losses.append(float(m["loss"]))
+  return setup, state, pool, losses
+
+
 @pytest.fixture
 def test_config():
   return load_config("test")

@@ -257,7 +257,23 @@ def test_every_config_builds(name):
   assert _count(params) > 0
   if name.split("_")[0] in ("mnist", "fashion", "omniglot") and c.model != "vae":
     assert c.latent_dim == 40 and c.hvae.z1_dim == 40 and tuple(c.hidden) == (300, 300)
-    assert _count(params) == expected_params(c.model, c.likelihood)
+    if c.model == "pixelcnn":
+      from test_pixelcnn import expected_params as pixelcnn_params
+      assert _count(params) == pixelcnn_params(likelihood=c.likelihood)
+    else:
+      assert _count(params) == expected_params(c.model, c.likelihood)
+
+
+def test_paper_config_rejects_unknown_rows():
+  from exvae.config_base import paper_config
+  c = paper_config("omniglot", "hvae", "exemplar", rat=True)
+  assert c.exemplar.num_exemplars == 11500 and c.exemplar.rat and c.exemplar.rat_k == 10
+  with pytest.raises(ValueError, match="No paper config"):
+    paper_config("cifar10", "vae", "gaussian")
+  with pytest.raises(ValueError, match="rat=True needs the exemplar prior"):
+    paper_config("mnist", "vae", "vampprior", rat=True)
+  with pytest.raises(AttributeError):
+    c.not_a_key = 1                                     # locked, like every config
 
 
 def test_celeba_logistic_convhvae_trains_on_mock_tfds_data():

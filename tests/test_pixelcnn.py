@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, train_traced_once
 from exvae import train_lib
 from exvae.likelihoods import (bernoulli_log_prob, diag_gaussian_log_prob,
                                discretized_logistic_log_prob, get_likelihood)
@@ -195,21 +195,7 @@ def test_logistic_samples_lie_on_the_256_level_grid():
 @pytest.mark.parametrize("prior,rat", [("gaussian", False), ("vampprior", False),
                                         ("exemplar", False), ("exemplar", True)])
 def test_trains_under_every_prior(prior, rat):
-  chex.clear_trace_counter()
-  c = _config(prior=prior, **{"exemplar.rat": rat})
-  splits = train_lib.load_data(c)
-  setup = train_lib.make_setup(c, splits)
-  n = splits.train_x.shape[0]
-  state = train_lib.init_state(c, setup, n)
-  pool = jnp.asarray(splits.train_x)
-  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
-  step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=1),
-                 static_argnames=("setup",), donate_argnames=("state",))
-  state = train_lib.refresh_step(state, pool, setup=setup)
-  losses = []
-  for _ in range(30):
-    state, m = step(state, pool, perm, setup=setup)
-    losses.append(float(m["loss"]))
+  setup, state, pool, losses = train_traced_once(_config(prior=prior, **{"exemplar.rat": rat}), 30)
   assert np.all(np.isfinite(losses)), losses
   assert np.mean(losses[-8:]) < np.mean(losses[:8]), losses
   assert int(state.nonfinite) == 0

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, train_traced_once
 from exvae import checkpoints, eval_lib, train_lib
 from exvae.objectives import log_importance_weights
 
@@ -29,19 +28,8 @@ def _setup(**overrides):
 @pytest.mark.parametrize("prior,rat", [("exemplar", False), ("exemplar", True),
                                         ("vampprior", False), ("gaussian", False)])
 def test_train_step_traces_once_and_loss_decreases(prior, rat):
-  chex.clear_trace_counter()
-  c, splits, setup = _setup(prior=prior, **{"exemplar.rat": rat})
-  n = splits.train_x.shape[0]
-  state = train_lib.init_state(c, setup, n)
-  pool = jnp.asarray(splits.train_x)
-  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
-  step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=1),
-                 static_argnames=("setup",), donate_argnames=("state",))
-  state = train_lib.refresh_step(state, pool, setup=setup)
-  losses = []
-  for _ in range(40):
-    state, m = step(state, pool, perm, setup=setup)
-    losses.append(float(m["loss"]))
+  c = load_config("test", prior=prior, **{"exemplar.rat": rat})
+  _, state, _, losses = train_traced_once(c, 40)
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-10:]) < np.mean(losses[:10])
   assert int(state.step) == 40 and int(state.nonfinite) == 0
