@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from exvae.likelihoods import NUM_BINS, diag_gaussian_log_prob
 from exvae.models.conv import ConvOutputHead
 from exvae.models.hvae import check_likelihood
-from exvae.models.vae import LOGVAR_MAX, LOGVAR_MIN, Model, Scores
+from exvae.models.vae import MLPEncoderModule, Model, Scores
 from exvae.nets.conv import torch_conv_init
 from exvae.nets.gated import GatedDense, he_init
 
@@ -117,8 +117,8 @@ def _dense_1x1(features: int, name: str) -> nn.Dense:
   return nn.Dense(features, kernel_init=torch_conv_init, name=name)
 
 
-class PixelVAE(nn.Module):
-  """MLP encoder, gated PixelCNN decoder with spatial conditioning on z.
+class PixelVAE(MLPEncoderModule):
+  """MLP encoder (the MLP VAE's: ``encode``, ``encode_mean``), gated PixelCNN decoder with spatial conditioning on z.
 
   Attributes:
     image_shape: (H, W, C) of the data; C must be 1.
@@ -160,25 +160,6 @@ class PixelVAE(nn.Module):
     self.links = [_dense_1x1(2 * f, name=f"link_{l}") for l in range(n)]
     self.res = [_dense_1x1(f, name=f"res_{l}") for l in range(1, n)]
     self.head = ConvOutputHead(int(self.image_shape[-1]), self.likelihood, name="head")
-
-  # --------------------------------------------------------------------------
-  # Encoder (the MLP VAE's)
-  # --------------------------------------------------------------------------
-
-  def _trunk(self, x: jax.Array) -> jax.Array:
-    h = x.reshape(x.shape[0], -1)
-    for layer in self.enc_layers:
-      h = layer(h)
-    return h
-
-  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: (B, H, W, C) in [0, 1] -> (mu (B, d), logvar (B, d) in [-6, 2])."""
-    h = self._trunk(x)
-    return self.enc_mu(h), jnp.clip(self.enc_logvar(h), LOGVAR_MIN, LOGVAR_MAX)
-
-  def encode_mean(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> mu (B, d); skips the log-variance head (exemplar codes)."""
-    return self.enc_mu(self._trunk(x))
 
   # --------------------------------------------------------------------------
   # Decoder pieces, shared by the parallel and the incremental passes

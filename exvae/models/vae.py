@@ -27,7 +27,30 @@ Params = Any
 LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
 
 
-class VAE(nn.Module):
+class MLPEncoderModule(nn.Module):
+  """q(z|x) of the MLP VAE, for every model that uses that encoder.
+
+  Subclasses create ``enc_layers`` (gated dense stack), ``enc_mu`` and
+  ``enc_logvar`` in ``setup``; the parameter names are theirs.
+  """
+
+  def _trunk(self, x: jax.Array) -> jax.Array:
+    h = x.reshape(x.shape[0], -1)
+    for layer in self.enc_layers:
+      h = layer(h)
+    return h
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: (B, H, W, C) in [0, 1] -> (mu (B, d), logvar (B, d) in [-6, 2])."""
+    h = self._trunk(x)
+    return self.enc_mu(h), jnp.clip(self.enc_logvar(h), LOGVAR_MIN, LOGVAR_MAX)
+
+  def encode_mean(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> mu (B, d); skips the log-variance head (exemplar codes)."""
+    return self.enc_mu(self._trunk(x))
+
+
+class VAE(MLPEncoderModule):
   """MLP VAE with gated dense layers.
 
   Attributes:
@@ -46,22 +69,6 @@ class VAE(nn.Module):
     self.enc_logvar = nn.Dense(self.latent_dim, kernel_init=he_init, name="enc_logvar")
     self.dec_layers = [GatedDense(h, name=f"dec_{i}") for i, h in enumerate(self.hidden)]
     self.dec_out = nn.Dense(math.prod(self.image_shape), kernel_init=he_init, name="dec_out")
-
-  def _trunk(self, x):
-    h = x.reshape(x.shape[0], -1)
-    for layer in self.enc_layers:
-      h = layer(h)
-    return h
-
-  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: (B, H, W, C) in [0, 1] -> (mu (B, d), logvar (B, d))."""
-    h = self._trunk(x)
-    logvar = jnp.clip(self.enc_logvar(h), LOGVAR_MIN, LOGVAR_MAX)
-    return self.enc_mu(h), logvar
-
-  def encode_mean(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> mu (B, d); skips the log-variance head (exemplar codes)."""
-    return self.enc_mu(self._trunk(x))
 
   def decode(self, z: jax.Array) -> jax.Array:
     """z: (B, d) -> Bernoulli logits (B, H, W, C)."""
