@@ -3,14 +3,18 @@
 Prints, for B in {100, 5000} x N in {5e4, 1e6}, d = 40:
   * time per call, effective GFLOP/s (nominal 2*B*N*d distance-matmul flops / time),
     peak working memory (XLA compiled temp + output bytes; process max-RSS growth),
-    for the streamed kernel and for the naive B x N materialising form (skipped when
-    its B x N matrices would not fit comfortably in RAM);
+    for the default kernel ("stream": the fused C++ forward of
+    exvae/kernels/cpu_fused.cc when available, else the XLA streamed path), the
+    XLA streamed path forced (impl="xla"), and the naive B x N materialising form
+    (skipped when its B x N matrices would not fit comfortably in RAM). The fused
+    kernel's own scratch (O(threads * tile + B * d), C++ heap) is not in XLA's
+    count but is independent of N as well;
   * the device limits measured in the same run: dense 2048^3 f32 matmul GFLOP/s and
     exp throughput (exp + sum over a cache-resident array repeated inside one jit);
     limit time = 2*B*N*d / matmul_rate + B*N / exp_rate;
   * bf16-bank error/time, gradient and top-k timings, pruned evaluation on a
     realistic setup (samples around a centre, clustered bank).
-Last line: `ratio_to_limit=<streamed / limit at B=5000,N=5e4> peak_mem_growth=<streamed
+Last line: `ratio_to_limit=<default / limit at B=5000,N=5e4> peak_mem_growth=<default
 peak mem at N=1e6 / at N=5e4, B=5000>`.
 
 Usage: python bench/prior_kernel.py [--quick]
@@ -32,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from exvae.kernels import (default_chunk_size, log_kernel_sum,  # noqa: E402
+from exvae.kernels import (cpu_fused, default_chunk_size, log_kernel_sum,  # noqa: E402
                            pruned_log_kernel_sum, topk_neighbors)
 
 D = 40
@@ -130,22 +134,32 @@ def main() -> None:
     rng = np.random.default_rng(0)
     lv = jnp.float32(0.0)
     stream = jax.jit(lambda z, b, lv: log_kernel_sum(z, b, lv)[0])
+    xla = jax.jit(lambda z, b, lv: log_kernel_sum(z, b, lv, impl="xla")[0])
+    fused_on = cpu_fused.vectorized()
+    why = cpu_fused.unavailable_reason() or "no AVX-512 build"
+    print("default forward: fused C++ kernel (exvae/kernels/cpu_fused.cc)" if fused_on
+          else f"default forward: XLA streamed (fused kernel not used: {why})")
 
-    # Key measurement: limits and the B=5000, N=5e4 kernel in interleaved rounds.
+    # Key measurement: limits, the default and the XLA-forced B=5000, N=5e4 kernel
+    # in interleaved rounds.
     zk = jnp.asarray(rng.normal(size=(5000, D)), jnp.float32)
     bk = jnp.asarray(rng.normal(size=(50_000, D)), jnp.float32)
     calls = limit_fns()
     calls["stream"] = (stream, (zk, bk, lv))
+    calls["xla"] = (xla, (zk, bk, lv))
     key = interleaved(calls, rounds=3 if args.quick else 8)
     mm_rate = 2 * 2048**3 / key["matmul"]
     exp_rate = EXP_ELEMS / key["exp"]
     key_limit = 2.0 * 5000 * 50_000 * D / mm_rate + 5000 * 50_000 / exp_rate
     ratio = key["stream"] / key_limit
+    ratio_xla = key["xla"] / key_limit
     print(f"device limits: matmul 2048^3 f32 = {mm_rate / 1e9:.1f} GFLOP/s, "
           f"exp+sum (1 MB resident) = {exp_rate / 1e9:.2f} Gelem/s")
-    print(f"key (interleaved best-of): B=5000 N=5e4 streamed {key['stream'] * 1e3:.1f} ms, "
-          f"limit {key_limit * 1e3:.1f} ms (matmul {2e3 * 5000 * 50_000 * D / mm_rate:.1f} + "
-          f"exp {5000 * 50_000 / exp_rate * 1e3:.1f}), ratio {ratio:.3f}")
+    print(f"key (interleaved best-of): B=5000 N=5e4 limit {key_limit * 1e3:.1f} ms "
+          f"(matmul {2e3 * 5000 * 50_000 * D / mm_rate:.1f} + "
+          f"exp {5000 * 50_000 / exp_rate * 1e3:.1f}); default (stream) "
+          f"{key['stream'] * 1e3:.1f} ms ratio {ratio:.3f}; xla {key['xla'] * 1e3:.1f} ms "
+          f"ratio {ratio_xla:.3f}")
     del zk, bk
     naive = jax.jit(naive_lse)
     mem: dict = {}
@@ -169,6 +183,17 @@ def main() -> None:
             print(f"{b:>5} {n:>8} {'stream':>8} {default_chunk_size(b, n):>6} {t * 1e3:>9.1f} "
                   f"{flops / t / 1e9:>8.1f} {limit * 1e3:>8.1f} {t / limit:>7.2f} {pm:>8.1f} "
                   f"{rss:>7.0f}")
+            if fused_on:
+                pmx = compiled_mem_mb(xla, z, bank, lv)
+                if skip_time:
+                    tx, rss = float("nan"), float("nan")
+                else:
+                    r0 = max_rss_mb()
+                    tx = timeit(xla, z, bank, lv, reps=1 if b * n > 1e9 else reps)
+                    rss = max_rss_mb() - r0
+                print(f"{b:>5} {n:>8} {'xla':>8} {default_chunk_size(b, n):>6} "
+                      f"{tx * 1e3:>9.1f} {flops / tx / 1e9:>8.1f} {limit * 1e3:>8.1f} "
+                      f"{tx / limit:>7.2f} {pmx:>8.1f} {rss:>7.0f}")
             naive_bytes = 3 * 4 * b * n  # dist, logn and exp temporaries
             if naive_bytes > 6e9 or (args.quick and naive_bytes > 1.5e9):
                 print(f"{b:>5} {n:>8} {'naive':>8} {'-':>6} skipped: needs ~{naive_bytes / 2**30:.0f}"

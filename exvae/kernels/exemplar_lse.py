@@ -252,7 +252,40 @@ def _loo_mask(ids_c: Array, qids: Array) -> Array:
 # --------------------------------------------------------------------------------------
 
 
-def _lse0(z, bank, log_var, bank_mask, bank_ids, query_ids, chunk_size, bank_dtype):
+_IMPLS = ("auto", "xla", "fused")
+
+
+def _use_fused(impl: str, arrays: tuple, bank_dtype: Any) -> bool:
+    """Static choice of the forward implementation (see `log_kernel_sum`'s `impl`).
+
+    "auto" takes the fused CPU kernel only where it is a drop-in: CPU backend, the
+    library built and vectorised, float32, no bf16 bank, and not inside
+    jax.shard_map (a custom call has no notion of device-varying values).
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return False
+    present = [a for a in arrays if a is not None]
+    eligible = (bank_dtype is None and present[0].dtype == jnp.float32
+                and not any(_varying(a) for a in present))
+    if impl == "fused":
+        from exvae.kernels import cpu_fused
+        if not cpu_fused.available():
+            raise RuntimeError("impl='fused' requested but the fused CPU kernel is "
+                               f"unavailable: {cpu_fused.unavailable_reason()}")
+        if not eligible:
+            raise ValueError("impl='fused' needs float32 inputs, bank_dtype=None and no "
+                             "jax.shard_map (device-varying) inputs")
+        return True
+    if not eligible or jax.default_backend() != "cpu":
+        return False
+    from exvae.kernels import cpu_fused
+    return cpu_fused.vectorized()
+
+
+def _lse0(z, bank, log_var, bank_mask, bank_ids, query_ids, chunk_size, bank_dtype,
+          impl: str = "xla"):
     """Online LSE of the exponent tiles -dist/(2 s2) (no Gaussian normaliser).
 
     Returns (lse0 (B,), count (B,)); rows with count 0 get -inf.
@@ -262,6 +295,15 @@ def _lse0(z, bank, log_var, bank_mask, bank_ids, query_ids, chunk_size, bank_dty
     chunk, _ = _chunking(b, n, chunk_size)
     use_ids = bank_ids is not None and query_ids is not None
     st = _setup(z, bank, log_var, bank_mask, bank_ids, query_ids, bank_dtype)
+    if _use_fused(impl, (z, bank, log_var, bank_mask, bank_ids, query_ids), bank_dtype):
+        from exvae.kernels import cpu_fused
+        d = z.shape[1]
+        # za = [zc/s2, 1, -|zc|^2/(2 s2)]: the kernel takes the cross and query-bias
+        # columns and builds the bank side (centring, bias, mask) per panel itself.
+        lse0 = cpu_fused.fused_lse0(st.za[:, :d], st.za[:, d + 1], bank, st.center,
+                                    st.scale_sq, bank_mask,
+                                    bank_ids if use_ids else None, st.qids)
+        return jnp.where(st.count > 0, lse0, -jnp.inf), st.count
 
     def fn(carry, start, bank_c, mask_c, ids_c):
         m, s = carry
@@ -289,9 +331,9 @@ def _lse_core(z, bank, log_var, bank_mask, bank_ids, query_ids, static):
 
 
 def _lse_fwd(z, bank, log_var, bank_mask, bank_ids, query_ids, static):
-    chunk_size, bank_dtype = static
+    chunk_size, bank_dtype, impl = static
     lse0, count = _lse0(z, bank, log_var, bank_mask, bank_ids, query_ids, chunk_size,
-                        bank_dtype)
+                        bank_dtype, impl)
     lse = lse0 - 0.5 * z.shape[1] * (_LOG_2PI + log_var)
     return (lse, count), (z, bank, log_var, bank_mask, bank_ids, query_ids, lse0)
 
@@ -299,7 +341,7 @@ def _lse_fwd(z, bank, log_var, bank_mask, bank_ids, query_ids, static):
 def _lse_bwd(static, res, cts):
     """Recompute each chunk; memory O(B * chunk). The bank_dtype option only affects
     the forward: gradients use f32 tiles (w then sums to 1 within the bf16 error)."""
-    chunk_size, _ = static
+    chunk_size = static[0]
     z, bank, log_var, bank_mask, bank_ids, query_ids, lse0 = res
     g, _ = cts  # count is piecewise constant: no gradient
     b, d = z.shape
@@ -343,13 +385,14 @@ def _lse_bwd(static, res, cts):
 _lse_core.defvjp(_lse_fwd, _lse_bwd)
 
 
-@partial(jax.jit, static_argnames=("chunk_size", "bank_dtype"))
+@partial(jax.jit, static_argnames=("chunk_size", "bank_dtype", "impl"))
 def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
                    bank_mask: Optional[Array] = None,
                    bank_ids: Optional[Array] = None,
                    query_ids: Optional[Array] = None,
                    chunk_size: Optional[int] = None,
-                   bank_dtype: Any = None) -> tuple[Array, Array]:
+                   bank_dtype: Any = None,
+                   impl: str = "auto") -> tuple[Array, Array]:
     """Log of the sum of isotropic Gaussian kernels, streamed over the bank.
 
     lse[b] = log sum_{n valid for b} N(z_b; mu_n, s2 I), s2 = exp(log_var), where
@@ -369,6 +412,11 @@ def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
         `default_chunk_size(B, N)` (~2M-element tiles). Any N works (ragged tail).
       bank_dtype: optional matmul dtype, e.g. jnp.bfloat16 (static), forward only.
         Accumulation and exp/sum stay f32; see `_setup` for how precision is kept.
+      impl: forward implementation (static): "xla" (streamed XLA ops), "fused"
+        (the C++ FFI kernel of `cpu_fused`: tiles never leave L1/L2; raises if it is
+        unavailable or inapplicable), or "auto" (fused when on CPU, available,
+        float32, bank_dtype None and not inside jax.shard_map; else XLA). The
+        backward pass is always the XLA recomputation.
 
     Returns:
       lse: (B,) log-sum of densities (full Gaussian normaliser included).
@@ -386,7 +434,7 @@ def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
         zero = jnp.sum(z, axis=1) * 0.0 + 0.0 * log_var
         return zero - jnp.inf, jnp.zeros((z.shape[0],), jnp.float32)
     return _lse_core(z, bank, log_var, bank_mask, bank_ids, query_ids,
-                     (chunk_size, bank_dtype))
+                     (chunk_size, bank_dtype, impl))
 
 
 # --------------------------------------------------------------------------------------
