@@ -115,6 +115,15 @@ def test_rising_maxima_across_tiles():
     _check(z, bank, -1.0)
 
 
+@pytest.mark.parametrize("b", [1, 2, 7, 1000])
+def test_column_median(b):
+    rng = np.random.default_rng(b)
+    z = rng.normal(size=(b, 5)).astype(np.float32)
+    z[:, 1] = np.round(z[:, 1])  # ties
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_fused.column_median)(z)),
+                               np.median(z, axis=0), rtol=1e-6, atol=1e-7)
+
+
 def test_vs_xla_many_queries_large_bank():
     rng = np.random.default_rng(3)
     z = rng.normal(size=(777, 40)).astype(np.float32)

@@ -35,6 +35,8 @@ Array = jax.Array
 _SRC = Path(__file__).with_name("cpu_fused.cc")
 _TARGET = "exvae_fused_lse"
 _SYMBOL = "ExvaeFusedLse"
+_MEDIAN_TARGET = "exvae_column_median"
+_MEDIAN_SYMBOL = "ExvaeColumnMedian"
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
 _lock = threading.Lock()
@@ -100,8 +102,9 @@ def _load() -> None:
             if not cxx:
                 raise RuntimeError("g++ not found")
             lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
-                                        platform="cpu")
+            for target, symbol in ((_TARGET, _SYMBOL), (_MEDIAN_TARGET, _MEDIAN_SYMBOL)):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                            platform="cpu")
             _state.update(lib=lib, error=None,
                           vectorized=bool(lib.exvae_fused_vectorized()))
         except subprocess.CalledProcessError as e:  # keep the compiler's message
@@ -139,9 +142,27 @@ def unavailable_reason() -> Optional[str]:
     return _state.get("error") or f"default backend is {jax.default_backend()}, not cpu"
 
 
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"exvae fused CPU kernel unavailable: {unavailable_reason()}")
+
+
+def column_median(z: Array) -> Array:
+    """Coordinate-wise median of z (B, d) -> (d,) float32 (O(B d) selection; for
+    even B the mean of the two middle values, like jnp.median). No gradient.
+
+    Raises:
+      RuntimeError: if the fused kernel library is not available.
+    """
+    _require()
+    call = jax.ffi.ffi_call(_MEDIAN_TARGET, jax.ShapeDtypeStruct((z.shape[1],), jnp.float32),
+                            vmap_method="sequential")
+    return call(jnp.asarray(z, jnp.float32))
+
+
 def fused_lse0(zq: Array, qbias: Array, bank: Array, center: Array, scale_sq: Array,
                bank_mask: Optional[Array] = None, bank_ids: Optional[Array] = None,
-               query_ids: Optional[Array] = None) -> Array:
+               query_ids: Optional[Array] = None) -> tuple[Array, Array]:
     """lse0[b] = log sum_{n valid} exp(zq_b.(mu_n - c) + qbias_b + scale_sq |mu_n - c|^2).
 
     The exponent is the augmented-matmul form of `exemplar_lse._setup` (for the
@@ -160,13 +181,14 @@ def fused_lse0(zq: Array, qbias: Array, bank: Array, center: Array, scale_sq: Ar
         neither); a negative query id disables LOO for that row.
 
     Returns:
-      (B,) float32 lse0; -inf for rows with no valid exemplar.
+      lse0: (B,) float32; -inf for rows with no valid exemplar.
+      removed: (B,) int32 number of valid (unmasked) exemplars that leave-one-out
+        excluded from each row (zeros without LOO): count = n_valid - removed.
 
     Raises:
       RuntimeError: if the fused kernel is not available.
     """
-    if not available():
-        raise RuntimeError(f"exvae fused CPU kernel unavailable: {unavailable_reason()}")
+    _require()
     b, d = zq.shape
     n = bank.shape[0]
     if bank.shape != (n, d) or qbias.shape != (b,) or center.shape != (d,):
@@ -182,7 +204,8 @@ def fused_lse0(zq: Array, qbias: Array, bank: Array, center: Array, scale_sq: Ar
     qids = (jnp.asarray(query_ids, jnp.int32).reshape(b) if use_loo
             else jnp.zeros((1,), jnp.int32))
     f32 = jnp.float32
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b,), f32),
+    call = jax.ffi.ffi_call(_TARGET, (jax.ShapeDtypeStruct((b,), f32),
+                                      jax.ShapeDtypeStruct((b,), jnp.int32)),
                             vmap_method="sequential")
     return call(jnp.asarray(zq, f32), jnp.asarray(qbias, f32), jnp.asarray(bank, f32),
                 jnp.asarray(center, f32), jnp.asarray(scale_sq, f32).reshape(()),
