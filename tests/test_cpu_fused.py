@@ -56,8 +56,9 @@ def _check(z, bank, log_var, rtol=1e-5, atol=1e-4, **kw):
     return lf
 
 
-@pytest.mark.parametrize("b,n,d", [(1, 1, 40), (1, 1000, 40), (13, 77, 40),
-                                   (50, 5000, 40), (301, 1001, 7), (1000, 2053, 40)])
+@pytest.mark.parametrize("b,n,d", [(1, 1, 40), (1, 1000, 40), (13, 77, 40), (3, 20000, 40),
+                                   (50, 5000, 40), (301, 1001, 7), (1000, 2053, 40),
+                                   (17, 300, 1), (30, 500, 100)])
 @pytest.mark.parametrize("opts", ["plain", "mask", "loo", "mask+loo"])
 def test_fused_matches_reference_and_xla(b, n, d, opts):
     # Ragged N (not a multiple of the 32-exemplar panel or the 2048 chunk), B not a
@@ -155,6 +156,15 @@ def test_gradients_through_fused_forward():
     gx = jax.grad(loss("xla"), (0, 1, 2))(z, bank, lv)
     for a, r in zip(gf, gx):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_queries():
+    rng = np.random.default_rng(7)
+    z = jnp.asarray(rng.normal(size=(3, 11, 8)), jnp.float32)
+    bank = jnp.asarray(rng.normal(size=(90, 8)), jnp.float32)
+    fn = jax.vmap(lambda z: log_kernel_sum(z, bank, 0.1, impl="fused")[0])
+    ref = np.stack([_ref(np.asarray(zi), np.asarray(bank), 0.1) for zi in z])
+    np.testing.assert_allclose(np.asarray(fn(z)), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_no_retrace_in_jitted_loop():

@@ -11,16 +11,19 @@
 // Blocking (AVX-512 path):
 //  * Micro-kernel: kMR = 12 queries x kNR = 32 exemplars (two zmm per query) held
 //    in 24 accumulators; per k one 2-vector load of the bank panel and 12 broadcast
-//    FMAs. The accumulators start at bank bias + query bias, so after the k loop
-//    they hold the exponents a directly.
-//  * Bank panel: 32 exemplars, centred, transposed to [k][32] plus the bias
-//    scale_sq * |mu - c|^2 (-inf for masked / padding rows) and the ids: ~5 KB,
-//    packed on the fly and kept in L1 while every query micro-block of the current
-//    query macro-block (<= kQM rows, packed [k][kMR] per micro-block, ~160 KB: L2)
-//    streams past it. Packing costs O(32 d) per panel against O(32 d * rows) FMAs.
-//  * Epilogue, straight from the accumulators: optional leave-one-out masking
-//    (bank id == query id -> -inf), then exp(a - m_ref) accumulated into a 16-lane
-//    partial sum per row, flushed into a double every kFlush panels.
+//    FMAs. The bank bias and query bias are added after the k loop (small partial
+//    sums, matmul-like rounding), giving the exponents a.
+//  * Bank panel: 32 exemplars, centred, transposed to [k][32] (two masked gathers
+//    per k) plus the bias scale_sq * |mu - c|^2 (-inf for masked / padding rows)
+//    and the ids: ~5 KB. Panels are packed kChunkPanels at a time (2048 exemplars,
+//    ~340 KB: L2) into a buffer shared by all threads; each thread then takes query
+//    items (<= kItemBlocks micro-blocks, ~15 KB of packed queries) and runs every
+//    panel of the chunk past all micro-blocks of its item, so a panel is loaded
+//    from L2 once per item and reused from L1 by up to 8 micro-tiles.
+//  * Epilogue per micro-tile (from an L1 tile buffer): optional leave-one-out
+//    masking (bank id == query id -> -inf; the dropped valid exemplars are counted
+//    for the caller's per-row count), then exp(a - m_ref) accumulated into a
+//    16-lane float partial sum per row, flushed into a double once per chunk.
 //
 // Online log-sum-exp without a per-tile max pass: each row keeps a reference
 // m_ref (<= its largest exponent so far) and a threshold thr = min(m_ref + kMargin,
@@ -34,9 +37,15 @@
 // per-row clamp: lse0 = min(M, 0) + log sum exp(a - M) = m_ref + log(s) - max(M, 0).
 // Rows with no valid exemplar keep m_ref = -inf and return -inf (never NaN).
 //
-// Threads: std::thread over query ranges (aligned to kMR); when B is too small to
-// split, over bank ranges instead, merging per-row (m_ref, s, m_track) partials.
-// Scratch is O(threads * (kQM * d + panel)), independent of N.
+// Threads: std::thread per call (EXVAE_FUSED_THREADS or the affinity count). Many
+// queries: threads pack chunk panels cooperatively (double-buffered, one spin
+// barrier per chunk) and pull query items from a per-chunk atomic counter, so a
+// core slowed by other load simply takes fewer items. Few queries (B < 4 * kMR *
+// threads): each thread takes a bank range with its own packing instead, and the
+// per-row (m_ref, s, m_track) partials are merged at the end. Scratch is
+// O(threads * chunk + B * d): independent of N.
+//
+// A second handler computes the coordinate-wise median (the centre c) in O(B d).
 
 #include <algorithm>
 #include <atomic>
@@ -242,13 +251,14 @@ inline void micro_tile(const float* __restrict qp, const float* __restrict qb,
                        int64_t d, RowState* __restrict st, float* __restrict lanes) {
   // Accumulate in registers (fully unrolled over rows so GCC keeps all 24 in
   // zmm registers), then hand the tile to the epilogue through an L1 buffer.
+  // The cross term is summed from zero and the two biases are added last: partial
+  // sums then stay small, like in a matmul, instead of carrying the large
+  // |z|^2 + |mu|^2 offset through all d roundings (halves the float32 error).
   __m512 acc[kMR][2];
-  const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
-    const __m512 q = _mm512_set1_ps(qb[r]);
-    acc[r][0] = _mm512_add_ps(b0, q);
-    acc[r][1] = _mm512_add_ps(b1, q);
+    acc[r][0] = _mm512_setzero_ps();
+    acc[r][1] = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < d; ++k) {
     const __m512 v0 = _mm512_loadu_ps(bp + k * kNR);
@@ -262,10 +272,12 @@ inline void micro_tile(const float* __restrict qp, const float* __restrict qb,
     }
   }
   alignas(64) float tile[kMR][kNR];
+  const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
-    _mm512_store_ps(tile[r], acc[r][0]);
-    _mm512_store_ps(tile[r] + 16, acc[r][1]);
+    const __m512 q = _mm512_set1_ps(qb[r]);
+    _mm512_store_ps(tile[r], _mm512_add_ps(acc[r][0], _mm512_add_ps(b0, q)));
+    _mm512_store_ps(tile[r] + 16, _mm512_add_ps(acc[r][1], _mm512_add_ps(b1, q)));
   }
   epilogue<kLoo>(&tile[0][0], qid, ids, st, lanes);
 }
@@ -277,10 +289,10 @@ inline void micro_tile(const float* qp, const float* qb, const int32_t* qid,
                        const float* bp, const float* bias, const int32_t* ids,
                        int64_t d, RowState* st, float* lanes) {
   for (int r = 0; r < kMR; ++r) {
-    float a[kNR];
-    for (int j = 0; j < kNR; ++j) a[j] = bias[j] + qb[r];
+    float a[kNR] = {};
     for (int64_t k = 0; k < d; ++k)
       for (int j = 0; j < kNR; ++j) a[j] += qp[k * kMR + r] * bp[k * kNR + j];
+    for (int j = 0; j < kNR; ++j) a[j] += bias[j] + qb[r];
     RowState& s = st[r];
     float tmax = kNegInf;
     for (int j = 0; j < kNR; ++j) {
