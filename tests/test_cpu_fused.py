@@ -6,6 +6,11 @@ reference; gradients go through the (shared) XLA custom-VJP backward.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -209,3 +214,32 @@ def test_auto_dispatch_and_errors(monkeypatch):
     monkeypatch.setenv("EXVAE_NO_FUSED", "1")
     assert not cpu_fused.available()
     assert cpu_fused.unavailable_reason() == "disabled by EXVAE_NO_FUSED"
+
+
+_NO_COMPILER_SCRIPT = r"""
+import numpy as np
+from exvae.kernels import cpu_fused, log_kernel_sum
+assert not cpu_fused.available(), "available() must be False without a compiler"
+assert cpu_fused.unavailable_reason()
+z = np.ones((3, 4), np.float32)
+lse, _ = log_kernel_sum(z, z, 0.0)  # "auto" silently takes the XLA path
+assert np.isfinite(np.asarray(lse)).all()
+try:
+    log_kernel_sum(z, z, 0.0, impl="fused")
+except RuntimeError as e:
+    assert "unavailable" in str(e)
+else:
+    raise AssertionError("impl='fused' must raise when unavailable")
+print("OK")
+"""
+
+
+def test_unavailable_without_compiler(tmp_path):
+    # Fresh process, empty cache, a compiler that does not exist: no exception,
+    # available() is False and "auto" falls back to XLA.
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"),
+               EXVAE_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
