@@ -171,29 +171,25 @@ def main() -> None:
             z = jnp.asarray(rng.normal(size=(b, D)), jnp.float32)
             flops = 2.0 * b * n * D
             limit = flops / mm_rate + b * n / exp_rate
-            pm = compiled_mem_mb(stream, z, bank, lv)
-            mem[(b, n)] = pm
             skip_time = args.quick and b * n > 1e9
-            if skip_time:
-                t, rss = float("nan"), float("nan")
-            else:
-                r0 = max_rss_mb()
-                t = timeit(stream, z, bank, lv, reps=1 if b * n > 1e9 else reps)
-                rss = max_rss_mb() - r0
-            print(f"{b:>5} {n:>8} {'stream':>8} {default_chunk_size(b, n):>6} {t * 1e3:>9.1f} "
-                  f"{flops / t / 1e9:>8.1f} {limit * 1e3:>8.1f} {t / limit:>7.2f} {pm:>8.1f} "
-                  f"{rss:>7.0f}")
-            if fused_on:
-                pmx = compiled_mem_mb(xla, z, bank, lv)
+
+            def row(form, fn):
+                """Compiles, times (unless skipped) and prints one streamed-form row."""
+                pm = compiled_mem_mb(fn, z, bank, lv)
                 if skip_time:
-                    tx, rss = float("nan"), float("nan")
+                    t, rss = float("nan"), float("nan")
                 else:
                     r0 = max_rss_mb()
-                    tx = timeit(xla, z, bank, lv, reps=1 if b * n > 1e9 else reps)
+                    t = timeit(fn, z, bank, lv, reps=1 if b * n > 1e9 else reps)
                     rss = max_rss_mb() - r0
-                print(f"{b:>5} {n:>8} {'xla':>8} {default_chunk_size(b, n):>6} "
-                      f"{tx * 1e3:>9.1f} {flops / tx / 1e9:>8.1f} {limit * 1e3:>8.1f} "
-                      f"{tx / limit:>7.2f} {pmx:>8.1f} {rss:>7.0f}")
+                print(f"{b:>5} {n:>8} {form:>8} {default_chunk_size(b, n):>6} "
+                      f"{t * 1e3:>9.1f} {flops / t / 1e9:>8.1f} {limit * 1e3:>8.1f} "
+                      f"{t / limit:>7.2f} {pm:>8.1f} {rss:>7.0f}")
+                return pm
+
+            mem[(b, n)] = row("stream", stream)
+            if fused_on:
+                row("xla", xla)
             naive_bytes = 3 * 4 * b * n  # dist, logn and exp temporaries
             if naive_bytes > 6e9 or (args.quick and naive_bytes > 1.5e9):
                 print(f"{b:>5} {n:>8} {'naive':>8} {'-':>6} skipped: needs ~{naive_bytes / 2**30:.0f}"
