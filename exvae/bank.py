@@ -534,8 +534,9 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
                     batch_size: int = 2048, progress: bool = False) -> ExemplarBank:
   """Builds the bank of a trained run from its training split (+ labels).
 
-  Images are binarised with ``PRNGKey(config.eval.bank_seed)`` exactly like
-  the evaluation prior, so the codes equal the ones eval.py mixes over.
+  Images are encoded exactly like the evaluation prior's exemplars (grey
+  levels, or binarised with ``PRNGKey(config.eval.bank_seed)`` when
+  ``exemplar.binarize_exemplars``), so the codes equal the ones eval.py mixes over.
 
   Args:
     config: the run's ConfigDict.
@@ -554,11 +555,12 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
   model = t.setup.model
   key = jax.random.PRNGKey(int(config.eval.bank_seed))
   x = t.splits.train_x
+  binary = t.setup.binary_exemplars
   ids = np.arange(x.shape[0], dtype=np.int64)
   mean_lv = None
   prior_params = t.params.get("prior", {})
   if not (isinstance(prior_params, dict) and "log_var" in prior_params):
-    _, mean_lv = encode_images(model, t.params["model"], x, ids, key, binary=t.splits.binary,
+    _, mean_lv = encode_images(model, t.params["model"], x, ids, key, binary=binary,
                                batch_size=batch_size, with_logvar=True)
   log_var, lv_source = bank_log_var(t, mean_lv)
   meta = {"dataset": t.splits.name, "source": "train", "data_source": t.splits.source,
@@ -566,5 +568,5 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
           "bank_seed": int(config.eval.bank_seed), "workdir": os.path.abspath(workdir),
           "best_epoch": int(t.meta.get("best_epoch", -1)) + 1}
   return ExemplarBank.build(model, t.params["model"], x, ids=ids, labels=t.splits.train_y,
-                            log_var=log_var, binary=t.splits.binary, key=key,
+                            log_var=log_var, binary=binary, key=key,
                             batch_size=batch_size, metadata=meta, progress=progress)

@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_exemplars=25000,          # M random exemplars per batch (<= 0: all)
       rat=False,                    # retrieval augmented training
       rat_k=10,                     # neighbours per batch element for RAT
+      rat_mode="reference",         # reference (the authors' RAT) | bound (1/(N-1) lower bound)
+      binarize_exemplars=False,     # False: exemplars encoded from grey levels (reference);
+                                    # True: binarised like the data point
       loo=True,                     # leave-one-out in training
       chunk_size=0,                 # bank chunk of the streamed kernel (0: auto, ~2M / batch)
       encode_chunk=1000,            # exemplars encoded per rematerialised chunk (exact mode)

@@ -8,22 +8,37 @@
 :func:`get_likelihood` returns ``(log_prob(x, out) -> (B,), mean(out) -> (B, H, W, C))``.
 """
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
-  """Bernoulli log-likelihood from logits, stable for any logit magnitude.
+# The reference clamps Bernoulli probabilities to [1e-5, 1 - 1e-5] (its
+# ``log_bernoulli``), in training and in the test NLL alike.
+BERNOULLI_EPS = 1e-5
+
+
+def bernoulli_log_prob(x: jax.Array, logits: jax.Array, eps: float = BERNOULLI_EPS) -> jax.Array:
+  """Bernoulli log-likelihood from logits, probabilities clamped to [eps, 1 - eps].
+
+  Clamping p = sigmoid(l) to [eps, 1 - eps] equals clipping the logit to
+  ``+-log((1 - eps) / eps)`` (sigmoid is monotone), which keeps the log-space
+  form stable; the gradient is zero outside the range, as with the
+  reference's ``torch.clamp``.
 
   Args:
     x: (B, ...) targets in [0, 1] (binary for a proper likelihood).
     logits: (B, ...) decoder logits, same shape as ``x``.
+    eps: probability clamp (0: none).
 
   Returns:
     (B,) sum over all non-batch axes of ``x log p + (1 - x) log (1 - p)``.
   """
+  if eps > 0:
+    bound = math.log1p(-eps) - math.log(eps)
+    logits = jnp.clip(logits, -bound, bound)
   # log sigmoid(l) = -softplus(-l); log(1 - sigmoid(l)) = -softplus(l).
   ll = -(x * jax.nn.softplus(-logits) + (1.0 - x) * jax.nn.softplus(logits))
   return ll.reshape(ll.shape[0], -1).sum(-1)

@@ -28,7 +28,9 @@ class Setup:
     log_lik: ``log_lik(x, decoder_out) -> (B,)``.
     mean_fn: ``mean_fn(decoder_out) -> (B, H, W, C)`` mean image (pictures).
     optimizer: optax transformation.
-    binary: dynamic binarisation of training images.
+    binary: dynamic binarisation of training images (the data points x).
+    binary_exemplars: binarise exemplar images before encoding them (the
+      reference encodes their grey levels: False for paper configs).
     batch_size: B.
     steps_per_epoch: training steps per epoch (drop-last).
     warmup_epochs: KL warm-up length; beta = min(1, (epoch + 1) / warmup).
@@ -47,10 +49,11 @@ class Setup:
   warmup_epochs: int
   num_train: int = 0
   pool_sharded: bool = False
+  binary_exemplars: bool = False
 
   def context_inputs(self, pool, key, **kw) -> ContextInputs:
     """The prior's :class:`ContextInputs` for this run's pool (layout fields filled in)."""
-    return ContextInputs(key=key, pool=pool, binary=self.binary, pool_sharded=self.pool_sharded,
+    return ContextInputs(key=key, pool=pool, binary=self.binary_exemplars, pool_sharded=self.pool_sharded,
                          pool_size=self.num_train, **kw)
 
 

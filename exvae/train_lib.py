@@ -110,7 +110,8 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
                optimizer=make_optimizer(config), binary=bool(splits.binary),
                batch_size=int(config.batch_size), steps_per_epoch=n // int(config.batch_size),
                warmup_epochs=int(config.warmup_epochs), num_train=n,
-               pool_sharded=bool(pool_sharded))
+               pool_sharded=bool(pool_sharded),
+               binary_exemplars=bool(splits.binary) and bool(config.exemplar.binarize_exemplars))
 
 
 def make_pool(config, splits: data.Splits, mesh) -> tuple[jax.Array, bool]:
@@ -400,6 +401,36 @@ def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config,
   return metrics
 
 
+def early_stopping_update(meta: dict, val_loss: float, epoch: int, warmup_epochs: int) -> bool:
+  """Records one validated epoch in ``meta`` (in place), as the reference counts.
+
+  An improvement (or the first epoch) sets ``best_val``/``best_epoch`` and
+  resets ``bad_epochs``; otherwise the epoch counts as bad from the last
+  warm-up epoch on (1-based ``epoch + 1 >= warmup_epochs``; earlier ones are
+  not counted), exactly the reference's ``e += 1; if epoch < warmup: e = 0``.
+
+  Args:
+    meta: the run's bookkeeping (``best_val``, ``best_epoch``, ``bad_epochs``).
+    val_loss: this epoch's validation loss.
+    epoch: 0-based epoch that was validated.
+    warmup_epochs: KL warm-up length.
+
+  Returns:
+    Whether the epoch improved on the best validation loss.
+  """
+  if meta["best_val"] is None or val_loss < meta["best_val"]:
+    meta.update(best_val=val_loss, best_epoch=epoch, bad_epochs=0)
+    return True
+  if epoch + 1 >= warmup_epochs:
+    meta["bad_epochs"] += 1
+  return False
+
+
+def should_stop_early(meta: dict, patience: int) -> bool:
+  """The reference stops once MORE than ``patience`` validated epochs were bad."""
+  return meta["bad_epochs"] > patience
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`)."""
   with distributed.data_mesh(int(config.num_devices)) as mesh:
@@ -481,12 +512,9 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
       epoch = meta["epochs_validated"]           # 0-based epoch that just finished
       if (epoch + 1) % int(config.val_every_epochs) == 0 or step >= max_steps:
         vm = validate(state, setup, pool, splits, config, workdir, epoch)
-        improved = meta["best_val"] is None or vm["val_loss"] < meta["best_val"]
+        improved = early_stopping_update(meta, vm["val_loss"], epoch, int(config.warmup_epochs))
         if improved:
-          meta.update(best_val=vm["val_loss"], best_epoch=epoch, bad_epochs=0)
           best_params = jax.tree.map(jnp.copy, state.params)
-        elif epoch + 1 > int(config.warmup_epochs):   # not counted during warm-up
-          meta["bad_epochs"] += 1
         record = dict(vm, epoch=epoch + 1, step=step, best_val=meta["best_val"],
                       bad_epochs=meta["bad_epochs"], time=time.time() - t_start)
         _append_jsonl(metrics_path, record)
@@ -502,7 +530,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     perm_epoch, perm = -1, None
     host_step = int(state.step)    # tracked on the host: no device sync per step
     while host_step < max_steps:
-      if meta["bad_epochs"] >= int(config.early_stopping_patience):
+      if should_stop_early(meta, int(config.early_stopping_patience)):
         print(f"Early stopping: no improvement for {meta['bad_epochs']} epochs.", flush=True)
         meta["early_stopped"] = True
         break

@@ -80,8 +80,9 @@ def test_reference_sizes():
   m = make_model(_paper_config("convhvae"), (28, 28, 1))
   p = jax.eval_shape(m.init, jax.random.PRNGKey(0))
   assert p["q_z2_head"]["mu"]["kernel"].shape == (294, 40)
-  assert p["q_z1_joint"]["hg"]["kernel"].shape == (2 * 294, 2 * 300)
-  assert p["p_x_pre"]["hg"]["kernel"].shape == (600, 2 * 784)
+  joint = p["q_z1_joint"]
+  assert joint["h"]["kernel"].shape == joint["g"]["kernel"].shape == (2 * 294, 300)
+  assert p["p_x_pre"]["h"]["kernel"].shape == (600, 784)
   # The Bernoulli VAE is unchanged: exactly vae.make_model's parameters.
   from exvae.models import vae
   a = jax.eval_shape(make_model(_paper_config("vae"), (28, 28, 1)).init, jax.random.PRNGKey(0))

@@ -121,9 +121,9 @@ def test_registry_and_errors():
 
 
 def test_rat_context_retrieval_union_and_cache():
-  """RAT: retrieved neighbours equal brute force; union counts each exemplar once."""
+  """RAT, 'bound' mode: neighbours equal brute force; union counts each exemplar once."""
   c = load_config("test", **{"exemplar.rat": True, "exemplar.rat_k": 3,
-                             "exemplar.num_exemplars": 40})
+                             "exemplar.num_exemplars": 40, "exemplar.rat_mode": "bound"})
   model = make_model(c, (8, 8, 1))
   prior = make_prior("exemplar", c)
   n, b = 60, 5

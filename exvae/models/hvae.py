@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from exvae.likelihoods import diag_gaussian_log_prob
 from exvae.models.vae import LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, gaussian_score
 from exvae.nets.gated import GatedDense, he_init
+from exvae.nets.init import init_model_params
 
 Params = Any
 
@@ -258,7 +259,7 @@ class HeadVAE(VAE):
 
 def _init_fn(module: nn.Module, image_shape: tuple[int, ...]) -> Callable[[jax.Array], Params]:
   def init(key: jax.Array) -> Params:
-    return module.init(key, jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+    return init_model_params(module, image_shape, key)
   return init
 
 

@@ -67,6 +67,7 @@ from exvae.models.hvae import check_likelihood
 from exvae.models.vae import MLPEncoderModule, Model, Scores
 from exvae.nets.conv import torch_conv_init
 from exvae.nets.gated import GatedDense, he_init
+from exvae.nets.init import init_model_params
 
 Params = Any
 
@@ -453,7 +454,7 @@ def make_pixelvae(config, image_shape: Sequence[int]) -> Model:
                     likelihood=config.likelihood)
 
   def init(key):
-    return module.init(key, jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+    return init_model_params(module, image_shape, key)
 
   def encode(params, x):
     return module.apply({"params": params}, x, method="encode")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from exvae.nets.gated import GatedDense, he_init
+from exvae.nets.init import init_model_params
 
 Params = Any
 
@@ -174,7 +175,7 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
                hidden=tuple(int(h) for h in config.hidden))
 
   def init(key):
-    return module.init(key, jnp.zeros((1,) + image_shape, jnp.float32))["params"]
+    return init_model_params(module, image_shape, key)
 
   def encode(params, x):
     return module.apply({"params": params}, x, method=VAE.encode)

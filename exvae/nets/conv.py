@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exvae.nets.gated import LinearParams
+
 # PyTorch's default nn.Conv2d weight init (kaiming_uniform(a=sqrt(5))):
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).  The
 # reference applies He init to linear layers only, so convolutions keep it.
@@ -47,7 +49,7 @@ def conv_output_hw(hw: Sequence[int], strides: Sequence[int]) -> tuple[int, int]
 
 
 class GatedConv2d(nn.Module):
-  """Gated 2-D convolution ``h(x) * sigmoid(g(x))`` (both halves from one conv).
+  """Gated 2-D convolution ``h(x) * sigmoid(g(x))`` (both halves from one conv call).
 
   Attributes:
     features: output channels.
@@ -64,11 +66,17 @@ class GatedConv2d(nn.Module):
     """x: (B, H, W, C_in) -> (B, ceil(H/s), ceil(W/s), features)."""
     if self.kernel_size % 2 != 1:
       raise ValueError(f"GatedConv2d needs an odd kernel size, got {self.kernel_size}.")
-    k, s = self.kernel_size, self.stride
-    hg = nn.Conv(2 * self.features, (k, k), strides=(s, s), padding=_padding(k),
-                 kernel_init=torch_conv_init, name="hg")(x)
-    h, g = jnp.split(hg, 2, axis=-1)
-    return h * jax.nn.sigmoid(g)
+    k, s, f = self.kernel_size, self.stride, self.features
+    # h and g are separate parameters (AdamNormGrad normalises each of the
+    # reference's tensors on its own), convolved in ONE pass over the
+    # channel-concatenated kernels.
+    shape = (k, k, x.shape[-1], f)
+    hk, hb = LinearParams(shape, torch_conv_init, name="h")()
+    gk, gb = LinearParams(shape, torch_conv_init, name="g")()
+    hg = jax.lax.conv_general_dilated(
+        x, jnp.concatenate([hk, gk], axis=-1), window_strides=(s, s), padding=_padding(k),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + jnp.concatenate([hb, gb])
+    return hg[..., :f] * jax.nn.sigmoid(hg[..., f:])
 
 
 class GatedConvStack(nn.Module):

@@ -13,14 +13,24 @@ Training modes (``config.exemplar``):
 * RAT (``rat=True``): a cache of all N training codes (``prior_state``) is
   refreshed without gradients at each epoch start; the batch's own means are
   written into it; the ``rat_k`` nearest cached codes of each batch element
-  among M random candidates are retrieved (exact top-k, self excluded); the
-  union of the B*k retrieved exemplars (static shape, duplicates masked so each
-  exemplar counts once) is re-encoded with gradients and written back; the
-  mixture runs over the union with weights 1/N (N - 1 under leave-one-out), so
-  it lower-bounds the full-bank Parzen density.
+  among M random candidates are retrieved (exact top-k); the union of the B*k
+  retrieved exemplars (static shape, duplicates masked) is re-encoded with
+  gradients and written back, and the mixture runs over that union.
+  ``exemplar.rat_mode`` = "reference" (default) does what the authors' code
+  does: the point itself may be retrieved (then masked by leave-one-out),
+  candidates drawn twice count twice, and N' = the components left in the
+  sum.  "bound": self excluded from the top-k, one component per exemplar,
+  weights 1/(N - 1): a lower bound on the full-bank Parzen density.  The
+  gradients of the two differ only through the retrieved sets; the training
+  loss of "reference" is about log(N / |union|) nats lower.
 
-Evaluation (``train=False``) uses all training exemplars, encoded once (images
-binarised with a fixed key for binary data), and no leave-one-out.
+Exemplar images are encoded from their grey levels, as in the reference
+(``exemplar.binarize_exemplars=False``); only the data point x is binarised.
+With ``binarize_exemplars=True`` every exemplar is binarised (fresh bits per
+training step; a fixed draw for the evaluation bank).
+
+Evaluation (``train=False``) uses all training exemplars, encoded once, and
+no leave-one-out.
 """
 
 from __future__ import annotations
@@ -138,6 +148,9 @@ class ExemplarPrior(Prior):
           f"(training set has {num_train}, num_exemplars={self.cfg.num_exemplars}): "
           "with one exemplar nothing is left to mix once a point's own exemplar is "
           "masked. Use more data or set exemplar.loo=False.")
+    if self.cfg.rat_mode not in ("reference", "bound"):
+      raise ValueError(f"exemplar.rat_mode must be 'reference' or 'bound', got "
+                       f"{self.cfg.rat_mode!r}.")
     if self.cfg.rat and self.cfg.rat_k < 1:
       raise ValueError(f"exemplar.rat_k must be >= 1, got {self.cfg.rat_k}.")
 
@@ -182,28 +195,44 @@ class ExemplarPrior(Prior):
 
   def _rat_context(self, state, model, model_params, inputs, cand, k_bin):
     pool, ids = inputs.pool, inputs.ids
-    n = inputs.num_pool
+    n, m = inputs.num_pool, cand.shape[0]
     cache = state["cache"].at[ids].set(jax.lax.stop_gradient(inputs.mu), mode="drop")
-    k = min(int(self.cfg.rat_k), cand.shape[0])
-    query_ids = ids if self.cfg.loo else None
+    k = min(int(self.cfg.rat_k), m)
+    reference = self.cfg.rat_mode == "reference"
+    # "reference": the k nearest among the M candidates, the point itself
+    # included (it takes a slot when drawn, and leave-one-out masks it below),
+    # as the authors' code.  "bound": k neighbours other than the point itself.
+    exclude_self = self.cfg.loo and not reference
     _, pos = kernels.topk_neighbors(
         jax.lax.stop_gradient(inputs.mu), cache[cand], k,
-        bank_ids=cand if self.cfg.loo else None, query_ids=query_ids,
+        bank_ids=cand if exclude_self else None, query_ids=ids if exclude_self else None,
         chunk_size=int(self.cfg.chunk_size) or None)
-    valid = pos >= 0
-    union = jnp.where(valid, cand[jnp.maximum(pos, 0)], n).reshape(-1)   # n = invalid
-    # Static-shape de-duplication: sort, keep the first of each run.
-    union = jnp.sort(union)
-    first = jnp.concatenate([jnp.ones((1,), bool), union[1:] != union[:-1]])
-    mask = first & (union < n)
+    # Static-shape de-duplication (sort, keep the first of each run).  The
+    # reference de-duplicates candidate POSITIONS: an exemplar drawn twice
+    # among the M (with replacement) is two components.  "bound" keeps one
+    # component per exemplar.
+    if reference:
+      keys = jnp.where(pos >= 0, pos, m).reshape(-1)                # m = invalid
+      keys = jnp.sort(keys)
+      first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
+      mask = first & (keys < m)
+      union = jnp.where(mask, cand[jnp.minimum(keys, m - 1)], n)
+    else:
+      union = jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1)   # n = invalid
+      union = jnp.sort(union)
+      first = jnp.concatenate([jnp.ones((1,), bool), union[1:] != union[:-1]])
+      mask = first & (union < n)
     safe = jnp.minimum(union, n - 1)
     bank = encode_rows(model, model_params, pool, safe, k_bin, inputs.binary,
                        int(self.cfg.encode_chunk), sharded=inputs.pool_sharded)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
-    # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.
-    log_norm = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
-    ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask,
-           "log_norm": log_norm}
+    ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask}
+    if not reference:
+      # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.
+      ctx["log_norm"] = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
+    # Otherwise N' = the components left in the sum (the union less the masked
+    # self), the reference's normalisation: log p(z) is then an estimate over
+    # the retrieved neighbourhood, log(N / |union|) nats above the bound.
     return ctx, {"cache": cache}
 
   # -- density ----------------------------------------------------------------
