@@ -1,0 +1,165 @@
+"""Copies one evaluated run into ``results/<name>/``: what others need to compare against it.
+
+Usage: python scripts/collect_result.py --workdir RUN_DIR --name CONFIG_NAME [--out results]
+
+Writes, atomically per file:
+  metrics.json      eval.py's eval_metrics.json (test NLL, its standard error, ELBO terms, ...)
+  config.json       the config the run trained with
+  budget.json       epochs trained, early stop, best epoch, training wall-clock (summed over
+                    resumed segments), evaluation time, this machine's measured matmul rate,
+                    CPU, source commit of the run
+  per_example.npz   per-example test log-likelihoods (float32, one per test image) and ELBOs,
+                    with the test-set identity, as eval.py wrote them
+  curve.csv         validation loss per epoch
+
+Reads the run directory only (never writes there).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+
+
+def training_wall_clock(records: list[dict]) -> float:
+  """Seconds of training summed over resumed segments.
+
+  Each invocation of train.py logs ``time`` since its own start, so the
+  clock restarts at a resume: the total is the sum of each segment's last
+  value (a segment ends where ``time`` decreases).
+  """
+  total, last = 0.0, None
+  for r in records:
+    t = r.get("time")
+    if t is None:
+      continue
+    if last is not None and t < last:
+      total += last
+    last = t
+  return total + (last or 0.0)
+
+
+def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+  """This machine's float32 matmul rate through XLA (best of ``reps``), GFLOP/s."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass          # a line cut by a crash
+  return out
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str:
+  """Writes ``out_root/name/`` from ``workdir``; returns that directory."""
+  need = ["eval_metrics.json", "config.json", "metrics.jsonl", "per_example.npz"]
+  missing = [f for f in need if not os.path.exists(os.path.join(workdir, f))]
+  if missing:
+    raise SystemExit(f"collect_result: {workdir} lacks {', '.join(missing)}: train and "
+                     "evaluate it first (eval.py writes eval_metrics.json and per_example.npz).")
+  with open(os.path.join(workdir, "eval_metrics.json")) as f:
+    metrics = json.load(f)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  val = {}
+  for r in records:
+    if "val_loss" in r:
+      val[int(r["epoch"])] = float(r["val_loss"])       # a resume may re-log an epoch: keep last
+  summaries = [r["summary"] for r in records if "summary" in r]
+  last = summaries[-1] if summaries else {}
+  epochs = max(val) if val else 0
+  best_epoch = min(val, key=val.get) if val else 0
+  source = None
+  prov = os.path.join(workdir, "provenance.json")
+  if os.path.exists(prov):
+    with open(prov) as f:
+      source = json.load(f)
+  budget = {
+      "epochs_trained": epochs,
+      "early_stopped": bool(last.get("early_stopped", False)),
+      "best_epoch": best_epoch,
+      "best_val_loss": val.get(best_epoch),
+      "max_epochs": int(config.get("num_epochs", 0)),
+      "warmup_epochs": int(config.get("warmup_epochs", 0)),
+      "early_stopping_patience": int(config.get("early_stopping_patience", 0)),
+      "train_wall_clock_s": training_wall_clock(records),
+      "eval_seconds": metrics.get("eval_seconds"),
+      "num_importance_samples": metrics.get("num_importance_samples"),
+      "num_test_examples": metrics.get("num_test_examples"),
+      "cpu": cpu_name(),
+      "cpu_count": os.cpu_count(),
+      "source": source,
+  }
+  if measure:
+    budget["matmul_gflops_at_collect"] = round(matmul_gflops(), 1)
+  dest = os.path.join(out_root, name)
+  os.makedirs(dest, exist_ok=True)
+  _write_json(os.path.join(dest, "metrics.json"), metrics)
+  _write_json(os.path.join(dest, "config.json"), config)
+  _write_json(os.path.join(dest, "budget.json"), budget)
+  tmp = os.path.join(dest, "per_example.npz.tmp")
+  shutil.copyfile(os.path.join(workdir, "per_example.npz"), tmp)
+  os.replace(tmp, os.path.join(dest, "per_example.npz"))
+  with open(os.path.join(dest, "curve.csv.tmp"), "w") as f:
+    f.write("epoch,val_loss\n")
+    for e in sorted(val):
+      f.write(f"{e},{val[e]:.4f}\n")
+  os.replace(os.path.join(dest, "curve.csv.tmp"), os.path.join(dest, "curve.csv"))
+  return dest
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--name", required=True, help="results entry name (the config's name)")
+  ap.add_argument("--out", default="results")
+  ap.add_argument("--no-measure", action="store_true", help="skip the matmul-rate measurement")
+  a = ap.parse_args(argv)
+  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,86 @@
+"""results/: collecting an evaluated run and generating the README table from it."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _fake_run(tmp_path, nll_values):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text(json.dumps(
+      {"dataset": "fashion_mnist", "model": "vae", "prior": "exemplar", "num_epochs": 2000,
+       "warmup_epochs": 100, "early_stopping_patience": 50}))
+  m = len(nll_values)
+  (wd / "eval_metrics.json").write_text(json.dumps(
+      {"test_nll": float(np.mean(nll_values)),
+       "test_nll_stderr": float(np.std(nll_values, ddof=1) / np.sqrt(m)),
+       "num_importance_samples": 5000, "num_test_examples": m, "eval_seconds": 12.0}))
+  np.savez(wd / "per_example.npz", log_px=-np.asarray(nll_values, np.float32))
+  recs = [
+      {"epoch": 1, "val_loss": 300.0, "time": 10.0}, {"step": 7, "time": 12.0},
+      {"epoch": 2, "val_loss": 290.0, "time": 20.0},
+      # killed, then resumed: the clock restarts; epoch 2 is validated again
+      {"epoch": 2, "val_loss": 289.5, "time": 3.0}, {"epoch": 3, "val_loss": 295.0, "time": 9.0},
+      {"summary": {"early_stopped": True}},
+  ]
+  with open(wd / "metrics.jsonl", "w") as f:
+    for r in recs:
+      f.write(json.dumps(r) + "\n")
+    f.write('{"cut by a cra')                    # a torn last line is ignored
+  return wd
+
+
+def test_collect_writes_entry_and_budget_from_resumed_segments(tmp_path):
+  collect = _script("collect_result")
+  wd = _fake_run(tmp_path, [226.0, 228.0, 227.0, 229.0])
+  before = sorted(os.listdir(wd))
+  dest = collect.collect(str(wd), "fashion_vae_exemplar_rat", str(tmp_path / "results"),
+                         measure=False)
+  assert sorted(os.listdir(wd)) == before                     # the run dir is only read
+  b = json.load(open(os.path.join(dest, "budget.json")))
+  assert b["train_wall_clock_s"] == pytest.approx(20.0 + 9.0)  # two segments
+  assert (b["epochs_trained"], b["best_epoch"], b["best_val_loss"]) == (3, 2, 289.5)
+  assert b["early_stopped"] is True
+  per = np.load(os.path.join(dest, "per_example.npz"))
+  np.testing.assert_array_equal(per["log_px"], -np.float32([226.0, 228.0, 227.0, 229.0]))
+  assert open(os.path.join(dest, "curve.csv")).read().splitlines()[1:] == [
+      "1,300.0000", "2,289.5000", "3,295.0000"]
+
+
+def test_collect_refuses_an_unevaluated_run(tmp_path):
+  collect = _script("collect_result")
+  wd = _fake_run(tmp_path, [1.0, 2.0])
+  os.remove(wd / "per_example.npz")
+  with pytest.raises(SystemExit, match="per_example.npz"):
+    collect.collect(str(wd), "x", str(tmp_path / "results"), measure=False)
+
+
+def test_results_table_from_results_and_readme_markers(tmp_path):
+  collect, tab = _script("collect_result"), _script("results_table")
+  vals = [226.0, 228.0, 227.0, 229.0]
+  collect.collect(str(_fake_run(tmp_path, vals)), "fashion_vae_exemplar_rat",
+                  str(tmp_path / "results"), measure=False)
+  text = tab.table(tab.load_entries(str(tmp_path / "results")))
+  row = [l for l in text.splitlines() if "fashion_vae_exemplar_rat" in l][0]
+  se = np.std(vals, ddof=1) / 2
+  assert "226.75 +- 0.07" in row                           # the paper's exemplar row
+  assert f"{np.mean(vals):.2f} +- {se:.2f}" in row
+  assert f"{np.mean(vals) - 226.75:+.2f}" in row
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{tab.BEGIN}\nold table\n{tab.END}\noutro\n")
+  tab.write_readme(str(readme), text)
+  s = readme.read_text()
+  assert "old table" not in s and row in s and s.startswith("intro\n") and s.endswith("outro\n")
