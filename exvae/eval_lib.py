@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import checkpoints, data, distributed, pictures, train_lib
+from exvae import checkpoints, data, distributed, per_example, pictures, train_lib
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -108,7 +108,9 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
   metrics["samples_png"] = os.path.join(workdir, "eval_samples.png")
   metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
+  metrics["per_example"] = os.path.join(workdir, per_example.FILENAME)
   if distributed.is_primary():
+    _save_per_example(metrics["per_example"], res, test_x, config, metrics)
     pictures.save_samples_and_reconstructions(
         metrics["samples_png"], np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons))
     tmp = os.path.join(workdir, "eval_metrics.json.tmp")
@@ -116,3 +118,16 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       json.dump(metrics, f, indent=2)
     os.replace(tmp, os.path.join(workdir, "eval_metrics.json"))
   return metrics
+
+
+def _save_per_example(path: str, res: dict, test_x: np.ndarray, config, metrics: dict) -> None:
+  """Writes the per-example scores and the test-set identity (see :mod:`exvae.per_example`)."""
+  per_example.save(
+      path,
+      {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"], "kl": res["kl"]},
+      {"dataset": metrics["dataset"], "split": "test",
+       "eval_binarize_seed": int(config.eval_binarize_seed), "count": int(test_x.shape[0]),
+       "images_sha256": per_example.images_digest(test_x)},
+      {"num_importance_samples": metrics["num_importance_samples"],
+       "eval_seed": int(config.eval.seed), "prior": str(config.prior), "model": str(config.model),
+       "checkpoint_step": metrics["checkpoint_step"], "params": metrics["params"]})

@@ -1,0 +1,207 @@
+"""Paired comparison of evaluated runs on the same test images (``exvae compare``).
+
+Every evaluated workdir (and every ``results/<config>/`` entry) holds a
+``per_example.npz`` (:mod:`exvae.per_example`): one log-likelihood estimate
+per test image. Two models scored on the *same* images are compared image by
+image: the differences ``d_i = NLL_A(x_i) - NLL_B(x_i)`` remove the spread
+between easy and hard images, which dominates the unpaired standard errors of
+the two means, so the paired test sees differences that the unpaired
+intervals hide.
+
+For each pair the report gives the mean difference, its paired standard error
+``sd(d) / sqrt(M)``, the two-sided p-value of the paired t-test (M - 1 degrees
+of freedom; SciPy's ``ttest_rel``), the Holm-adjusted p-value over all pairs
+of the call, and the share of images on which each model has the lower NLL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from exvae import per_example
+
+METRICS = ("log_px", "elbo")
+
+
+class IdentityMismatchError(ValueError):
+  """Two per-example files did not score the same images."""
+
+
+def paired_stats(nll_a: np.ndarray, nll_b: np.ndarray) -> dict[str, float]:
+  """Paired statistics of two per-image losses (lower is better).
+
+  Args:
+    nll_a: (M,) model A's loss per image (e.g. NLL in nats).
+    nll_b: (M,) model B's loss on the same images, in the same order.
+
+  Returns:
+    dict: ``n``; ``mean_diff`` (mean of ``nll_a - nll_b``: negative when A
+    is better); ``stderr`` (paired standard error); ``t``; ``df``;
+    ``p_value`` (two-sided, Student t with M - 1 degrees of freedom);
+    ``a_wins``, ``b_wins``, ``ties`` (shares of images, summing to 1).
+
+  Raises:
+    ValueError: shapes differ or fewer than two images.
+  """
+  from scipy import special
+  a = np.asarray(nll_a, np.float64).reshape(-1)
+  b = np.asarray(nll_b, np.float64).reshape(-1)
+  if a.shape != b.shape:
+    raise ValueError(f"paired arrays differ in length: {a.shape[0]} vs {b.shape[0]}.")
+  n = a.shape[0]
+  if n < 2:
+    raise ValueError(f"a paired test needs at least two images, got {n}.")
+  d = a - b
+  mean = float(d.mean())
+  se = float(d.std(ddof=1) / math.sqrt(n))
+  df = n - 1
+  if se > 0:
+    t = mean / se
+    p = float(2.0 * special.stdtr(df, -abs(t)))
+  else:                                    # identical differences everywhere
+    t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    p = 1.0 if mean == 0 else 0.0
+  return {"n": n, "mean_diff": mean, "stderr": se, "t": float(t), "df": df,
+          "p_value": min(1.0, p), "a_wins": float(np.mean(d < 0)),
+          "b_wins": float(np.mean(d > 0)), "ties": float(np.mean(d == 0))}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values (family-wise error over all pairs)."""
+  p = np.asarray(p_values, np.float64)
+  m = p.shape[0]
+  order = np.argsort(p, kind="stable")
+  adj = np.empty(m)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p[i]))
+    adj[i] = running
+  return adj.tolist()
+
+
+def _label(path: str) -> str:
+  """A short name of a run: its directory (or file) name."""
+  f = os.path.abspath(path)
+  if os.path.basename(f) == per_example.FILENAME:
+    f = os.path.dirname(f)
+  return os.path.basename(f.rstrip(os.sep)) or f
+
+
+def load_runs(paths: Sequence[str]) -> list[dict[str, Any]]:
+  """Loads the per-example files of ``paths`` and checks they scored the same images.
+
+  Raises:
+    FileNotFoundError: a path holds no per-example file.
+    IdentityMismatchError: the identities (data set, split, binarisation
+      seed, count, image digest) differ.
+  """
+  runs = [per_example.load(p) for p in paths]
+  ref = per_example.identity(runs[0])
+  for p, r in zip(paths[1:], runs[1:]):
+    other = per_example.identity(r)
+    if other != ref:
+      diff = {k: (ref[k], other[k]) for k in ref if ref[k] != other[k]}
+      raise IdentityMismatchError(
+          f"{paths[0]} and {p} did not score the same test images; differing fields "
+          f"(first, second): {diff}. Evaluate both with the same data set, "
+          f"eval_binarize_seed and eval.max_test_examples.")
+  labels = [_label(p) for p in paths]
+  if len(set(labels)) < len(labels):        # two runs called the same: use the paths
+    labels = list(paths)
+  for r, lab in zip(runs, labels):
+    r["label"] = lab
+  return runs
+
+
+def compare(paths: Sequence[str], metric: str = "log_px") -> dict[str, Any]:
+  """Every pair of ``paths`` compared on the per-image loss ``-metric``.
+
+  Args:
+    paths: two or more evaluated workdirs, ``results/`` entries, or
+      ``per_example.npz`` files.
+    metric: ``'log_px'`` (importance-sampled log-likelihood; the loss is the
+      NLL) or ``'elbo'`` (the loss is the negative ELBO).
+
+  Returns:
+    dict: ``runs`` (label, path, mean loss, unpaired standard error),
+    ``pairs`` (:func:`paired_stats` of each pair plus labels and
+    ``p_holm``), ``identity`` and ``metric``.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+  if len(paths) < 2:
+    raise ValueError(f"compare needs at least two runs, got {len(paths)}.")
+  runs = load_runs(paths)
+  losses = [-np.asarray(r[metric], np.float64) for r in runs]
+  pairs = []
+  for i, j in itertools.combinations(range(len(runs)), 2):
+    s = paired_stats(losses[i], losses[j])
+    pairs.append(dict(s, a=runs[i]["label"], b=runs[j]["label"], i=i, j=j))
+  for pr, adj in zip(pairs, holm([pr["p_value"] for pr in pairs])):
+    pr["p_holm"] = adj
+  summary = [{"label": r["label"], "path": r["path"], "mean": float(l.mean()),
+              "stderr": float(l.std(ddof=1) / math.sqrt(l.shape[0])),
+              "num_importance_samples": r.get("num_importance_samples")}
+             for r, l in zip(runs, losses)]
+  return {"metric": metric, "identity": per_example.identity(runs[0]), "runs": summary,
+          "pairs": pairs, "_losses": losses}
+
+
+def format_report(result: dict[str, Any]) -> str:
+  """The human-readable table printed by ``exvae compare``."""
+  name = "NLL" if result["metric"] == "log_px" else "-ELBO"
+  ident = result["identity"]
+  lines = [f"{name} per test image (nats), {ident['count']} images of "
+           f"{ident['dataset']}/{ident['split']} (eval_binarize_seed="
+           f"{ident['eval_binarize_seed']}, sha256 {str(ident['images_sha256'])[:12]}):"]
+  w = max(len(r["label"]) for r in result["runs"])
+  for r in result["runs"]:
+    lines.append(f"  {r['label']:<{w}}  {name} {r['mean']:.3f} +- {r['stderr']:.3f} (unpaired s.e.)")
+  lines.append(f"Pairs (diff = {name}(A) - {name}(B); negative: A better):")
+  for p in result["pairs"]:
+    lines.append(
+        f"  {p['a']} vs {p['b']}: diff {p['mean_diff']:+.4f} +- {p['stderr']:.4f} (paired s.e.), "
+        f"t = {p['t']:.2f}, p = {p['p_value']:.3g} (Holm {p['p_holm']:.3g}); "
+        f"A wins {100 * p['a_wins']:.1f}%, B wins {100 * p['b_wins']:.1f}%"
+        + (f", ties {100 * p['ties']:.1f}%" if p["ties"] else ""))
+  return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> str:
+  """PNG of the per-image differences of every pair (histogram and sorted curve).
+
+  Returns:
+    ``path``.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  name = "NLL" if result["metric"] == "log_px" else "-ELBO"
+  pairs = result["pairs"]
+  losses = result["_losses"]
+  fig, axes = plt.subplots(len(pairs), 2, figsize=(10, 3.2 * len(pairs)), squeeze=False)
+  for row, p in zip(axes, pairs):
+    d = losses[p["i"]] - losses[p["j"]]
+    row[0].hist(d, bins=min(100, max(10, d.shape[0] // 20)), color="tab:blue", alpha=0.8)
+    row[0].axvline(0.0, color="k", lw=0.8)
+    row[0].axvline(p["mean_diff"], color="tab:red", lw=1.5,
+                   label=f"mean {p['mean_diff']:+.3f} +- {p['stderr']:.3f}")
+    row[0].set_xlabel(f"{name}({p['a']}) - {name}({p['b']}) per image")
+    row[0].set_ylabel("images")
+    row[0].legend(fontsize=8)
+    row[1].plot(np.sort(d), lw=1.2)
+    row[1].axhline(0.0, color="k", lw=0.8)
+    row[1].set_xlabel("images, sorted by difference")
+    row[1].set_ylabel("difference (nats)")
+    row[1].set_title(f"{p['a']} wins {100 * p['a_wins']:.1f}%  p = {p['p_value']:.2g}",
+                     fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

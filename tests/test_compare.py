@@ -1,0 +1,118 @@
+"""Per-example eval outputs (per_example.npz) and the paired comparison (exvae compare)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import ROOT, load_config
+from exvae import compare, eval_lib, per_example, train_lib
+
+
+def _identity(count, digest="d" * 64, **kw):
+  return dict(dict(dataset="digits", split="test", eval_binarize_seed=0, count=count,
+                   images_sha256=digest), **kw)
+
+
+def _write(path, log_px, elbo=None, **identity_kw):
+  log_px = np.asarray(log_px)
+  return per_example.save(str(path), {"log_px": log_px,
+                                      "elbo": log_px - 1.0 if elbo is None else elbo},
+                          _identity(log_px.shape[0], **identity_kw), {"prior": "x"})
+
+
+@pytest.mark.parametrize("n,shift", [(5, 0.3), (200, 0.05), (10000, -0.01)])
+def test_paired_stats_match_scipy(n, shift):
+  rng = np.random.default_rng(n)
+  hard = rng.gamma(2.0, 30.0, n)                      # shared per-image difficulty
+  a = hard + rng.normal(0, 0.5, n)
+  b = hard + shift + rng.normal(0, 0.5, n)
+  s = compare.paired_stats(a, b)
+  ref = stats.ttest_rel(a, b)
+  np.testing.assert_allclose(s["t"], ref.statistic, rtol=1e-10)
+  np.testing.assert_allclose(s["p_value"], ref.pvalue, rtol=1e-8, atol=1e-300)
+  np.testing.assert_allclose(s["mean_diff"], np.mean(a - b), rtol=1e-12)
+  np.testing.assert_allclose(s["stderr"], stats.sem(a - b), rtol=1e-10)
+  assert s["df"] == n - 1 and s["n"] == n
+  assert s["a_wins"] == np.mean(a < b) and s["b_wins"] == np.mean(a > b)
+  np.testing.assert_allclose(s["a_wins"] + s["b_wins"] + s["ties"], 1.0)
+
+
+def test_paired_stats_edge_cases_and_holm():
+  a = np.array([1.0, 2.0, 3.0])
+  s = compare.paired_stats(a, a)
+  assert s["p_value"] == 1.0 and s["ties"] == 1.0 and s["mean_diff"] == 0.0
+  s = compare.paired_stats(a, a + 1.0)               # constant difference: certain
+  assert s["p_value"] == 0.0 and s["a_wins"] == 1.0
+  with pytest.raises(ValueError, match="differ in length"):
+    compare.paired_stats(a, a[:2])
+  # Holm: p sorted (0.01, 0.02, 0.04) with m = 3 -> (0.03, 0.04, 0.04), monotone, capped at 1.
+  np.testing.assert_allclose(compare.holm([0.04, 0.01, 0.02]), [0.04, 0.03, 0.04])
+  np.testing.assert_allclose(compare.holm([0.9, 0.5]), [1.0, 1.0])
+
+
+def test_compare_cli_on_known_arrays(tmp_path):
+  rng = np.random.default_rng(0)
+  base = -rng.gamma(2.0, 30.0, 500)
+  runs = {"good": base + 0.2 + rng.normal(0, 0.3, 500), "bad": base, "same": base.copy()}
+  for name, lp in runs.items():
+    _write(tmp_path / "results" / name / per_example.FILENAME, lp)
+  dirs = [str(tmp_path / "results" / n) for n in ("good", "bad", "same")]
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *dirs, "--plot",
+                        f"--out={tmp_path / 'cmp.png'}", f"--json={tmp_path / 'cmp.json'}"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  ref = stats.ttest_rel(-runs["good"], -runs["bad"])
+  line = [l for l in out.stdout.splitlines() if l.strip().startswith("good vs bad")][0]
+  assert f"t = {ref.statistic:.2f}" in line
+  assert f"diff {np.mean(runs['bad'] - runs['good']):+.4f}" in line
+  assert f"A wins {100 * np.mean(runs['good'] > runs['bad']):.1f}%" in line
+  assert "bad vs same" in out.stdout and "ties 100.0%" in out.stdout
+  assert os.path.getsize(tmp_path / "cmp.png") > 1000
+  import json
+  saved = json.load(open(tmp_path / "cmp.json"))
+  assert len(saved["pairs"]) == 3 and saved["identity"]["count"] == 500
+  # Different images are refused, with a one-line reason naming the field.
+  _write(tmp_path / "other" / per_example.FILENAME, base, digest="e" * 64)
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), dirs[0],
+                        str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and "images_sha256" in bad.stderr
+  assert "Traceback" not in bad.stderr
+  with pytest.raises(FileNotFoundError, match="evaluate it first"):
+    compare.compare([dirs[0], str(tmp_path)])
+
+
+def test_eval_writes_per_example_scores_with_the_test_set_identity(tmp_path):
+  c = load_config("test", max_steps=10)
+  wd = str(tmp_path / "run")
+  train_lib.train_and_evaluate(c, wd)
+  m = eval_lib.evaluate(c, wd)
+  rec = per_example.load(wd)
+  assert rec["path"] == m["per_example"] == os.path.join(wd, per_example.FILENAME)
+  for k in per_example.SCORES:
+    assert rec[k].dtype == np.float32 and rec[k].shape == (40,)
+  np.testing.assert_allclose(-rec["log_px"].mean(), m["test_nll"], rtol=1e-5)
+  np.testing.assert_allclose(-rec["elbo"].mean(), m["test_elbo"], rtol=1e-5)
+  np.testing.assert_allclose(rec["recon"] + rec["kl"], -rec["elbo"], rtol=1e-4, atol=1e-3)
+  assert np.all(rec["log_px"] >= rec["elbo"] - 1e-4)
+  splits = train_lib.load_data(c)
+  assert per_example.identity(rec) == {
+      "dataset": "digits", "split": "test", "eval_binarize_seed": 0, "count": 40,
+      "images_sha256": per_example.images_digest(splits.test_x[:40])}
+  assert rec["num_importance_samples"] == 16 and rec["prior"] == "exemplar"
+  # Copied into a results/ entry, it compares against a re-evaluation (another
+  # sampling seed) of the same run: same images, small paired differences.
+  res = tmp_path / "results" / "test"
+  res.mkdir(parents=True)
+  shutil.copy(rec["path"], res)
+  eval_lib.evaluate(load_config("test", max_steps=10, **{"eval.seed": 1}), wd)
+  r = compare.compare([str(res), wd])
+  assert r["pairs"][0]["n"] == 40 and abs(r["pairs"][0]["mean_diff"]) < 1.0
+  # Another evaluation subset is another test set: refused.
+  eval_lib.evaluate(load_config("test", max_steps=10, **{"eval.max_test_examples": 30}), wd)
+  with pytest.raises(compare.IdentityMismatchError, match="count"):
+    compare.compare([str(res), wd])
