@@ -1,33 +1,12 @@
 """Evaluates a trained run: ``python eval.py --config=configs/<name>.py --workdir=<dir>``.
 
+A thin entry point to :mod:`exvae.cli.eval` (installed as ``exvae-eval``).
 Computes the importance-sampled test NLL (``--config.eval.num_importance_samples``,
 default 5000) against all training exemplars, the test ELBO and its terms, and
-writes ``<workdir>/eval_metrics.json``.
+writes ``<workdir>/eval_metrics.json`` and ``<workdir>/per_example.npz``.
 """
 
-import json
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from exvae import eval_lib
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:     # keep Orbax's INFO chatter out of the terminal
-    logging.set_verbosity(logging.WARNING)
-  metrics = eval_lib.evaluate(FLAGS.config, FLAGS.workdir)
-  print(json.dumps(metrics, indent=2))
-  print(f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "
-        f"{metrics['num_test_examples']} test images); samples: {metrics['samples_png']}")
-
+from exvae.cli.eval import run
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

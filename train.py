@@ -1,36 +1,12 @@
 """Trains an exvae model: ``python train.py --config=configs/<name>.py --workdir=<dir>``.
 
+A thin entry point to :mod:`exvae.cli.train` (installed as ``exvae-train``).
+``--config`` also takes a shipped config's name (``--config=fashion_vae_exemplar``).
 Any config field can be overridden: ``--config.num_epochs=10 --config.exemplar.rat=True``.
 Training resumes automatically from the latest checkpoint in ``--workdir``.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from exvae import distributed, train_lib
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: host:port of process 0 (enables jax.distributed).")
-flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
-flags.DEFINE_bool("distributed", False, "Multi-host with auto-detected cluster settings "
-                  "(SLURM, Cloud TPU): jax.distributed.initialize() without arguments.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:     # keep Orbax's INFO chatter out of the terminal
-    logging.set_verbosity(logging.WARNING)
-  if FLAGS.coordinator_address or FLAGS.distributed:
-    distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
-  summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  print({k: summary[k] for k in ("step", "best_val", "best_epoch", "finished") if k in summary})
-
+from exvae.cli.train import run
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -1,0 +1,130 @@
+"""The installable package: `pip install .` in a fresh venv, console scripts from outside the repo.
+
+Offline and fast: the fresh venv sees the project's environment through a
+.pth file (pip, setuptools and the dependencies; nothing is downloaded), and
+exvae itself is installed with --no-deps --no-build-isolation from a copy of
+the source tree, so the checkout stays clean.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "workdirs", "results", "build",
+                                 "__pycache__", "*.egg-info", ".pytest_cache")
+
+
+def _fresh_venv(path):
+  """A venv without pip whose site-packages also sees this interpreter's (via a .pth)."""
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True,
+                 timeout=120)
+  py = os.path.join(str(path), "bin", "python")
+  site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  parents = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+  with open(os.path.join(site, "_project_env.pth"), "w") as f:
+    f.write("\n".join(dict.fromkeys(parents)) + "\n")
+  return py
+
+
+def _pip_install(py, *args, cwd):
+  r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                      "--no-index", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _run(cmd, cwd, timeout=600):
+  env = dict(os.environ, PYTHONPATH="")          # nothing from the checkout
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+  assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
+  return r.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+  """(venv python, bin dir, an empty directory outside the repository)."""
+  base = tmp_path_factory.mktemp("pkg")
+  src = base / "src"
+  shutil.copytree(ROOT, src, ignore=_IGNORE)
+  py = _fresh_venv(base / "venv")
+  _pip_install(py, str(src), cwd=str(base))
+  outside = base / "elsewhere"
+  outside.mkdir()
+  return py, os.path.dirname(py), outside
+
+
+def test_installed_package_is_complete_and_outside_the_checkout(installed):
+  py, _, outside = installed
+  out = _run([py, "-c", "import exvae, exvae.config_registry as r, exvae.kernels.cpu_fused as k; "
+              "print(exvae.__file__); print(r.resolve('test')); print(k._SRC.is_file())"],
+             cwd=str(outside)).split()
+  assert not out[0].startswith(ROOT) and "site-packages" in out[0]
+  assert out[1].endswith(os.path.join("exvae", "configs", "test.py")) and "site-packages" in out[1]
+  assert out[2] == "True"                      # the fused kernel's C++ source is package data
+  # Every module of the source tree is in the wheel (a new subpackage must be
+  # listed in pyproject.toml), and every shipped config too.
+  site_pkg = os.path.dirname(os.path.dirname(out[0]))
+  want = {os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, "exvae", "**", "*.py"),
+                                                      recursive=True)}
+  want |= {os.path.join("exvae", "configs", os.path.basename(f))
+           for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+  have = {os.path.relpath(f, site_pkg)
+          for f in glob.glob(os.path.join(site_pkg, "exvae", "**", "*.py"), recursive=True)}
+  assert want <= have, sorted(want - have)
+  configs = _run([os.path.join(installed[1], "exvae"), "configs"], cwd=str(outside)).split()
+  assert "fashion_vae_exemplar_rat" in configs and "test" in configs and len(configs) >= 38
+
+
+def test_console_scripts_train_and_eval_a_config_by_name_from_anywhere(installed):
+  py, bin_dir, outside = installed
+  if os.path.exists(FASHION):                 # a paper config, shrunk for a CPU test
+    name = "fashion_vae_exemplar_rat"
+    small = ["--config.max_train=600", "--config.max_test=100", "--config.batch_size=50",
+             "--config.exemplar.num_exemplars=200", "--config.num_picture_samples=8",
+             "--config.eval.num_importance_samples=8", "--config.eval.max_test_examples=40",
+             "--config.eval.max_queries=400", "--config.warmup_epochs=1"]
+  else:                                       # CI without the Debian data package
+    name = "test"
+    small = []
+  wd = str(outside / "runs" / "by_name")
+  common = [f"--config={name}", f"--workdir={wd}", "--config.num_epochs=1",
+            "--config.progress=False", *small]
+  out = _run([os.path.join(bin_dir, "exvae-train"), *common], cwd=str(outside))
+  assert "'finished': True" in out
+  saved = json.load(open(os.path.join(wd, "config.json")))
+  assert saved["num_epochs"] == 1
+  if name != "test":
+    assert saved["dataset"] == "fashion_mnist" and saved["exemplar"]["rat"] is True
+  out = _run([os.path.join(bin_dir, "exvae-eval"), *common], cwd=str(outside))
+  m = json.load(open(os.path.join(wd, "eval_metrics.json")))
+  assert np.isfinite(m["test_nll"]) and f"test NLL = {m['test_nll']:.2f}" in out
+  assert os.path.isfile(os.path.join(wd, "per_example.npz"))
+  # The one `exvae` command reaches the same entry points.
+  out = _run([os.path.join(bin_dir, "exvae"), "compare", wd, wd], cwd=str(outside))
+  assert "diff +0.0000" in out
+  r = subprocess.run([os.path.join(bin_dir, "exvae-train"), "--config=no_such_config",
+                      f"--workdir={wd}"], capture_output=True, text=True, cwd=str(outside))
+  assert r.returncode == 2 and "known names" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_editable_install_finds_configs_by_name(tmp_path):
+  src = tmp_path / "src"
+  shutil.copytree(ROOT, src, ignore=_IGNORE)
+  py = _fresh_venv(tmp_path / "venv")
+  _pip_install(py, "-e", str(src), cwd=str(tmp_path))
+  out = _run([py, "-c", "import exvae, exvae.config_registry as r; print(exvae.__file__); "
+              "print(r.resolve('fashion_vae_exemplar_rat')); "
+              "print(r.get_config('mnist_hvae_vampprior').model)"], cwd=str(tmp_path)).split()
+  assert out[0] == str(src / "exvae" / "__init__.py")
+  assert out[1] == str(src / "configs" / "fashion_vae_exemplar_rat.py")
+  assert out[2] == "hvae"
