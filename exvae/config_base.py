@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.val_every_epochs = 1
   c.num_picture_samples = 64
-  c.progress = True
+  c.progress = True                 # progress bars (also off without a terminal, or with CI set)
+  c.tensorboard = True              # TensorBoard event files in the workdir (exvae/writers.py)
   # Evaluation (eval.py).
   c.eval = ml_collections.ConfigDict(dict(
       num_importance_samples=5000,  # S per test point

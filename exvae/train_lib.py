@@ -27,7 +27,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import checkpoints, data, distributed, pictures, rng
+from exvae import checkpoints, data, distributed, pictures, rng, writers
+from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
 from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
@@ -323,7 +324,7 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
   out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl", "max_err")}
   n_batches = math.ceil(m / batch)
   bar = None
-  if progress:
+  if progress_lib.enabled(progress):
     from tqdm.auto import tqdm
     bar = tqdm(total=m, desc=desc, unit="ex", dynamic_ncols=True)
   for b in range(n_batches):
@@ -374,6 +375,7 @@ def _append_jsonl(path: str, record: dict) -> None:
     return
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
+  writers.write(path, record)        # TensorBoard, if open for this workdir
 
 
 def _to_float(tree) -> dict[str, float]:
@@ -492,6 +494,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **meta)
 
+  writers.open_run(workdir, enabled=bool(config.tensorboard) and primary)
   max_steps = int(config.num_epochs) * spe
   if config.max_steps:
     max_steps = min(max_steps, int(config.max_steps))
@@ -524,7 +527,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
 
   from tqdm.auto import tqdm
   bar = tqdm(total=max_steps, initial=int(state.step), desc="train", unit="step",
-             dynamic_ncols=True, disable=not (config.progress and primary))
+             dynamic_ncols=True, disable=not progress_lib.enabled(config.progress and primary))
   try:
     maybe_validate()
     perm_epoch, perm = -1, None
@@ -552,7 +555,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
               f"{last_saved}) is intact in {manager.directory}. Try a lower learning_rate.")
         _append_jsonl(metrics_path, dict(m, step=new_step, epoch=new_step / spe,
                                          time=time.time() - t_start))
-        bar.set_postfix(loss=f"{m['loss']:.2f}", beta=f"{m['beta']:.2f}")
+        bar.set_postfix(progress_lib.train_postfix(m, new_step, spe, meta["best_val"]))
       bar.update(1)
       if new_step % spe == 0:
         maybe_validate()
@@ -574,4 +577,5 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall,
                  finished=meta["early_stopped"] or int(state.step) >= max_steps, **meta)
   _append_jsonl(metrics_path, {"summary": summary})
+  writers.close(workdir)
   return summary
