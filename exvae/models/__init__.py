@@ -8,12 +8,17 @@
 
 Every model supports ``config.likelihood`` 'bernoulli' (decoder gives logits)
 and 'logistic' (decoder gives ``(mean, log_scale)`` of a discretised logistic).
+
+A model outside the library is selected by a plug-in spec,
+``config.model = "my_pkg.my_model:make_my_model"`` (see :mod:`exvae.plugins`):
+a callable ``(config, image_shape) -> Model``, imported on first use.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from exvae import plugins
 from exvae.models import vae as _vae
 from exvae.models.conv import ConvHVAE, make_convhvae
 from exvae.models.hvae import HVAE, make_head_vae_model, make_hvae
@@ -48,9 +53,16 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
     A :class:`Model` whose functions are pure and jit-friendly.
 
   Raises:
-    ValueError: unknown model or likelihood name.
+    ValueError: unknown model or likelihood name, or a plug-in spec that
+      cannot be imported.
   """
   name = config.model
+  if plugins.is_spec(name) and name not in MODELS:
+    factory = plugins.load(name, "model")
+    if not callable(factory):
+      raise ValueError(f"model plug-in {name!r} is {factory!r}, not a callable "
+                       f"(config, image_shape) -> Model.")
+    MODELS[name] = factory
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
   return MODELS[name](config, image_shape)

@@ -1,9 +1,38 @@
 """Priors over latent codes, behind one interface (see :mod:`exvae.priors.base`).
 
 Importing this package registers the built-in priors: ``gaussian``,
-``vampprior`` and ``exemplar``.
+``vampprior`` and ``exemplar``. A prior outside the library is selected by a
+plug-in spec, ``config.prior = "my_pkg.my_prior:MyPrior"`` (see
+:mod:`exvae.plugins`): imported on first use and registered under that spec.
 """
-from exvae.priors.base import ContextInputs, Prior, make_prior, register, registered_priors
+from exvae import plugins
+from exvae.priors import base
+from exvae.priors.base import ContextInputs, Prior, register, registered_priors
 from exvae.priors import exemplar, gaussian, vampprior  # noqa: F401  (registration)
+
+
+def make_prior(name: str, config) -> Prior:
+  """Instantiates the prior ``name``: a registered name or a ``MODULE:CLASS`` plug-in spec.
+
+  Args:
+    name: ``config.prior``.
+    config: the run's config (given to the prior's constructor).
+
+  Returns:
+    The prior.
+
+  Raises:
+    ValueError: an unknown name, an unimportable spec, or a spec that does
+      not name a :class:`Prior` subclass.
+  """
+  if plugins.is_spec(name) and name not in base.registered_priors():
+    cls = plugins.load(name, "prior")
+    if not (isinstance(cls, type) and issubclass(cls, Prior)):
+      raise ValueError(f"prior plug-in {name!r} is {cls!r}, not a subclass of "
+                       f"exvae.priors.Prior.")
+    if name not in base.registered_priors():   # the import may have registered it
+      base._REGISTRY[name] = cls
+  return base.make_prior(name, config)
+
 
 __all__ = ["ContextInputs", "Prior", "make_prior", "register", "registered_priors"]
