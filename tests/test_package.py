@@ -38,6 +38,11 @@ def _fresh_venv(path):
 
 
 def _pip_install(py, *args, cwd):
+  import setuptools
+  major, minor = (int(v) for v in setuptools.__version__.split(".")[:2])
+  assert (major, minor) >= (70, 1), (
+      f"setuptools {setuptools.__version__} cannot build a wheel without the `wheel` package; "
+      f"install the pinned set: pip install -r requirements.txt")
   r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                       "--no-index", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
@@ -112,6 +117,8 @@ def test_console_scripts_train_and_eval_a_config_by_name_from_anywhere(installed
   # The one `exvae` command reaches the same entry points.
   out = _run([os.path.join(bin_dir, "exvae"), "compare", wd, wd], cwd=str(outside))
   assert "diff +0.0000" in out
+  _run([os.path.join(bin_dir, "exvae-uses"), "bank", *common], cwd=str(outside))
+  assert os.path.isfile(os.path.join(wd, "uses", "bank.npz"))
   r = subprocess.run([os.path.join(bin_dir, "exvae-train"), "--config=no_such_config",
                       f"--workdir={wd}"], capture_output=True, text=True, cwd=str(outside))
   assert r.returncode == 2 and "known names" in r.stderr and "Traceback" not in r.stderr
