@@ -10,7 +10,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from exvae import eval_lib
+from exvae import eval_lib, rundir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
@@ -18,6 +18,7 @@ flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
