@@ -515,7 +515,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   def save(force_meta=None):
     nonlocal last_saved, saved_any, save_failed
     if int(state.nonfinite) > 0:      # never save a state after skipped steps
-      raise nonfinite_error(f"before step {int(state.step)}")
+      raise nonfinite_error(f"by step {int(state.step)}")
     try:
       manager.save(int(state.step), state, best_params, force_meta or meta)
     except BaseException:
@@ -565,7 +565,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
       if new_step % int(config.log_every_steps) == 0 or new_step % spe == 0:
         m = _to_float(metrics)
         if int(state.nonfinite) > 0:
-          raise nonfinite_error(f"at or before step {int(state.step)} (loss={m['loss']})")
+          raise nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})")
         _append_jsonl(metrics_path, dict(m, step=new_step, epoch=new_step / spe,
                                          time=time.time() - t_start))
         bar.set_postfix(loss=f"{m['loss']:.2f}", beta=f"{m['beta']:.2f}")

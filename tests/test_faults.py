@@ -209,15 +209,16 @@ def test_resume_with_a_changed_model_or_data_is_an_error_naming_the_keys(trained
 def test_resume_with_allowed_changes_and_an_explicit_override_are_recorded(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   stored = open(os.path.join(wd, "config.json")).read()
-  c = load_config("test", num_epochs=3, log_every_steps=7, **{"eval.num_importance_samples": 4})
+  c = load_config("test", num_epochs=3, max_steps=136, log_every_steps=7,
+                  **{"eval.num_importance_samples": 4})
   s = train_lib.train_and_evaluate(c, wd)
-  assert s["step"] == 192
+  assert s["step"] == 136
   assert open(os.path.join(wd, "config.json")).read() == stored   # the config it started with
   rec = [json.loads(l) for l in open(os.path.join(wd, rundir.CHANGES_FILE))]
   assert rec[-1]["override"] is False
   assert rec[-1]["changes"]["num_epochs"] == [2, 3] and "log_every_steps" in rec[-1]["changes"]
   # An explicit override continues with new optimisation settings and records them.
-  c = load_config("test", num_epochs=4, learning_rate=1e-4)
+  c = load_config("test", num_epochs=3, max_steps=140, learning_rate=1e-4)
   train_lib.train_and_evaluate(c, wd, allow_config_change=True)
   rec = json.loads(open(os.path.join(wd, rundir.CHANGES_FILE)).read().splitlines()[-1])
   assert rec["override"] is True and rec["changes"]["learning_rate"] == [5e-4, 1e-4]
@@ -305,14 +306,14 @@ def test_a_full_disk_stops_training_at_the_first_failed_save(tmp_path, monkeypat
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
   with pytest.raises(rundir.DiskFullError) as e:
-    train_lib.train_and_evaluate(load_config("test", max_steps=100), wd)
+    train_lib.train_and_evaluate(load_config("test", max_steps=40), wd)
   msg = str(e.value)
   assert os.path.join(wd, "checkpoints") in msg and "free" in msg and "needs about" in msg
   assert _steps(wd) == [10, 20]             # the good ones, nothing after the failed save
   logged = [json.loads(l).get("step", 0) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert max(logged) <= 30                  # stopped at the failed save
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real)
-  assert train_lib.train_and_evaluate(load_config("test", max_steps=100), wd)["step"] == 100
+  assert train_lib.train_and_evaluate(load_config("test", max_steps=40), wd)["step"] == 40
 
 
 def test_metrics_have_no_duplicate_or_missing_steps_after_a_resume(trained_dir, tmp_path):
