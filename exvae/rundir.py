@@ -55,7 +55,7 @@ LOCK_FILE = ".lock"
 MAY_CHANGE = (
     "num_epochs", "max_steps", "early_stopping_patience",
     "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "val_every_epochs",
-    "num_picture_samples", "progress",
+    "num_picture_samples", "progress", "tensorboard",
     "eval.*",
     "data_dir", "num_devices", "pool_sharding",
     "exemplar.chunk_size", "exemplar.encode_chunk",
