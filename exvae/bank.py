@@ -24,28 +24,90 @@ it from their union at once.
 On disk a bank is one ``.npz`` (latent codes only, written atomically):
 ``codes`` (N, d) float32, ``ids`` (N,) int64, optional ``labels`` (N,) int32,
 ``log_var`` (), ``key_data`` (the binarisation key) and ``metadata`` (JSON).
+A bank built from a run records its source: the run's workdir and a
+fingerprint of the model parameters that encoded it (``model_fingerprint``);
+:func:`check_bank_source` refuses to mix it with another model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import math
 import os
+import warnings
+import zipfile
+import zlib
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import kernels, rng
+from exvae import kernels, rng, rundir
 from exvae.models.vae import Model
 
 PyTree = Any
 
 BANK_FORMAT_VERSION = 1
+
+
+class BankFileError(rundir.RunDirError, ValueError):
+  """A bank file that cannot be read (corrupt, truncated, not a bank)."""
+
+
+class BankMismatchError(rundir.RunDirError, ValueError):
+  """A bank built from another model than the one it is used with."""
+
+
+def params_fingerprint(params: PyTree) -> str:
+  """A short hash of a parameter pytree (tree paths, dtypes, shapes and values)."""
+  h = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(params))
+  for path, leaf in leaves:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "the bank", *,
+                      allow_mismatch: bool = False) -> bool:
+  """Checks that ``bank`` was encoded by ``model_params``.
+
+  Args:
+    bank: a loaded bank.
+    model_params: the model parameters it is about to be used with.
+    path: the bank's file (for messages).
+    allow_mismatch: only warn when it was built from another model.
+
+  Returns:
+    True if the bank records this model, False if it records no source
+    (written by an older version; a warning) or another one (allowed).
+
+  Raises:
+    BankMismatchError: the bank records another model and ``allow_mismatch``
+      is False.
+  """
+  recorded = bank.metadata.get("model_fingerprint")
+  if recorded is None:
+    warnings.warn(f"{path} records no source model (written by an older version): "
+                  "cannot check that this model encoded it.")
+    return False
+  mine = params_fingerprint(model_params)
+  if recorded == mine:
+    return True
+  msg = (f"{path} was built from another model (workdir {bank.metadata.get('workdir', '?')}, "
+         f"model {recorded}; this run's model is {mine}): its codes come from another "
+         "encoder.")
+  if not allow_mismatch:
+    raise BankMismatchError(msg + " Rebuild it with `uses.py bank` for this workdir, or pass "
+                            "--allow_bank_mismatch to use it anyway.")
+  warnings.warn(msg + " Used anyway (allow_bank_mismatch).")
+  return False
 
 
 # ----------------------------------------------------------------------------
@@ -394,21 +456,44 @@ class ExemplarBank:
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: not a bank file (missing arrays) or an unknown format version.
+      BankFileError (a ValueError): the file is corrupt or truncated, not a
+        bank (missing arrays), of an unknown format version, or holds
+        non-finite codes; the message names the file and what is wrong.
     """
-    with np.load(path, allow_pickle=False) as z:
-      missing = {"codes", "ids", "log_var", "metadata"} - set(z.files)
-      if missing:
-        raise ValueError(f"{path} is not an exemplar bank (missing {sorted(missing)})")
-      version = int(z["format_version"]) if "format_version" in z.files else BANK_FORMAT_VERSION
-      if version != BANK_FORMAT_VERSION:
-        raise ValueError(f"{path}: bank format {version}, this code reads {BANK_FORMAT_VERSION}")
-      kw = {}
-      if "key_data" in z.files:
-        kw["key_data"] = z["key_data"]
-      return cls(codes=z["codes"], ids=z["ids"],
-                 labels=z["labels"] if "labels" in z.files else None,
-                 log_var=float(z["log_var"]), metadata=json.loads(str(z["metadata"])), **kw)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"No bank file {path}: build one with `uses.py bank` "
+                              "(it writes <out>/bank.npz).")
+    rebuild = "rebuild it with `uses.py bank`"
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        missing = {"codes", "ids", "log_var", "metadata"} - set(z.files)
+        if missing:
+          raise BankFileError(f"{path} is not an exemplar bank (missing arrays "
+                              f"{sorted(missing)}); {rebuild}.")
+        version = int(z["format_version"]) if "format_version" in z.files else BANK_FORMAT_VERSION
+        if version != BANK_FORMAT_VERSION:
+          raise BankFileError(f"{path}: bank format {version}, this code reads "
+                              f"{BANK_FORMAT_VERSION}; {rebuild}.")
+        kw = {}
+        if "key_data" in z.files:
+          kw["key_data"] = z["key_data"]
+        bank = cls(codes=z["codes"], ids=z["ids"],
+                   labels=z["labels"] if "labels" in z.files else None,
+                   log_var=float(z["log_var"]), metadata=json.loads(str(z["metadata"])), **kw)
+    except BankFileError:
+      raise
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
+      size = os.path.getsize(path)
+      with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+      # (numpy's own message for a non-zip file suggests allow_pickle: misleading here)
+      what = (f"{type(e).__name__}: {' '.join(str(e).split())[:120]}" if is_zip else
+              "it does not start like a .npz (zip) file" if size else "the file is empty")
+      raise BankFileError(f"{path} ({size:,} bytes) is corrupt or truncated, not a readable "
+                          f"bank .npz ({what}); {rebuild}.") from e
+    if not (np.all(np.isfinite(bank.codes)) and math.isfinite(bank.log_var)):
+      raise BankFileError(f"{path} holds non-finite codes or log_var; {rebuild}.")
+    return bank
 
   # -- density, sampling, retrieval ---------------------------------------------
   def log_prob(self, z: np.ndarray | jax.Array) -> np.ndarray:
@@ -496,16 +581,17 @@ def restore_trained(config, workdir: str) -> Trained:
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no (readable) checkpoint.
   """
-  from exvae import checkpoints, train_lib
+  from exvae import checkpoints, rundir, train_lib
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
     raise checkpoints.CheckpointNotFoundError(
         f"No checkpoint found in {ckpt_dir}. Train first: "
         f"python train.py --config=<config> --workdir={workdir}")
+  rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
-  manager = checkpoints.Manager(ckpt_dir, create=False)
+  manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
   out = manager.restore_latest(None, template.params, need_state=False)
   if out is None:
     raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
@@ -566,7 +652,8 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
   meta = {"dataset": t.splits.name, "source": "train", "data_source": t.splits.source,
           "prior": str(config.prior), "log_var_source": lv_source,
           "bank_seed": int(config.eval.bank_seed), "workdir": os.path.abspath(workdir),
-          "best_epoch": int(t.meta.get("best_epoch", -1)) + 1}
+          "best_epoch": int(t.meta.get("best_epoch", -1)) + 1,
+          "model_fingerprint": params_fingerprint(t.params["model"])}
   return ExemplarBank.build(model, t.params["model"], x, ids=ids, labels=t.splits.train_y,
                             log_var=log_var, binary=binary, key=key,
                             batch_size=batch_size, metadata=meta, progress=progress)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import checkpoints, data, distributed, per_example, pictures, train_lib
+from exvae import checkpoints, data, distributed, per_example, pictures, rundir, train_lib
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -40,6 +40,11 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
 
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no readable checkpoint.
+    rundir.ConfigDriftError: ``config`` is not the one the run was trained with.
+    rundir.NonFiniteMetricsError: the metrics are not finite (nothing is written).
+
+  Reads the run directory without changing it (checkpoints opened read-only),
+  so it may run while training writes the same workdir.
   """
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir) or not any(
@@ -47,13 +52,14 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     raise checkpoints.CheckpointNotFoundError(
         f"No checkpoint found in {ckpt_dir}. Train first: "
         f"python train.py --config=<config> --workdir={workdir}")
-  splits = train_lib.load_data(config)
   train_lib.validate_config(config)
+  rundir.check_reader_config(workdir, config)
+  splits = train_lib.load_data(config)
   pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
   setup = train_lib.make_setup(config, splits, pool_sharded)
   n = splits.train_x.shape[0]
   template = train_lib.init_state(config, setup, n)
-  manager = checkpoints.Manager(ckpt_dir, create=False)
+  manager = checkpoints.Manager(ckpt_dir, read_only=True)
   state, best, meta = manager.restore_latest(template, template.params)
   # Best-on-validation parameters, unless no epoch was validated yet (a run
   # stopped by max_steps inside its first epoch): then the last ones.
@@ -104,6 +110,13 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   }
   for k, v in setup.prior.describe(params["prior"]).items():
     metrics[k] = float(v)
+  bad = [k for k in ("test_nll", "test_elbo", "test_recon", "test_kl")
+         if not np.isfinite(metrics[k])]
+  if bad:
+    raise rundir.NonFiniteMetricsError(
+        f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
+        f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
+        "(e.g. with a lower learning_rate).")
   samples, recons = train_lib.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
   metrics["samples_png"] = os.path.join(workdir, "eval_samples.png")

@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import checkpoints, data, distributed, pictures, rng, writers
+from exvae import checkpoints, data, distributed, pictures, rng, rundir, writers
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
@@ -81,6 +81,7 @@ def validate_config(config) -> None:
   if config.pool_sharding not in distributed.POOL_SHARDING:
     raise ValueError(f"pool_sharding must be one of {distributed.POOL_SHARDING}, "
                      f"got {config.pool_sharding!r}.")
+  rundir.check_config(config)       # cadences, keep_checkpoints, a finite learning rate
 
 
 def load_data(config) -> data.Splits:
@@ -104,6 +105,7 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
   n = splits.train_x.shape[0]
   if config.batch_size > n:
     raise ValueError(f"batch_size {config.batch_size} exceeds the training set size {n}.")
+  rundir.check_config(config, num_train=n)   # num_exemplars, rat_k vs the training set
   model = make_model(config, splits.image_shape)
   prior = make_prior(config.prior, config)
   log_lik, mean_fn = get_likelihood(config.likelihood)
@@ -361,15 +363,6 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
 # ----------------------------------------------------------------------------
 
 
-class _Interrupt(Exception):
-  pass
-
-
-def _sigterm_handler(signum, frame):
-  del signum, frame
-  raise _Interrupt()
-
-
 def _append_jsonl(path: str, record: dict) -> None:
   if not distributed.is_primary():
     return
@@ -433,13 +426,22 @@ def should_stop_early(meta: dict, patience: int) -> bool:
   return meta["bad_epochs"] > patience
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`)."""
-  with distributed.data_mesh(int(config.num_devices)) as mesh:
-    if mesh is not None and int(config.batch_size) % mesh.size:
-      raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                       f"{mesh.size} data-parallel devices.")
-    return _train(config, workdir, mesh)
+def train_and_evaluate(config, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`).
+
+  The workdir is held by :class:`exvae.rundir.Writer` meanwhile: an exclusive
+  lock (a second writer fails at once) and the config check on resume
+  (``allow_config_change``: accept changes to the model, data or optimisation).
+  """
+  validate_config(config)
+  with rundir.Writer(workdir, config, primary=distributed.is_primary(),
+                     allow_config_change=allow_config_change):
+    with distributed.data_mesh(int(config.num_devices)) as mesh:
+      if mesh is not None and int(config.batch_size) % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                         f"{mesh.size} data-parallel devices.")
+      return _train(config, workdir, mesh)
 
 
 def _train(config, workdir: str, mesh) -> dict[str, Any]:
@@ -454,7 +456,9 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
 
   Raises:
     NonFiniteLossError: a step produced a non-finite loss; the last good
-      checkpoint is left intact.
+      checkpoint is left intact (a state after non-finite steps is never saved).
+    rundir.DiskFullError: a save failed for lack of space; training stops there.
+    rundir.Interrupted: SIGTERM; a checkpoint of the current step was saved.
   """
   os.makedirs(workdir, exist_ok=True)
   splits = load_data(config)
@@ -464,10 +468,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   setup = make_setup(config, splits, pool_sharded)
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
-  primary = distributed.is_primary()
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  primary = distributed.is_primary()   # config.json: written by rundir.Writer
 
   state = distributed.replicate(init_state(config, setup, n), mesh)
   manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
@@ -488,6 +489,8 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     logging.info("Resumed from step %d.", int(state.step))
     print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if primary:    # steps after the restored one are trained (and logged) again
+    rundir.trim_metrics(metrics_path, int(state.step))
   summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
              "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
   if meta.get("early_stopped"):
@@ -499,13 +502,29 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   if config.max_steps:
     max_steps = min(max_steps, int(config.max_steps))
   last_saved = int(state.step)
+  saved_any = restored is not None
   t_start = time.time()
-  prev_handler = signal.signal(signal.SIGTERM, _sigterm_handler)
+  stop = []                     # SIGTERM: finish the step, save, stop
+  prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+  save_failed = False
+
+  def nonfinite_error(what):
+    good = (f"The last good checkpoint (step {last_saved}) is intact in {manager.directory}"
+            if saved_any else
+            f"No checkpoint was written (nothing in {manager.directory} is from this run)")
+    return NonFiniteLossError(f"Non-finite loss or gradient {what}; the update was skipped and "
+                              f"training stopped. {good}. Try a lower learning_rate.")
 
   def save(force_meta=None):
-    nonlocal last_saved
-    manager.save(int(state.step), state, best_params, force_meta or meta)
-    last_saved = int(state.step)
+    nonlocal last_saved, saved_any, save_failed
+    if int(state.nonfinite) > 0:      # never save a state after skipped steps
+      raise nonfinite_error(f"by step {int(state.step)}")
+    try:
+      manager.save(int(state.step), state, best_params, force_meta or meta)
+    except BaseException:
+      save_failed = True
+      raise
+    last_saved, saved_any = int(state.step), True
 
   def maybe_validate():
     """Runs validation for every completed epoch not validated yet (also after a resume)."""
@@ -549,10 +568,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
       if new_step % int(config.log_every_steps) == 0 or new_step % spe == 0:
         m = _to_float(metrics)
         if int(state.nonfinite) > 0:
-          raise NonFiniteLossError(
-              f"Non-finite loss or gradient at step {int(state.step)} (loss={m['loss']}); the "
-              f"update was skipped and training stopped. The last good checkpoint (step "
-              f"{last_saved}) is intact in {manager.directory}. Try a lower learning_rate.")
+          raise nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})")
         _append_jsonl(metrics_path, dict(m, step=new_step, epoch=new_step / spe,
                                          time=time.time() - t_start))
         bar.set_postfix(progress_lib.train_postfix(m, new_step, spe, meta["best_val"]))
@@ -562,17 +578,22 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
         save()
       elif new_step % int(config.checkpoint_every_steps) == 0:
         save()
-    maybe_validate()
-  except (KeyboardInterrupt, _Interrupt):
-    print("Interrupted: saving a checkpoint before exiting.", flush=True)
-    raise
+      if stop:
+        break
+    if not stop:
+      maybe_validate()
   finally:
     bar.close()
     signal.signal(signal.SIGTERM, prev_handler)
-    # Save on every exit path, but never a state that went non-finite.
-    if int(state.nonfinite) == 0 and int(state.step) != last_saved:
+    # Save on every exit path, but never a state that went non-finite, and
+    # not again after a failed save (a full disk).
+    if not save_failed and int(state.nonfinite) == 0 and int(state.step) != last_saved:
       save()
     manager.wait_until_finished()
+  if stop:
+    raise rundir.Interrupted(
+        f"SIGTERM at step {int(state.step)}: checkpoint saved in {manager.directory}; run the "
+        "same command to resume.")
   wall = time.time() - t_start
   summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall,
                  finished=meta["early_stopped"] or int(state.step) >= max_steps, **meta)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config, train_traced_once
-from exvae import checkpoints, eval_lib, train_lib
+from exvae import checkpoints, eval_lib, rundir, train_lib
 from exvae.objectives import log_importance_weights
 
 
@@ -168,7 +168,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   train_lib.train_and_evaluate(c, wd)
   c2 = load_config("test", max_steps=60, learning_rate=1e30)   # explodes immediately
   with pytest.raises(train_lib.NonFiniteLossError, match="last good checkpoint"):
-    train_lib.train_and_evaluate(c2, wd)
+    train_lib.train_and_evaluate(c2, wd, allow_config_change=True)   # a new learning rate
   mngr = checkpoints.Manager(os.path.join(wd, "checkpoints"))
   assert mngr.all_steps()[-1] == 20
   s, _, _ = _final_params(wd)
@@ -237,6 +237,14 @@ def test_pruned_evaluation_is_within_its_certified_gap(keep):
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
   wd = str(tmp_path / "mismatch")
   train_lib.train_and_evaluate(load_config("test", max_steps=10), wd)
+  stored = open(os.path.join(wd, "config.json")).read()
+  with pytest.raises(rundir.ConfigDriftError, match="latent_dim 4 -> 5"):
+    train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd)
+  # Forced past the config check, the checkpoints themselves do not fit; the
+  # failed invocation leaves config.json as it was.
   with pytest.warns(UserWarning, match="could not be restored"):
     with pytest.raises(checkpoints.CheckpointNotFoundError, match="different config"):
-      train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd)
+      train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd,
+                                   allow_config_change=True)
+  assert open(os.path.join(wd, "config.json")).read() == stored
+  assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from exvae import config_registry, eval_lib
+from exvae import config_registry, eval_lib, rundir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A shipped config's name or a configs/*.py path.",
@@ -22,6 +22,7 @@ flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from exvae import config_registry, distributed, train_lib
+from exvae import config_registry, distributed, rundir, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A shipped config's name or a configs/*.py path.",
@@ -23,9 +23,12 @@ flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 flags.DEFINE_bool("distributed", False, "Multi-host with auto-detected cluster settings "
                   "(SLURM, Cloud TPU): jax.distributed.initialize() without arguments.")
+flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes the "
+                  "model, data or optimisation (recorded in <workdir>/config_changes.jsonl).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -33,7 +36,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if FLAGS.coordinator_address or FLAGS.distributed:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
-  summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                         allow_config_change=FLAGS.allow_config_change)
   print({k: summary[k] for k in ("step", "best_val", "best_epoch", "finished") if k in summary})
 
 

@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from exvae import config_registry
+from exvae import config_registry, rundir
 from exvae.uses import commands
 
 FLAGS = flags.FLAGS
@@ -40,9 +40,12 @@ flags.DEFINE_integer("hidden", 1024, "augment: MLP width h (784-h-h-10).")
 flags.DEFINE_bool("use_val", True, "augment: train the classifier on train + validation.")
 flags.DEFINE_integer("max_steps", 0, "augment: stop each classifier run after this many steps (0: no cap).")
 flags.DEFINE_integer("tsne_points", 5000, "plots: codes in the t-SNE subsample.")
+flags.DEFINE_bool("allow_bank_mismatch", False, "Use a --bank built from another model "
+                  "(its codes were made by another encoder).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
 def main(argv):
   if len(argv) != 2 or argv[1] not in commands.COMMANDS:
     raise app.UsageError(
@@ -56,7 +59,7 @@ def main(argv):
                chain_steps=FLAGS.chain_steps, interp_steps=FLAGS.interp_steps,
                ks=[int(k) for k in FLAGS.ks], epochs=FLAGS.epochs, hidden=FLAGS.hidden,
                use_val=FLAGS.use_val, max_steps=FLAGS.max_steps or None,
-               tsne_points=FLAGS.tsne_points)
+               tsne_points=FLAGS.tsne_points, allow_bank_mismatch=FLAGS.allow_bank_mismatch)
 
 
 def run(argv=None):

@@ -41,15 +41,22 @@ def _write_json(path: str, obj: dict) -> str:
   return path
 
 
-def _load(config, workdir: str, bank_path: str | None):
-  """(trained, bank): the restored run and its training bank (built or loaded)."""
+def _load(config, workdir: str, bank_path: str | None, allow_bank_mismatch: bool = False):
+  """(trained, bank): the restored run and its training bank (built or loaded).
+
+  A loaded bank must record this run's model (:func:`exvae.bank.check_bank_source`)
+  unless ``allow_bank_mismatch``.
+  """
   trained = bank_lib.restore_trained(config, workdir)
   progress = bool(config.progress)
   if bank_path:
     bank = bank_lib.ExemplarBank.load(bank_path)
     if bank.latent_dim != trained.setup.model.latent_dim:
-      raise ValueError(f"bank {bank_path} has d={bank.latent_dim}, the model "
-                       f"d={trained.setup.model.latent_dim}: built from another model?")
+      raise bank_lib.BankMismatchError(
+          f"bank {bank_path} has d={bank.latent_dim}, the model "
+          f"d={trained.setup.model.latent_dim}: built from another model.")
+    bank_lib.check_bank_source(bank, trained.params["model"], bank_path,
+                               allow_mismatch=allow_bank_mismatch)
   else:
     bank = bank_lib.from_checkpoint(config, workdir, trained=trained, progress=progress)
   return trained, bank
@@ -62,9 +69,10 @@ def _encode(trained, x: np.ndarray) -> np.ndarray:
 
 
 def cmd_bank(config, workdir: str, out: str, *, bank_path: str | None = None,
+             allow_bank_mismatch: bool = False,
              **_) -> dict[str, Any]:
   """Builds the training bank, saves ``<out>/bank.npz``, reports its size."""
-  trained, bank = _load(config, workdir, bank_path)
+  trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   path = os.path.join(out, "bank.npz")
   bank.save(path)
   rep = dict(bank.size_report(path), path=path, log_var=bank.log_var,
@@ -76,11 +84,12 @@ def cmd_bank(config, workdir: str, out: str, *, bank_path: str | None = None,
 
 
 def cmd_generate(config, workdir: str, out: str, *, bank_path: str | None = None,
+                 allow_bank_mismatch: bool = False,
                  num_exemplars: int = 8, num_samples: int = 10, chain_steps: int = 10,
                  interp_steps: int = 10, num_unconditional: int = 64, seed: int = 0,
                  **_) -> dict[str, Any]:
   """Conditional, unconditional, cyclic and interpolation PNGs from test exemplars."""
-  trained, bank = _load(config, workdir, bank_path)
+  trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   model, mp, mean_fn = trained.setup.model, trained.params["model"], trained.setup.mean_fn
   test_x = trained.splits.test_x
   e = max(2, min(int(num_exemplars), test_x.shape[0]))
@@ -115,9 +124,10 @@ def cmd_generate(config, workdir: str, out: str, *, bank_path: str | None = None
 
 
 def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
+            allow_bank_mismatch: bool = False,
             ks: Sequence[int] = knn.DEFAULT_KS, **_) -> dict[str, Any]:
   """kNN error per k on encoder means (val: ref = train; test: ref = train + val)."""
-  trained, bank = _load(config, workdir, bank_path)
+  trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   res = knn.evaluate_knn(trained, bank, ks, progress=bool(config.progress))
   res["path"] = _write_json(os.path.join(out, "knn.json"), res)
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
@@ -146,9 +156,10 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
 
 
 def cmd_plots(config, workdir: str, out: str, *, bank_path: str | None = None,
+              allow_bank_mismatch: bool = False,
               tsne_points: int = 5000, seed: int = 0, **_) -> dict[str, Any]:
   """t-SNE of training codes coloured by label, and the training curves."""
-  trained, bank = _load(config, workdir, bank_path)
+  trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   emb, labels, _ = plots.tsne_embedding(bank.codes, bank.labels, num_points=int(tsne_points),
                                         seed=int(seed))
   res = {"tsne_png": plots.plot_embedding(
@@ -161,17 +172,21 @@ def cmd_plots(config, workdir: str, out: str, *, bank_path: str | None = None,
 
 
 def cmd_grow(config, workdir: str, out: str, *, bank_path: str | None = None,
+             allow_bank_mismatch: bool = False,
              **_) -> dict[str, Any]:
   """Adds the validation split to the bank (no training); log p(z) before/after."""
-  trained, bank = _load(config, workdir, bank_path)
+  trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   s = trained.splits
   model, mp = trained.setup.model, trained.params["model"]
   val_codes, test_codes = _encode(trained, s.val_x), _encode(trained, s.test_x)
   before_val, before_test = bank.log_prob(val_codes), bank.log_prob(test_codes)
   labels = s.val_y if bank.labels is not None else None
   grown = bank.add(model, mp, s.val_x, labels=labels, progress=bool(config.progress))
-  grown = dataclasses.replace(
-      grown, metadata=dict(grown.metadata, source=f"{bank.metadata.get('source', 'train')}+val"))
+  meta = dict(grown.metadata, source=f"{bank.metadata.get('source', 'train')}+val")
+  mine = bank_lib.params_fingerprint(mp)
+  if meta.get("model_fingerprint") not in (None, mine):   # allowed mismatch: a mixed bank
+    meta["model_fingerprint"] = f"mixed:{meta.get('model_fingerprint')}+{mine}"
+  grown = dataclasses.replace(grown, metadata=meta)
   after_val, after_test = grown.log_prob(val_codes), grown.log_prob(test_codes)
   path = os.path.join(out, "bank_grown.npz")
   grown.save(path)
