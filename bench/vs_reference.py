@@ -241,6 +241,7 @@ def main():
         rows_r += out["exemplar_rows"]
         xr.append(ts.time_refresh(run, pool))
       vx, vr, vloss = [], [], []
+      train_lib.validate(run.state, run.setup, pool, splits, run.config, workdir, 0)   # compile
       for _ in range(plan["val_rounds"]):
         t0 = time.perf_counter()
         vm = train_lib.validate(run.state, run.setup, pool, splits, run.config, workdir, 0)
