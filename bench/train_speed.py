@@ -77,6 +77,7 @@ class Run:
   perm: jax.Array
   compile_s: float
   grad_fn: Any = None
+  metrics: Any = None
 
 
 def prepare(c, splits, pool):
@@ -107,6 +108,7 @@ def time_steps(run: Run, pool, steps: int) -> float:
   for _ in range(steps):
     run.state, m = train_lib.train_step(run.state, pool, run.perm, setup=run.setup)
   jax.block_until_ready(m)
+  run.metrics = m
   return (time.perf_counter() - t0) / steps
 
 
@@ -119,6 +121,23 @@ def time_refresh(run: Run, pool) -> float:
   run.state = train_lib.refresh_step(run.state, pool, setup=run.setup)
   jax.block_until_ready(run.state)
   return time.perf_counter() - t0
+
+
+def time_config(c, splits, pool, steps):
+  """Times config ``c``: its refresh once and ``steps`` train steps, after compiling both.
+
+  Returns:
+    dict: ``ms_per_step``, ``steps_per_s``, ``steps_per_epoch``, ``refresh_s``
+    (the RAT cache re-encoding; 0 for other priors), ``epoch_s`` (the steps of
+    an epoch plus the refresh), ``compile_s`` and the last step's ``loss``.
+  """
+  run = prepare(c, splits, pool)
+  t_refresh = time_refresh(run, pool)
+  dt = time_steps(run, pool, steps)
+  spe = run.setup.steps_per_epoch
+  return {"ms_per_step": dt * 1e3, "steps_per_s": 1.0 / dt, "steps_per_epoch": spe,
+          "refresh_s": t_refresh, "epoch_s": dt * spe + t_refresh, "compile_s": run.compile_s,
+          "loss": float(run.metrics["loss"])}
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
