@@ -1,19 +1,29 @@
-"""Training speed: steps/s and seconds per MNIST-sized epoch for each prior.
+"""Training speed: steps/s, seconds per epoch and the arithmetic of one step, for each prior.
 
 Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--steps 60]
                                    [--model vae|hvae|convhvae|pixelcnn]
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
-not depend on pixel values).  Prints seconds per epoch next to the targets of
-issue 2 and the authors' PyTorch code measured on the same kind of 2-core CPU
-(about 26 s per RAT epoch and 436 s per exact epoch).
+not depend on pixel values).  For each prior it prints the time per step and
+per epoch, then (MLP VAE) the FLOP account of one step: matrix-product
+FLOPs of the forward pass, the backward pass and the rematerialised forward,
+split into the batch, the exemplars encoded with gradients, the retrieval and
+the prior kernel; and the fraction of the machine's float32 matmul rate
+(2048^3, measured in the same run) that the step achieves.  XLA's own count
+of the compiled step's FLOPs is printed beside it as a check.
+
+Side-by-side figures against the authors' PyTorch code come from
+bench/vs_reference.py, which runs both on the same machine in one run.
 """
 
 import argparse
+import dataclasses
+import functools
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,7 +34,7 @@ import numpy as np
 from exvae import data, train_lib
 from exvae.config_base import base_config
 
-TARGETS = {"rat": (9.0, 26.0), "exact": (145.0, 436.0)}
+TARGETS = {"rat": 9.0, "exact": 145.0}
 
 
 def make_config(name, model="vae"):
@@ -40,47 +50,351 @@ def make_config(name, model="vae"):
   return c
 
 
+def load_splits():
+  """Genuine Fashion-MNIST if installed, else random images of its size (speed only)."""
+  try:
+    splits = data.load("fashion_mnist")
+    return splits, splits.source
+  except data.DataNotFoundError:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(50000, 28, 28, 1)).astype(np.float32)
+    v = (rng.uniform(size=(10000, 28, 28, 1)) < 0.286).astype(np.float32)
+    splits = data.Splits("synthetic", x, None, v, None, v, None, True, "synthetic")
+    return splits, "synthetic random images (Fashion-MNIST not installed)"
+
+
+# ----------------------------------------------------------------------------
+# Timing (also used by bench/vs_reference.py, which alternates it with the reference)
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """A compiled, warm training run of one config: time it in pieces with the functions below."""
+  config: Any
+  setup: Any
+  state: Any
+  perm: jax.Array
+  compile_s: float
+  grad_fn: Any = None
+  metrics: Any = None
+
+
+def prepare(c, splits, pool):
+  """Builds the run of config ``c`` and compiles its refresh and train step (one of each).
+
+  Args:
+    c: the run's config.
+    splits: the data (its sizes and binarisation).
+    pool: the training images on the device.
+
+  Returns:
+    A :class:`Run`.
+  """
+  setup = train_lib.make_setup(c, splits)
+  n = splits.train_x.shape[0]
+  state = train_lib.init_state(c, setup, n)
+  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
+  t0 = time.perf_counter()
+  state = train_lib.refresh_step(state, pool, setup=setup)
+  state, m = train_lib.train_step(state, pool, perm, setup=setup)
+  jax.block_until_ready(m)
+  return Run(c, setup, state, perm, time.perf_counter() - t0)
+
+
+def time_steps(run: Run, pool, steps: int) -> float:
+  """Mean seconds per train step over ``steps`` steps (dispatched back to back)."""
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    run.state, m = train_lib.train_step(run.state, pool, run.perm, setup=run.setup)
+  jax.block_until_ready(m)
+  run.metrics = m
+  return (time.perf_counter() - t0) / steps
+
+
+def time_refresh(run: Run, pool) -> float:
+  """Seconds of the epoch-start refresh (RAT: re-encoding the cache); 0 for other priors."""
+  c = run.config
+  if not (c.prior == "exemplar" and c.exemplar.rat):
+    return 0.0
+  t0 = time.perf_counter()
+  run.state = train_lib.refresh_step(run.state, pool, setup=run.setup)
+  jax.block_until_ready(run.state)
+  return time.perf_counter() - t0
+
+
+def time_config(c, splits, pool, steps):
+  """Times config ``c``: its refresh once and ``steps`` train steps, after compiling both.
+
+  Returns:
+    dict: ``ms_per_step``, ``steps_per_s``, ``steps_per_epoch``, ``refresh_s``
+    (the RAT cache re-encoding; 0 for other priors), ``epoch_s`` (the steps of
+    an epoch plus the refresh), ``compile_s`` and the last step's ``loss``.
+  """
+  run = prepare(c, splits, pool)
+  t_refresh = time_refresh(run, pool)
+  dt = time_steps(run, pool, steps)
+  spe = run.setup.steps_per_epoch
+  return {"ms_per_step": dt * 1e3, "steps_per_s": 1.0 / dt, "steps_per_epoch": spe,
+          "refresh_s": t_refresh, "epoch_s": dt * spe + t_refresh, "compile_s": run.compile_s,
+          "loss": float(run.metrics["loss"])}
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def _union_valid(state, pool, perm, *, setup):
+  """RAT: components in this step's retrieved union (the rest of its B*k rows are masked)."""
+  x, ids, key = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
+  k_ctx, k_z = jax.random.split(key)
+  model, params = setup.model, state.params
+  sc = model.score(params["model"], x, k_z, 1, setup.log_lik)
+  inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
+  ctx, _ = setup.prior.context(params["prior"], state.prior_state, model, params["model"],
+                               inputs, train=True)
+  return ctx["bank_mask"].sum()
+
+
+def union_valid_rows(run: Run, pool) -> int:
+  """RAT: distinct retrieved exemplars of the next step (what the reference encodes)."""
+  return int(_union_valid(run.state, pool, run.perm, setup=run.setup))
+
+
+def matmul_rate(reps: int = 3) -> float:
+  """This machine's float32 2048^3 XLA matmul rate, FLOP/s (bench/prior_kernel.py's limit)."""
+  from bench.prior_kernel import limit_fns, timeit
+  mm, args = limit_fns()["matmul"]
+  return 2.0 * 2048**3 / timeit(mm, *args, reps=reps)
+
+
+# ----------------------------------------------------------------------------
+# FLOP accounting
+# ----------------------------------------------------------------------------
+
+
+def dense_layers(params, prefix: str, exclude=()) -> list:
+  """(fan_in, fan_out) of each dense layer whose name starts with ``prefix``, in order.
+
+  A gated layer (``{"h": ..., "g": ...}``) counts as one layer of twice the width.
+  """
+  out = []
+  for name in sorted(params):
+    if not name.startswith(prefix) or name in exclude:
+      continue
+    p = params[name]
+    kernels = [p["kernel"]] if "kernel" in p else [p[k]["kernel"] for k in sorted(p)]
+    out.append((int(kernels[0].shape[0]), int(sum(k.shape[1] for k in kernels))))
+  return out
+
+
+def forward_flops(layers, rows: int) -> float:
+  """Matrix-product FLOPs of the forward pass of ``layers`` over ``rows`` rows."""
+  return float(sum(2 * rows * i * o for i, o in layers))
+
+
+def backward_flops(layers, rows: int, input_grad_first: bool = False) -> float:
+  """Weight gradients of every layer, input gradients of all but the first (data) layer."""
+  w = forward_flops(layers, rows)
+  x = forward_flops(layers if input_grad_first else layers[1:], rows)
+  return w + x
+
+
+def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
+               union_rows: int | None = None, remat: bool | None = None) -> dict | None:
+  """Matrix-product FLOPs of one training step of the MLP VAE, by part.
+
+  Args:
+    c: the config (prior, exemplar and VampPrior sizes).
+    params: the model's parameters (layer shapes; names ``enc_*``/``dec_*``).
+    batch: B.
+    num_train: N (the RAT cache refresh encodes all of it once per epoch).
+    steps_per_epoch: steps over which the per-epoch refresh is spread.
+    union_rows: RAT exemplars encoded with gradients per step (default B * k,
+      exvae's static union; the reference encodes only the distinct ones).
+    remat: exemplar forward recomputed in the backward pass (None: as
+      ``encode_rows`` decides, i.e. when the rows span more than one chunk).
+
+  Returns:
+    dict of FLOPs: ``batch_fwd``, ``batch_bwd``, ``exemplar_fwd``, ``exemplar_remat``,
+    ``exemplar_bwd``, ``retrieval`` (RAT top-k distances), ``prior_fwd``,
+    ``prior_bwd`` (the kernel), ``total`` (all of these), ``refresh_per_step``
+    (per-epoch work / steps_per_epoch, not in ``total``) and ``exemplar_rows``;
+    None for models other than the MLP VAE.
+  """
+  if "enc_0" not in params or "enc_mu" not in params:
+    return None
+  enc = dense_layers(params, "enc_")
+  enc_mean = dense_layers(params, "enc_", exclude=("enc_logvar",))
+  dec = dense_layers(params, "dec_")
+  d = int(params["enc_mu"]["kernel"].shape[1])
+  f = dict.fromkeys(("batch_fwd", "batch_bwd", "exemplar_fwd", "exemplar_remat", "exemplar_bwd",
+                     "retrieval", "prior_fwd", "prior_bwd", "refresh_per_step"), 0.0)
+  f["batch_fwd"] = forward_flops(enc + dec, batch)
+  f["batch_bwd"] = backward_flops(enc, batch) + backward_flops(dec, batch, input_grad_first=True)
+  rows, comps = 0, 0
+  if c.prior == "exemplar":
+    m = int(c.exemplar.num_exemplars) or num_train
+    if c.exemplar.rat:
+      rows = batch * int(c.exemplar.rat_k) if union_rows is None else int(union_rows)
+      f["retrieval"] = 2.0 * batch * m * d
+      f["refresh_per_step"] = forward_flops(enc_mean, num_train) / steps_per_epoch
+    else:
+      rows = m
+    comps = rows
+    f["exemplar_fwd"] = forward_flops(enc_mean, rows)
+    if (rows > int(c.exemplar.encode_chunk)) if remat is None else remat:
+      f["exemplar_remat"] = f["exemplar_fwd"]
+    f["exemplar_bwd"] = backward_flops(enc_mean, rows)
+  elif c.prior == "vampprior":
+    rows = comps = int(c.vampprior.num_pseudo)
+    f["exemplar_fwd"] = forward_flops(enc, rows)
+    f["exemplar_bwd"] = backward_flops(enc, rows, input_grad_first=True)   # pseudo-inputs learn
+  if comps:
+    n_mm = 2 if c.prior == "vampprior" else 1          # VampPrior: z^2 @ 1/var and z @ mu/var
+    f["prior_fwd"] = n_mm * 2.0 * batch * comps * d
+    f["prior_bwd"] = 2.0 * f["prior_fwd"]              # gradients w.r.t. both operands
+  f["total"] = sum(v for k, v in f.items() if k != "refresh_per_step")
+  f["exemplar_rows"] = rows
+  return f
+
+
+def xla_step_flops(run: Run, pool) -> float:
+  """XLA's cost analysis of the compiled train step (all ops; a loop body counts once)."""
+  lowered = train_lib.train_step.lower(run.state, pool, run.perm, setup=run.setup)
+  ca = lowered.compile().cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  return float(ca.get("flops", float("nan")))
+
+
+def describe_flops(f: dict, sec_per_step: float, rate: float) -> str:
+  """One line: GFLOP per part, the total, its time at ``rate`` and the fraction achieved."""
+  g = {k: v / 1e9 for k, v in f.items() if k != "exemplar_rows"}
+  return (f"  flops/step (GFLOP, matmuls): batch fwd {g['batch_fwd']:.3f} bwd {g['batch_bwd']:.3f}"
+          f" | exemplars x{f['exemplar_rows']} fwd {g['exemplar_fwd']:.3f} remat "
+          f"{g['exemplar_remat']:.3f} bwd {g['exemplar_bwd']:.3f} | retrieval {g['retrieval']:.3f}"
+          f" | prior kernel fwd {g['prior_fwd']:.3f} bwd {g['prior_bwd']:.3f} | total "
+          f"{g['total']:.3f} (+ per-epoch refresh {g['refresh_per_step']:.3f}/step) -> "
+          f"{f['total'] / rate * 1e3:.1f} ms at {rate / 1e9:.0f} GFLOP/s; step achieves "
+          f"{f['total'] / sec_per_step / rate:.0%} of the matmul rate")
+
+
+# ----------------------------------------------------------------------------
+# A/B of the rematerialisation in encode_rows (on: the old code; off: RAT's new default)
+# ----------------------------------------------------------------------------
+
+
+def prepare_with_remat(c, splits, pool, remat):
+  """:func:`prepare` with ``encode_rows(remat=remat)`` (traced while it is patched in)."""
+  from exvae.priors import exemplar
+  orig = exemplar.encode_rows
+  exemplar.encode_rows = functools.partial(orig, remat=remat)
+  try:
+    run = prepare(c, splits, pool)
+    run.grad_fn = jax.jit(functools.partial(_loss_and_grads, setup=run.setup))
+    jax.block_until_ready(run.grad_fn(run.state, pool, run.perm))     # traced under the patch
+  finally:
+    exemplar.encode_rows = orig
+  return run
+
+
+def _loss_and_grads(state, pool, perm, *, setup):
+  """The train step's loss and gradients at ``state`` (what train_step computes, no update)."""
+  from exvae.objectives import elbo_loss, kl_beta
+  x, ids, key = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
+  beta = kl_beta(state.step, setup.steps_per_epoch, setup.warmup_epochs)
+  (loss, _), grads = jax.value_and_grad(elbo_loss, has_aux=True)(
+      state.params, state.prior_state, setup, x, ids, key, beta, pool)
+  return loss, grads
+
+
+def remat_ab(name, splits, pool, rounds: int, steps: int, check_steps: int = 3):
+  """encode_rows with (the old code) and without rematerialisation: equivalence, then time.
+
+  ``encode_rows`` now rematerialises only when the rows span more than one
+  chunk (the exact prior), so for RAT "off" is the new code; for the exact
+  prior "off" stores every chunk's activations (~260 MB at M = 25000).
+  Equivalence: at ``check_steps`` successive states of the "on" run, the loss
+  and every gradient of both versions; max |difference| is printed.  Timing:
+  ``rounds`` rounds, each ``steps`` steps of one run then of the other
+  (so both see the same background load); the median per-round ratio.
+  """
+  c = make_config(name)
+  old = prepare_with_remat(c, splits, pool, True)
+  new = prepare_with_remat(c, splits, pool, False)
+  dl, dg, gmax = 0.0, 0.0, 0.0
+  for _ in range(check_steps):
+    lo, go = old.grad_fn(old.state, pool, old.perm)
+    ln, gn = new.grad_fn(old.state, pool, old.perm)
+    dl = max(dl, abs(float(lo) - float(ln)))
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), go, gn)
+    dg = max(dg, max(jax.tree.leaves(diffs)))
+    gmax = max(gmax, max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(go)))
+    time_steps(old, pool, 1)
+  print(f"{name}: encode_rows remat on (old code) vs off, {check_steps} states: "
+        f"max|d loss| = {dl:.3g}, max|d grad| = {dg:.3g} (largest |grad| {gmax:.3g})", flush=True)
+  t_old, t_new = [], []
+  for _ in range(rounds):
+    t_old.append(time_steps(old, pool, steps))
+    t_new.append(time_steps(new, pool, steps))
+  ratio = np.median(np.array(t_old) / np.array(t_new))
+  load = os.getloadavg()
+  print(f"{name}: {rounds} alternated rounds of {steps} steps: remat on {np.median(t_old) * 1e3:.1f} "
+        f"ms/step, off {np.median(t_new) * 1e3:.1f} ms/step (medians); median per-round on/off = "
+        f"{ratio:.3f}x; loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+  return ratio
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--configs", default="rat,exact,gaussian,vampprior")
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--model", default="vae", help="vae | hvae | convhvae | pixelcnn")
+  ap.add_argument("--no_flops", action="store_true", help="skip the FLOP account")
+  ap.add_argument("--remat_ab", type=int, default=0, metavar="ROUNDS",
+                  help="instead: A/B of encode_rows with and without rematerialisation over "
+                       "ROUNDS alternated rounds of --steps steps, after an equivalence check")
   args = ap.parse_args()
-  try:
-    splits = data.load("fashion_mnist")
-    src = splits.source
-  except data.DataNotFoundError:
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(50000, 28, 28, 1)).astype(np.float32)
-    splits = data.Splits("synthetic", x, None, x[:100], None, x[:100], None, True, "synthetic")
-    src = "synthetic random images (Fashion-MNIST not installed)"
+  splits, src = load_splits()
+  load = os.getloadavg()
   print(f"model={args.model} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
-        f"cpus={os.cpu_count()} data={src} N={splits.train_x.shape[0]}")
+        f"cpus={os.cpu_count()} data={src} N={splits.train_x.shape[0]} "
+        f"loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
   pool = jnp.asarray(splits.train_x)
-  n = splits.train_x.shape[0]
+  if args.remat_ab:
+    for name in args.configs.split(","):
+      remat_ab(name, splits, pool, args.remat_ab, args.steps)
+    return
+  rate = None if args.no_flops else matmul_rate()
+  if rate:
+    print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s")
   for name in args.configs.split(","):
-    c = make_config(name, args.model)
-    setup = train_lib.make_setup(c, splits)
-    state = train_lib.init_state(c, setup, n)
-    perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
-    t0 = time.perf_counter()
-    state = train_lib.refresh_step(state, pool, setup=setup)
-    jax.block_until_ready(state)
-    t_refresh = time.perf_counter() - t0
-    state, m = train_lib.train_step(state, pool, perm, setup=setup)   # compile
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, m = train_lib.train_step(state, pool, perm, setup=setup)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / args.steps
-    epoch = dt * setup.steps_per_epoch + (t_refresh if name == "rat" else 0.0)
+    run = prepare(make_config(name, args.model), splits, pool)
+    t_refresh = time_refresh(run, pool)
+    dt = time_steps(run, pool, args.steps)
+    spe = run.setup.steps_per_epoch
+    epoch = dt * spe + t_refresh
     line = (f"{name:10s} {1 / dt:8.2f} steps/s  {dt * 1e3:8.1f} ms/step  epoch={epoch:7.1f} s"
-            f" (steps_per_epoch={setup.steps_per_epoch}, epoch-start refresh {t_refresh:.2f} s)")
+            f" (steps_per_epoch={spe}, epoch-start refresh {t_refresh:.2f} s, training steps only)")
     if name in TARGETS and args.model == "vae":
-      target, torch = TARGETS[name]
-      line += f"  target<={target:.0f} s  speedup_vs_pytorch={torch / epoch:.2f}x"
+      line += f"  target<={TARGETS[name]:.0f} s"
     print(line, flush=True)
+    if rate is None:
+      continue
+    union = union_valid_rows(run, pool) if name == "rat" else None
+    f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                   run.setup.num_train, spe)
+    if f is None:
+      print(f"  flops: no hand account for model {args.model}; XLA counts "
+            f"{xla_step_flops(run, pool) / 1e9:.3f} GFLOP/step")
+      continue
+    print(describe_flops(f, dt, rate))
+    extra = ""
+    if union is not None:
+      fu = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                      run.setup.num_train, spe, union_rows=union)
+      extra = (f"; {union} of the {f['exemplar_rows']} union rows are distinct exemplars "
+               f"(the rest are masked duplicates: {1 - fu['total'] / f['total']:.1%} of the step's "
+               f"FLOPs)")
+    print(f"  XLA cost analysis of the compiled step: {xla_step_flops(run, pool) / 1e9:.3f} GFLOP"
+          f" (all ops; a lax.map body counted once){extra}", flush=True)
 
 
 if __name__ == "__main__":

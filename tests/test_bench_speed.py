@@ -1,0 +1,78 @@
+"""The speed benchmarks' own arithmetic and failure modes (no timing here).
+
+The FLOP account of bench/train_speed.py against a hand count, and
+bench/vs_reference.py's refusal, with install instructions, when the
+reference implementation is not installed.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import train_speed  # noqa: E402
+
+
+def _vae_params(d=40, h=300, x=784):
+  """Kernel shapes of the MLP VAE (gated layers: h and g tensors)."""
+  gated = lambda i, o: {"h": {"kernel": np.zeros((i, o))}, "g": {"kernel": np.zeros((i, o))}}
+  dense = lambda i, o: {"kernel": np.zeros((i, o))}
+  return {"enc_0": gated(x, h), "enc_1": gated(h, h), "enc_mu": dense(h, d),
+          "enc_logvar": dense(h, d), "dec_0": gated(d, h), "dec_1": gated(h, h),
+          "dec_out": dense(h, x)}
+
+
+def test_step_flops_rat_matches_hand_count():
+  c = train_speed.make_config("rat")
+  f = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
+  # Per row, 2 * fan_in * fan_out per dense layer; a gated layer is two 300-wide products.
+  enc = 2 * (784 * 600 + 300 * 600 + 300 * 40 + 300 * 40)          # mu and log-variance heads
+  enc_mean = 2 * (784 * 600 + 300 * 600 + 300 * 40)
+  dec = 2 * (40 * 600 + 300 * 600 + 300 * 784)
+  assert f["batch_fwd"] == 100 * (enc + dec)
+  # Backward: weight gradients of every layer + input gradients of all but the data layer.
+  assert f["batch_bwd"] == 100 * (enc + 2 * (300 * 600 + 300 * 40 + 300 * 40) + 2 * dec)
+  assert f["exemplar_rows"] == 1000                                   # B * k, static
+  assert f["exemplar_fwd"] == 1000 * enc_mean
+  assert f["exemplar_remat"] == 0                                     # one chunk: no remat
+  assert f["exemplar_bwd"] == 1000 * (enc_mean + 2 * (300 * 600 + 300 * 40))
+  assert f["retrieval"] == 2 * 100 * 25000 * 40
+  assert f["prior_fwd"] == 2 * 100 * 1000 * 40
+  assert f["prior_bwd"] == 2 * f["prior_fwd"]
+  assert f["refresh_per_step"] == 50000 * enc_mean / 500
+  parts = ("batch_fwd", "batch_bwd", "exemplar_fwd", "exemplar_remat", "exemplar_bwd",
+           "retrieval", "prior_fwd", "prior_bwd")
+  assert f["total"] == sum(f[k] for k in parts)
+  assert round(f["total"] / 1e6, 2) == 3831.68
+
+
+def test_step_flops_exact_remat_and_union_override():
+  c = train_speed.make_config("exact")
+  f = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
+  enc_mean = 2 * (784 * 600 + 300 * 600 + 300 * 40)
+  assert f["exemplar_rows"] == 25000 and f["retrieval"] == 0
+  assert f["exemplar_remat"] == f["exemplar_fwd"] == 25000 * enc_mean   # 25 chunks: remat
+  g = train_speed.step_flops(c, _vae_params(), 100, 50000, 500, remat=False)
+  assert g["exemplar_remat"] == 0 and g["total"] == f["total"] - f["exemplar_remat"]
+  r = train_speed.step_flops(train_speed.make_config("rat"), _vae_params(), 100, 50000, 500,
+                             union_rows=900)
+  assert r["exemplar_rows"] == 900 and r["exemplar_fwd"] == 900 * enc_mean
+  gauss = train_speed.step_flops(train_speed.make_config("gaussian"), _vae_params(), 100, 50000,
+                                 500)
+  assert gauss["total"] == gauss["batch_fwd"] + gauss["batch_bwd"]
+  assert train_speed.step_flops(c, {"conv_0": {}}, 100, 50000, 500) is None
+
+
+def test_vs_reference_without_reference_says_how_to_install():
+  env = dict(os.environ, EXVAE_REF_SRC="/nonexistent/ref", EXVAE_REF_PYTHON="/nonexistent/python")
+  p = subprocess.run([sys.executable, str(ROOT / "bench" / "vs_reference.py"), "--quick"],
+                     env=env, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2
+  assert "not installed" in p.stderr and "EXVAE_REF_SRC" in p.stderr
+  assert "pip install torch" in p.stderr and "git clone" in p.stderr
+  assert "rat_speedup" not in p.stdout
