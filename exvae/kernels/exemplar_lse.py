@@ -25,6 +25,11 @@ Layout / speed notes (measured on a 2-core AVX-512 CPU, XLA:CPU + YNNPACK):
   <= 1); other terms can exceed 1 only by rounding (~1e-6 relative).
 * A one-pass variant (sum exp(a - previous max) with an overflow fallback under
   lax.cond) was tried: no faster on CPU, and much slower for small s2.
+* Every matmul (forward tile, top-k tile, the two backward products) is pinned to
+  lax.Precision.HIGHEST by `_dot`: the default float32 precision is a single
+  bfloat16 pass on TPU and may be TF32 on NVIDIA GPUs, errors of tenths of a nat
+  in the exponent. On a GPU a HIGHEST f32 matmul runs without tensor cores; at
+  K = d + 2 it is not what bounds the kernel (the tile passes are).
 * XLA:CPU cannot fuse the dot with the two reductions, so each (B, C) tile still
   goes through memory three times. On CPU the forward therefore defaults to the
   optional C++ FFI kernel of `cpu_fused` (same exponent, centre rule and clamp;
@@ -241,10 +246,24 @@ def _stream(n: int, chunk: int, fn, carry, arrays: tuple, refs: tuple = ()):
     return carry, ys
 
 
+def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    """a . b contracting axis contract[0] of a with contract[1] of b, at full precision.
+
+    Every matmul of these kernels goes through here. Pinned to HIGHEST: the default
+    float32 precision is one bfloat16 pass on TPU and may be TF32 on recent NVIDIA
+    GPUs, and either turns the exponent -|z - mu|^2 / (2 s2) of the matmul form into
+    errors of tenths of a nat (tests/test_precision.py). For bfloat16 operands (the
+    split of `bank_dtype`) HIGHEST is one exact pass, the same as the default.
+    Accumulation is at least float32 whatever the operand dtype.
+    """
+    out_t = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=out_t)
+
+
 def _tile(za: Array, ba_c: Array) -> Array:
     """(B, C) exponent tile, f32 accumulation whatever the operand dtype."""
-    out_t = jnp.promote_types(za.dtype, jnp.float32)
-    return lax.dot_general(za, ba_c, (((1,), (1,)), ((), ())), preferred_element_type=out_t)
+    return _dot(za, ba_c, (1, 1))
 
 
 def _loo_mask(ids_c: Array, qids: Array) -> Array:
@@ -389,8 +408,8 @@ def _lse_bwd(static, res, cts):
         if use_ids:
             w = jnp.where(_loo_mask(ids_c, st.qids), 0.0, w)
         # One matmul gives sum_n w mu_n, sum_n w and (via za . wb) sum_n w a.
-        wb_acc = wb_acc + w @ ba_c
-        wz = lax.dot_general(w, zc1, (((0,), (0,)), ((), ())))  # (C, d+1)
+        wb_acc = wb_acc + _dot(w, ba_c, (1, 0))
+        wz = _dot(w, zc1, (0, 0))  # (C, d+1)
         gmu = inv_s2 * (wz[:, :d] - (bank_c - st.center) * wz[:, d:])
         return wb_acc, gmu
 
