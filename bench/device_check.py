@@ -75,6 +75,9 @@ FULL = dict(
            "tests/test_train.py::test_train_step_traces_once_and_loss_decreases",
            "tests/test_train.py::test_iwae_s1_equals_elbo_and_bound_tightens",
            "tests/test_train.py::test_pruned_evaluation_is_within_its_certified_gap"],
+    # The emulated low-precision checks are backend independent (CPU CI runs them)
+    # and slow op by op on a GPU; the real low-precision default runs instead.
+    tests_k="not emulated",
     kernel_b=5000, kernel_ns=(50_000, 1_000_000), err_queries=256, mm_size=4096,
     exp_shape=(8192, 8192), copy_mib=1024, topk=(100, 25_000),
     num_train=50_000, batch=100, num_exemplars=25_000, steps=50,
@@ -88,6 +91,7 @@ SMOKE = dict(
     shares=dict(env=10, tests=25, kernel=15, train_speed=75, eval=20, train_run=35),
     minimums=dict(env=0, tests=10, kernel=5, train_speed=10, eval=5, train_run=20),
     tests=["tests/test_precision.py::test_every_distance_dot_is_pinned_to_highest"],
+    tests_k=None,
     kernel_b=64, kernel_ns=(2_000, 8_000), err_queries=64, mm_size=256,
     exp_shape=(256, 1024), copy_mib=8, topk=(20, 1_000),
     num_train=600, batch=50, num_exemplars=100, steps=2,
@@ -239,6 +243,8 @@ def section_tests(chk: Check, deadline: float) -> dict:
   timeout = max(1.0, deadline - time.monotonic())
   cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-rf", "--tb=line", *chk.mode["tests"]]
+  if chk.mode["tests_k"]:
+    cmd += ["-k", chk.mode["tests_k"]]
   with tempfile.TemporaryFile("w+") as log:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -328,17 +334,35 @@ def _f64_lse(z: np.ndarray, bank: np.ndarray, log_var: float) -> np.ndarray:
   return acc - 0.5 * z.shape[1] * math.log(2 * math.pi * s2)
 
 
+def _chunk_sweep(z, bank, lv, deadline: float) -> list:
+  """Forward time against the chunk length (the tile's element count / B), to check
+  the backend's default chunk (exemplar_lse.default_chunk_size) on this device."""
+  from prior_kernel import timeit
+  from exvae.kernels import log_kernel_sum
+  b, n = z.shape[0], bank.shape[0]
+  chunks = sorted({min(n, max(256, (tile // b) // 128 * 128))
+                   for tile in (1 << 21, 1 << 23, 1 << 25, 1 << 27)})
+  out = []
+  for chunk in chunks:
+    if time.monotonic() > deadline:
+      break
+    fn = jax.jit(lambda z, bk, lv, chunk=chunk: log_kernel_sum(z, bk, lv, chunk_size=chunk)[0])
+    out.append({"chunk": chunk, "tile_elems": b * chunk, "num_chunks": -(-n // chunk),
+                "fwd_ms": timeit(fn, z, bank, lv, reps=3) * 1e3})
+  return out
+
+
 def section_kernel(chk: Check, deadline: float) -> dict:
   """The prior kernel against the limit model, forward and forward + backward."""
   from prior_kernel import compiled_mem_mb, realistic, timeit
-  from exvae.kernels import cpu_fused, log_kernel_sum, topk_neighbors
+  from exvae.kernels import cpu_fused, default_chunk_size, log_kernel_sum, topk_neighbors
   mode = chk.mode
   lim = _limits(mode)
   mm, ex, bw = lim["matmul_f32_highest_flops"], lim["exp_per_s"], lim["copy_bytes_per_s"]
   b, k = mode["kernel_b"], D + 2
   fwd = jax.jit(lambda z, bk, lv: log_kernel_sum(z, bk, lv)[0])
   grad = jax.jit(jax.grad(lambda z, bk, lv: log_kernel_sum(z, bk, lv)[0].sum(), (0, 1, 2)))
-  rows = []
+  rows, sweep = [], []
   rng = np.random.default_rng(0)
   for n in mode["kernel_ns"]:
     if time.monotonic() > deadline:
@@ -374,12 +398,15 @@ def section_kernel(chk: Check, deadline: float) -> dict:
         "max_abs_err_vs_f64": float(err.max()), "mean_abs_err_vs_f64": float(err.mean()),
         "err_queries": q, "log_p_mean": float(np.mean(np.asarray(fwd(z, bank, lv)))),
     })
+    if n == mode["kernel_ns"][-1]:
+      sweep = _chunk_sweep(z, bank, lv, deadline)
     del bank, z
   tb, tn = mode["topk"]
   zq = jnp.asarray(rng.normal(size=(tb, D)), jnp.float32)
   bq = jnp.asarray(rng.normal(size=(tn, D)), jnp.float32)
   tk = jax.jit(lambda z, bk: topk_neighbors(z, bk, 10))
-  return {"limits": lim, "rows": rows,
+  return {"limits": lim, "rows": rows, "chunk_sweep_largest_n": sweep,
+          "default_chunk": default_chunk_size(b, mode["kernel_ns"][-1]),
           "topk10": {"b": tb, "n": tn, "ms": timeit(tk, zq, bq, reps=5) * 1e3},
           "fused_cpu_kernel_used": jax.default_backend() == "cpu" and cpu_fused.vectorized(),
           "target_x_limit": TARGETS["kernel_x_limit"]}

@@ -84,6 +84,17 @@ def test_fused_cpu_kernel_is_never_compiled_or_invoked_off_cpu(gpu_backend):
     log_kernel_sum(z, bank, 0.0, impl="fused")
 
 
+def test_default_chunks_follow_the_backend(monkeypatch):
+  """Cache-sized tiles on CPU; on an accelerator, few large chunks (each one costs
+  launches and a loop step): at B = 5000, N = 1e6 under 200 chunks."""
+  from exvae.kernels import default_chunk_size
+  assert default_chunk_size(5000, 1_000_000, "cpu") == 384
+  assert 1_000_000 / default_chunk_size(5000, 1_000_000, "gpu") < 200
+  assert default_chunk_size(100, 25_000, "tpu") == 25_000       # a training batch: one chunk
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert default_chunk_size(5000, 1_000_000) == default_chunk_size(5000, 1_000_000, "gpu")
+
+
 def test_steps_need_no_host_transfer_and_donate_the_state():
   """Refresh, train and evaluation steps run with implicit transfers disallowed
   (a host sync inside a step would raise), and the train step updates the donated
