@@ -157,8 +157,12 @@ class Check:
     record["wall_s"] = time.monotonic() - start
     self.write(name, record)
     self.summary[name] = record
+    try:
+      head = _headline(name, record)
+    except Exception as e:  # noqa: BLE001 - a log line must never end the run
+      head = f"(no headline: {type(e).__name__}: {e})"
     print(f"[device_check] {name}: {record['status']} in {record['wall_s']:.1f} s "
-          f"({self.left():.0f} s of the budget left) {_headline(name, record)}", flush=True)
+          f"({self.left():.0f} s of the budget left) {head}", flush=True)
     return record
 
 
@@ -181,7 +185,8 @@ def _headline(name: str, r: dict) -> str:
   if name == "kernel":
     return "; ".join(f"N={k['n']} fwd {k['fwd_ms']:.2f} ms x{k['fwd_x_limit']:.2f} "
                      f"fwd+bwd {k['fwd_bwd_ms']:.2f} ms x{k['fwd_bwd_x_limit']:.2f} "
-                     f"err {k['max_abs_err_vs_f64']:.1e}" for k in r["rows"])
+                     f"err {k['max_abs_err_vs_f64']:.1e}" if "fwd_ms" in k
+                     else f"N={k['n']} {k.get('skipped')}" for k in r["rows"])
   if name == "train_speed":
     return "; ".join(f"{k}: {v['epoch_s']:.2f} s/epoch" for k, v in r["rows"].items())
   if name == "eval":
