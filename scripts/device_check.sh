@@ -7,7 +7,7 @@
 #                                       # needed, sets the paths and runs
 #                                       # bench/device_check.py --out "$OUT" ARGS
 #
-# The run ends by itself in under 8 minutes (bench/device_check.py keeps to a 450 s
+# The run ends by itself in under 8 minutes (bench/device_check.py keeps to a 440 s
 # budget, `timeout` stops it at DEVICE_CHECK_TIMEOUT seconds whatever happens), and
 # writes one JSON file per section plus device_check.log under $OUT.
 set -uo pipefail

@@ -53,8 +53,10 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert [r["max_queries"] for r in ev["rows"]] == [40, 80]
   assert all(r["s_per_point"] > 0 and math.isfinite(r["mean_log_px"]) for r in ev["rows"])
   run = records["train_run"]
-  assert run["epochs_done"] == 3 and len(run["val_loss"]) == 3
-  assert all(math.isfinite(v) for v in run["val_loss"]) and not run["stopped_at_deadline"]
+  # Three epochs, unless a loaded machine made the run reach its deadline first.
+  assert run["epochs_done"] == len(run["val_loss"]) >= 1
+  assert run["stopped_at_deadline"] or run["epochs_done"] == 3
+  assert all(math.isfinite(v) for v in run["val_loss"])
   assert "done in" in proc.stdout
 
 
@@ -65,6 +67,17 @@ def test_exhausted_budget_skips_sections_but_still_writes_them(tmp_path):
   assert _load(out, "env")["status"] == "ok"
   kernel = _load(out, "kernel")
   assert kernel["status"] == "skipped" and "budget" in kernel["reason"]
+
+
+def test_training_run_stops_at_its_deadline(tmp_path):
+  """The training subprocess is stopped (SIGTERM, then SIGKILL) in time for the
+  section to finish within the budget, and what it did is still recorded."""
+  proc, out = _run(tmp_path, "--smoke", "--budget_s", "35", "--sections", "train_run",
+                   timeout=200)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  run = _load(out, "train_run")
+  assert run["status"] == "ok" and run["stopped_at_deadline"], run
+  assert run["wall_s"] < 35
 
 
 def test_unknown_section_is_an_error(tmp_path):
