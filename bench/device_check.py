@@ -89,7 +89,7 @@ FULL = dict(
 )
 SMOKE = dict(
     budget_s=180.0,
-    shares=dict(env=10, tests=25, kernel=15, train_speed=75, eval=20, train_run=70),
+    shares=dict(env=10, tests=30, kernel=15, train_speed=75, eval=20, train_run=70),
     minimums=dict(env=0, tests=10, kernel=5, train_speed=10, eval=5, train_run=20),
     tests=["tests/test_precision.py::test_every_distance_dot_is_pinned_to_highest"],
     tests_k=None,
@@ -271,18 +271,19 @@ def section_tests(chk: Check, deadline: float) -> dict:
           "output_tail": text[-6000:]}
 
 
-_GRACE = ((signal.SIGTERM, 15), (signal.SIGKILL, 5))   # train.py checkpoints on SIGTERM
+_QUICK = ((signal.SIGTERM, 3), (signal.SIGKILL, 2))
+_CHECKPOINT = ((signal.SIGTERM, 15), (signal.SIGKILL, 5))   # train.py saves on SIGTERM
 
 
-def _wait(proc: subprocess.Popen, deadline: float) -> bool:
+def _wait(proc: subprocess.Popen, deadline: float, graces=_QUICK) -> bool:
   """Waits for proc until `deadline` less the grace periods, then sends SIGTERM and,
   if needed, SIGKILL to its process group: done by the deadline. True if cut."""
-  timeout = max(1.0, deadline - time.monotonic() - sum(g for _, g in _GRACE))
+  timeout = max(1.0, deadline - time.monotonic() - sum(g for _, g in graces))
   try:
     proc.wait(timeout=timeout)
     return False
   except subprocess.TimeoutExpired:
-    for sig, grace in _GRACE:
+    for sig, grace in graces:
       try:
         os.killpg(proc.pid, sig)
       except ProcessLookupError:
@@ -516,7 +517,7 @@ def section_train_run(chk: Check, deadline: float) -> dict:
   with tempfile.TemporaryFile("w+") as log:
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    timed_out = _wait(proc, deadline)
+    timed_out = _wait(proc, deadline, _CHECKPOINT)
     log.seek(0)
     text = log.read()
   wall = time.monotonic() - start
