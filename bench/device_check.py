@@ -486,6 +486,7 @@ def section_eval(chk: Check, deadline: float) -> dict:
       break
     c = base_config()
     c.prior = "exemplar"
+    c.exemplar.num_exemplars = mode["num_exemplars"]   # training only; must fit N
     r = eval_throughput(c, mode["num_train"], mode["eval_points"], mode["eval_samples"], mq)
     rows.append(dict(r, max_queries=mq))
   return {"num_train": mode["num_train"], "samples": mode["eval_samples"],
@@ -505,7 +506,7 @@ def section_train_run(chk: Check, deadline: float) -> dict:
   else:
     raise SectionSkipped("Fashion-MNIST not found: carry the IDX files and pass --data_dir "
                          "(or set EXVAE_FASHION_MNIST_DIR)")
-  overrides.update({"num_picture_samples": 0, "progress": False})
+  overrides.update({"num_picture_samples": 0, "progress": False, "tensorboard": False})
   if d is not None:
     overrides.update(chk.mode["run_overrides"])
   overrides["num_epochs"] = chk.mode["run_overrides"]["num_epochs"]
