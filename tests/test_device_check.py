@@ -93,6 +93,20 @@ def device_check():
   return mod
 
 
+def test_the_gpu_test_selection_exists(device_check):
+  """Every test the full check names still exists (a rename would otherwise only
+  show on the GPU machine, as 'not found')."""
+  full = device_check.FULL
+  proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
+                         "-p", "no:cacheprovider", *full["tests"], "-k", full["tests_k"]],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  collected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+  assert len(collected) >= 50
+  for spec in full["tests"]:
+    assert any(ln.startswith(spec) for ln in collected), spec
+
+
 def test_a_broken_section_is_recorded_and_the_next_one_runs(tmp_path, device_check):
   chk = device_check.Check(tmp_path, device_check.SMOKE, 60.0, True, None)
 
