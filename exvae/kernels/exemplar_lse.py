@@ -18,13 +18,20 @@ Layout / speed notes (measured on a 2-core AVX-512 CPU, XLA:CPU + YNNPACK):
   bank is materialised (that alone cost ~90 ms at N = 1e6).
 * Codes are centred on the query median (distances are translation invariant), which
   keeps norms small and the matmul-form cancellation error low.
-* The (B, C) tile should stay a few MB (L2/L3 resident): the default chunk is
-  ~2M elements / B (C = 384 for B = 5000, ~21k for B = 100).
+* On CPU the (B, C) tile should stay a few MB (L2/L3 resident): the default chunk
+  is ~2M elements / B (C = 384 for B = 5000, ~21k for B = 100). On GPU / TPU it is
+  ~32M elements / B (C = 6656 for B = 5000): fewer chunks, fewer launches.
 * The per-element clamp dist >= 0 costs a separate pass (~6%), so it is applied per
   row: the running max exponent is capped at 0 (the nearest exemplar's term is
   <= 1); other terms can exceed 1 only by rounding (~1e-6 relative).
 * A one-pass variant (sum exp(a - previous max) with an overflow fallback under
   lax.cond) was tried: no faster on CPU, and much slower for small s2.
+* Every matmul (forward tile, top-k tile, the two backward products) is pinned to
+  lax.Precision.HIGHEST by `_dot`: the default float32 precision is a single
+  bfloat16 pass on TPU and may be TF32 on NVIDIA GPUs, errors of tenths of a nat
+  in the exponent. On a GPU a HIGHEST f32 matmul runs without tensor cores; at
+  K = d + 2 its time is of the order of the tile's memory passes
+  (bench/device_check.py measures both against the device's rates).
 * XLA:CPU cannot fuse the dot with the two reductions, so each (B, C) tile still
   goes through memory three times. On CPU the forward therefore defaults to the
   optional C++ FFI kernel of `cpu_fused` (same exponent, centre rule and clamp;
@@ -47,7 +54,12 @@ Array = jax.Array
 _LOG_2PI = math.log(2.0 * math.pi)
 _PEN = -1e30  # exponent penalty of masked / padded exemplars (finite: no 0 * inf in gemm)
 _PEN_THRESH = -1e29  # anything below this is a penalised (invalid) entry
-_TILE_ELEMS = 1 << 21  # target size of one (B, chunk) tile in elements (8 MB in f32)
+_TILE_ELEMS = 1 << 21  # CPU: target size of one (B, chunk) tile in elements (8 MB in f32)
+# GPU / TPU: 128 MB f32 tiles. The tile lives in device memory whatever its size, and
+# each chunk costs a few kernel launches and a loop step (tens of microseconds): with
+# the CPU's tiles, B = 5000 and N = 1e6 would take 2600 chunks. At 32M elements the
+# same bank takes 80 chunks, each ~0.1 ms of tile traffic at 4 TB/s.
+_TILE_ELEMS_ACCEL = 1 << 25
 
 
 # --------------------------------------------------------------------------------------
@@ -55,16 +67,21 @@ _TILE_ELEMS = 1 << 21  # target size of one (B, chunk) tile in elements (8 MB in
 # --------------------------------------------------------------------------------------
 
 
-def default_chunk_size(batch: int, n: int) -> int:
-    """Chunk length used when chunk_size is None: keeps the (B, C) tile ~8 MB.
+def default_chunk_size(batch: int, n: int, backend: Optional[str] = None) -> int:
+    """Chunk length used when chunk_size is None: keeps the (B, C) tile ~8 MB on CPU
+    (cache resident) and ~128 MB on GPU / TPU (few chunks, launch costs amortised).
 
     Args:
       batch: number of queries B.
       n: bank size N.
+      backend: "cpu", "gpu", "tpu", ...; None: `jax.default_backend()`.
     Returns:
       chunk length in [1, N], a multiple of 128 when smaller than N.
     """
-    c = max(256, (_TILE_ELEMS // max(batch, 1)) // 128 * 128)
+    if backend is None:
+        backend = jax.default_backend()
+    tile = _TILE_ELEMS if backend == "cpu" else _TILE_ELEMS_ACCEL
+    c = max(256, (tile // max(batch, 1)) // 128 * 128)
     return int(min(c, max(n, 1)))
 
 
@@ -241,10 +258,24 @@ def _stream(n: int, chunk: int, fn, carry, arrays: tuple, refs: tuple = ()):
     return carry, ys
 
 
+def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    """a . b contracting axis contract[0] of a with contract[1] of b, at full precision.
+
+    Every matmul of these kernels goes through here. Pinned to HIGHEST: the default
+    float32 precision is one bfloat16 pass on TPU and may be TF32 on recent NVIDIA
+    GPUs, and either turns the exponent -|z - mu|^2 / (2 s2) of the matmul form into
+    errors of tenths of a nat (tests/test_precision.py). For bfloat16 operands (the
+    split of `bank_dtype`) HIGHEST is one exact pass, the same as the default.
+    Accumulation is at least float32 whatever the operand dtype.
+    """
+    out_t = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                           precision=lax.Precision.HIGHEST, preferred_element_type=out_t)
+
+
 def _tile(za: Array, ba_c: Array) -> Array:
     """(B, C) exponent tile, f32 accumulation whatever the operand dtype."""
-    out_t = jnp.promote_types(za.dtype, jnp.float32)
-    return lax.dot_general(za, ba_c, (((1,), (1,)), ((), ())), preferred_element_type=out_t)
+    return _dot(za, ba_c, (1, 1))
 
 
 def _loo_mask(ids_c: Array, qids: Array) -> Array:
@@ -389,8 +420,8 @@ def _lse_bwd(static, res, cts):
         if use_ids:
             w = jnp.where(_loo_mask(ids_c, st.qids), 0.0, w)
         # One matmul gives sum_n w mu_n, sum_n w and (via za . wb) sum_n w a.
-        wb_acc = wb_acc + w @ ba_c
-        wz = lax.dot_general(w, zc1, (((0,), (0,)), ((), ())))  # (C, d+1)
+        wb_acc = wb_acc + _dot(w, ba_c, (1, 0))
+        wz = _dot(w, zc1, (0, 0))  # (C, d+1)
         gmu = inv_s2 * (wz[:, :d] - (bank_c - st.center) * wz[:, d:])
         return wb_acc, gmu
 
@@ -433,7 +464,8 @@ def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
       bank_ids: optional (N,) int32 exemplar ids (leave-one-out with query_ids).
       query_ids: optional (B,) int32; a negative id disables LOO for that row.
       chunk_size: bank rows per streamed chunk (static). None (recommended) picks
-        `default_chunk_size(B, N)` (~2M-element tiles). Any N works (ragged tail).
+        `default_chunk_size(B, N)` (~2M-element tiles on CPU, ~32M on GPU / TPU).
+        Any N works (ragged tail).
       bank_dtype: optional matmul dtype, e.g. jnp.bfloat16 (static), forward only.
         Accumulation and exp/sum stay f32; see `_setup` for how precision is kept.
       impl: forward implementation (static): "xla" (streamed XLA ops), "fused"
