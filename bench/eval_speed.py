@@ -24,7 +24,6 @@ from exvae import data, train_lib
 from exvae.config_base import base_config
 
 
-
 def eval_throughput(c, num_train=50000, points=20, samples=5000, max_queries=5000):
   """Times `train_lib.evaluate_split` (what eval.py runs) on an untrained model.
 
