@@ -101,7 +101,7 @@ def test_readers_leave_an_in_progress_save_and_the_run_directory_untouched(train
   os.makedirs(os.path.join(tmp, "state"))
   with open(os.path.join(tmp, "state", "partial"), "wb") as f:
     f.write(b"half a checkpoint")
-  outputs = ("eval_metrics.json", "eval_samples.png", "uses")   # what readers may write
+  outputs = ("eval_metrics.json", "eval_samples.png", "per_example.npz", "uses")   # readers write these
   before = _snapshot(wd, skip=outputs)
   eval_lib.evaluate(c, wd)
   bank_lib.restore_trained(c, wd)

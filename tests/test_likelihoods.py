@@ -91,8 +91,13 @@ def test_bernoulli_matches_numpy():
   logits = rng.normal(scale=5.0, size=x.shape).astype(np.float32)
   p = expit(logits.astype(np.float64))
   want = (x * np.log(p) + (1 - x) * np.log1p(-p)).reshape(4, -1).sum(-1)
+  got = bernoulli_log_prob(jnp.asarray(x), jnp.asarray(logits), eps=0.0)     # no clamp
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+  # The default clamps p to [1e-5, 1 - 1e-5] as the reference (tests/test_fidelity.py).
+  pc = np.clip(p, 1e-5, 1 - 1e-5)
+  want_c = (x * np.log(pc) + (1 - x) * np.log1p(-pc)).reshape(4, -1).sum(-1)
   np.testing.assert_allclose(np.asarray(bernoulli_log_prob(jnp.asarray(x), jnp.asarray(logits))),
-                             want, rtol=1e-5)
+                             want_c, rtol=1e-5)
 
 
 def test_registry():
