@@ -42,3 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exvae: unknown command {cmd!r}.\n{_USAGE}", file=sys.stderr)
     sys.exit(2)
   importlib.import_module(COMMANDS[cmd]).run([f"exvae {cmd}"] + argv[2:])
+
+
+def begin(argv: list[str]) -> None:
+  """The start of a command's ``main``: no stray arguments, and Orbax's INFO chatter
+  kept out of the terminal unless ``--verbosity`` was given."""
+  from absl import app, flags, logging
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)

@@ -10,10 +10,10 @@ writes ``<workdir>/eval_metrics.json`` and the per-image scores
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from exvae import config_registry, eval_lib, rundir
+from exvae import cli, config_registry, eval_lib, rundir
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A shipped config's name or a configs/*.py path.",
@@ -24,10 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 @rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:     # keep Orbax's INFO chatter out of the terminal
-    logging.set_verbosity(logging.WARNING)
+  cli.begin(argv)
   metrics = eval_lib.evaluate(FLAGS.config, FLAGS.workdir)
   print(json.dumps(metrics, indent=2))
   print(f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "

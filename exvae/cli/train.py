@@ -8,10 +8,10 @@ automatically from the latest checkpoint in ``--workdir``.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from exvae import config_registry, distributed, rundir, train_lib
+from exvae import cli, config_registry, distributed, rundir, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A shipped config's name or a configs/*.py path.",
@@ -30,10 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 @rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:     # keep Orbax's INFO chatter out of the terminal
-    logging.set_verbosity(logging.WARNING)
+  cli.begin(argv)
   if FLAGS.coordinator_address or FLAGS.distributed:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
   summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
