@@ -21,9 +21,10 @@ import os
 import platform
 import shutil
 import sys
-import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def training_wall_clock(records: list[dict]) -> float:
@@ -42,21 +43,6 @@ def training_wall_clock(records: list[dict]) -> float:
       total += last
     last = t
   return total + (last or 0.0)
-
-
-def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
-  """This machine's float32 matmul rate through XLA (best of ``reps``), GFLOP/s."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / 1e9
 
 
 def cpu_name() -> str:
@@ -133,7 +119,8 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str
       "source": source,
   }
   if measure:
-    budget["matmul_gflops_at_collect"] = round(matmul_gflops(), 1)
+    from bench.train_speed import matmul_rate
+    budget["matmul_gflops_at_collect"] = round(matmul_rate() / 1e9, 1)
   dest = os.path.join(out_root, name)
   os.makedirs(dest, exist_ok=True)
   _write_json(os.path.join(dest, "metrics.json"), metrics)

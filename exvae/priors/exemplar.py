@@ -129,6 +129,18 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
+def _first_of_each(keys: jax.Array, invalid: int) -> tuple[jax.Array, jax.Array]:
+  """Static-shape de-duplication: ``(sorted keys, mask of the first of each valid run)``.
+
+  Args:
+    keys: (K,) integer keys; ``invalid`` marks an empty slot (keys are <= invalid).
+    invalid: the key of empty slots.
+  """
+  keys = jnp.sort(keys)
+  first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
+  return keys, first & (keys < invalid)
+
+
 @register("exemplar")
 class ExemplarPrior(Prior):
   """Exemplar (Parzen window) prior, exact-subsampled or retrieval-augmented."""
@@ -214,21 +226,15 @@ class ExemplarPrior(Prior):
         jax.lax.stop_gradient(inputs.mu), cache[cand], k,
         bank_ids=cand if exclude_self else None, query_ids=ids if exclude_self else None,
         chunk_size=int(self.cfg.chunk_size) or None)
-    # Static-shape de-duplication (sort, keep the first of each run).  The
-    # reference de-duplicates candidate POSITIONS: an exemplar drawn twice
-    # among the M (with replacement) is two components.  "bound" keeps one
-    # component per exemplar.
+    # Static-shape de-duplication.  The reference de-duplicates candidate
+    # POSITIONS: an exemplar drawn twice among the M (with replacement) is two
+    # components.  "bound" keeps one component per exemplar.
     if reference:
-      keys = jnp.where(pos >= 0, pos, m).reshape(-1)                # m = invalid
-      keys = jnp.sort(keys)
-      first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
-      mask = first & (keys < m)
+      keys, mask = _first_of_each(jnp.where(pos >= 0, pos, m).reshape(-1), m)   # m = invalid
       union = jnp.where(mask, cand[jnp.minimum(keys, m - 1)], n)
     else:
-      union = jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1)   # n = invalid
-      union = jnp.sort(union)
-      first = jnp.concatenate([jnp.ones((1,), bool), union[1:] != union[:-1]])
-      mask = first & (union < n)
+      union, mask = _first_of_each(
+          jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1), n)     # n = invalid
     safe = jnp.minimum(union, n - 1)
     bank = encode_rows(model, model_params, pool, safe, k_bin, inputs.binary,
                        int(self.cfg.encode_chunk), sharded=inputs.pool_sharded)
