@@ -134,6 +134,53 @@ def loadavg() -> str:
   return "loadavg %.2f,%.2f,%.2f" % os.getloadavg()
 
 
+class OtherCpu:
+  """Share of the machine's CPU time taken by processes other than this benchmark.
+
+  The load average lags by minutes (a machine made quiet just before the run
+  still reports the earlier load), so the verdict "quiet" comes from
+  /proc/stat instead: busy time of all cores minus the CPU time of this process
+  and of the reference's worker, over the wall-clock time, as a fraction of
+  the cores.  None where /proc is not readable.
+  """
+
+  def __init__(self, pids):
+    self.pids = list(pids)
+    self.start = self._sample()
+
+  @staticmethod
+  def _busy_and_total():
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)             # idle + iowait
+    return sum(v) - idle, sum(v)
+
+  def _own(self):
+    t = 0
+    for pid in self.pids:
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+        t += int(fields[11]) + int(fields[12])              # utime + stime of the process
+      except (OSError, ValueError, IndexError):
+        pass
+    return t
+
+  def _sample(self):
+    try:
+      busy, total = self._busy_and_total()
+      return busy, total, self._own()
+    except (OSError, ValueError):
+      return None
+
+  def fraction(self):
+    end = self._sample()
+    if self.start is None or end is None or end[1] == self.start[1]:
+      return None
+    other = (end[0] - self.start[0]) - (end[2] - self.start[2])
+    return max(0.0, other / (end[1] - self.start[1]))
+
+
 def cpu_name() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -197,9 +244,10 @@ def main():
   try:
     splits, data_src = ts.load_splits()
     pool = jnp.asarray(splits.train_x)
+    other_cpu = OtherCpu([os.getpid(), ref.proc.pid])
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, each code on {args.threads}; "
-          f"{loadavg()} at start"
-          + ("  [MEASURED UNDER LOAD: ratios only indicative]" if os.getloadavg()[0] > 1.5 else ""))
+          f"{loadavg()} at start (lags by minutes: the summary line measures the CPU "
+          "other processes took during the run)")
     print(f"exvae: jax {jax.__version__} {jax.default_backend()}; reference: torch "
           f"{ref.info['torch']} ({args.threads} threads), their commit {ref.info['commit'][:7]} "
           f"in {ref.info['src']}; data {data_src}; worker log {log_path}", flush=True)
@@ -272,8 +320,12 @@ def main():
             f"{r_setup['steps_per_epoch']} x step + refresh {med(rr):.2f} s + val {med(vr):.2f} s;"
             f" ratio {speed[mode]:.2f}x; val loss (untrained-ish, not comparable) exvae "
             f"{vloss[-1][0]:.1f} ref {vloss[-1][1]:.1f}; {loadavg()}", flush=True)
-    print(f"summary: {loadavg()} at end; figures "
-          + ("MEASURED UNDER LOAD" if os.getloadavg()[0] > 1.5 else "on a quiet machine"))
+    frac = other_cpu.fraction()
+    quiet = frac < 0.05 if frac is not None else os.getloadavg()[0] <= 1.5
+    print(f"summary: {loadavg()} at end; other processes took "
+          + (f"{100 * frac:.1f}%" if frac is not None else "an unknown share")
+          + " of the cores' time during the run; figures "
+          + ("on a quiet machine" if quiet else "MEASURED UNDER LOAD"))
   finally:
     ref.close()
   print("rat_speedup=%.2f exact_speedup=%.2f gaussian_speedup=%.2f eval_speedup=%.1f"
@@ -301,7 +353,9 @@ def compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run):
   import numpy as np
   if rat_run is None:
     rat_run = ts.prepare(ts.make_config("rat"), splits, pool)
-    ref("setup", mode="rat", threads=args.threads, warmup=1)
+  # The reference's worker holds the model of the mode set up last (gaussian when
+  # every mode runs): its evaluation must use the exemplar prior, so set it up again.
+  ref("setup", mode="rat", threads=args.threads, warmup=1)
   params, setup = rat_run.state.params, rat_run.setup
   t0 = time.perf_counter()
   ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(0), setup=setup)

@@ -76,3 +76,30 @@ def test_vs_reference_without_reference_says_how_to_install():
   assert "not installed" in p.stderr and "EXVAE_REF_SRC" in p.stderr
   assert "pip install torch" in p.stderr and "git clone" in p.stderr
   assert "rat_speedup" not in p.stdout
+
+
+def test_other_cpu_counts_a_busy_outsider_and_not_itself():
+  """vs_reference's quiet-machine verdict: CPU burnt by another process shows up,
+  the same CPU counted as the benchmark's own (its pid listed) does not."""
+  import time
+  from bench import vs_reference
+  if not os.path.exists("/proc/stat"):
+    import pytest
+    pytest.skip("no /proc")
+  t0 = time.monotonic()
+  burner = subprocess.Popen([sys.executable, "-c",
+                             "import time\nwhile time.process_time() < 1.0: pass"])
+  outsider = vs_reference.OtherCpu([os.getpid()])
+  own = vs_reference.OtherCpu([os.getpid(), burner.pid])
+  while True:                            # exited but unreaped: its /proc/<pid>/stat stays
+    with open(f"/proc/{burner.pid}/stat") as f:
+      if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+        break
+    time.sleep(0.05)
+  f_out, f_own = outsider.fraction(), own.fraction()
+  window = time.monotonic() - t0
+  _, _, usage = os.wait4(burner.pid, 0)
+  burnt = (usage.ru_utime + usage.ru_stime) / (window * os.cpu_count())
+  assert burnt > 0
+  assert f_out is not None and f_out >= 0.8 * burnt
+  assert f_out - f_own >= 0.8 * burnt    # listed as its own, the burner no longer counts
