@@ -198,7 +198,8 @@ def backward_flops(layers, rows: int, input_grad_first: bool = False) -> float:
 
 
 def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
-               union_rows: int | None = None, remat: bool | None = None) -> dict | None:
+               union_rows: int | None = None, remat: bool | None = None,
+               act_bytes_per_row: int | None = None) -> dict | None:
   """Matrix-product FLOPs of one training step of the MLP VAE, by part.
 
   Args:
@@ -209,8 +210,13 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
     steps_per_epoch: steps over which the per-epoch refresh is spread.
     union_rows: RAT exemplars encoded with gradients per step (default B * k,
       exvae's static union; the reference encodes only the distinct ones).
-    remat: exemplar forward recomputed in the backward pass (None: as
-      ``encode_rows`` decides, i.e. when the rows span more than one chunk).
+    remat: exemplar forward recomputed in the backward pass (None: as the
+      exemplar prior decides: when keeping the activations of all rows would
+      exceed ``exemplar.encode_remat_mb``).
+    act_bytes_per_row: the encoder's activation bytes per row for that
+      decision (``exemplar.activation_bytes_per_row``; None: 16 bytes per
+      unit of every encoder layer's matmul output, a gated layer's two halves
+      included, plus the input row: the traced MLP VAE's count within 2%).
 
   Returns:
     dict of FLOPs: ``batch_fwd``, ``batch_bwd``, ``exemplar_fwd``, ``exemplar_remat``,
@@ -240,7 +246,12 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
       rows = m
     comps = rows
     f["exemplar_fwd"] = forward_flops(enc_mean, rows)
-    if (rows > int(c.exemplar.encode_chunk)) if remat is None else remat:
+    if remat is None:
+      budget = float(c.exemplar.encode_remat_mb)
+      if act_bytes_per_row is None:
+        act_bytes_per_row = 16 * sum(o for _, o in enc_mean) + 4 * enc_mean[0][0]
+      remat = budget >= 0 and rows * act_bytes_per_row > budget * 2**20
+    if remat:
       f["exemplar_remat"] = f["exemplar_fwd"]
     f["exemplar_bwd"] = backward_flops(enc_mean, rows)
   elif c.prior == "vampprior":
@@ -310,7 +321,7 @@ def remat_ab(name, splits, pool, rounds: int, steps: int, check_steps: int = 3):
 
   ``encode_rows`` now rematerialises only when the rows span more than one
   chunk (the exact prior), so for RAT "off" is the new code; for the exact
-  prior "off" stores every chunk's activations (~260 MB at M = 25000).
+  prior "off" stores every chunk's activations (~540 MB at M = 25000), now the default.
   Equivalence: at ``check_steps`` successive states of the "on" run, the loss
   and every gradient of both versions; max |difference| is printed.  Timing:
   ``rounds`` rounds, each ``steps`` steps of one run then of the other

@@ -42,7 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
                                     # True: binarised like the data point
       loo=True,                     # leave-one-out in training
       chunk_size=0,                 # bank chunk of the streamed kernel (0: auto, ~2M / batch)
-      encode_chunk=1000,            # exemplars encoded per rematerialised chunk (exact mode)
+      encode_chunk=1000,            # exemplars encoded per chunk (exact mode)
+      encode_remat_mb=1024.0,       # recompute the exemplar forward in the backward pass only
+                                    # when keeping its activations would exceed this many MiB
+                                    # (MLP VAE, M = 25000: ~540 MB, kept; 0: always; <0: never)
       log_var_init_mean=0.0,        # log s2 = mean + std * N(0, 1), as the reference
       log_var_init_std=1.0))
   c.vampprior = ml_collections.ConfigDict(dict(num_pseudo=500, init_mean=0.05, init_std=0.01))

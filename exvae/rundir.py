@@ -58,7 +58,7 @@ MAY_CHANGE = (
     "num_picture_samples", "progress", "tensorboard",
     "eval.*",
     "data_dir", "num_devices", "pool_sharding",
-    "exemplar.chunk_size", "exemplar.encode_chunk",
+    "exemplar.chunk_size", "exemplar.encode_chunk", "exemplar.encode_remat_mb",
 )
 # Readers (eval.py, uses.py) restore parameters; the seed only initialises a template.
 MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed",)

@@ -53,12 +53,16 @@ def test_step_flops_rat_matches_hand_count():
 
 def test_step_flops_exact_remat_and_union_override():
   c = train_speed.make_config("exact")
-  f = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
   enc_mean = 2 * (784 * 600 + 300 * 600 + 300 * 40)
-  assert f["exemplar_rows"] == 25000 and f["retrieval"] == 0
-  assert f["exemplar_remat"] == f["exemplar_fwd"] == 25000 * enc_mean   # 25 chunks: remat
-  g = train_speed.step_flops(c, _vae_params(), 100, 50000, 500, remat=False)
-  assert g["exemplar_remat"] == 0 and g["total"] == f["total"] - f["exemplar_remat"]
+  # Default budget (1024 MiB): 25000 rows x ~23 KB of activations fit, nothing recomputed.
+  g = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
+  assert g["exemplar_rows"] == 25000 and g["retrieval"] == 0 and g["exemplar_remat"] == 0
+  assert g["exemplar_fwd"] == 25000 * enc_mean
+  c.exemplar.encode_remat_mb = 256                                      # below ~540 MB: remat
+  f = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
+  assert f["exemplar_remat"] == f["exemplar_fwd"] == 25000 * enc_mean
+  assert g["total"] == f["total"] - f["exemplar_remat"]
+  assert train_speed.step_flops(c, _vae_params(), 100, 50000, 500, remat=False)["exemplar_remat"] == 0
   r = train_speed.step_flops(train_speed.make_config("rat"), _vae_params(), 100, 50000, 500,
                              union_rows=900)
   assert r["exemplar_rows"] == 900 and r["exemplar_fwd"] == 900 * enc_mean

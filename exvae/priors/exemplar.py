@@ -80,17 +80,53 @@ def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 
   return distributed.map_pool_shards(encode_rows_local, model_params, pool, n, sharded)[:n]
 
 
+def activation_bytes_per_row(model, model_params, image_shape) -> int:
+  """Bytes of the intermediate values ``model.encode_mean`` computes per input row.
+
+  Counted from the traced computation (every primitive's outputs, nested
+  calls included) as the difference between 2 rows and 1 row, so per-call
+  work on the weights (e.g. the gated layers' kernel concatenation) drops
+  out.  It bounds what the backward pass keeps per row when the forward is
+  not recomputed.  Trace-time only: no computation runs.
+  """
+
+  def total(rows):
+    x = jax.ShapeDtypeStruct((rows,) + tuple(image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(model.encode_mean)(model_params, x)
+
+    def walk(j):
+      n = 0
+      for eqn in j.eqns:
+        for v in eqn.outvars:
+          aval = getattr(v, "aval", None)
+          if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+            n += math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+        for sub in eqn.params.values():
+          for s in (sub if isinstance(sub, (tuple, list)) else (sub,)):
+            inner = getattr(s, "jaxpr", s)
+            if hasattr(inner, "eqns"):
+              n += walk(inner)
+      return n
+
+    return walk(jaxpr.jaxpr)
+
+  return max(0, total(2) - total(1))
+
+
 def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
                 sharded: bool = False, remat: bool | None = None):
-  """Encoder means of ``pool[ids]`` WITH gradients, in rematerialised chunks.
+  """Encoder means of ``pool[ids]`` WITH gradients, in chunks.
 
   Gathering, binarising and encoding M = 25000 exemplars in one piece streams
-  ~80 MB activations per layer through memory; chunks of ~1000 rows keep them
-  in cache, and ``jax.checkpoint`` makes the backward pass recompute each
-  chunk's forward instead of storing it: measured 1.5x faster for the whole
-  forward + backward on a 2-core CPU, and the peak memory of one chunk.
-  Rows that fit in one chunk (the RAT union of B * k rows) keep their
-  activations (~10 MB for 1000 rows): no forward is computed twice.
+  ~80 MB activations per layer through memory; ``jax.lax.map`` over chunks of
+  ~1000 rows keeps each chunk's working set small.  ``remat`` decides whether
+  the backward pass recomputes each chunk's forward (``jax.checkpoint``: the
+  peak memory of one chunk) or keeps every chunk's activations (no forward
+  computed twice).  On a quiet 2-core CPU keeping them was 1.14x faster per
+  exact-prior step (M = 25000, MLP VAE, ~540 MB kept; `bench/train_speed.py
+  --configs exact --remat_ab`), with bit-identical loss and gradients; the
+  exemplar prior decides with :func:`activation_bytes_per_row` and the
+  ``exemplar.encode_remat_mb`` budget.
 
   Args:
     model: the model (``encode_mean`` is used).
@@ -151,6 +187,19 @@ class ExemplarPrior(Prior):
     super().__init__(config)
     self.cfg = config.exemplar
 
+  def _remat(self, model, model_params, pool, rows: int) -> bool:
+    """Recompute the exemplar forward in the backward pass? (static, at trace time)
+
+    ``exemplar.encode_remat_mb`` < 0: never; otherwise only when keeping the
+    activations of all ``rows`` would exceed that many MiB (0: always).
+    """
+    budget = float(self.cfg.encode_remat_mb)
+    if budget < 0:
+      return False
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model_params)
+    per_row = activation_bytes_per_row(model, abstract, pool.shape[1:])
+    return rows * per_row > budget * 2**20
+
   # -- parameters and state -----------------------------------------------
   def init(self, key, model, num_train):
     self._check(num_train)
@@ -208,7 +257,8 @@ class ExemplarPrior(Prior):
     if not self.cfg.rat:
       # Chunked + rematerialised; each chunk split over the data-parallel devices.
       bank = encode_rows(model, model_params, pool, cand, k_bin, inputs.binary,
-                         int(self.cfg.encode_chunk), sharded=inputs.pool_sharded)
+                         int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
+                         remat=self._remat(model, model_params, pool, m))
       return {"bank": bank, "bank_ids": cand}, state
     return self._rat_context(state, model, model_params, inputs, cand, k_bin)
 
@@ -237,7 +287,8 @@ class ExemplarPrior(Prior):
           jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1), n)     # n = invalid
     safe = jnp.minimum(union, n - 1)
     bank = encode_rows(model, model_params, pool, safe, k_bin, inputs.binary,
-                       int(self.cfg.encode_chunk), sharded=inputs.pool_sharded)
+                       int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
+                       remat=self._remat(model, model_params, pool, safe.shape[0]))
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
     ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask}
     if not reference:
