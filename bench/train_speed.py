@@ -199,7 +199,7 @@ def backward_flops(layers, rows: int, input_grad_first: bool = False) -> float:
 
 def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
                union_rows: int | None = None, remat: bool | None = None,
-               act_bytes_per_row: int | None = None) -> dict | None:
+               act_bytes_per_row: int | None = None, distinct: bool = True) -> dict | None:
   """Matrix-product FLOPs of one training step of the MLP VAE, by part.
 
   Args:
@@ -217,6 +217,9 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
       decision (``exemplar.activation_bytes_per_row``; None: 16 bytes per
       unit of every encoder layer's matmul output, a gated layer's two halves
       included, plus the input row: the traced MLP VAE's count within 2%).
+    distinct: exact prior: exvae encodes each distinct exemplar of the M draws
+      once (``distinct_capacity`` rows, padded to whole chunks); False: all M
+      rows (the reference).
 
   Returns:
     dict of FLOPs: ``batch_fwd``, ``batch_bwd``, ``exemplar_fwd``, ``exemplar_remat``,
@@ -242,9 +245,14 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
       rows = batch * int(c.exemplar.rat_k) if union_rows is None else int(union_rows)
       f["retrieval"] = 2.0 * batch * m * d
       f["refresh_per_step"] = forward_flops(enc_mean, num_train) / steps_per_epoch
+      comps = rows
     else:
-      rows = m
-    comps = rows
+      rows = comps = m
+      if distinct and m < num_train:
+        from exvae.priors.exemplar import distinct_capacity
+        chunk = max(1, min(int(c.exemplar.encode_chunk), m))
+        cap = distinct_capacity(num_train, m)
+        rows = min(m, -(-cap // min(chunk, cap)) * min(chunk, cap))
     f["exemplar_fwd"] = forward_flops(enc_mean, rows)
     if remat is None:
       budget = float(c.exemplar.encode_remat_mb)

@@ -307,7 +307,8 @@ def main():
                            run.setup.num_train, spe)
         n_rows_r = med(rows_r) if rows_r else float("nan")
         fr = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                           run.setup.num_train, spe, union_rows=n_rows_r, remat=False)
+                           run.setup.num_train, spe, union_rows=n_rows_r, remat=False,
+                           distinct=False)
         rows = (f"; exemplars encoded with gradients per step: exvae {fx['exemplar_rows']}"
                 + (f" ({med(rows_x):.0f} distinct)" if rows_x else "")
                 + f", reference {n_rows_r:.0f}; matmul GFLOP/step exvae {fx['total'] / 1e9:.2f}, "

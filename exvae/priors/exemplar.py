@@ -165,6 +165,22 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
+def distinct_capacity(n: int, m: int, sigmas: float = 10.0) -> int:
+  """Static bound on the distinct values among ``m`` uniform draws from ``n``.
+
+  The count has mean ``n (1 - (1 - 1/n)^m)`` and (Poisson approximation)
+  variance ``n e^-r (1 - (1 + r) e^-r)``, r = m / n; the bound is the mean
+  plus ``sigmas`` standard deviations (N = 50000, M = 25000: 19673 + 10 x 52),
+  capped at ``m``.
+  """
+  if n <= 0 or m <= 0:
+    return max(m, 0)
+  r = m / n
+  mean = n * (1.0 - (1.0 - 1.0 / n) ** m)
+  var = max(n * math.exp(-r) * (1.0 - (1.0 + r) * math.exp(-r)), 0.0)
+  return min(m, int(math.ceil(mean + sigmas * math.sqrt(var) + sigmas)))
+
+
 def _first_of_each(keys: jax.Array, invalid: int) -> tuple[jax.Array, jax.Array]:
   """Static-shape de-duplication: ``(sorted keys, mask of the first of each valid run)``.
 
@@ -199,6 +215,37 @@ class ExemplarPrior(Prior):
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), model_params)
     per_row = activation_bytes_per_row(model, abstract, pool.shape[1:])
     return rows * per_row > budget * 2**20
+
+  def _encode(self, model, model_params, pool, ids, key, inputs):
+    return encode_rows(model, model_params, pool, ids, key, inputs.binary,
+                       int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
+                       remat=self._remat(model, model_params, pool, ids.shape[0]))
+
+  def _encode_distinct(self, model, model_params, pool, cand, key, inputs, n):
+    """``(codes, ids)`` of the M draws ``cand`` (WITH replacement, as the reference),
+    each distinct exemplar encoded once.
+
+    M = 25000 draws from N = 50000 hold about 19700 distinct exemplars: the
+    other 21% of the rows repeat one, and encoding them again is arithmetic
+    the mixture does not need (a repeated exemplar is still a component of its
+    own: the codes are gathered back to all M rows, and the gather's backward
+    sums their gradients).  A row's bits depend on (key, id) only, so binarised
+    exemplars repeat too.  Shapes are static: ``distinct_capacity`` rows are
+    encoded, 10 standard deviations above the mean count.  A draw with more
+    distinct exemplars than that (probability below 1e-20) has its excess draws
+    replaced by repeats of drawn ones, and the returned ids say so, so the
+    leave-one-out mask always matches the codes.  (A ``lax.cond`` fallback
+    to encoding every row was measured: its backward pass materialises both
+    branches' residuals and ate the saving.)
+    """
+    m = cand.shape[0]
+    cap = distinct_capacity(n, m)
+    if cap >= m:
+      return self._encode(model, model_params, pool, cand, key, inputs), cand
+    uniq, inv = jnp.unique(cand, return_inverse=True, size=cap, fill_value=0)
+    inv = jnp.minimum(inv.reshape(-1), cap - 1)
+    codes = self._encode(model, model_params, pool, uniq, key, inputs)
+    return codes[inv], uniq[inv]
 
   # -- parameters and state -----------------------------------------------
   def init(self, key, model, num_train):
@@ -255,10 +302,11 @@ class ExemplarPrior(Prior):
     else:
       cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
     if not self.cfg.rat:
-      # Chunked + rematerialised; each chunk split over the data-parallel devices.
-      bank = encode_rows(model, model_params, pool, cand, k_bin, inputs.binary,
-                         int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
-                         remat=self._remat(model, model_params, pool, m))
+      # Chunked; each chunk split over the data-parallel devices.
+      if m == n:
+        bank = self._encode(model, model_params, pool, cand, k_bin, inputs)
+      else:
+        bank, cand = self._encode_distinct(model, model_params, pool, cand, k_bin, inputs, n)
       return {"bank": bank, "bank_ids": cand}, state
     return self._rat_context(state, model, model_params, inputs, cand, k_bin)
 
