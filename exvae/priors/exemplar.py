@@ -232,8 +232,9 @@ class ExemplarPrior(Prior):
     sums their gradients).  A row's bits depend on (key, id) only, so binarised
     exemplars repeat too.  Shapes are static: ``distinct_capacity`` rows are
     encoded, 10 standard deviations above the mean count.  A draw with more
-    distinct exemplars than that (about 1e-23 in the normal approximation) has its excess draws
-    replaced by repeats of drawn ones, and the returned ids say so, so the
+    distinct exemplars than that (about 1e-23 in the normal approximation)
+    has its excess draws replaced by repeats of drawn ones, and the returned
+    ids say so, so the
     leave-one-out mask always matches the codes.  (A ``lax.cond`` fallback
     to encoding every row was measured: its backward pass materialises both
     branches' residuals and ate the saving.)
