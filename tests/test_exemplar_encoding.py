@@ -20,22 +20,33 @@ from exvae.priors import exemplar as exemplar_mod
 from exvae.priors.exemplar import activation_bytes_per_row, distinct_capacity
 
 
-def _bank_fn(budget_mb):
-  c = load_config("test", **{"exemplar.num_exemplars": 30, "exemplar.encode_chunk": 8,
-                             "exemplar.encode_remat_mb": budget_mb})
+def _exact_context(n, m, binarize=False, chunk=64, remat_mb=1024.0):
+  """(model, params, pool, ctx_of(params, key)) of an exact-mode prior, M of N = n draws."""
+  c = load_config("test", **{"exemplar.num_exemplars": m, "exemplar.encode_chunk": chunk,
+                             "exemplar.binarize_exemplars": binarize,
+                             "exemplar.encode_remat_mb": remat_mb})
   model = make_model(c, (8, 8, 1))
   prior = make_prior("exemplar", c)
   mparams = model.init(jax.random.PRNGKey(0))
-  pool = jnp.asarray(np.random.default_rng(4).uniform(size=(40, 8, 8, 1)).astype(np.float32))
+  pool = jnp.asarray(np.random.default_rng(7).uniform(size=(n, 8, 8, 1)).astype(np.float32))
   setup = train_lib.make_setup(
       c, type("S", (), dict(train_x=np.asarray(pool), binary=True, image_shape=(8, 8, 1)))())
   ids = jnp.arange(5, dtype=jnp.int32)
 
-  def bank_sum(mp, key):
+  def ctx_of(mp, key):
     inputs = setup.context_inputs(pool, key, x=pool[ids], ids=ids,
                                   mu=model.encode_mean(mp, pool[ids]))
     ctx, _ = prior.context({"log_var": jnp.float32(0.)}, {}, model, mp, inputs, train=True)
-    return jnp.sum(jnp.sin(ctx["bank"]))        # a nonlinear read of every code
+    return ctx
+
+  return model, mparams, pool, ctx_of
+
+
+def _bank_fn(budget_mb):
+  _, mparams, _, ctx_of = _exact_context(40, 30, chunk=8, remat_mb=budget_mb)
+
+  def bank_sum(mp, key):
+    return jnp.sum(jnp.sin(ctx_of(mp, key)["bank"]))     # a nonlinear read of every code
 
   return bank_sum, mparams
 
@@ -89,26 +100,6 @@ def test_activation_bytes_per_row_of_the_paper_mlp_vae():
   hidden_part = bw - b
   assert hidden_part >= 4 * 2 * (600 + 300)
   assert 0 < b - hidden_part <= 3 * 4 * (784 + 40)
-
-
-def _exact_context(n, m, binarize=False, chunk=64):
-  c = load_config("test", **{"exemplar.num_exemplars": m, "exemplar.encode_chunk": chunk,
-                             "exemplar.binarize_exemplars": binarize})
-  model = make_model(c, (8, 8, 1))
-  prior = make_prior("exemplar", c)
-  mparams = model.init(jax.random.PRNGKey(0))
-  pool = jnp.asarray(np.random.default_rng(7).uniform(size=(n, 8, 8, 1)).astype(np.float32))
-  setup = train_lib.make_setup(
-      c, type("S", (), dict(train_x=np.asarray(pool), binary=True, image_shape=(8, 8, 1)))())
-  ids = jnp.arange(5, dtype=jnp.int32)
-
-  def ctx_of(mp, key):
-    inputs = setup.context_inputs(pool, key, x=pool[ids], ids=ids,
-                                  mu=model.encode_mean(mp, pool[ids]))
-    ctx, _ = prior.context({"log_var": jnp.float32(0.)}, {}, model, mp, inputs, train=True)
-    return ctx
-
-  return model, mparams, pool, ctx_of
 
 
 def test_distinct_capacity_bounds_the_distinct_draws():
