@@ -4,6 +4,10 @@ Bars (tqdm) show only when the config asks for them (``config.progress``),
 the process is the primary one, stderr is a terminal, and the ``CI``
 environment variable is unset, so CI logs and redirected runs stay quiet.
 ``EXVAE_PROGRESS=1`` (or ``0``) forces them on (off) whatever the terminal.
+Where a bar is not drawn (a redirected or ``nohup`` run) but progress was
+asked for, long evaluations print a plain line at most once a minute
+(:class:`LineReporter`), so an hour-long test NLL is never silent;
+``EXVAE_PROGRESS=0`` silences those too.
 
 The training bar shows the step count, steps per second and ETA (tqdm's
 rate and remaining-time fields, over the steps of the whole run) and, as its
@@ -15,7 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 
 def enabled(requested: bool, stream=None) -> bool:
@@ -51,3 +56,54 @@ def train_postfix(metrics: Mapping[str, float], step: int, steps_per_epoch: int,
   if best_val is not None:
     out["best_val"] = f"{best_val:.2f}"
   return out
+
+
+def lines_enabled(requested: bool) -> bool:
+  """Whether to print plain progress lines (asked for, and not ``EXVAE_PROGRESS=0``)."""
+  if not requested:
+    return False
+  return os.environ.get("EXVAE_PROGRESS", "").strip() not in ("0", "false", "False", "no")
+
+
+class LineReporter:
+  """Plain progress lines for logs: ``desc: done/total unit, elapsed, ETA``.
+
+  A line is printed when at least ``every_s`` seconds have passed since the
+  previous one (the first after ``every_s`` from the start), and once at the end if any
+  line was printed before.
+
+  Args:
+    total: units of work.
+    desc: label.
+    unit: what is counted.
+    every_s: minimum seconds between lines.
+    stream: where lines go (default ``sys.stderr``).
+    clock: monotonic seconds (tests pass a fake one).
+  """
+
+  def __init__(self, total: int, desc: str, unit: str = "examples", every_s: float = 60.0,
+               stream=None, clock: Callable[[], float] = time.monotonic):
+    self.total, self.desc, self.unit, self.every_s = int(total), desc, unit, float(every_s)
+    self.stream = stream
+    self.clock = clock
+    self.start = self.last = clock()
+    self.done = 0
+    self.printed = 0
+
+  def _line(self, now: float) -> None:
+    el = now - self.start
+    eta = el / self.done * (self.total - self.done) if self.done else float("nan")
+    print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {el:.0f} s elapsed, "
+          f"about {eta:.0f} s left", file=self.stream or sys.stderr, flush=True)
+    self.last = now
+    self.printed += 1
+
+  def update(self, n: int) -> None:
+    self.done += int(n)
+    now = self.clock()
+    if now - self.last >= self.every_s and self.done < self.total:
+      self._line(now)
+
+  def close(self) -> None:
+    if self.printed:
+      self._line(self.clock())

@@ -310,7 +310,7 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     key: PRNG key; sample chunk c of batch b uses fold_in(fold_in(key, b), c).
     num_samples: S.
     max_queries: bound on batch * chunk.
-    progress: show a tqdm bar.
+    progress: show a tqdm bar (a terminal), else a plain line a minute.
     desc: bar label.
 
   Returns:
@@ -325,10 +325,12 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
   n_chunks = math.ceil(num_samples / chunk)
   out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl", "max_err")}
   n_batches = math.ceil(m / batch)
-  bar = None
+  bar, lines = None, None
   if progress_lib.enabled(progress):
     from tqdm.auto import tqdm
     bar = tqdm(total=m, desc=desc, unit="ex", dynamic_ncols=True)
+  elif progress_lib.lines_enabled(progress):
+    lines = progress_lib.LineReporter(m, desc)
   for b in range(n_batches):
     lo, hi = b * batch, min((b + 1) * batch, m)
     xb = np.zeros((batch,) + xs.shape[1:], np.float32)
@@ -351,10 +353,12 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     out["recon"][lo:hi] = (-np.asarray(spx) / num_samples)[:k]
     out["kl"][lo:hi] = (np.asarray(skl) / num_samples)[:k]
     out["max_err"][lo:hi] = np.asarray(mx)[:k]
-    if bar is not None:
-      bar.update(k)
-  if bar is not None:
-    bar.close()
+    for p in (bar, lines):
+      if p is not None:
+        p.update(k)
+  for p in (bar, lines):
+    if p is not None:
+      p.close()
   return out
 
 

@@ -82,3 +82,27 @@ def test_train_bar_shows_epoch_rate_loss_and_validation(tmp_path, monkeypatch, c
   assert "train:" in err and "20/20" in err
   assert "step/s" in err or "s/step" in err          # tqdm's rate (and ETA while running)
   assert "epoch=2.00" in err and "loss=" in err and "best_val=" in err
+
+
+def test_progress_lines_when_no_bar_is_drawn(monkeypatch):
+  """A redirected run (no terminal) gets a plain line at most every every_s seconds."""
+  t = [0.0]
+  out = io.StringIO()
+  rep = progress.LineReporter(100, "test NLL (S=5000)", every_s=60.0, stream=out,
+                              clock=lambda: t[0])
+  for _ in range(10):            # 10 examples every 30 s: a line at 60, 120, ... s
+    t[0] += 30.0
+    rep.update(10)
+  rep.close()
+  lines = out.getvalue().splitlines()
+  assert lines[0] == "test NLL (S=5000): 20/100 examples, 60 s elapsed, about 240 s left"
+  assert len(lines) == 5 and lines[-1].startswith("test NLL (S=5000): 100/100 examples, 300 s")
+  quiet = io.StringIO()
+  fast = progress.LineReporter(100, "x", every_s=60.0, stream=quiet, clock=lambda: 0.0)
+  fast.update(100)
+  fast.close()
+  assert quiet.getvalue() == ""                                 # a short job prints nothing
+  monkeypatch.setenv("EXVAE_PROGRESS", "0")
+  assert not progress.lines_enabled(True)
+  monkeypatch.delenv("EXVAE_PROGRESS")
+  assert progress.lines_enabled(True) and not progress.lines_enabled(False)
