@@ -6,8 +6,9 @@ Writes, atomically per file:
   metrics.json      eval.py's eval_metrics.json (test NLL, its standard error, ELBO terms, ...)
   config.json       the config the run trained with
   budget.json       epochs trained, early stop, best epoch, training wall-clock (summed over
-                    resumed segments), evaluation time, this machine's measured matmul rate,
-                    CPU, source commit of the run
+                    resumed segments), all as of the evaluated checkpoint (training may have
+                    gone on since); evaluation time, this machine's measured matmul rate and
+                    its load average then, CPU, source commit of the run
   per_example.npz   per-example test log-likelihoods (float32, one per test image) and ELBOs,
                     with the test-set identity, as eval.py wrote them
   curve.csv         validation loss per epoch
@@ -89,6 +90,11 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  # Training may go on after the evaluation (an interim result): the budget is the
+  # run's as of the evaluated checkpoint, not what the run directory holds now.
+  ckpt = metrics.get("checkpoint_step")
+  if ckpt is not None:
+    records = [r for r in records if int(r.get("step", 0)) <= int(ckpt)]
   val = {}
   for r in records:
     if "val_loss" in r:
@@ -118,9 +124,12 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str
       "cpu_count": os.cpu_count(),
       "source": source,
   }
+  if ckpt is not None:
+    budget["evaluated_checkpoint_step"] = int(ckpt)
   if measure:
     from bench.train_speed import matmul_rate
     budget["matmul_gflops_at_collect"] = round(matmul_rate() / 1e9, 1)
+    budget["loadavg_at_collect"] = [round(x, 2) for x in os.getloadavg()]
   dest = os.path.join(out_root, name)
   os.makedirs(dest, exist_ok=True)
   _write_json(os.path.join(dest, "metrics.json"), metrics)

@@ -60,6 +60,23 @@ def test_collect_writes_entry_and_budget_from_resumed_segments(tmp_path):
       "1,300.0000", "2,289.5000", "3,295.0000"]
 
 
+def test_collect_counts_the_budget_up_to_the_evaluated_checkpoint(tmp_path):
+  """Training went on after eval.py read its checkpoint: those epochs are not the result's."""
+  collect = _script("collect_result")
+  wd = _fake_run(tmp_path, [226.0, 228.0])
+  m = json.loads((wd / "eval_metrics.json").read_text())
+  (wd / "eval_metrics.json").write_text(json.dumps(dict(m, checkpoint_step=20)))
+  recs = [{"epoch": e, "step": 10 * e, "val_loss": 300.0 - e, "time": 5.0 * e} for e in (1, 2, 3, 4)]
+  with open(wd / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+  b = json.load(open(os.path.join(collect.collect(str(wd), "x", str(tmp_path / "r"),
+                                                  measure=False), "budget.json")))
+  assert (b["epochs_trained"], b["best_epoch"], b["evaluated_checkpoint_step"]) == (2, 2, 20)
+  assert b["train_wall_clock_s"] == pytest.approx(10.0)
+  assert open(tmp_path / "r" / "x" / "curve.csv").read().splitlines()[1:] == [
+      "1,299.0000", "2,298.0000"]
+
+
 def test_collect_refuses_an_unevaluated_run(tmp_path):
   collect = _script("collect_result")
   wd = _fake_run(tmp_path, [1.0, 2.0])
