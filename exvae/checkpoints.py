@@ -37,6 +37,10 @@ import orbax.checkpoint as ocp
 from exvae import rundir
 
 
+# How long a save may wait on its commit threads (see Manager.__init__).
+_COMMIT_TIMEOUT_S = 7 * 24 * 3600
+
+
 class CheckpointNotFoundError(FileNotFoundError):
   """No (readable) checkpoint in a workdir."""
 
@@ -127,8 +131,15 @@ class Manager:
       raise rundir.ConfigError(
           f"keep_checkpoints must be >= 1, got {max_to_keep}: 0 would delete every checkpoint "
           f"in {self.directory}.")
-    options = ocp.CheckpointManagerOptions(max_to_keep=int(max_to_keep), create=create,
-                                           cleanup_tmp_directories=True)
+    # Orbax's commit threads time out after 1200 s by default, counted on a clock
+    # that runs on while the process is stopped: a run paused longer than that
+    # (SIGSTOP, a suspended VM) died in the middle of a save on continuing.
+    # save() waits for every save anyway: save synchronously, and let the threads
+    # Orbax still starts wait up to a week.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(max_to_keep), create=create, cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
+        async_options=ocp.AsyncOptions(timeout_secs=_COMMIT_TIMEOUT_S))
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=("state", "best", "meta"))
 
