@@ -96,6 +96,12 @@ def test_results_table_from_results_and_readme_markers(tmp_path):
   assert "226.75 +- 0.07" in row                           # the paper's exemplar row
   assert f"{np.mean(vals):.2f} +- {se:.2f}" in row
   assert f"{np.mean(vals) - 226.75:+.2f}" in row
+  assert "pruned" not in row
+  m = json.load(open(tmp_path / "results" / "fashion_vae_exemplar_rat" / "metrics.json"))
+  with open(tmp_path / "results" / "fashion_vae_exemplar_rat" / "metrics.json", "w") as f:
+    json.dump(dict(m, prune_keep=2048), f)
+  pruned_row = tab.table(tab.load_entries(str(tmp_path / "results"))).splitlines()[-1]
+  assert "prior pruned to the 2048 nearest exemplars" in pruned_row
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{tab.BEGIN}\nold table\n{tab.END}\noutro\n")
   tab.write_readme(str(readme), text)
