@@ -356,7 +356,9 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
   at that state is printed (relative difference), then ``rounds`` rounds,
   each ``steps`` steps of the float32 run then of the bfloat16 run (both see
   the same background load); the median per-round ratio f32 / bf16 (> 1:
-  bfloat16 faster).
+  bfloat16 faster), in wall-clock time and in this process's CPU time (with
+  XLA single-threaded, the CPU time is the step's work and does not count
+  the time other jobs hold the cores).
   """
   runs = {}
   for dt in ("float32", "bfloat16"):
@@ -368,17 +370,46 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
   print(f"{name}: loss at the same state: float32 {l32:.4f}, bfloat16 {l16:.4f} "
         f"(relative difference {abs(l16 - l32) / abs(l32):.2e}); compile f32 "
         f"{runs['float32'].compile_s:.1f} s, bf16 {runs['bfloat16'].compile_s:.1f} s", flush=True)
-  t = {"float32": [], "bfloat16": []}
+  wall = {"float32": [], "bfloat16": []}
+  cpu = {"float32": [], "bfloat16": []}
   for _ in range(rounds):
     for dt in ("float32", "bfloat16"):
-      t[dt].append(time_steps(runs[dt], pool, steps))
-  ratio = np.median(np.array(t["float32"]) / np.array(t["bfloat16"]))
+      c0 = time.process_time()
+      wall[dt].append(time_steps(runs[dt], pool, steps))
+      cpu[dt].append((time.process_time() - c0) / steps)
   load = os.getloadavg()
-  print(f"{name}: {rounds} alternated rounds of {steps} steps: float32 "
-        f"{np.median(t['float32']) * 1e3:.1f} ms/step, bfloat16 {np.median(t['bfloat16']) * 1e3:.1f} "
-        f"ms/step (medians); median per-round f32/bf16 = {ratio:.3f}x (>1: bf16 faster); "
-        f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
-  return ratio
+  for what, t in (("wall", wall), ("cpu", cpu)):
+    ratio = np.median(np.array(t["float32"]) / np.array(t["bfloat16"]))
+    print(f"{name}: {rounds} alternated rounds of {steps} steps, {what} time: float32 "
+          f"{np.median(t['float32']) * 1e3:.1f} ms/step, bfloat16 "
+          f"{np.median(t['bfloat16']) * 1e3:.1f} ms/step (medians); median per-round f32/bf16 = "
+          f"{ratio:.3f}x (>1: bf16 faster); loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
+          flush=True)
+  return np.median(np.array(cpu["float32"]) / np.array(cpu["bfloat16"]))
+
+
+def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
+  """CPU-time GFLOP/s of the first gated layer's product (rows x 784 x 600): f32 vs bf16 operands."""
+  from exvae.nets.gated import mixed_matmul
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(784, 600)), jnp.float32)
+  fns = {"float32": jax.jit(lambda x, w: x @ w),
+         "bfloat16": jax.jit(lambda x, w: mixed_matmul(x, w, jnp.bfloat16))}
+  for r in rows:
+    x = jnp.asarray(rng.normal(size=(r, 784)), jnp.float32)
+    best = {}
+    for _ in range(3):                       # alternated, best of 3 batches of reps calls
+      for name, fn in fns.items():
+        jax.block_until_ready(fn(x, w))
+        c0 = time.process_time()
+        for _ in range(reps):
+          out = fn(x, w)
+        jax.block_until_ready(out)
+        best[name] = min(best.get(name, np.inf), (time.process_time() - c0) / reps)
+    flop = 2.0 * r * 784 * 600
+    print(f"  {r} x 784 x 600 product, CPU time: float32 {flop / best['float32'] / 1e9:.0f} "
+          f"GFLOP/s, bf16 operands + f32 accumulation {flop / best['bfloat16'] / 1e9:.0f} GFLOP/s",
+          flush=True)
 
 
 def main():
@@ -403,6 +434,7 @@ def main():
         f"loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
   pool = jnp.asarray(splits.train_x)
   if args.matmul_dtype_ab:
+    layer_rates()
     for name in args.configs.split(","):
       matmul_dtype_ab(name, splits, pool, args.matmul_dtype_ab, args.steps, args.model)
     return
