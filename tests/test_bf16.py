@@ -273,3 +273,13 @@ def test_cli_bad_value_is_one_line(tmp_path):
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("error: ") and "matmul_dtype must be one of" in lines[-1], r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_readers_may_change_matmul_dtype_a_resume_may_not(tmp_path):
+  from exvae import rundir
+  wd = str(tmp_path)
+  rundir.check_config_drift(wd, load_config("test", matmul_dtype="bfloat16"), resuming=False)
+  rundir.check_reader_config(wd, load_config("test"))       # evaluate in float32: fine
+  with pytest.raises(rundir.ConfigDriftError, match="matmul_dtype"):
+    rundir.check_config_drift(wd, load_config("test"), resuming=True)
+  assert rundir.check_config_drift(wd, load_config("test"), resuming=True, allow_change=True)
