@@ -2,6 +2,7 @@
 
 Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--steps 60]
                                    [--model vae|hvae|convhvae|pixelcnn]
+                                   [--matmul_dtype float32|bfloat16] [--matmul_dtype_ab ROUNDS]
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
@@ -37,10 +38,11 @@ from exvae.config_base import base_config
 TARGETS = {"rat": 9.0, "exact": 145.0}
 
 
-def make_config(name, model="vae"):
+def make_config(name, model="vae", matmul_dtype="float32"):
   c = base_config()
   c.dataset = "fashion_mnist"
   c.model = model
+  c.matmul_dtype = matmul_dtype
   if name == "rat":
     c.prior, c.exemplar.rat = "exemplar", True
   elif name == "exact":
@@ -361,6 +363,74 @@ def remat_ab(name, splits, pool, rounds: int, steps: int, check_steps: int = 3):
   return ratio
 
 
+# ----------------------------------------------------------------------------
+# A/B of config.matmul_dtype: float32 vs bfloat16 operands of the networks' products
+# ----------------------------------------------------------------------------
+
+
+def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "vae"):
+  """float32 vs bfloat16 network products: loss at the same state, then time.
+
+  Both runs start from the same initial state (same seed).  The loss of both
+  at that state is printed (relative difference), then ``rounds`` rounds,
+  each ``steps`` steps of the float32 run then of the bfloat16 run (both see
+  the same background load); the median per-round ratio f32 / bf16 (> 1:
+  bfloat16 faster), in wall-clock time and in this process's CPU time (with
+  XLA single-threaded, the CPU time is the step's work and does not count
+  the time other jobs hold the cores).
+  """
+  runs = {}
+  for dt in ("float32", "bfloat16"):
+    runs[dt] = prepare(make_config(name, model, dt), splits, pool)
+    runs[dt].grad_fn = jax.jit(functools.partial(_loss_and_grads, setup=runs[dt].setup))
+  ref_state = runs["float32"].state
+  l32 = float(runs["float32"].grad_fn(ref_state, pool, runs["float32"].perm)[0])
+  l16 = float(runs["bfloat16"].grad_fn(ref_state, pool, runs["bfloat16"].perm)[0])
+  print(f"{name}: loss at the same state: float32 {l32:.4f}, bfloat16 {l16:.4f} "
+        f"(relative difference {abs(l16 - l32) / abs(l32):.2e}); compile f32 "
+        f"{runs['float32'].compile_s:.1f} s, bf16 {runs['bfloat16'].compile_s:.1f} s", flush=True)
+  wall = {"float32": [], "bfloat16": []}
+  cpu = {"float32": [], "bfloat16": []}
+  for _ in range(rounds):
+    for dt in ("float32", "bfloat16"):
+      c0 = time.process_time()
+      wall[dt].append(time_steps(runs[dt], pool, steps))
+      cpu[dt].append((time.process_time() - c0) / steps)
+  load = os.getloadavg()
+  for what, t in (("wall", wall), ("cpu", cpu)):
+    ratio = np.median(np.array(t["float32"]) / np.array(t["bfloat16"]))
+    print(f"{name}: {rounds} alternated rounds of {steps} steps, {what} time: float32 "
+          f"{np.median(t['float32']) * 1e3:.1f} ms/step, bfloat16 "
+          f"{np.median(t['bfloat16']) * 1e3:.1f} ms/step (medians); median per-round f32/bf16 = "
+          f"{ratio:.3f}x (>1: bf16 faster); loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
+          flush=True)
+  return np.median(np.array(cpu["float32"]) / np.array(cpu["bfloat16"]))
+
+
+def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
+  """CPU-time GFLOP/s of the first gated layer's product (rows x 784 x 600): f32 vs bf16 operands."""
+  from exvae.nets.gated import mixed_matmul
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(784, 600)), jnp.float32)
+  fns = {"float32": jax.jit(lambda x, w: x @ w),
+         "bfloat16": jax.jit(lambda x, w: mixed_matmul(x, w, jnp.bfloat16))}
+  for r in rows:
+    x = jnp.asarray(rng.normal(size=(r, 784)), jnp.float32)
+    best = {}
+    for _ in range(3):                       # alternated, best of 3 batches of reps calls
+      for name, fn in fns.items():
+        jax.block_until_ready(fn(x, w))
+        c0 = time.process_time()
+        for _ in range(reps):
+          out = fn(x, w)
+        jax.block_until_ready(out)
+        best[name] = min(best.get(name, np.inf), (time.process_time() - c0) / reps)
+    flop = 2.0 * r * 784 * 600
+    print(f"  {r} x 784 x 600 product, CPU time: float32 {flop / best['float32'] / 1e9:.0f} "
+          f"GFLOP/s, bf16 operands + f32 accumulation {flop / best['bfloat16'] / 1e9:.0f} GFLOP/s",
+          flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--configs", default="rat,exact,gaussian,vampprior")
@@ -370,13 +440,23 @@ def main():
   ap.add_argument("--remat_ab", type=int, default=0, metavar="ROUNDS",
                   help="instead: A/B of encode_rows with and without rematerialisation over "
                        "ROUNDS alternated rounds of --steps steps, after an equivalence check")
+  ap.add_argument("--matmul_dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="config.matmul_dtype of the timed runs (operands of the networks' products)")
+  ap.add_argument("--matmul_dtype_ab", type=int, default=0, metavar="ROUNDS",
+                  help="instead: A/B of matmul_dtype float32 vs bfloat16 over ROUNDS alternated "
+                       "rounds of --steps steps, after the loss of both at the same state")
   args = ap.parse_args()
   splits, src = load_splits()
   load = os.getloadavg()
-  print(f"model={args.model} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
+  print(f"model={args.model} matmul_dtype={args.matmul_dtype} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
         f"cpus={os.cpu_count()} data={src} N={splits.train_x.shape[0]} "
         f"loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
   pool = jnp.asarray(splits.train_x)
+  if args.matmul_dtype_ab:
+    layer_rates()
+    for name in args.configs.split(","):
+      matmul_dtype_ab(name, splits, pool, args.matmul_dtype_ab, args.steps, args.model)
+    return
   if args.remat_ab:
     for name in args.configs.split(","):
       remat_ab(name, splits, pool, args.remat_ab, args.steps)
@@ -385,7 +465,7 @@ def main():
   if rate:
     print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s")
   for name in args.configs.split(","):
-    run = prepare(make_config(name, args.model), splits, pool)
+    run = prepare(make_config(name, args.model, args.matmul_dtype), splits, pool)
     t_refresh = time_refresh(run, pool)
     dt = time_steps(run, pool, args.steps)
     spe = run.setup.steps_per_epoch

@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.latent_dim = 40                 # d of the prior's latent (z2 for hvae / convhvae)
   c.hidden = (300, 300)
   c.likelihood = "bernoulli"        # bernoulli | logistic (discretised, 256 levels)
+  c.matmul_dtype = "float32"        # float32 | bfloat16: operand dtype of the networks' matrix
+                                    # products, float32 accumulation (vae, hvae only; parameters,
+                                    # prior kernel and losses stay float32)
   c.hvae = ml_collections.ConfigDict(dict(
       z1_dim=40,                    # size of the lower latent z1 (hvae, convhvae)
       conv_channels=(32, 32, 64, 64, 6),   # convhvae encoder gated convs

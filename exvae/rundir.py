@@ -60,8 +60,10 @@ MAY_CHANGE = (
     "data_dir", "num_devices", "pool_sharding",
     "exemplar.chunk_size", "exemplar.encode_chunk", "exemplar.encode_remat_mb",
 )
-# Readers (eval.py, uses.py) restore parameters; the seed only initialises a template.
-MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed",)
+# Readers (eval.py, uses.py) restore parameters; the seed only initialises a template,
+# and the parameters are float32 whatever matmul_dtype trained them (a run trained with
+# bfloat16 products can be evaluated with float32 ones, and the other way round).
+MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype")
 
 
 # ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from flax import struct
 from exvae import checkpoints, data, distributed, pictures, rng, rundir, writers
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
-from exvae.models import make_model
+from exvae.models import check_matmul_dtype, make_model
 from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
 from exvae.optim import make_optimizer
 from exvae.priors import make_prior
@@ -81,6 +81,7 @@ def validate_config(config) -> None:
   if config.pool_sharding not in distributed.POOL_SHARDING:
     raise ValueError(f"pool_sharding must be one of {distributed.POOL_SHARDING}, "
                      f"got {config.pool_sharding!r}.")
+  check_matmul_dtype(config)        # value, and whether the model implements it
   rundir.check_config(config)       # cadences, keep_checkpoints, a finite learning rate
 
 

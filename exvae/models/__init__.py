@@ -6,6 +6,10 @@
 * ``pixelcnn``: MLP encoder, gated PixelCNN decoder p(x|z) autoregressive over
   pixels (:mod:`exvae.models.pixelcnn`; stands in for the paper's PixelSNAIL).
 
+``config.matmul_dtype='bfloat16'`` (operands of the networks' matrix products
+in bfloat16, float32 accumulation) is implemented by ``vae`` and ``hvae``;
+``convhvae`` and ``pixelcnn`` reject it (:func:`check_matmul_dtype`).
+
 Every model supports ``config.likelihood`` 'bernoulli' (decoder gives logits)
 and 'logistic' (decoder gives ``(mean, log_scale)`` of a discretised logistic).
 
@@ -41,6 +45,17 @@ MODELS: dict[str, Callable[..., Model]] = {
 }
 
 
+def check_matmul_dtype(config) -> None:
+  """One-line ValueError for a ``config.matmul_dtype`` that is unknown or that the model lacks.
+
+  'bfloat16' is implemented by the built-in models in ``vae.BF16_MODELS``;
+  the others reject it.  A plug-in model gets the config and decides itself.
+  """
+  _vae.config_matmul_dtype(config)
+  if config.model in MODELS and config.model not in _vae.BF16_MODELS:
+    _vae.require_float32_matmuls(config, config.model)
+
+
 def make_model(config, image_shape: Sequence[int]) -> Model:
   """Builds the model named by ``config.model``.
 
@@ -68,4 +83,5 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
   return MODELS[name](config, image_shape)
 
 
-__all__ = ["VAE", "HVAE", "ConvHVAE", "PixelVAE", "Model", "Scores", "MODELS", "make_model"]
+__all__ = ["VAE", "HVAE", "ConvHVAE", "PixelVAE", "Model", "Scores", "MODELS", "make_model",
+           "check_matmul_dtype"]

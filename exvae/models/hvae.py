@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from exvae.likelihoods import diag_gaussian_log_prob
-from exvae.models.vae import LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, gaussian_score
-from exvae.nets.gated import GatedDense, he_init
+from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, config_matmul_dtype,
+                               gaussian_score)
+from exvae.nets.gated import GatedDense, dense
 from exvae.nets.init import init_model_params
 
 Params = Any
@@ -62,13 +63,15 @@ class GaussianHead(nn.Module):
 
   Attributes:
     features: latent size.
+    matmul_dtype: operand dtype of the two products (outputs stay float32).
   """
 
   features: int
+  matmul_dtype: str = "float32"
 
   def setup(self):
-    self.mu = nn.Dense(self.features, kernel_init=he_init, name="mu")
-    self.logvar = nn.Dense(self.features, kernel_init=he_init, name="logvar")
+    self.mu = dense(self.features, name="mu", matmul_dtype=self.matmul_dtype)
+    self.logvar = dense(self.features, name="logvar", matmul_dtype=self.matmul_dtype)
 
   def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """h: (B, F) -> (mu (B, features), logvar (B, features) in [-6, 2])."""
@@ -85,20 +88,23 @@ class DenseOutputHead(nn.Module):
   Attributes:
     image_shape: (H, W, C).
     likelihood: 'bernoulli' (logits) or 'logistic' ((mean, log_scale)).
+    matmul_dtype: operand dtype of the products (outputs stay float32).
   """
 
   image_shape: Sequence[int]
   likelihood: str = "bernoulli"
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, h: jax.Array):
     """h: (B, F) -> logits (B, H, W, C), or (mean, log_scale) each (B, H, W, C)."""
     shape = (h.shape[0],) + tuple(self.image_shape)
     d = math.prod(self.image_shape)
-    out = nn.Dense(d, kernel_init=he_init, name="out")(h).reshape(shape)
+    mm = self.matmul_dtype
+    out = dense(d, name="out", matmul_dtype=mm)(h).reshape(shape)
     if self.likelihood == "bernoulli":
       return out
-    log_scale = nn.Dense(d, kernel_init=he_init, name="log_scale")(h).reshape(shape)
+    log_scale = dense(d, name="log_scale", matmul_dtype=mm)(h).reshape(shape)
     return jax.nn.sigmoid(out), jnp.clip(log_scale, LOG_SCALE_MIN, LOG_SCALE_MAX)
 
 
@@ -185,6 +191,8 @@ class HVAE(HierarchicalBase):
       single gated layers use ``hidden[0]`` and the joint layers ``hidden[-1]``
       (all 300 in the paper).
     likelihood: 'bernoulli' or 'logistic'.
+    matmul_dtype: 'float32' or 'bfloat16': operand dtype of every matrix
+      product (parameters and every output stay float32).
   """
 
   image_shape: Sequence[int]
@@ -192,21 +200,23 @@ class HVAE(HierarchicalBase):
   z1_dim: int = 40
   hidden: Sequence[int] = (300, 300)
   likelihood: str = "bernoulli"
+  matmul_dtype: str = "float32"
 
   def setup(self):
-    h0, hl = self.hidden[0], self.hidden[-1]
-    self.q_z2_layers = [GatedDense(w, name=f"q_z2_{i}") for i, w in enumerate(self.hidden)]
-    self.q_z2_head = GaussianHead(self.latent_dim, name="q_z2_head")
-    self.q_z1_x = GatedDense(h0, name="q_z1_x")
-    self.q_z1_z2 = GatedDense(h0, name="q_z1_z2")
-    self.q_z1_joint = GatedDense(hl, name="q_z1_joint")
-    self.q_z1_head = GaussianHead(self.z1_dim, name="q_z1_head")
-    self.p_z1_layers = [GatedDense(w, name=f"p_z1_{i}") for i, w in enumerate(self.hidden)]
-    self.p_z1_head = GaussianHead(self.z1_dim, name="p_z1_head")
-    self.p_x_z1 = GatedDense(h0, name="p_x_z1")
-    self.p_x_z2 = GatedDense(h0, name="p_x_z2")
-    self.p_x_joint = GatedDense(hl, name="p_x_joint")
-    self.p_x_head = DenseOutputHead(tuple(self.image_shape), self.likelihood, name="p_x_head")
+    h0, hl, mm = self.hidden[0], self.hidden[-1], self.matmul_dtype
+    self.q_z2_layers = [GatedDense(w, mm, name=f"q_z2_{i}") for i, w in enumerate(self.hidden)]
+    self.q_z2_head = GaussianHead(self.latent_dim, mm, name="q_z2_head")
+    self.q_z1_x = GatedDense(h0, mm, name="q_z1_x")
+    self.q_z1_z2 = GatedDense(h0, mm, name="q_z1_z2")
+    self.q_z1_joint = GatedDense(hl, mm, name="q_z1_joint")
+    self.q_z1_head = GaussianHead(self.z1_dim, mm, name="q_z1_head")
+    self.p_z1_layers = [GatedDense(w, mm, name=f"p_z1_{i}") for i, w in enumerate(self.hidden)]
+    self.p_z1_head = GaussianHead(self.z1_dim, mm, name="p_z1_head")
+    self.p_x_z1 = GatedDense(h0, mm, name="p_x_z1")
+    self.p_x_z2 = GatedDense(h0, mm, name="p_x_z2")
+    self.p_x_joint = GatedDense(hl, mm, name="p_x_joint")
+    self.p_x_head = DenseOutputHead(tuple(self.image_shape), self.likelihood, mm,
+                                    name="p_x_head")
 
   def _q_z2_trunk(self, x: jax.Array) -> jax.Array:
     h = x.reshape(x.shape[0], -1)
@@ -241,8 +251,8 @@ class HeadVAE(VAE):
   def setup(self):
     super().setup()
     if self.likelihood == "logistic":
-      self.dec_log_scale = nn.Dense(math.prod(self.image_shape), kernel_init=he_init,
-                                    name="dec_log_scale")
+      self.dec_log_scale = dense(math.prod(self.image_shape), name="dec_log_scale",
+                                 matmul_dtype=self.matmul_dtype)
 
   def decode(self, z: jax.Array):
     """z (B, d) -> logits (B, H, W, C), or (mean, log_scale) each (B, H, W, C)."""
@@ -276,7 +286,8 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
   check_likelihood(config.likelihood)
   image_shape = tuple(int(s) for s in image_shape)
   module = HeadVAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
-                   hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood)
+                   hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood,
+                   matmul_dtype=config_matmul_dtype(config))
 
   def encode(params, x):
     return module.apply({"params": params}, x, method="encode")
@@ -343,9 +354,11 @@ def make_hierarchical_model(module: HierarchicalBase, image_shape: Sequence[int]
 
 
 def make_hvae(config, image_shape: Sequence[int]) -> Model:
-  """Builds the MLP HVAE from ``config`` (``latent_dim`` = z2, ``hvae.z1_dim``, ``hidden``, ``likelihood``)."""
+  """Builds the MLP HVAE from ``config`` (``latent_dim`` = z2, ``hvae.z1_dim``, ``hidden``,
+  ``likelihood``, ``matmul_dtype``)."""
   check_likelihood(config.likelihood)
   module = HVAE(image_shape=tuple(int(s) for s in image_shape),
                 latent_dim=int(config.latent_dim), z1_dim=int(config.hvae.z1_dim),
-                hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood)
+                hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood,
+                matmul_dtype=config_matmul_dtype(config))
   return make_hierarchical_model(module, image_shape)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from exvae.nets.gated import GatedDense, he_init
+from exvae.nets.gated import GatedDense, check_matmul_dtype, dense
 from exvae.nets.init import init_model_params
 
 Params = Any
@@ -58,18 +58,23 @@ class VAE(MLPEncoderModule):
     image_shape: (H, W, C) of the data.
     latent_dim: size d of z.
     hidden: widths of the gated dense layers (encoder; decoder mirrors).
+    matmul_dtype: 'float32' or 'bfloat16': operand dtype of every matrix
+      product (parameters, biases, activations, mu, logvar and logits stay
+      float32; see :func:`exvae.nets.gated.mixed_matmul`).
   """
 
   image_shape: Sequence[int]
   latent_dim: int = 40
   hidden: Sequence[int] = (300, 300)
+  matmul_dtype: str = "float32"
 
   def setup(self):
-    self.enc_layers = [GatedDense(h, name=f"enc_{i}") for i, h in enumerate(self.hidden)]
-    self.enc_mu = nn.Dense(self.latent_dim, kernel_init=he_init, name="enc_mu")
-    self.enc_logvar = nn.Dense(self.latent_dim, kernel_init=he_init, name="enc_logvar")
-    self.dec_layers = [GatedDense(h, name=f"dec_{i}") for i, h in enumerate(self.hidden)]
-    self.dec_out = nn.Dense(math.prod(self.image_shape), kernel_init=he_init, name="dec_out")
+    mm = self.matmul_dtype
+    self.enc_layers = [GatedDense(h, mm, name=f"enc_{i}") for i, h in enumerate(self.hidden)]
+    self.enc_mu = dense(self.latent_dim, name="enc_mu", matmul_dtype=mm)
+    self.enc_logvar = dense(self.latent_dim, name="enc_logvar", matmul_dtype=mm)
+    self.dec_layers = [GatedDense(h, mm, name=f"dec_{i}") for i, h in enumerate(self.hidden)]
+    self.dec_out = dense(math.prod(self.image_shape), name="dec_out", matmul_dtype=mm)
 
   def decode(self, z: jax.Array) -> jax.Array:
     """z: (B, d) -> Bernoulli logits (B, H, W, C)."""
@@ -157,11 +162,31 @@ class Model:
   module: nn.Module
 
 
+def config_matmul_dtype(config) -> str:
+  """``config.matmul_dtype`` (checked; 'float32' for a config without the key)."""
+  name = config.get("matmul_dtype", "float32")
+  check_matmul_dtype(name)
+  return name
+
+
+# Built-in models whose networks follow config.matmul_dtype='bfloat16'.
+BF16_MODELS = ("vae", "hvae")
+
+
+def require_float32_matmuls(config, model: str) -> None:
+  """One-line ValueError if ``config.matmul_dtype`` is not 'float32' (for models without bf16)."""
+  name = config_matmul_dtype(config)
+  if name != "float32":
+    raise ValueError(f"matmul_dtype={name!r} is supported by models {list(BF16_MODELS)} only, not "
+                     f"{model!r}: use --config.matmul_dtype=float32.")
+
+
 def make_model(config, image_shape: Sequence[int]) -> Model:
   """Builds the model named by ``config.model`` (currently ``'vae'``).
 
   Args:
-    config: ConfigDict with ``model``, ``latent_dim`` and ``hidden``.
+    config: ConfigDict with ``model``, ``latent_dim``, ``hidden`` and
+      (optional, default 'float32') ``matmul_dtype``.
     image_shape: (H, W, C) of the data set.
 
   Returns:
@@ -172,7 +197,8 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
     raise ValueError(f"Unknown model {name!r}; known models: ['vae'].")
   image_shape = tuple(int(s) for s in image_shape)
   module = VAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
-               hidden=tuple(int(h) for h in config.hidden))
+               hidden=tuple(int(h) for h in config.hidden),
+               matmul_dtype=config_matmul_dtype(config))
 
   def init(key):
     return init_model_params(module, image_shape, key)

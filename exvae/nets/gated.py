@@ -8,16 +8,98 @@ its own norm, so fusing h and g into one parameter would change the update
 (the joint norm of h and g instead of each one's).  The forward pass still
 runs ONE matmul over the concatenated kernels; the concatenation is a copy of
 the weights per call, negligible next to the matmul over the batch.
+
+``matmul_dtype`` (``config.matmul_dtype``): 'float32' (the default) runs the
+code as it always was; 'bfloat16' rounds the operands of every matrix product
+of the layer, forward and backward, to bfloat16 and accumulates in float32
+(:func:`mixed_matmul`).  Parameters, biases, activations and outputs stay
+float32 either way.
 """
+
+import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # He (Kaiming) normal initialisation: std = sqrt(2 / fan_in), the reference's
 # ``he_init`` on every nn.Linear weight.  Biases keep PyTorch's default,
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): see :func:`exvae.nets.init.torch_biases`.
 he_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+# Operand dtypes of the networks' matrix products (config.matmul_dtype).
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def check_matmul_dtype(name) -> None:
+  """Raises a one-line ValueError unless ``name`` is one of :data:`MATMUL_DTYPES`."""
+  if name not in MATMUL_DTYPES:
+    raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {name!r}.")
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """``a`` and ``b`` contracted over one axis each, accumulated and returned in float32."""
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  return _dot(x.astype(dtype), w.astype(dtype), (x.ndim - 1, 0))
+
+
+def _mixed_matmul_fwd(x, w, dtype):
+  xc, wc = x.astype(dtype), w.astype(dtype)
+  return _dot(xc, wc, (x.ndim - 1, 0)), (xc, wc)
+
+
+def _mixed_matmul_bwd(dtype, res, g):
+  # The two backward products in the compute dtype too (without this rule the
+  # float32 cotangent would promote them to float32 products).
+  xc, wc = res
+  gc = g.astype(dtype)
+  dx = _dot(gc, wc, (g.ndim - 1, 1))                                  # (..., in)
+  dw = _dot(xc.reshape(-1, xc.shape[-1]), gc.reshape(-1, gc.shape[-1]), (0, 0))   # (in, out)
+  return dx, dw
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def mixed_matmul(x: jax.Array, w: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+  """``x @ w`` with operands rounded to ``dtype`` and float32 accumulation, also in the gradient.
+
+  Args:
+    x: (..., in) float32.
+    w: (in, out) float32.
+    dtype: operand dtype of the three products (forward, d/dx, d/dw).
+
+  Returns:
+    (..., out) float32; the gradients with respect to ``x`` and ``w`` are float32.
+  """
+  return _mixed_matmul(x.astype(jnp.float32), w.astype(jnp.float32), dtype)
+
+
+def _bf16_dot_general(inputs, kernel, dimension_numbers, precision=None, **_):
+  """``nn.Dense``'s ``dot_general`` for matmul_dtype='bfloat16' (see :func:`mixed_matmul`)."""
+  assert dimension_numbers == (((inputs.ndim - 1,), (0,)), ((), ())), dimension_numbers
+  return mixed_matmul(inputs, kernel, jnp.bfloat16)
+
+
+def dense(features: int, *, kernel_init: Callable = None, name: str | None = None,
+          matmul_dtype: str = "float32") -> nn.Dense:
+  """``nn.Dense(features)`` (same parameters) whose product runs in ``matmul_dtype``.
+
+  'float32' returns the plain ``nn.Dense`` (unchanged computation); 'bfloat16'
+  gives it :func:`mixed_matmul` as its ``dot_general``: inputs and kernel
+  rounded to bfloat16, float32 accumulation, the bias added in float32.
+  """
+  check_matmul_dtype(matmul_dtype)
+  kw = {} if matmul_dtype == "float32" else {"dot_general": _bf16_dot_general}
+  return nn.Dense(features, kernel_init=kernel_init or he_init, name=name, **kw)
 
 
 class LinearParams(nn.Module):
@@ -47,16 +129,24 @@ class GatedDense(nn.Module):
 
   Attributes:
     features: output width.
+    matmul_dtype: 'float32' or 'bfloat16': operand dtype of the matmul
+      (:func:`mixed_matmul`; bias, gate and output stay float32).
   """
 
   features: int
+  matmul_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (..., in) -> (..., features)."""
+    check_matmul_dtype(self.matmul_dtype)
     f, n_in = self.features, x.shape[-1]
     hk, hb = LinearParams((n_in, f), name="h")()
     gk, gb = LinearParams((n_in, f), name="g")()
-    hg = x @ jnp.concatenate([hk, gk], axis=1) + jnp.concatenate([hb, gb])
+    kernel = jnp.concatenate([hk, gk], axis=1)
+    if self.matmul_dtype == "float32":
+      hg = x @ kernel + jnp.concatenate([hb, gb])
+    else:
+      hg = mixed_matmul(x, kernel, jnp.bfloat16) + jnp.concatenate([hb, gb])
     h, g = hg[..., :f], hg[..., f:]
     return h * jax.nn.sigmoid(g)
