@@ -57,6 +57,21 @@ def run_train_steps(c, num_devices: int, steps: int = 5, on_compiled=None):
   return state, losses
 
 
+def fresh_run(c):
+  """``(setup, state, pool, perm)`` of config ``c`` at step 0: initialised, the RAT
+  cache filled, the first epoch's permutation."""
+  import jax.numpy as jnp
+  from exvae import train_lib
+  splits = train_lib.load_data(c)
+  setup = train_lib.make_setup(c, splits)
+  n = splits.train_x.shape[0]
+  state = train_lib.init_state(c, setup, n)
+  pool = jnp.asarray(splits.train_x)
+  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
+  state = train_lib.refresh_step(state, pool, setup=setup)
+  return setup, state, pool, perm
+
+
 def train_traced_once(c, steps: int):
   """``steps`` train steps of config ``c`` on one device, the step traced exactly once.
 
@@ -69,15 +84,9 @@ def train_traced_once(c, steps: int):
   import jax.numpy as jnp
   from exvae import train_lib
   chex.clear_trace_counter()
-  splits = train_lib.load_data(c)
-  setup = train_lib.make_setup(c, splits)
-  n = splits.train_x.shape[0]
-  state = train_lib.init_state(c, setup, n)
-  pool = jnp.asarray(splits.train_x)
-  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
+  setup, state, pool, perm = fresh_run(c)
   step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=1),
                  static_argnames=("setup",), donate_argnames=("state",))
-  state = train_lib.refresh_step(state, pool, setup=setup)
   losses = []
   for _ in range(steps):
     state, m = step(state, pool, perm, setup=setup)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from conftest import ROOT, load_config, train_traced_once
+from conftest import ROOT, fresh_run, load_config, train_traced_once
 from exvae import train_lib
 from exvae.models import check_matmul_dtype, make_model
 from exvae.nets.gated import mixed_matmul
@@ -45,13 +45,7 @@ CASES = {
 
 def _batch(c):
   """Setup, state, pool and one fixed training batch of config ``c``."""
-  splits = train_lib.load_data(c)
-  setup = train_lib.make_setup(c, splits)
-  n = splits.train_x.shape[0]
-  state = train_lib.init_state(c, setup, n)
-  pool = jnp.asarray(splits.train_x)
-  perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
-  state = train_lib.refresh_step(state, pool, setup=setup)
+  setup, state, pool, perm = fresh_run(c)
   x, ids, key = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
   return setup, state, pool, (x, ids, key)
 
