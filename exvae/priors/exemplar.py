@@ -234,10 +234,9 @@ class ExemplarPrior(Prior):
     encoded, 10 standard deviations above the mean count.  A draw with more
     distinct exemplars than that (about 1e-23 in the normal approximation)
     has its excess draws replaced by repeats of drawn ones, and the returned
-    ids say so, so the
-    leave-one-out mask always matches the codes.  (A ``lax.cond`` fallback
-    to encoding every row was measured: its backward pass materialises both
-    branches' residuals and ate the saving.)
+    ids say so, so the leave-one-out mask always matches the codes.  (A
+    ``lax.cond`` fallback to encoding every row was measured: its backward
+    pass materialises both branches' residuals and ate the saving.)
     """
     m = cand.shape[0]
     cap = distinct_capacity(n, m)
@@ -335,9 +334,7 @@ class ExemplarPrior(Prior):
       union, mask = _first_of_each(
           jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1), n)     # n = invalid
     safe = jnp.minimum(union, n - 1)
-    bank = encode_rows(model, model_params, pool, safe, k_bin, inputs.binary,
-                       int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
-                       remat=self._remat(model, model_params, pool, safe.shape[0]))
+    bank = self._encode(model, model_params, pool, safe, k_bin, inputs)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
     ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask}
     if not reference:
