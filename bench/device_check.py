@@ -114,8 +114,10 @@ class SectionSkipped(Exception):
 class Check:
   """Runs the sections against one deadline and writes their JSON files."""
 
-  def __init__(self, out: Path, mode: dict, budget_s: float, smoke: bool, data_dir):
+  def __init__(self, out: Path, mode: dict, budget_s: float, smoke: bool, data_dir,
+               run_epochs: int | None = None):
     self.out, self.mode, self.smoke, self.data_dir = out, mode, smoke, data_dir
+    self.run_epochs = run_epochs      # train_run's epochs; None: the mode's default
     self.t0 = time.monotonic()
     self.deadline = self.t0 + budget_s
     self.budget_s = budget_s
@@ -509,7 +511,7 @@ def section_train_run(chk: Check, deadline: float) -> dict:
   overrides.update({"num_picture_samples": 0, "progress": False, "tensorboard": False})
   if d is not None:
     overrides.update(chk.mode["run_overrides"])
-  overrides["num_epochs"] = chk.mode["run_overrides"]["num_epochs"]
+  overrides["num_epochs"] = chk.run_epochs or chk.mode["run_overrides"]["num_epochs"]
   args = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}"]
   for key, value in overrides.items():
     value = ",".join(map(str, value)) if isinstance(value, tuple) else value
@@ -559,13 +561,18 @@ def main(argv=None) -> int:
                   help="directory of the Fashion-MNIST IDX files (default: "
                        "$EXVAE_FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist)")
   ap.add_argument("--sections", default=",".join(SECTIONS))
+  ap.add_argument("--run_epochs", type=int, default=None,
+                  help="epochs for the train_run section (default 1000, 3 with --smoke)")
   args = ap.parse_args(argv)
   mode = SMOKE if args.smoke else FULL
   names = [s for s in args.sections.split(",") if s]
   unknown = sorted(set(names) - set(SECTIONS))
   if unknown:
     ap.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
-  chk = Check(Path(args.out), mode, args.budget_s or mode["budget_s"], args.smoke, args.data_dir)
+  if args.run_epochs is not None and args.run_epochs < 1:
+    ap.error(f"--run_epochs must be >= 1, got {args.run_epochs}")
+  chk = Check(Path(args.out), mode, args.budget_s or mode["budget_s"], args.smoke, args.data_dir,
+              args.run_epochs)
   print(f"[device_check] {'smoke' if args.smoke else 'full'} run, budget {chk.budget_s:.0f} s, "
         f"writing to {chk.out}", flush=True)
   for name in names:

@@ -71,13 +71,19 @@ def test_exhausted_budget_skips_sections_but_still_writes_them(tmp_path):
 
 def test_training_run_stops_at_its_deadline(tmp_path):
   """The training subprocess is stopped (SIGTERM, then SIGKILL) in time for the
-  section to finish within the budget, and what it did is still recorded."""
+  section to finish within the budget, and what it did is still recorded.
+  (A run of 100000 epochs cannot finish first, however fast the machine.)"""
   proc, out = _run(tmp_path, "--smoke", "--budget_s", "35", "--sections", "train_run",
-                   timeout=200)
+                   "--run_epochs", "100000", timeout=200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   run = _load(out, "train_run")
   assert run["status"] == "ok" and run["stopped_at_deadline"], run
   assert run["wall_s"] < 35
+
+
+def test_bad_run_epochs_is_an_error(tmp_path):
+  proc, _ = _run(tmp_path, "--sections", "env", "--run_epochs", "0", timeout=120)
+  assert proc.returncode != 0 and "--run_epochs must be >= 1" in proc.stderr
 
 
 def test_unknown_section_is_an_error(tmp_path):
