@@ -1,0 +1,305 @@
+"""Step-by-step check of exvae's RAT training step against the authors' code.
+
+  EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python \\
+      python bench/ref_step_check.py [--ref_checkpoint DIR/checkpoint_last.pth] [--steps 5]
+
+Both codes take the same optimisation steps from the same weights on the same
+randomness, and every intermediate is compared:
+
+1. exvae draws everything random for ``--steps`` steps of epoch ``--epoch``
+   with its own keys (batch ids, the binarised batch, the reparameterisation
+   noise, the M candidate exemplars of RAT) and writes them to a file.
+2. The reference (``bench/ref_step_check.py --side torch``, run by
+   ``$EXVAE_REF_PYTHON`` through ``../shared/reference/driver.py``) builds its
+   model (fresh, seed ``--seed``, or the weights of ``--ref_checkpoint``),
+   computes its epoch-start cache, then runs THEIR ``calculate_loss`` /
+   ``backward`` / ``AdamNormGrad.step`` on those inputs: ``torch.randint``
+   and ``model.reparameterize`` are patched to return exvae's draws, nothing
+   else is touched.  It records loss, RE, KL, every gradient of the first
+   step, the cache and the parameters after each step.
+3. exvae loads the reference's starting weights and runs its jitted
+   ``train_step`` on the same steps.
+
+It prints the relative difference of each quantity (float32 level, ~1e-6 to
+1e-4, means the two steps are the same computation) and ends with one line
+``max_rel_grad=... max_rel_param=... max_loss_diff=...``.  It needs the
+reference installed (see bench/vs_reference.py); it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# exvae parameter path  <->  the reference's state_dict name (weights transposed).
+_LAYERS = {
+    "enc_0": "q_z_layers.0", "enc_1": "q_z_layers.1",
+    "dec_0": "p_x_layers.0", "dec_1": "p_x_layers.1",
+}
+_DENSE = {"enc_mu": "q_z_mean", "enc_logvar": "q_z_logvar.linear", "dec_out": "p_x_mean.linear"}
+
+
+def param_map() -> dict[tuple[str, ...], str]:
+  """exvae model-parameter path -> reference tensor name (without .weight / .bias)."""
+  out = {}
+  for ex, ref in _LAYERS.items():
+    for half in ("h", "g"):
+      out[(ex, half)] = f"{ref}.{half}"
+  for ex, ref in _DENSE.items():
+    out[(ex,)] = ref
+  return out
+
+
+# ---------------------------------------------------------------------------
+# The reference's side (runs under $EXVAE_REF_PYTHON)
+# ---------------------------------------------------------------------------
+
+
+def torch_side(io_dir: str, driver_path: str, seed: int, threads: int, checkpoint: str | None):
+  sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
+  import driver  # noqa: E402  (puts the shim and the authors' tree on the path)
+  import torch
+
+  inp = np.load(os.path.join(io_dir, "in.npz"))
+  args, train_loader, _, _, model, opt = driver.build(driver.their_argv("rat", seed=seed), threads)
+  if checkpoint:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["state_dict"])
+  model.train()
+  dataset = train_loader.dataset
+  out = {f"init/{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  out["pool_rows"] = dataset.tensors[0][torch.from_numpy(inp["ids"][0].astype(np.int64))].numpy()
+  with torch.no_grad():
+    cached_z, cached_log_var = model.cache_z(dataset)
+  cache = (cached_z, cached_log_var)
+  out["cache0"] = cached_z.numpy().copy()
+  epoch = int(inp["epoch"])
+  beta = min(1.0, epoch / args.warmup)           # their set_beta (epoch is 1-based there)
+  real_randint = torch.randint
+  names = [n for n, _ in model.named_parameters()]
+  for s in range(inp["ids"].shape[0]):
+    x = torch.from_numpy(inp["x"][s])
+    ids = torch.from_numpy(inp["ids"][s].astype(np.int64)).reshape(-1, 1)
+    eps = torch.from_numpy(inp["eps"][s])
+    cand = torch.from_numpy(inp["cand"][s].astype(np.int64))
+    model.reparameterize = lambda mu, logvar, eps=eps: eps.mul(logvar.mul(0.5).exp()).add(mu)
+    torch.randint = lambda *a, cand=cand, **k: cand.clone()
+    try:
+      opt.zero_grad()
+      loss, re_, kl = model.calculate_loss((x, ids), beta, average=True, cache=cache,
+                                           dataset=dataset)
+      loss.backward()
+    finally:
+      torch.randint = real_randint
+    if s == 0:
+      for n, p in model.named_parameters():
+        out[f"grad/{n}"] = p.grad.detach().numpy().copy()
+    opt.step()
+    cache = (cache[0].detach(), cache[1].detach())
+    out[f"loss/{s}"] = np.float64(loss.item())
+    out[f"re/{s}"] = np.float64(-re_.item())
+    out[f"kl/{s}"] = np.float64(kl.item())
+    out[f"cache/{s}"] = cache[0].numpy().copy()
+  out.update({f"final/{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()})
+  out["beta"] = np.float64(beta)
+  out["names"] = np.array(names)
+  np.savez(os.path.join(io_dir, "out.npz"), **out)
+
+
+# ---------------------------------------------------------------------------
+# exvae's side
+# ---------------------------------------------------------------------------
+
+
+def exvae_draws(base_key, setup, pool, perm, step0: int, steps: int, m: int) -> dict:
+  """Everything random in exvae's training steps ``step0 .. step0 + steps - 1``.
+
+  Derived with the keys exvae's ``train_step`` uses (``train_batch``, then
+  ``elbo_loss``'s split into the prior's and the sampler's keys, then the
+  exemplar prior's split into the candidate draw and the binarisation key).
+
+  Returns:
+    dict of stacked arrays: ``x`` (T, B, H*W*C) binarised batch, ``ids`` (T, B),
+    ``eps`` (T, B, d) reparameterisation noise, ``cand`` (T, m) the RAT candidates.
+  """
+  import jax
+  import jax.numpy as jnp
+  from exvae import train_lib
+
+  d = setup.model.latent_dim
+  n = pool.shape[0]
+  draws = {"x": [], "ids": [], "eps": [], "cand": []}
+  for s in range(steps):
+    x, ids, k_loss = train_lib.train_batch(base_key, jnp.int32(step0 + s), pool, perm,
+                                           setup=setup)
+    k_ctx, k_z = jax.random.split(k_loss)                 # objectives.elbo_loss
+    eps = jax.random.normal(k_z, (x.shape[0], 1, d))[:, 0]  # models.vae.gaussian_score
+    k_idx, _ = jax.random.split(k_ctx)                    # ExemplarPrior.context
+    cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
+    for k, v in (("x", np.asarray(x).reshape(x.shape[0], -1)), ("ids", ids), ("eps", eps),
+                 ("cand", cand)):
+      draws[k].append(np.asarray(v))
+  return {k: np.stack(v) for k, v in draws.items()}
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--side", default="exvae", choices=("exvae", "torch"))
+  ap.add_argument("--io", default=None, help="(internal) exchange directory")
+  ap.add_argument("--driver", default=None, help="(internal) path of driver.py")
+  ap.add_argument("--ref_checkpoint", default=None,
+                  help="a reference checkpoint (.pth) to start from; default: their fresh "
+                       "initialisation with --seed")
+  ap.add_argument("--seed", type=int, default=15, help="the reference's seed (fresh init)")
+  ap.add_argument("--epoch", type=int, default=50,
+                  help="1-based epoch the steps belong to (sets the KL weight)")
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--threads", type=int, default=2)
+  args = ap.parse_args(argv)
+  if args.steps < 1 or args.epoch < 1:
+    ap.error("--steps and --epoch must be >= 1")
+  if args.side == "torch":
+    torch_side(args.io, args.driver, args.seed, args.threads, args.ref_checkpoint)
+    return 0
+
+  sys.path.insert(0, ROOT)
+  from bench.vs_reference import ReferenceMissing, find_reference
+  try:
+    py, src, drv = find_reference()
+  except ReferenceMissing as e:
+    print(e, file=sys.stderr)
+    return 2
+
+  import jax
+  import jax.numpy as jnp
+  from configs import fashion_vae_exemplar_rat
+  from exvae import train_lib
+  from exvae.objectives import elbo_loss, kl_beta
+
+  config = fashion_vae_exemplar_rat.get_config()
+  config.progress = False
+  splits = train_lib.load_data(config)
+  setup = train_lib.make_setup(config, splits)
+  pool = jnp.asarray(splits.train_x)
+  n = splits.train_x.shape[0]
+  state = train_lib.init_state(config, setup, n)
+  e0 = args.epoch - 1                               # exvae's 0-based epoch
+  step0 = e0 * setup.steps_per_epoch
+  perm = jnp.asarray(train_lib.epoch_permutation(config.seed, e0, n))
+  m = int(config.exemplar.num_exemplars)
+
+  # 1. exvae's randomness for each step (it does not depend on the weights).
+  draws = exvae_draws(state.key, setup, pool, perm, step0, args.steps, m)
+  io = tempfile.mkdtemp(prefix="exvae_ref_step_")
+  np.savez(os.path.join(io, "in.npz"), epoch=args.epoch, **draws)
+
+  # 2. The reference's steps.
+  cmd = [py, "-u", os.path.abspath(__file__), "--side", "torch", "--io", io, "--driver", drv,
+         "--seed", str(args.seed), "--threads", str(args.threads)]
+  if args.ref_checkpoint:
+    cmd += ["--ref_checkpoint", os.path.abspath(os.path.expanduser(args.ref_checkpoint))]
+  proc = subprocess.run(cmd, env=dict(os.environ, EXVAE_REF_SRC=src), capture_output=True,
+                        text=True)
+  if proc.returncode != 0:
+    print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
+    print(f"the reference's side failed (exit {proc.returncode})", file=sys.stderr)
+    return 1
+  ref = np.load(os.path.join(io, "out.npz"))
+
+  # 3. exvae from the reference's weights.
+  pool_err = float(np.abs(ref["pool_rows"] - np.asarray(pool[draws["ids"][0]]).reshape(
+      len(draws["ids"][0]), -1)).max())
+  model_params = jax.tree.map(np.asarray, state.params["model"])
+  for path, name in param_map().items():
+    node = model_params
+    for p in path:
+      node = node[p]
+    node["kernel"] = ref[f"init/{name}.weight"].T.copy()
+    node["bias"] = ref[f"init/{name}.bias"].copy()
+  params = {"model": jax.tree.map(jnp.asarray, model_params),
+            "prior": {"log_var": jnp.asarray(ref["init/prior_log_variance"][0], jnp.float32)}}
+  state = state.replace(params=params, opt_state=setup.optimizer.init(params),
+                        step=jnp.int32(step0))
+  state = train_lib.refresh_step(state, pool, setup=setup)
+  rows = [("data: pool rows of the first batch, max |diff|", pool_err),
+          ("epoch-start cache, rel", _rel(state.prior_state["cache"], ref["cache0"])),
+          ("KL weight beta (exvae - ref)",
+           float(kl_beta(jnp.int32(step0), setup.steps_per_epoch, setup.warmup_epochs))
+           - float(ref["beta"]))]
+
+  x0 = jnp.asarray(draws["x"][0]).reshape((-1,) + splits.image_shape)
+  ids0 = jnp.asarray(draws["ids"][0])
+  _, k_loss0 = train_lib.train_batch(state.key, jnp.int32(step0), pool, perm, setup=setup)[1:]
+  beta = kl_beta(jnp.int32(step0), setup.steps_per_epoch, setup.warmup_epochs)
+  grad_fn = jax.jit(jax.value_and_grad(elbo_loss, has_aux=True), static_argnames=("setup",))
+  (_, (metrics0, _)), grads = grad_fn(state.params, state.prior_state, setup, x0, ids0,
+                                      k_loss0, beta, pool)
+  grad_rel = {}
+  for path, name in param_map().items():
+    node = grads["model"]
+    for p in path:
+      node = node[p]
+    grad_rel[f"{name}.weight"] = _rel(np.asarray(node["kernel"]).T, ref[f"grad/{name}.weight"])
+    grad_rel[f"{name}.bias"] = _rel(node["bias"], ref[f"grad/{name}.bias"])
+  grad_rel["prior_log_variance"] = _rel(grads["prior"]["log_var"],
+                                        ref["grad/prior_log_variance"][0])
+
+  loss_diffs = []
+  step_rows = []
+  for s in range(args.steps):
+    state, metrics = train_lib.train_step(state, pool, perm, setup=setup)
+    dl = float(metrics["loss"]) - float(ref[f"loss/{s}"])
+    dre = float(metrics["recon"]) - float(ref[f"re/{s}"])
+    dkl = float(metrics["kl"]) - float(ref[f"kl/{s}"])
+    loss_diffs.append(abs(dl))
+    step_rows.append((s, float(ref[f"loss/{s}"]), dl, dre, dkl,
+                      _rel(state.prior_state["cache"], ref[f"cache/{s}"])))
+  final_rel = {}
+  for path, name in param_map().items():
+    node = state.params["model"]
+    for p in path:
+      node = node[p]
+    final_rel[f"{name}.weight"] = _rel(np.asarray(node["kernel"]).T, ref[f"final/{name}.weight"])
+    final_rel[f"{name}.bias"] = _rel(node["bias"], ref[f"final/{name}.bias"])
+  final_rel["prior_log_variance"] = _rel(state.params["prior"]["log_var"],
+                                         ref["final/prior_log_variance"][0])
+  init_rel = {}      # how far the parameters moved, for scale
+  for path, name in param_map().items():
+    init_rel[f"{name}.weight"] = _rel(ref[f"final/{name}.weight"], ref[f"init/{name}.weight"])
+
+  print(f"start: {'checkpoint ' + args.ref_checkpoint if args.ref_checkpoint else 'fresh, seed %d' % args.seed}"
+        f"; epoch {args.epoch} (beta {float(ref['beta']):.2f}), {args.steps} steps")
+  for name, v in rows:
+    print(f"  {name}: {v:.3g}")
+  print(f"  step 0 loss: exvae {float(metrics0['loss']):.5f}  ref {float(ref['loss/0']):.5f}")
+  print("gradients of step 0, |g_exvae - g_ref| / |g_ref|:")
+  for k, v in grad_rel.items():
+    print(f"  {k:32s} {v:.3g}")
+  print("per step: ref loss, exvae - ref (loss, RE, KL), cache rel")
+  for s, l, dl, dre, dkl, c in step_rows:
+    print(f"  {s:3d} {l:10.4f} {dl:+.2e} {dre:+.2e} {dkl:+.2e} {c:.2e}")
+  print(f"parameters after {args.steps} steps, rel diff (and rel move of the ref's weights):")
+  for k, v in final_rel.items():
+    mv = init_rel.get(k)
+    print(f"  {k:32s} {v:.3g}" + (f"   (moved {mv:.3g})" if mv is not None else ""))
+  summary = {"max_rel_grad": max(grad_rel.values()), "max_rel_param": max(final_rel.values()),
+             "max_loss_diff": max(loss_diffs)}
+  print(" ".join(f"{k}={v:.3g}" for k, v in summary.items()))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
