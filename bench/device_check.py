@@ -129,8 +129,11 @@ class Check:
 
   def share(self, name: str) -> float:
     """Seconds this section may use: its share, never past the overall deadline
-    (the training run, last, takes everything that is left up to its share)."""
-    return max(0.0, min(self.mode["shares"][name], self.left() - 5.0))
+    (the training run, last, takes everything that is left up to its share).
+    A budget above the mode's default scales every share up in proportion (a
+    slow or loaded machine given more time gives each section more)."""
+    scale = max(1.0, self.budget_s / self.mode["budget_s"])
+    return max(0.0, min(self.mode["shares"][name] * scale, self.left() - 5.0))
 
   def write(self, name: str, record: dict) -> None:
     """Writes DIR/name.json atomically (a reader never sees half a file)."""

@@ -30,7 +30,9 @@ def _load(out, name):
 
 
 def test_smoke_run_writes_every_section(tmp_path):
-  proc, out = _run(tmp_path, "--smoke")
+  # A budget far above the ~60 s the smoke run takes, so that a loaded machine
+  # cannot push a section past it (the budget itself is tested below).
+  proc, out = _run(tmp_path, "--smoke", "--budget_s", "900", timeout=1200)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   assert sorted(p.name for p in out.iterdir()) == sorted(
       f"{s}.json" for s in ("env", "tests", "kernel", "train_speed", "eval", "train_run"))
