@@ -58,6 +58,43 @@ def param_map() -> dict[tuple[str, ...], str]:
   return out
 
 
+def _node(tree, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def reference_params(weights, template_model, prefix: str = "") -> dict:
+  """exvae ``{"model", "prior"}`` parameters holding the reference's tensors.
+
+  Args:
+    weights: mapping from ``prefix + <state_dict name>`` to NumPy arrays.
+    template_model: exvae model parameters (structure and dtypes only).
+    prefix: key prefix of the reference's tensors in ``weights``.
+  """
+  import jax
+  import jax.numpy as jnp
+  model = jax.tree.map(np.asarray, template_model)
+  for path, name in param_map().items():
+    node = _node(model, path)
+    node["kernel"] = weights[f"{prefix}{name}.weight"].T.copy()
+    node["bias"] = weights[f"{prefix}{name}.bias"].copy()
+  return {"model": jax.tree.map(jnp.asarray, model),
+          "prior": {"log_var": jnp.asarray(weights[f"{prefix}prior_log_variance"][0], jnp.float32)}}
+
+
+def rel_by_name(params, weights, prefix: str) -> dict[str, float]:
+  """|exvae - reference| / |reference| per reference tensor, for a ``{"model", "prior"}`` tree."""
+  out = {}
+  for path, name in param_map().items():
+    node = _node(params["model"], path)
+    out[f"{name}.weight"] = _rel(np.asarray(node["kernel"]).T, weights[f"{prefix}{name}.weight"])
+    out[f"{name}.bias"] = _rel(node["bias"], weights[f"{prefix}{name}.bias"])
+  out["prior_log_variance"] = _rel(params["prior"]["log_var"],
+                                   weights[f"{prefix}prior_log_variance"][0])
+  return out
+
+
 # ---------------------------------------------------------------------------
 # The reference's side (runs under $EXVAE_REF_PYTHON)
 # ---------------------------------------------------------------------------
@@ -222,15 +259,7 @@ def main(argv=None) -> int:
   # 3. exvae from the reference's weights.
   pool_err = float(np.abs(ref["pool_rows"] - np.asarray(pool[draws["ids"][0]]).reshape(
       len(draws["ids"][0]), -1)).max())
-  model_params = jax.tree.map(np.asarray, state.params["model"])
-  for path, name in param_map().items():
-    node = model_params
-    for p in path:
-      node = node[p]
-    node["kernel"] = ref[f"init/{name}.weight"].T.copy()
-    node["bias"] = ref[f"init/{name}.bias"].copy()
-  params = {"model": jax.tree.map(jnp.asarray, model_params),
-            "prior": {"log_var": jnp.asarray(ref["init/prior_log_variance"][0], jnp.float32)}}
+  params = reference_params(ref, state.params["model"], prefix="init/")
   state = state.replace(params=params, opt_state=setup.optimizer.init(params),
                         step=jnp.int32(step0))
   state = train_lib.refresh_step(state, pool, setup=setup)
@@ -247,15 +276,7 @@ def main(argv=None) -> int:
   grad_fn = jax.jit(jax.value_and_grad(elbo_loss, has_aux=True), static_argnames=("setup",))
   (_, (metrics0, _)), grads = grad_fn(state.params, state.prior_state, setup, x0, ids0,
                                       k_loss0, beta, pool)
-  grad_rel = {}
-  for path, name in param_map().items():
-    node = grads["model"]
-    for p in path:
-      node = node[p]
-    grad_rel[f"{name}.weight"] = _rel(np.asarray(node["kernel"]).T, ref[f"grad/{name}.weight"])
-    grad_rel[f"{name}.bias"] = _rel(node["bias"], ref[f"grad/{name}.bias"])
-  grad_rel["prior_log_variance"] = _rel(grads["prior"]["log_var"],
-                                        ref["grad/prior_log_variance"][0])
+  grad_rel = rel_by_name(grads, ref, "grad/")
 
   loss_diffs = []
   step_rows = []
@@ -267,15 +288,7 @@ def main(argv=None) -> int:
     loss_diffs.append(abs(dl))
     step_rows.append((s, float(ref[f"loss/{s}"]), dl, dre, dkl,
                       _rel(state.prior_state["cache"], ref[f"cache/{s}"])))
-  final_rel = {}
-  for path, name in param_map().items():
-    node = state.params["model"]
-    for p in path:
-      node = node[p]
-    final_rel[f"{name}.weight"] = _rel(np.asarray(node["kernel"]).T, ref[f"final/{name}.weight"])
-    final_rel[f"{name}.bias"] = _rel(node["bias"], ref[f"final/{name}.bias"])
-  final_rel["prior_log_variance"] = _rel(state.params["prior"]["log_var"],
-                                         ref["final/prior_log_variance"][0])
+  final_rel = rel_by_name(state.params, ref, "final/")
   init_rel = {}      # how far the parameters moved, for scale
   for path, name in param_map().items():
     init_rel[f"{name}.weight"] = _rel(ref[f"final/{name}.weight"], ref[f"init/{name}.weight"])

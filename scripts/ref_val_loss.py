@@ -49,9 +49,9 @@ def reference_val_images(train_x_grey: np.ndarray, val_size: int = 10000) -> np.
   return x_val.reshape((val_size,) + train_x_grey.shape[1:]).astype(np.float32)
 
 
-def reference_params(path: str, template: dict) -> dict:
+def load_reference_params(path: str, template: dict) -> dict:
   """exvae ``{"model", "prior"}`` parameters holding the authors' checkpoint ``path``."""
-  from bench.ref_step_check import param_map
+  from bench.ref_step_check import reference_params
   py = os.path.expanduser(os.environ.get("EXVAE_REF_PYTHON", ""))
   if not py or not os.access(py, os.X_OK):
     raise SystemExit("ref_val_loss: set EXVAE_REF_PYTHON to the reference venv's python "
@@ -63,15 +63,7 @@ def reference_params(path: str, template: dict) -> dict:
             "**{k: v.numpy() for k, v in sd.items()})")
     subprocess.run([py, "-c", code, os.path.abspath(path), out], check=True)
     w = dict(np.load(out))
-  model = jax.tree.map(np.asarray, template["model"])
-  for keys, name in param_map().items():
-    node = model
-    for k in keys:
-      node = node[k]
-    node["kernel"] = w[f"{name}.weight"].T.copy()
-    node["bias"] = w[f"{name}.bias"].copy()
-  return {"model": jax.tree.map(jax.numpy.asarray, model),
-          "prior": {"log_var": jax.numpy.asarray(w["prior_log_variance"][0], np.float32)}}
+  return reference_params(w, template["model"])
 
 
 def main(argv=None) -> int:
@@ -102,7 +94,7 @@ def main(argv=None) -> int:
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
   if a.ref_checkpoint:
-    params = reference_params(a.ref_checkpoint, template.params)
+    params = load_reference_params(a.ref_checkpoint, template.params)
     what = f"reference checkpoint {a.ref_checkpoint}"
   else:
     manager = checkpoints.Manager(os.path.join(a.workdir, "checkpoints"), create=False,
