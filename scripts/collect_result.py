@@ -6,7 +6,7 @@ Writes, atomically per file:
   metrics.json      eval.py's eval_metrics.json (test NLL, its standard error, ELBO terms, ...)
   config.json       the config the run trained with
   budget.json       epochs trained, early stop, best epoch, training wall-clock (summed over
-                    resumed segments), all as of the evaluated checkpoint (training may have
+                    resumed segments) and how much of it the job sat paused, all as of the evaluated checkpoint (training may have
                     gone on since); evaluation time, this machine's measured matmul rate and
                     its load average then, CPU, source commit of the run
   per_example.npz   per-example test log-likelihoods (float32, one per test image) and ELBOs,
@@ -28,6 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+PAUSE_GAP_S = 300.0   # no step or validation record of a running job is this far from the last
+
+
 def training_wall_clock(records: list[dict]) -> float:
   """Seconds of training summed over resumed segments.
 
@@ -44,6 +47,25 @@ def training_wall_clock(records: list[dict]) -> float:
       total += last
     last = t
   return total + (last or 0.0)
+
+
+def paused_seconds(records: list[dict], gap: float = PAUSE_GAP_S) -> float:
+  """Seconds of the wall clock during which the job was paused (SIGSTOP), not training.
+
+  A running job logs a record every few seconds (every ``log_every_steps``
+  steps and every validation), so a gap of more than ``gap`` seconds between
+  consecutive records of one segment is a pause; it is counted whole (the
+  work around it is at most one logging interval).
+  """
+  paused, last = 0.0, None
+  for r in records:
+    t = r.get("time")
+    if t is None:
+      continue
+    if last is not None and t - last > gap:
+      paused += t - last
+    last = t
+  return paused
 
 
 def cpu_name() -> str:
@@ -117,6 +139,7 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str
       "warmup_epochs": int(config.get("warmup_epochs", 0)),
       "early_stopping_patience": int(config.get("early_stopping_patience", 0)),
       "train_wall_clock_s": training_wall_clock(records),
+      "train_paused_s": paused_seconds(records),
       "eval_seconds": metrics.get("eval_seconds"),
       "num_importance_samples": metrics.get("num_importance_samples"),
       "num_test_examples": metrics.get("num_test_examples"),

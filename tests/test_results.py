@@ -77,6 +77,26 @@ def test_collect_counts_the_budget_up_to_the_evaluated_checkpoint(tmp_path):
       "1,299.0000", "2,298.0000"]
 
 
+def test_collect_counts_a_paused_job_apart(tmp_path):
+  """A job stopped with SIGSTOP keeps its clock running: the gap is recorded as paused."""
+  collect, tab = _script("collect_result"), _script("results_table")
+  wd = _fake_run(tmp_path, [226.0, 228.0])
+  recs = [{"epoch": 1, "step": 10, "val_loss": 300.0, "time": 100.0},
+          {"step": 15, "time": 150.0},
+          {"step": 16, "time": 150.0 + 2700.0},                   # paused 45 minutes
+          {"epoch": 2, "step": 20, "val_loss": 299.0, "time": 2900.0},
+          {"epoch": 3, "step": 30, "val_loss": 298.0, "time": 60.0},  # resumed: new segment
+          {"epoch": 4, "step": 40, "val_loss": 297.0, "time": 400.0}]  # 340 s: a pause too
+  with open(wd / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+  dest = collect.collect(str(wd), "x", str(tmp_path / "r"), measure=False)
+  b = json.load(open(os.path.join(dest, "budget.json")))
+  assert b["train_wall_clock_s"] == pytest.approx(2900.0 + 400.0)
+  assert b["train_paused_s"] == pytest.approx(2700.0 + 340.0)
+  row = tab.table(tab.load_entries(str(tmp_path / "r")))
+  assert "0.1 h training (pauses excluded)" in row                 # (3300 - 3040) s
+
+
 def test_collect_refuses_an_unevaluated_run(tmp_path):
   collect = _script("collect_result")
   wd = _fake_run(tmp_path, [1.0, 2.0])
