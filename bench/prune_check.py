@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     out[keep] = (-res["log_px_iwae"], res["max_err"], (time.time() - t0) / a.points)
   exact, (pruned, cert, t_p) = out[0][0], out[a.keep]
   d = pruned - exact
-  print(f"checkpoint step {step} (best epoch {meta.get('best_epoch')}), {a.points} test images, "
+  best = int(meta.get("best_epoch", -1)) + 1          # meta counts epochs from 0
+  print(f"checkpoint step {step} (best epoch {best}), {a.points} test images, "
         f"S={config.eval.num_importance_samples}: exact NLL {exact.mean():.4f}, pruned "
         f"(keep {a.keep}) {pruned.mean():.4f}; pruned - exact: mean {d.mean():.2e}, "
         f"max {d.max():.2e}, min {d.min():.2e} nats; certified bound mean {cert.mean():.3f}; "

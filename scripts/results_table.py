@@ -43,11 +43,13 @@ def _budget_text(b: dict, m: dict) -> str:
   stop = (f"early-stopped at epoch {b['epochs_trained']}" if b.get("early_stopped")
           else f"{b['epochs_trained']} of {b.get('max_epochs')} epochs, not early-stopped")
   hours = (b.get("train_wall_clock_s", 0.0) - b.get("train_paused_s", 0.0)) / 3600
+  # budget.json files collected before pauses were measured count the pauses in.
+  clock = "training (pauses excluded)" if "train_paused_s" in b else "training wall-clock"
   pruned = (f", prior pruned to the {m['prune_keep']} nearest exemplars"
             if m.get("prune_keep") else "")
   return (f"{stop}; best epoch {b.get('best_epoch')}; S = {m.get('num_importance_samples')}, "
-          f"{m.get('num_test_examples')} test images{pruned}; {hours:.1f} h training "
-          f"(pauses excluded) on {b.get('cpu_count')} cores ({b.get('cpu', '?')})")
+          f"{m.get('num_test_examples')} test images{pruned}; {hours:.1f} h {clock} "
+          f"on {b.get('cpu_count')} cores ({b.get('cpu', '?')})")
 
 
 def table(entries: list[dict]) -> str:

@@ -95,6 +95,10 @@ def test_collect_counts_a_paused_job_apart(tmp_path):
   assert b["train_paused_s"] == pytest.approx(2700.0 + 340.0)
   row = tab.table(tab.load_entries(str(tmp_path / "r")))
   assert "0.1 h training (pauses excluded)" in row                 # (3300 - 3040) s
+  b.pop("train_paused_s")                       # collected before pauses were measured
+  with open(os.path.join(dest, "budget.json"), "w") as f:
+    json.dump(b, f)
+  assert "0.9 h training wall-clock" in tab.table(tab.load_entries(str(tmp_path / "r")))
 
 
 def test_collect_refuses_an_unevaluated_run(tmp_path):
