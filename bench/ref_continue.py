@@ -61,7 +61,6 @@ for name, idx in zip(names, order):
     s = st[idx]
     out[f'm/{name}'] = s['exp_avg'].numpy(); out[f'v/{name}'] = s['exp_avg_sq'].numpy()
     out[f'step/{name}'] = np.float64(float(s['step']))
-out['epoch'] = np.int64(ck['epoch'])
 np.savez(sys.argv[2], **out)
 """
 
@@ -101,14 +100,13 @@ def adam_state_from_reference(optimizer, w: dict, params, step: int):
     raise ValueError("the optimiser is not AdamNormGrad (no single Adam state in its chain)")
   mu = reference_params(w, params["model"], prefix="m/")
   nu = reference_params(w, params["model"], prefix="v/")
-  state = list(fresh)
+  state = list(fresh)                        # optax.chain's state is a plain tuple
   state[adam[0]] = optax.ScaleByAdamState(count=jnp.asarray(step, jnp.int32), mu=mu, nu=nu)
-  return type(fresh)(state) if not hasattr(fresh, "_fields") else type(fresh)(*state)
+  return tuple(state)
 
 
-def _ref_val(path: str) -> list[float]:
+def _ref_val(py: str, path: str) -> list[float]:
   """The reference's per-epoch validation losses (their ``vae.val_loss`` list)."""
-  py = os.path.expanduser(os.environ["EXVAE_REF_PYTHON"])
   code = ("import sys, torch; print(' '.join(repr(float(v)) for v in "
           "torch.load(sys.argv[1], weights_only=False)))")
   out = subprocess.run([py, "-c", code, path], check=True, capture_output=True, text=True)
@@ -140,17 +138,15 @@ def main(argv=None) -> int:
   except ReferenceMissing as e:
     print(e, file=sys.stderr)
     return 2
-  os.environ["EXVAE_REF_PYTHON"] = py
   env = dict(os.environ, EXVAE_REF_SRC=src)
   out_dir = os.path.abspath(os.path.expanduser(a.out))
   os.makedirs(out_dir, exist_ok=True)
 
-  import jax
   import jax.numpy as jnp
   from configs import fashion_vae_exemplar_rat
-  from exvae import data, train_lib
+  from exvae import train_lib
   from bench.ref_step_check import reference_params
-  from scripts.ref_val_loss import reference_val_images
+  from scripts.ref_val_loss import reference_val_set, val_terms
 
   with tempfile.TemporaryDirectory() as tmp:
     dump = os.path.join(tmp, "ck.npz")
@@ -165,9 +161,7 @@ def main(argv=None) -> int:
   config = fashion_vae_exemplar_rat.get_config()
   config.progress = False
   splits = train_lib.load_data(config)
-  found = data.find_idx_dir("fashion_mnist", config.data_dir or data.DEFAULT_IDX_DIRS["fashion_mnist"])
-  images = data.load_idx_dataset("fashion_mnist", found[0], found[1])[0]
-  xval = reference_val_images((images.astype(np.float64) / 255.0)[..., None])
+  xval = reference_val_set(config)
   setup = train_lib.make_setup(config, splits)
   pool, _ = train_lib.make_pool(config, splits, None)
   n = splits.train_x.shape[0]
@@ -178,11 +172,7 @@ def main(argv=None) -> int:
   e_done = adam_step // spe                  # epochs the checkpoint has trained
 
   def score(params) -> float:
-    ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                                 setup=setup)
-    res = train_lib.evaluate_split(params, setup, ctx, xval, jax.random.PRNGKey(7),
-                                   num_samples=1, max_queries=int(config.eval.max_queries))
-    return float(-res["elbo"].mean())
+    return float(-val_terms(params, setup, pool, xval, config)["elbo"].mean())
 
   template = train_lib.init_state(config, setup, n)
   start_params = reference_params(w, template.params["model"], prefix="w/")
@@ -197,9 +187,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     state = train_lib.init_state(config, setup, n)
     params = reference_params(w, template.params["model"], prefix="w/")
-    state = state.replace(params=params, opt_state=adam_state_from_reference(setup.optimizer, w, params,
-                                                                           adam_step),
-                          step=jnp.int32(e_done * spe))
+    opt_state = adam_state_from_reference(setup.optimizer, w, params, adam_step)
+    state = state.replace(params=params, opt_state=opt_state, step=jnp.int32(e_done * spe))
     vals = []
     for epoch in range(e_done, e_done + a.epochs):         # 0-based: epoch E+1 is index E
       perm = jnp.asarray(train_lib.epoch_permutation(seed, epoch, n))
@@ -225,7 +214,7 @@ def main(argv=None) -> int:
     if proc.returncode != 0:
       raise SystemExit(f"ref_continue: the reference's run failed (exit {proc.returncode}); "
                        f"see {run}/driver.log")
-    own = _ref_val(os.path.join(run, "vae.val_loss"))
+    own = _ref_val(py, os.path.join(run, "vae.val_loss"))
     with tempfile.TemporaryDirectory() as tmp:
       dump = os.path.join(tmp, "last.npz")
       subprocess.run([py, "-c", _DUMP, os.path.join(run, "checkpoint_last.pth"), dump,

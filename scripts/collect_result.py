@@ -6,9 +6,10 @@ Writes, atomically per file:
   metrics.json      eval.py's eval_metrics.json (test NLL, its standard error, ELBO terms, ...)
   config.json       the config the run trained with
   budget.json       epochs trained, early stop, best epoch, training wall-clock (summed over
-                    resumed segments) and how much of it the job sat paused, all as of the evaluated checkpoint (training may have
-                    gone on since); evaluation time, this machine's measured matmul rate and
-                    its load average then, CPU, source commit of the run
+                    resumed segments) and how much of it the job sat paused, all as of the
+                    evaluated checkpoint (training may have gone on since); evaluation time,
+                    this machine's measured matmul rate and its load average then, CPU,
+                    source commit of the run
   per_example.npz   per-example test log-likelihoods (float32, one per test image) and ELBOs,
                     with the test-set identity, as eval.py wrote them
   curve.csv         validation loss per epoch

@@ -49,6 +49,30 @@ def reference_val_images(train_x_grey: np.ndarray, val_size: int = 10000) -> np.
   return x_val.reshape((val_size,) + train_x_grey.shape[1:]).astype(np.float32)
 
 
+def reference_val_set(config) -> np.ndarray:
+  """The reference's binarised Fashion-MNIST validation images (see ``reference_val_images``)."""
+  from exvae import data
+  found = data.find_idx_dir("fashion_mnist", config.data_dir or data.DEFAULT_IDX_DIRS["fashion_mnist"])
+  if found is None:
+    raise SystemExit("ref_val_loss: Fashion-MNIST IDX files not found.")
+  images = data.load_idx_dataset("fashion_mnist", found[0], found[1])[0]
+  return reference_val_images((images.astype(np.float64) / 255.0)[..., None])
+
+
+def val_terms(params, setup, pool, xval: np.ndarray, config, key_index: int = 0) -> dict:
+  """exvae's one-sample validation of ``params`` on ``xval`` (noise key ``7 + key_index``).
+
+  Returns:
+    ``train_lib.evaluate_split``'s per-image arrays (``elbo``, ``recon``, ``kl``); the
+    validation loss is ``-elbo.mean()``.
+  """
+  from exvae import train_lib
+  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
+                               setup=setup)
+  return train_lib.evaluate_split(params, setup, ctx, xval, jax.random.PRNGKey(7 + key_index),
+                                  num_samples=1, max_queries=int(config.eval.max_queries))
+
+
 def load_reference_params(path: str, template: dict) -> dict:
   """exvae ``{"model", "prior"}`` parameters holding the authors' checkpoint ``path``."""
   from bench.ref_step_check import reference_params
@@ -79,17 +103,12 @@ def main(argv=None) -> int:
     ap.error("give exactly one of --workdir and --ref_checkpoint")
   if a.keys < 1:
     ap.error(f"--keys must be >= 1, got {a.keys}")
-  from exvae import checkpoints, config_registry, data, train_lib
+  from exvae import checkpoints, config_registry, train_lib
   config = config_registry.get_config(a.config)
   splits = train_lib.load_data(config)
   if splits.name != "fashion_mnist":
     raise SystemExit("ref_val_loss: the reference's binarisation is reproduced for Fashion-MNIST.")
-  found = data.find_idx_dir("fashion_mnist", config.data_dir or data.DEFAULT_IDX_DIRS["fashion_mnist"])
-  if found is None:
-    raise SystemExit("ref_val_loss: Fashion-MNIST IDX files not found.")
-  images = data.load_idx_dataset("fashion_mnist", found[0], found[1])[0]
-  full = (images.astype(np.float64) / 255.0)[..., None]
-  xval = reference_val_images(full)
+  xval = reference_val_set(config)
   pool, _ = train_lib.make_pool(config, splits, None)
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
@@ -102,12 +121,9 @@ def main(argv=None) -> int:
     state, best, meta = manager.restore_latest(template, template.params)
     params = state.params if a.params == "last" else best
     what = f"epoch={int(state.step) // setup.steps_per_epoch} params={a.params}"
-  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                               setup=setup)
   losses = []
   for i in range(a.keys):
-    res = train_lib.evaluate_split(params, setup, ctx, xval, jax.random.PRNGKey(7 + i),
-                                   num_samples=1, max_queries=int(config.eval.max_queries))
+    res = val_terms(params, setup, pool, xval, config, key_index=i)
     losses.append(float(-res["elbo"].mean()))
     if i == 0:
       first = res
