@@ -131,3 +131,58 @@ def test_results_table_from_results_and_readme_markers(tmp_path):
   tab.write_readme(str(readme), text)
   s = readme.read_text()
   assert "old table" not in s and row in s and s.startswith("intro\n") and s.endswith("outro\n")
+
+
+def _paper_runs(tmp_path, jobs, configs, fail=""):
+  """Runs scripts/paper_runs.sh with a stand-in Python that logs its cores and arguments."""
+  import subprocess
+  log = tmp_path / "calls.log"
+  log.unlink(missing_ok=True)
+  stub = tmp_path / "py"
+  stub.write_text(
+      "#!/usr/bin/env bash\n"
+      "cores=$(taskset -cp $$ | sed 's/.*: //')\n"
+      f"echo \"$cores $*\" >> {log}\n"
+      f"case \"$*\" in *{fail or '@never@'}*) exit 3;; esac\n")
+  stub.chmod(0o755)
+  env = dict(os.environ, PY=str(stub), RUNS=str(tmp_path / "runs"), JOBS=str(jobs),
+             CONFIGS=" ".join(configs))
+  proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_runs.sh")], env=env,
+                        capture_output=True, text=True, timeout=60)
+  calls = log.read_text().splitlines() if log.exists() else []
+  return proc, [c.split(" ", 1) for c in calls]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or os.cpu_count() < 2,
+                    reason="needs two cores")
+def test_paper_runs_jobs_pins_each_run_to_its_own_cores(tmp_path):
+  if os.cpu_count() != len(os.sched_getaffinity(0)):
+    pytest.skip("nproc differs from the affinity mask")
+  n = os.cpu_count()
+  proc, calls = _paper_runs(tmp_path, 2, ["cfg_a", "cfg_b", "cfg_c"])
+  assert proc.returncode == 0, proc.stderr
+  per = n // 2
+  want = {"cfg_a": f"0-{per - 1}" if per > 1 else "0",
+          "cfg_c": f"0-{per - 1}" if per > 1 else "0",
+          "cfg_b": f"{per}-{2 * per - 1}" if per > 1 else f"{per}"}
+  for cfg, cores in want.items():
+    mine = [(c, a) for c, a in calls if f"configs/{cfg}.py" in a or f"--name {cfg}" in a]
+    # train, eval, collect: in that order, all on the run's own cores
+    assert [a.split()[0] for _, a in mine] == ["train.py", "eval.py", "scripts/collect_result.py"]
+    assert {c for c, _ in mine} == {cores}, (cfg, mine)
+    assert (tmp_path / "runs" / f"{cfg}.log").exists()
+  # cfg_a finishes before cfg_c starts (same slot); the table comes last, once
+  order = [a for _, a in calls]
+  assert order.index("train.py --config=configs/cfg_c.py --workdir=%s/runs/cfg_c "
+                     "--config.progress=False" % tmp_path) > order.index(
+      "scripts/collect_result.py --workdir %s/runs/cfg_a --name cfg_a" % tmp_path)
+  assert [a for a in order if "results_table" in a] == [order[-1]]
+
+
+def test_paper_runs_failure_keeps_the_table_and_bad_jobs_is_one_line(tmp_path):
+  proc, calls = _paper_runs(tmp_path, min(2, os.cpu_count()), ["cfg_a", "cfg_b"], fail="cfg_b.py")
+  assert proc.returncode != 0
+  assert not [a for _, a in calls if "results_table" in a]
+  proc, calls = _paper_runs(tmp_path, os.cpu_count() + 1, ["cfg_a"])
+  assert proc.returncode == 2 and calls == []
+  assert len(proc.stderr.strip().splitlines()) == 1 and "JOBS must be" in proc.stderr
