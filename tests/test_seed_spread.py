@@ -1,0 +1,43 @@
+"""bench/seed_spread.py: the README's seed comparison recomputed from the stored values."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import ROOT
+
+
+def _mod():
+  spec = importlib.util.spec_from_file_location("seed_spread", os.path.join(ROOT, "bench", "seed_spread.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_welch_matches_scipy():
+  rng = np.random.default_rng(0)
+  a, b = 236 + 0.2 * rng.standard_normal(6), 235.5 + 0.1 * rng.standard_normal(4)
+  w = _mod().welch(a, b)
+  t = stats.ttest_ind(a, b, equal_var=False)
+  np.testing.assert_allclose(w["diff"] / w["se"], t.statistic, rtol=1e-12)
+  np.testing.assert_allclose(w["p"], t.pvalue, rtol=1e-10)
+  np.testing.assert_allclose(w["df"], t.df, rtol=1e-12)
+  with pytest.raises(ValueError, match="two values or more"):
+    _mod().welch([1.0], b)
+
+
+def test_prints_the_stored_groups(tmp_path, capsys):
+  rec = {"epoch52_on_reference_val_images": {
+      "exvae": {"seed0": 236.0, "seed1": 236.2, "seed2": 235.8},
+      "reference_own_evaluate_loss": {"seed15": 235.5, "seed16": 235.7}}}
+  p = tmp_path / "r.json"
+  p.write_text(json.dumps(rec))
+  assert _mod().main(["--json", str(p)]) == 0
+  out = capsys.readouterr().out
+  assert "exvae     n=3  mean 236.000  sd 0.200" in out
+  assert "reference n=2  mean 235.600" in out
+  assert "exvae - reference: +0.400" in out
