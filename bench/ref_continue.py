@@ -26,6 +26,17 @@ nats on the same weights), and its final weights are also scored with
 exvae's validation, so that the last column compares both codes with one
 scorer.  Writes ``DIR/summary.json`` and prints one table.  Reads the
 checkpoint only; it is not a test.
+
+``--ref_fresh_seed S`` starts instead from the reference's FRESH initialisation
+with torch seed S (their ``VAE(args)`` after ``driver.build`` seeds; zero Adam
+moments, step 0): exvae trains from those weights with its own randomness, and
+the reference trains from scratch with ``--seed S``, whose initialisation is
+the same one.  Each such pair shares its start, so the difference between the
+codes over the first epochs is measured without the seed-to-seed spread of
+the initialisation (the prior log-variance's N(0, 1) draw alone moves the
+epoch-12 validation loss by several nats).
+
+  python bench/ref_continue.py --ref_fresh_seed 20 --epochs 12 --exvae_seeds 20 --out DIR
 """
 
 from __future__ import annotations
@@ -61,6 +72,20 @@ for name, idx in zip(names, order):
     s = st[idx]
     out[f'm/{name}'] = s['exp_avg'].numpy(); out[f'v/{name}'] = s['exp_avg_sq'].numpy()
     out[f'step/{name}'] = np.float64(float(s['step']))
+np.savez(sys.argv[2], **out)
+"""
+
+# Runs under the reference's python: their fresh model for one torch seed, with
+# the state a fresh AdamNormGrad would have (zero moments, step 0).
+_DUMP_FRESH = r"""
+import sys, numpy as np, torch
+sys.path.insert(0, sys.argv[3]); import driver
+_, _, _, _, model, _ = driver.build(driver.their_argv('rat', seed=int(sys.argv[1])), 1)
+out = {f'w/{k}': v.detach().numpy() for k, v in model.state_dict().items()}
+for name, p in model.named_parameters():
+    out[f'm/{name}'] = np.zeros(tuple(p.shape), np.float32)
+    out[f'v/{name}'] = np.zeros(tuple(p.shape), np.float32)
+    out[f'step/{name}'] = np.float64(0)
 np.savez(sys.argv[2], **out)
 """
 
@@ -115,23 +140,36 @@ def _ref_val(py: str, path: str) -> list[float]:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--ref_checkpoint", required=True,
-                  help="a checkpoint of the authors' code with its optimiser state "
-                       "(driver.py's checkpoint_last.pth or their checkpoint.pth)")
+  start = ap.add_mutually_exclusive_group(required=True)
+  start.add_argument("--ref_checkpoint",
+                     help="a checkpoint of the authors' code with its optimiser state "
+                          "(driver.py's checkpoint_last.pth or their checkpoint.pth)")
+  start.add_argument("--ref_fresh_seed", type=int,
+                     help="start from the reference's fresh initialisation with this torch seed")
   ap.add_argument("--epochs", type=int, default=8, help="epochs to continue")
   ap.add_argument("--exvae_seeds", type=int, nargs="*", default=[100, 101, 102])
-  ap.add_argument("--ref_seeds", type=int, nargs="*", default=[100, 101])
+  ap.add_argument("--ref_seeds", type=int, nargs="*", default=None,
+                  help="the reference's seeds (default 100 101; with --ref_fresh_seed S only S, "
+                       "the seed of the shared initialisation)")
   ap.add_argument("--threads", type=int, default=2, help="the reference's torch threads")
   ap.add_argument("--out", required=True, help="a new directory for the reference runs and "
                   "summary.json")
   a = ap.parse_args(argv)
   if a.epochs < 1:
     ap.error(f"--epochs must be >= 1, got {a.epochs}")
+  fresh = a.ref_fresh_seed is not None
+  if a.ref_seeds is None:
+    a.ref_seeds = [a.ref_fresh_seed] if fresh else [100, 101]
+  if fresh and any(s != a.ref_fresh_seed for s in a.ref_seeds):
+    ap.error(f"with --ref_fresh_seed {a.ref_fresh_seed} the reference can only run with that "
+             f"seed (its initialisation is the shared start), got --ref_seeds {a.ref_seeds}")
   if not a.exvae_seeds and not a.ref_seeds:
     ap.error("give at least one of --exvae_seeds and --ref_seeds")
-  ckpt = os.path.abspath(os.path.expanduser(a.ref_checkpoint))
-  if not os.path.isfile(ckpt):
-    ap.error(f"--ref_checkpoint {ckpt} is not a file")
+  ckpt = None
+  if not fresh:
+    ckpt = os.path.abspath(os.path.expanduser(a.ref_checkpoint))
+    if not os.path.isfile(ckpt):
+      ap.error(f"--ref_checkpoint {ckpt} is not a file")
   from bench.vs_reference import ReferenceMissing, find_reference
   try:
     py, src, drv = find_reference()
@@ -150,8 +188,9 @@ def main(argv=None) -> int:
 
   with tempfile.TemporaryDirectory() as tmp:
     dump = os.path.join(tmp, "ck.npz")
-    subprocess.run([py, "-c", _DUMP, ckpt, dump, os.path.dirname(drv)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run([py, "-c", _DUMP_FRESH if fresh else _DUMP,
+                    str(a.ref_fresh_seed) if fresh else ckpt, dump, os.path.dirname(drv)],
+                   check=True, env=env, capture_output=True)
     w = dict(np.load(dump))
   steps = {float(v) for k, v in w.items() if k.startswith("step/")}
   if len(steps) != 1:
@@ -176,10 +215,11 @@ def main(argv=None) -> int:
 
   template = train_lib.init_state(config, setup, n)
   start_params = reference_params(w, template.params["model"], prefix="w/")
-  summary = {"ref_checkpoint": ckpt, "start_epoch": e_done, "epochs": a.epochs,
+  summary = {"ref_checkpoint": ckpt, "ref_fresh_seed": a.ref_fresh_seed, "start_epoch": e_done, "epochs": a.epochs,
              "adam_step": adam_step, "start_val_exvae_scorer": score(start_params),
              "exvae": {}, "reference": {}}
-  print(f"start: {ckpt} after epoch {e_done} (Adam step {adam_step}); exvae's validation "
+  where = f"the reference's fresh initialisation, seed {a.ref_fresh_seed}," if fresh else ckpt
+  print(f"start: {where} after epoch {e_done} (Adam step {adam_step}); exvae's validation "
         f"{summary['start_val_exvae_scorer']:.3f}", flush=True)
 
   for seed in a.exvae_seeds:
@@ -204,8 +244,9 @@ def main(argv=None) -> int:
     if os.path.exists(run):
       shutil.rmtree(run)
     os.makedirs(run)
-    subprocess.run([py, "-c", _PATCH, ckpt, os.path.join(run, "checkpoint.pth"),
-                    str(e_done + 1)], check=True, env=env)
+    if not fresh:                            # fresh: their own start, seeded as the dump was
+      subprocess.run([py, "-c", _PATCH, ckpt, os.path.join(run, "checkpoint.pth"),
+                      str(e_done + 1)], check=True, env=env)
     t0 = time.time()
     with open(os.path.join(run, "driver.log"), "w") as log:
       proc = subprocess.run([py, "-u", drv, "train", "--mode", "rat", "--seed", str(seed),

@@ -73,3 +73,27 @@ def test_an_optimiser_without_adam_is_refused():
               _reference_tensors(state.params, np.random.default_rng(0), True).items()})
   with pytest.raises(ValueError, match="not AdamNormGrad"):
     ref_continue.adam_state_from_reference(optax.sgd(0.1), w, state.params, 3)
+
+
+def test_fresh_start_is_a_fresh_optimiser():
+  """--ref_fresh_seed hands exvae zero moments at step 0: exactly optax's fresh state."""
+  c = load_config("test", prior="exemplar")
+  setup, state, _, _ = fresh_run(c)
+  w = {}
+  for prefix in ("m/", "v/"):
+    w.update({prefix + k: np.zeros_like(a) for k, a in
+              _reference_tensors(state.params, np.random.default_rng(0)).items()})
+  mapped = ref_continue.adam_state_from_reference(setup.optimizer, w, state.params, 0)
+  fresh = setup.optimizer.init(state.params)
+  assert jax.tree.structure(mapped) == jax.tree.structure(fresh)
+  for got, want in zip(jax.tree.leaves(mapped), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_fresh_seed_refuses_other_reference_seeds(capsys):
+  with pytest.raises(SystemExit) as e:
+    ref_continue.main(["--ref_fresh_seed", "20", "--ref_seeds", "21", "--out", "/tmp/unused"])
+  assert e.value.code == 2
+  assert "can only run with that seed" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    ref_continue.main(["--ref_fresh_seed", "20", "--ref_checkpoint", "x.pth", "--out", "/tmp/u"])
