@@ -1,6 +1,7 @@
 """exvae against the authors' code over seeds: the equal-epoch figures of the README, from results/.
 
 Usage: python bench/seed_spread.py [--json results/fidelity/equal_epoch_rat.json]
+       python bench/seed_spread.py --pairs results/fidelity/fresh_pairs_epoch12.json
 
 Reads ``epoch52_on_reference_val_images`` of the fidelity record: every exvae
 seed's epoch-52 validation loss on the reference's validation images (one
@@ -10,6 +11,12 @@ on the two reference seeds scored both ways). Prints each group's mean and
 standard deviation over seeds, and the difference exvae - reference with its
 Welch standard error, degrees of freedom and two-sided p-value, so the gap the
 README states is recomputed from the stored values, never typed.
+
+``--pairs`` reads the summaries of ``bench/ref_continue.py --ref_fresh_seed``
+runs (one pair per shared initialisation, collected as a JSON list) and prints
+the paired differences exvae - reference: per epoch on each code's own scorer,
+and at the last epoch with one scorer (exvae's validation of both codes'
+final weights), with their mean, standard error and one-sample t p-value.
 """
 
 import argparse
@@ -52,10 +59,48 @@ def groups(record: dict) -> tuple[dict, dict]:
   return dict(sec["exvae"]), dict(sec["reference_own_evaluate_loss"])
 
 
+def paired(diffs) -> dict:
+  """Mean, standard error and two-sided one-sample t p-value of paired differences."""
+  d = np.asarray(diffs, np.float64)
+  if d.size < 2:
+    raise ValueError(f"paired needs two pairs or more, got {d.size}")
+  se = float(d.std(ddof=1) / math.sqrt(d.size))
+  return {"mean": float(d.mean()), "se": se, "n": int(d.size),
+          "p": float(2 * stats.t.sf(abs(d.mean()) / se, d.size - 1))}
+
+
+def print_pairs(summaries: list) -> None:
+  """The paired table of ``ref_continue --ref_fresh_seed`` summaries (one exvae seed each)."""
+  finals, rows = [], []
+  for sm in summaries:
+    (ex,) = sm["exvae"].values()
+    (rf,) = sm["reference"].values()
+    d = np.asarray(ex["val"]) - np.asarray(rf["val_own_scorer"])
+    rows.append(d)
+    finals.append(ex["val"][-1] - rf["final_exvae_scorer"])
+    print(f"pair {sm['ref_fresh_seed']}: exvae - reference per epoch (own scorers) "
+          + " ".join(f"{v:+.2f}" for v in d)
+          + f"; final, one scorer {finals[-1]:+.3f}")
+  rows = np.stack(rows)
+  print("mean per epoch: " + " ".join(f"{v:+.2f}" for v in rows.mean(0)))
+  print(f"mean over epochs (own scorers), per pair: "
+        + " ".join(f"{v:+.3f}" for v in rows.mean(1)))
+  if len(finals) > 1:
+    f = paired(finals)
+    print(f"final epoch, one scorer: {f['mean']:+.3f} +- {f['se']:.3f} nats over {f['n']} pairs "
+          f"(p = {f['p']:.3f})")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--json", default=os.path.join(ROOT, "results", "fidelity", "equal_epoch_rat.json"))
+  ap.add_argument("--pairs", default=None, help="a JSON list of ref_continue --ref_fresh_seed "
+                  "summaries")
   a = ap.parse_args(argv)
+  if a.pairs:
+    with open(a.pairs) as f:
+      print_pairs(json.load(f))
+    return 0
   with open(a.json) as f:
     ex, ref = groups(json.load(f))
   for name, g in (("exvae", ex), ("reference", ref)):

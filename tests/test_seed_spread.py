@@ -41,3 +41,19 @@ def test_prints_the_stored_groups(tmp_path, capsys):
   assert "exvae     n=3  mean 236.000  sd 0.200" in out
   assert "reference n=2  mean 235.600" in out
   assert "exvae - reference: +0.400" in out
+
+
+def test_pairs_mean_se_and_p(capsys):
+  d = [0.16, 0.29, 0.05]
+  got = _mod().paired(d)
+  t = stats.ttest_1samp(d, 0.0)
+  np.testing.assert_allclose(got["mean"], np.mean(d), rtol=1e-12)
+  np.testing.assert_allclose(got["mean"] / got["se"], t.statistic, rtol=1e-12)
+  np.testing.assert_allclose(got["p"], t.pvalue, rtol=1e-10)
+  summaries = [{"ref_fresh_seed": s, "exvae": {str(s): {"val": [300.0, 261.0 + x]}},
+                "reference": {str(s): {"val_own_scorer": [299.5, 261.0],
+                                       "final_exvae_scorer": 261.0}}} for s, x in zip((20, 21, 22), d)]
+  _mod().print_pairs(summaries)
+  out = capsys.readouterr().out
+  assert "pair 21: exvae - reference per epoch (own scorers) +0.50 +0.29; final, one scorer +0.290" in out
+  assert f"final epoch, one scorer: {np.mean(d):+.3f} +- {got['se']:.3f} nats over 3 pairs" in out
