@@ -170,12 +170,8 @@ def main(argv=None) -> int:
     ckpt = os.path.abspath(os.path.expanduser(a.ref_checkpoint))
     if not os.path.isfile(ckpt):
       ap.error(f"--ref_checkpoint {ckpt} is not a file")
-  from bench.vs_reference import ReferenceMissing, find_reference
-  try:
-    py, src, drv = find_reference()
-  except ReferenceMissing as e:
-    print(e, file=sys.stderr)
-    return 2
+  from bench.vs_reference import require_reference
+  py, src, drv = require_reference()
   env = dict(os.environ, EXVAE_REF_SRC=src)
   out_dir = os.path.abspath(os.path.expanduser(a.out))
   os.makedirs(out_dir, exist_ok=True)

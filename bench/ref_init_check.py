@@ -56,10 +56,10 @@ def exvae_side(seeds: int) -> dict[str, np.ndarray]:
   config = fashion_vae_exemplar_rat.get_config()
   config.progress = False
   splits = train_lib.load_data(config)
+  setup = train_lib.make_setup(config, splits)           # does not depend on the seed
   out: dict[str, list] = {}
   for s in range(seeds):
     config.seed = s
-    setup = train_lib.make_setup(config, splits)
     params = jax.tree.map(np.asarray, train_lib.init_state(config, setup, splits.train_x.shape[0]).params)
     for path, name in param_map().items():
       node = _node(params["model"], path)
@@ -85,12 +85,8 @@ def main(argv=None) -> int:
   sys.path.insert(0, ROOT)
   from scipy import stats
 
-  from bench.vs_reference import ReferenceMissing, find_reference
-  try:
-    py, src, drv = find_reference()
-  except ReferenceMissing as e:
-    print(e, file=sys.stderr)
-    return 2
+  from bench.vs_reference import require_reference
+  py, src, drv = require_reference()
   out = os.path.join(tempfile.mkdtemp(prefix="exvae_ref_init_"), "ref.npz")
   proc = subprocess.run([py, "-u", os.path.abspath(__file__), "--side", "torch", "--out", out,
                          "--driver", drv, "--seeds", str(a.seeds)],

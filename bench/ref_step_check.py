@@ -213,12 +213,8 @@ def main(argv=None) -> int:
     return 0
 
   sys.path.insert(0, ROOT)
-  from bench.vs_reference import ReferenceMissing, find_reference
-  try:
-    py, src, drv = find_reference()
-  except ReferenceMissing as e:
-    print(e, file=sys.stderr)
-    return 2
+  from bench.vs_reference import require_reference
+  py, src, drv = require_reference()
 
   import jax
   import jax.numpy as jnp

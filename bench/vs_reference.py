@@ -130,6 +130,15 @@ class Reference:
     self.log.close()
 
 
+def require_reference() -> tuple[str, str, str]:
+  """``find_reference()``, or its install steps on stderr and exit status 2 (for the CLIs)."""
+  try:
+    return find_reference()
+  except ReferenceMissing as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+
+
 def loadavg() -> str:
   return "loadavg %.2f,%.2f,%.2f" % os.getloadavg()
 
@@ -215,11 +224,7 @@ def main():
   bad = set(modes) - set(MODES)
   if bad:
     ap.error(f"unknown modes {sorted(bad)}; known: {MODES}")
-  try:
-    py, src, drv = find_reference()
-  except ReferenceMissing as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
+  py, src, drv = require_reference()
   if args.threads < os.cpu_count():
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])   # inherited by the worker
   plan = dict(QUICK if args.quick else FULL)
