@@ -17,6 +17,9 @@ runs (one pair per shared initialisation, collected as a JSON list) and prints
 the paired differences exvae - reference: per epoch on each code's own scorer,
 and at the last epoch with one scorer (exvae's validation of both codes'
 final weights), with their mean, standard error and one-sample t p-value.
+With ``--vs_own_init`` it also compares the pairs' exvae runs (started from
+the reference's initialisations) with exvae's own from-scratch seeds of the
+``--json`` record (Welch): whether the initialisation explains a gap.
 """
 
 import argparse
@@ -69,8 +72,12 @@ def paired(diffs) -> dict:
           "p": float(2 * stats.t.sf(abs(d.mean()) / se, d.size - 1))}
 
 
-def print_pairs(summaries: list) -> None:
-  """The paired table of ``ref_continue --ref_fresh_seed`` summaries (one exvae seed each)."""
+def print_pairs(summaries: list) -> list:
+  """The paired table of ``ref_continue --ref_fresh_seed`` summaries (one exvae seed each).
+
+  Returns:
+    the exvae runs' last-epoch validation losses, in the summaries' order.
+  """
   finals, rows = [], []
   for sm in summaries:
     (ex,) = sm["exvae"].values()
@@ -89,6 +96,7 @@ def print_pairs(summaries: list) -> None:
     f = paired(finals)
     print(f"final epoch, one scorer: {f['mean']:+.3f} +- {f['se']:.3f} nats over {f['n']} pairs "
           f"(p = {f['p']:.3f})")
+  return [next(iter(sm["exvae"].values()))["val"][-1] for sm in summaries]
 
 
 def main(argv=None) -> int:
@@ -96,10 +104,22 @@ def main(argv=None) -> int:
   ap.add_argument("--json", default=os.path.join(ROOT, "results", "fidelity", "equal_epoch_rat.json"))
   ap.add_argument("--pairs", default=None, help="a JSON list of ref_continue --ref_fresh_seed "
                   "summaries")
+  ap.add_argument("--vs_own_init", action="store_true",
+                  help="with --pairs: Welch of the pairs' exvae finals against exvae's own-init "
+                       "seeds of --json")
   a = ap.parse_args(argv)
+  if a.vs_own_init and not a.pairs:
+    ap.error("--vs_own_init needs --pairs")
   if a.pairs:
     with open(a.pairs) as f:
-      print_pairs(json.load(f))
+      finals = print_pairs(json.load(f))
+    if a.vs_own_init:
+      with open(a.json) as f:
+        own = list(groups(json.load(f))[0].values())
+      w = welch(finals, own)
+      print(f"exvae from the reference's initialisations (n={len(finals)}, mean "
+            f"{np.mean(finals):.3f}) - exvae from its own (n={len(own)}, mean {np.mean(own):.3f}): "
+            f"{w['diff']:+.3f} +- {w['se']:.3f} nats (Welch, df {w['df']:.1f}, p = {w['p']:.3f})")
     return 0
   with open(a.json) as f:
     ex, ref = groups(json.load(f))

@@ -57,3 +57,24 @@ def test_pairs_mean_se_and_p(capsys):
   out = capsys.readouterr().out
   assert "pair 21: exvae - reference per epoch (own scorers) +0.50 +0.29; final, one scorer +0.290" in out
   assert f"final epoch, one scorer: {np.mean(d):+.3f} +- {got['se']:.3f} nats over 3 pairs" in out
+
+
+def test_pairs_vs_own_init(tmp_path, capsys):
+  own = {"seed0": 236.0, "seed1": 236.2, "seed2": 235.8}
+  rec = {"epoch52_on_reference_val_images": {"exvae": own,
+                                             "reference_own_evaluate_loss": {"seed15": 235.5}}}
+  finals = [235.4, 235.6, 235.5]
+  summaries = [{"ref_fresh_seed": s, "exvae": {str(s): {"val": [300.0, f]}},
+                "reference": {str(s): {"val_own_scorer": [299.5, 235.5],
+                                       "final_exvae_scorer": 235.5}}} for s, f in zip((15, 16, 17), finals)]
+  r, p = tmp_path / "r.json", tmp_path / "p.json"
+  r.write_text(json.dumps(rec))
+  p.write_text(json.dumps(summaries))
+  assert _mod().main(["--json", str(r), "--pairs", str(p), "--vs_own_init"]) == 0
+  out = capsys.readouterr().out
+  t = stats.ttest_ind(finals, list(own.values()), equal_var=False)
+  se = (np.mean(finals) - np.mean(list(own.values()))) / t.statistic
+  assert (f"exvae from the reference's initialisations (n=3, mean 235.500) - exvae from its own "
+          f"(n=3, mean 236.000): -0.500 +- {se:.3f} nats (Welch, df {t.df:.1f}, p = {t.pvalue:.3f})") in out
+  with pytest.raises(SystemExit):
+    _mod().main(["--vs_own_init"])
