@@ -12,7 +12,11 @@ batch order and ids, the binarised batch, the reparameterisation noise and
 the M RAT candidates, exactly what exvae's ``train_step`` consumes
 (``bench/ref_step_check.exvae_draws``; ``torch.randint`` and
 ``model.reparameterize`` patched during training only, as in
-``ref_step_check``). Each epoch starts with their ``cache_z`` and ends with
+``ref_step_check``). ``--exvae_inputs`` takes a subset of ``batch`` (order and
+bits), ``eps`` and ``cand``; the reference draws the others itself, as its
+own loop does (``torch.randperm``, ``torch.bernoulli``, its own noise and
+``torch.randint``), to find which input a difference comes from. Each epoch
+starts with their ``cache_z`` and ends with
 their ``evaluate_loss`` on their validation images, with their own
 randomness. exvae writes each epoch's draws to ``DIR`` (at most two epochs
 ahead, about 100 MB each); the reference's process consumes and deletes them.
@@ -44,6 +48,21 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+# The random inputs of a training step that can come from exvae: the batch (its
+# order and its bits go together: exvae's bits are drawn for exvae's rows),
+# the reparameterisation noise, and the M RAT candidates.
+INPUTS = ("batch", "eps", "cand")
+
+
+def parse_inputs(text: str) -> frozenset:
+  """``--exvae_inputs``: a comma-separated subset of :data:`INPUTS` ('' or 'none': none)."""
+  got = frozenset(t for t in text.replace(" ", "").split(",") if t and t != "none")
+  bad = sorted(got - set(INPUTS))
+  if bad:
+    raise ValueError(f"unknown --exvae_inputs {bad}; choose from {list(INPUTS)}")
+  return got
 
 
 def draws_path(io_dir: str, epoch: int) -> str:
@@ -82,7 +101,8 @@ def write_epoch_draws(io_dir: str, epoch: int, draws: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
-def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: int) -> None:
+def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: int,
+               inputs: frozenset = frozenset(INPUTS)) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
   import driver  # noqa: E402  (puts the shim and the authors' tree on the path)
   import torch
@@ -104,13 +124,22 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
     beta = min(1.0, epoch / args.warmup)         # their set_beta
     with torch.no_grad():
       cache = model.cache_z(dataset)
-    for s in range(d["ids"].shape[0]):
-      x = torch.from_numpy(d["x"][s].astype(np.float32))
-      ids = torch.from_numpy(d["ids"][s].astype(np.int64)).reshape(-1, 1)
-      eps = torch.from_numpy(d["eps"][s])
-      cand = torch.from_numpy(d["cand"][s].astype(np.int64))
-      model.reparameterize = lambda mu, logvar, eps=eps: eps.mul(logvar.mul(0.5).exp()).add(mu)
-      torch.randint = lambda *a, cand=cand, **k: cand.clone()
+    steps, bsz = d["ids"].shape
+    if "batch" not in inputs:                   # their order and bits (their DataLoader, bernoulli)
+      order = torch.randperm(len(dataset)).reshape(steps, bsz)
+    for s in range(steps):
+      if "batch" in inputs:
+        x = torch.from_numpy(d["x"][s].astype(np.float32))
+        ids = torch.from_numpy(d["ids"][s].astype(np.int64)).reshape(-1, 1)
+      else:
+        ids = order[s].reshape(-1, 1)
+        x = torch.bernoulli(dataset.tensors[0][ids.reshape(-1)])
+      if "eps" in inputs:
+        eps = torch.from_numpy(d["eps"][s])
+        model.reparameterize = lambda mu, logvar, eps=eps: eps.mul(logvar.mul(0.5).exp()).add(mu)
+      if "cand" in inputs:
+        cand = torch.from_numpy(d["cand"][s].astype(np.int64))
+        torch.randint = lambda *a, cand=cand, **k: cand.clone()
       try:
         opt.zero_grad()
         loss, _, _ = model.calculate_loss((x, ids), beta, average=True, cache=cache,
@@ -118,7 +147,7 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
         loss.backward()
       finally:
         torch.randint = real_randint
-        del model.reparameterize               # their own method again (validation)
+        model.__dict__.pop("reparameterize", None)   # their own method again (validation)
       opt.step()
       cache = (cache[0].detach(), cache[1].detach())
       if not np.isfinite(loss.item()):
@@ -149,14 +178,21 @@ def main(argv=None) -> int:
                   help="torch seed of the reference's fresh initialisation")
   ap.add_argument("--exvae_seed", type=int, default=None,
                   help="exvae seed whose draws are fed (default: --seed)")
+  ap.add_argument("--exvae_inputs", default=",".join(INPUTS),
+                  help="which random inputs come from exvae (comma-separated subset of "
+                       f"{','.join(INPUTS)}; the rest the reference draws itself)")
   ap.add_argument("--epochs", type=int, default=24)
   ap.add_argument("--threads", type=int, default=1, help="the reference's torch threads")
   ap.add_argument("--out", default=None, help="a new or empty directory")
   a = ap.parse_args(argv)
   if a.epochs < 1:
     ap.error(f"--epochs must be >= 1, got {a.epochs}")
+  try:
+    inputs = parse_inputs(a.exvae_inputs)
+  except ValueError as e:
+    ap.error(str(e))
   if a.side == "torch":
-    torch_side(a.io, a.driver, a.seed, a.epochs, a.threads)
+    torch_side(a.io, a.driver, a.seed, a.epochs, a.threads, inputs)
     return 0
   if not a.out:
     ap.error("--out is required")
@@ -191,11 +227,12 @@ def main(argv=None) -> int:
   log = open(os.path.join(out, "torch.log"), "w")
   proc = subprocess.Popen([py, "-u", os.path.abspath(__file__), "--side", "torch", "--io", out,
                            "--driver", drv, "--seed", str(a.seed), "--epochs", str(a.epochs),
-                           "--threads", str(a.threads)],
+                           "--threads", str(a.threads), "--exvae_inputs", ",".join(sorted(inputs)) or "none"],
                           env=dict(os.environ, EXVAE_REF_SRC=src), stdout=log,
                           stderr=subprocess.STDOUT)
   print(f"the reference from its seed-{a.seed} initialisation, on exvae seed {exvae_seed}'s "
-        f"draws, {a.epochs} epochs; its log: {out}/torch.log", flush=True)
+        f"draws of {sorted(inputs) or 'nothing'}, {a.epochs} epochs; its log: {out}/torch.log",
+        flush=True)
   for epoch in range(1, a.epochs + 1):
     # Stay at most two epochs ahead of the reader (each file is about 100 MB).
     while (os.path.exists(draws_path(out, epoch - 2)) if epoch > 2 else False):
@@ -226,7 +263,8 @@ def main(argv=None) -> int:
   template = train_lib.init_state(config, setup, n).params["model"]
   final = float(-val_terms(reference_params(last, template, prefix="w/"), setup,
                            pool, reference_val_set(config), config)["elbo"].mean())
-  summary = {"ref_fresh_seed": a.seed, "exvae_draws_seed": exvae_seed, "epochs": a.epochs,
+  summary = {"ref_fresh_seed": a.seed, "exvae_draws_seed": exvae_seed,
+             "exvae_inputs": sorted(inputs), "epochs": a.epochs,
              "val_own_scorer": tv["val"], "final_exvae_scorer": final,
              "seconds": time.time() - t0}
   with open(os.path.join(out, "summary.json"), "w") as f:

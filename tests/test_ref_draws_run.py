@@ -50,3 +50,14 @@ def test_command_line_refusals(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     ref_draws_run.main(["--seed", "15", "--epochs", "0", "--out", str(tmp_path / "new")])
   assert e.value.code == 2 and "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_exvae_inputs_parsing(capsys):
+  assert ref_draws_run.parse_inputs("batch,eps,cand") == frozenset(ref_draws_run.INPUTS)
+  assert ref_draws_run.parse_inputs(" eps ") == frozenset({"eps"})
+  assert ref_draws_run.parse_inputs("none") == frozenset()
+  with pytest.raises(ValueError, match="unknown --exvae_inputs"):
+    ref_draws_run.parse_inputs("eps,bits")
+  with pytest.raises(SystemExit) as e:
+    ref_draws_run.main(["--seed", "15", "--exvae_inputs", "perm", "--out", "/tmp/unused"])
+  assert e.value.code == 2 and "choose from" in capsys.readouterr().err
