@@ -17,6 +17,13 @@ runs (one pair per shared initialisation, collected as a JSON list) and prints
 the paired differences exvae - reference: per epoch on each code's own scorer,
 and at the last epoch with one scorer (exvae's validation of both codes'
 final weights), with their mean, standard error and one-sample t p-value.
+``--draws`` reads ``bench/ref_draws_run.py`` summaries (the reference's code
+from its seed-S start, fed some or all of exvae's random inputs) together
+with the ``--pairs`` file of the same seeds, and prints, per run, its mean
+difference over epochs 1-12 and 13-24 from exvae on the same start and draws
+(``ref_continue``) and from the reference's own from-scratch run, and at its
+last epoch from exvae with one scorer.
+
 With ``--vs_own_init`` it also compares the pairs' exvae runs (started from
 the reference's initialisations) with exvae's own from-scratch seeds of the
 ``--json`` record (Welch): whether the initialisation explains a gap.
@@ -99,17 +106,66 @@ def print_pairs(summaries: list) -> list:
   return [next(iter(sm["exvae"].values()))["val"][-1] for sm in summaries]
 
 
+def print_draws(runs: list, pairs: list) -> list[dict]:
+  """How far the reference's code on (some of) exvae's draws is from exvae and from itself.
+
+  Args:
+    runs: ``ref_draws_run`` summaries (``ref_fresh_seed``, ``exvae_inputs``,
+      ``val_own_scorer`` per epoch, ``final_exvae_scorer``).
+    pairs: ``ref_continue --ref_fresh_seed`` summaries whose ``reference`` entry is
+      the reference's own run from that start (``refinit_pairs_epoch52.json``).
+
+  Returns:
+    one dict per run: ``seed``, ``inputs``, ``vs_exvae`` and ``vs_ref_own`` (mean
+    differences per epoch range, own scorers), ``final_vs_exvae`` (one scorer).
+  """
+  by_seed = {sm["ref_fresh_seed"]: sm for sm in pairs}
+  out = []
+  for r in runs:
+    sm = by_seed.get(r["ref_fresh_seed"])
+    if sm is None:
+      raise ValueError(f"no pair for seed {r['ref_fresh_seed']} in the --pairs file")
+    (ex,) = sm["exvae"].values()
+    (own,) = sm["reference"].values()
+    a = np.asarray(r["val_own_scorer"], np.float64)
+    n = a.size
+    if len(ex["val"]) < n or len(own["val_own_scorer"]) < n:
+      raise ValueError(f"seed {r['ref_fresh_seed']}: the pair has fewer than {n} epochs")
+    d_ex = a - np.asarray(ex["val"][:n])
+    d_own = a - np.asarray(own["val_own_scorer"][:n])
+    ranges = [(lo, min(hi, n)) for lo, hi in ((0, 12), (12, 24)) if lo < n]
+    row = {"seed": r["ref_fresh_seed"], "inputs": r.get("exvae_inputs", ["batch", "cand", "eps"]),
+           "epochs": n,
+           "vs_exvae": {f"{lo + 1}-{hi}": float(d_ex[lo:hi].mean()) for lo, hi in ranges},
+           "vs_ref_own": {f"{lo + 1}-{hi}": float(d_own[lo:hi].mean()) for lo, hi in ranges},
+           "final_vs_exvae": float(r["final_exvae_scorer"] - ex["val"][n - 1])}
+    out.append(row)
+    print(f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}, {n} epochs: "
+          "mean difference from exvae (same start and draws) "
+          + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_exvae"].items())
+          + "; from their own run "
+          + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_ref_own"].items())
+          + f"; epoch {n}, one scorer, from exvae {row['final_vs_exvae']:+.3f}")
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--json", default=os.path.join(ROOT, "results", "fidelity", "equal_epoch_rat.json"))
   ap.add_argument("--pairs", default=None, help="a JSON list of ref_continue --ref_fresh_seed "
                   "summaries")
+  ap.add_argument("--draws", default=None, help="a JSON list of ref_draws_run summaries "
+                  "(needs --pairs for the same seeds)")
   ap.add_argument("--vs_own_init", action="store_true",
                   help="with --pairs: Welch of the pairs' exvae finals against exvae's own-init "
                        "seeds of --json")
   a = ap.parse_args(argv)
-  if a.vs_own_init and not a.pairs:
-    ap.error("--vs_own_init needs --pairs")
+  if (a.vs_own_init or a.draws) and not a.pairs:
+    ap.error("--vs_own_init and --draws need --pairs")
+  if a.draws:
+    with open(a.draws) as f, open(a.pairs) as g:
+      print_draws(json.load(f), json.load(g))
+    return 0
   if a.pairs:
     with open(a.pairs) as f:
       finals = print_pairs(json.load(f))

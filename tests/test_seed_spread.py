@@ -78,3 +78,25 @@ def test_pairs_vs_own_init(tmp_path, capsys):
           f"(n=3, mean 236.000): -0.500 +- {se:.3f} nats (Welch, df {t.df:.1f}, p = {t.pvalue:.3f})") in out
   with pytest.raises(SystemExit):
     _mod().main(["--vs_own_init"])
+
+
+def test_draws_differences(capsys):
+  n = 16
+  ex = 260.0 + np.arange(52, dtype=float)
+  own = ex - 0.25                                       # the reference's own run, 0.25 lower
+  pairs = [{"ref_fresh_seed": 15, "exvae": {"15": {"val": list(ex)}},
+            "reference": {"15": {"val_own_scorer": list(own), "final_exvae_scorer": 0.0}}}]
+  a = ex[:n] - 0.05
+  a[12:] += 0.1
+  runs = [{"ref_fresh_seed": 15, "exvae_inputs": ["batch"], "val_own_scorer": list(a),
+           "final_exvae_scorer": ex[n - 1] + 0.02}]
+  (row,) = _mod().print_draws(runs, pairs)
+  np.testing.assert_allclose(row["vs_exvae"]["1-12"], -0.05)
+  np.testing.assert_allclose(row["vs_exvae"]["13-16"], 0.05)
+  np.testing.assert_allclose(row["vs_ref_own"]["1-12"], 0.20)
+  np.testing.assert_allclose(row["vs_ref_own"]["13-16"], 0.30)
+  np.testing.assert_allclose(row["final_vs_exvae"], 0.02)
+  out = capsys.readouterr().out
+  assert "seed 15, exvae's batch, 16 epochs:" in out and "one scorer, from exvae +0.020" in out
+  with pytest.raises(ValueError, match="no pair for seed 16"):
+    _mod().print_draws([dict(runs[0], ref_fresh_seed=16)], pairs)
