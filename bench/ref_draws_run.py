@@ -13,7 +13,8 @@ the M RAT candidates, exactly what exvae's ``train_step`` consumes
 (``bench/ref_step_check.exvae_draws``; ``torch.randint`` and
 ``model.reparameterize`` patched during training only, as in
 ``ref_step_check``). ``--exvae_inputs`` takes a subset of ``batch`` (order and
-bits), ``eps`` and ``cand``; the reference draws the others itself, as its
+bits), ``order`` (exvae's rows, their bits), ``eps`` and ``cand``; the
+reference draws the others itself, as its
 own loop does (``torch.randperm``, ``torch.bernoulli``, its own noise and
 ``torch.randint``), to find which input a difference comes from. Each epoch
 starts with their ``cache_z`` and ends with
@@ -51,9 +52,10 @@ sys.path.insert(0, ROOT)
 
 
 # The random inputs of a training step that can come from exvae: the batch (its
-# order and its bits go together: exvae's bits are drawn for exvae's rows),
-# the reparameterisation noise, and the M RAT candidates.
-INPUTS = ("batch", "eps", "cand")
+# order and its bits: exvae's bits are drawn for exvae's rows), or its order
+# alone (exvae's rows, binarised by torch.bernoulli), the reparameterisation
+# noise, and the M RAT candidates.
+INPUTS = ("batch", "order", "eps", "cand")
 
 
 def parse_inputs(text: str) -> frozenset:
@@ -125,14 +127,15 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
     with torch.no_grad():
       cache = model.cache_z(dataset)
     steps, bsz = d["ids"].shape
-    if "batch" not in inputs:                   # their order and bits (their DataLoader, bernoulli)
+    if "batch" in inputs or "order" in inputs:
+      order = torch.from_numpy(d["ids"].astype(np.int64))
+    else:                                       # their order (their DataLoader's randperm)
       order = torch.randperm(len(dataset)).reshape(steps, bsz)
     for s in range(steps):
+      ids = order[s].reshape(-1, 1)
       if "batch" in inputs:
         x = torch.from_numpy(d["x"][s].astype(np.float32))
-        ids = torch.from_numpy(d["ids"][s].astype(np.int64)).reshape(-1, 1)
-      else:
-        ids = order[s].reshape(-1, 1)
+      else:                                     # their bits
         x = torch.bernoulli(dataset.tensors[0][ids.reshape(-1)])
       if "eps" in inputs:
         eps = torch.from_numpy(d["eps"][s])

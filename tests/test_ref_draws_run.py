@@ -53,7 +53,8 @@ def test_command_line_refusals(tmp_path, capsys):
 
 
 def test_exvae_inputs_parsing(capsys):
-  assert ref_draws_run.parse_inputs("batch,eps,cand") == frozenset(ref_draws_run.INPUTS)
+  assert ref_draws_run.parse_inputs("batch,order,eps,cand") == frozenset(ref_draws_run.INPUTS)
+  assert ref_draws_run.parse_inputs("order") == frozenset({"order"})
   assert ref_draws_run.parse_inputs(" eps ") == frozenset({"eps"})
   assert ref_draws_run.parse_inputs("none") == frozenset()
   with pytest.raises(ValueError, match="unknown --exvae_inputs"):
