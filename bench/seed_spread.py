@@ -141,7 +141,7 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
            "final_vs_exvae": float(r["final_exvae_scorer"] - ex["val"][n - 1])}
     out.append(row)
     print(f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}, {n} epochs: "
-          "mean difference from exvae (same start and draws) "
+          "mean difference from exvae from this start (on all its draws) "
           + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_exvae"].items())
           + "; from their own run "
           + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_ref_own"].items())
