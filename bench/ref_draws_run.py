@@ -104,14 +104,20 @@ def write_epoch_draws(io_dir: str, epoch: int, draws: dict) -> str:
 
 
 def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: int,
-               inputs: frozenset = frozenset(INPUTS)) -> None:
+               inputs: frozenset = frozenset(INPUTS), reseed: bool = False) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
+  import random
+
   import driver  # noqa: E402  (puts the shim and the authors' tree on the path)
   import torch
   from utils.evaluation import evaluate_loss
 
   args, train_loader, val_loader, _, model, opt = driver.build(
       driver.their_argv("rat", seed=seed), threads)
+  if reseed:
+    # As their run_density_estimation (initial_or_load) does after building the model.
+    torch.manual_seed(seed)
+    random.seed(seed)
   dataset = train_loader.dataset
   real_randint = torch.randint
   vals, secs = [], []
@@ -129,14 +135,19 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
     steps, bsz = d["ids"].shape
     if "batch" in inputs or "order" in inputs:
       order = torch.from_numpy(d["ids"].astype(np.int64))
-    else:                                       # their order (their DataLoader's randperm)
-      order = torch.randperm(len(dataset)).reshape(steps, bsz)
+      loader = None
+    else:                                       # their order: their own DataLoader, as they iterate it
+      loader = iter(train_loader)
     for s in range(steps):
-      ids = order[s].reshape(-1, 1)
+      if loader is not None:
+        data, ids, _ = next(loader)
+      else:
+        ids = order[s].reshape(-1, 1)
+        data = dataset.tensors[0][ids.reshape(-1)]
       if "batch" in inputs:
         x = torch.from_numpy(d["x"][s].astype(np.float32))
       else:                                     # their bits
-        x = torch.bernoulli(dataset.tensors[0][ids.reshape(-1)])
+        x = torch.bernoulli(data)
       if "eps" in inputs:
         eps = torch.from_numpy(d["eps"][s])
         model.reparameterize = lambda mu, logvar, eps=eps: eps.mul(logvar.mul(0.5).exp()).add(mu)
@@ -184,6 +195,9 @@ def main(argv=None) -> int:
   ap.add_argument("--exvae_inputs", default=",".join(INPUTS),
                   help="which random inputs come from exvae (comma-separated subset of "
                        f"{','.join(INPUTS)}; the rest the reference draws itself)")
+  ap.add_argument("--reseed", action="store_true",
+                  help="re-seed torch with --seed after building the model, as their "
+                       "initial_or_load does (with --exvae_inputs none: their own run)")
   ap.add_argument("--epochs", type=int, default=24)
   ap.add_argument("--threads", type=int, default=1, help="the reference's torch threads")
   ap.add_argument("--out", default=None, help="a new or empty directory")
@@ -195,7 +209,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     ap.error(str(e))
   if a.side == "torch":
-    torch_side(a.io, a.driver, a.seed, a.epochs, a.threads, inputs)
+    torch_side(a.io, a.driver, a.seed, a.epochs, a.threads, inputs, a.reseed)
     return 0
   if not a.out:
     ap.error("--out is required")
@@ -230,7 +244,8 @@ def main(argv=None) -> int:
   log = open(os.path.join(out, "torch.log"), "w")
   proc = subprocess.Popen([py, "-u", os.path.abspath(__file__), "--side", "torch", "--io", out,
                            "--driver", drv, "--seed", str(a.seed), "--epochs", str(a.epochs),
-                           "--threads", str(a.threads), "--exvae_inputs", ",".join(sorted(inputs)) or "none"],
+                           "--threads", str(a.threads), "--exvae_inputs", ",".join(sorted(inputs)) or "none"]
+                          + (["--reseed"] if a.reseed else []),
                           env=dict(os.environ, EXVAE_REF_SRC=src), stdout=log,
                           stderr=subprocess.STDOUT)
   print(f"the reference from its seed-{a.seed} initialisation, on exvae seed {exvae_seed}'s "
@@ -267,7 +282,7 @@ def main(argv=None) -> int:
   final = float(-val_terms(reference_params(last, template, prefix="w/"), setup,
                            pool, reference_val_set(config), config)["elbo"].mean())
   summary = {"ref_fresh_seed": a.seed, "exvae_draws_seed": exvae_seed,
-             "exvae_inputs": sorted(inputs), "epochs": a.epochs,
+             "exvae_inputs": sorted(inputs), "reseed": a.reseed, "epochs": a.epochs,
              "val_own_scorer": tv["val"], "final_exvae_scorer": final,
              "seconds": time.time() - t0}
   with open(os.path.join(out, "summary.json"), "w") as f:

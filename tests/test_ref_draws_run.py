@@ -62,3 +62,25 @@ def test_exvae_inputs_parsing(capsys):
   with pytest.raises(SystemExit) as e:
     ref_draws_run.main(["--seed", "15", "--exvae_inputs", "perm", "--out", "/tmp/unused"])
   assert e.value.code == 2 and "choose from" in capsys.readouterr().err
+
+
+def test_reseed_reaches_the_reference_side(tmp_path, monkeypatch):
+  """--reseed is handed to the reference's process (it decides whether their run is reproduced)."""
+  seen = {}
+
+  class _Stop(Exception):
+    pass
+
+  def fake_popen(cmd, **kw):
+    seen["cmd"] = cmd
+    raise _Stop
+
+  monkeypatch.setattr(ref_draws_run.subprocess, "Popen", fake_popen)
+  import bench.vs_reference as vr
+  monkeypatch.setattr(vr, "require_reference", lambda: ("py", "src", "drv.py"))
+  for flag, want in ((["--reseed"], True), ([], False)):
+    with pytest.raises(_Stop):
+      ref_draws_run.main(["--seed", "15", "--epochs", "1", "--exvae_inputs", "none",
+                          "--out", str(tmp_path / f"o{want}")] + flag)
+    assert ("--reseed" in seen["cmd"]) is want
+    assert seen["cmd"][seen["cmd"].index("--exvae_inputs") + 1] == "none"
