@@ -42,7 +42,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -223,11 +222,10 @@ def main(argv=None) -> int:
   py, src, drv = require_reference()
 
   import jax.numpy as jnp
-  from bench.ref_continue import _DUMP
-  from bench.ref_step_check import exvae_draws, reference_params
+  from bench.ref_step_check import exvae_draws
   from configs import fashion_vae_exemplar_rat
   from exvae import train_lib
-  from scripts.ref_val_loss import reference_val_set, val_terms
+  from scripts.ref_val_loss import load_reference_params, reference_val_set, val_terms
 
   config = fashion_vae_exemplar_rat.get_config()
   config.progress = False
@@ -238,7 +236,7 @@ def main(argv=None) -> int:
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
   m = int(config.exemplar.num_exemplars)
-  base_key = train_lib.init_state(config, setup, n).key
+  template = train_lib.init_state(config, setup, n)      # its key: exvae's stream; its params: the layout
 
   t0 = time.time()
   log = open(os.path.join(out, "torch.log"), "w")
@@ -261,7 +259,7 @@ def main(argv=None) -> int:
       break
     e0 = epoch - 1
     perm = jnp.asarray(train_lib.epoch_permutation(exvae_seed, e0, n))
-    write_epoch_draws(out, epoch, exvae_draws(base_key, setup, pool, perm, e0 * spe, spe, m))
+    write_epoch_draws(out, epoch, exvae_draws(template.key, setup, pool, perm, e0 * spe, spe, m))
   rc = proc.wait()
   log.close()
   if rc != 0:
@@ -272,15 +270,8 @@ def main(argv=None) -> int:
     tv = json.load(f)
 
   # Their final weights, scored by exvae's validation on their images (one scorer).
-  with tempfile.TemporaryDirectory() as tmp:
-    dump = os.path.join(tmp, "last.npz")
-    subprocess.run([py, "-c", _DUMP, os.path.join(out, "checkpoint_last.pth"), dump,
-                    os.path.dirname(drv)], check=True, env=dict(os.environ, EXVAE_REF_SRC=src),
-                   capture_output=True)
-    last = dict(np.load(dump))
-  template = train_lib.init_state(config, setup, n).params["model"]
-  final = float(-val_terms(reference_params(last, template, prefix="w/"), setup,
-                           pool, reference_val_set(config), config)["elbo"].mean())
+  params = load_reference_params(os.path.join(out, "checkpoint_last.pth"), template.params)
+  final = float(-val_terms(params, setup, pool, reference_val_set(config), config)["elbo"].mean())
   summary = {"ref_fresh_seed": a.seed, "exvae_draws_seed": exvae_seed,
              "exvae_inputs": sorted(inputs), "reseed": a.reseed, "epochs": a.epochs,
              "val_own_scorer": tv["val"], "final_exvae_scorer": final,
