@@ -270,6 +270,23 @@ def test_bf16_bank_error_small():
     assert np.all(np.isfinite(np.asarray(g)))
 
 
+def test_bf16_split_is_exact_and_survives_convert_pair_removal():
+    # x = hi + mid + lo exactly enough (f32), each part a bf16 number.
+    from exvae.kernels.exemplar_lse import _split3
+    x = jnp.asarray(np.random.default_rng(16).normal(size=1000) * 50.0, jnp.float32)
+    parts = jax.jit(lambda x: _split3(x, jnp.bfloat16))(x)
+    assert all(p.dtype == jnp.bfloat16 for p in parts)
+    total = sum(np.asarray(p, np.float64) for p in parts)
+    np.testing.assert_allclose(total, np.asarray(x, np.float64), rtol=2e-7, atol=0)
+    # XLA's GPU compiler deletes f32 -> bf16 -> f32 convert pairs, which zeroed mid
+    # and lo there (0.28 nats on an H200, CPU 0.01): the rounding must be an
+    # explicit reduce_precision, which no backend removes.
+    z, bank = jnp.ones((4, 8)), jnp.ones((32, 8))
+    text = jax.jit(lambda z, b: log_kernel_sum(z, b, 0.0, bank_dtype=jnp.bfloat16)[0]) \
+        .lower(z, bank).as_text()
+    assert text.count("stablehlo.reduce_precision") >= 4  # query, bank, both splits
+
+
 def test_exact_self_match_clamped():
     # Queries equal to exemplars (no LOO): the nearest term must not exceed density 1.
     _, _, bank = _data(b=1, n=50, d=8, seed=14)
