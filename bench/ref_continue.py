@@ -180,7 +180,7 @@ def main(argv=None) -> int:
   from configs import fashion_vae_exemplar_rat
   from exvae import train_lib
   from bench.ref_step_check import reference_params
-  from scripts.ref_val_loss import reference_val_set, val_terms
+  from scripts.ref_val_loss import load_reference_params, reference_val_set, val_terms
 
   with tempfile.TemporaryDirectory() as tmp:
     dump = os.path.join(tmp, "ck.npz")
@@ -252,12 +252,7 @@ def main(argv=None) -> int:
       raise SystemExit(f"ref_continue: the reference's run failed (exit {proc.returncode}); "
                        f"see {run}/driver.log")
     own = _ref_val(py, os.path.join(run, "vae.val_loss"))
-    with tempfile.TemporaryDirectory() as tmp:
-      dump = os.path.join(tmp, "last.npz")
-      subprocess.run([py, "-c", _DUMP, os.path.join(run, "checkpoint_last.pth"), dump,
-                      os.path.dirname(drv)], check=True, env=env, capture_output=True)
-      last = dict(np.load(dump))
-    final = score(reference_params(last, template.params["model"], prefix="w/"))
+    final = score(load_reference_params(os.path.join(run, "checkpoint_last.pth"), template.params))
     summary["reference"][str(seed)] = {"val_own_scorer": own, "final_exvae_scorer": final,
                                        "seconds": time.time() - t0}
     print(f"reference seed {seed}: own validation per epoch "

@@ -111,6 +111,8 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
   import torch
   from utils.evaluation import evaluate_loss
 
+  from bench.ref_step_check import their_loss_backward
+
   args, train_loader, val_loader, _, model, opt = driver.build(
       driver.their_argv("rat", seed=seed), threads)
   if reseed:
@@ -118,7 +120,6 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
     torch.manual_seed(seed)
     random.seed(seed)
   dataset = train_loader.dataset
-  real_randint = torch.randint
   vals, secs = [], []
   for epoch in range(1, epochs + 1):
     path = draws_path(io_dir, epoch)
@@ -147,20 +148,10 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
         x = torch.from_numpy(d["x"][s].astype(np.float32))
       else:                                     # their bits
         x = torch.bernoulli(data)
-      if "eps" in inputs:
-        eps = torch.from_numpy(d["eps"][s])
-        model.reparameterize = lambda mu, logvar, eps=eps: eps.mul(logvar.mul(0.5).exp()).add(mu)
-      if "cand" in inputs:
-        cand = torch.from_numpy(d["cand"][s].astype(np.int64))
-        torch.randint = lambda *a, cand=cand, **k: cand.clone()
-      try:
-        opt.zero_grad()
-        loss, _, _ = model.calculate_loss((x, ids), beta, average=True, cache=cache,
-                                          dataset=dataset)
-        loss.backward()
-      finally:
-        torch.randint = real_randint
-        model.__dict__.pop("reparameterize", None)   # their own method again (validation)
+      loss, _, _ = their_loss_backward(
+          model, opt, (x, ids), beta, cache, dataset,
+          eps=torch.from_numpy(d["eps"][s]) if "eps" in inputs else None,
+          cand=torch.from_numpy(d["cand"][s].astype(np.int64)) if "cand" in inputs else None)
       opt.step()
       cache = (cache[0].detach(), cache[1].detach())
       if not np.isfinite(loss.item()):

@@ -100,6 +100,31 @@ def rel_by_name(params, weights, prefix: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 
+def their_loss_backward(model, opt, batch, beta, cache, dataset, eps=None, cand=None):
+  """Their ``calculate_loss`` and ``backward`` on one batch (gradients left in the
+  model for ``opt.step()``), with the given reparameterisation noise ``eps`` and RAT
+  candidates ``cand`` (torch tensors) in place of their own draws when given.
+
+  The patches (``model.reparameterize``, ``torch.randint``) hold for this call only:
+  their validation and the next step see their own methods again.
+  Returns their (loss, RE, KL) tensors.
+  """
+  import torch
+  real_randint = torch.randint
+  if eps is not None:
+    model.reparameterize = lambda mu, logvar: eps.mul(logvar.mul(0.5).exp()).add(mu)
+  if cand is not None:
+    torch.randint = lambda *a, **k: cand.clone()
+  try:
+    opt.zero_grad()
+    loss, re_, kl = model.calculate_loss(batch, beta, average=True, cache=cache, dataset=dataset)
+    loss.backward()
+  finally:
+    torch.randint = real_randint
+    model.__dict__.pop("reparameterize", None)
+  return loss, re_, kl
+
+
 def torch_side(io_dir: str, driver_path: str, seed: int, threads: int, checkpoint: str | None):
   sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
   import driver  # noqa: E402  (puts the shim and the authors' tree on the path)
@@ -120,22 +145,13 @@ def torch_side(io_dir: str, driver_path: str, seed: int, threads: int, checkpoin
   out["cache0"] = cached_z.numpy().copy()
   epoch = int(inp["epoch"])
   beta = min(1.0, epoch / args.warmup)           # their set_beta (epoch is 1-based there)
-  real_randint = torch.randint
   names = [n for n, _ in model.named_parameters()]
   for s in range(inp["ids"].shape[0]):
     x = torch.from_numpy(inp["x"][s])
     ids = torch.from_numpy(inp["ids"][s].astype(np.int64)).reshape(-1, 1)
-    eps = torch.from_numpy(inp["eps"][s])
-    cand = torch.from_numpy(inp["cand"][s].astype(np.int64))
-    model.reparameterize = lambda mu, logvar, eps=eps: eps.mul(logvar.mul(0.5).exp()).add(mu)
-    torch.randint = lambda *a, cand=cand, **k: cand.clone()
-    try:
-      opt.zero_grad()
-      loss, re_, kl = model.calculate_loss((x, ids), beta, average=True, cache=cache,
-                                           dataset=dataset)
-      loss.backward()
-    finally:
-      torch.randint = real_randint
+    loss, re_, kl = their_loss_backward(
+        model, opt, (x, ids), beta, cache, dataset, eps=torch.from_numpy(inp["eps"][s]),
+        cand=torch.from_numpy(inp["cand"][s].astype(np.int64)))
     if s == 0:
       for n, p in model.named_parameters():
         out[f"grad/{n}"] = p.grad.detach().numpy().copy()
