@@ -16,7 +16,11 @@ the M RAT candidates, exactly what exvae's ``train_step`` consumes
 bits), ``order`` (exvae's rows, their bits), ``eps`` and ``cand``; the
 reference draws the others itself, as its
 own loop does (``torch.randperm``, ``torch.bernoulli``, its own noise and
-``torch.randint``), to find which input a difference comes from. Each epoch
+``torch.randint``), to find which input a difference comes from.
+``--reseed`` re-seeds torch with S after building the model, as their
+``initial_or_load`` does (with ``--exvae_inputs none`` it is their own run);
+``--stream_seed T`` re-seeds with T instead: another torch stream from the
+same start, for the spread between streams. Each epoch
 starts with their ``cache_z`` and ends with
 their ``evaluate_loss`` on their validation images, with their own
 randomness. exvae writes each epoch's draws to ``DIR`` (at most two epochs
@@ -103,7 +107,7 @@ def write_epoch_draws(io_dir: str, epoch: int, draws: dict) -> str:
 
 
 def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: int,
-               inputs: frozenset = frozenset(INPUTS), reseed: bool = False) -> None:
+               inputs: frozenset = frozenset(INPUTS), stream_seed: int | None = None) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
   import random
 
@@ -115,10 +119,11 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
 
   args, train_loader, val_loader, _, model, opt = driver.build(
       driver.their_argv("rat", seed=seed), threads)
-  if reseed:
-    # As their run_density_estimation (initial_or_load) does after building the model.
-    torch.manual_seed(seed)
-    random.seed(seed)
+  if stream_seed is not None:
+    # As their run_density_estimation (initial_or_load) does after building the model,
+    # where the stream seed is the model's seed.
+    torch.manual_seed(stream_seed)
+    random.seed(stream_seed)
   dataset = train_loader.dataset
   vals, secs = [], []
   for epoch in range(1, epochs + 1):
@@ -188,6 +193,9 @@ def main(argv=None) -> int:
   ap.add_argument("--reseed", action="store_true",
                   help="re-seed torch with --seed after building the model, as their "
                        "initial_or_load does (with --exvae_inputs none: their own run)")
+  ap.add_argument("--stream_seed", type=int, default=None,
+                  help="re-seed torch with this seed instead after building the model: "
+                       "another stream from the same start (implies --reseed)")
   ap.add_argument("--epochs", type=int, default=24)
   ap.add_argument("--threads", type=int, default=1, help="the reference's torch threads")
   ap.add_argument("--out", default=None, help="a new or empty directory")
@@ -199,8 +207,9 @@ def main(argv=None) -> int:
   except ValueError as e:
     ap.error(str(e))
   if a.side == "torch":
-    torch_side(a.io, a.driver, a.seed, a.epochs, a.threads, inputs, a.reseed)
+    torch_side(a.io, a.driver, a.seed, a.epochs, a.threads, inputs, a.stream_seed)
     return 0
+  stream_seed = a.stream_seed if a.stream_seed is not None else (a.seed if a.reseed else None)
   if not a.out:
     ap.error("--out is required")
   out = os.path.abspath(os.path.expanduser(a.out))
@@ -234,7 +243,7 @@ def main(argv=None) -> int:
   proc = subprocess.Popen([py, "-u", os.path.abspath(__file__), "--side", "torch", "--io", out,
                            "--driver", drv, "--seed", str(a.seed), "--epochs", str(a.epochs),
                            "--threads", str(a.threads), "--exvae_inputs", ",".join(sorted(inputs)) or "none"]
-                          + (["--reseed"] if a.reseed else []),
+                          + ([] if stream_seed is None else ["--stream_seed", str(stream_seed)]),
                           env=dict(os.environ, EXVAE_REF_SRC=src), stdout=log,
                           stderr=subprocess.STDOUT)
   print(f"the reference from its seed-{a.seed} initialisation, on exvae seed {exvae_seed}'s "
@@ -264,7 +273,8 @@ def main(argv=None) -> int:
   params = load_reference_params(os.path.join(out, "checkpoint_last.pth"), template.params)
   final = float(-val_terms(params, setup, pool, reference_val_set(config), config)["elbo"].mean())
   summary = {"ref_fresh_seed": a.seed, "exvae_draws_seed": exvae_seed,
-             "exvae_inputs": sorted(inputs), "reseed": a.reseed, "epochs": a.epochs,
+             "exvae_inputs": sorted(inputs), "reseed": stream_seed is not None,
+             "stream_seed": stream_seed, "epochs": a.epochs,
              "val_own_scorer": tv["val"], "final_exvae_scorer": final,
              "seconds": time.time() - t0}
   with open(os.path.join(out, "summary.json"), "w") as f:

@@ -65,7 +65,8 @@ def test_exvae_inputs_parsing(capsys):
 
 
 def test_reseed_reaches_the_reference_side(tmp_path, monkeypatch):
-  """--reseed is handed to the reference's process (it decides whether their run is reproduced)."""
+  """--reseed / --stream_seed reach the reference's process as the seed it re-seeds torch with
+  after building the model (it decides whether their run is reproduced)."""
   seen = {}
 
   class _Stop(Exception):
@@ -78,9 +79,13 @@ def test_reseed_reaches_the_reference_side(tmp_path, monkeypatch):
   monkeypatch.setattr(ref_draws_run.subprocess, "Popen", fake_popen)
   import bench.vs_reference as vr
   monkeypatch.setattr(vr, "require_reference", lambda: ("py", "src", "drv.py"))
-  for flag, want in ((["--reseed"], True), ([], False)):
+  for i, (flag, want) in enumerate(((["--reseed"], "15"), ([], None),
+                                    (["--stream_seed", "40"], "40"),
+                                    (["--reseed", "--stream_seed", "41"], "41"))):
     with pytest.raises(_Stop):
       ref_draws_run.main(["--seed", "15", "--epochs", "1", "--exvae_inputs", "none",
-                          "--out", str(tmp_path / f"o{want}")] + flag)
-    assert ("--reseed" in seen["cmd"]) is want
+                          "--out", str(tmp_path / f"o{i}")] + flag)
+    cmd = seen["cmd"]
+    got = cmd[cmd.index("--stream_seed") + 1] if "--stream_seed" in cmd else None
+    assert got == want, (flag, cmd)
     assert seen["cmd"][seen["cmd"].index("--exvae_inputs") + 1] == "none"
