@@ -18,7 +18,9 @@ a run cut short still leaves the figures of the finished sections:
                     measured float32 matmul rate, exp rate and copy bandwidth), and
                     its error against float64
   train_speed.json  epoch time of the Fashion-MNIST MLP VAE (Gaussian, RAT, exact
-                    M = 25000) and of the HVAE and ConvHVAE (RAT)
+                    M = 25000) and of the HVAE and ConvHVAE (RAT); the exact, RAT and
+                    ConvHVAE rows again with the networks' matmuls at full float32
+                    (``_highest``: no TF32, as PyTorch)
   eval.json         IWAE test NLL at S = 5000 against N = 50000: seconds per test
                     point and the projected 10000-point test set
   train_run.json    a short exact-prior training run (train.py, as many epochs as
@@ -82,8 +84,11 @@ FULL = dict(
     exp_shape=(8192, 8192), copy_mib=1024, topk=(100, 25_000),
     num_train=50_000, batch=100, num_exemplars=25_000, steps=50,
     # Most wanted first: a row that would start past the section's share is skipped.
+    # A third field runs the row under jax.default_matmul_precision (the networks'
+    # float32 matmuls at full float32, as PyTorch runs them, instead of TF32).
     train_rows=(("vae", "exact"), ("vae", "rat"), ("convhvae", "rat"), ("hvae", "rat"),
-                ("vae", "gaussian")),
+                ("vae", "gaussian"), ("vae", "exact", "highest"), ("vae", "rat", "highest"),
+                ("convhvae", "rat", "highest")),
     eval_points=20, eval_samples=5000, eval_max_queries=(5000, 50_000),
     run_overrides={"num_epochs": 1000},
 )
@@ -98,7 +103,8 @@ SMOKE = dict(
     num_train=600, batch=50, num_exemplars=100, steps=2,
     # The ConvHVAE step compiles for ~50 s on 2 CPU cores: its row runs only in the
     # full check (tests/test_models.py trains it under every prior on the CPU).
-    train_rows=(("vae", "gaussian"), ("vae", "rat"), ("vae", "exact"), ("hvae", "rat")),
+    train_rows=(("vae", "gaussian"), ("vae", "rat"), ("vae", "exact"), ("hvae", "rat"),
+                ("vae", "rat", "highest")),
     eval_points=2, eval_samples=40, eval_max_queries=(40, 80),
     run_overrides={"num_epochs": 3, "max_train": 400, "max_test": 100, "val_size": 100, "batch_size": 50,
                    "exemplar.num_exemplars": 100, "exemplar.encode_chunk": 100,
@@ -457,8 +463,8 @@ def section_train_speed(chk: Check, deadline: float) -> dict:
   splits, source = _speed_data(chk)
   pool = jnp.asarray(splits.train_x)
   rows, skipped, errors = {}, [], {}
-  for model, prior in chk.mode["train_rows"]:
-    name = f"{model}_{prior}"
+  for model, prior, *precision in chk.mode["train_rows"]:
+    name = "_".join([model, prior, *precision])
     if time.monotonic() > deadline:
       skipped.append(name)
       continue
@@ -466,7 +472,9 @@ def section_train_speed(chk: Check, deadline: float) -> dict:
     c.batch_size = chk.mode["batch"]
     c.exemplar.num_exemplars = chk.mode["num_exemplars"]
     try:
-      rows[name] = time_config(c, splits, pool, chk.mode["steps"])
+      with jax.default_matmul_precision(precision[0] if precision else None):
+        rows[name] = dict(time_config(c, splits, pool, chk.mode["steps"]),
+                          matmul_precision=precision[0] if precision else "backend default")
     except Exception as e:  # noqa: BLE001 - the other rows still count
       errors[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
   if errors and not rows:

@@ -48,7 +48,9 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert 0 < row["fwd_ms"] and 0 < row["limit_fwd_ms"] and math.isfinite(row["fwd_x_limit"])
     assert row["max_abs_err_vs_f64"] < 1e-3          # float32 level, not bf16/TF32
   speed = records["train_speed"]
-  assert set(speed["rows"]) == {"vae_gaussian", "vae_rat", "vae_exact", "hvae_rat"}
+  assert set(speed["rows"]) == {"vae_gaussian", "vae_rat", "vae_exact", "hvae_rat", "vae_rat_highest"}
+  assert speed["rows"]["vae_rat_highest"]["matmul_precision"] == "highest"
+  assert speed["rows"]["vae_rat"]["matmul_precision"] == "backend default"
   assert not speed["row_errors"]
   assert all(math.isfinite(r["epoch_s"]) and r["epoch_s"] > 0 for r in speed["rows"].values())
   ev = records["eval"]
