@@ -135,12 +135,13 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
     d_own = a - np.asarray(own["val_own_scorer"][:n])
     ranges = [(lo, min(hi, n)) for lo, hi in ((0, 12), (12, 24)) if lo < n]
     row = {"seed": r["ref_fresh_seed"], "inputs": r.get("exvae_inputs", ["batch", "cand", "eps"]),
-           "epochs": n,
+           "stream_seed": r.get("stream_seed"), "epochs": n,
            "vs_exvae": {f"{lo + 1}-{hi}": float(d_ex[lo:hi].mean()) for lo, hi in ranges},
            "vs_ref_own": {f"{lo + 1}-{hi}": float(d_own[lo:hi].mean()) for lo, hi in ranges},
            "final_vs_exvae": float(r["final_exvae_scorer"] - ex["val"][n - 1])}
     out.append(row)
-    print(f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}, {n} epochs: "
+    stream = "" if row["stream_seed"] is None else f" (torch re-seeded with {row['stream_seed']})"
+    print(f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}{stream}, {n} epochs: "
           "mean difference from exvae from this start (on all its draws) "
           + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_exvae"].items())
           + "; from their own run "

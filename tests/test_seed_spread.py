@@ -98,5 +98,9 @@ def test_draws_differences(capsys):
   np.testing.assert_allclose(row["final_vs_exvae"], 0.02)
   out = capsys.readouterr().out
   assert "seed 15, exvae's batch, 16 epochs:" in out and "one scorer, from exvae +0.020" in out
+  assert row["stream_seed"] is None
+  (row,) = _mod().print_draws([dict(runs[0], exvae_inputs=[], stream_seed=116)], pairs)
+  assert row["stream_seed"] == 116
+  assert "seed 15, exvae's nothing (torch re-seeded with 116), 16 epochs:" in capsys.readouterr().out
   with pytest.raises(ValueError, match="no pair for seed 16"):
     _mod().print_draws([dict(runs[0], ref_fresh_seed=16)], pairs)
