@@ -535,18 +535,10 @@ def section_train_run(chk: Check, deadline: float) -> dict:
     log.seek(0)
     text = log.read()
   wall = time.monotonic() - start
-  val, epochs = [], []
-  metrics = workdir / "metrics.jsonl"
-  if metrics.exists():
-    for line in metrics.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "val_loss" in rec:
-        epochs.append({k: rec.get(k) for k in ("epoch", "step", "val_loss", "val_recon",
-                                               "val_kl", "time")})
-        val.append(rec["val_loss"])
+  from seed_runs import read_val_records
+  epochs = [{k: rec.get(k) for k in ("epoch", "step", "val_loss", "val_recon", "val_kl", "time")}
+            for rec in read_val_records(workdir)]
+  val = [rec["val_loss"] for rec in epochs]
   shutil.rmtree(workdir, ignore_errors=True)
   if not epochs and not timed_out:
     raise RuntimeError(f"train.py exited {proc.returncode} with no epoch: {text[-3000:]}")

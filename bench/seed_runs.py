@@ -47,10 +47,11 @@ def parse_seeds(text: str) -> list[int]:
   return sorted(seeds)
 
 
-def read_val_curve(workdir: Path) -> list[float]:
-  """Validation loss per epoch from a run's metrics.jsonl (empty if none yet)."""
+def read_val_records(workdir: Path) -> list[dict]:
+  """A run's validation records from its metrics.jsonl, by epoch (last record per epoch
+  wins; unreadable lines are skipped; empty if there is no file yet)."""
   path = workdir / "metrics.jsonl"
-  curve: dict[int, float] = {}
+  recs: dict[int, dict] = {}
   if path.exists():
     for line in path.read_text().splitlines():
       try:
@@ -58,8 +59,13 @@ def read_val_curve(workdir: Path) -> list[float]:
       except json.JSONDecodeError:
         continue
       if "val_loss" in rec:
-        curve[int(rec["epoch"])] = float(rec["val_loss"])
-  return [curve[e] for e in sorted(curve)]
+        recs[int(rec["epoch"])] = rec
+  return [recs[e] for e in sorted(recs)]
+
+
+def read_val_curve(workdir: Path) -> list[float]:
+  """Validation loss per epoch from a run's metrics.jsonl (empty if none yet)."""
+  return [float(r["val_loss"]) for r in read_val_records(workdir)]
 
 
 def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
