@@ -72,7 +72,10 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
   for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
     if proc.poll() is not None:
       return
-    os.killpg(proc.pid, sig)
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:   # it exited between the poll and the signal
+      return
     try:
       proc.wait(timeout=wait)
     except subprocess.TimeoutExpired:
