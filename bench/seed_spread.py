@@ -20,9 +20,10 @@ final weights), with their mean, standard error and one-sample t p-value.
 ``--draws`` reads ``bench/ref_draws_run.py`` summaries (the reference's code
 from its seed-S start, fed some or all of exvae's random inputs) together
 with the ``--pairs`` file of the same seeds, and prints, per run, its mean
-difference over epochs 1-12 and 13-24 from exvae on the same start and draws
-(``ref_continue``) and from the reference's own from-scratch run, and at its
-last epoch from exvae with one scorer.
+difference over epochs 1-12, 13-24 and 25-52 from exvae on the same start and
+draws (``ref_continue``) and from the reference's own from-scratch run, and at
+its last epoch from exvae (and, for a run as long as theirs, from their own
+run) with one scorer.
 
 With ``--vs_own_init`` it also compares the pairs' exvae runs (started from
 the reference's initialisations) with exvae's own from-scratch seeds of the
@@ -106,6 +107,11 @@ def print_pairs(summaries: list) -> list:
   return [next(iter(sm["exvae"].values()))["val"][-1] for sm in summaries]
 
 
+# Epoch windows of the --draws means: the early swings, the epochs where the gap
+# appears, and the rest of a 52-epoch run.
+_WINDOWS = ((0, 12), (12, 24), (24, 52))
+
+
 def print_draws(runs: list, pairs: list) -> list[dict]:
   """How far the reference's code on (some of) exvae's draws is from exvae and from itself.
 
@@ -117,7 +123,8 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
 
   Returns:
     one dict per run: ``seed``, ``inputs``, ``vs_exvae`` and ``vs_ref_own`` (mean
-    differences per epoch range, own scorers), ``final_vs_exvae`` (one scorer).
+    differences per epoch range, own scorers), ``final_vs_exvae`` (one scorer) and,
+    for a run as long as the reference's own, ``final_vs_ref_own`` (one scorer).
   """
   by_seed = {sm["ref_fresh_seed"]: sm for sm in pairs}
   out = []
@@ -133,12 +140,15 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
       raise ValueError(f"seed {r['ref_fresh_seed']}: the pair has fewer than {n} epochs")
     d_ex = a - np.asarray(ex["val"][:n])
     d_own = a - np.asarray(own["val_own_scorer"][:n])
-    ranges = [(lo, min(hi, n)) for lo, hi in ((0, 12), (12, 24)) if lo < n]
+    ranges = [(lo, min(hi, n)) for lo, hi in _WINDOWS if lo < n]
     row = {"seed": r["ref_fresh_seed"], "inputs": r.get("exvae_inputs", ["batch", "cand", "eps"]),
            "stream_seed": r.get("stream_seed"), "epochs": n,
            "vs_exvae": {f"{lo + 1}-{hi}": float(d_ex[lo:hi].mean()) for lo, hi in ranges},
            "vs_ref_own": {f"{lo + 1}-{hi}": float(d_own[lo:hi].mean()) for lo, hi in ranges},
            "final_vs_exvae": float(r["final_exvae_scorer"] - ex["val"][n - 1])}
+    if n == len(own["val_own_scorer"]):
+      # Both final weights scored by exvae's validation: no scorer offset in this one.
+      row["final_vs_ref_own"] = float(r["final_exvae_scorer"] - own["final_exvae_scorer"])
     out.append(row)
     stream = "" if row["stream_seed"] is None else f" (torch re-seeded with {row['stream_seed']})"
     print(f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}{stream}, {n} epochs: "
@@ -146,7 +156,9 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
           + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_exvae"].items())
           + "; from their own run "
           + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_ref_own"].items())
-          + f"; epoch {n}, one scorer, from exvae {row['final_vs_exvae']:+.3f}")
+          + f"; epoch {n}, one scorer, from exvae {row['final_vs_exvae']:+.3f}"
+          + ("" if "final_vs_ref_own" not in row
+             else f", from their own run {row['final_vs_ref_own']:+.3f}"))
   return out
 
 

@@ -102,5 +102,23 @@ def test_draws_differences(capsys):
   (row,) = _mod().print_draws([dict(runs[0], exvae_inputs=[], stream_seed=116)], pairs)
   assert row["stream_seed"] == 116
   assert "seed 15, exvae's nothing (torch re-seeded with 116), 16 epochs:" in capsys.readouterr().out
+  assert "final_vs_ref_own" not in row                 # 16 of their 52 epochs
   with pytest.raises(ValueError, match="no pair for seed 16"):
     _mod().print_draws([dict(runs[0], ref_fresh_seed=16)], pairs)
+
+
+def test_draws_full_length_windows(capsys):
+  ex = 260.0 - 0.5 * np.arange(52, dtype=float)
+  own = ex - 0.25
+  pairs = [{"ref_fresh_seed": 15, "exvae": {"15": {"val": list(ex)}},
+            "reference": {"15": {"val_own_scorer": list(own), "final_exvae_scorer": 234.0}}}]
+  a = own.copy()
+  a[24:] += 0.4                                         # falls behind their run after epoch 24
+  runs = [{"ref_fresh_seed": 15, "exvae_inputs": [], "stream_seed": 115,
+           "val_own_scorer": list(a), "final_exvae_scorer": 234.3}]
+  (row,) = _mod().print_draws(runs, pairs)
+  np.testing.assert_allclose(row["vs_ref_own"]["13-24"], 0.0, atol=1e-12)
+  np.testing.assert_allclose(row["vs_ref_own"]["25-52"], 0.4)
+  np.testing.assert_allclose(row["vs_exvae"]["25-52"], 0.15)
+  np.testing.assert_allclose(row["final_vs_ref_own"], 0.3)
+  assert "epochs 25-52 +0.400; epoch 52, one scorer, from exvae " in capsys.readouterr().out
