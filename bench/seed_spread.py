@@ -23,7 +23,9 @@ with the ``--pairs`` file of the same seeds, and prints, per run, its mean
 difference over epochs 1-12, 13-24 and 25-52 from exvae on the same start and
 draws (``ref_continue``) and from the reference's own from-scratch run, and at
 its last epoch from exvae (and, for a run as long as theirs, from their own
-run) with one scorer.
+run) with one scorer. Its last line compares the full-length streams whose
+torch seed is not the initialisation's (as in the authors' own script) with
+the coupled run and with exvae from the same starts.
 
 With ``--vs_own_init`` it also compares the pairs' exvae runs (started from
 the reference's initialisations) with exvae's own from-scratch seeds of the
@@ -162,6 +164,42 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
   return out
 
 
+def print_decoupled(rows: list[dict]) -> dict | None:
+  """Full-length reference streams whose torch seed is not the initialisation's.
+
+  The authors' script builds the model before it seeds torch, so its training
+  draws never reuse the initial weights' draws; the harness's from-scratch runs
+  (``driver.py train --seed S``) seed both with S. This compares, start by start
+  and with one scorer at the last epoch, such a decoupled stream (``--exvae_inputs
+  none --stream_seed T``, T != S) with the coupled run and with exvae.
+
+  Args:
+    rows: the output of :func:`print_draws`.
+
+  Returns:
+    ``{"n", "vs_ref_own", "vs_exvae"}`` (lists per start, and ``paired`` summaries
+    when there are two starts or more), or None when no row qualifies.
+  """
+  sel = [r for r in rows if "final_vs_ref_own" in r and not r["inputs"]
+         and r["stream_seed"] is not None and r["stream_seed"] != r["seed"]]
+  if not sel:
+    return None
+  out = {"n": len(sel), "vs_ref_own": [r["final_vs_ref_own"] for r in sel],
+         "vs_exvae": [r["final_vs_exvae"] for r in sel]}
+  line = (f"decoupled reference streams, epoch {sel[0]['epochs']}, one scorer, over {len(sel)} "
+          f"start(s) ({', '.join(str(r['seed']) for r in sel)}): ")
+  parts = []
+  for key, name in (("vs_ref_own", "minus the coupled run from the same start"),
+                    ("vs_exvae", "minus exvae from the same start")):
+    if len(sel) > 1:
+      out[key + "_paired"] = f = paired(out[key])
+      parts.append(f"{name} {f['mean']:+.3f} +- {f['se']:.3f} (p = {f['p']:.3f})")
+    else:
+      parts.append(f"{name} {out[key][0]:+.3f}")
+  print(line + "; ".join(parts))
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--json", default=os.path.join(ROOT, "results", "fidelity", "equal_epoch_rat.json"))
@@ -177,7 +215,7 @@ def main(argv=None) -> int:
     ap.error("--vs_own_init and --draws need --pairs")
   if a.draws:
     with open(a.draws) as f, open(a.pairs) as g:
-      print_draws(json.load(f), json.load(g))
+      print_decoupled(print_draws(json.load(f), json.load(g)))
     return 0
   if a.pairs:
     with open(a.pairs) as f:
