@@ -110,8 +110,8 @@ def print_pairs(summaries: list) -> list:
 
 
 # Epoch windows of the --draws means: the early swings, the epochs where the gap
-# appears, and the rest of a 52-epoch run.
-_WINDOWS = ((0, 12), (12, 24), (24, 52))
+# appears, the rest of a 52-epoch run, and its last nine epochs.
+_WINDOWS = ((0, 12), (12, 24), (24, 52), (43, 52))
 
 
 def print_draws(runs: list, pairs: list) -> list[dict]:
@@ -169,34 +169,48 @@ def print_decoupled(rows: list[dict]) -> dict | None:
 
   The authors' script builds the model before it seeds torch, so its training
   draws never reuse the initial weights' draws; the harness's from-scratch runs
-  (``driver.py train --seed S``) seed both with S. This compares, start by start
-  and with one scorer at the last epoch, such a decoupled stream (``--exvae_inputs
-  none --stream_seed T``, T != S) with the coupled run and with exvae.
+  (``driver.py train --seed S``) seed both with S. This compares, start by start,
+  such a decoupled stream (``--exvae_inputs none --stream_seed T``, T != S) with
+  the coupled run and with exvae: at the last epoch with one scorer, and as
+  means over the late windows (each code's own scorer), which average out the
+  single epochs' swings.
 
   Args:
     rows: the output of :func:`print_draws`.
 
   Returns:
-    ``{"n", "vs_ref_own", "vs_exvae"}`` (lists per start, and ``paired`` summaries
-    when there are two starts or more), or None when no row qualifies.
+    ``{"n", "starts", "final": {"vs_ref_own", "vs_exvae"}, "<window>": {...}}``:
+    per comparison the differences per start (decoupled stream minus the other),
+    plus a ``paired`` summary of each when there are two starts or more; None
+    when no row qualifies.
   """
   sel = [r for r in rows if "final_vs_ref_own" in r and not r["inputs"]
          and r["stream_seed"] is not None and r["stream_seed"] != r["seed"]]
   if not sel:
     return None
-  out = {"n": len(sel), "vs_ref_own": [r["final_vs_ref_own"] for r in sel],
-         "vs_exvae": [r["final_vs_exvae"] for r in sel]}
-  line = (f"decoupled reference streams, epoch {sel[0]['epochs']}, one scorer, over {len(sel)} "
-          f"start(s) ({', '.join(str(r['seed']) for r in sel)}): ")
-  parts = []
-  for key, name in (("vs_ref_own", "minus the coupled run from the same start"),
-                    ("vs_exvae", "minus exvae from the same start")):
-    if len(sel) > 1:
-      out[key + "_paired"] = f = paired(out[key])
-      parts.append(f"{name} {f['mean']:+.3f} +- {f['se']:.3f} (p = {f['p']:.3f})")
-    else:
-      parts.append(f"{name} {out[key][0]:+.3f}")
-  print(line + "; ".join(parts))
+  out = {"n": len(sel), "starts": [r["seed"] for r in sel],
+         "final": {"vs_ref_own": [r["final_vs_ref_own"] for r in sel],
+                   "vs_exvae": [r["final_vs_exvae"] for r in sel]}}
+  for w in (f"{lo + 1}-{hi}" for lo, hi in _WINDOWS[2:]):
+    if all(w in r["vs_exvae"] for r in sel):
+      out[w] = {"vs_ref_own": [r["vs_ref_own"][w] for r in sel],
+                "vs_exvae": [r["vs_exvae"][w] for r in sel]}
+  print(f"decoupled reference streams from {len(sel)} start(s) "
+        f"({', '.join(map(str, out['starts']))}), minus the coupled run / minus exvae "
+        "from the same start:")
+  for label, key in ((f"epoch {sel[0]['epochs']}, one scorer", "final"),
+                     *((f"mean over epochs {w}", w) for w in out if "-" in w)):
+    parts = []
+    for cmp in ("vs_ref_own", "vs_exvae"):
+      v = out[key][cmp]
+      if len(v) > 1:
+        out[key][cmp + "_paired"] = f = paired(v)
+        parts.append(f"{f['mean']:+.3f} +- {f['se']:.3f} (p = {f['p']:.3f})")
+      else:
+        parts.append(f"{v[0]:+.3f}")
+    print(f"  {label}: " + " / ".join(parts)
+          + "   per start: " + " ".join(f"{x:+.3f}" for x in out[key]["vs_ref_own"])
+          + " / " + " ".join(f"{x:+.3f}" for x in out[key]["vs_exvae"]))
   return out
 
 

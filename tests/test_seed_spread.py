@@ -121,24 +121,30 @@ def test_draws_full_length_windows(capsys):
   np.testing.assert_allclose(row["vs_ref_own"]["25-52"], 0.4)
   np.testing.assert_allclose(row["vs_exvae"]["25-52"], 0.15)
   np.testing.assert_allclose(row["final_vs_ref_own"], 0.3)
-  assert "epochs 25-52 +0.400; epoch 52, one scorer, from exvae " in capsys.readouterr().out
+  assert "epochs 25-52 +0.400, epochs 44-52 +0.400; epoch 52, one scorer, from exvae " in capsys.readouterr().out
 
 
 def test_decoupled_summary(capsys):
-  base = {"epochs": 52, "inputs": [], "final_vs_exvae": 0.1, "final_vs_ref_own": 0.3}
+  base = {"epochs": 52, "inputs": [], "final_vs_exvae": 0.1, "final_vs_ref_own": 0.3,
+          "vs_exvae": {"25-52": 0.02, "44-52": 0.0}, "vs_ref_own": {"25-52": 0.1, "44-52": 0.2}}
   rows = [dict(base, seed=15, stream_seed=115),
-          dict(base, seed=16, stream_seed=116, final_vs_exvae=-0.1, final_vs_ref_own=0.1),
+          dict(base, seed=16, stream_seed=116, final_vs_exvae=-0.1, final_vs_ref_own=0.1,
+               vs_exvae={"25-52": -0.04, "44-52": 0.1}, vs_ref_own={"25-52": 0.2, "44-52": 0.1}),
           dict(base, seed=16, stream_seed=16, final_vs_ref_own=0.0),        # coupled: left out
           dict(base, seed=17, stream_seed=117, inputs=["batch"]),           # exvae's draws: out
           {"seed": 18, "epochs": 24, "inputs": [], "stream_seed": 118,      # not full length
-           "final_vs_exvae": 5.0}]
+           "final_vs_exvae": 5.0, "vs_exvae": {}, "vs_ref_own": {}}]
   out = _mod().print_decoupled(rows)
-  assert out["n"] == 2 and out["vs_ref_own"] == [0.3, 0.1]
-  np.testing.assert_allclose(out["vs_ref_own_paired"]["mean"], 0.2)
-  np.testing.assert_allclose(out["vs_ref_own_paired"]["se"], 0.1)
-  np.testing.assert_allclose(out["vs_exvae_paired"]["mean"], 0.0, atol=1e-12)
-  assert "over 2 start(s) (15, 16)" in capsys.readouterr().out
+  assert out["n"] == 2 and out["starts"] == [15, 16]
+  assert out["final"]["vs_ref_own"] == [0.3, 0.1]
+  np.testing.assert_allclose(out["final"]["vs_ref_own_paired"]["mean"], 0.2)
+  np.testing.assert_allclose(out["final"]["vs_ref_own_paired"]["se"], 0.1)
+  np.testing.assert_allclose(out["final"]["vs_exvae_paired"]["mean"], 0.0, atol=1e-12)
+  np.testing.assert_allclose(out["25-52"]["vs_exvae_paired"]["mean"], -0.01)
+  np.testing.assert_allclose(out["44-52"]["vs_exvae_paired"]["se"], 0.05)
+  text = capsys.readouterr().out
+  assert "from 2 start(s) (15, 16)" in text and "mean over epochs 44-52:" in text
   one = _mod().print_decoupled(rows[:1])
-  assert one["n"] == 1 and "vs_ref_own_paired" not in one
-  assert "minus the coupled run from the same start +0.300" in capsys.readouterr().out
+  assert one["n"] == 1 and "vs_ref_own_paired" not in one["final"]
+  assert "epoch 52, one scorer: +0.300 / +0.100" in capsys.readouterr().out
   assert _mod().print_decoupled(rows[2:]) is None
