@@ -20,10 +20,10 @@ final weights), with their mean, standard error and one-sample t p-value.
 ``--draws`` reads ``bench/ref_draws_run.py`` summaries (the reference's code
 from its seed-S start, fed some or all of exvae's random inputs) together
 with the ``--pairs`` file of the same seeds, and prints, per run, its mean
-difference over epochs 1-12, 13-24 and 25-52 from exvae on the same start and
+difference over epochs 1-12, 13-24, 25-52 and 44-52 from exvae on the same start and
 draws (``ref_continue``) and from the reference's own from-scratch run, and at
 its last epoch from exvae (and, for a run as long as theirs, from their own
-run) with one scorer. Its last line compares the full-length streams whose
+run) with one scorer. Its last lines compare the full-length streams whose
 torch seed is not the initialisation's (as in the authors' own script) with
 the coupled run and with exvae from the same starts.
 
@@ -191,15 +191,16 @@ def print_decoupled(rows: list[dict]) -> dict | None:
   out = {"n": len(sel), "starts": [r["seed"] for r in sel],
          "final": {"vs_ref_own": [r["final_vs_ref_own"] for r in sel],
                    "vs_exvae": [r["final_vs_exvae"] for r in sel]}}
-  for w in (f"{lo + 1}-{hi}" for lo, hi in _WINDOWS[2:]):
-    if all(w in r["vs_exvae"] for r in sel):
-      out[w] = {"vs_ref_own": [r["vs_ref_own"][w] for r in sel],
-                "vs_exvae": [r["vs_exvae"][w] for r in sel]}
+  windows = [w for w in (f"{lo + 1}-{hi}" for lo, hi in _WINDOWS[2:])
+             if all(w in r["vs_exvae"] for r in sel)]
+  for w in windows:
+    out[w] = {"vs_ref_own": [r["vs_ref_own"][w] for r in sel],
+              "vs_exvae": [r["vs_exvae"][w] for r in sel]}
   print(f"decoupled reference streams from {len(sel)} start(s) "
         f"({', '.join(map(str, out['starts']))}), minus the coupled run / minus exvae "
         "from the same start:")
   for label, key in ((f"epoch {sel[0]['epochs']}, one scorer", "final"),
-                     *((f"mean over epochs {w}", w) for w in out if "-" in w)):
+                     *((f"mean over epochs {w}", w) for w in windows)):
     parts = []
     for cmp in ("vs_ref_own", "vs_exvae"):
       v = out[key][cmp]
