@@ -9,7 +9,8 @@
 #
 # Each run trains in $RUNS/<config> (resuming from its checkpoints), is evaluated, copied
 # into results/<config>/ (scripts/collect_result.py), and the README table is regenerated
-# (scripts/results_table.py) once every run has finished. Start it with nohup from a
+# (scripts/results_table.py) once every run has finished. A run carried in carry/ from an
+# earlier machine (scripts/carry_runs.py) is unpacked first where its directory is missing. Start it with nohup from a
 # checkout of its own so edits to this tree never change a running job:
 # git worktree add ~/exvae-runs/src-<sha> <sha>.
 #
@@ -30,6 +31,10 @@ if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || [ "$JOBS" -gt "$ncpu" ]; then
   exit 2
 fi
 per=$(( ncpu / JOBS ))
+# A new machine has no run directories: recreate the ones carried in the repository
+# (carry/, written by scripts/carry_runs.py pack) so that those runs resume, not restart.
+# shellcheck disable=SC2086  # CONFIGS is a list of names
+$PY scripts/carry_runs.py unpack --runs "$RUNS" $CONFIGS
 
 run_one() {  # run_one <config>: train (resume), evaluate, collect
   local cfg="$1" wd="$RUNS/$1"

@@ -177,6 +177,8 @@ def test_paper_runs_jobs_pins_each_run_to_its_own_cores(tmp_path):
                      "--config.progress=False" % tmp_path) > order.index(
       "scripts/collect_result.py --workdir %s/runs/cfg_a --name cfg_a" % tmp_path)
   assert [a for a in order if "results_table" in a] == [order[-1]]
+  # first, carried runs are unpacked where their directories are missing
+  assert order[0] == f"scripts/carry_runs.py unpack --runs {tmp_path}/runs cfg_a cfg_b cfg_c"
 
 
 def test_paper_runs_failure_keeps_the_table_and_bad_jobs_is_one_line(tmp_path):

@@ -1,0 +1,196 @@
+"""Carries long training runs from one machine to the next through the repository.
+
+A session may start on a new machine whose run directories (``~/exvae-runs``)
+are gone, and the repository is all that every session gets. The paper-protocol
+runs take more hours than one session has, so a run that restarted from scratch
+each time would never finish. ``pack`` writes a stopped run directory into
+``carry/<name>.tar.gz`` (its newest checkpoint step only, which holds the full
+train state, the best parameters and the early-stopping bookkeeping, plus its
+logs), to be committed; ``unpack`` recreates the run directory from it where the
+directory is missing, and ``train.py`` then resumes as from any checkpoint.
+
+Usage:
+  python scripts/carry_runs.py pack   --runs ~/exvae-runs NAME...   # runs stopped first
+  python scripts/carry_runs.py unpack --runs ~/exvae-runs [NAME...]
+
+``pack`` takes the run's writer lock, so it refuses a run that is training
+(stop it with SIGTERM first: it saves a checkpoint as it stops). ``unpack``
+never touches an existing run directory: the newer work may be there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from exvae import rundir  # noqa: E402
+
+CARRY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "carry")
+# Not carried: the writer lock (held by the packing process itself) and steps that
+# failed to restore.
+_SKIP_TOP = {rundir.LOCK_FILE, "unreadable_checkpoints"}
+
+
+class CarryError(Exception):
+  """A run that cannot be packed or unpacked; the message is one line for the user."""
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The complete checkpoint steps of a run directory, oldest first.
+
+  Orbax writes a step under a temporary name and renames it to the bare step
+  number when complete, so only all-digit names count.
+  """
+  ckpt = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt)
+                if d.isdigit() and os.path.isdir(os.path.join(ckpt, d)))
+
+
+def _last_validation(workdir: str) -> dict:
+  """The newest validation record of ``metrics.jsonl`` (epoch, best_val), or {}."""
+  last = {}
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except ValueError:
+          continue                      # a line cut by a kill
+        if "val_loss" in r:
+          last = r
+  except FileNotFoundError:
+    pass
+  return {k: last[k] for k in ("epoch", "step", "best_val") if k in last}
+
+
+def pack(workdir: str, out_path: str) -> dict:
+  """Writes ``workdir`` (newest checkpoint step only) to the gzipped tar ``out_path``.
+
+  Args:
+    workdir: a run directory whose writer has stopped.
+    out_path: the archive to write (replaced atomically).
+
+  Returns:
+    The manifest: carried step, epoch and best validation loss, the run's provenance.
+
+  Raises:
+    CarryError: no such directory, no complete checkpoint, or a writer holds the run.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise CarryError(f"no run directory {workdir}")
+  try:
+    lock = rundir.WorkdirLock(workdir).acquire()
+  except rundir.WorkdirLockedError as e:
+    raise CarryError(f"{e} Stop it with SIGTERM (it saves a checkpoint as it stops), "
+                     "then pack.") from None
+  try:
+    steps = checkpoint_steps(workdir)
+    if not steps:
+      raise CarryError(f"{workdir} holds no complete checkpoint step: nothing to carry")
+    keep = os.path.join("checkpoints", str(steps[-1]))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".carry-", dir=os.path.dirname(os.path.abspath(out_path)))
+    os.close(fd)
+    try:
+      with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for entry in sorted(os.listdir(workdir)):
+          if entry in _SKIP_TOP:
+            continue
+          if entry == "checkpoints":
+            tar.add(os.path.join(workdir, keep), arcname=keep)
+          else:
+            tar.add(os.path.join(workdir, entry), arcname=entry)
+      os.replace(tmp, out_path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
+  finally:
+    lock.release()
+  manifest = {"step": steps[-1], **_last_validation(workdir),
+              "bytes": os.path.getsize(out_path)}
+  prov = os.path.join(workdir, "provenance.json")
+  if os.path.exists(prov):
+    with open(prov) as f:
+      manifest["source"] = json.load(f)
+  return manifest
+
+
+def unpack(archive: str, workdir: str) -> str:
+  """Recreates the run directory ``workdir`` from ``archive`` if it does not exist.
+
+  Args:
+    archive: a ``pack`` archive.
+    workdir: where the run directory belongs.
+
+  Returns:
+    A one-line account of what was done.
+  """
+  workdir = os.path.abspath(workdir)
+  with tarfile.open(archive, "r:gz") as tar:
+    steps = sorted(int(p.split("/")[1]) for p in tar.getnames()
+                   if p.startswith("checkpoints/") and p.count("/") == 1 and
+                   p.split("/")[1].isdigit())
+    carried = steps[-1] if steps else None
+    if os.path.exists(workdir):
+      have = checkpoint_steps(workdir)
+      return (f"kept {workdir} (newest step {have[-1] if have else 'none'}); not replaced by "
+              f"{archive} (step {carried}): move the directory aside to use the carried run")
+    parent = os.path.dirname(workdir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.unpack-", dir=parent)
+    try:
+      tar.extractall(tmp, filter="data")      # no absolute paths, links out or devices
+      os.replace(tmp, workdir)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  return f"unpacked {archive} into {workdir} (step {carried}): train.py resumes from it"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("command", choices=("pack", "unpack"))
+  p.add_argument("names", nargs="*", help="run names (config names); unpack: default all carried")
+  p.add_argument("--runs", default=os.path.expanduser("~/exvae-runs"),
+                 help="the folder holding the run directories")
+  p.add_argument("--carry", default=CARRY_DIR, help="the folder holding the archives")
+  args = p.parse_args(argv)
+  try:
+    if args.command == "pack":
+      if not args.names:
+        raise CarryError("pack: name the runs to carry")
+      for name in args.names:
+        out = os.path.join(args.carry, f"{name}.tar.gz")
+        manifest = pack(os.path.join(args.runs, name), out)
+        with open(os.path.join(args.carry, f"{name}.json"), "w") as f:
+          json.dump(manifest, f, indent=2, sort_keys=True)
+          f.write("\n")
+        print(f"packed {name}: step {manifest['step']}, epoch {manifest.get('epoch')}, best val "
+              f"{manifest.get('best_val')}, {manifest['bytes'] / 2**20:.1f} MiB -> {out}")
+    else:
+      names = args.names
+      if not names and os.path.isdir(args.carry):
+        names = sorted(f[:-len(".tar.gz")] for f in os.listdir(args.carry) if f.endswith(".tar.gz"))
+      for name in names:
+        archive = os.path.join(args.carry, f"{name}.tar.gz")
+        if os.path.exists(archive):   # a run with no carry simply starts or resumes as it is
+          print(unpack(archive, os.path.join(args.runs, name)))
+  except CarryError as e:
+    print(f"carry_runs.py: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
