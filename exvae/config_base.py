@@ -51,7 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
                                     # (MLP VAE, M = 25000: ~540 MB, kept; 0: always; <0: never)
       log_var_init_mean=0.0,        # log s2 = mean + std * N(0, 1), as the reference
       log_var_init_std=1.0))
-  c.vampprior = ml_collections.ConfigDict(dict(num_pseudo=500, init_mean=0.05, init_std=0.01))
+  # Pseudo-inputs start as the reference's do: its constructor draws N(0.05, 0.01), then its
+  # He initialiser overwrites every nn.Linear, the pseudo-input layer (in_features = K)
+  # included, with N(0, 2 / K). About half start below 0, where the hardtanh passes no
+  # gradient, and stay there. init="normal" draws N(init_mean, init_std) instead (the
+  # VampPrior paper's code).
+  c.vampprior = ml_collections.ConfigDict(dict(num_pseudo=500, init="he", init_mean=0.05,
+                                               init_std=0.01))
   # Optimisation.
   c.optimizer = "adamnormgrad"      # adamnormgrad | adam
   c.learning_rate = 5e-4

@@ -162,3 +162,42 @@ def test_rat_context_retrieval_union_and_cache():
                                np.arange(n))
   rat = np.asarray(prior.log_prob({"log_var": jnp.float32(0.)}, z, ctx, ids))
   assert np.all(rat <= full + 1e-4)
+
+
+def test_vampprior_pseudo_inputs_start_as_the_reference_and_half_stay_frozen():
+  from exvae.optim import make_optimizer
+  from exvae.rundir import ConfigError
+  c = load_config("test", **{"vampprior.num_pseudo": 50})
+  assert c.vampprior.init == "he"
+  model = make_model(c, (28, 28, 1))
+  prior = make_prior("vampprior", c)
+  u = np.asarray(prior.init(jax.random.PRNGKey(0), model, 100)["pseudo_inputs"])
+  assert u.shape == (50, 28, 28, 1)
+  # The reference's He initialiser on Linear(K, 784): N(0, 2 / K).
+  assert stats.kstest(u.ravel(), stats.norm(0.0, np.sqrt(2.0 / 50)).cdf).pvalue > 1e-3
+  frozen = u < 0
+  assert 0.45 < frozen.mean() < 0.55
+
+  # One AdamNormGrad step on the prior term: entries below 0 get no gradient through the
+  # hardtanh and no update (as in the reference); the others move.
+  mparams = model.init(jax.random.PRNGKey(1))
+  z = jax.random.normal(jax.random.PRNGKey(2), (8, c.latent_dim))
+
+  def loss(pp):
+    ctx, _ = prior.context(pp, None, model, mparams, None, True)
+    return -prior.log_prob(pp, z, ctx).mean()
+
+  pp = {"pseudo_inputs": jnp.asarray(u)}
+  opt = make_optimizer(c)
+  updates, _ = opt.update(jax.grad(loss)(pp), opt.init(pp), pp)
+  step = np.asarray(updates["pseudo_inputs"])
+  assert np.all(step[frozen] == 0.0)
+  assert np.mean(step[~frozen] != 0.0) > 0.9
+
+  c2 = load_config("test", **{"vampprior.init": "normal", "vampprior.num_pseudo": 50})
+  u2 = np.asarray(make_prior("vampprior", c2).init(jax.random.PRNGKey(0), model, 100)
+                  ["pseudo_inputs"])
+  np.testing.assert_allclose([u2.mean(), u2.std()], [0.05, 0.01], rtol=0.02)
+  c3 = load_config("test", **{"vampprior.init": "xavier"})
+  with pytest.raises(ConfigError, match="vampprior.init must be"):
+    make_prior("vampprior", c3).init(jax.random.PRNGKey(0), model, 100)

@@ -2,13 +2,15 @@
 
 The K pseudo-inputs u_k are learned images; as in the reference they are
 clipped to [0, 1] (hardtanh) before being encoded.  Config: ``vampprior.num_pseudo``,
-``vampprior.init_mean``, ``vampprior.init_std``.
+``vampprior.init`` ("he": N(0, 2 / K), as the reference ends up with; "normal":
+N(``init_mean``, ``init_std``)).
 """
 
 import jax
 import jax.numpy as jnp
 
 from exvae.priors.base import Prior, register
+from exvae.rundir import ConfigError
 
 
 def mixture_diag_log_prob(z, mu, logvar):
@@ -45,9 +47,15 @@ class VampPrior(Prior):
   def init(self, key, model, num_train):
     del num_train
     cfg = self.config.vampprior
-    u = cfg.init_mean + cfg.init_std * jax.random.normal(
-        key, (cfg.num_pseudo,) + tuple(model.image_shape))
-    return {"pseudo_inputs": u}
+    noise = jax.random.normal(key, (cfg.num_pseudo,) + tuple(model.image_shape))
+    init = cfg.get("init", "normal")
+    if init == "he":
+      # The reference's pseudo-inputs are the weights of a bias-free Linear(K, D) applied
+      # to the identity, He-initialised with fan-in K: N(0, 2 / K).
+      return {"pseudo_inputs": jnp.sqrt(2.0 / cfg.num_pseudo) * noise}
+    if init == "normal":
+      return {"pseudo_inputs": cfg.init_mean + cfg.init_std * noise}
+    raise ConfigError(f"vampprior.init must be 'he' or 'normal', got {init!r}.")
 
   def context(self, params, state, model, model_params, inputs, train):
     del inputs, train
