@@ -109,7 +109,7 @@ def load_runs(paths: Sequence[str]) -> list[dict[str, Any]]:
       raise IdentityMismatchError(
           f"{paths[0]} and {p} did not score the same test images; differing fields "
           f"(first, second): {diff}. Evaluate both with the same data set, "
-          f"eval_binarize_seed and eval.max_test_examples.")
+          f"eval_binarize, eval_binarize_seed and eval.max_test_examples.")
   labels = [_label(p) for p in paths]
   if len(set(labels)) < len(labels):        # two runs called the same: use the paths
     labels = list(paths)

@@ -143,4 +143,5 @@ def _save_per_example(path: str, res: dict, test_x: np.ndarray, config, metrics:
        "images_sha256": per_example.images_digest(test_x)},
       {"num_importance_samples": metrics["num_importance_samples"],
        "eval_seed": int(config.eval.seed), "prior": str(config.prior), "model": str(config.model),
+       "eval_binarize": str(config.get("eval_binarize", "exvae")),
        "checkpoint_step": metrics["checkpoint_step"], "params": metrics["params"]})

@@ -21,7 +21,7 @@ whose identities differ):
   binarisation).
 
 Provenance (0-d arrays, informative only): ``num_importance_samples``,
-``eval_seed``, ``prior``, ``model``, ``checkpoint_step``, ``params``
+``eval_seed``, ``eval_binarize`` (whose draw), ``prior``, ``model``, ``checkpoint_step``, ``params``
 (``'best'`` or ``'last'``), ``format_version``.
 """
 

@@ -90,6 +90,7 @@ def load_data(config) -> data.Splits:
   return data.load(
       config.dataset, data_dir=config.data_dir or None, source=config.data_source,
       val_size=config.val_size or None, eval_binarize_seed=config.eval_binarize_seed,
+      eval_binarize=config.get("eval_binarize", "exvae"),
       max_train=config.max_train or None, max_test=config.max_test or None)
 
 

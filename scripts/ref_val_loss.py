@@ -43,10 +43,8 @@ def reference_val_images(train_x_grey: np.ndarray, val_size: int = 10000) -> np.
   Returns:
     (val_size, 28, 28, 1) float32 binary images, drawn as the reference draws them.
   """
-  x_val = train_x_grey[-val_size:].reshape(val_size, -1).astype(np.float64)
-  np.random.seed(777)                       # base_load_data.binarize: val first, then test
-  x_val = np.random.binomial(1, x_val)
-  return x_val.reshape((val_size,) + train_x_grey.shape[1:]).astype(np.float32)
+  from exvae import data
+  return data.reference_binarize(train_x_grey[-val_size:])[0]   # val first, then test
 
 
 def reference_val_set(config) -> np.ndarray:

@@ -229,6 +229,41 @@ def test_idx_split_logic_on_synthetic_files(tmp_path, gz):
             load("mnist", data_dir=str(tmp_path), val_size=30)
 
 
+def test_reference_binarisation_replays_the_authors_draw(tmp_path):
+    root = str(tmp_path / "MNIST" / "raw")
+    os.makedirs(root)
+    rng = np.random.default_rng(5)
+    tr = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    te = rng.integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    for name, arr in zip(IDX_NAMES, (tr, np.zeros(30, np.uint8), te, np.zeros(8, np.uint8))):
+        write_idx(os.path.join(root, name), arr)
+    with pytest.warns(UserWarning):
+        s = load("mnist", data_dir=str(tmp_path), val_size=10, eval_binarize="reference")
+    # The authors' code (base_load_data.py): x / 255. in float64, flattened, then
+    # np.random.seed(777); binomial(1, x_val); binomial(1, x_test).
+    saved = np.random.get_state()
+    try:
+        np.random.seed(777)
+        want_val = np.random.binomial(1, tr[20:].reshape(10, -1) / 255.)
+        want_test = np.random.binomial(1, te.reshape(8, -1) / 255.)
+    finally:
+        np.random.set_state(saved)
+    np.testing.assert_array_equal(s.val_x.reshape(10, -1), want_val)
+    np.testing.assert_array_equal(s.test_x.reshape(8, -1), want_test)
+    assert s.val_x.dtype == np.float32 and s.test_x.shape == (8, 28, 28, 1)
+    with pytest.warns(UserWarning):       # the truncated sets are prefixes of the full draw
+        short = load("mnist", data_dir=str(tmp_path), val_size=10, max_test=3,
+                     eval_binarize="reference")
+    np.testing.assert_array_equal(short.test_x, s.test_x[:3])
+    with pytest.warns(UserWarning):       # exvae's own draw is another one
+        own = load("mnist", data_dir=str(tmp_path), val_size=10)
+    assert not np.array_equal(own.test_x, s.test_x)
+    with pytest.raises(ValueError, match="eval_binarize must be"):
+        load("mnist", data_dir=str(tmp_path), eval_binarize="777")
+    with pytest.raises(ValueError, match="mnist and fashion_mnist only"):
+        load("digits", eval_binarize="reference")
+
+
 # --------------------------------------------------------------------------
 # Missing data
 # --------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import os
 
 import numpy as np
 
-from exvae.data.core import DataNotFoundError, Splits, binarize, validate_images
+from exvae.data.core import (DataNotFoundError, Splits, binarize, reference_binarize,
+                             validate_images)
 from exvae.data.idx import IDX_FILES, IdxFormatError, find_idx_dir, idx_candidate_dirs, load_idx_dataset, read_idx
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_IDX_DIRS",
     "load",
     "binarize",
+    "reference_binarize",
     "validate_images",
     "read_idx",
 ]
@@ -138,6 +140,7 @@ def load(
     source: str = "auto",
     val_size: int | None = None,
     eval_binarize_seed: int = 0,
+    eval_binarize: str = "exvae",
     max_train: int | None = None,
     max_test: int | None = None,
 ) -> Splits:
@@ -160,6 +163,10 @@ def load(
         digits, the 1345 images beyond 23000 for omniglot).
       eval_binarize_seed: seed of the fixed binarisation of val and test (they
         use different streams derived from it).
+      eval_binarize: 'exvae' (the draw seeded by ``eval_binarize_seed``) or
+        'reference' (mnist, fashion_mnist: the authors' own draw, see
+        :func:`reference_binarize`, so that test NLLs are scored on the paper's
+        binarised images).
       max_train: keep only the first ``max_train`` training images.
       max_test: keep only the first ``max_test`` validation and test images.
 
@@ -177,6 +184,11 @@ def load(
         raise ValueError(
             f"bad source {source!r} for data set {name!r}; valid sources: {', '.join(_SOURCES[name])}"
         )
+    if eval_binarize not in ("exvae", "reference"):
+        raise ValueError(f"eval_binarize must be 'exvae' or 'reference', got {eval_binarize!r}")
+    if eval_binarize == "reference" and name not in ("mnist", "fashion_mnist"):
+        raise ValueError(f"eval_binarize='reference' replays the authors' draw for mnist and "
+                         f"fashion_mnist only, not {name!r}: use eval_binarize='exvae'")
     _check_count(val_size, "val_size")
     _check_count(max_train, "max_train")
     _check_count(max_test, "max_test")
@@ -229,8 +241,11 @@ def load(
         desc = path
 
     binary = True  # all four data sets use a Bernoulli likelihood
-    val_x, test_x = _as_float_images(val_x), _as_float_images(test_x)
-    if binary:
+    if binary and eval_binarize == "reference":
+        val_x, test_x = reference_binarize(val_x, test_x)   # from the raw grey levels
+    else:
+        val_x, test_x = _as_float_images(val_x), _as_float_images(test_x)
+    if binary and eval_binarize == "exvae":
         val_x = binarize(val_x, (int(eval_binarize_seed), _VAL_STREAM))
         test_x = binarize(test_x, (int(eval_binarize_seed), _TEST_STREAM))
     if max_train is not None:

@@ -92,6 +92,36 @@ def binarize(x: np.ndarray, seed: int | Sequence[int]) -> np.ndarray:
     return _binarize_with(x, np.random.default_rng(seed))
 
 
+# The reference's fixed draw (utils/load_data/base_load_data.py, ``binarize``): the legacy
+# global generator seeded with 777, the validation images first, then the test images.
+REFERENCE_BINARIZE_SEED = 777
+
+
+def reference_binarize(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The reference's fixed binarisation of validation then test images, bit for bit.
+
+    The authors' code runs ``np.random.seed(777)``, then ``np.random.binomial(1, x_val)``
+    and ``np.random.binomial(1, x_test)`` on the grey levels ``uint8 / 255`` in float64.
+    Replaying that draw scores exactly the images the paper's numbers were scored on.
+
+    Args:
+      *arrays: the validation images, then (optionally) the test images: uint8 (N, H, W[, C])
+        or grey levels in [0, 1] (taken as float64).
+
+    Returns:
+      float32 arrays of the same shapes (channel axis added to 3-d input), values in {0, 1}.
+    """
+    rs = np.random.RandomState(REFERENCE_BINARIZE_SEED)   # legacy MT19937, as np.random.seed
+    out = []
+    for x in arrays:
+        x = np.asarray(x)
+        p = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+        if p.ndim == 3:
+            p = p[..., None]
+        out.append(rs.binomial(1, p).astype(np.float32))   # C order, as on (N, 784) rows
+    return tuple(out)
+
+
 def validate_images(
     x: np.ndarray,
     *,
