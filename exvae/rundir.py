@@ -62,8 +62,12 @@ MAY_CHANGE = (
 )
 # Readers (eval.py, uses.py) restore parameters; the seed only initialises a template,
 # and the parameters are float32 whatever matmul_dtype trained them (a run trained with
-# bfloat16 products can be evaluated with float32 ones, and the other way round).
-MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype")
+# bfloat16 products can be evaluated with float32 ones, and the other way round). The
+# fixed binarisation of the test images is the reader's choice (eval_binarize=reference
+# scores the paper's images); a resume may not change it: early stopping watches the
+# validation images it binarises.
+MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype", "eval_binarize",
+                                       "eval_binarize_seed")
 
 
 # ----------------------------------------------------------------------------

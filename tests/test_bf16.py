@@ -277,3 +277,12 @@ def test_readers_may_change_matmul_dtype_a_resume_may_not(tmp_path):
   with pytest.raises(rundir.ConfigDriftError, match="matmul_dtype"):
     rundir.check_config_drift(wd, load_config("test"), resuming=True)
   assert rundir.check_config_drift(wd, load_config("test"), resuming=True, allow_change=True)
+
+
+def test_readers_may_score_another_test_binarisation_a_resume_may_not(tmp_path):
+  from exvae import rundir
+  wd = str(tmp_path)
+  rundir.check_config_drift(wd, load_config("test"), resuming=False)
+  rundir.check_reader_config(wd, load_config("test", eval_binarize="reference"))
+  with pytest.raises(rundir.ConfigDriftError, match="eval_binarize"):
+    rundir.check_config_drift(wd, load_config("test", eval_binarize="reference"), resuming=True)
