@@ -98,6 +98,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       "num_exemplars_in_bank": int(n) if setup.prior.needs_pool else 0,
       "dataset": splits.name,
       "data_source": splits.source,
+      "eval_binarize": str(config.get("eval_binarize", "exvae")),   # whose fixed test draw
       "prior": config.prior,
       "checkpoint_step": step,
       "params": "best" if use_best else "last",
@@ -143,5 +144,5 @@ def _save_per_example(path: str, res: dict, test_x: np.ndarray, config, metrics:
        "images_sha256": per_example.images_digest(test_x)},
       {"num_importance_samples": metrics["num_importance_samples"],
        "eval_seed": int(config.eval.seed), "prior": str(config.prior), "model": str(config.model),
-       "eval_binarize": str(config.get("eval_binarize", "exvae")),
+       "eval_binarize": metrics["eval_binarize"],
        "checkpoint_step": metrics["checkpoint_step"], "params": metrics["params"]})

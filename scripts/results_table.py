@@ -47,8 +47,11 @@ def _budget_text(b: dict, m: dict) -> str:
   clock = "training (pauses excluded)" if "train_paused_s" in b else "training wall-clock"
   pruned = (f", prior pruned to the {m['prune_keep']} nearest exemplars"
             if m.get("prune_keep") else "")
+  # Runs evaluated before the choice existed were scored on exvae's own test draw.
+  draw = ("binarised as the paper's (reference draw)" if m.get("eval_binarize") == "reference"
+          else "exvae's binarisation")
   return (f"{stop}; best epoch {b.get('best_epoch')}; S = {m.get('num_importance_samples')}, "
-          f"{m.get('num_test_examples')} test images{pruned}; {hours:.1f} h {clock} "
+          f"{m.get('num_test_examples')} test images, {draw}{pruned}; {hours:.1f} h {clock} "
           f"on {b.get('cpu_count')} cores ({b.get('cpu', '?')})")
 
 

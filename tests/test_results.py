@@ -126,6 +126,11 @@ def test_results_table_from_results_and_readme_markers(tmp_path):
     json.dump(dict(m, prune_keep=2048), f)
   pruned_row = tab.table(tab.load_entries(str(tmp_path / "results"))).splitlines()[-1]
   assert "prior pruned to the 2048 nearest exemplars" in pruned_row
+  assert "exvae's binarisation" in pruned_row               # no eval_binarize: the old draw
+  with open(tmp_path / "results" / "fashion_vae_exemplar_rat" / "metrics.json", "w") as f:
+    json.dump(dict(m, eval_binarize="reference"), f)
+  ref_row = tab.table(tab.load_entries(str(tmp_path / "results"))).splitlines()[-1]
+  assert "binarised as the paper's (reference draw)" in ref_row
   readme = tmp_path / "README.md"
   readme.write_text(f"intro\n{tab.BEGIN}\nold table\n{tab.END}\noutro\n")
   tab.write_readme(str(readme), text)
