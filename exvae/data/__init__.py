@@ -241,11 +241,10 @@ def load(
         desc = path
 
     binary = True  # all four data sets use a Bernoulli likelihood
-    if binary and eval_binarize == "reference":
+    if eval_binarize == "reference":
         val_x, test_x = reference_binarize(val_x, test_x)   # from the raw grey levels
     else:
         val_x, test_x = _as_float_images(val_x), _as_float_images(test_x)
-    if binary and eval_binarize == "exvae":
         val_x = binarize(val_x, (int(eval_binarize_seed), _VAL_STREAM))
         test_x = binarize(test_x, (int(eval_binarize_seed), _TEST_STREAM))
     if max_train is not None:
