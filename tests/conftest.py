@@ -10,6 +10,16 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
+def load_script(relpath: str):
+  """Imports a script that is not a package module (``scripts/x.py``, ``bench/y.py``)."""
+  import importlib.util
+  name = os.path.splitext(os.path.basename(relpath))[0]
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
 def load_config(name: str = "test", **overrides):
   """Loads configs/<name>.py and applies dotted overrides (ml_collections semantics)."""
   import importlib.util

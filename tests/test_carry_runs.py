@@ -1,6 +1,5 @@
 """scripts/carry_runs.py: a stopped run travels through the repository and resumes."""
 
-import importlib.util
 import json
 import os
 import tarfile
@@ -9,16 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 from exvae import checkpoints, rundir
 
 
 def _carry():
-  spec = importlib.util.spec_from_file_location(
-      "carry_runs", os.path.join(ROOT, "scripts", "carry_runs.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("scripts/carry_runs.py")
 
 
 def _run_dir(runs):

@@ -1,20 +1,16 @@
 """results/: collecting an evaluated run and generating the README table from it."""
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 def _script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script(f"scripts/{name}.py")
 
 
 def _fake_run(tmp_path, nll_values):

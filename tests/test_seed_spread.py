@@ -1,21 +1,16 @@
 """bench/seed_spread.py: the README's seed comparison recomputed from the stored values."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import ROOT
+from conftest import load_script
 
 
 def _mod():
-  spec = importlib.util.spec_from_file_location("seed_spread", os.path.join(ROOT, "bench", "seed_spread.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("bench/seed_spread.py")
 
 
 def test_welch_matches_scipy():

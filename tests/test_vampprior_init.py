@@ -1,20 +1,14 @@
 """bench/vampprior_init.py: the curves it reads and the table it prints."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import load_script
 
 
 def _mod():
-  spec = importlib.util.spec_from_file_location(
-      "vampprior_init", os.path.join(ROOT, "bench", "vampprior_init.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("bench/vampprior_init.py")
 
 
 def test_curves_and_table(tmp_path):
