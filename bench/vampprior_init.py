@@ -14,7 +14,8 @@ The runs (one pinned core each; ``../shared/reference/driver.py`` for the refere
   train.py --config=configs/fashion_vae_vampprior.py --config.seed=S --config.num_epochs=6 \\
       --config.vampprior.init={he,normal} --workdir=RUNS/vampinit/exvae_{he,normal}_sS
 Seed 1 of the reference is the first 6 epochs of a 24-epoch run; exvae's seed 0 is the
-paper-protocol run with each start (``he``: session 11's; ``normal``: session 3's curve).
+paper-protocol run with each start (``he``: session 11's; ``normal``: session 3's curve,
+now ``results/fidelity/vampprior_normal_init_epoch460/``).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def table(groups: dict[str, list[dict]], epochs) -> list[str]:
 def collect(runs: str) -> dict:
   """The record from the run directories named in this module's docstring."""
   v = os.path.join(runs, "vampinit")
-  with open(os.path.join(ROOT, "results", "fashion_vae_vampprior", "curve.csv")) as f:
+  normal_run = os.path.join(ROOT, "results", "fidelity", "vampprior_normal_init_epoch460")
+  with open(os.path.join(normal_run, "curve.csv")) as f:
     old = {int(r[0]): float(r[1]) for r in csv.reader(f) if r[0].isdigit()}
   cut = lambda c: {str(e): c[e] for e in range(1, 7)}   # noqa: E731
   return {
