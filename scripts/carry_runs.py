@@ -5,8 +5,9 @@ are gone, and the repository is all that every session gets. The paper-protocol
 runs take more hours than one session has, so a run that restarted from scratch
 each time would never finish. ``pack`` writes a stopped run directory into
 ``carry/<name>.tar.gz`` (its newest checkpoint step only, which holds the full
-train state, the best parameters and the early-stopping bookkeeping, plus its
-logs), to be committed; ``unpack`` recreates the run directory from it where the
+train state, the best parameters and the early-stopping bookkeeping, plus
+``metrics.jsonl`` and the run's config; not its pictures or TensorBoard files), to be
+committed; ``unpack`` recreates the run directory from it where the
 directory is missing, and ``train.py`` then resumes as from any checkpoint.
 
 Usage:
@@ -33,9 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from exvae import rundir  # noqa: E402
 
 CARRY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "carry")
-# Not carried: the writer lock (held by the packing process itself) and steps that
-# failed to restore.
-_SKIP_TOP = {rundir.LOCK_FILE, "unreadable_checkpoints"}
+# Not carried: the writer lock (held by the packing process itself), steps that failed to
+# restore, and what only shows the past: the per-epoch sample pictures and the TensorBoard
+# event files (metrics.jsonl holds every scalar they hold). Both grow with the run: at
+# epoch 531 of VampPrior they were 80 of the 140 MB.
+_SKIP_TOP = {rundir.LOCK_FILE, "unreadable_checkpoints", "pictures"}
+_SKIP_PREFIX = ("events.out.tfevents.",)
 
 
 class CarryError(Exception):
@@ -69,7 +73,7 @@ def _last_validation(workdir: str) -> dict:
           last = r
   except FileNotFoundError:
     pass
-  return {k: last[k] for k in ("epoch", "step", "best_val") if k in last}
+  return {k: last[k] for k in ("epoch", "best_val") if k in last}
 
 
 def pack(workdir: str, out_path: str) -> dict:
@@ -104,7 +108,7 @@ def pack(workdir: str, out_path: str) -> dict:
     try:
       with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
         for entry in sorted(os.listdir(workdir)):
-          if entry in _SKIP_TOP:
+          if entry in _SKIP_TOP or entry.startswith(_SKIP_PREFIX):
             continue
           if entry == "checkpoints":
             tar.add(os.path.join(workdir, keep), arcname=keep)
@@ -117,7 +121,7 @@ def pack(workdir: str, out_path: str) -> dict:
       raise
   finally:
     lock.release()
-  manifest = {"step": steps[-1], **_last_validation(workdir),
+  manifest = {**_last_validation(workdir), "step": steps[-1],
               "bytes": os.path.getsize(out_path)}
   prov = os.path.join(workdir, "provenance.json")
   if os.path.exists(prov):
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
   p.add_argument("--runs", default=os.path.expanduser("~/exvae-runs"),
                  help="the folder holding the run directories")
   p.add_argument("--carry", default=CARRY_DIR, help="the folder holding the archives")
-  args = p.parse_args(argv)
+  args = p.parse_intermixed_args(argv)      # names before or after the options
   try:
     if args.command == "pack":
       if not args.names:

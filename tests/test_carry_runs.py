@@ -32,19 +32,23 @@ def _run_dir(runs):
   (wd / rundir.LOCK_FILE).write_text("{}")
   (wd / "unreadable_checkpoints").mkdir()
   (wd / "unreadable_checkpoints" / "junk").write_text("x")
+  (wd / "pictures").mkdir()
+  (wd / "pictures" / "epoch_00001.png").write_bytes(b"png")
+  (wd / "events.out.tfevents.1.vm").write_bytes(b"tb")
   return wd
 
 
 def test_pack_carries_the_newest_step_and_unpack_resumes_from_it(tmp_path, capsys):
   carry = _carry()
   wd = _run_dir(tmp_path / "runs")
-  assert carry.main(["pack", "cfg", "--runs", str(tmp_path / "runs"),
-                     "--carry", str(tmp_path / "carry")]) == 0
+  assert carry.main(["pack", "--runs", str(tmp_path / "runs"),      # the documented order
+                     "--carry", str(tmp_path / "carry"), "cfg"]) == 0
   assert "packed cfg: step 1000, epoch 2" in capsys.readouterr().out
   with tarfile.open(tmp_path / "carry" / "cfg.tar.gz") as tar:
     names = tar.getnames()
   assert "checkpoints/1000" in names and "metrics.jsonl" in names
-  assert not any(n.startswith(("checkpoints/500", rundir.LOCK_FILE, "unreadable")) for n in names)
+  assert not any(n.startswith(("checkpoints/500", rundir.LOCK_FILE, "unreadable", "pictures",
+                                "events.out")) for n in names)
   manifest = json.loads((tmp_path / "carry" / "cfg.json").read_text())
   assert manifest["step"] == 1000 and manifest["source"]["commit"] == "abc1234"
 
