@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT
 
 FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
-_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "workdirs", "results", "carry", "build",
-                                 "__pycache__", "*.egg-info", ".pytest_cache")
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "workdirs", "results", "carry",
+                                 "build", "__pycache__", "*.egg-info", ".pytest_cache")
 
 
 def _fresh_venv(path):
