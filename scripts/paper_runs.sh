@@ -10,8 +10,9 @@
 # Each run trains in $RUNS/<config> (resuming from its checkpoints), is evaluated, copied
 # into results/<config>/ (scripts/collect_result.py), and the README table is regenerated
 # (scripts/results_table.py) once every run has finished. A run carried in carry/ from an
-# earlier machine (scripts/carry_runs.py) is unpacked first where its directory is missing. Start it with nohup from a
-# checkout of its own so edits to this tree never change a running job:
+# earlier machine (scripts/carry_runs.py) is unpacked first where its directory is missing.
+# Start it with nohup from a checkout of its own so edits to this tree never change a
+# running job:
 # git worktree add ~/exvae-runs/src-<sha> <sha>.
 #
 # JOBS=N runs up to N configs at once, each pinned (taskset) to its own block of

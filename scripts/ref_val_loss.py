@@ -33,28 +33,18 @@ import jax
 import numpy as np
 
 
-def reference_val_images(train_x_grey: np.ndarray, val_size: int = 10000) -> np.ndarray:
-  """The reference's binarised validation set, bit for bit.
+def reference_val_set(config) -> np.ndarray:
+  """The reference's binarised Fashion-MNIST validation images, bit for bit.
 
-  Args:
-    train_x_grey: (60000, 28, 28, 1) official training images in [0, 1] (uint8 / 255).
-    val_size: the last ``val_size`` images validate.
+  Their ``np.random.seed(777)`` draw on the last 10000 training images
+  (``exvae.data.reference_binarize``, as ``--config.eval_binarize=reference``).
 
   Returns:
-    (val_size, 28, 28, 1) float32 binary images, drawn as the reference draws them.
+    (10000, 28, 28, 1) float32 binary images.
   """
   from exvae import data
-  return data.reference_binarize(train_x_grey[-val_size:])[0]   # val first, then test
-
-
-def reference_val_set(config) -> np.ndarray:
-  """The reference's binarised Fashion-MNIST validation images (see ``reference_val_images``)."""
-  from exvae import data
-  found = data.find_idx_dir("fashion_mnist", config.data_dir or data.DEFAULT_IDX_DIRS["fashion_mnist"])
-  if found is None:
-    raise SystemExit("ref_val_loss: Fashion-MNIST IDX files not found.")
-  images = data.load_idx_dataset("fashion_mnist", found[0], found[1])[0]
-  return reference_val_images((images.astype(np.float64) / 255.0)[..., None])
+  return data.load("fashion_mnist", data_dir=config.data_dir or None, source="idx",
+                   eval_binarize="reference").val_x
 
 
 def val_terms(params, setup, pool, xval: np.ndarray, config, key_index: int = 0) -> dict:
