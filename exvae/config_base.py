@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
       use_best=True,                # best-on-validation parameters (else the last)
       prune_keep=0,                 # >0: certified pruning, sum only the nearest prune_keep exemplars
       prune_tol=1e-3,               # (reporting only) tolerance used for the kernel's num_needed
+      # Where eval.py writes eval_metrics.json, per_example.npz and eval_samples.png ("": the
+      # workdir). A second evaluation of the same run (e.g. eval_binarize=reference) then
+      # keeps the first one's files.
+      out_dir="",
       seed=0))
   return c
 

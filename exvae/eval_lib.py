@@ -31,12 +31,15 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
 def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   """Evaluates the checkpoint in ``workdir``; writes ``eval_metrics.json`` and prints it.
 
+  The outputs (``eval_metrics.json``, ``per_example.npz``, ``eval_samples.png``) go to
+  ``config.eval.out_dir``, or to ``workdir`` when that is empty.
+
   Args:
     config: the run's ConfigDict (``config.eval`` controls S and sizes).
     workdir: the training workdir (must hold a checkpoint).
 
   Returns:
-    The metrics dict written to ``<workdir>/eval_metrics.json``.
+    The metrics dict written to ``<out_dir>/eval_metrics.json``.
 
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no readable checkpoint.
@@ -118,19 +121,21 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
         f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
         "(e.g. with a lower learning_rate).")
+  out_dir = str(config.eval.get("out_dir", "")) or workdir
   samples, recons = train_lib.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
-  metrics["samples_png"] = os.path.join(workdir, "eval_samples.png")
+  metrics["samples_png"] = os.path.join(out_dir, "eval_samples.png")
   metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
-  metrics["per_example"] = os.path.join(workdir, per_example.FILENAME)
+  metrics["per_example"] = os.path.join(out_dir, per_example.FILENAME)
   if distributed.is_primary():
+    os.makedirs(out_dir, exist_ok=True)
     _save_per_example(metrics["per_example"], res, test_x, config, metrics)
     pictures.save_samples_and_reconstructions(
         metrics["samples_png"], np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons))
-    tmp = os.path.join(workdir, "eval_metrics.json.tmp")
+    tmp = os.path.join(out_dir, "eval_metrics.json.tmp")
     with open(tmp, "w") as f:
       json.dump(metrics, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "eval_metrics.json"))
+    os.replace(tmp, os.path.join(out_dir, "eval_metrics.json"))
   return metrics
 
 

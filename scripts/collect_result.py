@@ -1,6 +1,10 @@
 """Copies one evaluated run into ``results/<name>/``: what others need to compare against it.
 
 Usage: python scripts/collect_result.py --workdir RUN_DIR --name CONFIG_NAME [--out results]
+           [--eval_dir DIR]
+
+``--eval_dir`` names where eval.py wrote ``eval_metrics.json`` and ``per_example.npz``
+(its ``--config.eval.out_dir``); by default the run directory.
 
 Writes, atomically per file:
   metrics.json      eval.py's eval_metrics.json (test NLL, its standard error, ELBO terms, ...)
@@ -101,14 +105,20 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str:
-  """Writes ``out_root/name/`` from ``workdir``; returns that directory."""
-  need = ["eval_metrics.json", "config.json", "metrics.jsonl", "per_example.npz"]
-  missing = [f for f in need if not os.path.exists(os.path.join(workdir, f))]
+def collect(workdir: str, name: str, out_root: str, measure: bool = True,
+            eval_dir: str | None = None) -> str:
+  """Writes ``out_root/name/`` from ``workdir``; returns that directory.
+
+  The evaluation's files are read from ``eval_dir`` (default: ``workdir``).
+  """
+  eval_dir = eval_dir or workdir
+  need = [os.path.join(eval_dir, f) for f in ("eval_metrics.json", "per_example.npz")] + [
+      os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl")]
+  missing = [p for p in need if not os.path.exists(p)]
   if missing:
-    raise SystemExit(f"collect_result: {workdir} lacks {', '.join(missing)}: train and "
-                     "evaluate it first (eval.py writes eval_metrics.json and per_example.npz).")
-  with open(os.path.join(workdir, "eval_metrics.json")) as f:
+    raise SystemExit(f"collect_result: {', '.join(missing)} missing: train and evaluate the "
+                     "run first (eval.py writes eval_metrics.json and per_example.npz).")
+  with open(os.path.join(eval_dir, "eval_metrics.json")) as f:
     metrics = json.load(f)
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
@@ -160,7 +170,7 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True) -> str
   _write_json(os.path.join(dest, "config.json"), config)
   _write_json(os.path.join(dest, "budget.json"), budget)
   tmp = os.path.join(dest, "per_example.npz.tmp")
-  shutil.copyfile(os.path.join(workdir, "per_example.npz"), tmp)
+  shutil.copyfile(os.path.join(eval_dir, "per_example.npz"), tmp)
   os.replace(tmp, os.path.join(dest, "per_example.npz"))
   with open(os.path.join(dest, "curve.csv.tmp"), "w") as f:
     f.write("epoch,val_loss\n")
@@ -175,9 +185,11 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--name", required=True, help="results entry name (the config's name)")
   ap.add_argument("--out", default="results")
+  ap.add_argument("--eval_dir", default=None,
+                  help="where eval.py wrote its files (--config.eval.out_dir); default --workdir")
   ap.add_argument("--no-measure", action="store_true", help="skip the matmul-rate measurement")
   a = ap.parse_args(argv)
-  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure))
+  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure, eval_dir=a.eval_dir))
   return 0
 
 

@@ -5,11 +5,14 @@
 # all 50000 training exemplars. One command resumes and finishes every run:
 #
 #   [RUNS=~/exvae-runs] [CONFIGS="fashion_vae_gaussian ..."] [JOBS=1] [PY=.venv/bin/python] \
-#     scripts/paper_runs.sh
+#     [REFERENCE_DRAW=1] scripts/paper_runs.sh
 #
 # Each run trains in $RUNS/<config> (resuming from its checkpoints), is evaluated, copied
 # into results/<config>/ (scripts/collect_result.py), and the README table is regenerated
-# (scripts/results_table.py) once every run has finished. A run carried in carry/ from an
+# (scripts/results_table.py) once every run has finished. With REFERENCE_DRAW=1 (the
+# default) each run is also scored on the paper's own binarisation of the test images
+# (eval_binarize=reference, written to $RUNS/<config>.eval_reference/, never into the run
+# directory) and collected as results/<config>_reference_draw/. A run carried in carry/ from an
 # earlier machine (scripts/carry_runs.py) is unpacked first where its directory is missing.
 # Start it with nohup from a checkout of its own so edits to this tree never change a
 # running job:
@@ -25,6 +28,7 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 RUNS="${RUNS:-$HOME/exvae-runs}"
 JOBS="${JOBS:-1}"
+REFERENCE_DRAW="${REFERENCE_DRAW:-1}"
 CONFIGS="${CONFIGS:-fashion_vae_gaussian fashion_vae_vampprior fashion_vae_exemplar_rat}"
 ncpu=$(nproc)
 if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || [ "$JOBS" -gt "$ncpu" ]; then
@@ -47,6 +51,12 @@ run_one() {  # run_one <config>: train (resume), evaluate, collect
   $PY train.py --config="configs/$cfg.py" --workdir="$wd" --config.progress=False
   $PY eval.py --config="configs/$cfg.py" --workdir="$wd" --config.progress=False | tail -1
   $PY scripts/collect_result.py --workdir "$wd" --name "$cfg"
+  if [ "$REFERENCE_DRAW" = 1 ]; then
+    $PY eval.py --config="configs/$cfg.py" --workdir="$wd" --config.progress=False \
+      --config.eval_binarize=reference --config.eval.out_dir="$wd.eval_reference" | tail -1
+    $PY scripts/collect_result.py --workdir "$wd" --eval_dir "$wd.eval_reference" \
+      --name "${cfg}_reference_draw"
+  fi
 }
 
 if [ "$JOBS" -eq 1 ]; then
@@ -68,7 +78,7 @@ else
     (
       for cfg in "${mine[@]}"; do
         echo "paper_runs.sh: $cfg on cores $cores, log $RUNS/$cfg.log"
-        taskset -c "$cores" bash -c "set -euo pipefail; $(declare -f run_one); PY='$PY' RUNS='$RUNS'; run_one '$cfg'" \
+        taskset -c "$cores" bash -c "set -euo pipefail; $(declare -f run_one); PY='$PY' RUNS='$RUNS' REFERENCE_DRAW='$REFERENCE_DRAW'; run_one '$cfg'" \
           >> "$RUNS/$cfg.log" 2>&1
       done
     ) &

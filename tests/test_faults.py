@@ -110,6 +110,24 @@ def test_readers_leave_an_in_progress_save_and_the_run_directory_untouched(train
   assert _snapshot(wd, skip=outputs) == before
 
 
+def test_eval_with_an_out_dir_writes_nothing_into_the_run_directory(trained_dir, tmp_path):
+  """eval.out_dir: a second evaluation keeps the first one's files (and the run dir) as they were."""
+  wd = _copy(trained_dir, tmp_path)
+  c = load_config("test")
+  first = eval_lib.evaluate(c, wd)                     # default: into the run directory
+  before = _snapshot(wd)
+  out = str(tmp_path / "elsewhere" / "eval")
+  c.eval.out_dir = out
+  second = eval_lib.evaluate(c, wd)
+  assert _snapshot(wd) == before
+  assert sorted(os.listdir(out)) == ["eval_metrics.json", "eval_samples.png", "per_example.npz"]
+  assert second["per_example"] == os.path.join(out, "per_example.npz")
+  assert json.load(open(os.path.join(out, "eval_metrics.json")))["test_nll"] == second["test_nll"]
+  # Same checkpoint, same seeds: the same scores, wherever they are written.
+  np.testing.assert_array_equal(np.load(first["per_example"])["log_px"],
+                                np.load(second["per_example"])["log_px"])
+
+
 def test_a_reader_while_training_saves_does_not_kill_the_run(tmp_path):
   wd = str(tmp_path / "live")
   p = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",

@@ -56,6 +56,28 @@ def test_collect_writes_entry_and_budget_from_resumed_segments(tmp_path):
       "1,300.0000", "2,289.5000", "3,295.0000"]
 
 
+def test_collect_reads_the_evaluation_from_eval_dir(tmp_path):
+  """eval.py --config.eval.out_dir=DIR: the metrics and scores come from DIR, the rest from the run."""
+  collect = _script("collect_result")
+  wd = _fake_run(tmp_path, [226.0, 228.0])
+  ev = tmp_path / "eval_reference"
+  ev.mkdir()
+  for f in ("eval_metrics.json", "per_example.npz"):
+    os.replace(wd / f, ev / f)
+  with pytest.raises(SystemExit, match="eval_metrics.json"):
+    collect.collect(str(wd), "x", str(tmp_path / "r"), measure=False)
+  m = json.loads((ev / "eval_metrics.json").read_text())
+  (ev / "eval_metrics.json").write_text(json.dumps(dict(m, test_nll=1.5)))
+  rc = collect.main(["--workdir", str(wd), "--name", "x", "--out", str(tmp_path / "r"),
+                       "--eval_dir", str(ev), "--no-measure"])
+  assert rc == 0
+  out = tmp_path / "r" / "x"
+  assert json.loads((out / "metrics.json").read_text())["test_nll"] == 1.5
+  np.testing.assert_array_equal(np.load(out / "per_example.npz")["log_px"],
+                                -np.float32([226.0, 228.0]))
+  assert json.loads((out / "budget.json").read_text())["best_epoch"] == 2
+
+
 def test_collect_counts_the_budget_up_to_the_evaluated_checkpoint(tmp_path):
   """Training went on after eval.py read its checkpoint: those epochs are not the result's."""
   collect = _script("collect_result")
@@ -134,7 +156,7 @@ def test_results_table_from_results_and_readme_markers(tmp_path):
   assert "old table" not in s and row in s and s.startswith("intro\n") and s.endswith("outro\n")
 
 
-def _paper_runs(tmp_path, jobs, configs, fail=""):
+def _paper_runs(tmp_path, jobs, configs, fail="", **env_extra):
   """Runs scripts/paper_runs.sh with a stand-in Python that logs its cores and arguments."""
   import subprocess
   log = tmp_path / "calls.log"
@@ -147,7 +169,7 @@ def _paper_runs(tmp_path, jobs, configs, fail=""):
       f"case \"$*\" in *{fail or '@never@'}*) exit 3;; esac\n")
   stub.chmod(0o755)
   env = dict(os.environ, PY=str(stub), RUNS=str(tmp_path / "runs"), JOBS=str(jobs),
-             CONFIGS=" ".join(configs))
+             CONFIGS=" ".join(configs), **env_extra)
   proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_runs.sh")], env=env,
                         capture_output=True, text=True, timeout=60)
   calls = log.read_text().splitlines() if log.exists() else []
@@ -168,9 +190,17 @@ def test_paper_runs_jobs_pins_each_run_to_its_own_cores(tmp_path):
           "cfg_b": f"{per}-{2 * per - 1}" if per > 1 else f"{per}"}
   for cfg, cores in want.items():
     mine = [(c, a) for c, a in calls if f"configs/{cfg}.py" in a or f"--name {cfg}" in a]
-    # train, eval, collect: in that order, all on the run's own cores
-    assert [a.split()[0] for _, a in mine] == ["train.py", "eval.py", "scripts/collect_result.py"]
+    # train, eval, collect, then the same on the paper's test draw: in that order, all on
+    # the run's own cores
+    assert [a.split()[0] for _, a in mine] == ["train.py", "eval.py", "scripts/collect_result.py",
+                                               "eval.py", "scripts/collect_result.py"]
     assert {c for c, _ in mine} == {cores}, (cfg, mine)
+    wd = f"{tmp_path}/runs/{cfg}"
+    assert "eval_binarize" not in mine[1][1]
+    assert mine[3][1].endswith(f"--config.eval_binarize=reference "
+                               f"--config.eval.out_dir={wd}.eval_reference")
+    assert mine[4][1] == (f"scripts/collect_result.py --workdir {wd} --eval_dir "
+                          f"{wd}.eval_reference --name {cfg}_reference_draw")
     assert (tmp_path / "runs" / f"{cfg}.log").exists()
   # cfg_a finishes before cfg_c starts (same slot); the table comes last, once
   order = [a for _, a in calls]
@@ -186,6 +216,11 @@ def test_paper_runs_failure_keeps_the_table_and_bad_jobs_is_one_line(tmp_path):
   proc, calls = _paper_runs(tmp_path, min(2, os.cpu_count()), ["cfg_a", "cfg_b"], fail="cfg_b.py")
   assert proc.returncode != 0
   assert not [a for _, a in calls if "results_table" in a]
+  # REFERENCE_DRAW=0: one evaluation per run
+  proc, calls = _paper_runs(tmp_path, 1, ["cfg_a"], REFERENCE_DRAW="0")
+  assert proc.returncode == 0, proc.stderr
+  assert [a.split()[0] for _, a in calls if "cfg_a" in a][1:] == [
+      "train.py", "eval.py", "scripts/collect_result.py"]
   proc, calls = _paper_runs(tmp_path, os.cpu_count() + 1, ["cfg_a"])
   assert proc.returncode == 2 and calls == []
   assert len(proc.stderr.strip().splitlines()) == 1 and "JOBS must be" in proc.stderr

@@ -4,7 +4,8 @@ Computes the importance-sampled test NLL (``--config.eval.num_importance_samples
 default 5000) against all training exemplars, the test ELBO and its terms, and
 writes ``<workdir>/eval_metrics.json`` and the per-image scores
 ``<workdir>/per_example.npz`` (see :mod:`exvae.per_example`; compared with
-``exvae compare``).
+``exvae compare``); with ``--config.eval.out_dir=DIR`` into DIR instead, and nothing
+into the run directory.
 """
 
 import json
