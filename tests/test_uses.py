@@ -150,6 +150,46 @@ def test_augmentation_training_loss_decreases(run):
   assert r2["steps"] == 5 and np.all(np.isfinite(r2["losses"]))
 
 
+def test_augmentation_encodes_the_grey_image_unless_asked_for_bernoulli(run):
+  _, _, t, bank = run
+  model, mp = t.setup.model, t.params["model"]
+  x = jnp.asarray(t.splits.train_x[:32])
+  assert len(np.unique(np.asarray(x))) > 2                          # grey levels
+  assert not augment.binarise_before_encoding("grey", True)
+  assert augment.binarise_before_encoding("bernoulli", True)
+  assert not augment.binarise_before_encoding("bernoulli", False)
+  with pytest.raises(ValueError, match="encode_input"):
+    augment.binarise_before_encoding("gray", True)
+  no_noise = jnp.float32(-1e4)                                      # s2 -> 0: z = mu(input)
+  # Grey input: the decoded mean of the encoder mean of x itself, whatever the key.
+  want = np.round(np.clip(np.asarray(jax.nn.sigmoid(model.decode(mp, model.encode_mean(mp, x)))),
+                          0, 1) * 255) / 255
+  for k in (0, 1):
+    got = augment.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(k), False)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+  # Bernoulli input: the binarisation alone moves the images between keys.
+  b0 = augment.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(0), True)
+  b1 = augment.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(1), True)
+  assert np.abs(np.asarray(b0) - np.asarray(b1)).mean() > 1e-3
+  spread = augment.augmentation_spread(model, mp, np.asarray(x), float(bank.log_var),
+                                       binary=False, batch_size=10)
+  assert spread["aug_to_recon"] > 0
+  np.testing.assert_allclose(spread["recon_to_x"], np.abs(want - np.asarray(x)).mean(), rtol=1e-5)
+
+
+def test_augmentation_over_seeds_reports_mean_and_spread(run):
+  _, _, t, _ = run
+  r = augment.run_augmentation(t, epochs=1, hidden=16, seeds=(0, 1, 2), max_steps=2)
+  assert [row["seed"] for row in r["runs"]] == [0, 1, 2] and r["encode_input"] == "grey"
+  for tag in ("without", "with"):
+    errs = np.array([row[f"test_error_{tag}"] for row in r["runs"]])
+    assert r[f"test_error_{tag}"] == pytest.approx(errs.mean())
+    assert r[f"test_error_{tag}_std"] == pytest.approx(errs.std(ddof=1))
+  assert set(r["spread"]) == {"aug_to_x", "recon_to_x", "aug_to_recon"}
+  with pytest.raises(ValueError, match="seed"):
+    augment.run_augmentation(t, epochs=1, hidden=16, seeds=(), max_steps=1)
+
+
 def test_grey_splits_recover_grey_levels(run):
   config, _, t, _ = run
   g = augment.grey_splits(config, t.splits)

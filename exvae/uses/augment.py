@@ -8,8 +8,13 @@ to 1% of it over the run, batches of 100, and the loss
 
 where ``x_aug`` is decoded from ``z ~ N(mu(x), s2 I)`` (the decoder's mean
 image, e.g. the Bernoulli mean, rounded to the 1/255 grey-level grid) and keeps x's label.  Without
-augmentation the loss is ``CE(f(x), y)`` alone.  The encoder sees
-``Bernoulli(x)`` (fresh key per step) for binary data, as during VAE training.
+augmentation the loss is ``CE(f(x), y)`` alone.
+
+What the encoder sees is ``encode_input``: ``"grey"`` (the default, as the
+authors' ``analysis.py --classify``, which loads the data with
+``no_binarization=True`` and encodes the grey batch itself) or
+``"bernoulli"`` (a fresh ``Bernoulli(x)`` per step, as during VAE training;
+it adds the binarisation noise to the spread of the augmented images).
 
 Inputs are grey-level images in [0, 1].  :func:`grey_splits` recovers the
 grey validation/test images of data sets the loader returns binarised (MNIST,
@@ -25,7 +30,7 @@ import dataclasses
 import functools
 import time
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +46,22 @@ PyTree = Any
 
 REAL_WEIGHT = 0.4        # loss weight of the real images (0.6 for the augmented ones)
 LABEL_SMOOTHING = 0.1
+ENCODE_INPUTS = ("grey", "bernoulli")   # what the encoder sees; "grey" is the reference's
+
+
+def binarise_before_encoding(encode_input: str, binary_data: bool) -> bool:
+  """Whether the augmentation encodes ``Bernoulli(x)`` rather than the grey ``x``.
+
+  Args:
+    encode_input: one of :data:`ENCODE_INPUTS`.
+    binary_data: the model was trained on binarised data (grey data is never binarised).
+
+  Returns:
+    True for ``"bernoulli"`` on binary data.
+  """
+  if encode_input not in ENCODE_INPUTS:
+    raise ValueError(f"encode_input must be one of {ENCODE_INPUTS}, got {encode_input!r}")
+  return encode_input == "bernoulli" and bool(binary_data)
 
 
 class MLP(nn.Module):
@@ -367,26 +388,73 @@ def grey_splits(config, splits) -> GreyData:
     return fallback
 
 
+def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
+                        binary: bool, seed: int = 0, batch_size: int = 500,
+                        mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> dict[str, float]:
+  """How far the augmented images lie from their sources, and why.
+
+  Three mean absolute per-pixel distances (grey levels in [0, 1]):
+  ``aug_to_x`` (augmented image to the real one), ``recon_to_x`` (the decoded
+  encoder mean, no sampling noise, to the real one) and ``aug_to_recon``
+  (what the z ~ N(mu, s2 I) noise adds on top of the reconstruction).
+
+  Args:
+    vae, vae_params: the generative model.
+    x: (N, H, W, C) grey levels in [0, 1].
+    log_var: log s2 of the augmentation noise.
+    binary: encode ``Bernoulli(x)`` (as :func:`augment_images`).
+    seed: the noise seed.
+    batch_size: images per call.
+    mean_fn: decoder output -> mean image.
+
+  Returns:
+    ``{'aug_to_x', 'recon_to_x', 'aug_to_recon'}``, means over all pixels of ``x``.
+  """
+  sums = np.zeros(3)
+  key = jax.random.PRNGKey(seed)
+  n = x.shape[0]
+  for lo in range(0, n, batch_size):
+    xb = jnp.asarray(x[lo:lo + batch_size], jnp.float32)
+    k = jax.random.fold_in(key, lo)
+    aug = augment_images(vae, vae_params, xb, jnp.float32(log_var), k, binary, mean_fn)
+    # The same encoder input with no latent noise (s2 -> 0): the reconstruction.
+    rec = augment_images(vae, vae_params, xb, jnp.float32(-1e4), k, binary, mean_fn)
+    sums += [float(jnp.sum(jnp.abs(aug - xb))), float(jnp.sum(jnp.abs(rec - xb))),
+             float(jnp.sum(jnp.abs(aug - rec)))]
+  sums /= max(x.size, 1)
+  return {"aug_to_x": sums[0], "recon_to_x": sums[1], "aug_to_recon": sums[2]}
+
+
 def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
-                     seed: int = 0, log_var: float | None = None, max_steps: int | None = None,
-                     progress: bool = False) -> dict[str, Any]:
-  """Trains the classifier without and with augmentation; returns both test errors.
+                     seed: int = 0, seeds: Sequence[int] | None = None,
+                     encode_input: str = "grey", log_var: float | None = None,
+                     max_steps: int | None = None, progress: bool = False) -> dict[str, Any]:
+  """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
     trained: a :class:`exvae.bank.Trained` (its model generates the augmentations).
     epochs: classifier epochs.
     hidden: MLP width h.
     use_val: train on train + validation (the paper's setting), else train only.
-    seed: classifier seed (the same for both runs).
+    seed: classifier seed when ``seeds`` is not given.
+    seeds: classifier seeds; each seed trains both arms with the same init and orders.
+    encode_input: what the encoder sees, one of :data:`ENCODE_INPUTS`.
     log_var: augmentation noise log s2 (default: the prior's; mean posterior
       log-variance for priors without one).
     max_steps: cap on steps (tests).
     progress: show progress bars.
 
   Returns:
-    JSON-able dict: ``test_error_without``, ``test_error_with``, settings.
+    JSON-able dict: ``runs`` (one entry per seed with both test errors),
+    ``test_error_without`` / ``test_error_with`` (means over the seeds) with
+    ``*_std`` (sample standard deviation, 0 for one seed), ``spread``
+    (:func:`augmentation_spread` on up to 2000 training images) and the settings.
   """
   from exvae import bank as bank_lib
+  seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("seeds must name at least one classifier seed")
+  binary = binarise_before_encoding(encode_input, trained.splits.binary)
   g = grey_splits(trained.config, trained.splits)
   x, y = g.train_x, g.train_y
   if use_val:
@@ -403,15 +471,24 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   out: dict[str, Any] = {"epochs": int(epochs), "hidden": int(hidden), "use_val": bool(use_val),
                          "num_train": int(x.shape[0]), "num_test": int(g.test_x.shape[0]),
                          "grey_eval": bool(g.grey_eval), "log_var": float(log_var),
-                         "log_var_source": source, "seed": int(seed)}
-  for aug in (False, True):
-    r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
-                         vae=model, vae_params=mp, log_var=log_var,
-                         binary=trained.splits.binary, seed=seed, max_steps=max_steps,
-                         mean_fn=trained.setup.mean_fn, progress=progress)
-    tag = "with" if aug else "without"
-    out[f"test_error_{tag}"] = r["test_error"]
-    out[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None
-    out[f"seconds_{tag}"] = r["seconds"]
-    out["steps"] = r["steps"]
+                         "log_var_source": source, "encode_input": encode_input,
+                         "seeds": seeds, "runs": []}
+  out["spread"] = augmentation_spread(model, mp, g.train_x[:2000], float(log_var), binary=binary,
+                                      mean_fn=trained.setup.mean_fn)
+  for s in seeds:
+    row: dict[str, Any] = {"seed": s}
+    for aug in (False, True):
+      r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
+                           vae=model, vae_params=mp, log_var=log_var, binary=binary, seed=s,
+                           max_steps=max_steps, mean_fn=trained.setup.mean_fn, progress=progress)
+      tag = "with" if aug else "without"
+      row[f"test_error_{tag}"] = r["test_error"]
+      row[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None
+      row[f"seconds_{tag}"] = r["seconds"]
+      out["steps"] = r["steps"]
+    out["runs"].append(row)
+  for tag in ("without", "with"):
+    errs = np.array([r[f"test_error_{tag}"] for r in out["runs"]])
+    out[f"test_error_{tag}"] = float(errs.mean())
+    out[f"test_error_{tag}_std"] = float(errs.std(ddof=1)) if errs.size > 1 else 0.0
   return out
