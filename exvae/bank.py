@@ -573,7 +573,7 @@ def restore_trained(config, workdir: str) -> Trained:
 
   Args:
     config: the run's ConfigDict (as given to train.py).
-    workdir: the training workdir.
+    workdir: the training workdir, or a published model (:mod:`exvae.published`).
 
   Returns:
     A :class:`Trained`.
@@ -581,7 +581,14 @@ def restore_trained(config, workdir: str) -> Trained:
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no (readable) checkpoint.
   """
-  from exvae import checkpoints, rundir, train_lib
+  from exvae import checkpoints, published, rundir, train_lib
+  if published.is_published(workdir):
+    rundir.check_reader_config(workdir, config)
+    splits = train_lib.load_data(config)
+    setup = train_lib.make_setup(config, splits)
+    template = train_lib.init_state(config, setup, splits.train_x.shape[0])
+    params, meta = published.load(workdir, template.params)
+    return Trained(config=config, splits=splits, setup=setup, params=params, meta=meta)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
     raise checkpoints.CheckpointNotFoundError(

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import checkpoints, data, distributed, per_example, pictures, rundir, train_lib
+from exvae import checkpoints, data, distributed, per_example, pictures, published, rundir, train_lib
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -50,8 +50,9 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   so it may run while training writes the same workdir.
   """
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(
-      name.isdigit() for name in os.listdir(ckpt_dir)):
+  is_published = published.is_published(workdir)   # a published model: parameters only
+  if not is_published and (not os.path.isdir(ckpt_dir) or not any(
+      name.isdigit() for name in os.listdir(ckpt_dir))):
     raise checkpoints.CheckpointNotFoundError(
         f"No checkpoint found in {ckpt_dir}. Train first: "
         f"python train.py --config=<config> --workdir={workdir}")
@@ -62,13 +63,21 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   setup = train_lib.make_setup(config, splits, pool_sharded)
   n = splits.train_x.shape[0]
   template = train_lib.init_state(config, setup, n)
-  manager = checkpoints.Manager(ckpt_dir, read_only=True)
-  state, best, meta = manager.restore_latest(template, template.params)
-  # Best-on-validation parameters, unless no epoch was validated yet (a run
-  # stopped by max_steps inside its first epoch): then the last ones.
-  use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
-  params = distributed.replicate(best if use_best else state.params, mesh)
-  step = int(state.step)
+  if is_published:
+    best, record = published.load(workdir, template.params)
+    meta = {"best_epoch": int(record.get("best_epoch", 0)) - 1,
+            "best_val": record.get("best_val_loss")}
+    use_best = True
+    params = distributed.replicate(best, mesh)
+    step = int(record.get("source_checkpoint_step", -1))
+  else:
+    manager = checkpoints.Manager(ckpt_dir, read_only=True)
+    state, best, meta = manager.restore_latest(template, template.params)
+    # Best-on-validation parameters, unless no epoch was validated yet (a run
+    # stopped by max_steps inside its first epoch): then the last ones.
+    use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
+    params = distributed.replicate(best if use_best else state.params, mesh)
+    step = int(state.step)
 
   test_x = splits.test_x
   if config.eval.max_test_examples:
