@@ -80,8 +80,7 @@ def test_unconditional_cyclic_interpolation(run, tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _brute_force_knn(q, ref, ref_y, k):
-  """Plain NumPy/Python kNN with the documented tie-breaking."""
+def _brute_force_knn(q, ref, ref_y, k, tie_break="lowest_label"):
   preds = []
   for zq in q:
     d = np.sqrt(((ref.astype(np.float64) - zq) ** 2).sum(1))
@@ -90,32 +89,55 @@ def _brute_force_knn(q, ref, ref_y, k):
     best = max(votes.values())
     tied = [c for c, v in votes.items() if v == best]
     dsum = {c: sum(d[i] for i in nn if ref_y[i] == c) for c in tied}
-    preds.append(min(tied, key=lambda c: (dsum[c], c)))
+    preds.append(min(tied) if tie_break == "lowest_label" else min(tied, key=lambda c: (dsum[c], c)))
   return np.asarray(preds)
 
 
-def test_knn_matches_brute_force():
+@pytest.mark.parametrize("tie_break", knn.TIE_BREAKS)
+def test_knn_matches_brute_force(tie_break):
   rng = np.random.default_rng(0)
   ref = rng.normal(size=(150, 5)).astype(np.float32)
   ref_y = rng.integers(0, 4, 150).astype(np.int32)
   q = rng.normal(size=(40, 5)).astype(np.float32)
-  preds = knn.knn_predict(q, ref, ref_y, knn.DEFAULT_KS, batch_size=16)
+  preds = knn.knn_predict(q, ref, ref_y, knn.DEFAULT_KS, batch_size=16, tie_break=tie_break)
   assert sorted(preds) == list(knn.DEFAULT_KS)
   for k in knn.DEFAULT_KS:
-    np.testing.assert_array_equal(preds[k], _brute_force_knn(q, ref, ref_y, k), err_msg=f"k={k}")
-  errs = knn.knn_errors(q, preds[5], ref, ref_y, (5,))
+    np.testing.assert_array_equal(preds[k], _brute_force_knn(q, ref, ref_y, k, tie_break),
+                                  err_msg=f"k={k}")
+  errs = knn.knn_errors(q, preds[5], ref, ref_y, (5,), tie_break=tie_break)
   assert errs[5] == 0.0
 
 
 def test_knn_tie_breaking():
-  # 1-D points: query at 0. Labels 2 and 1 get 1 vote each (k=2) at distances 1 and 2:
-  # the smaller summed distance wins (label 2); with equal distances the lowest label wins.
+  # 1-D points: query at 0. Labels 2 and 1 get 1 vote each (k=2) at distances 1 and 2.
+  # The reference's rule (default) takes the lowest label; "distance" takes the smaller
+  # summed distance (label 2), then the lowest label.
   ref = np.array([[1.0], [-2.0], [5.0]], np.float32)
-  p = knn.knn_predict(np.zeros((1, 1), np.float32), ref, np.array([2, 1, 0]), (2,))
-  assert p[2][0] == 2
+  zero = np.zeros((1, 1), np.float32)
+  assert knn.knn_predict(zero, ref, np.array([2, 1, 0]), (2,))[2][0] == 1
+  assert knn.knn_predict(zero, ref, np.array([2, 1, 0]), (2,), tie_break="distance")[2][0] == 2
   ref = np.array([[1.0], [-1.0], [5.0]], np.float32)
-  p = knn.knn_predict(np.zeros((1, 1), np.float32), ref, np.array([3, 1, 0]), (2,))
+  p = knn.knn_predict(zero, ref, np.array([3, 1, 0]), (2,), tie_break="distance")
   assert p[2][0] == 1
+  with pytest.raises(ValueError, match="tie_break"):
+    knn.knn_predict(zero, ref, np.array([3, 1, 0]), (2,), tie_break="nearest")
+
+
+def test_knn_queries_are_grey_images_by_default(run):
+  _, _, t, bank = run
+  g = augment.grey_splits(t.config, t.splits)
+  assert not np.array_equal(g.test_x, t.splits.test_x)             # binarised differs from grey
+  grey = knn.evaluate_knn(t, bank, (3,))
+  binarised = knn.evaluate_knn(t, bank, (3,), query_images="binarised")
+  assert grey["query_images"] == "grey" and grey["tie_break"] == "lowest_label"
+  model, mp = t.setup.model, t.params["model"]
+  codes = np.asarray(model.encode_mean(mp, jnp.asarray(g.test_x)))
+  ref = np.concatenate([bank.codes, np.asarray(model.encode_mean(mp, jnp.asarray(g.val_x)))])
+  ref_y = np.concatenate([bank.labels, g.val_y])
+  want = np.mean(_brute_force_knn(codes, ref, ref_y, 3) != g.test_y)
+  assert grey["test"]["3"] == pytest.approx(want, abs=1.5 / len(g.test_y))
+  assert binarised["query_images"] == "binarised"
+
 
 
 # ----------------------------------------------------------------------------

@@ -9,9 +9,15 @@ The neighbours come from the streamed retrieval kernel
 votes for every smaller k reuse the first k columns of that sorted list.
 
 Vote rule (ties): the class with the most votes among the k neighbours; if
-several classes tie on votes, the one whose voting neighbours have the
-smallest summed Euclidean distance to the query; if that ties too, the lowest
-label.
+several classes tie on votes, the lowest label (``tie_break="lowest_label"``,
+the default: the authors' ``knn_on_latent.py`` takes the argmax of the vote
+counts) or the one whose voting neighbours have the smallest summed Euclidean
+distance to the query, then the lowest label (``tie_break="distance"``).
+
+Query images: grey levels by default (``query_images="grey"``), as the
+authors' ``analysis.py --KNN`` loads every split with ``no_binarization=True``;
+``"binarised"`` uses the loader's fixed binarisation of validation and test.
+The reference codes are the bank's (training images encoded as grey levels).
 
 Settings: validation (queries = validation split, reference = training
 split) and test (queries = test split, reference = training + validation).
@@ -30,6 +36,8 @@ import numpy as np
 from exvae import kernels
 
 DEFAULT_KS: tuple[int, ...] = (3, 5, 7, 9, 11, 13, 15)
+TIE_BREAKS = ("lowest_label", "distance")
+QUERY_IMAGES = ("grey", "binarised")
 
 
 def neighbors(queries: np.ndarray, reference: np.ndarray, k: int, *, batch_size: int = 1024,
@@ -66,31 +74,37 @@ def neighbors(queries: np.ndarray, reference: np.ndarray, k: int, *, batch_size:
   return dists, idx
 
 
-def vote(neighbor_labels: np.ndarray, neighbor_dists: np.ndarray, num_classes: int) -> np.ndarray:
+def vote(neighbor_labels: np.ndarray, neighbor_dists: np.ndarray, num_classes: int,
+         tie_break: str = "lowest_label") -> np.ndarray:
   """Majority vote with the documented tie-breaking.
 
   Args:
     neighbor_labels: (Q, k) int labels of the neighbours.
     neighbor_dists: (Q, k) Euclidean (not squared) distances.
     num_classes: C (labels in [0, C)).
+    tie_break: one of :data:`TIE_BREAKS`.
 
   Returns:
-    (Q,) int32 predicted labels: most votes, then smallest summed distance of
-    the voters, then lowest label.
+    (Q,) int32 predicted labels: most votes, then (``"distance"``) smallest
+    summed distance of the voters, then lowest label.
   """
+  if tie_break not in TIE_BREAKS:
+    raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
   q, k = neighbor_labels.shape
   onehot = np.zeros((q, k, num_classes), np.float64)
   onehot[np.arange(q)[:, None], np.arange(k)[None, :], neighbor_labels] = 1.0
   counts = onehot.sum(1)                                                  # (Q, C)
   dsum = (onehot * neighbor_dists[:, :, None].astype(np.float64)).sum(1)  # (Q, C)
   top = counts == counts.max(1, keepdims=True)
+  if tie_break == "lowest_label":
+    return np.argmax(top, axis=1).astype(np.int32)     # first (lowest) label with most votes
   # argmin returns the first (lowest) label among equal summed distances.
   return np.argmin(np.where(top, dsum, np.inf), axis=1).astype(np.int32)
 
 
 def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray,
                 ks: Sequence[int] = DEFAULT_KS, *, batch_size: int = 1024,
-                progress: bool = False) -> dict[int, np.ndarray]:
+                tie_break: str = "lowest_label", progress: bool = False) -> dict[int, np.ndarray]:
   """kNN predictions for several k from one top-k retrieval with max(ks).
 
   Args:
@@ -99,6 +113,7 @@ def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np
     reference_labels: (N,) int labels.
     ks: the k values (each <= N).
     batch_size: queries per kernel call.
+    tie_break: one of :data:`TIE_BREAKS`.
     progress: show a progress bar.
 
   Returns:
@@ -116,7 +131,7 @@ def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np
   labels = reference_labels[idx]
   dist = np.sqrt(np.maximum(sq, 0.0))
   c = int(reference_labels.max()) + 1
-  return {k: vote(labels[:, :k], dist[:, :k], c) for k in ks}
+  return {k: vote(labels[:, :k], dist[:, :k], c, tie_break) for k in ks}
 
 
 def knn_errors(queries: np.ndarray, query_labels: np.ndarray, reference: np.ndarray,
@@ -132,7 +147,8 @@ def knn_errors(queries: np.ndarray, query_labels: np.ndarray, reference: np.ndar
 
 
 def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS, *,
-                 batch_size: int = 2048, progress: bool = False) -> dict[str, Any]:
+                 batch_size: int = 2048, query_images: str = "grey",
+                 tie_break: str = "lowest_label", progress: bool = False) -> dict[str, Any]:
   """kNN error rates of a trained run in the validation and test settings.
 
   Args:
@@ -140,6 +156,9 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     bank: the training bank (built from ``trained`` if None).
     ks: the k values.
     batch_size: images per encoder call / queries per kernel call.
+    query_images: validation/test images as grey levels or binarised, one of
+      :data:`QUERY_IMAGES`.
+    tie_break: one of :data:`TIE_BREAKS`.
     progress: show progress bars.
 
   Returns:
@@ -156,20 +175,29 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     bank = bank_lib.from_checkpoint(trained.config, "", trained=trained, batch_size=batch_size,
                                     progress=progress)
   model, mp = trained.setup.model, trained.params["model"]
-  key = jax.random.PRNGKey(0)   # val/test are already binarised: binarisation is the identity
+  if query_images not in QUERY_IMAGES:
+    raise ValueError(f"query_images must be one of {QUERY_IMAGES}, got {query_images!r}")
+  val_x, test_x = s.val_x, s.test_x
+  if query_images == "grey":
+    from exvae.uses.augment import grey_splits
+    g = grey_splits(trained.config, s)
+    val_x, test_x = g.val_x, g.test_x
+    query_images = "grey" if g.grey_eval else "binarised (no grey reader for this data set)"
+  key = jax.random.PRNGKey(0)   # queries are encoded as given: no binarisation here
 
   def enc(x):
     return bank_lib.encode_images(model, mp, x, np.arange(x.shape[0]), key, binary=False,
                                   batch_size=batch_size)
 
-  val_codes, test_codes = enc(s.val_x), enc(s.test_x)
+  val_codes, test_codes = enc(val_x), enc(test_x)
   train_codes, train_y = bank.codes, bank.labels
   val = knn_errors(val_codes, s.val_y, train_codes, train_y, ks, batch_size=batch_size,
-                   progress=progress)
+                   tie_break=tie_break, progress=progress)
   ref = np.concatenate([train_codes, val_codes])
   ref_y = np.concatenate([train_y, s.val_y])
-  test = knn_errors(test_codes, s.test_y, ref, ref_y, ks, batch_size=batch_size, progress=progress)
+  test = knn_errors(test_codes, s.test_y, ref, ref_y, ks, batch_size=batch_size,
+                    tie_break=tie_break, progress=progress)
   return {"val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in test.items()},
           "num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
           "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
-          "tie_break": "most votes, then smallest summed Euclidean distance, then lowest label"}
+          "tie_break": tie_break, "query_images": query_images}
