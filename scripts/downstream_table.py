@@ -1,0 +1,119 @@
+"""The downstream tables of docs/downstream.md, generated from ``results/`` (never typed by hand).
+
+Usage: python scripts/downstream_table.py [--results results] [--write docs/downstream.md]
+                                         [--check docs/downstream.md]
+
+Two tables:
+* kNN test error on encoder means, per model (``results/<name>/knn.json``),
+  for k = 3, 5, 9, 15, with the query images and tie-break it used;
+* generative augmentation (``results/<name>/augment.json``): MLP test error
+  without and with augmentation, mean +- standard deviation over classifier
+  seeds, beside the paper's figures.
+
+``--write`` replaces the text between ``<!-- downstream:begin -->`` and
+``<!-- downstream:end -->``; ``--check`` exits 1 if the page is not what
+this script generates.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+BEGIN, END = "<!-- downstream:begin -->", "<!-- downstream:end -->"
+KS = ("3", "5", "9", "15")
+# The paper's Fashion-MNIST augmentation figures (MLP 784-1024-1024-10), test error in %.
+PAPER_AUGMENT = {"fashion_mnist": (8.56, 8.16)}
+
+
+def _load(root: str, filename: str) -> list[tuple[str, dict]]:
+  out = []
+  if not os.path.isdir(root):
+    return out
+  for name in sorted(os.listdir(root)):
+    path = os.path.join(root, name, filename)
+    if os.path.isfile(path):
+      with open(path) as f:
+        out.append((name, json.load(f)))
+  return out
+
+
+def knn_table(rows: list[tuple[str, dict]]) -> str:
+  """Markdown table of kNN test errors (%), one row per model."""
+  if not rows:
+    return "No kNN result in `results/` yet.\n"
+  lines = ["| model | " + " | ".join(f"k = {k}" for k in KS) + " | queries, tie-break | parameters |",
+           "|---|" + "---|" * len(KS) + "---|---|"]
+  for name, r in rows:
+    errs = " | ".join(f"{100 * r['test'][k]:.2f}" if k in r["test"] else "-" for k in KS)
+    model = r.get("model", {})
+    params = f"best epoch {model['best_epoch']}" if "best_epoch" in model else "-"
+    lines.append(f"| `{name}` | {errs} | {r.get('query_images', '-')}, "
+                 f"{r.get('tie_break', '-')} | {params} |")
+  return "\n".join(lines) + "\n"
+
+
+def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") -> str:
+  """Markdown table of augmentation test errors (%), with the paper's figures."""
+  paper = PAPER_AUGMENT.get(dataset)
+  head = ("| model | seeds | epochs | without | with | difference | encoder input | s2 |",
+          "|---|---|---|---|---|---|---|---|")
+  lines = list(head)
+  if paper:
+    lines.append(f"| paper (Exemplar VAE) | - | 100 | {paper[0]:.2f} | {paper[1]:.2f} | "
+                 f"{paper[1] - paper[0]:+.2f} | - | - |")
+  for name, r in rows:
+    def pm(tag):
+      return f"{100 * r[f'test_error_{tag}']:.2f} +- {100 * r.get(f'test_error_{tag}_std', 0):.2f}"
+    diff = 100 * (r["test_error_with"] - r["test_error_without"])
+    s2 = f"exp({r['log_var']:.2f})" if "log_var" in r else "-"
+    lines.append(f"| `{name}` | {len(r.get('seeds', [r.get('seed', 0)]))} | {r.get('epochs')} | "
+                 f"{pm('without')} | {pm('with')} | {diff:+.2f} | "
+                 f"{r.get('encode_input', 'bernoulli')} | {s2} |")
+  if len(lines) == len(head) + (1 if paper else 0):
+    lines.append("| (no augmentation result in `results/` yet) | | | | | | | |")
+  return "\n".join(lines) + "\n"
+
+
+def generate(root: str) -> str:
+  """The text between the markers."""
+  return ("\n### kNN test error on encoder means (%)\n\n" + knn_table(_load(root, "knn.json"))
+          + "\n### Generative augmentation: MLP test error (%)\n\n"
+          + augment_table(_load(root, "augment.json")) + "\n")
+
+
+def _splice(page: str, text: str, path: str) -> str:
+  if BEGIN not in page or END not in page:
+    raise ValueError(f"{path} has no {BEGIN} ... {END} markers")
+  return page[: page.index(BEGIN) + len(BEGIN)] + "\n" + text + page[page.index(END):]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--results", default="results")
+  p.add_argument("--write", default=None, help="page to update in place")
+  p.add_argument("--check", default=None, help="page that must equal the generated text")
+  args = p.parse_args(argv)
+  text = generate(args.results)
+  for path in filter(None, (args.write, args.check)):
+    with open(path) as f:
+      page = f.read()
+    try:
+      new = _splice(page, text, path)
+    except ValueError as e:
+      print(f"downstream_table: error: {e}", file=sys.stderr)
+      return 2
+    if args.check and path == args.check:
+      if new != page:
+        print(f"downstream_table: {path} is out of date; run --write {path}", file=sys.stderr)
+        return 1
+    else:
+      with open(path, "w") as f:
+        f.write(new)
+  if not args.write and not args.check:
+    print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,38 @@
+"""docs/downstream.md is generated from results/ and says what the JSON files hold."""
+
+import json
+import os
+
+from conftest import ROOT, load_script
+
+dt = load_script("scripts/downstream_table.py")
+
+
+def test_the_page_matches_the_generator():
+  page = os.path.join(ROOT, "docs", "downstream.md")
+  assert dt.main(["--results", os.path.join(ROOT, "results"), "--check", page]) == 0
+
+
+def test_tables_from_synthetic_results(tmp_path):
+  root = tmp_path / "results"
+  (root / "m_knn").mkdir(parents=True)
+  (root / "m_aug").mkdir()
+  knn = {"test": {"3": 0.1234, "5": 0.1, "9": 0.2, "15": 0.3}, "query_images": "grey",
+         "tie_break": "lowest_label", "model": {"best_epoch": 7}}
+  (root / "m_knn" / "knn.json").write_text(json.dumps(knn))
+  aug = {"test_error_without": 0.0900, "test_error_without_std": 0.001,
+         "test_error_with": 0.0850, "test_error_with_std": 0.002, "seeds": [0, 1, 2],
+         "epochs": 100, "encode_input": "grey", "log_var": -3.0}
+  (root / "m_aug" / "augment.json").write_text(json.dumps(aug))
+  text = dt.generate(str(root))
+  assert "| `m_knn` | 12.34 | 10.00 | 20.00 | 30.00 | grey, lowest_label | best epoch 7 |" in text
+  assert "| `m_aug` | 3 | 100 | 9.00 +- 0.10 | 8.50 +- 0.20 | -0.50 | grey | exp(-3.00) |" in text
+  assert "| paper (Exemplar VAE) | - | 100 | 8.56 | 8.16 | -0.40 |" in text
+  page = tmp_path / "page.md"
+  page.write_text(f"intro\n{dt.BEGIN}\nstale\n{dt.END}\n")
+  assert dt.main(["--results", str(root), "--check", str(page)]) == 1
+  assert dt.main(["--results", str(root), "--write", str(page)]) == 0
+  assert dt.main(["--results", str(root), "--check", str(page)]) == 0
+  assert page.read_text().startswith("intro\n") and "12.34" in page.read_text()
+  (tmp_path / "bare.md").write_text("no markers\n")
+  assert dt.main(["--results", str(root), "--check", str(tmp_path / "bare.md")]) == 2
