@@ -17,6 +17,8 @@ exvae's modules, and exvae is checked against it:
 """
 
 import functools
+import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -253,10 +255,10 @@ SHAPE, N, B, S = (6, 6, 1), 12, 5, 7
 
 
 @functools.lru_cache(maxsize=None)
-def _tiny(prior):
+def _tiny(prior, rat=False, z1=2):
   """``(config, setup, params, pool, ids, x)`` of a tiny HVAE under ``prior`` (built once)."""
   c = load_config("test", model="hvae", prior=prior, latent_dim=3, hidden=(8, 8),
-                  **{"hvae.z1_dim": 2, "exemplar.num_exemplars": N, "exemplar.rat": False,
+                  **{"hvae.z1_dim": z1, "exemplar.num_exemplars": N, "exemplar.rat": rat,
                      "vampprior.num_pseudo": 4})
   model = make_model(c, SHAPE)
   p = make_prior(prior, c)
@@ -339,3 +341,57 @@ def test_the_numpy_reference_sees_wiring_changes():
   # Exemplars binarised instead of grey give other codes.
   kl3 = _log_w("exemplar", net, xf, eps2, eps1, _np_prior_params(params), np.round(poolf), ids)[1]
   assert np.abs(kl - kl3).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# The authors' code itself (optional: needs their checkout and a Python with torch)
+# ----------------------------------------------------------------------------
+
+REF_PYTHON, REF_SRC = os.environ.get("EXVAE_REF_PYTHON", ""), os.environ.get("EXVAE_REF_SRC", "")
+
+
+@pytest.mark.skipif(not (os.path.exists(REF_PYTHON) and os.path.isdir(REF_SRC)),
+                    reason="set EXVAE_REF_PYTHON (a Python with torch) and EXVAE_REF_SRC "
+                           "(the authors' checkout) to compare with their code")
+@pytest.mark.parametrize("prior,rat", [("gaussian", False), ("vampprior", False),
+                                       ("exemplar", False), ("exemplar", True)])
+def test_against_the_authors_code(prior, rat, tmp_path):
+  """THEIR HVAE_2level with exvae's weights and draws: same loss, gradients and log w."""
+  c, setup, params, pool, ids, x = _tiny(prior, rat, z1=3)   # their q_z assumes z1 = z2
+  pool_j = jnp.asarray(pool)
+  state = setup.prior.init_state(setup.model, N)
+  inputs = ContextInputs(key=jax.random.PRNGKey(4), pool=pool_j, binary=False, pool_size=N)
+  state = setup.prior.refresh(params["prior"], state, setup.model, params["model"], inputs)
+  key, beta = jax.random.PRNGKey(3), 0.3
+  (loss, _), grads = jax.value_and_grad(elbo_loss, has_aux=True)(
+      params, state, setup, jnp.asarray(x), jnp.asarray(ids), key, jnp.float32(beta), pool_j)
+  # exvae's draws in this step: the score's noise, then the exemplar candidates.
+  k_ctx, k_z = jax.random.split(key)
+  eps2, eps1 = (np.asarray(e[:, 0]) for e in hierarchical_noise(k_z, B, 1, 3, 3))
+  cand = (np.asarray(jax.random.randint(jax.random.split(k_ctx)[0], (N,), 0, N, dtype=jnp.int32))
+          if rat else np.arange(N))
+  ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
+                               train=False)
+  kt = jax.random.PRNGKey(5)
+  log_w = np.asarray(log_importance_weights(params, setup, ctx, jnp.asarray(x), kt, S)[0])
+  te2, te1 = (np.asarray(e) for e in hierarchical_noise(kt, B, S, 3, 3))
+  flat = {"params/" + "/".join(str(k.key) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
+  np.savez(src, **flat, prior=prior, rat=rat, N=N, M=N, K=4, rat_k=int(c.exemplar.rat_k),
+           hidden=8, z1=3, z2=3, input_size=np.array([1, 6, 6]),
+           pool=pool.reshape(N, -1), x=x.reshape(B, -1), ids=ids, eps2=eps2, eps1=eps1,
+           cand=cand, beta=beta, xt=x.reshape(B, -1), te2=te2, te1=te1)
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ref_hvae_torch.py")
+  subprocess.run([REF_PYTHON, "-W", "ignore", script, str(src), str(dst)], check=True,
+                 capture_output=True, env=dict(os.environ, EXVAE_REF_SRC=REF_SRC))
+  ref = np.load(dst)
+  np.testing.assert_allclose(float(loss), float(ref["loss"]), rtol=1e-5)
+  g = {"grads/" + "/".join(str(k.key) for k in path): np.asarray(leaf)
+       for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  their = {k for k in ref.files if k.startswith("grads/")}
+  assert their == set(g)                         # every parameter, and only those
+  for k in their:
+    want = ref[k].reshape(g[k].shape)
+    assert np.linalg.norm(g[k] - want) <= 1e-4 * np.linalg.norm(want) + 1e-7, k
+  np.testing.assert_allclose(log_w, ref["log_w"], rtol=1e-5, atol=1e-4)
