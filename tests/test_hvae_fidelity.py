@@ -14,6 +14,11 @@ exvae's modules, and exvae is checked against it:
   z2, exemplar codes = q(z2|x) means of grey exemplars, leave-one-out) and the
   importance weights of the test NLL, for the Gaussian, VampPrior and
   exemplar priors, with every log-variance clipped to [-6, 2].
+
+With ``EXVAE_REF_PYTHON`` (a Python with torch) and ``EXVAE_REF_SRC`` (the
+authors' checkout) set, :func:`test_against_the_authors_code` also runs THEIR
+model on exvae's weights and draws (``tests/ref_hvae_torch.py``) and compares
+the loss, every gradient and the IWAE log-weights, RAT included.
 """
 
 import functools
