@@ -28,6 +28,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
+from absl import logging  # also defines --verbosity
 
 from exvae.cli import errors
 
@@ -246,7 +247,6 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
       _print_help(spec, value, rest, full="--helpfull" in args)
       sys.exit(0)
     positional = _parse_flags(prog, rest)
-    from absl import logging
     logging.use_absl_handler()
     if not FLAGS["verbosity"].present:      # keep Orbax's INFO chatter out of the terminal
       logging.set_verbosity(logging.WARNING)
