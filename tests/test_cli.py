@@ -76,6 +76,7 @@ def test_eval_without_config_reproduces_the_long_form(run_dir, tmp_path):
            "--config.prior_options.init_log_var=-1.5", *SMALL, f"--config.eval.out_dir={out}")
   assert r.returncode == 0, r.stderr
   long = json.load(open(os.path.join(out, "eval_metrics.json")))
+  assert f"test NLL = {short['test_nll']:.2f}" in r.stdout
   for k in ("test_nll", "test_elbo", "test_recon", "test_kl", "checkpoint_step"):
     assert short[k] == long[k], k
   # The scalars reached TensorBoard, beside the training curves (and in the out_dir).
@@ -165,7 +166,7 @@ def _mistakes(wd, tmp):
       (["uses.py", "knnn", f"--workdir={wd}"], 2, ["did you mean knn"]),
       (["uses.py", f"--workdir={wd}"], 2, ["expected one command"]),
       (["compare.py", wd], 2, ["two or more runs"]),
-      (["compare.py", wd, missing], 1, ["no such per-example file"]),
+      (["compare.py", missing, wd], 1, ["no such per-example file", "missing"]),
       (["exvae", "trian"], 2, ["did you mean train"]),
       (["train.py", "--config=test", f"--workdir={missing}", "--config.prior_options.k=5"], 1,
        ["prior_options", "plug-in prior"]),
@@ -175,8 +176,12 @@ def _mistakes(wd, tmp):
 def test_every_mistake_is_one_line_with_its_exit_code_and_an_untouched_run(run_dir, tmp_path):
   wd, _ = run_dir
   before = _snapshot(wd)
-  for argv, code, words in _mistakes(wd, str(tmp_path)):
-    r = _cli(*argv)
+  cases = _mistakes(wd, str(tmp_path))
+  # Four at a time: most end in well under a second, two import JAX.
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda case: _cli(*case[0]), cases))
+  for (argv, code, words), r in zip(cases, results):
     lines = _lines(r.stderr)
     assert r.returncode == code, (argv, r.returncode, r.stderr[-2000:])
     assert len(lines) == 1, (argv, r.stderr[-2000:])
@@ -257,11 +262,15 @@ def test_plugin_prior_checks_name_the_method_and_the_shape(tmp_path):
 def test_a_broken_plugin_fails_at_start_in_one_line(tmp_path):
   (tmp_path / "nosample.py").write_text(_NO_SAMPLE)
   (tmp_path / "badshape.py").write_text(_BAD_SHAPE)
-  for spec, words in (("nosample.py:NoSample", "does not implement sample()"),
-                      ("badshape.py:BadShape", "log_prob() returns shape (3, 4)")):
-    wd = tmp_path / ("run_" + spec[:5])
-    r = _cli("train.py", "--config=test", f"--workdir={wd}", f"--config.prior={spec}",
-             cwd=str(tmp_path))
+  cases = (("nosample.py:NoSample", "does not implement sample()"),
+           ("badshape.py:BadShape", "log_prob() returns shape (3, 4)"))
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(
+        lambda case: _cli("train.py", "--config=test", f"--workdir={tmp_path / case[0][:5]}",
+                          f"--config.prior={case[0]}", cwd=str(tmp_path)), cases))
+  for (spec, words), r in zip(cases, results):
+    wd = tmp_path / spec[:5]
     lines = _lines(r.stderr)
     assert r.returncode == 1 and len(lines) == 1 and words in lines[0], r.stderr[-2000:]
     assert not os.path.isdir(wd / "checkpoints") and not os.path.exists(wd / "metrics.jsonl")
@@ -360,3 +369,28 @@ def test_uses_writes_no_carriage_returns_without_a_terminal(run_dir, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "\r" not in r.stdout and "\r" not in r.stderr
   assert os.path.isfile(tmp_path / "u" / "knn.json")
+
+
+def test_version_matches_the_package_metadata():
+  import tomllib
+
+  import exvae
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    assert tomllib.load(f)["project"]["version"] == exvae.__version__
+
+
+def test_json_config_keeps_types_and_overrides_parse_by_type(tmp_path):
+  from exvae import config_registry, rundir
+  c = load_config("test")
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(rundir.config_dict(c)))
+  back = config_registry.load(str(path))
+  assert back.hidden == (16, 16) and isinstance(back.hidden, tuple)
+  assert rundir.config_dict(back) == rundir.config_dict(c)
+  config_registry.apply_overrides(back, [("hidden", "8,8"), ("exemplar.rat", "True"),
+                                         ("learning_rate", "1e-3"), ("prior_options.k", "5"),
+                                         ("prior_options.name", "abc")])
+  assert back.hidden == (8, 8) and back.exemplar.rat is True and back.learning_rate == 1e-3
+  assert back.prior_options.to_dict() == {"k": 5, "name": "abc"}
+  with pytest.raises(config_registry.ConfigNameError, match="Did you mean exemplar.rat_k"):
+    config_registry.apply_overrides(back, [("exemplar.ratk", "3")])

@@ -25,10 +25,10 @@ SPEC = command.Spec(
 
 
 def main(inv: command.Invocation) -> None:
-  from exvae import eval_lib
-  from exvae.cli import eval_events
   if inv.config is None:
     raise errors.missing_run(inv.workdir)
+  from exvae import eval_lib
+  from exvae.cli import eval_events
   config = inv.config
   metrics = eval_lib.evaluate(config, inv.workdir)
   eval_events.write(metrics, config, inv.workdir)
