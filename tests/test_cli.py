@@ -394,3 +394,20 @@ def test_json_config_keeps_types_and_overrides_parse_by_type(tmp_path):
   assert back.prior_options.to_dict() == {"k": 5, "name": "abc"}
   with pytest.raises(config_registry.ConfigNameError, match="Did you mean exemplar.rat_k"):
     config_registry.apply_overrides(back, [("exemplar.ratk", "3")])
+
+
+def test_plugin_options_reach_a_model_factory_and_a_misspelt_one_is_named():
+  from exvae import plugins
+
+  def factory(config, image_shape, width=8):
+    return (config, image_shape, width)
+
+  c = load_config("test", model="my.mod:factory")
+  c.model_options.width = 32
+  assert plugins.construct(factory, c.model, "model", c, (8, 8, 1),
+                           opts=plugins.options(c, "model_options")) == (c, (8, 8, 1), 32)
+  with pytest.raises(plugins.PluginError, match=r"does not take model_options \['widht'\]"):
+    plugins.construct(factory, c.model, "model", c, (8, 8, 1), opts={"widht": 3})
+  with pytest.raises(plugins.PluginError, match="built-in prior 'exemplar'"):
+    c.prior_options.k = 5
+    plugins.check_config_plugins(c)
