@@ -593,7 +593,7 @@ def restore_trained(config, workdir: str) -> Trained:
   if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
     raise checkpoints.CheckpointNotFoundError(
         f"No checkpoint found in {ckpt_dir}. Train first: "
-        f"python train.py --config=<config> --workdir={workdir}")
+        f"exvae-train --config=<config> --workdir={workdir}")
   rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)
   setup = train_lib.make_setup(config, splits)

@@ -29,7 +29,67 @@ METRICS = ("log_px", "elbo")
 
 
 class IdentityMismatchError(ValueError):
-  """Two per-example files did not score the same images."""
+  """Two per-example files did not score the same images (a usage error: exit code 2)."""
+
+  exit_code = 2
+
+
+class ScoringMismatchError(IdentityMismatchError):
+  """Two per-example files scored the images differently (S, pruning, binarisation draw)."""
+
+
+# How the images were scored: runs that differ here are not comparable without --force.
+# (key, what it is); prune_keep is read from the eval_metrics.json beside the file.
+SCORING = (("num_importance_samples", "importance samples S"),
+           ("prune_keep", "pruning (eval.prune_keep)"),
+           ("eval_binarize", "binarisation draw (eval_binarize)"))
+
+
+def _scoring(run: dict[str, Any]) -> dict[str, Any]:
+  """The scoring settings of a loaded run (None where the files do not say)."""
+  import json
+  out = {k: run.get(k) for k, _ in SCORING}
+  metrics = os.path.join(os.path.dirname(run["path"]), "eval_metrics.json")
+  if os.path.isfile(metrics):
+    try:
+      with open(metrics) as f:
+        m = json.load(f)
+      if m.get("num_importance_samples") == out["num_importance_samples"]:
+        for k, _ in SCORING:
+          if out[k] is None or out[k] == "":
+            out[k] = m.get(k)
+    except (OSError, ValueError):
+      pass
+  return out
+
+
+def stale_warning(run: dict[str, Any]) -> str | None:
+  """A warning when ``run``'s per-example file predates its run's newest checkpoint.
+
+  The file lies in a workdir (next to ``checkpoints/``) that was trained on
+  after it was evaluated (a resumed run): its scores are not the newest
+  parameters'.
+
+  Returns:
+    The warning, or None (fresh, or not inside a workdir).
+  """
+  d = os.path.dirname(os.path.abspath(run["path"]))
+  ckpt = os.path.join(d, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return None
+  steps = [n for n in os.listdir(ckpt) if n.isdigit()]
+  if not steps:
+    return None
+  newest = max(steps, key=int)
+  scored = run.get("checkpoint_step")
+  if isinstance(scored, int):
+    later = int(newest) > scored
+  else:                                  # a file that does not record its step: by time
+    later = os.path.getmtime(run["path"]) < os.path.getmtime(os.path.join(ckpt, newest))
+  if not later:
+    return None
+  return (f"{run['path']} is older than {d}'s newest checkpoint (step {newest}; scored: "
+          f"{scored}): re-evaluate it (exvae-eval --workdir={d}).")
 
 
 def paired_stats(nll_a: np.ndarray, nll_b: np.ndarray) -> dict[str, float]:
@@ -92,13 +152,18 @@ def _label(path: str) -> str:
   return os.path.basename(f.rstrip(os.sep)) or f
 
 
-def load_runs(paths: Sequence[str]) -> list[dict[str, Any]]:
-  """Loads the per-example files of ``paths`` and checks they scored the same images.
+def load_runs(paths: Sequence[str], force: bool = False) -> list[dict[str, Any]]:
+  """Loads the per-example files of ``paths`` and checks they are comparable.
+
+  Args:
+    paths: evaluated workdirs, ``results/`` entries or ``per_example.npz`` files.
+    force: accept runs scored differently (:data:`SCORING`).
 
   Raises:
     FileNotFoundError: a path holds no per-example file.
     IdentityMismatchError: the identities (data set, split, binarisation
       seed, count, image digest) differ.
+    ScoringMismatchError: the scoring settings differ, without ``force``.
   """
   runs = [per_example.load(p) for p in paths]
   ref = per_example.identity(runs[0])
@@ -110,6 +175,16 @@ def load_runs(paths: Sequence[str]) -> list[dict[str, Any]]:
           f"{paths[0]} and {p} did not score the same test images; differing fields "
           f"(first, second): {diff}. Evaluate both with the same data set, "
           f"eval_binarize, eval_binarize_seed and eval.max_test_examples.")
+  ref_scoring = _scoring(runs[0])
+  for p, r in zip(paths[1:], runs[1:]):
+    other = _scoring(r)
+    diff = [f"{what} {ref_scoring[k]} vs {other[k]}" for k, what in SCORING
+            if ref_scoring[k] not in (None, "") and other[k] not in (None, "")
+            and ref_scoring[k] != other[k]]
+    if diff and not force:
+      raise ScoringMismatchError(
+          f"{paths[0]} and {p} were scored differently ({'; '.join(diff)}): their NLLs are "
+          "not comparable. Evaluate both the same way, or pass --force.")
   labels = [_label(p) for p in paths]
   if len(set(labels)) < len(labels):        # two runs called the same: use the paths
     labels = list(paths)
@@ -118,7 +193,7 @@ def load_runs(paths: Sequence[str]) -> list[dict[str, Any]]:
   return runs
 
 
-def compare(paths: Sequence[str], metric: str = "log_px") -> dict[str, Any]:
+def compare(paths: Sequence[str], metric: str = "log_px", force: bool = False) -> dict[str, Any]:
   """Every pair of ``paths`` compared on the per-image loss ``-metric``.
 
   Args:
@@ -136,7 +211,7 @@ def compare(paths: Sequence[str], metric: str = "log_px") -> dict[str, Any]:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
   if len(paths) < 2:
     raise ValueError(f"compare needs at least two runs, got {len(paths)}.")
-  runs = load_runs(paths)
+  runs = load_runs(paths, force=force)
   losses = [-np.asarray(r[metric], np.float64) for r in runs]
   pairs = []
   for i, j in itertools.combinations(range(len(runs)), 2):
@@ -149,7 +224,8 @@ def compare(paths: Sequence[str], metric: str = "log_px") -> dict[str, Any]:
               "num_importance_samples": r.get("num_importance_samples")}
              for r, l in zip(runs, losses)]
   return {"metric": metric, "identity": per_example.identity(runs[0]), "runs": summary,
-          "pairs": pairs, "_losses": losses}
+          "pairs": pairs, "_losses": losses,
+          "warnings": [w for w in map(stale_warning, runs) if w]}
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
       kernel_size=5))               # odd k: vertical convs (k//2+1) x k, horizontal 1 x (k//2+1)
   # Prior.
   c.prior = "exemplar"              # gaussian | vampprior | exemplar (see exvae/priors)
+  # Keyword arguments of a plug-in prior's / model's constructor (free keys:
+  # --config.prior_options.k=5); a built-in prior or model takes none.
+  c.prior_options = ml_collections.ConfigDict()
+  c.model_options = ml_collections.ConfigDict()
   c.exemplar = ml_collections.ConfigDict(dict(
       num_exemplars=25000,          # M random exemplars per batch (<= 0: all)
       rat=False,                    # retrieval augmented training
@@ -184,6 +188,9 @@ def paper_config(dataset: str, model: str, prior: str, *,
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Locks the config so unknown keys are errors."""
+  """Locks the config so unknown keys are errors (the plug-in option groups stay open)."""
   c.lock()
+  for group in ("prior_options", "model_options"):
+    if group in c:
+      c[group].unlock()
   return c

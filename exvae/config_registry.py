@@ -13,7 +13,6 @@ import glob
 import importlib.util
 import os
 import re
-import sys
 from typing import Sequence
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.py)?$")
@@ -61,35 +60,228 @@ def resolve(value: str) -> str:
                    f"known names: {', '.join(available())}.")
 
 
-def resolve_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
-  """``argv`` with the value of ``--<flag>`` resolved by :func:`resolve`.
+def get_config(name_or_path: str):
+  """Loads a config by name or path (``.py`` or ``.json``); see :func:`load`."""
+  return load(name_or_path)
 
-  Handles ``--config=VALUE`` and ``--config VALUE``; ``--config.key=...``
-  overrides are left alone.
+
+# ----------------------------------------------------------------------------
+# Loading a config (a name, a .py file or a run's config.json) and overriding it
+# ----------------------------------------------------------------------------
+
+# Groups whose keys are free: a plug-in's constructor options. ``--config.prior_options.k=5``
+# adds the key ``k`` (any other unknown key is a mistake, reported with "did you mean").
+FREE_GROUPS = ("prior_options", "model_options")
+
+
+class ConfigNameError(ValueError):
+  """A ``--config`` value, or a ``--config.KEY`` override, that names nothing (a usage error)."""
+
+  exit_code = 2
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+  import difflib
+  close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.7)
+  return f" Did you mean {' or '.join(close)}?" if close else ""
+
+
+def from_json(path: str):
+  """A run's ``config.json`` as a ConfigDict, read as JSON (never executed).
+
+  The values are laid over :func:`exvae.config_base.base_config`, so tuples
+  stay tuples and the key types are the base config's; keys the base config
+  does not know (a file written by another version) are kept as stored.
+
+  Args:
+    path: a JSON file holding a config (``<workdir>/config.json``).
+
+  Returns:
+    The locked ConfigDict (free groups unlocked, see :data:`FREE_GROUPS`).
+
+  Raises:
+    ConfigNameError: the file is not a JSON object.
   """
-  out = list(argv)
-  for i, a in enumerate(out):
-    if a.startswith(f"--{flag}="):
-      out[i] = f"--{flag}=" + resolve(a[len(flag) + 3:])
-    elif a == f"--{flag}" and i + 1 < len(out):
-      out[i + 1] = resolve(out[i + 1])
+  import json
+
+  from exvae import config_base
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigNameError(f"--config={path}: cannot read it as JSON ({e}).") from None
+  if not isinstance(stored, dict):
+    raise ConfigNameError(f"--config={path}: not a JSON object (a config holds keys).")
+  c = config_base.base_config()
+
+  def lay(node, values):
+    for k, v in values.items():
+      if k in node and hasattr(node[k], "items") and isinstance(v, dict):
+        with node[k].unlocked():
+          lay(node[k], v)
+      elif k in node and isinstance(node[k], tuple) and isinstance(v, list):
+        node[k] = tuple(v)
+      elif k in node and node[k] is not None and v is not None:
+        with node.ignore_type():
+          node[k] = v
+      else:
+        with node.unlocked():
+          node[k] = v
+
+  lay(c, stored)
+  return config_base.finalize(c)
+
+
+def load(value: str):
+  """The config named by ``--config=value``: a shipped name, a ``.py`` path or a ``.json`` file.
+
+  Args:
+    value: ``fashion_vae_exemplar_rat``, ``configs/x.py`` (optionally
+      ``configs/x.py:ARG``, given to ``get_config(ARG)``) or
+      ``runs/fx/config.json``.
+
+  Returns:
+    The ConfigDict.
+
+  Raises:
+    ConfigNameError: an unknown name (with "did you mean") or a file without
+      ``get_config``.
+    Exception: whatever the config file itself raises (its own mistake).
+  """
+  base, _, arg = value.partition(":")
+  path = base if os.path.exists(base) else value
+  if os.path.isfile(path) and path.endswith(".json"):
+    return from_json(path)
+  try:
+    resolved = resolve(value)
+  except ValueError:
+    name = base[:-3] if base.endswith(".py") else base
+    hint = _did_you_mean(name, available()) if _NAME.match(base) else ""
+    raise ConfigNameError(f"--config={value}: no such file and no shipped config of that name."
+                          f"{hint or ' Run `exvae configs` for the names.'}") from None
+  path, _, arg = resolved.partition(":")
+  if os.path.isdir(path):
+    raise ConfigNameError(f"--config={value} is a directory; give a config name, a .py file "
+                          f"or a run's config.json (--config={os.path.join(path, 'config.json')}).")
+  if not os.path.isfile(path):
+    raise ConfigNameError(f"--config={value}: no such file.")
+  spec = importlib.util.spec_from_file_location(
+      "exvae_config_" + os.path.basename(path).split(".")[0], path)
+  if spec is None or spec.loader is None:
+    raise ConfigNameError(f"--config={value}: not a Python (.py) or JSON (.json) config file.")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise ConfigNameError(f"--config={value}: {path} defines no get_config().")
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+  """``text`` converted to the type of the key's current value (ml_collections' flag semantics)."""
+  import ast
+
+  def literal(t):
+    try:
+      return ast.literal_eval(t)
+    except (ValueError, SyntaxError):
+      return t
+
+  def bad(kind):
+    return ConfigNameError(f"--config.{key}={text}: expected {kind} (now {current!r}).")
+
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "t", "y"):
+      return True
+    if low in ("false", "0", "no", "f", "n"):
+      return False
+    raise bad("true or false")
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      v = literal(text)
+      if isinstance(v, float) and v.is_integer():
+        return int(v)
+      raise bad("an integer") from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad("a number") from None
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    v = literal(text if text.strip()[:1] in "([" else f"({text},)")
+    if not isinstance(v, (tuple, list)):
+      raise bad("a tuple such as 16,16")
+    return type(current)(v)
+  return literal(text)
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+  out = []
+  for k in node.keys():
+    out.append(prefix + k)
+    if hasattr(node[k], "items"):
+      out.extend(_keys(node[k], prefix + k + "."))
   return out
 
 
-def resolve_argv_or_exit(argv: Sequence[str]) -> list[str]:
-  """:func:`resolve_argv` for a console script: an unknown name exits with a one-line error."""
-  try:
-    return resolve_argv(argv)
-  except ValueError as e:
-    print(f"{os.path.basename(str(argv[0])) if argv else 'exvae'}: {e}", file=sys.stderr)
-    raise SystemExit(2) from None
+def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
+  """Applies ``--config.KEY=VALUE`` overrides (dotted keys) to ``config`` in place.
+
+  Values are parsed by the type of the key's current value; keys under a
+  group of :data:`FREE_GROUPS` may be new (their value is read as a Python
+  literal, else kept as a string).
+
+  Args:
+    config: the ConfigDict.
+    overrides: ``(dotted key, text)`` pairs, applied in order.
+
+  Returns:
+    ``config``.
+
+  Raises:
+    ConfigNameError: an unknown key (with "did you mean"), a key that is a
+      group, or a value of the wrong type.
+  """
+  for key, text in overrides:
+    parts = key.split(".")
+    node = config
+    for i, p in enumerate(parts[:-1]):
+      if p not in node or not hasattr(node[p], "items"):
+        if parts[0] in FREE_GROUPS and i > 0 and p not in node:
+          import ml_collections
+          with node.unlocked():
+            node[p] = ml_collections.ConfigDict()
+        else:
+          raise _unknown(config, key)
+      node = node[p]
+    leaf = parts[-1]
+    free = parts[0] in FREE_GROUPS and len(parts) > 1
+    if leaf not in node:
+      if not free:
+        raise _unknown(config, key)
+      with node.unlocked():
+        node[leaf] = _parse_value(key, text, None)
+      continue
+    current = node[leaf]
+    if hasattr(current, "items"):
+      raise ConfigNameError(f"--config.{key} is a group of keys ({', '.join(current.keys())}); "
+                            f"set one of them, e.g. --config.{key}.KEY=VALUE.")
+    value = _parse_value(key, text, current)
+    if free or current is None:
+      with node.ignore_type():
+        node[leaf] = value
+    else:
+      try:
+        node[leaf] = value
+      except TypeError as e:
+        raise ConfigNameError(f"--config.{key}={text}: {e}") from None
+  return config
 
 
-def get_config(name_or_path: str):
-  """Loads a config by name or path and returns its ``get_config()`` (locked ConfigDict)."""
-  path = resolve(name_or_path).partition(":")[0]
-  spec = importlib.util.spec_from_file_location(
-      "exvae_config_" + os.path.basename(path)[:-3], path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+def _unknown(config, key: str) -> ConfigNameError:
+  hint = _did_you_mean(key, _keys(config))
+  return ConfigNameError(f"--config.{key}: the config has no key {key!r}.{hint or ' `--help` lists the keys.'}")

@@ -55,7 +55,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       name.isdigit() for name in os.listdir(ckpt_dir))):
     raise checkpoints.CheckpointNotFoundError(
         f"No checkpoint found in {ckpt_dir}. Train first: "
-        f"python train.py --config=<config> --workdir={workdir}")
+        f"exvae-train --config=<config> --workdir={workdir}")
   train_lib.validate_config(config)
   rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)

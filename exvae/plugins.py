@@ -94,3 +94,159 @@ def load(spec: str, kind: str = "plug-in") -> Any:
       raise ValueError(f"{kind} plug-in {spec!r}: {module_path} has no attribute {attr!r}.")
     obj = getattr(obj, part)
   return obj
+
+
+# ----------------------------------------------------------------------------
+# Constructor options and the start-up check of a plug-in prior
+# ----------------------------------------------------------------------------
+
+# The methods a prior must implement (the base class's raise NotImplementedError),
+# with the shape each returns.
+REQUIRED_PRIOR_METHODS = {"log_prob": "(B,)", "sample": "(n, d)"}
+
+
+class PluginError(ValueError):
+  """A plug-in that cannot work: a missing method, a wrong shape or unusable options."""
+
+
+def options(config, group: str) -> dict[str, Any]:
+  """``config.<group>`` (``prior_options`` / ``model_options``) as a plain dict ({} if absent)."""
+  if config is None or not hasattr(config, "get"):
+    return {}
+  opts = config.get(group)
+  if opts is None:
+    return {}
+  return opts.to_dict() if hasattr(opts, "to_dict") else dict(opts)
+
+
+def construct(factory: Any, spec: str, kind: str, *args: Any, opts: dict[str, Any]) -> Any:
+  """``factory(*args, **opts)``: a plug-in built with its options from the config.
+
+  Args:
+    factory: the plug-in's class or function.
+    spec: its ``MODULE:ATTR`` spec (for messages).
+    kind: ``'prior'`` or ``'model'`` (the options group is ``<kind>_options``).
+    *args: the positional arguments (the config; the image shape for a model).
+    opts: the keyword arguments (``config.<kind>_options``).
+
+  Returns:
+    What ``factory`` returns.
+
+  Raises:
+    PluginError: the factory does not take these options.
+  """
+  import inspect
+  if opts:
+    try:
+      inspect.signature(factory).bind(*args, **opts)
+    except TypeError as e:
+      raise PluginError(f"{kind} plug-in {spec!r} does not take {kind}_options "
+                        f"{sorted(opts)} ({e}); its constructor's keyword arguments are "
+                        f"set with --config.{kind}_options.NAME=VALUE.") from None
+    except ValueError:                     # no signature (a builtin): let the call say
+      pass
+  return factory(*args, **opts)
+
+
+def check_prior_class(cls: type, spec: str) -> None:
+  """The prior class implements every method of :data:`REQUIRED_PRIOR_METHODS`.
+
+  Raises:
+    PluginError: naming the first method left to the base class.
+  """
+  from exvae.priors.base import Prior
+  for name, shape in REQUIRED_PRIOR_METHODS.items():
+    if getattr(cls, name, None) is getattr(Prior, name):
+      raise PluginError(f"prior plug-in {spec!r}: {cls.__name__} does not implement {name}() "
+                        f"(it must return {shape}); see examples/learned_gaussian.py.")
+
+
+def check_prior_shapes(prior: Any, model: Any, num_train: int, spec: str,
+                       batch: int = 3, n: int = 5) -> None:
+  """One traced call (``jax.eval_shape``, no computation) of the prior's methods on dummy inputs.
+
+  Checks ``init``, ``init_state``, ``context``, ``log_prob`` (must return
+  ``(B,)``) and ``sample`` (must return ``(n, d)``), with ``d`` the model's
+  latent size, before any training step runs.
+
+  Args:
+    prior: the prior object.
+    model: the :class:`exvae.models.Model` it serves.
+    num_train: N, the training set size.
+    spec: the prior's name (for messages).
+    batch: B of the dummy batch.
+    n: the number of dummy samples.
+
+  Raises:
+    PluginError: naming the method, the shape it returned and the one expected,
+      or the error its trace raised.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from exvae.priors.base import ContextInputs
+  d = int(model.latent_dim)
+  h, w, c = (int(s) for s in model.image_shape)
+  pool_n = min(int(num_train), 2 * batch)
+
+  def traced(key):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    model_params = model.init(k1)
+    params = prior.init(k2, model, num_train)
+    state = prior.init_state(model, num_train)
+    inputs = ContextInputs(x=jnp.zeros((batch, h, w, c)), ids=jnp.arange(batch, dtype=jnp.int32),
+                           mu=jnp.zeros((batch, d)), key=k3,
+                           pool=jnp.zeros((pool_n, h, w, c)), pool_size=pool_n)
+    ctx, _ = prior.context(params, state, model, model_params, inputs, True)
+    z = jnp.zeros((batch, d))
+    out = {}
+    for name, call in (("log_prob", lambda: prior.log_prob(params, z, ctx, inputs.ids)),
+                       ("sample", lambda: prior.sample(params, k4, n, ctx))):
+      try:
+        out[name] = call()
+      except NotImplementedError:
+        raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() raises "
+                          f"NotImplementedError; it must return "
+                          f"{REQUIRED_PRIOR_METHODS[name]}.") from None
+    return out
+
+  try:
+    shapes = jax.eval_shape(traced, jax.random.PRNGKey(0))
+  except PluginError:
+    raise
+  except Exception as e:  # noqa: BLE001  (the plug-in's own error, in one line)
+    raise PluginError(f"prior plug-in {spec!r} fails on a dummy batch (B={batch}, d={d}): "
+                      f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+  want = {"log_prob": (batch,), "sample": (n, d)}
+  for name, shape in want.items():
+    got = getattr(shapes[name], "shape", None)
+    if tuple(got or ()) != shape or got is None:
+      expected = REQUIRED_PRIOR_METHODS[name]
+      raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() returns shape "
+                        f"{tuple(got) if got is not None else type(shapes[name]).__name__}, "
+                        f"expected {expected} = {shape} (B={batch}, n={n}, d={d}).")
+
+
+def check_config_plugins(config) -> None:
+  """What can be checked of ``config``'s plug-ins before any data is loaded.
+
+  A plug-in prior is imported and its class checked (:func:`check_prior_class`);
+  ``prior_options`` / ``model_options`` must be empty for a built-in prior / model.
+
+  Raises:
+    PluginError, ValueError: naming the plug-in and what is wrong.
+  """
+  for kind in ("prior", "model"):
+    name = str(config.get(kind, ""))
+    opts = options(config, f"{kind}_options")
+    if not is_spec(name):
+      if opts:
+        raise PluginError(f"{kind}_options {sorted(opts)} are for a plug-in {kind} "
+                          f"(--config.{kind}=MODULE:ATTR); the built-in {kind} {name!r} takes "
+                          f"its settings from its own config keys.")
+      continue
+    if kind == "prior":
+      from exvae import priors
+      cls = load(name, "prior")
+      if isinstance(cls, type) and issubclass(cls, priors.Prior):
+        check_prior_class(cls, name)

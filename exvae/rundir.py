@@ -21,11 +21,9 @@ A workdir belongs to the run that started it:
 * **metrics.jsonl without duplicates.**  A resume from step s drops the
   records of steps after s (:func:`trim_metrics`), which the resumed run
   writes again.
-* **One-line errors.**  :func:`cli_main` wraps a CLI ``main``: expected
-  errors (bad config, missing data or checkpoint, a second writer, a full
-  disk, a corrupt bank file, SIGTERM) end the program with one line on stderr
-  and a non-zero exit code; the traceback with ``--verbosity=1`` or
-  ``EXVAE_TRACEBACK=1``.
+* **Typed errors.**  Expected failures raise :class:`RunDirError` subclasses
+  (each with its ``exit_code``); the command-line programs report them in one
+  line (:mod:`exvae.cli.errors`).
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
-import functools
 import json
 import math
 import os
@@ -41,7 +38,7 @@ import socket
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -76,7 +73,7 @@ MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype", "eval_binarize",
 
 
 class RunDirError(Exception):
-  """An expected error about a run directory (reported in one line by :func:`cli_main`)."""
+  """An expected error about a run directory (reported in one line by :mod:`exvae.cli.errors`)."""
 
   exit_code = 1
 
@@ -482,7 +479,7 @@ def trim_metrics(path: str, step: int) -> int:
 
 
 # ----------------------------------------------------------------------------
-# One-line errors for the command-line programs
+# A full disk
 # ----------------------------------------------------------------------------
 
 
@@ -501,64 +498,4 @@ def is_disk_full(e: BaseException) -> bool:
   return False
 
 
-def _exit_code(e: BaseException) -> int | None:
-  """The exit code of an expected error, None for anything else (a bug: keep the traceback)."""
-  from exvae import checkpoints, data   # late: keep this module import-light
-  if isinstance(e, RunDirError):
-    return e.exit_code
-  if isinstance(e, KeyboardInterrupt):
-    return 130
-  if is_disk_full(e):
-    return 1
-  if isinstance(e, (checkpoints.CheckpointNotFoundError, data.DataNotFoundError,
-                    FloatingPointError, FileNotFoundError, NotADirectoryError,
-                    IsADirectoryError, PermissionError, ValueError)):
-    return 1
-  return None
-
-
-def want_traceback() -> bool:
-  """``EXVAE_TRACEBACK=1`` in the environment, or ``--verbosity=1`` (or more) given."""
-  if os.environ.get("EXVAE_TRACEBACK", "").lower() in ("1", "true", "yes"):
-    return True
-  try:
-    from absl import flags
-    f = flags.FLAGS["verbosity"]
-    return bool(f.present) and int(f.value) >= 1
-  except Exception:  # noqa: BLE001  (flags not parsed: no)
-    return False
-
-
-def one_line(e: BaseException) -> str:
-  """The error as one line: its message (newlines folded), prefixed by its type if generic."""
-  msg = " ".join(str(e).split()) or type(e).__name__
-  if isinstance(e, KeyboardInterrupt):
-    return "interrupted (Ctrl-C)."
-  if not isinstance(e, RunDirError) and is_disk_full(e):
-    return f"disk full: {msg}"
-  if not isinstance(e, (RunDirError, FileNotFoundError)):
-    msg = f"{type(e).__name__}: {msg}"
-  return msg
-
-
-def cli_main(main: Callable) -> Callable:
-  """Wraps an absl ``main(argv)``: expected errors end it with one line on stderr.
-
-  The line is ``error: <message>`` (``stopped: ...`` for SIGTERM), the exit
-  code non-zero (143 for SIGTERM, 130 for Ctrl-C).  Unexpected errors, and
-  every error with ``--verbosity=1`` or ``EXVAE_TRACEBACK=1``, keep their
-  traceback.
-  """
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
-      code = _exit_code(e)
-      if code is None or want_traceback():
-        raise
-      prefix = "stopped" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "error"
-      sys.stdout.flush()
-      print(f"{prefix}: {one_line(e)}", file=sys.stderr, flush=True)
-      sys.exit(code)
-  return wrapped
+cli_main = lambda main: __import__("exvae.cli.errors").cli.errors.cli_main(main)  # noqa: E731  (the CLI's handler: exvae/cli/errors.py)

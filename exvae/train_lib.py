@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import checkpoints, data, distributed, pictures, rng, rundir, writers
+from exvae import checkpoints, data, distributed, pictures, plugins, rng, rundir, writers
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
@@ -110,6 +110,8 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
   rundir.check_config(config, num_train=n)   # num_exemplars, rat_k vs the training set
   model = make_model(config, splits.image_shape)
   prior = make_prior(config.prior, config)
+  if plugins.is_spec(config.prior):    # one traced call: shapes checked before any step
+    plugins.check_prior_shapes(prior, model, n, config.prior)
   log_lik, mean_fn = get_likelihood(config.likelihood)
   return Setup(model=model, prior=prior, log_lik=log_lik, mean_fn=mean_fn,
                optimizer=make_optimizer(config), binary=bool(splits.binary),

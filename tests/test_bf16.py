@@ -265,7 +265,7 @@ def test_cli_bad_value_is_one_line(tmp_path):
                      capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
   assert r.returncode == 1, r.stderr
   lines = [l for l in r.stderr.splitlines() if l.strip()]
-  assert lines[-1].startswith("error: ") and "matmul_dtype must be one of" in lines[-1], r.stderr
+  assert lines[-1].startswith("exvae-train: error: ") and "matmul_dtype must be one of" in lines[-1], r.stderr
   assert "Traceback" not in r.stderr
 
 

@@ -80,7 +80,7 @@ def test_compare_cli_on_known_arrays(tmp_path):
   _write(tmp_path / "other" / per_example.FILENAME, base, digest="e" * 64)
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), dirs[0],
                         str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1 and "images_sha256" in bad.stderr
+  assert bad.returncode == 2 and "images_sha256" in bad.stderr
   assert "Traceback" not in bad.stderr
   with pytest.raises(FileNotFoundError, match="evaluate it first"):
     compare.compare([dirs[0], str(tmp_path)])

@@ -164,7 +164,7 @@ def test_a_second_writer_gets_one_clear_line_and_changes_nothing(trained_dir, tm
              "--config.num_epochs=3")
   assert r.returncode == 1
   line = _one_line(r.stderr)
-  assert line.startswith("error:") and wd in line and f"pid {os.getpid()}" in line
+  assert line.startswith("exvae-train: error:") and wd in line and f"pid {os.getpid()}" in line
   assert _snapshot(wd) == before
 
 
@@ -362,7 +362,7 @@ def test_sigterm_saves_and_exits_with_one_line(tmp_path):
   out, err = p.communicate(timeout=240)
   assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
   line = _one_line(err)
-  assert line.startswith("stopped: SIGTERM at step ") and "Traceback" not in err
+  assert line.startswith("exvae-train: stopped: SIGTERM at step ") and "Traceback" not in err
   step = int(line.split("step ")[1].split(":")[0])
   assert _steps(wd)[-1] == step
 

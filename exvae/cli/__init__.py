@@ -3,10 +3,13 @@
 * ``exvae-train`` / ``exvae train``: :mod:`exvae.cli.train` (top-level ``train.py``);
 * ``exvae-eval`` / ``exvae eval``: :mod:`exvae.cli.eval` (``eval.py``);
 * ``exvae-uses`` / ``exvae uses``: :mod:`exvae.cli.uses` (``uses.py``);
-* ``exvae-compare`` / ``exvae compare``: :mod:`exvae.cli.compare`;
+* ``exvae-compare`` / ``exvae compare``: :mod:`exvae.cli.compare` (``compare.py``);
 * ``exvae configs``: lists the shipped configs, usable by name
   (``--config=fashion_vae_exemplar_rat``).
 
+``python -m exvae`` is the same dispatcher. What the commands share (the
+config and its overrides, ``--help``, ``--print_config``, ``--version``) is
+in :mod:`exvae.cli.command`; the one-line errors in :mod:`exvae.cli.errors`.
 Each command module defines its absl flags at import, so the dispatcher
 imports only the one it runs.
 """
@@ -20,10 +23,11 @@ COMMANDS = {"train": "exvae.cli.train", "eval": "exvae.cli.eval", "uses": "exvae
             "compare": "exvae.cli.compare"}
 _USAGE = ("usage: exvae {train,eval,uses,compare,configs} [flags]\n"
           "  exvae train --config=fashion_vae_exemplar_rat --workdir=runs/fx\n"
-          "  exvae eval  --config=fashion_vae_exemplar_rat --workdir=runs/fx\n"
-          "  exvae uses <command> --config=... --workdir=...\n"
+          "  exvae eval  --workdir=runs/fx\n"
+          "  exvae uses <command> --workdir=runs/fx\n"
           "  exvae compare runs/a runs/b [--plot]\n"
           "  exvae configs            (the config names --config accepts)\n"
+          "  exvae --version\n"
           "'exvae <command> --help' lists a command's flags.")
 
 
@@ -31,24 +35,22 @@ def main(argv: list[str] | None = None) -> None:
   """``exvae <command> [flags]``: runs one of :data:`COMMANDS`."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-    print(_USAGE)
+    print(_USAGE, file=sys.stdout if len(argv) >= 2 else sys.stderr)
     sys.exit(0 if len(argv) >= 2 else 2)
   cmd = argv[1]
+  if cmd == "--version":
+    from exvae.cli import command
+    print(f"exvae {command.version()}")
+    return
   if cmd == "configs":
     from exvae import config_registry
     print("\n".join(config_registry.available()))
     return
   if cmd not in COMMANDS:
-    print(f"exvae: unknown command {cmd!r}.\n{_USAGE}", file=sys.stderr)
+    import difflib
+    close = difflib.get_close_matches(cmd, list(COMMANDS) + ["configs"], n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    print(f"exvae: error: unknown command {cmd!r}; one of train, eval, uses, compare, configs."
+          f"{hint}", file=sys.stderr)
     sys.exit(2)
-  importlib.import_module(COMMANDS[cmd]).run([f"exvae {cmd}"] + argv[2:])
-
-
-def begin(argv: list[str]) -> None:
-  """The start of a command's ``main``: no stray arguments, and Orbax's INFO chatter
-  kept out of the terminal unless ``--verbosity`` was given."""
-  from absl import app, flags, logging
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  importlib.import_module(COMMANDS[cmd]).run([f"exvae-{cmd}"] + argv[2:])

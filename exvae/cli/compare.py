@@ -3,39 +3,43 @@
 Each RUN is an evaluated workdir, a ``results/<config>/`` entry, or a
 ``per_example.npz`` file (written by ``exvae-eval``). The runs must have
 scored the same test images (checked by data set, split, binarisation seed,
-count and a digest of the images). For every pair it prints the mean NLL
-difference, its paired standard error, the two-sided paired t-test p-value
-(and its Holm adjustment over the pairs) and the share of images each model
-wins; ``--plot`` also writes a PNG of the per-image differences.
+count and a digest of the images) in the same way (number of importance
+samples S, pruning, whose binarisation draw); ``--force`` compares runs
+scored differently. For every pair it prints the mean NLL difference, its
+paired standard error, the two-sided paired t-test p-value (and its Holm
+adjustment over the pairs) and the share of images each model wins;
+``--plot`` also writes a PNG of the per-image differences.
 """
+
+from __future__ import annotations
 
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from exvae import compare as compare_lib
+from exvae.cli import command
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("metric", "log_px", list(compare_lib.METRICS),
+flags.DEFINE_enum("metric", "log_px", ["log_px", "elbo"],
                   "Per-image score to compare: log_px (NLL) or elbo (negative ELBO).")
 flags.DEFINE_bool("plot", False, "Also write a PNG of the per-image differences (see --out).")
 flags.DEFINE_string("out", "compare.png", "Where --plot writes its PNG.")
 flags.DEFINE_string("json", None, "Also write the statistics to this JSON file.")
+flags.DEFINE_bool("force", False, "Compare runs scored differently (S, pruning, binarisation).")
+
+SPEC = command.Spec(
+    name="compare", module=__name__, config="none", positional=(2, None),
+    positional_help="two or more runs (evaluated workdirs, results/ entries or per_example.npz)",
+    summary="paired comparison of evaluated runs on the same test images.",
+    usage="exvae-compare RUN_A RUN_B [RUN_C ...] [--plot] [--force]")
 
 
-def main(argv):
-  paths = argv[1:]
-  if not FLAGS["verbosity"].present:     # keep matplotlib's INFO chatter out of the terminal
-    logging.set_verbosity(logging.WARNING)
-  if len(paths) < 2:
-    raise app.UsageError("Usage: exvae-compare RUN_A RUN_B [RUN_C ...] [--plot] "
-                         "(RUN: an evaluated workdir, a results/ entry or a per_example.npz)")
-  try:
-    result = compare_lib.compare(paths, metric=FLAGS.metric)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"exvae-compare: {e}", file=sys.stderr)
-    sys.exit(1)
+def main(inv: command.Invocation) -> None:
+  from exvae import compare as compare_lib
+  result = compare_lib.compare(inv.args, metric=FLAGS.metric, force=FLAGS.force)
+  for warning in result.get("warnings", []):
+    print(f"{inv.prog}: warning: {warning}", file=sys.stderr, flush=True)
   print(compare_lib.format_report(result))
   if FLAGS.plot:
     print(f"plot: {compare_lib.plot(result, FLAGS.out)}")
@@ -46,7 +50,7 @@ def main(argv):
 
 def run(argv=None):
   """Console-script entry point (``exvae-compare``)."""
-  app.run(main, argv=sys.argv if argv is None else argv)
+  command.run(SPEC, main, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,37 @@
-"""Evaluates a trained run: ``exvae-eval --config=<name or path> --workdir=<dir>``.
+"""Evaluates a trained run: ``exvae-eval --workdir=<dir>`` (the run's own config.json).
 
 Computes the importance-sampled test NLL (``--config.eval.num_importance_samples``,
 default 5000) against all training exemplars, the test ELBO and its terms, and
-writes ``<workdir>/eval_metrics.json`` and the per-image scores
+writes ``<workdir>/eval_metrics.json``, the per-image scores
 ``<workdir>/per_example.npz`` (see :mod:`exvae.per_example`; compared with
-``exvae compare``); with ``--config.eval.out_dir=DIR`` into DIR instead, and nothing
-into the run directory.
+``exvae-compare``) and the scalars into the run's TensorBoard events; with
+``--config.eval.out_dir=DIR`` into DIR instead, and nothing into the run
+directory. ``--config`` may name the run's config instead (then with the
+run's training overrides); evaluation settings (``eval.*``) may differ.
 """
+
+from __future__ import annotations
 
 import json
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from exvae.cli import command, errors
 
-from exvae import cli, config_registry, eval_lib, rundir
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A shipped config's name or a configs/*.py path.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).")
-flags.mark_flags_as_required(["config", "workdir"])
+SPEC = command.Spec(
+    name="eval", module=__name__, config="from_run",
+    summary="scores a trained run: test NLL (importance sampled), ELBO, reconstruction, KL.",
+    usage="exvae-eval --workdir=DIR [--config.eval.num_importance_samples=S ...]\n"
+          "       exvae-eval --config=NAME|FILE --workdir=DIR [--config.KEY=VALUE ...]")
 
 
-@rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
-def main(argv):
-  cli.begin(argv)
-  metrics = eval_lib.evaluate(FLAGS.config, FLAGS.workdir)
+def main(inv: command.Invocation) -> None:
+  if inv.config is None:
+    raise errors.missing_run(inv.workdir)
+  from exvae import eval_lib
+  from exvae.cli import eval_events
+  config = inv.config
+  metrics = eval_lib.evaluate(config, inv.workdir)
+  eval_events.write(metrics, config, inv.workdir)
   print(json.dumps(metrics, indent=2))
   print(f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "
         f"{metrics['num_test_examples']} test images); samples: {metrics['samples_png']}")
@@ -34,7 +39,7 @@ def main(argv):
 
 def run(argv=None):
   """Console-script entry point (``exvae-eval``)."""
-  app.run(main, argv=config_registry.resolve_argv_or_exit(sys.argv if argv is None else argv))
+  command.run(SPEC, main, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":

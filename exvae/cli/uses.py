@@ -1,4 +1,4 @@
-"""Downstream uses of a trained run: ``exvae-uses <command> --config=<name or path> --workdir=<dir>``.
+"""Downstream uses of a trained run: ``exvae-uses <command> --workdir=<dir>``.
 
 Commands (outputs go to ``--out``, default ``<workdir>/uses``):
 
@@ -11,21 +11,19 @@ Commands (outputs go to ``--out``, default ``<workdir>/uses``):
   grow      add the validation split to the bank without retraining; report
             log p(z) of validation codes before / after; bank_grown.npz, grow.json
 
-The config must be the one the run was trained with (same overrides).
+The config is the run's own ``<workdir>/config.json`` unless ``--config``
+names it (then with the run's training overrides).
 """
+
+from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-from exvae import config_registry, rundir
-from exvae.uses import commands
+from exvae.cli import command, errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The run's config: a shipped name or a path.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "The training workdir (holds checkpoints/).")
 flags.DEFINE_string("out", None, "Output directory (default: <workdir>/uses).")
 flags.DEFINE_string("bank", None, "Use this saved bank (.npz) instead of building one.")
 flags.DEFINE_integer("seed", 0, "Seed of sampling / the classifier / t-SNE.")
@@ -42,18 +40,26 @@ flags.DEFINE_integer("max_steps", 0, "augment: stop each classifier run after th
 flags.DEFINE_integer("tsne_points", 5000, "plots: codes in the t-SNE subsample.")
 flags.DEFINE_bool("allow_bank_mismatch", False, "Use a --bank built from another model "
                   "(its codes were made by another encoder).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+COMMANDS = ("bank", "generate", "knn", "augment", "plots", "grow")
+SPEC = command.Spec(
+    name="uses", module=__name__, config="from_run", positional=(1, 1),
+    positional_help=f"one command: {', '.join(COMMANDS)}",
+    summary="downstream uses of a trained run: " + ", ".join(COMMANDS) + ".",
+    usage="exvae-uses {" + ",".join(COMMANDS) + "} --workdir=DIR [--out=DIR] [flags]")
 
 
-@rundir.cli_main   # expected errors: one line on stderr (traceback: --verbosity=1)
-def main(argv):
-  if len(argv) != 2 or argv[1] not in commands.COMMANDS:
-    raise app.UsageError(
-        f"Usage: exvae-uses <command> --config=... --workdir=...; "
-        f"command one of {sorted(commands.COMMANDS)}, got {argv[1:]}")
-  if not FLAGS["verbosity"].present:     # keep Orbax's INFO chatter out of the terminal
-    logging.set_verbosity(logging.WARNING)
-  commands.run(argv[1], FLAGS.config, FLAGS.workdir, FLAGS.out, bank_path=FLAGS.bank,
+def main(inv: command.Invocation) -> None:
+  cmd = inv.args[0]
+  if cmd not in COMMANDS:
+    import difflib
+    close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise errors.UsageError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}.{hint}")
+  if inv.config is None:
+    raise errors.missing_run(inv.workdir)
+  from exvae.uses import commands
+  commands.run(cmd, inv.config, inv.workdir, FLAGS.out, bank_path=FLAGS.bank,
                seed=FLAGS.seed, num_exemplars=FLAGS.num_exemplars,
                num_samples=FLAGS.num_samples, num_unconditional=FLAGS.num_unconditional,
                chain_steps=FLAGS.chain_steps, interp_steps=FLAGS.interp_steps,
@@ -64,7 +70,7 @@ def main(argv):
 
 def run(argv=None):
   """Console-script entry point (``exvae-uses``)."""
-  app.run(main, argv=config_registry.resolve_argv_or_exit(sys.argv if argv is None else argv))
+  command.run(SPEC, main, sys.argv if argv is None else argv)
 
 
 if __name__ == "__main__":

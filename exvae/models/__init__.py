@@ -80,6 +80,9 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
     MODELS[name] = factory
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
+  if plugins.is_spec(name):       # a plug-in is built with config.model_options
+    return plugins.construct(MODELS[name], name, "model", config, image_shape,
+                             opts=plugins.options(config, "model_options"))
   return MODELS[name](config, image_shape)
 
 

@@ -22,8 +22,9 @@ def make_prior(name: str, config) -> Prior:
     The prior.
 
   Raises:
-    ValueError: an unknown name, an unimportable spec, or a spec that does
-      not name a :class:`Prior` subclass.
+    ValueError: an unknown name, an unimportable spec, a spec that does
+      not name a :class:`Prior` subclass, one that lacks ``log_prob`` or
+      ``sample``, or ``config.prior_options`` its constructor does not take.
   """
   if plugins.is_spec(name) and name not in base.registered_priors():
     cls = plugins.load(name, "prior")
@@ -32,6 +33,10 @@ def make_prior(name: str, config) -> Prior:
                        f"exvae.priors.Prior.")
     if name not in base.registered_priors():   # the import may have registered it
       base._REGISTRY[name] = cls
+  if plugins.is_spec(name):       # checked, and built with config.prior_options
+    plugins.check_prior_class(base._REGISTRY[name], name)
+    return plugins.construct(base._REGISTRY[name], name, "prior", config,
+                             opts=plugins.options(config, "prior_options"))
   return base.make_prior(name, config)
 
 

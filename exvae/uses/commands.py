@@ -18,6 +18,7 @@ summary dict:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from exvae import bank as bank_lib
+from exvae import progress as progress_lib
 from exvae.uses import augment as augment_lib
 from exvae.uses import generation, knn, plots
 
@@ -231,4 +233,8 @@ def run(command: str, config, workdir: str, out: str | None = None, **opts) -> d
     raise ValueError(f"Unknown command {command!r}; commands: {sorted(COMMANDS)}")
   out = out or os.path.join(workdir, "uses")
   os.makedirs(out, exist_ok=True)
+  if bool(config.progress) and not progress_lib.enabled(True):
+    # No terminal (a redirected log, CI): no \r progress bars in it.
+    config = copy.deepcopy(config)
+    config.progress = False
   return COMMANDS[command](config, workdir, out, **opts)

@@ -1,0 +1,154 @@
+"""One error path for the command-line programs: every expected mistake is one line.
+
+A command's expected errors end it with exactly one line on stderr,
+
+    exvae-<cmd>: error: <what is wrong and what to do>
+
+(``exvae-train: stopped: ...`` when SIGTERM or Ctrl-C stopped training) and
+an exit code that says who is to fix it:
+
+* 2: a usage error, the command line itself (an unknown flag, config name or
+  config key, a value of the wrong type, a workdir that is a file, runs that
+  ``compare`` cannot compare);
+* 1: a runtime failure (no checkpoint, missing data, a config the run was not
+  trained with, a full disk, a second writer, a corrupt bank);
+* 143 / 130: SIGTERM / Ctrl-C.
+
+The library raises typed exceptions (:class:`exvae.rundir.RunDirError` and
+its subclasses, :class:`exvae.data.DataNotFoundError`, ...); :func:`exit_code`
+maps them here. Anything else is a bug and keeps its traceback, and so does
+every error with ``--verbosity=1`` or ``EXVAE_TRACEBACK=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, NoReturn
+
+
+class UsageError(ValueError):
+  """The command line cannot be carried out as given (exit code 2)."""
+
+  exit_code = 2
+
+
+class RunNotFoundError(FileNotFoundError):
+  """The workdir holds no trained run (exit code 1)."""
+
+  exit_code = 1
+
+
+def missing_run(workdir: str) -> RunNotFoundError:
+  """The error for a reader (eval, uses) pointed at a workdir without a run's ``config.json``."""
+  if not os.path.exists(workdir):
+    return RunNotFoundError(f"{workdir} does not exist. Train first: exvae-train --config=NAME "
+                            f"--workdir={workdir}")
+  return RunNotFoundError(f"{workdir} holds no config.json (no run trained there?): train first "
+                          f"(exvae-train --config=NAME --workdir={workdir}), or give the run's "
+                          "config and overrides with --config=NAME|FILE.")
+
+
+def exit_code(e: BaseException) -> int | None:
+  """The exit code of an expected error, None for anything else (a bug: keep the traceback).
+
+  Args:
+    e: the exception that ended the command.
+
+  Returns:
+    ``e.exit_code`` for the typed errors that carry one (usage errors 2,
+    run-directory errors 1, SIGTERM 143), 130 for Ctrl-C, 1 for the other
+    expected failures (missing files, data or checkpoints, bad values, a full
+    disk), None for anything else.
+  """
+  code = getattr(e, "exit_code", None)
+  if isinstance(code, int):
+    return code
+  from exvae import checkpoints, data, rundir   # late: usage errors stay fast
+  if isinstance(e, KeyboardInterrupt):
+    return 130
+  if rundir.is_disk_full(e):
+    return 1
+  if isinstance(e, (checkpoints.CheckpointNotFoundError, data.DataNotFoundError,
+                    FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                    IsADirectoryError, PermissionError, ValueError)):
+    return 1
+  return None
+
+
+def want_traceback() -> bool:
+  """``EXVAE_TRACEBACK=1`` in the environment, or ``--verbosity=1`` (or more) given."""
+  if os.environ.get("EXVAE_TRACEBACK", "").lower() in ("1", "true", "yes"):
+    return True
+  try:
+    from absl import flags
+    f = flags.FLAGS["verbosity"]
+    return bool(f.present) and int(f.value) >= 1
+  except Exception:  # noqa: BLE001  (flags not parsed: no)
+    return False
+
+
+def one_line(e: BaseException) -> str:
+  """The error as one line: its message (newlines folded), prefixed by its type if generic."""
+  from exvae import rundir
+  if isinstance(e, KeyboardInterrupt):
+    return "interrupted (Ctrl-C)."
+  msg = " ".join(str(e).split()) or type(e).__name__
+  if isinstance(e, KeyError) and len(e.args) == 1:
+    msg = str(e.args[0])
+  if not isinstance(e, rundir.RunDirError) and rundir.is_disk_full(e):
+    return f"disk full: {msg}"
+  if not (isinstance(e, (rundir.RunDirError, UsageError, FileNotFoundError, FileExistsError,
+                         NotADirectoryError)) or hasattr(e, "exit_code")):
+    msg = f"{type(e).__name__}: {msg}"
+  return msg
+
+
+def program_name(argv0: str | None = None) -> str:
+  """``exvae-<cmd>`` for ``train.py``, ``exvae-train`` or ``exvae train``."""
+  base = os.path.basename(str(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")))
+  base = base.replace(" ", "-")
+  if base.endswith(".py"):
+    base = base[:-3]
+  return base if base.startswith("exvae") else f"exvae-{base}"
+
+
+def fail(prog: str, e: BaseException) -> NoReturn:
+  """Ends the program for the error ``e``: one line and its exit code, or the traceback.
+
+  Args:
+    prog: the program's name (``exvae-eval``).
+    e: the exception being handled (call from an ``except`` block).
+
+  Raises:
+    e itself, when it is not an expected error or a traceback was asked for.
+  """
+  code = exit_code(e)
+  if code is None or want_traceback():
+    raise e
+  from exvae import rundir
+  stopped = isinstance(e, (rundir.Interrupted, KeyboardInterrupt))
+  sys.stdout.flush()
+  print(f"{prog}: {'stopped' if stopped else 'error'}: {one_line(e)}", file=sys.stderr,
+        flush=True)
+  sys.exit(code)
+
+
+def cli_main(main: Callable, prog: str | None = None) -> Callable:
+  """Wraps a ``main(argv)``: expected errors end it with one line on stderr (see :func:`fail`).
+
+  Args:
+    main: the function to wrap.
+    prog: the program's name in the line (default: from ``sys.argv[0]``).
+
+  Returns:
+    The wrapped function.
+  """
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+      fail(prog or program_name(), e)
+  return wrapped
