@@ -33,6 +33,13 @@ flags.DEFINE_integer("num_unconditional", 64, "generate: unconditional samples."
 flags.DEFINE_integer("chain_steps", 10, "generate: cyclic generation steps T.")
 flags.DEFINE_integer("interp_steps", 10, "generate: points on each interpolation path.")
 flags.DEFINE_list("ks", ["3", "5", "7", "9", "11", "13", "15"], "knn: values of k.")
+flags.DEFINE_enum("query_images", "grey", ["grey", "binarised"],
+                  "knn: validation/test queries as grey levels (the authors') or binarised.")
+flags.DEFINE_enum("tie_break", "lowest_label", ["lowest_label", "distance"],
+                  "knn: a tied vote goes to the lowest label (the authors') or the closest voters.")
+flags.DEFINE_list("seeds", None, "augment: classifier seeds (default: --seed); each trains both arms.")
+flags.DEFINE_enum("encode_input", "grey", ["grey", "bernoulli"],
+                  "augment: the encoder sees the grey image (the authors') or a binarisation of it.")
 flags.DEFINE_integer("epochs", 100, "augment: classifier epochs.")
 flags.DEFINE_integer("hidden", 1024, "augment: MLP width h (784-h-h-10).")
 flags.DEFINE_bool("use_val", True, "augment: train the classifier on train + validation.")
@@ -63,7 +70,10 @@ def main(inv: command.Invocation) -> None:
                seed=FLAGS.seed, num_exemplars=FLAGS.num_exemplars,
                num_samples=FLAGS.num_samples, num_unconditional=FLAGS.num_unconditional,
                chain_steps=FLAGS.chain_steps, interp_steps=FLAGS.interp_steps,
-               ks=[int(k) for k in FLAGS.ks], epochs=FLAGS.epochs, hidden=FLAGS.hidden,
+               ks=[int(k) for k in FLAGS.ks], query_images=FLAGS.query_images,
+               tie_break=FLAGS.tie_break, epochs=FLAGS.epochs, hidden=FLAGS.hidden,
+               seeds=[int(x) for x in FLAGS.seeds] if FLAGS.seeds else None,
+               encode_input=FLAGS.encode_input,
                use_val=FLAGS.use_val, max_steps=FLAGS.max_steps or None,
                tsne_points=FLAGS.tsne_points, allow_bank_mismatch=FLAGS.allow_bank_mismatch)
 

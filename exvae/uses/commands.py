@@ -127,10 +127,12 @@ def cmd_generate(config, workdir: str, out: str, *, bank_path: str | None = None
 
 def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
             allow_bank_mismatch: bool = False,
-            ks: Sequence[int] = knn.DEFAULT_KS, **_) -> dict[str, Any]:
+            ks: Sequence[int] = knn.DEFAULT_KS, query_images: str = "grey",
+            tie_break: str = "lowest_label", **_) -> dict[str, Any]:
   """kNN error per k on encoder means (val: ref = train; test: ref = train + val)."""
   trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
-  res = knn.evaluate_knn(trained, bank, ks, progress=bool(config.progress))
+  res = knn.evaluate_knn(trained, bank, ks, query_images=query_images, tie_break=tie_break,
+                         progress=bool(config.progress))
   res["path"] = _write_json(os.path.join(out, "knn.json"), res)
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
   print("   k   val (ref=train)   test (ref=train+val)")
@@ -141,17 +143,22 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
 
 
 def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: int = 1024,
-                use_val: bool = True, seed: int = 0, max_steps: int | None = None,
+                use_val: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
+                encode_input: str = "grey", max_steps: int | None = None,
                 **_) -> dict[str, Any]:
-  """MLP test error without and with generative augmentation."""
+  """MLP test error without and with generative augmentation (per seed, and their mean)."""
   trained = bank_lib.restore_trained(config, workdir)
   res = augment_lib.run_augmentation(trained, epochs=int(epochs), hidden=int(hidden),
-                                     use_val=bool(use_val), seed=int(seed),
+                                     use_val=bool(use_val), seed=int(seed), seeds=seeds,
+                                     encode_input=encode_input,
                                      max_steps=max_steps or None,
                                      progress=bool(config.progress))
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
-  print(f"MLP {res['num_train']}-example training set, h={hidden}, {epochs} epochs: test error "
-        f"{100 * res['test_error_without']:.2f}% without -> {100 * res['test_error_with']:.2f}% "
+  n = len(res["runs"])
+  pm = lambda tag: (f"{100 * res[f'test_error_{tag}']:.2f}"  # noqa: E731
+                    + (f" +- {100 * res[f'test_error_{tag}_std']:.2f}" if n > 1 else "") + "%")
+  print(f"MLP {res['num_train']}-example training set, h={hidden}, {epochs} epochs, "
+        f"{n} seed{'s' if n > 1 else ''}: test error {pm('without')} without -> {pm('with')} "
         f"with augmentation{'' if res['grey_eval'] else ' (binarised val/test images)'}; "
         f"-> {res['path']}", flush=True)
   return res
