@@ -153,7 +153,8 @@ def model_part(op_name: str) -> str:
 UNTRACED = "(no thunk running)"
 
 
-def _exclusive_events(events: list, module: str) -> list[tuple[str, float, Any, float, float, bool]]:
+def _exclusive_events(events: list, module: str,
+                      control: frozenset = frozenset()) -> list[tuple[str, float, Any, float, float, bool]]:
   """``(hlo_op, µs, run_id, start, end, is_launch)`` of each thunk of ``module``, time attributed.
 
   Each thunk gets its exclusive time (a loop's own time excludes its body's
@@ -162,7 +163,10 @@ def _exclusive_events(events: list, module: str) -> list[tuple[str, float, Any, 
   event while the executor runs other thunks.  Time in a step when no thunk
   event is open is split evenly between the asynchronous thunks in flight
   (launched, not yet ended) and, with none in flight, booked as
-  :data:`UNTRACED` (scheduling, or the process waiting for a core).
+  :data:`UNTRACED` (scheduling, or the process waiting for a core).  Loops
+  (the instructions named in ``control``) do not count as running: time in a
+  loop when none of its body's thunks runs goes to the asynchronous thunks
+  in flight, and is taken off the loop's own time.
   """
   evs = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")
          and e["args"].get("hlo_module") == module]
@@ -182,14 +186,15 @@ def _exclusive_events(events: list, module: str) -> list[tuple[str, float, Any, 
       ends[e["name"][5:]].append(float(e["ts"]))
   for v in ends.values():
     v.sort()
-  rows = [(e["args"]["hlo_op"], excl[id(e)], e["args"].get("run_id"), float(e["ts"]),
-           float(e["ts"] + e["dur"]), True) for e in evs]
+  rows = []
   by_run = collections.defaultdict(list)
   for e in evs:
     by_run[e["args"].get("run_id")].append(e)
   for run, es in by_run.items():
     lo, hi = min(e["ts"] for e in es), max(e["ts"] + e["dur"] for e in es)
-    busy = sorted((float(e["ts"]), float(e["ts"] + e["dur"])) for e in es)
+    busy = sorted((float(e["ts"]), float(e["ts"] + e["dur"])) for e in es
+                  if e["args"]["hlo_op"] not in control)
+    loops = [e for e in es if e["args"]["hlo_op"] in control]
     flights = []                     # (launch end, completion) of asynchronous thunks
     for e in es:
       cands = ends.get(e["args"]["hlo_op"], [])
@@ -206,8 +211,15 @@ def _exclusive_events(events: list, module: str) -> list[tuple[str, float, Any, 
       cuts = sorted({g0, g1} | {x for a, b, _ in flights for x in (a, b) if g0 < x < g1})
       for a, b in zip(cuts[:-1], cuts[1:]):
         open_ = [op for s, f, op in flights if s <= a and f >= b]
+        inside = [e for e in loops if e["ts"] <= a and e["ts"] + e["dur"] >= b]
+        if inside and not open_:
+          continue                   # the loop's own time (already in its exclusive time)
+        if inside:                   # innermost loop: this piece is an async thunk's, not its own
+          excl[id(max(inside, key=lambda e: e["ts"]))] -= b - a
         for op in open_ or [UNTRACED]:
           rows.append((op, (b - a) / max(len(open_), 1), run, a, b, False))
+  rows += [(e["args"]["hlo_op"], excl[id(e)], e["args"].get("run_id"), float(e["ts"]),
+            float(e["ts"] + e["dur"]), True) for e in evs]
   return rows
 
 
@@ -247,7 +259,9 @@ def profile(fn: Callable[[], Any], hlo_text: str, module: str, steps: int,
   finally:
     if tmp is not None:
       tmp.cleanup()
-  rows = _exclusive_events(events, module)
+  control = frozenset(n for n, i in hlo["instr"].items()
+                      if i["opcode"] in ("while", "conditional", "call"))
+  rows = _exclusive_events(events, module, control)
   if not rows:
     raise RuntimeError(f"the trace has no thunk events of module {module!r}")
   return summarize(hlo, rows)
@@ -306,3 +320,79 @@ def format_table(name: str, p: dict, rate: float | None = None) -> str:
   lines.append("  costliest instructions: " + ", ".join(
       f"{t['op']} ({t['kind']}, {t['part']}) {t['ms']:.2f}" for t in p["top"][:8]))
   return "\n".join(lines)
+
+
+def markdown(doc: dict) -> str:
+  """Markdown tables of a ``profile.json`` (train_speed.py --profile): one per config.
+
+  Columns per config: ms per step and share of the step's thunk time, by kind
+  (matrix products one row per MxKxN shape, with the rate each reaches and its
+  share of the run's 2048^3 matmul rate), then by part of the step.
+  """
+  m = doc.get("machine", {})
+  rate = m.get("xla_matmul_gflops")
+  prov = doc.get("provenance", {})
+  out = [f"Measured on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), XLA float32 "
+         f"2048^3 matmul {rate:.0f} GFLOP/s in the same run; load average "
+         f"{', '.join(str(x) for x in m.get('loadavg', []))} at the start; "
+         f"`{prov.get('command', '')}` at commit {prov.get('commit', '')[:10]}, {prov.get('date', '')}."
+         if rate else "", ""]
+  for p in doc.get("configs", []):
+    tot = p["op_ms"] or 1.0
+    g = p.get("gflop_per_step")
+    ach = (f", {g:.2f} GFLOP of matrix products per step: {g / p['unprofiled_ms_per_step'] * 1e3:.0f}"
+           f" GFLOP/s" + (f", {g / p['unprofiled_ms_per_step'] * 1e3 / rate:.0%} of the matmul rate"
+                          if rate else "")) if g else ""
+    out += [f"**{p['config']}**: {p['unprofiled_ms_per_step']:.1f} ms per step unprofiled, "
+            f"{p['step_ms']:.1f} ms profiled{ach}.", "",
+            "| kind | ms/step | share | GFLOP/step | GFLOP/s | of matmul rate |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for k, v in p["kinds"].items():
+      if v <= 0:
+        continue
+      out.append(f"| {k} | {v:.2f} | {v / tot:.1%} | | | |")
+      if k == "matmul":
+        for e in p["matmuls"]:
+          share = f"{e['gflops'] / rate:.0%}" if rate else ""
+          out.append(f"| &nbsp;&nbsp;{e['shape']} (x{e['calls']:.0f}) | {e['ms']:.2f} | "
+                     f"{e['ms'] / tot:.1%} | {e['gflop']:.3f} | {e['gflops']:.0f} | {share} |")
+    out += ["", "| part of the step | ms/step | share |", "|---|---:|---:|"]
+    out += [f"| {k} | {v:.2f} | {v / tot:.1%} |" for k, v in p["parts"].items() if v > 0]
+    out.append("")
+  return "\n".join(out)
+
+
+BEGIN, END = "<!-- profile tables: begin -->", "<!-- profile tables: end -->"
+
+
+def replace_block(text: str, tables: str) -> str:
+  """``text`` with what lies between :data:`BEGIN` and :data:`END` replaced by ``tables``."""
+  i, j = text.find(BEGIN), text.find(END)
+  if i < 0 or j < i:
+    raise ValueError(f"no '{BEGIN}' ... '{END}' block to replace")
+  return text[:i + len(BEGIN)] + "\n" + tables.rstrip() + "\n" + text[j:]
+
+
+def main(argv: list[str] | None = None) -> None:
+  """``python bench/op_profile.py [profile.json] [--doc docs/speed.md]``: print or place the tables."""
+  import argparse
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ap = argparse.ArgumentParser(description="Markdown tables of train_speed.py --profile's JSON.")
+  ap.add_argument("profile", nargs="?", default=os.path.join(root, "results", "speed", "profile.json"))
+  ap.add_argument("--doc", default=None,
+                  help="replace the tables between the profile-table markers of this file")
+  args = ap.parse_args(argv)
+  with open(args.profile) as f:
+    tables = markdown(json.load(f))
+  if not args.doc:
+    print(tables)
+    return
+  with open(args.doc) as f:
+    text = f.read()
+  with open(args.doc, "w") as f:
+    f.write(replace_block(text, tables))
+  print("updated", args.doc)
+
+
+if __name__ == "__main__":
+  main()

@@ -216,3 +216,20 @@ def test_op_profile_of_a_real_trace():
   p = op_profile.profile(lambda: jax.block_until_ready(f(a, b)), text, "jit__lambda", 3)
   assert p["steps"] == 3 and p["op_ms"] > 0
   assert any(m["shape"] == "64x32x48" for m in p["matmuls"]), p["matmuls"]
+
+
+def test_op_profile_books_async_time_inside_a_loop_to_the_thunk_not_the_loop():
+  from bench import op_profile
+  ev = lambda name, ts, dur, tid=1: {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid,
+                                     "args": {"hlo_op": name, "hlo_module": "m", "run_id": "1"}}
+  end = lambda name, ts: {"ph": "X", "name": "end: " + name, "ts": ts, "dur": 0.1, "tid": 1}
+  # A loop 0-1000 µs; in it a fused op 0-100, an async dot launched 100-110 ending at 700,
+  # an element-wise op 700-800; 800-1000 nothing runs (the loop's own time).
+  events = [ev("while.1", 0, 1000), ev("fusion.2", 0, 100), end("fusion.2", 99),
+            ev("dot.3", 100, 10), end("dot.3", 700), ev("fusion.4", 700, 100)]
+  rows = op_profile._exclusive_events(events, "m", frozenset({"while.1"}))
+  t = {}
+  for op, us, *_ in rows:
+    t[op] = t.get(op, 0.0) + us
+  assert t == {"while.1": 200.0, "fusion.2": 100.0, "dot.3": 600.0, "fusion.4": 100.0}, t
+  assert abs(sum(t.values()) - 1000.0) < 1e-9
