@@ -301,6 +301,47 @@ def summarize(hlo: dict, rows: list) -> dict[str, Any]:
                   for op, ms in top]}
 
 
+def isolated_rates(shapes: list[str], rounds: int = 5) -> dict[str, float]:
+  """GFLOP/s of a lone float32 ``(M, K) @ (K, N)`` per ``MxKxN`` label, and of 2048^3.
+
+  Each product is jitted on its own and timed best-of ``rounds``, all shapes
+  and the 2048^3 product alternated round by round (same background load).
+  The step's own dots may contract other axes (a weight gradient contracts
+  the batch), so a label's lone rate is the rate of its shape, not of its
+  layout.
+
+  Returns:
+    ``{label: GFLOP/s}``, with ``"2048x2048x2048"`` always included.
+  """
+  import jax
+  import jax.numpy as jnp
+  from bench.prior_kernel import interleaved
+  labels = list(dict.fromkeys(list(shapes) + ["2048x2048x2048"]))
+  mm = jax.jit(lambda a, b: a @ b)
+  calls, flops = {}, {}
+  for lab in labels:
+    m, k, n = (int(v) for v in lab.split("x"))
+    calls[lab] = (mm, (jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)))
+    flops[lab] = 2.0 * m * k * n
+  best = interleaved(calls, rounds)
+  return {lab: flops[lab] / best[lab] / 1e9 for lab in labels}
+
+
+def add_ceiling(p: dict, rates: dict[str, float]) -> None:
+  """Adds each matmul shape's lone rate to profile ``p`` and the step's matmul-bound time.
+
+  ``matmul_bound_ms``: the step's matrix products (the profile's FLOPs per
+  shape) at their shapes' lone rates; ``matmul_bound_share``: the share of
+  the 2048^3 rate a step taking exactly that long would show.
+  """
+  for e in p["matmuls"]:
+    e["isolated_gflops"] = rates.get(e["shape"])
+  bound = sum(e["gflop"] / e["isolated_gflops"] for e in p["matmuls"] if e.get("isolated_gflops"))
+  p["matmul_bound_ms"] = bound * 1e3
+  total = sum(e["gflop"] for e in p["matmuls"])
+  p["matmul_bound_share"] = (total / bound / rates["2048x2048x2048"]) if bound else None
+
+
 def format_table(name: str, p: dict, rate: float | None = None) -> str:
   """The profile ``p`` of config ``name`` as a plain-text table (ms per step and share)."""
   tot = p["op_ms"] or 1.0
@@ -312,8 +353,13 @@ def format_table(name: str, p: dict, rate: float | None = None) -> str:
     if k == "matmul":
       for e in p["matmuls"]:
         extra = f" {e['gflops']:6.0f} GFLOP/s" + (f" ({e['gflops'] * 1e9 / rate:.0%})" if rate else "")
+        if e.get("isolated_gflops"):
+          extra += f", alone {e['isolated_gflops']:.0f} GFLOP/s"
         lines.append(f"    {e['shape']:>18s} x{e['calls']:<5.0f} {e['ms']:8.2f} {e['ms'] / tot:6.1%}"
                      f" {e['gflop']:7.3f} GFLOP{extra}")
+  if p.get("matmul_bound_ms"):
+    lines.append(f"  matrix products at their shapes' lone rates: {p['matmul_bound_ms']:.1f} ms/step "
+                 f"({p['matmul_bound_share']:.0%} of the 2048^3 rate at best)")
   lines.append(f"  {'part of the step':34s}")
   for k, v in p["parts"].items():
     lines.append(f"  {k:34s} {v:8.2f} {v / tot:6.1%}")
@@ -345,17 +391,23 @@ def markdown(doc: dict) -> str:
                           if rate else "")) if g else ""
     out += [f"**{p['config']}**: {p['unprofiled_ms_per_step']:.1f} ms per step unprofiled, "
             f"{p['step_ms']:.1f} ms profiled{ach}.", "",
-            "| kind | ms/step | share | GFLOP/step | GFLOP/s | of matmul rate |",
-            "|---|---:|---:|---:|---:|---:|"]
+            "| kind | ms/step | share | GFLOP/step | GFLOP/s | of matmul rate | alone, GFLOP/s |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for k, v in p["kinds"].items():
       if v <= 0:
         continue
-      out.append(f"| {k} | {v:.2f} | {v / tot:.1%} | | | |")
+      out.append(f"| {k} | {v:.2f} | {v / tot:.1%} | | | | |")
       if k == "matmul":
         for e in p["matmuls"]:
           share = f"{e['gflops'] / rate:.0%}" if rate else ""
+          alone = f"{e['isolated_gflops']:.0f}" if e.get("isolated_gflops") else ""
           out.append(f"| &nbsp;&nbsp;{e['shape']} (x{e['calls']:.0f}) | {e['ms']:.2f} | "
-                     f"{e['ms'] / tot:.1%} | {e['gflop']:.3f} | {e['gflops']:.0f} | {share} |")
+                     f"{e['ms'] / tot:.1%} | {e['gflop']:.3f} | {e['gflops']:.0f} | {share} | "
+                     f"{alone} |")
+    if p.get("matmul_bound_ms"):
+      out += ["", f"Its matrix products at their shapes' lone rates take {p['matmul_bound_ms']:.1f} "
+                  f"ms: a step made of nothing else would show {p['matmul_bound_share']:.0%} of "
+                  "the 2048^3 rate."]
     out += ["", "| part of the step | ms/step | share |", "|---|---:|---:|"]
     out += [f"| {k} | {v:.2f} | {v / tot:.1%} |" for k, v in p["parts"].items() if v > 0]
     out.append("")

@@ -627,8 +627,14 @@ def run_profiles(args, splits, pool) -> None:
          "configs": []}
   for name in args.configs.split(","):
     p = profile_config(name, splits, pool, args.steps, args.model, args.matmul_dtype)
-    print(op_profile.format_table(name, p, rate), flush=True)
     out["configs"].append(p)
+  # Each shape's product alone, alternated with 2048^3: what the step's matmuls could reach.
+  shapes = sorted({e["shape"] for p in out["configs"] for e in p["matmuls"]})
+  rates = op_profile.isolated_rates(shapes)
+  out["machine"]["isolated_matmul_gflops"] = rates
+  for p in out["configs"]:
+    op_profile.add_ceiling(p, rates)
+    print(op_profile.format_table(p["config"], p, rate), flush=True)
   out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
   print("wrote", write_json(os.path.join(args.out, "profile.json"), out))
 

@@ -233,3 +233,12 @@ def test_op_profile_books_async_time_inside_a_loop_to_the_thunk_not_the_loop():
     t[op] = t.get(op, 0.0) + us
   assert t == {"while.1": 200.0, "fusion.2": 100.0, "dot.3": 600.0, "fusion.4": 100.0}, t
   assert abs(sum(t.values()) - 1000.0) < 1e-9
+
+
+def test_op_profile_matmul_bound_from_lone_rates():
+  from bench import op_profile
+  p = {"matmuls": [{"shape": "10x20x30", "gflop": 2.0}, {"shape": "5x5x5", "gflop": 1.0}]}
+  op_profile.add_ceiling(p, {"10x20x30": 100.0, "5x5x5": 10.0, "2048x2048x2048": 300.0})
+  assert abs(p["matmul_bound_ms"] - (2.0 / 100.0 + 1.0 / 10.0) * 1e3) < 1e-9
+  assert abs(p["matmul_bound_share"] - 3.0 / 0.12 / 300.0) < 1e-12
+  assert p["matmuls"][1]["isolated_gflops"] == 10.0
