@@ -189,10 +189,12 @@ def _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, remat)
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
-@pytest.mark.parametrize("binary,remat,m,chunk", [(False, False, 30, 8), (True, True, 30, 8),
-                                                  (True, False, 24, 8), (False, None, 7, 8)])
-def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, m, chunk):
-  """Codes and parameter gradients identical to the gather-everything-first loop."""
+@pytest.mark.parametrize("binary,remat,m,chunk,unroll", [
+    (False, False, 30, 8, True), (True, True, 30, 8, True), (True, False, 24, 8, False),
+    (False, None, 7, 8, True), (False, False, 30, 8, False)])
+def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, m, chunk, unroll):
+  """Codes and parameter gradients identical to the gather-everything-first ``lax.map`` loop,
+  unrolled or not."""
   model, mparams, pool, _ = _exact_context(40, m)
   ids = jax.random.randint(jax.random.PRNGKey(3), (m,), 0, 40, dtype=jnp.int32)
   key = jax.random.PRNGKey(4)
@@ -202,7 +204,7 @@ def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, 
     return jax.jit(jax.value_and_grad(lambda mp: jnp.sum(jnp.sin(fn(mp)))))(mparams)
 
   new = loss(lambda mp: exemplar_mod.encode_rows(model, mp, pool, ids, key, binary, chunk,
-                                                 remat=remat))
+                                                 remat=remat, unroll=unroll))
   if m <= chunk:
     ref = loss(lambda mp: model.encode_mean(mp, pool[ids]))
   else:
@@ -211,11 +213,13 @@ def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, 
   np.testing.assert_allclose(new[0], ref[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(new[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7 * float(jnp.max(jnp.abs(b))))
-  codes = exemplar_mod.encode_rows(model, mparams, pool, ids, key, binary, chunk, remat=remat)
+  codes = exemplar_mod.encode_rows(model, mparams, pool, ids, key, binary, chunk, remat=remat,
+                                   unroll=unroll)
   assert codes.shape == (m, 4)
   # The loop carries ids, not images: no (M, H, W, C) float array in the traced step.
   jaxpr = jax.make_jaxpr(lambda mp: exemplar_mod.encode_rows(model, mp, pool, ids, key, binary,
-                                                             chunk, remat=remat))(mparams)
+                                                             chunk, remat=remat,
+                                                             unroll=unroll))(mparams)
   big = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars
          if tuple(getattr(v.aval, "shape", ()))[-3:] == (8, 8, 1) and
          int(np.prod(v.aval.shape[:-3])) > chunk]

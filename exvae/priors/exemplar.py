@@ -113,8 +113,12 @@ def activation_bytes_per_row(model, model_params, image_shape) -> int:
   return max(0, total(2) - total(1))
 
 
+# Chunks per trip of the unrolled encoding loop (bounds the compile time at large M).
+MAX_UNROLL = 32
+
+
 def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
-                sharded: bool = False, remat: bool | None = None):
+                sharded: bool = False, remat: bool | None = None, unroll: bool = True):
   """Encoder means of ``pool[ids]`` WITH gradients, in chunks.
 
   Gathering, binarising and encoding M = 25000 exemplars in one piece streams
@@ -124,7 +128,12 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   ids, so no (M, H, W, C) copy of the exemplar images is made, copied into
   the loop, or given a zero cotangent in the backward pass (on a replicated
   pool; a pool split over devices gathers all rows at once, one collective).
-  ``remat`` decides whether the backward pass recomputes each chunk's
+  The loop is unrolled (up to :data:`MAX_UNROLL` chunks per loop trip): the
+  chunks' forward and backward passes then run without the loop's stacking
+  of each chunk's activations into, and slicing them out of, (chunks, ...)
+  buffers; the exact-prior step (21 chunks) was 1.15x faster in wall time
+  and 1.06x in CPU time, with identical loss and gradients, for ~10 s more
+  compilation.  ``remat`` decides whether the backward pass recomputes each chunk's
   forward (``jax.checkpoint``: the peak memory of one chunk) or keeps every
   chunk's activations (no forward computed twice).  On a quiet 2-core CPU
   keeping them was 1.14x faster per exact-prior step (M = 25000, MLP VAE,
@@ -143,6 +152,7 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     sharded: ``pool`` is split along N over the ``data`` mesh (static).
     remat: recompute the forward in the backward pass (None: only when the
       rows span more than one chunk).
+    unroll: unroll the loop over chunks (False: ``lax.map``, one chunk per trip).
 
   Returns:
     (M, d) codes.
@@ -174,7 +184,10 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     one = jax.checkpoint(one)
   if n_chunks == 1:
     return one(xs[0])[:m]
-  codes = jax.lax.map(one, xs)
+  if unroll:
+    codes = jax.lax.scan(lambda c, x: (c, one(x)), None, xs, unroll=min(n_chunks, MAX_UNROLL))[1]
+  else:
+    codes = jax.lax.map(one, xs)
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
