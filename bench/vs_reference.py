@@ -199,20 +199,24 @@ def summary(cpu: str, cores: int, xla_gflops: float, torch_gflops: float, rows: 
   Args:
     cpu: the CPU's name; cores: its core count.
     xla_gflops, torch_gflops: float32 2048^3 matmul rates of XLA and torch, this run.
-    rows: ``(what, unit, exvae, reference)`` per figure (times: lower is faster).
+    rows: ``(what, unit, exvae, reference[, speedup])`` per figure (times: lower is
+      faster); speedup defaults to reference / exvae (a median of per-round
+      ratios, where the run has one, is steadier than the ratio of medians).
     provenance: ``{"commit", "date", "command"}``.
 
   Returns:
     ``{"machine": {"cpu", "cores", "xla_matmul_gflops", "torch_matmul_gflops"},
     "provenance": {"commit", "date", "command"}, "rows": [{"what", "unit",
-    "exvae", "reference", "speedup"}]}``, speedup = reference / exvae.
+    "exvae", "reference", "speedup"}]}``.
   """
   return {"machine": {"cpu": str(cpu), "cores": int(cores), "xla_matmul_gflops": float(xla_gflops),
                       "torch_matmul_gflops": float(torch_gflops)},
           "provenance": {k: str(provenance[k]) for k in ("commit", "date", "command")},
-          "rows": [{"what": str(w), "unit": str(u), "exvae": float(x), "reference": float(r),
-                    "speedup": float(r) / float(x) if float(x) > 0 else float("nan")}
-                   for w, u, x, r in rows]}
+          "rows": [{"what": str(row[0]), "unit": str(row[1]), "exvae": float(row[2]),
+                    "reference": float(row[3]),
+                    "speedup": float(row[4]) if len(row) > 4 else
+                    (float(row[3]) / float(row[2]) if float(row[2]) > 0 else float("nan"))}
+                   for row in rows]}
 
 
 def med(xs) -> float:
@@ -292,7 +296,8 @@ def main():
     for mode in [m for m in modes if m != "eval"] + (["eval"] if "eval" in modes else []):
       if mode == "eval":
         speed["eval"], tx, tr = compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run)
-        rows.append(("evaluation: IWAE bound (S = 5000, N = 50000) per test point", "s", tx, tr))
+        rows.append(("evaluation: IWAE bound (S = 5000, N = 50000) per test point", "s", tx, tr,
+                     speed["eval"]))
         continue
       run, r_setup = setup_both(ref, ts, mode, splits, pool, args, plan)
       if mode == "rat":
@@ -324,7 +329,7 @@ def main():
       ex = spe * med(xs) + med(xr) + med(vx)
       er = r_setup["steps_per_epoch"] * med(rs) + med(rr) + med(vr)
       speed[mode] = er / ex
-      rows.append((f"{mode}: training step", "ms", med(xs) * 1e3, med(rs) * 1e3))
+      rows.append((f"{mode}: training step", "ms", med(xs) * 1e3, med(rs) * 1e3, med(ratios)))
       rows.append((f"{mode}: epoch (training + validation)", "s", ex, er))
       note = ""
       if mode in ("rat", "exact"):
