@@ -390,7 +390,8 @@ def markdown(doc: dict) -> str:
            f" GFLOP/s" + (f", {g / p['unprofiled_ms_per_step'] * 1e3 / rate:.0%} of the matmul rate"
                           if rate else "")) if g else ""
     out += [f"**{p['config']}**: {p['unprofiled_ms_per_step']:.1f} ms per step unprofiled, "
-            f"{p['step_ms']:.1f} ms profiled{ach}.", "",
+            f"{p['step_ms']:.1f} ms profiled{ach}; thunk time (summed over threads) "
+            f"{p['op_ms']:.1f} ms per step, the base of the shares.", "",
             "| kind | ms/step | share | GFLOP/step | GFLOP/s | of matmul rate | alone, GFLOP/s |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for k, v in p["kinds"].items():
@@ -398,12 +399,23 @@ def markdown(doc: dict) -> str:
         continue
       out.append(f"| {k} | {v:.2f} | {v / tot:.1%} | | | | |")
       if k == "matmul":
-        for e in p["matmuls"]:
+        shown, acc = [], 0.0
+        for e in p["matmuls"]:               # the costliest shapes, up to 97% of the products' time
+          if len(shown) >= 10 or acc >= 0.97 * v:
+            break
+          shown.append(e)
+          acc += e["ms"]
+        rest = p["matmuls"][len(shown):]
+        for e in shown:
           share = f"{e['gflops'] / rate:.0%}" if rate else ""
           alone = f"{e['isolated_gflops']:.0f}" if e.get("isolated_gflops") else ""
           out.append(f"| &nbsp;&nbsp;{e['shape']} (x{e['calls']:.0f}) | {e['ms']:.2f} | "
                      f"{e['ms'] / tot:.1%} | {e['gflop']:.3f} | {e['gflops']:.0f} | {share} | "
                      f"{alone} |")
+        if rest:
+          r_ms, r_gf = sum(e["ms"] for e in rest), sum(e["gflop"] for e in rest)
+          out.append(f"| &nbsp;&nbsp;{len(rest)} other shapes | {r_ms:.2f} | {r_ms / tot:.1%} | "
+                     f"{r_gf:.3f} | {r_gf / (r_ms / 1e3) if r_ms else 0:.0f} | | |")
     if p.get("matmul_bound_ms"):
       out += ["", f"Its matrix products at their shapes' lone rates take {p['matmul_bound_ms']:.1f} "
                   f"ms: a step made of nothing else would show {p['matmul_bound_share']:.0%} of "
