@@ -4,6 +4,7 @@ Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--s
                                    [--model vae|hvae|convhvae|pixelcnn]
                                    [--matmul_dtype float32|bfloat16] [--matmul_dtype_ab ROUNDS]
                                    [--profile] [--out results/speed]
+                                   [--options_ab ROUNDS --options 'k=v,k2=v2;k=v3']
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
@@ -25,6 +26,11 @@ shape, element-wise fusions, reductions, gathers and scatters, copies and
 transposes, sorts) and by part of the step (batch networks, exemplar
 encoder, retrieval, prior kernel, optimiser), printed and written to
 ``<out>/profile.json``; docs/speed.md shows it.
+
+``--options_ab``: the train step compiled with the default XLA options and
+with each ``--options`` variant (e.g. which operations go to YNNPACK
+library fusions): loss and gradients of each at one state, then alternated
+timings.
 
 Side-by-side figures against the authors' PyTorch code come from
 bench/vs_reference.py, which runs both on the same machine in one run.
