@@ -3,6 +3,8 @@
 Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--steps 60]
                                    [--model vae|hvae|convhvae|pixelcnn]
                                    [--matmul_dtype float32|bfloat16] [--matmul_dtype_ab ROUNDS]
+                                   [--profile] [--out results/speed]
+                                   [--options_ab ROUNDS --options 'k=v,k2=v2;k=v3']
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
@@ -12,7 +14,23 @@ FLOPs of the forward pass, the backward pass and the rematerialised forward,
 split into the batch, the exemplars encoded with gradients, the retrieval and
 the prior kernel; and the fraction of the machine's float32 matmul rate
 (2048^3, measured in the same run) that the step achieves.  XLA's own count
-of the compiled step's FLOPs is printed beside it as a check.
+of the compiled step's FLOPs is printed beside it as a check.  The figures
+go to ``<out>/train_speed.json`` (per config: ms per step, GFLOP per step,
+the achieved rate and its share of the matmul rate; the machine, the load
+and the provenance).
+
+``--profile``: instead, a per-operation profile of each config's compiled
+train step over ``--steps`` steps (bench/op_profile.py: a jax.profiler trace
+joined with the compiled HLO): time by kind of operation (matrix products by
+shape, element-wise fusions, reductions, gathers and scatters, copies and
+transposes, sorts) and by part of the step (batch networks, exemplar
+encoder, retrieval, prior kernel, optimiser), printed and written to
+``<out>/profile.json``; docs/speed.md shows it.
+
+``--options_ab``: the train step compiled with the default XLA options and
+with each ``--options`` variant (e.g. which operations go to YNNPACK
+library fusions): loss and gradients of each at one state, then alternated
+timings.
 
 Side-by-side figures against the authors' PyTorch code come from
 bench/vs_reference.py, which runs both on the same machine in one run.
@@ -20,8 +38,12 @@ bench/vs_reference.py, which runs both on the same machine in one run.
 
 import argparse
 import dataclasses
+import datetime
 import functools
+import json
 import os
+import platform
+import subprocess
 import sys
 import time
 from typing import Any
@@ -407,6 +429,86 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
   return np.median(np.array(cpu["float32"]) / np.array(cpu["bfloat16"]))
 
 
+# ----------------------------------------------------------------------------
+# A/B of XLA compiler options of the train step (e.g. which ops go to YNNPACK)
+# ----------------------------------------------------------------------------
+
+
+def parse_options(spec: str) -> dict:
+  """``"k=v,k2=v2"`` -> ``{k: v, k2: v2}`` (values kept as strings; ``k=`` is an empty string).
+
+  A value may itself hold commas when it names several enum values: a token
+  without ``=`` continues the previous value (``k=A,B`` -> ``{k: "A,B"}``).
+  """
+  out, last = {}, None
+  for tok in [t for t in spec.split(",") if t.strip()]:
+    if "=" in tok:
+      k, v = tok.split("=", 1)
+      out[k.strip()] = v.strip()
+      last = k.strip()
+    elif last is not None:
+      out[last] += "," + tok.strip()
+    else:
+      raise ValueError(f"bad option token {tok!r} in {spec!r}")
+  return out
+
+
+def options_ab(name, splits, pool, variants: list, rounds: int, steps: int) -> dict:
+  """The train step compiled with each of ``variants`` (XLA options dicts): loss check, then time.
+
+  All variants start from copies of one state; at that state each one's loss
+  and gradient norm are printed (relative difference to the first).  Then
+  ``rounds`` rounds, each ``steps`` steps of every variant in turn (same
+  background load), wall and process CPU time per step; medians, and the
+  median per-round ratio to the first variant.
+
+  Returns:
+    ``{label: {"wall_ms", "cpu_ms", "ratio_wall", "ratio_cpu", "loss"}}``.
+  """
+  run = prepare(make_config(name), splits, pool)
+  lowered_grad = jax.jit(functools.partial(_loss_and_grads, setup=run.setup)).lower(
+      run.state, pool, run.perm)
+  lowered = train_lib.train_step.lower(run.state, pool, run.perm, setup=run.setup)
+  fns, labels, losses = [], [], []
+  for opts in variants:
+    label = ",".join(f"{k}={v}" for k, v in opts.items()) or "default"
+    g = lowered_grad.compile(compiler_options=opts) if opts else lowered_grad.compile()
+    loss, grads = g(run.state, pool, run.perm)
+    gnorm = float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(grads))))
+    losses.append((float(loss), gnorm, grads))
+    fns.append(lowered.compile(compiler_options=opts) if opts else lowered.compile())
+    labels.append(label)
+  l0, n0, g0 = losses[0]
+  for label, (l, n, g) in zip(labels, losses):
+    dg = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+             for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)))
+    print(f"{name} [{label}]: loss {l:.6f} (rel. diff {abs(l - l0) / abs(l0):.1e}), |grad| {n:.6g},"
+          f" max per-tensor rel. grad diff {dg:.1e}", flush=True)
+  states = [jax.tree.map(jnp.copy, run.state) for _ in fns]
+  wall = [[] for _ in fns]
+  cpu = [[] for _ in fns]
+  for _ in range(rounds):
+    for i, fn in enumerate(fns):
+      c0, t0 = time.process_time(), time.perf_counter()
+      for _ in range(steps):
+        states[i], m = fn(states[i], pool, run.perm)
+      jax.block_until_ready(m)
+      wall[i].append((time.perf_counter() - t0) / steps)
+      cpu[i].append((time.process_time() - c0) / steps)
+  load = os.getloadavg()
+  out = {}
+  for i, label in enumerate(labels):
+    rw = float(np.median(np.array(wall[0]) / np.array(wall[i])))
+    rc = float(np.median(np.array(cpu[0]) / np.array(cpu[i])))
+    out[label] = {"wall_ms": float(np.median(wall[i])) * 1e3, "cpu_ms": float(np.median(cpu[i])) * 1e3,
+                  "speedup_wall": rw, "speedup_cpu": rc, "loss": losses[i][0]}
+    print(f"{name} [{label}]: {rounds} alternated rounds of {steps} steps: wall "
+          f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians); "
+          f"median per-round speed-up over [{labels[0]}]: wall {rw:.3f}x, CPU {rc:.3f}x; "
+          f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+  return out
+
+
 def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
   """CPU-time GFLOP/s of the first gated layer's product (rows x 784 x 600): f32 vs bf16 operands."""
   from exvae.nets.gated import mixed_matmul
@@ -431,6 +533,118 @@ def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
           flush=True)
 
 
+# ----------------------------------------------------------------------------
+# JSON summaries (results/speed/*.json)
+# ----------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), ', AVX-512' appended where it has it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or "unknown CPU"
+  name = next((l.split(":", 1)[1].strip() for l in info.splitlines()
+               if l.startswith("model name")), "unknown CPU")
+  return name + (", AVX-512" if " avx512f" in info else "")
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+  """``{"commit", "date", "command"}`` of this run: git HEAD of the checkout, UTC time, argv."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, timeout=10).stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    commit = "unknown"
+  argv = sys.argv if argv is None else argv
+  return {"commit": commit,
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+          "command": " ".join(["python"] + [os.path.relpath(argv[0], root)
+                                            if os.path.isabs(argv[0]) else argv[0]] + argv[1:])}
+
+
+def write_json(path: str, obj: dict) -> str:
+  """Writes ``obj`` as indented JSON to ``path`` (directories created; replaced atomically)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def step_record(name: str, sec_per_step: float, flops: dict | None, rate: float | None,
+                **extra) -> dict:
+  """One config's entry of train_speed.json.
+
+  Args:
+    name: the config (rat, exact, ...).
+    sec_per_step: measured seconds per training step.
+    flops: :func:`step_flops` of the step, or None (no hand account).
+    rate: the matmul rate in FLOP/s measured in the same run, or None.
+    extra: more fields (epoch seconds, load).
+
+  Returns:
+    dict with ``config``, ``ms_per_step``, ``gflop_per_step`` (matrix products,
+    None without an account), ``achieved_gflops``, ``share_of_matmul_rate``.
+  """
+  gflop = flops["total"] / 1e9 if flops else None
+  achieved = gflop / sec_per_step if gflop is not None else None
+  share = achieved * 1e9 / rate if (achieved is not None and rate) else None
+  return dict({"config": name, "ms_per_step": sec_per_step * 1e3, "gflop_per_step": gflop,
+               "achieved_gflops": achieved, "share_of_matmul_rate": share}, **extra)
+
+
+def machine_record(rate: float | None) -> dict:
+  """The machine of a summary: CPU, cores, the XLA matmul rate of this run, the load."""
+  load = os.getloadavg()
+  return {"cpu": cpu_name(), "cores": os.cpu_count(),
+          "xla_matmul_gflops": rate / 1e9 if rate else None,
+          "loadavg": [round(x, 2) for x in load]}
+
+
+def profile_config(name, splits, pool, steps: int, model: str = "vae",
+                   matmul_dtype: str = "float32") -> dict:
+  """Per-operation profile of config ``name``'s compiled train step (bench/op_profile.py)."""
+  from bench import op_profile
+  run = prepare(make_config(name, model, matmul_dtype), splits, pool)
+  compiled = train_lib.train_step.lower(run.state, pool, run.perm, setup=run.setup).compile()
+  time_steps(run, pool, 2)                                    # warm
+  wall = time_steps(run, pool, steps)
+  p = op_profile.profile(lambda: time_steps(run, pool, 1), compiled.as_text(),
+                         "jit__train_step", steps)
+  p["config"] = name
+  p["unprofiled_ms_per_step"] = wall * 1e3
+  f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                 run.setup.num_train, run.setup.steps_per_epoch)
+  p["gflop_per_step"] = f["total"] / 1e9 if f else None
+  return p
+
+
+def run_profiles(args, splits, pool) -> None:
+  """``--profile``: prints each config's table and writes ``<out>/profile.json``."""
+  from bench import op_profile
+  rate = matmul_rate()
+  print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s", flush=True)
+  out = {"machine": machine_record(rate), "provenance": provenance(), "steps": args.steps,
+         "configs": []}
+  for name in args.configs.split(","):
+    p = profile_config(name, splits, pool, args.steps, args.model, args.matmul_dtype)
+    out["configs"].append(p)
+  # Each shape's product alone, alternated with 2048^3: what the step's matmuls could reach.
+  shapes = sorted({e["shape"] for p in out["configs"] for e in p["matmuls"]})
+  rates = op_profile.isolated_rates(shapes)
+  out["machine"]["isolated_matmul_gflops"] = rates
+  for p in out["configs"]:
+    op_profile.add_ceiling(p, rates)
+    print(op_profile.format_table(p["config"], p, rate), flush=True)
+  out["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+  print("wrote", write_json(os.path.join(args.out, "profile.json"), out))
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--configs", default="rat,exact,gaussian,vampprior")
@@ -445,6 +659,17 @@ def main():
   ap.add_argument("--matmul_dtype_ab", type=int, default=0, metavar="ROUNDS",
                   help="instead: A/B of matmul_dtype float32 vs bfloat16 over ROUNDS alternated "
                        "rounds of --steps steps, after the loss of both at the same state")
+  ap.add_argument("--options_ab", type=int, default=0, metavar="ROUNDS",
+                  help="instead: A/B of the train step compiled with the default XLA options and "
+                       "with each ';'-separated --options variant, over ROUNDS alternated rounds")
+  ap.add_argument("--options", default="xla_cpu_experimental_ynn_fusion_type=",
+                  help="variants for --options_ab: 'k=v,k2=v2;k=v3' (default: no YNNPACK fusions)")
+  ap.add_argument("--profile", action="store_true",
+                  help="instead: per-operation profile of each config's train step over --steps "
+                       "steps (printed, and written to <out>/profile.json)")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
+                      os.path.abspath(__file__))), "results", "speed"),
+                  help="directory of the JSON summaries (train_speed.json, profile.json)")
   args = ap.parse_args()
   splits, src = load_splits()
   load = os.getloadavg()
@@ -461,9 +686,20 @@ def main():
     for name in args.configs.split(","):
       remat_ab(name, splits, pool, args.remat_ab, args.steps)
     return
+  if args.profile:
+    run_profiles(args, splits, pool)
+    return
+  if args.options_ab:
+    variants = [{}] + [parse_options(v) for v in args.options.split(";")]
+    for name in args.configs.split(","):
+      options_ab(name, splits, pool, variants, args.options_ab, args.steps)
+    return
   rate = None if args.no_flops else matmul_rate()
   if rate:
     print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s")
+  summary = {"machine": machine_record(rate), "provenance": provenance(), "data": src,
+             "model": args.model, "matmul_dtype": args.matmul_dtype, "steps_timed": args.steps,
+             "steps": []}
   for name in args.configs.split(","):
     run = prepare(make_config(name, args.model, args.matmul_dtype), splits, pool)
     t_refresh = time_refresh(run, pool)
@@ -475,11 +711,14 @@ def main():
     if name in TARGETS and args.model == "vae":
       line += f"  target<={TARGETS[name]:.0f} s"
     print(line, flush=True)
+    f = None if rate is None else step_flops(run.config, run.state.params["model"],
+                                             run.setup.batch_size, run.setup.num_train, spe)
+    summary["steps"].append(step_record(name, dt, f, rate, epoch_s=epoch, refresh_s=t_refresh,
+                                        steps_per_epoch=spe,
+                                        loadavg=[round(x, 2) for x in os.getloadavg()]))
     if rate is None:
       continue
     union = union_valid_rows(run, pool) if name == "rat" else None
-    f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                   run.setup.num_train, spe)
     if f is None:
       print(f"  flops: no hand account for model {args.model}; XLA counts "
             f"{xla_step_flops(run, pool) / 1e9:.3f} GFLOP/step")
@@ -494,6 +733,7 @@ def main():
                f"FLOPs)")
     print(f"  XLA cost analysis of the compiled step: {xla_step_flops(run, pool) / 1e9:.3f} GFLOP"
           f" (all ops; a lax.map body counted once){extra}", flush=True)
+  print("wrote", write_json(os.path.join(args.out, "train_speed.json"), summary))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ Every line carries the load average; the float32 2048^3 matmul rate of XLA and
 of torch are measured in the same run (alternated).  The last line is
 ``rat_speedup=<ref/exvae> exact_speedup=.. gaussian_speedup=.. eval_speedup=..``
 (training: per epoch, training plus validation; evaluation: per test point;
-nan for a mode not run).  Without the reference, this script says how to
-install it and exits with status 2.
+nan for a mode not run).  The same figures go to ``--out``
+(results/speed/vs_reference.json): the machine and both matmul rates, the
+provenance, and one row per figure (:func:`summary`).  Without the
+reference, this script says how to install it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -190,15 +192,31 @@ class OtherCpu:
     return max(0.0, other / (end[1] - self.start[1]))
 
 
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return "unknown CPU"
-  name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
-              "unknown CPU")
-  return name + (", AVX-512" if " avx512f" in info else "")
+def summary(cpu: str, cores: int, xla_gflops: float, torch_gflops: float, rows: list,
+            provenance: dict) -> dict:
+  """The JSON summary of a run (what the README's speed table is generated from).
+
+  Args:
+    cpu: the CPU's name; cores: its core count.
+    xla_gflops, torch_gflops: float32 2048^3 matmul rates of XLA and torch, this run.
+    rows: ``(what, unit, exvae, reference[, speedup])`` per figure (times: lower is
+      faster); speedup defaults to reference / exvae (a median of per-round
+      ratios, where the run has one, is steadier than the ratio of medians).
+    provenance: ``{"commit", "date", "command"}``.
+
+  Returns:
+    ``{"machine": {"cpu", "cores", "xla_matmul_gflops", "torch_matmul_gflops"},
+    "provenance": {"commit", "date", "command"}, "rows": [{"what", "unit",
+    "exvae", "reference", "speedup"}]}``.
+  """
+  return {"machine": {"cpu": str(cpu), "cores": int(cores), "xla_matmul_gflops": float(xla_gflops),
+                      "torch_matmul_gflops": float(torch_gflops)},
+          "provenance": {k: str(provenance[k]) for k in ("commit", "date", "command")},
+          "rows": [{"what": str(row[0]), "unit": str(row[1]), "exvae": float(row[2]),
+                    "reference": float(row[3]),
+                    "speedup": float(row[4]) if len(row) > 4 else
+                    (float(row[3]) / float(row[2]) if float(row[2]) > 0 else float("nan"))}
+                   for row in rows]}
 
 
 def med(xs) -> float:
@@ -219,6 +237,8 @@ def main():
   ap.add_argument("--pretrain_steps", type=int, default=None,
                   help="RAT: untimed training steps of both codes before timing")
   ap.add_argument("--steps", default=None, help="steps per round, e.g. rat=10,exact=1,gaussian=30")
+  ap.add_argument("--out", default=os.path.join(ROOT, "results", "speed", "vs_reference.json"),
+                  help="where the JSON summary goes")
   args = ap.parse_args()
   modes = [m for m in args.modes.split(",") if m]
   bad = set(modes) - set(MODES)
@@ -250,7 +270,7 @@ def main():
     splits, data_src = ts.load_splits()
     pool = jnp.asarray(splits.train_x)
     other_cpu = OtherCpu([os.getpid(), ref.proc.pid])
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, each code on {args.threads}; "
+    print(f"machine: {ts.cpu_name()}, {os.cpu_count()} cores, each code on {args.threads}; "
           f"{loadavg()} at start (lags by minutes: the summary line measures the CPU "
           "other processes took during the run)")
     print(f"exvae: jax {jax.__version__} {jax.default_backend()}; reference: torch "
@@ -270,11 +290,14 @@ def main():
           f"torch {max(torch_r):.1f} GFLOP/s; {loadavg()}", flush=True)
 
     speed = {m: float("nan") for m in ("rat", "exact", "gaussian", "eval")}
+    rows = []                       # (what, unit, exvae, reference) for the JSON summary
     workdir = tempfile.mkdtemp(prefix="vs_reference_val_")
     rat_run = None
     for mode in [m for m in modes if m != "eval"] + (["eval"] if "eval" in modes else []):
       if mode == "eval":
-        speed["eval"] = compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run)
+        speed["eval"], tx, tr = compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run)
+        rows.append(("evaluation: IWAE bound (S = 5000, N = 50000) per test point", "s", tx, tr,
+                     speed["eval"]))
         continue
       run, r_setup = setup_both(ref, ts, mode, splits, pool, args, plan)
       if mode == "rat":
@@ -306,7 +329,9 @@ def main():
       ex = spe * med(xs) + med(xr) + med(vx)
       er = r_setup["steps_per_epoch"] * med(rs) + med(rr) + med(vr)
       speed[mode] = er / ex
-      rows = ""
+      rows.append((f"{mode}: training step", "ms", med(xs) * 1e3, med(rs) * 1e3, med(ratios)))
+      rows.append((f"{mode}: epoch (training + validation)", "s", ex, er))
+      note = ""
       if mode in ("rat", "exact"):
         fx = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
                            run.setup.num_train, spe)
@@ -314,13 +339,13 @@ def main():
         fr = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
                            run.setup.num_train, spe, union_rows=n_rows_r, remat=False,
                            distinct=False)
-        rows = (f"; exemplars encoded with gradients per step: exvae {fx['exemplar_rows']}"
+        note = (f"; exemplars encoded with gradients per step: exvae {fx['exemplar_rows']}"
                 + (f" ({med(rows_x):.0f} distinct)" if rows_x else "")
                 + f", reference {n_rows_r:.0f}; matmul GFLOP/step exvae {fx['total'] / 1e9:.2f}, "
                 f"reference {fr['total'] / 1e9:.2f} (same account, no remat)")
       print(f"{mode}: per step exvae {med(xs) * 1e3:.1f} ms, reference {med(rs) * 1e3:.1f} ms, "
             f"ratio {med(ratios):.2f}x (median of {len(ratios)} alternated rounds of {steps} "
-            f"steps){rows}", flush=True)
+            f"steps){note}", flush=True)
       print(f"{mode}: per epoch (training + validation) exvae {ex:.1f} s = {spe} x step + "
             f"refresh {med(xr):.2f} s + val {med(vx):.2f} s; reference {er:.1f} s = "
             f"{r_setup['steps_per_epoch']} x step + refresh {med(rr):.2f} s + val {med(vr):.2f} s;"
@@ -332,6 +357,8 @@ def main():
           + (f"{100 * frac:.1f}%" if frac is not None else "an unknown share")
           + " of the cores' time during the run; figures "
           + ("on a quiet machine" if quiet else "MEASURED UNDER LOAD"))
+    out = summary(ts.cpu_name(), os.cpu_count(), max(xla_r), max(torch_r), rows, ts.provenance())
+    print("wrote", ts.write_json(args.out, out), flush=True)
   finally:
     ref.close()
   print("rat_speedup=%.2f exact_speedup=%.2f gaussian_speedup=%.2f eval_speedup=%.1f"
@@ -354,7 +381,11 @@ def setup_both(ref, ts, mode, splits, pool, args, plan):
 
 
 def compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run):
-  """Seconds per test point of the IWAE bound, S = 5000, N = 50000, alternated; returns ref/exvae."""
+  """Seconds per test point of the IWAE bound, S = 5000, N = 50000, alternated.
+
+  Returns:
+    ``(ref / exvae, exvae s per point, reference s per point)`` (medians).
+  """
   import jax
   import numpy as np
   if rat_run is None:
@@ -388,7 +419,7 @@ def compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run):
         f"{med(ratios):.1f}x (median of {len(ratios)} alternated rounds); bank of all exemplars "
         f"exvae {t_bank:.2f} s (compile included), reference {med(banks):.2f} s; {loadavg()}",
         flush=True)
-  return med(ratios)
+  return med(ratios), med(xs), med(rs)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,56 @@ def test_exact_bank_encodes_only_capacity_rows_and_stays_consistent_past_it():
   np.testing.assert_allclose(np.asarray(ctx["bank"]),
                              np.asarray(model.encode_mean(mparams, pool[ids])),
                              rtol=2e-5, atol=2e-5)
+
+
+def _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, remat):
+  """The earlier encode_rows: every row gathered (and binarised) up front, the loop over images."""
+  m = ids.shape[0]
+  n_chunks = -(-m // chunk)
+  padded = jnp.pad(ids, (0, n_chunks * chunk - m))
+  x = pool[padded]
+  if binary:
+    from exvae import rng
+    x = rng.bernoulli_rows(key, x, padded, dtype=jnp.uint8)
+  one = lambda xc: model.encode_mean(mp, xc.astype(jnp.float32))
+  if remat:
+    one = jax.checkpoint(one)
+  codes = jax.lax.map(one, x.reshape((n_chunks, chunk) + x.shape[1:]))
+  return codes.reshape(n_chunks * chunk, -1)[:m]
+
+
+@pytest.mark.parametrize("binary,remat,m,chunk,unroll", [
+    (False, False, 30, 8, True), (True, True, 30, 8, True), (True, False, 24, 8, False),
+    (False, None, 7, 8, True), (False, False, 30, 8, False)])
+def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, m, chunk, unroll):
+  """Codes and parameter gradients identical to the gather-everything-first ``lax.map`` loop,
+  unrolled or not."""
+  model, mparams, pool, _ = _exact_context(40, m)
+  ids = jax.random.randint(jax.random.PRNGKey(3), (m,), 0, 40, dtype=jnp.int32)
+  key = jax.random.PRNGKey(4)
+  eff_remat = (m > chunk) if remat is None else remat
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda mp: jnp.sum(jnp.sin(fn(mp)))))(mparams)
+
+  new = loss(lambda mp: exemplar_mod.encode_rows(model, mp, pool, ids, key, binary, chunk,
+                                                 remat=remat, unroll=unroll))
+  if m <= chunk:
+    ref = loss(lambda mp: model.encode_mean(mp, pool[ids]))
+  else:
+    ref = loss(lambda mp: _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk,
+                                                      eff_remat))
+  np.testing.assert_allclose(new[0], ref[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(new[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7 * float(jnp.max(jnp.abs(b))))
+  codes = exemplar_mod.encode_rows(model, mparams, pool, ids, key, binary, chunk, remat=remat,
+                                   unroll=unroll)
+  assert codes.shape == (m, 4)
+  # The loop carries ids, not images: no (M, H, W, C) float array in the traced step.
+  jaxpr = jax.make_jaxpr(lambda mp: exemplar_mod.encode_rows(model, mp, pool, ids, key, binary,
+                                                             chunk, remat=remat,
+                                                             unroll=unroll))(mparams)
+  big = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars
+         if tuple(getattr(v.aval, "shape", ()))[-3:] == (8, 8, 1) and
+         int(np.prod(v.aval.shape[:-3])) > chunk]
+  assert m <= chunk or not big, big

@@ -27,7 +27,7 @@ from exvae.models import vae as _vae
 from exvae.models.conv import ConvHVAE, make_convhvae
 from exvae.models.hvae import HVAE, make_head_vae_model, make_hvae
 from exvae.models.pixelcnn import PixelVAE, make_pixelvae
-from exvae.models.vae import VAE, Model, Scores
+from exvae.models.vae import VAE, Model, Scores, check_matmul_dtype
 
 
 def _make_vae(config, image_shape: Sequence[int]) -> Model:
@@ -43,17 +43,6 @@ MODELS: dict[str, Callable[..., Model]] = {
     "convhvae": make_convhvae,
     "pixelcnn": make_pixelvae,
 }
-
-
-def check_matmul_dtype(config) -> None:
-  """One-line ValueError for a ``config.matmul_dtype`` that is unknown or that the model lacks.
-
-  'bfloat16' is implemented by the built-in models in ``vae.BF16_MODELS``;
-  the others reject it.  A plug-in model gets the config and decides itself.
-  """
-  _vae.config_matmul_dtype(config)
-  if config.model in MODELS and config.model not in _vae.BF16_MODELS:
-    _vae.require_float32_matmuls(config, config.model)
 
 
 def make_model(config, image_shape: Sequence[int]) -> Model:

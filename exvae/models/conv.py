@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from exvae.models.hvae import (LOG_SCALE_MAX, LOG_SCALE_MIN, GaussianHead, HierarchicalBase,
                                check_likelihood, make_hierarchical_model)
-from exvae.models.vae import Model, require_float32_matmuls
+from exvae.models.vae import Model, check_matmul_dtype
 from exvae.nets.conv import GatedConvStack, conv1x1, conv_output_hw
 from exvae.nets.gated import GatedDense
 
@@ -145,7 +145,7 @@ def make_convhvae(config, image_shape: Sequence[int]) -> Model:
     A :class:`Model` with the prior on z2 (see :func:`make_hierarchical_model`).
   """
   check_likelihood(config.likelihood)
-  require_float32_matmuls(config, "convhvae")
+  check_matmul_dtype(config, "convhvae")
   module = ConvHVAE(image_shape=tuple(int(s) for s in image_shape),
                     latent_dim=int(config.latent_dim), z1_dim=int(config.hvae.z1_dim),
                     hidden=tuple(int(h) for h in config.hidden),

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from exvae.likelihoods import diag_gaussian_log_prob
-from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, config_matmul_dtype,
+from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, check_matmul_dtype,
                                gaussian_score)
 from exvae.nets.gated import GatedDense, dense
 from exvae.nets.init import init_model_params
@@ -287,7 +287,7 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
   image_shape = tuple(int(s) for s in image_shape)
   module = HeadVAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
                    hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood,
-                   matmul_dtype=config_matmul_dtype(config))
+                   matmul_dtype=check_matmul_dtype(config))
 
   def encode(params, x):
     return module.apply({"params": params}, x, method="encode")
@@ -360,5 +360,5 @@ def make_hvae(config, image_shape: Sequence[int]) -> Model:
   module = HVAE(image_shape=tuple(int(s) for s in image_shape),
                 latent_dim=int(config.latent_dim), z1_dim=int(config.hvae.z1_dim),
                 hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood,
-                matmul_dtype=config_matmul_dtype(config))
+                matmul_dtype=check_matmul_dtype(config))
   return make_hierarchical_model(module, image_shape)

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from exvae.likelihoods import NUM_BINS, diag_gaussian_log_prob
 from exvae.models.conv import ConvOutputHead
 from exvae.models.hvae import check_likelihood
-from exvae.models.vae import MLPEncoderModule, Model, Scores, require_float32_matmuls
+from exvae.models.vae import MLPEncoderModule, Model, Scores, check_matmul_dtype
 from exvae.nets.conv import torch_conv_init
 from exvae.nets.gated import GatedDense, he_init
 from exvae.nets.init import init_model_params
@@ -445,7 +445,7 @@ def make_pixelvae(config, image_shape: Sequence[int]) -> Model:
       ``matmul_dtype`` other than 'float32'.
   """
   check_likelihood(config.likelihood)
-  require_float32_matmuls(config, "pixelcnn")
+  check_matmul_dtype(config, "pixelcnn")
   _check_shape(image_shape)
   image_shape = tuple(int(s) for s in image_shape)
   pc = config.pixelcnn

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from exvae.nets.gated import GatedDense, check_matmul_dtype, dense
+from exvae.nets.gated import MATMUL_DTYPES, GatedDense, dense
 from exvae.nets.init import init_model_params
 
 Params = Any
@@ -162,23 +162,37 @@ class Model:
   module: nn.Module
 
 
-def config_matmul_dtype(config) -> str:
-  """``config.matmul_dtype`` (checked; 'float32' for a config without the key)."""
-  name = config.get("matmul_dtype", "float32")
-  check_matmul_dtype(name)
-  return name
-
-
-# Built-in models whose networks follow config.matmul_dtype='bfloat16'.
+# Built-in models whose networks follow config.matmul_dtype='bfloat16', and those that do not
+# (a plug-in model gets the config and decides itself).
 BF16_MODELS = ("vae", "hvae")
+FLOAT32_ONLY_MODELS = ("convhvae", "pixelcnn")
 
 
-def require_float32_matmuls(config, model: str) -> None:
-  """One-line ValueError if ``config.matmul_dtype`` is not 'float32' (for models without bf16)."""
-  name = config_matmul_dtype(config)
-  if name != "float32":
+def check_matmul_dtype(config, model: str | None = None) -> str:
+  """The one check of ``config.matmul_dtype``: its value, and whether the model implements it.
+
+  ``train_lib.validate_config`` calls it before any data is loaded; the model
+  factories call it too, so a model built from a config directly is checked.
+
+  Args:
+    config: ConfigDict with ``model`` and (optional, default 'float32') ``matmul_dtype``.
+    model: the model being built (default ``config.model``).
+
+  Returns:
+    The name, one of :data:`~exvae.nets.gated.MATMUL_DTYPES`.
+
+  Raises:
+    ValueError (one line): an unknown name, or 'bfloat16' for a built-in
+    model without it.
+  """
+  name = config.get("matmul_dtype", "float32")
+  if name not in MATMUL_DTYPES:
+    raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {name!r}.")
+  model = model or config.get("model", "vae")
+  if name != "float32" and model in FLOAT32_ONLY_MODELS:
     raise ValueError(f"matmul_dtype={name!r} is supported by models {list(BF16_MODELS)} only, not "
                      f"{model!r}: use --config.matmul_dtype=float32.")
+  return name
 
 
 def make_model(config, image_shape: Sequence[int]) -> Model:
@@ -198,7 +212,7 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
   image_shape = tuple(int(s) for s in image_shape)
   module = VAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
                hidden=tuple(int(h) for h in config.hidden),
-               matmul_dtype=config_matmul_dtype(config))
+               matmul_dtype=check_matmul_dtype(config))
 
   def init(key):
     return init_model_params(module, image_shape, key)

@@ -30,14 +30,9 @@ from jax import lax
 he_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-# Operand dtypes of the networks' matrix products (config.matmul_dtype).
+# Operand dtypes of the networks' matrix products (config.matmul_dtype; checked once,
+# by exvae.models.check_matmul_dtype).
 MATMUL_DTYPES = ("float32", "bfloat16")
-
-
-def check_matmul_dtype(name) -> None:
-  """Raises a one-line ValueError unless ``name`` is one of :data:`MATMUL_DTYPES`."""
-  if name not in MATMUL_DTYPES:
-    raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {name!r}.")
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -89,6 +84,10 @@ def _bf16_dot_general(inputs, kernel, dimension_numbers, precision=None, **_):
   return mixed_matmul(inputs, kernel, jnp.bfloat16)
 
 
+# Extra nn.Dense arguments per operand dtype (a name outside MATMUL_DTYPES is a KeyError).
+_DENSE_KW = {"float32": {}, "bfloat16": {"dot_general": _bf16_dot_general}}
+
+
 def dense(features: int, *, kernel_init: Callable = None, name: str | None = None,
           matmul_dtype: str = "float32") -> nn.Dense:
   """``nn.Dense(features)`` (same parameters) whose product runs in ``matmul_dtype``.
@@ -97,9 +96,8 @@ def dense(features: int, *, kernel_init: Callable = None, name: str | None = Non
   gives it :func:`mixed_matmul` as its ``dot_general``: inputs and kernel
   rounded to bfloat16, float32 accumulation, the bias added in float32.
   """
-  check_matmul_dtype(matmul_dtype)
-  kw = {} if matmul_dtype == "float32" else {"dot_general": _bf16_dot_general}
-  return nn.Dense(features, kernel_init=kernel_init or he_init, name=name, **kw)
+  return nn.Dense(features, kernel_init=kernel_init or he_init, name=name,
+                  **_DENSE_KW[matmul_dtype])
 
 
 class LinearParams(nn.Module):
@@ -139,14 +137,15 @@ class GatedDense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (..., in) -> (..., features)."""
-    check_matmul_dtype(self.matmul_dtype)
     f, n_in = self.features, x.shape[-1]
     hk, hb = LinearParams((n_in, f), name="h")()
     gk, gb = LinearParams((n_in, f), name="g")()
     kernel = jnp.concatenate([hk, gk], axis=1)
     if self.matmul_dtype == "float32":
       hg = x @ kernel + jnp.concatenate([hb, gb])
-    else:
+    elif self.matmul_dtype == "bfloat16":
       hg = mixed_matmul(x, kernel, jnp.bfloat16) + jnp.concatenate([hb, gb])
+    else:
+      raise KeyError(self.matmul_dtype)
     h, g = hg[..., :f], hg[..., f:]
     return h * jax.nn.sigmoid(g)
