@@ -1,4 +1,4 @@
-"""bench/ref_continue.py carries the reference's AdamNormGrad state over to exvae.
+"""reference/ref_continue.py carries the reference's AdamNormGrad state over to exvae.
 
 The continuation compares how fast the two codes learn from one shared state,
 so exvae must continue with the reference's moments and step count, not a
@@ -14,7 +14,7 @@ import pytest
 
 from conftest import fresh_run, load_config
 
-from bench import ref_continue, ref_step_check
+from reference import ref_continue, ref_step_check
 
 
 def _reference_tensors(params, rng, positive=False):

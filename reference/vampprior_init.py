@@ -6,8 +6,8 @@ default since session 11; ``normal`` is the old N(0.05, 0.01) start). This
 prints the validation loss of the first epochs, mean over seeds, for the
 reference's own training loop and for exvae with either start:
 
-  python bench/vampprior_init.py                       # the committed record
-  python bench/vampprior_init.py --collect ~/exvae-runs --out results/fidelity/vampprior_init.json
+  python reference/vampprior_init.py                       # the committed record
+  python reference/vampprior_init.py --collect ~/exvae-runs --out results/fidelity/vampprior_init.json
 
 The runs (one pinned core each; ``../shared/reference/driver.py`` for the reference):
   driver.py train --mode vampprior --epochs 6 --seed S --threads 1 --out RUNS/vampinit/ref_sS
