@@ -133,13 +133,13 @@ def gpu_table(run_dir: str, label: str | None = None) -> str:
       rec[n] = json.load(fh)
   env, ts, ev = rec["env"], rec["train_speed"], rec["eval"]
   dev = env.get("device_kind") or env.get("device") or env.get("backend", "?")
-  label = {"vae_gaussian": "MLP VAE, Gaussian prior", "vae_rat": "MLP VAE, exemplar prior, RAT",
+  row_names = {"vae_gaussian": "MLP VAE, Gaussian prior", "vae_rat": "MLP VAE, exemplar prior, RAT",
            "vae_exact": "MLP VAE, exact exemplar prior (M = 25000)",
            "hvae_rat": "HVAE, RAT", "convhvae_rat": "ConvHVAE, RAT"}
   lines = [f"{dev}, jax {env.get('versions', {}).get('jax', '?')} (`{label}/`); batch "
            f"{ts.get('batch_size')}, {ts.get('num_train')} training images:", "",
            "| | per step | per epoch |", "|---|---|---|"]
-  for key, text in label.items():
+  for key, text in row_names.items():
     r = ts["rows"].get(key)
     if r:
       lines.append(f"| {text} | {r['ms_per_step']:.2f} ms | {r['epoch_s']:.2f} s |")

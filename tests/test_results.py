@@ -273,6 +273,6 @@ def test_gpu_table_from_the_device_check(tmp_path):
   ts = json.loads((run / "train_speed.json").read_text())
   ts["rows"]["vae_rat"].update(ms_per_step=1.25, epoch_s=0.625)
   (run / "train_speed.json").write_text(json.dumps(ts))
-  text = tab.gpu_table(str(run))
+  text = tab.gpu_table(str(run), "results/device/x")
   assert "| MLP VAE, exemplar prior, RAT | 1.25 ms | 0.62 s |" in text
-  assert text.startswith("NVIDIA H200, jax 0.11.2")
+  assert text.startswith("NVIDIA H200, jax 0.11.2 (`results/device/x/`)")
