@@ -535,7 +535,7 @@ def section_train_run(chk: Check, deadline: float) -> dict:
     log.seek(0)
     text = log.read()
   wall = time.monotonic() - start
-  from seed_runs import read_val_records
+  from exvae.runinfo import read_val_records
   epochs = [{k: rec.get(k) for k in ("epoch", "step", "val_loss", "val_recon", "val_kl", "time")}
             for rec in read_val_records(workdir)]
   val = [rec["val_loss"] for rec in epochs]

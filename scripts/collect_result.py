@@ -24,13 +24,14 @@ Reads the run directory only (never writes there).
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from exvae.runinfo import cpu_name, matmul_rate, read_jsonl  # noqa: E402
 
 
 PAUSE_GAP_S = 300.0   # no step or validation record of a running job is this far from the last
@@ -73,30 +74,6 @@ def paused_seconds(records: list[dict], gap: float = PAUSE_GAP_S) -> float:
   return paused
 
 
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  out = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass          # a line cut by a crash
-  return out
-
-
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -122,7 +99,7 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
     metrics = json.load(f)
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   # Training may go on after the evaluation (an interim result): the budget is the
   # run's as of the evaluated checkpoint, not what the run directory holds now.
   ckpt = metrics.get("checkpoint_step")
@@ -161,7 +138,6 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
   if ckpt is not None:
     budget["evaluated_checkpoint_step"] = int(ckpt)
   if measure:
-    from bench.train_speed import matmul_rate
     budget["matmul_gflops_at_collect"] = round(matmul_rate() / 1e9, 1)
     budget["loadavg_at_collect"] = [round(x, 2) for x in os.getloadavg()]
   dest = os.path.join(out_root, name)

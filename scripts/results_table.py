@@ -1,12 +1,20 @@
-"""The README's results table, generated from ``results/`` (never typed by hand).
+"""The README's generated tables: results, speed and GPU figures (never typed by hand).
 
 Usage: python scripts/results_table.py [--results results] [--write-readme README.md]
 
-Prints a markdown table with, per ``results/<name>/``: the paper's test NLL
-and error bar, the measured test NLL and its standard error over test images,
-the difference, and the training budget (epochs, early stop, best epoch, S,
-test images, wall-clock, machine).  With ``--write-readme`` the table replaces
-the text between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+Prints three markdown blocks:
+
+* results: per ``results/<name>/``, the paper's test NLL and error bar, the
+  measured test NLL and its standard error over test images, the difference,
+  and the training budget (epochs, early stop, best epoch, S, test images,
+  wall-clock, machine);
+* speed: exvae against the authors' code from ``results/speed/vs_reference.json``
+  (both codes measured in one run on one machine by ``bench/vs_reference.py``),
+  or a line saying that the benchmark has not been run;
+* gpu: the device check's figures from ``results/device/<run>/``.
+
+With ``--write-readme`` each block replaces the text between its markers,
+``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``.
 """
 
 import argparse
@@ -19,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from exvae.config_base import PAPER_NLL  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+SPEED_JSON = os.path.join("speed", "vs_reference.json")
+GPU_DIR = os.path.join("device", "h200-2026-11-30")
 
 
 def load_entries(root: str) -> list[dict]:
@@ -70,17 +80,104 @@ def table(entries: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_readme(path: str, text: str) -> None:
+def speed_table(path: str) -> str:
+  """Markdown for the side-by-side benchmark record at ``path``.
+
+  Args:
+    path: ``results/speed/vs_reference.json``: ``machine`` (``cpu``, ``cores``,
+      ``xla_matmul_gflops``, ``torch_matmul_gflops``), ``provenance``
+      (``commit``, ``date``, ``command``) and ``rows``, each with ``what``,
+      ``unit``, ``exvae``, ``reference`` and ``speedup``.
+
+  Returns:
+    A line naming the machine and the run, then a table with one row per
+    measured quantity; or one line saying the benchmark has not been run
+    when the file does not exist.
+  """
+  if not os.path.exists(path):
+    return ("The side-by-side benchmark (`bench/vs_reference.py`) has not been recorded yet; "
+            "its record is `results/speed/vs_reference.json`.")
+  with open(path) as f:
+    rec = json.load(f)
+  m, p = rec["machine"], rec["provenance"]
+  lines = [f"{m['cpu']}, {m['cores']} cores (matmul: XLA {m['xla_matmul_gflops']:.0f}, "
+           f"torch {m['torch_matmul_gflops']:.0f} GFLOP/s); {p['date']}, commit "
+           f"`{p['commit']}`, `{p['command']}`.", "",
+           "| | unit | exvae | reference | exvae faster by |", "|---|---|---|---|---|"]
+  for r in rec["rows"]:
+    lines.append(f"| {r['what']} | {r['unit']} | {r['exvae']:.4g} | {r['reference']:.4g} | "
+                 f"{r['speedup']:.2f}x |")
+  return "\n".join(lines)
+
+
+def gpu_table(run_dir: str, label: str | None = None) -> str:
+  """Markdown for one device check (``bench/device_check.py --out run_dir``).
+
+  Args:
+    run_dir: a folder holding the check's ``env.json``, ``train_speed.json``
+      and ``eval.json``.
+    label: how the text names that folder (default ``run_dir``).
+
+  Returns:
+    A line naming the device and the folder, then a table of epoch times and
+    the projected test-set evaluation; one line if the folder is missing.
+  """
+  label = label or run_dir
+  names = ("env", "train_speed", "eval")
+  files = {n: os.path.join(run_dir, f"{n}.json") for n in names}
+  if not all(os.path.exists(f) for f in files.values()):
+    return f"No device check recorded in `{label}`."
+  rec = {}
+  for n, f in files.items():
+    with open(f) as fh:
+      rec[n] = json.load(fh)
+  env, ts, ev = rec["env"], rec["train_speed"], rec["eval"]
+  dev = env.get("device_kind") or env.get("device") or env.get("backend", "?")
+  row_names = {"vae_gaussian": "MLP VAE, Gaussian prior", "vae_rat": "MLP VAE, exemplar prior, RAT",
+           "vae_exact": "MLP VAE, exact exemplar prior (M = 25000)",
+           "hvae_rat": "HVAE, RAT", "convhvae_rat": "ConvHVAE, RAT"}
+  lines = [f"{dev}, jax {env.get('versions', {}).get('jax', '?')} (`{label}/`); batch "
+           f"{ts.get('batch_size')}, {ts.get('num_train')} training images:", "",
+           "| | per step | per epoch |", "|---|---|---|"]
+  for key, text in row_names.items():
+    r = ts["rows"].get(key)
+    if r:
+      lines.append(f"| {text} | {r['ms_per_step']:.2f} ms | {r['epoch_s']:.2f} s |")
+  best = min(ev["rows"], key=lambda r: r["projected_10000_points_s"])
+  lines.append(f"| test NLL, S = {ev['samples']}, N = {ev['num_train']}, 10000 test images "
+               f"(`eval.max_queries={best['max_queries']}`) | {1e3 * best['s_per_point']:.1f} ms "
+               f"per image | {best['projected_10000_points_s']:.0f} s in all |")
+  return "\n".join(lines)
+
+
+def write_readme(path: str, text: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+  """Replaces the text between ``markers`` in the file at ``path`` with ``text``."""
+  begin, end = markers
   with open(path) as f:
     s = f.read()
-  if BEGIN not in s or END not in s:
-    raise SystemExit(f"{path} has no {BEGIN} ... {END} markers.")
-  head, rest = s.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
+  if begin not in s or end not in s:
+    raise SystemExit(f"{path} has no {begin} ... {end} markers.")
+  head, rest = s.split(begin, 1)
+  _, tail = rest.split(end, 1)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    f.write(f"{head}{begin}\n{text}\n{end}{tail}")
   os.replace(tmp, path)
+
+
+def blocks(results: str) -> dict[str, str]:
+  """The README's generated blocks, by marker name (``results``, ``speed``, ``gpu``)."""
+  entries = load_entries(results)
+  return {
+      "results": table(entries) if entries else
+                 "(no results yet: scripts/paper_runs.sh makes them)",
+      "speed": speed_table(os.path.join(results, SPEED_JSON)),
+      "gpu": gpu_table(os.path.join(results, GPU_DIR), os.path.join("results", GPU_DIR)),
+  }
+
+
+def markers(name: str) -> tuple[str, str]:
+  return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def main(argv=None) -> int:
@@ -88,11 +185,10 @@ def main(argv=None) -> int:
   ap.add_argument("--results", default="results")
   ap.add_argument("--write-readme", default=None, metavar="README")
   a = ap.parse_args(argv)
-  entries = load_entries(a.results)
-  text = table(entries) if entries else "(no results yet: scripts/paper_runs.sh makes them)"
-  print(text)
-  if a.write_readme:
-    write_readme(a.write_readme, text)
+  for name, text in blocks(a.results).items():
+    print(text + "\n")
+    if a.write_readme:
+      write_readme(a.write_readme, text, markers(name))
   return 0
 
 

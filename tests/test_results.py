@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -224,3 +225,54 @@ def test_paper_runs_failure_keeps_the_table_and_bad_jobs_is_one_line(tmp_path):
   proc, calls = _paper_runs(tmp_path, os.cpu_count() + 1, ["cfg_a"])
   assert proc.returncode == 2 and calls == []
   assert len(proc.stderr.strip().splitlines()) == 1 and "JOBS must be" in proc.stderr
+
+
+def _speed_record(rows):
+  return {"machine": {"cpu": "Test CPU", "cores": 2, "xla_matmul_gflops": 195.2,
+                      "torch_matmul_gflops": 151.7},
+          "provenance": {"commit": "abc1234", "date": "2026-12-01",
+                         "command": "python bench/vs_reference.py"},
+          "rows": rows}
+
+
+def test_speed_table_from_the_benchmark_record(tmp_path):
+  tab = _script("results_table")
+  path = tmp_path / "speed" / "vs_reference.json"
+  missing = tab.speed_table(str(path))
+  assert "has not been recorded" in missing and "|" not in missing
+  path.parent.mkdir()
+  rows = [{"what": "RAT epoch", "unit": "s", "exvae": 18.5, "reference": 40.5, "speedup": 40.5 / 18.5},
+          {"what": "IWAE test point", "unit": "s", "exvae": 0.238, "reference": 8.37,
+           "speedup": 8.37 / 0.238}]
+  path.write_text(json.dumps(_speed_record(rows)))
+  text = tab.speed_table(str(path))
+  assert "Test CPU, 2 cores (matmul: XLA 195, torch 152 GFLOP/s)" in text
+  assert "`abc1234`" in text and "2026-12-01" in text
+  assert "| RAT epoch | s | 18.5 | 40.5 | 2.19x |" in text
+  assert "| IWAE test point | s | 0.238 | 8.37 | 35.17x |" in text
+  assert tab.blocks(str(tmp_path))["speed"] == text
+
+
+def test_readme_holds_the_generated_blocks():
+  """README.md's results, speed and GPU blocks are what the generator makes from results/."""
+  tab = _script("results_table")
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  for name, text in tab.blocks(os.path.join(ROOT, "results")).items():
+    begin, end = tab.markers(name)
+    assert begin in readme and end in readme, name
+    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == text.strip(), (
+        f"README's {name} block is stale: run python scripts/results_table.py --write-readme README.md")
+
+
+def test_gpu_table_from_the_device_check(tmp_path):
+  tab = _script("results_table")
+  assert "No device check" in tab.gpu_table(str(tmp_path / "none"))
+  src = os.path.join(ROOT, "results", "device", "h200-2026-11-30")
+  run = tmp_path / "run"
+  shutil.copytree(src, run)
+  ts = json.loads((run / "train_speed.json").read_text())
+  ts["rows"]["vae_rat"].update(ms_per_step=1.25, epoch_s=0.625)
+  (run / "train_speed.json").write_text(json.dumps(ts))
+  text = tab.gpu_table(str(run), "results/device/x")
+  assert "| MLP VAE, exemplar prior, RAT | 1.25 ms | 0.62 s |" in text
+  assert text.startswith("NVIDIA H200, jax 0.11.2 (`results/device/x/`)")

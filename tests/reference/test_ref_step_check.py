@@ -1,4 +1,4 @@
-"""bench/ref_step_check.py's exvae side: the draws it hands the reference are exvae's.
+"""reference/ref_step_check.py's exvae side: the draws it hands the reference are exvae's.
 
 The bench replays exvae's randomness (batch, bits, reparameterisation noise,
 exemplar candidates) in the authors' code, so it is only a comparison if those
@@ -15,7 +15,7 @@ from scipy.special import logsumexp
 
 from conftest import fresh_run, load_config
 
-from bench import ref_step_check
+from reference import ref_step_check
 from exvae.likelihoods import bernoulli_log_prob
 from exvae.objectives import elbo_loss, kl_beta
 from exvae import train_lib

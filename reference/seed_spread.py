@@ -1,23 +1,23 @@
 """exvae against the authors' code over seeds: the equal-epoch figures of the README, from results/.
 
-Usage: python bench/seed_spread.py [--json results/fidelity/equal_epoch_rat.json]
-       python bench/seed_spread.py --pairs results/fidelity/fresh_pairs_epoch12.json
+Usage: python reference/seed_spread.py [--json results/fidelity/equal_epoch_rat.json]
+       python reference/seed_spread.py --pairs results/fidelity/fresh_pairs_epoch12.json
 
 Reads ``epoch52_on_reference_val_images`` of the fidelity record: every exvae
 seed's epoch-52 validation loss on the reference's validation images (one
-scorer: ``scripts/ref_val_loss.py``) and every reference seed's own
+scorer: ``reference/ref_val_loss.py``) and every reference seed's own
 ``evaluate_loss`` at epoch 52 (which agrees with that scorer within 0.03 nats
 on the two reference seeds scored both ways). Prints each group's mean and
 standard deviation over seeds, and the difference exvae - reference with its
 Welch standard error, degrees of freedom and two-sided p-value, so the gap the
 README states is recomputed from the stored values, never typed.
 
-``--pairs`` reads the summaries of ``bench/ref_continue.py --ref_fresh_seed``
+``--pairs`` reads the summaries of ``reference/ref_continue.py --ref_fresh_seed``
 runs (one pair per shared initialisation, collected as a JSON list) and prints
 the paired differences exvae - reference: per epoch on each code's own scorer,
 and at the last epoch with one scorer (exvae's validation of both codes'
 final weights), with their mean, standard error and one-sample t p-value.
-``--draws`` reads ``bench/ref_draws_run.py`` summaries (the reference's code
+``--draws`` reads ``reference/ref_draws_run.py`` summaries (the reference's code
 from its seed-S start, fed some or all of exvae's random inputs) together
 with the ``--pairs`` file of the same seeds, and prints, per run, its mean
 difference over epochs 1-12, 13-24, 25-52 and 44-52 from exvae on the same start and

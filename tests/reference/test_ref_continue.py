@@ -1,4 +1,4 @@
-"""bench/ref_continue.py carries the reference's AdamNormGrad state over to exvae.
+"""reference/ref_continue.py carries the reference's AdamNormGrad state over to exvae.
 
 The continuation compares how fast the two codes learn from one shared state,
 so exvae must continue with the reference's moments and step count, not a
@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import fresh_run, load_config
+from conftest import load_config
 
-from bench import ref_continue, ref_step_check
+from reference import ref_continue, ref_step_check
 
 
 def _reference_tensors(params, rng, positive=False):
@@ -29,6 +29,15 @@ def _reference_tensors(params, rng, positive=False):
   return out
 
 
+def _fresh_state(c):
+  """``(setup, state)`` at step 0: parameters and optimiser only (no RAT cache refresh,
+  which these tests do not need and which costs a compile)."""
+  from exvae import train_lib
+  splits = train_lib.load_data(c)
+  setup = train_lib.make_setup(c, splits)
+  return setup, train_lib.init_state(c, setup, splits.train_x.shape[0])
+
+
 def _torch_adamnormgrad(g, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
   """One AdamNormGrad step's parameter change for one tensor (PyTorch's order of operations)."""
   g = g / (np.sqrt(np.sum(g.astype(np.float64) ** 2)) + 1e-7)
@@ -41,7 +50,7 @@ def _torch_adamnormgrad(g, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize("step", [1, 26000])
 def test_mapped_state_takes_the_references_next_step(step):
   c = load_config("test", prior="exemplar")
-  setup, state, _, _ = fresh_run(c)
+  setup, state = _fresh_state(c)
   rng = np.random.default_rng(step)
   w = {}
   for prefix, positive in (("m/", False), ("v/", True)):
@@ -66,7 +75,7 @@ def test_mapped_state_takes_the_references_next_step(step):
 def test_an_optimiser_without_adam_is_refused():
   import optax
   c = load_config("test", prior="exemplar")
-  _, state, _, _ = fresh_run(c)
+  _, state = _fresh_state(c)
   w = {}
   for prefix in ("m/", "v/"):
     w.update({prefix + k: a for k, a in
@@ -78,7 +87,7 @@ def test_an_optimiser_without_adam_is_refused():
 def test_fresh_start_is_a_fresh_optimiser():
   """--ref_fresh_seed hands exvae zero moments at step 0: exactly optax's fresh state."""
   c = load_config("test", prior="exemplar")
-  setup, state, _, _ = fresh_run(c)
+  setup, state = _fresh_state(c)
   w = {}
   for prefix in ("m/", "v/"):
     w.update({prefix + k: np.zeros_like(a) for k, a in

@@ -1,4 +1,4 @@
-"""bench/seed_spread.py: the README's seed comparison recomputed from the stored values."""
+"""reference/seed_spread.py: the README's seed comparison recomputed from the stored values."""
 
 import json
 
@@ -10,7 +10,7 @@ from conftest import load_script
 
 
 def _mod():
-  return load_script("bench/seed_spread.py")
+  return load_script("reference/seed_spread.py")
 
 
 def test_welch_matches_scipy():

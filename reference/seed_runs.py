@@ -1,14 +1,14 @@
 """Several seeds of one config trained side by side, for the run-to-run spread.
 
 Usage:
-  python bench/seed_runs.py --config fashion_vae_exemplar_rat --seeds 100-105 --epochs 52 \
+  python reference/seed_runs.py --config fashion_vae_exemplar_rat --seeds 100-105 --epochs 52 \
       --out DIR [--parallel K] [--deadline_s S] [--set key=value ...] [--score]
 
 Starts ``train.py`` once per seed (at most --parallel at a time, each in its own
 run directory under --workroot), stops any still running at the deadline with
 SIGTERM (train.py saves and exits), and with --score scores each run's last
 parameters on the reference code's validation images
-(``scripts/ref_val_loss.py``, one scorer for both codes). Writes
+(``reference/ref_val_loss.py``, one scorer for both codes). Writes
 ``DIR/seed_runs.json``: per seed the validation loss per epoch (exvae's own
 draw), the epochs done, wall-clock and, with --score, the reference-binarisation
 figure. On a CPU, --parallel up to the number of cores (pin with taskset as
@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exvae.runinfo import read_val_records  # noqa: E402  (re-exported for callers)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -45,22 +48,6 @@ def parse_seeds(text: str) -> list[int]:
       raise ValueError(f"bad seed range {part.strip()!r}: end before start")
     seeds.update(range(lo, hi + 1))
   return sorted(seeds)
-
-
-def read_val_records(workdir: Path) -> list[dict]:
-  """A run's validation records from its metrics.jsonl, by epoch (last record per epoch
-  wins; unreadable lines are skipped; empty if there is no file yet)."""
-  path = workdir / "metrics.jsonl"
-  recs: dict[int, dict] = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "val_loss" in rec:
-        recs[int(rec["epoch"])] = rec
-  return [recs[e] for e in sorted(recs)]
 
 
 def read_val_curve(workdir: Path) -> list[float]:
@@ -94,7 +81,7 @@ def main(argv=None) -> int:
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="extra config override, repeatable")
   ap.add_argument("--score", action="store_true",
-                  help="score each run's last parameters with scripts/ref_val_loss.py")
+                  help="score each run's last parameters with reference/ref_val_loss.py")
   a = ap.parse_args(argv)
   try:
     seeds = parse_seeds(a.seeds)
@@ -143,7 +130,7 @@ def main(argv=None) -> int:
 
   results, curves = {}, {seed: read_val_curve(root / f"seed{seed}") for seed in seeds}
   # Scoring: all runs at once (each process mostly waits on its own compile).
-  scorers = {seed: subprocess.Popen([sys.executable, "scripts/ref_val_loss.py",
+  scorers = {seed: subprocess.Popen([sys.executable, "reference/ref_val_loss.py",
                                      f"--config={a.config}", f"--workdir={root / f'seed{seed}'}"],
                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)

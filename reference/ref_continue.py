@@ -1,7 +1,7 @@
 """Learning per epoch from one shared state: exvae and the authors' code continue the same checkpoint.
 
   EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python \\
-      python bench/ref_continue.py --ref_checkpoint RUN/checkpoint_last.pth \\
+      python reference/ref_continue.py --ref_checkpoint RUN/checkpoint_last.pth \\
           --epochs 8 --exvae_seeds 100 101 102 --ref_seeds 100 101 --out DIR
 
 Seeds trained from scratch for 52 epochs differ by their whole random
@@ -12,7 +12,7 @@ AdamNormGrad's moments and step count at the end of epoch E -- and train
 epochs E+1 .. E+N with their own randomness:
 
 * exvae: the state mapped onto its parameters and optax state (the mapping
-  ``bench/ref_step_check.py`` checks to float32), then its own epoch loop
+  ``reference/ref_step_check.py`` checks to float32), then its own epoch loop
   (permutation, epoch-start cache refresh, jitted ``train_step``) with base
   key ``--exvae_seeds``;
 * the reference: THEIR outer loop (``driver.py train``) resumed from the same
@@ -20,7 +20,7 @@ epochs E+1 .. E+N with their own randomness:
   ``--seed`` ``--ref_seeds`` for its draws.
 
 After each epoch exvae's parameters are scored on the reference's validation
-images with exvae's validation (``scripts/ref_val_loss.py``); the reference's
+images with exvae's validation (``reference/ref_val_loss.py``); the reference's
 per-epoch loss is its own ``evaluate_loss`` (the two scorers agree to 0.02-0.04
 nats on the same weights), and its final weights are also scored with
 exvae's validation, so that the last column compares both codes with one
@@ -36,7 +36,7 @@ codes over the first epochs is measured without the seed-to-seed spread of
 the initialisation (the prior log-variance's N(0, 1) draw alone moves the
 epoch-12 validation loss by several nats).
 
-  python bench/ref_continue.py --ref_fresh_seed 20 --epochs 12 --exvae_seeds 20 --out DIR
+  python reference/ref_continue.py --ref_fresh_seed 20 --epochs 12 --exvae_seeds 20 --out DIR
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def adam_state_from_reference(optimizer, w: dict, params, step: int):
   """
   import jax.numpy as jnp
   import optax
-  from bench.ref_step_check import reference_params
+  from reference.ref_step_check import reference_params
   fresh = optimizer.init(params)
   adam = [i for i, s in enumerate(fresh) if isinstance(s, optax.ScaleByAdamState)]
   if len(adam) != 1:
@@ -179,8 +179,8 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
   from configs import fashion_vae_exemplar_rat
   from exvae import train_lib
-  from bench.ref_step_check import reference_params
-  from scripts.ref_val_loss import load_reference_params, reference_val_set, val_terms
+  from reference.ref_step_check import reference_params
+  from reference.ref_val_loss import load_reference_params, reference_val_set, val_terms
 
   with tempfile.TemporaryDirectory() as tmp:
     dump = os.path.join(tmp, "ck.npz")

@@ -1,6 +1,6 @@
 """Statistics of exvae's counter-based binarisation bits (exvae/rng.py) against NumPy's.
 
-  python bench/binarize_rng_check.py [--steps 4000]
+  python reference/binarize_rng_check.py [--steps 4000]
 
 Draws the bits of four training images at many steps exactly as the training
 step does (key fold_in(base, step), split, ``rng.bernoulli_rows``) and prints

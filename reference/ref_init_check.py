@@ -1,7 +1,7 @@
 """exvae's fresh initialisation against the authors' code's, tensor by tensor, over seeds.
 
   EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python \\
-      python bench/ref_init_check.py [--seeds 20]
+      python reference/ref_init_check.py [--seeds 20]
 
 The reference initialises every ``nn.Linear`` weight with its ``he_init``
 (normal, sd sqrt(2 / fan_in)), keeps PyTorch's default biases
@@ -49,7 +49,7 @@ def exvae_side(seeds: int) -> dict[str, np.ndarray]:
   """exvae's fresh parameters for seeds 0..seeds-1, under the reference's tensor names."""
   sys.path.insert(0, ROOT)
   import jax
-  from bench.ref_step_check import _node, param_map
+  from reference.ref_step_check import _node, param_map
   from configs import fashion_vae_exemplar_rat
   from exvae import train_lib
 

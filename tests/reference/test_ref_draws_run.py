@@ -1,4 +1,4 @@
-"""bench/ref_draws_run.py: exvae's draws reach the reference's process intact.
+"""reference/ref_draws_run.py: exvae's draws reach the reference's process intact.
 
 The reference side needs the authors' code (not installed in CI); what is
 checked here is exvae's half: the per-epoch file holds exactly the draws
@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from bench import ref_draws_run
+from reference import ref_draws_run
 
 
 def _draws(rng, t=3, b=4, d=5, m=7):

@@ -1,4 +1,4 @@
-"""bench/seed_runs.py: seed lists, metrics parsing, refusals and one tiny parallel run."""
+"""reference/seed_runs.py: seed lists, metrics parsing, refusals and one tiny parallel run."""
 
 import json
 import subprocess
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from conftest import ROOT as _ROOT
+
+ROOT = Path(_ROOT)
+sys.path.insert(0, str(ROOT / "reference"))
 
 import seed_runs  # noqa: E402
 
@@ -41,7 +43,7 @@ def test_refusals(args, tmp_path):
 
 
 def test_two_seeds_in_parallel(tmp_path):
-  proc = subprocess.run([sys.executable, "bench/seed_runs.py", "--config", "test", "--seeds", "1-2",
+  proc = subprocess.run([sys.executable, "reference/seed_runs.py", "--config", "test", "--seeds", "1-2",
                          "--epochs", "1", "--out", str(tmp_path), "--parallel", "2"],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,7 +1,7 @@
 """Step-by-step check of exvae's RAT training step against the authors' code.
 
   EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python \\
-      python bench/ref_step_check.py [--ref_checkpoint DIR/checkpoint_last.pth] [--steps 5]
+      python reference/ref_step_check.py [--ref_checkpoint DIR/checkpoint_last.pth] [--steps 5]
 
 Both codes take the same optimisation steps from the same weights on the same
 randomness, and every intermediate is compared:
@@ -9,7 +9,7 @@ randomness, and every intermediate is compared:
 1. exvae draws everything random for ``--steps`` steps of epoch ``--epoch``
    with its own keys (batch ids, the binarised batch, the reparameterisation
    noise, the M candidate exemplars of RAT) and writes them to a file.
-2. The reference (``bench/ref_step_check.py --side torch``, run by
+2. The reference (``reference/ref_step_check.py --side torch``, run by
    ``$EXVAE_REF_PYTHON`` through ``../shared/reference/driver.py``) builds its
    model (fresh, seed ``--seed``, or the weights of ``--ref_checkpoint``),
    computes its epoch-start cache, then runs THEIR ``calculate_loss`` /

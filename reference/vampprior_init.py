@@ -2,20 +2,20 @@
 
 The reference's constructor draws its pseudo-inputs N(0.05, 0.01), then its He
 initialiser overwrites them with N(0, 2/K) (``vampprior.init=he``, exvae's
-default since session 11; ``normal`` is the old N(0.05, 0.01) start). This
+default; ``normal`` is the N(0.05, 0.01) start of the VampPrior paper's code). This
 prints the validation loss of the first epochs, mean over seeds, for the
 reference's own training loop and for exvae with either start:
 
-  python bench/vampprior_init.py                       # the committed record
-  python bench/vampprior_init.py --collect ~/exvae-runs --out results/fidelity/vampprior_init.json
+  python reference/vampprior_init.py                       # the committed record
+  python reference/vampprior_init.py --collect ~/exvae-runs --out results/fidelity/vampprior_init.json
 
 The runs (one pinned core each; ``../shared/reference/driver.py`` for the reference):
   driver.py train --mode vampprior --epochs 6 --seed S --threads 1 --out RUNS/vampinit/ref_sS
   train.py --config=configs/fashion_vae_vampprior.py --config.seed=S --config.num_epochs=6 \\
       --config.vampprior.init={he,normal} --workdir=RUNS/vampinit/exvae_{he,normal}_sS
 Seed 1 of the reference is the first 6 epochs of a 24-epoch run; exvae's seed 0 is the
-paper-protocol run with each start (``he``: session 11's; ``normal``: session 3's curve,
-now ``results/fidelity/vampprior_normal_init_epoch460/``).
+paper-protocol run with each start (the ``normal`` curve is in
+``results/fidelity/vampprior_normal_init_epoch460/``).
 """
 
 from __future__ import annotations

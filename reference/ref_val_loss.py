@@ -1,7 +1,7 @@
 """An exvae checkpoint's validation loss on the reference code's own validation images.
 
-Usage: python scripts/ref_val_loss.py --config=fashion_vae_exemplar_rat --workdir RUN [--params last|best]
-       python scripts/ref_val_loss.py --config=fashion_vae_exemplar_rat --ref_checkpoint CKPT.pth
+Usage: python reference/ref_val_loss.py --config=fashion_vae_exemplar_rat --workdir RUN [--params last|best]
+       python reference/ref_val_loss.py --config=fashion_vae_exemplar_rat --ref_checkpoint CKPT.pth
 
 The two codes binarise the 10000 validation images once each, with different
 random draws (the authors' code: ``np.random.seed(777)``, then
@@ -14,7 +14,7 @@ per image, the full bank of 50000 grey-level exemplars), so that the two
 curves can be compared number for number.  Reads the run directory only.
 
 ``--ref_checkpoint`` scores a checkpoint of the AUTHORS' code instead (its
-weights mapped onto exvae's parameters as ``bench/ref_step_check.py`` maps
+weights mapped onto exvae's parameters as ``reference/ref_step_check.py`` maps
 them; reading the .pth needs ``$EXVAE_REF_PYTHON``, the reference's venv),
 so that both codes' models are measured by one and the same validation.
 ``--keys K`` repeats the one-sample validation with K noise draws and prints
@@ -63,7 +63,7 @@ def val_terms(params, setup, pool, xval: np.ndarray, config, key_index: int = 0)
 
 def load_reference_params(path: str, template: dict) -> dict:
   """exvae ``{"model", "prior"}`` parameters holding the authors' checkpoint ``path``."""
-  from bench.ref_step_check import reference_params
+  from reference.ref_step_check import reference_params
   py = os.path.expanduser(os.environ.get("EXVAE_REF_PYTHON", ""))
   if not py or not os.access(py, os.X_OK):
     raise SystemExit("ref_val_loss: set EXVAE_REF_PYTHON to the reference venv's python "

@@ -1,4 +1,4 @@
-"""bench/vampprior_init.py: the curves it reads and the table it prints."""
+"""reference/vampprior_init.py: the curves it reads and the table it prints."""
 
 import json
 
@@ -8,7 +8,7 @@ from conftest import load_script
 
 
 def _mod():
-  return load_script("bench/vampprior_init.py")
+  return load_script("reference/vampprior_init.py")
 
 
 def test_curves_and_table(tmp_path):

@@ -1,10 +1,10 @@
 """The authors' training loop fed exvae's random draws: is a gap in the draws or in the computation?
 
   EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python \\
-      python bench/ref_draws_run.py --seed 15 --epochs 24 --threads 1 --out DIR
+      python reference/ref_draws_run.py --seed 15 --epochs 24 --threads 1 --out DIR
 
 From the reference's fresh initialisation for torch seed S (the start of
-their from-scratch run with ``--seed S`` and of ``bench/ref_continue.py
+their from-scratch run with ``--seed S`` and of ``reference/ref_continue.py
 --ref_fresh_seed S``), THEIR ``calculate_loss`` / ``backward`` /
 ``AdamNormGrad.step`` train for ``--epochs`` epochs, with every random input
 of training taken from exvae's stream for ``--exvae_seed`` (default S): the
@@ -115,7 +115,7 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
   import torch
   from utils.evaluation import evaluate_loss
 
-  from bench.ref_step_check import their_loss_backward
+  from reference.ref_step_check import their_loss_backward
 
   args, train_loader, val_loader, _, model, opt = driver.build(
       driver.their_argv("rat", seed=seed), threads)
@@ -222,10 +222,10 @@ def main(argv=None) -> int:
   py, src, drv = require_reference()
 
   import jax.numpy as jnp
-  from bench.ref_step_check import exvae_draws
+  from reference.ref_step_check import exvae_draws
   from configs import fashion_vae_exemplar_rat
   from exvae import train_lib
-  from scripts.ref_val_loss import load_reference_params, reference_val_set, val_terms
+  from reference.ref_val_loss import load_reference_params, reference_val_set, val_terms
 
   config = fashion_vae_exemplar_rat.get_config()
   config.progress = False

@@ -1,0 +1,91 @@
+"""Reading a run's records and describing the machine it ran on.
+
+Shared by ``scripts/`` (collecting results), ``bench/`` (the device check) and
+``reference/`` (seed runs): each reads ``metrics.jsonl`` the same way and
+records the CPU and its measured matmul rate the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The records of a JSON-lines file, in order.
+
+  Args:
+    path: the file (e.g. ``<workdir>/metrics.jsonl``); it must exist.
+
+  Returns:
+    One dict per readable line. Blank lines and a line cut short by a crash
+    (invalid JSON) are skipped.
+  """
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass          # the last line of a run killed while writing it
+  return out
+
+
+def read_val_records(workdir: str | os.PathLike) -> list[dict]:
+  """A run's validation records, one per epoch, in epoch order.
+
+  Args:
+    workdir: the run directory (reads ``metrics.jsonl`` in it).
+
+  Returns:
+    The last record holding ``val_loss`` for each epoch (a resumed run may
+    validate an epoch twice); empty if there is no ``metrics.jsonl`` yet.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  recs: dict[int, dict] = {}
+  for rec in read_jsonl(path):
+    if "val_loss" in rec and "epoch" in rec:
+      recs[int(rec["epoch"])] = rec
+  return [recs[e] for e in sorted(recs)]
+
+
+def cpu_name() -> str:
+  """The CPU's model name from ``/proc/cpuinfo`` (else what ``platform`` knows)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def matmul_rate(n: int = 2048, reps: int = 3) -> float:
+  """This machine's float32 XLA matmul rate on the default backend.
+
+  Args:
+    n: the product is (n, n) @ (n, n).
+    reps: timed calls after one warm-up call; the fastest counts.
+
+  Returns:
+    FLOP/s, 2 n^3 over the best time.
+  """
+  import jax
+  import jax.numpy as jnp
+  x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(mm(x, x))
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(x, x))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n**3 / best

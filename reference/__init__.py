@@ -1,0 +1,1 @@
+"""Tools that compare exvae with the authors' code (see reference/README.md)."""
