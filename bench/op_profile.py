@@ -381,7 +381,8 @@ def markdown(doc: dict) -> str:
   out = [f"Measured on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), XLA float32 "
          f"2048^3 matmul {rate:.0f} GFLOP/s in the same run; load average "
          f"{', '.join(str(x) for x in m.get('loadavg', []))} at the start; "
-         f"`{prov.get('command', '')}` at commit {prov.get('commit', '')[:10]}, {prov.get('date', '')}."
+         f"`{prov.get('command', '')}`, {prov.get('date', '')} (the commit is in "
+         f"`results/speed/profile.json`)."
          if rate else "", ""]
   for p in doc.get("configs", []):
     tot = p["op_ms"] or 1.0
