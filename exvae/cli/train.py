@@ -25,6 +25,8 @@ flags.DEFINE_bool("distributed", False, "Multi-host with auto-detected cluster s
                   "(SLURM, Cloud TPU): jax.distributed.initialize() without arguments.")
 flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes the "
                   "model, data or optimisation (recorded in <workdir>/config_changes.jsonl).")
+flags.DEFINE_bool("overwrite", False, "Start afresh in a workdir that holds an earlier run's "
+                  "history but no checkpoint: its files move to <workdir>/previous/<time>/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +36,8 @@ def main(argv):
   if FLAGS.coordinator_address or FLAGS.distributed:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
   summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                         allow_config_change=FLAGS.allow_config_change)
+                                         allow_config_change=FLAGS.allow_config_change,
+                                         overwrite=FLAGS.overwrite)
   print({k: summary[k] for k in ("step", "best_val", "best_epoch", "finished") if k in summary})
 
 
