@@ -7,7 +7,8 @@ Builds each config's train state at its full size (50000 training images of
 rounds (median, ms): the digest of the arrays at save (:func:`tree_digest`),
 the record of the step's files after it (:func:`step_files_digest`), a whole
 ``Manager.save``, and a verified ``Manager.restore_latest`` next to the time
-the two checks take within it.
+the two checks take within it.  Times are CPU times of this process (a shared
+machine's other load does not count).
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ def _state(name: str):
 
 
 def _median_ms(fn, repeats: int) -> float:
+  """Median CPU time of ``fn()`` in ms (this process's, so other load on the machine does
+  not count; the saves and restores run in this thread, their I/O waits do not count)."""
   ts = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     fn()
-    ts.append(time.perf_counter() - t0)
+    ts.append(time.process_time() - t0)
   return 1000 * sorted(ts)[len(ts) // 2]
 
 

@@ -70,26 +70,23 @@ def _chain(e: BaseException | None):
     e = e.__cause__ or e.__context__
 
 
-def is_disk_full(e: BaseException) -> bool:
-  """A full disk or exhausted quota, also when wrapped by another library's error."""
+def _caused_by(e: BaseException, errnos, phrases) -> bool:
   for x in _chain(e):
-    if isinstance(x, OSError) and x.errno in DISK_FULL_ERRNOS:
+    if isinstance(x, OSError) and x.errno in errnos:
       return True
-    text = str(x)
-    if "No space left on device" in text or "Disk quota exceeded" in text:
+    if any(p in str(x) for p in phrases):
       return True
   return False
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """A full disk or exhausted quota, also when wrapped by another library's error."""
+  return _caused_by(e, DISK_FULL_ERRNOS, ("No space left on device", "Disk quota exceeded"))
 
 
 def is_read_only(e: BaseException) -> bool:
   """A read-only filesystem or a missing write permission, also when wrapped."""
-  for x in _chain(e):
-    if isinstance(x, OSError) and x.errno in READ_ONLY_ERRNOS:
-      return True
-    text = str(x)
-    if "Read-only file system" in text or "Permission denied" in text:
-      return True
-  return False
+  return _caused_by(e, READ_ONLY_ERRNOS, ("Read-only file system", "Permission denied"))
 
 
 def as_write_error(e: BaseException, what: str) -> BaseException:

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import atomic, checkpoints, eval_lib, rundir, train_lib, writers
+from test_faults import _copy, _steps, _template
 
 PY = sys.executable
 SMALL = dict(max_steps=40)          # configs/test.py: checkpoints at 10, 20, 30, 40 (keeps 3)
@@ -27,23 +28,6 @@ def run40(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("integrity") / "run")
   train_lib.train_and_evaluate(load_config("test", **SMALL), wd)
   return wd
-
-
-def _copy(src, tmp_path, name="run"):
-  dst = str(tmp_path / name)
-  shutil.copytree(src, dst)
-  return dst
-
-
-def _steps(wd):
-  d = os.path.join(wd, "checkpoints")
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit())
-
-
-def _template(c):
-  splits = train_lib.load_data(c)
-  setup = train_lib.make_setup(c, splits)
-  return train_lib.init_state(c, setup, splits.train_x.shape[0])
 
 
 def _flip(path, n=16):
