@@ -189,7 +189,8 @@ class Campaign:
       except OSError:
         pass
       time.sleep(0.02)
-    time.sleep(self.rng.uniform(0.0, 1.0) * (self.startup + left * self.train_time))
+    # The reference's startup counts the imports too, which end before the lock is taken.
+    time.sleep(self.rng.uniform(0.0, 1.0) * (0.5 * self.startup + left * self.train_time))
     if p.poll() is None:
       p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=600)
