@@ -29,6 +29,7 @@ save (a full disk) stops training at once.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import hashlib
 import json
 import logging as py_logging
@@ -166,8 +167,11 @@ class _DropLibraryRecords(py_logging.Filter):
 _SILENCED = []
 
 
-def silence_background_threads() -> None:
+def silence_background_threads(crash_dumps: bool = False) -> None:
   """Keeps library threads quiet once the program has decided to stop (idempotent).
+
+  Args:
+    crash_dumps: also turn faulthandler's stack dumps off (Ctrl-C: the process ends).
 
   A stop (Ctrl-C, SIGTERM, a full disk) can interrupt a save while Orbax's
   commit threads still run; their tracebacks and log records would follow
@@ -175,6 +179,10 @@ def silence_background_threads() -> None:
   TensorStore are dropped and exceptions in threads other than the main one
   are not printed.
   """
+  if crash_dumps:
+    # absl's app.run turns on faulthandler; a crash of a library thread during the
+    # interpreter's teardown would print every thread's stack after the one line.
+    faulthandler.disable()
   if _SILENCED:
     return
   f = _DropLibraryRecords()

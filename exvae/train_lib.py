@@ -616,7 +616,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     # not again after a failed save (a full disk).
     failing = sys.exc_info()[1]
     if failing is not None and not isinstance(failing, Exception):
-      checkpoints.silence_background_threads()      # Ctrl-C: only the one line follows
+      checkpoints.silence_background_threads(crash_dumps=True)   # Ctrl-C: the one line only
     if (not save_failed and not diverged and int(state.nonfinite) == 0
         and int(state.step) != last_saved):
       try:

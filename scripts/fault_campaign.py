@@ -101,7 +101,7 @@ class Campaign:
     self.skipped = {k: 0 for k in KINDS}
     self.stats = dict(resumed=0, episodes=0, bit_identical=0, corruptions=0, detected=0,
                       harmless=0, silent=0, records_lost=0, records_duplicated=0,
-                      extra_lines=0, failed_runs=0)
+                      extra_lines=0, failed_runs=0, crashed_at_exit=0)
     self.problems: list[str] = []
     from exvae import checkpoints, train_lib
     self._ck, self._tl = checkpoints, train_lib
@@ -198,10 +198,15 @@ class Campaign:
       return "finished"
     # SIGTERM before the training loop has its handler: the default, a silent exit.
     expected = {"SIGKILL": (-9,), "SIGINT": (130,), "SIGTERM": (143, -15)}[sig]
+    lines = _extra_lines(err)
+    if p.returncode == -signal.SIGSEGV and lines and lines[0].startswith("stopped:"):
+      # Decided and said, then the interpreter's teardown crashed: counted on its own row.
+      self.stats["crashed_at_exit"] += 1
+      self.problems.append(f"{sig}: the process crashed at exit after {lines[0]!r}")
+      return "injected"
     if p.returncode not in expected:
       self.problems.append(f"{sig}: exit {p.returncode}: {err[-500:]}")
       self.stats["failed_runs"] += 1
-    lines = _extra_lines(err)
     allowed = 0 if sig == "SIGKILL" else 1
     # A signal before the program got to its main loop (while importing) stops it silently.
     if len(lines) > allowed:
@@ -364,7 +369,8 @@ class Campaign:
                                      f"(harmless: {s['harmless']}, silent: {s['silent']})"),
             ("records lost / duplicated", f"{s['records_lost']} / {s['records_duplicated']}"),
             ("stderr lines beyond one", str(s["extra_lines"])),
-            ("runs that failed unexpectedly", str(s["failed_runs"]))]
+            ("runs that failed unexpectedly", str(s["failed_runs"])),
+            ("crashes at exit after the one line (SIGSEGV)", str(s["crashed_at_exit"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
