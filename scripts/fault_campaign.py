@@ -259,14 +259,19 @@ class Campaign:
 
   def disk_full(self, workdir: str) -> bool:
     """Continues the run on a tmpfs with a few KB to spare, then copies it back."""
-    used = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(workdir) for f in fs)
+    # What the files take on a disk (whole pages), and a few KB to spare.
+    used = sum(4096 * (1 + os.path.getsize(os.path.join(r, f)) // 4096)
+               for r, _, fs in os.walk(workdir) for f in fs)
     mnt = tempfile.mkdtemp(dir=self.root, prefix="tmpfs-")
-    size_kb = used // 1024 + self.rng.randint(40, 400)
+    size_kb = int(1.1 * used) // 1024 + 64 + self.rng.randint(40, 400)
     if not self._mount("-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", mnt):
       os.rmdir(mnt)
       return False
     try:
-      shutil.copytree(workdir, os.path.join(mnt, "run"), symlinks=True)
+      try:
+        shutil.copytree(workdir, os.path.join(mnt, "run"), symlinks=True)
+      except (OSError, shutil.Error):
+        return False                          # the tmpfs was too small for the copy itself
       r = self.run(os.path.join(mnt, "run"))
       if r.returncode not in (0, 1):
         self.problems.append(f"disk_full: exit {r.returncode}: {r.stderr[-500:]}")
@@ -398,10 +403,10 @@ def run_campaign(faults: int, per_episode: int = 5, seed: int = 0, root: str | N
   try:
     c = Campaign(root, seed, verbose, kinds)
     c.reference()
-    injected, i = 0, 0
-    while injected < faults and (not minutes or time.time() - t0 < 60 * minutes):
-      injected += c.episode(i, min(per_episode, faults - injected))
-      i += 1
+    injected, i, idle = 0, 0, 0
+    while injected < faults and idle < 3 and (not minutes or time.time() - t0 < 60 * minutes):
+      n = c.episode(i, min(per_episode, faults - injected))
+      injected, i, idle = injected + n, i + 1, 0 if n else idle + 1
     return c
   finally:
     if own:
