@@ -191,6 +191,7 @@ def silence_background_threads(crash_dumps: bool = False) -> None:
     for h in py_logging.getLogger(name).handlers:
       h.addFilter(f)
   threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda args: None    # asyncio loops of Orbax closed at exit
   _SILENCED.append(f)
 
 
