@@ -232,7 +232,7 @@ class Manager:
                                              cleanup_tmp_directories=False)
       for attempt in range(3):     # a step the writer rotates away while we list it
         try:
-          with _quiet_read_only():
+          with _quiet_read_only(), _quiet_failed_save():
             self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                                item_names=ITEMS)
           break
@@ -253,7 +253,8 @@ class Manager:
         max_to_keep=int(max_to_keep), create=create, cleanup_tmp_directories=True,
         enable_async_checkpointing=False,
         async_options=ocp.AsyncOptions(timeout_secs=_COMMIT_TIMEOUT_S))
-    self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    with _quiet_failed_save():     # a damaged step's metadata: restore_latest says it in one line
+      self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
