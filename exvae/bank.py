@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import kernels, rng, rundir
+from exvae import atomic, kernels, rng, rundir
 from exvae.models.vae import Model
 
 PyTree = Any
@@ -436,18 +436,7 @@ class ExemplarBank:
     Returns:
       The number of bytes on disk.
     """
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-      with open(tmp, "wb") as f:
-        self._write(f)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    atomic.write_with(path, self._write)
     return self.nbytes_on_disk(path)
 
   @classmethod

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import checkpoints, data, distributed, per_example, pictures, published, rundir, train_lib
+from exvae import (atomic, checkpoints, data, distributed, errors, per_example, pictures,
+                   published, rundir, train_lib)
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -137,21 +138,67 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
   metrics["per_example"] = os.path.join(out_dir, per_example.FILENAME)
   if distributed.is_primary():
-    os.makedirs(out_dir, exist_ok=True)
-    _save_per_example(metrics["per_example"], res, test_x, config, metrics)
-    pictures.save_samples_and_reconstructions(
-        metrics["samples_png"], np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons))
-    tmp = os.path.join(out_dir, "eval_metrics.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(metrics, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "eval_metrics.json"))
+    _write_outputs(out_dir, metrics, res, test_x, config, samples, recons)
   return metrics
 
 
-def _save_per_example(path: str, res: dict, test_x: np.ndarray, config, metrics: dict) -> None:
-  """Writes the per-example scores and the test-set identity (see :mod:`exvae.per_example`)."""
-  per_example.save(
-      path,
+OUTPUTS = ("eval_samples.png", per_example.FILENAME, "eval_metrics.json")
+
+
+def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, config,
+                   samples, recons) -> None:
+  """Writes the picture, the per-example scores and the metrics as one unit.
+
+  All three go to temporary files in ``out_dir`` first and are renamed in the
+  order of :data:`OUTPUTS`, the metrics last; ``eval_metrics.json`` records the
+  SHA-256 of the other two (``outputs_sha256``), so a set torn by a crash
+  between two renames shows (:func:`check_outputs`).  On a failure nothing is
+  renamed and no temporary file is left behind.
+  """
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    typed = errors.as_write_error(e, f"the evaluation outputs in {out_dir}")
+    if typed is e:
+      raise
+    raise typed from e
+  images, ncols = pictures.samples_and_reconstructions(
+      np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons))
+  img = pictures.grid_image(images, ncols)
+  arrays = per_example.arrays(*_per_example_parts(res, test_x, config, metrics))
+  png, npz, js = (os.path.join(out_dir, name) for name in OUTPUTS)
+
+  def metrics_writer(digests):
+    metrics["outputs_sha256"] = {os.path.basename(p): h for p, h in digests.items()}
+    text = atomic.dumps(atomic.finite_or_none(metrics), indent=2) + "\n"
+    return lambda f: f.write(text.encode())
+
+  atomic.commit([(png, lambda _: lambda f: img.save(f, format="PNG")),
+                 (npz, lambda _: lambda f: np.savez(f, **arrays)),
+                 (js, metrics_writer)])
+
+
+def check_outputs(out_dir: str) -> dict[str, Any]:
+  """Reads ``eval_metrics.json`` and checks that the other outputs are the ones it records.
+
+  Returns:
+    The metrics.
+
+  Raises:
+    ValueError: a file differs from the digest in ``eval_metrics.json``.
+  """
+  with open(os.path.join(out_dir, "eval_metrics.json")) as f:
+    metrics = json.load(f)
+  for name, digest in metrics.get("outputs_sha256", {}).items():
+    if atomic.sha256_file(os.path.join(out_dir, name)) != digest:
+      raise ValueError(f"{os.path.join(out_dir, name)} is not the file "
+                       f"{os.path.join(out_dir, 'eval_metrics.json')} was written with.")
+  return metrics
+
+
+def _per_example_parts(res: dict, test_x: np.ndarray, config, metrics: dict):
+  """``(scores, identity, provenance)`` of the per-example archive (:mod:`exvae.per_example`)."""
+  return (
       {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"], "kl": res["kl"]},
       {"dataset": metrics["dataset"], "split": "test",
        "eval_binarize_seed": int(config.eval_binarize_seed), "count": int(test_x.shape[0]),

@@ -33,6 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from exvae import atomic
+
 FILENAME = "per_example.npz"
 FORMAT_VERSION = 1
 SCORES = ("log_px", "elbo", "recon", "kl")
@@ -55,6 +57,32 @@ def images_digest(images: np.ndarray) -> str:
   return h.hexdigest()
 
 
+def arrays(scores: Mapping[str, np.ndarray], identity: Mapping[str, Any],
+           provenance: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+  """The arrays of a per-example archive (see :func:`save` for the arguments).
+
+  Raises:
+    ValueError: a missing identity key or score, or scores of unequal length.
+  """
+  missing = [k for k in IDENTITY if k not in identity]
+  if missing:
+    raise ValueError(f"per-example identity lacks {missing}.")
+  out = {}
+  for k in SCORES:
+    if k in scores:
+      out[k] = np.asarray(scores[k], np.float32).reshape(-1)
+  if "log_px" not in out or "elbo" not in out:
+    raise ValueError("per-example scores need 'log_px' and 'elbo'.")
+  m = int(identity["count"])
+  if any(a.shape != (m,) for a in out.values()):
+    raise ValueError(f"per-example scores must all have shape ({m},), got "
+                     f"{ {k: a.shape for k, a in out.items()} }.")
+  meta = dict(provenance or {}, **identity, format_version=FORMAT_VERSION)
+  for k, v in meta.items():
+    out[k] = np.asarray(v if v is not None else "")
+  return out
+
+
 def save(path: str, scores: Mapping[str, np.ndarray], identity: Mapping[str, Any],
          provenance: Mapping[str, Any] | None = None) -> str:
   """Writes a per-example archive atomically.
@@ -74,28 +102,7 @@ def save(path: str, scores: Mapping[str, np.ndarray], identity: Mapping[str, Any
   """
   if os.path.isdir(path):
     path = os.path.join(path, FILENAME)
-  missing = [k for k in IDENTITY if k not in identity]
-  if missing:
-    raise ValueError(f"per-example identity lacks {missing}.")
-  arrays = {}
-  for k in SCORES:
-    if k in scores:
-      arrays[k] = np.asarray(scores[k], np.float32).reshape(-1)
-  if "log_px" not in arrays or "elbo" not in arrays:
-    raise ValueError("per-example scores need 'log_px' and 'elbo'.")
-  m = int(identity["count"])
-  if any(a.shape != (m,) for a in arrays.values()):
-    raise ValueError(f"per-example scores must all have shape ({m},), got "
-                     f"{ {k: a.shape for k, a in arrays.items()} }.")
-  meta = dict(provenance or {}, **identity, format_version=FORMAT_VERSION)
-  for k, v in meta.items():
-    arrays[k] = np.asarray(v if v is not None else "")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-  return path
+  return atomic.write_npz(path, arrays(scores, identity, provenance))
 
 
 def resolve(path: str) -> str:

@@ -16,14 +16,14 @@ unless asked to (``--config.eval.out_dir``).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
+
+from exvae import atomic
 
 PARAMS_FILE = "params.npz"
 META_FILE = "model.json"
@@ -43,27 +43,6 @@ def is_published(directory: str) -> bool:
           and os.path.isfile(os.path.join(directory, PARAMS_FILE)))
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def save(directory: str, params: PyTree, config_json: dict, meta: dict[str, Any]) -> str:
   """Writes a published model into ``directory`` (created if missing).
 
@@ -79,16 +58,12 @@ def save(directory: str, params: PyTree, config_json: dict, meta: dict[str, Any]
   """
   os.makedirs(directory, exist_ok=True)
   flat = traverse_util.flatten_dict(params, sep=_SEP)
-  buf = io.BytesIO()
-  np.savez(buf, **{k: np.asarray(v) for k, v in sorted(flat.items())})
   params_path = os.path.join(directory, PARAMS_FILE)
-  _write_atomic(params_path, buf.getvalue())
-  _write_atomic(os.path.join(directory, CONFIG_FILE),
-                json.dumps(config_json, indent=2, sort_keys=True, allow_nan=False).encode())
-  record = dict(meta, params_sha256=_sha256(params_path),
+  atomic.write_npz(params_path, {k: np.asarray(v) for k, v in sorted(flat.items())})
+  atomic.write_json(os.path.join(directory, CONFIG_FILE), config_json, sort_keys=True)
+  record = dict(meta, params_sha256=atomic.sha256_file(params_path),
                 num_parameters=int(sum(np.asarray(v).size for v in flat.values())))
-  _write_atomic(os.path.join(directory, META_FILE),
-                json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode())
+  atomic.write_json(os.path.join(directory, META_FILE), record, sort_keys=True)
   return params_path
 
 
@@ -121,7 +96,7 @@ def load(directory: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
   path = os.path.join(directory, PARAMS_FILE)
   if not os.path.isfile(path):
     raise PublishedModelError(f"{path} is missing")
-  digest = _sha256(path)
+  digest = atomic.sha256_file(path)
   if digest != meta.get("params_sha256"):
     raise PublishedModelError(
         f"{path} does not match the SHA-256 recorded in {META_FILE} "

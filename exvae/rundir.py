@@ -1,4 +1,4 @@
-"""The run directory: one writer, readers that change nothing, and errors a person can read.
+"""The run directory: one writer, readers that change nothing, a history that never shrinks.
 
 A workdir belongs to the run that started it:
 
@@ -16,14 +16,24 @@ A workdir belongs to the run that started it:
   changes the model, the data or the optimisation and is a
   :class:`ConfigDriftError` naming the keys, unless the writer is told to
   allow it (then ``config.json`` takes the new values and the change is
-  recorded).  Keys that ``config.json`` does not know (written by an older
-  version) are accepted with a warning.
+  recorded).  A missing or unreadable ``config.json`` cannot be checked and
+  counts as drift too; when allowed, the unreadable file is kept aside
+  (renamed), never overwritten.  Keys that ``config.json`` does not know
+  (written by an older version) are accepted with a warning.
+* **A history that never shrinks.**  A fresh start in a workdir whose files
+  show that a run there had saved checkpoints (records past the first save,
+  evaluation outputs, recorded config changes) is a :class:`HistoryError`
+  unless told to overwrite; then the earlier files move into
+  ``previous/<time>/`` (:func:`check_history`).
 * **metrics.jsonl without duplicates.**  A resume from step s drops the
   records of steps after s (:func:`trim_metrics`), which the resumed run
-  writes again.
+  writes again; torn lines and a file that ends before the checkpoint are
+  reported in one line.
 * **Typed errors.**  Expected failures raise :class:`RunDirError` subclasses
-  (each with its ``exit_code``); the command-line programs report them in one
-  line (:mod:`exvae.cli.errors`).
+  (each with its ``exit_code``: a bad config, a second writer, a full disk, a
+  read-only filesystem, a corrupt checkpoint or bank, SIGTERM); the classes
+  live in :mod:`exvae.errors` and are re-exported here, and the command-line
+  programs report them in one line (:mod:`exvae.cli.errors`).
 """
 
 from __future__ import annotations
@@ -39,6 +49,13 @@ import sys
 import time
 import warnings
 from typing import Any
+
+from exvae import atomic, errors
+# Defined in exvae.errors (below this module and exvae.checkpoints); re-exported here.
+from exvae.errors import (  # noqa: F401  (public names of this module)
+    CheckpointMismatchError, CheckpointNotFoundError, ConfigDriftError, ConfigError,
+    DiskFullError, HistoryError, Interrupted, NonFiniteMetricsError, ReadOnlyError,
+    RunDirError, WorkdirLockedError, is_disk_full, is_read_only)
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -65,43 +82,6 @@ MAY_CHANGE = (
 # validation images it binarises.
 MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype", "eval_binarize",
                                        "eval_binarize_seed")
-
-
-# ----------------------------------------------------------------------------
-# Errors
-# ----------------------------------------------------------------------------
-
-
-class RunDirError(Exception):
-  """An expected error about a run directory (reported in one line by :mod:`exvae.cli.errors`)."""
-
-  exit_code = 1
-
-
-class ConfigError(RunDirError, ValueError):
-  """A config value that cannot work (found before any work starts)."""
-
-
-class WorkdirLockedError(RunDirError):
-  """Another process holds the workdir's writer lock."""
-
-
-class ConfigDriftError(RunDirError, ValueError):
-  """The config differs from the one the run started with in keys that may not change."""
-
-
-class DiskFullError(RunDirError, OSError):
-  """No space left while writing into the run directory."""
-
-
-class NonFiniteMetricsError(RunDirError, FloatingPointError):
-  """Evaluation produced non-finite metrics (nothing was written)."""
-
-
-class Interrupted(RunDirError):
-  """Training stopped by SIGTERM after saving a checkpoint (exit code 143)."""
-
-  exit_code = 128 + 15
 
 
 # ----------------------------------------------------------------------------
@@ -175,9 +155,17 @@ class WorkdirLock:
 
     Raises:
       WorkdirLockedError: another process holds it.
+      ReadOnlyError: the workdir cannot be written.
+      DiskFullError: no space left to create it.
     """
-    os.makedirs(self.workdir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      typed = errors.as_write_error(e, f"the run directory {self.workdir}")
+      if typed is e:
+        raise
+      raise typed from e
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -271,24 +259,28 @@ def _changes_text(changes: dict) -> str:
   return ", ".join(f"{k} {json.dumps(v[0])} -> {json.dumps(v[1])}" for k, v in changes.items())
 
 
-def read_stored_config(workdir: str) -> dict | None:
-  """The run's ``config.json``, or None if there is none (or it is unreadable, with a warning)."""
+def _load_stored_config(workdir: str) -> tuple[dict | None, str | None]:
+  """``(config, problem)``: the run's ``config.json``, or None and why (missing, unreadable)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    return None
+    return None, "missing"
   try:
     with open(path) as f:
-      return json.load(f)
+      stored = json.load(f)
   except (OSError, ValueError) as e:
-    warnings.warn(f"{path} is unreadable ({e}); the config cannot be checked against it.")
-    return None
+    return None, f"unreadable ({' '.join(str(e).split())[:120]})"
+  if not isinstance(stored, dict):
+    return None, "unreadable (not a JSON object)"
+  return stored, None
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+def read_stored_config(workdir: str) -> dict | None:
+  """The run's ``config.json``, or None if there is none (or it is unreadable, with a warning)."""
+  stored, problem = _load_stored_config(workdir)
+  if stored is None and problem != "missing":
+    warnings.warn(f"{os.path.join(workdir, CONFIG_FILE)} is {problem}; the config cannot be "
+                  "checked against it.")
+  return stored
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -297,9 +289,28 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
+def set_aside(path: str, why: str) -> str:
+  """Renames a file that cannot be used to ``<path>.<why>-<time>``; never deletes it.
+
+  Returns:
+    The new path.
+  """
+  dst = f"{path}.{why}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+  os.replace(path, dst)
+  return dst
+
+
+def _record_change(workdir: str, record: dict) -> None:
+  atomic.append_line(os.path.join(workdir, CHANGES_FILE), atomic.dumps(record))
+
+
 def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bool = False,
                        write: bool = True) -> dict:
   """The writer's config check: records the config of a new run, compares on resume.
+
+  A resume whose ``config.json`` is missing or unreadable cannot be checked:
+  that counts as drift.  With ``allow_change`` an unreadable file is kept
+  aside (renamed, see :func:`set_aside`) and this config is recorded.
 
   Args:
     workdir: the run directory.
@@ -314,18 +325,30 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
     The differing keys, ``key -> (stored, current)``.
 
   Raises:
-    ConfigDriftError: a resume changes keys that may not change, without
-      ``allow_change``.
+    ConfigDriftError: a resume changes keys that may not change, or the
+      stored config is missing or unreadable, without ``allow_change``.
   """
   current = config_dict(config)
   path = os.path.join(workdir, CONFIG_FILE)
-  stored = read_stored_config(workdir) if resuming else None
-  if not resuming or stored is None:
-    if resuming:
-      warnings.warn(f"{path} is missing (a run written by an older version): the config "
-                    "cannot be checked; recording this one.")
+  if not resuming:
     if write:
-      _write_json_atomic(path, current)
+      atomic.write_json(path, current)
+    return {}
+  stored, problem = _load_stored_config(workdir)
+  if stored is None:
+    if not allow_change:
+      raise ConfigDriftError(
+          f"Resuming {workdir}, whose {CONFIG_FILE} is {problem}: this config cannot be checked "
+          "against the one the run started with. Restore the file, use a new --workdir, or pass "
+          "--allow_config_change to continue with this config (recorded; an unreadable file "
+          "is kept aside).")
+    if write:
+      kept = set_aside(path, "unreadable") if problem != "missing" else None
+      atomic.write_json(path, current)
+      _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": True,
+                               "stored_config": problem, "kept_as": kept, "changes": {}})
+      print(f"Resuming with a config that could not be checked ({CONFIG_FILE} {problem}"
+            f"{'; kept as ' + kept if kept else ''}); recorded in {CHANGES_FILE}.", flush=True)
     return {}
   allowed, forbidden, unknown = diff_configs(stored, current)
   if unknown:
@@ -338,12 +361,11 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
         "--workdir, or pass --allow_config_change to continue with the new values.")
   changes = dict(allowed, **forbidden)
   if changes and write:
-    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": bool(forbidden),
-              "changes": {k: list(v) for k, v in changes.items()}}
-    with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "override": bool(forbidden),
+                             "changes": {k: list(v) for k, v in changes.items()}})
     if forbidden:
-      _write_json_atomic(path, current)
+      atomic.write_json(path, current)
   if changes:
     kind = "overriding" if forbidden else "with changed settings"
     print(f"Resuming {kind}: {_changes_text(changes)} (recorded in {CHANGES_FILE}).", flush=True)
@@ -367,6 +389,119 @@ def check_reader_config(workdir: str, config) -> None:
         f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).")
 
 
+# ----------------------------------------------------------------------------
+# A run's history is append-only
+# ----------------------------------------------------------------------------
+
+
+METRICS_FILE = "metrics.jsonl"
+PREVIOUS_DIR = "previous"
+# What only a run that saved a checkpoint (or was evaluated) leaves in its workdir.
+_SAVED_RUN_FILES = (CHANGES_FILE, "eval_metrics.json", "per_example.npz", "eval_samples.png",
+                    "unreadable_checkpoints", "uses")
+
+
+def _metric_lines(path: str) -> tuple[list[tuple[bytes, dict]], int]:
+  """``([(line, record), ...], bad)``: the complete records of a metrics file and its torn lines."""
+  out, bad = [], 0
+  if not os.path.exists(path):
+    return out, bad
+  with open(path, "rb") as f:
+    for raw in f:
+      try:
+        rec = json.loads(raw.decode())
+        if not raw.endswith(b"\n") or not isinstance(rec, dict):
+          raise ValueError("torn")
+        _record_step(rec)
+      except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        bad += 1
+        continue
+      out.append((raw, rec))
+  return out, bad
+
+
+def read_metrics(path: str) -> tuple[list[dict], int]:
+  """The records of a ``metrics.jsonl`` and the number of torn or unreadable lines.
+
+  Returns:
+    ``(records, bad)``: the parsed records in order (dicts) and how many
+    lines were not complete JSON objects (a torn last line after a kill).
+  """
+  lines, bad = _metric_lines(path)
+  return [rec for _, rec in lines], bad
+
+
+def _record_step(rec: dict) -> int:
+  s = rec["summary"].get("step", 0) if isinstance(rec.get("summary"), dict) else rec.get("step", 0)
+  return int(s)
+
+
+def history_after_a_save(workdir: str, checkpoint_every_steps: int) -> list[str]:
+  """What in a workdir without checkpoints shows that a run there had saved one.
+
+  A run killed before its first save leaves only records up to that save
+  (the smaller of ``checkpoint_every_steps`` and one epoch), pictures and
+  event files; starting again replaces them.  Anything more is the history
+  of a run whose checkpoints are gone.
+
+  Returns:
+    The names of the files that prove it (empty: nothing to protect).
+  """
+  found = [n for n in _SAVED_RUN_FILES if os.path.exists(os.path.join(workdir, n))]
+  records, _ = read_metrics(os.path.join(workdir, METRICS_FILE))
+  first_save = int(checkpoint_every_steps)
+  for rec in records:
+    if rec.get("epoch") and rec.get("step") and "val_loss" not in rec:
+      first_save = min(first_save, int(round(rec["step"] / rec["epoch"])))   # steps per epoch
+      break
+  if any("summary" in r or _record_step(r) > first_save for r in records):
+    found.insert(0, METRICS_FILE)
+  return found
+
+
+def move_history_aside(workdir: str) -> str | None:
+  """Moves everything of a workdir but its lock and checkpoints into ``previous/<time>/``.
+
+  Returns:
+    The folder the files went to, or None if there was nothing to move.
+  """
+  keep = {LOCK_FILE, "checkpoints", PREVIOUS_DIR}
+  names = [n for n in sorted(os.listdir(workdir)) if n not in keep]
+  if not names:
+    return None
+  dst = os.path.join(workdir, PREVIOUS_DIR, time.strftime("%Y%m%d-%H%M%S"))
+  while os.path.exists(dst):
+    dst += "-1"
+  os.makedirs(dst)
+  for n in names:
+    os.replace(os.path.join(workdir, n), os.path.join(dst, n))
+  return dst
+
+
+def check_history(workdir: str, config, *, overwrite: bool) -> None:
+  """A fresh start may not erase or mix with an earlier run's history.
+
+  Args:
+    workdir: the run directory (holds no checkpoint).
+    config: this run's config (``checkpoint_every_steps``).
+    overwrite: move the earlier files into ``previous/<time>/`` and start afresh.
+
+  Raises:
+    HistoryError: the workdir holds another run's history and ``overwrite`` is False.
+  """
+  found = history_after_a_save(workdir, int(config.checkpoint_every_steps))
+  if not found:
+    return
+  if not overwrite:
+    raise HistoryError(
+        f"{workdir} holds the history of an earlier run ({', '.join(found)}) but no checkpoint "
+        "to resume: starting afresh would mix with it. Use a new --workdir, restore the "
+        "checkpoints, or pass --overwrite to move the earlier files into "
+        f"{os.path.join(workdir, PREVIOUS_DIR)}/<time>/.")
+  dst = move_history_aside(workdir)
+  print(f"Moved the earlier history of {workdir} to {dst}.", flush=True)
+
+
 def _steps(workdir: str) -> list[str]:
   d = os.path.join(workdir, "checkpoints")
   return sorted(n for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
@@ -388,30 +523,37 @@ class Writer:
       with rundir.Writer(workdir, config, primary=True, allow_config_change=False):
         ...
 
-  An invocation that fails before it wrote a checkpoint leaves ``config.json``
-  and ``config_changes.jsonl`` as it found them.
+  A fresh start in a workdir that holds an earlier run's history is refused
+  unless ``overwrite`` (:func:`check_history`).  An invocation that fails
+  before it wrote a checkpoint leaves ``config.json`` and
+  ``config_changes.jsonl`` as it found them.
   """
 
   def __init__(self, workdir: str, config, *, primary: bool = True,
-               allow_config_change: bool = False):
+               allow_config_change: bool = False, overwrite: bool = False):
     self.workdir = workdir
     self.config = config
     self.primary = primary
     self.allow_config_change = allow_config_change
+    self.overwrite = overwrite
     self.lock = WorkdirLock(workdir) if primary else None
     self.changes: dict = {}
 
   def __enter__(self) -> "Writer":
-    os.makedirs(self.workdir, exist_ok=True)
     if self.lock is not None:
-      self.lock.acquire()
-    self._config_path = os.path.join(self.workdir, CONFIG_FILE)
-    self._changes_path = os.path.join(self.workdir, CHANGES_FILE)
-    self._before = (_steps(self.workdir), _read_bytes(self._config_path),
-                    _read_bytes(self._changes_path))
+      self.lock.acquire()               # creates the workdir (a one-line error if it cannot)
+    else:
+      os.makedirs(self.workdir, exist_ok=True)
     try:
+      resuming = has_checkpoint(self.workdir)
+      if self.primary and not resuming:
+        check_history(self.workdir, self.config, overwrite=self.overwrite)
+      self._config_path = os.path.join(self.workdir, CONFIG_FILE)
+      self._changes_path = os.path.join(self.workdir, CHANGES_FILE)
+      self._before = (_steps(self.workdir), _read_bytes(self._config_path),
+                      _read_bytes(self._changes_path))
       self.changes = check_config_drift(
-          self.workdir, self.config, resuming=has_checkpoint(self.workdir),
+          self.workdir, self.config, resuming=resuming,
           allow_change=self.allow_config_change, write=self.primary)
     except BaseException as e:
       self.__exit__(type(e))
@@ -420,7 +562,8 @@ class Writer:
 
   def __exit__(self, exc_type=None, *_):
     try:
-      if exc_type is not None and self.primary and _steps(self.workdir) == self._before[0]:
+      if (exc_type is not None and self.primary and hasattr(self, "_before")
+          and _steps(self.workdir) == self._before[0]):
         self._roll_back()
     finally:
       if self.lock is not None:
@@ -430,15 +573,15 @@ class Writer:
     """Restores config.json and config_changes.jsonl as this invocation found them."""
     for path, content in ((self._config_path, self._before[1]),
                           (self._changes_path, self._before[2])):
-      if _read_bytes(path) == content:
-        continue
-      if content is None:
-        os.remove(path)
-      else:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-          f.write(content)
-        os.replace(tmp, path)
+      try:
+        if _read_bytes(path) == content:
+          continue
+        if content is None:
+          os.remove(path)
+        else:
+          atomic.write_bytes(path, content)
+      except OSError:
+        pass       # a full or read-only disk: the original error is the one to report
 
 
 # ----------------------------------------------------------------------------
@@ -450,32 +593,45 @@ def trim_metrics(path: str, step: int) -> int:
   """Drops the records of steps after ``step`` (and torn lines) from a metrics file.
 
   A run resumed from step ``step`` writes those steps again, so without this
-  they would appear twice.
+  they would appear twice.  Torn lines (a kill in the middle of a write) are
+  reported in one line on stderr.
 
   Returns:
     The number of records dropped.
   """
   if not os.path.exists(path):
     return 0
-  kept, dropped = [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-        s = rec["summary"].get("step", 0) if "summary" in rec else rec.get("step", 0)
-        ok = line.endswith("\n") and int(s) <= step
-      except (ValueError, TypeError, AttributeError):
-        ok = False
-      if ok:
-        kept.append(line)
-      else:
-        dropped += 1
+  lines, bad = _metric_lines(path)
+  kept = [raw for raw, rec in lines if _record_step(rec) <= step]
+  dropped = len(lines) - len(kept) + bad
+  if bad:
+    print(f"warning: {path}: dropped {bad} torn or unreadable line(s) (a write cut short by a "
+          "kill or a full disk).", file=sys.stderr, flush=True)
   if dropped:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, b"".join(kept))
   return dropped
+
+
+def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_epoch: int) -> bool:
+  """Whether ``metrics.jsonl`` holds the train record of the last logged step up to ``step``.
+
+  A copy of the run directory that lost the end of the file (restored from
+  an older backup, cut short) is reported in one line on stderr.
+
+  Returns:
+    True when the file is complete up to ``step`` (or nothing was logged yet).
+  """
+  last = max(step - step % int(log_every_steps), step - step % int(steps_per_epoch))
+  if last == 0:
+    return True
+  records, _ = read_metrics(path)
+  logged = max((int(r["step"]) for r in records if "loss" in r and "step" in r), default=0)
+  if logged >= last:
+    return True
+  print(f"warning: {path} ends at step {logged}, the checkpoint is at step {step}: the records "
+        f"of steps {logged + 1}..{step} are lost (training goes on from step {step}).",
+        file=sys.stderr, flush=True)
+  return False
 
 
 # ----------------------------------------------------------------------------
@@ -483,19 +639,7 @@ def trim_metrics(path: str, step: int) -> int:
 # ----------------------------------------------------------------------------
 
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def is_disk_full(e: BaseException) -> bool:
-  """A full disk or exhausted quota, also when wrapped by another library's error."""
-  while e is not None:
-    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-      return True
-    text = str(e)
-    if "No space left on device" in text or "Disk quota exceeded" in text:
-      return True
-    e = e.__cause__ or e.__context__
-  return False
+DISK_FULL_ERRNOS = errors.DISK_FULL_ERRNOS
 
 
 cli_main = lambda main: __import__("exvae.cli.errors").cli.errors.cli_main(main)  # noqa: E731  (the CLI's handler: exvae/cli/errors.py)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -27,7 +27,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import checkpoints, data, distributed, pictures, plugins, rng, rundir, writers
+from exvae import atomic, checkpoints, data, distributed, pictures, plugins, rng, rundir, writers
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
@@ -40,6 +40,10 @@ PyTree = Any
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when a training step produced a non-finite loss or gradient."""
+
+
+class NonFiniteValidationError(NonFiniteLossError):
+  """Raised when the validation loss is not finite (the last good checkpoint is kept)."""
 
 
 @struct.dataclass
@@ -372,10 +376,10 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
 
 
 def _append_jsonl(path: str, record: dict) -> None:
+  """Appends a record to ``metrics.jsonl`` (strict JSON: non-finite values become null)."""
   if not distributed.is_primary():
     return
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  atomic.append_line(path, atomic.dumps(atomic.finite_or_none(record)), fsync=False)
   writers.write(path, record)        # TensorBoard, if open for this workdir
 
 
@@ -434,17 +438,19 @@ def should_stop_early(meta: dict, patience: int) -> bool:
   return meta["bad_epochs"] > patience
 
 
-def train_and_evaluate(config, workdir: str, *,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
+                       overwrite: bool = False) -> dict[str, Any]:
   """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`).
 
   The workdir is held by :class:`exvae.rundir.Writer` meanwhile: an exclusive
-  lock (a second writer fails at once) and the config check on resume
-  (``allow_config_change``: accept changes to the model, data or optimisation).
+  lock (a second writer fails at once), the config check on resume
+  (``allow_config_change``: accept changes to the model, data or optimisation)
+  and the history check of a fresh start (``overwrite``: move an earlier run's
+  files into ``<workdir>/previous/<time>/`` instead of refusing).
   """
   validate_config(config)
   with rundir.Writer(workdir, config, primary=distributed.is_primary(),
-                     allow_config_change=allow_config_change):
+                     allow_config_change=allow_config_change, overwrite=overwrite):
     with distributed.data_mesh(int(config.num_devices)) as mesh:
       if mesh is not None and int(config.batch_size) % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
@@ -463,7 +469,8 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     A summary dict: final step, epochs, best validation loss and epoch, wall time.
 
   Raises:
-    NonFiniteLossError: a step produced a non-finite loss; the last good
+    NonFiniteLossError: a step produced a non-finite loss, or the validation
+      loss is not finite (:class:`NonFiniteValidationError`); the last good
       checkpoint is left intact (a state after non-finite steps is never saved).
     rundir.DiskFullError: a save failed for lack of space; training stops there.
     rundir.Interrupted: SIGTERM; a checkpoint of the current step was saved.
@@ -496,16 +503,19 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     state, best_params = distributed.replicate((state, best_params), mesh)
     logging.info("Resumed from step %d.", int(state.step))
     print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
   if primary:    # steps after the restored one are trained (and logged) again
     rundir.trim_metrics(metrics_path, int(state.step))
+    rundir.check_metrics_cover(metrics_path, int(state.step), int(config.log_every_steps), spe)
   summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
              "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **meta)
 
-  writers.open_run(workdir, enabled=bool(config.tensorboard) and primary)
+  tb = bool(config.tensorboard) and primary
+  writers.open_run(workdir, enabled=tb,
+                   replay=rundir.read_metrics(metrics_path)[0] if tb else None)
   max_steps = int(config.num_epochs) * spe
   if config.max_steps:
     max_steps = min(max_steps, int(config.max_steps))
@@ -515,6 +525,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   stop = []                     # SIGTERM: finish the step, save, stop
   prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
   save_failed = False
+  diverged = False              # non-finite validation: keep the last good checkpoint
 
   def nonfinite_error(what):
     good = (f"The last good checkpoint (step {last_saved}) is intact in {manager.directory}"
@@ -536,12 +547,22 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
 
   def maybe_validate():
     """Runs validation for every completed epoch not validated yet (also after a resume)."""
-    nonlocal best_params, meta
+    nonlocal best_params, meta, diverged
     step = int(state.step)
     while meta["epochs_validated"] < step // spe:
       epoch = meta["epochs_validated"]           # 0-based epoch that just finished
       if (epoch + 1) % int(config.val_every_epochs) == 0 or step >= max_steps:
         vm = validate(state, setup, pool, splits, config, workdir, epoch)
+        bad = [k for k in ("val_loss", "val_recon", "val_kl") if not math.isfinite(vm[k])]
+        if bad:
+          diverged = True
+          good = (f"the last good checkpoint (step {last_saved}) is intact in "
+                  f"{manager.directory}" if saved_any else
+                  f"no checkpoint was written (nothing in {manager.directory} is from this run)")
+          raise NonFiniteValidationError(
+              f"Non-finite validation loss at epoch {epoch + 1} (step {step}: "
+              f"{', '.join(f'{k}={vm[k]}' for k in bad)}); training stopped and {good}. "
+              "The model or prior diverges at evaluation: try a lower learning_rate.")
         improved = early_stopping_update(meta, vm["val_loss"], epoch, int(config.warmup_epochs))
         if improved:
           best_params = jax.tree.map(jnp.copy, state.params)
@@ -595,8 +616,19 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, prev_handler)
     # Save on every exit path, but never a state that went non-finite, and
     # not again after a failed save (a full disk).
-    if not save_failed and int(state.nonfinite) == 0 and int(state.step) != last_saved:
-      save()
+    failing = sys.exc_info()[1]
+    if failing is not None and not isinstance(failing, Exception):
+      checkpoints.silence_background_threads(crash_dumps=True)   # Ctrl-C: the one line only
+    if (not save_failed and not diverged and int(state.nonfinite) == 0
+        and int(state.step) != last_saved):
+      try:
+        save()
+      except BaseException:
+        if failing is None:
+          raise
+        checkpoints.silence_background_threads()    # the first error is the one to report
+    if failing is not None:
+      checkpoints.silence_background_threads()
     manager.wait_until_finished()
   if stop:
     raise rundir.Interrupted(

@@ -47,7 +47,17 @@ class RunWriter:
     self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
     self._last = None                       # (step, time) of the previous train record
 
-  def write(self, record: dict[str, Any]) -> None:
+  def path(self) -> str | None:
+    """The event file this writer writes."""
+    try:
+      return self._writer._get_file_writer().event_writer._ev_writer._file_name
+    except AttributeError:
+      return None
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def write(self, record: dict[str, Any], flush: bool = True) -> None:
     """Writes one ``metrics.jsonl`` record (train, validation or summary)."""
     if "summary" in record or "step" not in record:
       return
@@ -77,18 +87,39 @@ class RunWriter:
       if t is not None and self._last is not None and step > self._last[0] and t > self._last[1]:
         w.add_scalar("train/steps_per_sec", (step - self._last[0]) / (t - self._last[1]), step)
       self._last = (step, t) if t is not None else None
-    w.flush()
+    if flush:
+      w.flush()
 
   def close(self) -> None:
     self._writer.close()
 
 
-def open_run(workdir: str, enabled: bool = True) -> RunWriter | None:
+EVENTS_PREFIX = "events.out.tfevents."
+
+
+def event_files(logdir: str) -> list[str]:
+  """The TensorBoard event files directly in ``logdir``."""
+  if not os.path.isdir(logdir):
+    return []
+  return sorted(os.path.join(logdir, n) for n in os.listdir(logdir)
+                if n.startswith(EVENTS_PREFIX))
+
+
+def open_run(workdir: str, enabled: bool = True,
+             replay: list[dict[str, Any]] | None = None) -> RunWriter | None:
   """Starts TensorBoard summaries for ``workdir`` (closing a previous writer there).
+
+  TensorBoard events are made from ``metrics.jsonl``, the run's record: with
+  ``replay`` (the records a resumed run keeps), the new event file first gets
+  every one of them and the earlier event files are removed, so the events
+  hold each step of ``metrics.jsonl`` exactly once, whatever stopped the
+  earlier sessions (a kill between the two writes, records dropped on resume).
 
   Args:
     workdir: the run directory (the event files go there).
     enabled: False (``config.tensorboard``, or not process 0): write nothing.
+    replay: the ``metrics.jsonl`` records to write first (None: keep the
+      earlier event files as they are).
 
   Returns:
     The writer, or None when disabled or tensorboardX is missing (logged).
@@ -97,11 +128,23 @@ def open_run(workdir: str, enabled: bool = True) -> RunWriter | None:
   close(workdir)
   if not enabled:
     return None
+  earlier = event_files(workdir) if replay is not None else []
   try:
     writer = RunWriter(workdir)
   except ImportError as e:                   # a declared dependency; say why if it is missing
     logging.warning("TensorBoard summaries off: %s (pip install tensorboardX).", e)
     return None
+  if replay is not None:
+    for record in replay:
+      writer.write(record, flush=False)
+    writer.flush()
+    mine = os.path.abspath(writer.path()) if writer.path() else None
+    for path in earlier:                     # derived from metrics.jsonl, now rewritten
+      if os.path.abspath(path) != mine:
+        try:
+          os.remove(path)
+        except OSError:
+          pass
   _OPEN[key] = writer
   return writer
 
@@ -123,7 +166,10 @@ def close(workdir: str) -> None:
 @atexit.register
 def _close_all() -> None:
   for key in list(_OPEN):
-    _OPEN.pop(key).close()
+    try:
+      _OPEN.pop(key).close()
+    except Exception:  # noqa: BLE001  (a full or read-only disk at exit: the run said why)
+      pass
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:

@@ -26,6 +26,8 @@ flags.DEFINE_bool("distributed", False, "Multi-host with auto-detected cluster s
                   "(SLURM, Cloud TPU): jax.distributed.initialize() without arguments.")
 flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes the "
                   "model, data or optimisation (recorded in <workdir>/config_changes.jsonl).")
+flags.DEFINE_bool("overwrite", False, "Start afresh in a workdir that holds an earlier run's "
+                  "history but no checkpoint: its files move to <workdir>/previous/<time>/.")
 
 SPEC = command.Spec(
     name="train", module=__name__, config="required",
@@ -66,7 +68,8 @@ def main(inv: command.Invocation) -> None:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
   plugins.check_config_plugins(inv.config)
   summary = train_lib.train_and_evaluate(inv.config, inv.workdir,
-                                         allow_config_change=FLAGS.allow_config_change)
+                                         allow_config_change=FLAGS.allow_config_change,
+                                         overwrite=FLAGS.overwrite)
   print(summary_line(summary))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Sequence
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from exvae import atomic
 from exvae import bank as bank_lib
 from exvae import progress as progress_lib
 from exvae.uses import augment as augment_lib
@@ -35,12 +35,7 @@ from exvae.uses import generation, knn, plots
 
 
 def _write_json(path: str, obj: dict) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-  return path
+  return atomic.write_json(path, atomic.finite_or_none(obj))
 
 
 def _load(config, workdir: str, bank_path: str | None, allow_bank_mismatch: bool = False):

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from exvae import atomic
+
 
 def _plt():
   import matplotlib
@@ -25,11 +27,8 @@ def _plt():
 
 
 def _atomic_savefig(fig, path: str, dpi: int = 120) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-  os.replace(tmp, path)
-  return path
+  return atomic.write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
+                                                       bbox_inches="tight"))
 
 
 def tsne_embedding(codes: np.ndarray, labels: np.ndarray | None = None, *,

@@ -1,0 +1,369 @@
+"""Nothing silently wrong: checksummed checkpoints, config.json that cannot be read, a
+non-finite validation loss, a history that never shrinks, evaluation outputs written
+as one unit, strict JSON and one-line errors (see README, "What a run directory
+guarantees")."""
+
+import errno
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from exvae import atomic, checkpoints, eval_lib, rundir, train_lib, writers
+from test_faults import _copy, _steps, _template
+
+PY = sys.executable
+SMALL = dict(max_steps=40)          # configs/test.py: checkpoints at 10, 20, 30, 40 (keeps 3)
+
+
+@pytest.fixture(scope="module")
+def run40(tmp_path_factory):
+  """40 steps of configs/test.py (inside its first epoch): steps 20, 30, 40 kept."""
+  wd = str(tmp_path_factory.mktemp("integrity") / "run")
+  train_lib.train_and_evaluate(load_config("test", **SMALL), wd)
+  return wd
+
+
+def _flip(path, n=16):
+  data = bytearray(open(path, "rb").read())
+  lo = max(0, min(len(data) // 2, len(data) - n))
+  for i in range(lo, min(lo + n, len(data))):
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def _step_files(wd, step):
+  root = os.path.join(wd, "checkpoints", str(step))
+  return sorted(os.path.relpath(os.path.join(r, f), root)
+                for r, _, fs in os.walk(root) for f in fs)
+
+
+def _strict_json(text):
+  def refuse(name):
+    raise ValueError(f"bare {name} in JSON")
+  return json.loads(text, parse_constant=refuse)
+
+
+def _cli(script, *args, timeout=300):
+  return subprocess.run([PY, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=timeout)
+
+
+def _one_line(stderr):
+  lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith("WARNING:absl")]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint digests
+# ----------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_any_file_of_the_newest_step_is_detected(run40, tmp_path, capfd):
+  """16 flipped bytes in each file of the newest step in turn: a reader falls back, one line."""
+  c = load_config("test", **SMALL)
+  t = _template(c)
+  newest, previous = _steps(run40)[-1], _steps(run40)[-2]
+  files = _step_files(run40, newest)
+  assert any("ocdbt.process_0" in f for f in files) and checkpoints.FILES_DIGEST in files
+  capfd.readouterr()
+  for rel in files:
+    wd = _copy(run40, tmp_path, "f" + str(abs(hash(rel))))
+    _flip(os.path.join(wd, "checkpoints", str(newest), rel))
+    m = checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)
+    state, _, _ = m.restore_latest(t, t.params)
+    assert (int(state.step), m.fallbacks) == (previous, [newest]), rel
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"using step {previous}" in err, (rel, err)
+    assert _steps(wd)[-1] == newest                     # a reader changes nothing
+    shutil.rmtree(wd)
+
+
+def test_eval_and_resume_detect_a_corrupt_array_file(run40, tmp_path, capfd):
+  c = load_config("test", **SMALL)
+  newest, previous = _steps(run40)[-1], _steps(run40)[-2]
+  # The largest data file of the train state: parameter and optimiser values.
+  data = [f for f in _step_files(run40, newest) if f.startswith("state/ocdbt.process_0/d/")]
+  rel = max(data, key=lambda f: os.path.getsize(os.path.join(run40, "checkpoints", str(newest), f)))
+  wd = _copy(run40, tmp_path)
+  _flip(os.path.join(wd, "checkpoints", str(newest), rel))
+  capfd.readouterr()
+  metrics = eval_lib.evaluate(c, wd)
+  assert metrics["checkpoint_step"] == previous
+  assert "failed to restore or verify" in capfd.readouterr().err
+  # Resume: the bad step is set aside (not deleted) and trained again from the previous one.
+  train_lib.train_and_evaluate(load_config("test", max_steps=newest), wd)
+  assert _steps(wd)[-1] == newest
+  aside = os.listdir(os.path.join(wd, "unreadable_checkpoints"))
+  assert len(aside) == 1 and aside[0].startswith(f"{newest}-")
+  ref = checkpoints.Manager(os.path.join(run40, "checkpoints"), read_only=True)
+  got = checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)
+  t = _template(c)
+  a, b = ref.restore_latest(t, t.params), got.restore_latest(t, t.params)
+  assert got.fallbacks == [] and got.verified
+  assert checkpoints.tree_digest(a[0]) == checkpoints.tree_digest(b[0])   # bit-identical
+
+
+def test_a_checkpoint_without_digests_restores_unverified(tmp_path):
+  """Steps written before digests existed (no ``digest`` item, no file record) still restore."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  d = str(tmp_path / "checkpoints")
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
+  best = {"w": jnp.ones((2, 3))}
+  old = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False), item_names=("state", "best", "meta"))
+  old.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      best=ocp.args.StandardSave(best),
+                                      meta=ocp.args.JsonSave({"epoch": 1})))
+  old.wait_until_finished()
+  old.close()
+  r = checkpoints.Manager(d, read_only=True)
+  s, b, meta = r.restore_latest(state, best)
+  assert r.verified is False and r.fallbacks == [] and meta == {"epoch": 1}
+  np.testing.assert_array_equal(np.asarray(s["w"]), np.asarray(state["w"]))
+
+
+def test_no_good_step_left_is_refused_in_one_line(run40, tmp_path):
+  c = load_config("test", **SMALL)
+  t = _template(c)
+  wd = _copy(run40, tmp_path)
+  for step in _steps(wd):
+    _flip(os.path.join(wd, "checkpoints", str(step), "meta", "metadata"))
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match="can be used") as e:
+    checkpoints.Manager(os.path.join(wd, "checkpoints")).restore_latest(t, t.params)
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))   # nothing moved
+
+
+def test_a_resume_that_changes_shapes_is_one_clear_error(run40, tmp_path):
+  """An allowed latent-size change cannot load the run's arrays: an error naming the shapes."""
+  wd = _copy(run40, tmp_path)
+  with pytest.raises(rundir.CheckpointMismatchError, match=r"another model .* there and"):
+    train_lib.train_and_evaluate(load_config("test", max_steps=50, latent_dim=5), wd,
+                                 allow_config_change=True)
+  assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))
+  assert _steps(wd) == _steps(run40)
+
+
+# ----------------------------------------------------------------------------
+# config.json
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_an_unreadable_or_missing_config_json_counts_as_drift(run40, tmp_path, damage):
+  wd = _copy(run40, tmp_path)
+  path = os.path.join(wd, rundir.CONFIG_FILE)
+  if damage == "garbage":
+    open(path, "wb").write(b"\x00{not json")
+  else:
+    os.remove(path)
+  before = open(path, "rb").read() if damage == "garbage" else None
+  c = load_config("test", max_steps=50, learning_rate=1e-4)
+  problem = {"garbage": "unreadable", "missing": "missing"}[damage]
+  with pytest.raises(rundir.ConfigDriftError, match=f"config.json is {problem}"):
+    train_lib.train_and_evaluate(c, wd)
+  assert (open(path, "rb").read() if os.path.exists(path) else None) == before
+  assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
+  train_lib.train_and_evaluate(c, wd, allow_config_change=True)
+  assert json.load(open(path))["learning_rate"] == 1e-4
+  rec = json.loads(open(os.path.join(wd, rundir.CHANGES_FILE)).read().splitlines()[-1])
+  assert rec["override"] is True and rec["stored_config"].startswith(problem)
+  if damage == "garbage":
+    kept = glob.glob(path + ".unreadable-*")
+    assert len(kept) == 1 and open(kept[0], "rb").read() == before
+
+
+# ----------------------------------------------------------------------------
+# A non-finite validation loss; strict JSON
+# ----------------------------------------------------------------------------
+
+
+def test_a_non_finite_validation_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+  wd = str(tmp_path / "nan")
+  c = load_config("test", max_train=200, num_epochs=3)     # 10 steps per epoch
+  real = train_lib.validate
+
+  def nan_at_epoch_2(state, setup, pool, splits, config, workdir, epoch):
+    out = real(state, setup, pool, splits, config, workdir, epoch)
+    return dict(out, val_loss=float("nan")) if epoch == 1 else out
+
+  monkeypatch.setattr(train_lib, "validate", nan_at_epoch_2)
+  with pytest.raises(train_lib.NonFiniteValidationError,
+                     match=r"epoch 2 \(step 20.*last good checkpoint \(step 10\)") as e:
+    train_lib.train_and_evaluate(c, wd)
+  assert isinstance(e.value, FloatingPointError) and "\n" not in str(e.value)
+  assert _steps(wd) == [10]
+  t = _template(c)
+  _, _, meta = checkpoints.Manager(os.path.join(wd, "checkpoints"),
+                                   read_only=True).restore_latest(t, t.params)
+  assert meta["best_epoch"] == 0 and np.isfinite(meta["best_val"])
+  for line in open(os.path.join(wd, "metrics.jsonl")):
+    rec = _strict_json(line)
+    assert rec["step"] <= 20 and "val_loss" not in rec or rec["epoch"] == 1
+
+
+def test_every_json_exvae_writes_is_strict(tmp_path):
+  with pytest.raises(ValueError):
+    atomic.write_json(str(tmp_path / "x.json"), {"a": float("nan")})
+  assert not os.listdir(tmp_path)                                # nothing, not even a temp
+  line = atomic.dumps(atomic.finite_or_none({"a": float("inf"), "b": [1.0, float("nan")]}))
+  assert _strict_json(line) == {"a": None, "b": [1.0, None]}
+  path = str(tmp_path / "m.jsonl")
+  train_lib._append_jsonl(path, {"step": 5, "loss": float("nan"), "kl": 1.5})
+  assert _strict_json(open(path).read()) == {"step": 5, "loss": None, "kl": 1.5}
+
+
+# ----------------------------------------------------------------------------
+# History is append-only
+# ----------------------------------------------------------------------------
+
+
+def test_a_fresh_start_over_an_earlier_history_is_refused_unless_overwrite(run40, tmp_path):
+  wd = _copy(run40, tmp_path)
+  shutil.rmtree(os.path.join(wd, "checkpoints"))
+  metrics = open(os.path.join(wd, "metrics.jsonl")).read()
+  config = open(os.path.join(wd, "config.json")).read()
+  c = load_config("test", max_steps=10, learning_rate=1e-3)
+  with pytest.raises(rundir.HistoryError, match="--overwrite") as e:
+    train_lib.train_and_evaluate(c, wd)
+  assert "\n" not in str(e.value)
+  assert open(os.path.join(wd, "metrics.jsonl")).read() == metrics
+  assert open(os.path.join(wd, "config.json")).read() == config
+  train_lib.train_and_evaluate(c, wd, overwrite=True)
+  prev = glob.glob(os.path.join(wd, rundir.PREVIOUS_DIR, "*"))
+  assert len(prev) == 1
+  assert open(os.path.join(prev[0], "metrics.jsonl")).read() == metrics
+  assert open(os.path.join(prev[0], "config.json")).read() == config
+  assert glob.glob(os.path.join(prev[0], "events.out.tfevents.*"))     # not mixed with the new
+  assert json.load(open(os.path.join(wd, "config.json")))["learning_rate"] == 1e-3
+
+
+def test_a_run_killed_before_its_first_save_starts_again(tmp_path):
+  """Records up to the first save and an empty checkpoints/ are that run's own: no refusal."""
+  wd = str(tmp_path / "early")
+  os.makedirs(os.path.join(wd, "checkpoints"))
+  with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"loss": 50.0, "step": 5, "epoch": 5 / 64, "time": 1.0}) + "\n")
+  assert train_lib.train_and_evaluate(load_config("test", max_steps=10), wd)["step"] == 10
+  recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [r["step"] for r in recs if "loss" in r] == [5, 10]
+
+
+def test_a_torn_metrics_file_is_reported_in_one_line(run40, tmp_path, capfd):
+  wd = _copy(run40, tmp_path)
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+    f.write('{"loss": 1.0, "st')
+  capfd.readouterr()
+  train_lib.train_and_evaluate(load_config("test", max_steps=45), wd)
+  err = [l for l in capfd.readouterr().err.splitlines() if "metrics.jsonl" in l]
+  assert len(err) == 1 and "torn" in err[0]
+  # A metrics file cut short (an older copy) is reported too.
+  path = os.path.join(wd, "metrics.jsonl")
+  lines = open(path).readlines()
+  open(path, "w").writelines(lines[:3])
+  capfd.readouterr()
+  train_lib.train_and_evaluate(load_config("test", max_steps=50), wd)
+  err = [l for l in capfd.readouterr().err.splitlines() if "metrics.jsonl" in l]
+  assert len(err) == 1 and "are lost" in err[0]
+
+
+def test_tensorboard_agrees_with_metrics_after_a_resume(run40, tmp_path):
+  pytest.importorskip("tensorboard")
+  wd = _copy(run40, tmp_path)
+  # A stop after logging past the last save (steps 35, 40 are trained and logged again),
+  # and an event file that lost its tail (a kill before TensorBoard flushed).
+  shutil.rmtree(os.path.join(wd, "checkpoints", "40"))
+  for p in glob.glob(os.path.join(wd, "events.out.tfevents.*")):
+    os.truncate(p, os.path.getsize(p) // 2)
+  train_lib.train_and_evaluate(load_config("test", max_steps=50), wd)
+  recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  steps = [r["step"] for r in recs if "loss" in r]
+  assert steps == list(range(5, 55, 5))
+  assert [s for s, _ in writers.read_scalars(wd)["train/loss"]] == steps
+  assert len(glob.glob(os.path.join(wd, "events.out.tfevents.*"))) == 1
+
+
+# ----------------------------------------------------------------------------
+# Evaluation outputs are one unit
+# ----------------------------------------------------------------------------
+
+
+def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40, tmp_path,
+                                                                         monkeypatch):
+  wd = _copy(run40, tmp_path)
+  c = load_config("test", **SMALL)
+  first = eval_lib.evaluate(c, wd)
+  assert eval_lib.check_outputs(wd)["test_nll"] == first["test_nll"]
+  names = sorted(eval_lib.OUTPUTS)
+  before = {n: open(os.path.join(wd, n), "rb").read() for n in names}
+  real = atomic.sha256_file
+  calls = []
+
+  def disk_full_at_the_second_file(path):
+    calls.append(path)
+    if len(calls) == 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(path)
+
+  monkeypatch.setattr(atomic, "sha256_file", disk_full_at_the_second_file)
+  c.eval.seed = 5                                   # other numbers than the first evaluation
+  with pytest.raises(rundir.DiskFullError, match="Disk full while writing"):
+    eval_lib.evaluate(c, wd)
+  assert {n: open(os.path.join(wd, n), "rb").read() for n in names} == before
+  assert not list(atomic.leftover_temporaries(wd)) and not glob.glob(os.path.join(wd, "*.tmp*"))
+  monkeypatch.setattr(atomic, "sha256_file", real)
+  # A torn set (per_example.npz of another evaluation) is detected.
+  other = str(tmp_path / "other")
+  c.eval.out_dir = other
+  eval_lib.evaluate(c, wd)
+  shutil.copy(os.path.join(other, "per_example.npz"), os.path.join(wd, "per_example.npz"))
+  with pytest.raises(ValueError, match="per_example.npz is not the file"):
+    eval_lib.check_outputs(wd)
+
+
+# ----------------------------------------------------------------------------
+# One line on every expected failure
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A directory and a read-only bind mount of it (needs root; skipped otherwise)."""
+  src, ro = tmp_path / "rw", tmp_path / "ro"
+  src.mkdir()
+  ro.mkdir()
+  ok = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
+  if ok:
+    ok = subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)],
+                        capture_output=True).returncode == 0
+    if not ok:
+      subprocess.run(["umount", str(ro)], capture_output=True)
+  if not ok:
+    pytest.skip("a read-only bind mount needs root")
+  yield str(src), str(ro)
+  subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
+  src, ro = read_only_dir
+  shutil.copytree(run40, os.path.join(src, "run"))
+  wd = os.path.join(ro, "run")
+  with pytest.raises(rundir.ReadOnlyError, match="Read-only file system"):
+    train_lib.train_and_evaluate(load_config("test", max_steps=50), wd)          # resume
+  with pytest.raises(rundir.ReadOnlyError):
+    train_lib.train_and_evaluate(load_config("test"), os.path.join(ro, "new"))   # a new run
+  with pytest.raises(rundir.ReadOnlyError, match="out_dir"):
+    eval_lib.evaluate(load_config("test", **SMALL), wd)                          # in place
+  r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
+           "--config.max_steps=50")
+  assert r.returncode == 1 and _one_line(r.stderr).startswith("error: Cannot write")
