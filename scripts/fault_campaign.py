@@ -199,7 +199,7 @@ class Campaign:
     # SIGTERM before the training loop has its handler: the default, a silent exit.
     expected = {"SIGKILL": (-9,), "SIGINT": (130,), "SIGTERM": (143, -15)}[sig]
     lines = _extra_lines(err)
-    if p.returncode == -signal.SIGSEGV and lines and lines[0].startswith("stopped:"):
+    if p.returncode == -signal.SIGSEGV and lines and "stopped:" in lines[0]:
       # Decided and said, then the interpreter's teardown crashed: counted on its own row.
       self.stats["crashed_at_exit"] += 1
       self.problems.append(f"{sig}: the process crashed at exit after {lines[0]!r}")

@@ -366,4 +366,4 @@ def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
     eval_lib.evaluate(load_config("test", **SMALL), wd)                          # in place
   r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
            "--config.max_steps=50")
-  assert r.returncode == 1 and _one_line(r.stderr).startswith("error: Cannot write")
+  assert r.returncode == 1 and _one_line(r.stderr).startswith("exvae-train: error: Cannot write")
