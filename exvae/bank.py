@@ -571,15 +571,10 @@ def restore_trained(config, workdir: str) -> Trained:
     CheckpointNotFoundError: ``workdir`` holds no (readable) checkpoint.
   """
   from exvae import checkpoints, published, rundir, train_lib
-  if published.is_published(workdir):
-    rundir.check_reader_config(workdir, config)
-    splits = train_lib.load_data(config)
-    setup = train_lib.make_setup(config, splits)
-    template = train_lib.init_state(config, setup, splits.train_x.shape[0])
-    params, meta = published.load(workdir, template.params)
-    return Trained(config=config, splits=splits, setup=setup, params=params, meta=meta)
+  is_published = published.is_published(workdir)   # parameters only, no checkpoints
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir)):
+  if not is_published and (
+      not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir))):
     raise checkpoints.CheckpointNotFoundError(
         f"No checkpoint found in {ckpt_dir}. Train first: "
         f"exvae-train --config=<config> --workdir={workdir}")
@@ -587,11 +582,14 @@ def restore_trained(config, workdir: str) -> Trained:
   splits = train_lib.load_data(config)
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
-  manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
-  out = manager.restore_latest(None, template.params, need_state=False)
-  if out is None:
-    raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
-  _, best, meta = out
+  if is_published:
+    best, meta = published.load(workdir, template.params)
+  else:
+    manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
+    out = manager.restore_latest(None, template.params, need_state=False)
+    if out is None:
+      raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
+    _, best, meta = out
   return Trained(config=config, splits=splits, setup=setup, params=best, meta=meta)
 
 
