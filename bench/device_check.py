@@ -258,7 +258,7 @@ _PYTEST_LINE = re.compile(r"^(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFA
 def section_tests(chk: Check, deadline: float) -> dict:
   """pytest on this backend, stopped at the deadline; per-test outcomes from -v."""
   cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-rf", "--tb=line", *chk.mode["tests"]]
+         "-rf", "--tb=line", "-m", "", *chk.mode["tests"]]   # -m "": the slow tier too
   if chk.mode["tests_k"]:
     cmd += ["-k", chk.mode["tests_k"]]
   with tempfile.TemporaryFile("w+") as log:

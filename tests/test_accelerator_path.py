@@ -48,6 +48,7 @@ def gpu_backend(monkeypatch):
   jax.clear_caches()
 
 
+@pytest.mark.slow
 def test_fused_cpu_kernel_is_never_compiled_or_invoked_off_cpu(gpu_backend):
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.normal(size=(30, 40)), jnp.float32)
@@ -95,6 +96,7 @@ def test_default_chunks_follow_the_backend(monkeypatch):
   assert default_chunk_size(5000, 1_000_000) == default_chunk_size(5000, 1_000_000, "gpu")
 
 
+@pytest.mark.slow
 def test_steps_need_no_host_transfer_and_donate_the_state():
   """Refresh, train and evaluation steps run with implicit transfers disallowed
   (a host sync inside a step would raise), and the train step updates the donated

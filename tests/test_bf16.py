@@ -87,6 +87,7 @@ def xla_forward(monkeypatch):
 # ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["exemplar", "hvae"])
 def test_float32_default_is_bitwise_explicit_float32_and_bf16_is_not(case):
   assert load_config("test").matmul_dtype == "float32"
@@ -141,6 +142,7 @@ def test_config_without_the_key_is_float32():
 # ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["exemplar", "rat", "vampprior"])
 def test_bf16_network_dots_and_f32_prior_kernel_dots_in_lowered_loss_and_grad(case, xla_forward):
   c = load_config("test", matmul_dtype="bfloat16", **CASES[case])
@@ -174,6 +176,7 @@ def test_bf16_encoder_and_decoder_lower_to_bf16_dots(model):
     assert all(d[:3] == ("bf16", "bf16", "f32") and not d[3] for d in dots), dots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["exemplar", "hvae", "logistic"])
 def test_bf16_params_outputs_and_grads_are_float32(case):
   c = load_config("test", matmul_dtype="bfloat16", **CASES[case])
@@ -197,6 +200,7 @@ def test_bf16_params_outputs_and_grads_are_float32(case):
     assert np.isfinite(np.asarray(g)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bf16_loss_is_close_to_float32_but_not_equal(case):
   _, l32, g32 = _loss_and_grads(case)
@@ -232,6 +236,7 @@ def test_mixed_matmul_is_rounded_operands_with_float32_accumulation():
 # ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rat", [False, True])
 def test_bf16_train_step_traces_once_and_loss_decreases(rat):
   c = load_config("test", matmul_dtype="bfloat16", **{"exemplar.rat": rat})

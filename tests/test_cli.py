@@ -54,6 +54,7 @@ def run_dir(tmp_path_factory):
   return wd, r.stdout
 
 
+@pytest.mark.slow
 def test_a_plugin_prior_with_options_trains_from_the_command_line(run_dir):
   wd, out = run_dir
   stored = json.load(open(os.path.join(wd, "config.json")))
@@ -66,6 +67,7 @@ def test_a_plugin_prior_with_options_trains_from_the_command_line(run_dir):
   assert "{" not in last
 
 
+@pytest.mark.slow
 def test_eval_without_config_reproduces_the_long_form(run_dir, tmp_path):
   wd, _ = run_dir
   r = _cli("eval.py", f"--workdir={wd}")
@@ -107,6 +109,7 @@ def test_a_json_config_and_print_config(run_dir, tmp_path):
   assert cfg["hidden"] == [32, 32] and cfg["prior_options"] == {"k": 5}
 
 
+@pytest.mark.slow
 def test_resume_without_config_reads_the_run(run_dir, tmp_path):
   import shutil
   wd = str(tmp_path / "copy")
@@ -362,6 +365,7 @@ def test_load_run_is_ready_for_log_prob_sampling_and_knn(run_dir, tmp_path):
   assert _snapshot(wd) == before            # a reader never modifies the run directory
 
 
+@pytest.mark.slow
 def test_uses_writes_no_carriage_returns_without_a_terminal(run_dir, tmp_path):
   wd, _ = run_dir
   r = _cli("uses.py", "knn", f"--workdir={wd}", "--config.progress=True", "--ks=3",

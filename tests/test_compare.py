@@ -86,6 +86,7 @@ def test_compare_cli_on_known_arrays(tmp_path):
     compare.compare([dirs[0], str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_eval_writes_per_example_scores_with_the_test_set_identity(tmp_path):
   c = load_config("test", max_steps=10)
   wd = str(tmp_path / "run")

@@ -29,6 +29,7 @@ def _load(out, name):
   return json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_section(tmp_path):
   # A budget far above the ~60 s the smoke run takes, so that a loaded machine
   # cannot push a section past it (the budget itself is tested below).
@@ -108,7 +109,7 @@ def test_the_gpu_test_selection_exists(device_check):
   show on the GPU machine, as 'not found')."""
   full = device_check.FULL
   proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
-                         "-p", "no:cacheprovider", *full["tests"], "-k", full["tests_k"]],
+                         "-p", "no:cacheprovider", "-m", "", *full["tests"], "-k", full["tests_k"]],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   collected = [ln for ln in proc.stdout.splitlines() if "::" in ln]

@@ -40,6 +40,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior,rat", [("exemplar", False), ("exemplar", True), ("vampprior", False)])
 def test_four_device_training_matches_single_device(prior, rat):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -63,6 +64,7 @@ def test_four_device_training_matches_single_device(prior, rat):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
   """A run checkpointed on 4 devices resumes on 1 device and tracks a 1-device run."""
   import numpy as np
@@ -89,6 +91,7 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
   chex.assert_trees_all_close(s4.params, s1.params, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_eval_with_bank_sharded_over_four_devices_matches_one(tmp_path):
   """eval.py on 4 devices (bank split along N, shard_map reduction) equals 1 device."""
   import json as _json

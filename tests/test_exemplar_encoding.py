@@ -114,6 +114,7 @@ def test_distinct_capacity_bounds_the_distinct_draws():
   assert distinct_capacity(40, 30) == 30                  # bound above M: no saving, plain path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binarize", [False, True])
 def test_exact_bank_encodes_distinct_rows_once_with_the_same_codes_and_grads(binarize):
   n, m = 1000, 900

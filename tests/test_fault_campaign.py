@@ -1,9 +1,11 @@
 """A small fault campaign (scripts/fault_campaign.py): kills at random times and damaged
 checkpoint files on a tiny run; nothing may go silently wrong."""
 
+import pytest
 from conftest import load_script
 
 
+@pytest.mark.slow
 def test_a_small_fault_campaign_finds_nothing_silently_wrong(tmp_path):
   fc = load_script("scripts/fault_campaign.py")
   c = fc.run_campaign(faults=4, per_episode=4, seed=3, root=str(tmp_path),

@@ -93,6 +93,7 @@ def _one_line(stderr):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_readers_leave_an_in_progress_save_and_the_run_directory_untouched(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   c = load_config("test")
@@ -110,6 +111,7 @@ def test_readers_leave_an_in_progress_save_and_the_run_directory_untouched(train
   assert _snapshot(wd, skip=outputs) == before
 
 
+@pytest.mark.slow
 def test_eval_with_an_out_dir_writes_nothing_into_the_run_directory(trained_dir, tmp_path):
   """eval.out_dir: a second evaluation keeps the first one's files (and the run dir) as they were."""
   wd = _copy(trained_dir, tmp_path)
@@ -128,6 +130,7 @@ def test_eval_with_an_out_dir_writes_nothing_into_the_run_directory(trained_dir,
                                 np.load(second["per_example"])["log_px"])
 
 
+@pytest.mark.slow
 def test_a_reader_while_training_saves_does_not_kill_the_run(tmp_path):
   wd = str(tmp_path / "live")
   p = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",
@@ -204,6 +207,7 @@ def test_num_exemplars_and_rat_k_beyond_the_training_set_are_errors():
     train_lib.make_setup(c, train_lib.load_data(c))
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_zero_keeps_every_checkpoint(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   steps = _steps(wd)
@@ -224,6 +228,7 @@ def test_resume_with_a_changed_model_or_data_is_an_error_naming_the_keys(trained
     eval_lib.evaluate(load_config("test", latent_dim=5), wd)
 
 
+@pytest.mark.slow
 def test_resume_with_allowed_changes_and_an_explicit_override_are_recorded(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   stored = open(os.path.join(wd, "config.json")).read()
@@ -262,6 +267,7 @@ def test_keys_an_older_config_json_lacks_are_accepted_with_a_warning(trained_dir
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_step_is_replaced_when_training_writes_it_again(trained_dir, tmp_path,
                                                                           capfd):
   wd = _copy(trained_dir, tmp_path)
@@ -315,6 +321,7 @@ def test_eval_refuses_to_write_non_finite_metrics(trained_dir, tmp_path, monkeyp
   assert not os.path.exists(os.path.join(wd, "eval_metrics.json"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_training_at_the_first_failed_save(tmp_path, monkeypatch):
   from orbax.checkpoint._src.path import atomicity
   wd = str(tmp_path / "full")
@@ -337,6 +344,7 @@ def test_a_full_disk_stops_training_at_the_first_failed_save(tmp_path, monkeypat
   assert train_lib.train_and_evaluate(load_config("test", max_steps=40), wd)["step"] == 40
 
 
+@pytest.mark.slow
 def test_metrics_have_no_duplicate_or_missing_steps_after_a_resume(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   newest = _steps(wd)[-1]
@@ -353,6 +361,7 @@ def test_metrics_have_no_duplicate_or_missing_steps_after_a_resume(trained_dir, 
   assert epochs == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_with_one_line(tmp_path):
   wd = str(tmp_path / "term")
   p = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",

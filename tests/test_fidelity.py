@@ -96,6 +96,7 @@ def test_joint_normalisation_of_h_and_g_would_differ():
   assert np.abs(joint - per).max() > 0.1
 
 
+@pytest.mark.slow
 def test_biases_follow_pytorch_default_uniform_fan_in():
   c = load_config("test", model="convhvae")
   params = make_model(c, (8, 8, 1)).init(jax.random.PRNGKey(0))

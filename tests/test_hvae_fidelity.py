@@ -293,6 +293,7 @@ def _np_prior_params(params):
 PRIORS = ("gaussian", "vampprior", "exemplar")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", PRIORS)
 def test_training_loss_matches_the_reference(prior):
   c, setup, params, pool, ids, x = _tiny(prior)

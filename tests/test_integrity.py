@@ -67,6 +67,7 @@ def _one_line(stderr):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_any_file_of_the_newest_step_is_detected(run40, tmp_path, capfd):
   """16 flipped bytes in each file of the newest step in turn: a reader falls back, one line."""
   c = load_config("test", **SMALL)
@@ -87,6 +88,7 @@ def test_a_flipped_byte_in_any_file_of_the_newest_step_is_detected(run40, tmp_pa
     shutil.rmtree(wd)
 
 
+@pytest.mark.slow
 def test_eval_and_resume_detect_a_corrupt_array_file(run40, tmp_path, capfd):
   c = load_config("test", **SMALL)
   newest, previous = _steps(run40)[-1], _steps(run40)[-2]
@@ -188,6 +190,7 @@ def test_an_unreadable_or_missing_config_json_counts_as_drift(run40, tmp_path, d
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_non_finite_validation_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
   wd = str(tmp_path / "nan")
   c = load_config("test", max_train=200, num_epochs=3)     # 10 steps per epoch
@@ -259,6 +262,7 @@ def test_a_run_killed_before_its_first_save_starts_again(tmp_path):
   assert [r["step"] for r in recs if "loss" in r] == [5, 10]
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_file_is_reported_in_one_line(run40, tmp_path, capfd):
   wd = _copy(run40, tmp_path)
   with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
@@ -298,6 +302,7 @@ def test_tensorboard_agrees_with_metrics_after_a_resume(run40, tmp_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40, tmp_path,
                                                                          monkeypatch):
   wd = _copy(run40, tmp_path)

@@ -102,6 +102,7 @@ def _small_config(model, likelihood="bernoulli", **kw):
                         "hvae.dec_channels": (4, 4)}, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,likelihood,shape", [
     (m, lik, (28, 28, 1)) for m in MODEL_NAMES for lik in LIKELIHOODS] + [
     ("convhvae", lik, (7, 9, 3)) for lik in LIKELIHOODS],     # odd sizes, colour: 'SAME' padding
@@ -165,7 +166,8 @@ def _setup(model, **overrides):
 
 @pytest.mark.parametrize("prior,rat", [("gaussian", False), ("vampprior", False),
                                         ("exemplar", False), ("exemplar", True)])
-@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("model", [m if m == "vae" else pytest.param(m, marks=pytest.mark.slow)
+                                   for m in MODEL_NAMES])     # the MLP VAE in the fast tier
 def test_trains_under_every_prior(model, prior, rat):
   c, splits, setup = _setup(model, prior=prior, **{"exemplar.rat": rat})
   n = splits.train_x.shape[0]
@@ -187,6 +189,7 @@ def test_trains_under_every_prior(model, prior, rat):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["hvae", "convhvae"])
 def test_hierarchical_log_w_terms_and_iwae_s1(model):
   c, splits, setup = _setup(model, prior="gaussian")
@@ -277,6 +280,7 @@ def test_paper_config_rejects_unknown_rows():
     c.not_a_key = 1                                     # locked, like every config
 
 
+@pytest.mark.slow
 def test_celeba_logistic_convhvae_trains_on_mock_tfds_data():
   """The CelebA path end to end on tfds mock data (random pixels): loader, logistic, RAT."""
   tfds = pytest.importorskip("tensorflow_datasets")

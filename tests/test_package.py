@@ -90,6 +90,7 @@ def test_installed_package_is_complete_and_outside_the_checkout(installed):
   assert "fashion_vae_exemplar_rat" in configs and "test" in configs and len(configs) >= 38
 
 
+@pytest.mark.slow
 def test_console_scripts_train_and_eval_a_config_by_name_from_anywhere(installed):
   py, bin_dir, outside = installed
   if os.path.exists(FASHION):                 # a paper config, shrunk for a CPU test

@@ -104,6 +104,7 @@ def sharded_results(tmp_path_factory) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_four_devices_visible(sharded_results):
     assert sharded_results["num_devices"] == 4
 

@@ -42,6 +42,7 @@ def _logits(m, params, x, z):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_size", [3, 5])
 def test_output_depends_only_on_earlier_pixels(kernel_size):
   h, w = 8, 8
@@ -192,6 +193,7 @@ def test_logistic_samples_lie_on_the_256_level_grid():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior,rat", [("gaussian", False), ("vampprior", False),
                                         ("exemplar", False), ("exemplar", True)])
 def test_trains_under_every_prior(prior, rat):
@@ -239,6 +241,7 @@ def expected_params(hw=(28, 28), d=40, hidden=(300, 300), f=64, layers=6, k=5,
   return enc + cond + layer_a + layers * layer_b + heads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("likelihood", ["bernoulli", "logistic"])
 def test_parameter_count_matches_architecture(likelihood):
   c = load_config("test", model="pixelcnn", likelihood=likelihood, latent_dim=40,

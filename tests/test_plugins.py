@@ -23,6 +23,7 @@ def _cli(script, *args, cwd):
   return r.stdout
 
 
+@pytest.mark.slow
 def test_example_prior_trains_resumes_and_evaluates_through_the_cli(tmp_path):
   spec = "learned_gaussian:LearnedGaussian"        # a module in the current directory
   wd = str(tmp_path / "run")
@@ -43,6 +44,7 @@ def test_example_prior_trains_resumes_and_evaluates_through_the_cli(tmp_path):
   assert "prior_log_var" in m
 
 
+@pytest.mark.slow
 def test_plugin_by_file_path_from_any_directory_and_a_model_plugin(tmp_path):
   c = load_config("test", prior=os.path.join(EXAMPLES, "learned_gaussian.py") + ":LearnedGaussian",
                   model=os.path.join(EXAMPLES, "plain_mlp_vae.py") + ":make_model")

@@ -203,6 +203,7 @@ def test_topk_distances_stay_at_float32_level(mode):
   np.testing.assert_allclose(got, true_d, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_pruned_sum_stays_at_float32_level(mode, xla_forward):
   z, bank = _codes(b=64, n=800, seed=2)

@@ -164,6 +164,7 @@ def test_rat_context_retrieval_union_and_cache():
   assert np.all(rat <= full + 1e-4)
 
 
+@pytest.mark.slow
 def test_vampprior_pseudo_inputs_start_as_the_reference_and_half_stay_frozen():
   from exvae.optim import make_optimizer
   from exvae.rundir import ConfigError

@@ -26,6 +26,7 @@ def _leaves(tree):
   return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 def test_round_trip_and_reader_paths(run, tmp_path):
   config, workdir, trained = run
   out = str(tmp_path / "model")
@@ -65,6 +66,7 @@ def test_corrupt_or_foreign_parameters_are_refused(run, tmp_path):
 ROW = os.path.join(ROOT, "results", "fashion_vae_vampprior")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROW, "model", "params.npz")),
                     reason="no published VampPrior model")
 def test_the_vampprior_row_is_reproduced_from_its_published_model(tmp_path):

@@ -25,8 +25,10 @@ def _setup(**overrides):
   return c, splits, setup
 
 
-@pytest.mark.parametrize("prior,rat", [("exemplar", False), ("exemplar", True),
-                                        ("vampprior", False), ("gaussian", False)])
+@pytest.mark.parametrize("prior,rat", [pytest.param("exemplar", False, marks=pytest.mark.slow),
+                                       pytest.param("exemplar", True, marks=pytest.mark.slow),
+                                       pytest.param("vampprior", False, marks=pytest.mark.slow),
+                                       ("gaussian", False)])
 def test_train_step_traces_once_and_loss_decreases(prior, rat):
   c = load_config("test", prior=prior, **{"exemplar.rat": rat})
   _, state, _, losses = train_traced_once(c, 40)
@@ -66,6 +68,7 @@ def test_training_binarisation_is_fresh_each_epoch_and_eval_is_fixed():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_iwae_s1_equals_elbo_and_bound_tightens():
   c, splits, setup = _setup()
   n = splits.train_x.shape[0]
@@ -98,6 +101,7 @@ def test_iwae_s1_equals_elbo_and_bound_tightens():
   assert np.all(np.isfinite(a["log_px_iwae"])) and np.all(a["log_px_iwae"] >= a["elbo"] - 1e-6)
 
 
+@pytest.mark.slow
 def test_train_and_eval_end_to_end(tmp_path):
   c = load_config("test")
   wd = str(tmp_path / "run")
@@ -135,6 +139,7 @@ def _final_params(wd):
   return state, best, meta
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
   r = _run_train(ref)
@@ -162,6 +167,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
   assert m_ref["best_epoch"] == m_k["best_epoch"]
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = load_config("test", max_steps=20)
   wd = str(tmp_path / "nan")
@@ -176,6 +182,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(s.params))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
   c = load_config("test")
   wd = str(tmp_path / "corrupt")
@@ -211,6 +218,7 @@ def test_bad_images_are_rejected():
     data.validate_images(np.zeros((2, 8, 8, 1), np.float32), image_shape=(28, 28, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [16, 200])
 def test_pruned_evaluation_is_within_its_certified_gap(keep):
   """eval.prune_keep: the exact IWAE estimate lies in [pruned, pruned + max_err]."""
@@ -233,6 +241,7 @@ def test_pruned_evaluation_is_within_its_certified_gap(keep):
   assert np.any(gap > 0)                     # something was really pruned
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
   wd = str(tmp_path / "mismatch")
   train_lib.train_and_evaluate(load_config("test", max_steps=10), wd)

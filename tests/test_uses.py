@@ -33,6 +33,7 @@ def run(tmp_path_factory):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_conditional_samples_stay_near_their_exemplar(run):
   _, _, t, bank = run
   model, mp = t.setup.model, t.params["model"]
@@ -199,6 +200,7 @@ def test_augmentation_encodes_the_grey_image_unless_asked_for_bernoulli(run):
   np.testing.assert_allclose(spread["recon_to_x"], np.abs(want - np.asarray(x)).mean(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_augmentation_over_seeds_reports_mean_and_spread(run):
   _, _, t, _ = run
   r = augment.run_augmentation(t, epochs=1, hidden=16, seeds=(0, 1, 2), max_steps=2)
@@ -227,6 +229,7 @@ def test_grey_splits_recover_grey_levels(run):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_commands_end_to_end(run, tmp_path):
   config, workdir, t, bank = run
   out = str(tmp_path / "out")
@@ -269,6 +272,7 @@ def test_cli_commands_end_to_end(run, tmp_path):
     commands.run("nope", config, workdir, out)
 
 
+@pytest.mark.slow
 def test_cli_script(run, tmp_path):
   _, workdir, _, _ = run
   out = str(tmp_path / "cli")

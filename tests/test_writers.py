@@ -13,6 +13,7 @@ from conftest import load_config
 from exvae import progress, train_lib, writers
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_and_pictures_read_back(tmp_path):
   pytest.importorskip("tensorboard")
   wd = str(tmp_path / "run")

@@ -42,6 +42,7 @@ def test_refusals(args, tmp_path):
   assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_two_seeds_in_parallel(tmp_path):
   proc = subprocess.run([sys.executable, "reference/seed_runs.py", "--config", "test", "--seeds", "1-2",
                          "--epochs", "1", "--out", str(tmp_path), "--parallel", "2"],
