@@ -5,6 +5,7 @@ Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--s
                                    [--matmul_dtype float32|bfloat16] [--matmul_dtype_ab ROUNDS]
                                    [--profile] [--out results/speed]
                                    [--options_ab ROUNDS --options 'k=v,k2=v2;k=v3']
+                                   [--rat_compact 0|1] [--rat_compact_ab ROUNDS --rat_chunks 125]
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
@@ -26,6 +27,13 @@ shape, element-wise fusions, reductions, gathers and scatters, copies and
 transposes, sorts) and by part of the step (batch networks, exemplar
 encoder, retrieval, prior kernel, optimiser), printed and written to
 ``<out>/profile.json``; docs/speed.md shows it.
+
+``--rat_compact_ab``: the RAT step encoding every row of its static B*k union
+against encoding only the chunks that hold the union's distinct exemplars
+(``exemplar.rat_compact``, one run per ``--rat_chunks`` chunk size): loss and
+gradients of each at the same states, the distinct rows of those states'
+unions, then alternated timings.  The plain timing mode prints each timed RAT
+step's distinct union rows, and its FLOP account counts the rows encoded.
 
 ``--options_ab``: the train step compiled with the default XLA options and
 with each ``--options`` variant (e.g. which operations go to YNNPACK
@@ -60,11 +68,12 @@ from exvae.config_base import base_config
 TARGETS = {"rat": 9.0, "exact": 145.0}
 
 
-def make_config(name, model="vae", matmul_dtype="float32"):
+def make_config(name, model="vae", matmul_dtype="float32", rat_compact: bool = True):
   c = base_config()
   c.dataset = "fashion_mnist"
   c.model = model
   c.matmul_dtype = matmul_dtype
+  c.exemplar.rat_compact = rat_compact
   if name == "rat":
     c.prior, c.exemplar.rat = "exemplar", True
   elif name == "exact":
@@ -789,6 +798,8 @@ def main():
                   help="instead: A/B of the RAT step encoding all B*k union rows vs only the "
                        "chunks holding the distinct ones (exemplar.rat_compact), over ROUNDS "
                        "alternated rounds of --steps steps, after a loss and gradient check")
+  ap.add_argument("--rat_compact", type=int, default=1, choices=(0, 1),
+                  help="exemplar.rat_compact of the timed RAT runs (0: encode all B*k union rows)")
   ap.add_argument("--rat_chunks", default="125",
                   help="exemplar.rat_compact_chunk values for --rat_compact_ab (comma-separated)")
   ap.add_argument("--profile", action="store_true",
@@ -832,7 +843,8 @@ def main():
              "model": args.model, "matmul_dtype": args.matmul_dtype, "steps_timed": args.steps,
              "steps": []}
   for name in args.configs.split(","):
-    run = prepare(make_config(name, args.model, args.matmul_dtype), splits, pool)
+    run = prepare(make_config(name, args.model, args.matmul_dtype, bool(args.rat_compact)),
+                  splits, pool)
     t_refresh = time_refresh(run, pool)
     start = jax.tree.map(jnp.copy, run.state)      # the timed steps' first state
     dt = time_steps(run, pool, args.steps)
