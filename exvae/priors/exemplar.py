@@ -119,6 +119,33 @@ def activation_bytes_per_row(model, model_params, image_shape) -> int:
 MAX_UNROLL = 32
 
 
+def _chunks(model, pool, ids, key, binary: bool, chunk: int, sharded: bool):
+  """``(xs, encode)``: the (M,) ids as whole chunks and the function that encodes one.
+
+  On a replicated pool ``xs`` is (chunks, chunk) ids (padded with row 0) and
+  ``encode(params, x)`` gathers and binarises its chunk's rows itself; on a
+  pool split over the devices every row is gathered at once (one collective)
+  and ``xs`` holds the (chunks, chunk, H, W, C) images.
+  """
+  m = ids.shape[0]
+  chunk = max(1, min(int(chunk), m))
+  n_chunks = -(-m // chunk)
+  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off by callers
+
+  def rows(idc):
+    # Binarised rows as uint8 (4x less memory than float32 where they are kept).
+    x = distributed.take_rows(pool, idc, sharded)
+    return rng.bernoulli_rows(key, x, idc, dtype=jnp.uint8) if binary else x
+
+  def encode(params, xc):
+    return model.encode_mean(params, distributed.shard_batch(xc.astype(jnp.float32)))
+
+  if sharded:
+    xs = rows(padded)
+    return xs.reshape((n_chunks, chunk) + xs.shape[1:]), encode
+  return padded.reshape(n_chunks, chunk), lambda params, idc: encode(params, rows(idc))
+
+
 def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
                 sharded: bool = False, remat: bool | None = None, unroll: bool = True):
   """Encoder means of ``pool[ids]`` WITH gradients, in chunks.
@@ -160,28 +187,11 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     (M, d) codes.
   """
   m = ids.shape[0]
-  chunk = max(1, min(int(chunk), m))
-  n_chunks = -(-m // chunk)
-  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off below
-
-  def rows(idc):
-    # Binarised rows as uint8 (4x less memory than float32 where they are kept).
-    x = distributed.take_rows(pool, idc, sharded)
-    return rng.bernoulli_rows(key, x, idc, dtype=jnp.uint8) if binary else x
-
-  def encode(xc):
-    return model.encode_mean(model_params, distributed.shard_batch(xc.astype(jnp.float32)))
-
+  xs, encode_chunk = _chunks(model, pool, ids, key, binary, chunk, sharded)
+  n_chunks, chunk = xs.shape[:2]
+  one = lambda x: encode_chunk(model_params, x)
   if remat is None:
     remat = n_chunks > 1
-  if sharded:
-    # One collective for all rows; the loop then runs over the gathered images.
-    xs = rows(padded)
-    xs = xs.reshape((n_chunks, chunk) + xs.shape[1:])
-    one = encode
-  else:
-    xs = padded.reshape(n_chunks, chunk)
-    one = lambda idc: encode(rows(idc))
   if remat:
     one = jax.checkpoint(one)
   if n_chunks == 1:
@@ -221,26 +231,10 @@ def encode_rows_prefix(model, model_params, pool, ids, count, key, binary: bool,
     except for the tail of the last encoded chunk.
   """
   m = ids.shape[0]
-  chunk = max(1, min(int(chunk), m))
-  n_chunks = -(-m // chunk)
-  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off below
-
-  def rows(idc):
-    x = distributed.take_rows(pool, idc, sharded)
-    return rng.bernoulli_rows(key, x, idc, dtype=jnp.uint8) if binary else x
-
-  def encode(params, xc):
-    return model.encode_mean(params, distributed.shard_batch(xc.astype(jnp.float32)))
-
-  if sharded:
-    # One collective for all rows (a collective inside a conditional branch
-    # would have to run on every device alike); the chunks are then images.
-    xs = rows(padded)
-    xs = xs.reshape((n_chunks, chunk) + xs.shape[1:])
-    one = encode
-  else:
-    xs = padded.reshape(n_chunks, chunk)
-    one = lambda params, idc: encode(params, rows(idc))
+  # A split pool gathers all rows before the conds: a collective inside a
+  # conditional branch would have to run on every device alike.
+  xs, one = _chunks(model, pool, ids, key, binary, chunk, sharded)
+  n_chunks, chunk = xs.shape[:2]
   if remat:
     one = jax.checkpoint(one)
   out = jax.eval_shape(one, model_params, xs[0])
