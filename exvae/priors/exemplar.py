@@ -210,9 +210,11 @@ def encode_rows_prefix(model, model_params, pool, ids, count, key, binary: bool,
   ``count`` is traced, the shapes are static: the (M,) ids are split into
   chunks of ``chunk`` rows, and each chunk is encoded under a ``lax.cond``
   that skips it (zero codes, no gradient work) when it starts at or past
-  ``count``.  At most ``chunk - 1`` rows past ``count`` are encoded.  The
-  skipped branch computes nothing, so the backward pass of a skipped chunk
-  only writes zeros where the encoded branch's residuals would be.
+  ``count``.  At most ``chunk - 1`` rows past ``count`` are encoded.  Under
+  differentiation the skipped branch does no arithmetic either: its slots for
+  the encoded branch's residuals are uninitialised buffers (JAX's ``empty``),
+  and its backward branch returns zero parameter gradients.  Only one
+  branch's residuals exist per chunk, unlike a cond between two encodings.
 
   Args:
     model: the model (``encode_mean`` is used).
