@@ -39,7 +39,7 @@ def _rat_run(mode: str):
     splits = splits or train_lib.load_data(c)
     setups.append(train_lib.make_setup(c, splits))
   n = splits.train_x.shape[0]
-  state = train_lib.init_state(c, setups[0], n)
+  state = train_lib.init_state(_rat_config(mode, False), setups[0], n)
   pool = jnp.asarray(splits.train_x)
   cache = setups[0].model.encode_mean(state.params["model"], pool)
   state = state.replace(prior_state={"cache": cache})
@@ -75,7 +75,6 @@ def test_compact_keys_are_the_sorted_distinct_valid_keys_then_invalid():
 
 def test_encode_rows_prefix_encodes_the_prefix_and_zeros_the_skipped_chunks():
   """Binarised exemplars (grey levels: the step tests below)."""
-  binary = True
   c = load_config("test")
   model = make_model(c, (8, 8, 1))
   mp = model.init(jax.random.PRNGKey(0))
@@ -84,11 +83,9 @@ def test_encode_rows_prefix_encodes_the_prefix_and_zeros_the_skipped_chunks():
   key = jax.random.PRNGKey(3)
   count = 13                                                  # chunks [0, 5), [5, 10), [10, 15)
   fn = jax.jit(lambda mp, ids, n: exemplar_mod.encode_rows_prefix(
-      model, mp, pool, ids, n, key, binary, chunk=5))
+      model, mp, pool, ids, n, key, True, chunk=5))
   codes = np.asarray(fn(mp, ids, jnp.int32(count)))
-  x = pool[ids]
-  if binary:
-    x = rng.bernoulli_rows(key, x, ids)
+  x = rng.bernoulli_rows(key, pool[ids], ids)
   want = np.asarray(model.encode_mean(mp, x))
   np.testing.assert_allclose(codes[:15], want[:15], rtol=1e-5, atol=1e-6)
   assert np.all(codes[15:] == 0) and np.all(np.abs(codes[:15]).max(1) > 0)
