@@ -5,6 +5,7 @@ Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--s
                                    [--matmul_dtype float32|bfloat16] [--matmul_dtype_ab ROUNDS]
                                    [--profile] [--out results/speed]
                                    [--options_ab ROUNDS --options 'k=v,k2=v2;k=v3']
+                                   [--rat_compact 0|1] [--rat_compact_ab ROUNDS --rat_chunks 125]
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
@@ -26,6 +27,13 @@ shape, element-wise fusions, reductions, gathers and scatters, copies and
 transposes, sorts) and by part of the step (batch networks, exemplar
 encoder, retrieval, prior kernel, optimiser), printed and written to
 ``<out>/profile.json``; docs/speed.md shows it.
+
+``--rat_compact_ab``: the RAT step encoding every row of its static B*k union
+against encoding only the chunks that hold the union's distinct exemplars
+(``exemplar.rat_compact``, one run per ``--rat_chunks`` chunk size): loss and
+gradients of each at the same states, the distinct rows of those states'
+unions, then alternated timings.  The plain timing mode prints each timed RAT
+step's distinct union rows, and its FLOP account counts the rows encoded.
 
 ``--options_ab``: the train step compiled with the default XLA options and
 with each ``--options`` variant (e.g. which operations go to YNNPACK
@@ -60,11 +68,12 @@ from exvae.config_base import base_config
 TARGETS = {"rat": 9.0, "exact": 145.0}
 
 
-def make_config(name, model="vae", matmul_dtype="float32"):
+def make_config(name, model="vae", matmul_dtype="float32", rat_compact: bool = True):
   c = base_config()
   c.dataset = "fashion_mnist"
   c.model = model
   c.matmul_dtype = matmul_dtype
+  c.exemplar.rat_compact = rat_compact
   if name == "rat":
     c.prior, c.exemplar.rat = "exemplar", True
   elif name == "exact":
@@ -182,6 +191,30 @@ def union_valid_rows(run: Run, pool) -> int:
   return int(_union_valid(run.state, pool, run.perm, setup=run.setup))
 
 
+def union_counts(run: Run, pool, state, steps: int) -> list[int]:
+  """RAT: distinct exemplars in the union of each of ``steps`` steps taken from ``state``.
+
+  Works on a copy (the train step donates its state): ``state`` and the run
+  are left as they are.  Each count is the step's number of distinct rows,
+  i.e. what the compact encoding covers with whole chunks.
+  """
+  state = jax.tree.map(jnp.copy, state)
+  counts = []
+  for _ in range(steps):
+    counts.append(int(_union_valid(state, pool, run.perm, setup=run.setup)))
+    state, _ = train_lib.train_step(state, pool, run.perm, setup=run.setup)
+  return counts
+
+
+def mean_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
+               counts: list[int]) -> dict | None:
+  """:func:`step_flops` averaged over steps whose RAT unions hold ``counts`` distinct rows."""
+  fs = [step_flops(c, params, batch, num_train, steps_per_epoch, union_rows=u) for u in counts]
+  if not fs or fs[0] is None:
+    return None
+  return {k: float(np.mean([f[k] for f in fs])) for k in fs[0]}
+
+
 def matmul_rate(reps: int = 3) -> float:
   """This machine's float32 2048^3 XLA matmul rate, FLOP/s (bench/prior_kernel.py's limit)."""
   from bench.prior_kernel import limit_fns, timeit
@@ -232,8 +265,14 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
     batch: B.
     num_train: N (the RAT cache refresh encodes all of it once per epoch).
     steps_per_epoch: steps over which the per-epoch refresh is spread.
-    union_rows: RAT exemplars encoded with gradients per step (default B * k,
-      exvae's static union; the reference encodes only the distinct ones).
+    union_rows: RAT: the distinct exemplars in the step's retrieved union
+      (None: B * k, none repeated).  exvae (``distinct``) encodes the whole
+      chunks of ``exemplar.rat_compact_chunk`` rows that hold them (all B * k
+      rows with ``exemplar.rat_compact`` off) and its prior kernel runs over
+      the static B * k union (masked rows included); the reference
+      (``distinct=False``) encodes and sums exactly ``union_rows``.  Averaged
+      over steps, pass each step's count and average the dicts: the chunks
+      round up per step.
     remat: exemplar forward recomputed in the backward pass (None: as the
       exemplar prior decides: when keeping the activations of all rows would
       exceed ``exemplar.encode_remat_mb``).
@@ -243,7 +282,7 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
       included, plus the input row: the traced MLP VAE's count within 2%).
     distinct: exact prior: exvae encodes each distinct exemplar of the M draws
       once (``distinct_capacity`` rows, padded to whole chunks); False: all M
-      rows (the reference).
+      rows (the reference).  RAT: see ``union_rows``.
 
   Returns:
     dict of FLOPs: ``batch_fwd``, ``batch_bwd``, ``exemplar_fwd``, ``exemplar_remat``,
@@ -266,10 +305,14 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
   if c.prior == "exemplar":
     m = int(c.exemplar.num_exemplars) or num_train
     if c.exemplar.rat:
-      rows = batch * int(c.exemplar.rat_k) if union_rows is None else int(union_rows)
+      static = batch * int(c.exemplar.rat_k)
+      rows = comps = static if union_rows is None else int(union_rows)
+      if distinct:
+        comps = static
+        chunk = max(1, min(int(c.exemplar.rat_compact_chunk), static))
+        rows = min(static, -(-rows // chunk) * chunk) if c.exemplar.rat_compact else static
       f["retrieval"] = 2.0 * batch * m * d
       f["refresh_per_step"] = forward_flops(enc_mean, num_train) / steps_per_epoch
-      comps = rows
     else:
       rows = comps = m
       if distinct and m < num_train:
@@ -311,7 +354,7 @@ def describe_flops(f: dict, sec_per_step: float, rate: float) -> str:
   """One line: GFLOP per part, the total, its time at ``rate`` and the fraction achieved."""
   g = {k: v / 1e9 for k, v in f.items() if k != "exemplar_rows"}
   return (f"  flops/step (GFLOP, matmuls): batch fwd {g['batch_fwd']:.3f} bwd {g['batch_bwd']:.3f}"
-          f" | exemplars x{f['exemplar_rows']} fwd {g['exemplar_fwd']:.3f} remat "
+          f" | exemplars x{f['exemplar_rows']:.0f} fwd {g['exemplar_fwd']:.3f} remat "
           f"{g['exemplar_remat']:.3f} bwd {g['exemplar_bwd']:.3f} | retrieval {g['retrieval']:.3f}"
           f" | prior kernel fwd {g['prior_fwd']:.3f} bwd {g['prior_bwd']:.3f} | total "
           f"{g['total']:.3f} (+ per-epoch refresh {g['refresh_per_step']:.3f}/step) -> "
@@ -383,6 +426,93 @@ def remat_ab(name, splits, pool, rounds: int, steps: int, check_steps: int = 3):
         f"ms/step, off {np.median(t_new) * 1e3:.1f} ms/step (medians); median per-round on/off = "
         f"{ratio:.3f}x; loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
   return ratio
+
+
+# ----------------------------------------------------------------------------
+# A/B of the RAT union encoding: all B*k rows vs the distinct ones in whole chunks
+# ----------------------------------------------------------------------------
+
+
+def _grad_diffs(ref, other) -> tuple[float, float]:
+  """(largest per-tensor max|a - b| / max|a|, ||a - b|| / ||a|| over all tensors) of two trees."""
+  per = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other))]
+  num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other)))
+  den = sum(float(jnp.sum(a * a)) for a in jax.tree.leaves(ref))
+  return max(per), (num / max(den, 1e-30)) ** 0.5
+
+
+def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
+                   check_steps: int = 4, model: str = "vae") -> dict:
+  """RAT step encoding all B*k union rows vs only whole chunks holding the distinct ones.
+
+  Runs ``exemplar.rat_compact`` off, then on with each of ``chunks`` as
+  ``rat_compact_chunk``, all from the same initial state.  Equivalence: at
+  ``check_steps`` successive states of the "off" run, the loss and every
+  gradient of each variant (relative differences printed), and each state's
+  distinct union rows.  Timing: ``rounds`` rounds, each ``steps`` steps of
+  every variant in turn (same background load); medians of wall and process
+  CPU time per step and the median per-round speed-up over "off".
+
+  Returns:
+    ``{label: {"wall_ms", "cpu_ms", "speedup_wall", "speedup_cpu"}}`` and
+    ``"distinct_rows"``: the counts at the checked states.
+  """
+  variants = [("all rows", {"exemplar.rat_compact": False})] + [
+      (f"compact chunk {ch}", {"exemplar.rat_compact": True, "exemplar.rat_compact_chunk": ch})
+      for ch in chunks]
+  runs = []
+  for label, over in variants:
+    c = make_config("rat", model)
+    for k, v in over.items():
+      sub, key = k.split(".")
+      c[sub][key] = v
+    run = prepare(c, splits, pool)
+    run.grad_fn = jax.jit(functools.partial(_loss_and_grads, setup=run.setup))
+    runs.append((label, run))
+  ref_run = runs[0][1]
+  state = jax.tree.map(jnp.copy, ref_run.state)
+  counts = union_counts(ref_run, pool, state, check_steps)
+  worst = {label: [0.0, 0.0, 0.0] for label, _ in runs[1:]}
+  for _ in range(check_steps):
+    l0, g0 = ref_run.grad_fn(state, pool, ref_run.perm)
+    for label, run in runs[1:]:
+      l1, g1 = run.grad_fn(state, pool, run.perm)
+      dl = abs(float(l1) - float(l0)) / abs(float(l0))
+      dt, dn = _grad_diffs(g0, g1)
+      w = worst[label]
+      worst[label] = [max(w[0], dl), max(w[1], dt), max(w[2], dn)]
+    state, _ = train_lib.train_step(state, pool, ref_run.perm, setup=ref_run.setup)
+  static = ref_run.setup.batch_size * int(ref_run.config.exemplar.rat_k)
+  print(f"rat: distinct rows of the {static}-row union at {check_steps} successive states: "
+        f"{counts} (mean {np.mean(counts):.0f})", flush=True)
+  for label, run in runs[1:]:
+    ch = int(run.config.exemplar.rat_compact_chunk)
+    enc = [min(static, -(-u // ch) * ch) for u in counts]
+    dl, dt, dn = worst[label]
+    print(f"rat [{label}] vs [all rows]: rows encoded {enc}; max over the states: rel. loss diff "
+          f"{dl:.1e}, per-tensor max|d grad|/max|grad| {dt:.1e}, ||d grad||/||grad|| {dn:.1e}",
+          flush=True)
+  wall = [[] for _ in runs]
+  cpu = [[] for _ in runs]
+  for _ in range(rounds):
+    for i, (_, run) in enumerate(runs):
+      c0 = time.process_time()
+      wall[i].append(time_steps(run, pool, steps))
+      cpu[i].append((time.process_time() - c0) / steps)
+  load = os.getloadavg()
+  out = {"distinct_rows": counts}
+  for i, (label, _) in enumerate(runs):
+    rw = float(np.median(np.array(wall[0]) / np.array(wall[i])))
+    rc = float(np.median(np.array(cpu[0]) / np.array(cpu[i])))
+    out[label] = {"wall_ms": float(np.median(wall[i])) * 1e3,
+                  "cpu_ms": float(np.median(cpu[i])) * 1e3, "speedup_wall": rw, "speedup_cpu": rc}
+    print(f"rat [{label}]: {rounds} alternated rounds of {steps} steps: wall "
+          f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians;"
+          f" per round {', '.join(f'{t * 1e3:.0f}' for t in wall[i])} ms); median per-round "
+          f"speed-up over [all rows]: wall {rw:.3f}x, CPU {rc:.3f}x; "
+          f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -664,6 +794,14 @@ def main():
                        "with each ';'-separated --options variant, over ROUNDS alternated rounds")
   ap.add_argument("--options", default="xla_cpu_experimental_ynn_fusion_type=",
                   help="variants for --options_ab: 'k=v,k2=v2;k=v3' (default: no YNNPACK fusions)")
+  ap.add_argument("--rat_compact_ab", type=int, default=0, metavar="ROUNDS",
+                  help="instead: A/B of the RAT step encoding all B*k union rows vs only the "
+                       "chunks holding the distinct ones (exemplar.rat_compact), over ROUNDS "
+                       "alternated rounds of --steps steps, after a loss and gradient check")
+  ap.add_argument("--rat_compact", type=int, default=1, choices=(0, 1),
+                  help="exemplar.rat_compact of the timed RAT runs (0: encode all B*k union rows)")
+  ap.add_argument("--rat_chunks", default="125",
+                  help="exemplar.rat_compact_chunk values for --rat_compact_ab (comma-separated)")
   ap.add_argument("--profile", action="store_true",
                   help="instead: per-operation profile of each config's train step over --steps "
                        "steps (printed, and written to <out>/profile.json)")
@@ -681,6 +819,10 @@ def main():
     layer_rates()
     for name in args.configs.split(","):
       matmul_dtype_ab(name, splits, pool, args.matmul_dtype_ab, args.steps, args.model)
+    return
+  if args.rat_compact_ab:
+    rat_compact_ab(splits, pool, args.rat_compact_ab, args.steps,
+                   [int(v) for v in args.rat_chunks.split(",")], model=args.model)
     return
   if args.remat_ab:
     for name in args.configs.split(","):
@@ -701,8 +843,10 @@ def main():
              "model": args.model, "matmul_dtype": args.matmul_dtype, "steps_timed": args.steps,
              "steps": []}
   for name in args.configs.split(","):
-    run = prepare(make_config(name, args.model, args.matmul_dtype), splits, pool)
+    run = prepare(make_config(name, args.model, args.matmul_dtype, bool(args.rat_compact)),
+                  splits, pool)
     t_refresh = time_refresh(run, pool)
+    start = jax.tree.map(jnp.copy, run.state)      # the timed steps' first state
     dt = time_steps(run, pool, args.steps)
     spe = run.setup.steps_per_epoch
     epoch = dt * spe + t_refresh
@@ -711,26 +855,40 @@ def main():
     if name in TARGETS and args.model == "vae":
       line += f"  target<={TARGETS[name]:.0f} s"
     print(line, flush=True)
-    f = None if rate is None else step_flops(run.config, run.state.params["model"],
-                                             run.setup.batch_size, run.setup.num_train, spe)
+    # RAT: the rows encoded depend on each step's distinct union rows, counted
+    # by replaying the timed steps (untimed) from their first state.
+    counts = union_counts(run, pool, start, args.steps) if name == "rat" else None
+    del start
+    if counts:
+      static = run.setup.batch_size * int(run.config.exemplar.rat_k)
+      print(f"  distinct rows of the {static}-row RAT union per timed step: {counts} (mean "
+            f"{np.mean(counts):.0f}; exemplar.rat_compact={bool(run.config.exemplar.rat_compact)}"
+            f", chunk {int(run.config.exemplar.rat_compact_chunk)})", flush=True)
+    if rate is None:
+      f = None
+    elif counts:
+      f = mean_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                     run.setup.num_train, spe, counts)
+    else:
+      f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                     run.setup.num_train, spe)
     summary["steps"].append(step_record(name, dt, f, rate, epoch_s=epoch, refresh_s=t_refresh,
                                         steps_per_epoch=spe,
                                         loadavg=[round(x, 2) for x in os.getloadavg()]))
     if rate is None:
       continue
-    union = union_valid_rows(run, pool) if name == "rat" else None
     if f is None:
       print(f"  flops: no hand account for model {args.model}; XLA counts "
             f"{xla_step_flops(run, pool) / 1e9:.3f} GFLOP/step")
       continue
     print(describe_flops(f, dt, rate))
     extra = ""
-    if union is not None:
-      fu = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                      run.setup.num_train, spe, union_rows=union)
-      extra = (f"; {union} of the {f['exemplar_rows']} union rows are distinct exemplars "
-               f"(the rest are masked duplicates: {1 - fu['total'] / f['total']:.1%} of the step's "
-               f"FLOPs)")
+    if counts:
+      summary["steps"][-1]["distinct_union_rows"] = counts
+      fa = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                      run.setup.num_train, spe, union_rows=static)
+      extra = (f"; {f['exemplar_rows']:.0f} union rows encoded on average, all {static} would "
+               f"be {fa['total'] / f['total'] - 1:.1%} more FLOPs")
     print(f"  XLA cost analysis of the compiled step: {xla_step_flops(run, pool) / 1e9:.3f} GFLOP"
           f" (all ops; a lax.map body counted once){extra}", flush=True)
   print("wrote", write_json(os.path.join(args.out, "train_speed.json"), summary))

@@ -73,6 +73,7 @@ MAY_CHANGE = (
     "eval.*",
     "data_dir", "num_devices", "pool_sharding",
     "exemplar.chunk_size", "exemplar.encode_chunk", "exemplar.encode_remat_mb",
+    "exemplar.rat_compact", "exemplar.rat_compact_chunk",
 )
 # Readers (eval.py, uses.py) restore parameters; the seed only initialises a template,
 # and the parameters are float32 whatever matmul_dtype trained them (a run trained with

@@ -67,9 +67,18 @@ def test_step_flops_exact_remat_and_union_override():
   assert f["exemplar_remat"] == f["exemplar_fwd"] == 21000 * enc_mean
   assert g["total"] == f["total"] - f["exemplar_remat"]
   assert train_speed.step_flops(c, _vae_params(), 100, 50000, 500, remat=False)["exemplar_remat"] == 0
-  r = train_speed.step_flops(train_speed.make_config("rat"), _vae_params(), 100, 50000, 500,
-                             union_rows=900)
-  assert r["exemplar_rows"] == 900 and r["exemplar_fwd"] == 900 * enc_mean
+  # RAT with 480 distinct union rows: exvae encodes the 4 chunks of 125 rows holding them
+  # (all 1000 without exemplar.rat_compact) and sums the static 1000-row union; the
+  # reference encodes and sums exactly 480.
+  rat = train_speed.make_config("rat")
+  r = train_speed.step_flops(rat, _vae_params(), 100, 50000, 500, union_rows=480)
+  assert r["exemplar_rows"] == 500 and r["exemplar_fwd"] == 500 * enc_mean
+  assert r["prior_fwd"] == 2 * 100 * 1000 * 40
+  rr = train_speed.step_flops(rat, _vae_params(), 100, 50000, 500, union_rows=480, distinct=False)
+  assert rr["exemplar_rows"] == 480 and rr["prior_fwd"] == 2 * 100 * 480 * 40
+  rat.exemplar.rat_compact = False
+  ra = train_speed.step_flops(rat, _vae_params(), 100, 50000, 500, union_rows=480)
+  assert ra["exemplar_rows"] == 1000 and ra["exemplar_fwd"] == 1000 * enc_mean
   gauss = train_speed.step_flops(train_speed.make_config("gaussian"), _vae_params(), 100, 50000,
                                  500)
   assert gauss["total"] == gauss["batch_fwd"] + gauss["batch_bwd"]

@@ -15,7 +15,9 @@ Training modes (``config.exemplar``):
   written into it; the ``rat_k`` nearest cached codes of each batch element
   among M random candidates are retrieved (exact top-k); the union of the B*k
   retrieved exemplars (static shape, duplicates masked) is re-encoded with
-  gradients and written back, and the mixture runs over that union.
+  gradients and written back, and the mixture runs over that union.  With
+  ``exemplar.rat_compact`` the distinct exemplars are moved to the front of
+  the union and only the chunks that hold them are encoded.
   ``exemplar.rat_mode`` = "reference" (default) does what the authors' code
   does: the point itself may be retrieved (then masked by leave-one-out),
   candidates drawn twice count twice, and N' = the components left in the
@@ -117,6 +119,33 @@ def activation_bytes_per_row(model, model_params, image_shape) -> int:
 MAX_UNROLL = 32
 
 
+def _chunks(model, pool, ids, key, binary: bool, chunk: int, sharded: bool):
+  """``(xs, encode)``: the (M,) ids as whole chunks and the function that encodes one.
+
+  On a replicated pool ``xs`` is (chunks, chunk) ids (padded with row 0) and
+  ``encode(params, x)`` gathers and binarises its chunk's rows itself; on a
+  pool split over the devices every row is gathered at once (one collective)
+  and ``xs`` holds the (chunks, chunk, H, W, C) images.
+  """
+  m = ids.shape[0]
+  chunk = max(1, min(int(chunk), m))
+  n_chunks = -(-m // chunk)
+  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off by callers
+
+  def rows(idc):
+    # Binarised rows as uint8 (4x less memory than float32 where they are kept).
+    x = distributed.take_rows(pool, idc, sharded)
+    return rng.bernoulli_rows(key, x, idc, dtype=jnp.uint8) if binary else x
+
+  def encode(params, xc):
+    return model.encode_mean(params, distributed.shard_batch(xc.astype(jnp.float32)))
+
+  if sharded:
+    xs = rows(padded)
+    return xs.reshape((n_chunks, chunk) + xs.shape[1:]), encode
+  return padded.reshape(n_chunks, chunk), lambda params, idc: encode(params, rows(idc))
+
+
 def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
                 sharded: bool = False, remat: bool | None = None, unroll: bool = True):
   """Encoder means of ``pool[ids]`` WITH gradients, in chunks.
@@ -158,28 +187,11 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     (M, d) codes.
   """
   m = ids.shape[0]
-  chunk = max(1, min(int(chunk), m))
-  n_chunks = -(-m // chunk)
-  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off below
-
-  def rows(idc):
-    # Binarised rows as uint8 (4x less memory than float32 where they are kept).
-    x = distributed.take_rows(pool, idc, sharded)
-    return rng.bernoulli_rows(key, x, idc, dtype=jnp.uint8) if binary else x
-
-  def encode(xc):
-    return model.encode_mean(model_params, distributed.shard_batch(xc.astype(jnp.float32)))
-
+  xs, encode_chunk = _chunks(model, pool, ids, key, binary, chunk, sharded)
+  n_chunks, chunk = xs.shape[:2]
+  one = lambda x: encode_chunk(model_params, x)
   if remat is None:
     remat = n_chunks > 1
-  if sharded:
-    # One collective for all rows; the loop then runs over the gathered images.
-    xs = rows(padded)
-    xs = xs.reshape((n_chunks, chunk) + xs.shape[1:])
-    one = encode
-  else:
-    xs = padded.reshape(n_chunks, chunk)
-    one = lambda idc: encode(rows(idc))
   if remat:
     one = jax.checkpoint(one)
   if n_chunks == 1:
@@ -189,6 +201,51 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   else:
     codes = jax.lax.map(one, xs)
   return codes.reshape(n_chunks * chunk, -1)[:m]
+
+
+def encode_rows_prefix(model, model_params, pool, ids, count, key, binary: bool,
+                       chunk: int = 125, *, sharded: bool = False, remat: bool = False):
+  """Encoder means of ``pool[ids[:count]]`` WITH gradients; rows from ``count`` on are zeros.
+
+  ``count`` is traced, the shapes are static: the (M,) ids are split into
+  chunks of ``chunk`` rows, and each chunk is encoded under a ``lax.cond``
+  that skips it (zero codes, no gradient work) when it starts at or past
+  ``count``.  At most ``chunk - 1`` rows past ``count`` are encoded.  Under
+  differentiation the skipped branch does no arithmetic either: its slots for
+  the encoded branch's residuals are uninitialised buffers (JAX's ``empty``),
+  and its backward branch returns zero parameter gradients.  Only one
+  branch's residuals exist per chunk, unlike a cond between two encodings.
+
+  Args:
+    model: the model (``encode_mean`` is used).
+    model_params: its parameters (gradients flow into them).
+    pool: (N, H, W, C) training images in [0, 1].
+    ids: (M,) int32 rows of ``pool``; the first ``count`` are the ones needed.
+    count: int32 scalar, 0 <= count <= M.
+    key: binarisation key (row r's pixels depend on (key, ids[r]) only).
+    binary: binarise before encoding.
+    chunk: rows per chunk (the granularity of the skip).
+    sharded: ``pool`` is split along N over the ``data`` mesh (static).
+    remat: recompute each chunk's forward in the backward pass.
+
+  Returns:
+    (M, d) codes: rows ``[0, count)`` the encoder means, the rest zeros
+    except for the tail of the last encoded chunk.
+  """
+  m = ids.shape[0]
+  # A split pool gathers all rows before the conds: a collective inside a
+  # conditional branch would have to run on every device alike.
+  xs, one = _chunks(model, pool, ids, key, binary, chunk, sharded)
+  n_chunks, chunk = xs.shape[:2]
+  if remat:
+    one = jax.checkpoint(one)
+  out = jax.eval_shape(one, model_params, xs[0])
+  skip = lambda params, xc: jnp.zeros(out.shape, out.dtype)
+  # A Python loop: every chunk's cond is its own op, with no loop stacking
+  # their activations into (chunks, ...) buffers (as the unrolled encode_rows).
+  codes = [jax.lax.cond(j * chunk < count, one, skip, model_params, xs[j])
+           for j in range(n_chunks)]
+  return jnp.concatenate(codes, axis=0)[:m]
 
 
 def distinct_capacity(n: int, m: int, sigmas: float = 10.0) -> int:
@@ -207,16 +264,28 @@ def distinct_capacity(n: int, m: int, sigmas: float = 10.0) -> int:
   return min(m, int(math.ceil(mean + sigmas * math.sqrt(var) + sigmas)))
 
 
-def _first_of_each(keys: jax.Array, invalid: int) -> tuple[jax.Array, jax.Array]:
+def _first_of_each(keys: jax.Array, invalid: int,
+                   compact: bool = False) -> tuple[jax.Array, jax.Array]:
   """Static-shape de-duplication: ``(sorted keys, mask of the first of each valid run)``.
 
   Args:
     keys: (K,) integer keys; ``invalid`` marks an empty slot (keys are <= invalid).
     invalid: the key of empty slots.
+    compact: move the distinct valid keys to the front (ascending) and give
+      every other slot the key ``invalid``: the mask is then a prefix of
+      ``mask.sum()`` True entries, so an encoder can stop after that prefix.
+
+  Returns:
+    (K,) keys and (K,) bool mask.
   """
   keys = jnp.sort(keys)
-  first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]])
-  return keys, first & (keys < invalid)
+  first = jnp.concatenate([jnp.ones((1,), bool), keys[1:] != keys[:-1]]) & (keys < invalid)
+  if not compact:
+    return keys, first
+  # A second sort of K small integers (the union is B*k ~ 1000 keys) costs far
+  # less than one encoded row; it keeps the distinct keys in ascending order.
+  keys = jnp.sort(jnp.where(first, keys, invalid))
+  return keys, keys < invalid
 
 
 @register("exemplar")
@@ -353,14 +422,28 @@ class ExemplarPrior(Prior):
     # Static-shape de-duplication.  The reference de-duplicates candidate
     # POSITIONS: an exemplar drawn twice among the M (with replacement) is two
     # components.  "bound" keeps one component per exemplar.
+    compact = bool(self.cfg.rat_compact)
     if reference:
-      keys, mask = _first_of_each(jnp.where(pos >= 0, pos, m).reshape(-1), m)   # m = invalid
+      keys, mask = _first_of_each(jnp.where(pos >= 0, pos, m).reshape(-1), m,   # m = invalid
+                                  compact)
       union = jnp.where(mask, cand[jnp.minimum(keys, m - 1)], n)
     else:
       union, mask = _first_of_each(
-          jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1), n)     # n = invalid
+          jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1), n,     # n = invalid
+          compact)
     safe = jnp.minimum(union, n - 1)
-    bank = self._encode(model, model_params, pool, safe, k_bin, inputs)
+    if compact:
+      # The distinct exemplars are a prefix of the union (on Fashion-MNIST
+      # 35-60% of the B*k rows after the first few steps): only the chunks
+      # holding them are encoded.  Masked rows have no weight in the mixture
+      # and are not written to the cache, so their codes (zeros, or a
+      # placeholder row's in the last encoded chunk) are never read.
+      bank = encode_rows_prefix(
+          model, model_params, pool, safe, mask.sum(dtype=jnp.int32), k_bin, inputs.binary,
+          int(self.cfg.rat_compact_chunk), sharded=inputs.pool_sharded,
+          remat=self._remat(model, model_params, pool, safe.shape[0]))
+    else:
+      bank = self._encode(model, model_params, pool, safe, k_bin, inputs)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
     ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask}
     if not reference:
