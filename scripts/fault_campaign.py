@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -63,10 +64,16 @@ def _cmd(workdir: str, *extra: str) -> list[str]:
           f"--workdir={workdir}", *OVERRIDES, *extra]
 
 
+# absl's own line format for a warning or an info line (``W1202 05:07:40.726701 1402 f.py:202] ...``),
+# which Orbax's warnings take once absl's handler is installed.
+_ABSL_NATIVE = re.compile(r"^[WI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
 def _extra_lines(stderr: str) -> list[str]:
-  """stderr lines but absl's warnings and exvae's one-line warnings."""
+  """stderr lines but absl's warnings (either format) and exvae's one-line warnings."""
   return [l for l in stderr.splitlines()
-          if l.strip() and not l.startswith(("WARNING:absl", "warning:"))]
+          if l.strip() and not l.startswith(("WARNING:absl", "warning:"))
+          and not _ABSL_NATIVE.match(l)]
 
 
 def _steps(workdir: str) -> list[int]:
@@ -404,7 +411,9 @@ def run_campaign(faults: int, per_episode: int = 5, seed: int = 0, root: str | N
     c = Campaign(root, seed, verbose, kinds)
     c.reference()
     injected, i, idle = 0, 0, 0
-    while injected < faults and idle < 3 and (not minutes or time.time() - t0 < 60 * minutes):
+    # An episode can inject nothing (every kill landed after its run finished, which a
+    # change in the machine's load makes likely); ten such episodes in a row end it.
+    while injected < faults and idle < 10 and (not minutes or time.time() - t0 < 60 * minutes):
       n = c.episode(i, min(per_episode, faults - injected))
       injected, i, idle = injected + n, i + 1, 0 if n else idle + 1
     return c

@@ -288,6 +288,7 @@ def test_a_corrupt_newest_step_is_replaced_when_training_writes_it_again(trained
   assert os.listdir(os.path.join(wd, "unreadable_checkpoints"))   # set aside, not deleted
 
 
+@pytest.mark.slow
 def test_divergence_between_log_steps_is_never_saved_as_good(tmp_path):
   wd = str(tmp_path / "div")
   c = load_config("test", log_every_steps=7, checkpoint_every_steps=3, learning_rate=1e6)

@@ -313,6 +313,7 @@ def test_training_loss_matches_the_reference(prior):
     assert ((lv < -6) | (lv > 2)).any() and ((lv > -6) & (lv < 2)).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", PRIORS)
 def test_test_nll_weights_match_the_reference(prior):
   """calculate_likelihood: S joint samples (z2, z1 | z2) per point, full bank, no leave-one-out."""

@@ -77,6 +77,7 @@ def test_output_depends_only_on_earlier_pixels(kernel_size):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("likelihood", ["bernoulli", "logistic"])
 def test_score_is_teacher_forced_log_likelihood(likelihood):
   m, params = _model(likelihood=likelihood)
@@ -128,6 +129,7 @@ def _naive_mean_field(m, params, z):
   return jax.lax.fori_loop(0, h * w, body, jnp.zeros((z.shape[0],) + m.image_shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("likelihood", ["bernoulli", "logistic"])
 def test_mean_field_decode_is_a_fixed_point(likelihood):
   m, params = _model(likelihood=likelihood, **{"pixelcnn.kernel_size": 5})

@@ -111,7 +111,7 @@ def _loss_grads_and_union(state, pool, perm, setup):
   return loss, grads, _union_of(setup, state, pool, perm)
 
 
-@pytest.mark.parametrize("mode", ["reference", "bound"])
+@pytest.mark.parametrize("mode", [pytest.param("reference", marks=pytest.mark.slow), "bound"])
 def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mode):
   """Loss, gradients, components and cache as encoding all rows, at steps whose unions
   need 2 and 3 chunks; the compact step traces once whatever the count."""

@@ -156,6 +156,7 @@ def test_augmented_images_on_grey_grid(run):
   np.testing.assert_allclose(a * 255, np.round(a * 255), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_augmentation_training_loss_decreases(run):
   _, _, t, bank = run
   x, y = t.splits.train_x[:400], t.splits.train_y[:400]

@@ -75,6 +75,7 @@ def test_progress_only_on_a_terminal_outside_ci(monkeypatch):
   assert post == {"epoch": "1.50", "loss": "12.35", "beta": "0.50", "best_val": "11.00"}
 
 
+@pytest.mark.slow
 def test_train_bar_shows_epoch_rate_loss_and_validation(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("EXVAE_PROGRESS", "1")
   c = load_config("test", max_train=200, num_epochs=2, log_every_steps=2, progress=True)

@@ -64,6 +64,7 @@ def test_exvae_inputs_parsing(capsys):
   assert e.value.code == 2 and "choose from" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reseed_reaches_the_reference_side(tmp_path, monkeypatch):
   """--reseed / --stream_seed reach the reference's process as the seed it re-seeds torch with
   after building the model (it decides whether their run is reproduced)."""
