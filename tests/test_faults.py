@@ -447,6 +447,9 @@ def test_cli_errors_are_one_line_with_the_traceback_on_request(tmp_path):
 
 def test_cli_main_reports_expected_errors_in_one_line(capsys, monkeypatch):
   monkeypatch.delenv("EXVAE_TRACEBACK", raising=False)
+  from exvae.cli import errors
+  # fail() ends a process and ignores SIGINT/SIGTERM for its teardown; not this one's.
+  monkeypatch.setattr(errors, "settle", lambda: None)
 
   def fails(exc):
     @rundir.cli_main
@@ -466,3 +469,42 @@ def test_cli_main_reports_expected_errors_in_one_line(capsys, monkeypatch):
     assert len(err.strip().splitlines()) == 1, err
   with pytest.raises(KeyError):                 # a bug keeps its traceback
     fails(KeyError("internal"))([])
+
+
+_TEARDOWN_SCRIPT = r"""
+import atexit, sys, time
+from exvae.cli import command
+
+def main(inv):
+  # Stands in for the second of teardown that JAX, XLA and Orbax take at exit.
+  atexit.register(time.sleep, 1.5)
+  print("decided", flush=True)
+  if inv.args == ["fail"]:
+    raise FileNotFoundError("no such thing")
+
+command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
+                         config="none", positional=(0, 1)), main, ["exvae-probe", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("how,code", [("ok", 0), ("fail", 1)])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_teardown_keeps_the_decided_exit(how, code, sig):
+  """A Ctrl-C or SIGTERM after a command has finished (or said why it failed) arrives
+  while the interpreter tears down; the command's exit code and its lines stand (with
+  the default handlers: exit -2 / -15 with no line, or an exit hook's traceback)."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("EXVAE_TRACEBACK", None)
+  p = subprocess.Popen([PY, "-c", _TEARDOWN_SCRIPT] + ([how] if how == "fail" else []),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  assert p.stdout.readline().strip() == "decided"
+  if how == "fail":
+    first = p.stderr.readline()
+  time.sleep(0.5)                   # past the one line, inside the 1.5 s exit hook
+  assert p.poll() is None
+  p.send_signal(getattr(signal, sig))
+  out, err = p.communicate(timeout=60)
+  assert p.returncode == code, (p.returncode, err)
+  lines = ([first] if how == "fail" else []) + err.splitlines()
+  lines = [l.strip() for l in lines if l.strip()]
+  assert lines == ([] if how == "ok" else ["exvae-probe: error: no such thing"]), lines

@@ -230,6 +230,10 @@ def format_help(spec: Spec, config=None) -> str:
 def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | None = None) -> None:
   """Runs a command (see the module docstring); ends the process on errors and for ``--help``.
 
+  Once the command has finished or said why it stopped, SIGINT and SIGTERM are
+  ignored (:func:`exvae.cli.errors.settle`): the process is ending, and its exit
+  code is the one the command decided.
+
   Args:
     spec: the command's description.
     main: called with the :class:`Invocation`.
@@ -267,6 +271,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
       _check_workdir(spec, workdir)
     main(Invocation(prog=prog, config=config, workdir=workdir, args=positional,
                     config_source=source))
+    errors.settle()       # done: a late Ctrl-C must not cut the teardown into exit -2
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
     errors.fail(prog, e)
 

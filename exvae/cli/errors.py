@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -114,6 +115,23 @@ def program_name(argv0: str | None = None) -> str:
   return base if base.startswith("exvae") else f"exvae-{base}"
 
 
+def settle() -> None:
+  """Ignores SIGINT and SIGTERM from here on: the command's outcome is decided.
+
+  Called once a command has finished its work or said why it stopped. The
+  interpreter's teardown after that (JAX's exit hooks, XLA and Orbax threads)
+  takes about a second; a Ctrl-C in it would otherwise end the process with no
+  line and exit -2 (Python resets its handler to the default at finalization),
+  or print a traceback from an exit hook. An ignored handler survives
+  finalization, so the exit code stays the one the command decided.
+  """
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      signal.signal(sig, signal.SIG_IGN)
+    except ValueError:        # not the main thread: nothing to settle
+      pass
+
+
 def fail(prog: str, e: BaseException) -> NoReturn:
   """Ends the program for the error ``e``: one line and its exit code, or the traceback.
 
@@ -124,6 +142,7 @@ def fail(prog: str, e: BaseException) -> NoReturn:
   Raises:
     e itself, when it is not an expected error or a traceback was asked for.
   """
+  settle()                  # every branch below ends the process
   code = exit_code(e)
   if code is None or want_traceback():
     raise e
