@@ -333,8 +333,11 @@ def main():
       rows.append((f"{mode}: epoch (training + validation)", "s", ex, er))
       note = ""
       if mode in ("rat", "exact"):
+        # RAT: exvae encodes the chunks holding the union's distinct rows
+        # (exemplar.rat_compact), so its account takes the measured distinct count.
         fx = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                           run.setup.num_train, spe)
+                           run.setup.num_train, spe,
+                           union_rows=med(rows_x) if rows_x else None)
         n_rows_r = med(rows_r) if rows_r else float("nan")
         fr = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
                            run.setup.num_train, spe, union_rows=n_rows_r, remat=False,

@@ -139,12 +139,15 @@ def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mod
     np.testing.assert_allclose(np.asarray(st1["cache"]), np.asarray(st0["cache"]),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    # Summation order differs (per-chunk gradient sums): within 1e-6 of the gradient's norm,
+    # Summation order differs (per-chunk gradient sums): within 5e-6 of the gradient's norm,
     # and per tensor within 1e-5 of its largest entry (a small bias gradient is a sum
-    # that cancels).
+    # that cancels).  The float32 floor: two encodings of every row that differ only in
+    # exemplar.encode_chunk (1000 vs 7) differ by 1.4-1.6e-6 of the norm on a 2-core
+    # AMD EPYC without AVX-512, and the compact step by as much; a missed or misplaced row
+    # moves the gradient by percents.
     d2 = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     n2 = sum(float(jnp.sum(a * a)) for a in jax.tree.leaves(g0))
-    assert d2 ** 0.5 <= 1e-6 * n2 ** 0.5, (d2, n2)
+    assert d2 ** 0.5 <= 5e-6 * n2 ** 0.5, (d2, n2)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
       assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a))), (a, b)
   assert min(chunks) < static // CHUNK and len(set(chunks)) > 1, chunks

@@ -316,6 +316,13 @@ class ExemplarPrior(Prior):
                        int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
                        remat=self._remat(model, model_params, pool, ids.shape[0]))
 
+  def _encode_prefix(self, model, model_params, pool, ids, count, key, inputs):
+    """:meth:`_encode` of the first ``count`` rows of ``ids`` only, in whole chunks of
+    ``rat_compact_chunk`` rows (the later rows' codes are zeros or a placeholder's)."""
+    return encode_rows_prefix(model, model_params, pool, ids, count, key, inputs.binary,
+                              int(self.cfg.rat_compact_chunk), sharded=inputs.pool_sharded,
+                              remat=self._remat(model, model_params, pool, ids.shape[0]))
+
   def _encode_distinct(self, model, model_params, pool, cand, key, inputs, n):
     """``(codes, ids)`` of the M draws ``cand`` (WITH replacement, as the reference),
     each distinct exemplar encoded once.
@@ -438,10 +445,8 @@ class ExemplarPrior(Prior):
       # holding them are encoded.  Masked rows have no weight in the mixture
       # and are not written to the cache, so their codes (zeros, or a
       # placeholder row's in the last encoded chunk) are never read.
-      bank = encode_rows_prefix(
-          model, model_params, pool, safe, mask.sum(dtype=jnp.int32), k_bin, inputs.binary,
-          int(self.cfg.rat_compact_chunk), sharded=inputs.pool_sharded,
-          remat=self._remat(model, model_params, pool, safe.shape[0]))
+      bank = self._encode_prefix(model, model_params, pool, safe,
+                                 mask.sum(dtype=jnp.int32), k_bin, inputs)
     else:
       bank = self._encode(model, model_params, pool, safe, k_bin, inputs)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
