@@ -143,7 +143,7 @@ def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mod
     # and per tensor within 1e-5 of its largest entry (a small bias gradient is a sum
     # that cancels).  The float32 floor: two encodings of every row that differ only in
     # exemplar.encode_chunk (1000 vs 7) differ by 1.4-1.6e-6 of the norm on a 2-core
-    # AMD EPYC without AVX-512, and the compact step by as much; a missed or misplaced row
+    # AMD EPYC with AVX-512, and the compact step by as much; a missed or misplaced row
     # moves the gradient by percents.
     d2 = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     n2 = sum(float(jnp.sum(a * a)) for a in jax.tree.leaves(g0))
