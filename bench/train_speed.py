@@ -68,7 +68,39 @@ from exvae.config_base import base_config
 TARGETS = {"rat": 9.0, "exact": 145.0}
 
 
+# Config overrides of every timed run (--set), applied last by make_config.
+OVERRIDES: dict = {}
+
+
+def parse_set(spec: str) -> dict:
+  """``'exemplar.encode_chunk=2500,seed=1'`` -> ``{'exemplar.encode_chunk': 2500, 'seed': 1}``."""
+  import ast
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise SystemExit(f"train_speed: --set takes key=value items, got {item!r}")
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
 def make_config(name, model="vae", matmul_dtype="float32", rat_compact: bool = True):
+  c = _make_config(name, model, matmul_dtype, rat_compact)
+  for key, value in OVERRIDES.items():
+    *groups, leaf = key.split(".")
+    node = c
+    for g in groups:
+      node = node[g]
+    if leaf not in node:
+      raise SystemExit(f"train_speed: --set {key}: no such config key")
+    node[leaf] = value
+  return c
+
+
+def _make_config(name, model, matmul_dtype, rat_compact):
   c = base_config()
   c.dataset = "fashion_mnist"
   c.model = model
@@ -805,10 +837,13 @@ def main():
   ap.add_argument("--profile", action="store_true",
                   help="instead: per-operation profile of each config's train step over --steps "
                        "steps (printed, and written to <out>/profile.json)")
+  ap.add_argument("--set", default="", metavar="KEY=VALUE,...",
+                  help="config overrides of every timed run (e.g. exemplar.encode_chunk=2500)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
                       os.path.abspath(__file__))), "results", "speed"),
                   help="directory of the JSON summaries (train_speed.json, profile.json)")
   args = ap.parse_args()
+  OVERRIDES.update(parse_set(args.set))
   splits, src = load_splits()
   load = os.getloadavg()
   print(f"model={args.model} matmul_dtype={args.matmul_dtype} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
@@ -841,6 +876,7 @@ def main():
     print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s")
   summary = {"machine": machine_record(rate), "provenance": provenance(), "data": src,
              "model": args.model, "matmul_dtype": args.matmul_dtype, "steps_timed": args.steps,
+             "config_overrides": dict(OVERRIDES),
              "steps": []}
   for name in args.configs.split(","):
     run = prepare(make_config(name, args.model, args.matmul_dtype, bool(args.rat_compact)),

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -251,3 +252,15 @@ def test_op_profile_matmul_bound_from_lone_rates():
   assert abs(p["matmul_bound_ms"] - (2.0 / 100.0 + 1.0 / 10.0) * 1e3) < 1e-9
   assert abs(p["matmul_bound_share"] - 3.0 / 0.12 / 300.0) < 1e-12
   assert p["matmuls"][1]["isolated_gflops"] == 10.0
+
+
+def test_set_overrides_reach_every_timed_config(monkeypatch):
+  monkeypatch.setattr(train_speed, "OVERRIDES", {})
+  train_speed.OVERRIDES.update(train_speed.parse_set("exemplar.encode_chunk=2500, seed=3"))
+  c = train_speed.make_config("exact")
+  assert (c.exemplar.encode_chunk, c.seed, c.prior) == (2500, 3, "exemplar")
+  train_speed.OVERRIDES.update(train_speed.parse_set("exemplar.encode_chunks=1"))
+  with pytest.raises(SystemExit, match="no such config key"):
+    train_speed.make_config("exact")
+  with pytest.raises(SystemExit, match="key=value"):
+    train_speed.parse_set("encode_chunk")
