@@ -390,6 +390,9 @@ def markdown(doc: dict) -> str:
     ach = (f", {g:.2f} GFLOP of matrix products per step: {g / p['unprofiled_ms_per_step'] * 1e3:.0f}"
            f" GFLOP/s" + (f", {g / p['unprofiled_ms_per_step'] * 1e3 / rate:.0%} of the matmul rate"
                           if rate else "")) if g else ""
+    if p.get("distinct_union_rows"):
+      ach += (f" (the unprofiled steps' RAT unions hold {p['distinct_union_rows']} distinct rows; "
+              "the account counts the chunks encoded)")
     out += [f"**{p['config']}**: {p['unprofiled_ms_per_step']:.1f} ms per step unprofiled, "
             f"{p['step_ms']:.1f} ms profiled{ach}; thunk time (summed over threads) "
             f"{p['op_ms']:.1f} ms per step, the base of the shares.", "",

@@ -775,13 +775,24 @@ def profile_config(name, splits, pool, steps: int, model: str = "vae",
   run = prepare(make_config(name, model, matmul_dtype), splits, pool)
   compiled = train_lib.train_step.lower(run.state, pool, run.perm, setup=run.setup).compile()
   time_steps(run, pool, 2)                                    # warm
+  start = jax.tree.map(jnp.copy, run.state)
   wall = time_steps(run, pool, steps)
+  # RAT: the rows encoded (exemplar.rat_compact) follow each unprofiled step's distinct
+  # union rows, counted by replaying those steps from their first state.
+  counts = union_counts(run, pool, start, steps) if run.config.exemplar.rat and \
+      run.config.prior == "exemplar" else None
+  del start
   p = op_profile.profile(lambda: time_steps(run, pool, 1), compiled.as_text(),
                          "jit__train_step", steps)
   p["config"] = name
   p["unprofiled_ms_per_step"] = wall * 1e3
-  f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                 run.setup.num_train, run.setup.steps_per_epoch)
+  if counts:
+    p["distinct_union_rows"] = counts
+    f = mean_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                   run.setup.num_train, run.setup.steps_per_epoch, counts)
+  else:
+    f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
+                   run.setup.num_train, run.setup.steps_per_epoch)
   p["gflop_per_step"] = f["total"] / 1e9 if f else None
   return p
 
