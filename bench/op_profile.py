@@ -133,6 +133,8 @@ def classify(hlo: dict, name: str) -> dict[str, Any]:
 
 
 # op_name fragments -> the part of the training step the operation belongs to (first match).
+TOP = 15     # costliest instructions kept in a profile
+
 PARTS = (("log_kernel_sum", "prior kernel"), ("topk_neighbors", "retrieval (top-k)"),
          ("encode_mean", "exemplar encoder"), ("encode_rows", "exemplar encoder"),
          ("VAE.encode", "batch encoder"), ("VAE.decode", "batch decoder"),
@@ -293,7 +295,7 @@ def summarize(hlo: dict, rows: list) -> dict[str, Any]:
         e["gflop"] += c["flops"] / 1e9 / n
   for e in mm.values():
     e["gflops"] = e["gflop"] / (e["ms"] / 1e3) if e["ms"] > 0 else float("nan")
-  top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
+  top = sorted(per_op.items(), key=lambda kv: -kv[1])[:TOP]
   return {"steps": n, "step_ms": spans[len(spans) // 2], "op_ms": sum(kinds.values()),
           "kinds": kinds, "matmuls": sorted(mm.values(), key=lambda e: -e["ms"]),
           "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
