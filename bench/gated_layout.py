@@ -1,13 +1,20 @@
 """Cost of keeping h and g as separate tensors in the gated layers (per-tensor AdamNormGrad).
 
 Usage: python bench/gated_layout.py [--rows 1100] [--reps 30]
+       python bench/gated_layout.py --steps rat,exact,gaussian [--n 10] [--rounds 8]
 
 exvae's GatedDense stores the reference's four tensors (h/kernel, h/bias,
-g/kernel, g/bias) and concatenates the kernels for ONE matmul per call; the
-earlier layout stored one fused ``hg`` kernel.  This times the forward and
-backward pass of the MLP VAE encoder (784-300-300 gated, the layers a RAT
-step runs over about 1100 rows) in both layouts, alternating them in one
-process so both see the same machine load, and prints the ratio.
+g/kernel, g/bias) and runs one matmul per kernel.  The default mode times the
+forward and backward pass of the MLP VAE encoder (784-300-300 gated, the
+layers a RAT step runs over about 1100 rows) against one fused ``hg`` kernel
+stored as a single tensor, alternating them in one process so both see the
+same machine load, and prints the ratio.
+
+``--steps``: the whole training step of each named config (train_speed's
+configs) with exvae's layer against :class:`ConcatGatedDense` (the same four
+tensors, the kernels concatenated for ONE matmul per call): the loss and the
+parameters after one step from the same state, then alternated timings (wall
+and CPU per step).
 """
 
 import argparse
@@ -22,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae.nets.gated import GatedDense, he_init
+from exvae.nets.gated import GatedDense, LinearParams, he_init
 
 
 class FusedGatedDense(nn.Module):
@@ -34,6 +41,62 @@ class FusedGatedDense(nn.Module):
     hg = nn.Dense(2 * self.features, kernel_init=he_init, name="hg")(x)
     h, g = jnp.split(hg, 2, axis=-1)
     return h * jax.nn.sigmoid(g)
+
+
+class ConcatGatedDense(GatedDense):
+  """exvae's four tensors, the kernels concatenated for one (in, 2F) matmul per call."""
+
+  @nn.compact
+  def __call__(self, x):
+    f, n_in = self.features, x.shape[-1]
+    hk, hb = LinearParams((n_in, f), name="h")()
+    gk, gb = LinearParams((n_in, f), name="g")()
+    hg = x @ jnp.concatenate([hk, gk], axis=1) + jnp.concatenate([hb, gb])
+    return hg[..., :f] * jax.nn.sigmoid(hg[..., f:])
+
+
+def steps_ab(name: str, n: int, rounds: int) -> float:
+  """The train step of config ``name`` with each layer; returns the CPU-time ratio concat/exvae."""
+  from bench import train_speed as ts
+  from exvae import train_lib
+  from exvae.models import vae as vae_mod
+  splits, _ = ts.load_splits()
+  pool = jnp.asarray(splits.train_x)
+  layers = {"concatenated": ConcatGatedDense, "separate": GatedDense}
+  runs = {}
+  try:
+    for k, layer in layers.items():           # traced while the layer is patched in
+      vae_mod.GatedDense = layer
+      runs[k] = ts.prepare(ts.make_config(name), splits, pool)
+      ts.time_steps(runs[k], pool, 1)
+  finally:
+    vae_mod.GatedDense = GatedDense
+  s0 = jax.tree.map(jnp.copy, runs["separate"].state)
+  out = {}
+  for k, r in runs.items():
+    st, m = train_lib.train_step(jax.tree.map(jnp.copy, s0), pool, r.perm, setup=r.setup)
+    out[k] = (float(m["loss"]), st.params)
+  d = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+          for a, b in zip(*(jax.tree.leaves(out[k][1]) for k in layers)))
+  print(f"{name}: loss concatenated {out['concatenated'][0]:.6f}, separate "
+        f"{out['separate'][0]:.6f}; parameters after one step: max rel. diff {d:.1e}")
+  for r in runs.values():
+    r.state = jax.tree.map(jnp.copy, s0)
+  wall = {k: [] for k in runs}
+  cpu = {k: [] for k in runs}
+  for i in range(rounds):                     # alternated, the order flipped every round
+    for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+      c0 = time.process_time()
+      wall[k].append(ts.time_steps(runs[k], pool, n))
+      cpu[k].append((time.process_time() - c0) / n)
+  med = lambda v: float(np.median(v))
+  for k in runs:
+    print(f"{name} {k}: wall {med(wall[k]) * 1e3:.1f} ms/step, CPU {med(cpu[k]) * 1e3:.1f} "
+          f"ms/step (medians of {rounds} alternated rounds of {n} steps)")
+  ratio = med(cpu["concatenated"]) / med(cpu["separate"])
+  print(f"{name}: separate faster by wall {med(wall['concatenated']) / med(wall['separate']):.3f}x"
+        f", CPU {ratio:.3f}x; load average {os.getloadavg()[0]:.2f}", flush=True)
+  return ratio
 
 
 class Encoder(nn.Module):
@@ -65,7 +128,14 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--rows", type=int, default=1100)
   ap.add_argument("--reps", type=int, default=30)
+  ap.add_argument("--steps", default="", help="instead: the train steps of these configs")
+  ap.add_argument("--n", type=int, default=10, help="--steps: steps per timed round")
+  ap.add_argument("--rounds", type=int, default=8, help="--steps: alternated rounds")
   a = ap.parse_args()
+  if a.steps:
+    for name in a.steps.split(","):
+      steps_ab(name, a.n, a.rounds)
+    return
   runs = {"fused hg": timed_grad_fn(FusedGatedDense, a.rows),
           "separate h, g": timed_grad_fn(GatedDense, a.rows)}
   times = {k: [] for k in runs}
