@@ -103,10 +103,8 @@ def test_float32_default_is_bitwise_explicit_float32_and_bf16_is_not(case):
 def _plain_vae(params, x):
   """The MLP VAE's forward written out in plain float32 jnp (what the code was)."""
   def gated(p, h):
-    f = p["h"]["kernel"].shape[1]
-    hg = h @ jnp.concatenate([p["h"]["kernel"], p["g"]["kernel"]], axis=1) + jnp.concatenate(
-        [p["h"]["bias"], p["g"]["bias"]])
-    return hg[..., :f] * jax.nn.sigmoid(hg[..., f:])
+    return ((h @ p["h"]["kernel"] + p["h"]["bias"])
+            * jax.nn.sigmoid(h @ p["g"]["kernel"] + p["g"]["bias"]))
 
   def linear(p, h):
     return lax.dot_general(h, p["kernel"], (((1,), (0,)), ((), ()))) + p["bias"][None]
