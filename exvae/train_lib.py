@@ -218,16 +218,26 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   grad_fn = jax.value_and_grad(elbo_loss, has_aux=True)
   (loss, (metrics, new_prior_state)), grads = grad_fn(
       state.params, state.prior_state, setup, x, ids, k_loss, beta, pool)
-  updates, new_opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
   ok = jnp.isfinite(loss) & _tree_all_finite(grads)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+  def update(params_and_opt):
+    params, opt_state = params_and_opt
+    updates, opt_state = setup.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # The update runs only when it is finite.  A cond, not a select between the old
+  # and the new values: with the select XLA copied every donated parameter and
+  # moment each step (44 copies); the cond updates them in place.  Measured on a
+  # quiet 2-core CPU: the Gaussian step 1.16x faster, RAT 1.02x, exact 0.98x
+  # (within its noise); parameters after a step agree to 3e-8.
+  new_params, new_opt_state = jax.lax.cond(ok, update, lambda po: po,
+                                           (state.params, state.opt_state))
   new_state = TrainState(
       # The step always advances (the host loop counts steps itself, without a
       # device sync); a skipped update is recorded in `nonfinite`.
       step=step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      params=new_params,
+      opt_state=new_opt_state,
       # Not guarded: a select over the RAT cache (N x d) would defeat in-place
       # donation and cost a full copy per step (measured 25.7 -> 16.5 ms/step).
       # A non-finite step is never checkpointed, so its cache writes are moot.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,41 @@ def test_train_step_traces_once_and_loss_decreases(prior, rat):
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-10:]) < np.mean(losses[:10])
   assert int(state.step) == 40 and int(state.nonfinite) == 0
+
+
+def test_a_nonfinite_step_keeps_the_state_and_a_finite_one_updates_in_place():
+  """The update runs under a cond on its finiteness: a NaN step leaves the parameters
+  and the optimiser moments exactly as they were, a finite one equals the optimiser's
+  own update, and the compiled step copies none of the donated parameters or moments."""
+  import optax
+  from conftest import fresh_run
+  setup, state, pool, perm = fresh_run(load_config("test"))
+  np_tree = lambda t: jax.tree.map(np.asarray, t)
+  # A finite step: the optimiser's update of the step's own gradients.
+  x, ids, k_loss = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
+  beta = train_lib.kl_beta(state.step, setup.steps_per_epoch, setup.warmup_epochs)
+  grads = jax.grad(lambda p: train_lib.elbo_loss(p, state.prior_state, setup, x, ids, k_loss,
+                                                 beta, pool)[0])(state.params)
+  updates, want_opt = setup.optimizer.update(grads, state.opt_state, state.params)
+  want = np_tree((optax.apply_updates(state.params, updates), want_opt))
+  new, _ = train_lib.train_step(jax.tree.map(jnp.copy, state), pool, perm, setup=setup)
+  chex.assert_trees_all_close((new.params, new.opt_state), want, rtol=1e-5, atol=1e-6)
+  assert int(new.nonfinite) == 0
+  # A NaN in a parameter: the loss is NaN, and nothing of the state moves.
+  bad = new.replace(params=jax.tree.map(
+      lambda a: a.at[(0,) * a.ndim].set(jnp.nan) if a.ndim == 1 else a, new.params))
+  before = np_tree((bad.params, bad.opt_state))
+  after, m = train_lib.train_step(bad, pool, perm, setup=setup)
+  assert not np.isfinite(float(m["loss"])) and int(after.nonfinite) == 1
+  chex.assert_trees_all_equal(np_tree((after.params, after.opt_state)), before)
+  # In place: no copy of a donated weight matrix or moment in the compiled step (a
+  # select between old and new values copied all 44 of them; a bias or the prior's
+  # scalar read again for the step's metrics may still be copied).
+  hlo = train_lib.train_step.lower(after, pool, perm, setup=setup).compile().as_text()
+  copies = re.findall(r"f32\[([0-9,]*)\]\S* copy\((%state_(?:params|opt_state)\S*)\)", hlo)
+  big = [(shape, what) for shape, what in copies
+         if "opt_state" in what or np.prod([int(d) for d in shape.split(",") if d]) > 1024]
+  assert not big, big[:5]
 
 
 def test_training_binarisation_is_fresh_each_epoch_and_eval_is_fixed():
