@@ -848,6 +848,9 @@ def main():
   ap.add_argument("--profile", action="store_true",
                   help="instead: per-operation profile of each config's train step over --steps "
                        "steps (printed, and written to <out>/profile.json)")
+  ap.add_argument("--repeat", type=int, default=1, metavar="R",
+                  help="timing mode: R rounds of the same --steps steps from the same state, "
+                       "each with its own matmul rate; medians and the range are printed")
   ap.add_argument("--set", default="", metavar="KEY=VALUE,...",
                   help="config overrides of every timed run (e.g. exemplar.encode_chunk=2500)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
@@ -894,7 +897,16 @@ def main():
                   splits, pool)
     t_refresh = time_refresh(run, pool)
     start = jax.tree.map(jnp.copy, run.state)      # the timed steps' first state
-    dt = time_steps(run, pool, args.steps)
+    # --repeat R: R rounds of the same steps from the same state (the same work each
+    # round), each after its own 2048^3 matmul rate; the figures are the medians.
+    rounds = []
+    for r in range(max(1, args.repeat)):
+      if r:
+        run.state = jax.tree.map(jnp.copy, start)
+      r_rate = matmul_rate() if (rate and args.repeat > 1) else rate
+      rounds.append((time_steps(run, pool, args.steps), r_rate))
+    dt = float(np.median([t for t, _ in rounds]))
+    c_rate = float(np.median([q for _, q in rounds])) if rate else rate   # this config's rate
     spe = run.setup.steps_per_epoch
     epoch = dt * spe + t_refresh
     line = (f"{name:10s} {1 / dt:8.2f} steps/s  {dt * 1e3:8.1f} ms/step  epoch={epoch:7.1f} s"
@@ -919,7 +931,7 @@ def main():
     else:
       f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
                      run.setup.num_train, spe)
-    summary["steps"].append(step_record(name, dt, f, rate, epoch_s=epoch, refresh_s=t_refresh,
+    summary["steps"].append(step_record(name, dt, f, c_rate, epoch_s=epoch, refresh_s=t_refresh,
                                         steps_per_epoch=spe,
                                         loadavg=[round(x, 2) for x in os.getloadavg()]))
     if rate is None:
@@ -928,7 +940,17 @@ def main():
       print(f"  flops: no hand account for model {args.model}; XLA counts "
             f"{xla_step_flops(run, pool) / 1e9:.3f} GFLOP/step")
       continue
-    print(describe_flops(f, dt, rate))
+    print(describe_flops(f, dt, c_rate))
+    if args.repeat > 1:
+      shares = [f["total"] / t / q for t, q in rounds]
+      summary["steps"][-1].update(
+          ms_per_step_rounds=[t * 1e3 for t, _ in rounds],
+          matmul_gflops_rounds=[q / 1e9 for _, q in rounds], share_rounds=shares,
+          share_median=float(np.median(shares)))
+      print(f"  {len(rounds)} rounds: ms/step {', '.join(f'{t * 1e3:.1f}' for t, _ in rounds)}; "
+            f"matmul GFLOP/s {', '.join(f'{q / 1e9:.0f}' for _, q in rounds)}; share of the rate "
+            f"(each round at its own rate) median {np.median(shares):.0%}, "
+            f"range {min(shares):.0%}-{max(shares):.0%}", flush=True)
     extra = ""
     if counts:
       summary["steps"][-1]["distinct_union_rows"] = counts
