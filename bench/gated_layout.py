@@ -76,8 +76,7 @@ def steps_ab(name: str, n: int, rounds: int) -> float:
   for k, r in runs.items():
     st, m = train_lib.train_step(jax.tree.map(jnp.copy, s0), pool, r.perm, setup=r.setup)
     out[k] = (float(m["loss"]), st.params)
-  d = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-          for a, b in zip(*(jax.tree.leaves(out[k][1]) for k in layers)))
+  d = ts._grad_diffs(out["concatenated"][1], out["separate"][1])[0]
   print(f"{name}: loss concatenated {out['concatenated'][0]:.6f}, separate "
         f"{out['separate'][0]:.6f}; parameters after one step: max rel. diff {d:.1e}")
   for r in runs.values():

@@ -132,9 +132,9 @@ def classify(hlo: dict, name: str) -> dict[str, Any]:
   return {"kind": kind, "label": label, "flops": flops, "part": model_part(info["op_name"])}
 
 
-# op_name fragments -> the part of the training step the operation belongs to (first match).
 TOP = 15     # costliest instructions kept in a profile
 
+# op_name fragments -> the part of the training step the operation belongs to (first match).
 PARTS = (("log_kernel_sum", "prior kernel"), ("topk_neighbors", "retrieval (top-k)"),
          ("encode_mean", "exemplar encoder"), ("encode_rows", "exemplar encoder"),
          ("VAE.encode", "batch encoder"), ("VAE.decode", "batch decoder"),

@@ -62,42 +62,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import data, train_lib
+from exvae import config_registry, data, train_lib
 from exvae.config_base import base_config
 
 TARGETS = {"rat": 9.0, "exact": 145.0}
 
 
-# Config overrides of every timed run (--set), applied last by make_config.
-OVERRIDES: dict = {}
+# Config overrides of every timed run (--set): (dotted key, text) pairs applied last by
+# make_config with the command line's own parser (exvae.config_registry.apply_overrides).
+OVERRIDES: list = []
 
 
-def parse_set(spec: str) -> dict:
-  """``'exemplar.encode_chunk=2500,seed=1'`` -> ``{'exemplar.encode_chunk': 2500, 'seed': 1}``."""
-  import ast
-  out = {}
+def parse_set(spec: str) -> list[tuple[str, str]]:
+  """``'exemplar.encode_chunk=2500,seed=1'`` -> ``[('exemplar.encode_chunk', '2500'), ('seed', '1')]``."""
+  out = []
   for item in filter(None, (s.strip() for s in spec.split(","))):
     key, sep, value = item.partition("=")
     if not sep:
       raise SystemExit(f"train_speed: --set takes key=value items, got {item!r}")
-    try:
-      out[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      out[key.strip()] = value.strip()
+    out.append((key.strip(), value.strip()))
   return out
 
 
 def make_config(name, model="vae", matmul_dtype="float32", rat_compact: bool = True):
   c = _make_config(name, model, matmul_dtype, rat_compact)
-  for key, value in OVERRIDES.items():
-    *groups, leaf = key.split(".")
-    node = c
-    for g in groups:
-      node = node[g]
-    if leaf not in node:
-      raise SystemExit(f"train_speed: --set {key}: no such config key")
-    node[leaf] = value
-  return c
+  try:
+    return config_registry.apply_overrides(c, OVERRIDES)
+  except config_registry.ConfigNameError as e:
+    raise SystemExit(f"train_speed: --set: {e}") from None
 
 
 def _make_config(name, model, matmul_dtype, rat_compact):
@@ -857,7 +849,7 @@ def main():
                       os.path.abspath(__file__))), "results", "speed"),
                   help="directory of the JSON summaries (train_speed.json, profile.json)")
   args = ap.parse_args()
-  OVERRIDES.update(parse_set(args.set))
+  OVERRIDES.extend(parse_set(args.set))
   splits, src = load_splits()
   load = os.getloadavg()
   print(f"model={args.model} matmul_dtype={args.matmul_dtype} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "

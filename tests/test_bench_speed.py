@@ -255,12 +255,12 @@ def test_op_profile_matmul_bound_from_lone_rates():
 
 
 def test_set_overrides_reach_every_timed_config(monkeypatch):
-  monkeypatch.setattr(train_speed, "OVERRIDES", {})
-  train_speed.OVERRIDES.update(train_speed.parse_set("exemplar.encode_chunk=2500, seed=3"))
+  monkeypatch.setattr(train_speed, "OVERRIDES", [])
+  train_speed.OVERRIDES.extend(train_speed.parse_set("exemplar.encode_chunk=2500, seed=3"))
   c = train_speed.make_config("exact")
   assert (c.exemplar.encode_chunk, c.seed, c.prior) == (2500, 3, "exemplar")
-  train_speed.OVERRIDES.update(train_speed.parse_set("exemplar.encode_chunks=1"))
-  with pytest.raises(SystemExit, match="no such config key"):
+  train_speed.OVERRIDES.extend(train_speed.parse_set("exemplar.encode_chunks=1"))
+  with pytest.raises(SystemExit, match="has no key 'exemplar.encode_chunks'"):
     train_speed.make_config("exact")
   with pytest.raises(SystemExit, match="key=value"):
     train_speed.parse_set("encode_chunk")
