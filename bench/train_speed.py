@@ -84,7 +84,7 @@ def parse_set(spec: str) -> list[tuple[str, str]]:
   return out
 
 
-def make_config(name, model="vae", matmul_dtype="float32", rat_compact: bool = True):
+def make_config(name, model="vae", matmul_dtype="float32", rat_compact: bool | None = None):
   c = _make_config(name, model, matmul_dtype, rat_compact)
   try:
     return config_registry.apply_overrides(c, OVERRIDES)
@@ -97,7 +97,8 @@ def _make_config(name, model, matmul_dtype, rat_compact):
   c.dataset = "fashion_mnist"
   c.model = model
   c.matmul_dtype = matmul_dtype
-  c.exemplar.rat_compact = rat_compact
+  if rat_compact is not None:
+    c.exemplar.rat_compact = rat_compact
   if name == "rat":
     c.prior, c.exemplar.rat = "exemplar", True
   elif name == "exact":
@@ -137,13 +138,28 @@ class Run:
   metrics: Any = None
 
 
-def prepare(c, splits, pool):
+# Untimed RAT steps before any RAT timing (--rat_pretrain).  A RAT step's work
+# depends on its state: from initialisation the codes are bunched, the B*k = 1000
+# retrieved rows hold 280-870 distinct exemplars, and from about step 250 on
+# 890-990 (Fashion-MNIST, measured every 50 steps over 6 epochs and at epoch 107
+# of a paper-protocol run: 957-987).  Timing from initialisation times a step
+# that training hardly ever takes.
+RAT_PRETRAIN = 500
+
+
+def _is_rat(c) -> bool:
+  return c.prior == "exemplar" and bool(c.exemplar.rat)
+
+
+def prepare(c, splits, pool, pretrain: int | None = None):
   """Builds the run of config ``c`` and compiles its refresh and train step (one of each).
 
   Args:
     c: the run's config.
     splits: the data (its sizes and binarisation).
     pool: the training images on the device.
+    pretrain: untimed training steps before the run is returned, followed by
+      an epoch-start refresh (None: :data:`RAT_PRETRAIN` for RAT, 0 otherwise).
 
   Returns:
     A :class:`Run`.
@@ -156,7 +172,13 @@ def prepare(c, splits, pool):
   state = train_lib.refresh_step(state, pool, setup=setup)
   state, m = train_lib.train_step(state, pool, perm, setup=setup)
   jax.block_until_ready(m)
-  return Run(c, setup, state, perm, time.perf_counter() - t0)
+  run = Run(c, setup, state, perm, time.perf_counter() - t0)
+  if pretrain is None:
+    pretrain = RAT_PRETRAIN if _is_rat(c) else 0
+  if pretrain > 0:
+    time_steps(run, pool, pretrain)
+    time_refresh(run, pool)
+  return run
 
 
 def time_steps(run: Run, pool, steps: int) -> float:
@@ -340,10 +362,10 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
     else:
       rows = comps = m
       if distinct and m < num_train:
-        from exvae.priors.exemplar import distinct_capacity
-        chunk = max(1, min(int(c.exemplar.encode_chunk), m))
+        from exvae.priors.exemplar import balanced_chunk, distinct_capacity
         cap = distinct_capacity(num_train, m)
-        rows = min(m, -(-cap // min(chunk, cap)) * min(chunk, cap))
+        chunk = balanced_chunk(cap, int(c.exemplar.encode_chunk))
+        rows = min(m, -(-cap // chunk) * chunk)
     f["exemplar_fwd"] = forward_flops(enc_mean, rows)
     if remat is None:
       budget = float(c.exemplar.encode_remat_mb)
@@ -471,8 +493,8 @@ def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
   """RAT step encoding all B*k union rows vs only whole chunks holding the distinct ones.
 
   Runs ``exemplar.rat_compact`` off, then on with each of ``chunks`` as
-  ``rat_compact_chunk``, all from the same initial state.  Equivalence: at
-  ``check_steps`` successive states of the "off" run, the loss and every
+  ``rat_compact_chunk``, all from the same state (the "off" run's after
+  :data:`RAT_PRETRAIN` steps).  Equivalence: at ``check_steps`` successive states of the "off" run, the loss and every
   gradient of each variant (relative differences printed), and each state's
   distinct union rows.  Timing: ``rounds`` rounds, each ``steps`` steps of
   every variant in turn (same background load); medians of wall and process
@@ -491,7 +513,10 @@ def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
     for k, v in over.items():
       sub, key = k.split(".")
       c[sub][key] = v
-    run = prepare(c, splits, pool)
+    # The first run trains RAT_PRETRAIN steps; every variant starts from its state.
+    run = prepare(c, splits, pool, pretrain=None if not runs else 0)
+    if runs:
+      run.state = jax.tree.map(jnp.copy, runs[0][1].state)
     run.grad_fn = jax.jit(functools.partial(_loss_and_grads, setup=run.setup))
     runs.append((label, run))
   ref_run = runs[0][1]
@@ -811,6 +836,7 @@ def run_profiles(args, splits, pool) -> None:
 
 
 def main():
+  global RAT_PRETRAIN
   ap = argparse.ArgumentParser()
   ap.add_argument("--configs", default="rat,exact,gaussian,vampprior")
   ap.add_argument("--steps", type=int, default=60)
@@ -833,8 +859,12 @@ def main():
                   help="instead: A/B of the RAT step encoding all B*k union rows vs only the "
                        "chunks holding the distinct ones (exemplar.rat_compact), over ROUNDS "
                        "alternated rounds of --steps steps, after a loss and gradient check")
-  ap.add_argument("--rat_compact", type=int, default=1, choices=(0, 1),
-                  help="exemplar.rat_compact of the timed RAT runs (0: encode all B*k union rows)")
+  ap.add_argument("--rat_compact", type=int, default=None, choices=(0, 1),
+                  help="exemplar.rat_compact of the timed RAT runs (default: the config's; "
+                       "0: encode all B*k union rows, 1: only the chunks of distinct ones)")
+  ap.add_argument("--rat_pretrain", type=int, default=RAT_PRETRAIN, metavar="STEPS",
+                  help="untimed RAT training steps (then a refresh) before RAT timings and "
+                       "profiles: the step's work follows its union's distinct rows")
   ap.add_argument("--rat_chunks", default="125",
                   help="exemplar.rat_compact_chunk values for --rat_compact_ab (comma-separated)")
   ap.add_argument("--profile", action="store_true",
@@ -850,6 +880,7 @@ def main():
                   help="directory of the JSON summaries (train_speed.json, profile.json)")
   args = ap.parse_args()
   OVERRIDES.extend(parse_set(args.set))
+  RAT_PRETRAIN = max(0, args.rat_pretrain)
   splits, src = load_splits()
   load = os.getloadavg()
   print(f"model={args.model} matmul_dtype={args.matmul_dtype} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
@@ -885,7 +916,8 @@ def main():
              "config_overrides": dict(OVERRIDES),
              "steps": []}
   for name in args.configs.split(","):
-    run = prepare(make_config(name, args.model, args.matmul_dtype, bool(args.rat_compact)),
+    run = prepare(make_config(name, args.model, args.matmul_dtype,
+                              None if args.rat_compact is None else bool(args.rat_compact)),
                   splits, pool)
     t_refresh = time_refresh(run, pool)
     start = jax.tree.map(jnp.copy, run.state)      # the timed steps' first state

@@ -56,9 +56,9 @@ HARNESS_README = "../shared/reference/README.md"
 
 MODES = ("rat", "exact", "gaussian", "eval")
 # (steps per round, pretrain steps) for --quick and the full run.
-QUICK = {"rounds": 3, "steps": {"rat": 10, "exact": 1, "gaussian": 30}, "pretrain": 100,
+QUICK = {"rounds": 3, "steps": {"rat": 10, "exact": 1, "gaussian": 30}, "pretrain": 300,
          "val_rounds": 1, "eval_rounds": 2, "eval_points": (3, 1)}
-FULL = {"rounds": 5, "steps": {"rat": 50, "exact": 4, "gaussian": 200}, "pretrain": 300,
+FULL = {"rounds": 5, "steps": {"rat": 50, "exact": 4, "gaussian": 200}, "pretrain": 500,
         "val_rounds": 2, "eval_rounds": 3, "eval_points": (10, 2)}
 
 
@@ -371,7 +371,7 @@ def main():
 def setup_both(ref, ts, mode, splits, pool, args, plan):
   """exvae's compiled run and the reference's model of ``mode``, both trained ``pretrain`` steps (RAT)."""
   t0 = time.perf_counter()
-  run = ts.prepare(ts.make_config(mode), splits, pool)
+  run = ts.prepare(ts.make_config(mode), splits, pool, pretrain=0)   # both pretrain below
   t_x = time.perf_counter() - t0
   r_setup = ref("setup", mode=mode, threads=args.threads, warmup=1 if mode == "exact" else 2)
   pre = plan["pretrain"] if mode == "rat" else 0
@@ -392,7 +392,7 @@ def compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run):
   import jax
   import numpy as np
   if rat_run is None:
-    rat_run = ts.prepare(ts.make_config("rat"), splits, pool)
+    rat_run = ts.prepare(ts.make_config("rat"), splits, pool, pretrain=0)
   # The reference's worker holds the model of the mode set up last (gaussian when
   # every mode runs): its evaluation must use the exemplar prior, so set it up again.
   ref("setup", mode="rat", threads=args.threads, warmup=1)

@@ -53,9 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
       loo=True,                     # leave-one-out in training
       chunk_size=0,                 # bank chunk of the streamed kernel (0: auto, ~2M / batch)
       encode_chunk=1000,            # exemplars encoded per chunk (exact mode)
-      rat_compact=True,             # RAT: encode only the distinct exemplars of the B*k union
-                                    # (moved to the front, in chunks of rat_compact_chunk; chunks
-                                    # past the last distinct one are skipped); False: all B*k rows
+      rat_compact=False,            # RAT: True encodes only the distinct exemplars of the B*k
+                                    # union (moved to the front, in chunks of rat_compact_chunk;
+                                    # chunks past the last distinct one are skipped); False: all
+                                    # B*k rows in one product (faster once the union is ~97%
+                                    # distinct, from about step 250 on: docs/speed.md)
       rat_compact_chunk=125,        # RAT: rows per chunk of that encoding (the skip granularity)
       encode_remat_mb=1024.0,       # recompute the exemplar forward in the backward pass only
                                     # when keeping its activations would exceed this many MiB

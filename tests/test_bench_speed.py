@@ -56,22 +56,23 @@ def test_step_flops_exact_remat_and_union_override():
   c = train_speed.make_config("exact")
   enc_mean = 2 * (784 * 600 + 300 * 600 + 300 * 40)
   # Default budget (1024 MiB): 25000 rows x ~23 KB of activations fit, nothing recomputed.
-  # The 25000 draws hold <= 20207 distinct exemplars (distinct_capacity): 21 chunks of 1000.
+  # The 25000 draws hold <= 20207 distinct exemplars (distinct_capacity): 21 chunks, of
+  # ceil(20207 / 21) = 963 rows rounded up to 968 (a multiple of 8).
   g = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
-  assert g["exemplar_rows"] == 21000 and g["retrieval"] == 0 and g["exemplar_remat"] == 0
-  assert g["exemplar_fwd"] == 21000 * enc_mean
+  assert g["exemplar_rows"] == 21 * 968 and g["retrieval"] == 0 and g["exemplar_remat"] == 0
+  assert g["exemplar_fwd"] == 21 * 968 * enc_mean
   ref = train_speed.step_flops(c, _vae_params(), 100, 50000, 500, distinct=False)
   assert ref["exemplar_rows"] == 25000 and ref["exemplar_fwd"] == 25000 * enc_mean
   assert ref["prior_fwd"] == g["prior_fwd"]                  # the mixture keeps all 25000
   c.exemplar.encode_remat_mb = 256                                      # below ~450 MB: remat
   f = train_speed.step_flops(c, _vae_params(), batch=100, num_train=50000, steps_per_epoch=500)
-  assert f["exemplar_remat"] == f["exemplar_fwd"] == 21000 * enc_mean
+  assert f["exemplar_remat"] == f["exemplar_fwd"] == 21 * 968 * enc_mean
   assert g["total"] == f["total"] - f["exemplar_remat"]
   assert train_speed.step_flops(c, _vae_params(), 100, 50000, 500, remat=False)["exemplar_remat"] == 0
-  # RAT with 480 distinct union rows: exvae encodes the 4 chunks of 125 rows holding them
-  # (all 1000 without exemplar.rat_compact) and sums the static 1000-row union; the
-  # reference encodes and sums exactly 480.
-  rat = train_speed.make_config("rat")
+  # RAT with 480 distinct union rows: with exemplar.rat_compact exvae encodes the 4 chunks
+  # of 125 rows holding them (all 1000 without, the default) and sums the static 1000-row
+  # union; the reference encodes and sums exactly 480.
+  rat = train_speed.make_config("rat", rat_compact=True)
   r = train_speed.step_flops(rat, _vae_params(), 100, 50000, 500, union_rows=480)
   assert r["exemplar_rows"] == 500 and r["exemplar_fwd"] == 500 * enc_mean
   assert r["prior_fwd"] == 2 * 100 * 1000 * 40

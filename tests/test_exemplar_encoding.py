@@ -190,9 +190,24 @@ def _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, remat)
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
+def test_balanced_chunk_keeps_the_chunk_count_and_spreads_the_rows():
+  # The exact prior's 20207 distinct-capacity rows: 21 chunks of 968, not 21 of 1000.
+  assert exemplar_mod.balanced_chunk(20207, 1000) == 968
+  for m, chunk, align in [(20207, 1000, 8), (100, 48, 8), (1000, 1000, 8), (1000, 125, 8),
+                          (60, 20, 1), (7, 8, 8), (30, 8, 4), (23, 5, 1), (20207, 1000, 24)]:
+    c = exemplar_mod.balanced_chunk(m, chunk, align)
+    n = -(-m // min(chunk, m))
+    if n == 1:
+      assert c == m
+      continue
+    assert (c % align == 0 or c * n == m) and c < -(-m // n) + align
+    assert -(-m // c) <= n and (-(-m // c)) * c - m < n * align      # padding < align per chunk
+  assert exemplar_mod.balanced_chunk(1000, 125) == 125                # RAT: unchanged
+
+
 @pytest.mark.parametrize("binary,remat,m,chunk,unroll", [
     (False, False, 30, 8, True), (True, True, 30, 8, True), (True, False, 24, 8, False),
-    (False, None, 7, 8, True), (False, False, 30, 8, False)])
+    (False, None, 7, 8, True), (False, False, 30, 8, False), (True, False, 40, 24, True)])
 def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, m, chunk, unroll):
   """Codes and parameter gradients identical to the gather-everything-first ``lax.map`` loop,
   unrolled or not."""

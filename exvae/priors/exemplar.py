@@ -146,6 +146,34 @@ def _chunks(model, pool, ids, key, binary: bool, chunk: int, sharded: bool):
   return padded.reshape(n_chunks, chunk), lambda params, idc: encode(params, rows(idc))
 
 
+def balanced_chunk(m: int, chunk: int, align: int = 8) -> int:
+  """Rows per chunk when ``m`` rows are encoded in chunks of at most about ``chunk``.
+
+  The number of chunks stays ``ceil(m / chunk)``, and the rows are spread
+  evenly over them (rounded up to a multiple of ``align``, which keeps each
+  chunk divisible over the data-parallel devices), so the padding of the last
+  chunk, up to a whole chunk of rows encoded for nothing, shrinks to less
+  than ``align`` rows per chunk.  The exact prior's 20207 distinct-capacity
+  rows are 21 chunks of 968 (20328 rows encoded) instead of 21 of 1000
+  (21000): 3.2% fewer FLOPs.  One chunk (``m <= chunk``) is ``m`` rows, and
+  ``m`` rows that split evenly keep that split.
+
+  Args:
+    m: rows to encode (static).
+    chunk: the largest chunk asked for.
+    align: chunk sizes are multiples of this (when there is more than one chunk).
+
+  Returns:
+    rows per chunk.
+  """
+  chunk = max(1, min(int(chunk), m))
+  n = -(-m // chunk)
+  if n == 1:
+    return chunk
+  even = -(-m // n)
+  return even if even * n == m else -(-even // align) * align
+
+
 def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
                 sharded: bool = False, remat: bool | None = None, unroll: bool = True):
   """Encoder means of ``pool[ids]`` WITH gradients, in chunks.
@@ -177,7 +205,8 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     ids: (M,) int32 rows of ``pool`` to encode.
     key: binarisation key (row r's pixels depend on (key, ids[r]) only).
     binary: binarise before encoding.
-    chunk: rows per chunk.
+    chunk: rows per chunk, at most (the rows are spread evenly over the
+      ``ceil(M / chunk)`` chunks: :func:`balanced_chunk`).
     sharded: ``pool`` is split along N over the ``data`` mesh (static).
     remat: recompute the forward in the backward pass (None: only when the
       rows span more than one chunk).
@@ -187,6 +216,8 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
     (M, d) codes.
   """
   m = ids.shape[0]
+  mesh = distributed.active_data_mesh()
+  chunk = balanced_chunk(m, chunk, math.lcm(8, mesh.shape[distributed.DATA_AXIS] if mesh else 1))
   xs, encode_chunk = _chunks(model, pool, ids, key, binary, chunk, sharded)
   n_chunks, chunk = xs.shape[:2]
   one = lambda x: encode_chunk(model_params, x)
@@ -440,11 +471,13 @@ class ExemplarPrior(Prior):
           compact)
     safe = jnp.minimum(union, n - 1)
     if compact:
-      # The distinct exemplars are a prefix of the union (on Fashion-MNIST
-      # 35-60% of the B*k rows after the first few steps): only the chunks
+      # The distinct exemplars are a prefix of the union: only the chunks
       # holding them are encoded.  Masked rows have no weight in the mixture
       # and are not written to the cache, so their codes (zeros, or a
-      # placeholder row's in the last encoded chunk) are never read.
+      # placeholder row's in the last encoded chunk) are never read.  It pays
+      # only while the codes are bunched: on Fashion-MNIST the union holds
+      # 28-87% distinct rows in the first ~250 steps, then 89-99%, where one
+      # product over all B*k rows is faster (the default).
       bank = self._encode_prefix(model, model_params, pool, safe,
                                  mask.sum(dtype=jnp.int32), k_bin, inputs)
     else:
