@@ -18,6 +18,7 @@ and CPU per step).
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -81,13 +82,8 @@ def steps_ab(name: str, n: int, rounds: int) -> float:
         f"{out['separate'][0]:.6f}; parameters after one step: max rel. diff {d:.1e}")
   for r in runs.values():
     r.state = jax.tree.map(jnp.copy, s0)
-  wall = {k: [] for k in runs}
-  cpu = {k: [] for k in runs}
-  for i in range(rounds):                     # alternated, the order flipped every round
-    for k in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-      c0 = time.process_time()
-      wall[k].append(ts.time_steps(runs[k], pool, n))
-      cpu[k].append((time.process_time() - c0) / n)
+  wall, cpu = ts.alternate({k: functools.partial(ts.time_steps, r, pool) for k, r in runs.items()},
+                           rounds, n, flip=True)
   med = lambda v: float(np.median(v))
   for k in runs:
     print(f"{name} {k}: wall {med(wall[k]) * 1e3:.1f} ms/step, CPU {med(cpu[k]) * 1e3:.1f} "

@@ -479,6 +479,36 @@ def remat_ab(name, splits, pool, rounds: int, steps: int, check_steps: int = 3):
 # ----------------------------------------------------------------------------
 
 
+def alternate(variants: dict, rounds: int, steps: int, flip: bool = False) -> tuple[dict, dict]:
+  """Times variants round by round, so that every variant sees the same background load.
+
+  Args:
+    variants: ``{label: run}``, ``run(steps)`` runs that many steps and blocks until done.
+    rounds: timed rounds; each runs every variant once, in turn.
+    steps: steps per variant and round.
+    flip: reverse the order every other round (no variant always runs first).
+
+  Returns:
+    ``(wall, cpu)``: ``{label: [seconds per step, one per round]}`` of wall-clock
+    and of this process's CPU time.
+  """
+  wall = {k: [] for k in variants}
+  cpu = {k: [] for k in variants}
+  for r in range(rounds):
+    order = list(variants)[::-1] if (flip and r % 2) else list(variants)
+    for k in order:
+      c0, t0 = time.process_time(), time.perf_counter()
+      variants[k](steps)
+      wall[k].append((time.perf_counter() - t0) / steps)
+      cpu[k].append((time.process_time() - c0) / steps)
+  return wall, cpu
+
+
+def per_round_speedup(times: dict, base: str, label: str) -> float:
+  """Median over rounds of ``base``'s time over ``label``'s (above 1: ``label`` is faster)."""
+  return float(np.median(np.array(times[base]) / np.array(times[label])))
+
+
 def _grad_diffs(ref, other) -> tuple[float, float]:
   """(largest per-tensor max|a - b| / max|a|, ||a - b|| / ||a|| over all tensors) of two trees."""
   per = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
@@ -542,23 +572,19 @@ def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
     print(f"rat [{label}] vs [all rows]: rows encoded {enc}; max over the states: rel. loss diff "
           f"{dl:.1e}, per-tensor max|d grad|/max|grad| {dt:.1e}, ||d grad||/||grad|| {dn:.1e}",
           flush=True)
-  wall = [[] for _ in runs]
-  cpu = [[] for _ in runs]
-  for _ in range(rounds):
-    for i, (_, run) in enumerate(runs):
-      c0 = time.process_time()
-      wall[i].append(time_steps(run, pool, steps))
-      cpu[i].append((time.process_time() - c0) / steps)
+  wall, cpu = alternate({label: functools.partial(time_steps, run, pool) for label, run in runs},
+                        rounds, steps)
   load = os.getloadavg()
   out = {"distinct_rows": counts}
-  for i, (label, _) in enumerate(runs):
-    rw = float(np.median(np.array(wall[0]) / np.array(wall[i])))
-    rc = float(np.median(np.array(cpu[0]) / np.array(cpu[i])))
-    out[label] = {"wall_ms": float(np.median(wall[i])) * 1e3,
-                  "cpu_ms": float(np.median(cpu[i])) * 1e3, "speedup_wall": rw, "speedup_cpu": rc}
+  base = runs[0][0]
+  for label, _ in runs:
+    rw, rc = per_round_speedup(wall, base, label), per_round_speedup(cpu, base, label)
+    out[label] = {"wall_ms": float(np.median(wall[label])) * 1e3,
+                  "cpu_ms": float(np.median(cpu[label])) * 1e3, "speedup_wall": rw,
+                  "speedup_cpu": rc}
     print(f"rat [{label}]: {rounds} alternated rounds of {steps} steps: wall "
           f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians;"
-          f" per round {', '.join(f'{t * 1e3:.0f}' for t in wall[i])} ms); median per-round "
+          f" per round {', '.join(f'{t * 1e3:.0f}' for t in wall[label])} ms); median per-round "
           f"speed-up over [all rows]: wall {rw:.3f}x, CPU {rc:.3f}x; "
           f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
   return out
@@ -590,16 +616,11 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
   print(f"{name}: loss at the same state: float32 {l32:.4f}, bfloat16 {l16:.4f} "
         f"(relative difference {abs(l16 - l32) / abs(l32):.2e}); compile f32 "
         f"{runs['float32'].compile_s:.1f} s, bf16 {runs['bfloat16'].compile_s:.1f} s", flush=True)
-  wall = {"float32": [], "bfloat16": []}
-  cpu = {"float32": [], "bfloat16": []}
-  for _ in range(rounds):
-    for dt in ("float32", "bfloat16"):
-      c0 = time.process_time()
-      wall[dt].append(time_steps(runs[dt], pool, steps))
-      cpu[dt].append((time.process_time() - c0) / steps)
+  wall, cpu = alternate({dt: functools.partial(time_steps, runs[dt], pool)
+                         for dt in ("float32", "bfloat16")}, rounds, steps)
   load = os.getloadavg()
   for what, t in (("wall", wall), ("cpu", cpu)):
-    ratio = np.median(np.array(t["float32"]) / np.array(t["bfloat16"]))
+    ratio = per_round_speedup(t, "float32", "bfloat16")
     print(f"{name}: {rounds} alternated rounds of {steps} steps, {what} time: float32 "
           f"{np.median(t['float32']) * 1e3:.1f} ms/step, bfloat16 "
           f"{np.median(t['bfloat16']) * 1e3:.1f} ms/step (medians); median per-round f32/bf16 = "
@@ -664,22 +685,21 @@ def options_ab(name, splits, pool, variants: list, rounds: int, steps: int) -> d
     print(f"{name} [{label}]: loss {l:.6f} (rel. diff {abs(l - l0) / abs(l0):.1e}), |grad| {n:.6g},"
           f" max per-tensor rel. grad diff {dg:.1e}", flush=True)
   states = [jax.tree.map(jnp.copy, run.state) for _ in fns]
-  wall = [[] for _ in fns]
-  cpu = [[] for _ in fns]
-  for _ in range(rounds):
-    for i, fn in enumerate(fns):
-      c0, t0 = time.process_time(), time.perf_counter()
-      for _ in range(steps):
-        states[i], m = fn(states[i], pool, run.perm)
+
+  def runner(i):
+    def go(n):
+      for _ in range(n):
+        states[i], m = fns[i](states[i], pool, run.perm)
       jax.block_until_ready(m)
-      wall[i].append((time.perf_counter() - t0) / steps)
-      cpu[i].append((time.process_time() - c0) / steps)
+    return go
+
+  wall, cpu = alternate({label: runner(i) for i, label in enumerate(labels)}, rounds, steps)
   load = os.getloadavg()
   out = {}
   for i, label in enumerate(labels):
-    rw = float(np.median(np.array(wall[0]) / np.array(wall[i])))
-    rc = float(np.median(np.array(cpu[0]) / np.array(cpu[i])))
-    out[label] = {"wall_ms": float(np.median(wall[i])) * 1e3, "cpu_ms": float(np.median(cpu[i])) * 1e3,
+    rw, rc = per_round_speedup(wall, labels[0], label), per_round_speedup(cpu, labels[0], label)
+    out[label] = {"wall_ms": float(np.median(wall[label])) * 1e3,
+                  "cpu_ms": float(np.median(cpu[label])) * 1e3,
                   "speedup_wall": rw, "speedup_cpu": rc, "loss": losses[i][0]}
     print(f"{name} [{label}]: {rounds} alternated rounds of {steps} steps: wall "
           f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians); "
