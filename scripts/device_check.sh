@@ -10,9 +10,65 @@
 # The run ends by itself in under 8 minutes (bench/device_check.py keeps to a 440 s
 # budget, `timeout` stops it at DEVICE_CHECK_TIMEOUT seconds whatever happens), and
 # writes one JSON file per section plus device_check.log under $OUT.
+#
+# What travels to the device (the tracked and untracked-not-ignored files, plus .carry/)
+# is limited to 64 MiB. The long runs' archives in carry/ are tracked and travel too:
+#
+#   scripts/device_check.sh size        # HERE: what would travel, in MiB; exit 1 if over
+#   scripts/device_check.sh hold        # HERE, before the device call: moves carry/'s run
+#                                       # archives to the git-ignored .carry-hold/
+#   scripts/device_check.sh restore     # HERE, right after it: moves them back
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.carry
+HOLD=.carry-hold
+LIMIT_MIB=64
+
+if [ "${1:-}" = size ]; then
+  # Files that exist: tracked (a held archive is absent) and untracked-not-ignored, then .carry/.
+  total=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } \
+    | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+  extra=$( [ -d "$CARRY" ] && du -sb "$CARRY" | cut -f1 || echo 0)
+  mib=$(awk -v a="$total" -v b="$extra" 'BEGIN {printf "%.1f", (a + b) / 1048576}')
+  echo "would travel: $mib MiB (working tree $(awk -v a="$total" 'BEGIN {printf "%.1f", a / 1048576}')" \
+       "MiB, $CARRY $(awk -v b="$extra" 'BEGIN {printf "%.1f", b / 1048576}') MiB); limit $LIMIT_MIB MiB"
+  if awk -v m="$mib" -v l="$LIMIT_MIB" 'BEGIN {exit !(m > l)}'; then
+    ls -s --block-size=M carry/*.tar.gz 2>/dev/null | sed 's/^/  /'
+    echo "over the limit: run 'scripts/device_check.sh hold' before the device call and" \
+         "'scripts/device_check.sh restore' right after it" >&2
+    exit 1
+  fi
+  exit 0
+fi
+
+if [ "${1:-}" = hold ]; then
+  mkdir -p "$HOLD"
+  moved=0
+  for f in carry/*.tar.gz; do
+    [ -e "$f" ] || continue
+    if [ -e "$HOLD/$(basename "$f")" ]; then
+      echo "$HOLD/$(basename "$f") exists: restore first" >&2; exit 1
+    fi
+    mv "$f" "$HOLD/" && moved=$((moved + 1))
+  done
+  echo "held $moved run archive(s) in $HOLD/: run 'scripts/device_check.sh restore' after" \
+       "the device call, before any commit"
+  exit 0
+fi
+
+if [ "${1:-}" = restore ]; then
+  n=0
+  for f in "$HOLD"/*.tar.gz; do
+    [ -e "$f" ] || continue
+    if [ -e "carry/$(basename "$f")" ]; then
+      echo "carry/$(basename "$f") exists: left $f where it is" >&2; continue
+    fi
+    mv "$f" carry/ && n=$((n + 1))
+  done
+  echo "restored $n run archive(s) to carry/"
+  git status --short carry/ | grep '^ D' && { echo "carry/ still misses tracked archives" >&2; exit 1; }
+  exit 0
+fi
 
 if [ "${1:-}" = prepare ]; then
   PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
@@ -34,6 +90,7 @@ if [ "${1:-}" = prepare ]; then
   done
   du -sh "$CARRY"
   echo "Ready. On the GPU machine, with carry [\"$CARRY\"]: bash scripts/device_check.sh"
+  "$0" size
   exit 0
 fi
 

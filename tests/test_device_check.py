@@ -149,3 +149,42 @@ def test_float64_reference_matches_a_direct_sum(device_check):
   d_big = ((z[:, None].astype(np.float64) - bank[None]) ** 2).sum(-1)
   ref_big = logsumexp(-d_big / (2 * s2), axis=1) - 20 * math.log(2 * math.pi * s2)
   np.testing.assert_allclose(big, ref_big, rtol=0, atol=1e-9)
+
+
+def _git(cwd, *args):
+  subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                 env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                      "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(cwd), "PATH": "/usr/bin:/bin"})
+
+
+def test_travel_size_and_holding_the_run_archives(tmp_path):
+  """``device_check.sh size`` counts what travels (tracked files and .carry/) against
+  64 MiB; ``hold`` moves carry/'s archives out of it and ``restore`` brings them back."""
+  repo = tmp_path / "repo"
+  (repo / "scripts").mkdir(parents=True)
+  (repo / "carry").mkdir()
+  script = repo / "scripts" / "device_check.sh"
+  script.write_text((Path(ROOT) / "scripts" / "device_check.sh").read_text())
+  (repo / ".gitignore").write_text("/.carry/\n/.carry-hold/\n")
+  archive = repo / "carry" / "run.tar.gz"
+  with open(archive, "wb") as f:                       # 40 MiB, sparse
+    f.truncate(40 * 2**20)
+  (repo / "carry" / "run.json").write_text("{}")
+  _git(repo, "init", "-q")
+  _git(repo, "add", "-A")
+  _git(repo, "commit", "-qm", "x")
+  (repo / ".carry").mkdir()
+  with open(repo / ".carry" / "data.bin", "wb") as f:  # 30 MiB: 70 MiB in all
+    f.truncate(30 * 2**20)
+  sh = lambda verb: subprocess.run(["bash", str(script), verb], cwd=repo, capture_output=True,
+                                   text=True, timeout=60)
+  over = sh("size")
+  assert over.returncode == 1 and "70.0 MiB" in over.stdout and "hold" in over.stderr
+  held = sh("hold")
+  assert held.returncode == 0 and not archive.exists()
+  assert (repo / ".carry-hold" / "run.tar.gz").exists() and (repo / "carry" / "run.json").exists()
+  under = sh("size")
+  assert under.returncode == 0 and "30.0 MiB" in under.stdout
+  back = sh("restore")
+  assert back.returncode == 0 and archive.stat().st_size == 40 * 2**20
+  assert not any((repo / ".carry-hold").iterdir())
