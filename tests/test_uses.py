@@ -141,6 +141,24 @@ def test_knn_queries_are_grey_images_by_default(run):
 
 
 
+def test_downstream_results_record_the_model_and_the_code(run, tmp_path):
+  """knn.json and augment.json say which parameters and which commit made them."""
+  from exvae import published, rundir
+  _, workdir, t, _ = run
+  head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                        text=True).stdout.strip()
+  rec = commands.provenance(t, workdir)
+  assert rec["commit"] == (head or "unknown") and rec["model"]["path"] == workdir
+  assert rec["model"]["best_epoch"] == int(t.meta["best_epoch"])
+  assert "params_sha256" not in rec["model"]                   # a run directory: no digest
+  out = str(tmp_path / "published")
+  published.save(out, t.params, rundir.read_stored_config(workdir),
+                 {"best_epoch": 7, "source_run": "r", "source_commit": "abc"})
+  pub = commands.provenance(t, out)["model"]
+  assert pub["params_sha256"] == published.read_meta(out)["params_sha256"]
+  assert (pub["best_epoch"], pub["source_run"], pub["source_commit"]) == (7, "r", "abc")
+
+
 # ----------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------
@@ -251,11 +269,13 @@ def test_cli_commands_end_to_end(run, tmp_path):
   assert set(saved["val"]) == {"3", "5"} and set(saved["test"]) == {"3", "5"}
   assert all(0 <= v <= 1 for v in saved["val"].values())
   assert saved["num_train"] == t.splits.train_x.shape[0]
+  assert saved["model"]["path"] == workdir and saved["commit"]
 
   r = commands.run("augment", config, workdir, out, epochs=1, hidden=16, max_steps=3)
   with open(os.path.join(out, "augment.json")) as f:
     saved = json.load(f)
   assert {"test_error_with", "test_error_without"} <= set(saved) and saved["steps"] == 3
+  assert saved["model"]["path"] == workdir and saved["commit"]
 
   r = commands.run("plots", config, workdir, out, tsne_points=60)
   assert os.path.getsize(r["tsne_png"]) > 0 and os.path.getsize(r["curves_png"]) > 0

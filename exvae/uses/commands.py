@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import os
+import subprocess
 from typing import Any, Callable, Sequence
 
 import jax
@@ -30,12 +32,44 @@ import numpy as np
 from exvae import atomic
 from exvae import bank as bank_lib
 from exvae import progress as progress_lib
+from exvae import published
 from exvae.uses import augment as augment_lib
 from exvae.uses import generation, knn, plots
 
 
 def _write_json(path: str, obj: dict) -> str:
   return atomic.write_json(path, atomic.finite_or_none(obj))
+
+
+def _code_commit() -> str:
+  """git HEAD of the checkout this package runs from ("unknown" outside a git checkout)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def provenance(trained, workdir: str) -> dict[str, Any]:
+  """What a downstream result was computed from: the model's parameters and the code.
+
+  Returns:
+    ``{"model": {"path", "best_epoch", ...}, "commit", "date"}``; a published
+    model (:mod:`exvae.published`) adds its ``params_sha256``, ``source_run``
+    and ``source_commit``.
+  """
+  model: dict[str, Any] = {"path": workdir}
+  if trained.meta.get("best_epoch") is not None:
+    model["best_epoch"] = int(trained.meta["best_epoch"])
+  if published.is_published(workdir):
+    meta = published.read_meta(workdir)
+    for key in ("best_epoch", "params_sha256", "source_run", "source_commit"):
+      if key in meta:
+        model[key] = meta[key]
+  return {"model": model, "commit": _code_commit(),
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def _load(config, workdir: str, bank_path: str | None, allow_bank_mismatch: bool = False):
@@ -128,6 +162,7 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
   trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   res = knn.evaluate_knn(trained, bank, ks, query_images=query_images, tie_break=tie_break,
                          progress=bool(config.progress))
+  res.update(provenance(trained, workdir))
   res["path"] = _write_json(os.path.join(out, "knn.json"), res)
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
   print("   k   val (ref=train)   test (ref=train+val)")
@@ -148,6 +183,7 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
                                      encode_input=encode_input,
                                      max_steps=max_steps or None,
                                      progress=bool(config.progress))
+  res.update(provenance(trained, workdir))
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
   n = len(res["runs"])
   pm = lambda tag: (f"{100 * res[f'test_error_{tag}']:.2f}"  # noqa: E731
