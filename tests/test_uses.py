@@ -164,6 +164,25 @@ def test_downstream_results_record_the_model_and_the_code(run, tmp_path):
 # ----------------------------------------------------------------------------
 
 
+def test_classifier_starts_and_decays_as_the_authors_one():
+  """PyTorch nn.Linear init (kernel and bias U(+-1/sqrt(fan_in))) and the per-epoch
+  LambdaLR(1 - 0.99 * epoch / epochs) of the authors' classify_data."""
+  params = augment.MLP(hidden=64, num_classes=10).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]
+  for name, fan_in in (("Dense_0", 784), ("Dense_1", 64), ("Dense_2", 64)):
+    k, b = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
+    bound = 1.0 / np.sqrt(fan_in)
+    assert np.abs(k).max() <= bound and np.abs(b).max() <= bound
+    assert np.abs(b).max() > 0.5 * bound                     # drawn, not zeros
+    if k.size >= 4096:
+      assert np.var(k) == pytest.approx(bound ** 2 / 3, rel=0.1)   # uniform: bound^2 / 3
+  sched = augment.lr_schedule(epochs=4, steps_per_epoch=3, learning_rate=0.1)
+  got = [float(sched(jnp.int32(i))) for i in range(14)]
+  want = [0.1 * (1 - 0.99 * min(i // 3, 3) / 4) for i in range(14)]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got[0] == pytest.approx(0.1) and got[-1] == pytest.approx(0.1 * (0.01 + 0.99 / 4))
+
+
 def test_augmented_images_on_grey_grid(run):
   _, _, t, bank = run
   x = jnp.asarray(t.splits.train_x[:16])
@@ -179,11 +198,11 @@ def test_augmentation_training_loss_decreases(run):
   _, _, t, bank = run
   x, y = t.splits.train_x[:400], t.splits.train_y[:400]
   r = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], hidden=32,
-                               epochs=8, augment=True, vae=t.setup.model,
+                               epochs=16, augment=True, vae=t.setup.model,
                                vae_params=t.params["model"], log_var=bank.log_var,
                                batch_size=50, seed=0)
   losses = np.asarray(r["losses"])
-  assert r["steps"] == 64 and losses.shape == (64,)
+  assert r["steps"] == 128 and losses.shape == (128,)
   assert np.all(np.isfinite(losses))
   assert losses[-10:].mean() < losses[:10].mean() - 0.1, (losses[:10], losses[-10:])
   assert 0.0 <= r["test_error"] < 0.9

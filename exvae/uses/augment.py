@@ -1,8 +1,9 @@
 """Generative data augmentation with an Exemplar VAE (the paper's classifier setup).
 
-A permutation-invariant MLP ``D -> h -> h -> C`` (ReLU) is trained with label
-smoothing 0.1, SGD with momentum 0.9, a learning rate of 0.1 decayed linearly
-to 1% of it over the run, batches of 100, and the loss
+A permutation-invariant MLP ``D -> h -> h -> C`` (ReLU; layers initialised as
+PyTorch's ``nn.Linear``) is trained with label smoothing 0.1, SGD with
+momentum 0.9, a learning rate of 0.1 decayed linearly towards 1% of it epoch
+by epoch (the authors' per-epoch ``LambdaLR``), batches of 100, and the loss
 
     0.4 * CE(f(x), y) + 0.6 * CE(f(x_aug), y),
 
@@ -64,8 +65,27 @@ def binarise_before_encoding(encode_input: str, binary_data: bool) -> bool:
   return encode_input == "bernoulli" and bool(binary_data)
 
 
+def torch_linear(features: int, fan_in: int, name: str | None = None) -> nn.Dense:
+  """A Dense layer initialised as PyTorch's ``nn.Linear`` (the authors' classifier).
+
+  Kernel and bias are both drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)):
+  PyTorch's Kaiming-uniform with a = sqrt(5), variance 1/(3 fan_in), a third
+  of Flax's default LeCun-normal variance (and Flax's bias starts at zero).
+  """
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return nn.Dense(features, name=name, bias_init=bias_init,
+                  kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
+
+
 class MLP(nn.Module):
   """Permutation-invariant classifier: flatten -> Dense(h) -> ReLU -> Dense(h) -> ReLU -> Dense(C).
+
+  Every layer starts as PyTorch's ``nn.Linear`` does (:func:`torch_linear`),
+  as the authors' ``nn.Sequential`` classifier.
 
   Attributes:
     hidden: h.
@@ -79,9 +99,9 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) or (B, D) -> logits (B, num_classes)."""
     h = x.reshape(x.shape[0], -1)
-    h = nn.relu(nn.Dense(self.hidden)(h))
-    h = nn.relu(nn.Dense(self.hidden)(h))
-    return nn.Dense(self.num_classes)(h)
+    h = nn.relu(torch_linear(self.hidden, h.shape[-1], "Dense_0")(h))
+    h = nn.relu(torch_linear(self.hidden, self.hidden, "Dense_1")(h))
+    return torch_linear(self.num_classes, self.hidden, "Dense_2")(h)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -126,12 +146,38 @@ class ClassifierState:
   opt_state: PyTree
 
 
-def make_optimizer(total_steps: int, learning_rate: float = 0.1, final_fraction: float = 0.01,
+def lr_schedule(epochs: int, steps_per_epoch: int, learning_rate: float = 0.1,
+                final_fraction: float = 0.01) -> optax.Schedule:
+  """The authors' per-epoch linear decay: epoch e (from 0) runs at lr (1 - (1 - f) e / E).
+
+  Their ``LambdaLR(lambda epoch: 1 - 0.99 * epoch / epochs)`` steps once per
+  epoch, so the rate is constant within an epoch and reaches ``f`` of its
+  start only after the last one (the last epoch runs at lr (f + (1 - f) / E)).
+
+  Args:
+    epochs: E.
+    steps_per_epoch: optimiser steps per epoch.
+    learning_rate: lr.
+    final_fraction: f.
+
+  Returns:
+    step -> learning rate.
+  """
+  e_total = max(int(epochs), 1)
+  spe = max(int(steps_per_epoch), 1)
+
+  def schedule(step):
+    epoch = jnp.minimum(step // spe, e_total - 1)
+    return learning_rate * (1.0 - (1.0 - final_fraction) * epoch / e_total)
+  return schedule
+
+
+def make_optimizer(epochs: int, steps_per_epoch: int, learning_rate: float = 0.1,
+                   final_fraction: float = 0.01,
                    momentum: float = 0.9) -> optax.GradientTransformation:
-  """SGD + momentum, lr decayed linearly from ``learning_rate`` to ``final_fraction`` of it."""
-  sched = optax.linear_schedule(learning_rate, learning_rate * final_fraction,
-                                transition_steps=max(int(total_steps), 1))
-  return optax.sgd(sched, momentum=momentum)
+  """SGD with momentum (PyTorch's: v = m v + g, p -= lr v) and :func:`lr_schedule`."""
+  return optax.sgd(lr_schedule(epochs, steps_per_epoch, learning_rate, final_fraction),
+                   momentum=momentum)
 
 
 def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Array,
@@ -270,7 +316,7 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   spe = n // batch_size
   total = epochs * spe
   clf = MLP(hidden=int(hidden), num_classes=c)
-  opt = make_optimizer(total, learning_rate)
+  opt = make_optimizer(epochs, spe, learning_rate)
   setup = AugmentSetup(classifier=clf, optimizer=opt, vae=vae, augment=bool(augment),
                        binary=bool(binary), num_classes=c, batch_size=int(batch_size),
                        steps_per_epoch=spe, mean_fn=mean_fn)
