@@ -322,3 +322,31 @@ def test_cli_script(run, tmp_path):
   p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 0, p.stderr[-2000:]
   assert "bytes on disk vs" in p.stdout and os.path.exists(os.path.join(out, "bank.npz"))
+
+
+@pytest.mark.slow
+def test_downstream_script_writes_the_records_of_a_published_model(run, tmp_path):
+  """scripts/downstream.sh on a published tiny model: knn.json and augment.json with their
+  provenance, the pictures; a missing model or an unknown step is a one-line error."""
+  from exvae import published, rundir
+  config, workdir, t, _ = run
+  model = tmp_path / "model"
+  published.save(str(model), t.params, rundir.read_stored_config(workdir),
+                 {"best_epoch": int(t.meta["best_epoch"]), "source_run": "tiny"})
+  env = dict(os.environ, PY=sys.executable, MODEL=str(model), RESULTS=str(tmp_path / "res"),
+             IMAGES=str(tmp_path / "img"), RUN=workdir, SEEDS="0", EPOCHS="1", MAX_STEPS="2")
+  script = os.path.join(ROOT, "scripts", "downstream.sh")
+  proc = subprocess.run(["bash", script, "tiny", "knn", "augment", "pictures"], env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  knn_rec = json.loads((tmp_path / "res" / "tiny" / "knn.json").read_text())
+  aug = json.loads((tmp_path / "res" / "tiny" / "augment.json").read_text())
+  assert set(knn_rec["test"]) == {"3", "5", "9", "15"} and knn_rec["model"]["source_run"] == "tiny"
+  assert aug["steps"] == 2 and aug["model"]["params_sha256"] == knn_rec["model"]["params_sha256"]
+  for name in ("conditional", "unconditional", "cyclic", "interpolation", "tsne", "curves"):
+    assert (tmp_path / "img" / f"{name}.png").stat().st_size > 0
+  bad = subprocess.run(["bash", script, "tiny", "nope"], env=env, capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown step" in bad.stderr
+  env["MODEL"] = str(tmp_path / "missing")
+  gone = subprocess.run(["bash", script, "tiny"], env=env, capture_output=True, text=True)
+  assert gone.returncode == 2 and "no published model" in gone.stderr

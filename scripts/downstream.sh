@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The downstream records of a finished, published model (docs/downstream.md):
+#
+#   scripts/downstream.sh CONFIG [knn] [augment] [pictures]     # default: knn augment
+#
+# reads results/CONFIG/model (scripts/publish_model.py writes it) and
+#   knn       writes results/CONFIG/knn.json (k = 3, 5, 9, 15; about a minute);
+#   augment   writes results/CONFIG/augment.json (the MLP without and with generative
+#             augmentation, SEEDS classifier seeds, EPOCHS epochs; about an hour on 2 cores
+#             for 3 seeds x 100 epochs);
+#   pictures  writes docs/images/{conditional,unconditional,cyclic,interpolation}.png, and
+#             tsne.png and curves.png from the run directory RUN=~/exvae-runs/CONFIG if given;
+# then regenerates the tables of docs/downstream.md. Each output is written in a scratch
+# folder first and copied when its command succeeded, so a failed or stopped step leaves
+# the committed records as they were.
+#
+# Environment: PY (.venv/bin/python), SEEDS (0,1,2), EPOCHS (100), MAX_STEPS (0: no cap;
+# for a smoke run), RUN (the run directory, for curves.png), RESULTS and IMAGES (where the
+# records and pictures go: results, docs/images; elsewhere, docs/downstream.md is left as
+# it is), MODEL (the published model: results/CONFIG/model).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PY:-.venv/bin/python}"
+if [ $# -lt 1 ]; then
+  echo "usage: scripts/downstream.sh CONFIG [knn] [augment] [pictures]" >&2
+  exit 2
+fi
+cfg="$1"; shift
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(knn augment)
+model="${MODEL:-results/$cfg/model}"
+if [ ! -f "$model/model.json" ]; then
+  echo "downstream.sh: no published model in $model: run scripts/publish_model.py" \
+       "--workdir RUN_DIR --config $cfg first" >&2
+  exit 2
+fi
+for s in "${steps[@]}"; do
+  case "$s" in knn|augment|pictures) ;; *)
+    echo "downstream.sh: unknown step '$s' (knn, augment, pictures)" >&2; exit 2;;
+  esac
+done
+RESULTS="${RESULTS:-results}"; IMAGES="${IMAGES:-docs/images}"
+mkdir -p "$RESULTS/$cfg" "$IMAGES"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/downstream_${cfg}_XXXX")
+uses=("$PY" uses.py)
+for s in "${steps[@]}"; do
+  case "$s" in
+    knn)
+      "${uses[@]}" knn --config="$model/config.json" --workdir="$model" --ks=3,5,9,15 \
+        --out="$tmp/knn" --config.progress=False
+      cp "$tmp/knn/knn.json" "$RESULTS/$cfg/knn.json";;
+    augment)
+      "${uses[@]}" augment --config="$model/config.json" --workdir="$model" \
+        --seeds="${SEEDS:-0,1,2}" --epochs="${EPOCHS:-100}" --max_steps="${MAX_STEPS:-0}" \
+        --out="$tmp/augment" --config.progress=False
+      cp "$tmp/augment/augment.json" "$RESULTS/$cfg/augment.json";;
+    pictures)
+      "${uses[@]}" generate --config="$model/config.json" --workdir="$model" \
+        --out="$tmp/pictures" --config.progress=False
+      if [ -n "${RUN:-}" ]; then
+        "${uses[@]}" plots --config="$model/config.json" --workdir="$RUN" \
+          --out="$tmp/pictures" --config.progress=False
+      else
+        echo "downstream.sh: tsne.png and curves.png need the run directory (RUN=...): skipped" >&2
+      fi
+      for f in conditional unconditional cyclic interpolation tsne curves; do
+        [ -f "$tmp/pictures/$f.png" ] && cp "$tmp/pictures/$f.png" "$IMAGES/$f.png"
+      done;;
+  esac
+done
+if [ "$RESULTS" = results ]; then
+  "$PY" scripts/downstream_table.py --write docs/downstream.md
+fi
+echo "downstream.sh: $cfg: ${steps[*]} done; records in $RESULTS/$cfg/, scratch in $tmp"
