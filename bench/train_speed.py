@@ -51,7 +51,6 @@ import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Any
@@ -62,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import config_registry, data, train_lib
+from exvae import config_registry, data, runinfo, train_lib
 from exvae.config_base import base_config
 
 TARGETS = {"rat": 9.0, "exact": 145.0}
@@ -524,9 +523,9 @@ def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
 
   Runs ``exemplar.rat_compact`` off, then on with each of ``chunks`` as
   ``rat_compact_chunk``, all from the same state (the "off" run's after
-  :data:`RAT_PRETRAIN` steps).  Equivalence: at ``check_steps`` successive states of the "off" run, the loss and every
-  gradient of each variant (relative differences printed), and each state's
-  distinct union rows.  Timing: ``rounds`` rounds, each ``steps`` steps of
+  :data:`RAT_PRETRAIN` steps).  Equivalence: at ``check_steps`` successive
+  states of the "off" run, the loss and every gradient of each variant
+  (relative differences printed), and each state's distinct union rows.  Timing: ``rounds`` rounds, each ``steps`` steps of
   every variant in turn (same background load); medians of wall and process
   CPU time per step and the median per-round speed-up over "off".
 
@@ -752,13 +751,8 @@ def cpu_name() -> str:
 def provenance(argv: list[str] | None = None) -> dict:
   """``{"commit", "date", "command"}`` of this run: git HEAD of the checkout, UTC time, argv."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                            text=True, timeout=10).stdout.strip() or "unknown"
-  except (OSError, subprocess.SubprocessError):
-    commit = "unknown"
   argv = sys.argv if argv is None else argv
-  return {"commit": commit,
+  return {"commit": runinfo.code_commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
           "command": " ".join(["python"] + [os.path.relpath(argv[0], root)
                                             if os.path.isabs(argv[0]) else argv[0]] + argv[1:])}

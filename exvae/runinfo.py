@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 
 
@@ -54,6 +55,17 @@ def read_val_records(workdir: str | os.PathLike) -> list[dict]:
     if "val_loss" in rec and "epoch" in rec:
       recs[int(rec["epoch"])] = rec
   return [recs[e] for e in sorted(recs)]
+
+
+def code_commit() -> str:
+  """git HEAD of the checkout this package runs from ("unknown" outside a git checkout)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def cpu_name() -> str:

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import datetime
 import os
-import subprocess
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,24 +31,13 @@ import numpy as np
 from exvae import atomic
 from exvae import bank as bank_lib
 from exvae import progress as progress_lib
-from exvae import published
+from exvae import published, runinfo
 from exvae.uses import augment as augment_lib
 from exvae.uses import generation, knn, plots
 
 
 def _write_json(path: str, obj: dict) -> str:
   return atomic.write_json(path, atomic.finite_or_none(obj))
-
-
-def _code_commit() -> str:
-  """git HEAD of the checkout this package runs from ("unknown" outside a git checkout)."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  try:
-    out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, timeout=10)
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
-  return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def provenance(trained, workdir: str) -> dict[str, Any]:
@@ -68,7 +56,7 @@ def provenance(trained, workdir: str) -> dict[str, Any]:
     for key in ("best_epoch", "params_sha256", "source_run", "source_commit"):
       if key in meta:
         model[key] = meta[key]
-  return {"model": model, "commit": _code_commit(),
+  return {"model": model, "commit": runinfo.code_commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
