@@ -50,7 +50,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -736,18 +735,6 @@ def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
 # ----------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-  """The CPU's model name (``/proc/cpuinfo``), ', AVX-512' appended where it has it."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return platform.processor() or "unknown CPU"
-  name = next((l.split(":", 1)[1].strip() for l in info.splitlines()
-               if l.startswith("model name")), "unknown CPU")
-  return name + (", AVX-512" if " avx512f" in info else "")
-
-
 def provenance(argv: list[str] | None = None) -> dict:
   """``{"commit", "date", "command"}`` of this run: git HEAD of the checkout, UTC time, argv."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -794,7 +781,7 @@ def step_record(name: str, sec_per_step: float, flops: dict | None, rate: float 
 def machine_record(rate: float | None) -> dict:
   """The machine of a summary: CPU, cores, the XLA matmul rate of this run, the load."""
   load = os.getloadavg()
-  return {"cpu": cpu_name(), "cores": os.cpu_count(),
+  return {"cpu": runinfo.cpu_name(with_isa=True), "cores": os.cpu_count(),
           "xla_matmul_gflops": rate / 1e9 if rate else None,
           "loadavg": [round(x, 2) for x in load]}
 

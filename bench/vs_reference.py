@@ -262,7 +262,7 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   from bench import train_speed as ts
-  from exvae import train_lib
+  from exvae import runinfo, train_lib
 
   log_path = os.path.join(tempfile.mkdtemp(prefix="vs_reference_"), "reference.log")
   ref = Reference(py, src, drv, log_path)
@@ -270,7 +270,7 @@ def main():
     splits, data_src = ts.load_splits()
     pool = jnp.asarray(splits.train_x)
     other_cpu = OtherCpu([os.getpid(), ref.proc.pid])
-    print(f"machine: {ts.cpu_name()}, {os.cpu_count()} cores, each code on {args.threads}; "
+    print(f"machine: {runinfo.cpu_name(with_isa=True)}, {os.cpu_count()} cores, each code on {args.threads}; "
           f"{loadavg()} at start (lags by minutes: the summary line measures the CPU "
           "other processes took during the run)")
     print(f"exvae: jax {jax.__version__} {jax.default_backend()}; reference: torch "
@@ -360,7 +360,7 @@ def main():
           + (f"{100 * frac:.1f}%" if frac is not None else "an unknown share")
           + " of the cores' time during the run; figures "
           + ("on a quiet machine" if quiet else "MEASURED UNDER LOAD"))
-    out = summary(ts.cpu_name(), os.cpu_count(), max(xla_r), max(torch_r), rows, ts.provenance())
+    out = summary(runinfo.cpu_name(with_isa=True), os.cpu_count(), max(xla_r), max(torch_r), rows, ts.provenance())
     print("wrote", ts.write_json(args.out, out), flush=True)
   finally:
     ref.close()

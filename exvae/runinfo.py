@@ -68,16 +68,21 @@ def code_commit() -> str:
   return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def cpu_name() -> str:
-  """The CPU's model name from ``/proc/cpuinfo`` (else what ``platform`` knows)."""
+def cpu_name(with_isa: bool = False) -> str:
+  """The CPU's model name from ``/proc/cpuinfo`` (else what ``platform`` knows).
+
+  Args:
+    with_isa: append ", AVX-512" on CPUs that have it (it sets the float32
+      matmul rate, which the model name alone does not show on cloud CPUs).
+  """
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+      info = f.read()
   except OSError:
-    pass
-  return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine()
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+               if line.startswith("model name")), platform.processor() or platform.machine())
+  return name + (", AVX-512" if with_isa and " avx512f" in info else "")
 
 
 def matmul_rate(n: int = 2048, reps: int = 3) -> float:

@@ -20,4 +20,18 @@ def test_matmul_rate_matches_its_own_timing():
   assert math.isfinite(rate) and rate > 0
   # 2 n^3 FLOPs in at least one microsecond: no more than 5e5 GFLOP/s.
   assert rate < 2 * 64**3 / 1e-6
+
+
+def test_cpu_name_reads_the_model_name_and_marks_avx512(tmp_path, monkeypatch):
+  import builtins
+  info = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2{}\n"
+  real_open = builtins.open
+  for flags, suffix in ((" avx512f avx512bw", ", AVX-512"), ("", "")):
+    path = tmp_path / "cpuinfo"
+    path.write_text(info.format(flags))
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
+        path if p == "/proc/cpuinfo" else p, *a, **k))
+    assert runinfo.cpu_name() == "Test CPU 9000"
+    assert runinfo.cpu_name(with_isa=True) == "Test CPU 9000" + suffix
+  monkeypatch.setattr(builtins, "open", real_open)
   assert runinfo.cpu_name()
