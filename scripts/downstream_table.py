@@ -56,22 +56,27 @@ def knn_table(rows: list[tuple[str, dict]]) -> str:
 def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") -> str:
   """Markdown table of augmentation test errors (%), with the paper's figures."""
   paper = PAPER_AUGMENT.get(dataset)
-  head = ("| model | seeds | epochs | without | with | difference | encoder input | s2 |",
-          "|---|---|---|---|---|---|---|---|")
+  head = ("| model | seeds | epochs | without | with | difference | encoder input | s2 "
+          "| augmented copies misread |",
+          "|---|---|---|---|---|---|---|---|---|")
   lines = list(head)
   if paper:
     lines.append(f"| paper (Exemplar VAE) | - | 100 | {paper[0]:.2f} | {paper[1]:.2f} | "
-                 f"{paper[1] - paper[0]:+.2f} | - | - |")
+                 f"{paper[1] - paper[0]:+.2f} | - | - | - |")
   for name, r in rows:
     def pm(tag):
       return f"{100 * r[f'test_error_{tag}']:.2f} +- {100 * r.get(f'test_error_{tag}_std', 0):.2f}"
     diff = 100 * (r["test_error_with"] - r["test_error_without"])
     s2 = f"exp({r['log_var']:.2f})" if "log_var" in r else "-"
+    # How often the classifier trained on real images alone disagrees with the
+    # label an augmented copy keeps (the augmentation's label noise).
+    misread = (f"{100 * r['aug_error_without']:.2f} (real: {100 * r['train_error_without']:.2f})"
+               if "aug_error_without" in r else "-")
     lines.append(f"| `{name}` | {len(r.get('seeds', [r.get('seed', 0)]))} | {r.get('epochs')} | "
                  f"{pm('without')} | {pm('with')} | {diff:+.2f} | "
-                 f"{r.get('encode_input', 'bernoulli')} | {s2} |")
+                 f"{r.get('encode_input', 'bernoulli')} | {s2} | {misread} |")
   if len(lines) == len(head) + (1 if paper else 0):
-    lines.append("| (no augmentation result in `results/` yet) | | | | | | | |")
+    lines.append("| (no augmentation result in `results/` yet) | | | | | | | | |")
   return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,12 @@ def test_tables_from_synthetic_results(tmp_path):
   (root / "m_aug" / "augment.json").write_text(json.dumps(aug))
   text = dt.generate(str(root))
   assert "| `m_knn` | 12.34 | 10.00 | 20.00 | 30.00 | grey, lowest_label | best epoch 7 |" in text
-  assert "| `m_aug` | 3 | 100 | 9.00 +- 0.10 | 8.50 +- 0.20 | -0.50 | grey | exp(-3.00) |" in text
+  assert ("| `m_aug` | 3 | 100 | 9.00 +- 0.10 | 8.50 +- 0.20 | -0.50 | grey | exp(-3.00) | - |"
+          in text)
+  (root / "m_aug2").mkdir()
+  aug.update(aug_error_without=0.1234, train_error_without=0.0321)
+  (root / "m_aug2" / "augment.json").write_text(json.dumps(aug))
+  assert "| exp(-3.00) | 12.34 (real: 3.21) |" in dt.generate(str(root))
   assert "| paper (Exemplar VAE) | - | 100 | 8.56 | 8.16 | -0.40 |" in text
   page = tmp_path / "page.md"
   page.write_text(f"intro\n{dt.BEGIN}\nstale\n{dt.END}\n")

@@ -238,6 +238,23 @@ def test_augmentation_encodes_the_grey_image_unless_asked_for_bernoulli(run):
   np.testing.assert_allclose(spread["recon_to_x"], np.abs(want - np.asarray(x)).mean(), rtol=1e-5)
 
 
+def test_augmented_set_is_augment_images_batch_by_batch(run):
+  _, _, t, bank = run
+  model, mp = t.setup.model, t.params["model"]
+  x = np.asarray(t.splits.train_x[:25])
+  got = augment.augmented_set(model, mp, x, float(bank.log_var), binary=False, seed=3,
+                              batch_size=10)
+  key = jax.random.PRNGKey(3)
+  want = np.concatenate([np.asarray(augment.augment_images(
+      model, mp, jnp.asarray(x[lo:lo + 10]), jnp.float32(bank.log_var),
+      jax.random.fold_in(key, lo), False)) for lo in (0, 10, 20)])
+  np.testing.assert_array_equal(got, want)
+  assert got.shape == x.shape and np.abs(got - x).mean() > 0
+  again = augment.augmented_set(model, mp, x, float(bank.log_var), binary=False, seed=4,
+                                batch_size=10)
+  assert np.abs(again - got).mean() > 0                             # the seed moves the noise
+
+
 @pytest.mark.slow
 def test_augmentation_over_seeds_reports_mean_and_spread(run):
   _, _, t, _ = run
@@ -248,6 +265,12 @@ def test_augmentation_over_seeds_reports_mean_and_spread(run):
     assert r[f"test_error_{tag}"] == pytest.approx(errs.mean())
     assert r[f"test_error_{tag}_std"] == pytest.approx(errs.std(ddof=1))
   assert set(r["spread"]) == {"aug_to_x", "recon_to_x", "aug_to_recon"}
+  for what in ("train_error", "aug_error"):
+    for tag in ("without", "with"):
+      errs = np.array([row[f"{what}_{tag}"] for row in r["runs"]])
+      assert np.all((errs >= 0) & (errs <= 1))
+      assert r[f"{what}_{tag}"] == pytest.approx(errs.mean())
+  assert r["probe"] == min(10000, r["num_train"])
   with pytest.raises(ValueError, match="seed"):
     augment.run_augmentation(t, epochs=1, hidden=16, seeds=(), max_steps=1)
 

@@ -356,7 +356,7 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   ep = [float(np.mean(losses[e * spe:(e + 1) * spe])) for e in range(int(np.ceil(step / spe)))]
   return {"test_error": err, "losses": losses, "epoch_losses": ep, "steps": step,
           "epochs": epochs, "hidden": int(hidden), "augment": bool(augment),
-          "seconds": seconds, "params": state.params}
+          "seconds": seconds, "params": state.params, "classifier": clf}
 
 
 # ----------------------------------------------------------------------------
@@ -471,10 +471,36 @@ def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: 
   return {"aug_to_x": sums[0], "recon_to_x": sums[1], "aug_to_recon": sums[2]}
 
 
+def augmented_set(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
+                  binary: bool, seed: int = 0, batch_size: int = 500,
+                  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> np.ndarray:
+  """One augmented copy of each image, with noise fixed by ``seed`` (as :func:`augment_images`).
+
+  Args:
+    vae, vae_params: the generative model.
+    x: (N, H, W, C) grey levels in [0, 1].
+    log_var: log s2 of the augmentation noise.
+    binary: encode ``Bernoulli(x)``.
+    seed: the noise seed; batch ``lo`` uses ``fold_in(PRNGKey(seed), lo)``.
+    batch_size: images per call.
+    mean_fn: decoder output -> mean image.
+
+  Returns:
+    (N, H, W, C) float32 augmented images on the 1/255 grid.
+  """
+  key = jax.random.PRNGKey(seed)
+  out = [np.asarray(augment_images(vae, vae_params, jnp.asarray(x[lo:lo + batch_size], jnp.float32),
+                                   jnp.float32(log_var), jax.random.fold_in(key, lo), binary,
+                                   mean_fn))
+         for lo in range(0, x.shape[0], batch_size)]
+  return np.concatenate(out) if out else np.zeros_like(x, np.float32)
+
+
 def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                      seed: int = 0, seeds: Sequence[int] | None = None,
                      encode_input: str = "grey", log_var: float | None = None,
-                     max_steps: int | None = None, progress: bool = False) -> dict[str, Any]:
+                     max_steps: int | None = None, progress: bool = False,
+                     probe: int = 10000) -> dict[str, Any]:
   """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
@@ -489,12 +515,19 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
       log-variance for priors without one).
     max_steps: cap on steps (tests).
     progress: show progress bars.
+    probe: training images on which each classifier's error is measured, real
+      and augmented.
 
   Returns:
     JSON-able dict: ``runs`` (one entry per seed with both test errors),
     ``test_error_without`` / ``test_error_with`` (means over the seeds) with
     ``*_std`` (sample standard deviation, 0 for one seed), ``spread``
     (:func:`augmentation_spread` on up to 2000 training images) and the settings.
+    Each run also has ``train_error_*`` and ``aug_error_*``: the trained
+    classifier's error on up to ``probe`` of its real training images and on
+    one fixed augmented copy of each (seed 0). ``aug_error_without`` is how
+    often a classifier that never saw an augmented image disagrees with the
+    label the augmentation keeps: the label noise the augmentation brings.
   """
   from exvae import bank as bank_lib
   seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
@@ -521,6 +554,10 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                          "seeds": seeds, "runs": []}
   out["spread"] = augmentation_spread(model, mp, g.train_x[:2000], float(log_var), binary=binary,
                                       mean_fn=trained.setup.mean_fn)
+  probe_x, probe_y = x[:probe], y[:probe]
+  probe_aug = augmented_set(model, mp, probe_x, float(log_var), binary=binary,
+                            mean_fn=trained.setup.mean_fn)
+  out["probe"] = int(probe_x.shape[0])
   for s in seeds:
     row: dict[str, Any] = {"seed": s}
     for aug in (False, True):
@@ -531,10 +568,13 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
       row[f"test_error_{tag}"] = r["test_error"]
       row[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None
       row[f"seconds_{tag}"] = r["seconds"]
+      row[f"train_error_{tag}"] = error_rate(r["classifier"], r["params"], probe_x, probe_y)
+      row[f"aug_error_{tag}"] = error_rate(r["classifier"], r["params"], probe_aug, probe_y)
       out["steps"] = r["steps"]
     out["runs"].append(row)
   for tag in ("without", "with"):
-    errs = np.array([r[f"test_error_{tag}"] for r in out["runs"]])
-    out[f"test_error_{tag}"] = float(errs.mean())
-    out[f"test_error_{tag}_std"] = float(errs.std(ddof=1)) if errs.size > 1 else 0.0
+    for what in ("test_error", "train_error", "aug_error"):
+      errs = np.array([r[f"{what}_{tag}"] for r in out["runs"]])
+      out[f"{what}_{tag}"] = float(errs.mean())
+      out[f"{what}_{tag}_std"] = float(errs.std(ddof=1)) if errs.size > 1 else 0.0
   return out
