@@ -39,22 +39,45 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# exvae parameter path  <->  the reference's state_dict name (weights transposed).
-_LAYERS = {
-    "enc_0": "q_z_layers.0", "enc_1": "q_z_layers.1",
-    "dec_0": "p_x_layers.0", "dec_1": "p_x_layers.1",
+# Per model: the exvae config, the reference's --model_name, and how exvae's parameter
+# paths name the reference's state_dict tensors (weights transposed): gated layers
+# (their h and g halves) and plain dense layers.
+MODELS = {
+    "vae": {
+        "config": "fashion_vae_exemplar_rat", "model_name": "vae",
+        "gated": {("enc_0",): "q_z_layers.0", ("enc_1",): "q_z_layers.1",
+                  ("dec_0",): "p_x_layers.0", ("dec_1",): "p_x_layers.1"},
+        "dense": {("enc_mu",): "q_z_mean", ("enc_logvar",): "q_z_logvar.linear",
+                  ("dec_out",): "p_x_mean.linear"},
+    },
+    "hvae": {
+        "config": "fashion_hvae_exemplar_rat", "model_name": "hvae_2level",
+        "gated": {("q_z2_0",): "q_z_layers.0", ("q_z2_1",): "q_z_layers.1",
+                  ("q_z1_x",): "q_z1_layers_x.0", ("q_z1_z2",): "q_z1_layers_z2.0",
+                  ("q_z1_joint",): "q_z1_layers_joint.0",
+                  ("p_z1_0",): "p_z1_layers_z2.0", ("p_z1_1",): "p_z1_layers_z2.1",
+                  ("p_x_z1",): "p_x_layers_z1.0", ("p_x_z2",): "p_x_layers_z2.0",
+                  ("p_x_joint",): "p_x_layers_joint.0"},
+        "dense": {("q_z2_head", "mu"): "q_z_mean", ("q_z2_head", "logvar"): "q_z_logvar.linear",
+                  ("q_z1_head", "mu"): "q_z1_mean", ("q_z1_head", "logvar"): "q_z1_logvar.linear",
+                  ("p_z1_head", "mu"): "p_z1_mean", ("p_z1_head", "logvar"): "p_z1_logvar.linear",
+                  ("p_x_head", "out"): "p_x_mean.linear"},
+    },
 }
-_DENSE = {"enc_mu": "q_z_mean", "enc_logvar": "q_z_logvar.linear", "dec_out": "p_x_mean.linear"}
 
 
-def param_map() -> dict[tuple[str, ...], str]:
-  """exvae model-parameter path -> reference tensor name (without .weight / .bias)."""
+def param_map(model: str = "vae") -> dict[tuple[str, ...], str]:
+  """exvae model-parameter path -> reference tensor name (without .weight / .bias).
+
+  Args:
+    model: a key of :data:`MODELS`.
+  """
+  spec = MODELS[model]
   out = {}
-  for ex, ref in _LAYERS.items():
+  for ex, ref in spec["gated"].items():
     for half in ("h", "g"):
-      out[(ex, half)] = f"{ref}.{half}"
-  for ex, ref in _DENSE.items():
-    out[(ex,)] = ref
+      out[ex + (half,)] = f"{ref}.{half}"
+  out.update(spec["dense"])
   return out
 
 
@@ -64,18 +87,23 @@ def _node(tree, path: tuple[str, ...]):
   return tree
 
 
-def reference_params(weights, template_model, prefix: str = "") -> dict:
+def reference_params(weights, template_model, prefix: str = "", model_kind: str = "vae") -> dict:
   """exvae ``{"model", "prior"}`` parameters holding the reference's tensors.
 
   Args:
     weights: mapping from ``prefix + <state_dict name>`` to NumPy arrays.
     template_model: exvae model parameters (structure and dtypes only).
     prefix: key prefix of the reference's tensors in ``weights``.
+    model_kind: a key of :data:`MODELS`.
   """
   import jax
   import jax.numpy as jnp
+  pmap = param_map(model_kind)
+  n_leaves = len(jax.tree.leaves(template_model))
+  if n_leaves != 2 * len(pmap):     # kernel and bias of each mapped layer, nothing left out
+    raise ValueError(f"{model_kind}: {n_leaves} exvae tensors, {2 * len(pmap)} mapped")
   model = jax.tree.map(np.asarray, template_model)
-  for path, name in param_map().items():
+  for path, name in pmap.items():
     node = _node(model, path)
     node["kernel"] = weights[f"{prefix}{name}.weight"].T.copy()
     node["bias"] = weights[f"{prefix}{name}.bias"].copy()
@@ -83,10 +111,10 @@ def reference_params(weights, template_model, prefix: str = "") -> dict:
           "prior": {"log_var": jnp.asarray(weights[f"{prefix}prior_log_variance"][0], jnp.float32)}}
 
 
-def rel_by_name(params, weights, prefix: str) -> dict[str, float]:
+def rel_by_name(params, weights, prefix: str, model_kind: str = "vae") -> dict[str, float]:
   """|exvae - reference| / |reference| per reference tensor, for a ``{"model", "prior"}`` tree."""
   out = {}
-  for path, name in param_map().items():
+  for path, name in param_map(model_kind).items():
     node = _node(params["model"], path)
     out[f"{name}.weight"] = _rel(np.asarray(node["kernel"]).T, weights[f"{prefix}{name}.weight"])
     out[f"{name}.bias"] = _rel(node["bias"], weights[f"{prefix}{name}.bias"])
@@ -112,7 +140,14 @@ def their_loss_backward(model, opt, batch, beta, cache, dataset, eps=None, cand=
   import torch
   real_randint = torch.randint
   if eps is not None:
-    model.reparameterize = lambda mu, logvar: eps.mul(logvar.mul(0.5).exp()).add(mu)
+    # One noise tensor per reparameterisation, in call order (z, or z2 then z1).
+    noise = list(eps) if isinstance(eps, (list, tuple)) else [eps]
+
+    def reparameterize(mu, logvar):
+      if not noise:
+        raise RuntimeError("the reference drew more reparameterisation noise than given")
+      return noise.pop(0).mul(logvar.mul(0.5).exp()).add(mu)
+    model.reparameterize = reparameterize
   if cand is not None:
     torch.randint = lambda *a, **k: cand.clone()
   try:
@@ -125,13 +160,16 @@ def their_loss_backward(model, opt, batch, beta, cache, dataset, eps=None, cand=
   return loss, re_, kl
 
 
-def torch_side(io_dir: str, driver_path: str, seed: int, threads: int, checkpoint: str | None):
+def torch_side(io_dir: str, driver_path: str, seed: int, threads: int, checkpoint: str | None,
+               model_kind: str = "vae"):
   sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
   import driver  # noqa: E402  (puts the shim and the authors' tree on the path)
   import torch
 
   inp = np.load(os.path.join(io_dir, "in.npz"))
-  args, train_loader, _, _, model, opt = driver.build(driver.their_argv("rat", seed=seed), threads)
+  argv = driver.their_argv("rat", seed=seed,
+                           extra=["--model_name", MODELS[model_kind]["model_name"]])
+  args, train_loader, _, _, model, opt = driver.build(argv, threads)
   if checkpoint:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"])
@@ -149,8 +187,11 @@ def torch_side(io_dir: str, driver_path: str, seed: int, threads: int, checkpoin
   for s in range(inp["ids"].shape[0]):
     x = torch.from_numpy(inp["x"][s])
     ids = torch.from_numpy(inp["ids"][s].astype(np.int64)).reshape(-1, 1)
+    eps = [torch.from_numpy(inp["eps"][s])]
+    if "eps1" in inp:
+      eps.append(torch.from_numpy(inp["eps1"][s]))
     loss, re_, kl = their_loss_backward(
-        model, opt, (x, ids), beta, cache, dataset, eps=torch.from_numpy(inp["eps"][s]),
+        model, opt, (x, ids), beta, cache, dataset, eps=eps,
         cand=torch.from_numpy(inp["cand"][s].astype(np.int64)))
     if s == 0:
       for n, p in model.named_parameters():
@@ -181,24 +222,33 @@ def exvae_draws(base_key, setup, pool, perm, step0: int, steps: int, m: int) -> 
 
   Returns:
     dict of stacked arrays: ``x`` (T, B, H*W*C) binarised batch, ``ids`` (T, B),
-    ``eps`` (T, B, d) reparameterisation noise, ``cand`` (T, m) the RAT candidates.
+    ``eps`` (T, B, d) reparameterisation noise of z (z2 for a two-level model),
+    ``eps1`` (T, B, d1) that of z1 (two-level models only), ``cand`` (T, m) the
+    RAT candidates.
   """
   import jax
   import jax.numpy as jnp
   from exvae import train_lib
+  from exvae.models import hvae
 
   d = setup.model.latent_dim
+  d1 = getattr(setup.model.module, "z1_dim", None)
   n = pool.shape[0]
-  draws = {"x": [], "ids": [], "eps": [], "cand": []}
+  draws = {"x": [], "ids": [], "eps": [], "cand": []} | ({"eps1": []} if d1 else {})
   for s in range(steps):
     x, ids, k_loss = train_lib.train_batch(base_key, jnp.int32(step0 + s), pool, perm,
                                            setup=setup)
     k_ctx, k_z = jax.random.split(k_loss)                 # objectives.elbo_loss
-    eps = jax.random.normal(k_z, (x.shape[0], 1, d))[:, 0]  # models.vae.gaussian_score
+    b = x.shape[0]
+    if d1:                                                # models.hvae.hierarchical_noise
+      eps2, eps1 = hvae.hierarchical_noise(k_z, b, 1, d, int(d1))
+      noise = {"eps": eps2[:, 0], "eps1": eps1[:, 0]}
+    else:                                                 # models.vae.gaussian_score
+      noise = {"eps": jax.random.normal(k_z, (b, 1, d))[:, 0]}
     k_idx, _ = jax.random.split(k_ctx)                    # ExemplarPrior.context
     cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
-    for k, v in (("x", np.asarray(x).reshape(x.shape[0], -1)), ("ids", ids), ("eps", eps),
-                 ("cand", cand)):
+    for k, v in (("x", np.asarray(x).reshape(b, -1)), ("ids", ids), ("cand", cand),
+                 *noise.items()):
       draws[k].append(np.asarray(v))
   return {k: np.stack(v) for k, v in draws.items()}
 
@@ -221,11 +271,14 @@ def main(argv=None) -> int:
                   help="1-based epoch the steps belong to (sets the KL weight)")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--model", default="vae", choices=sorted(MODELS),
+                  help="vae: the MLP VAE (fashion_vae_exemplar_rat, their vae); hvae: the "
+                       "two-level MLP HVAE (fashion_hvae_exemplar_rat, their hvae_2level)")
   args = ap.parse_args(argv)
   if args.steps < 1 or args.epoch < 1:
     ap.error("--steps and --epoch must be >= 1")
   if args.side == "torch":
-    torch_side(args.io, args.driver, args.seed, args.threads, args.ref_checkpoint)
+    torch_side(args.io, args.driver, args.seed, args.threads, args.ref_checkpoint, args.model)
     return 0
 
   sys.path.insert(0, ROOT)
@@ -234,11 +287,10 @@ def main(argv=None) -> int:
 
   import jax
   import jax.numpy as jnp
-  from configs import fashion_vae_exemplar_rat
-  from exvae import train_lib
+  from exvae import config_registry, train_lib
   from exvae.objectives import elbo_loss, kl_beta
 
-  config = fashion_vae_exemplar_rat.get_config()
+  config = config_registry.get_config(MODELS[args.model]["config"])
   config.progress = False
   splits = train_lib.load_data(config)
   setup = train_lib.make_setup(config, splits)
@@ -257,7 +309,7 @@ def main(argv=None) -> int:
 
   # 2. The reference's steps.
   cmd = [py, "-u", os.path.abspath(__file__), "--side", "torch", "--io", io, "--driver", drv,
-         "--seed", str(args.seed), "--threads", str(args.threads)]
+         "--seed", str(args.seed), "--threads", str(args.threads), "--model", args.model]
   if args.ref_checkpoint:
     cmd += ["--ref_checkpoint", os.path.abspath(os.path.expanduser(args.ref_checkpoint))]
   proc = subprocess.run(cmd, env=dict(os.environ, EXVAE_REF_SRC=src), capture_output=True,
@@ -271,7 +323,7 @@ def main(argv=None) -> int:
   # 3. exvae from the reference's weights.
   pool_err = float(np.abs(ref["pool_rows"] - np.asarray(pool[draws["ids"][0]]).reshape(
       len(draws["ids"][0]), -1)).max())
-  params = reference_params(ref, state.params["model"], prefix="init/")
+  params = reference_params(ref, state.params["model"], prefix="init/", model_kind=args.model)
   state = state.replace(params=params, opt_state=setup.optimizer.init(params),
                         step=jnp.int32(step0))
   state = train_lib.refresh_step(state, pool, setup=setup)
@@ -288,7 +340,7 @@ def main(argv=None) -> int:
   grad_fn = jax.jit(jax.value_and_grad(elbo_loss, has_aux=True), static_argnames=("setup",))
   (_, (metrics0, _)), grads = grad_fn(state.params, state.prior_state, setup, x0, ids0,
                                       k_loss0, beta, pool)
-  grad_rel = rel_by_name(grads, ref, "grad/")
+  grad_rel = rel_by_name(grads, ref, "grad/", args.model)
 
   loss_diffs = []
   step_rows = []
@@ -300,11 +352,13 @@ def main(argv=None) -> int:
     loss_diffs.append(abs(dl))
     step_rows.append((s, float(ref[f"loss/{s}"]), dl, dre, dkl,
                       _rel(state.prior_state["cache"], ref[f"cache/{s}"])))
-  final_rel = rel_by_name(state.params, ref, "final/")
+  final_rel = rel_by_name(state.params, ref, "final/", args.model)
   init_rel = {}      # how far the parameters moved, for scale
-  for path, name in param_map().items():
+  for path, name in param_map(args.model).items():
     init_rel[f"{name}.weight"] = _rel(ref[f"final/{name}.weight"], ref[f"init/{name}.weight"])
 
+  print(f"model: {args.model} ({MODELS[args.model]['config']} against their "
+        f"{MODELS[args.model]['model_name']})")
   print(f"start: {'checkpoint ' + args.ref_checkpoint if args.ref_checkpoint else 'fresh, seed %d' % args.seed}"
         f"; epoch {args.epoch} (beta {float(ref['beta']):.2f}), {args.steps} steps")
   for name, v in rows:

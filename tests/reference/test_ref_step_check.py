@@ -67,3 +67,39 @@ def test_param_map_covers_every_model_parameter():
             for path, _ in jax.tree_util.tree_flatten_with_path(state.params["model"])[0]}
   assert leaves == mapped
   assert len(set(ref_step_check.param_map().values())) == len(mapped)   # one-to-one
+
+
+def test_param_map_covers_every_hvae_parameter():
+  c = load_config("test", prior="exemplar", model="hvae")
+  setup, state, _, _ = fresh_run(c)
+  mapped = set(ref_step_check.param_map("hvae"))
+  leaves = {tuple(k.key for k in path[:-1])
+            for path, _ in jax.tree_util.tree_flatten_with_path(state.params["model"])[0]}
+  assert leaves == mapped
+  assert len(set(ref_step_check.param_map("hvae").values())) == len(mapped)
+
+
+def test_hvae_draws_are_the_noise_of_z2_then_z1():
+  """The reference's forward draws z2's noise, then z1's; the two exvae_draws hands it
+  must be the ones exvae's score uses: z2 and log q(z2|x) + log q(z1|x,z2) rebuilt from them."""
+  c = load_config("test", prior="exemplar", model="hvae")
+  c.exemplar.rat = False
+  c.exemplar.num_exemplars = 40
+  setup, state, pool, perm = fresh_run(c)
+  step = 3
+  draws = ref_step_check.exvae_draws(state.key, setup, pool, perm, step, 1, 40)
+  assert draws["eps1"].shape == (1, c.batch_size, c.hvae.z1_dim)
+  x, _, k_loss = train_lib.train_batch(state.key, jnp.int32(step), pool, perm, setup=setup)
+  _, k_z = jax.random.split(k_loss)
+  params, model = state.params["model"], setup.model
+  sc = model.score(params, x, k_z, 1, setup.log_lik)
+  mu2, lv2 = (np.asarray(a, np.float64) for a in model.encode(params, x))
+  z2 = mu2 + np.exp(0.5 * lv2) * draws["eps"][0]
+  np.testing.assert_allclose(np.asarray(sc.z)[:, 0], z2, rtol=1e-5, atol=1e-6)
+  apply = lambda *a, method: model.module.apply({"params": params}, *a, method=method)  # noqa: E731
+  hx = apply(x, method="q_z1_features")
+  mu1, lv1 = (np.asarray(a, np.float64)
+              for a in apply(hx, jnp.asarray(z2, jnp.float32), method="q_z1"))
+  z1 = mu1 + np.exp(0.5 * lv1) * draws["eps1"][0]
+  want = _np_log_normal(z2, mu2, lv2) + _np_log_normal(z1, mu1, lv1)
+  np.testing.assert_allclose(np.asarray(sc.log_q)[:, 0], want, rtol=1e-5)
