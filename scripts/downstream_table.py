@@ -65,15 +65,18 @@ def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") 
                  f"{paper[1] - paper[0]:+.2f} | - | - | - |")
   for name, r in rows:
     def pm(tag):
+      if f"test_error_{tag}" not in r:           # an arm that was not trained
+        return "-"
       return f"{100 * r[f'test_error_{tag}']:.2f} +- {100 * r.get(f'test_error_{tag}_std', 0):.2f}"
-    diff = 100 * (r["test_error_with"] - r["test_error_without"])
+    diff = (f"{100 * (r['test_error_with'] - r['test_error_without']):+.2f}"
+            if "test_error_with" in r and "test_error_without" in r else "-")
     s2 = f"exp({r['log_var']:.2f})" if "log_var" in r else "-"
     # How often the classifier trained on real images alone disagrees with the
     # label an augmented copy keeps (the augmentation's label noise).
     misread = (f"{100 * r['aug_error_without']:.2f} (real: {100 * r['train_error_without']:.2f})"
                if "aug_error_without" in r else "-")
     lines.append(f"| `{name}` | {len(r.get('seeds', [r.get('seed', 0)]))} | {r.get('epochs')} | "
-                 f"{pm('without')} | {pm('with')} | {diff:+.2f} | "
+                 f"{pm('without')} | {pm('with')} | {diff} | "
                  f"{r.get('encode_input', 'bernoulli')} | {s2} | {misread} |")
   if len(lines) == len(head) + (1 if paper else 0):
     lines.append("| (no augmentation result in `results/` yet) | | | | | | | | |")

@@ -168,6 +168,7 @@ def _mistakes(wd, tmp):
       (["eval.py", f"--config={wd}", f"--workdir={wd}"], 2, ["is a directory", "config.json"]),
       (["uses.py", "knnn", f"--workdir={wd}"], 2, ["did you mean knn"]),
       (["uses.py", f"--workdir={wd}"], 2, ["expected one command"]),
+      (["uses.py", "augment", f"--workdir={wd}", "--arms=with,mixup"], 2, ["--arms", "mixup"]),
       (["compare.py", wd], 2, ["two or more runs"]),
       (["compare.py", missing, wd], 1, ["no such per-example file", "missing"]),
       (["exvae", "trian"], 2, ["did you mean train"]),

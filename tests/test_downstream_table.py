@@ -32,6 +32,10 @@ def test_tables_from_synthetic_results(tmp_path):
   aug.update(aug_error_without=0.1234, train_error_without=0.0321)
   (root / "m_aug2" / "augment.json").write_text(json.dumps(aug))
   assert "| exp(-3.00) | 12.34 (real: 3.21) |" in dt.generate(str(root))
+  (root / "m_aug3").mkdir()                       # one arm only (an s2 sweep)
+  one = {k: v for k, v in aug.items() if "without" not in k}
+  (root / "m_aug3" / "augment.json").write_text(json.dumps(one))
+  assert "| `m_aug3` | 3 | 100 | - | 8.50 +- 0.20 | - | grey | exp(-3.00) | - |" in dt.generate(str(root))
   assert "| paper (Exemplar VAE) | - | 100 | 8.56 | 8.16 | -0.40 |" in text
   page = tmp_path / "page.md"
   page.write_text(f"intro\n{dt.BEGIN}\nstale\n{dt.END}\n")

@@ -275,6 +275,18 @@ def test_augmentation_over_seeds_reports_mean_and_spread(run):
     augment.run_augmentation(t, epochs=1, hidden=16, seeds=(), max_steps=1)
 
 
+def test_augmentation_trains_only_the_arms_asked_for_with_the_given_noise(run):
+  _, _, t, _ = run
+  r = augment.run_augmentation(t, epochs=1, hidden=16, seeds=(0,), max_steps=2, arms=("with",),
+                               log_var=-1.5)
+  assert r["arms"] == ["with"] and r["log_var"] == -1.5 and r["log_var_source"] == "given"
+  assert set(r["runs"][0]) >= {"test_error_with", "aug_error_with", "train_error_with"}
+  assert not any(k.endswith("_without") for k in r) and "test_error_without" not in r["runs"][0]
+  for bad in ((), ("with", "mixup")):
+    with pytest.raises(ValueError, match="arms"):
+      augment.run_augmentation(t, epochs=1, hidden=16, max_steps=1, arms=bad)
+
+
 def test_grey_splits_recover_grey_levels(run):
   config, _, t, _ = run
   g = augment.grey_splits(config, t.splits)

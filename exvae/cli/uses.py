@@ -44,6 +44,10 @@ flags.DEFINE_integer("epochs", 100, "augment: classifier epochs.")
 flags.DEFINE_integer("hidden", 1024, "augment: MLP width h (784-h-h-10).")
 flags.DEFINE_bool("use_val", True, "augment: train the classifier on train + validation.")
 flags.DEFINE_integer("max_steps", 0, "augment: stop each classifier run after this many steps (0: no cap).")
+flags.DEFINE_float("aug_log_var", None, "augment: log s2 of the augmentation noise "
+                   "(default: the exemplar prior's learned one).")
+flags.DEFINE_list("arms", ["without", "with"],
+                  "augment: the classifiers to train, without and/or with augmentation.")
 flags.DEFINE_integer("tsne_points", 5000, "plots: codes in the t-SNE subsample.")
 flags.DEFINE_bool("allow_bank_mismatch", False, "Use a --bank built from another model "
                   "(its codes were made by another encoder).")
@@ -65,6 +69,8 @@ def main(inv: command.Invocation) -> None:
     raise errors.UsageError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}.{hint}")
   if inv.config is None:
     raise errors.missing_run(inv.workdir)
+  if not FLAGS.arms or set(FLAGS.arms) - {"without", "with"}:
+    raise errors.UsageError(f"--arms takes 'without' and/or 'with', got {','.join(FLAGS.arms)!r}")
   from exvae.uses import commands
   commands.run(cmd, inv.config, inv.workdir, FLAGS.out, bank_path=FLAGS.bank,
                seed=FLAGS.seed, num_exemplars=FLAGS.num_exemplars,
@@ -75,6 +81,7 @@ def main(inv: command.Invocation) -> None:
                seeds=[int(x) for x in FLAGS.seeds] if FLAGS.seeds else None,
                encode_input=FLAGS.encode_input,
                use_val=FLAGS.use_val, max_steps=FLAGS.max_steps or None,
+               aug_log_var=FLAGS.aug_log_var, arms=FLAGS.arms,
                tsne_points=FLAGS.tsne_points, allow_bank_mismatch=FLAGS.allow_bank_mismatch)
 
 

@@ -500,7 +500,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                      seed: int = 0, seeds: Sequence[int] | None = None,
                      encode_input: str = "grey", log_var: float | None = None,
                      max_steps: int | None = None, progress: bool = False,
-                     probe: int = 10000) -> dict[str, Any]:
+                     probe: int = 10000,
+                     arms: Sequence[str] = ("without", "with")) -> dict[str, Any]:
   """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
@@ -517,6 +518,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
     progress: show progress bars.
     probe: training images on which each classifier's error is measured, real
       and augmented.
+    arms: which classifiers to train, ``"without"`` and/or ``"with"``
+      augmentation (e.g. only ``"with"`` when sweeping ``log_var``).
 
   Returns:
     JSON-able dict: ``runs`` (one entry per seed with both test errors),
@@ -533,6 +536,9 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
   if not seeds:
     raise ValueError("seeds must name at least one classifier seed")
+  arms = tuple(dict.fromkeys(arms))
+  if not arms or set(arms) - {"without", "with"}:
+    raise ValueError(f"arms must be 'without' and/or 'with', got {list(arms)}")
   binary = binarise_before_encoding(encode_input, trained.splits.binary)
   g = grey_splits(trained.config, trained.splits)
   x, y = g.train_x, g.train_y
@@ -551,7 +557,7 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                          "num_train": int(x.shape[0]), "num_test": int(g.test_x.shape[0]),
                          "grey_eval": bool(g.grey_eval), "log_var": float(log_var),
                          "log_var_source": source, "encode_input": encode_input,
-                         "seeds": seeds, "runs": []}
+                         "seeds": seeds, "arms": list(arms), "runs": []}
   out["spread"] = augmentation_spread(model, mp, g.train_x[:2000], float(log_var), binary=binary,
                                       mean_fn=trained.setup.mean_fn)
   probe_x, probe_y = x[:probe], y[:probe]
@@ -560,7 +566,7 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   out["probe"] = int(probe_x.shape[0])
   for s in seeds:
     row: dict[str, Any] = {"seed": s}
-    for aug in (False, True):
+    for aug in [a == "with" for a in ("without", "with") if a in arms]:
       r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
                            vae=model, vae_params=mp, log_var=log_var, binary=binary, seed=s,
                            max_steps=max_steps, mean_fn=trained.setup.mean_fn, progress=progress)
@@ -572,7 +578,7 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
       row[f"aug_error_{tag}"] = error_rate(r["classifier"], r["params"], probe_aug, probe_y)
       out["steps"] = r["steps"]
     out["runs"].append(row)
-  for tag in ("without", "with"):
+  for tag in arms:
     for what in ("test_error", "train_error", "aug_error"):
       errs = np.array([r[f"{what}_{tag}"] for r in out["runs"]])
       out[f"{what}_{tag}"] = float(errs.mean())

@@ -163,26 +163,29 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
 def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: int = 1024,
                 use_val: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
                 encode_input: str = "grey", max_steps: int | None = None,
-                **_) -> dict[str, Any]:
+                aug_log_var: float | None = None,
+                arms: Sequence[str] = ("without", "with"), **_) -> dict[str, Any]:
   """MLP test error without and with generative augmentation (per seed, and their mean)."""
   trained = bank_lib.restore_trained(config, workdir)
   res = augment_lib.run_augmentation(trained, epochs=int(epochs), hidden=int(hidden),
                                      use_val=bool(use_val), seed=int(seed), seeds=seeds,
-                                     encode_input=encode_input,
+                                     encode_input=encode_input, log_var=aug_log_var,
                                      max_steps=max_steps or None,
-                                     progress=bool(config.progress))
+                                     progress=bool(config.progress), arms=arms)
   res.update(provenance(trained, workdir))
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
   n = len(res["runs"])
   pm = lambda tag: (f"{100 * res[f'test_error_{tag}']:.2f}"  # noqa: E731
                     + (f" +- {100 * res[f'test_error_{tag}_std']:.2f}" if n > 1 else "") + "%")
+  errs = " -> ".join(f"{pm(tag)} {tag}" for tag in res["arms"])
   print(f"MLP {res['num_train']}-example training set, h={hidden}, {epochs} epochs, "
-        f"{n} seed{'s' if n > 1 else ''}: test error {pm('without')} without -> {pm('with')} "
-        f"with augmentation{'' if res['grey_eval'] else ' (binarised val/test images)'}; "
+        f"{n} seed{'s' if n > 1 else ''}, s2 = exp({res['log_var']:.3f}): test error {errs} "
+        f"augmentation{'' if res['grey_eval'] else ' (binarised val/test images)'}; "
         f"-> {res['path']}", flush=True)
-  print(f"  on {res['probe']} of its training images, the classifier trained without "
-        f"augmentation misreads {100 * res['aug_error_without']:.2f}% of their augmented copies "
-        f"({100 * res['train_error_without']:.2f}% of the real ones)", flush=True)
+  for tag in res["arms"]:
+    print(f"  on {res['probe']} of its training images, the classifier trained {tag} "
+          f"augmentation misreads {100 * res[f'aug_error_{tag}']:.2f}% of their augmented "
+          f"copies ({100 * res[f'train_error_{tag}']:.2f}% of the real ones)", flush=True)
   return res
 
 
