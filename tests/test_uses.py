@@ -159,6 +159,23 @@ def test_downstream_results_record_the_model_and_the_code(run, tmp_path):
   assert (pub["best_epoch"], pub["source_run"], pub["source_commit"]) == (7, "r", "abc")
 
 
+def test_downstream_records_name_the_commit_they_started_from(run, tmp_path, monkeypatch):
+  """A long augmentation outlives commits to its checkout: the record keeps the first."""
+  config, workdir, _, _ = run
+  commits = iter(["commit-at-start", "commit-later", "commit-later"])
+  monkeypatch.setattr(commands.runinfo, "code_commit", lambda: next(commits))
+  real = commands.augment_lib.run_augmentation
+
+  def slow_run(*a, **k):            # the checkout moves on while the classifiers train
+    commands.runinfo.code_commit()
+    return real(*a, **k)
+  monkeypatch.setattr(commands.augment_lib, "run_augmentation", slow_run)
+  out = str(tmp_path / "aug")
+  commands.run("augment", config, workdir, out, epochs=1, hidden=8, max_steps=1)
+  with open(os.path.join(out, "augment.json")) as f:
+    assert json.load(f)["commit"] == "commit-at-start"
+
+
 # ----------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------

@@ -43,6 +43,9 @@ def _write_json(path: str, obj: dict) -> str:
 def provenance(trained, workdir: str) -> dict[str, Any]:
   """What a downstream result was computed from: the model's parameters and the code.
 
+  Call it before the computation: ``commit`` is the code the command started
+  with (a checkout may move on during a long run) and ``date`` its start.
+
   Returns:
     ``{"model": {"path", "best_epoch", ...}, "commit", "date"}``; a published
     model (:mod:`exvae.published`) adds its ``params_sha256``, ``source_run``
@@ -148,9 +151,10 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
             tie_break: str = "lowest_label", **_) -> dict[str, Any]:
   """kNN error per k on encoder means (val: ref = train; test: ref = train + val)."""
   trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
+  prov = provenance(trained, workdir)
   res = knn.evaluate_knn(trained, bank, ks, query_images=query_images, tie_break=tie_break,
                          progress=bool(config.progress))
-  res.update(provenance(trained, workdir))
+  res.update(prov)
   res["path"] = _write_json(os.path.join(out, "knn.json"), res)
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
   print("   k   val (ref=train)   test (ref=train+val)")
@@ -167,12 +171,13 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
                 arms: Sequence[str] = ("without", "with"), **_) -> dict[str, Any]:
   """MLP test error without and with generative augmentation (per seed, and their mean)."""
   trained = bank_lib.restore_trained(config, workdir)
+  prov = provenance(trained, workdir)
   res = augment_lib.run_augmentation(trained, epochs=int(epochs), hidden=int(hidden),
                                      use_val=bool(use_val), seed=int(seed), seeds=seeds,
                                      encode_input=encode_input, log_var=aug_log_var,
                                      max_steps=max_steps or None,
                                      progress=bool(config.progress), arms=arms)
-  res.update(provenance(trained, workdir))
+  res.update(prov)
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
   n = len(res["runs"])
   pm = lambda tag: (f"{100 * res[f'test_error_{tag}']:.2f}"  # noqa: E731
