@@ -228,6 +228,18 @@ def test_augmentation_training_loss_decreases(run):
   assert r2["steps"] == 5 and np.all(np.isfinite(r2["losses"]))
 
 
+def test_classifier_prints_a_progress_line_every_log_every_epochs(run, capsys):
+  _, _, t, _ = run
+  x, y = t.splits.train_x[:60], t.splits.train_y[:60]
+  augment.train_classifier(x, y, x[:10], y[:10], hidden=8, epochs=5, augment=False,
+                           batch_size=20, log_every=2)
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("mlp h=8")]
+  assert [l.split("epoch ")[1].split(",")[0] for l in lines] == ["2/5", "4/5", "5/5"]
+  augment.train_classifier(x, y, x[:10], y[:10], hidden=8, epochs=2, augment=False,
+                           batch_size=20)
+  assert "mlp h=8" not in capsys.readouterr().out        # silent by default
+
+
 def test_augmentation_encodes_the_grey_image_unless_asked_for_bernoulli(run):
   _, _, t, bank = run
   model, mp = t.setup.model, t.params["model"]

@@ -280,7 +280,7 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
                      batch_size: int = 100, learning_rate: float = 0.1,
                      num_classes: int | None = None, max_steps: int | None = None,
                      mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
-                     progress: bool = False) -> dict[str, Any]:
+                     progress: bool = False, log_every: int = 0) -> dict[str, Any]:
   """Trains the MLP with or without generative augmentation; reports the test error.
 
   Args:
@@ -301,6 +301,8 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     max_steps: stop after this many steps (tests; the schedule still spans all epochs).
     mean_fn: decoder output -> mean image (the run's ``setup.mean_fn``).
     progress: show a tqdm bar.
+    log_every: without a bar, print one line every this many epochs (0: silent),
+      so that a long run in a log file shows how far it is.
 
   Returns:
     ``{'test_error', 'losses' (per-step list), 'epoch_losses', 'steps', 'seconds', ...}``.
@@ -349,6 +351,10 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     if bar is not None:
       bar.update(min(spe, steps - bar.n))
       bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    elif log_every and ((epoch + 1) % log_every == 0 or step >= steps):
+      print(f"mlp h={hidden} {'with' if augment else 'without'} augmentation, seed {seed}: "
+            f"epoch {epoch + 1}/{epochs}, mean loss {np.mean(losses[epoch * spe:]):.4f}, "
+            f"{time.time() - t0:.0f} s", flush=True)
   if bar is not None:
     bar.close()
   seconds = time.time() - t0
@@ -501,7 +507,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                      encode_input: str = "grey", log_var: float | None = None,
                      max_steps: int | None = None, progress: bool = False,
                      probe: int = 10000,
-                     arms: Sequence[str] = ("without", "with")) -> dict[str, Any]:
+                     arms: Sequence[str] = ("without", "with"),
+                     log_every: int = 0) -> dict[str, Any]:
   """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
@@ -520,6 +527,7 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
       and augmented.
     arms: which classifiers to train, ``"without"`` and/or ``"with"``
       augmentation (e.g. only ``"with"`` when sweeping ``log_var``).
+    log_every: a progress line every this many classifier epochs (0: none).
 
   Returns:
     JSON-able dict: ``runs`` (one entry per seed with both test errors),
@@ -569,7 +577,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
     for aug in [a == "with" for a in ("without", "with") if a in arms]:
       r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
                            vae=model, vae_params=mp, log_var=log_var, binary=binary, seed=s,
-                           max_steps=max_steps, mean_fn=trained.setup.mean_fn, progress=progress)
+                           max_steps=max_steps, mean_fn=trained.setup.mean_fn, progress=progress,
+                           log_every=log_every)
       tag = "with" if aug else "without"
       row[f"test_error_{tag}"] = r["test_error"]
       row[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None

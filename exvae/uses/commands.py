@@ -176,7 +176,8 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
                                      use_val=bool(use_val), seed=int(seed), seeds=seeds,
                                      encode_input=encode_input, log_var=aug_log_var,
                                      max_steps=max_steps or None,
-                                     progress=bool(config.progress), arms=arms)
+                                     progress=bool(config.progress), arms=arms,
+                                     log_every=0 if config.progress else 10)
   res.update(prov)
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
   n = len(res["runs"])
