@@ -79,10 +79,11 @@ def cpu_name(with_isa: bool = False) -> str:
     with open("/proc/cpuinfo") as f:
       info = f.read()
   except OSError:
-    return platform.processor() or platform.machine()
+    info = ""
   name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-               if line.startswith("model name")), platform.processor() or platform.machine())
-  return name + (", AVX-512" if with_isa and " avx512f" in info else "")
+               if line.startswith("model name")), None)
+  return (name or platform.processor() or platform.machine()) + (
+      ", AVX-512" if with_isa and " avx512f" in info else "")
 
 
 def matmul_rate(n: int = 2048, reps: int = 3) -> float:

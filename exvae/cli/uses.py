@@ -69,7 +69,8 @@ def main(inv: command.Invocation) -> None:
     raise errors.UsageError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}.{hint}")
   if inv.config is None:
     raise errors.missing_run(inv.workdir)
-  if not FLAGS.arms or set(FLAGS.arms) - {"without", "with"}:
+  from exvae.uses import augment
+  if not FLAGS.arms or set(FLAGS.arms) - set(augment.ARMS):
     raise errors.UsageError(f"--arms takes 'without' and/or 'with', got {','.join(FLAGS.arms)!r}")
   from exvae.uses import commands
   commands.run(cmd, inv.config, inv.workdir, FLAGS.out, bank_path=FLAGS.bank,

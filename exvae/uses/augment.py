@@ -48,6 +48,7 @@ PyTree = Any
 REAL_WEIGHT = 0.4        # loss weight of the real images (0.6 for the augmented ones)
 LABEL_SMOOTHING = 0.1
 ENCODE_INPUTS = ("grey", "bernoulli")   # what the encoder sees; "grey" is the reference's
+ARMS = ("without", "with")              # the classifiers: without and with augmentation
 
 
 def binarise_before_encoding(encode_input: str, binary_data: bool) -> bool:
@@ -440,43 +441,6 @@ def grey_splits(config, splits) -> GreyData:
     return fallback
 
 
-def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
-                        binary: bool, seed: int = 0, batch_size: int = 500,
-                        mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> dict[str, float]:
-  """How far the augmented images lie from their sources, and why.
-
-  Three mean absolute per-pixel distances (grey levels in [0, 1]):
-  ``aug_to_x`` (augmented image to the real one), ``recon_to_x`` (the decoded
-  encoder mean, no sampling noise, to the real one) and ``aug_to_recon``
-  (what the z ~ N(mu, s2 I) noise adds on top of the reconstruction).
-
-  Args:
-    vae, vae_params: the generative model.
-    x: (N, H, W, C) grey levels in [0, 1].
-    log_var: log s2 of the augmentation noise.
-    binary: encode ``Bernoulli(x)`` (as :func:`augment_images`).
-    seed: the noise seed.
-    batch_size: images per call.
-    mean_fn: decoder output -> mean image.
-
-  Returns:
-    ``{'aug_to_x', 'recon_to_x', 'aug_to_recon'}``, means over all pixels of ``x``.
-  """
-  sums = np.zeros(3)
-  key = jax.random.PRNGKey(seed)
-  n = x.shape[0]
-  for lo in range(0, n, batch_size):
-    xb = jnp.asarray(x[lo:lo + batch_size], jnp.float32)
-    k = jax.random.fold_in(key, lo)
-    aug = augment_images(vae, vae_params, xb, jnp.float32(log_var), k, binary, mean_fn)
-    # The same encoder input with no latent noise (s2 -> 0): the reconstruction.
-    rec = augment_images(vae, vae_params, xb, jnp.float32(-1e4), k, binary, mean_fn)
-    sums += [float(jnp.sum(jnp.abs(aug - xb))), float(jnp.sum(jnp.abs(rec - xb))),
-             float(jnp.sum(jnp.abs(aug - rec)))]
-  sums /= max(x.size, 1)
-  return {"aug_to_x": sums[0], "recon_to_x": sums[1], "aug_to_recon": sums[2]}
-
-
 def augmented_set(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
                   binary: bool, seed: int = 0, batch_size: int = 500,
                   mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> np.ndarray:
@@ -502,13 +466,45 @@ def augmented_set(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float,
   return np.concatenate(out) if out else np.zeros_like(x, np.float32)
 
 
+def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
+                        binary: bool, seed: int = 0, batch_size: int = 500,
+                        mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> dict[str, float]:
+  """How far the augmented images lie from their sources, and why.
+
+  Three mean absolute per-pixel distances (grey levels in [0, 1]):
+  ``aug_to_x`` (augmented image to the real one), ``recon_to_x`` (the decoded
+  encoder mean, no sampling noise, to the real one) and ``aug_to_recon``
+  (what the z ~ N(mu, s2 I) noise adds on top of the reconstruction).
+
+  Args:
+    vae, vae_params: the generative model.
+    x: (N, H, W, C) grey levels in [0, 1].
+    log_var: log s2 of the augmentation noise.
+    binary: encode ``Bernoulli(x)`` (as :func:`augment_images`).
+    seed: the noise seed.
+    batch_size: images per call.
+    mean_fn: decoder output -> mean image.
+
+  Returns:
+    ``{'aug_to_x', 'recon_to_x', 'aug_to_recon'}``, means over all pixels of ``x``.
+  """
+  x = np.asarray(x, np.float32)
+  copies = functools.partial(augmented_set, vae, vae_params, x, binary=binary, seed=seed,
+                             batch_size=batch_size, mean_fn=mean_fn)
+  aug = copies(float(log_var))
+  # The same encoder input and keys with no latent noise (s2 -> 0): the reconstruction.
+  rec = copies(-1e4)
+  mean_abs = lambda a, b: float(np.sum(np.abs(a - b), dtype=np.float64) / max(x.size, 1))  # noqa: E731
+  return {"aug_to_x": mean_abs(aug, x), "recon_to_x": mean_abs(rec, x),
+          "aug_to_recon": mean_abs(aug, rec)}
+
+
 def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                      seed: int = 0, seeds: Sequence[int] | None = None,
                      encode_input: str = "grey", log_var: float | None = None,
                      max_steps: int | None = None, progress: bool = False,
                      probe: int = 10000,
-                     arms: Sequence[str] = ("without", "with"),
-                     log_every: int = 0) -> dict[str, Any]:
+                     arms: Sequence[str] = ARMS, log_every: int = 0) -> dict[str, Any]:
   """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
@@ -544,9 +540,9 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
   if not seeds:
     raise ValueError("seeds must name at least one classifier seed")
-  arms = tuple(dict.fromkeys(arms))
-  if not arms or set(arms) - {"without", "with"}:
+  if not arms or set(arms) - set(ARMS):
     raise ValueError(f"arms must be 'without' and/or 'with', got {list(arms)}")
+  arms = tuple(a for a in ARMS if a in arms)
   binary = binarise_before_encoding(encode_input, trained.splits.binary)
   g = grey_splits(trained.config, trained.splits)
   x, y = g.train_x, g.train_y
@@ -574,12 +570,11 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   out["probe"] = int(probe_x.shape[0])
   for s in seeds:
     row: dict[str, Any] = {"seed": s}
-    for aug in [a == "with" for a in ("without", "with") if a in arms]:
-      r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs, augment=aug,
-                           vae=model, vae_params=mp, log_var=log_var, binary=binary, seed=s,
-                           max_steps=max_steps, mean_fn=trained.setup.mean_fn, progress=progress,
-                           log_every=log_every)
-      tag = "with" if aug else "without"
+    for tag in arms:
+      r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs,
+                           augment=tag == "with", vae=model, vae_params=mp, log_var=log_var,
+                           binary=binary, seed=s, max_steps=max_steps,
+                           mean_fn=trained.setup.mean_fn, progress=progress, log_every=log_every)
       row[f"test_error_{tag}"] = r["test_error"]
       row[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None
       row[f"seconds_{tag}"] = r["seconds"]

@@ -168,7 +168,7 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
                 use_val: bool = True, seed: int = 0, seeds: Sequence[int] | None = None,
                 encode_input: str = "grey", max_steps: int | None = None,
                 aug_log_var: float | None = None,
-                arms: Sequence[str] = ("without", "with"), **_) -> dict[str, Any]:
+                arms: Sequence[str] = augment_lib.ARMS, **_) -> dict[str, Any]:
   """MLP test error without and with generative augmentation (per seed, and their mean)."""
   trained = bank_lib.restore_trained(config, workdir)
   prov = provenance(trained, workdir)
@@ -177,7 +177,7 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
                                      encode_input=encode_input, log_var=aug_log_var,
                                      max_steps=max_steps or None,
                                      progress=bool(config.progress), arms=arms,
-                                     log_every=0 if config.progress else 10)
+                                     log_every=10)   # lines only where no bar is shown
   res.update(prov)
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
   n = len(res["runs"])
