@@ -12,12 +12,16 @@
 #             tsne.png and curves.png from the run directory RUN=~/exvae-runs/CONFIG if given;
 # then regenerates the tables of docs/downstream.md. Each output is written in a scratch
 # folder first and copied when its command succeeded, so a failed or stopped step leaves
-# the committed records as they were.
+# the committed records as they were. The scratch folder stays: the augmentation keeps
+# each finished classifier there, and the same command started again after a stop trains
+# only the classifiers still missing (a record made with other settings or another model
+# is trained again).
 #
 # Environment: PY (.venv/bin/python), SEEDS (0,1,2), EPOCHS (100), MAX_STEPS (0: no cap;
 # for a smoke run), RUN (the run directory, for curves.png), RESULTS and IMAGES (where the
 # records and pictures go: results, docs/images; elsewhere, docs/downstream.md is left as
-# it is), MODEL (the published model: results/CONFIG/model).
+# it is), MODEL (the published model: results/CONFIG/model), SCRATCH (the scratch folder:
+# ${TMPDIR:-/tmp}/exvae_downstream_CONFIG).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -41,20 +45,24 @@ for s in "${steps[@]}"; do
 done
 RESULTS="${RESULTS:-results}"; IMAGES="${IMAGES:-docs/images}"
 mkdir -p "$RESULTS/$cfg" "$IMAGES"
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/downstream_${cfg}_XXXX")
+tmp="${SCRATCH:-${TMPDIR:-/tmp}/exvae_downstream_$cfg}"
+mkdir -p "$tmp"
 uses=("$PY" uses.py)
 for s in "${steps[@]}"; do
   case "$s" in
     knn)
+      rm -rf "$tmp/knn"
       "${uses[@]}" knn --config="$model/config.json" --workdir="$model" --ks=3,5,9,15 \
         --out="$tmp/knn" --config.progress=False
       cp "$tmp/knn/knn.json" "$RESULTS/$cfg/knn.json";;
     augment)
+      rm -f "$tmp/augment/augment.json"   # augment_runs/ stays: the finished classifiers
       "${uses[@]}" augment --config="$model/config.json" --workdir="$model" \
         --seeds="${SEEDS:-0,1,2}" --epochs="${EPOCHS:-100}" --max_steps="${MAX_STEPS:-0}" \
         --out="$tmp/augment" --config.progress=False
       cp "$tmp/augment/augment.json" "$RESULTS/$cfg/augment.json";;
     pictures)
+      rm -rf "$tmp/pictures"
       "${uses[@]}" generate --config="$model/config.json" --workdir="$model" \
         --out="$tmp/pictures" --config.progress=False
       if [ -n "${RUN:-}" ]; then

@@ -316,6 +316,47 @@ def test_augmentation_trains_only_the_arms_asked_for_with_the_given_noise(run):
       augment.run_augmentation(t, epochs=1, hidden=16, max_steps=1, arms=bad)
 
 
+def test_augmentation_resumes_from_the_classifiers_it_finished(run, tmp_path, monkeypatch):
+  """A stopped augmentation, started again with the same done_dir, trains only the
+  classifiers it had not finished, and reports what one uninterrupted run reports; a torn
+  record or one made with another s2 is trained again."""
+  _, _, t, _ = run
+  done = tmp_path / "runs"
+  real, calls, kill_at = augment.train_classifier, [], [3]
+
+  def counting(*a, **k):
+    calls.append((k["seed"], k["augment"]))
+    if len(calls) == kill_at[0]:
+      raise KeyboardInterrupt   # stopped while training the third classifier
+    return real(*a, **k)
+
+  monkeypatch.setattr(augment, "train_classifier", counting)
+  kw = dict(epochs=1, hidden=16, seeds=(0, 1), max_steps=2)
+  with pytest.raises(KeyboardInterrupt):
+    augment.run_augmentation(t, **kw, done_dir=str(done))
+  assert sorted(os.listdir(done)) == ["seed0_with.json", "seed0_without.json"]
+  calls.clear(); kill_at[0] = 0
+  resumed = augment.run_augmentation(t, **kw, done_dir=str(done))
+  assert calls == [(1, False), (1, True)]
+  assert resumed["reused"] == ["seed0_without", "seed0_with"]
+  calls.clear()
+  whole = augment.run_augmentation(t, **kw)
+  assert len(calls) == 4 and whole["reused"] == []
+  for got, want in zip(resumed["runs"], whole["runs"]):
+    for key in want:
+      if not key.startswith("seconds"):
+        assert got[key] == want[key], key
+  assert resumed["test_error_with"] == whole["test_error_with"]
+  calls.clear()
+  (done / "seed0_with.json").write_text('{"version": 1, "sett')
+  again = augment.run_augmentation(t, **kw, done_dir=str(done), arms=("with",),
+                                   log_var=resumed["log_var"])
+  assert calls == [(0, True)] and again["reused"] == ["seed1_with"]
+  calls.clear()
+  augment.run_augmentation(t, **kw, done_dir=str(done), arms=("with",), log_var=-1.5)
+  assert calls == [(0, True), (1, True)]
+
+
 def test_grey_splits_recover_grey_levels(run):
   config, _, t, _ = run
   g = augment.grey_splits(config, t.splits)
@@ -398,7 +439,8 @@ def test_downstream_script_writes_the_records_of_a_published_model(run, tmp_path
   published.save(str(model), t.params, rundir.read_stored_config(workdir),
                  {"best_epoch": int(t.meta["best_epoch"]), "source_run": "tiny"})
   env = dict(os.environ, PY=sys.executable, MODEL=str(model), RESULTS=str(tmp_path / "res"),
-             IMAGES=str(tmp_path / "img"), RUN=workdir, SEEDS="0", EPOCHS="1", MAX_STEPS="2")
+             IMAGES=str(tmp_path / "img"), RUN=workdir, SEEDS="0", EPOCHS="1", MAX_STEPS="2",
+             SCRATCH=str(tmp_path / "scratch"))
   script = os.path.join(ROOT, "scripts", "downstream.sh")
   proc = subprocess.run(["bash", script, "tiny", "knn", "augment", "pictures"], env=env,
                         capture_output=True, text=True, timeout=900)
@@ -409,6 +451,13 @@ def test_downstream_script_writes_the_records_of_a_published_model(run, tmp_path
   assert aug["steps"] == 2 and aug["model"]["params_sha256"] == knn_rec["model"]["params_sha256"]
   for name in ("conditional", "unconditional", "cyclic", "interpolation", "tsne", "curves"):
     assert (tmp_path / "img" / f"{name}.png").stat().st_size > 0
+  # Started again, the augmentation reads its finished classifiers from the scratch folder.
+  again = subprocess.run(["bash", script, "tiny", "augment"], env=env, capture_output=True,
+                         text=True, timeout=900)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  aug2 = json.loads((tmp_path / "res" / "tiny" / "augment.json").read_text())
+  assert aug2["reused"] == ["seed0_without", "seed0_with"] and aug2["runs"][0]["test_error_with"] \
+      == aug["runs"][0]["test_error_with"]
   bad = subprocess.run(["bash", script, "tiny", "nope"], env=env, capture_output=True, text=True)
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown step" in bad.stderr
   env["MODEL"] = str(tmp_path / "missing")

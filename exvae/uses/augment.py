@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
 import time
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
@@ -40,6 +43,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from exvae import atomic
 from exvae.likelihoods import bernoulli_mean
 from exvae.models.vae import Model
 
@@ -504,7 +508,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                      encode_input: str = "grey", log_var: float | None = None,
                      max_steps: int | None = None, progress: bool = False,
                      probe: int = 10000,
-                     arms: Sequence[str] = ARMS, log_every: int = 0) -> dict[str, Any]:
+                     arms: Sequence[str] = ARMS, log_every: int = 0,
+                     done_dir: str | None = None) -> dict[str, Any]:
   """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
@@ -524,6 +529,12 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
     arms: which classifiers to train, ``"without"`` and/or ``"with"``
       augmentation (e.g. only ``"with"`` when sweeping ``log_var``).
     log_every: a progress line every this many classifier epochs (0: none).
+    done_dir: where each finished classifier's result is written
+      (``seed<S>_<arm>.json``, :func:`classifier_record`). A classifier whose
+      record there has the same settings (model parameters, epochs, width,
+      training set, s2, encoder input, step cap, probe, seed, arm) is not
+      trained again: an interrupted run, started again with the same
+      ``done_dir``, loses at most the classifier it was training.
 
   Returns:
     JSON-able dict: ``runs`` (one entry per seed with both test errors),
@@ -568,19 +579,40 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   probe_aug = augmented_set(model, mp, probe_x, float(log_var), binary=binary,
                             mean_fn=trained.setup.mean_fn)
   out["probe"] = int(probe_x.shape[0])
+  common = {"model": bank_lib.params_fingerprint(mp), "epochs": int(epochs),
+            "hidden": int(hidden), "num_train": int(x.shape[0]),
+            "train_images": _digest(x, y), "log_var": float(log_var),
+            "encode_input": encode_input,
+            "max_steps": None if max_steps is None else int(max_steps),
+            "probe": int(probe_x.shape[0])}
+  out["reused"] = []
   for s in seeds:
     row: dict[str, Any] = {"seed": s}
     for tag in arms:
-      r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs,
-                           augment=tag == "with", vae=model, vae_params=mp, log_var=log_var,
-                           binary=binary, seed=s, max_steps=max_steps,
-                           mean_fn=trained.setup.mean_fn, progress=progress, log_every=log_every)
-      row[f"test_error_{tag}"] = r["test_error"]
-      row[f"final_loss_{tag}"] = r["losses"][-1] if r["losses"] else None
-      row[f"seconds_{tag}"] = r["seconds"]
-      row[f"train_error_{tag}"] = error_rate(r["classifier"], r["params"], probe_x, probe_y)
-      row[f"aug_error_{tag}"] = error_rate(r["classifier"], r["params"], probe_aug, probe_y)
-      out["steps"] = r["steps"]
+      settings = dict(common, seed=s, arm=tag)
+      path = None if done_dir is None else os.path.join(done_dir, f"seed{s}_{tag}.json")
+      result = None if path is None else _read_record(path, settings)
+      if result is not None:
+        out["reused"].append(f"seed{s}_{tag}")
+        print(f"seed {s} {tag} augmentation: done before, read from {path}", flush=True)
+      else:
+        r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs,
+                             augment=tag == "with", vae=model, vae_params=mp, log_var=log_var,
+                             binary=binary, seed=s, max_steps=max_steps,
+                             mean_fn=trained.setup.mean_fn, progress=progress,
+                             log_every=log_every)
+        result = {"test_error": r["test_error"],
+                  "final_loss": r["losses"][-1] if r["losses"] else None,
+                  "seconds": r["seconds"],
+                  "train_error": error_rate(r["classifier"], r["params"], probe_x, probe_y),
+                  "aug_error": error_rate(r["classifier"], r["params"], probe_aug, probe_y),
+                  "steps": r["steps"]}
+        if path is not None:
+          os.makedirs(done_dir, exist_ok=True)
+          atomic.write_json(path, classifier_record(settings, result))
+      for what in ("test_error", "final_loss", "seconds", "train_error", "aug_error"):
+        row[f"{what}_{tag}"] = result[what]
+      out["steps"] = result["steps"]
     out["runs"].append(row)
   for tag in arms:
     for what in ("test_error", "train_error", "aug_error"):
@@ -588,3 +620,54 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
       out[f"{what}_{tag}"] = float(errs.mean())
       out[f"{what}_{tag}_std"] = float(errs.std(ddof=1)) if errs.size > 1 else 0.0
   return out
+
+
+# ----------------------------------------------------------------------------
+# One record per finished classifier (resuming a long augmentation)
+# ----------------------------------------------------------------------------
+
+RECORD_VERSION = 1
+
+
+def _digest(x: np.ndarray, y: np.ndarray) -> str:
+  """A short hash of the classifier's training images and labels."""
+  h = hashlib.sha256()
+  for a in (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)):
+    h.update(f"{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def classifier_record(settings: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+  """The JSON record of one finished classifier.
+
+  Args:
+    settings: everything the result depends on (the model parameters'
+      fingerprint, epochs, width, training set, s2, encoder input, step cap,
+      probe size, seed and arm).
+    result: ``test_error``, ``final_loss``, ``seconds``, ``train_error``,
+      ``aug_error`` and ``steps``.
+
+  Returns:
+    ``{"version", "settings", "result"}``.
+  """
+  return {"version": RECORD_VERSION, "settings": settings, "result": result}
+
+
+def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+  """The result in ``path`` if it was made with ``settings``, else None (with a line why)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      rec = json.load(f)
+    ok = (rec.get("version") == RECORD_VERSION and rec.get("settings") == settings
+          and isinstance(rec.get("result"), dict))
+  except (OSError, ValueError, AttributeError) as e:
+    print(f"{path}: unreadable ({type(e).__name__}); training this classifier again",
+          flush=True)
+    return None
+  if not ok:
+    print(f"{path}: made with other settings; training this classifier again", flush=True)
+    return None
+  return rec["result"]

@@ -177,7 +177,10 @@ def cmd_augment(config, workdir: str, out: str, *, epochs: int = 100, hidden: in
                                      encode_input=encode_input, log_var=aug_log_var,
                                      max_steps=max_steps or None,
                                      progress=bool(config.progress), arms=arms,
-                                     log_every=10)   # lines only where no bar is shown
+                                     log_every=10,   # lines only where no bar is shown
+                                     # one record per finished classifier: run again with
+                                     # the same --out, it trains only the missing ones
+                                     done_dir=os.path.join(out, "augment_runs"))
   res.update(prov)
   res["path"] = _write_json(os.path.join(out, "augment.json"), res)
   n = len(res["runs"])
