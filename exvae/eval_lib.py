@@ -85,6 +85,10 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     test_x = test_x[: int(config.eval.max_test_examples)]
   data.validate_images(test_x, image_shape=splits.image_shape, name="test images")
   s = int(config.eval.num_importance_samples)
+  out_dir = str(config.eval.get("out_dir", "")) or workdir
+  # Scores saved as the evaluation goes (a stop loses at most a minute of it), for one
+  # process; removed once the outputs are written.
+  partial = os.path.join(out_dir, PARTIAL) if jax.process_count() == 1 else None
   t0 = time.time()
   ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
                                setup=setup)
@@ -93,7 +97,10 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   t0 = time.time()
   res = train_lib.evaluate_split(params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed),
                                  num_samples=s, max_queries=int(config.eval.max_queries),
-                                 progress=bool(config.progress), desc=f"test NLL (S={s})")
+                                 progress=bool(config.progress), desc=f"test NLL (S={s})",
+                                 partial_path=partial,
+                                 partial_identity=None if partial is None else
+                                 _partial_identity(config, params, test_x))
   t_eval = time.time() - t0
   m = test_x.shape[0]
   metrics = {
@@ -131,7 +138,6 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
         f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
         "(e.g. with a lower learning_rate).")
-  out_dir = str(config.eval.get("out_dir", "")) or workdir
   samples, recons = train_lib.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
   metrics["samples_png"] = os.path.join(out_dir, "eval_samples.png")
@@ -139,10 +145,26 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   metrics["per_example"] = os.path.join(out_dir, per_example.FILENAME)
   if distributed.is_primary():
     _write_outputs(out_dir, metrics, res, test_x, config, samples, recons)
+    if partial is not None and os.path.exists(partial):
+      os.remove(partial)
   return metrics
 
 
+def _partial_identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
+  """What the saved scores of a stopped evaluation must match to be reused: the
+  parameters, the test images, and the config (less the settings that only say
+  how to show or where to write)."""
+  from exvae import bank as bank_lib
+  cfg = config.to_dict()
+  cfg.pop("progress", None)
+  cfg.get("eval", {}).pop("out_dir", None)
+  return {"params": bank_lib.params_fingerprint(jax.device_get(params)),
+          "images": per_example.images_digest(test_x),
+          "config": json.loads(atomic.dumps(atomic.finite_or_none(cfg), sort_keys=True))}
+
+
 OUTPUTS = ("eval_samples.png", per_example.FILENAME, "eval_metrics.json")
+PARTIAL = "eval_partial.npz"    # the scores of a stopped evaluation, until it finishes
 
 
 def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, config,

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -312,7 +313,9 @@ def picture_batch(params, ctx, x, key, *, setup: Setup, num_samples: int):
 
 def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
                    num_samples: int, max_queries: int = 5000,
-                   progress: bool = False, desc: str = "eval") -> dict[str, np.ndarray]:
+                   progress: bool = False, desc: str = "eval",
+                   partial_path: str | None = None, partial_identity: dict | None = None,
+                   save_every_s: float = 60.0) -> dict[str, np.ndarray]:
   """IWAE bound and ELBO terms for every example of ``xs``.
 
   Each example gets ``num_samples`` importance samples drawn in chunks; one
@@ -330,6 +333,16 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     max_queries: bound on batch * chunk.
     progress: show a tqdm bar (a terminal), else a plain line a minute.
     desc: bar label.
+    partial_path: if given, the scores of the finished batches are saved there
+      (an ``.npz``, atomically) every ``save_every_s`` seconds, and a call that
+      finds a file there made with the same ``partial_identity``, sizes and key
+      starts after its last batch: a stopped evaluation loses at most
+      ``save_every_s`` seconds of work and ends with the scores an
+      uninterrupted one gives (batch ``b`` always uses the same key). The
+      caller removes the file once the results are safe.
+    partial_identity: JSON-able description of everything else the scores
+      depend on (parameters, images, prior settings).
+    save_every_s: seconds between two saves.
 
   Returns:
     dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
@@ -343,13 +356,26 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
   n_chunks = math.ceil(num_samples / chunk)
   out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl", "max_err")}
   n_batches = math.ceil(m / batch)
+  identity = None
+  start = 0
+  if partial_path is not None:
+    identity = atomic.dumps({"given": partial_identity, "m": int(m), "batch": int(batch),
+                             "chunk": int(chunk), "num_samples": int(num_samples),
+                             "key": np.asarray(jax.random.key_data(key)).tolist()},
+                            sort_keys=True)
+    start = _read_partial(partial_path, identity, out, n_batches)
+    if start:
+      print(f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
+            f"(scores saved in {partial_path})", flush=True)
+  last_save = time.time()
   bar, lines = None, None
   if progress_lib.enabled(progress):
     from tqdm.auto import tqdm
-    bar = tqdm(total=m, desc=desc, unit="ex", dynamic_ncols=True)
+    bar = tqdm(total=m, initial=min(start * batch, m), desc=desc, unit="ex",
+               dynamic_ncols=True)
   elif progress_lib.lines_enabled(progress):
     lines = progress_lib.LineReporter(m, desc)
-  for b in range(n_batches):
+  for b in range(start, n_batches):
     lo, hi = b * batch, min((b + 1) * batch, m)
     xb = np.zeros((batch,) + xs.shape[1:], np.float32)
     xb[: hi - lo] = xs[lo:hi]
@@ -374,10 +400,51 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     for p in (bar, lines):
       if p is not None:
         p.update(k)
+    if partial_path is not None and b + 1 < n_batches and time.time() - last_save >= save_every_s:
+      _write_partial(partial_path, identity, out, b + 1)
+      last_save = time.time()
   for p in (bar, lines):
     if p is not None:
       p.close()
   return out
+
+
+def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: int) -> None:
+  """Saves the scores of the first ``done`` batches of :func:`evaluate_split` (primary only)."""
+  if not distributed.is_primary():
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic.write_npz(path, {**out, "done_batches": np.int64(done), "identity": np.str_(identity)})
+
+
+def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batches: int) -> int:
+  """Fills ``out`` from a saved partial evaluation; returns its finished batches (0: none).
+
+  A missing file, an unreadable one or one made with another identity gives 0
+  (the last two with a line that says so).
+  """
+  if not os.path.exists(path):
+    return 0
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      same = str(f["identity"]) == identity
+      done = int(f["done_batches"])
+      saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    print(f"{path}: unreadable partial evaluation ({type(e).__name__}); starting from the "
+          "first example", flush=True)
+    return 0
+  if saved is None:
+    print(f"{path}: a partial evaluation of other parameters or settings; starting from "
+          "the first example", flush=True)
+    return 0
+  if not 0 <= done <= n_batches or any(v.shape != out[k].shape for k, v in saved.items()):
+    print(f"{path}: a partial evaluation with other sizes; starting from the first example",
+          flush=True)
+    return 0
+  for k, v in saved.items():
+    out[k][:] = v
+  return done
 
 
 # ----------------------------------------------------------------------------

@@ -336,6 +336,53 @@ def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40,
     eval_lib.check_outputs(wd)
 
 
+def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypatch, capfd):
+  """eval_partial.npz keeps the finished batches of an evaluation: started again, it scores
+  only the rest and ends with the per-example scores of an uninterrupted evaluation; saved
+  scores of another seed or a torn file are not reused; the file goes once the outputs are
+  written."""
+  import functools
+  c = load_config("test", **SMALL)
+  c.eval.max_queries = 32                   # S = 16: 2 images per batch, 20 batches
+  c.eval.out_dir = str(tmp_path / "whole")
+  eval_lib.evaluate(c, run40)
+  whole = dict(np.load(tmp_path / "whole" / "per_example.npz"))
+  monkeypatch.setattr(train_lib, "evaluate_split",
+                      functools.partial(train_lib.evaluate_split, save_every_s=0.0))
+  real, calls, stop_at = train_lib.eval_batch, [], [8]
+
+  def counting(*a, **k):
+    calls.append(1)
+    if len(calls) == stop_at[0]:
+      raise KeyboardInterrupt              # stopped in the 8th batch
+    return real(*a, **k)
+
+  monkeypatch.setattr(train_lib, "eval_batch", counting)
+  out = tmp_path / "stopped"
+  c.eval.out_dir = str(out)
+  with pytest.raises(KeyboardInterrupt):
+    eval_lib.evaluate(c, run40)
+  partial = out / eval_lib.PARTIAL
+  assert int(np.load(partial)["done_batches"]) == 7 and not (out / "per_example.npz").exists()
+  kept = partial.read_bytes()
+  calls.clear(); stop_at[0] = 0
+  eval_lib.evaluate(c, run40)
+  assert len(calls) == 13 and "resuming after 14 of 40 examples" in capfd.readouterr().out
+  got = dict(np.load(out / "per_example.npz"))
+  for k in ("log_px", "elbo", "recon", "kl"):
+    np.testing.assert_array_equal(got[k], whole[k], err_msg=k)
+  assert not partial.exists() and not os.listdir(run40).count(eval_lib.PARTIAL)
+  # Saved scores of another evaluation seed, or a torn file: every batch again.
+  for damage, seed in (("other seed", 7), ("torn", c.eval.seed)):
+    partial.write_bytes(kept if damage == "other seed" else kept[:100])
+    c.eval.seed = seed
+    calls.clear()
+    eval_lib.evaluate(c, run40)
+    said = capfd.readouterr().out
+    assert len(calls) == 20 and ("other parameters or settings" if damage == "other seed"
+                                 else "unreadable partial evaluation") in said, damage
+
+
 # ----------------------------------------------------------------------------
 # One line on every expected failure
 # ----------------------------------------------------------------------------
