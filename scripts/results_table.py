@@ -2,12 +2,14 @@
 
 Usage: python scripts/results_table.py [--results results] [--write-readme README.md]
 
-Prints three markdown blocks:
+Prints four markdown blocks:
 
 * results: per ``results/<name>/``, the paper's test NLL and error bar, the
   measured test NLL and its standard error over test images, the difference,
   and the training budget (epochs, early stop, best epoch, S, test images,
   wall-clock, machine);
+* paired: per model, the paired NLL differences between its priors (from the
+  per-image scores), beside the paper's differences;
 * speed: exvae against the authors' code from ``results/speed/vs_reference.json``
   (both codes measured in one run on one machine by ``bench/vs_reference.py``),
   or a line saying that the benchmark has not been run;
@@ -21,6 +23,8 @@ import argparse
 import json
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,6 +81,63 @@ def table(entries: list[dict]) -> str:
     diff = f"{nll - paper[0]:+.2f}" if paper else "n/a"
     lines.append(f"| `{e['name']}` | {paper_txt} | {nll:.2f} +- {se:.2f} | {diff} | "
                  f"{_budget_text(b, m)} |")
+  return "\n".join(lines)
+
+
+PRIORS = ("gaussian", "vampprior", "exemplar")   # from the simplest prior to the richest
+MODEL_NAMES = {"vae": "VAE", "hvae": "HVAE", "convhvae": "ConvHVAE", "pixelcnn": "PixelCNN"}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
+
+
+def paired_table(entries: list[dict], root: str) -> str:
+  """Markdown table of the paired differences between the priors of each model.
+
+  Rows with the same data set, model and test binarisation scored the same
+  images, so their per-image NLLs (``results/<name>/per_example.npz``) pair:
+  for each two priors the table gives the mean of NLL(richer) - NLL(simpler)
+  over the test images with its paired standard error, the share of images on
+  which the richer prior is better, and the paper's difference.
+
+  Args:
+    entries: :func:`load_entries` of ``root``.
+    root: the results folder.
+
+  Returns:
+    The table, or one line when no two rows pair.
+  """
+  import itertools
+
+  from exvae import compare
+  groups: dict[tuple, dict[str, dict]] = {}
+  for e in entries:
+    c, m = e["config"], e["metrics"]
+    if c.get("prior") in PRIORS:
+      key = (c.get("dataset"), c.get("model"), m.get("eval_binarize", "exvae"))
+      groups.setdefault(key, {}).setdefault(c["prior"], e)
+  lines = ["| model | richer - simpler prior | NLL difference (paired) | images where the "
+           "richer is better | paper |", "|---|---|---|---|---|"]
+  order = list(MODEL_NAMES)      # the paper's order: VAE, HVAE, ConvHVAE, PixelCNN
+  for (dataset, model, draw), by_prior in sorted(
+      groups.items(), key=lambda kv: (str(kv[0][0]), order.index(kv[0][1]) if kv[0][1] in order
+                                      else len(order), str(kv[0][1]), str(kv[0][2]))):
+    present = [p for p in PRIORS if p in by_prior]
+    for simpler, richer in itertools.combinations(present, 2):
+      a, b = by_prior[richer], by_prior[simpler]
+      label = (f"{MODEL_NAMES.get(model, model)}, {DATASET_NAMES.get(dataset, dataset)}"
+               + (", paper's test draw" if draw == "reference" else ""))
+      pair = f"`{a['name']}` - `{b['name']}`"
+      try:
+        runs = compare.load_runs([os.path.join(root, a["name"]), os.path.join(root, b["name"])])
+      except (compare.IdentityMismatchError, FileNotFoundError) as err:
+        lines.append(f"| {label} | {pair} | not paired: {str(err).split(':')[0]} | | |")
+        continue
+      st = compare.paired_stats(-np.asarray(runs[0]["log_px"]), -np.asarray(runs[1]["log_px"]))
+      pa, pb = (PAPER_NLL.get((dataset, model, p)) for p in (richer, simpler))
+      paper = f"{pa[0] - pb[0]:+.2f}" if pa and pb else "n/a"
+      lines.append(f"| {label} | {pair} | {st['mean_diff']:+.2f} +- {st['stderr']:.2f} | "
+                   f"{100 * st['a_wins']:.1f}% | {paper} |")
+  if len(lines) == 2:
+    return "(no two priors of one model scored on the same test images yet)"
   return "\n".join(lines)
 
 
@@ -166,11 +227,12 @@ def write_readme(path: str, text: str, markers: tuple[str, str] = (BEGIN, END)) 
 
 
 def blocks(results: str) -> dict[str, str]:
-  """The README's generated blocks, by marker name (``results``, ``speed``, ``gpu``)."""
+  """The README's generated blocks, by marker name (``results``, ``paired``, ``speed``, ``gpu``)."""
   entries = load_entries(results)
   return {
       "results": table(entries) if entries else
                  "(no results yet: scripts/paper_runs.sh makes them)",
+      "paired": paired_table(entries, results),
       "speed": speed_table(os.path.join(results, SPEED_JSON)),
       "gpu": gpu_table(os.path.join(results, GPU_DIR), os.path.join("results", GPU_DIR)),
   }

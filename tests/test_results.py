@@ -276,3 +276,45 @@ def test_gpu_table_from_the_device_check(tmp_path):
   text = tab.gpu_table(str(run), "results/device/x")
   assert "| MLP VAE, exemplar prior, RAT | 1.25 ms | 0.62 s |" in text
   assert text.startswith("NVIDIA H200, jax 0.11.2 (`results/device/x/`)")
+
+
+def _entry(root, name, prior, nll, model="vae", images="abc", draw="exvae"):
+  """A results/<name>/ entry with per-image scores (only what the tables read)."""
+  from exvae import per_example
+  d = root / name
+  d.mkdir(parents=True)
+  (d / "config.json").write_text(json.dumps({"dataset": "fashion_mnist", "model": model,
+                                             "prior": prior}))
+  (d / "metrics.json").write_text(json.dumps({"test_nll": float(np.mean(nll)),
+                                              "eval_binarize": draw,
+                                              "num_importance_samples": 5000}))
+  (d / "budget.json").write_text("{}")
+  per_example.save(str(d), {"log_px": -np.asarray(nll), "elbo": -np.asarray(nll) - 1},
+                   {"dataset": "fashion_mnist", "split": "test", "eval_binarize_seed": 0,
+                    "count": len(nll), "images_sha256": images},
+                   {"num_importance_samples": 5000, "eval_binarize": draw})
+
+
+def test_paired_table_pairs_the_priors_of_one_model_on_the_same_images(tmp_path):
+  tab = _script("results_table")
+  rng = np.random.default_rng(0)
+  g = 228 + rng.normal(size=400)
+  e = g - 1.5 + 1.2 * rng.normal(size=400)   # better on most images, not all
+  _entry(tmp_path, "fashion_vae_gaussian", "gaussian", g.astype(np.float32))
+  _entry(tmp_path, "fashion_vae_exemplar_rat", "exemplar", e.astype(np.float32))
+  _entry(tmp_path, "fashion_hvae_gaussian", "gaussian", g[:300], model="hvae")
+  _entry(tmp_path, "fashion_hvae_vampprior", "vampprior", g[:300], model="hvae", images="other")
+  _entry(tmp_path, "fashion_vae_vampprior_reference_draw", "vampprior", g, draw="reference")
+  text = tab.paired_table(tab.load_entries(str(tmp_path)), str(tmp_path))
+  rows = text.splitlines()[2:]
+  assert len(rows) == 2, text          # the reference-draw row has no partner on its draw
+  # VAE before HVAE, as in the paper
+  d = e.astype(np.float32).astype(np.float64) - g.astype(np.float32).astype(np.float64)
+  want = f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(d.size):.2f}"
+  assert rows[0] == (f"| VAE, Fashion-MNIST | `fashion_vae_exemplar_rat` - `fashion_vae_gaussian` "
+                     f"| {want} | {100 * np.mean(d < 0):.1f}% | {226.75 - 228.70:+.2f} |")
+  assert rows[1].startswith("| HVAE, Fashion-MNIST | `fashion_hvae_vampprior` - "
+                            "`fashion_hvae_gaussian` | not paired") and "did not score" in rows[1]
+  empty = tmp_path / "none"
+  _entry(empty, "fashion_vae_gaussian", "gaussian", g)
+  assert tab.paired_table(tab.load_entries(str(empty)), str(empty)).startswith("(no two priors")
