@@ -6,7 +6,8 @@ runs take more hours than one session has, so a run that restarted from scratch
 each time would never finish. ``pack`` writes a stopped run directory into
 ``carry/<name>.tar.gz`` (its newest checkpoint step only, which holds the full
 train state, the best parameters and the early-stopping bookkeeping, plus
-``metrics.jsonl`` and the run's config; not its pictures or TensorBoard files), to be
+``metrics.jsonl``, the run's config and the ``eval_partial.npz`` of a stopped
+evaluation; not its pictures or TensorBoard files), to be
 committed; ``unpack`` recreates the run directory from it where the
 directory is missing, and ``train.py`` then resumes as from any checkpoint.
 

@@ -35,6 +35,7 @@ def _run_dir(runs):
   (wd / "pictures").mkdir()
   (wd / "pictures" / "epoch_00001.png").write_bytes(b"png")
   (wd / "events.out.tfevents.1.vm").write_bytes(b"tb")
+  (wd / "eval_partial.npz").write_bytes(b"scores of a stopped evaluation")
   return wd
 
 
@@ -64,6 +65,8 @@ def test_pack_carries_the_newest_step_and_unpack_resumes_from_it(tmp_path, capsy
   np.testing.assert_array_equal(np.asarray(best["w"]), np.full((2, 3), 1000.0))
   assert meta["epochs_validated"] == 2
   assert (new_runs / "cfg" / "metrics.jsonl").read_text() == (wd / "metrics.jsonl").read_text()
+  # A stopped evaluation goes with the run, so eval.py continues it on the new machine.
+  assert (new_runs / "cfg" / "eval_partial.npz").read_bytes() == (wd / "eval_partial.npz").read_bytes()
   assert not any(p.name.startswith(".cfg.unpack") for p in new_runs.iterdir())
 
 
