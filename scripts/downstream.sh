@@ -13,9 +13,9 @@
 # then regenerates the tables of docs/downstream.md. Each output is written in a scratch
 # folder first and copied when its command succeeded, so a failed or stopped step leaves
 # the committed records as they were. The scratch folder stays: the augmentation keeps
-# each finished classifier there, and the same command started again after a stop trains
-# only the classifiers still missing (a record made with other settings or another model
-# is trained again).
+# each finished classifier there, and the state of the one in training every 10 epochs,
+# so the same command started again after a stop continues where it stopped (a record
+# made with other settings or another model is not used).
 #
 # Environment: PY (.venv/bin/python), SEEDS (0,1,2), EPOCHS (100), MAX_STEPS (0: no cap;
 # for a smoke run), RUN (the run directory, for curves.png), RESULTS and IMAGES (where the

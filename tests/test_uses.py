@@ -228,6 +228,45 @@ def test_augmentation_training_loss_decreases(run):
   assert r2["steps"] == 5 and np.all(np.isfinite(r2["losses"]))
 
 
+def test_a_stopped_classifier_continues_from_its_checkpoint(run, tmp_path, monkeypatch, capsys):
+  """Stopped in its 5th epoch with a checkpoint every 2 epochs, the classifier started
+  again continues after epoch 4 and ends with the parameters, losses and test error of an
+  uninterrupted run; a checkpoint of another seed or a torn one is not used."""
+  _, _, t, bank = run
+  x, y = t.splits.train_x[:200], t.splits.train_y[:200]
+  kw = dict(hidden=16, epochs=6, augment=True, vae=t.setup.model, vae_params=t.params["model"],
+            log_var=bank.log_var, batch_size=50, seed=3)
+  whole = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw)
+  ckpt = str(tmp_path / "c.partial.npz")
+  real, calls = augment.train_step, []
+
+  def stopping(*a, **k):
+    calls.append(1)
+    if stop[0] and len(calls) == 4 * 4 + 2:        # 4 steps per epoch: inside epoch 5
+      raise KeyboardInterrupt
+    return real(*a, **k)
+
+  stop = [True]
+  monkeypatch.setattr(augment, "train_step", stopping)
+  ck = dict(checkpoint_path=ckpt, checkpoint_identity={"model": "m"}, checkpoint_every=2)
+  with pytest.raises(KeyboardInterrupt):
+    augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw, **ck)
+  saved = bytes(open(ckpt, "rb").read())
+  calls.clear(); stop[0] = False
+  again = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw, **ck)
+  assert len(calls) == 8 and "continuing after epoch 4" in capsys.readouterr().out
+  assert again["losses"] == whole["losses"] and again["test_error"] == whole["test_error"]
+  for a, b in zip(jax.tree_util.tree_leaves(again["params"]),
+                  jax.tree_util.tree_leaves(whole["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for damage, seed in (("other settings", 4), ("unreadable", 3)):
+    open(ckpt, "wb").write(saved if damage == "other settings" else saved[:64])
+    calls.clear()
+    augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
+                             **dict(kw, seed=seed), **ck)
+    assert len(calls) == 24 and damage in capsys.readouterr().out, damage
+
+
 def test_classifier_prints_a_progress_line_every_log_every_epochs(run, capsys):
   _, _, t, _ = run
   x, y = t.splits.train_x[:60], t.splits.train_y[:60]

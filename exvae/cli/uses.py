@@ -7,8 +7,9 @@ Commands (outputs go to ``--out``, default ``<workdir>/uses``):
   generate  conditional.png, unconditional.png, cyclic.png, interpolation.png
   knn       kNN error per k on encoder means (validation and test); knn.json
   augment   MLP test error without / with generative augmentation; augment.json;
-            augment_runs/ keeps each finished classifier, so the same command
-            started again after a stop trains only the missing ones
+            augment_runs/ keeps each finished classifier and the state of the
+            one in training (every 10 epochs), so the same command started
+            again after a stop continues where it stopped
   plots     tsne.png (codes by label), curves.png (training / validation loss)
   grow      add the validation split to the bank without retraining; report
             log p(z) of validation codes before / after; bank_grown.npz, grow.json

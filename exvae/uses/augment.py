@@ -34,6 +34,7 @@ import json
 import os
 import time
 import warnings
+import zipfile
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -285,7 +286,10 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
                      batch_size: int = 100, learning_rate: float = 0.1,
                      num_classes: int | None = None, max_steps: int | None = None,
                      mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
-                     progress: bool = False, log_every: int = 0) -> dict[str, Any]:
+                     progress: bool = False, log_every: int = 0,
+                     checkpoint_path: str | None = None,
+                     checkpoint_identity: dict[str, Any] | None = None,
+                     checkpoint_every: int = 10) -> dict[str, Any]:
   """Trains the MLP with or without generative augmentation; reports the test error.
 
   Args:
@@ -308,6 +312,14 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     progress: show a tqdm bar.
     log_every: without a bar, print one line every this many epochs (0: silent),
       so that a long run in a log file shows how far it is.
+    checkpoint_path: if given, the train state is saved there (an ``.npz``,
+      atomically) every ``checkpoint_every`` epochs, and a call that finds a
+      file there made with the same settings continues from it. Every random
+      choice is a function of (seed, step), so the continued run ends where an
+      uninterrupted one ends. The caller removes the file when done.
+    checkpoint_identity: JSON-able description of what else the run depends on
+      (the generative model, the training images); checked on restore.
+    checkpoint_every: epochs between two saves.
 
   Returns:
     ``{'test_error', 'losses' (per-step list), 'epoch_losses', 'steps', 'seconds', ...}``.
@@ -343,6 +355,23 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
                dynamic_ncols=True)
   t0 = time.time()
   step = 0
+  identity = None
+  if checkpoint_path is not None:
+    identity = atomic.dumps({"given": checkpoint_identity, "n": n, "hidden": int(hidden),
+                             "epochs": int(epochs), "augment": bool(augment),
+                             "binary": bool(binary), "seed": int(seed),
+                             "batch_size": int(batch_size), "learning_rate": float(learning_rate),
+                             "num_classes": c, "log_var": float(log_var),
+                             "steps": int(steps)}, sort_keys=True)
+    restored = _read_classifier_checkpoint(checkpoint_path, identity, state)
+    if restored is not None:
+      state, losses, seconds_before = restored
+      step = int(state.step)
+      t0 -= seconds_before
+      print(f"mlp h={hidden} {'with' if augment else 'without'} augmentation, seed {seed}: "
+            f"continuing after epoch {step // spe} from {checkpoint_path}", flush=True)
+      if bar is not None:
+        bar.update(step)
   pending = []
   while step < steps:
     epoch = step // spe
@@ -360,6 +389,9 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
       print(f"mlp h={hidden} {'with' if augment else 'without'} augmentation, seed {seed}: "
             f"epoch {epoch + 1}/{epochs}, mean loss {np.mean(losses[epoch * spe:]):.4f}, "
             f"{time.time() - t0:.0f} s", flush=True)
+    if (checkpoint_path is not None and step < steps and step % spe == 0
+        and (step // spe) % max(1, int(checkpoint_every)) == 0):
+      _write_classifier_checkpoint(checkpoint_path, identity, state, losses, time.time() - t0)
   if bar is not None:
     bar.close()
   seconds = time.time() - t0
@@ -534,7 +566,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
       record there has the same settings (model parameters, epochs, width,
       training set, s2, encoder input, step cap, probe, seed, arm) is not
       trained again: an interrupted run, started again with the same
-      ``done_dir``, loses at most the classifier it was training.
+      ``done_dir``, loses at most the last 10 epochs of the classifier it was
+      training (``seed<S>_<arm>.partial.npz`` keeps its state every 10 epochs).
 
   Returns:
     JSON-able dict: ``runs`` (one entry per seed with both test errors),
@@ -596,11 +629,13 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
         out["reused"].append(f"seed{s}_{tag}")
         print(f"seed {s} {tag} augmentation: done before, read from {path}", flush=True)
       else:
+        ckpt = None if done_dir is None else os.path.join(done_dir, f"seed{s}_{tag}.partial.npz")
         r = train_classifier(x, y, g.test_x, g.test_y, hidden=hidden, epochs=epochs,
                              augment=tag == "with", vae=model, vae_params=mp, log_var=log_var,
                              binary=binary, seed=s, max_steps=max_steps,
                              mean_fn=trained.setup.mean_fn, progress=progress,
-                             log_every=log_every)
+                             log_every=log_every, checkpoint_path=ckpt,
+                             checkpoint_identity=settings)
         result = {"test_error": r["test_error"],
                   "final_loss": r["losses"][-1] if r["losses"] else None,
                   "seconds": r["seconds"],
@@ -610,6 +645,8 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
         if path is not None:
           os.makedirs(done_dir, exist_ok=True)
           atomic.write_json(path, classifier_record(settings, result))
+          if os.path.exists(ckpt):
+            os.remove(ckpt)
       for what in ("test_error", "final_loss", "seconds", "train_error", "aug_error"):
         row[f"{what}_{tag}"] = result[what]
       out["steps"] = result["steps"]
@@ -671,3 +708,44 @@ def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
     print(f"{path}: made with other settings; training this classifier again", flush=True)
     return None
   return rec["result"]
+
+
+def _write_classifier_checkpoint(path: str, identity: str, state: ClassifierState,
+                                 losses: list[float], seconds: float) -> None:
+  """Saves a classifier's train state, its per-step losses and its time so far."""
+  leaves = jax.tree_util.tree_leaves(jax.device_get(state))
+  arrays = {f"leaf_{i}": np.asarray(a) for i, a in enumerate(leaves)}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  atomic.write_npz(path, {**arrays, "losses": np.asarray(losses, np.float64),
+                          "seconds": np.float64(seconds), "identity": np.str_(identity)})
+
+
+def _read_classifier_checkpoint(path: str, identity: str, template: ClassifierState):
+  """``(state, losses, seconds)`` from a checkpoint made with ``identity``, else None.
+
+  A missing file gives None; an unreadable one or one made with other settings
+  gives None with a line that says so.
+  """
+  if not os.path.exists(path):
+    return None
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if str(f["identity"]) != identity:
+        print(f"{path}: a classifier checkpoint of other settings; training from the start",
+              flush=True)
+        return None
+      saved = [np.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
+      losses = [float(v) for v in f["losses"]]
+      seconds = float(f["seconds"])
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    print(f"{path}: unreadable classifier checkpoint ({type(e).__name__}); training from the "
+          "start", flush=True)
+    return None
+  if any(a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype
+         for a, t in zip(saved, leaves)):
+    print(f"{path}: a classifier checkpoint of other shapes; training from the start",
+          flush=True)
+    return None
+  state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in saved])
+  return state, losses, seconds
