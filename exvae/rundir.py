@@ -396,6 +396,7 @@ def check_reader_config(workdir: str, config) -> None:
 
 
 METRICS_FILE = "metrics.jsonl"
+MACHINES_FILE = "machines.jsonl"   # one line per training segment: its step, CPU, backend
 PREVIOUS_DIR = "previous"
 # What only a run that saved a checkpoint (or was evaluated) leaves in its workdir.
 _SAVED_RUN_FILES = (CHANGES_FILE, "eval_metrics.json", "per_example.npz", "eval_samples.png",

@@ -86,6 +86,15 @@ def cpu_name(with_isa: bool = False) -> str:
       ", AVX-512" if with_isa and " avx512f" in info else "")
 
 
+def machine() -> dict:
+  """What this process trains on: ``cpu`` (:func:`cpu_name`), ``cores``, ``backend``,
+  ``devices`` and ``device_kind`` (the first device's)."""
+  import jax
+  devs = jax.devices()
+  return {"cpu": cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend(),
+          "devices": len(devs), "device_kind": getattr(devs[0], "device_kind", "")}
+
+
 def matmul_rate(n: int = 2048, reps: int = 3) -> float:
   """This machine's float32 XLA matmul rate on the default backend.
 

@@ -28,7 +28,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import atomic, checkpoints, data, distributed, pictures, plugins, rng, rundir, writers
+from exvae import (atomic, checkpoints, data, distributed, pictures, plugins, rng, rundir,
+                   runinfo, writers)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
@@ -590,6 +591,10 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **meta)
 
+  if primary:   # which machine trains from here (a run may move between machines)
+    atomic.append_line(os.path.join(workdir, rundir.MACHINES_FILE), atomic.dumps(
+        {"step": int(state.step), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         **runinfo.machine()}))
   tb = bool(config.tensorboard) and primary
   writers.open_run(workdir, enabled=tb,
                    replay=rundir.read_metrics(metrics_path)[0] if tb else None)

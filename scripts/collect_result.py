@@ -12,8 +12,8 @@ Writes, atomically per file:
   budget.json       epochs trained, early stop, best epoch, training wall-clock (summed over
                     resumed segments) and how much of it the job sat paused, all as of the
                     evaluated checkpoint (training may have gone on since); evaluation time,
-                    this machine's measured matmul rate and its load average then, CPU,
-                    source commit of the run
+                    this machine's measured matmul rate and its load average then, the
+                    CPUs that trained it (machines.jsonl, with their epochs), source commit
   per_example.npz   per-example test log-likelihoods (float32, one per test image) and ELBOs,
                     with the test-set identity, as eval.py wrote them
   curve.csv         validation loss per epoch
@@ -74,6 +74,47 @@ def paused_seconds(records: list[dict], gap: float = PAUSE_GAP_S) -> float:
   return paused
 
 
+def machines_text(segments: list[dict], steps_per_epoch: int, last_epoch: int) -> str:
+  """Which CPUs trained which epochs, from the run's ``machines.jsonl``.
+
+  Args:
+    segments: its records in file (time) order: ``step`` where a segment
+      started, ``cpu``. A segment that starts before the end of an earlier one
+      (a resume from an older checkpoint) trains those epochs again.
+    steps_per_epoch: steps in one epoch.
+    last_epoch: the last epoch counted (the evaluated checkpoint's); segments
+      that start after it are ignored.
+
+  Returns:
+    The CPU's name when one kind of CPU trained every counted epoch, else
+    ``"A (epochs 1-714), B (epochs 715-1068)"``.
+  """
+  spans: list[list] = []
+  for seg in segments:
+    first = int(seg.get("step", 0)) // max(1, steps_per_epoch) + 1
+    if first > last_epoch:
+      continue
+    cpu = str(seg.get("cpu", "?"))
+    spans = [sp for sp in spans if sp[1] < first]
+    if spans:
+      spans[-1][2] = first - 1
+    if spans and spans[-1][0] == cpu:
+      spans[-1][2] = last_epoch
+    else:
+      spans.append([cpu, first, last_epoch])
+  if len({c for c, _, _ in spans}) <= 1:
+    return spans[0][0] if spans else "?"
+  return ", ".join(f"{c} (epochs {a}-{b})" for c, a, b in spans)
+
+
+def _steps_per_epoch(records: list[dict]) -> int:
+  """Steps per epoch from the validation records (``step`` at the end of ``epoch``), or 0."""
+  for r in records:
+    if "val_loss" in r and r.get("step") and r.get("epoch"):
+      return int(r["step"]) // int(r["epoch"])
+  return 0
+
+
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -83,10 +124,13 @@ def _write_json(path: str, obj) -> None:
 
 
 def collect(workdir: str, name: str, out_root: str, measure: bool = True,
-            eval_dir: str | None = None) -> str:
+            eval_dir: str | None = None, cpu: str | None = None) -> str:
   """Writes ``out_root/name/`` from ``workdir``; returns that directory.
 
   The evaluation's files are read from ``eval_dir`` (default: ``workdir``).
+  ``budget.json``'s ``cpu`` names the CPUs that trained the run (its
+  ``machines.jsonl``), ``cpu`` when given (a run trained before that file
+  existed), else this machine's.
   """
   eval_dir = eval_dir or workdir
   need = [os.path.join(eval_dir, f) for f in ("eval_metrics.json", "per_example.npz")] + [
@@ -132,9 +176,19 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
       "num_importance_samples": metrics.get("num_importance_samples"),
       "num_test_examples": metrics.get("num_test_examples"),
       "cpu": cpu_name(),
+      "cpu_source": "the machine that collected the run",
       "cpu_count": os.cpu_count(),
       "source": source,
   }
+  machines = os.path.join(workdir, "machines.jsonl")
+  if cpu:
+    budget.update(cpu=cpu, cpu_source="given (--cpu)")
+  elif os.path.exists(machines):
+    segments = read_jsonl(machines)
+    spe = int(last.get("steps_per_epoch") or 0) or _steps_per_epoch(records)
+    if segments and spe:
+      budget.update(cpu=machines_text(segments, spe, epochs), machines=segments,
+                    cpu_source="machines.jsonl")
   if ckpt is not None:
     budget["evaluated_checkpoint_step"] = int(ckpt)
   if measure:
@@ -164,8 +218,12 @@ def main(argv=None) -> int:
   ap.add_argument("--eval_dir", default=None,
                   help="where eval.py wrote its files (--config.eval.out_dir); default --workdir")
   ap.add_argument("--no-measure", action="store_true", help="skip the matmul-rate measurement")
+  ap.add_argument("--cpu", default=None,
+                  help="the CPUs that trained the run, for a run without machines.jsonl "
+                       "(default: its machines.jsonl, else this machine's CPU)")
   a = ap.parse_args(argv)
-  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure, eval_dir=a.eval_dir))
+  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure, eval_dir=a.eval_dir,
+                cpu=a.cpu))
   return 0
 
 

@@ -66,7 +66,8 @@ def _budget_text(b: dict, m: dict) -> str:
           else "exvae's binarisation")
   return (f"{stop}; best epoch {b.get('best_epoch')}; S = {m.get('num_importance_samples')}, "
           f"{m.get('num_test_examples')} test images, {draw}{pruned}; {hours:.1f} h {clock} "
-          f"on {b.get('cpu_count')} cores ({b.get('cpu', '?')})")
+          + (f"on {b.get('cpu_count')} cores: {b['cpu']}" if "(epochs" in str(b.get("cpu"))
+             else f"on {b.get('cpu_count')} cores ({b.get('cpu', '?')})"))
 
 
 def table(entries: list[dict]) -> str:

@@ -318,3 +318,43 @@ def test_paired_table_pairs_the_priors_of_one_model_on_the_same_images(tmp_path)
   empty = tmp_path / "none"
   _entry(empty, "fashion_vae_gaussian", "gaussian", g)
   assert tab.paired_table(tab.load_entries(str(empty)), str(empty)).startswith("(no two priors")
+
+
+def test_budget_names_every_cpu_that_trained_the_run(tmp_path):
+  collect = _script("collect_result")
+  wd = _fake_run(tmp_path, [226.0, 228.0])
+  # Epochs 1-2 on one CPU, 3 on another; a segment past the last epoch counted is ignored.
+  segs = [{"step": 0, "cpu": "AMD EPYC"}, {"step": 10, "cpu": "AMD EPYC"},
+          {"step": 20, "cpu": "Intel Xeon"}, {"step": 40, "cpu": "Other"}]
+  assert collect.machines_text(segs, 10, 3) == "AMD EPYC (epochs 1-2), Intel Xeon (epochs 3-3)"
+  assert collect.machines_text(segs[:2], 10, 3) == "AMD EPYC"
+  assert collect.machines_text(segs, 10, 5) == (
+      "AMD EPYC (epochs 1-2), Intel Xeon (epochs 3-4), Other (epochs 5-5)")
+  # A resume from an older checkpoint on the first CPU trains epochs 2-4 again there.
+  assert collect.machines_text(segs[:3] + [{"step": 10, "cpu": "AMD EPYC"}], 10, 4) == "AMD EPYC"
+  (wd / "machines.jsonl").write_text("".join(json.dumps(s) + "\n" for s in segs))
+  recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()[:-1]]
+  with open(wd / "metrics.jsonl", "w") as f:   # validation records with steps: 10 per epoch
+    for r in recs:
+      if "val_loss" in r:
+        r["step"] = 10 * r["epoch"]
+      f.write(json.dumps(r) + "\n")
+  b = json.load(open(os.path.join(collect.collect(str(wd), "x", str(tmp_path / "r"),
+                                                  measure=False), "budget.json")))
+  assert b["cpu"] == "AMD EPYC (epochs 1-2), Intel Xeon (epochs 3-3)"
+  assert b["cpu_source"] == "machines.jsonl" and len(b["machines"]) == 4
+  b = json.load(open(os.path.join(collect.collect(str(wd), "y", str(tmp_path / "r"),
+                                                  measure=False, cpu="Given CPU"), "budget.json")))
+  assert (b["cpu"], b["cpu_source"]) == ("Given CPU", "given (--cpu)")
+
+
+def test_training_records_the_machine_of_each_segment(tmp_path):
+  from conftest import load_config
+  from exvae import runinfo, train_lib
+  wd = str(tmp_path / "run")
+  for steps in (10, 20):
+    train_lib.train_and_evaluate(load_config("test", max_steps=steps), wd)
+  segs = [json.loads(l) for l in open(os.path.join(wd, "machines.jsonl"))]
+  assert [s["step"] for s in segs] == [0, 10]
+  assert all(s["cpu"] == runinfo.cpu_name() and s["backend"] == "cpu" and s["cores"] >= 1
+             for s in segs)
