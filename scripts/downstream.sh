@@ -4,10 +4,11 @@
 #   scripts/downstream.sh CONFIG [knn] [augment] [pictures]     # default: knn augment
 #
 # reads results/CONFIG/model (scripts/publish_model.py writes it) and
-#   knn       writes results/CONFIG/knn.json (k = 3, 5, 9, 15; about a minute);
+#   knn       writes results/CONFIG/knn.json and knn_per_example.npz (k = 3, 5, 9, 15;
+#             about a minute);
 #   augment   writes results/CONFIG/augment.json (the MLP without and with generative
-#             augmentation, SEEDS classifier seeds, EPOCHS epochs; about an hour on 2 cores
-#             for 3 seeds x 100 epochs);
+#             augmentation, SEEDS classifier seeds, EPOCHS epochs; 2.2 h on 2 cores of an
+#             Intel Xeon for 3 seeds x 100 epochs);
 #   pictures  writes docs/images/{conditional,unconditional,cyclic,interpolation}.png, and
 #             tsne.png and curves.png from the run directory RUN=~/exvae-runs/CONFIG if given;
 # then regenerates the tables of docs/downstream.md. Each output is written in a scratch
@@ -54,6 +55,7 @@ for s in "${steps[@]}"; do
       rm -rf "$tmp/knn"
       "${uses[@]}" knn --config="$model/config.json" --workdir="$model" --ks=3,5,9,15 \
         --out="$tmp/knn" --config.progress=False
+      cp "$tmp/knn/knn_per_example.npz" "$RESULTS/$cfg/knn_per_example.npz"
       cp "$tmp/knn/knn.json" "$RESULTS/$cfg/knn.json";;
     augment)
       rm -f "$tmp/augment/augment.json"   # augment_runs/ stays: the finished classifiers

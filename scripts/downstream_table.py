@@ -3,12 +3,17 @@
 Usage: python scripts/downstream_table.py [--results results] [--write docs/downstream.md]
                                          [--check docs/downstream.md]
 
-Two tables:
+Three tables:
 * kNN test error on encoder means, per model (``results/<name>/knn.json``),
   for k = 3, 5, 9, 15, with the query images and tie-break it used;
+* the kNN differences between the priors of one model, paired over the test
+  images (``results/<name>/knn_per_example.npz``): the mean of
+  ``wrong_a - wrong_b`` per image +- its standard error, beside the paper's
+  claim;
 * generative augmentation (``results/<name>/augment.json``): MLP test error
   without and with augmentation, mean +- standard deviation over classifier
-  seeds, beside the paper's figures.
+  seeds, and their difference +- the standard deviation of the per-seed
+  differences, beside the paper's figures.
 
 ``--write`` replaces the text between ``<!-- downstream:begin -->`` and
 ``<!-- downstream:end -->``; ``--check`` exits 1 if the page is not what
@@ -16,14 +21,22 @@ this script generates.
 """
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
+
+import numpy as np
 
 BEGIN, END = "<!-- downstream:begin -->", "<!-- downstream:end -->"
 KS = ("3", "5", "9", "15")
 # The paper's Fashion-MNIST augmentation figures (MLP 784-1024-1024-10), test error in %.
 PAPER_AUGMENT = {"fashion_mnist": (8.56, 8.16)}
+# The priors from richest to simplest; a paired row is "richer - simpler".
+PRIORS = ("exemplar", "vampprior", "gaussian")
+PAPER_KNN = ("the Exemplar VAE's encoder means classify best of the three priors "
+             "(shown as a figure, without numbers)")
 
 
 def _load(root: str, filename: str) -> list[tuple[str, dict]]:
@@ -53,6 +66,60 @@ def knn_table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _family(name: str) -> tuple[str, int] | None:
+  """(model family, prior rank) of a results name such as ``fashion_vae_exemplar_rat``."""
+  parts = name.split("_")
+  for rank, prior in enumerate(PRIORS):
+    if prior in parts:
+      i = parts.index(prior)
+      return "_".join(parts[:i]), rank
+  return None
+
+
+def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
+  path = os.path.join(root, name, "knn_per_example.npz")
+  if not os.path.isfile(path):
+    return None
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str) -> tuple[float, float] | None:
+  """Mean and standard error (%) of ``wrong_a - wrong_b`` over the same test images.
+
+  None when the two did not score the same images (other labels or sizes) or lack k.
+  """
+  key = f"pred_k{k}"
+  if key not in a or key not in b or a["labels"].shape != b["labels"].shape \
+      or not np.array_equal(a["labels"], b["labels"]):
+    return None
+  d = (a[key] != a["labels"]).astype(np.float64) - (b[key] != b["labels"]).astype(np.float64)
+  return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(d.size)
+
+
+def knn_paired_table(root: str, names: list[str]) -> str:
+  """Markdown table of paired kNN differences between the priors of each model family."""
+  groups: dict[str, list[tuple[int, str]]] = {}
+  for name in names:
+    fam = _family(name)
+    if fam is not None and _knn_per_example(root, name) is not None:
+      groups.setdefault(fam[0], []).append((fam[1], name))
+  lines = ["| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
+           "|---|" + "---|" * len(KS)]
+  for fam in sorted(groups):
+    for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2):
+      pa, pb = _knn_per_example(root, a), _knn_per_example(root, b)
+      cells = []
+      for k in KS:
+        r = paired_knn(pa, pb, k)
+        cells.append("not paired" if r is None else f"{r[0]:+.2f} +- {r[1]:.2f}")
+      lines.append(f"| `{a}` - `{b}` | " + " | ".join(cells) + " |")
+  if len(lines) == 2:
+    return "No paired kNN result in `results/` yet.\n"
+  lines.append(f"| paper | {PAPER_KNN} |" + " |" * (len(KS) - 1))
+  return "\n".join(lines) + "\n"
+
+
 def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") -> str:
   """Markdown table of augmentation test errors (%), with the paper's figures."""
   paper = PAPER_AUGMENT.get(dataset)
@@ -70,6 +137,12 @@ def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") 
       return f"{100 * r[f'test_error_{tag}']:.2f} +- {100 * r.get(f'test_error_{tag}_std', 0):.2f}"
     diff = (f"{100 * (r['test_error_with'] - r['test_error_without']):+.2f}"
             if "test_error_with" in r and "test_error_without" in r else "-")
+    # Both arms of a seed share the initialisation and batch order: the spread
+    # of the per-seed differences (not of either arm) says how sure the gain is.
+    per_seed = [x["test_error_with"] - x["test_error_without"] for x in r.get("runs", [])
+                if "test_error_with" in x and "test_error_without" in x]
+    if len(per_seed) > 1 and diff != "-":
+      diff += f" +- {100 * float(np.std(per_seed, ddof=1)):.2f}"
     s2 = f"exp({r['log_var']:.2f})" if "log_var" in r else "-"
     # How often the classifier trained on real images alone disagrees with the
     # label an augmented copy keeps (the augmentation's label noise).
@@ -85,7 +158,10 @@ def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") 
 
 def generate(root: str) -> str:
   """The text between the markers."""
-  return ("\n### kNN test error on encoder means (%)\n\n" + knn_table(_load(root, "knn.json"))
+  knn = _load(root, "knn.json")
+  return ("\n### kNN test error on encoder means (%)\n\n" + knn_table(knn)
+          + "\n### kNN: paired test-error differences (percentage points)\n\n"
+          + knn_paired_table(root, [name for name, _ in knn])
           + "\n### Generative augmentation: MLP test error (%)\n\n"
           + augment_table(_load(root, "augment.json")) + "\n")
 

@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+
 from conftest import ROOT, load_script
 
 dt = load_script("scripts/downstream_table.py")
@@ -45,3 +47,46 @@ def test_tables_from_synthetic_results(tmp_path):
   assert page.read_text().startswith("intro\n") and "12.34" in page.read_text()
   (tmp_path / "bare.md").write_text("no markers\n")
   assert dt.main(["--results", str(root), "--check", str(tmp_path / "bare.md")]) == 2
+
+
+def test_paired_knn_differences_match_numpy(tmp_path):
+  root = tmp_path / "results"
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 500).astype(np.int32)
+  preds = {}
+  for name, p_right in (("fam_exemplar_rat", 0.9), ("fam_vampprior", 0.85), ("fam_gaussian", 0.8),
+                        ("other_gaussian", 0.8)):
+    (root / name).mkdir(parents=True)
+    right = rng.random(500) < p_right
+    pred = {f"pred_k{k}": np.where(right, labels, (labels + 1) % 10).astype(np.int32) for k in dt.KS}
+    preds[name] = pred
+    np.savez(root / name / "knn_per_example.npz", labels=labels, **pred)
+    (root / name / "knn.json").write_text(json.dumps({"test": {k: 0.1 for k in dt.KS}}))
+  text = dt.generate(str(root))
+  wa = preds["fam_exemplar_rat"]["pred_k5"] != labels
+  wb = preds["fam_gaussian"]["pred_k5"] != labels
+  d = wa.astype(float) - wb
+  want = f"{100 * d.mean():+.2f} +- {100 * d.std(ddof=1) / np.sqrt(d.size):.2f}"
+  row = next(l for l in text.splitlines() if l.startswith("| `fam_exemplar_rat` - `fam_gaussian` |"))
+  assert row.split(" | ")[2] == want
+  assert "| `fam_exemplar_rat` - `fam_vampprior` |" in text and "| `fam_vampprior` - `fam_gaussian` |" in text
+  assert "other_gaussian` -" not in text and "- `other_gaussian`" not in text   # another model family
+  # Models that scored other images (other labels) are not paired.
+  np.savez(root / "fam_gaussian" / "knn_per_example.npz", labels=(labels + 1) % 10,
+           **preds["fam_gaussian"])
+  row = next(l for l in dt.generate(str(root)).splitlines()
+             if l.startswith("| `fam_exemplar_rat` - `fam_gaussian` |"))
+  assert row.count("not paired") == len(dt.KS)
+
+
+def test_augmentation_difference_spread_is_over_paired_seeds(tmp_path):
+  root = tmp_path / "results"
+  (root / "m").mkdir(parents=True)
+  runs = [{"seed": s, "test_error_without": w, "test_error_with": a}
+          for s, (w, a) in enumerate([(0.0941, 0.0906), (0.0922, 0.0909), (0.0964, 0.0895)])]
+  aug = {"test_error_without": 0.09423, "test_error_without_std": 0.0021, "test_error_with": 0.09033,
+         "test_error_with_std": 0.0007, "seeds": [0, 1, 2], "epochs": 100, "runs": runs}
+  (root / "m" / "augment.json").write_text(json.dumps(aug))
+  diffs = [r["test_error_with"] - r["test_error_without"] for r in runs]
+  want = f"| -0.39 +- {100 * np.std(diffs, ddof=1):.2f} |"
+  assert want in dt.generate(str(root)) and want != "| -0.39 +- 0.00 |"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
+from exvae import atomic
 from exvae import bank as bank_lib
 from exvae import checkpoints, train_lib
 from exvae.uses import augment, commands, generation, knn
@@ -432,6 +433,12 @@ def test_cli_commands_end_to_end(run, tmp_path):
   assert set(saved["val"]) == {"3", "5"} and set(saved["test"]) == {"3", "5"}
   assert all(0 <= v <= 1 for v in saved["val"].values())
   assert saved["num_train"] == t.splits.train_x.shape[0]
+  # The per-image record reproduces the error rates and is the file its digest names.
+  with np.load(os.path.join(out, saved["per_example"])) as z:
+    np.testing.assert_array_equal(z["labels"], t.splits.test_y)
+    for k in ("3", "5"):
+      assert np.mean(z[f"pred_k{k}"] != z["labels"]) == pytest.approx(saved["test"][k])
+  assert atomic.sha256_file(os.path.join(out, saved["per_example"])) == saved["per_example_sha256"]
   assert saved["model"]["path"] == workdir and saved["commit"]
 
   r = commands.run("augment", config, workdir, out, epochs=1, hidden=16, max_steps=3)
@@ -487,6 +494,8 @@ def test_downstream_script_writes_the_records_of_a_published_model(run, tmp_path
   knn_rec = json.loads((tmp_path / "res" / "tiny" / "knn.json").read_text())
   aug = json.loads((tmp_path / "res" / "tiny" / "augment.json").read_text())
   assert set(knn_rec["test"]) == {"3", "5", "9", "15"} and knn_rec["model"]["source_run"] == "tiny"
+  with np.load(tmp_path / "res" / "tiny" / "knn_per_example.npz") as z:
+    assert np.mean(z["pred_k9"] != z["labels"]) == pytest.approx(knn_rec["test"]["9"])
   assert aug["steps"] == 2 and aug["model"]["params_sha256"] == knn_rec["model"]["params_sha256"]
   for name in ("conditional", "unconditional", "cyclic", "interpolation", "tsne", "curves"):
     assert (tmp_path / "img" / f"{name}.png").stat().st_size > 0

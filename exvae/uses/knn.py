@@ -162,7 +162,10 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     progress: show progress bars.
 
   Returns:
-    ``{'val': {k: err}, 'test': {k: err}, 'num_train', 'num_val', 'num_test'}``.
+    ``{'val': {k: err}, 'test': {k: err}, 'num_train', 'num_val', 'num_test', 'ks',
+    'tie_break', 'query_images', 'test_predictions': {k: (num_test,) int32},
+    'test_labels': (num_test,) int32}``; the last two are arrays (for
+    :func:`save_per_example`), the rest is JSON.
 
   Raises:
     ValueError: the data set has no labels.
@@ -195,9 +198,34 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
                    tie_break=tie_break, progress=progress)
   ref = np.concatenate([train_codes, val_codes])
   ref_y = np.concatenate([train_y, s.val_y])
-  test = knn_errors(test_codes, s.test_y, ref, ref_y, ks, batch_size=batch_size,
-                    tie_break=tie_break, progress=progress)
+  test_preds = knn_predict(test_codes, ref, ref_y, ks, batch_size=batch_size,
+                           tie_break=tie_break, progress=progress)
+  test_y = np.asarray(s.test_y)
+  test = {k: float(np.mean(p != test_y)) for k, p in test_preds.items()}
   return {"val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in test.items()},
           "num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
           "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
-          "tie_break": tie_break, "query_images": query_images}
+          "tie_break": tie_break, "query_images": query_images,
+          "test_predictions": {int(k): p for k, p in test_preds.items()},
+          "test_labels": test_y.astype(np.int32)}
+
+
+PER_EXAMPLE = "knn_per_example.npz"
+
+
+def save_per_example(path: str, result: dict[str, Any]) -> str:
+  """Writes the test predictions of :func:`evaluate_knn` to ``path`` (atomically).
+
+  The file holds ``labels`` (num_test,) and ``pred_k<k>`` (num_test,) int32 for
+  each k, so that two models scored on the same test images can be compared
+  image by image (paired), not only by their error rates.
+
+  Returns:
+    The file's SHA-256.
+  """
+  from exvae import atomic  # pylint: disable=import-outside-toplevel
+  arrays = {"labels": np.asarray(result["test_labels"], np.int32)}
+  arrays.update({f"pred_k{k}": np.asarray(p, np.int32)
+                 for k, p in sorted(result["test_predictions"].items())})
+  atomic.write_npz(path, arrays)
+  return atomic.sha256_file(path)
