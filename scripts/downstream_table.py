@@ -6,10 +6,10 @@ Usage: python scripts/downstream_table.py [--results results] [--write docs/down
 Three tables:
 * kNN test error on encoder means, per model (``results/<name>/knn.json``),
   for k = 3, 5, 9, 15, with the query images and tie-break it used;
-* the kNN differences between the priors of one model, paired over the test
-  images (``results/<name>/knn_per_example.npz``): the mean of
-  ``wrong_a - wrong_b`` per image +- its standard error, beside the paper's
-  claim;
+* the kNN differences between the priors of one model, paired over the same
+  images (``results/<name>/knn_per_example.npz``), in the test setting and,
+  where recorded, the validation setting: the mean of ``wrong_a - wrong_b``
+  per image +- its standard error, beside the paper's claim;
 * generative augmentation (``results/<name>/augment.json``): MLP test error
   without and with augmentation, mean +- standard deviation over classifier
   seeds, and their difference +- the standard deviation of the per-seed
@@ -84,16 +84,28 @@ def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
     return {k: z[k] for k in z.files}
 
 
-def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str) -> tuple[float, float] | None:
-  """Mean and standard error (%) of ``wrong_a - wrong_b`` over the same test images.
+# (setting, prefix of its arrays in knn_per_example.npz)
+KNN_SETTINGS = (("test (references: training + validation)", ""),
+                ("validation (references: training)", "val_"))
 
-  None when the two did not score the same images (other labels or sizes) or lack k.
+
+def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
+               prefix: str = "") -> tuple[float, float] | None:
+  """Mean and standard error (%) of ``wrong_a - wrong_b`` over the same images.
+
+  Args:
+    a, b: the two models' ``knn_per_example.npz`` arrays.
+    k: the k, as a string.
+    prefix: ``""`` for the test setting, ``"val_"`` for the validation setting.
+
+  Returns:
+    None when the two did not score the same images (other labels or sizes) or lack k.
   """
-  key = f"pred_k{k}"
-  if key not in a or key not in b or a["labels"].shape != b["labels"].shape \
-      or not np.array_equal(a["labels"], b["labels"]):
+  key, lab = f"{prefix}pred_k{k}", f"{prefix}labels"
+  if key not in a or key not in b or lab not in a or lab not in b \
+      or a[lab].shape != b[lab].shape or not np.array_equal(a[lab], b[lab]):
     return None
-  d = (a[key] != a["labels"]).astype(np.float64) - (b[key] != b["labels"]).astype(np.float64)
+  d = (a[key] != a[lab]).astype(np.float64) - (b[key] != b[lab]).astype(np.float64)
   return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(d.size)
 
 
@@ -104,19 +116,22 @@ def knn_paired_table(root: str, names: list[str]) -> str:
     fam = _family(name)
     if fam is not None and _knn_per_example(root, name) is not None:
       groups.setdefault(fam[0], []).append((fam[1], name))
-  lines = ["| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
-           "|---|" + "---|" * len(KS)]
-  for fam in sorted(groups):
-    for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2):
-      pa, pb = _knn_per_example(root, a), _knn_per_example(root, b)
-      cells = []
-      for k in KS:
-        r = paired_knn(pa, pb, k)
-        cells.append("not paired" if r is None else f"{r[0]:+.2f} +- {r[1]:.2f}")
-      lines.append(f"| `{a}` - `{b}` | " + " | ".join(cells) + " |")
+  lines = ["| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
+           "|---|---|" + "---|" * len(KS)]
+  for setting, prefix in KNN_SETTINGS:
+    for fam in sorted(groups):
+      for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2):
+        pa, pb = _knn_per_example(root, a), _knn_per_example(root, b)
+        if prefix and f"{prefix}labels" not in pa and f"{prefix}labels" not in pb:
+          continue                                # neither kept this setting
+        cells = []
+        for k in KS:
+          r = paired_knn(pa, pb, k, prefix)
+          cells.append("not paired" if r is None else f"{r[0]:+.2f} +- {r[1]:.2f}")
+        lines.append(f"| `{a}` - `{b}` | {setting} | " + " | ".join(cells) + " |")
   if len(lines) == 2:
     return "No paired kNN result in `results/` yet.\n"
-  lines.append(f"| paper | {PAPER_KNN} |" + " |" * (len(KS) - 1))
+  lines.append(f"| paper | test | {PAPER_KNN} |" + " |" * (len(KS) - 1))
   return "\n".join(lines) + "\n"
 
 
@@ -160,7 +175,7 @@ def generate(root: str) -> str:
   """The text between the markers."""
   knn = _load(root, "knn.json")
   return ("\n### kNN test error on encoder means (%)\n\n" + knn_table(knn)
-          + "\n### kNN: paired test-error differences (percentage points)\n\n"
+          + "\n### kNN: paired error differences (percentage points)\n\n"
           + knn_paired_table(root, [name for name, _ in knn])
           + "\n### Generative augmentation: MLP test error (%)\n\n"
           + augment_table(_load(root, "augment.json")) + "\n")

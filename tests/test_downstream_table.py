@@ -60,22 +60,35 @@ def test_paired_knn_differences_match_numpy(tmp_path):
     right = rng.random(500) < p_right
     pred = {f"pred_k{k}": np.where(right, labels, (labels + 1) % 10).astype(np.int32) for k in dt.KS}
     preds[name] = pred
-    np.savez(root / name / "knn_per_example.npz", labels=labels, **pred)
+    val_pred = {} if name == "fam_gaussian" else {  # one model without the validation setting
+        f"val_pred_k{k}": np.where(rng.random(500) < p_right, labels, 0).astype(np.int32)
+        for k in dt.KS}
+    preds[name] = dict(pred, **val_pred)
+    np.savez(root / name / "knn_per_example.npz", labels=labels,
+             **({"val_labels": labels} if val_pred else {}), **pred, **val_pred)
     (root / name / "knn.json").write_text(json.dumps({"test": {k: 0.1 for k in dt.KS}}))
   text = dt.generate(str(root))
   wa = preds["fam_exemplar_rat"]["pred_k5"] != labels
   wb = preds["fam_gaussian"]["pred_k5"] != labels
   d = wa.astype(float) - wb
   want = f"{100 * d.mean():+.2f} +- {100 * d.std(ddof=1) / np.sqrt(d.size):.2f}"
-  row = next(l for l in text.splitlines() if l.startswith("| `fam_exemplar_rat` - `fam_gaussian` |"))
-  assert row.split(" | ")[2] == want
+  rows = [l for l in text.splitlines() if l.startswith("| `fam_exemplar_rat` - `fam_gaussian` |")]
+  assert len(rows) == 2 and "| test (" in rows[0] and "| validation (" in rows[1]
+  assert rows[0].split(" | ")[3] == want
+  assert rows[1].count("not paired") == len(dt.KS)   # the Gaussian kept no validation setting
+  wa = preds["fam_exemplar_rat"]["val_pred_k9"] != labels
+  wb = preds["fam_vampprior"]["val_pred_k9"] != labels
+  d = wa.astype(float) - wb
+  val_row = next(l for l in text.splitlines()
+                 if l.startswith("| `fam_exemplar_rat` - `fam_vampprior` | validation"))
+  assert val_row.split(" | ")[4] == f"{100 * d.mean():+.2f} +- {100 * d.std(ddof=1) / np.sqrt(d.size):.2f}"
   assert "| `fam_exemplar_rat` - `fam_vampprior` |" in text and "| `fam_vampprior` - `fam_gaussian` |" in text
   assert "other_gaussian` -" not in text and "- `other_gaussian`" not in text   # another model family
   # Models that scored other images (other labels) are not paired.
   np.savez(root / "fam_gaussian" / "knn_per_example.npz", labels=(labels + 1) % 10,
            **preds["fam_gaussian"])
   row = next(l for l in dt.generate(str(root)).splitlines()
-             if l.startswith("| `fam_exemplar_rat` - `fam_gaussian` |"))
+             if l.startswith("| `fam_exemplar_rat` - `fam_gaussian` | test"))
   assert row.count("not paired") == len(dt.KS)
 
 

@@ -436,8 +436,10 @@ def test_cli_commands_end_to_end(run, tmp_path):
   # The per-image record reproduces the error rates and is the file its digest names.
   with np.load(os.path.join(out, saved["per_example"])) as z:
     np.testing.assert_array_equal(z["labels"], t.splits.test_y)
+    np.testing.assert_array_equal(z["val_labels"], t.splits.val_y)
     for k in ("3", "5"):
       assert np.mean(z[f"pred_k{k}"] != z["labels"]) == pytest.approx(saved["test"][k])
+      assert np.mean(z[f"val_pred_k{k}"] != z["val_labels"]) == pytest.approx(saved["val"][k])
   assert atomic.sha256_file(os.path.join(out, saved["per_example"])) == saved["per_example_sha256"]
   assert saved["model"]["path"] == workdir and saved["commit"]
 

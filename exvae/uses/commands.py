@@ -9,7 +9,8 @@ summary dict:
 * ``generate``: ``conditional.png``, ``unconditional.png``, ``cyclic.png``,
   ``interpolation.png`` (+ ``generate.json``).
 * ``knn``:      ``knn.json``: kNN error per k, validation and test settings, and
-                ``knn_per_example.npz``: each test image's label and prediction per k.
+                ``knn_per_example.npz``: each test and validation image's label and
+                prediction per k.
 * ``augment``:  ``augment.json``: MLP test error without / with augmentation.
 * ``plots``:    ``tsne.png`` (codes coloured by label), ``curves.png``.
 * ``grow``:     ``bank_grown.npz`` (train + validation exemplars, no
@@ -159,7 +160,8 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
   os.makedirs(out, exist_ok=True)
   res["per_example"] = knn.PER_EXAMPLE
   res["per_example_sha256"] = knn.save_per_example(os.path.join(out, knn.PER_EXAMPLE), res)
-  del res["test_predictions"], res["test_labels"]
+  for key in ("test_predictions", "test_labels", "val_predictions", "val_labels"):
+    del res[key]
   res["path"] = _write_json(os.path.join(out, "knn.json"), res)
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
   print("   k   val (ref=train)   test (ref=train+val)")

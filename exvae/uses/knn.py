@@ -164,7 +164,8 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
   Returns:
     ``{'val': {k: err}, 'test': {k: err}, 'num_train', 'num_val', 'num_test', 'ks',
     'tie_break', 'query_images', 'test_predictions': {k: (num_test,) int32},
-    'test_labels': (num_test,) int32}``; the last two are arrays (for
+    'test_labels': (num_test,) int32, 'val_predictions': {k: (num_val,) int32},
+    'val_labels': (num_val,) int32}``; the last four are arrays (for
     :func:`save_per_example`), the rest is JSON.
 
   Raises:
@@ -194,8 +195,10 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
 
   val_codes, test_codes = enc(val_x), enc(test_x)
   train_codes, train_y = bank.codes, bank.labels
-  val = knn_errors(val_codes, s.val_y, train_codes, train_y, ks, batch_size=batch_size,
-                   tie_break=tie_break, progress=progress)
+  val_preds = knn_predict(val_codes, train_codes, train_y, ks, batch_size=batch_size,
+                          tie_break=tie_break, progress=progress)
+  val_y = np.asarray(s.val_y)
+  val = {k: float(np.mean(p != val_y)) for k, p in val_preds.items()}
   ref = np.concatenate([train_codes, val_codes])
   ref_y = np.concatenate([train_y, s.val_y])
   test_preds = knn_predict(test_codes, ref, ref_y, ks, batch_size=batch_size,
@@ -207,18 +210,22 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
           "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
           "tie_break": tie_break, "query_images": query_images,
           "test_predictions": {int(k): p for k, p in test_preds.items()},
-          "test_labels": test_y.astype(np.int32)}
+          "test_labels": test_y.astype(np.int32),
+          "val_predictions": {int(k): p for k, p in val_preds.items()},
+          "val_labels": val_y.astype(np.int32)}
 
 
 PER_EXAMPLE = "knn_per_example.npz"
 
 
 def save_per_example(path: str, result: dict[str, Any]) -> str:
-  """Writes the test predictions of :func:`evaluate_knn` to ``path`` (atomically).
+  """Writes the predictions of :func:`evaluate_knn` to ``path`` (atomically).
 
-  The file holds ``labels`` (num_test,) and ``pred_k<k>`` (num_test,) int32 for
-  each k, so that two models scored on the same test images can be compared
-  image by image (paired), not only by their error rates.
+  The file holds, in the test setting, ``labels`` (num_test,) and ``pred_k<k>``
+  (num_test,) int32 for each k, and in the validation setting ``val_labels``
+  and ``val_pred_k<k>`` (num_val,), so that two models scored on the same
+  images can be compared image by image (paired), not only by their error
+  rates.
 
   Returns:
     The file's SHA-256.
@@ -227,5 +234,9 @@ def save_per_example(path: str, result: dict[str, Any]) -> str:
   arrays = {"labels": np.asarray(result["test_labels"], np.int32)}
   arrays.update({f"pred_k{k}": np.asarray(p, np.int32)
                  for k, p in sorted(result["test_predictions"].items())})
+  if "val_predictions" in result:
+    arrays["val_labels"] = np.asarray(result["val_labels"], np.int32)
+    arrays.update({f"val_pred_k{k}": np.asarray(p, np.int32)
+                   for k, p in sorted(result["val_predictions"].items())})
   atomic.write_npz(path, arrays)
   return atomic.sha256_file(path)
