@@ -112,16 +112,19 @@ def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
 def knn_paired_table(root: str, names: list[str]) -> str:
   """Markdown table of paired kNN differences between the priors of each model family."""
   groups: dict[str, list[tuple[int, str]]] = {}
+  loaded: dict[str, dict[str, np.ndarray]] = {}     # each file read once
   for name in names:
     fam = _family(name)
-    if fam is not None and _knn_per_example(root, name) is not None:
+    per_example = _knn_per_example(root, name) if fam is not None else None
+    if per_example is not None:
+      loaded[name] = per_example
       groups.setdefault(fam[0], []).append((fam[1], name))
   lines = ["| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
            "|---|---|" + "---|" * len(KS)]
   for setting, prefix in KNN_SETTINGS:
     for fam in sorted(groups):
       for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2):
-        pa, pb = _knn_per_example(root, a), _knn_per_example(root, b)
+        pa, pb = loaded[a], loaded[b]
         if prefix and f"{prefix}labels" not in pa and f"{prefix}labels" not in pb:
           continue                                # neither kept this setting
         cells = []

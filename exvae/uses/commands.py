@@ -157,7 +157,6 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
   res = knn.evaluate_knn(trained, bank, ks, query_images=query_images, tie_break=tie_break,
                          progress=bool(config.progress))
   res.update(prov)
-  os.makedirs(out, exist_ok=True)
   res["per_example"] = knn.PER_EXAMPLE
   res["per_example_sha256"] = knn.save_per_example(os.path.join(out, knn.PER_EXAMPLE), res)
   for key in ("test_predictions", "test_labels", "val_predictions", "val_labels"):

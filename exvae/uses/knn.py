@@ -141,9 +141,13 @@ def knn_errors(queries: np.ndarray, query_labels: np.ndarray, reference: np.ndar
   Returns:
     ``{k: error in [0, 1]}``.
   """
-  preds = knn_predict(queries, reference, reference_labels, ks, **kw)
-  y = np.asarray(query_labels)
-  return {k: float(np.mean(p != y)) for k, p in preds.items()}
+  return error_rates(knn_predict(queries, reference, reference_labels, ks, **kw), query_labels)
+
+
+def error_rates(predictions: dict[int, np.ndarray], labels: np.ndarray) -> dict[int, float]:
+  """``{k: fraction of predictions[k] != labels}``."""
+  y = np.asarray(labels)
+  return {k: float(np.mean(p != y)) for k, p in predictions.items()}
 
 
 def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS, *,
@@ -198,13 +202,13 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
   val_preds = knn_predict(val_codes, train_codes, train_y, ks, batch_size=batch_size,
                           tie_break=tie_break, progress=progress)
   val_y = np.asarray(s.val_y)
-  val = {k: float(np.mean(p != val_y)) for k, p in val_preds.items()}
+  val = error_rates(val_preds, val_y)
   ref = np.concatenate([train_codes, val_codes])
   ref_y = np.concatenate([train_y, s.val_y])
   test_preds = knn_predict(test_codes, ref, ref_y, ks, batch_size=batch_size,
                            tie_break=tie_break, progress=progress)
   test_y = np.asarray(s.test_y)
-  test = {k: float(np.mean(p != test_y)) for k, p in test_preds.items()}
+  test = error_rates(test_preds, test_y)
   return {"val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in test.items()},
           "num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
           "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
@@ -231,12 +235,10 @@ def save_per_example(path: str, result: dict[str, Any]) -> str:
     The file's SHA-256.
   """
   from exvae import atomic  # pylint: disable=import-outside-toplevel
-  arrays = {"labels": np.asarray(result["test_labels"], np.int32)}
-  arrays.update({f"pred_k{k}": np.asarray(p, np.int32)
-                 for k, p in sorted(result["test_predictions"].items())})
-  if "val_predictions" in result:
-    arrays["val_labels"] = np.asarray(result["val_labels"], np.int32)
-    arrays.update({f"val_pred_k{k}": np.asarray(p, np.int32)
-                   for k, p in sorted(result["val_predictions"].items())})
+  arrays = {}
+  for prefix, split in (("", "test"), ("val_", "val")):
+    arrays[f"{prefix}labels"] = np.asarray(result[f"{split}_labels"], np.int32)
+    arrays.update({f"{prefix}pred_k{k}": np.asarray(p, np.int32)
+                   for k, p in sorted(result[f"{split}_predictions"].items())})
   atomic.write_npz(path, arrays)
   return atomic.sha256_file(path)
