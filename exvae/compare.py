@@ -144,6 +144,35 @@ def holm(p_values: Sequence[float]) -> list[float]:
   return adj.tolist()
 
 
+# The priors a paper block compares, from the simplest to the richest: a paired
+# row is always "richer - simpler".
+PRIORS = ("gaussian", "vampprior", "exemplar")
+
+
+def prior_family(run_dir: str) -> tuple[tuple[str, str], str] | None:
+  """Which model a run directory or ``results/`` entry trained, from its ``config.json``.
+
+  Rows of one family differ only in the prior, so their per-image results pair;
+  the directory's name plays no part.
+
+  Args:
+    run_dir: a workdir or ``results/<name>/``.
+
+  Returns:
+    ``((dataset, model), prior)`` with ``prior`` in :data:`PRIORS`, or None when
+    there is no readable ``config.json`` or its prior is another one.
+  """
+  import json
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      c = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(c, dict) or c.get("prior") not in PRIORS:
+    return None
+  return (str(c.get("dataset")), str(c.get("model"))), c["prior"]
+
+
 def _label(path: str) -> str:
   """A short name of a run: its directory (or file) name."""
   f = os.path.abspath(path)

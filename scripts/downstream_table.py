@@ -29,12 +29,14 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from exvae.compare import PRIORS, prior_family  # noqa: E402
+
 BEGIN, END = "<!-- downstream:begin -->", "<!-- downstream:end -->"
 KS = ("3", "5", "9", "15")
 # The paper's Fashion-MNIST augmentation figures (MLP 784-1024-1024-10), test error in %.
 PAPER_AUGMENT = {"fashion_mnist": (8.56, 8.16)}
-# The priors from richest to simplest; a paired row is "richer - simpler".
-PRIORS = ("exemplar", "vampprior", "gaussian")
 PAPER_KNN = ("the Exemplar VAE's encoder means classify best of the three priors "
              "(shown as a figure, without numbers)")
 
@@ -64,16 +66,6 @@ def knn_table(rows: list[tuple[str, dict]]) -> str:
     lines.append(f"| `{name}` | {errs} | {r.get('query_images', '-')}, "
                  f"{r.get('tie_break', '-')} | {params} |")
   return "\n".join(lines) + "\n"
-
-
-def _family(name: str) -> tuple[str, int] | None:
-  """(model family, prior rank) of a results name such as ``fashion_vae_exemplar_rat``."""
-  parts = name.split("_")
-  for rank, prior in enumerate(PRIORS):
-    if prior in parts:
-      i = parts.index(prior)
-      return "_".join(parts[:i]), rank
-  return None
 
 
 def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
@@ -111,14 +103,16 @@ def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
 
 def knn_paired_table(root: str, names: list[str]) -> str:
   """Markdown table of paired kNN differences between the priors of each model family."""
-  groups: dict[str, list[tuple[int, str]]] = {}
+  # Rows of one model (data set and network, from config.json) that differ in
+  # the prior pair; ranks sort each family from the richest prior down.
+  groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
   loaded: dict[str, dict[str, np.ndarray]] = {}     # each file read once
   for name in names:
-    fam = _family(name)
+    fam = prior_family(os.path.join(root, name))
     per_example = _knn_per_example(root, name) if fam is not None else None
     if per_example is not None:
       loaded[name] = per_example
-      groups.setdefault(fam[0], []).append((fam[1], name))
+      groups.setdefault(fam[0], []).append((-PRIORS.index(fam[1]), name))
   lines = ["| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
            "|---|---|" + "---|" * len(KS)]
   for setting, prefix in KNN_SETTINGS:

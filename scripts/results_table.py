@@ -85,7 +85,6 @@ def table(entries: list[dict]) -> str:
   return "\n".join(lines)
 
 
-PRIORS = ("gaussian", "vampprior", "exemplar")   # from the simplest prior to the richest
 MODEL_NAMES = {"vae": "VAE", "hvae": "HVAE", "convhvae": "ConvHVAE", "pixelcnn": "PixelCNN"}
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
 
@@ -111,17 +110,17 @@ def paired_table(entries: list[dict], root: str) -> str:
   from exvae import compare
   groups: dict[tuple, dict[str, dict]] = {}
   for e in entries:
-    c, m = e["config"], e["metrics"]
-    if c.get("prior") in PRIORS:
-      key = (c.get("dataset"), c.get("model"), m.get("eval_binarize", "exvae"))
-      groups.setdefault(key, {}).setdefault(c["prior"], e)
+    fam = compare.prior_family(os.path.join(root, e["name"]))
+    if fam is not None:
+      key = fam[0] + (e["metrics"].get("eval_binarize", "exvae"),)
+      groups.setdefault(key, {}).setdefault(fam[1], e)
   lines = ["| model | richer - simpler prior | NLL difference (paired) | images where the "
            "richer is better | paper |", "|---|---|---|---|---|"]
   order = list(MODEL_NAMES)      # the paper's order: VAE, HVAE, ConvHVAE, PixelCNN
   for (dataset, model, draw), by_prior in sorted(
       groups.items(), key=lambda kv: (str(kv[0][0]), order.index(kv[0][1]) if kv[0][1] in order
                                       else len(order), str(kv[0][1]), str(kv[0][2]))):
-    present = [p for p in PRIORS if p in by_prior]
+    present = [p for p in compare.PRIORS if p in by_prior]
     for simpler, richer in itertools.combinations(present, 2):
       a, b = by_prior[richer], by_prior[simpler]
       label = (f"{MODEL_NAMES.get(model, model)}, {DATASET_NAMES.get(dataset, dataset)}"

@@ -57,6 +57,10 @@ def test_paired_knn_differences_match_numpy(tmp_path):
   for name, p_right in (("fam_exemplar_rat", 0.9), ("fam_vampprior", 0.85), ("fam_gaussian", 0.8),
                         ("other_gaussian", 0.8)):
     (root / name).mkdir(parents=True)
+    prior = name.split("_")[1]
+    model = "hvae" if name.startswith("other") else "vae"
+    (root / name / "config.json").write_text(
+        json.dumps({"dataset": "fashion_mnist", "model": model, "prior": prior}))
     right = rng.random(500) < p_right
     pred = {f"pred_k{k}": np.where(right, labels, (labels + 1) % 10).astype(np.int32) for k in dt.KS}
     preds[name] = pred
@@ -103,3 +107,21 @@ def test_augmentation_difference_spread_is_over_paired_seeds(tmp_path):
   diffs = [r["test_error_with"] - r["test_error_without"] for r in runs]
   want = f"| -0.39 +- {100 * np.std(diffs, ddof=1):.2f} |"
   assert want in dt.generate(str(root)) and want != "| -0.39 +- 0.00 |"
+
+
+def test_knn_pairs_follow_config_not_names(tmp_path):
+  """Rows pair by the data set, model and prior their config.json records; names play no part."""
+  root = tmp_path / "results"
+  labels = np.arange(100, dtype=np.int32) % 10
+  for name, prior, model in (("run_b", "gaussian", "vae"), ("run_a", "exemplar", "vae"),
+                             ("hvae_exemplar", "exemplar", "hvae"), ("no_config", None, None)):
+    (root / name).mkdir(parents=True)
+    np.savez(root / name / "knn_per_example.npz", labels=labels,
+             **{f"pred_k{k}": labels for k in dt.KS})
+    (root / name / "knn.json").write_text(json.dumps({"test": {k: 0.0 for k in dt.KS}}))
+    if prior:
+      (root / name / "config.json").write_text(
+          json.dumps({"dataset": "fashion_mnist", "model": model, "prior": prior}))
+  text = dt.generate(str(root))
+  pairs = [l.split(" | ")[0] for l in text.splitlines() if " - `" in l]
+  assert pairs == ["| `run_a` - `run_b`"]            # richer first, whatever the names say
