@@ -3,7 +3,7 @@
 Usage: python scripts/downstream_table.py [--results results] [--write docs/downstream.md]
                                          [--check docs/downstream.md]
 
-Three tables:
+Four tables:
 * kNN test error on encoder means, per model (``results/<name>/knn.json``),
   for k = 3, 5, 9, 15, with the query images and tie-break it used;
 * the kNN differences between the priors of one model, paired over the same
@@ -13,7 +13,11 @@ Three tables:
 * generative augmentation (``results/<name>/augment.json``): MLP test error
   without and with augmentation, mean +- standard deviation over classifier
   seeds, and their difference +- the standard deviation of the per-seed
-  differences, beside the paper's figures.
+  differences, beside the paper's figures;
+* the augmentation classifier without augmentation, per code and training-set
+  size (``augment.json`` and ``results/fidelity/classify_baseline/*.json``,
+  exvae's records and the authors' ``classify_data`` run by
+  ``reference/ref_classify.py``), beside the paper's baseline.
 
 ``--write`` replaces the text between ``<!-- downstream:begin -->`` and
 ``<!-- downstream:end -->``; ``--check`` exits 1 if the page is not what
@@ -168,6 +172,47 @@ def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") 
   return "\n".join(lines) + "\n"
 
 
+BASELINE_DIR = os.path.join("fidelity", "classify_baseline")
+
+
+def baseline_table(root: str, dataset: str = "fashion_mnist") -> str:
+  """Markdown table of the augmentation classifier's test error without augmentation (%).
+
+  One row per record in ``results/fidelity/classify_baseline/`` (exvae's
+  ``exvae-uses augment --arms=without`` records, and the authors'
+  ``classify_data`` run by ``reference/ref_classify.py``) and per model's
+  ``augment.json``, so the baseline is seen per code and per training-set size.
+  """
+  rows = []
+  for name, r in _load(root, "augment.json"):
+    if "test_error_without" in r:
+      rows.append((f"exvae (`results/{name}/augment.json`)", r.get("num_train", 60000),
+                   r["test_error_without"], r.get("test_error_without_std"), r.get("seeds", [])))
+  d = os.path.join(root, BASELINE_DIR)
+  for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+    if not f.endswith(".json"):
+      continue
+    with open(os.path.join(d, f)) as fh:
+      r = json.load(fh)
+    rel = f"`results/{BASELINE_DIR}/{f}`"
+    if "sajadn" in str(r.get("code", "")):     # reference/ref_classify.py: errors in percent
+      rows.append((f"authors' `classify_data` ({rel})", r.get("num_train"),
+                   r["test_error"] / 100, None, [r.get("seed")]))
+    elif "test_error_without" in r:
+      rows.append((f"exvae ({rel})", r.get("num_train"), r["test_error_without"],
+                   r.get("test_error_without_std"), r.get("seeds", [])))
+  lines = ["| code (record) | training images | seeds | test error (%) |", "|---|---|---|---|"]
+  if dataset in PAPER_AUGMENT:
+    lines.append(f"| paper | - | - | {PAPER_AUGMENT[dataset][0]:.2f} |")
+  for what, n, err, sd, seeds in rows:
+    spread = f" +- {100 * sd:.2f}" if sd and len(seeds) > 1 else ""
+    lines.append(f"| {what} | {n} | {', '.join(str(x) for x in seeds)} | "
+                 f"{100 * err:.2f}{spread} |")
+  if len(rows) == 0:
+    lines.append("| (no record in `results/` yet) | | | |")
+  return "\n".join(lines) + "\n"
+
+
 def generate(root: str) -> str:
   """The text between the markers."""
   knn = _load(root, "knn.json")
@@ -175,7 +220,9 @@ def generate(root: str) -> str:
           + "\n### kNN: paired error differences (percentage points)\n\n"
           + knn_paired_table(root, [name for name, _ in knn])
           + "\n### Generative augmentation: MLP test error (%)\n\n"
-          + augment_table(_load(root, "augment.json")) + "\n")
+          + augment_table(_load(root, "augment.json"))
+          + "\n### Augmentation classifier without augmentation: test error by code (%)\n\n"
+          + baseline_table(root) + "\n")
 
 
 def _splice(page: str, text: str, path: str) -> str:

@@ -125,3 +125,27 @@ def test_knn_pairs_follow_config_not_names(tmp_path):
   text = dt.generate(str(root))
   pairs = [l.split(" | ")[0] for l in text.splitlines() if " - `" in l]
   assert pairs == ["| `run_a` - `run_b`"]            # richer first, whatever the names say
+
+
+def test_baseline_table_reads_both_codes_records(tmp_path):
+  root = tmp_path / "results"
+  (root / "m").mkdir(parents=True)
+  (root / "m" / "augment.json").write_text(json.dumps(
+      {"num_train": 60000, "seeds": [0, 1], "test_error_without": 0.0942,
+       "test_error_without_std": 0.0021, "test_error_with": 0.09}))
+  base = root / "fidelity" / "classify_baseline"
+  base.mkdir(parents=True)
+  (base / "ours.json").write_text(json.dumps(
+      {"num_train": 50000, "seeds": [0], "test_error_without": 0.0969,
+       "test_error_without_std": 0.0}))
+  (base / "ref.json").write_text(json.dumps(      # ref_classify.py records errors in percent
+      {"num_train": 50000, "seed": 1, "test_error": 8.73,
+       "code": "sajadn/Exemplar-VAE 4dbd091 utils/classify_data.classify_data"}))
+  (base / "notes.txt").write_text("not a record")
+  text = dt.baseline_table(str(root))
+  assert "| exvae (`results/m/augment.json`) | 60000 | 0, 1 | 9.42 +- 0.21 |" in text
+  assert "| exvae (`results/fidelity/classify_baseline/ours.json`) | 50000 | 0 | 9.69 |" in text
+  assert ("| authors' `classify_data` (`results/fidelity/classify_baseline/ref.json`) | 50000 | 1 "
+          "| 8.73 |") in text
+  assert "| paper | - | - | 8.56 |" in text
+  assert "no record" in dt.baseline_table(str(tmp_path / "empty"))
