@@ -82,7 +82,8 @@ def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
 
 # (setting, prefix of its arrays in knn_per_example.npz)
 KNN_SETTINGS = (("test (references: training + validation)", ""),
-                ("validation (references: training)", "val_"))
+                ("validation (references: training)", "val_"),
+                ("test (references: training)", "test_on_train_"))
 
 
 def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
@@ -105,34 +106,110 @@ def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
   return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(d.size)
 
 
-def knn_paired_table(root: str, names: list[str]) -> str:
-  """Markdown table of paired kNN differences between the priors of each model family."""
-  # Rows of one model (data set and network, from config.json) that differ in
-  # the prior pair; ranks sort each family from the richest prior down.
+def _knn_pairs(root: str, names: list[str]) -> list[tuple[str, str, dict, dict]]:
+  """``(richer, simpler, its arrays, its arrays)`` for each two priors of one model.
+
+  Rows of one model (data set and network, from config.json) that differ in the
+  prior pair; each ``knn_per_example.npz`` is read once.
+  """
   groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
-  loaded: dict[str, dict[str, np.ndarray]] = {}     # each file read once
+  loaded: dict[str, dict[str, np.ndarray]] = {}
   for name in names:
     fam = prior_family(os.path.join(root, name))
     per_example = _knn_per_example(root, name) if fam is not None else None
     if per_example is not None:
       loaded[name] = per_example
-      groups.setdefault(fam[0], []).append((-PRIORS.index(fam[1]), name))
+      groups.setdefault(fam[0], []).append((-PRIORS.index(fam[1]), name))   # richest first
+  return [(a, b, loaded[a], loaded[b]) for fam in sorted(groups)
+          for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2)]
+
+
+def knn_paired_table(root: str, names: list[str]) -> str:
+  """Markdown table of paired kNN differences between the priors of each model family."""
+  pairs = _knn_pairs(root, names)
   lines = ["| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
            "|---|---|" + "---|" * len(KS)]
   for setting, prefix in KNN_SETTINGS:
-    for fam in sorted(groups):
-      for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2):
-        pa, pb = loaded[a], loaded[b]
-        if prefix and f"{prefix}labels" not in pa and f"{prefix}labels" not in pb:
-          continue                                # neither kept this setting
-        cells = []
-        for k in KS:
-          r = paired_knn(pa, pb, k, prefix)
-          cells.append("not paired" if r is None else f"{r[0]:+.2f} +- {r[1]:.2f}")
-        lines.append(f"| `{a}` - `{b}` | {setting} | " + " | ".join(cells) + " |")
+    for a, b, pa, pb in pairs:
+      if prefix and f"{prefix}labels" not in pa and f"{prefix}labels" not in pb:
+        continue                                  # neither kept this setting
+      cells = []
+      for k in KS:
+        r = paired_knn(pa, pb, k, prefix)
+        cells.append("not paired" if r is None else f"{r[0]:+.2f} +- {r[1]:.2f}")
+      lines.append(f"| `{a}` - `{b}` | {setting} | " + " | ".join(cells) + " |")
   if len(lines) == 2:
     return "No paired kNN result in `results/` yet.\n"
   lines.append(f"| paper | test | {PAPER_KNN} |" + " |" * (len(KS) - 1))
+  return "\n".join(lines) + "\n"
+
+
+def _wrong_differences(pa: dict, pb: dict, prefix: str) -> np.ndarray | None:
+  """(images, len(KS)) ``wrong_a - wrong_b`` in one setting, or None if it does not pair."""
+  lab = f"{prefix}labels"
+  if any(paired_knn(pa, pb, k, prefix) is None for k in KS):
+    return None
+  return np.stack([(pa[f"{prefix}pred_k{k}"] != pa[lab]).astype(np.float64)
+                   - (pb[f"{prefix}pred_k{k}"] != pb[lab]).astype(np.float64) for k in KS], 1)
+
+
+def query_set_test(dv: np.ndarray, dt: np.ndarray, permutations: int = 2000,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+  """Do two query sets give the same paired differences?
+
+  Args:
+    dv: (Nv, C) per-image differences ``wrong_a - wrong_b`` on one query set
+      (C comparisons: pairs of priors times k).
+    dt: (Nt, C) the same on the other query set, with the same references.
+    permutations: random reassignments of the pooled images to the two sets.
+    seed: seed of the permutations.
+
+  Returns:
+    ``(mean(dv) - mean(dt), its standard error, p)`` per comparison (C,), (C,),
+    and the family-wise p-value: the share of permutations whose largest
+    ``|difference / SE|`` over the C comparisons reaches the observed largest.
+  """
+  def z(a, b):
+    diff = a.mean(0) - b.mean(0)
+    se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
+    return diff, se
+  diff, se = z(dv, dt)
+  obs = np.max(np.abs(diff / se))
+  pool, n = np.concatenate([dv, dt]), len(dv)
+  rng = np.random.default_rng(seed)
+  hits = 0
+  for _ in range(permutations):
+    idx = rng.permutation(len(pool))
+    d, e = z(pool[idx[:n]], pool[idx[n:]])
+    hits += np.max(np.abs(d / e)) >= obs
+  return diff, se, (hits + 1) / (permutations + 1)
+
+
+def query_set_table(root: str, names: list[str]) -> str:
+  """Markdown table: the paired differences on validation queries minus those on test queries.
+
+  Both settings classify against the training references alone, so they
+  differ only in which 10000 held-out images are queried; the last line is
+  the family-wise permutation p-value over every pair and k.
+  """
+  rows, dvs, dts = [], [], []
+  for a, b, pa, pb in _knn_pairs(root, names):
+    dv, dt = _wrong_differences(pa, pb, "val_"), _wrong_differences(pa, pb, "test_on_train_")
+    if dv is not None and dt is not None:
+      rows.append(f"`{a}` - `{b}`")
+      dvs.append(dv)
+      dts.append(dt)
+  if not rows:
+    return "No model kept both query sets against the training references yet.\n"
+  diff, se, p = query_set_test(np.concatenate(dvs, 1), np.concatenate(dts, 1))
+  lines = ["| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
+           "|---|" + "---|" * len(KS)]
+  for i, row in enumerate(rows):
+    cells = [f"{100 * diff[j]:+.2f} +- {100 * se[j]:.2f}"
+             for j in range(i * len(KS), (i + 1) * len(KS))]
+    lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  lines.append(f"\nFamily-wise permutation p-value over these {diff.size} differences "
+               f"(2000 reassignments of the pooled images, seed 0): {p:.3f}.")
   return "\n".join(lines) + "\n"
 
 
@@ -219,6 +296,10 @@ def generate(root: str) -> str:
   return ("\n### kNN test error on encoder means (%)\n\n" + knn_table(knn)
           + "\n### kNN: paired error differences (percentage points)\n\n"
           + knn_paired_table(root, [name for name, _ in knn])
+          + "\n### kNN: validation queries against test queries (percentage points)\n\n"
+          "The paired difference of the validation setting minus that of the test images "
+          "against the same references (training images alone).\n\n"
+          + query_set_table(root, [name for name, _ in knn])
           + "\n### Generative augmentation: MLP test error (%)\n\n"
           + augment_table(_load(root, "augment.json"))
           + "\n### Augmentation classifier without augmentation: test error by code (%)\n\n"

@@ -149,3 +149,42 @@ def test_baseline_table_reads_both_codes_records(tmp_path):
           "| 8.73 |") in text
   assert "| paper | - | - | 8.56 |" in text
   assert "no record" in dt.baseline_table(str(tmp_path / "empty"))
+
+
+def test_query_set_table_matches_numpy_and_finds_a_planted_gap(tmp_path):
+  """Validation minus test paired differences (same references), and their permutation p."""
+  root = tmp_path / "results"
+  rng = np.random.default_rng(1)
+  n = 2000
+  yv, yt = rng.integers(0, 10, n).astype(np.int32), rng.integers(0, 10, n).astype(np.int32)
+
+  def write(gap):
+    preds = {}
+    for name, prior, p_val, p_test in (("a", "exemplar", 0.9 + gap, 0.9), ("b", "gaussian", 0.9, 0.9)):
+      (root / name).mkdir(parents=True, exist_ok=True)
+      (root / name / "config.json").write_text(
+          json.dumps({"dataset": "d", "model": "vae", "prior": prior}))
+      arr = {"labels": yt, "val_labels": yv, "test_on_train_labels": yt}
+      for k in dt.KS:
+        arr[f"pred_k{k}"] = yt
+        arr[f"val_pred_k{k}"] = np.where(rng.random(n) < p_val, yv, (yv + 1) % 10).astype(np.int32)
+        arr[f"test_on_train_pred_k{k}"] = np.where(rng.random(n) < p_test, yt,
+                                                   (yt + 1) % 10).astype(np.int32)
+      np.savez(root / name / "knn_per_example.npz", **arr)
+      (root / name / "knn.json").write_text(json.dumps({"test": {k: 0.1 for k in dt.KS}}))
+      preds[name] = arr
+    return preds
+
+  preds = write(gap=0.0)
+  text = dt.query_set_table(str(root), ["a", "b"])
+  dv = (preds["a"]["val_pred_k9"] != yv).astype(float) - (preds["b"]["val_pred_k9"] != yv)
+  dt_ = ((preds["a"]["test_on_train_pred_k9"] != yt).astype(float)
+         - (preds["b"]["test_on_train_pred_k9"] != yt))
+  want = (f"{100 * (dv.mean() - dt_.mean()):+.2f} +- "
+          f"{100 * np.hypot(dv.std(ddof=1) / np.sqrt(n), dt_.std(ddof=1) / np.sqrt(n)):.2f}")
+  row = next(l for l in text.splitlines() if l.startswith("| `a` - `b` |"))
+  assert row.split(" | ")[3] == want
+  p_null = float(text.rsplit(": ", 1)[1].rstrip(".\n"))
+  write(gap=0.06)                                   # the richer prior gains 6 points on validation only
+  p_gap = float(dt.query_set_table(str(root), ["a", "b"]).rsplit(": ", 1)[1].rstrip(".\n"))
+  assert p_null > 0.05 and p_gap < 0.01

@@ -138,6 +138,11 @@ def test_knn_queries_are_grey_images_by_default(run):
   ref_y = np.concatenate([bank.labels, g.val_y])
   want = np.mean(_brute_force_knn(codes, ref, ref_y, 3) != g.test_y)
   assert grey["test"]["3"] == pytest.approx(want, abs=1.5 / len(g.test_y))
+  # The same test queries against the training references alone.
+  want = _brute_force_knn(codes, bank.codes, bank.labels, 3)
+  assert np.mean(grey["test_on_train_predictions"][3] != want) <= 1.5 / len(g.test_y)
+  assert grey["test_on_train"]["3"] == pytest.approx(np.mean(want != g.test_y),
+                                                     abs=1.5 / len(g.test_y))
   assert binarised["query_images"] == "binarised"
 
 
@@ -440,6 +445,9 @@ def test_cli_commands_end_to_end(run, tmp_path):
     for k in ("3", "5"):
       assert np.mean(z[f"pred_k{k}"] != z["labels"]) == pytest.approx(saved["test"][k])
       assert np.mean(z[f"val_pred_k{k}"] != z["val_labels"]) == pytest.approx(saved["val"][k])
+      assert (np.mean(z[f"test_on_train_pred_k{k}"] != z["test_on_train_labels"])
+              == pytest.approx(saved["test_on_train"][k]))
+    np.testing.assert_array_equal(z["test_on_train_labels"], t.splits.test_y)
   assert atomic.sha256_file(os.path.join(out, saved["per_example"])) == saved["per_example_sha256"]
   assert saved["model"]["path"] == workdir and saved["commit"]
 

@@ -151,7 +151,7 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
             allow_bank_mismatch: bool = False,
             ks: Sequence[int] = knn.DEFAULT_KS, query_images: str = "grey",
             tie_break: str = "lowest_label", **_) -> dict[str, Any]:
-  """kNN error per k on encoder means (val: ref = train; test: ref = train + val)."""
+  """kNN error per k on encoder means (val: ref = train; test: ref = train + val, and train)."""
   trained, bank = _load(config, workdir, bank_path, allow_bank_mismatch)
   prov = provenance(trained, workdir)
   res = knn.evaluate_knn(trained, bank, ks, query_images=query_images, tie_break=tie_break,
@@ -159,13 +159,14 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
   res.update(prov)
   res["per_example"] = knn.PER_EXAMPLE
   res["per_example_sha256"] = knn.save_per_example(os.path.join(out, knn.PER_EXAMPLE), res)
-  for key in ("test_predictions", "test_labels", "val_predictions", "val_labels"):
-    del res[key]
+  for _, split in knn.SETTINGS:
+    del res[f"{split}_predictions"], res[f"{split}_labels"]
   res["path"] = _write_json(os.path.join(out, "knn.json"), res)
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
-  print("   k   val (ref=train)   test (ref=train+val)")
+  print("   k   val (ref=train)   test (ref=train+val)   test (ref=train)")
   for k in res["ks"]:
-    print(f"  {k:2d}   {100 * res['val'][str(k)]:14.2f}   {100 * res['test'][str(k)]:19.2f}")
+    print(f"  {k:2d}   {100 * res['val'][str(k)]:14.2f}   {100 * res['test'][str(k)]:19.2f}"
+          f"   {100 * res['test_on_train'][str(k)]:15.2f}")
   print(f"-> {res['path']}", flush=True)
   return res
 

@@ -169,8 +169,11 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     ``{'val': {k: err}, 'test': {k: err}, 'num_train', 'num_val', 'num_test', 'ks',
     'tie_break', 'query_images', 'test_predictions': {k: (num_test,) int32},
     'test_labels': (num_test,) int32, 'val_predictions': {k: (num_val,) int32},
-    'val_labels': (num_val,) int32}``; the last four are arrays (for
-    :func:`save_per_example`), the rest is JSON.
+    'val_labels': (num_val,) int32, 'test_on_train': {k: err},
+    'test_on_train_predictions', 'test_on_train_labels'}``: the test images
+    against the training references alone. The ``*_predictions`` and
+    ``*_labels`` entries are arrays (for :func:`save_per_example`), the rest is
+    JSON.
 
   Raises:
     ValueError: the data set has no labels.
@@ -209,17 +212,27 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
                            tie_break=tie_break, progress=progress)
   test_y = np.asarray(s.test_y)
   test = error_rates(test_preds, test_y)
+  # The test queries against the validation setting's references too: with the
+  # references fixed, the two settings differ only in their query images.
+  tot_preds = knn_predict(test_codes, train_codes, train_y, ks, batch_size=batch_size,
+                          tie_break=tie_break, progress=progress)
+  tot = error_rates(tot_preds, test_y)
   return {"val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in test.items()},
+          "test_on_train": {str(k): v for k, v in tot.items()},
           "num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
           "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
           "tie_break": tie_break, "query_images": query_images,
           "test_predictions": {int(k): p for k, p in test_preds.items()},
           "test_labels": test_y.astype(np.int32),
           "val_predictions": {int(k): p for k, p in val_preds.items()},
-          "val_labels": val_y.astype(np.int32)}
+          "val_labels": val_y.astype(np.int32),
+          "test_on_train_predictions": {int(k): p for k, p in tot_preds.items()},
+          "test_on_train_labels": test_y.astype(np.int32)}
 
 
 PER_EXAMPLE = "knn_per_example.npz"
+# (array prefix in PER_EXAMPLE, key in evaluate_knn's result) of each setting.
+SETTINGS = (("", "test"), ("val_", "val"), ("test_on_train_", "test_on_train"))
 
 
 def save_per_example(path: str, result: dict[str, Any]) -> str:
@@ -229,14 +242,16 @@ def save_per_example(path: str, result: dict[str, Any]) -> str:
   (num_test,) int32 for each k, and in the validation setting ``val_labels``
   and ``val_pred_k<k>`` (num_val,), so that two models scored on the same
   images can be compared image by image (paired), not only by their error
-  rates.
+  rates. The ``test_on_train_`` arrays hold the test images classified
+  against the training references alone (the validation setting's
+  references).
 
   Returns:
     The file's SHA-256.
   """
   from exvae import atomic  # pylint: disable=import-outside-toplevel
   arrays = {}
-  for prefix, split in (("", "test"), ("val_", "val")):
+  for prefix, split in SETTINGS:
     arrays[f"{prefix}labels"] = np.asarray(result[f"{split}_labels"], np.int32)
     arrays.update({f"{prefix}pred_k{k}": np.asarray(p, np.int32)
                    for k, p in sorted(result[f"{split}_predictions"].items())})
