@@ -144,6 +144,10 @@ def main(argv=None) -> int:
     print(f"the reference's side failed (exit {proc.returncode})", file=sys.stderr)
     return 1
   rec = json.loads(lines[-1][len("RESULT "):])
+  from exvae import runinfo
+  # A resumed run's seconds and per-epoch errors cover only its last stretch.
+  rec.update(commit=runinfo.code_commit(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             cpu=runinfo.cpu_name())
   print(f"their classifier, {rec['num_train']} training images, {rec['epochs']} epochs, seed "
         f"{rec['seed']}: test error {rec['test_error']:.2f}% (validation {rec['val_error']:.2f}%), "
         f"{rec['seconds']:.0f} s on {rec['threads']} thread(s)")
