@@ -3,13 +3,16 @@
 Usage: python scripts/downstream_table.py [--results results] [--write docs/downstream.md]
                                          [--check docs/downstream.md]
 
-Four tables:
+Five tables:
 * kNN test error on encoder means, per model (``results/<name>/knn.json``),
   for k = 3, 5, 9, 15, with the query images and tie-break it used;
 * the kNN differences between the priors of one model, paired over the same
   images (``results/<name>/knn_per_example.npz``), in the test setting and,
   where recorded, the validation setting: the mean of ``wrong_a - wrong_b``
   per image +- its standard error, beside the paper's claim;
+* the same paired differences on the validation images minus those on the
+  test images, both against the training references alone, with a
+  family-wise permutation p-value per model;
 * generative augmentation (``results/<name>/augment.json``): MLP test error
   without and with augmentation, mean +- standard deviation over classifier
   seeds, and their difference +- the standard deviation of the per-seed
@@ -98,16 +101,24 @@ def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
   Returns:
     None when the two did not score the same images (other labels or sizes) or lack k.
   """
+  d = _wrong_diff(a, b, k, prefix)
+  if d is None:
+    return None
+  return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(d.size)
+
+
+def _wrong_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
+                prefix: str) -> np.ndarray | None:
+  """Per image ``wrong_a - wrong_b`` (0 or +-1), or None if the two did not score the same images."""
   key, lab = f"{prefix}pred_k{k}", f"{prefix}labels"
   if key not in a or key not in b or lab not in a or lab not in b \
       or a[lab].shape != b[lab].shape or not np.array_equal(a[lab], b[lab]):
     return None
-  d = (a[key] != a[lab]).astype(np.float64) - (b[key] != b[lab]).astype(np.float64)
-  return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(d.size)
+  return (a[key] != a[lab]).astype(np.float64) - (b[key] != b[lab]).astype(np.float64)
 
 
-def _knn_pairs(root: str, names: list[str]) -> list[tuple[str, str, dict, dict]]:
-  """``(richer, simpler, its arrays, its arrays)`` for each two priors of one model.
+def _knn_pairs(root: str, names: list[str]) -> list[tuple[tuple[str, str], str, str, dict, dict]]:
+  """``((data set, model), richer, simpler, its arrays, its arrays)`` for each two priors of one model.
 
   Rows of one model (data set and network, from config.json) that differ in the
   prior pair; each ``knn_per_example.npz`` is read once.
@@ -120,7 +131,7 @@ def _knn_pairs(root: str, names: list[str]) -> list[tuple[str, str, dict, dict]]
     if per_example is not None:
       loaded[name] = per_example
       groups.setdefault(fam[0], []).append((-PRIORS.index(fam[1]), name))   # richest first
-  return [(a, b, loaded[a], loaded[b]) for fam in sorted(groups)
+  return [(fam, a, b, loaded[a], loaded[b]) for fam in sorted(groups)
           for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2)]
 
 
@@ -130,7 +141,7 @@ def knn_paired_table(root: str, names: list[str]) -> str:
   lines = ["| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
            "|---|---|" + "---|" * len(KS)]
   for setting, prefix in KNN_SETTINGS:
-    for a, b, pa, pb in pairs:
+    for _, a, b, pa, pb in pairs:
       if prefix and f"{prefix}labels" not in pa and f"{prefix}labels" not in pb:
         continue                                  # neither kept this setting
       cells = []
@@ -146,11 +157,8 @@ def knn_paired_table(root: str, names: list[str]) -> str:
 
 def _wrong_differences(pa: dict, pb: dict, prefix: str) -> np.ndarray | None:
   """(images, len(KS)) ``wrong_a - wrong_b`` in one setting, or None if it does not pair."""
-  lab = f"{prefix}labels"
-  if any(paired_knn(pa, pb, k, prefix) is None for k in KS):
-    return None
-  return np.stack([(pa[f"{prefix}pred_k{k}"] != pa[lab]).astype(np.float64)
-                   - (pb[f"{prefix}pred_k{k}"] != pb[lab]).astype(np.float64) for k in KS], 1)
+  d = [_wrong_diff(pa, pb, k, prefix) for k in KS]
+  return None if any(x is None for x in d) else np.stack(d, 1)
 
 
 def query_set_test(dv: np.ndarray, dt: np.ndarray, permutations: int = 2000,
@@ -165,23 +173,25 @@ def query_set_test(dv: np.ndarray, dt: np.ndarray, permutations: int = 2000,
     seed: seed of the permutations.
 
   Returns:
-    ``(mean(dv) - mean(dt), its standard error, p)`` per comparison (C,), (C,),
-    and the family-wise p-value: the share of permutations whose largest
+    ``mean(dv) - mean(dt)`` (C,), its standard error (C,), and the
+    family-wise p-value: the share of permutations whose largest
     ``|difference / SE|`` over the C comparisons reaches the observed largest.
   """
   def z(a, b):
     diff = a.mean(0) - b.mean(0)
     se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
     return diff, se
+  def zmax(diff, se):   # a comparison without spread (two equal models) says nothing
+    return np.max(np.abs(np.divide(diff, se, out=np.zeros_like(diff), where=se > 0)))
   diff, se = z(dv, dt)
-  obs = np.max(np.abs(diff / se))
+  obs = zmax(diff, se)
   pool, n = np.concatenate([dv, dt]), len(dv)
   rng = np.random.default_rng(seed)
   hits = 0
   for _ in range(permutations):
     idx = rng.permutation(len(pool))
     d, e = z(pool[idx[:n]], pool[idx[n:]])
-    hits += np.max(np.abs(d / e)) >= obs
+    hits += zmax(d, e) >= obs
   return diff, se, (hits + 1) / (permutations + 1)
 
 
@@ -189,28 +199,33 @@ def query_set_table(root: str, names: list[str]) -> str:
   """Markdown table: the paired differences on validation queries minus those on test queries.
 
   Both settings classify against the training references alone, so they
-  differ only in which 10000 held-out images are queried; the last line is
-  the family-wise permutation p-value over every pair and k.
+  differ only in which held-out images are queried. Below the table, per
+  model, the family-wise permutation p-value over its pairs of priors and k.
   """
-  rows, dvs, dts = [], [], []
-  for a, b, pa, pb in _knn_pairs(root, names):
+  rows, per_family = [], {}
+  for fam, a, b, pa, pb in _knn_pairs(root, names):
     dv, dt = _wrong_differences(pa, pb, "val_"), _wrong_differences(pa, pb, "test_on_train_")
     if dv is not None and dt is not None:
-      rows.append(f"`{a}` - `{b}`")
-      dvs.append(dv)
-      dts.append(dt)
+      rows.append((fam, f"`{a}` - `{b}`"))
+      per_family.setdefault(fam, ([], []))
+      per_family[fam][0].append(dv)
+      per_family[fam][1].append(dt)
   if not rows:
     return "No model kept both query sets against the training references yet.\n"
-  diff, se, p = query_set_test(np.concatenate(dvs, 1), np.concatenate(dts, 1))
   lines = ["| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
            "|---|" + "---|" * len(KS)]
-  for i, row in enumerate(rows):
-    cells = [f"{100 * diff[j]:+.2f} +- {100 * se[j]:.2f}"
-             for j in range(i * len(KS), (i + 1) * len(KS))]
-    lines.append(f"| {row} | " + " | ".join(cells) + " |")
-  lines.append(f"\nFamily-wise permutation p-value over these {diff.size} differences "
-               f"(2000 reassignments of the pooled images, seed 0): {p:.3f}.")
-  return "\n".join(lines) + "\n"
+  notes = []
+  for fam, (dvs, dts) in per_family.items():
+    # Pairs of one model scored the same images, so their columns pool.
+    diff, se, p = query_set_test(np.concatenate(dvs, 1), np.concatenate(dts, 1))
+    for i, (_, row) in enumerate(r for r in rows if r[0] == fam):
+      cells = [f"{100 * diff[j]:+.2f} +- {100 * se[j]:.2f}"
+               for j in range(i * len(KS), (i + 1) * len(KS))]
+      lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    notes.append(f"`{fam[1]}` on `{fam[0]}`: family-wise permutation p-value over these "
+                 f"{diff.size} differences (2000 reassignments of the pooled images, seed 0): "
+                 f"{p:.3f}.")
+  return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") -> str:

@@ -188,3 +188,15 @@ def test_query_set_table_matches_numpy_and_finds_a_planted_gap(tmp_path):
   write(gap=0.06)                                   # the richer prior gains 6 points on validation only
   p_gap = float(dt.query_set_table(str(root), ["a", "b"]).rsplit(": ", 1)[1].rstrip(".\n"))
   assert p_null > 0.05 and p_gap < 0.01
+  # Another model, scored on fewer images, gets its own rows and its own p-value.
+  for name, prior, src in (("c", "exemplar", "a"), ("d", "gaussian", "b")):
+    (root / name).mkdir()
+    (root / name / "config.json").write_text(
+        json.dumps({"dataset": "d", "model": "hvae", "prior": prior}))
+    with np.load(root / src / "knn_per_example.npz") as z:
+      np.savez(root / name / "knn_per_example.npz", **{k: z[k][:500] for k in z.files})
+  text = dt.query_set_table(str(root), ["a", "b", "c", "d"])
+  assert "| `c` - `d` |" in text and "`hvae` on `d`: family-wise" in text
+  assert "`vae` on `d`: family-wise" in text
+  # Two models that predict alike have no spread: no evidence, not a division by zero.
+  assert dt.query_set_test(np.zeros((50, 2)), np.zeros((40, 2)), permutations=20)[2] == 1.0
