@@ -168,9 +168,14 @@ def prior_family(run_dir: str) -> tuple[tuple[str, str], str] | None:
       c = json.load(f)
   except (OSError, ValueError):
     return None
-  if not isinstance(c, dict) or c.get("prior") not in PRIORS:
+  return config_family(c)
+
+
+def config_family(config: Any) -> tuple[tuple[str, str], str] | None:
+  """:func:`prior_family` of an already loaded ``config.json`` (a dict)."""
+  if not isinstance(config, dict) or config.get("prior") not in PRIORS:
     return None
-  return (str(c.get("dataset")), str(c.get("model"))), c["prior"]
+  return (str(config.get("dataset")), str(config.get("model"))), config["prior"]
 
 
 def _label(path: str) -> str:

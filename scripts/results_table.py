@@ -110,7 +110,7 @@ def paired_table(entries: list[dict], root: str) -> str:
   from exvae import compare
   groups: dict[tuple, dict[str, dict]] = {}
   for e in entries:
-    fam = compare.prior_family(os.path.join(root, e["name"]))
+    fam = compare.config_family(e["config"])        # load_entries read config.json
     if fam is not None:
       key = fam[0] + (e["metrics"].get("eval_binarize", "exvae"),)
       groups.setdefault(key, {}).setdefault(fam[1], e)
