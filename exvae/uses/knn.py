@@ -205,29 +205,26 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
   val_preds = knn_predict(val_codes, train_codes, train_y, ks, batch_size=batch_size,
                           tie_break=tie_break, progress=progress)
   val_y = np.asarray(s.val_y)
-  val = error_rates(val_preds, val_y)
   ref = np.concatenate([train_codes, val_codes])
   ref_y = np.concatenate([train_y, s.val_y])
   test_preds = knn_predict(test_codes, ref, ref_y, ks, batch_size=batch_size,
                            tie_break=tie_break, progress=progress)
   test_y = np.asarray(s.test_y)
-  test = error_rates(test_preds, test_y)
   # The test queries against the validation setting's references too: with the
   # references fixed, the two settings differ only in their query images.
   tot_preds = knn_predict(test_codes, train_codes, train_y, ks, batch_size=batch_size,
                           tie_break=tie_break, progress=progress)
-  tot = error_rates(tot_preds, test_y)
-  return {"val": {str(k): v for k, v in val.items()}, "test": {str(k): v for k, v in test.items()},
-          "test_on_train": {str(k): v for k, v in tot.items()},
-          "num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
-          "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
-          "tie_break": tie_break, "query_images": query_images,
-          "test_predictions": {int(k): p for k, p in test_preds.items()},
-          "test_labels": test_y.astype(np.int32),
-          "val_predictions": {int(k): p for k, p in val_preds.items()},
-          "val_labels": val_y.astype(np.int32),
-          "test_on_train_predictions": {int(k): p for k, p in tot_preds.items()},
-          "test_on_train_labels": test_y.astype(np.int32)}
+  out = {"num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
+         "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
+         "tie_break": tie_break, "query_images": query_images}
+  runs = {"test": (test_preds, test_y), "val": (val_preds, val_y),
+          "test_on_train": (tot_preds, test_y)}
+  for _, split in SETTINGS:
+    preds, y = runs[split]
+    out[split] = {str(k): v for k, v in error_rates(preds, y).items()}
+    out[f"{split}_predictions"] = {int(k): p for k, p in preds.items()}
+    out[f"{split}_labels"] = y.astype(np.int32)
+  return out
 
 
 PER_EXAMPLE = "knn_per_example.npz"
