@@ -202,23 +202,21 @@ def query_set_table(root: str, names: list[str]) -> str:
   differ only in which held-out images are queried. Below the table, per
   model, the family-wise permutation p-value over its pairs of priors and k.
   """
-  rows, per_family = [], {}
+  per_family: dict[tuple[str, str], list[tuple[str, np.ndarray, np.ndarray]]] = {}
   for fam, a, b, pa, pb in _knn_pairs(root, names):
     dv, dt = _wrong_differences(pa, pb, "val_"), _wrong_differences(pa, pb, "test_on_train_")
     if dv is not None and dt is not None:
-      rows.append((fam, f"`{a}` - `{b}`"))
-      per_family.setdefault(fam, ([], []))
-      per_family[fam][0].append(dv)
-      per_family[fam][1].append(dt)
-  if not rows:
+      per_family.setdefault(fam, []).append((f"`{a}` - `{b}`", dv, dt))
+  if not per_family:
     return "No model kept both query sets against the training references yet.\n"
   lines = ["| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
            "|---|" + "---|" * len(KS)]
   notes = []
-  for fam, (dvs, dts) in per_family.items():
+  for fam, pairs in per_family.items():
     # Pairs of one model scored the same images, so their columns pool.
-    diff, se, p = query_set_test(np.concatenate(dvs, 1), np.concatenate(dts, 1))
-    for i, (_, row) in enumerate(r for r in rows if r[0] == fam):
+    diff, se, p = query_set_test(np.concatenate([dv for _, dv, _ in pairs], 1),
+                                 np.concatenate([dt for _, _, dt in pairs], 1))
+    for i, (row, _, _) in enumerate(pairs):
       cells = [f"{100 * diff[j]:+.2f} +- {100 * se[j]:.2f}"
                for j in range(i * len(KS), (i + 1) * len(KS))]
       lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -278,7 +276,7 @@ def baseline_table(root: str, dataset: str = "fashion_mnist") -> str:
   rows = []
   for name, r in _load(root, "augment.json"):
     if "test_error_without" in r:
-      rows.append((f"exvae (`results/{name}/augment.json`)", r.get("num_train", 60000),
+      rows.append((f"exvae (`results/{name}/augment.json`)", r.get("num_train", "-"),
                    r["test_error_without"], r.get("test_error_without_std"), r.get("seeds", [])))
   d = os.path.join(root, BASELINE_DIR)
   for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
