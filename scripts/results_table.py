@@ -8,8 +8,9 @@ Prints four markdown blocks:
   measured test NLL and its standard error over test images, the difference,
   and the training budget (epochs, early stop, best epoch, S, test images,
   wall-clock, machine);
-* paired: per model, the paired NLL differences between its priors (from the
-  per-image scores), beside the paper's differences;
+* paired: the paired NLL differences between the priors of each model and between
+  each model and the next simpler one (from the per-image scores), beside the
+  paper's differences;
 * speed: exvae against the authors' code from ``results/speed/vs_reference.json``
   (both codes measured in one run on one machine by ``bench/vs_reference.py``),
   or a line saying that the benchmark has not been run;
@@ -70,11 +71,27 @@ def _budget_text(b: dict, m: dict) -> str:
              else f"on {b.get('cpu_count')} cores ({b.get('cpu', '?')})"))
 
 
+def _paper_order(e: dict) -> tuple:
+  """Sort key of a results entry: data set, then the paper's model and prior order, then name."""
+  from exvae import compare
+  c = e.get("config") or {}
+  model, prior = c.get("model"), c.get("prior")
+  return (str(c.get("dataset")),
+          MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), str(model),
+          compare.PRIORS.index(prior) if prior in compare.PRIORS else len(compare.PRIORS),
+          e["name"])
+
+
 def table(entries: list[dict]) -> str:
-  """Markdown table of the entries (paper value, measured value, difference, budget)."""
+  """Markdown table of the entries (paper value, measured value, difference, budget).
+
+  Rows follow the paper: per data set, VAE, HVAE, ConvHVAE, PixelCNN, each with
+  the Gaussian, VampPrior and exemplar priors; a row's variants (such as
+  ``_reference_draw``) follow it.
+  """
   lines = ["| config | paper NLL | measured NLL | measured - paper | budget |",
            "|---|---|---|---|---|"]
-  for e in entries:
+  for e in sorted(entries, key=_paper_order):
     c, m, b = e["config"], e["metrics"], e["budget"]
     paper = PAPER_NLL.get((c.get("dataset"), c.get("model"), c.get("prior")))
     nll, se = m["test_nll"], m.get("test_nll_stderr") or 0.0
@@ -86,17 +103,35 @@ def table(entries: list[dict]) -> str:
 
 
 MODEL_NAMES = {"vae": "VAE", "hvae": "HVAE", "convhvae": "ConvHVAE", "pixelcnn": "PixelCNN"}
+MODEL_ORDER = list(MODEL_NAMES)   # the paper's order, simplest model first
+PRIOR_NAMES = {"gaussian": "Gaussian prior", "vampprior": "VampPrior", "exemplar": "exemplar prior"}
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
 
 
-def paired_table(entries: list[dict], root: str) -> str:
-  """Markdown table of the paired differences between the priors of each model.
+def _paired_row(root: str, label: str, a: dict, b: dict, paper: tuple | None) -> str:
+  """One row of :func:`paired_table`: NLL(a) - NLL(b) over the images both scored."""
+  from exvae import compare
+  pair = f"`{a['name']}` - `{b['name']}`"
+  try:
+    runs = compare.load_runs([os.path.join(root, a["name"]), os.path.join(root, b["name"])])
+  except (compare.IdentityMismatchError, FileNotFoundError) as err:
+    return f"| {label} | {pair} | not paired: {str(err).split(':')[0]} | | |"
+  st = compare.paired_stats(-np.asarray(runs[0]["log_px"]), -np.asarray(runs[1]["log_px"]))
+  paper_txt = f"{paper[0][0] - paper[1][0]:+.2f}" if paper and all(paper) else "n/a"
+  return (f"| {label} | {pair} | {st['mean_diff']:+.2f} +- {st['stderr']:.2f} | "
+          f"{100 * st['a_wins']:.1f}% | {paper_txt} |")
 
-  Rows with the same data set, model and test binarisation scored the same
-  images, so their per-image NLLs (``results/<name>/per_example.npz``) pair:
-  for each two priors the table gives the mean of NLL(richer) - NLL(simpler)
-  over the test images with its paired standard error, the share of images on
-  which the richer prior is better, and the paper's difference.
+
+def paired_table(entries: list[dict], root: str) -> str:
+  """Markdown table of the paired differences between priors, and between models.
+
+  Rows with the same data set and test binarisation scored the same images, so
+  their per-image NLLs (``results/<name>/per_example.npz``) pair. The table
+  gives, first, for each model the differences between its priors, then, for
+  each prior, the difference between each model and the next simpler one of
+  the paper (HVAE - VAE, ConvHVAE - HVAE, ...): the mean of NLL(richer) -
+  NLL(simpler) over the test images with its paired standard error, the share
+  of images on which the richer is better, and the paper's difference.
 
   Args:
     entries: :func:`load_entries` of ``root``.
@@ -108,36 +143,37 @@ def paired_table(entries: list[dict], root: str) -> str:
   import itertools
 
   from exvae import compare
-  groups: dict[tuple, dict[str, dict]] = {}
-  for e in entries:
+  # (dataset, draw) -> model -> prior -> the first entry (variants sort after their row).
+  groups: dict[tuple, dict[str, dict[str, dict]]] = {}
+  for e in sorted(entries, key=_paper_order):
     fam = compare.config_family(e["config"])        # load_entries read config.json
     if fam is not None:
-      key = fam[0] + (e["metrics"].get("eval_binarize", "exvae"),)
-      groups.setdefault(key, {}).setdefault(fam[1], e)
-  lines = ["| model | richer - simpler prior | NLL difference (paired) | images where the "
+      (dataset, model), prior = fam
+      key = (dataset, e["metrics"].get("eval_binarize", "exvae"))
+      groups.setdefault(key, {}).setdefault(model, {}).setdefault(prior, e)
+  lines = ["| held fixed | richer - simpler | NLL difference (paired) | images where the "
            "richer is better | paper |", "|---|---|---|---|---|"]
-  order = list(MODEL_NAMES)      # the paper's order: VAE, HVAE, ConvHVAE, PixelCNN
-  for (dataset, model, draw), by_prior in sorted(
-      groups.items(), key=lambda kv: (str(kv[0][0]), order.index(kv[0][1]) if kv[0][1] in order
-                                      else len(order), str(kv[0][1]), str(kv[0][2]))):
-    present = [p for p in compare.PRIORS if p in by_prior]
-    for simpler, richer in itertools.combinations(present, 2):
-      a, b = by_prior[richer], by_prior[simpler]
-      label = (f"{MODEL_NAMES.get(model, model)}, {DATASET_NAMES.get(dataset, dataset)}"
-               + (", paper's test draw" if draw == "reference" else ""))
-      pair = f"`{a['name']}` - `{b['name']}`"
-      try:
-        runs = compare.load_runs([os.path.join(root, a["name"]), os.path.join(root, b["name"])])
-      except (compare.IdentityMismatchError, FileNotFoundError) as err:
-        lines.append(f"| {label} | {pair} | not paired: {str(err).split(':')[0]} | | |")
-        continue
-      st = compare.paired_stats(-np.asarray(runs[0]["log_px"]), -np.asarray(runs[1]["log_px"]))
-      pa, pb = (PAPER_NLL.get((dataset, model, p)) for p in (richer, simpler))
-      paper = f"{pa[0] - pb[0]:+.2f}" if pa and pb else "n/a"
-      lines.append(f"| {label} | {pair} | {st['mean_diff']:+.2f} +- {st['stderr']:.2f} | "
-                   f"{100 * st['a_wins']:.1f}% | {paper} |")
+  model_key = lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m)
+  for (dataset, draw) in sorted(groups, key=str):
+    by_model = groups[(dataset, draw)]
+    where = (f"{DATASET_NAMES.get(dataset, dataset)}"
+             + (", paper's test draw" if draw == "reference" else ""))
+    models = sorted(by_model, key=model_key)
+    for model in models:
+      by_prior = by_model[model]
+      present = [p for p in compare.PRIORS if p in by_prior]
+      for simpler, richer in itertools.combinations(present, 2):
+        paper = tuple(PAPER_NLL.get((dataset, model, p)) for p in (richer, simpler))
+        lines.append(_paired_row(root, f"{MODEL_NAMES.get(model, model)}, {where}",
+                                 by_prior[richer], by_prior[simpler], paper))
+    for prior in compare.PRIORS:
+      having = [m for m in models if prior in by_model[m]]
+      for simpler, richer in zip(having, having[1:]):
+        paper = tuple(PAPER_NLL.get((dataset, m, prior)) for m in (richer, simpler))
+        lines.append(_paired_row(root, f"{PRIOR_NAMES[prior]}, {where}",
+                                 by_model[richer][prior], by_model[simpler][prior], paper))
   if len(lines) == 2:
-    return "(no two priors of one model scored on the same test images yet)"
+    return "(no two rows scored on the same test images yet)"
   return "\n".join(lines)
 
 

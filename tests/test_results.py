@@ -300,24 +300,54 @@ def test_paired_table_pairs_the_priors_of_one_model_on_the_same_images(tmp_path)
   rng = np.random.default_rng(0)
   g = 228 + rng.normal(size=400)
   e = g - 1.5 + 1.2 * rng.normal(size=400)   # better on most images, not all
+  h = e - 0.3 + 0.5 * rng.normal(size=400)   # the deeper model, same prior, same images
   _entry(tmp_path, "fashion_vae_gaussian", "gaussian", g.astype(np.float32))
   _entry(tmp_path, "fashion_vae_exemplar_rat", "exemplar", e.astype(np.float32))
   _entry(tmp_path, "fashion_hvae_gaussian", "gaussian", g[:300], model="hvae")
   _entry(tmp_path, "fashion_hvae_vampprior", "vampprior", g[:300], model="hvae", images="other")
+  _entry(tmp_path, "fashion_hvae_exemplar_rat", "exemplar", h.astype(np.float32), model="hvae")
   _entry(tmp_path, "fashion_vae_vampprior_reference_draw", "vampprior", g, draw="reference")
   text = tab.paired_table(tab.load_entries(str(tmp_path)), str(tmp_path))
   rows = text.splitlines()[2:]
-  assert len(rows) == 2, text          # the reference-draw row has no partner on its draw
-  # VAE before HVAE, as in the paper
-  d = e.astype(np.float32).astype(np.float64) - g.astype(np.float32).astype(np.float64)
-  want = f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(d.size):.2f}"
+
+  def want(a, b):
+    d = a.astype(np.float32).astype(np.float64) - b.astype(np.float32).astype(np.float64)
+    return f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(d.size):.2f} | {100 * np.mean(d < 0):.1f}%"
+
+  # Priors within each model, VAE before HVAE as in the paper; then each model against the
+  # next simpler one per prior. The reference-draw row has no partner on its draw.
+  assert len(rows) == 6, text
   assert rows[0] == (f"| VAE, Fashion-MNIST | `fashion_vae_exemplar_rat` - `fashion_vae_gaussian` "
-                     f"| {want} | {100 * np.mean(d < 0):.1f}% | {226.75 - 228.70:+.2f} |")
+                     f"| {want(e, g)} | {226.75 - 228.70:+.2f} |")
   assert rows[1].startswith("| HVAE, Fashion-MNIST | `fashion_hvae_vampprior` - "
                             "`fashion_hvae_gaussian` | not paired") and "did not score" in rows[1]
+  assert rows[2].startswith("| HVAE, Fashion-MNIST | `fashion_hvae_exemplar_rat` - "
+                            "`fashion_hvae_gaussian` | not paired")
+  assert rows[3].startswith("| HVAE, Fashion-MNIST | `fashion_hvae_exemplar_rat` - "
+                            "`fashion_hvae_vampprior` | not paired")
+  assert rows[4].startswith("| Gaussian prior, Fashion-MNIST | `fashion_hvae_gaussian` - "
+                            "`fashion_vae_gaussian` | not paired")
+  assert rows[5] == (f"| exemplar prior, Fashion-MNIST | `fashion_hvae_exemplar_rat` - "
+                     f"`fashion_vae_exemplar_rat` | {want(h, e)} | {226.53 - 226.75:+.2f} |")
   empty = tmp_path / "none"
   _entry(empty, "fashion_vae_gaussian", "gaussian", g)
-  assert tab.paired_table(tab.load_entries(str(empty)), str(empty)).startswith("(no two priors")
+  assert tab.paired_table(tab.load_entries(str(empty)), str(empty)).startswith("(no two rows")
+
+
+def test_results_table_follows_the_papers_order(tmp_path):
+  tab = _script("results_table")
+  g = 228 + np.zeros(4)
+  for name, prior, model in [("a_hvae_exemplar", "exemplar", "hvae"), ("b_vae_vamp", "vampprior", "vae"),
+                             ("c_hvae_gauss", "gaussian", "hvae"), ("d_vae_exemplar", "exemplar", "vae"),
+                             ("b_vae_vamp_reference_draw", "vampprior", "vae"),
+                             ("e_vae_gauss", "gaussian", "vae")]:
+    _entry(tmp_path, name, prior, g, model=model)
+  for d in tmp_path.iterdir():      # table() reads the budget's epochs
+    (d / "budget.json").write_text(json.dumps({"epochs_trained": 3, "max_epochs": 3}))
+  rows = tab.table(tab.load_entries(str(tmp_path))).splitlines()[2:]
+  assert [r.split("`")[1] for r in rows] == [
+      "e_vae_gauss", "b_vae_vamp", "b_vae_vamp_reference_draw", "d_vae_exemplar",
+      "c_hvae_gauss", "a_hvae_exemplar"]
 
 
 def test_budget_names_every_cpu_that_trained_the_run(tmp_path):
