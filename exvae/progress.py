@@ -79,20 +79,23 @@ class LineReporter:
     every_s: minimum seconds between lines.
     stream: where lines go (default ``sys.stderr``).
     clock: monotonic seconds (tests pass a fake one).
+    initial: units already done before this process started (a resumed job): they
+      count towards ``done/total`` but not towards the rate the time left comes from.
   """
 
   def __init__(self, total: int, desc: str, unit: str = "examples", every_s: float = 60.0,
-               stream=None, clock: Callable[[], float] = time.monotonic):
+               stream=None, clock: Callable[[], float] = time.monotonic, initial: int = 0):
     self.total, self.desc, self.unit, self.every_s = int(total), desc, unit, float(every_s)
     self.stream = stream
     self.clock = clock
     self.start = self.last = clock()
-    self.done = 0
+    self.initial = self.done = int(initial)
     self.printed = 0
 
   def _line(self, now: float) -> None:
     el = now - self.start
-    eta = el / self.done * (self.total - self.done) if self.done else float("nan")
+    new = self.done - self.initial
+    eta = el / new * (self.total - self.done) if new else float("nan")
     print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {el:.0f} s elapsed, "
           f"about {eta:.0f} s left", file=self.stream or sys.stderr, flush=True)
     self.last = now

@@ -375,7 +375,7 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     bar = tqdm(total=m, initial=min(start * batch, m), desc=desc, unit="ex",
                dynamic_ncols=True)
   elif progress_lib.lines_enabled(progress):
-    lines = progress_lib.LineReporter(m, desc)
+    lines = progress_lib.LineReporter(m, desc, initial=min(start * batch, m))
   for b in range(start, n_batches):
     lo, hi = b * batch, min((b + 1) * batch, m)
     xb = np.zeros((batch,) + xs.shape[1:], np.float32)

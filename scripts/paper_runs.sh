@@ -49,10 +49,12 @@ run_one() {  # run_one <config>: train (resume), evaluate, collect
       "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(date -u +%FT%TZ)" > "$wd/provenance.json"
   fi
   $PY train.py --config="configs/$cfg.py" --workdir="$wd" --config.progress=False
-  $PY eval.py --config="configs/$cfg.py" --workdir="$wd" --config.progress=False | tail -1
+  # Evaluation keeps config.progress on: without a terminal it prints a plain line a minute
+  # (images done, elapsed, time left) to the log, so an hour-long test NLL is never silent.
+  $PY eval.py --config="configs/$cfg.py" --workdir="$wd" | tail -1
   $PY scripts/collect_result.py --workdir "$wd" --name "$cfg"
   if [ "$REFERENCE_DRAW" = 1 ]; then
-    $PY eval.py --config="configs/$cfg.py" --workdir="$wd" --config.progress=False \
+    $PY eval.py --config="configs/$cfg.py" --workdir="$wd" \
       --config.eval_binarize=reference --config.eval.out_dir="$wd.eval_reference" | tail -1
     $PY scripts/collect_result.py --workdir "$wd" --eval_dir "$wd.eval_reference" \
       --name "${cfg}_reference_draw"

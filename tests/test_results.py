@@ -198,6 +198,8 @@ def test_paper_runs_jobs_pins_each_run_to_its_own_cores(tmp_path):
     assert {c for c, _ in mine} == {cores}, (cfg, mine)
     wd = f"{tmp_path}/runs/{cfg}"
     assert "eval_binarize" not in mine[1][1]
+    # evaluations print progress lines to the log (a line a minute without a terminal)
+    assert "progress=False" not in mine[1][1] and "progress=False" not in mine[3][1]
     assert mine[3][1].endswith(f"--config.eval_binarize=reference "
                                f"--config.eval.out_dir={wd}.eval_reference")
     assert mine[4][1] == (f"scripts/collect_result.py --workdir {wd} --eval_dir "

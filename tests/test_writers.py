@@ -99,6 +99,14 @@ def test_progress_lines_when_no_bar_is_drawn(monkeypatch):
   lines = out.getvalue().splitlines()
   assert lines[0] == "test NLL (S=5000): 20/100 examples, 60 s elapsed, about 240 s left"
   assert len(lines) == 5 and lines[-1].startswith("test NLL (S=5000): 100/100 examples, 300 s")
+  # A resumed job counts what it had done but takes its rate from this process alone.
+  t[0] = 0.0
+  out = io.StringIO()
+  rep = progress.LineReporter(100, "test NLL", every_s=60.0, stream=out, clock=lambda: t[0],
+                              initial=60)
+  t[0] = 60.0
+  rep.update(10)
+  assert out.getvalue() == "test NLL: 70/100 examples, 60 s elapsed, about 180 s left\n"
   quiet = io.StringIO()
   fast = progress.LineReporter(100, "x", every_s=60.0, stream=quiet, clock=lambda: 0.0)
   fast.update(100)
