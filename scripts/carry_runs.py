@@ -12,12 +12,14 @@ committed; ``unpack`` recreates the run directory from it where the
 directory is missing, and ``train.py`` then resumes as from any checkpoint.
 
 Usage:
-  python scripts/carry_runs.py pack   --runs ~/exvae-runs NAME...   # runs stopped first
+  python scripts/carry_runs.py pack   --runs ~/exvae-runs [--stop] NAME...
   python scripts/carry_runs.py unpack --runs ~/exvae-runs [NAME...]
 
-``pack`` takes the run's writer lock, so it refuses a run that is training
-(stop it with SIGTERM first: it saves a checkpoint as it stops). ``unpack``
-never touches an existing run directory: the newer work may be there.
+``pack`` takes the run's writer lock, so it refuses a run that is training.
+With ``--stop`` it first sends SIGTERM to the run's writer (the process its
+lock file names, on this host), which saves a checkpoint and exits, and waits
+for the lock to be free (at most ``--wait`` seconds). ``unpack`` never
+touches an existing run directory: the newer work may be there.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 import tarfile
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -77,6 +82,57 @@ def _last_validation(workdir: str) -> dict:
   return {k: last[k] for k in ("epoch", "best_val") if k in last}
 
 
+def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str:
+  """Stops the process training in ``workdir`` (SIGTERM) and waits until it has exited.
+
+  The writer saves a checkpoint of its current step as it stops, so nothing is
+  lost. A run with no writer is left as it is.
+
+  Args:
+    workdir: a run directory.
+    wait_s: how long to wait for the writer to release the run.
+    poll_s: seconds between checks.
+
+  Returns:
+    A one-line account: which process was stopped, or that none was running.
+
+  Raises:
+    CarryError: the writer runs on another host, or did not stop within ``wait_s``.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise CarryError(f"no run directory {workdir}")
+  try:
+    rundir.WorkdirLock(workdir).acquire().release()
+    return f"{workdir}: no writer running"
+  except rundir.WorkdirLockedError:
+    pass
+  try:
+    with open(os.path.join(workdir, rundir.LOCK_FILE)) as f:
+      info = json.load(f)
+    pid, host = int(info["pid"]), info.get("host")
+  except (OSError, ValueError, KeyError, TypeError):
+    raise CarryError(f"{workdir} is locked, but its lock file does not name the writer: "
+                     "stop it by hand, then pack") from None
+  if host != socket.gethostname():
+    raise CarryError(f"{workdir} is being written by pid {pid} on host {host}, not this one "
+                     f"({socket.gethostname()}): stop it there, then pack")
+  try:
+    os.kill(pid, signal.SIGTERM)
+  except ProcessLookupError:
+    pass                                  # it ended between the check and the signal
+  deadline = time.monotonic() + wait_s
+  while True:
+    try:
+      rundir.WorkdirLock(workdir).acquire().release()
+      return f"{workdir}: stopped its writer (pid {pid}; it saved a checkpoint)"
+    except rundir.WorkdirLockedError:
+      if time.monotonic() > deadline:
+        raise CarryError(f"{workdir}: its writer (pid {pid}) did not stop within {wait_s:.0f} s "
+                         "of SIGTERM") from None
+      time.sleep(poll_s)
+
+
 def pack(workdir: str, out_path: str) -> dict:
   """Writes ``workdir`` (newest checkpoint step only) to the gzipped tar ``out_path``.
 
@@ -97,7 +153,7 @@ def pack(workdir: str, out_path: str) -> dict:
     lock = rundir.WorkdirLock(workdir).acquire()
   except rundir.WorkdirLockedError as e:
     raise CarryError(f"{e} Stop it with SIGTERM (it saves a checkpoint as it stops), "
-                     "then pack.") from None
+                     "then pack, or pack with --stop.") from None
   try:
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -170,11 +226,18 @@ def main(argv=None) -> int:
   p.add_argument("--runs", default=os.path.expanduser("~/exvae-runs"),
                  help="the folder holding the run directories")
   p.add_argument("--carry", default=CARRY_DIR, help="the folder holding the archives")
+  p.add_argument("--stop", action="store_true",
+                 help="pack: stop each run's writer first (SIGTERM; it checkpoints as it stops)")
+  p.add_argument("--wait", type=float, default=600.0,
+                 help="pack --stop: seconds to wait for a writer to stop")
   args = p.parse_intermixed_args(argv)      # names before or after the options
   try:
     if args.command == "pack":
       if not args.names:
         raise CarryError("pack: name the runs to carry")
+      if args.stop:                   # every run stopped before any is packed
+        for name in args.names:
+          print(stop_writer(os.path.join(args.runs, name), args.wait))
       for name in args.names:
         out = os.path.join(args.carry, f"{name}.tar.gz")
         manifest = pack(os.path.join(args.runs, name), out)

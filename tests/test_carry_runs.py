@@ -2,7 +2,10 @@
 
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +103,70 @@ def test_pack_refuses_a_running_or_empty_run_in_one_line(tmp_path, capsys):
   assert "no complete checkpoint" in capsys.readouterr().err
   with pytest.raises(carry.CarryError, match="no run directory"):
     carry.pack(str(tmp_path / "runs" / "missing"), str(tmp_path / "x.tar.gz"))
+
+
+_WRITER = """
+import signal, sys, time
+sys.path.insert(0, sys.argv[2])
+from exvae import rundir
+lock = rundir.WorkdirLock(sys.argv[1]).acquire()
+stopped = []
+signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
+print("locked", flush=True)
+while not stopped:
+  time.sleep(0.05)
+open(sys.argv[1] + "/stopped_by_sigterm", "w").write("yes")   # a checkpoint, as train.py saves
+lock.release()
+"""
+
+
+def test_pack_stop_stops_the_writer_then_packs(tmp_path, capsys):
+  carry = _carry()
+  wd = _run_dir(tmp_path / "runs")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(wd), root],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert writer.stdout.readline().strip() == "locked"
+    args = ["pack", "cfg", "--runs", str(tmp_path / "runs"), "--carry", str(tmp_path / "carry")]
+    assert carry.main(args) == 2                  # without --stop: refused, and says how
+    assert "--stop" in capsys.readouterr().err
+    assert carry.main(args + ["--stop", "--wait", "30"]) == 0
+    assert writer.wait(timeout=30) == 0
+    out = capsys.readouterr().out
+    assert f"stopped its writer (pid {writer.pid}" in out and "packed cfg: step 1000" in out
+    with tarfile.open(tmp_path / "carry" / "cfg.tar.gz") as tar:
+      assert "stopped_by_sigterm" in tar.getnames()   # packed after the writer had stopped
+  finally:
+    writer.kill()
+  # No writer: nothing to stop, and pack goes on.
+  assert carry.main(args + ["--stop"]) == 0
+  assert "no writer running" in capsys.readouterr().out
+
+
+def test_pack_stop_refuses_a_writer_on_another_host_or_one_that_will_not_stop(tmp_path, capsys):
+  carry = _carry()
+  wd = _run_dir(tmp_path / "runs")
+  args = ["pack", "cfg", "--runs", str(tmp_path / "runs"), "--carry", str(tmp_path / "carry"),
+          "--stop"]
+  with rundir.WorkdirLock(str(wd)):               # held by this very process
+    info = json.loads((wd / rundir.LOCK_FILE).read_text())
+    (wd / rundir.LOCK_FILE).write_text(json.dumps({**info, "host": "elsewhere"}))
+    assert carry.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "on host elsewhere" in err and len(err.splitlines()) == 1
+    # A writer that ignores SIGTERM: a stand-in pid that exists and is ours (a sleeper).
+    sleeper = subprocess.Popen([sys.executable, "-c",
+                                "import signal, time; signal.signal(signal.SIGTERM, "
+                                "signal.SIG_IGN); print(1, flush=True); time.sleep(60)"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+      sleeper.stdout.readline()
+      (wd / rundir.LOCK_FILE).write_text(json.dumps({**info, "pid": sleeper.pid}))
+      t = time.monotonic()
+      with pytest.raises(carry.CarryError, match="did not stop within 1 s"):
+        carry.stop_writer(str(wd), wait_s=1.0, poll_s=0.1)
+      assert time.monotonic() - t < 10
+    finally:
+      sleeper.kill()
+  assert not (tmp_path / "carry" / "cfg.tar.gz").exists()
