@@ -397,7 +397,9 @@ def test_a_bank_of_another_model_is_refused_unless_allowed(trained_dir, tmp_path
   for cmd in ("knn", "grow", "generate"):
     with pytest.raises(bank_lib.BankMismatchError, match=f"{other} was built from another"):
       commands.run(cmd, c, wd, str(tmp_path / cmd), bank_path=other, ks=(3,))
-  r = commands.run("grow", c, wd, str(tmp_path / "g"), bank_path=other, allow_bank_mismatch=True)
+  with pytest.warns(UserWarning, match="another model .* Used anyway"):   # allowed, but said
+    r = commands.run("grow", c, wd, str(tmp_path / "g"), bank_path=other,
+                     allow_bank_mismatch=True)
   grown = bank_lib.ExemplarBank.load(r["path"])
   assert grown.metadata["model_fingerprint"].startswith("mixed:")
 
