@@ -384,10 +384,18 @@ def check_reader_config(workdir: str, config) -> None:
     return
   _, forbidden, _ = diff_configs(stored, config_dict(config), MAY_DIFFER_FOR_READERS)
   if forbidden:
+    hints = "".join(f" {READER_HINTS[k]}" for k in forbidden if k in READER_HINTS)
     raise ConfigDriftError(
         f"This config differs from the one {workdir} was trained with in "
         f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
-        f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).")
+        f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).{hints}")
+
+
+# What a reader who changed one of these keys most likely wanted instead.
+READER_HINTS = {
+    "max_test": "To score only the first n test images, pass --config.eval.max_test_examples=n "
+                "(max_test also shrinks the validation split the run was trained with).",
+}
 
 
 # ----------------------------------------------------------------------------

@@ -282,6 +282,20 @@ def test_readers_may_change_matmul_dtype_a_resume_may_not(tmp_path):
   assert rundir.check_config_drift(wd, load_config("test"), resuming=True, allow_change=True)
 
 
+def test_a_reader_that_shrinks_max_test_is_told_the_evaluation_key(tmp_path):
+  from exvae import rundir
+  wd = str(tmp_path)
+  rundir.check_config_drift(wd, load_config("test"), resuming=False)
+  with pytest.raises(rundir.ConfigDriftError) as e:
+    rundir.check_reader_config(wd, load_config("test", max_test=20))
+  msg = str(e.value)
+  assert "max_test" in msg and "--config.eval.max_test_examples=n" in msg and "\n" not in msg
+  with pytest.raises(rundir.ConfigDriftError) as e:          # no hint where none applies
+    rundir.check_reader_config(wd, load_config("test", latent_dim=5))
+  assert "max_test_examples" not in str(e.value)
+  rundir.check_reader_config(wd, load_config("test", **{"eval.max_test_examples": 20}))
+
+
 def test_readers_may_score_another_test_binarisation_a_resume_may_not(tmp_path):
   from exvae import rundir
   wd = str(tmp_path)
