@@ -58,7 +58,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
         f"No checkpoint found in {ckpt_dir}. Train first: "
         f"exvae-train --config=<config> --workdir={workdir}")
   train_lib.validate_config(config)
-  rundir.check_reader_config(workdir, config)
+  rundir.check_reader_config(workdir, config, rundir.EVAL_HINTS)
   splits = train_lib.load_data(config)
   pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
   setup = train_lib.make_setup(config, splits, pool_sharded)

@@ -373,8 +373,14 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
   return changes
 
 
-def check_reader_config(workdir: str, config) -> None:
+def check_reader_config(workdir: str, config, hints: dict[str, str] | None = None) -> None:
   """A reader's check: the config must match the run's ``config.json`` (model, data).
+
+  Args:
+    workdir: the run directory (or published model) being read.
+    config: the reader's config.
+    hints: per key, a sentence the error adds when that key differs (what the
+      reader most likely wanted instead), e.g. :data:`EVAL_HINTS`.
 
   Raises:
     ConfigDriftError: keys outside :data:`MAY_DIFFER_FOR_READERS` differ.
@@ -384,15 +390,16 @@ def check_reader_config(workdir: str, config) -> None:
     return
   _, forbidden, _ = diff_configs(stored, config_dict(config), MAY_DIFFER_FOR_READERS)
   if forbidden:
-    hints = "".join(f" {READER_HINTS[k]}" for k in forbidden if k in READER_HINTS)
+    hints = hints or {}
+    hint = "".join(f" {hints[k]}" for k in forbidden if k in hints)
     raise ConfigDriftError(
         f"This config differs from the one {workdir} was trained with in "
         f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
-        f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).{hints}")
+        f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).{hint}")
 
 
-# What a reader who changed one of these keys most likely wanted instead.
-READER_HINTS = {
+# What an evaluation given one of these keys most likely wanted instead.
+EVAL_HINTS = {
     "max_test": "To score only the first n test images, pass --config.eval.max_test_examples=n "
                 "(max_test also shrinks the validation split the run was trained with).",
 }

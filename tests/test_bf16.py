@@ -287,11 +287,14 @@ def test_a_reader_that_shrinks_max_test_is_told_the_evaluation_key(tmp_path):
   wd = str(tmp_path)
   rundir.check_config_drift(wd, load_config("test"), resuming=False)
   with pytest.raises(rundir.ConfigDriftError) as e:
-    rundir.check_reader_config(wd, load_config("test", max_test=20))
+    rundir.check_reader_config(wd, load_config("test", max_test=20), rundir.EVAL_HINTS)
   msg = str(e.value)
   assert "max_test" in msg and "--config.eval.max_test_examples=n" in msg and "\n" not in msg
   with pytest.raises(rundir.ConfigDriftError) as e:          # no hint where none applies
-    rundir.check_reader_config(wd, load_config("test", latent_dim=5))
+    rundir.check_reader_config(wd, load_config("test", latent_dim=5), rundir.EVAL_HINTS)
+  assert "max_test_examples" not in str(e.value)
+  with pytest.raises(rundir.ConfigDriftError) as e:          # kNN and the bank do not read it
+    rundir.check_reader_config(wd, load_config("test", max_test=20))
   assert "max_test_examples" not in str(e.value)
   rundir.check_reader_config(wd, load_config("test", **{"eval.max_test_examples": 20}))
 
