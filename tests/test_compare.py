@@ -53,6 +53,13 @@ def test_paired_stats_edge_cases_and_holm():
   # Holm: p sorted (0.01, 0.02, 0.04) with m = 3 -> (0.03, 0.04, 0.04), monotone, capped at 1.
   np.testing.assert_allclose(compare.holm([0.04, 0.01, 0.02]), [0.04, 0.03, 0.04])
   np.testing.assert_allclose(compare.holm([0.9, 0.5]), [1.0, 1.0])
+  # A p-value below float64's range underflows to 0; it prints as a bound, not as 0.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=10000)
+  s = compare.paired_stats(x, x + 1.0 + 0.02 * rng.normal(size=10000))
+  assert s["p_value"] == 0.0 and abs(s["t"]) > 1000
+  assert compare.format_p(s["p_value"]) == "< 1e-300"
+  assert compare.format_p(0.012345) == "= 0.0123" and compare.format_p(0.012345, 2) == "= 0.012"
 
 
 def test_compare_cli_on_known_arrays(tmp_path):
@@ -68,7 +75,7 @@ def test_compare_cli_on_known_arrays(tmp_path):
   assert out.returncode == 0, out.stderr
   ref = stats.ttest_rel(-runs["good"], -runs["bad"])
   line = [l for l in out.stdout.splitlines() if l.strip().startswith("good vs bad")][0]
-  assert f"t = {ref.statistic:.2f}" in line
+  assert f"t = {ref.statistic:.2f}" in line and f"p = {ref.pvalue:.3g} (Holm " in line
   assert f"diff {np.mean(runs['bad'] - runs['good']):+.4f}" in line
   assert f"A wins {100 * np.mean(runs['good'] > runs['bad']):.1f}%" in line
   assert "bad vs same" in out.stdout and "ties 100.0%" in out.stdout
