@@ -21,7 +21,16 @@ class ConfigError(RunDirError, ValueError):
 
 
 class WorkdirLockedError(RunDirError):
-  """Another process holds the workdir's writer lock."""
+  """Another process holds the workdir's writer lock.
+
+  Attributes:
+    holder: what the lock file says of the holder (``pid``, ``host``, ``since``,
+      ``argv``), or {} where it could not be read.
+  """
+
+  def __init__(self, message: str, holder: dict | None = None):
+    super().__init__(message)
+    self.holder = holder or {}
 
 
 class ConfigDriftError(RunDirError, ValueError):

@@ -170,9 +170,10 @@ class WorkdirLock:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = ""
+      holder, info = "", {}
       try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        info = info if isinstance(info, dict) else {}
         holder = (f" (pid {info.get('pid')} on {info.get('host')}, since "
                   f"{info.get('since')})")
       except (OSError, ValueError):
@@ -180,7 +181,7 @@ class WorkdirLock:
       os.close(fd)
       raise WorkdirLockedError(
           f"{self.workdir} is being written by another train.py{holder}. Wait for it to "
-          "finish (or stop it), or use another --workdir.") from None
+          "finish (or stop it), or use another --workdir.", info) from None
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         os.close(fd)

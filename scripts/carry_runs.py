@@ -82,6 +82,15 @@ def _last_validation(workdir: str) -> dict:
   return {k: last[k] for k in ("epoch", "best_val") if k in last}
 
 
+def _writer(workdir: str) -> dict | None:
+  """None when no process holds ``workdir``'s writer lock, else what its lock file says."""
+  try:
+    rundir.WorkdirLock(workdir).acquire().release()
+    return None
+  except rundir.WorkdirLockedError as e:
+    return e.holder
+
+
 def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str:
   """Stops the process training in ``workdir`` (SIGTERM) and waits until it has exited.
 
@@ -102,16 +111,12 @@ def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise CarryError(f"no run directory {workdir}")
-  try:
-    rundir.WorkdirLock(workdir).acquire().release()
+  holder = _writer(workdir)
+  if holder is None:
     return f"{workdir}: no writer running"
-  except rundir.WorkdirLockedError:
-    pass
   try:
-    with open(os.path.join(workdir, rundir.LOCK_FILE)) as f:
-      info = json.load(f)
-    pid, host = int(info["pid"]), info.get("host")
-  except (OSError, ValueError, KeyError, TypeError):
+    pid, host = int(holder["pid"]), holder.get("host")
+  except (KeyError, TypeError, ValueError):
     raise CarryError(f"{workdir} is locked, but its lock file does not name the writer: "
                      "stop it by hand, then pack") from None
   if host != socket.gethostname():
@@ -122,15 +127,12 @@ def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str
   except ProcessLookupError:
     pass                                  # it ended between the check and the signal
   deadline = time.monotonic() + wait_s
-  while True:
-    try:
-      rundir.WorkdirLock(workdir).acquire().release()
-      return f"{workdir}: stopped its writer (pid {pid}; it saved a checkpoint)"
-    except rundir.WorkdirLockedError:
-      if time.monotonic() > deadline:
-        raise CarryError(f"{workdir}: its writer (pid {pid}) did not stop within {wait_s:.0f} s "
-                         "of SIGTERM") from None
-      time.sleep(poll_s)
+  while _writer(workdir) is not None:
+    if time.monotonic() > deadline:
+      raise CarryError(f"{workdir}: its writer (pid {pid}) did not stop within {wait_s:.0f} s "
+                       "of SIGTERM")
+    time.sleep(poll_s)
+  return f"{workdir}: stopped its writer (pid {pid}; it saved a checkpoint)"
 
 
 def pack(workdir: str, out_path: str) -> dict:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_script
+from conftest import ROOT, load_script
 from exvae import checkpoints, rundir
 
 
@@ -123,8 +123,7 @@ lock.release()
 def test_pack_stop_stops_the_writer_then_packs(tmp_path, capsys):
   carry = _carry()
   wd = _run_dir(tmp_path / "runs")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(wd), root],
+  writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(wd), ROOT],
                             stdout=subprocess.PIPE, text=True)
   try:
     assert writer.stdout.readline().strip() == "locked"
