@@ -76,10 +76,10 @@ def _paper_order(e: dict) -> tuple:
   from exvae import compare
   c = e.get("config") or {}
   model, prior = c.get("model"), c.get("prior")
-  return (str(c.get("dataset")),
-          MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), str(model),
-          compare.PRIORS.index(prior) if prior in compare.PRIORS else len(compare.PRIORS),
-          e["name"])
+  def rank(order, x):                # unknown names after the paper's, in name order
+    return order.index(x) if x in order else len(order)
+  return (str(c.get("dataset")), rank(MODEL_ORDER, model), str(model),
+          rank(compare.PRIORS, prior), e["name"])
 
 
 def table(entries: list[dict]) -> str:
@@ -144,6 +144,7 @@ def paired_table(entries: list[dict], root: str) -> str:
 
   from exvae import compare
   # (dataset, draw) -> model -> prior -> the first entry (variants sort after their row).
+  # Entries are inserted in the paper's order, so each group's models come out in it too.
   groups: dict[tuple, dict[str, dict[str, dict]]] = {}
   for e in sorted(entries, key=_paper_order):
     fam = compare.config_family(e["config"])        # load_entries read config.json
@@ -153,12 +154,11 @@ def paired_table(entries: list[dict], root: str) -> str:
       groups.setdefault(key, {}).setdefault(model, {}).setdefault(prior, e)
   lines = ["| held fixed | richer - simpler | NLL difference (paired) | images where the "
            "richer is better | paper |", "|---|---|---|---|---|"]
-  model_key = lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m)
   for (dataset, draw) in sorted(groups, key=str):
     by_model = groups[(dataset, draw)]
     where = (f"{DATASET_NAMES.get(dataset, dataset)}"
              + (", paper's test draw" if draw == "reference" else ""))
-    models = sorted(by_model, key=model_key)
+    models = list(by_model)
     for model in models:
       by_prior = by_model[model]
       present = [p for p in compare.PRIORS if p in by_prior]
