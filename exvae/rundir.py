@@ -213,6 +213,43 @@ class WorkdirLock:
     self.release()
 
 
+def writer_of(workdir: str) -> dict | None:
+  """Who is writing ``workdir`` now, without taking its lock or changing anything.
+
+  Probes the lock with a shared, non-blocking ``flock`` on a read-only
+  descriptor of ``<workdir>/.lock``: a writer's exclusive lock refuses it.
+
+  Args:
+    workdir: a run directory.
+
+  Returns:
+    None when no process holds the writer lock (or the run has never had a
+    writer), else what the lock file says of the holder (``pid``, ``host``,
+    ``since``, ``argv``; an empty dict when it cannot be read).
+  """
+  try:
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDONLY)
+  except FileNotFoundError:
+    return None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+      except (OSError, ValueError):
+        info = {}
+      return info if isinstance(info, dict) else {}
+    except OSError as e:
+      if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        return None                     # no locks on this filesystem: no writer to name
+      raise
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  finally:
+    os.close(fd)
+
+
 # ----------------------------------------------------------------------------
 # The config a run started with
 # ----------------------------------------------------------------------------

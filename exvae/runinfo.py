@@ -57,6 +57,46 @@ def read_val_records(workdir: str | os.PathLike) -> list[dict]:
   return [recs[e] for e in sorted(recs)]
 
 
+PAUSE_GAP_S = 300.0   # no step or validation record of a running job is this far from the last
+
+
+def training_wall_clock(records: list[dict]) -> float:
+  """Seconds of training summed over resumed segments.
+
+  Each invocation of train.py logs ``time`` since its own start, so the
+  clock restarts at a resume: the total is the sum of each segment's last
+  value (a segment ends where ``time`` decreases).
+  """
+  total, last = 0.0, None
+  for r in records:
+    t = r.get("time")
+    if t is None:
+      continue
+    if last is not None and t < last:
+      total += last
+    last = t
+  return total + (last or 0.0)
+
+
+def paused_seconds(records: list[dict], gap: float = PAUSE_GAP_S) -> float:
+  """Seconds of the wall clock during which the job was paused (SIGSTOP), not training.
+
+  A running job logs a record every few seconds (every ``log_every_steps``
+  steps and every validation), so a gap of more than ``gap`` seconds between
+  consecutive records of one segment is a pause; it is counted whole (the
+  work around it is at most one logging interval).
+  """
+  paused, last = 0.0, None
+  for r in records:
+    t = r.get("time")
+    if t is None:
+      continue
+    if last is not None and t - last > gap:
+      paused += t - last
+    last = t
+  return paused
+
+
 def code_commit() -> str:
   """git HEAD of the checkout this package runs from ("unknown" outside a git checkout)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -82,15 +82,6 @@ def _last_validation(workdir: str) -> dict:
   return {k: last[k] for k in ("epoch", "best_val") if k in last}
 
 
-def _writer(workdir: str) -> dict | None:
-  """None when no process holds ``workdir``'s writer lock, else what its lock file says."""
-  try:
-    rundir.WorkdirLock(workdir).acquire().release()
-    return None
-  except rundir.WorkdirLockedError as e:
-    return e.holder
-
-
 def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str:
   """Stops the process training in ``workdir`` (SIGTERM) and waits until it has exited.
 
@@ -111,7 +102,7 @@ def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise CarryError(f"no run directory {workdir}")
-  holder = _writer(workdir)
+  holder = rundir.writer_of(workdir)
   if holder is None:
     return f"{workdir}: no writer running"
   try:
@@ -127,7 +118,7 @@ def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str
   except ProcessLookupError:
     pass                                  # it ended between the check and the signal
   deadline = time.monotonic() + wait_s
-  while _writer(workdir) is not None:
+  while rundir.writer_of(workdir) is not None:
     if time.monotonic() > deadline:
       raise CarryError(f"{workdir}: its writer (pid {pid}) did not stop within {wait_s:.0f} s "
                        "of SIGTERM")

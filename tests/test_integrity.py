@@ -10,11 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, load_script
 from exvae import atomic, checkpoints, eval_lib, rundir, train_lib, writers
 from test_faults import _copy, _steps, _template
 
@@ -364,6 +365,10 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
     eval_lib.evaluate(c, run40)
   partial = out / eval_lib.PARTIAL
   assert int(np.load(partial)["done_batches"]) == 7 and not (out / "per_example.npz").exists()
+  # scripts/run_status.py reads how far the stopped evaluation got from the same file.
+  st = load_script("scripts/run_status.py")._eval_state(run40, {"eval": {"out_dir": str(out)}},
+                                                        time.time())
+  assert (st["eval"], st["eval_done"], st["eval_total"]) == ("running", 14, 40)
   kept = partial.read_bytes()
   calls.clear(); stop_at[0] = 0
   eval_lib.evaluate(c, run40)
