@@ -127,12 +127,14 @@ def cpu_name(with_isa: bool = False) -> str:
 
 
 def machine() -> dict:
-  """What this process trains on: ``cpu`` (:func:`cpu_name`), ``cores``, ``backend``,
+  """What this process trains on: ``cpu`` (:func:`cpu_name`, with AVX-512 marked: two CPUs
+  of one model name can differ by 2-3x in float32 matmul rate), ``cores``, ``backend``,
   ``devices`` and ``device_kind`` (the first device's)."""
   import jax
   devs = jax.devices()
-  return {"cpu": cpu_name(), "cores": os.cpu_count(), "backend": jax.default_backend(),
-          "devices": len(devs), "device_kind": getattr(devs[0], "device_kind", "")}
+  return {"cpu": cpu_name(with_isa=True), "cores": os.cpu_count(),
+          "backend": jax.default_backend(), "devices": len(devs),
+          "device_kind": getattr(devs[0], "device_kind", "")}
 
 
 def matmul_rate(n: int = 2048, reps: int = 3) -> float:

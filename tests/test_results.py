@@ -388,5 +388,5 @@ def test_training_records_the_machine_of_each_segment(tmp_path):
     train_lib.train_and_evaluate(load_config("test", max_steps=steps), wd)
   segs = [json.loads(l) for l in open(os.path.join(wd, "machines.jsonl"))]
   assert [s["step"] for s in segs] == [0, 10]
-  assert all(s["cpu"] == runinfo.cpu_name() and s["backend"] == "cpu" and s["cores"] >= 1
+  assert all(s["cpu"] == runinfo.cpu_name(with_isa=True) and s["backend"] == "cpu" and s["cores"] >= 1
              for s in segs)
