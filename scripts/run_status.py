@@ -151,8 +151,16 @@ def status(workdir: str, now: float | None = None) -> dict:
     epoch, bad = int(last["epoch"]), int(last.get("bad_epochs", 0))
     spe = seconds_per_epoch(val)
     stop = earliest_stop(epoch, bad, warmup, patience, num_epochs)
-    summaries = [r["summary"] for r in records if "summary" in r]
-    finished = bool(summaries and summaries[-1].get("early_stopped")) or epoch >= num_epochs
+    # train.py appends a summary when it ends; it says whether the budget is spent (early
+    # stop, num_epochs or max_steps) unless training went on after it (a resume).
+    finished = epoch >= num_epochs
+    for r in reversed(records):
+      if "val_loss" in r:
+        break
+      if "summary" in r:
+        finished = finished or bool(r["summary"].get("finished")
+                                    or r["summary"].get("early_stopped"))
+        break
     out.update(epoch=epoch, best_val=float(best["val_loss"]), best_epoch=int(best["epoch"]),
                bad_epochs=bad, s_per_epoch=spe, stop_by_epoch=stop, finished=finished,
                stop_in_s=None if spe is None or finished else (stop - epoch) * spe)

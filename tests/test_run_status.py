@@ -101,7 +101,7 @@ def test_status_of_a_resumed_paused_run_and_its_writer(tmp_path):
 def test_status_of_a_finished_and_evaluated_run_and_the_command(tmp_path, capsys):
   rs = _status()
   wd = _run_dir(tmp_path, [5, 4, 4.5, 4.6], warmup=1, patience=2,
-                summary={"early_stopped": True})
+                summary={"early_stopped": True, "finished": True})
   (wd / "eval_metrics.json").write_text(json.dumps(
       {"test_nll": 227.2218, "test_nll_se": 0.7612, "checkpoint_step": 20}))
   st = rs.status(str(wd))
@@ -128,3 +128,14 @@ def test_status_of_a_finished_and_evaluated_run_and_the_command(tmp_path, capsys
   assert rs.main(["--runs", str(tmp_path / "runs"), "missing"]) == 1
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "missing: cannot be read" in err
+
+
+def test_finished_follows_the_last_summary_unless_training_went_on(tmp_path):
+  rs = _status()
+  wd = _run_dir(tmp_path, [5, 4, 3], summary={"finished": True, "early_stopped": False})
+  assert rs.status(str(wd))["finished"]                 # a max_steps budget spent
+  with open(wd / "metrics.jsonl", "a") as f:          # resumed with a larger budget
+    f.write(json.dumps({"val_loss": 2.5, "epoch": 4, "step": 20, "bad_epochs": 0,
+                        "time": 5.0}) + "\n")
+  st = rs.status(str(wd))
+  assert not st["finished"] and st["epoch"] == 4 and st["stop_by_epoch"] == 4 + 3 + 0
