@@ -183,7 +183,7 @@ def format_line(st: dict) -> str:
   elif st["finished"]:
     state = "trained" + (", evaluated" if st.get("eval") == "done" else ", not evaluated")
   else:
-    state = "stopped" if st["epoch"] else "not started"
+    state = "stopped" if st["epoch"] else "stopped before its first validation"
   parts = [f"{st['name']}: {state}"]
   if st["epoch"]:
     parts.append(f"epoch {st['epoch']} of {st['num_epochs']}")

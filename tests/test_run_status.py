@@ -139,3 +139,13 @@ def test_finished_follows_the_last_summary_unless_training_went_on(tmp_path):
                         "time": 5.0}) + "\n")
   st = rs.status(str(wd))
   assert not st["finished"] and st["epoch"] == 4 and st["stop_by_epoch"] == 4 + 3 + 0
+
+
+def test_a_run_without_a_validation_yet(tmp_path):
+  rs = _status()
+  wd = _run_dir(tmp_path, [])
+  st = rs.status(str(wd))
+  assert (st["epoch"], st["finished"]) == (0, False)
+  assert rs.format_line(st) == "cfg: stopped before its first validation"
+  with rundir.WorkdirLock(str(wd)):
+    assert rs.format_line(rs.status(str(wd))).startswith("cfg: training (pid ")
