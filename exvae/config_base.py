@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
       # workdir). A second evaluation of the same run (e.g. eval_binarize=reference) then
       # keeps the first one's files.
       out_dir="",
+      # A finished evaluation in out_dir with the same parameters, test images and
+      # settings is returned, not redone (False: always evaluate).
+      reuse=True,
       seed=0))
   return c
 

@@ -10,6 +10,7 @@ memory does not depend on S or on the test-set size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -48,7 +49,9 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     rundir.NonFiniteMetricsError: the metrics are not finite (nothing is written).
 
   Reads the run directory without changing it (checkpoints opened read-only),
-  so it may run while training writes the same workdir.
+  so it may run while training writes the same workdir. With ``config.eval.reuse``
+  (the default), outputs already in ``out_dir`` from the same parameters, test images
+  and settings are returned as they are (the dict has ``reused: True``), not recomputed.
   """
   ckpt_dir = os.path.join(workdir, "checkpoints")
   is_published = published.is_published(workdir)   # a published model: parameters only
@@ -86,6 +89,13 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   data.validate_images(test_x, image_shape=splits.image_shape, name="test images")
   s = int(config.eval.num_importance_samples)
   out_dir = str(config.eval.get("out_dir", "")) or workdir
+  identity = _partial_identity(config, params, test_x)
+  identity_sha256 = hashlib.sha256(
+      atomic.dumps(identity, sort_keys=True).encode()).hexdigest()
+  if bool(config.eval.get("reuse", True)) and jax.process_count() == 1:
+    done = _finished(out_dir, identity_sha256)
+    if done is not None:
+      return done
   # Scores saved as the evaluation goes (a stop loses at most a minute of it), for one
   # process; removed once the outputs are written.
   partial = os.path.join(out_dir, PARTIAL) if jax.process_count() == 1 else None
@@ -98,9 +108,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   res = train_lib.evaluate_split(params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed),
                                  num_samples=s, max_queries=int(config.eval.max_queries),
                                  progress=bool(config.progress), desc=f"test NLL (S={s})",
-                                 partial_path=partial,
-                                 partial_identity=None if partial is None else
-                                 _partial_identity(config, params, test_x))
+                                 partial_path=partial, partial_identity=identity)
   t_eval = time.time() - t0
   m = test_x.shape[0]
   metrics = {
@@ -128,6 +136,9 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       "eval_seconds": t_eval,
       "test_points_per_second": m / max(t_eval, 1e-9),
       "backend": jax.default_backend(),
+      # What a later evaluation compares to reuse these outputs (parameters, test images,
+      # settings; see _finished).
+      "identity_sha256": identity_sha256,
   }
   for k, v in setup.prior.describe(params["prior"]).items():
     metrics[k] = float(v)
@@ -157,10 +168,43 @@ def _partial_identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
   from exvae import bank as bank_lib
   cfg = config.to_dict()
   cfg.pop("progress", None)
-  cfg.get("eval", {}).pop("out_dir", None)
+  for key in ("out_dir", "reuse"):
+    cfg.get("eval", {}).pop(key, None)
   return {"params": bank_lib.params_fingerprint(jax.device_get(params)),
           "images": per_example.images_digest(test_x),
           "config": json.loads(atomic.dumps(atomic.finite_or_none(cfg), sort_keys=True))}
+
+
+def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
+  """The metrics of a finished evaluation in ``out_dir`` with this identity, else None.
+
+  A run evaluated again with the same parameters, test images and settings (after a
+  resumed ``scripts/paper_runs.sh`` retrains nothing, say) gets its outputs back instead
+  of hours of the same computation. Outputs that fail :func:`check_outputs`, or that were
+  made with other parameters or settings, are evaluated again (and replaced), with a line
+  that says so.
+  """
+  path = os.path.join(out_dir, "eval_metrics.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("identity_sha256")
+  except (OSError, ValueError, AttributeError) as e:
+    recorded = e
+  if recorded != identity_sha256:
+    print(f"{path}: not this evaluation (other parameters, test images or settings, or "
+          "unreadable); evaluating again (its outputs will be replaced)", flush=True)
+    return None
+  try:
+    metrics = check_outputs(out_dir)      # the digests of the files it names
+  except (OSError, ValueError) as e:
+    print(f"{path}: the outputs there do not check ({e}); evaluating again", flush=True)
+    return None
+  print(f"{path}: this evaluation is already done (same parameters, test images and "
+        "settings); its outputs are kept. --config.eval.reuse=False evaluates again.",
+        flush=True)
+  return {**metrics, "reused": True}
 
 
 OUTPUTS = ("eval_samples.png", per_example.FILENAME, "eval_metrics.json")

@@ -7,7 +7,8 @@
 #   [RUNS=~/exvae-runs] [CONFIGS="fashion_vae_gaussian ..."] [JOBS=1] [PY=.venv/bin/python] \
 #     [REFERENCE_DRAW=1] scripts/paper_runs.sh
 #
-# Each run trains in $RUNS/<config> (resuming from its checkpoints), is evaluated, copied
+# Each run trains in $RUNS/<config> (resuming from its checkpoints; a finished one stops at
+# once), is evaluated (a finished evaluation of the same parameters is kept, not redone), copied
 # into results/<config>/ (scripts/collect_result.py), and the README table is regenerated
 # (scripts/results_table.py) once every run has finished. With REFERENCE_DRAW=1 (the
 # default) each run is also scored on the paper's own binarisation of the test images

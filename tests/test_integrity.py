@@ -388,6 +388,59 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
                                  else "unreadable partial evaluation") in said, damage
 
 
+def test_a_finished_evaluation_is_reused_only_when_nothing_it_depends_on_changed(
+    run40, tmp_path, monkeypatch, capfd):
+  """Evaluating again with the same parameters, test images and settings returns the
+  outputs already there without scoring an image; another seed, eval.reuse=False or outputs
+  that fail their digests are scored again."""
+  c = load_config("test", **SMALL)
+  out = tmp_path / "e"
+  c.eval.out_dir = str(out)
+  first = eval_lib.evaluate(c, run40)
+  files = {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns) for n in eval_lib.OUTPUTS}
+  real, calls = train_lib.eval_batch, []
+  monkeypatch.setattr(train_lib, "eval_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+  capfd.readouterr()
+
+  again = eval_lib.evaluate(c, run40)
+  assert calls == [] and again["reused"] and "already done" in capfd.readouterr().out
+  assert again["test_nll"] == first["test_nll"]
+  assert again["identity_sha256"] == first["identity_sha256"]
+  assert {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns)
+          for n in eval_lib.OUTPUTS} == files                 # nothing rewritten
+  # Settings that only say how to show or where to write are not part of the identity.
+  c.progress = not c.progress
+  assert eval_lib.evaluate(c, run40)["reused"] and calls == []
+
+  c.eval.reuse = False
+  assert "reused" not in eval_lib.evaluate(c, run40) and calls
+  c.eval.reuse = True
+  calls.clear()
+  c.eval.seed = 3
+  other = eval_lib.evaluate(c, run40)
+  assert calls and "not this evaluation" in capfd.readouterr().out
+  assert other["identity_sha256"] != first["identity_sha256"]
+  assert other["test_nll"] != first["test_nll"]
+  # Outputs that fail their digests are scored again and replaced.
+  _flip(str(out / "per_example.npz"))
+  calls.clear()
+  redone = eval_lib.evaluate(c, run40)
+  assert calls and "do not check" in capfd.readouterr().out and "reused" not in redone
+  assert eval_lib.check_outputs(str(out))["test_nll"] == other["test_nll"] == redone["test_nll"]
+
+
+@pytest.mark.slow
+def test_exvae_eval_run_twice_writes_its_tensorboard_scalars_once(run40, tmp_path):
+  out = str(tmp_path / "e")
+  args = (f"--config={ROOT}/configs/test.py", f"--workdir={run40}", "--config.max_steps=40",
+          f"--config.eval.out_dir={out}")
+  r1, r2 = _cli("eval.py", *args), _cli("eval.py", *args)
+  assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+  assert "already done" in r2.stdout and "already done" not in r1.stdout
+  assert r1.stdout.splitlines()[-1] == r2.stdout.splitlines()[-1]      # the same test NLL line
+  assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1
+
+
 # ----------------------------------------------------------------------------
 # One line on every expected failure
 # ----------------------------------------------------------------------------

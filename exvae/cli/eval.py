@@ -6,8 +6,11 @@ writes ``<workdir>/eval_metrics.json``, the per-image scores
 ``<workdir>/per_example.npz`` (see :mod:`exvae.per_example`; compared with
 ``exvae-compare``) and the scalars into the run's TensorBoard events; with
 ``--config.eval.out_dir=DIR`` into DIR instead, and nothing into the run
-directory. ``--config`` may name the run's config instead (then with the
-run's training overrides); evaluation settings (``eval.*``) may differ.
+directory. Run again with the same parameters, images and settings, it
+prints that the evaluation is done and keeps its outputs
+(``--config.eval.reuse=False`` scores again). ``--config`` may name the run's
+config instead (then with the run's training overrides); evaluation settings
+(``eval.*``) may differ.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def main(inv: command.Invocation) -> None:
   from exvae.cli import eval_events
   config = inv.config
   metrics = eval_lib.evaluate(config, inv.workdir)
-  eval_events.write(metrics, config, inv.workdir)
+  if not metrics.get("reused"):          # its scalars are in TensorBoard already
+    eval_events.write(metrics, config, inv.workdir)
   print(json.dumps(metrics, indent=2))
   print(f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "
         f"{metrics['num_test_examples']} test images); samples: {metrics['samples_png']}")
