@@ -89,16 +89,19 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   data.validate_images(test_x, image_shape=splits.image_shape, name="test images")
   s = int(config.eval.num_importance_samples)
   out_dir = str(config.eval.get("out_dir", "")) or workdir
-  identity = _partial_identity(config, params, test_x)
-  identity_sha256 = hashlib.sha256(
+  # One process only: reading the parameters for their digest needs them all addressable,
+  # and every process must agree on whether the outputs are reused.
+  one_process = jax.process_count() == 1
+  identity = _partial_identity(config, params, test_x) if one_process else None
+  identity_sha256 = None if identity is None else hashlib.sha256(
       atomic.dumps(identity, sort_keys=True).encode()).hexdigest()
-  if bool(config.eval.get("reuse", True)) and jax.process_count() == 1:
+  if bool(config.eval.get("reuse", True)) and one_process:
     done = _finished(out_dir, identity_sha256)
     if done is not None:
       return done
   # Scores saved as the evaluation goes (a stop loses at most a minute of it), for one
   # process; removed once the outputs are written.
-  partial = os.path.join(out_dir, PARTIAL) if jax.process_count() == 1 else None
+  partial = os.path.join(out_dir, PARTIAL) if one_process else None
   t0 = time.time()
   ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
                                setup=setup)
