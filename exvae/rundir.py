@@ -284,14 +284,15 @@ def diff_configs(stored: dict, current: dict, patterns=MAY_CHANGE):
     ``(allowed, forbidden, unknown)``: dicts ``key -> (stored, current)`` of the
     keys that differ and may change, that differ and may not, and a sorted list
     of keys only one side has (new keys an older ``config.json`` lacks, or keys
-    this version no longer has).
+    this version no longer has), less those that may change anyway (a new
+    evaluation setting, say, changes nothing a run has trained).
   """
   a, b = flatten(stored), flatten(current)
   allowed, forbidden = {}, {}
   for key in sorted(set(a) & set(b)):
     if a[key] != b[key]:
       (allowed if may_change(key, patterns) else forbidden)[key] = (a[key], b[key])
-  return allowed, forbidden, sorted(set(a) ^ set(b))
+  return allowed, forbidden, sorted(k for k in set(a) ^ set(b) if not may_change(k, patterns))
 
 
 def _changes_text(changes: dict) -> str:

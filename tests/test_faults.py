@@ -256,9 +256,11 @@ def test_keys_an_older_config_json_lacks_are_accepted_with_a_warning(trained_dir
   json.dump(stored, open(path, "w"))
   with pytest.warns(UserWarning, match="exemplar.loo"):
     assert train_lib.train_and_evaluate(load_config("test"), wd)["finished"]
-  allowed, forbidden, unknown = rundir.diff_configs({"a": 1, "eval": {"seed": 0}, "z": 1},
-                                                    {"a": 2, "eval": {"seed": 1}, "new": 3})
+  allowed, forbidden, unknown = rundir.diff_configs(
+      {"a": 1, "eval": {"seed": 0}, "z": 1, "progress": True},
+      {"a": 2, "eval": {"seed": 1, "reuse": True}, "new": 3})
   assert forbidden == {"a": (1, 2)} and allowed == {"eval.seed": (0, 1)}
+  # Keys only one side has are said, unless they may change anyway (eval.reuse, progress).
   assert unknown == ["new", "z"]
 
 
