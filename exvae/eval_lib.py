@@ -91,17 +91,16 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   out_dir = str(config.eval.get("out_dir", "")) or workdir
   # One process only: reading the parameters for their digest needs them all addressable,
   # and every process must agree on whether the outputs are reused.
-  one_process = jax.process_count() == 1
-  identity = _partial_identity(config, params, test_x) if one_process else None
+  identity = _identity(config, params, test_x) if jax.process_count() == 1 else None
   identity_sha256 = None if identity is None else hashlib.sha256(
       atomic.dumps(identity, sort_keys=True).encode()).hexdigest()
-  if bool(config.eval.get("reuse", True)) and one_process:
+  if identity is not None and bool(config.eval.get("reuse", True)):
     done = _finished(out_dir, identity_sha256)
     if done is not None:
       return done
   # Scores saved as the evaluation goes (a stop loses at most a minute of it), for one
   # process; removed once the outputs are written.
-  partial = os.path.join(out_dir, PARTIAL) if one_process else None
+  partial = os.path.join(out_dir, PARTIAL) if identity is not None else None
   t0 = time.time()
   ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
                                setup=setup)
@@ -164,10 +163,11 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   return metrics
 
 
-def _partial_identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
-  """What the saved scores of a stopped evaluation must match to be reused: the
-  parameters, the test images, and the config (less the settings that only say
-  how to show or where to write)."""
+def _identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
+  """What the scores of an earlier evaluation (stopped: ``eval_partial.npz``; finished:
+  ``identity_sha256`` in ``eval_metrics.json``) must match to be reused: the parameters,
+  the test images, and the config (less the settings that only say how to show, where to
+  write, or whether to reuse)."""
   from exvae import bank as bank_lib
   cfg = config.to_dict()
   cfg.pop("progress", None)
