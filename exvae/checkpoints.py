@@ -50,6 +50,7 @@ from exvae.errors import CheckpointMismatchError, CheckpointNotFoundError  # noq
 
 # How long a save may wait on its commit threads (see Manager.__init__).
 _COMMIT_TIMEOUT_S = 7 * 24 * 3600
+_LIST_ATTEMPTS = 5          # a reader lists the steps again this often when a writer rotates one away
 
 
 # The items of a step.  ``digest`` (JSON) holds a hash of every saved array and of
@@ -230,15 +231,20 @@ class Manager:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                              save_interval_steps=0,
                                              cleanup_tmp_directories=False)
-      for attempt in range(3):     # a step the writer rotates away while we list it
+      # A running writer may rotate a step away while Orbax lists the steps. Orbax
+      # then fails with FileNotFoundError, or with NotADirectoryError when the step
+      # vanishes between its exists() and is_dir() checks. Listing again sees the
+      # directory as it is now.
+      for attempt in range(_LIST_ATTEMPTS):
         try:
           with _quiet_read_only(), _quiet_failed_save():
             self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                                item_names=ITEMS)
           break
-        except FileNotFoundError:
-          if attempt == 2:
+        except (FileNotFoundError, NotADirectoryError):
+          if attempt == _LIST_ATTEMPTS - 1:
             raise
+          time.sleep(0.05 * (attempt + 1))
       return
     if int(max_to_keep) < 1:
       raise errors.ConfigError(

@@ -130,6 +130,30 @@ def test_eval_with_an_out_dir_writes_nothing_into_the_run_directory(trained_dir,
                                 np.load(second["per_example"])["log_px"])
 
 
+@pytest.mark.parametrize("race", [FileNotFoundError, NotADirectoryError])
+def test_a_reader_lists_again_when_a_step_is_rotated_away(trained_dir, tmp_path, monkeypatch, race):
+  """Orbax lists the steps with exists() then is_dir(): a step a running writer
+  deletes in between fails the listing with either error. The reader lists again."""
+  wd = _copy(trained_dir, tmp_path)
+  real = checkpoints.ocp.CheckpointManager
+  calls = []
+
+  def flaky(*args, **kwargs):
+    calls.append(1)
+    if len(calls) <= 2:
+      raise race(f"Path is not a directory: {wd}/checkpoints/102")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", flaky)
+  m = checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)
+  assert len(calls) == 3 and m.all_steps() == _steps(wd)
+  calls.clear()
+  monkeypatch.setattr(checkpoints, "_LIST_ATTEMPTS", 2)   # a directory that never settles
+  with pytest.raises(race):
+    checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)
+  assert len(calls) == 2
+
+
 @pytest.mark.slow
 def test_a_reader_while_training_saves_does_not_kill_the_run(tmp_path):
   wd = str(tmp_path / "live")
