@@ -50,7 +50,7 @@ from exvae.errors import CheckpointMismatchError, CheckpointNotFoundError  # noq
 
 # How long a save may wait on its commit threads (see Manager.__init__).
 _COMMIT_TIMEOUT_S = 7 * 24 * 3600
-_LIST_ATTEMPTS = 5          # a reader lists the steps again this often when a writer rotates one away
+_LIST_ATTEMPTS = 5   # a reader lists the steps this often while a writer rotates them
 
 
 # The items of a step.  ``digest`` (JSON) holds a hash of every saved array and of
