@@ -204,6 +204,24 @@ def _human(nbytes: float) -> str:
   return f"{nbytes:.1f} TB"
 
 
+def _list_steps(list_fn):
+  """Calls ``list_fn``, an Orbax call that lists the steps, until a listing completes.
+
+  A running writer may rotate a step away while a reader's Orbax lists the steps.
+  Orbax then fails with FileNotFoundError, or with NotADirectoryError when the step
+  vanishes between its exists() and is_dir() checks. Listing again sees the
+  directory as it is now; after ``_LIST_ATTEMPTS`` tries the error is raised.
+  """
+  for attempt in range(_LIST_ATTEMPTS):
+    try:
+      return list_fn()
+    except (FileNotFoundError, NotADirectoryError):
+      if attempt == _LIST_ATTEMPTS - 1:
+        raise
+      time.sleep(0.05 * (attempt + 1))
+  raise AssertionError("unreachable")
+
+
 class Manager:
   """Thin wrapper around ``ocp.CheckpointManager`` for exvae's three items."""
 
@@ -231,20 +249,12 @@ class Manager:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                              save_interval_steps=0,
                                              cleanup_tmp_directories=False)
-      # A running writer may rotate a step away while Orbax lists the steps. Orbax
-      # then fails with FileNotFoundError, or with NotADirectoryError when the step
-      # vanishes between its exists() and is_dir() checks. Listing again sees the
-      # directory as it is now.
-      for attempt in range(_LIST_ATTEMPTS):
-        try:
-          with _quiet_read_only(), _quiet_failed_save():
-            self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                               item_names=ITEMS)
-          break
-        except (FileNotFoundError, NotADirectoryError):
-          if attempt == _LIST_ATTEMPTS - 1:
-            raise
-          time.sleep(0.05 * (attempt + 1))
+
+      def open_manager():
+        with _quiet_read_only(), _quiet_failed_save():
+          return ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+      self._mngr = _list_steps(open_manager)
       return
     if int(max_to_keep) < 1:
       raise errors.ConfigError(
@@ -417,7 +427,7 @@ class Manager:
           return self._restore_newest(steps, state_template, best_template, need_state)
       except CheckpointNotFoundError:
         # A writer may have rotated every step we listed away while we read them.
-        self._mngr.reload()
+        _list_steps(self._mngr.reload)
         if attempt == 2 or self.all_steps() == steps:
           raise
     raise AssertionError("unreachable")

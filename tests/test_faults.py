@@ -147,6 +147,29 @@ def test_a_reader_lists_again_when_a_step_is_rotated_away(trained_dir, tmp_path,
   monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", flaky)
   m = checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)
   assert len(calls) == 3 and m.all_steps() == _steps(wd)
+  # A restore that finds every listed step gone lists again (reload) and races the same way.
+  reloads, restores = [], []
+  real_reload, real_newest = m._mngr.reload, m._restore_newest
+
+  def flaky_reload():
+    reloads.append(1)
+    if len(reloads) <= 2:
+      raise race("a step rotated away")
+    return real_reload()
+
+  def newest_gone_once(steps, *args):
+    restores.append(steps)
+    if len(restores) == 1:                  # the writer rotates the newest step away
+      shutil.rmtree(os.path.join(wd, "checkpoints", str(steps[-1])))
+      raise checkpoints.CheckpointNotFoundError("every listed step was rotated away")
+    return real_newest(steps, *args)
+
+  monkeypatch.setattr(m._mngr, "reload", flaky_reload)
+  monkeypatch.setattr(m, "_restore_newest", newest_gone_once)
+  listed = m.all_steps()
+  assert len(listed) >= 2, listed
+  _, best, _ = m.restore_latest(None, _template(load_config("test")).params, need_state=False)
+  assert len(reloads) == 3 and restores == [listed, listed[:-1]] and best is not None
   calls.clear()
   monkeypatch.setattr(checkpoints, "_LIST_ATTEMPTS", 2)   # a directory that never settles
   with pytest.raises(race):
