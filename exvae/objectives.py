@@ -1,4 +1,4 @@
-"""Objectives: the (KL-warm-up) ELBO for training and importance weights for the IWAE bound.
+"""Objectives: the (KL-warm-up) ELBO and IWAE bound for training, importance weights for evaluation.
 
 Everything here composes a :class:`~exvae.models.Model`, a
 :class:`~exvae.priors.Prior` and a likelihood; nothing here is model- or
@@ -36,6 +36,9 @@ class Setup:
     warmup_epochs: KL warm-up length; beta = min(1, (epoch + 1) / warmup).
     num_train: N, the number of training images (the exemplar pool).
     pool_sharded: the pool is split along N over the ``data`` mesh axis.
+    objective: ``"elbo"`` or ``"iwae"`` (:data:`OBJECTIVES`).
+    objective_samples: k, the importance samples per image of ``"iwae"``.
+    gradient_estimator: ``"reparam"`` or ``"dreg"`` (:data:`GRADIENT_ESTIMATORS`).
   """
 
   model: Model
@@ -50,11 +53,37 @@ class Setup:
   num_train: int = 0
   pool_sharded: bool = False
   binary_exemplars: bool = False
+  objective: str = "elbo"
+  objective_samples: int = 1
+  gradient_estimator: str = "reparam"
+
+  def loss_fn(self) -> Callable[..., Any]:
+    """The training loss of this run's objective (:func:`elbo_loss` or :func:`iwae_loss`)."""
+    return iwae_loss if self.objective == "iwae" else elbo_loss
 
   def context_inputs(self, pool, key, **kw) -> ContextInputs:
     """The prior's :class:`ContextInputs` for this run's pool (layout fields filled in)."""
     return ContextInputs(key=key, pool=pool, binary=self.binary_exemplars, pool_sharded=self.pool_sharded,
                          pool_size=self.num_train, **kw)
+
+
+OBJECTIVES = ("elbo", "iwae")
+GRADIENT_ESTIMATORS = ("reparam", "dreg")
+
+
+def check_objective(objective: str, samples: int, estimator: str) -> None:
+  """Raises ValueError (one line) unless the three objective settings work together."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
+  if estimator not in GRADIENT_ESTIMATORS:
+    raise ValueError(f"gradient_estimator must be one of {list(GRADIENT_ESTIMATORS)}, "
+                     f"got {estimator!r}.")
+  if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+    raise ValueError(f"objective_samples must be an integer >= 1, got {samples!r}.")
+  if objective == "elbo" and (samples != 1 or estimator != "reparam"):
+    raise ValueError("objective='elbo' trains with one sample and reparameterised gradients: "
+                     "use --config.objective=iwae for objective_samples > 1 or "
+                     "gradient_estimator='dreg'.")
 
 
 def kl_beta(step: jax.Array, steps_per_epoch: int, warmup_epochs: int) -> jax.Array:
@@ -95,6 +124,74 @@ def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
   loss = jnp.mean(-log_px + beta * kl)
   metrics = {"loss": loss, "elbo": jnp.mean(log_px - kl), "recon": -jnp.mean(log_px),
              "kl": jnp.mean(kl), "beta": beta}
+  return loss, (metrics, new_state)
+
+
+def iwae_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
+              key: jax.Array, beta: jax.Array, pool: jax.Array | None):
+  """Per-batch training loss: the importance-weighted bound with k samples (KL warm-up).
+
+  With k = ``setup.objective_samples`` samples z_s ~ q(z|x) per image, the
+  log-weights under warm-up are ``log w_s = log p(x|z_s) - beta KL_s``, with
+  ``KL_s = log q(z_s|x) - log p(z_s)`` (the lower latents' terms included), so
+  beta scales the prior and encoder terms of each weight as it scales the
+  ELBO's KL; at beta = 1 the loss is ``-log (1/k) sum_s w_s``, the IWAE bound
+  of Burda et al. (2016).  The prior's context (exemplar subsample, RAT
+  neighbours of each image's encoder mean) is built once per batch and scores
+  all k samples of every image; leave-one-out masks each sample's own exemplar.
+  With k = 1 and ``"reparam"`` the loss and gradients are :func:`elbo_loss`'s.
+
+  ``"dreg"`` (Tucker et al. 2019) keeps the loss value and changes the
+  gradients: the encoder's path gradient from sample s is weighted by
+  ``(1 - beta) w~_s + beta w~_s^2`` (w~ = the normalised weights; w~^2 at
+  beta = 1), and the posterior's score term is dropped, which the identity
+  of Tucker et al. shows to be the same gradient in expectation.  Decoder
+  and prior parameters, and the encoder where the prior reads it (exemplar
+  codes, pseudo-inputs), get the IWAE gradient ``sum_s w~_s grad log w_s``.
+
+  Args:
+    params, prior_state, setup, x, ids, key, beta, pool: as :func:`elbo_loss`.
+
+  Returns:
+    ``(loss, (metrics, new_prior_state))``; loss is the batch mean of
+    ``-log (1/k) sum_s w_s``.
+
+  References:
+    Burda, Grosse & Salakhutdinov, Importance Weighted Autoencoders, ICLR 2016.
+    Tucker, Lawson, Gu & Maddison, Doubly Reparameterized Gradient Estimators
+    for Monte Carlo Objectives, ICLR 2019.
+  """
+  model, prior = setup.model, setup.prior
+  k, b = setup.objective_samples, x.shape[0]
+  k_ctx, k_z = jax.random.split(key)
+  sc = model.score(params["model"], x, k_z, k, setup.log_lik)
+  inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
+  ctx, new_state = prior.context(params["prior"], prior_state, model, params["model"], inputs,
+                                 train=True)
+  rid = jnp.repeat(ids, k)
+
+  def log_weights(scores):
+    log_pz = prior.log_prob(params["prior"], scores.z.reshape(b * k, -1), ctx,
+                            rid).reshape(b, k)
+    kl = scores.log_q - scores.log_p_rest - log_pz                     # (B, k)
+    return scores.log_px - beta * kl, kl
+
+  log_w, kl = log_weights(sc)
+  bound = jax.nn.logsumexp(log_w, axis=1) - jnp.log(jnp.float32(k))
+  loss = -jnp.mean(bound)
+  if setup.gradient_estimator == "dreg":
+    # The same forward pass again (XLA merges the two), with each sample's path
+    # gradient reweighted where it is drawn and log q's parameters held fixed.
+    w = jax.nn.softmax(jax.lax.stop_gradient(log_w), axis=1)
+    path = model.score(params["model"], x, k_z, k, setup.log_lik,
+                       path_weight=(1.0 - beta) + beta * w)
+    surrogate = -jnp.mean(jnp.sum(w * log_weights(path)[0], axis=1))
+    # Value: the bound (the added difference is exactly 0); gradient: the surrogate's.
+    loss = jax.lax.stop_gradient(loss) + (surrogate - jax.lax.stop_gradient(surrogate))
+  log_px, log_w1 = sc.log_px, sc.log_px - kl
+  metrics = {"loss": loss, "elbo": jnp.mean(log_w1), "recon": -jnp.mean(log_px),
+             "kl": jnp.mean(kl), "beta": beta,
+             "iwae": jnp.mean(jax.nn.logsumexp(log_w1, axis=1)) - jnp.log(jnp.float32(k))}
   return loss, (metrics, new_state)
 
 

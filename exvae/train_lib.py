@@ -33,7 +33,7 @@ from exvae import (atomic, checkpoints, data, distributed, pictures, plugins, rn
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
-from exvae.objectives import Setup, elbo_loss, kl_beta, log_importance_weights
+from exvae.objectives import Setup, check_objective, kl_beta, log_importance_weights
 from exvae.optim import make_optimizer
 from exvae.priors import make_prior
 
@@ -88,6 +88,7 @@ def validate_config(config) -> None:
     raise ValueError(f"pool_sharding must be one of {distributed.POOL_SHARDING}, "
                      f"got {config.pool_sharding!r}.")
   check_matmul_dtype(config)        # value, and whether the model implements it
+  check_objective(config.objective, config.objective_samples, config.gradient_estimator)
   rundir.check_config(config)       # cadences, keep_checkpoints, a finite learning rate
 
 
@@ -115,6 +116,9 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
     raise ValueError(f"batch_size {config.batch_size} exceeds the training set size {n}.")
   rundir.check_config(config, num_train=n)   # num_exemplars, rat_k vs the training set
   model = make_model(config, splits.image_shape)
+  if config.gradient_estimator == "dreg" and not _accepts_keyword(model.score, "path_weight"):
+    raise ValueError(f"gradient_estimator='dreg' needs the model's score(..., path_weight=...) "
+                     f"(docs/objectives.md); model {config.model!r} does not take it.")
   prior = make_prior(config.prior, config)
   if plugins.is_spec(config.prior):    # one traced call: shapes checked before any step
     plugins.check_prior_shapes(prior, model, n, config.prior)
@@ -124,7 +128,19 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
                batch_size=int(config.batch_size), steps_per_epoch=n // int(config.batch_size),
                warmup_epochs=int(config.warmup_epochs), num_train=n,
                pool_sharded=bool(pool_sharded),
-               binary_exemplars=bool(splits.binary) and bool(config.exemplar.binarize_exemplars))
+               binary_exemplars=bool(splits.binary) and bool(config.exemplar.binarize_exemplars),
+               objective=str(config.objective), objective_samples=int(config.objective_samples),
+               gradient_estimator=str(config.gradient_estimator))
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+  """Whether ``fn`` can be called with the keyword argument ``name``."""
+  import inspect
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def make_pool(config, splits: data.Splits, mesh) -> tuple[jax.Array, bool]:
@@ -217,7 +233,7 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   step = state.step
   x, ids, k_loss = train_batch(state.key, step, pool, perm, setup=setup)
   beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
-  grad_fn = jax.value_and_grad(elbo_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(setup.loss_fn(), has_aux=True)
   (loss, (metrics, new_prior_state)), grads = grad_fn(
       state.params, state.prior_state, setup, x, ids, k_loss, beta, pool)
   ok = jnp.isfinite(loss) & _tree_all_finite(grads)
@@ -467,11 +483,17 @@ def _to_float(tree) -> dict[str, float]:
 
 def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config, workdir: str,
              epoch: int) -> dict[str, float]:
-  """Validation ELBO (S=1 per example, full exemplar bank) and a picture."""
+  """Validation loss (full exemplar bank, beta = 1) and a picture.
+
+  The loss is the negative of the training objective's bound: the ELBO with
+  one sample per example, or under ``objective='iwae'`` the IWAE bound with
+  the same k samples as training.
+  """
   ctx = eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup)
   res = evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
-                       num_samples=1, max_queries=config.eval.max_queries)
-  metrics = {"val_loss": float(-res["elbo"].mean()), "val_recon": float(res["recon"].mean()),
+                       num_samples=setup.objective_samples, max_queries=config.eval.max_queries)
+  bound = res["log_px_iwae"] if setup.objective == "iwae" else res["elbo"]
+  metrics = {"val_loss": float(-bound.mean()), "val_recon": float(res["recon"].mean()),
              "val_kl": float(res["kl"].mean())}
   n_pic = int(config.num_picture_samples)
   if n_pic > 0:

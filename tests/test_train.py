@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, load_config, train_traced_once
 from exvae import checkpoints, eval_lib, rundir, train_lib
-from exvae.objectives import log_importance_weights
+from exvae.objectives import elbo_loss, log_importance_weights
 
 
 def _setup(**overrides):
@@ -49,7 +49,7 @@ def test_a_nonfinite_step_keeps_the_state_and_a_finite_one_updates_in_place():
   # A finite step: the optimiser's update of the step's own gradients.
   x, ids, k_loss = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
   beta = train_lib.kl_beta(state.step, setup.steps_per_epoch, setup.warmup_epochs)
-  grads = jax.grad(lambda p: train_lib.elbo_loss(p, state.prior_state, setup, x, ids, k_loss,
+  grads = jax.grad(lambda p: elbo_loss(p, state.prior_state, setup, x, ids, k_loss,
                                                  beta, pool)[0])(state.params)
   updates, want_opt = setup.optimizer.update(grads, state.opt_state, state.params)
   want = np_tree((optax.apply_updates(state.params, updates), want_opt))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from exvae.likelihoods import diag_gaussian_log_prob
 from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, check_matmul_dtype,
-                               gaussian_score)
+                               gaussian_score, scale_gradient)
 from exvae.nets.gated import GatedDense, dense
 from exvae.nets.init import init_model_params
 
@@ -143,7 +143,7 @@ class HierarchicalBase(nn.Module):
     return self.p_x(mu1, z2)
 
   def scores(self, x: jax.Array, eps2: jax.Array, eps1: jax.Array,
-             log_lik: Callable[[jax.Array, Any], jax.Array]):
+             log_lik: Callable[[jax.Array, Any], jax.Array], path_weight=None):
     """Every term of log w for S reparameterised samples per image.
 
     Args:
@@ -151,9 +151,14 @@ class HierarchicalBase(nn.Module):
       eps2: (B, S, d2) standard normal noise for z2.
       eps1: (B, S, d1) standard normal noise for z1.
       log_lik: ``log_lik(x, decoder_out) -> (B,)``.
+      path_weight: None, or (B, S): each sample's gradient paths to the
+        encoder are multiplied by it (:func:`~exvae.models.vae.scale_gradient`
+        where z2 and z1 are drawn; q(z1|x,z2) reads the unscaled z2, so the path
+        z2 -> z1 is scaled once).
 
     Returns:
-      ``(z2 (B, S, d2), mu2 (B, d2), log_px, log_p_z1, log_q)``, the last three (B, S).
+      ``(z2 (B, S, d2), mu2 (B, d2), z1 (B*S, d1), log_px, log_p_z1, log_q)``, the
+      last three (B, S).
     """
     b, s = eps2.shape[:2]
     mu2, logvar2 = self.encode(x)
@@ -161,16 +166,29 @@ class HierarchicalBase(nn.Module):
     log_q2 = diag_gaussian_log_prob(z2, mu2[:, None], logvar2[:, None])  # (B, S)
     hx = self.q_z1_features(x)                                           # (B, F), once per x
     hx = jnp.broadcast_to(hx[:, None], (b, s, hx.shape[-1])).reshape(b * s, -1)
-    z2f = z2.reshape(b * s, -1)
-    mu1, logvar1 = self.q_z1(hx, z2f)                                    # (B*S, d1)
+    mu1, logvar1 = self.q_z1(hx, z2.reshape(b * s, -1))                  # (B*S, d1)
     z1 = mu1 + jnp.exp(0.5 * logvar1) * eps1.reshape(b * s, -1)
     log_q1 = diag_gaussian_log_prob(z1, mu1, logvar1).reshape(b, s)
+    if path_weight is not None:
+      z2 = scale_gradient(z2, path_weight)
+      z1 = scale_gradient(z1.reshape(b, s, -1), path_weight).reshape(b * s, -1)
+    z2f = z2.reshape(b * s, -1)
     pm1, plogvar1 = self.p_z1(z2f)
     log_p1 = diag_gaussian_log_prob(z1, pm1, plogvar1).reshape(b, s)
     out = self.p_x(z1, z2f)
     xr = jnp.broadcast_to(x[:, None], (b, s) + x.shape[1:]).reshape((b * s,) + x.shape[1:])
     log_px = log_lik(xr, out).reshape(b, s)
-    return z2, mu2, log_px, log_p1, log_q2 + log_q1
+    return z2, mu2, z1, log_px, log_p1, log_q2 + log_q1
+
+  def log_q(self, x: jax.Array, z2: jax.Array, z1: jax.Array) -> jax.Array:
+    """log q(z2|x) + log q(z1|x,z2) of given samples z2 (B, S, d2), z1 (B*S, d1) -> (B, S)."""
+    b, s = z2.shape[:2]
+    mu2, logvar2 = self.encode(x)
+    log_q2 = diag_gaussian_log_prob(z2, mu2[:, None], logvar2[:, None])
+    hx = self.q_z1_features(x)
+    hx = jnp.broadcast_to(hx[:, None], (b, s, hx.shape[-1])).reshape(b * s, -1)
+    mu1, logvar1 = self.q_z1(hx, z2.reshape(b * s, -1))
+    return log_q2 + diag_gaussian_log_prob(z1, mu1, logvar1).reshape(b, s)
 
   def __call__(self, x: jax.Array):
     """Runs every network once (used by ``init``): x (B, H, W, C) -> decoder output."""
@@ -298,8 +316,9 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
   def decode(params, z):
     return module.apply({"params": params}, z, method="decode")
 
-  def score(params, x, key, num_samples, log_lik):
-    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik)
+  def score(params, x, key, num_samples, log_lik, *, path_weight=None):
+    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik,
+                          path_weight=path_weight)
 
   return Model(init=_init_fn(module, image_shape), encode=encode, encode_mean=encode_mean,
                decode=decode, score=score, latent_dim=int(config.latent_dim),
@@ -342,10 +361,15 @@ def make_hierarchical_model(module: HierarchicalBase, image_shape: Sequence[int]
   def decode(params, z):
     return module.apply({"params": params}, z, method="decode")
 
-  def score(params, x, key, num_samples, log_lik) -> Scores:
+  def score(params, x, key, num_samples, log_lik, *, path_weight=None) -> Scores:
     eps2, eps1 = hierarchical_noise(key, x.shape[0], num_samples, d2, d1)
-    z2, mu2, log_px, log_p1, log_q = module.apply(
-        {"params": params}, x, eps2, eps1, log_lik, method="scores")
+    z2, mu2, z1, log_px, log_p1, log_q = module.apply(
+        {"params": params}, x, eps2, eps1, log_lik, path_weight, method="scores")
+    if path_weight is not None:
+      # The posterior's networks with their parameters held fixed, at the samples:
+      # gradients reach the encoder only through z2 and z1.
+      log_q = module.apply({"params": jax.lax.stop_gradient(params)}, x, z2, z1,
+                           method="log_q")
     return Scores(z=z2, mu=mu2, log_px=log_px, log_p_rest=log_p1, log_q=log_q)
 
   return Model(init=_init_fn(module, image_shape), encode=encode, encode_mean=encode_mean,

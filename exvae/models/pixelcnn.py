@@ -61,10 +61,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from exvae.likelihoods import NUM_BINS, diag_gaussian_log_prob
+from exvae.likelihoods import NUM_BINS
 from exvae.models.conv import ConvOutputHead
 from exvae.models.hvae import check_likelihood
-from exvae.models.vae import MLPEncoderModule, Model, Scores, check_matmul_dtype
+from exvae.models.vae import (MLPEncoderModule, Model, Scores, check_matmul_dtype,
+                              gaussian_posterior_samples)
 from exvae.nets.conv import torch_conv_init
 from exvae.nets.gated import GatedDense, he_init
 from exvae.nets.init import init_model_params
@@ -467,13 +468,11 @@ def make_pixelvae(config, image_shape: Sequence[int]) -> Model:
   def decode(params, z):
     return decode_mean_field(module, params, z)
 
-  def score(params, x, key, num_samples, log_lik) -> Scores:
+  def score(params, x, key, num_samples, log_lik, *, path_weight=None) -> Scores:
     # As vae.gaussian_score (same noise), but the decoder also reads x.
     b = x.shape[0]
     mu, logvar = encode(params, x)
-    eps = jax.random.normal(key, (b, num_samples, d))
-    z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
-    log_q = diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])        # (B, S)
+    z, log_q = gaussian_posterior_samples(mu, logvar, key, num_samples, path_weight)
     xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
         (b * num_samples,) + x.shape[1:])
     out = module.apply({"params": params}, xr, z.reshape(b * num_samples, d), method="logits")

@@ -99,7 +99,8 @@ class Scores:
     log_px: (B, S) log p(x | latents).
     log_p_rest: (B, S) log-density of the lower latents given the top one
       (0 for a one-level VAE).
-    log_q: (B, S) log q(all latents | x).
+    log_q: (B, S) log q(all latents | x) (with ``score``'s ``path_weight``:
+      the posterior's parameters held fixed, gradients only through the samples).
   """
 
   z: jax.Array
@@ -109,7 +110,8 @@ class Scores:
   log_q: jax.Array
 
 
-def gaussian_score(encode, decode, params, x, key, num_samples, log_lik) -> Scores:
+def gaussian_score(encode, decode, params, x, key, num_samples, log_lik, *,
+                   path_weight=None) -> Scores:
   """Scores of a one-level Gaussian-posterior VAE with S reparameterised samples.
 
   Args:
@@ -120,18 +122,66 @@ def gaussian_score(encode, decode, params, x, key, num_samples, log_lik) -> Scor
     key: PRNG key.
     num_samples: S (static).
     log_lik: ``log_lik(x, decoder_out) -> (B,)``.
+    path_weight: None, or (B, S): see :func:`gaussian_posterior_samples`.
   """
-  from exvae.likelihoods import diag_gaussian_log_prob
   b = x.shape[0]
   mu, logvar = encode(params, x)
-  eps = jax.random.normal(key, (b, num_samples, mu.shape[-1]))
-  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
-  log_q = diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])        # (B, S)
+  z, log_q = gaussian_posterior_samples(mu, logvar, key, num_samples, path_weight)
   out = decode(params, z.reshape(b * num_samples, -1))
   xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
       (b * num_samples,) + x.shape[1:])
   log_px = log_lik(xr, out).reshape(b, num_samples)
   return Scores(z=z, mu=mu, log_px=log_px, log_p_rest=jnp.zeros_like(log_px), log_q=log_q)
+
+
+@jax.custom_vjp
+def scale_gradient(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """The identity on ``x`` (B, S, ...) whose backward pass multiplies the cotangent by ``weight`` (B, S).
+
+  ``weight`` gets no gradient.  Doubly reparameterised gradients
+  (:func:`exvae.objectives.iwae_loss`) put it where a sample leaves the
+  posterior, so that every gradient path from the sample to the encoder's
+  parameters is reweighted, and nothing else is.
+  """
+  del weight
+  return x
+
+
+def _scale_gradient_fwd(x, weight):
+  return x, weight
+
+
+def _scale_gradient_bwd(weight, ct):
+  w = weight.reshape(weight.shape + (1,) * (ct.ndim - weight.ndim)).astype(ct.dtype)
+  return ct * w, jnp.zeros_like(weight)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def gaussian_posterior_samples(mu: jax.Array, logvar: jax.Array, key: jax.Array,
+                               num_samples: int, path_weight: jax.Array | None = None):
+  """S reparameterised draws of a diagonal Gaussian posterior and their log-density.
+
+  Args:
+    mu, logvar: (B, d) posterior parameters.
+    key: PRNG key of the noise (B, S, d).
+    num_samples: S (static).
+    path_weight: None, or (B, S): the samples' gradients are multiplied by it
+      (:func:`scale_gradient`) and the log-density holds ``mu`` and ``logvar``
+      fixed, so its gradient flows only through the samples.
+
+  Returns:
+    ``(z (B, S, d), log_q (B, S))``.
+  """
+  from exvae.likelihoods import diag_gaussian_log_prob
+  eps = jax.random.normal(key, (mu.shape[0], num_samples, mu.shape[-1]))
+  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
+  if path_weight is None:
+    return z, diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])    # (B, S)
+  z = scale_gradient(z, path_weight)
+  stop = jax.lax.stop_gradient
+  return z, diag_gaussian_log_prob(z, stop(mu)[:, None], stop(logvar)[:, None])
 
 
 # eq=False: hashed by identity, so a Model can be a static jit argument.
@@ -146,8 +196,12 @@ class Model:
     encode_mean: ``encode_mean(params, x) -> mu`` (B, d): the exemplar code.
     decode: ``decode(params, z) -> likelihood parameters`` for ``x`` (B, H, W, C),
       from a top latent (lower latents, if any, are sampled or set to their means).
-    score: ``score(params, x, key, num_samples, log_lik) -> Scores``: S
-      posterior samples and every term of log w except log p(z_top).
+    score: ``score(params, x, key, num_samples, log_lik, *, path_weight=None)
+      -> Scores``: S posterior samples and every term of log w except
+      log p(z_top).  ``path_weight`` (B, S), needed by
+      ``gradient_estimator='dreg'`` only, multiplies the gradient that flows
+      from each sample (of every latent) back to the encoder, and makes
+      ``log_q`` hold the posterior's parameters fixed.
     latent_dim: d.
     image_shape: (H, W, C).
   """
@@ -226,8 +280,9 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
   def decode(params, z):
     return module.apply({"params": params}, z, method=VAE.decode)
 
-  def score(params, x, key, num_samples, log_lik):
-    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik)
+  def score(params, x, key, num_samples, log_lik, *, path_weight=None):
+    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik,
+                          path_weight=path_weight)
 
   return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode, score=score,
                latent_dim=int(config.latent_dim), image_shape=image_shape, module=module)

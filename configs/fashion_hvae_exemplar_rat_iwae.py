@@ -1,0 +1,7 @@
+"""Fashion-MNIST (dynamically binarised), two-level MLP HVAE (prior on z2), exemplar prior with retrieval augmented training (k = 10 of M = 25000), trained with the IWAE bound (k = 5 samples, DReG gradients)."""
+
+from exvae.config_base import paper_config
+
+
+def get_config():
+  return paper_config("fashion_mnist", "hvae", "exemplar", rat=True, iwae_samples=5)
