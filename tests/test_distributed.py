@@ -22,7 +22,7 @@ from conftest import load_config, run_train_steps
 out = {{}}
 for name, ndev, pool in (("single", 1, "auto"), ("mesh", 4, "replicated"), ("split", 4, "sharded")):
     c = load_config("test", prior={prior!r}, num_devices=ndev, pool_sharding=pool,
-                    **{{"exemplar.rat": {rat}}})
+                    **{{"exemplar.rat": {rat}}}, **{over!r})
     def hlo(text, name=name):
         out["allreduce_" + name] = "all-reduce" in text
         # Does any collective move the whole (padded, 1300-row) pool?
@@ -40,11 +40,17 @@ print("RESULT" + json.dumps(out))
 """
 
 
+IWAE_DREG = {"objective": "iwae", "objective_samples": 3, "gradient_estimator": "dreg"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("prior,rat", [("exemplar", False), ("exemplar", True), ("vampprior", False)])
-def test_four_device_training_matches_single_device(prior, rat):
+@pytest.mark.parametrize("prior,rat,over", [("exemplar", False, {}), ("exemplar", True, {}),
+                                            ("vampprior", False, {}),
+                                            ("exemplar", True, IWAE_DREG)])
+def test_four_device_training_matches_single_device(prior, rat, over):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT, prior=prior, rat=rat)],
+  r = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT, prior=prior, rat=rat,
+                                                          over=over)],
                      capture_output=True, text=True, env=env, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.split("RESULT", 1)[1])
