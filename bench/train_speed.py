@@ -6,6 +6,7 @@ Usage: python bench/train_speed.py [--configs rat,exact,gaussian,vampprior] [--s
                                    [--profile] [--out results/speed]
                                    [--options_ab ROUNDS --options 'k=v,k2=v2;k=v3']
                                    [--rat_compact 0|1] [--rat_compact_ab ROUNDS --rat_chunks 125]
+                                   [--objectives_ab ROUNDS --objective_samples 5]
 
 Uses the genuine Fashion-MNIST if installed (50000 training images, batch 100,
 500 steps per epoch), else random binary images of the same size (speed does
@@ -34,6 +35,10 @@ against encoding only the chunks that hold the union's distinct exemplars
 gradients of each at the same states, the distinct rows of those states'
 unions, then alternated timings.  The plain timing mode prints each timed RAT
 step's distinct union rows, and its FLOP account counts the rows encoded.
+
+``--objectives_ab``: the train step under the ELBO, the k-sample IWAE bound
+with reparameterised gradients and with DReG, timed in alternated rounds
+(``<out>/objectives_<model>.json``; docs/objectives.md shows it).
 
 ``--options_ab``: the train step compiled with the default XLA options and
 with each ``--options`` variant (e.g. which operations go to YNNPACK
@@ -628,6 +633,46 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
 
 
 # ----------------------------------------------------------------------------
+# Per-step cost of each training objective
+# ----------------------------------------------------------------------------
+
+
+def objective_variants(k: int) -> dict:
+  """``{label: config overrides}``: the ELBO, and the k-sample IWAE bound with each estimator."""
+  return {"elbo": {},
+          f"iwae{k}_reparam": {"objective": "iwae", "objective_samples": k},
+          f"iwae{k}_dreg": {"objective": "iwae", "objective_samples": k,
+                            "gradient_estimator": "dreg"}}
+
+
+def objectives_ab(name, splits, pool, rounds: int, steps: int, k: int, model: str = "vae") -> dict:
+  """The train step of config ``name`` under each objective, timed in alternated rounds.
+
+  Returns:
+    ``{label: {"ms_per_step", "cpu_ms_per_step", "epoch_s", "vs_elbo"}}``, medians over
+    rounds; ``vs_elbo`` is the median per-round ratio of the step's wall time to the ELBO's.
+  """
+  runs = {}
+  for label, over in objective_variants(k).items():
+    c = config_registry.apply_overrides(make_config(name, model),
+                                        [(key, str(v)) for key, v in over.items()])
+    runs[label] = prepare(c, splits, pool)
+  wall, cpu = alternate({label: functools.partial(time_steps, run, pool)
+                         for label, run in runs.items()}, rounds, steps, flip=True)
+  load = os.getloadavg()
+  out = {}
+  for label, run in runs.items():
+    ms = float(np.median(wall[label])) * 1e3
+    out[label] = {"ms_per_step": ms, "cpu_ms_per_step": float(np.median(cpu[label])) * 1e3,
+                  "epoch_s": ms / 1e3 * run.setup.steps_per_epoch,
+                  "vs_elbo": 1.0 / per_round_speedup(wall, "elbo", label)}
+    print(f"{model} {name:9s} {label:14s} {ms:8.1f} ms/step (cpu {out[label]['cpu_ms_per_step']:.1f})"
+          f"  epoch {out[label]['epoch_s']:6.1f} s  x{out[label]['vs_elbo']:.2f} of the ELBO's step"
+          f"  ({rounds} alternated rounds of {steps} steps; loadavg {load[0]:.2f})", flush=True)
+  return out
+
+
+# ----------------------------------------------------------------------------
 # A/B of XLA compiler options of the train step (e.g. which ops go to YNNPACK)
 # ----------------------------------------------------------------------------
 
@@ -856,6 +901,10 @@ def main():
                        "with each ';'-separated --options variant, over ROUNDS alternated rounds")
   ap.add_argument("--options", default="xla_cpu_experimental_ynn_fusion_type=",
                   help="variants for --options_ab: 'k=v,k2=v2;k=v3' (default: no YNNPACK fusions)")
+  ap.add_argument("--objectives_ab", type=int, default=0, metavar="ROUNDS",
+                  help="time the ELBO, IWAE (reparam) and IWAE (DReG) steps in alternated rounds")
+  ap.add_argument("--objective_samples", type=int, default=5,
+                  help="k of the IWAE variants of --objectives_ab")
   ap.add_argument("--rat_compact_ab", type=int, default=0, metavar="ROUNDS",
                   help="instead: A/B of the RAT step encoding all B*k union rows vs only the "
                        "chunks holding the distinct ones (exemplar.rat_compact), over ROUNDS "
@@ -903,6 +952,15 @@ def main():
     return
   if args.profile:
     run_profiles(args, splits, pool)
+    return
+  if args.objectives_ab:
+    res = {name: objectives_ab(name, splits, pool, args.objectives_ab, args.steps,
+                               args.objective_samples, args.model)
+           for name in args.configs.split(",")}
+    print("wrote", write_json(os.path.join(args.out, f"objectives_{args.model}.json"),
+                              {"machine": machine_record(None), "provenance": provenance(),
+                               "data": src, "model": args.model, "steps_timed": args.steps,
+                               "rounds": args.objectives_ab, "configs": res}))
     return
   if args.options_ab:
     variants = [{}] + [parse_options(v) for v in args.options.split(";")]

@@ -71,34 +71,45 @@ def _budget_text(b: dict, m: dict) -> str:
              else f"on {b.get('cpu_count')} cores ({b.get('cpu', '?')})"))
 
 
+def objective_label(c: dict) -> str:
+  """The training objective of a config.json: ``ELBO``, or ``IWAE k=5, DReG`` and the like."""
+  if c.get("objective", "elbo") == "elbo":
+    return "ELBO"
+  est = {"dreg": ", DReG"}.get(c.get("gradient_estimator", "reparam"), "")
+  return f"IWAE k={c.get('objective_samples')}{est}"
+
+
 def _paper_order(e: dict) -> tuple:
-  """Sort key of a results entry: data set, then the paper's model and prior order, then name."""
+  """Sort key of a results entry: data set, then the paper's model and prior order, the
+  paper's objective (the ELBO) before others, then name."""
   from exvae import compare
   c = e.get("config") or {}
   model, prior = c.get("model"), c.get("prior")
   def rank(order, x):                # unknown names after the paper's, in name order
     return order.index(x) if x in order else len(order)
   return (str(c.get("dataset")), rank(MODEL_ORDER, model), str(model),
-          rank(compare.PRIORS, prior), e["name"])
+          rank(compare.PRIORS, prior), objective_label(c) != "ELBO", e["name"])
 
 
 def table(entries: list[dict]) -> str:
-  """Markdown table of the entries (paper value, measured value, difference, budget).
+  """Markdown table of the entries (objective, paper value, measured value, difference, budget).
 
   Rows follow the paper: per data set, VAE, HVAE, ConvHVAE, PixelCNN, each with
   the Gaussian, VampPrior and exemplar priors; a row's variants (such as
-  ``_reference_draw``) follow it.
+  ``_reference_draw``, then other objectives) follow it.  The paper trains
+  every row with the ELBO; a row with another objective is set beside the
+  paper's row of the same model and prior.
   """
-  lines = ["| config | paper NLL | measured NLL | measured - paper | budget |",
-           "|---|---|---|---|---|"]
+  lines = ["| config | objective | paper NLL | measured NLL | measured - paper | budget |",
+           "|---|---|---|---|---|---|"]
   for e in sorted(entries, key=_paper_order):
     c, m, b = e["config"], e["metrics"], e["budget"]
     paper = PAPER_NLL.get((c.get("dataset"), c.get("model"), c.get("prior")))
     nll, se = m["test_nll"], m.get("test_nll_stderr") or 0.0
     paper_txt = f"{paper[0]:.2f} +- {paper[1]:.2f}" if paper else "n/a"
     diff = f"{nll - paper[0]:+.2f}" if paper else "n/a"
-    lines.append(f"| `{e['name']}` | {paper_txt} | {nll:.2f} +- {se:.2f} | {diff} | "
-                 f"{_budget_text(b, m)} |")
+    lines.append(f"| `{e['name']}` | {objective_label(c)} | {paper_txt} | {nll:.2f} +- "
+                 f"{se:.2f} | {diff} | {_budget_text(b, m)} |")
   return "\n".join(lines)
 
 
@@ -129,9 +140,12 @@ def paired_table(entries: list[dict], root: str) -> str:
   their per-image NLLs (``results/<name>/per_example.npz``) pair. The table
   gives, first, for each model the differences between its priors, then, for
   each prior, the difference between each model and the next simpler one of
-  the paper (HVAE - VAE, ConvHVAE - HVAE, ...): the mean of NLL(richer) -
+  the paper (HVAE - VAE, ConvHVAE - HVAE, ...), each among the rows trained
+  with one objective; last, each row trained with another objective against
+  the ELBO row of its model and prior.  Each row: the mean of NLL(richer) -
   NLL(simpler) over the test images with its paired standard error, the share
-  of images on which the richer is better, and the paper's difference.
+  of images on which the richer is better, and the paper's difference (n/a
+  where the paper has no such pair).
 
   Args:
     entries: :func:`load_entries` of ``root``.
@@ -143,21 +157,24 @@ def paired_table(entries: list[dict], root: str) -> str:
   import itertools
 
   from exvae import compare
-  # (dataset, draw) -> model -> prior -> the first entry (variants sort after their row).
-  # Entries are inserted in the paper's order, so each group's models come out in it too.
+  # (dataset, draw, objective) -> model -> prior -> the first entry (variants sort after
+  # their row). Entries are inserted in the paper's order, so each group's models come out
+  # in it too, and the ELBO groups before the others.
   groups: dict[tuple, dict[str, dict[str, dict]]] = {}
   for e in sorted(entries, key=_paper_order):
     fam = compare.config_family(e["config"])        # load_entries read config.json
     if fam is not None:
       (dataset, model), prior = fam
-      key = (dataset, e["metrics"].get("eval_binarize", "exvae"))
+      key = (dataset, e["metrics"].get("eval_binarize", "exvae"), objective_label(e["config"]))
       groups.setdefault(key, {}).setdefault(model, {}).setdefault(prior, e)
   lines = ["| held fixed | richer - simpler | NLL difference (paired) | images where the "
            "richer is better | paper |", "|---|---|---|---|---|"]
-  for (dataset, draw) in sorted(groups, key=str):
-    by_model = groups[(dataset, draw)]
+  order = lambda key: (key[0], key[1], key[2] != "ELBO", key[2])
+  for (dataset, draw, objective) in sorted(groups, key=order):
+    by_model = groups[(dataset, draw, objective)]
     where = (f"{DATASET_NAMES.get(dataset, dataset)}"
-             + (", paper's test draw" if draw == "reference" else ""))
+             + (", paper's test draw" if draw == "reference" else "")
+             + ("" if objective == "ELBO" else f", {objective}"))
     models = list(by_model)
     for model in models:
       by_prior = by_model[model]
@@ -172,6 +189,15 @@ def paired_table(entries: list[dict], root: str) -> str:
         paper = tuple(PAPER_NLL.get((dataset, m, prior)) for m in (richer, simpler))
         lines.append(_paired_row(root, f"{PRIOR_NAMES[prior]}, {where}",
                                  by_model[richer][prior], by_model[simpler][prior], paper))
+    if objective == "ELBO" or (dataset, draw, "ELBO") not in groups:
+      continue
+    for model, by_prior in by_model.items():      # this objective against the ELBO
+      for prior, e in by_prior.items():
+        base = groups[(dataset, draw, "ELBO")].get(model, {}).get(prior)
+        if base is not None:
+          lines.append(_paired_row(
+              root, f"{MODEL_NAMES.get(model, model)}, {PRIOR_NAMES[prior]}, "
+              f"{DATASET_NAMES.get(dataset, dataset)}", e, base, None))
   if len(lines) == 2:
     return "(no two rows scored on the same test images yet)"
   return "\n".join(lines)

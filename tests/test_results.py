@@ -280,13 +280,13 @@ def test_gpu_table_from_the_device_check(tmp_path):
   assert text.startswith("NVIDIA H200, jax 0.11.2 (`results/device/x/`)")
 
 
-def _entry(root, name, prior, nll, model="vae", images="abc", draw="exvae"):
+def _entry(root, name, prior, nll, model="vae", images="abc", draw="exvae", **config):
   """A results/<name>/ entry with per-image scores (only what the tables read)."""
   from exvae import per_example
   d = root / name
   d.mkdir(parents=True)
   (d / "config.json").write_text(json.dumps({"dataset": "fashion_mnist", "model": model,
-                                             "prior": prior}))
+                                             "prior": prior, **config}))
   (d / "metrics.json").write_text(json.dumps({"test_nll": float(np.mean(nll)),
                                               "eval_binarize": draw,
                                               "num_importance_samples": 5000}))
@@ -334,6 +334,43 @@ def test_paired_table_pairs_the_priors_of_one_model_on_the_same_images(tmp_path)
   empty = tmp_path / "none"
   _entry(empty, "fashion_vae_gaussian", "gaussian", g)
   assert tab.paired_table(tab.load_entries(str(empty)), str(empty)).startswith("(no two rows")
+
+
+def test_paired_table_sets_other_objectives_beside_the_elbo_rows(tmp_path):
+  """IWAE rows pair among themselves and each with the ELBO row of its model and prior;
+  the results table names each row's objective."""
+  tab = _script("results_table")
+  rng = np.random.default_rng(1)
+  g = 228 + rng.normal(size=300)
+  e = g - 1.7 + rng.normal(size=300)
+  ie, ig = e - 0.8 + 0.3 * rng.normal(size=300), g - 1.0 + 0.3 * rng.normal(size=300)
+  iwae = {"objective": "iwae", "objective_samples": 5, "gradient_estimator": "dreg"}
+  _entry(tmp_path, "fashion_vae_gaussian", "gaussian", g.astype(np.float32))
+  _entry(tmp_path, "fashion_vae_exemplar_rat", "exemplar", e.astype(np.float32))
+  _entry(tmp_path, "fashion_vae_exemplar_rat_iwae", "exemplar", ie.astype(np.float32), **iwae)
+  _entry(tmp_path, "fashion_vae_gaussian_iwae", "gaussian", ig.astype(np.float32), **iwae)
+  rows = tab.paired_table(tab.load_entries(str(tmp_path)), str(tmp_path)).splitlines()[2:]
+
+  def want(a, b):
+    d = a.astype(np.float32).astype(np.float64) - b.astype(np.float32).astype(np.float64)
+    return f"{d.mean():+.2f} +- {d.std(ddof=1) / np.sqrt(d.size):.2f} | {100 * np.mean(d < 0):.1f}%"
+
+  assert rows == [
+      f"| VAE, Fashion-MNIST | `fashion_vae_exemplar_rat` - `fashion_vae_gaussian` | "
+      f"{want(e, g)} | {226.75 - 228.70:+.2f} |",
+      f"| VAE, Fashion-MNIST, IWAE k=5, DReG | `fashion_vae_exemplar_rat_iwae` - "
+      f"`fashion_vae_gaussian_iwae` | {want(ie, ig)} | {226.75 - 228.70:+.2f} |",
+      f"| VAE, Gaussian prior, Fashion-MNIST | `fashion_vae_gaussian_iwae` - "
+      f"`fashion_vae_gaussian` | {want(ig, g)} | n/a |",
+      f"| VAE, exemplar prior, Fashion-MNIST | `fashion_vae_exemplar_rat_iwae` - "
+      f"`fashion_vae_exemplar_rat` | {want(ie, e)} | n/a |"]
+  for d in tmp_path.iterdir():      # table() reads the budget's epochs
+    (d / "budget.json").write_text(json.dumps({"epochs_trained": 3, "max_epochs": 3}))
+  table = tab.table(tab.load_entries(str(tmp_path))).splitlines()[2:]
+  assert [r.split(" | ")[:2] for r in table] == [
+      ["| `fashion_vae_gaussian`", "ELBO"], ["| `fashion_vae_gaussian_iwae`", "IWAE k=5, DReG"],
+      ["| `fashion_vae_exemplar_rat`", "ELBO"],
+      ["| `fashion_vae_exemplar_rat_iwae`", "IWAE k=5, DReG"]]
 
 
 def test_results_table_follows_the_papers_order(tmp_path):
