@@ -135,7 +135,8 @@ def bare_python_commands(text: str) -> list[str]:
   return [c for c in _code(text) if BARE_PYTHON.search(c)]
 
 
-@pytest.mark.parametrize("page", _pages(), ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize("page", _pages() + [os.path.join(ROOT, "reference", "README.md")],
+                         ids=lambda p: os.path.relpath(p, ROOT))
 def test_commands_never_run_a_bare_python(page):
   with open(page) as f:
     found = bare_python_commands(f.read())
