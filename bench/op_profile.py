@@ -370,6 +370,11 @@ def format_table(name: str, p: dict, rate: float | None = None) -> str:
   return "\n".join(lines)
 
 
+def _checkout_command(command: str) -> str:
+  """A recorded ``python ...`` command as a checkout runs it (Debian has no ``python``)."""
+  return re.sub(r"^python(?=\s)", ".venv/bin/python", command)
+
+
 def markdown(doc: dict) -> str:
   """Markdown tables of a ``profile.json`` (train_speed.py --profile): one per config.
 
@@ -383,7 +388,8 @@ def markdown(doc: dict) -> str:
   out = [f"Measured on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), XLA float32 "
          f"2048^3 matmul {rate:.0f} GFLOP/s in the same run; load average "
          f"{', '.join(str(x) for x in m.get('loadavg', []))} at the start; "
-         f"`{prov.get('command', '')}`, {prov.get('date', '')} (the commit is in "
+         f"`{_checkout_command(prov.get('command', ''))}`, "
+         f"{prov.get('date', '')} (the commit is in "
          f"`results/speed/profile.json`)."
          if rate else "", ""]
   for p in doc.get("configs", []):

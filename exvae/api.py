@@ -14,6 +14,7 @@ with the few calls a notebook needs::
     z_new = run.sample(jax.random.PRNGKey(0), 16)  # (16, d) codes from the prior
     images = run.decode(z_new)                     # (16, H, W, C) mean images
     dist, rows = run.bank.nearest(z, k=5)          # kNN among the training exemplars
+    run.log_px(run.splits.test_x[:8])              # (8,) IWAE estimates of log p(x), nats
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class Run:
     bank: the :class:`exvae.bank.ExemplarBank` of the training split (codes,
       labels, ``log_prob``, ``sample``, ``nearest``), or None if not built.
     splits: the loaded data (``train_x``, ``val_x``, ``test_x``, labels).
-    meta: the checkpoint's metadata (``best_epoch`` 0-based, ``best_val``, ...).
+    meta: what the run's training recorded, the same keys for a run directory and
+      a published model: ``best_epoch`` (1-based, as training prints it; 0 when
+      no epoch was validated) and ``best_val`` (its validation loss, or None).
     setup: the static run description (likelihood, ``mean_fn``).
   """
 
@@ -100,6 +103,59 @@ class Run:
     """
     z = jnp.asarray(z, jnp.float32)
     return np.asarray(self.prior.log_prob(self.params["prior"], z, self.context()))
+
+  def scores(self, x: np.ndarray, *, num_samples: int | None = None, seed: int | None = None,
+             progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-image importance-sampled scores, as ``exvae-eval`` computes them.
+
+    The same function as ``exvae-eval`` (:func:`exvae.train_lib.evaluate_split`, chunked
+    so memory does not depend on S or on the number of images), with the same key
+    (``PRNGKey(seed)``) and the same evaluation context: the same images in the same
+    order, S and seed give the numbers of its ``per_example.npz``. An image's draws
+    depend on its place among ``x`` (its batch), not only on the image.
+
+    Args:
+      x: (B, H, W, C) images in [0, 1]; for binary data sets, binary images (the
+        test images in ``splits`` are binarised once, as ``exvae-eval`` scores them).
+      num_samples: importance samples S per image (default ``config.eval.num_importance_samples``).
+      seed: the sampling seed (default ``config.eval.seed``, as ``exvae-eval``).
+      progress: show a progress bar.
+
+    Returns:
+      dict of (B,) float64 arrays in nats, the keys of ``per_example.npz``:
+      ``log_px`` (the IWAE estimate of log p(x)), ``elbo`` (the ELBO estimate, a lower
+      bound), ``recon`` (-E_q log p(x|z)) and ``kl`` (E_q[log q(z|x) - log p(z)]).
+
+    Raises:
+      ValueError: ``x`` is not a batch of images of the run's shape in [0, 1], or not
+        binary for a binary data set.
+    """
+    from exvae import data, train_lib
+    x = np.asarray(x, np.float32)
+    data.validate_images(x, image_shape=tuple(self.splits.image_shape), name="x")
+    if self.splits.binary and not np.all((x == 0) | (x == 1)):
+      raise ValueError("x: this model scores binary images (its data set is binarised); "
+                       "binarise them first, e.g. exvae.data.binarize(x, seed)")
+    s = int(self.config.eval.num_importance_samples if num_samples is None else num_samples)
+    if s < 1:
+      raise ValueError(f"num_samples must be >= 1, got {s}")
+    key = jax.random.PRNGKey(int(self.config.eval.seed if seed is None else seed))
+    res = train_lib.evaluate_split(self.params, self.setup, self.context(), x, key,
+                                   num_samples=s, max_queries=int(self.config.eval.max_queries),
+                                   progress=progress, desc=f"log p(x) (S={s})")
+    return {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"],
+            "kl": res["kl"]}
+
+  def log_px(self, x: np.ndarray, *, num_samples: int | None = None, seed: int | None = None,
+             progress: bool = False) -> np.ndarray:
+    """IWAE estimates of log p(x) per image (nats): ``scores(x, ...)["log_px"]``.
+
+    Args and defaults as :meth:`scores`.
+
+    Returns:
+      (B,) float64; ``-run.log_px(x).mean()`` is the NLL ``exvae-eval`` reports for ``x``.
+    """
+    return self.scores(x, num_samples=num_samples, seed=seed, progress=progress)["log_px"]
 
   def sample(self, key: jax.Array, n: int) -> np.ndarray:
     """Draws codes from the run's prior.

@@ -547,7 +547,10 @@ class Trained(NamedTuple):
     splits: the data (train grey levels; val/test binarised once).
     setup: the static run description (model, prior, likelihood).
     params: ``{"model": ..., "prior": ...}`` best-on-validation parameters.
-    meta: checkpoint metadata (best epoch, best validation loss, ...).
+    meta: what training recorded, the same keys for a run directory and a published
+      model: ``best_epoch`` (1-based as printed; 0: no epoch validated) and
+      ``best_val`` (its validation loss or None); a run directory adds the
+      checkpoint's bookkeeping (``epochs_validated``, ``bad_epochs``, ``early_stopped``).
   """
 
   config: Any
@@ -583,13 +586,19 @@ def restore_trained(config, workdir: str) -> Trained:
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
   if is_published:
-    best, meta = published.load(workdir, template.params)
+    best, record = published.load(workdir, template.params)
+    meta = {"best_epoch": int(record.get("best_epoch") or 0),
+            "best_val": record.get("best_val_loss")}
   else:
     manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
     out = manager.restore_latest(None, template.params, need_state=False)
     if out is None:
       raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
-    _, best, meta = out
+    _, best, stored = out
+    # The checkpoint counts epochs from 0 (-1: none validated); printed and published
+    # epochs count from 1, as meta does (0: none validated).
+    meta = dict(stored, best_epoch=int(stored.get("best_epoch", -1)) + 1,
+                best_val=stored.get("best_val"))
   return Trained(config=config, splits=splits, setup=setup, params=best, meta=meta)
 
 
@@ -646,7 +655,7 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
   meta = {"dataset": t.splits.name, "source": "train", "data_source": t.splits.source,
           "prior": str(config.prior), "log_var_source": lv_source,
           "bank_seed": int(config.eval.bank_seed), "workdir": os.path.abspath(workdir),
-          "best_epoch": int(t.meta.get("best_epoch", -1)) + 1,
+          "best_epoch": int(t.meta.get("best_epoch", 0)),
           "model_fingerprint": params_fingerprint(t.params["model"])}
   return ExemplarBank.build(model, t.params["model"], x, ids=ids, labels=t.splits.train_y,
                             log_var=log_var, binary=binary, key=key,

@@ -244,7 +244,7 @@ class Manager:
     if (not create or read_only) and not os.path.isdir(self.directory):
       raise CheckpointNotFoundError(
           f"No checkpoint directory {self.directory}: train first with "
-          "`python train.py --config=... --workdir=...` (same workdir).")
+          "`exvae-train --config=... --workdir=...` (same workdir).")
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                              save_interval_steps=0,

@@ -146,6 +146,7 @@ def load(value: str):
   Raises:
     ConfigNameError: an unknown name (with "did you mean") or a file without
       ``get_config``.
+    exvae.errors.SourceSyntaxError: the file does not compile (its file and line).
     Exception: whatever the config file itself raises (its own mistake).
   """
   base, _, arg = value.partition(":")
@@ -170,7 +171,11 @@ def load(value: str):
   if spec is None or spec.loader is None:
     raise ConfigNameError(f"--config={value}: not a Python (.py) or JSON (.json) config file.")
   mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  try:
+    spec.loader.exec_module(mod)
+  except SyntaxError as e:                # the file's own mistake, in one line
+    from exvae import errors
+    raise errors.source_syntax_error(e, f"--config={value}") from None
   if not hasattr(mod, "get_config"):
     raise ConfigNameError(f"--config={value}: {path} defines no get_config().")
   return mod.get_config(arg) if arg else mod.get_config()
@@ -212,7 +217,14 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
   if isinstance(current, str):
     return text
   if isinstance(current, (tuple, list)):
-    v = literal(text if text.strip()[:1] in "([" else f"({text},)")
+    if "," not in text and text.strip()[:1] not in "([":
+      # One value for a tuple (--config.hidden=300) would silently make it one entry long.
+      example = ",".join([text.strip()] * max(len(current), 2))
+      raise ConfigNameError(f"--config.{key}={text}: {key} is a tuple (now {tuple(current)!r}); "
+                            f"give every entry, e.g. --config.{key}={example} (one entry: "
+                            f"--config.{key}={text.strip()},).")
+    t = text.strip()
+    v = literal(t if t[:1] in "([" else f"({t})" if t.endswith(",") else f"({t},)")
     if not isinstance(v, (tuple, list)):
       raise bad("a tuple such as 16,16")
     return type(current)(v)

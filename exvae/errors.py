@@ -1,4 +1,5 @@
-"""The expected errors of a run directory, each reported in one line by the command-line programs.
+"""The expected errors of a run directory (and of the user's own config and plug-in files),
+each reported in one line by the command-line programs.
 
 This module sits below :mod:`exvae.atomic`, :mod:`exvae.checkpoints` and
 :mod:`exvae.rundir` (it imports nothing of exvae), so each of them can raise
@@ -65,6 +66,24 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class CheckpointMismatchError(RunDirError, ValueError):
   """The checkpoint's arrays have other shapes than this config's (another model)."""
+
+
+class SourceSyntaxError(ValueError):
+  """A config file or a plug-in module (the user's own Python) that does not compile."""
+
+  exit_code = 1
+
+
+def source_syntax_error(e: SyntaxError, what: str) -> SourceSyntaxError:
+  """The one-line error for a syntax error in the user's file: ``what``, file, line, the line.
+
+  Args:
+    e: the SyntaxError (or IndentationError) the import raised.
+    what: what was being loaded, e.g. ``"--config=my.py"`` or ``"prior plug-in 'x.py:P'"``.
+  """
+  text = " ".join((e.text or "").split())
+  return SourceSyntaxError(f"{what}: {type(e).__name__} in {e.filename}, line {e.lineno}: "
+                           f"{e.msg}" + (f": {text}" if text else ""))
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

@@ -82,6 +82,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
     params = distributed.replicate(best if use_best else state.params, mesh)
     step = int(state.step)
+  in_progress = None if is_published else _in_progress(workdir, meta, use_best, step)
 
   test_x = splits.test_x
   if config.eval.max_test_examples:
@@ -96,7 +97,8 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       atomic.dumps(identity, sort_keys=True).encode()).hexdigest()
   if identity is not None and bool(config.eval.get("reuse", True)):
     done = _finished(out_dir, identity_sha256)
-    if done is not None:
+    # Outputs of a run then in progress are kept only while it still is (they say so).
+    if done is not None and (in_progress is not None or not done.get("run_in_progress")):
       return done
   # Scores saved as the evaluation goes (a stop loses at most a minute of it), for one
   # process; removed once the outputs are written.
@@ -134,6 +136,9 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       "params": "best" if use_best else "last",
       "best_epoch": int(meta.get("best_epoch", -1)) + 1,
       "best_val_loss": meta.get("best_val"),
+      # Training still held the run's writer lock: these are an interim checkpoint's scores.
+      "run_in_progress": in_progress is not None,
+      **({"epochs_validated": in_progress} if in_progress is not None else {}),
       "bank_seconds": t_bank,
       "eval_seconds": t_eval,
       "test_points_per_second": m / max(t_eval, 1e-9),
@@ -161,6 +166,24 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     if partial is not None and os.path.exists(partial):
       os.remove(partial)
   return metrics
+
+
+def _in_progress(workdir: str, meta: dict, use_best: bool, step: int) -> int | None:
+  """The epochs validated so far if training holds ``workdir``'s writer lock now, else None.
+
+  Says so in one line: the scores are those of an interim checkpoint.
+  """
+  writer = rundir.writer_of(workdir)
+  if writer is None:
+    return None
+  done = int(meta.get("epochs_validated", 0))
+  which = (f"the best epoch {int(meta.get('best_epoch', -1)) + 1}" if use_best
+           else f"the last parameters (step {step})")
+  who = f" (pid {writer['pid']})" if writer.get("pid") else ""
+  if distributed.is_primary():
+    print(f"{workdir}: scoring {which} of a run in progress{who}, {done} epochs validated so "
+          "far; evaluate again when it has finished.", flush=True)
+  return done
 
 
 def _identity(config, params, test_x: np.ndarray) -> dict[str, Any]:

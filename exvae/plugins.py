@@ -74,7 +74,8 @@ def load(spec: str, kind: str = "plug-in") -> Any:
 
   Raises:
     ValueError: a malformed spec, a module that cannot be found, or a
-      missing attribute (the message says which and where it looked).
+      missing attribute (the message says which and where it looked);
+      :class:`exvae.errors.SourceSyntaxError` for a module that does not compile.
   """
   module_path, _, attr = str(spec).rpartition(":")
   if not (module_path and attr):
@@ -88,6 +89,9 @@ def load(spec: str, kind: str = "plug-in") -> Any:
     raise ValueError(f"{kind} plug-in {spec!r}: cannot import {module_path!r} ({e}); put its "
                      f"directory on PYTHONPATH, run from it, or give a file path "
                      f"(path/to/{module_path.split('.')[-1]}.py:{attr}).") from e
+  except SyntaxError as e:                # the plug-in's own mistake, in one line
+    from exvae import errors
+    raise errors.source_syntax_error(e, f"{kind} plug-in {spec!r}") from None
   obj = module
   for part in attr.split("."):
     if not hasattr(obj, part):
@@ -135,17 +139,72 @@ def construct(factory: Any, spec: str, kind: str, *args: Any, opts: dict[str, An
   Raises:
     PluginError: the factory does not take these options.
   """
-  import inspect
-  if opts:
-    try:
-      inspect.signature(factory).bind(*args, **opts)
-    except TypeError as e:
-      raise PluginError(f"{kind} plug-in {spec!r} does not take {kind}_options "
-                        f"{sorted(opts)} ({e}); its constructor's keyword arguments are "
-                        f"set with --config.{kind}_options.NAME=VALUE.") from None
-    except ValueError:                     # no signature (a builtin): let the call say
-      pass
+  check_options(factory, spec, kind, *args, opts=opts)
   return factory(*args, **opts)
+
+
+def check_options(factory: Any, spec: str, kind: str, *args: Any, opts: dict[str, Any]) -> None:
+  """``factory`` takes ``opts`` (by name, and by type where its signature says one).
+
+  Args: as :func:`construct` (``args`` only count; their values are not looked at).
+
+  Raises:
+    PluginError: an option the factory does not take, or of another type than its
+      argument's annotation or default, naming the option.
+  """
+  import inspect
+  if not opts:
+    return
+  try:
+    sig = inspect.signature(factory)
+    sig.bind(*args, **opts)
+  except TypeError as e:
+    raise PluginError(f"{kind} plug-in {spec!r} does not take {kind}_options "
+                      f"{sorted(opts)} ({e}); its constructor's keyword arguments are "
+                      f"set with --config.{kind}_options.NAME=VALUE.") from None
+  except ValueError:                     # no signature (a builtin): let the call say
+    return
+  _check_option_types(factory, sig, spec, kind, opts)
+
+
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _option_type(factory: Any, param: Any) -> type | None:
+  """The scalar type a constructor argument takes: its annotation, else its default's type."""
+  import typing
+  ann = param.annotation
+  if isinstance(ann, str):                 # `from __future__ import annotations`
+    try:
+      ann = typing.get_type_hints(getattr(factory, "__init__", factory)).get(param.name, ann)
+    except Exception:  # noqa: BLE001  (an annotation that does not resolve: use the default)
+      ann = None
+  if ann in _SCALARS:
+    return ann
+  default = param.default
+  if default is not param.empty and type(default) in _SCALARS:
+    return type(default)
+  return None
+
+
+def _check_option_types(factory: Any, sig: Any, spec: str, kind: str,
+                        opts: dict[str, Any]) -> None:
+  """Each option has the scalar type its constructor argument declares (or defaults to).
+
+  Raises:
+    PluginError: naming the option, its value and the type it needs.
+  """
+  for name, value in opts.items():
+    param = sig.parameters.get(name)
+    want = None if param is None else _option_type(factory, param)
+    if want is None:
+      continue
+    ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))
+          or want is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+      default = "" if param.default is param.empty else f" (default {param.default!r})"
+      raise PluginError(f"--config.{kind}_options.{name}={value!r}: {kind} plug-in {spec!r} "
+                        f"takes {_SCALARS[want]} for {name}{default}.")
 
 
 def check_prior_class(cls: type, spec: str) -> None:
@@ -225,12 +284,49 @@ def check_prior_shapes(prior: Any, model: Any, num_train: int, spec: str,
       raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() returns shape "
                         f"{tuple(got) if got is not None else type(shapes[name]).__name__}, "
                         f"expected {expected} = {shape} (B={batch}, n={n}, d={d}).")
+  check_prior_finite(prior, model, num_train, spec, batch=batch)
+
+
+def check_prior_finite(prior: Any, model: Any, num_train: int, spec: str, batch: int = 3) -> None:
+  """One concrete call: ``log_prob`` at the initial parameters is finite.
+
+  Evaluated (outside any training, with its own key) at ``z = 0`` and at ``batch`` of the
+  prior's own samples, with the dummy context of :func:`check_prior_shapes`. A density
+  that is not finite there (a log of 0 or of a negative number, a variance of 0) would
+  stop training at its first step with a non-finite loss.
+
+  Raises:
+    PluginError: naming the prior, where ``log_prob`` is not finite and its values.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from exvae.priors.base import ContextInputs
+  d = int(model.latent_dim)
+  h, w, c = (int(s) for s in model.image_shape)
+  pool_n = min(int(num_train), 2 * batch)
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = prior.init(k2, model, num_train)
+  inputs = ContextInputs(x=jnp.zeros((batch, h, w, c)), ids=jnp.arange(batch, dtype=jnp.int32),
+                         mu=jnp.zeros((batch, d)), key=k3,
+                         pool=jnp.zeros((pool_n, h, w, c)), pool_size=pool_n)
+  ctx, _ = prior.context(params, prior.init_state(model, num_train), model, model.init(k1),
+                         inputs, True)
+  for where, z in (("z = 0", jnp.zeros((batch, d))),
+                   ("its own samples", prior.sample(params, k4, batch, ctx))):
+    lp = np.asarray(prior.log_prob(params, jnp.asarray(z), ctx, inputs.ids))
+    if not np.all(np.isfinite(lp)):
+      raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.log_prob() is not "
+                        f"finite at its initial parameters ({where}: {lp.tolist()}); a log-density "
+                        "must be finite (a log of 0 or of a negative number?).")
 
 
 def check_config_plugins(config) -> None:
   """What can be checked of ``config``'s plug-ins before any data is loaded.
 
-  A plug-in prior is imported and its class checked (:func:`check_prior_class`);
+  A plug-in prior is imported and its class checked (:func:`check_prior_class`), a
+  plug-in's options checked against its signature (:func:`check_options`);
   ``prior_options`` / ``model_options`` must be empty for a built-in prior / model.
 
   Raises:
@@ -250,3 +346,6 @@ def check_config_plugins(config) -> None:
       cls = load(name, "prior")
       if isinstance(cls, type) and issubclass(cls, priors.Prior):
         check_prior_class(cls, name)
+      check_options(cls, name, "prior", config, opts=opts)
+    else:
+      check_options(load(name, "model"), name, "model", config, None, opts=opts)

@@ -631,12 +631,17 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   save_failed = False
   diverged = False              # non-finite validation: keep the last good checkpoint
 
-  def nonfinite_error(what):
+  def nonfinite_error(what, m=None):
     good = (f"The last good checkpoint (step {last_saved}) is intact in {manager.directory}"
             if saved_any else
             f"No checkpoint was written (nothing in {manager.directory} is from this run)")
+    bad = [f"{k}={m[k]}" for k in ("recon", "kl") if m and k in m and not math.isfinite(m[k])]
+    todo = ("Try a lower learning_rate." if not plugins.is_spec(config.prior) else
+            f"The prior is the plug-in {config.prior!r}: check that its log_prob stays finite "
+            f"(it enters the KL term{': ' + ', '.join(bad) if bad else ''}), or try a lower "
+            "learning_rate.")
     return NonFiniteLossError(f"Non-finite loss or gradient {what}; the update was skipped and "
-                              f"training stopped. {good}. Try a lower learning_rate.")
+                              f"training stopped. {good}. {todo}")
 
   def save(force_meta=None):
     nonlocal last_saved, saved_any, save_failed
@@ -701,7 +706,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
       if new_step % int(config.log_every_steps) == 0 or new_step % spe == 0:
         m = _to_float(metrics)
         if int(state.nonfinite) > 0:
-          raise nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})")
+          raise nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})", m)
         _append_jsonl(metrics_path, dict(m, step=new_step, epoch=new_step / spe,
                                          time=time.time() - t_start))
         bar.set_postfix(progress_lib.train_postfix(m, new_step, spe, meta["best_val"]))

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
       "source_run": os.path.basename(os.path.normpath(args.workdir)),
       "source_commit": args.source_commit or provenance.get("commit"),
       "params": "best on validation",
-      "best_epoch": int(meta.get("best_epoch", -1)) + 1,
+      "best_epoch": int(meta.get("best_epoch", 0)),     # 1-based (restore_trained's meta)
       "best_val_loss": meta.get("best_val"),
       "source_checkpoint_step": max(steps) if steps else None,
   }

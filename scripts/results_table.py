@@ -23,6 +23,7 @@ With ``--write-readme`` each block replaces the text between its markers,
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -203,6 +204,12 @@ def paired_table(entries: list[dict], root: str) -> str:
   return "\n".join(lines)
 
 
+def checkout_command(command: str) -> str:
+  """A recorded ``python ...`` command as a checkout runs it (``.venv/bin/python ...``;
+  Debian has no ``python``)."""
+  return re.sub(r"^python(?=\s)", ".venv/bin/python", command)
+
+
 def speed_table(path: str) -> str:
   """Markdown for the side-by-side benchmark record at ``path``.
 
@@ -225,7 +232,7 @@ def speed_table(path: str) -> str:
   m, p = rec["machine"], rec["provenance"]
   lines = [f"{m['cpu']}, {m['cores']} cores (matmul: XLA {m['xla_matmul_gflops']:.0f}, "
            f"torch {m['torch_matmul_gflops']:.0f} GFLOP/s); {p['date']}, commit "
-           f"`{p['commit']}`, `{p['command']}`.", "",
+           f"`{p['commit']}`, `{checkout_command(p['command'])}`.", "",
            "| | unit | exvae | reference | exvae faster by |", "|---|---|---|---|---|"]
   for r in rec["rows"]:
     lines.append(f"| {r['what']} | {r['unit']} | {r['exvae']:.4g} | {r['reference']:.4g} | "

@@ -416,3 +416,159 @@ def test_plugin_options_reach_a_model_factory_and_a_misspelt_one_is_named():
   with pytest.raises(plugins.PluginError, match="built-in prior 'exemplar'"):
     c.prior_options.k = 5
     plugins.check_config_plugins(c)
+
+
+# ----------------------------------------------------------------------------
+# A first user's rough edges: each one line (or one line, then how to fix it)
+# ----------------------------------------------------------------------------
+
+_MIX = '''
+from __future__ import annotations
+
+import jax, jax.numpy as jnp
+from exvae.priors import Prior
+
+class Mix(Prior):
+  def __init__(self, config, num_components: int = 2, scale=1.0):
+    super().__init__(config)
+    self.num_components, self.scale = num_components, scale
+  def init(self, key, model, num_train):
+    return {"means": jnp.zeros((self.num_components, model.latent_dim))}
+  def log_prob(self, params, z, ctx, ids=None):
+    d = -0.5 * jnp.sum((z[:, None] - params["means"][None]) ** 2, -1) / self.scale
+    return jax.nn.logsumexp(d, 1) - jnp.log(self.num_components)
+  def sample(self, params, key, n, ctx):
+    return jax.random.normal(key, (n, params["means"].shape[1]))
+
+class LogOfZero(Mix):
+  def log_prob(self, params, z, ctx, ids=None):
+    return jnp.log(jnp.zeros(z.shape[0]))           # -inf everywhere
+
+class Spike(Mix):                                   # finite at z = 0 only: fails in training
+  def log_prob(self, params, z, ctx, ids=None):
+    return jnp.where(jnp.all(z == 0, -1), 0.0, -jnp.inf)
+  def sample(self, params, key, n, ctx):
+    return jnp.zeros((n, params["means"].shape[1]))
+'''
+
+
+def _one_line(r, code, *words):
+  lines = _lines(r.stderr)
+  assert r.returncode == code and len(lines) == 1, (r.returncode, r.stderr[-3000:])
+  assert "Traceback" not in r.stderr
+  for w in words:
+    assert w in lines[0], (w, lines[0])
+  return lines[0]
+
+
+def test_print_config_of_a_workdir_that_does_not_exist_is_one_line(tmp_path):
+  missing = str(tmp_path / "nope")
+  for argv in (["eval.py"], ["uses.py", "knn"]):
+    r = _cli(*argv, f"--workdir={missing}", "--print_config")
+    _one_line(r, 1, "does not exist", "exvae-train --config=NAME")
+  assert not os.path.exists(missing)
+
+
+def test_a_syntax_error_in_a_config_or_a_plugin_is_one_line_with_its_file_and_line(tmp_path):
+  (tmp_path / "bad_config.py").write_text("from exvae.config_base import base_config\n\n"
+                                          "def get_config(:\n  return base_config()\n")
+  (tmp_path / "bad_prior.py").write_text("import jax\n\nclass P:\n  def f(self)\n    pass\n")
+  cases = [(["--config=bad_config.py"], "bad_config.py, line 3", "--config=bad_config.py"),
+           (["--config=test", "--config.prior=bad_prior.py:P"], "bad_prior.py, line 4",
+            "prior plug-in 'bad_prior.py:P'"),
+           (["--config=test", "--config.prior=bad_prior:P"], "bad_prior.py, line 4",
+            "prior plug-in 'bad_prior:P'")]
+  for args, where, what in cases:
+    r = _cli("train.py", f"--workdir={tmp_path / 'wd'}", *args, cwd=str(tmp_path))
+    line = _one_line(r, 1, where, what, "SyntaxError")
+    assert len(line) < 200, line
+  assert not os.path.exists(tmp_path / "wd")
+
+
+def test_a_plugin_option_of_the_wrong_type_is_named(tmp_path):
+  from exvae import plugins
+  (tmp_path / "mix.py").write_text(_MIX)
+  r = _cli("train.py", "--config=test", f"--workdir={tmp_path / 'wd'}", "--config.prior=mix.py:Mix",
+           "--config.prior_options.num_components=three", cwd=str(tmp_path))
+  _one_line(r, 1, "--config.prior_options.num_components='three'", "takes an integer",
+            "mix.py:Mix")
+  assert not os.path.exists(tmp_path / "wd")
+  # In the library: by annotation (a string under `from __future__ import annotations`)
+  # or by default; an int is a float, a bool is not an int.
+  mix = plugins.load(f"{tmp_path}/mix.py:Mix", "prior")
+  c = load_config("test")
+  for opts, ok in (({"num_components": 3}, True), ({"num_components": True}, False),
+                   ({"num_components": 2.5}, False), ({"scale": 2}, True),
+                   ({"scale": "big"}, False)):
+    if ok:
+      plugins.check_options(mix, "m:Mix", "prior", c, opts=opts)
+    else:
+      with pytest.raises(plugins.PluginError, match=f"prior_options.{next(iter(opts))}="):
+        plugins.check_options(mix, "m:Mix", "prior", c, opts=opts)
+
+
+def test_a_plugin_prior_whose_log_density_is_not_finite_is_named(tmp_path):
+  from exvae import plugins, train_lib
+  (tmp_path / "mix.py").write_text(_MIX)
+  # At start: log_prob evaluated once at the initial parameters.
+  c = load_config("test", prior=f"{tmp_path}/mix.py:LogOfZero")
+  splits = train_lib.load_data(c)
+  with pytest.raises(plugins.PluginError, match=r"LogOfZero.log_prob\(\) is not finite .*-inf"):
+    train_lib.make_setup(c, splits)
+  train_lib.make_setup(load_config("test", prior=f"{tmp_path}/mix.py:Mix"), splits)
+  # In training: the non-finite loss names the plug-in prior and the term, not only the rate.
+  c = load_config("test", prior=f"{tmp_path}/mix.py:Spike", max_steps=5)
+  with pytest.raises(train_lib.NonFiniteLossError) as ei:
+    train_lib.train_and_evaluate(c, str(tmp_path / "wd"))
+  msg = str(ei.value)
+  assert f"the plug-in '{tmp_path}/mix.py:Spike'" in msg and "kl=inf" in msg, msg
+
+
+def test_a_single_value_for_a_tuple_key_is_refused_in_one_line(tmp_path):
+  from exvae import config_registry
+  r = _cli("train.py", "--config=test", f"--workdir={tmp_path / 'wd'}", "--config.hidden=300")
+  _one_line(r, 2, "--config.hidden=300", "--config.hidden=300,300", "--config.hidden=300,")
+  c = load_config("test")
+  with pytest.raises(config_registry.ConfigNameError, match="hidden is a tuple"):
+    config_registry.apply_overrides(c, [("hidden", "300")])
+  for text, want in (("300,", (300,)), ("(300,)", (300,)), ("64,32", (64, 32)),
+                     ("[8, 8, 8]", (8, 8, 8))):
+    assert config_registry.apply_overrides(c, [("hidden", text)]).hidden == want, text
+
+
+def test_missing_data_is_a_short_line_then_how_to_get_it(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  r = _cli("train.py", "--config=test", f"--workdir={tmp_path / 'wd'}", "--config.dataset=mnist",
+           "--config.data_source=auto", f"--config.data_dir={empty}")
+  lines = _lines(r.stderr)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert lines[0].startswith("exvae-train: error: mnist: data not found") and len(lines[0]) < 160
+  rest = "\n".join(lines[1:])
+  assert "To fix" in rest and "--config.data_dir=" in rest and "tfds build mnist" in rest
+  assert all(not l.startswith("exvae-train:") for l in lines[1:])
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_in_progress_says_so_and_records_it(run_dir, tmp_path):
+  import fcntl
+  wd, _ = run_dir
+  out = str(tmp_path / "e")
+  fd = os.open(os.path.join(wd, ".lock"), os.O_RDWR)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # as a training writer holds it
+    r = _cli("eval.py", f"--workdir={wd}", f"--config.eval.out_dir={out}")
+  finally:
+    os.close(fd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  said = [l for l in r.stdout.splitlines() if "run in progress" in l]
+  assert len(said) == 1 and "best epoch 1" in said[0] and "1 epochs validated" in said[0], said
+  m = json.load(open(os.path.join(out, "eval_metrics.json")))
+  assert m["run_in_progress"] is True and m["epochs_validated"] == 1 and m["best_epoch"] == 1
+  # Once the writer has gone, those outputs are not reused as they are: scored again, and
+  # recorded as a finished run's.
+  r = _cli("eval.py", f"--workdir={wd}", f"--config.eval.out_dir={out}")
+  assert r.returncode == 0 and "run in progress" not in r.stdout, r.stderr[-3000:]
+  m2 = json.load(open(os.path.join(out, "eval_metrics.json")))
+  assert m2["run_in_progress"] is False and "epochs_validated" not in m2
+  assert m2["test_nll"] == pytest.approx(m["test_nll"], abs=1e-9)

@@ -115,3 +115,45 @@ def test_relative_links_resolve():
         missing.append(f"{os.path.relpath(page, ROOT)} -> {target}")
   assert not missing, "broken links: " + ", ".join(missing)
   assert _relative_links(os.path.join(ROOT, "README.md")), "the README links its docs"
+
+
+# A command run with a bare `python` (Debian has none): not `.venv/bin/python`, `python3`,
+# `--python-version` or a ```python fence.
+BARE_PYTHON = re.compile(r"(?<![\w./-])python(?=[ \t\n])")
+
+
+def _code(text: str) -> list[str]:
+  """The lines of a page's fenced code blocks, then its inline code spans."""
+  out = []
+  for m in re.finditer(r"```[^\n]*\n(.*?)```", text, flags=re.S):
+    out += m.group(1).splitlines()
+  return out + re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def bare_python_commands(text: str) -> list[str]:
+  """Every code line or span of a markdown page that runs a bare ``python``."""
+  return [c for c in _code(text) if BARE_PYTHON.search(c)]
+
+
+@pytest.mark.parametrize("page", _pages() + [os.path.join(ROOT, "reference", "README.md")],
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_commands_never_run_a_bare_python(page):
+  with open(page) as f:
+    found = bare_python_commands(f.read())
+  assert not found, f"{os.path.relpath(page, ROOT)}: use .venv/bin/python (or the exvae-* " \
+                    f"commands): {found}"
+
+
+def test_bare_python_check_catches_planted_commands():
+  page = ("# p\n\nRun `python scripts/x.py --a`.\n\n```bash\ncd x\npython -m exvae configs\n```\n"
+          "Or `.venv/bin/python scripts/x.py`, `python3 x.py`, `--python-version 3.12`.\n"
+          "```python\nimport exvae\n```\nPython 3.11.\n")
+  assert bare_python_commands(page) == ["python -m exvae configs", "python scripts/x.py --a"]
+
+
+def test_the_readme_clones_shallow_and_says_why():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  clones = [c for c in _code(text) if "git clone" in c]
+  assert clones and all("--depth 1" in c for c in clones), clones
+  assert re.search(r"~?\d+ MB of old training-state archives", text)

@@ -265,6 +265,8 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
     config, source = resolve_config(spec, value, overrides, workdir)
     if FLAGS.print_config:
       from exvae import rundir
+      if config is None:          # a reader on a workdir without a run, and no --config
+        raise errors.missing_run(workdir)
       print(json.dumps(rundir.config_dict(config), indent=2))
       sys.exit(0)
     if spec.config != "none":

@@ -4,6 +4,8 @@ A command's expected errors end it with exactly one line on stderr,
 
     exvae-<cmd>: error: <what is wrong and what to do>
 
+(missing data: that line says what is missing, and the lines after it how to get it)
+
 (``exvae-train: stopped: ...`` when SIGTERM or Ctrl-C stopped training) and
 an exit code that says who is to fix it:
 
@@ -148,10 +150,26 @@ def fail(prog: str, e: BaseException) -> NoReturn:
     raise e
   from exvae import rundir
   stopped = isinstance(e, (rundir.Interrupted, KeyboardInterrupt))
+  first, how_to = one_line(e), how_to_lines(e)
+  if how_to:
+    first = " ".join(str(e).strip().splitlines()[0].split())
   sys.stdout.flush()
-  print(f"{prog}: {'stopped' if stopped else 'error'}: {one_line(e)}", file=sys.stderr,
-        flush=True)
+  print(f"{prog}: {'stopped' if stopped else 'error'}: {first}", file=sys.stderr, flush=True)
+  for line in how_to:
+    print(line, file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+def how_to_lines(e: BaseException) -> list[str]:
+  """The lines after the first of an error whose message says how to fix it (missing data).
+
+  Such an error is reported as its first line (the error, ``prog: error: ...``), then
+  these lines as they are; every other error is folded into one line.
+  """
+  from exvae import data
+  if not isinstance(e, data.DataNotFoundError):
+    return []
+  return [line.rstrip() for line in str(e).strip().splitlines()[1:] if line.strip()]
 
 
 def cli_main(main: Callable, prog: str | None = None) -> Callable:
