@@ -236,3 +236,44 @@ def test_dreg_with_a_model_that_does_not_take_path_weights_is_one_line():
     with pytest.raises(ValueError, match="path_weight") as e:
       train_lib.make_setup(c, train_lib.load_data(c))
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("model", ["vae", "hvae", pytest.param("convhvae", marks=pytest.mark.slow),
+                                   pytest.param("pixelcnn", marks=pytest.mark.slow)])
+def test_path_weights_scale_the_encoder_gradient_once_and_leave_the_rest(model):
+  """``score(..., path_weight=c)`` keeps every value; under a Gaussian prior (no encoder in
+  the prior) the gradient of sum log w scales by c on the posterior's parameters and not at
+  all on the generative ones, so no path (z2 -> q(z1|x,z2) -> z1 in the hierarchical
+  models) is weighted twice, and log q holds the posterior's parameters fixed."""
+  from exvae import models
+  over = {"pixelcnn.channels": 8, "pixelcnn.num_layers": 2} if model == "pixelcnn" else {}
+  c = load_config("test", model=model, prior="gaussian", **over)
+  m = models.make_model(c, (8, 8, 1))
+  params = m.init(jax.random.PRNGKey(0))
+  x = (jax.random.uniform(jax.random.PRNGKey(1), (6, 8, 8, 1)) < 0.4).astype(jnp.float32)
+  log_lik = train_lib.get_likelihood(c.likelihood)[0]
+  key = jax.random.PRNGKey(2)
+
+  def total(p, weight):
+    sc = m.score(p, x, key, 3, log_lik, path_weight=weight)
+    log_pz = -0.5 * jnp.sum(jnp.log(2 * jnp.pi) + sc.z**2, -1)
+    return jnp.sum(sc.log_px + sc.log_p_rest + log_pz - sc.log_q), sc
+
+  plain = m.score(params, x, key, 3, log_lik)
+  _, weighted = total(params, jnp.ones((6, 3)))
+  for f in ("z", "log_px", "log_p_rest", "log_q"):
+    np.testing.assert_allclose(getattr(weighted, f), getattr(plain, f), rtol=1e-6, atol=1e-5)
+  g1 = jax.grad(lambda p: total(p, jnp.ones((6, 3)))[0])(params)
+  g3 = jax.grad(lambda p: total(p, jnp.full((6, 3), 3.0))[0])(params)
+  scaled = fixed = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g3)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if np.abs(a).max() < 1e-6:
+      continue
+    if np.allclose(b, a, rtol=1e-4, atol=1e-6 * np.abs(a).max()):
+      fixed += 1
+    else:
+      np.testing.assert_allclose(b, 3 * a, rtol=1e-3, atol=1e-5 * np.abs(a).max(),
+                                 err_msg=jax.tree_util.keystr(path))
+      scaled += 1
+  assert scaled > 0 and fixed > 0, (scaled, fixed)
