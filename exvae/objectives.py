@@ -180,8 +180,9 @@ def iwae_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
   bound = jax.nn.logsumexp(log_w, axis=1) - jnp.log(jnp.float32(k))
   loss = -jnp.mean(bound)
   if setup.gradient_estimator == "dreg":
-    # The same forward pass again (XLA merges the two), with each sample's path
-    # gradient reweighted where it is drawn and log q's parameters held fixed.
+    # The same samples and values again, with each sample's path gradient reweighted
+    # where it is drawn and log q's parameters held fixed; only this pass is
+    # differentiated (the first one gives the weights and the loss value).
     w = jax.nn.softmax(jax.lax.stop_gradient(log_w), axis=1)
     path = model.score(params["model"], x, k_z, k, setup.log_lik,
                        path_weight=(1.0 - beta) + beta * w)
