@@ -107,7 +107,8 @@ def _call(tmp_path, tag, carry, *args):
   """One device call through the script: $OUT, the run's work folder and the carry in tmp."""
   out = tmp_path / f"out-{tag}"
   env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE_RUN_CARRY=str(carry),
-             DEVICE_RUN_WORK=str(tmp_path / f"work-{tag}"), DEVICE_RUN_TERM_EVERY="1")
+             DEVICE_RUN_WORK=str(tmp_path / f"work-{tag}"), DEVICE_RUN_TERM_EVERY="1",
+             DEVICE_RUN_GRACE="900")   # a loaded machine may take minutes to start
   p = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env,
                      cwd=ROOT, timeout=900)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
