@@ -48,8 +48,9 @@ IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 # A training call reads no test image (only eval.py does), but the IDX loader wants all
 # four files: it gets the first TRAIN_CALL_TEST genuine test images, 3.7 MB less to carry.
 TRAIN_CALL_TEST = 100
-# Tracked paths the device never reads: the published models and results (46 MB), pictures.
-HOLD_PREFIXES = ("results/", "docs/images/")
+# Tracked paths a device_run.sh call never reads: the published models and results (46 MB),
+# the documentation and its pictures, the tests and benchmarks (2 MB).
+HOLD_PREFIXES = ("results/", "docs/", "tests/", "bench/", "reference/", "examples/")
 
 
 class DeviceRunError(Exception):
@@ -60,6 +61,11 @@ def carry_dir(config: str, root: str = ROOT) -> str:
   """Where the run of ``config`` is kept between calls (``DEVICE_RUN_CARRY`` overrides)."""
   base = os.environ.get("DEVICE_RUN_CARRY") or os.path.join(root, "carry", "device")
   return os.path.join(base, config)
+
+
+def carried_dir(root: str = ROOT) -> str:
+  """The folder the run tool carries (``DEVICE_RUN_CARRIED`` overrides, for tests)."""
+  return os.environ.get("DEVICE_RUN_CARRIED") or os.path.join(root, CARRIED)
 
 
 def _git_files(root: str, *args: str) -> list[str]:
@@ -163,7 +169,7 @@ def carry_data(root: str, dataset: str, mode: str) -> None:
   A training call carries the first ``TRAIN_CALL_TEST`` test images, an evaluation all.
   The sklearn digits ship with scikit-learn and need nothing.
   """
-  out = os.path.join(root, CARRIED, "data")
+  out = os.path.join(carried_dir(root), "data")
   shutil.rmtree(out, ignore_errors=True)
   if dataset == "digits":
     return
@@ -200,7 +206,7 @@ def carry_wheel(root: str) -> None:
                     "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
                     "--platform", "manylinux_2_17_x86_64", "-d", cache,
                     f"ml_collections=={version}"], check=True)
-  out = os.path.join(root, CARRIED, "wheels")
+  out = os.path.join(carried_dir(root), "wheels")
   shutil.rmtree(out, ignore_errors=True)
   shutil.copytree(cache, out)
 
@@ -253,7 +259,7 @@ def restore_run(config: str, workdir: str, root: str = ROOT) -> str:
 
 def device_data(root: str, dest: str) -> str:
   """Decompresses ``.carry-run/data/*.xz`` into ``dest``; returns ``dest`` ('' if no data)."""
-  src = os.path.join(root, CARRIED, "data")
+  src = os.path.join(carried_dir(root), "data")
   files = sorted(f for f in os.listdir(src) if f.endswith(".xz")) if os.path.isdir(src) else []
   if not files:
     return ""
@@ -356,8 +362,8 @@ def unpack_returned(config: str, src: str, root: str = ROOT) -> str:
 
 def publish_for_eval(config: str, root: str = ROOT) -> str:
   """The carried run's best parameters as a published model in ``.carry-run/model/config``."""
-  out = os.path.join(root, CARRIED, "model", config)
-  shutil.rmtree(os.path.join(root, CARRIED, "model"), ignore_errors=True)
+  out = os.path.join(carried_dir(root), "model", config)
+  shutil.rmtree(os.path.join(carried_dir(root), "model"), ignore_errors=True)
   with tempfile.TemporaryDirectory() as tmp:
     line = restore_run(config, os.path.join(tmp, "run"), root)
     if not os.path.isdir(os.path.join(tmp, "run")):
@@ -389,7 +395,7 @@ def prepare(config: str, mode: str, root: str = ROOT) -> str:
   dataset = str(config_registry.get_config(path).dataset)
   carry_wheel(root)
   carry_data(root, dataset, mode)
-  shutil.rmtree(os.path.join(root, CARRIED, "model"), ignore_errors=True)
+  shutil.rmtree(os.path.join(carried_dir(root), "model"), ignore_errors=True)
   rel = os.path.relpath(carry_dir(config, root), root) + "/"
   if mode == "eval":
     publish_for_eval(config, root)
@@ -414,7 +420,7 @@ def _largest(root: str, n: int = 4) -> list[str]:
 
 def eval_setup(config: str, outdir: str, root: str = ROOT) -> str:
   """There: a fresh ``outdir`` with the carried partial scores; returns the model directory."""
-  model = os.path.join(root, CARRIED, "model", config)
+  model = os.path.join(carried_dir(root), "model", config)
   if not os.path.isdir(model):
     raise DeviceRunError(f"no {model}: run 'scripts/device_run.sh --prepare --eval {config}' "
                          "here before the call, with carry [\".carry-run\"]")

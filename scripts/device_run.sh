@@ -51,7 +51,7 @@ export PYTHONUNBUFFERED=1
 
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/exvae-site .carry-run/wheels/*.whl || { echo "wheel install failed" >&2; exit 1; }
+    --target /tmp/exvae-site "${DEVICE_RUN_CARRIED:-.carry-run}"/wheels/*.whl || { echo "wheel install failed" >&2; exit 1; }
   export PYTHONPATH="/tmp/exvae-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -75,10 +75,10 @@ run_until_deadline() {
 if [ "$MODE" = train ]; then
   WORK="$BASE/$CONFIG"
   DATA=$("$PY" "$HELPER" setup "$CONFIG" "$WORK" "$BASE/data" 2> >(tee -a "$LOG" >&2)) || exit 1
-  [ -n "$DATA" ] && export EXVAE_FASHION_MNIST_DIR="$DATA"
+  DATA_FLAG=(); [ -n "$DATA" ] && DATA_FLAG=(--config.data_dir="$DATA")
   # SIGTERM ignored until the trainer installs its handler (which saves and stops).
   run_until_deadline bash -c 'trap "" TERM; exec "$@"' _ "$PY" train.py \
-    --config="configs/$CONFIG.py" --workdir="$WORK" --config.progress=False "$@"
+    --config="configs/$CONFIG.py" --workdir="$WORK" --config.progress=False "${DATA_FLAG[@]}" "$@"
   rc=$?
   tail -n 30 "$LOG"
   case $rc in 0|143) ;; *) echo "device_run: train.py exited with $rc" >&2 ;; esac
@@ -90,11 +90,12 @@ EVAL_OUT="$BASE/$CONFIG-eval"
 read -r MODEL DATA < <("$PY" "$HELPER" eval-setup "$CONFIG" "$EVAL_OUT" "$BASE/data" \
   2> >(tee -a "$LOG" >&2)) || exit 1
 [ -n "${MODEL:-}" ] || exit 1
-[ -n "${DATA:-}" ] && export EXVAE_FASHION_MNIST_DIR="$DATA"
+DATA_FLAG=(); [ -n "${DATA:-}" ] && DATA_FLAG=(--config.data_dir="$DATA")
 # eval.py keeps its scores in eval_partial.npz once a minute: a SIGTERM loses at most that.
 run_until_deadline "$PY" eval.py --config="configs/$CONFIG.py" --workdir="$MODEL" \
   --config.eval.out_dir="$EVAL_OUT" --config.eval.num_importance_samples=5000 \
-  --config.eval.max_test_examples=0 --config.eval.max_queries=50000 --config.progress=False "$@"
+  --config.eval.max_test_examples=0 --config.eval.max_queries=50000 --config.progress=False \
+  "${DATA_FLAG[@]}" "$@"
 rc=$?
 tail -n 30 "$LOG"
 "$PY" "$HELPER" eval-collect "$CONFIG" "$EVAL_OUT" "$OUT" 2> >(tee -a "$LOG" >&2)

@@ -107,6 +107,7 @@ def _call(tmp_path, tag, carry, *args):
   """One device call through the script: $OUT, the run's work folder and the carry in tmp."""
   out = tmp_path / f"out-{tag}"
   env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE_RUN_CARRY=str(carry),
+             DEVICE_RUN_CARRIED=str(tmp_path / "carried"),
              DEVICE_RUN_WORK=str(tmp_path / f"work-{tag}"), DEVICE_RUN_TERM_EVERY="1",
              DEVICE_RUN_GRACE="900")   # a loaded machine may take minutes to start
   p = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env,
@@ -114,6 +115,8 @@ def _call(tmp_path, tag, carry, *args):
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert subprocess.run(["bash", SCRIPT, "--unpack", "test", str(out)], env=env,
                         capture_output=True).returncode == 0
+  if "--eval" in args:
+    return None, out
   manifest = json.loads((carry / "test" / "manifest.json").read_text())
   return manifest, out
 
@@ -157,3 +160,27 @@ def test_two_chunks_continue_one_run(tmp_path):
     runs[tag] = tmp_path / f"final-{tag}"
   assert _records(runs["chunks"]) == _records(runs["ref"])
   assert _digest(runs["chunks"], ref["step"]) == _digest(runs["ref"], ref["step"])
+
+
+@pytest.mark.slow
+def test_an_eval_call_returns_the_per_example_scores(tmp_path, monkeypatch):
+  dr = _dr()
+  carry = tmp_path / "carry"
+  run, _ = _call(tmp_path, "t", carry, "test", "10", "--config.max_steps=64",
+                 "--config.checkpoint_every_steps=1000", "--config.tensorboard=False")
+  assert run["step"] == 64 and run["finished"]
+  monkeypatch.setenv("DEVICE_RUN_CARRY", str(carry))
+  monkeypatch.setenv("DEVICE_RUN_CARRIED", str(tmp_path / "carried"))
+  model = dr.publish_for_eval("test")            # what --prepare --eval does here
+  assert os.path.exists(os.path.join(model, "params.npz"))
+  _, out = _call(tmp_path, "e", carry, "--eval", "test", "10",
+                 "--config.eval.num_importance_samples=8", "--config.eval.max_test_examples=12")
+  assert sorted(os.listdir(out / "test" / "eval")) == [
+      "eval_metrics.json", "eval_samples.png", "per_example.npz"]
+  got = carry / "test" / "eval"
+  metrics = json.loads((got / "eval_metrics.json").read_text())
+  scores = np.load(got / "per_example.npz")
+  assert metrics["num_importance_samples"] == 8 and metrics["num_test_examples"] == 12
+  assert scores["log_px"].shape == (12,)
+  np.testing.assert_allclose(-scores["log_px"].mean(), metrics["test_nll"], rtol=1e-6)
+  assert (carry / "test" / "manifest.json").exists()    # the run itself stays carried
