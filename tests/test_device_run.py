@@ -147,7 +147,7 @@ def test_two_chunks_continue_one_run(tmp_path):
   # start-up (it stops at the first step after the trainer takes over SIGTERM) and a second.
   ref, _ = _call(tmp_path, "ref", tmp_path / "carry-ref", "test", "10", *flags)
   first, _ = _call(tmp_path, "a", tmp_path / "carry", "test", "0.01", *flags)
-  second, _ = _call(tmp_path, "b", tmp_path / "carry", "test", "1", *flags)
+  second, _ = _call(tmp_path, "b", tmp_path / "carry", "test", "10", *flags)
   assert ref["finished"] and not first["finished"] and second["finished"]
   assert 0 < first["step"] < ref["step"] == second["step"]
   runs = {}

@@ -114,3 +114,16 @@ def test_bad_inputs_are_refused():
     exemplar_lse.log_kernel_sum(z, bank, lv, impl="pallas", bank_dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="power of two"):
     pallas_lse.log_kernel_sum(jnp.asarray(z), jnp.asarray(bank), jnp.asarray(lv), block_q=24)
+
+
+def test_the_kernels_lower_to_triton_for_a_gpu():
+  # The CPU cannot run the compiled kernels, but it can lower them for CUDA: Triton's
+  # rules (power-of-two tensors in loads and stores, supported ops) are checked here.
+  b, n, d = 300, 1000, 40
+  args = (jnp.zeros((b, d)), jnp.zeros((n, d)), jnp.float32(0.0))
+  kw = dict(bank_mask=jnp.ones(n, bool), bank_ids=jnp.arange(n, dtype=jnp.int32),
+            query_ids=jnp.arange(b, dtype=jnp.int32), interpret=False)
+  f = lambda z, bk, lv: pallas_lse.log_kernel_sum(z, bk, lv, **kw)[0].sum()  # noqa: E731
+  for fn, kernels in ((f, 1), (jax.grad(f, (0, 1, 2)), 3)):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels

@@ -50,6 +50,14 @@ def _dot(a, b):
                          preferred_element_type=jnp.float32)
 
 
+def _params(interpret: bool):
+  """Compiled: the Triton backend, named (whatever jax_pallas_use_mosaic_gpu says)."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
 def _pad_to(x, rows: int, value=0):
   pad = rows - x.shape[0]
   if pad == 0:
@@ -148,7 +156,8 @@ def _forward(ops, loo: bool, interpret: bool, bq_: int, bn_: int, split: int):
                 _full_spec((np_, dp)), _full_spec((np_,)), _full_spec((np_,))],
       out_specs=[_split_spec(bq_), _split_spec(bq_)],
       out_shape=[jax.ShapeDtypeStruct((split, bp), f32), jax.ShapeDtypeStruct((split, bp), f32)],
-      interpret=interpret)(ops["zs"], ops["zq"], ops["qid"], ops["bc"], ops["bq"], ops["bid"])
+      interpret=interpret, compiler_params=_params(interpret),
+  )(ops["zs"], ops["zq"], ops["qid"], ops["bc"], ops["bq"], ops["bid"])
   mx = jnp.max(m, axis=0)
   mx_safe = jnp.where(mx > -jnp.inf, mx, 0.0)
   total = jnp.sum(s * jnp.exp(m - mx_safe), axis=0)
@@ -213,8 +222,8 @@ def _backward(ops, lse, g, loo: bool, interpret: bool, bq_: int, bn_: int, split
       out_specs=[_split_spec(bq_, dp), _split_spec(bq_), _split_spec(bq_)],
       out_shape=[jax.ShapeDtypeStruct((split, bp, dp), f32),
                  jax.ShapeDtypeStruct((split, bp), f32), jax.ShapeDtypeStruct((split, bp), f32)],
-      interpret=interpret)(ops["zs"], ops["zq"], ops["qid"], lse, g, ops["bc"], ops["bq"],
-                           ops["bid"])
+      interpret=interpret, compiler_params=_params(interpret),
+  )(ops["zs"], ops["zq"], ops["qid"], lse, g, ops["bc"], ops["bq"], ops["bid"])
   wmu, wsum_q, wa = (jnp.sum(x, axis=0) for x in (wmu, wsum_q, wa))
   wz, wsum_n = pl.pallas_call(
       partial(_bwd_n_kernel, bq_=bq_, nblocks=bp // bq_, loo=loo), grid=(np_ // bn_,),
@@ -223,8 +232,8 @@ def _backward(ops, lse, g, loo: bool, interpret: bool, bq_: int, bn_: int, split
                 _full_spec((bp,))],
       out_specs=[_row_spec(bn_, dp), _row_spec(bn_)],
       out_shape=[jax.ShapeDtypeStruct((np_, dp), f32), jax.ShapeDtypeStruct((np_,), f32)],
-      interpret=interpret)(ops["bc"], ops["bq"], ops["bid"], ops["zs"], ops["zc"], ops["zq"],
-                           ops["qid"], lse, g)
+      interpret=interpret, compiler_params=_params(interpret),
+  )(ops["bc"], ops["bq"], ops["bid"], ops["zs"], ops["zc"], ops["zq"], ops["qid"], lse, g)
   return wmu, wsum_q, wa, wz, wsum_n
 
 
