@@ -16,7 +16,8 @@ a run cut short still leaves the figures of the finished sections:
   kernel.json       the prior kernel at B = 5000, N = 5e4 and 1e6, forward and
                     forward + backward, against the limit model (this device's
                     measured float32 matmul rate, exp rate and copy bandwidth), and
-                    its error against float64
+                    its error against float64; each row's ``pallas`` entry times the
+                    fused Pallas kernel (impl="pallas") on the same inputs
   train_speed.json  epoch time of the Fashion-MNIST MLP VAE (Gaussian, RAT, exact
                     M = 25000) and of the HVAE and ConvHVAE (RAT); the exact, RAT and
                     ConvHVAE rows again with the networks' matmuls at full float32
@@ -70,10 +71,10 @@ D = 40
 # loops stop early past it); minimums are what a section needs to start at all.
 FULL = dict(
     budget_s=440.0,
-    shares=dict(env=20, tests=110, kernel=50, train_speed=110, eval=35, train_run=180),
+    shares=dict(env=20, tests=110, kernel=75, train_speed=110, eval=35, train_run=155),
     minimums=dict(env=0, tests=30, kernel=20, train_speed=30, eval=15, train_run=45),
     tests=["tests/test_precision.py", "tests/test_accelerator_path.py", "tests/test_kernels.py",
-           "tests/test_priors.py",
+           "tests/test_priors.py", "tests/test_pallas_lse.py",
            "tests/test_train.py::test_train_step_traces_once_and_loss_decreases",
            "tests/test_train.py::test_iwae_s1_equals_elbo_and_bound_tightens",
            "tests/test_train.py::test_pruned_evaluation_is_within_its_certified_gap"],
@@ -374,6 +375,33 @@ def _chunk_sweep(z, bank, lv, deadline: float) -> list:
   return out
 
 
+def _pallas_row(z, bank, lv, z_err, bank_np, lse_xla, lim_f: float, lim_g: float,
+                deadline: float) -> dict:
+  """impl="pallas" on the same inputs: time against the limit model, error against
+  float64 and against the xla impl. Off a GPU it runs in interpret mode (a smoke check,
+  no speed). A failure (a Triton lowering, say) is recorded, not raised."""
+  from prior_kernel import timeit
+  from exvae.kernels import log_kernel_sum
+  if time.monotonic() > deadline:
+    return {"skipped": "section share spent"}
+  fwd = jax.jit(lambda z, bk, lv: log_kernel_sum(z, bk, lv, impl="pallas")[0])
+  grad = jax.jit(jax.grad(lambda z, bk, lv: log_kernel_sum(z, bk, lv, impl="pallas")[0].sum(),
+                          (0, 1, 2)))
+  try:
+    out = np.asarray(fwd(z, bank, lv))
+    t_f = timeit(fwd, z, bank, lv, reps=5)
+    t_g = timeit(grad, z, bank, lv, reps=3)
+  except Exception as e:  # noqa: BLE001  (recorded for the next session to fix)
+    return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:600]}"}
+  q = z_err.shape[0]
+  err = np.abs(out[:q] - _f64_lse(z_err, bank_np, float(lv)))
+  return {"interpret": jax.default_backend() != "gpu",
+          "fwd_ms": t_f * 1e3, "fwd_bwd_ms": (t_f + t_g) * 1e3,
+          "fwd_x_limit": t_f / lim_f, "fwd_bwd_x_limit": (t_f + t_g) / lim_g,
+          "max_abs_err_vs_f64": float(err.max()),
+          "max_abs_diff_vs_xla": float(np.max(np.abs(out - np.asarray(lse_xla))))}
+
+
 def section_kernel(chk: Check, deadline: float) -> dict:
   """The prior kernel against the limit model, forward and forward + backward."""
   from prior_kernel import compiled_mem_mb, realistic, timeit
@@ -420,6 +448,9 @@ def section_kernel(chk: Check, deadline: float) -> dict:
         "max_abs_err_vs_f64": float(err.max()), "mean_abs_err_vs_f64": float(err.mean()),
         "err_queries": q, "log_p_mean": float(np.mean(np.asarray(fwd(z, bank, lv)))),
     })
+    if not (chk.smoke and n != mode["kernel_ns"][0]):   # interpret mode off a GPU: slow
+      rows[-1]["pallas"] = _pallas_row(z, bank, lv, z_np[:q], bank_np, fwd(z, bank, lv),
+                                       lim_f, lim_g, deadline)
     if n == mode["kernel_ns"][-1]:
       sweep = _chunk_sweep(z, bank, lv, deadline)
     del bank, z

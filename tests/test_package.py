@@ -160,3 +160,69 @@ def test_setup_script_leaves_the_console_scripts_in_the_venv(tmp_path):
   out = _run([str(bin_dir / "python"), "-c", "import exvae; print(exvae.__file__)"],
              cwd=str(tmp_path))
   assert out.strip() == str(src / "exvae" / "__init__.py")      # editable: the checkout
+
+
+def _pyproject():
+  tomllib = pytest.importorskip("tomllib")
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    return tomllib.load(f)["project"]
+
+
+def _requirement(spec: str):
+  from packaging.requirements import Requirement
+  return Requirement(spec)
+
+
+def _verified_jax() -> dict:
+  """jax versions the tests passed on: the CPU pin, and each device check that ran tests."""
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    pins = dict(line.strip().split("==") for line in f if "==" in line and not line.startswith("#"))
+  found = {pins["jax"]: "requirements.txt"}
+  for env in glob.glob(os.path.join(ROOT, "results", "device", "*", "env.json")):
+    tests = os.path.join(os.path.dirname(env), "tests.json")
+    if not os.path.exists(tests):
+      continue
+    with open(env) as f, open(tests) as g:
+      version, counts = json.load(f)["versions"]["jax"], json.load(g).get("counts", {})
+    if counts.get("passed", 0) > 0:
+      found[version] = os.path.relpath(env, ROOT)
+  return found
+
+
+def test_the_declared_jax_range_is_the_verified_one():
+  # Each minor series the range admits holds a version the tests passed on, and every such
+  # version is admitted: the range grows only with a device check that records it.
+  from packaging.version import Version
+  spec = next(_requirement(d).specifier for d in _pyproject()["dependencies"]
+              if _requirement(d).name == "jax")
+  verified = _verified_jax()
+  assert all(spec.contains(v) for v in verified), (spec, verified)
+  admitted = {m for m in range(40) for p in (0, 99) if spec.contains(f"0.{m}.{p}")}
+  assert admitted == {Version(v).minor for v in verified}, (spec, verified)
+
+
+# Distribution name -> the module it is imported as; plug-ins and tools are not imported.
+_IMPORT_NAMES = {"absl-py": "absl", "orbax-checkpoint": "orbax", "scikit-learn": "sklearn",
+                 "pillow": "PIL", "tensorflow-datasets": "tensorflow_datasets",
+                 "tensorboardX": "tensorboardX"}
+_NOT_IMPORTED = {"pytest-xdist"}        # a pytest plug-in (`pytest -n 2`)
+
+
+def test_every_declared_dependency_is_imported():
+  import re
+  project = _pyproject()
+  names = [_requirement(d).name for d in project["dependencies"]]
+  names += [_requirement(d).name for extra in project["optional-dependencies"].values()
+            for d in extra]
+  sources = [p for p in subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True,
+                                       text=True, check=True).stdout.split()]
+  text = "\n".join(open(os.path.join(ROOT, p), encoding="utf-8").read() for p in sources
+                   if os.path.exists(os.path.join(ROOT, p)))
+  unused = []
+  for name in names:
+    if name in _NOT_IMPORTED:
+      continue
+    module = _IMPORT_NAMES.get(name, name.replace("-", "_"))
+    if not re.search(rf"^\s*(import|from) {re.escape(module)}(\.|\s|$)", text, re.MULTILINE):
+      unused.append(name)
+  assert not unused, f"declared in pyproject.toml but imported nowhere: {unused}"

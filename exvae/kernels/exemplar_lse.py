@@ -301,7 +301,7 @@ def _loo_mask(ids_c: Array, qids: Array) -> Array:
 # --------------------------------------------------------------------------------------
 
 
-_IMPLS = ("auto", "xla", "fused")
+_IMPLS = ("auto", "xla", "fused", "pallas")
 
 
 def _use_fused(impl: str, arrays: tuple, bank_dtype: Any) -> bool:
@@ -453,6 +453,16 @@ def _lse_bwd(static, res, cts):
 _lse_core.defvjp(_lse_fwd, _lse_bwd)
 
 
+def _pallas(z, bank, log_var, bank_mask, bank_ids, query_ids, bank_dtype):
+    """impl="pallas": the fused Pallas kernels of `pallas_lse` (forward and backward)."""
+    present = [a for a in (z, bank, log_var, bank_mask, bank_ids, query_ids) if a is not None]
+    if bank_dtype is not None or z.dtype != jnp.float32 or any(_varying(a) for a in present):
+        raise ValueError("impl='pallas' needs float32 inputs, bank_dtype=None and no "
+                         "jax.shard_map (device-varying) inputs")
+    from exvae.kernels import pallas_lse
+    return pallas_lse.log_kernel_sum(z, bank, log_var, bank_mask, bank_ids, query_ids)
+
+
 @partial(jax.jit, static_argnames=("chunk_size", "bank_dtype", "impl"))
 def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
                    bank_mask: Optional[Array] = None,
@@ -481,12 +491,14 @@ def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
         Any N works (ragged tail).
       bank_dtype: optional matmul dtype, e.g. jnp.bfloat16 (static), forward only.
         Accumulation and exp/sum stay f32; see `_setup` for how precision is kept.
-      impl: forward implementation (static): "xla" (streamed XLA ops), "fused"
+      impl: implementation (static): "xla" (streamed XLA ops), "fused"
         (the C++ FFI kernel of `cpu_fused`: tiles never leave L1/L2; raises if it is
-        unavailable or inapplicable), or "auto" (fused when on a single CPU
-        device, available, float32, bank_dtype None and not inside
-        jax.shard_map; else XLA). The backward pass is always the XLA
-        recomputation.
+        unavailable or inapplicable), "pallas" (`pallas_lse`: forward and backward
+        as fused Pallas kernels whose tiles stay on chip; float32, no bank_dtype,
+        not inside jax.shard_map; interpret mode off a GPU), or "auto" (fused when
+        on a single CPU device, available, float32, bank_dtype None and not inside
+        jax.shard_map; else XLA). The backward pass of "xla", "fused" and "auto" is
+        the XLA recomputation.
 
     Returns:
       lse: (B,) log-sum of densities (full Gaussian normaliser included).
@@ -503,6 +515,8 @@ def log_kernel_sum(z: Array, bank: Array, log_var: Array, *,
     if bank.shape[0] == 0:  # empty bank: nothing valid (keeps gradients defined)
         zero = jnp.sum(z, axis=1) * 0.0 + 0.0 * log_var
         return zero - jnp.inf, jnp.zeros((z.shape[0],), jnp.float32)
+    if impl == "pallas":
+        return _pallas(z, bank, log_var, bank_mask, bank_ids, query_ids, bank_dtype)
     return _lse_core(z, bank, log_var, bank_mask, bank_ids, query_ids,
                      (chunk_size, bank_dtype, impl))
 
