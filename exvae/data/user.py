@@ -100,12 +100,13 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         out[key] = value
   except DataFormatError:
     raise
-  except ValueError as e:          # allow_pickle=False on an object array
-    raise DataFormatError(f"{path}: key {key!r} holds Python objects, not numbers "
-                          f"({' '.join(str(e).split())}); store a numeric array") from e
-  except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+  except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+    why = " ".join(str(e).split())
+    if isinstance(e, ValueError) and "allow_pickle" in why:     # an object array
+      raise DataFormatError(f"{path}: key {key!r} holds Python objects, not numbers; store a "
+                            "numeric array") from e
     raise DataFormatError(f"{path}: corrupt .npz file at key {key!r} ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())})") from e
+                          f"{why})") from e
   return out
 
 
