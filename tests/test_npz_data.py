@@ -385,3 +385,48 @@ def test_train_eval_on_an_npz_and_a_changed_file_is_refused(tmp_path):
     train_lib.train_and_evaluate(c2, wd)
   with open(os.path.join(wd, rundir.DATA_FILE)) as f:      # the refused resume changed nothing
     assert json.load(f) == ident
+
+
+# ----------------------------------------------------------------------------
+# docs/data.md: the example runs as it stands
+# ----------------------------------------------------------------------------
+
+
+def doc_example(page: str = os.path.join(ROOT, "docs", "data.md")) -> str:
+  """The bash block of the page's example section, verbatim."""
+  import re
+  with open(page) as f:
+    text = f.read()
+  section = text[text.index("## Example:"):]
+  return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+
+
+def _shims(bin_dir) -> dict:
+  """An environment whose PATH has ``python`` and the console scripts of this checkout."""
+  os.makedirs(bin_dir, exist_ok=True)
+  for name, target in (("python", None), ("exvae-train", "train.py"), ("exvae-eval", "eval.py"),
+                       ("exvae-compare", "compare.py"), ("exvae-uses", "uses.py")):
+    path = os.path.join(bin_dir, name)
+    script = "" if target is None else f" {os.path.join(ROOT, target)}"
+    with open(path, "w") as f:
+      f.write(f'#!/bin/sh\nexec {PY}{script} "$@"\n')
+    os.chmod(path, 0o755)
+  return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", CI="1")
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs_verbatim(tmp_path):
+  block = doc_example()
+  assert "npz:digits.npz" in block and "exvae-compare" in block
+  env = _shims(str(tmp_path / "bin"))
+  r = subprocess.run(["bash", "-e", "-c", block], cwd=str(tmp_path / "bin" / ".."), env=env,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  x = np.load(str(tmp_path / "digits.npz"))
+  sha = user.arrays_sha256(dict(x))
+  for run in ("digits_gaussian", "digits_exemplar"):
+    with open(tmp_path / "runs" / run / "eval_metrics.json") as f:
+      m = json.load(f)
+    assert m["num_test_examples"] == 297 and np.isfinite(m["test_nll"])
+    assert m["data_identity"] == {"path": str(tmp_path / "digits.npz"), "sha256": sha}
+  assert "runs/digits_exemplar" in r.stdout and "runs/digits_gaussian" in r.stdout, r.stdout
