@@ -348,8 +348,11 @@ def test_grey_levels_for_the_classifier_come_from_the_same_file(tmp_path):
 
 
 @pytest.mark.parametrize("prior, extra", [
-    ("gaussian", {}), ("vampprior", {}), ("exemplar", {}),
-    ("exemplar", {"exemplar.rat": True})], ids=["gaussian", "vampprior", "exemplar", "rat"])
+    pytest.param("gaussian", {}, marks=pytest.mark.slow),
+    pytest.param("vampprior", {}, marks=pytest.mark.slow),
+    ("exemplar", {}),
+    pytest.param("exemplar", {"exemplar.rat": True}, marks=pytest.mark.slow)],
+    ids=["gaussian", "vampprior", "exemplar", "rat"])
 def test_every_prior_trains_on_an_npz(tmp_path, prior, extra):
   from conftest import run_train_steps
   x, _ = _digits_uint8()
