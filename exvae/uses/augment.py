@@ -45,6 +45,7 @@ import optax
 from flax import struct
 
 from exvae import atomic
+from exvae.data import DataFormatError
 from exvae.data import user as user_data
 from exvae.likelihoods import bernoulli_mean
 from exvae.models.vae import Model
@@ -439,9 +440,10 @@ def grey_splits(config, splits) -> GreyData:
   missing = [k for k, y in (("y_train", splits.train_y), ("y_val", splits.val_y),
                              ("y_test", splits.test_y)) if y is None]
   if missing:
-    raise ValueError(f"the classifier needs labels; data set {splits.name!r} has none for "
-                     f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, y_val "
-                     "and y_test; without x_val the validation labels come from y_train)")
+    raise DataFormatError(f"the classifier needs labels; data set {splits.name!r} has none for "
+                          f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
+                          "y_val and y_test; without x_val the validation labels come from "
+                          "y_train)")
   fallback = GreyData(splits.train_x, splits.train_y, splits.val_x, splits.val_y,
                       splits.test_x, splits.test_y, grey_eval=not splits.binary)
   if not splits.binary:
