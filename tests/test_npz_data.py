@@ -433,3 +433,12 @@ def test_the_docs_example_runs_verbatim(tmp_path):
     assert m["num_test_examples"] == 297 and np.isfinite(m["test_nll"])
     assert m["data_identity"] == {"path": str(tmp_path / "digits.npz"), "sha256": sha}
   assert "runs/digits_exemplar" in r.stdout and "runs/digits_gaussian" in r.stdout, r.stdout
+
+
+def test_the_example_plugin_gives_the_digits():
+  spec = os.path.join(ROOT, "examples", "digits_dataset.py") + ":load"
+  s = data.load(spec)
+  x, y = _digits_uint8()
+  assert (len(s.train_x), len(s.val_x), len(s.test_x)) == (1350, 150, 297)
+  np.testing.assert_array_equal(s.train_x[..., 0], x[:1350] / np.float32(255))
+  np.testing.assert_array_equal(s.test_y, y[1500:])
