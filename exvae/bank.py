@@ -583,6 +583,7 @@ def restore_trained(config, workdir: str) -> Trained:
         f"exvae-train --config=<config> --workdir={workdir}")
   rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)
+  rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
   if is_published:
@@ -657,6 +658,8 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
           "bank_seed": int(config.eval.bank_seed), "workdir": os.path.abspath(workdir),
           "best_epoch": int(t.meta.get("best_epoch", 0)),
           "model_fingerprint": params_fingerprint(t.params["model"])}
+  if t.splits.identity is not None:    # a user's data set: its path (or plug-in) and SHA-256
+    meta["data_identity"] = t.splits.identity
   return ExemplarBank.build(model, t.params["model"], x, ids=ids, labels=t.splits.train_y,
                             log_var=log_var, binary=binary, key=key,
                             batch_size=batch_size, metadata=meta, progress=progress)

@@ -11,7 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Paper defaults (MNIST-style VAE, exemplar prior, AdamNormGrad, batch 100)."""
   c = ml_collections.ConfigDict()
   # Data.
-  c.dataset = "fashion_mnist"       # mnist | fashion_mnist | digits | omniglot
+  c.dataset = "fashion_mnist"       # mnist | fashion_mnist | digits | omniglot | npz:PATH | MODULE:FUNCTION
   c.data_dir = ""                   # '' = defaults (tfds ~/tensorflow_datasets; Debian Fashion-MNIST)
   c.data_source = "auto"            # auto | idx | tfds | sklearn | mat
   c.val_size = 0                    # >0: last val_size training images are validation (0: data-set default, 10000 for MNIST)

@@ -63,6 +63,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   train_lib.validate_config(config)
   rundir.check_reader_config(workdir, config, rundir.EVAL_HINTS)
   splits = train_lib.load_data(config)
+  rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
   pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
   setup = train_lib.make_setup(config, splits, pool_sharded)
   n = splits.train_x.shape[0]
@@ -130,6 +131,8 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
       "num_exemplars_in_bank": int(n) if setup.prior.needs_pool else 0,
       "dataset": splits.name,
       "data_source": splits.source,
+      # A user's data set: its path (or plug-in) and the SHA-256 of its arrays.
+      **({"data_identity": splits.identity} if splits.identity is not None else {}),
       "eval_binarize": str(config.get("eval_binarize", "exvae")),   # whose fixed test draw
       "prior": config.prior,
       "checkpoint_step": step,
@@ -298,4 +301,6 @@ def _per_example_parts(res: dict, test_x: np.ndarray, config, metrics: dict):
       {"num_importance_samples": metrics["num_importance_samples"],
        "eval_seed": int(config.eval.seed), "prior": str(config.prior), "model": str(config.model),
        "eval_binarize": metrics["eval_binarize"],
+       **({"data_sha256": metrics["data_identity"]["sha256"]} if "data_identity" in metrics
+          else {}),
        "checkpoint_step": metrics["checkpoint_step"], "params": metrics["params"]})

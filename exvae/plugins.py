@@ -1,6 +1,7 @@
-"""Priors and models from the user's own code: ``--config.prior=my_pkg.my_prior:MyPrior``.
+"""Priors, models and data sets from the user's own code: ``--config.prior=my_pkg.my_prior:MyPrior``.
 
-A config names a prior (``config.prior``) or a model (``config.model``)
+A config names a prior (``config.prior``), a model (``config.model``) or a
+data set (``config.dataset``, see :mod:`exvae.data.user`)
 either by a registered name (``exemplar``, ``hvae``) or by a plug-in spec
 ``MODULE:ATTR``:
 
@@ -322,16 +323,37 @@ def check_prior_finite(prior: Any, model: Any, num_train: int, spec: str, batch:
                         "must be finite (a log of 0 or of a negative number?).")
 
 
+def check_dataset(name: str) -> None:
+  """A user's data set named by ``config.dataset``, checked before any work starts.
+
+  ``npz:PATH``: the file exists.  ``MODULE:FUNCTION``: it imports and is
+  callable (it is called, and its arrays checked, when the data is loaded).
+
+  Raises:
+    DataNotFoundError, DataFormatError, PluginError, ValueError: in one line.
+  """
+  from exvae.data import user
+  if user.is_npz(name):
+    user.check_npz_exists(user.npz_path(name))
+  elif is_spec(name):
+    fn = load(name, "data set")
+    if not callable(fn):
+      raise PluginError(f"data set plug-in {name!r} is a {type(fn).__name__}, not a function "
+                        "returning a dict of arrays (x_train, x_test, ...).")
+
+
 def check_config_plugins(config) -> None:
   """What can be checked of ``config``'s plug-ins before any data is loaded.
 
   A plug-in prior is imported and its class checked (:func:`check_prior_class`), a
   plug-in's options checked against its signature (:func:`check_options`);
-  ``prior_options`` / ``model_options`` must be empty for a built-in prior / model.
+  ``prior_options`` / ``model_options`` must be empty for a built-in prior / model;
+  a user's data set is found (:func:`check_dataset`).
 
   Raises:
     PluginError, ValueError: naming the plug-in and what is wrong.
   """
+  check_dataset(str(config.get("dataset", "")))
   for kind in ("prior", "model"):
     name = str(config.get(kind, ""))
     opts = options(config, f"{kind}_options")

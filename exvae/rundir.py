@@ -20,6 +20,13 @@ A workdir belongs to the run that started it:
   counts as drift too; when allowed, the unreadable file is kept aside
   (renamed), never overwritten.  Keys that ``config.json`` does not know
   (written by an older version) are accepted with a warning.
+* **The data a run started with.**  A user's data set (``npz:PATH`` or a
+  plug-in) is recorded in ``data_identity.json``: its path (or plug-in spec)
+  and the SHA-256 of its arrays.  A resume whose data holds other arrays is a
+  :class:`ConfigDriftError` unless allowed (then recorded), and a reader
+  (evaluation, the uses) on other arrays is refused
+  (:func:`check_data_identity`, :func:`check_reader_data`).  The built-in data
+  sets are named by the config alone.
 * **A history that never shrinks.**  A fresh start in a workdir whose files
   show that a run there had saved checkpoints (records past the first save,
   evaluation outputs, recorded config changes) is a :class:`HistoryError`
@@ -60,6 +67,7 @@ from exvae.errors import (  # noqa: F401  (public names of this module)
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 LOCK_FILE = ".lock"
+DATA_FILE = "data_identity.json"   # a user's data set: its path (or plug-in) and SHA-256
 
 # Keys (fnmatch patterns on dotted names) that may differ between the config a
 # run started with and the one it is resumed or read with: how long to train,
@@ -437,6 +445,83 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
         f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).{hint}")
 
 
+def read_data_identity(workdir: str) -> dict | None:
+  """The data identity a run recorded (``data_identity.json``), or None (none, or unreadable)."""
+  try:
+    with open(os.path.join(workdir, DATA_FILE)) as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    warnings.warn(f"{os.path.join(workdir, DATA_FILE)} is unreadable ({e}); the data cannot be "
+                  "checked against it.")
+    return None
+  return stored if isinstance(stored, dict) else None
+
+
+def _data_text(identity: dict) -> str:
+  where = identity.get("path") or identity.get("plugin")
+  return f"{where} (arrays SHA-256 {str(identity.get('sha256'))[:12]})"
+
+
+def _data_change(stored: dict, identity: dict | None) -> str:
+  """What changed between the recorded data identity and this invocation's, in words."""
+  if identity is None:
+    return f"the run trained on {_data_text(stored)}, this config names a built-in data set"
+  where = stored.get("path") or stored.get("plugin")
+  if where == (identity.get("path") or identity.get("plugin")):
+    return (f"{where} holds other arrays than the run trained on (SHA-256 "
+            f"{str(stored.get('sha256'))[:12]} then, {str(identity.get('sha256'))[:12]} now)")
+  return f"the run trained on {_data_text(stored)}, this config reads {_data_text(identity)}"
+
+
+def check_data_identity(workdir: str, identity: dict | None, *, resuming: bool,
+                        allow_change: bool = False, write: bool = True) -> None:
+  """The writer's data check: records a user data set's identity; a resume must find it again.
+
+  Args:
+    workdir: the run directory.
+    identity: ``Splits.identity`` (``{"path" or "plugin", "sha256"}``), None
+      for a built-in data set (nothing to record or check).
+    resuming: this invocation resumes a checkpoint.
+    allow_change: accept other arrays on resume (recorded in ``config_changes.jsonl``).
+    write: write ``data_identity.json`` (the primary process).
+
+  Raises:
+    ConfigDriftError: a resume on other arrays (or another file) without ``allow_change``.
+  """
+  if identity is None:
+    return
+  stored = read_data_identity(workdir)
+  if resuming and stored is not None and stored != identity:
+    if not allow_change:
+      raise ConfigDriftError(
+          f"Resuming {workdir} on other data: {_data_change(stored, identity)}. Restore the "
+          "data set, use a new --workdir, or pass --allow_config_change to continue on this "
+          "data (recorded).")
+    if write:
+      _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": True,
+                               "changes": {"data": [stored, identity]}})
+    print(f"Resuming on other data: {_data_text(stored)} -> {_data_text(identity)} (recorded "
+          f"in {CHANGES_FILE}).", flush=True)
+  if write and stored != identity:
+    atomic.write_json(os.path.join(workdir, DATA_FILE), identity)
+
+
+def check_reader_data(workdir: str, identity: dict | None) -> None:
+  """A reader's data check: a user's data set must hold the arrays the run was trained on.
+
+  Raises:
+    ConfigDriftError: the run recorded a data identity and ``identity`` differs.
+  """
+  stored = read_data_identity(workdir)
+  if stored is None or stored == identity:
+    return
+  raise ConfigDriftError(
+      f"Reading {workdir} on other data: {_data_change(stored, identity)}: the numbers would "
+      "not be this run's. Restore the data the run trained on, or train a new run.")
+
+
 # What an evaluation given one of these keys most likely wanted instead.
 EVAL_HINTS = {
     "max_test": "To score only the first n test images, pass --config.eval.max_test_examples=n "
@@ -606,8 +691,9 @@ class Writer:
         check_history(self.workdir, self.config, overwrite=self.overwrite)
       self._config_path = os.path.join(self.workdir, CONFIG_FILE)
       self._changes_path = os.path.join(self.workdir, CHANGES_FILE)
+      self._data_path = os.path.join(self.workdir, DATA_FILE)
       self._before = (_steps(self.workdir), _read_bytes(self._config_path),
-                      _read_bytes(self._changes_path))
+                      _read_bytes(self._changes_path), _read_bytes(self._data_path))
       self.changes = check_config_drift(
           self.workdir, self.config, resuming=resuming,
           allow_change=self.allow_config_change, write=self.primary)
@@ -626,9 +712,10 @@ class Writer:
         self.lock.release()
 
   def _roll_back(self) -> None:
-    """Restores config.json and config_changes.jsonl as this invocation found them."""
+    """Restores config.json, config_changes.jsonl and data_identity.json as found."""
     for path, content in ((self._config_path, self._before[1]),
-                          (self._changes_path, self._before[2])):
+                          (self._changes_path, self._before[2]),
+                          (self._data_path, self._before[3])):
       try:
         if _read_bytes(path) == content:
           continue

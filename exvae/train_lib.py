@@ -98,7 +98,8 @@ def load_data(config) -> data.Splits:
       config.dataset, data_dir=config.data_dir or None, source=config.data_source,
       val_size=config.val_size or None, eval_binarize_seed=config.eval_binarize_seed,
       eval_binarize=config.get("eval_binarize", "exvae"),
-      max_train=config.max_train or None, max_test=config.max_test or None)
+      max_train=config.max_train or None, max_test=config.max_test or None,
+      likelihood=config.likelihood)
 
 
 def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup:
@@ -555,10 +556,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       if mesh is not None and int(config.batch_size) % mesh.size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                          f"{mesh.size} data-parallel devices.")
-      return _train(config, workdir, mesh)
+      return _train(config, workdir, mesh, allow_config_change)
 
 
-def _train(config, workdir: str, mesh) -> dict[str, Any]:
+def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains with validation-based early stopping; resumes from ``workdir`` if possible.
 
   Args:
@@ -584,6 +585,8 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
   primary = distributed.is_primary()   # config.json: written by rundir.Writer
+  rundir.check_data_identity(workdir, splits.identity, resuming=rundir.has_checkpoint(workdir),
+                             allow_change=allow_config_change, write=primary)
 
   state = distributed.replicate(init_state(config, setup, n), mesh)
   manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
@@ -609,6 +612,8 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
     rundir.check_metrics_cover(metrics_path, int(state.step), int(config.log_every_steps), spe)
   summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
              "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
+  if splits.identity is not None:    # a user's data set: its path (or plug-in) and SHA-256
+    summary["data_identity"] = splits.identity
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **meta)

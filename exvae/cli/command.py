@@ -182,7 +182,18 @@ def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str
     source = value
     config = config_registry.load(value)
   config_registry.apply_overrides(config, overrides)
+  _absolute_data_path(config)
   return config, source
+
+
+def _absolute_data_path(config) -> None:
+  """``--config.dataset=npz:PATH`` with a relative PATH: made absolute (from the current
+  directory), so the run's config.json names the file wherever a later command runs."""
+  name = str(config.get("dataset", "")) if hasattr(config, "get") else ""
+  if name.startswith("npz:") and len(name) > 4:
+    absolute = "npz:" + os.path.abspath(os.path.expanduser(name[4:]))
+    if absolute != name:
+      config.dataset = absolute      # an existing key: allowed on a locked config
 
 
 def _check_workdir(spec: Spec, workdir: str | None) -> None:

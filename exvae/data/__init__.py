@@ -15,6 +15,11 @@ Splits (as in the paper):
   * digits (sklearn): fixed permutation (seed 0): 300 test, 200 validation,
     1297 train.
 
+A researcher's own data set is ``npz:PATH`` (an ``.npz`` file) or a plug-in
+``MODULE:FUNCTION`` (:mod:`exvae.data.user`): split, binarised and checked as
+the built-in sets, with its identity (path, SHA-256 of its arrays) in
+``Splits.identity``.
+
 Nothing is ever downloaded and no fake data is ever returned: a missing data
 set raises :class:`DataNotFoundError` explaining how to get it.
 """
@@ -25,11 +30,14 @@ import os
 
 import numpy as np
 
-from exvae.data.core import (DataNotFoundError, Splits, binarize, reference_binarize,
-                             validate_images)
+from exvae.data import user
+from exvae.errors import ConfigError
+from exvae.data.core import (DataFormatError, DataNotFoundError, Splits, binarize,
+                             reference_binarize, validate_images)
 from exvae.data.idx import IDX_FILES, IdxFormatError, find_idx_dir, idx_candidate_dirs, load_idx_dataset, read_idx
 
 __all__ = [
+    "DataFormatError",
     "DataNotFoundError",
     "IdxFormatError",
     "Splits",
@@ -143,11 +151,14 @@ def load(
     eval_binarize: str = "exvae",
     max_train: int | None = None,
     max_test: int | None = None,
+    likelihood: str = "bernoulli",
 ) -> Splits:
     """Loads a data set and splits it into train / validation / test.
 
     Args:
-      name: one of 'mnist', 'fashion_mnist', 'digits', 'omniglot'.
+      name: one of 'mnist', 'fashion_mnist', 'digits', 'omniglot', 'celeba', or
+        a user's data set: ``npz:PATH`` or a plug-in ``MODULE:FUNCTION``
+        (:mod:`exvae.data.user`).
       data_dir: where the data lives. mnist / fashion_mnist: a directory with
         the four IDX files (or a sub-directory such as ``mnist``,
         ``MNIST/raw``) or a tfds data_dir; None: the default IDX directory
@@ -169,6 +180,9 @@ def load(
         binarised images).
       max_train: keep only the first ``max_train`` training images.
       max_test: keep only the first ``max_test`` validation and test images.
+      likelihood: a user's data set only: 'bernoulli' binarises it (training
+        images per batch, val/test once with fixed seeds, as the built-in
+        sets); any other (the discretised 'logistic') keeps its grey levels.
 
     Returns:
       A :class:`Splits`; images float32 (N, H, W, C); val/test binarised.
@@ -177,9 +191,15 @@ def load(
       ValueError: unknown name or source, bad sizes.
       DataNotFoundError: the data is not on disk (the message says how to get it).
       IdxFormatError: corrupt IDX files.
+      DataFormatError: a user's data set holds arrays that cannot be used.
     """
+    if user.is_user_dataset(name):
+        return _load_user(name, source=source, val_size=val_size,
+                          eval_binarize=eval_binarize, eval_binarize_seed=eval_binarize_seed,
+                          max_train=max_train, max_test=max_test, likelihood=likelihood)
     if name not in KNOWN_DATASETS:
-        raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(KNOWN_DATASETS)}")
+        raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(KNOWN_DATASETS)}, "
+                         "or your own: npz:PATH (an .npz file) or MODULE:FUNCTION (a plug-in)")
     if source not in _SOURCES[name]:
         raise ValueError(
             f"bad source {source!r} for data set {name!r}; valid sources: {', '.join(_SOURCES[name])}"
@@ -240,13 +260,55 @@ def load(
         val_y = ytr[va] if ytr is not None else None
         desc = path
 
-    binary = True  # all four data sets use a Bernoulli likelihood
-    if eval_binarize == "reference":
+    return _assemble(name, (train_x, train_y, val_x, val_y, test_x, test_y), binary=True,
+                     source=desc, eval_binarize=eval_binarize,
+                     eval_binarize_seed=eval_binarize_seed, max_train=max_train,
+                     max_test=max_test)   # all four data sets use a Bernoulli likelihood
+
+
+def _load_user(name: str, *, source: str, val_size: int | None, eval_binarize: str,
+               eval_binarize_seed: int, max_train: int | None, max_test: int | None,
+               likelihood: str) -> Splits:
+    """A user's data set (``npz:PATH`` or ``MODULE:FUNCTION``), split and binarised as the built-ins."""
+    kind = "npz:PATH" if user.is_npz(name) else "a plug-in"
+    if source != "auto":
+        raise ConfigError(f"data_source={source!r} does not apply to {kind} (--config.dataset="
+                          f"{name}): leave --config.data_source at 'auto'")
+    if eval_binarize != "exvae":
+        raise ConfigError(f"eval_binarize={eval_binarize!r} replays the authors' draw for mnist "
+                          f"and fashion_mnist only, not {kind}: use eval_binarize='exvae'")
+    _check_count(val_size, "val_size")
+    _check_count(max_train, "max_train")
+    _check_count(max_test, "max_test")
+    parts, desc, identity = user.read_user_dataset(name, val_size)
+    name = f"npz:{identity['path']}" if "path" in identity else name
+    return _assemble(name, parts, binary=likelihood == "bernoulli", source=desc,
+                     eval_binarize="exvae", eval_binarize_seed=eval_binarize_seed,
+                     max_train=max_train, max_test=max_test, identity=identity)
+
+
+def _assemble(name: str, parts: tuple, *, binary: bool, source: str, eval_binarize: str,
+              eval_binarize_seed: int, max_train: int | None, max_test: int | None,
+              identity: dict | None = None) -> Splits:
+    """The :class:`Splits` of raw splits: the fixed val/test binarisation, truncation, checks.
+
+    Args:
+      name: the data set's name.
+      parts: (train_x, train_y, val_x, val_y, test_x, test_y); images uint8,
+        bool or float in [0, 1], (N, H, W) or (N, H, W, C); labels or None.
+      binary: binarise val/test once with fixed seeds (a Bernoulli likelihood);
+        False keeps their grey levels.
+      source, identity: as :class:`Splits` records them.
+      eval_binarize, eval_binarize_seed, max_train, max_test: as :func:`load`.
+    """
+    train_x, train_y, val_x, val_y, test_x, test_y = parts
+    if binary and eval_binarize == "reference":
         val_x, test_x = reference_binarize(val_x, test_x)   # from the raw grey levels
     else:
         val_x, test_x = _as_float_images(val_x), _as_float_images(test_x)
-        val_x = binarize(val_x, (int(eval_binarize_seed), _VAL_STREAM))
-        test_x = binarize(test_x, (int(eval_binarize_seed), _TEST_STREAM))
+        if binary:
+            val_x = binarize(val_x, (int(eval_binarize_seed), _VAL_STREAM))
+            test_x = binarize(test_x, (int(eval_binarize_seed), _TEST_STREAM))
     if max_train is not None:
         train_x = train_x[:max_train].copy()  # do not keep the full array alive
         train_y = train_y[:max_train] if train_y is not None else None
@@ -271,5 +333,6 @@ def load(
         test_x=test_x,
         test_y=as_labels(test_y),
         binary=binary,
-        source=desc,
+        source=source,
+        identity=identity,
     )

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DataNotFoundError", "Splits", "binarize", "validate_images"]
+__all__ = ["DataFormatError", "DataNotFoundError", "Splits", "binarize", "validate_images"]
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -23,6 +23,16 @@ class DataNotFoundError(FileNotFoundError):
     obtain them (this code never downloads anything and never substitutes fake
     data).
     """
+
+
+class DataFormatError(ValueError):
+    """A user's data set (``npz:PATH`` or a plug-in) holds arrays that cannot be used.
+
+    The message is one line naming the file (or plug-in) and the key; the
+    command-line programs print it as it is (exit code 1).
+    """
+
+    exit_code = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,10 @@ class Splits:
       binary: True for a Bernoulli likelihood (train images are binarised per
         batch by the trainer, val/test are fixed binarisations).
       source: human-readable description of where the data came from.
+      identity: for a user's data set (``npz:PATH`` or a plug-in), what the
+        run records and checks of it: ``{"path"}`` or ``{"plugin"}`` and
+        ``"sha256"`` of its arrays (see :func:`exvae.data.user.arrays_sha256`);
+        None for the built-in data sets.
     """
 
     name: str
@@ -55,6 +69,7 @@ class Splits:
     test_y: np.ndarray | None
     binary: bool
     source: str
+    identity: dict | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -45,6 +45,8 @@ import optax
 from flax import struct
 
 from exvae import atomic
+from exvae.data import DataFormatError
+from exvae.data import user as user_data
 from exvae.likelihoods import bernoulli_mean
 from exvae.models.vae import Model
 
@@ -435,14 +437,26 @@ def grey_splits(config, splits) -> GreyData:
   split must equal ``splits.train_x``).  Data sets where that is not possible
   fall back to the binarised val/test (``grey_eval=False``, with a warning).
   """
-  if splits.train_y is None:
-    raise ValueError(f"data set {splits.name!r} has no labels")
+  missing = [k for k, y in (("y_train", splits.train_y), ("y_val", splits.val_y),
+                             ("y_test", splits.test_y)) if y is None]
+  if missing:
+    raise DataFormatError(f"the classifier needs labels; data set {splits.name!r} has none for "
+                          f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
+                          "y_val and y_test; without x_val the validation labels come from "
+                          "y_train)")
   fallback = GreyData(splits.train_x, splits.train_y, splits.val_x, splits.val_y,
                       splits.test_x, splits.test_y, grey_eval=not splits.binary)
   if not splits.binary:
     return fallback
   try:
-    if splits.name == "digits":
+    if user_data.is_user_dataset(config.dataset):   # the same rule, val/test kept grey
+      from exvae import data as data_lib
+      g = data_lib.load(config.dataset, val_size=config.val_size or None,
+                        eval_binarize_seed=config.eval_binarize_seed,
+                        max_train=config.max_train or None, max_test=config.max_test or None,
+                        likelihood="logistic")   # any non-Bernoulli likelihood: no binarisation
+      xtr, ytr, xva, yva, xte, yte = g.train_x, g.train_y, g.val_x, g.val_y, g.test_x, g.test_y
+    elif splits.name == "digits":
       from exvae.data.digits import DIGITS_TEST, DIGITS_VAL, digits_permutation, load_digits_arrays
       x, y = load_digits_arrays()
       n_val = int(config.val_size or DIGITS_VAL)

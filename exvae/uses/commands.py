@@ -61,7 +61,10 @@ def provenance(trained, workdir: str) -> dict[str, Any]:
     for key in ("best_epoch", "params_sha256", "source_run", "source_commit"):
       if key in meta:
         model[key] = meta[key]
-  return {"model": model, "commit": runinfo.code_commit(),
+  out: dict[str, Any] = {"model": model}
+  if trained.splits.identity is not None:   # a user's data set: its path (or plug-in), SHA-256
+    out["data_identity"] = trained.splits.identity
+  return {**out, "commit": runinfo.code_commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

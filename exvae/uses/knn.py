@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from exvae import kernels
+from exvae.data import DataFormatError
 
 DEFAULT_KS: tuple[int, ...] = (3, 5, 7, 9, 11, 13, 15)
 TIE_BREAKS = ("lowest_label", "distance")
@@ -176,12 +177,17 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     JSON.
 
   Raises:
-    ValueError: the data set has no labels.
+    DataFormatError: the data set has no labels (a ValueError).
   """
   from exvae import bank as bank_lib
   s = trained.splits
   if s.train_y is None or s.val_y is None or s.test_y is None:
-    raise ValueError(f"kNN classification needs labels; data set {s.name!r} has none")
+    missing = [k for k, y in (("y_train", s.train_y), ("y_val", s.val_y), ("y_test", s.test_y))
+               if y is None]
+    raise DataFormatError(f"kNN classification needs labels; data set {s.name!r} has none for "
+                          f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
+                          "y_val and y_test; without x_val the validation labels come from "
+                          "y_train)")
   if bank is None:
     bank = bank_lib.from_checkpoint(trained.config, "", trained=trained, batch_size=batch_size,
                                     progress=progress)
