@@ -422,6 +422,8 @@ def test_the_docs_example_runs_verbatim(tmp_path):
   block = doc_example()
   assert "npz:digits.npz" in block and "exvae-compare" in block
   env = _shims(str(tmp_path / "bin"))
+  os.makedirs(tmp_path / ".venv" / "bin")
+  os.symlink(tmp_path / "bin" / "python", tmp_path / ".venv" / "bin" / "python")
   r = subprocess.run(["bash", "-e", "-c", block], cwd=str(tmp_path / "bin" / ".."), env=env,
                      capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
