@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -55,6 +56,8 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   """
   ckpt_dir = os.path.join(workdir, "checkpoints")
   is_published = published.is_published(workdir)   # a published model: parameters only
+  if not is_published and not rundir.has_checkpoint(workdir):
+    published.check_complete(workdir)
   if not is_published and (not os.path.isdir(ckpt_dir) or not any(
       name.isdigit() for name in os.listdir(ckpt_dir))):
     raise checkpoints.CheckpointNotFoundError(
@@ -200,8 +203,8 @@ def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
           "unreadable); evaluating again (its outputs will be replaced)", flush=True)
     return None
   try:
-    metrics = check_outputs(out_dir)      # the digests of the files it names
-  except (OSError, ValueError) as e:
+    metrics = check_outputs(out_dir)      # its own digest, its files', the means of the scores
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     print(f"{path}: the outputs there do not check ({e}); evaluating again", flush=True)
     return None
   print(f"{path}: this evaluation is already done (same parameters, test images and "
@@ -239,7 +242,9 @@ def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, c
 
   def metrics_writer(digests):
     metrics["outputs_sha256"] = {os.path.basename(p): h for p, h in digests.items()}
-    text = atomic.dumps(atomic.finite_or_none(metrics), indent=2) + "\n"
+    record = atomic.with_self_digest(atomic.finite_or_none(metrics))
+    metrics[atomic.SELF_DIGEST] = record[atomic.SELF_DIGEST]
+    text = atomic.dumps(record, indent=2) + "\n"
     return lambda f: f.write(text.encode())
 
   atomic.commit([(png, lambda _: lambda f: img.save(f, format="PNG")),
@@ -248,21 +253,56 @@ def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, c
 
 
 def check_outputs(out_dir: str) -> dict[str, Any]:
-  """Reads ``eval_metrics.json`` and checks that the other outputs are the ones it records.
+  """Reads ``eval_metrics.json`` and checks it against itself and its companions.
+
+  Checks the digest the metrics carry of their own content (``record_sha256``;
+  a file written before it existed has none), the SHA-256 of the other outputs it
+  records (``outputs_sha256``), and that its means are those of ``per_example.npz``
+  (``test_nll`` = -mean of ``log_px``, and the ELBO and its terms; the count).
 
   Returns:
     The metrics.
 
   Raises:
-    ValueError: a file differs from the digest in ``eval_metrics.json``.
+    ValueError: a file differs from its digest, or the means from the scores.
   """
-  with open(os.path.join(out_dir, "eval_metrics.json")) as f:
+  path = os.path.join(out_dir, "eval_metrics.json")
+  with open(path) as f:
     metrics = json.load(f)
+  if not isinstance(metrics, dict):
+    raise ValueError(f"{path} is not a JSON object")
+  atomic.check_self_digest(metrics, path)
   for name, digest in metrics.get("outputs_sha256", {}).items():
     if atomic.sha256_file(os.path.join(out_dir, name)) != digest:
-      raise ValueError(f"{os.path.join(out_dir, name)} is not the file "
-                       f"{os.path.join(out_dir, 'eval_metrics.json')} was written with.")
+      raise ValueError(f"{os.path.join(out_dir, name)} is not the file {path} was written with.")
+  _check_means(metrics, os.path.join(out_dir, per_example.FILENAME), path)
   return metrics
+
+
+# (key in eval_metrics.json, score in per_example.npz, sign): the means that must agree.
+_MEANS = (("test_nll", "log_px", -1.0), ("test_elbo", "elbo", -1.0),
+          ("test_recon", "recon", 1.0), ("test_kl", "kl", 1.0))
+
+
+def _check_means(metrics: dict, npz: str, path: str) -> None:
+  """Raises ValueError if the means in ``metrics`` are not those of the scores in ``npz``.
+
+  The scores are stored as float32 and the means computed in float64 before that, so
+  they agree to within 1e-5 of the mean magnitude (a changed digit is far more).
+  """
+  with np.load(npz, allow_pickle=False) as z:
+    scores = {k: np.asarray(z[k], np.float64) for k in z.files if k in per_example.SCORES}
+  m = metrics.get("num_test_examples")
+  if "log_px" not in scores or (m is not None and scores["log_px"].shape != (int(m),)):
+    raise ValueError(f"{npz} does not hold the {m} scores {path} records")
+  for key, score, sign in _MEANS:
+    if key not in metrics or score not in scores:
+      continue
+    want = sign * float(scores[score].mean())
+    got = metrics[key]
+    tol = 1e-5 * max(1.0, float(np.abs(scores[score]).mean()))
+    if not isinstance(got, (int, float)) or not abs(float(got) - want) <= tol:
+      raise ValueError(f"{path} records {key}={got}, the scores in {npz} give {want:.6f}")
 
 
 def _per_example_parts(res: dict, test_x: np.ndarray, config, metrics: dict):

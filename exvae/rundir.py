@@ -344,6 +344,84 @@ def _record_change(workdir: str, record: dict) -> None:
   atomic.append_line(os.path.join(workdir, CHANGES_FILE), atomic.dumps(record))
 
 
+def recorded_run_config(workdir: str) -> dict | None:
+  """What the run's ``config.json`` must be: the digest its model or checkpoint records.
+
+  A published model records it in ``model.json`` (``config_sha256``); a run directory
+  in the ``digest`` item of each checkpoint step (with the values, so that a
+  difference can be named; :func:`exvae.checkpoints.recorded_config`).
+
+  Returns:
+    ``{"where", "config_sha256", "config"}`` (``config`` None when only the digest is
+    recorded), or None when nothing is recorded (a model or checkpoints written
+    before these records existed: accepted unchecked).
+  """
+  from exvae import checkpoints, published
+  if published.is_published(workdir):
+    try:
+      meta = published.read_meta(workdir)
+    except published.PublishedModelError:
+      return None                            # the reader's load reports it
+    sha = meta.get("config_sha256") if isinstance(meta, dict) else None
+    return None if sha is None else {"where": os.path.join(workdir, published.META_FILE),
+                                     "config_sha256": sha, "config": None}
+  rec = checkpoints.recorded_config(os.path.join(workdir, "checkpoints"))
+  if rec is None or rec["config_sha256"] is None:
+    return None
+  return {"where": f"checkpoint step {rec['step']}", "config_sha256": rec["config_sha256"],
+          "config": rec["config"]}
+
+
+def _edited_keys(recorded: dict, stored: dict, patterns) -> tuple[dict, dict]:
+  """``(allowed, forbidden)`` differences between the recorded config and the file's."""
+  if recorded.get("config") is None:
+    return {}, {CONFIG_FILE: ("(recorded digest)", "(other values)")}
+  allowed, forbidden, unknown = diff_configs(recorded["config"], stored, patterns)
+  a, b = flatten(recorded["config"]), flatten(stored)
+  forbidden.update({k: (a.get(k), b.get(k)) for k in unknown})
+  return allowed, forbidden
+
+
+def check_edited_config(workdir: str, *, allow_change: bool, write: bool) -> dict:
+  """A resume's check that ``config.json`` is the file the newest checkpoint was saved with.
+
+  An edit to keys in :data:`MAY_CHANGE` is accepted and recorded in
+  ``config_changes.jsonl``; any other edit is refused unless ``allow_change``
+  (then it is recorded as an override). A missing record (checkpoints saved before
+  it existed) or a missing/unreadable file (:func:`check_config_drift`) passes here.
+
+  Returns:
+    The edited keys, ``key -> (recorded, file)``.
+
+  Raises:
+    ConfigDriftError: keys outside :data:`MAY_CHANGE` were edited, without ``allow_change``.
+  """
+  rec = recorded_run_config(workdir)
+  stored, _ = _load_stored_config(workdir)
+  if rec is None or stored is None or atomic.json_digest(stored) == rec["config_sha256"]:
+    return {}
+  path = os.path.join(workdir, CONFIG_FILE)
+  allowed, forbidden = _edited_keys(rec, stored, MAY_CHANGE)
+  if forbidden and not allow_change:
+    raise ConfigDriftError(
+        f"{path} is not the config {rec['where']} was saved with: it was edited since "
+        f"({_changes_text(forbidden)}; saved -> file). Restore the saved values, or pass "
+        "--allow_config_change to resume with the edited file (recorded).")
+  changes = dict(allowed, **forbidden)
+  if write:
+    _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "override": bool(forbidden), "edited_config_json": True,
+                             "changes": {k: list(v) for k, v in changes.items()}})
+  print(f"Resuming with {CONFIG_FILE} edited since {rec['where']}: {_changes_text(changes)} "
+        f"({_recorded_note()}).", flush=True)
+  return changes
+
+
+def _recorded_note() -> str:
+  # A resume that fails before it saves a checkpoint rolls the record back (Writer).
+  return f"recorded in {CHANGES_FILE} once this run saves a checkpoint"
+
+
 def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bool = False,
                        write: bool = True) -> dict:
   """The writer's config check: records the config of a new run, compares on resume.
@@ -374,6 +452,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
     if write:
       atomic.write_json(path, current)
     return {}
+  edited = check_edited_config(workdir, allow_change=allow_change, write=write)
   stored, problem = _load_stored_config(workdir)
   if stored is None:
     if not allow_change:
@@ -388,7 +467,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
       _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": True,
                                "stored_config": problem, "kept_as": kept, "changes": {}})
       print(f"Resuming with a config that could not be checked ({CONFIG_FILE} {problem}"
-            f"{'; kept as ' + kept if kept else ''}); recorded in {CHANGES_FILE}.", flush=True)
+            f"{'; kept as ' + kept if kept else ''}); {_recorded_note()}.", flush=True)
     return {}
   allowed, forbidden, unknown = diff_configs(stored, current)
   if unknown:
@@ -408,12 +487,18 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
       atomic.write_json(path, current)
   if changes:
     kind = "overriding" if forbidden else "with changed settings"
-    print(f"Resuming {kind}: {_changes_text(changes)} (recorded in {CHANGES_FILE}).", flush=True)
-  return changes
+    print(f"Resuming {kind}: {_changes_text(changes)} ({_recorded_note()}).", flush=True)
+  return dict(edited, **changes)
 
 
 def check_reader_config(workdir: str, config, hints: dict[str, str] | None = None) -> None:
   """A reader's check: the config must match the run's ``config.json`` (model, data).
+
+  ``config.json`` itself must be the file the run's newest checkpoint (or a published
+  model's ``model.json``) records: an edited file is refused where it changes keys
+  outside :data:`MAY_DIFFER_FOR_READERS`. Without ``config.json``, ``config`` is
+  checked against the values the checkpoint records, or, where nothing is recorded,
+  one line on stderr says that it could not be checked.
 
   Args:
     workdir: the run directory (or published model) being read.
@@ -424,9 +509,22 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
   Raises:
     ConfigDriftError: keys outside :data:`MAY_DIFFER_FOR_READERS` differ.
   """
-  stored = read_stored_config(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  stored, problem = _load_stored_config(workdir)
+  rec = recorded_run_config(workdir)
   if stored is None:
-    return
+    if rec is None or rec["config"] is None:
+      print(f"warning: {path} is {problem}: the run's config could not be checked; using "
+            "the given --config as it is.", file=sys.stderr, flush=True)
+      return
+    stored, path = rec["config"], f"the config {rec['where']} records"
+  elif rec is not None and atomic.json_digest(stored) != rec["config_sha256"]:
+    _, forbidden = _edited_keys(rec, stored, MAY_DIFFER_FOR_READERS)
+    if forbidden:
+      raise ConfigDriftError(
+          f"{path} is not the config {rec['where']} records: it was edited since "
+          f"({_changes_text(forbidden)}; recorded -> file), and the numbers would not be "
+          "this run's. Restore the recorded values.")
   _, forbidden, _ = diff_configs(stored, config_dict(config), MAY_DIFFER_FOR_READERS)
   if forbidden:
     hints = hints or {}
@@ -434,7 +532,7 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
     raise ConfigDriftError(
         f"This config differs from the one {workdir} was trained with in "
         f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
-        f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).{hint}")
+        f"Pass the run's config and overrides (see {path}).{hint}")
 
 
 # What an evaluation given one of these keys most likely wanted instead.

@@ -415,7 +415,8 @@ def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: i
   if not distributed.is_primary():
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz(path, {**out, "done_batches": np.int64(done), "identity": np.str_(identity)})
+  atomic.write_npz_checked(path, {**out, "done_batches": np.int64(done),
+                                  "identity": np.str_(identity)})
 
 
 def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batches: int) -> int:
@@ -427,13 +428,13 @@ def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batche
   if not os.path.exists(path):
     return 0
   try:
-    with np.load(path, allow_pickle=False) as f:
-      same = str(f["identity"]) == identity
-      done = int(f["done_batches"])
-      saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
+    f = atomic.read_npz_checked(path)       # its arrays match the digest written with them
+    same = str(f["identity"]) == identity
+    done = int(f["done_batches"])
+    saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f"{path}: unreadable partial evaluation ({type(e).__name__}); starting from the "
-          "first example", flush=True)
+    print(f"{path}: unreadable partial evaluation ({type(e).__name__}: {e}); starting from "
+          "the first example", flush=True)
     return 0
   if saved is None:
     print(f"{path}: a partial evaluation of other parameters or settings; starting from "

@@ -41,6 +41,12 @@ class RunNotFoundError(FileNotFoundError):
   exit_code = 1
 
 
+class RunConfigError(ValueError):
+  """The workdir's own ``config.json`` (read because no --config was given) is unreadable."""
+
+  exit_code = 1
+
+
 def missing_run(workdir: str) -> RunNotFoundError:
   """The error for a reader (eval, uses) pointed at a workdir without a run's ``config.json``."""
   if not os.path.exists(workdir):

@@ -158,10 +158,19 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
                          progress=bool(config.progress))
   res.update(prov)
   res["per_example"] = knn.PER_EXAMPLE
-  res["per_example_sha256"] = knn.save_per_example(os.path.join(out, knn.PER_EXAMPLE), res)
+  arrays = knn.per_example_arrays(res)
   for _, split in knn.SETTINGS:
     del res[f"{split}_predictions"], res[f"{split}_labels"]
-  res["path"] = _write_json(os.path.join(out, "knn.json"), res)
+  npz, js = os.path.join(out, knn.PER_EXAMPLE), os.path.join(out, "knn.json")
+  res["path"] = js
+
+  def summary_writer(digests):      # written after the scores, recording their digest
+    res["per_example_sha256"] = digests[npz]
+    text = atomic.dumps(atomic.finite_or_none(res), indent=2) + "\n"
+    return lambda f: f.write(text.encode())
+
+  # One unit: both files to temporaries, then renamed, the summary last.
+  atomic.commit([(npz, lambda _: lambda f: np.savez(f, **arrays)), (js, summary_writer)])
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
   print("   k   val (ref=train)   test (ref=train+val)   test (ref=train)")
   for k in res["ks"]:
