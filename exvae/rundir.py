@@ -25,10 +25,11 @@ A workdir belongs to the run that started it:
   evaluation outputs, recorded config changes) is a :class:`HistoryError`
   unless told to overwrite; then the earlier files move into
   ``previous/<time>/`` (:func:`check_history`).
-* **metrics.jsonl without duplicates.**  A resume from step s drops the
-  records of steps after s (:func:`trim_metrics`), which the resumed run
-  writes again; torn lines and a file that ends before the checkpoint are
-  reported in one line.
+* **metrics.jsonl without duplicates.**  A resume from step s sets aside
+  the records of steps after s (:func:`trim_metrics`), which the resumed run
+  writes again, and torn, non-finite and duplicated lines, into
+  ``metrics.rejected.jsonl`` (never deleted); the damaged lines and a file
+  that ends before the checkpoint are reported in one line.
 * **Typed errors.**  Expected failures raise :class:`RunDirError` subclasses
   (each with its ``exit_code``: a bad config, a second writer, a full disk, a
   read-only filesystem, a corrupt checkpoint or bank, SIGTERM); the classes
@@ -743,27 +744,89 @@ class Writer:
 # ----------------------------------------------------------------------------
 
 
-def trim_metrics(path: str, step: int) -> int:
-  """Drops the records of steps after ``step`` (and torn lines) from a metrics file.
+REJECTED_FILE = "metrics.rejected.jsonl"   # lines a resume set aside, never deleted
 
-  A run resumed from step ``step`` writes those steps again, so without this
-  they would appear twice.  Torn lines (a kill in the middle of a write) are
-  reported in one line on stderr.
+
+class _NonFinite(ValueError):
+  pass
+
+
+def _refuse_constant(name):
+  raise _NonFinite(name)
+
+
+def _record_kind(rec: dict) -> str:
+  return "summary" if "summary" in rec else "val" if "val_loss" in rec else "train"
+
+
+def _sort_lines(raw_lines: list[bytes], step: int) -> tuple[list[bytes], list[dict]]:
+  """``(kept lines, rejected)`` of a metrics file resumed from checkpoint step ``step``.
+
+  Rejected: torn or unreadable lines, lines with a non-finite number (not JSON),
+  a second record of the same kind (train, validation, summary) and step, and
+  records after ``step`` (trained and logged again).
+  """
+  kept, rejected, seen = [], [], set()
+  for i, raw in enumerate(raw_lines, 1):
+    reason = None
+    try:
+      rec = json.loads(raw.decode(), parse_constant=_refuse_constant)
+      if not raw.endswith(b"\n") or not isinstance(rec, dict):
+        raise ValueError("torn")
+      key = (_record_kind(rec), _record_step(rec))
+    except _NonFinite:
+      reason = "non-finite"
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+      reason = "torn"
+    else:
+      if key[1] > step:
+        reason = "after_checkpoint"
+      elif key in seen:
+        reason = "duplicate"
+      seen.add(key)
+    if reason is None:
+      kept.append(raw)
+    else:
+      rejected.append({"line": i, "reason": reason,
+                       "text": raw.decode(errors="replace").rstrip("\n")})
+  return kept, rejected
+
+
+def trim_metrics(path: str, step: int) -> int:
+  """Makes a metrics file one strict JSON record per step up to ``step``; sets the rest aside.
+
+  A run resumed from step ``step`` writes the later steps again, so their records
+  would appear twice; a torn line (a kill in the middle of a write), a line with a
+  non-finite number (not strict JSON) or a second record of the same step would stay
+  in the history. Every such line moves to ``metrics.rejected.jsonl`` beside it
+  (:data:`REJECTED_FILE`, one JSON object per line: its line number, the reason and
+  its text), never deleted; damaged, non-finite and duplicated lines are reported in
+  one line on stderr.
 
   Returns:
-    The number of records dropped.
+    The number of lines set aside.
   """
   if not os.path.exists(path):
     return 0
-  lines, bad = _metric_lines(path)
-  kept = [raw for raw, rec in lines if _record_step(rec) <= step]
-  dropped = len(lines) - len(kept) + bad
-  if bad:
-    print(f"warning: {path}: dropped {bad} torn or unreadable line(s) (a write cut short by a "
-          "kill or a full disk).", file=sys.stderr, flush=True)
-  if dropped:
-    atomic.write_bytes(path, b"".join(kept))
-  return dropped
+  with open(path, "rb") as f:
+    raw_lines = f.read().splitlines(keepends=True)
+  kept, rejected = _sort_lines(raw_lines, step)
+  if not rejected:
+    return 0
+  aside = os.path.join(os.path.dirname(os.path.abspath(path)), REJECTED_FILE)
+  stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+  for r in rejected:
+    atomic.append_line(aside, atomic.dumps(dict(r, time=stamp, resumed_from_step=step)),
+                       fsync=False)
+  atomic.write_bytes(path, b"".join(kept))
+  counts = {k: sum(r["reason"] == k for r in rejected) for k in ("torn", "non-finite",
+                                                                  "duplicate")}
+  if any(counts.values()):
+    what = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    print(f"warning: {path}: set aside {what} line(s) (torn or unreadable: a write cut short "
+          f"by a kill or a full disk; non-finite: not JSON) in {aside}; the file keeps one "
+          "record per step.", file=sys.stderr, flush=True)
+  return len(rejected)
 
 
 def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_epoch: int) -> bool:

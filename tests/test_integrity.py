@@ -477,3 +477,29 @@ def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
   r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
            "--config.max_steps=50")
   assert r.returncode == 1 and _one_line(r.stderr).startswith("exvae-train: error: Cannot write")
+
+
+# ----------------------------------------------------------------------------
+# metrics.jsonl on resume: one strict record per step, the rest set aside
+# ----------------------------------------------------------------------------
+
+
+def test_a_resume_sets_damaged_non_finite_and_duplicated_metric_lines_aside(tmp_path, capfd):
+  path = tmp_path / "metrics.jsonl"
+  good = [{"loss": 1.0 * s, "step": s, "epoch": s / 10} for s in (5, 10, 15, 20)]
+  lines = [json.dumps(good[0]), json.dumps(good[1]), '{"loss": 2.0, "st',          # damaged
+           '{"loss": NaN, "step": 12}', json.dumps(good[1]),                        # NaN, dup
+           json.dumps({"val_loss": 3.0, "step": 10, "epoch": 1}), json.dumps(good[2]),
+           json.dumps(good[3]), json.dumps({"loss": 9.0, "step": 25})]              # after
+  path.write_text("\n".join(lines) + "\n")
+  capfd.readouterr()
+  assert rundir.trim_metrics(str(path), 20) == 4
+  kept = [_strict_json(l) for l in path.read_text().splitlines()]
+  assert kept == good[:2] + [{"val_loss": 3.0, "step": 10, "epoch": 1}] + good[2:]
+  aside = [_strict_json(l) for l in (tmp_path / rundir.REJECTED_FILE).read_text().splitlines()]
+  assert [(r["line"], r["reason"], r["text"]) for r in aside] == [
+      (3, "torn", lines[2]), (4, "non-finite", lines[3]), (5, "duplicate", lines[4]),
+      (9, "after_checkpoint", lines[8])]
+  err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and "1 torn, 1 non-finite, 1 duplicate" in err[0], err
+  assert rundir.trim_metrics(str(path), 20) == 0                 # nothing more to set aside
