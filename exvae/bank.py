@@ -585,7 +585,10 @@ def restore_trained(config, workdir: str) -> Trained:
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
   if is_published:
-    best, meta = published.load(workdir, template.params)
+    best, record = published.load(workdir, template.params)
+    # As a checkpoint's meta: best_epoch counted from 0 (model.json counts from 1).
+    meta = {"best_epoch": int(record.get("best_epoch", 0)) - 1,
+            "best_val": record.get("best_val_loss")}
   else:
     manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
     out = manager.restore_latest(None, template.params, need_state=False)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 import zipfile
 from typing import Any
@@ -26,12 +28,34 @@ from exvae import (atomic, checkpoints, data, distributed, errors, per_example, 
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
-  """Evaluates on all devices of a data mesh (``config.num_devices``); see :func:`_evaluate`."""
-  with distributed.data_mesh(int(config.num_devices)) as mesh:
-    return _evaluate(config, workdir, mesh)
+  """Evaluates on all devices of a data mesh (``config.num_devices``); see :func:`_evaluate`.
+
+  SIGTERM stops it as it stops training: the current batch is finished, the scores so
+  far are saved (``eval_partial.npz``, where the next run goes on from) and
+  rundir.Interrupted is raised (exit code 143); arriving after the last batch, once
+  the outputs are written.
+  """
+  stop: list[int] = []
+  main = threading.current_thread() is threading.main_thread()
+  prev = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if main else None
+  lock = None
+  try:
+    if distributed.is_primary():
+      lock = lock_out_dir(str(config.eval.get("out_dir", "")) or workdir)
+    with distributed.data_mesh(int(config.num_devices)) as mesh:
+      metrics = _evaluate(config, workdir, mesh, stop=lambda: bool(stop))
+  finally:
+    if lock is not None:
+      os.close(lock)
+    if main:
+      signal.signal(signal.SIGTERM, prev)
+  if stop:
+    raise rundir.Interrupted(f"SIGTERM after the last batch: the evaluation is complete and "
+                             f"its outputs are written ({metrics['per_example']}).")
+  return metrics
 
 
-def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
+def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   """Evaluates the checkpoint in ``workdir``; writes ``eval_metrics.json`` and prints it.
 
   The outputs (``eval_metrics.json``, ``per_example.npz``, ``eval_samples.png``) go to
@@ -113,7 +137,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   res = train_lib.evaluate_split(params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed),
                                  num_samples=s, max_queries=int(config.eval.max_queries),
                                  progress=bool(config.progress), desc=f"test NLL (S={s})",
-                                 partial_path=partial, partial_identity=identity)
+                                 partial_path=partial, partial_identity=identity, stop=stop)
   t_eval = time.time() - t0
   m = test_x.shape[0]
   metrics = {
@@ -164,6 +188,46 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
     if partial is not None and os.path.exists(partial):
       os.remove(partial)
   return metrics
+
+
+def lock_out_dir(out_dir: str) -> int | None:
+  """Takes an exclusive ``flock`` on the directory ``out_dir`` itself (created if missing).
+
+  Two evaluations into one output directory would replace each other's outputs; the
+  second is refused at once. Nothing is written for the lock (a directory's own lock
+  leaves no file), and the kernel drops it when the process ends, however it ends.
+
+  Returns:
+    The locked descriptor (close it to release), or None where the filesystem has no
+    locks (then nothing stops a second evaluation).
+
+  Raises:
+    rundir.WorkdirLockedError: another evaluation writes ``out_dir`` now.
+    errors.ReadOnlyError, errors.DiskFullError: ``out_dir`` cannot be created.
+  """
+  import errno
+  import fcntl
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+  except OSError as e:
+    typed = errors.as_write_error(e, f"the evaluation outputs in {out_dir}")
+    if typed is e:
+      raise
+    raise typed from e
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise rundir.WorkdirLockedError(
+        f"{out_dir} is being written by another evaluation: wait for it to finish, or give "
+        "this one another --config.eval.out_dir.") from None
+  except OSError as e:
+    os.close(fd)
+    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      return None
+    raise
+  return fd
 
 
 def _identity(config, params, test_x: np.ndarray) -> dict[str, Any]:

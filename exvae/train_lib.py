@@ -316,7 +316,7 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
                    num_samples: int, max_queries: int = 5000,
                    progress: bool = False, desc: str = "eval",
                    partial_path: str | None = None, partial_identity: dict | None = None,
-                   save_every_s: float = 60.0) -> dict[str, np.ndarray]:
+                   save_every_s: float = 60.0, stop=None) -> dict[str, np.ndarray]:
   """IWAE bound and ELBO terms for every example of ``xs``.
 
   Each example gets ``num_samples`` importance samples drawn in chunks; one
@@ -344,6 +344,8 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     partial_identity: JSON-able description of everything else the scores
       depend on (parameters, images, prior settings).
     save_every_s: seconds between two saves.
+    stop: a callable asked after each batch (SIGTERM): when it returns True, the
+      finished batches are saved to ``partial_path`` and rundir.Interrupted is raised.
 
   Returns:
     dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
@@ -404,6 +406,16 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     if partial_path is not None and b + 1 < n_batches and time.time() - last_save >= save_every_s:
       _write_partial(partial_path, identity, out, b + 1)
       last_save = time.time()
+    if stop is not None and b + 1 < n_batches and stop():
+      kept = "no scores are kept (no partial_path)"
+      if partial_path is not None:
+        _write_partial(partial_path, identity, out, b + 1)
+        kept = f"the scores of the first {hi} are kept in {partial_path}"
+      for p in (bar, lines):
+        if p is not None:
+          p.close()
+      raise rundir.Interrupted(f"SIGTERM after {hi} of {m} examples ({desc}): {kept}; run the "
+                               "same command to go on from there.")
   for p in (bar, lines):
     if p is not None:
       p.close()
@@ -517,6 +529,12 @@ def should_stop_early(meta: dict, patience: int) -> bool:
   return meta["bad_epochs"] > patience
 
 
+def _summary_meta(meta: dict) -> dict:
+  """The checkpoint's bookkeeping as the summary reports it: ``best_epoch`` 1-based
+  (0: no validated epoch), as printed and as every other record counts epochs."""
+  return dict(meta, best_epoch=int(meta.get("best_epoch", -1)) + 1)
+
+
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
                        overwrite: bool = False) -> dict[str, Any]:
   """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`).
@@ -590,7 +608,7 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
              "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
-    return dict(summary, step=int(state.step), finished=True, **meta)
+    return dict(summary, step=int(state.step), finished=True, **_summary_meta(meta))
 
   if primary:   # which machine trains from here (a run may move between machines)
     atomic.append_line(os.path.join(workdir, rundir.MACHINES_FILE), atomic.dumps(
@@ -719,7 +737,8 @@ def _train(config, workdir: str, mesh) -> dict[str, Any]:
         "same command to resume.")
   wall = time.time() - t_start
   summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall,
-                 finished=meta["early_stopped"] or int(state.step) >= max_steps, **meta)
+                 finished=meta["early_stopped"] or int(state.step) >= max_steps,
+                 **_summary_meta(meta))
   _append_jsonl(metrics_path, {"summary": summary})
   writers.close(workdir)
   return summary

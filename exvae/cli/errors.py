@@ -75,7 +75,7 @@ def exit_code(e: BaseException) -> int | None:
   from exvae import checkpoints, data, rundir   # late: usage errors stay fast
   if isinstance(e, KeyboardInterrupt):
     return 130
-  if rundir.is_disk_full(e):
+  if rundir.is_disk_full(e) or (isinstance(e, OSError) and rundir.is_read_only(e)):
     return 1
   if isinstance(e, (checkpoints.CheckpointNotFoundError, data.DataNotFoundError,
                     FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError,

@@ -54,8 +54,8 @@ def provenance(trained, workdir: str) -> dict[str, Any]:
     and ``source_commit``.
   """
   model: dict[str, Any] = {"path": workdir}
-  if trained.meta.get("best_epoch") is not None:
-    model["best_epoch"] = int(trained.meta["best_epoch"])
+  if trained.meta.get("best_epoch") is not None:     # the checkpoint counts from 0
+    model["best_epoch"] = int(trained.meta["best_epoch"]) + 1
   if published.is_published(workdir):
     meta = published.read_meta(workdir)
     for key in ("best_epoch", "params_sha256", "source_run", "source_commit"):
@@ -289,7 +289,19 @@ def run(command: str, config, workdir: str, out: str | None = None, **opts) -> d
   if command not in COMMANDS:
     raise ValueError(f"Unknown command {command!r}; commands: {sorted(COMMANDS)}")
   out = out or os.path.join(workdir, "uses")
-  os.makedirs(out, exist_ok=True)
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = atomic.write_bytes(os.path.join(out, f".write-test-{os.getpid()}"), b"")
+    os.remove(probe)      # a read-only --out fails here, before any work, in one line
+  except OSError as e:
+    from exvae import errors
+    if errors.is_read_only(e):
+      raise errors.ReadOnlyError(f"Cannot write the outputs in {out}: read-only or no "
+                                 "permission. Give --out=DIR to write elsewhere.") from e
+    if errors.is_disk_full(e):
+      raise errors.DiskFullError(f"Disk full while writing the outputs in {out}. Free some "
+                                 "space, or give --out=DIR to write elsewhere.") from e
+    raise
   if bool(config.progress) and not progress_lib.enabled(True):
     # No terminal (a redirected log, CI): no \r progress bars in it.
     config = copy.deepcopy(config)
