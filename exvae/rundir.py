@@ -373,10 +373,17 @@ def recorded_run_config(workdir: str) -> dict | None:
           "config": rec["config"]}
 
 
+def _edit_text(changes: dict) -> str:
+  if list(changes) == [None]:          # only a digest is recorded: the keys are unknown
+    return "its values differ from the recorded digest"
+  return f"{_changes_text(changes)}; recorded -> file"
+
+
 def _edited_keys(recorded: dict, stored: dict, patterns) -> tuple[dict, dict]:
-  """``(allowed, forbidden)`` differences between the recorded config and the file's."""
+  """``(allowed, forbidden)`` differences between the recorded config and the file's
+  (``{None: ...}`` when only a digest is recorded)."""
   if recorded.get("config") is None:
-    return {}, {CONFIG_FILE: ("(recorded digest)", "(other values)")}
+    return {}, {None: (None, None)}
   allowed, forbidden, unknown = diff_configs(recorded["config"], stored, patterns)
   a, b = flatten(recorded["config"]), flatten(stored)
   forbidden.update({k: (a.get(k), b.get(k)) for k in unknown})
@@ -406,14 +413,14 @@ def check_edited_config(workdir: str, *, allow_change: bool, write: bool) -> dic
   if forbidden and not allow_change:
     raise ConfigDriftError(
         f"{path} is not the config {rec['where']} was saved with: it was edited since "
-        f"({_changes_text(forbidden)}; saved -> file). Restore the saved values, or pass "
+        f"({_edit_text(forbidden)}). Restore the saved values, or pass "
         "--allow_config_change to resume with the edited file (recorded).")
   changes = dict(allowed, **forbidden)
   if write:
     _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                              "override": bool(forbidden), "edited_config_json": True,
-                             "changes": {k: list(v) for k, v in changes.items()}})
-  print(f"Resuming with {CONFIG_FILE} edited since {rec['where']}: {_changes_text(changes)} "
+                             "changes": {k or CONFIG_FILE: list(v) for k, v in changes.items()}})
+  print(f"Resuming with {CONFIG_FILE} edited since {rec['where']}: {_edit_text(changes)} "
         f"({_recorded_note()}).", flush=True)
   return changes
 
@@ -524,8 +531,8 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
     if forbidden:
       raise ConfigDriftError(
           f"{path} is not the config {rec['where']} records: it was edited since "
-          f"({_changes_text(forbidden)}; recorded -> file), and the numbers would not be "
-          "this run's. Restore the recorded values.")
+          f"({_edit_text(forbidden)}), and the numbers would not be this run's. Restore "
+          "the recorded values.")
   _, forbidden, _ = diff_configs(stored, config_dict(config), MAY_DIFFER_FOR_READERS)
   if forbidden:
     hints = hints or {}
