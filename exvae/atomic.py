@@ -216,3 +216,71 @@ def leftover_temporaries(directory: str) -> Iterator[str]:
     for name in os.listdir(directory):
       if TMP_MARK in name and name.startswith("."):
         yield os.path.join(directory, name)
+
+
+# ----------------------------------------------------------------------------
+# Digests a record carries of itself (checked before anything is reused)
+# ----------------------------------------------------------------------------
+
+SELF_DIGEST = "record_sha256"
+NPZ_DIGEST = "_sha256"
+
+
+def json_digest(obj: Any) -> str:
+  """SHA-256 (hex) of ``obj`` as canonical JSON (sorted keys, no spaces): the same for
+  the same values, however the file holding them is laid out."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+                        ).hexdigest()
+
+
+def with_self_digest(record: dict) -> dict:
+  """``record`` plus :data:`SELF_DIGEST`: the :func:`json_digest` of the rest of it."""
+  rest = {k: v for k, v in record.items() if k != SELF_DIGEST}
+  return dict(rest, **{SELF_DIGEST: json_digest(rest)})
+
+
+def check_self_digest(record: dict, what: str, required: bool = False) -> None:
+  """Raises ValueError if ``record``'s :data:`SELF_DIGEST` does not match its content.
+
+  A record without one (written before records carried it) passes unless ``required``.
+  """
+  if SELF_DIGEST not in record:
+    if required:
+      raise ValueError(f"{what} carries no digest of its content")
+    return
+  rest = {k: v for k, v in record.items() if k != SELF_DIGEST}
+  if json_digest(rest) != record[SELF_DIGEST]:
+    raise ValueError(f"{what} differs from the digest written with it (edited or damaged)")
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+  """SHA-256 (hex) of named arrays: names, dtypes, shapes and bytes, in name order."""
+  h = hashlib.sha256()
+  for name in sorted(arrays):
+    a = np.ascontiguousarray(np.asarray(arrays[name]))
+    h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def write_npz_checked(path: str, arrays: dict[str, np.ndarray]) -> str:
+  """:func:`write_npz` with :data:`NPZ_DIGEST`, the :func:`arrays_digest` of the arrays."""
+  arrays = {k: np.asarray(v) for k, v in arrays.items() if k != NPZ_DIGEST}
+  return write_npz(path, dict(arrays, **{NPZ_DIGEST: np.str_(arrays_digest(arrays))}))
+
+
+def read_npz_checked(path: str) -> dict[str, np.ndarray]:
+  """The arrays of a :func:`write_npz_checked` archive, after checking its digest.
+
+  Raises:
+    ValueError: no digest, or the arrays differ from it; OSError, EOFError,
+      zipfile.BadZipFile: the file cannot be read.
+  """
+  with np.load(path, allow_pickle=False) as z:
+    arrays = {k: np.asarray(z[k]) for k in z.files}
+  recorded = arrays.pop(NPZ_DIGEST, None)
+  if recorded is None:
+    raise ValueError("it carries no digest of its arrays")
+  if str(recorded) != arrays_digest(arrays):
+    raise ValueError("its arrays differ from the digest written with them")
+  return arrays

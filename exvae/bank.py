@@ -575,6 +575,8 @@ def restore_trained(config, workdir: str) -> Trained:
   """
   from exvae import checkpoints, published, rundir, train_lib
   is_published = published.is_published(workdir)   # parameters only, no checkpoints
+  if not is_published and not rundir.has_checkpoint(workdir):
+    published.check_complete(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not is_published and (
       not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir))):

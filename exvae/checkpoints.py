@@ -238,6 +238,9 @@ class Manager:
     """
     self.directory = os.path.abspath(directory)
     self.read_only = bool(read_only)
+    # The run's config.json as this writer found it (checked and settled by rundir.Writer):
+    # every step it saves records its digest and values (see recorded_config).
+    self._config = {} if read_only else _config_record(os.path.dirname(self.directory))
     self._unreadable: set[int] = set()
     self.fallbacks: list[int] = []           # steps skipped by the last restore
     self.verified: bool | None = None        # the last restore checked digests (None: none)
@@ -298,7 +301,7 @@ class Manager:
     state, best_params = jax.device_get((state, best_params))
     _check_finite(state, best_params)
     digest = {"format": DIGEST_FORMAT, "hash": "blake2b-128", "state": tree_digest(state),
-              "best": tree_digest(best_params), "meta": meta_digest(meta)}
+              "best": tree_digest(best_params), "meta": meta_digest(meta), **self._config}
     try:
       with _quiet_failed_save():
         self._mngr.save(step, args=ocp.args.Composite(
@@ -519,6 +522,50 @@ def _verify(out, digest: dict, names) -> None:
         raise IntegrityError(f"{name}{key} differs from the digest recorded at save time")
   if meta_digest(dict(out["meta"])) != digest["meta"]:
     raise IntegrityError("meta differs from the digest recorded at save time")
+
+
+CONFIG_FILE = "config.json"
+
+
+def _config_record(workdir: str) -> dict:
+  """``{"config_sha256", "config"}`` of ``<workdir>/config.json``, or {} if it cannot be read."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  if not isinstance(config, dict):
+    return {}
+  return {"config_sha256": atomic.json_digest(config), "config": config}
+
+
+def recorded_config(directory: str) -> dict | None:
+  """The config the newest step of ``<workdir>/checkpoints`` was saved with.
+
+  Reads the step's ``digest`` item (JSON, written in the same atomic save as its
+  arrays) directly, without restoring anything; a step whose record cannot be read
+  gives way to the one before.
+
+  Args:
+    directory: ``<workdir>/checkpoints``.
+
+  Returns:
+    ``{"step", "config_sha256", "config"}``, the last two None for steps saved before
+    they were recorded; None when no step has a readable record.
+  """
+  if not os.path.isdir(directory):
+    return None
+  for step in sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True):
+    try:
+      with open(os.path.join(directory, str(step), "digest", "metadata")) as f:
+        digest = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(digest, dict) and digest.get("format") == DIGEST_FORMAT:
+      config = digest.get("config")
+      return {"step": step, "config_sha256": digest.get("config_sha256"),
+              "config": config if isinstance(config, dict) else None}
+  return None
 
 
 def _verify_files(step_dir: str) -> None:

@@ -34,6 +34,13 @@ class IdentityMismatchError(ValueError):
   exit_code = 2
 
 
+class PerExampleFileError(ValueError):
+  """A per-example file that cannot be compared: unreadable, malformed, non-finite scores,
+  or not the file its ``eval_metrics.json`` records (a usage error: exit code 2)."""
+
+  exit_code = 2
+
+
 class ScoringMismatchError(IdentityMismatchError):
   """Two per-example files scored the images differently (S, pruning, binarisation draw)."""
 
@@ -186,6 +193,55 @@ def _label(path: str) -> str:
   return os.path.basename(f.rstrip(os.sep)) or f
 
 
+def load_checked(path: str) -> dict[str, Any]:
+  """:func:`exvae.per_example.load`, and the checks before a file's scores are used.
+
+  The file must be readable and well formed (``count`` scores in each array), its
+  scores finite, and it must be the file the ``eval_metrics.json`` beside it records
+  (``outputs_sha256``), where there is one.
+
+  Raises:
+    FileNotFoundError: no per-example file at ``path``.
+    PerExampleFileError: any other failure of the checks (one line).
+  """
+  import json
+  import zipfile
+  try:
+    run = per_example.load(path)
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise PerExampleFileError(f"{path}: cannot be read as a per-example file "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                              "evaluate the run again.") from None
+  f = run["path"]
+  m = run.get("count")
+  for k in per_example.SCORES:
+    if k not in run:
+      continue
+    a = np.asarray(run[k])
+    if not isinstance(m, int) or a.shape != (m,):
+      raise PerExampleFileError(f"{f}: {k} holds {a.shape} scores, its count says {m}: the "
+                                "file is malformed; evaluate the run again.")
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+      raise PerExampleFileError(f"{f}: {bad.size} non-finite {k} score(s) (first: image "
+                                f"{int(bad[0])}, {a[bad[0]]}); evaluate the run again.")
+  beside = os.path.join(os.path.dirname(f), "eval_metrics.json")
+  if os.path.basename(f) == per_example.FILENAME and os.path.isfile(beside):
+    try:
+      with open(beside) as fh:
+        recorded = (json.load(fh).get("outputs_sha256") or {}).get(per_example.FILENAME)
+    except (OSError, ValueError, AttributeError) as e:
+      raise PerExampleFileError(f"{beside}: unreadable ({type(e).__name__}), so {f} cannot "
+                                "be checked; evaluate the run again.") from None
+    from exvae import atomic
+    if recorded is not None and atomic.sha256_file(f) != recorded:
+      raise PerExampleFileError(f"{f} is not the file {beside} was written with (its SHA-256 "
+                                "differs): evaluate the run again.")
+  return run
+
+
 def load_runs(paths: Sequence[str], force: bool = False) -> list[dict[str, Any]]:
   """Loads the per-example files of ``paths`` and checks they are comparable.
 
@@ -199,7 +255,7 @@ def load_runs(paths: Sequence[str], force: bool = False) -> list[dict[str, Any]]
       seed, count, image digest) differ.
     ScoringMismatchError: the scoring settings differ, without ``force``.
   """
-  runs = [per_example.load(p) for p in paths]
+  runs = [load_checked(p) for p in paths]
   ref = per_example.identity(runs[0])
   for p, r in zip(paths[1:], runs[1:]):
     other = per_example.identity(r)

@@ -13,7 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -25,12 +28,34 @@ from exvae import (atomic, checkpoints, data, distributed, errors, per_example, 
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
-  """Evaluates on all devices of a data mesh (``config.num_devices``); see :func:`_evaluate`."""
-  with distributed.data_mesh(int(config.num_devices)) as mesh:
-    return _evaluate(config, workdir, mesh)
+  """Evaluates on all devices of a data mesh (``config.num_devices``); see :func:`_evaluate`.
+
+  SIGTERM stops it as it stops training: the current batch is finished, the scores so
+  far are saved (``eval_partial.npz``, where the next run goes on from) and
+  rundir.Interrupted is raised (exit code 143); arriving after the last batch, once
+  the outputs are written.
+  """
+  stop: list[int] = []
+  main = threading.current_thread() is threading.main_thread()
+  prev = signal.signal(signal.SIGTERM, lambda *_: stop.append(1)) if main else None
+  lock = None
+  try:
+    if distributed.is_primary():
+      lock = lock_out_dir(str(config.eval.get("out_dir", "")) or workdir)
+    with distributed.data_mesh(int(config.num_devices)) as mesh:
+      metrics = _evaluate(config, workdir, mesh, stop=lambda: bool(stop))
+  finally:
+    if lock is not None:
+      os.close(lock)
+    if main:
+      signal.signal(signal.SIGTERM, prev)
+  if stop:
+    raise rundir.Interrupted(f"SIGTERM after the last batch: the evaluation is complete and "
+                             f"its outputs are written ({metrics['per_example']}).")
+  return metrics
 
 
-def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
+def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   """Evaluates the checkpoint in ``workdir``; writes ``eval_metrics.json`` and prints it.
 
   The outputs (``eval_metrics.json``, ``per_example.npz``, ``eval_samples.png``) go to
@@ -55,6 +80,8 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   """
   ckpt_dir = os.path.join(workdir, "checkpoints")
   is_published = published.is_published(workdir)   # a published model: parameters only
+  if not is_published and not rundir.has_checkpoint(workdir):
+    published.check_complete(workdir)
   if not is_published and (not os.path.isdir(ckpt_dir) or not any(
       name.isdigit() for name in os.listdir(ckpt_dir))):
     raise checkpoints.CheckpointNotFoundError(
@@ -113,7 +140,7 @@ def _evaluate(config, workdir: str, mesh) -> dict[str, Any]:
   res = train_lib.evaluate_split(params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed),
                                  num_samples=s, max_queries=int(config.eval.max_queries),
                                  progress=bool(config.progress), desc=f"test NLL (S={s})",
-                                 partial_path=partial, partial_identity=identity)
+                                 partial_path=partial, partial_identity=identity, stop=stop)
   t_eval = time.time() - t0
   m = test_x.shape[0]
   metrics = {
@@ -189,6 +216,46 @@ def _in_progress(workdir: str, meta: dict, use_best: bool, step: int) -> int | N
   return done
 
 
+def lock_out_dir(out_dir: str) -> int | None:
+  """Takes an exclusive ``flock`` on the directory ``out_dir`` itself (created if missing).
+
+  Two evaluations into one output directory would replace each other's outputs; the
+  second is refused at once. Nothing is written for the lock (a directory's own lock
+  leaves no file), and the kernel drops it when the process ends, however it ends.
+
+  Returns:
+    The locked descriptor (close it to release), or None where the filesystem has no
+    locks (then nothing stops a second evaluation).
+
+  Raises:
+    rundir.WorkdirLockedError: another evaluation writes ``out_dir`` now.
+    errors.ReadOnlyError, errors.DiskFullError: ``out_dir`` cannot be created.
+  """
+  import errno
+  import fcntl
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+  except OSError as e:
+    typed = errors.as_write_error(e, f"the evaluation outputs in {out_dir}")
+    if typed is e:
+      raise
+    raise typed from e
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise rundir.WorkdirLockedError(
+        f"{out_dir} is being written by another evaluation: wait for it to finish, or give "
+        "this one another --config.eval.out_dir.") from None
+  except OSError as e:
+    os.close(fd)
+    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      return None
+    raise
+  return fd
+
+
 def _identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
   """What the scores of an earlier evaluation (stopped: ``eval_partial.npz``; finished:
   ``identity_sha256`` in ``eval_metrics.json``) must match to be reused: the parameters,
@@ -226,8 +293,8 @@ def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
           "unreadable); evaluating again (its outputs will be replaced)", flush=True)
     return None
   try:
-    metrics = check_outputs(out_dir)      # the digests of the files it names
-  except (OSError, ValueError) as e:
+    metrics = check_outputs(out_dir)      # its own digest, its files', the means of the scores
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     print(f"{path}: the outputs there do not check ({e}); evaluating again", flush=True)
     return None
   print(f"{path}: this evaluation is already done (same parameters, test images and "
@@ -265,7 +332,9 @@ def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, c
 
   def metrics_writer(digests):
     metrics["outputs_sha256"] = {os.path.basename(p): h for p, h in digests.items()}
-    text = atomic.dumps(atomic.finite_or_none(metrics), indent=2) + "\n"
+    record = atomic.with_self_digest(atomic.finite_or_none(metrics))
+    metrics[atomic.SELF_DIGEST] = record[atomic.SELF_DIGEST]
+    text = atomic.dumps(record, indent=2) + "\n"
     return lambda f: f.write(text.encode())
 
   atomic.commit([(png, lambda _: lambda f: img.save(f, format="PNG")),
@@ -274,21 +343,56 @@ def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, c
 
 
 def check_outputs(out_dir: str) -> dict[str, Any]:
-  """Reads ``eval_metrics.json`` and checks that the other outputs are the ones it records.
+  """Reads ``eval_metrics.json`` and checks it against itself and its companions.
+
+  Checks the digest the metrics carry of their own content (``record_sha256``;
+  a file written before it existed has none), the SHA-256 of the other outputs it
+  records (``outputs_sha256``), and that its means are those of ``per_example.npz``
+  (``test_nll`` = -mean of ``log_px``, and the ELBO and its terms; the count).
 
   Returns:
     The metrics.
 
   Raises:
-    ValueError: a file differs from the digest in ``eval_metrics.json``.
+    ValueError: a file differs from its digest, or the means from the scores.
   """
-  with open(os.path.join(out_dir, "eval_metrics.json")) as f:
+  path = os.path.join(out_dir, "eval_metrics.json")
+  with open(path) as f:
     metrics = json.load(f)
+  if not isinstance(metrics, dict):
+    raise ValueError(f"{path} is not a JSON object")
+  atomic.check_self_digest(metrics, path)
   for name, digest in metrics.get("outputs_sha256", {}).items():
     if atomic.sha256_file(os.path.join(out_dir, name)) != digest:
-      raise ValueError(f"{os.path.join(out_dir, name)} is not the file "
-                       f"{os.path.join(out_dir, 'eval_metrics.json')} was written with.")
+      raise ValueError(f"{os.path.join(out_dir, name)} is not the file {path} was written with.")
+  _check_means(metrics, os.path.join(out_dir, per_example.FILENAME), path)
   return metrics
+
+
+# (key in eval_metrics.json, score in per_example.npz, sign): the means that must agree.
+_MEANS = (("test_nll", "log_px", -1.0), ("test_elbo", "elbo", -1.0),
+          ("test_recon", "recon", 1.0), ("test_kl", "kl", 1.0))
+
+
+def _check_means(metrics: dict, npz: str, path: str) -> None:
+  """Raises ValueError if the means in ``metrics`` are not those of the scores in ``npz``.
+
+  The scores are stored as float32 and the means computed in float64 before that, so
+  they agree to within 1e-5 of the mean magnitude (a changed digit is far more).
+  """
+  with np.load(npz, allow_pickle=False) as z:
+    scores = {k: np.asarray(z[k], np.float64) for k in z.files if k in per_example.SCORES}
+  m = metrics.get("num_test_examples")
+  if "log_px" not in scores or (m is not None and scores["log_px"].shape != (int(m),)):
+    raise ValueError(f"{npz} does not hold the {m} scores {path} records")
+  for key, score, sign in _MEANS:
+    if key not in metrics or score not in scores:
+      continue
+    want = sign * float(scores[score].mean())
+    got = metrics[key]
+    tol = 1e-5 * max(1.0, float(np.abs(scores[score]).mean()))
+    if not isinstance(got, (int, float)) or not abs(float(got) - want) <= tol:
+      raise ValueError(f"{path} records {key}={got}, the scores in {npz} give {want:.6f}")
 
 
 def _per_example_parts(res: dict, test_x: np.ndarray, config, metrics: dict):

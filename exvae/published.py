@@ -5,8 +5,10 @@ A published model is a directory of three files:
 * ``config.json``: the run's config (the same file a run directory holds);
 * ``params.npz``: the parameters ``{"model": ..., "prior": ...}``, one array per
   leaf, keyed by its '/'-joined path;
-* ``model.json``: provenance (source run, commit, epoch, best validation loss)
-  and the SHA-256 of ``params.npz``, checked on every load.
+* ``model.json``: provenance (source run, commit, epoch, best validation loss),
+  the SHA-256 of ``params.npz``, checked on every load, and the digest of the
+  values of ``config.json`` (``config_sha256``, :func:`exvae.atomic.json_digest`),
+  checked by every reader (:func:`exvae.rundir.check_reader_config`).
 
 It is a few MB, where a run directory with its optimiser state and checkpoint
 history is tens. ``exvae-eval`` and ``exvae-uses`` read one like a run
@@ -36,11 +38,28 @@ PyTree = Any
 class PublishedModelError(ValueError):
   """A published model directory is incomplete, corrupt or does not fit the config."""
 
+  exit_code = 1
+
 
 def is_published(directory: str) -> bool:
   """True if ``directory`` holds a published model (``model.json`` and ``params.npz``)."""
   return (os.path.isfile(os.path.join(directory, META_FILE))
           and os.path.isfile(os.path.join(directory, PARAMS_FILE)))
+
+
+def check_complete(directory: str) -> None:
+  """Raises PublishedModelError if ``directory`` holds part of a published model only.
+
+  A folder with ``params.npz`` but no ``model.json`` (or the other way round) was
+  copied incompletely; without this it would read as a run directory that holds no
+  checkpoint ("train first").
+  """
+  have = [n for n in (META_FILE, PARAMS_FILE) if os.path.isfile(os.path.join(directory, n))]
+  if len(have) == 1:
+    missing = PARAMS_FILE if have[0] == META_FILE else META_FILE
+    raise PublishedModelError(
+        f"{directory} holds {have[0]} but no {missing}: an incomplete published model. "
+        f"Copy the whole folder ({CONFIG_FILE}, {PARAMS_FILE}, {META_FILE}) again.")
 
 
 def save(directory: str, params: PyTree, config_json: dict, meta: dict[str, Any]) -> str:
@@ -62,6 +81,7 @@ def save(directory: str, params: PyTree, config_json: dict, meta: dict[str, Any]
   atomic.write_npz(params_path, {k: np.asarray(v) for k, v in sorted(flat.items())})
   atomic.write_json(os.path.join(directory, CONFIG_FILE), config_json, sort_keys=True)
   record = dict(meta, params_sha256=atomic.sha256_file(params_path),
+                config_sha256=atomic.json_digest(config_json),
                 num_parameters=int(sum(np.asarray(v).size for v in flat.values())))
   atomic.write_json(os.path.join(directory, META_FILE), record, sort_keys=True)
   return params_path

@@ -32,10 +32,11 @@ A workdir belongs to the run that started it:
   evaluation outputs, recorded config changes) is a :class:`HistoryError`
   unless told to overwrite; then the earlier files move into
   ``previous/<time>/`` (:func:`check_history`).
-* **metrics.jsonl without duplicates.**  A resume from step s drops the
-  records of steps after s (:func:`trim_metrics`), which the resumed run
-  writes again; torn lines and a file that ends before the checkpoint are
-  reported in one line.
+* **metrics.jsonl without duplicates.**  A resume from step s sets aside
+  the records of steps after s (:func:`trim_metrics`), which the resumed run
+  writes again, and torn, non-finite and duplicated lines, into
+  ``metrics.rejected.jsonl`` (never deleted); the damaged lines and a file
+  that ends before the checkpoint are reported in one line.
 * **Typed errors.**  Expected failures raise :class:`RunDirError` subclasses
   (each with its ``exit_code``: a bad config, a second writer, a full disk, a
   read-only filesystem, a corrupt checkpoint or bank, SIGTERM); the classes
@@ -352,6 +353,91 @@ def _record_change(workdir: str, record: dict) -> None:
   atomic.append_line(os.path.join(workdir, CHANGES_FILE), atomic.dumps(record))
 
 
+def recorded_run_config(workdir: str) -> dict | None:
+  """What the run's ``config.json`` must be: the digest its model or checkpoint records.
+
+  A published model records it in ``model.json`` (``config_sha256``); a run directory
+  in the ``digest`` item of each checkpoint step (with the values, so that a
+  difference can be named; :func:`exvae.checkpoints.recorded_config`).
+
+  Returns:
+    ``{"where", "config_sha256", "config"}`` (``config`` None when only the digest is
+    recorded), or None when nothing is recorded (a model or checkpoints written
+    before these records existed: accepted unchecked).
+  """
+  from exvae import checkpoints, published
+  if published.is_published(workdir):
+    try:
+      meta = published.read_meta(workdir)
+    except published.PublishedModelError:
+      return None                            # the reader's load reports it
+    sha = meta.get("config_sha256") if isinstance(meta, dict) else None
+    return None if sha is None else {"where": os.path.join(workdir, published.META_FILE),
+                                     "config_sha256": sha, "config": None}
+  rec = checkpoints.recorded_config(os.path.join(workdir, "checkpoints"))
+  if rec is None or rec["config_sha256"] is None:
+    return None
+  return {"where": f"checkpoint step {rec['step']}", "config_sha256": rec["config_sha256"],
+          "config": rec["config"]}
+
+
+def _edit_text(changes: dict) -> str:
+  if list(changes) == [None]:          # only a digest is recorded: the keys are unknown
+    return "its values differ from the recorded digest"
+  return f"{_changes_text(changes)}; recorded -> file"
+
+
+def _edited_keys(recorded: dict, stored: dict, patterns) -> tuple[dict, dict]:
+  """``(allowed, forbidden)`` differences between the recorded config and the file's
+  (``{None: ...}`` when only a digest is recorded)."""
+  if recorded.get("config") is None:
+    return {}, {None: (None, None)}
+  allowed, forbidden, unknown = diff_configs(recorded["config"], stored, patterns)
+  a, b = flatten(recorded["config"]), flatten(stored)
+  forbidden.update({k: (a.get(k), b.get(k)) for k in unknown})
+  return allowed, forbidden
+
+
+def check_edited_config(workdir: str, *, allow_change: bool, write: bool) -> dict:
+  """A resume's check that ``config.json`` is the file the newest checkpoint was saved with.
+
+  An edit to keys in :data:`MAY_CHANGE` is accepted and recorded in
+  ``config_changes.jsonl``; any other edit is refused unless ``allow_change``
+  (then it is recorded as an override). A missing record (checkpoints saved before
+  it existed) or a missing/unreadable file (:func:`check_config_drift`) passes here.
+
+  Returns:
+    The edited keys, ``key -> (recorded, file)``.
+
+  Raises:
+    ConfigDriftError: keys outside :data:`MAY_CHANGE` were edited, without ``allow_change``.
+  """
+  rec = recorded_run_config(workdir)
+  stored, _ = _load_stored_config(workdir)
+  if rec is None or stored is None or atomic.json_digest(stored) == rec["config_sha256"]:
+    return {}
+  path = os.path.join(workdir, CONFIG_FILE)
+  allowed, forbidden = _edited_keys(rec, stored, MAY_CHANGE)
+  if forbidden and not allow_change:
+    raise ConfigDriftError(
+        f"{path} is not the config {rec['where']} was saved with: it was edited since "
+        f"({_edit_text(forbidden)}). Restore the saved values, or pass "
+        "--allow_config_change to resume with the edited file (recorded).")
+  changes = dict(allowed, **forbidden)
+  if write:
+    _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "override": bool(forbidden), "edited_config_json": True,
+                             "changes": {k or CONFIG_FILE: list(v) for k, v in changes.items()}})
+  print(f"Resuming with {CONFIG_FILE} edited since {rec['where']}: {_edit_text(changes)} "
+        f"({_recorded_note()}).", flush=True)
+  return changes
+
+
+def _recorded_note() -> str:
+  # A resume that fails before it saves a checkpoint rolls the record back (Writer).
+  return f"recorded in {CHANGES_FILE} once this run saves a checkpoint"
+
+
 def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bool = False,
                        write: bool = True) -> dict:
   """The writer's config check: records the config of a new run, compares on resume.
@@ -382,6 +468,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
     if write:
       atomic.write_json(path, current)
     return {}
+  edited = check_edited_config(workdir, allow_change=allow_change, write=write)
   stored, problem = _load_stored_config(workdir)
   if stored is None:
     if not allow_change:
@@ -396,7 +483,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
       _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": True,
                                "stored_config": problem, "kept_as": kept, "changes": {}})
       print(f"Resuming with a config that could not be checked ({CONFIG_FILE} {problem}"
-            f"{'; kept as ' + kept if kept else ''}); recorded in {CHANGES_FILE}.", flush=True)
+            f"{'; kept as ' + kept if kept else ''}); {_recorded_note()}.", flush=True)
     return {}
   allowed, forbidden, unknown = diff_configs(stored, current)
   if unknown:
@@ -416,12 +503,18 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
       atomic.write_json(path, current)
   if changes:
     kind = "overriding" if forbidden else "with changed settings"
-    print(f"Resuming {kind}: {_changes_text(changes)} (recorded in {CHANGES_FILE}).", flush=True)
-  return changes
+    print(f"Resuming {kind}: {_changes_text(changes)} ({_recorded_note()}).", flush=True)
+  return dict(edited, **changes)
 
 
 def check_reader_config(workdir: str, config, hints: dict[str, str] | None = None) -> None:
   """A reader's check: the config must match the run's ``config.json`` (model, data).
+
+  ``config.json`` itself must be the file the run's newest checkpoint (or a published
+  model's ``model.json``) records: an edited file is refused where it changes keys
+  outside :data:`MAY_DIFFER_FOR_READERS`. Without ``config.json``, ``config`` is
+  checked against the values the checkpoint records, or, where nothing is recorded,
+  one line on stderr says that it could not be checked.
 
   Args:
     workdir: the run directory (or published model) being read.
@@ -432,9 +525,22 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
   Raises:
     ConfigDriftError: keys outside :data:`MAY_DIFFER_FOR_READERS` differ.
   """
-  stored = read_stored_config(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  stored, problem = _load_stored_config(workdir)
+  rec = recorded_run_config(workdir)
   if stored is None:
-    return
+    if rec is None or rec["config"] is None:
+      print(f"warning: {path} is {problem}: the run's config could not be checked; using "
+            "the given --config as it is.", file=sys.stderr, flush=True)
+      return
+    stored, path = rec["config"], f"the config {rec['where']} records"
+  elif rec is not None and atomic.json_digest(stored) != rec["config_sha256"]:
+    _, forbidden = _edited_keys(rec, stored, MAY_DIFFER_FOR_READERS)
+    if forbidden:
+      raise ConfigDriftError(
+          f"{path} is not the config {rec['where']} records: it was edited since "
+          f"({_edit_text(forbidden)}), and the numbers would not be this run's. Restore "
+          "the recorded values.")
   _, forbidden, _ = diff_configs(stored, config_dict(config), MAY_DIFFER_FOR_READERS)
   if forbidden:
     hints = hints or {}
@@ -442,7 +548,7 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
     raise ConfigDriftError(
         f"This config differs from the one {workdir} was trained with in "
         f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
-        f"Pass the run's config and overrides (see {os.path.join(workdir, CONFIG_FILE)}).{hint}")
+        f"Pass the run's config and overrides (see {path}).{hint}")
 
 
 def read_data_identity(workdir: str) -> dict | None:
@@ -732,27 +838,89 @@ class Writer:
 # ----------------------------------------------------------------------------
 
 
-def trim_metrics(path: str, step: int) -> int:
-  """Drops the records of steps after ``step`` (and torn lines) from a metrics file.
+REJECTED_FILE = "metrics.rejected.jsonl"   # lines a resume set aside, never deleted
 
-  A run resumed from step ``step`` writes those steps again, so without this
-  they would appear twice.  Torn lines (a kill in the middle of a write) are
-  reported in one line on stderr.
+
+class _NonFinite(ValueError):
+  pass
+
+
+def _refuse_constant(name):
+  raise _NonFinite(name)
+
+
+def _record_kind(rec: dict) -> str:
+  return "summary" if "summary" in rec else "val" if "val_loss" in rec else "train"
+
+
+def _sort_lines(raw_lines: list[bytes], step: int) -> tuple[list[bytes], list[dict]]:
+  """``(kept lines, rejected)`` of a metrics file resumed from checkpoint step ``step``.
+
+  Rejected: torn or unreadable lines, lines with a non-finite number (not JSON),
+  a second record of the same kind (train, validation, summary) and step, and
+  records after ``step`` (trained and logged again).
+  """
+  kept, rejected, seen = [], [], set()
+  for i, raw in enumerate(raw_lines, 1):
+    reason = None
+    try:
+      rec = json.loads(raw.decode(), parse_constant=_refuse_constant)
+      if not raw.endswith(b"\n") or not isinstance(rec, dict):
+        raise ValueError("torn")
+      key = (_record_kind(rec), _record_step(rec))
+    except _NonFinite:
+      reason = "non-finite"
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):
+      reason = "torn"
+    else:
+      if key[1] > step:
+        reason = "after_checkpoint"
+      elif key in seen:
+        reason = "duplicate"
+      seen.add(key)
+    if reason is None:
+      kept.append(raw)
+    else:
+      rejected.append({"line": i, "reason": reason,
+                       "text": raw.decode(errors="replace").rstrip("\n")})
+  return kept, rejected
+
+
+def trim_metrics(path: str, step: int) -> int:
+  """Makes a metrics file one strict JSON record per step up to ``step``; sets the rest aside.
+
+  A run resumed from step ``step`` writes the later steps again, so their records
+  would appear twice; a torn line (a kill in the middle of a write), a line with a
+  non-finite number (not strict JSON) or a second record of the same step would stay
+  in the history. Every such line moves to ``metrics.rejected.jsonl`` beside it
+  (:data:`REJECTED_FILE`, one JSON object per line: its line number, the reason and
+  its text), never deleted; damaged, non-finite and duplicated lines are reported in
+  one line on stderr.
 
   Returns:
-    The number of records dropped.
+    The number of lines set aside.
   """
   if not os.path.exists(path):
     return 0
-  lines, bad = _metric_lines(path)
-  kept = [raw for raw, rec in lines if _record_step(rec) <= step]
-  dropped = len(lines) - len(kept) + bad
-  if bad:
-    print(f"warning: {path}: dropped {bad} torn or unreadable line(s) (a write cut short by a "
-          "kill or a full disk).", file=sys.stderr, flush=True)
-  if dropped:
-    atomic.write_bytes(path, b"".join(kept))
-  return dropped
+  with open(path, "rb") as f:
+    raw_lines = f.read().splitlines(keepends=True)
+  kept, rejected = _sort_lines(raw_lines, step)
+  if not rejected:
+    return 0
+  aside = os.path.join(os.path.dirname(os.path.abspath(path)), REJECTED_FILE)
+  stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+  for r in rejected:
+    atomic.append_line(aside, atomic.dumps(dict(r, time=stamp, resumed_from_step=step)),
+                       fsync=False)
+  atomic.write_bytes(path, b"".join(kept))
+  counts = {k: sum(r["reason"] == k for r in rejected) for k in ("torn", "non-finite",
+                                                                  "duplicate")}
+  if any(counts.values()):
+    what = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    print(f"warning: {path}: set aside {what} line(s) (torn or unreadable: a write cut short "
+          f"by a kill or a full disk; non-finite: not JSON) in {aside}; the file keeps one "
+          "record per step.", file=sys.stderr, flush=True)
+  return len(rejected)
 
 
 def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_epoch: int) -> bool:

@@ -333,7 +333,7 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
                    num_samples: int, max_queries: int = 5000,
                    progress: bool = False, desc: str = "eval",
                    partial_path: str | None = None, partial_identity: dict | None = None,
-                   save_every_s: float = 60.0) -> dict[str, np.ndarray]:
+                   save_every_s: float = 60.0, stop=None) -> dict[str, np.ndarray]:
   """IWAE bound and ELBO terms for every example of ``xs``.
 
   Each example gets ``num_samples`` importance samples drawn in chunks; one
@@ -361,6 +361,8 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     partial_identity: JSON-able description of everything else the scores
       depend on (parameters, images, prior settings).
     save_every_s: seconds between two saves.
+    stop: a callable asked after each batch (SIGTERM): when it returns True, the
+      finished batches are saved to ``partial_path`` and rundir.Interrupted is raised.
 
   Returns:
     dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
@@ -421,6 +423,16 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
     if partial_path is not None and b + 1 < n_batches and time.time() - last_save >= save_every_s:
       _write_partial(partial_path, identity, out, b + 1)
       last_save = time.time()
+    if stop is not None and b + 1 < n_batches and stop():
+      kept = "no scores are kept (no partial_path)"
+      if partial_path is not None:
+        _write_partial(partial_path, identity, out, b + 1)
+        kept = f"the scores of the first {hi} are kept in {partial_path}"
+      for p in (bar, lines):
+        if p is not None:
+          p.close()
+      raise rundir.Interrupted(f"SIGTERM after {hi} of {m} examples ({desc}): {kept}; run the "
+                               "same command to go on from there.")
   for p in (bar, lines):
     if p is not None:
       p.close()
@@ -432,7 +444,8 @@ def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: i
   if not distributed.is_primary():
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz(path, {**out, "done_batches": np.int64(done), "identity": np.str_(identity)})
+  atomic.write_npz_checked(path, {**out, "done_batches": np.int64(done),
+                                  "identity": np.str_(identity)})
 
 
 def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batches: int) -> int:
@@ -444,13 +457,13 @@ def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batche
   if not os.path.exists(path):
     return 0
   try:
-    with np.load(path, allow_pickle=False) as f:
-      same = str(f["identity"]) == identity
-      done = int(f["done_batches"])
-      saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
+    f = atomic.read_npz_checked(path)       # its arrays match the digest written with them
+    same = str(f["identity"]) == identity
+    done = int(f["done_batches"])
+    saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f"{path}: unreadable partial evaluation ({type(e).__name__}); starting from the "
-          "first example", flush=True)
+    print(f"{path}: unreadable partial evaluation ({type(e).__name__}: {e}); starting from "
+          "the first example", flush=True)
     return 0
   if saved is None:
     print(f"{path}: a partial evaluation of other parameters or settings; starting from "
@@ -539,6 +552,12 @@ def should_stop_early(meta: dict, patience: int) -> bool:
   return meta["bad_epochs"] > patience
 
 
+def _summary_meta(meta: dict) -> dict:
+  """The checkpoint's bookkeeping as the summary reports it: ``best_epoch`` 1-based
+  (0: no validated epoch), as printed and as every other record counts epochs."""
+  return dict(meta, best_epoch=int(meta.get("best_epoch", -1)) + 1)
+
+
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
                        overwrite: bool = False) -> dict[str, Any]:
   """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`).
@@ -616,7 +635,7 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
     summary["data_identity"] = splits.identity
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
-    return dict(summary, step=int(state.step), finished=True, **meta)
+    return dict(summary, step=int(state.step), finished=True, **_summary_meta(meta))
 
   if primary:   # which machine trains from here (a run may move between machines)
     atomic.append_line(os.path.join(workdir, rundir.MACHINES_FILE), atomic.dumps(
@@ -750,7 +769,8 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
         "same command to resume.")
   wall = time.time() - t_start
   summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall,
-                 finished=meta["early_stopped"] or int(state.step) >= max_steps, **meta)
+                 finished=meta["early_stopped"] or int(state.step) >= max_steps,
+                 **_summary_meta(meta))
   _append_jsonl(metrics_path, {"summary": summary})
   writers.close(workdir)
   return summary

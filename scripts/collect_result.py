@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import zipfile
 
 import numpy as np
 
@@ -100,8 +101,12 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
   if missing:
     raise SystemExit(f"collect_result: {', '.join(missing)} missing: train and evaluate the "
                      "run first (eval.py writes eval_metrics.json and per_example.npz).")
-  with open(os.path.join(eval_dir, "eval_metrics.json")) as f:
-    metrics = json.load(f)
+  from exvae import eval_lib
+  try:      # its own digest, the files it records, the means of per_example.npz
+    metrics = eval_lib.check_outputs(eval_dir)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise SystemExit(f"collect_result: the evaluation in {eval_dir} does not check "
+                     f"({' '.join(str(e).split())}): evaluate the run again.") from None
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))

@@ -75,12 +75,39 @@ def knn_table(rows: list[tuple[str, dict]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+class RecordError(ValueError):
+  """A record in ``results/`` does not agree with its companion file."""
+
+
 def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
+  """The arrays of ``knn_per_example.npz``, checked against the ``knn.json`` beside it.
+
+  Raises:
+    RecordError: the file is not the one ``knn.json`` records (its SHA-256), or its
+      predictions give other error rates than ``knn.json`` reports.
+  """
+  from exvae import atomic
+  from exvae.uses import knn as knn_lib
   path = os.path.join(root, name, "knn_per_example.npz")
   if not os.path.isfile(path):
     return None
+  summary_path = os.path.join(root, name, "knn.json")
+  summary = {}
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  recorded = summary.get("per_example_sha256")
+  if recorded is not None and atomic.sha256_file(path) != recorded:
+    raise RecordError(f"{path} is not the file {summary_path} was written with (its SHA-256 "
+                      "differs): run the kNN command again for this model")
   with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+    arrays = {k: z[k] for k in z.files}
+  if recorded is not None:
+    try:
+      knn_lib.check_record(summary, arrays, os.path.join(root, name))
+    except ValueError as e:
+      raise RecordError(str(e)) from None
+  return arrays
 
 
 # (setting, prefix of its arrays in knn_per_example.npz)
@@ -331,7 +358,11 @@ def main(argv=None) -> int:
   p.add_argument("--write", default=None, help="page to update in place")
   p.add_argument("--check", default=None, help="page that must equal the generated text")
   args = p.parse_args(argv)
-  text = generate(args.results)
+  try:
+    text = generate(args.results)
+  except RecordError as e:
+    print(f"downstream_table: error: {e}", file=sys.stderr)
+    return 1
   for path in filter(None, (args.write, args.check)):
     with open(path) as f:
       page = f.read()

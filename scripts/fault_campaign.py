@@ -18,6 +18,12 @@ in its own workdir while faults are injected between and during the
 * a read-only filesystem: a read-only bind mount of the workdir; skipped
   without root.
 
+With ``--readers=N``, N faults in what the readers read back follow, each on a
+copy of the reference run evaluated once: a changed number in
+``eval_metrics.json`` or damaged bytes of ``per_example.npz`` (the next
+``eval.py`` must score again, not reuse), an edited ``config.json`` (refused in
+one line), and a NaN score given to ``compare.py`` (refused in one line).
+
 Every episode ends with a run to completion.  The table counts the faults
 injected, the resumes, the episodes whose final parameters and metrics are
 bit-identical to the reference, corruptions detected (and any restored
@@ -47,6 +53,7 @@ KILLS = ("SIGKILL", "SIGINT", "SIGTERM")
 FILE_FAULTS = ("flip", "truncate")
 KINDS = KILLS + FILE_FAULTS + ("tear", "disk_full", "read_only")
 WEIGHTS = (3, 3, 2, 3, 2, 1, 1, 1)
+READER_FAULTS = ("eval_edit", "eval_flip", "config_edit", "compare_nan")
 # The campaign's run: 4 epochs of 10 steps, a checkpoint every 3 steps (about 8 MB).
 OVERRIDES = ("--config.max_train=200", "--config.num_epochs=4", "--config.checkpoint_every_steps=3",
              "--config.log_every_steps=2", "--config.keep_checkpoints=2",
@@ -104,11 +111,12 @@ class Campaign:
     self.rng = random.Random(seed)
     self.verbose = verbose
     self.cache = os.path.join(root, "jax_cache")
-    self.counts = {k: 0 for k in KINDS}
+    self.counts = {k: 0 for k in KINDS + READER_FAULTS}
     self.skipped = {k: 0 for k in KINDS}
     self.stats = dict(resumed=0, episodes=0, bit_identical=0, corruptions=0, detected=0,
                       harmless=0, silent=0, records_lost=0, records_duplicated=0,
-                      extra_lines=0, failed_runs=0, crashed_at_exit=0)
+                      extra_lines=0, failed_runs=0, crashed_at_exit=0, reader_caught=0,
+                      reader_silent=0)
     self.problems: list[str] = []
     from exvae import checkpoints, train_lib
     self._ck, self._tl = checkpoints, train_lib
@@ -313,6 +321,69 @@ class Campaign:
       os.rmdir(mnt)
     return True
 
+  # -- what readers read back -------------------------------------------------
+
+  def _reader(self, script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=_env(self.cache),
+                          timeout=600)
+
+  def _eval(self, wd: str) -> subprocess.CompletedProcess:
+    return self._reader("eval.py", f"--workdir={wd}", "--config.eval.num_importance_samples=4",
+                        "--config.eval.max_test_examples=20",
+                        f"--config.eval.out_dir={os.path.join(wd, 'eval')}")
+
+  def reader_fault(self, i: int, kind: str) -> None:
+    """One fault in a reader's input on a copy of the reference run (see the docstring)."""
+    import numpy as np
+    wd = os.path.join(self.root, f"reader{i:03d}")
+    shutil.copytree(os.path.join(self.root, "reference"), wd)
+    out = os.path.join(wd, "eval")
+    first = self._eval(wd)
+    if first.returncode != 0:
+      self.stats["failed_runs"] += 1
+      self.problems.append(f"{kind}: the first evaluation failed: {first.stderr[-500:]}")
+      return
+    metrics_path, npz = os.path.join(out, "eval_metrics.json"), os.path.join(out, "per_example.npz")
+    want = json.load(open(metrics_path))["test_nll"]
+    if kind == "eval_edit":
+      m = json.load(open(metrics_path))
+      m["test_nll"] = want + 0.01 * self.rng.choice((-1, 1))
+      with open(metrics_path, "w") as f:
+        json.dump(m, f, indent=2)
+    elif kind == "eval_flip":
+      data = bytearray(open(npz, "rb").read())
+      at = self.rng.randrange(0, len(data) - 16)
+      data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+      open(npz, "wb").write(bytes(data))
+    elif kind == "config_edit":
+      c = json.load(open(os.path.join(wd, "config.json")))
+      c["exemplar"]["binarize_exemplars"] = not c["exemplar"]["binarize_exemplars"]
+      json.dump(c, open(os.path.join(wd, "config.json"), "w"))
+    if kind == "compare_nan":
+      with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+      arrays["log_px"][self.rng.randrange(arrays["log_px"].shape[0])] = np.nan
+      os.makedirs(os.path.join(wd, "nan"))
+      np.savez(os.path.join(wd, "nan", "per_example.npz"), **arrays)
+      r = self._reader("compare.py", out, os.path.join(wd, "nan"))
+      lines = _extra_lines(r.stderr)
+      ok = r.returncode == 2 and len(lines) == 1 and "non-finite" in lines[0]
+    elif kind == "config_edit":
+      r = self._eval(wd)
+      lines = _extra_lines(r.stderr)
+      ok = r.returncode == 1 and len(lines) == 1 and "edited" in lines[0]
+    else:                 # scored again: the printed and stored NLL are the true ones
+      r = self._eval(wd)
+      got = json.load(open(metrics_path))["test_nll"] if os.path.exists(metrics_path) else None
+      ok = (r.returncode == 0 and "already done" not in r.stdout and got == want
+            and f"test NLL = {want:.2f}" in r.stdout)
+    self.counts[kind] += 1
+    self.stats["reader_caught" if ok else "reader_silent"] += 1
+    if not ok:
+      self.problems.append(f"{kind}: not caught (exit {r.returncode}): {r.stderr[-300:]}")
+    shutil.rmtree(wd, ignore_errors=True)
+
   # -- episodes --------------------------------------------------------------
 
   def episode(self, i: int, faults: int) -> int:
@@ -382,14 +453,16 @@ class Campaign:
             ("records lost / duplicated", f"{s['records_lost']} / {s['records_duplicated']}"),
             ("stderr lines beyond one", str(s["extra_lines"])),
             ("runs that failed unexpectedly", str(s["failed_runs"])),
-            ("crashes at exit after the one line (SIGSEGV)", str(s["crashed_at_exit"]))]
+            ("crashes at exit after the one line (SIGSEGV)", str(s["crashed_at_exit"])),
+            ("reader faults caught (scored again or refused)",
+             f"{s['reader_caught']} of {s['reader_caught'] + s['reader_silent']}")]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
 
 
 def run_campaign(faults: int, per_episode: int = 5, seed: int = 0, root: str | None = None,
                  verbose: bool = False, kinds: tuple[str, ...] = KINDS,
-                 minutes: float = 0.0) -> Campaign:
+                 minutes: float = 0.0, readers: int = 0) -> Campaign:
   """Runs episodes until ``faults`` faults are injected (or ``minutes`` have passed).
 
   Args:
@@ -400,6 +473,7 @@ def run_campaign(faults: int, per_episode: int = 5, seed: int = 0, root: str | N
     verbose: print each fault as it is injected.
     kinds: the fault kinds to draw from (default: all of :data:`KINDS`).
     minutes: stop starting episodes after this long (0: no limit).
+    readers: faults in what readers read back (:data:`READER_FAULTS` in turn).
 
   Returns:
     The campaign (``stats``, ``counts``, ``problems``, ``table()``).
@@ -410,6 +484,8 @@ def run_campaign(faults: int, per_episode: int = 5, seed: int = 0, root: str | N
   try:
     c = Campaign(root, seed, verbose, kinds)
     c.reference()
+    for i in range(readers):
+      c.reader_fault(i, READER_FAULTS[i % len(READER_FAULTS)])
     injected, i, idle = 0, 0, 0
     # An episode can inject nothing (every kill landed after its run finished, which a
     # change in the machine's load makes likely); ten such episodes in a row end it.
@@ -431,15 +507,18 @@ def main(argv=None) -> int:
   ap.add_argument("--root", default=None, help="keep the runs here (default: a temp dir)")
   ap.add_argument("--verbose", action="store_true")
   ap.add_argument("--kinds", default=",".join(KINDS), help="fault kinds to draw from")
+  ap.add_argument("--readers", type=int, default=0,
+                  help="faults in what eval.py and compare.py read back")
   a = ap.parse_args(argv)
   t0 = time.time()
   c = run_campaign(a.faults, a.per_episode, a.seed, a.root, a.verbose,
-                   tuple(a.kinds.split(",")), a.minutes)
+                   tuple(a.kinds.split(",")), a.minutes, a.readers)
   print(c.table())
   print(f"({time.time() - t0:.0f} s)")
   for p in c.problems:
     print("problem:", p)
-  ok = not c.stats["silent"] and not c.stats["records_lost"] and not c.problems
+  ok = (not c.stats["silent"] and not c.stats["records_lost"] and not c.stats["reader_silent"]
+        and not c.problems)
   return 0 if ok else 1
 
 

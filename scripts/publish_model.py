@@ -2,11 +2,16 @@
 
 Usage: python scripts/publish_model.py --workdir RUN_DIR --config NAME_OR_PATH
            [--out results/<config>/model] [--source_commit SHA]
+       python scripts/publish_model.py --record_config_digest MODEL_DIR [MODEL_DIR ...]
 
 Writes ``config.json``, ``params.npz`` and ``model.json`` (provenance and the
 SHA-256 of the parameters; see :mod:`exvae.published`). The result is a few MB
 where the run directory is tens, and ``exvae-eval`` / ``exvae-uses`` read it
 like a run directory. Reads the run directory only (never writes there).
+
+``--record_config_digest`` adds the digest of ``config.json`` (``config_sha256``)
+to the ``model.json`` of models published before it was recorded, after checking
+their parameters against ``params_sha256``; the parameters are not touched.
 """
 
 import argparse
@@ -17,7 +22,34 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def record_config_digest(directories) -> int:
+  """Adds ``config_sha256`` to each published model's ``model.json`` (see the docstring)."""
+  from exvae import atomic, published
+  for d in directories:
+    try:
+      meta = published.read_meta(d)
+      params = os.path.join(d, published.PARAMS_FILE)
+      if atomic.sha256_file(params) != meta.get("params_sha256"):
+        raise published.PublishedModelError(f"{params} does not match its params_sha256")
+      with open(os.path.join(d, published.CONFIG_FILE)) as f:
+        digest = atomic.json_digest(json.load(f))
+    except (OSError, ValueError) as e:
+      print(f"publish_model: error: {d}: {e}", file=sys.stderr)
+      return 1
+    if meta.get("config_sha256") not in (None, digest):
+      print(f"publish_model: error: {d}: config.json differs from the config_sha256 its "
+            "model.json records", file=sys.stderr)
+      return 1
+    atomic.write_json(os.path.join(d, published.META_FILE), dict(meta, config_sha256=digest),
+                      sort_keys=True)
+    print(f"{d}: config_sha256 {digest[:12]}")
+  return 0
+
+
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["--record_config_digest"]:
+    return record_config_digest(argv[1:])
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="the trained run directory")
   p.add_argument("--config", required=True, help="the run's config (name or path)")

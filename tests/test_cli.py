@@ -327,7 +327,7 @@ def test_compare_refuses_different_s_unless_forced_and_warns_of_stale_scores(tmp
 
 def test_summary_line_is_readable_with_a_one_based_best_epoch():
   from exvae.cli.train import summary_line
-  line = summary_line({"step": 128, "epochs": 2.0, "best_val": 45.1234, "best_epoch": 0,
+  line = summary_line({"step": 128, "epochs": 2.0, "best_val": 45.1234, "best_epoch": 1,
                        "finished": True, "early_stopped": False, "wall_time_s": 12.3})
   assert line == "finished: step 128, epoch 2, 12 s; best validation loss 45.123 at epoch 1"
   line = summary_line({"step": 5, "epochs": 0.5, "best_val": None, "best_epoch": -1,

@@ -124,3 +124,58 @@ def test_eval_writes_per_example_scores_with_the_test_set_identity(tmp_path):
   eval_lib.evaluate(load_config("test", max_steps=10, **{"eval.max_test_examples": 30}), wd)
   with pytest.raises(compare.IdentityMismatchError, match="count"):
     compare.compare([str(res), wd])
+
+
+def _compare_cli(*paths):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *map(str, paths)],
+                        capture_output=True, text=True, timeout=300)
+
+
+def _one_line(stderr):
+  lines = [l for l in stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def test_compare_refuses_scores_it_cannot_trust_in_one_line(tmp_path):
+  """A NaN score, a damaged file, a count that does not match the arrays, or a file that
+  is not the one the eval_metrics.json beside it records: each is refused (exit 2, one
+  line), never compared."""
+  import json
+  from exvae import atomic
+  rng = np.random.default_rng(1)
+  lp = -rng.gamma(2.0, 30.0, 50)
+  good = _write(tmp_path / "good" / per_example.FILENAME, lp)
+  nan = lp.copy()
+  nan[7] = np.nan
+  _write(tmp_path / "nan" / per_example.FILENAME, nan)
+  with pytest.raises(compare.PerExampleFileError, match="non-finite log_px score.*image 7"):
+    compare.compare([good, str(tmp_path / "nan")])
+  r = _compare_cli(good, tmp_path / "nan")
+  assert r.returncode == 2 and "non-finite" in _one_line(r.stderr) and "+nan" not in r.stdout
+  # Damaged (cut short): one line, exit 2, no traceback.
+  cut = tmp_path / "cut" / per_example.FILENAME
+  cut.parent.mkdir()
+  cut.write_bytes(open(good, "rb").read()[:300])
+  r = _compare_cli(good, cut)
+  assert r.returncode == 2 and "cannot be read" in _one_line(r.stderr), r.stderr[-2000:]
+  # A count that does not match the arrays.
+  arrays = per_example.arrays({"log_px": lp, "elbo": lp - 1}, _identity(50))
+  arrays["count"] = np.asarray(49)
+  bad_count = tmp_path / "count" / per_example.FILENAME
+  bad_count.parent.mkdir()
+  np.savez(bad_count, **arrays)
+  r = _compare_cli(good, bad_count)
+  assert r.returncode == 2 and "count says 49" in _one_line(r.stderr), r.stderr[-2000:]
+  # One score raised by 100 beside an eval_metrics.json that records the file's digest.
+  ev = tmp_path / "ev"
+  ev.mkdir()
+  shutil.copy(good, ev / per_example.FILENAME)
+  (ev / "eval_metrics.json").write_text(json.dumps(
+      {"outputs_sha256": {per_example.FILENAME: atomic.sha256_file(good)}}))
+  assert compare.compare([good, str(ev)])["pairs"][0]["mean_diff"] == 0.0
+  raised = lp.copy()
+  raised[3] += 100.0
+  _write(ev / per_example.FILENAME, raised)
+  with pytest.raises(compare.PerExampleFileError, match="is not the file"):
+    compare.compare([good, str(ev)])

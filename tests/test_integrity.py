@@ -147,14 +147,20 @@ def test_no_good_step_left_is_refused_in_one_line(run40, tmp_path):
   assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))   # nothing moved
 
 
-def test_a_resume_that_changes_shapes_is_one_clear_error(run40, tmp_path):
-  """An allowed latent-size change cannot load the run's arrays: an error naming the shapes."""
+def test_a_resume_that_changes_shapes_is_one_clear_error(run40, tmp_path, capfd):
+  """An allowed latent-size change cannot load the run's arrays: an error naming the shapes,
+  and nothing claims that the refused change was recorded."""
   wd = _copy(run40, tmp_path)
+  capfd.readouterr()
   with pytest.raises(rundir.CheckpointMismatchError, match=r"another model .* there and"):
     train_lib.train_and_evaluate(load_config("test", max_steps=50, latent_dim=5), wd,
                                  allow_config_change=True)
   assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))
   assert _steps(wd) == _steps(run40)
+  assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
+  said = capfd.readouterr().out
+  assert "latent_dim" in said and "(recorded in config_changes.jsonl)" not in said
+  assert "once this run saves a checkpoint" in said
 
 
 # ----------------------------------------------------------------------------
@@ -477,3 +483,198 @@ def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
   r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
            "--config.max_steps=50")
   assert r.returncode == 1 and _one_line(r.stderr).startswith("exvae-train: error: Cannot write")
+
+
+# ----------------------------------------------------------------------------
+# metrics.jsonl on resume: one strict record per step, the rest set aside
+# ----------------------------------------------------------------------------
+
+
+def test_a_resume_sets_damaged_non_finite_and_duplicated_metric_lines_aside(tmp_path, capfd):
+  path = tmp_path / "metrics.jsonl"
+  good = [{"loss": 1.0 * s, "step": s, "epoch": s / 10} for s in (5, 10, 15, 20)]
+  lines = [json.dumps(good[0]), json.dumps(good[1]), '{"loss": 2.0, "st',          # damaged
+           '{"loss": NaN, "step": 12}', json.dumps(good[1]),                        # NaN, dup
+           json.dumps({"val_loss": 3.0, "step": 10, "epoch": 1}), json.dumps(good[2]),
+           json.dumps(good[3]), json.dumps({"loss": 9.0, "step": 25})]              # after
+  path.write_text("\n".join(lines) + "\n")
+  capfd.readouterr()
+  assert rundir.trim_metrics(str(path), 20) == 4
+  kept = [_strict_json(l) for l in path.read_text().splitlines()]
+  assert kept == good[:2] + [{"val_loss": 3.0, "step": 10, "epoch": 1}] + good[2:]
+  aside = [_strict_json(l) for l in (tmp_path / rundir.REJECTED_FILE).read_text().splitlines()]
+  assert [(r["line"], r["reason"], r["text"]) for r in aside] == [
+      (3, "torn", lines[2]), (4, "non-finite", lines[3]), (5, "duplicate", lines[4]),
+      (9, "after_checkpoint", lines[8])]
+  err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and "1 torn, 1 non-finite, 1 duplicate" in err[0], err
+  assert rundir.trim_metrics(str(path), 20) == 0                 # nothing more to set aside
+
+
+# ----------------------------------------------------------------------------
+# A run's config.json is the one its checkpoints were saved with
+# ----------------------------------------------------------------------------
+
+
+def _edit_config(wd, **changes):
+  path = os.path.join(wd, "config.json")
+  c = json.load(open(path))
+  for key, value in changes.items():
+    node = c
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  atomic.write_json(path, c)
+
+
+def test_an_edited_config_json_is_refused_by_readers_and_by_a_resume(run40, tmp_path):
+  from exvae import config_registry
+  wd = _copy(run40, tmp_path)
+  rec = checkpoints.recorded_config(os.path.join(wd, "checkpoints"))
+  assert rec["step"] == 40 and rec["config"] == json.load(open(os.path.join(wd, "config.json")))
+  flipped = not rec["config"]["exemplar"]["binarize_exemplars"]
+  _edit_config(wd, **{"exemplar.binarize_exemplars": flipped})
+  edited = config_registry.from_json(os.path.join(wd, "config.json"))   # no --config given
+  with pytest.raises(rundir.ConfigDriftError, match="edited since .*binarize_exemplars"):
+    eval_lib.evaluate(edited, wd)
+  before = {n: open(os.path.join(wd, n), "rb").read() for n in ("config.json", "metrics.jsonl")}
+  edited.max_steps = 50
+  with pytest.raises(rundir.ConfigDriftError, match="checkpoint step 40 was saved with"):
+    train_lib.train_and_evaluate(edited, wd)
+  assert _steps(wd)[-1] == 40 and not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
+  assert {n: open(os.path.join(wd, n), "rb").read() for n in before} == before
+  # A deliberate change goes through --allow_config_change and is recorded.
+  train_lib.train_and_evaluate(edited, wd, allow_config_change=True)
+  changes = [json.loads(l) for l in open(os.path.join(wd, rundir.CHANGES_FILE))]
+  assert changes[0]["edited_config_json"] and changes[0]["changes"] == {
+      "exemplar.binarize_exemplars": [not flipped, flipped]}
+  after = checkpoints.recorded_config(os.path.join(wd, "checkpoints"))
+  assert after["step"] == 50 and after["config"]["exemplar"]["binarize_exemplars"] == flipped
+
+
+def test_an_edit_readers_may_differ_in_is_accepted_and_a_missing_record_too(run40, tmp_path,
+                                                                            monkeypatch):
+  c = load_config("test", **SMALL)
+  wd = _copy(run40, tmp_path)
+  _edit_config(wd, seed=123)                   # the seed only initialises a reader's template
+  rundir.check_reader_config(wd, c)
+  _edit_config(wd, max_train=7)                # data: refused
+  with pytest.raises(rundir.ConfigDriftError, match="max_train"):
+    rundir.check_reader_config(wd, c)
+  # Checkpoints saved before the record existed: nothing to check against, accepted.
+  monkeypatch.setattr(checkpoints, "recorded_config", lambda d: None)
+  rundir.check_reader_config(wd, load_config("test", **SMALL, max_train=7))
+
+
+def test_a_reader_without_config_json_checks_the_recorded_config_or_says_it_cannot(
+    run40, tmp_path, monkeypatch, capfd):
+  wd = _copy(run40, tmp_path)
+  os.remove(os.path.join(wd, "config.json"))
+  capfd.readouterr()
+  rundir.check_reader_config(wd, load_config("test", **SMALL))
+  with pytest.raises(rundir.ConfigDriftError, match="max_train"):
+    rundir.check_reader_config(wd, load_config("test", **SMALL, max_train=7))
+  assert capfd.readouterr().err == ""
+  monkeypatch.setattr(checkpoints, "recorded_config", lambda d: None)
+  rundir.check_reader_config(wd, load_config("test", **SMALL))
+  err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and "could not be checked" in err[0], err
+
+
+# ----------------------------------------------------------------------------
+# A reused evaluation is checked; its TensorBoard scalars are written when missing
+# ----------------------------------------------------------------------------
+
+
+def test_a_finished_evaluation_whose_numbers_were_changed_is_scored_again(run40, tmp_path,
+                                                                         capfd):
+  c = load_config("test", **SMALL)
+  out = tmp_path / "e"
+  c.eval.out_dir = str(out)
+  first = eval_lib.evaluate(c, run40)
+  path = out / "eval_metrics.json"
+  text = path.read_text()
+  digit = repr(first["test_nll"])[:5]
+  changed = digit[:-1] + str((int(digit[-1]) + 1) % 10)
+  assert digit != changed and digit in text
+  for keep_digest in (True, False):
+    rec = json.loads(text.replace(digit, changed, 1))
+    if not keep_digest:                         # as written before records carried digests
+      del rec[atomic.SELF_DIGEST]
+    path.write_text(json.dumps(rec, indent=2))
+    capfd.readouterr()
+    again = eval_lib.evaluate(c, run40)
+    said = capfd.readouterr().out
+    assert "reused" not in again and "do not check" in said, (keep_digest, said)
+    assert again["test_nll"] == first["test_nll"] and json.loads(path.read_text())[
+        "test_nll"] == first["test_nll"]
+  assert eval_lib.evaluate(c, run40)["reused"]
+
+
+def test_eval_scalars_are_written_once_and_again_when_missing(tmp_path, monkeypatch):
+  pytest.importorskip("tensorboard")
+  from exvae.cli import eval_events
+  c = load_config("test", **{"eval.out_dir": str(tmp_path)})
+  m = {"test_nll": 91.5, "test_elbo": 95.0, "test_recon": 80.0, "test_kl": 15.0,
+       "num_importance_samples": 16, "checkpoint_step": 40, "identity_sha256": "ab" * 32}
+  first = eval_events.write(m, c, "unused")
+  assert eval_events.write(m, c, "unused") == first                 # a reuse: nothing new
+  assert writers.event_files(str(tmp_path)) == [first]
+  assert writers.read_scalars(str(tmp_path))["eval/test_nll"] == [(40, 91.5)]
+  os.remove(first)                          # e.g. killed right after eval_metrics.json
+  real = os.fsync
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(rundir.DiskFullError):
+    eval_events.write(m, c, "unused")
+  assert os.listdir(tmp_path) == []                                # no empty events file
+  monkeypatch.setattr(os, "fsync", real)
+  again = eval_events.write(m, c, "unused")
+  assert writers.read_scalars(str(tmp_path))["eval/test_nll"] == [(40, 91.5)] and again
+
+
+def test_sigterm_stops_an_evaluation_with_its_scores_kept(run40, tmp_path, monkeypatch):
+  import signal
+  c = load_config("test", **SMALL)
+  c.eval.max_queries = 32                   # S = 16: 2 images per batch, 20 batches
+  c.eval.out_dir = str(tmp_path / "e")
+  real, calls = train_lib.eval_batch, []
+
+  def term_at_third(*a, **k):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*a, **k)
+
+  monkeypatch.setattr(train_lib, "eval_batch", term_at_third)
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(rundir.Interrupted, match="SIGTERM after 6 of 40 examples") as e:
+    eval_lib.evaluate(c, run40)
+  assert e.value.exit_code == 143
+  assert int(np.load(tmp_path / "e" / eval_lib.PARTIAL)["done_batches"]) == 3
+  assert signal.getsignal(signal.SIGTERM) == before                 # the handler restored
+
+
+def test_a_second_evaluation_into_one_out_dir_is_refused(run40, tmp_path):
+  out = str(tmp_path / "e")
+  held = eval_lib.lock_out_dir(out)
+  try:
+    c = load_config("test", **SMALL, **{"eval.out_dir": out})
+    with pytest.raises(rundir.WorkdirLockedError, match="another evaluation"):
+      eval_lib.evaluate(c, run40)
+  finally:
+    os.close(held)
+  assert os.listdir(out) == []
+
+
+def test_uses_on_a_read_only_run_directory_is_one_line(run40, read_only_dir):
+  src, ro = read_only_dir
+  shutil.copytree(run40, os.path.join(src, "run"))
+  r = _cli("uses.py", "knn", f"--workdir={os.path.join(ro, 'run')}")
+  assert r.returncode == 1, r.stderr[-3000:]
+  line = _one_line(r.stderr)
+  assert line.startswith("exvae-uses: error: Cannot write the outputs in") and "--out" in line

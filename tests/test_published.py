@@ -94,3 +94,80 @@ def test_the_vampprior_row_is_reproduced_from_its_published_model(tmp_path):
   # Same parameters, images, S and per-image keys: the same estimates up to float32
   # summation order.
   np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_a_published_config_json_is_checked_against_model_json(run, tmp_path, capfd):
+  """model.json records the digest of config.json: an edit that changes the model or the
+  data is refused in one line; a model published before the record is accepted; without
+  config.json, a given --config is used with one line saying it could not be checked."""
+  from exvae import config_registry
+  config, workdir, trained = run
+  out = str(tmp_path / "model")
+  published.save(out, trained.params, rundir.read_stored_config(workdir), {"best_epoch": 1})
+  meta = published.read_meta(out)
+  assert meta["config_sha256"] == __import__("exvae.atomic").atomic.json_digest(
+      json.load(open(os.path.join(out, "config.json"))))
+  bank_lib.restore_trained(config_registry.from_json(os.path.join(out, "config.json")), out)
+  stored = json.load(open(os.path.join(out, "config.json")))
+  stored["exemplar"]["binarize_exemplars"] = not stored["exemplar"]["binarize_exemplars"]
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(stored, f)
+  edited = config_registry.from_json(os.path.join(out, "config.json"))
+  with pytest.raises(rundir.ConfigDriftError, match="model.json records: it was edited"):
+    bank_lib.restore_trained(edited, out)
+  with pytest.raises(rundir.ConfigDriftError, match="model.json records"):
+    eval_lib.evaluate(edited, out)
+  # Published before model.json recorded the digest: accepted as it is.
+  del meta["config_sha256"]
+  with open(os.path.join(out, "model.json"), "w") as f:
+    json.dump(meta, f)
+  bank_lib.restore_trained(edited, out)
+  os.remove(os.path.join(out, "config.json"))
+  capfd.readouterr()
+  bank_lib.restore_trained(config, out)
+  err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
+  assert len(err) == 1 and "could not be checked" in err[0], err
+
+
+def test_an_incomplete_or_unreadable_published_model_is_named_as_such(run, tmp_path):
+  from exvae.cli import command
+  from exvae.cli import errors as cli_errors
+  from exvae.cli import eval as eval_cli
+  config, workdir, trained = run
+  out = str(tmp_path / "model")
+  published.save(out, trained.params, rundir.read_stored_config(workdir), {"best_epoch": 1})
+  os.remove(os.path.join(out, "model.json"))
+  with pytest.raises(published.PublishedModelError, match="no model.json: an incomplete"):
+    eval_lib.evaluate(config, out)
+  with pytest.raises(published.PublishedModelError, match="incomplete"):
+    bank_lib.restore_trained(config, out)
+  # A truncated config.json of the model (no --config given) is the model's file at fault.
+  text = open(os.path.join(out, "config.json")).read()
+  with open(os.path.join(out, "config.json"), "w") as f:
+    f.write(text[:200])
+  with pytest.raises(cli_errors.RunConfigError) as e:
+    command.resolve_config(eval_cli.SPEC, None, [], out)
+  assert "--config=" not in str(e.value).split(":")[0] and e.value.exit_code == 1
+  assert "the config of the run in" in str(e.value)
+
+
+def test_publish_model_records_the_config_digest_of_an_older_model(run, tmp_path):
+  """Models published before model.json recorded config_sha256 get it without their
+  parameters changing; a model whose parameters fail their digest is refused."""
+  from conftest import load_script
+  from exvae import atomic
+  _, workdir, trained = run
+  out = str(tmp_path / "model")
+  published.save(out, trained.params, rundir.read_stored_config(workdir), {"best_epoch": 1})
+  meta = published.read_meta(out)
+  want = meta.pop("config_sha256")
+  with open(os.path.join(out, "model.json"), "w") as f:
+    json.dump(meta, f)
+  params = atomic.sha256_file(os.path.join(out, "params.npz"))
+  pm = load_script("scripts/publish_model.py")
+  assert pm.main(["--record_config_digest", out]) == 0
+  assert published.read_meta(out) == dict(meta, config_sha256=want)
+  assert atomic.sha256_file(os.path.join(out, "params.npz")) == params
+  with open(os.path.join(out, "params.npz"), "ab") as f:
+    f.write(b"x")
+  assert pm.main(["--record_config_digest", out]) == 1

@@ -68,12 +68,16 @@ def test_collect_reads_the_evaluation_from_eval_dir(tmp_path):
   with pytest.raises(SystemExit, match="eval_metrics.json"):
     collect.collect(str(wd), "x", str(tmp_path / "r"), measure=False)
   m = json.loads((ev / "eval_metrics.json").read_text())
+  # A test NLL that is not the mean of the scores beside it is refused, not collected.
   (ev / "eval_metrics.json").write_text(json.dumps(dict(m, test_nll=1.5)))
+  with pytest.raises(SystemExit, match="does not check.*test_nll=1.5"):
+    collect.collect(str(wd), "x", str(tmp_path / "r"), measure=False, eval_dir=str(ev))
+  (ev / "eval_metrics.json").write_text(json.dumps(dict(m, eval_seconds=99.0)))
   rc = collect.main(["--workdir", str(wd), "--name", "x", "--out", str(tmp_path / "r"),
                        "--eval_dir", str(ev), "--no-measure"])
   assert rc == 0
   out = tmp_path / "r" / "x"
-  assert json.loads((out / "metrics.json").read_text())["test_nll"] == 1.5
+  assert json.loads((out / "metrics.json").read_text())["eval_seconds"] == 99.0
   np.testing.assert_array_equal(np.load(out / "per_example.npz")["log_px"],
                                 -np.float32([226.0, 228.0]))
   assert json.loads((out / "budget.json").read_text())["best_epoch"] == 2

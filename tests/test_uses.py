@@ -155,7 +155,12 @@ def test_downstream_results_record_the_model_and_the_code(run, tmp_path):
                         text=True).stdout.strip()
   rec = commands.provenance(t, workdir)
   assert rec["commit"] == (head or "unknown") and rec["model"]["path"] == workdir
-  assert rec["model"]["best_epoch"] == int(t.meta["best_epoch"])
+  # 1-based, as printed, as model.json and the tables count (the checkpoint counts from 0).
+  assert rec["model"]["best_epoch"] == int(t.meta["best_epoch"]) + 1 >= 1
+  recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  val = {r["epoch"]: r["val_loss"] for r in recs if "val_loss" in r}
+  summary = [r["summary"] for r in recs if "summary" in r][-1]
+  assert summary["best_epoch"] == min(val, key=val.get) == rec["model"]["best_epoch"]
   assert "params_sha256" not in rec["model"]                   # a run directory: no digest
   out = str(tmp_path / "published")
   published.save(out, t.params, rundir.read_stored_config(workdir),
@@ -402,6 +407,52 @@ def test_augmentation_resumes_from_the_classifiers_it_finished(run, tmp_path, mo
   assert calls == [(0, True), (1, True)]
 
 
+def test_an_edited_classifier_record_is_trained_again(run, tmp_path, capsys):
+  """A finished classifier's record whose test error was changed is not read back: it
+  fails the digest written with it and the classifier is trained again (one line)."""
+  _, _, t, _ = run
+  kw = dict(epochs=1, hidden=16, seeds=(0,), max_steps=2, arms=("with",), log_var=-1.5,
+            done_dir=str(tmp_path / "runs"))
+  first = augment.run_augmentation(t, **kw)
+  path = tmp_path / "runs" / "seed0_with.json"
+  rec = json.loads(path.read_text())
+  rec["result"]["test_error"] = 0.0123
+  path.write_text(json.dumps(rec))
+  capsys.readouterr()
+  again = augment.run_augmentation(t, **kw)
+  said = [l for l in capsys.readouterr().out.splitlines() if str(path) in l]
+  assert again["reused"] == [] and len(said) == 1 and "digest" in said[0], said
+  assert again["test_error_with"] == first["test_error_with"] != 0.0123
+  assert json.loads(path.read_text())["result"]["test_error"] == first["test_error_with"]
+
+
+def test_knn_records_are_one_unit_checked_by_the_downstream_table(run, tmp_path):
+  """knn.json records the digest of knn_per_example.npz and its rates are the file's; the
+  table generator refuses a summary beside scores it was not written with."""
+  from conftest import load_script
+  config, workdir, _, _ = run
+  root = tmp_path / "results"
+  out = root / "m"
+  commands.run("knn", config, workdir, out=str(out), ks=(3, 5))
+  rec = json.loads((out / "knn.json").read_text())
+  assert rec["per_example_sha256"] == atomic.sha256_file(str(out / knn.PER_EXAMPLE))
+  assert not list(atomic.leftover_temporaries(str(out)))
+  dt = load_script("scripts/downstream_table.py")
+  (out / "config.json").write_text(json.dumps({"prior": "exemplar", "dataset": "d", "model": "m"}))
+  assert dt.main(["--results", str(root)]) == 0
+  # New scores beside an old summary (a kill between two separate writes).
+  with np.load(out / knn.PER_EXAMPLE) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["pred_k3"] = (arrays["pred_k3"] + 1) % 10
+  np.savez(out / knn.PER_EXAMPLE, **arrays)
+  assert dt.main(["--results", str(root)]) == 1
+  # A summary edited to fit the file's digest but not its predictions.
+  rec["per_example_sha256"] = atomic.sha256_file(str(out / knn.PER_EXAMPLE))
+  (out / "knn.json").write_text(json.dumps(rec))
+  with pytest.raises(dt.RecordError, match="k=3"):
+    dt.generate(str(root))
+
+
 def test_grey_splits_recover_grey_levels(run):
   config, _, t, _ = run
   g = augment.grey_splits(config, t.splits)
@@ -493,7 +544,7 @@ def test_downstream_script_writes_the_records_of_a_published_model(run, tmp_path
   config, workdir, t, _ = run
   model = tmp_path / "model"
   published.save(str(model), t.params, rundir.read_stored_config(workdir),
-                 {"best_epoch": int(t.meta["best_epoch"]), "source_run": "tiny"})
+                 {"best_epoch": int(t.meta["best_epoch"]) + 1, "source_run": "tiny"})
   env = dict(os.environ, PY=sys.executable, MODEL=str(model), RESULTS=str(tmp_path / "res"),
              IMAGES=str(tmp_path / "img"), RUN=workdir, SEEDS="0", EPOCHS="1", MAX_STEPS="2",
              SCRATCH=str(tmp_path / "scratch"))

@@ -177,7 +177,13 @@ def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str
             f"{workdir} holds no run (no config.json): give --config=NAME to start one there "
             f"(`exvae configs` lists the names).")
       return None, None     # the reader reports the missing run (exit 1)
-    config = config_registry.from_json(source)
+    try:
+      config = config_registry.from_json(source)
+    except config_registry.ConfigNameError as e:   # the run's file, not a flag: exit 1
+      why = str(e).split(": ", 1)[-1].rstrip(".")
+      raise errors.RunConfigError(
+          f"{source}, the config of the run in {workdir}, cannot be used ({why}): restore "
+          "it from a copy, or give the run's config with --config=NAME|FILE.") from None
   else:
     source = value
     config = config_registry.load(value)

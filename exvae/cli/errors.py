@@ -43,6 +43,12 @@ class RunNotFoundError(FileNotFoundError):
   exit_code = 1
 
 
+class RunConfigError(ValueError):
+  """The workdir's own ``config.json`` (read because no --config was given) is unreadable."""
+
+  exit_code = 1
+
+
 def missing_run(workdir: str) -> RunNotFoundError:
   """The error for a reader (eval, uses) pointed at a workdir without a run's ``config.json``."""
   if not os.path.exists(workdir):
@@ -71,7 +77,7 @@ def exit_code(e: BaseException) -> int | None:
   from exvae import checkpoints, data, rundir   # late: usage errors stay fast
   if isinstance(e, KeyboardInterrupt):
     return 130
-  if rundir.is_disk_full(e):
+  if rundir.is_disk_full(e) or (isinstance(e, OSError) and rundir.is_read_only(e)):
     return 1
   if isinstance(e, (checkpoints.CheckpointNotFoundError, data.DataNotFoundError,
                     FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError,

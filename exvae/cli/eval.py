@@ -34,8 +34,7 @@ def main(inv: command.Invocation) -> None:
   from exvae.cli import eval_events
   config = inv.config
   metrics = eval_lib.evaluate(config, inv.workdir)
-  if not metrics.get("reused"):          # its scalars are in TensorBoard already
-    eval_events.write(metrics, config, inv.workdir)
+  eval_events.write(metrics, config, inv.workdir)    # unless a reused evaluation's are there
   print(json.dumps(metrics, indent=2))
   print(f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "
         f"{metrics['num_test_examples']} test images); samples: {metrics['samples_png']}")

@@ -55,8 +55,8 @@ def summary_line(summary: Mapping[str, Any]) -> str:
     parts.append(f"{float(summary['wall_time_s']):.0f} s")
   line = f"{state}: {', '.join(parts)}"
   best, epoch = summary.get("best_val"), summary.get("best_epoch")
-  if best is not None and epoch is not None and int(epoch) >= 0:
-    line += f"; best validation loss {float(best):.3f} at epoch {int(epoch) + 1}"
+  if best is not None and epoch is not None and int(epoch) >= 1:     # 1-based
+    line += f"; best validation loss {float(best):.3f} at epoch {int(epoch)}"
   else:
     line += "; no validated epoch yet"
   return line

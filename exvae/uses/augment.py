@@ -677,7 +677,7 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
 # One record per finished classifier (resuming a long augmentation)
 # ----------------------------------------------------------------------------
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2     # 2: the record carries a digest of itself (atomic.SELF_DIGEST)
 
 
 def _digest(x: np.ndarray, y: np.ndarray) -> str:
@@ -700,9 +700,11 @@ def classifier_record(settings: dict[str, Any], result: dict[str, Any]) -> dict[
       ``aug_error`` and ``steps``.
 
   Returns:
-    ``{"version", "settings", "result"}``.
+    ``{"version", "settings", "result", "record_sha256"}``: the last is the digest of
+    the rest, checked before the result is reused.
   """
-  return {"version": RECORD_VERSION, "settings": settings, "result": result}
+  return atomic.with_self_digest({"version": RECORD_VERSION, "settings": settings,
+                                  "result": result})
 
 
 def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -714,8 +716,10 @@ def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
       rec = json.load(f)
     ok = (rec.get("version") == RECORD_VERSION and rec.get("settings") == settings
           and isinstance(rec.get("result"), dict))
+    if ok:
+      atomic.check_self_digest(rec, path, required=True)
   except (OSError, ValueError, AttributeError) as e:
-    print(f"{path}: unreadable ({type(e).__name__}); training this classifier again",
+    print(f"{path}: unreadable ({type(e).__name__}: {e}); training this classifier again",
           flush=True)
     return None
   if not ok:
@@ -730,8 +734,8 @@ def _write_classifier_checkpoint(path: str, identity: str, state: ClassifierStat
   leaves = jax.tree_util.tree_leaves(jax.device_get(state))
   arrays = {f"leaf_{i}": np.asarray(a) for i, a in enumerate(leaves)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz(path, {**arrays, "losses": np.asarray(losses, np.float64),
-                          "seconds": np.float64(seconds), "identity": np.str_(identity)})
+  atomic.write_npz_checked(path, {**arrays, "losses": np.asarray(losses, np.float64),
+                                  "seconds": np.float64(seconds), "identity": np.str_(identity)})
 
 
 def _read_classifier_checkpoint(path: str, identity: str, template: ClassifierState):
@@ -744,17 +748,17 @@ def _read_classifier_checkpoint(path: str, identity: str, template: ClassifierSt
     return None
   leaves, treedef = jax.tree_util.tree_flatten(template)
   try:
-    with np.load(path, allow_pickle=False) as f:
-      if str(f["identity"]) != identity:
-        print(f"{path}: a classifier checkpoint of other settings; training from the start",
-              flush=True)
-        return None
-      saved = [np.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
-      losses = [float(v) for v in f["losses"]]
-      seconds = float(f["seconds"])
+    f = atomic.read_npz_checked(path)       # its arrays match the digest written with them
+    if str(f["identity"]) != identity:
+      print(f"{path}: a classifier checkpoint of other settings; training from the start",
+            flush=True)
+      return None
+    saved = [np.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
+    losses = [float(v) for v in f["losses"]]
+    seconds = float(f["seconds"])
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f"{path}: unreadable classifier checkpoint ({type(e).__name__}); training from the "
-          "start", flush=True)
+    print(f"{path}: unreadable classifier checkpoint ({type(e).__name__}: {e}); training "
+          "from the start", flush=True)
     return None
   if any(a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype
          for a, t in zip(saved, leaves)):

@@ -54,7 +54,7 @@ def provenance(trained, workdir: str) -> dict[str, Any]:
     and ``source_commit``.
   """
   model: dict[str, Any] = {"path": workdir}
-  if trained.meta.get("best_epoch") is not None:
+  if trained.meta.get("best_epoch") is not None:     # 1-based (bank.restore_trained)
     model["best_epoch"] = int(trained.meta["best_epoch"])
   if published.is_published(workdir):
     meta = published.read_meta(workdir)
@@ -161,10 +161,19 @@ def cmd_knn(config, workdir: str, out: str, *, bank_path: str | None = None,
                          progress=bool(config.progress))
   res.update(prov)
   res["per_example"] = knn.PER_EXAMPLE
-  res["per_example_sha256"] = knn.save_per_example(os.path.join(out, knn.PER_EXAMPLE), res)
+  arrays = knn.per_example_arrays(res)
   for _, split in knn.SETTINGS:
     del res[f"{split}_predictions"], res[f"{split}_labels"]
-  res["path"] = _write_json(os.path.join(out, "knn.json"), res)
+  npz, js = os.path.join(out, knn.PER_EXAMPLE), os.path.join(out, "knn.json")
+  res["path"] = js
+
+  def summary_writer(digests):      # written after the scores, recording their digest
+    res["per_example_sha256"] = digests[npz]
+    text = atomic.dumps(atomic.finite_or_none(res), indent=2) + "\n"
+    return lambda f: f.write(text.encode())
+
+  # One unit: both files to temporaries, then renamed, the summary last.
+  atomic.commit([(npz, lambda _: lambda f: np.savez(f, **arrays)), (js, summary_writer)])
   print(f"kNN error (%) on encoder means [{trained.splits.name}, prior={config.prior}]")
   print("   k   val (ref=train)   test (ref=train+val)   test (ref=train)")
   for k in res["ks"]:
@@ -283,7 +292,19 @@ def run(command: str, config, workdir: str, out: str | None = None, **opts) -> d
   if command not in COMMANDS:
     raise ValueError(f"Unknown command {command!r}; commands: {sorted(COMMANDS)}")
   out = out or os.path.join(workdir, "uses")
-  os.makedirs(out, exist_ok=True)
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = atomic.write_bytes(os.path.join(out, f".write-test-{os.getpid()}"), b"")
+    os.remove(probe)      # a read-only --out fails here, before any work, in one line
+  except OSError as e:
+    from exvae import errors
+    if errors.is_read_only(e):
+      raise errors.ReadOnlyError(f"Cannot write the outputs in {out}: read-only or no "
+                                 "permission. Give --out=DIR to write elsewhere.") from e
+    if errors.is_disk_full(e):
+      raise errors.DiskFullError(f"Disk full while writing the outputs in {out}. Free some "
+                                 "space, or give --out=DIR to write elsewhere.") from e
+    raise
   if bool(config.progress) and not progress_lib.enabled(True):
     # No terminal (a redirected log, CI): no \r progress bars in it.
     config = copy.deepcopy(config)

@@ -238,25 +238,51 @@ PER_EXAMPLE = "knn_per_example.npz"
 SETTINGS = (("", "test"), ("val_", "val"), ("test_on_train_", "test_on_train"))
 
 
-def save_per_example(path: str, result: dict[str, Any]) -> str:
-  """Writes the predictions of :func:`evaluate_knn` to ``path`` (atomically).
+def per_example_arrays(result: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The arrays of ``knn_per_example.npz`` from the result of :func:`evaluate_knn`.
 
-  The file holds, in the test setting, ``labels`` (num_test,) and ``pred_k<k>``
-  (num_test,) int32 for each k, and in the validation setting ``val_labels``
-  and ``val_pred_k<k>`` (num_val,), so that two models scored on the same
-  images can be compared image by image (paired), not only by their error
-  rates. The ``test_on_train_`` arrays hold the test images classified
-  against the training references alone (the validation setting's
-  references).
-
-  Returns:
-    The file's SHA-256.
+  In the test setting ``labels`` (num_test,) and ``pred_k<k>`` (num_test,) int32 for
+  each k, in the validation setting ``val_labels`` and ``val_pred_k<k>`` (num_val,),
+  so that two models scored on the same images can be compared image by image
+  (paired), not only by their error rates. The ``test_on_train_`` arrays hold the
+  test images classified against the training references alone (the validation
+  setting's references).
   """
-  from exvae import atomic  # pylint: disable=import-outside-toplevel
   arrays = {}
   for prefix, split in SETTINGS:
     arrays[f"{prefix}labels"] = np.asarray(result[f"{split}_labels"], np.int32)
     arrays.update({f"{prefix}pred_k{k}": np.asarray(p, np.int32)
                    for k, p in sorted(result[f"{split}_predictions"].items())})
-  atomic.write_npz(path, arrays)
+  return arrays
+
+
+def save_per_example(path: str, result: dict[str, Any]) -> str:
+  """Writes :func:`per_example_arrays` of ``result`` to ``path`` (atomically).
+
+  Returns:
+    The file's SHA-256.
+  """
+  from exvae import atomic  # pylint: disable=import-outside-toplevel
+  atomic.write_npz(path, per_example_arrays(result))
   return atomic.sha256_file(path)
+
+
+def check_record(summary: dict[str, Any], arrays: dict[str, np.ndarray], where: str) -> None:
+  """Raises ValueError unless the error rates of ``knn.json`` are those of its per-example file.
+
+  Args:
+    summary: ``knn.json`` (``test``, ``val``, ``test_on_train``: ``{k: error}``).
+    arrays: its ``knn_per_example.npz``.
+    where: the directory, for the message.
+  """
+  for prefix, split in SETTINGS:
+    for k, err in (summary.get(split) or {}).items():
+      pred, lab = arrays.get(f"{prefix}pred_k{k}"), arrays.get(f"{prefix}labels")
+      if pred is None or lab is None:
+        if prefix:          # files written before a setting was recorded lack it
+          continue
+        raise ValueError(f"{where}: {PER_EXAMPLE} lacks the k={k} predictions knn.json reports")
+      got = float(np.mean(pred != lab))
+      if not isinstance(err, (int, float)) or abs(float(err) - got) > 1e-9:
+        raise ValueError(f"{where}: knn.json reports the {split} error {err} for k={k}, its "
+                         f"{PER_EXAMPLE} gives {got}: the two were not written together")
