@@ -33,7 +33,8 @@ def _eval_per_example(workdir, out_dir, **overrides):
     return {k: z[k] for k in per_example.SCORES}
 
 
-@pytest.mark.parametrize("seed,num_samples", [(None, None), (3, 5)])
+@pytest.mark.parametrize("seed,num_samples", [(None, None),
+                                              pytest.param(3, 5, marks=pytest.mark.slow)])
 def test_log_px_is_what_exvae_eval_writes_per_image(trained, tmp_path, seed, num_samples):
   import exvae
   workdir, _ = trained

@@ -470,6 +470,7 @@ def read_only_dir(tmp_path):
   subprocess.run(["umount", str(ro)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
   src, ro = read_only_dir
   shutil.copytree(run40, os.path.join(src, "run"))
@@ -587,6 +588,7 @@ def test_a_reader_without_config_json_checks_the_recorded_config_or_says_it_cann
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_finished_evaluation_whose_numbers_were_changed_is_scored_again(run40, tmp_path,
                                                                          capfd):
   c = load_config("test", **SMALL)

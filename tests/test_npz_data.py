@@ -350,7 +350,7 @@ def test_grey_levels_for_the_classifier_come_from_the_same_file(tmp_path):
 @pytest.mark.parametrize("prior, extra", [
     pytest.param("gaussian", {}, marks=pytest.mark.slow),
     pytest.param("vampprior", {}, marks=pytest.mark.slow),
-    ("exemplar", {}),
+    pytest.param("exemplar", {}, marks=pytest.mark.slow),
     pytest.param("exemplar", {"exemplar.rat": True}, marks=pytest.mark.slow)],
     ids=["gaussian", "vampprior", "exemplar", "rat"])
 def test_every_prior_trains_on_an_npz(tmp_path, prior, extra):

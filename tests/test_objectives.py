@@ -29,8 +29,10 @@ def _value_and_grad(loss_fn, setup, state, pool, x, ids, key, beta=0.5):
   return loss, metrics, grads
 
 
-@pytest.mark.parametrize("model,prior,rat", [("vae", "exemplar", True), ("vae", "exemplar", False),
-                                             ("hvae", "vampprior", False), ("vae", "gaussian", False)])
+@pytest.mark.parametrize("model,prior,rat", [
+    ("vae", "exemplar", False), ("vae", "gaussian", False),
+    pytest.param("vae", "exemplar", True, marks=pytest.mark.slow),
+    pytest.param("hvae", "vampprior", False, marks=pytest.mark.slow)])
 def test_iwae_with_one_sample_is_the_elbo(model, prior, rat):
   """k = 1 with reparameterised gradients: the same seed gives the ELBO's loss and gradients."""
   c = load_config("test", model=model, prior=prior, objective="iwae", objective_samples=1,
@@ -238,7 +240,8 @@ def test_dreg_with_a_model_that_does_not_take_path_weights_is_one_line():
   assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("model", ["vae", "hvae", pytest.param("convhvae", marks=pytest.mark.slow),
+@pytest.mark.parametrize("model", ["vae", pytest.param("hvae", marks=pytest.mark.slow),
+                                   pytest.param("convhvae", marks=pytest.mark.slow),
                                    pytest.param("pixelcnn", marks=pytest.mark.slow)])
 def test_path_weights_scale_the_encoder_gradient_once_and_leave_the_rest(model):
   """``score(..., path_weight=c)`` keeps every value; under a Gaussian prior (no encoder in

@@ -46,8 +46,10 @@ def _close(got, want, tol=1e-5):
   assert np.max(np.abs(got - want)) <= tol * scale, (np.max(np.abs(got - want)), scale)
 
 
-@pytest.mark.parametrize("use_mask,use_loo", [(False, False), (True, False), (False, True),
-                                              (True, True)])
+@pytest.mark.parametrize("use_mask,use_loo", [
+    (False, False), (True, True),
+    pytest.param(True, False, marks=pytest.mark.slow),
+    pytest.param(False, True, marks=pytest.mark.slow)])
 def test_values_and_gradients_match_xla(use_mask, use_loo):
   z, bank, lv, mask, ids, qids = _inputs()
   kw = {"bank_mask": jnp.asarray(mask) if use_mask else None}

