@@ -67,18 +67,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def _last_validation(workdir: str) -> dict:
   """The newest validation record of ``metrics.jsonl`` (epoch, best_val), or {}."""
-  last = {}
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except ValueError:
-          continue                      # a line cut by a kill
-        if "val_loss" in r:
-          last = r
-  except FileNotFoundError:
-    pass
+  records, _ = rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))  # torn lines skipped
+  last = next((r for r in reversed(records) if "val_loss" in r), {})
   return {k: last[k] for k in ("epoch", "best_val") if k in last}
 
 

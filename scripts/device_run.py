@@ -272,20 +272,13 @@ def device_data(root: str, dest: str) -> str:
 
 def _summary(workdir: str) -> dict:
   """Whether the run in ``workdir`` finished (its last ``metrics.jsonl`` summary record)."""
+  rundir = _carry_runs().rundir
   last = {}
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except ValueError:
-          continue
-        if "summary" in r:
-          last = r["summary"]
-        elif "step" in r:
-          last = {}                   # trained on after an earlier summary
-  except FileNotFoundError:
-    pass
+  for r in rundir.read_metrics(os.path.join(workdir, rundir.METRICS_FILE))[0]:
+    if "summary" in r:
+      last = r["summary"]
+    elif "step" in r:
+      last = {}                     # trained on after an earlier summary
   return last
 
 
