@@ -544,7 +544,7 @@ def test_downstream_script_writes_the_records_of_a_published_model(run, tmp_path
   config, workdir, t, _ = run
   model = tmp_path / "model"
   published.save(str(model), t.params, rundir.read_stored_config(workdir),
-                 {"best_epoch": int(t.meta["best_epoch"]) + 1, "source_run": "tiny"})
+                 {"best_epoch": int(t.meta["best_epoch"]), "source_run": "tiny"})
   env = dict(os.environ, PY=sys.executable, MODEL=str(model), RESULTS=str(tmp_path / "res"),
              IMAGES=str(tmp_path / "img"), RUN=workdir, SEEDS="0", EPOCHS="1", MAX_STEPS="2",
              SCRATCH=str(tmp_path / "scratch"))
