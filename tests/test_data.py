@@ -290,6 +290,24 @@ def test_missing_tfds_data(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing downloaded or created
 
 
+@pytest.mark.parametrize("name", ["mnist", "celeba"])
+def test_an_unprepared_tfds_set_is_a_short_first_line_and_no_tfds_warnings(tmp_path, capfd, name):
+  """The first line names the set and the directory; tfds' own warnings and its exception come
+  after it, never before (the CLI prints the first line after its prefix)."""
+  pytest.importorskip("tensorflow_datasets")
+  (tmp_path / ("celeb_a" if name == "celeba" else name) / "9.9.9").mkdir(parents=True)  # a bare folder
+  with pytest.raises(DataNotFoundError) as e:
+    if name == "celeba":
+      from exvae.data.celeba import load_celeba
+      load_celeba(str(tmp_path))
+    else:
+      load(name, data_dir=str(tmp_path), source="tfds")
+  first, *rest = str(e.value).splitlines()
+  assert first.startswith(f"{name}: data not found: tfds data set") and len(first) < 160, first
+  assert str(tmp_path) in first and "tfds build" in "\n".join(rest)
+  assert "Variant folder" not in capfd.readouterr().err
+
+
 # --------------------------------------------------------------------------
 # tfds path
 # --------------------------------------------------------------------------

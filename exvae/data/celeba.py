@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from exvae.data.core import DataNotFoundError, Splits, validate_images
+from exvae.data.core import Splits, validate_images
+from exvae.data.tfds_source import open_data_source
 
 __all__ = ["CELEBA_TFDS_NAME", "center_crop_resize", "load_celeba"]
 
@@ -93,18 +94,13 @@ def load_celeba(data_dir: str | None = None, *, image_size: int = 64, crop: int 
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("CelebA needs tensorflow-datasets (pip install tensorflow-datasets; "
                       "TensorFlow itself is not needed)") from e
-  try:
-    srcs = tfds.data_source(CELEBA_TFDS_NAME, split=["train", "validation", "test"],
-                            data_dir=data_dir, download=False,
-                            builder_kwargs={"file_format": "array_record"})
-  except Exception as e:  # tfds raises assorted types when data is absent
-    d = data_dir if data_dir is not None else "~/tensorflow_datasets"
-    raise DataNotFoundError(
-        f"celeba: could not open tfds data set '{CELEBA_TFDS_NAME}' in data_dir={d} without "
-        f"downloading ({type(e).__name__}: {str(e)[:300]}).\nPrepare it on a machine with "
-        f"internet (the image files come from Google Drive; see the tfds catalogue page):\n"
-        f"  tfds build {CELEBA_TFDS_NAME} --data_dir {d} --file_format array_record\n"
-        "then copy the directory here and pass it with --config.data_dir=...") from e
+  srcs = open_data_source(
+      tfds, "celeba", CELEBA_TFDS_NAME, ["train", "validation", "test"], data_dir,
+      "Prepare it on a machine with internet (the image files come from Google Drive; see the "
+      "tfds catalogue page):\n"
+      f"  tfds build {CELEBA_TFDS_NAME} --data_dir {data_dir or '~/tensorflow_datasets'} "
+      "--file_format array_record\n"
+      "then copy the directory here and pass it with --config.data_dir=...")
   train = _read(srcs[0], max_train, crop, image_size)
   val = _read(srcs[1], max_test, crop, image_size)
   test = _read(srcs[2], max_test, crop, image_size)

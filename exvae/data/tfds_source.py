@@ -17,7 +17,10 @@ import numpy as np
 
 from exvae.data.core import DataNotFoundError
 
-__all__ = ["TFDS_NAMES", "default_tfds_data_dir", "tfds_prepared_dir", "load_tfds", "how_to_prepare"]
+__all__ = [
+    "TFDS_NAMES", "default_tfds_data_dir", "tfds_prepared_dir", "load_tfds", "how_to_prepare",
+    "open_data_source",
+]
 
 TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist"}
 _BATCH = 2048
@@ -96,6 +99,44 @@ def _to_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def open_data_source(tfds: Any, name: str, tfds_name: str, splits: list[str],
+                     data_dir: str | None, how: str) -> list[Any]:
+    """Opens prepared tfds splits without downloading, or says in one line that they are absent.
+
+    Args:
+      tfds: the imported ``tensorflow_datasets`` module.
+      name: the exvae data set name, first word of the error.
+      tfds_name: the tfds builder name.
+      splits: split names to open.
+      data_dir: tfds data directory (None: the tfds default).
+      how: instructions appended below the error's first line.
+
+    Returns:
+      One data source per split, in order.
+
+    Raises:
+      DataNotFoundError: the data set is not prepared there. Its first line is short; the
+        exception tfds raised and ``how`` follow on later lines.
+    """
+    import logging
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    # tfds logs a warning per unprepared variant folder before failing: the error says it all.
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return tfds.data_source(tfds_name, split=splits, data_dir=data_dir, download=False,
+                                # data_source only picks array_record itself when data_dir is None.
+                                builder_kwargs={"file_format": "array_record"})
+    except Exception as e:  # tfds raises assorted types when data is absent
+        shown = data_dir if data_dir is not None else default_tfds_data_dir()
+        raise DataNotFoundError(
+            f"{name}: data not found: tfds data set '{tfds_name}' is not prepared in "
+            f"data_dir={shown}.\n"
+            f"(tfds: {type(e).__name__}: {str(e)[:300]})\n{how}") from e
+    finally:
+        absl_logger.setLevel(level)
+
+
 def load_tfds(
     name: str, data_dir: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
@@ -123,24 +164,11 @@ def load_tfds(
             "TensorFlow itself is not needed)"
         ) from e
     t = TFDS_NAMES[name]
-    try:
-        srcs = tfds.data_source(
-            t,
-            split=["train", "test"],
-            data_dir=data_dir,
-            download=False,
-            # data_source only picks array_record itself when data_dir is None.
-            builder_kwargs={"file_format": "array_record"},
-        )
-    except Exception as e:  # tfds raises assorted types when data is absent
-        shown = data_dir if data_dir is not None else default_tfds_data_dir()
-        raise DataNotFoundError(
-            f"{name}: could not open tfds data set '{t}' in data_dir={shown} "
-            f"without downloading ({type(e).__name__}: {str(e)[:300]}).\n"
-            f"Prepare it (array_record format) on a machine with internet:\n"
-            f"{how_to_prepare(name, data_dir)}\n"
-            "and pass its directory with --config.data_dir=..."
-        ) from e
+    srcs = open_data_source(
+        tfds, name, t, ["train", "test"], data_dir,
+        f"Prepare it (array_record format) on a machine with internet:\n"
+        f"{how_to_prepare(name, data_dir)}\n"
+        "and pass its directory with --config.data_dir=...")
     xtr, ytr = _to_arrays(srcs[0])
     xte, yte = _to_arrays(srcs[1])
     shown = data_dir if data_dir is not None else default_tfds_data_dir()
