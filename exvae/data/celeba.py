@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 
 from exvae.data.core import Splits, validate_images
-from exvae.data.tfds_source import open_data_source
+from exvae.data.tfds_source import open_data_source, read_batches
 
 __all__ = ["CELEBA_TFDS_NAME", "center_crop_resize", "load_celeba"]
 
 CELEBA_TFDS_NAME = "celeb_a"
-_BATCH = 1024
 
 
 def center_crop_resize(image: np.ndarray, crop: int, size: int) -> np.ndarray:
@@ -53,17 +52,7 @@ def _read(ds: Any, limit: int | None, crop: int, size: int) -> np.ndarray:
   """First ``limit`` images of a tfds data source, cropped and resized: (N, size, size, 3) uint8."""
   n = len(ds) if limit is None else min(len(ds), int(limit))
   out = np.empty((n, size, size, 3), np.uint8)
-  batched = hasattr(ds, "__getitems__")
-  for start in range(0, n, _BATCH):
-    keys = list(range(start, min(n, start + _BATCH)))
-    exs = None
-    if batched:
-      try:
-        exs = ds.__getitems__(keys)
-      except TypeError:          # mock data sources
-        batched = False
-    if exs is None:
-      exs = [ds[i] for i in keys]
+  for start, exs in read_batches(ds, n):
     for j, e in enumerate(exs):
       out[start + j] = center_crop_resize(np.asarray(e["image"]), crop, size)
   return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from exvae.data.core import DataNotFoundError
 
 __all__ = [
     "TFDS_NAMES", "default_tfds_data_dir", "tfds_prepared_dir", "load_tfds", "how_to_prepare",
-    "open_data_source",
+    "open_data_source", "read_batches",
 ]
 
 TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist"}
@@ -71,11 +71,16 @@ def how_to_prepare(name: str, data_dir: str | None) -> str:
     )
 
 
-def _to_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a whole tfds data source into (images uint8 (N,H,W,C), labels int32)."""
-    n = len(ds)
-    images: np.ndarray | None = None
-    labels = np.empty((n,), np.int32)
+def read_batches(ds: Any, n: int) -> Iterator[tuple[int, list[Any]]]:
+    """The first ``n`` examples of a tfds data source, in batches of ``_BATCH``.
+
+    Args:
+      ds: a tfds data source (``tfds.data_source(...)[split]``).
+      n: how many examples to read from the start.
+
+    Yields:
+      (start, examples): the index of the batch's first example and its examples (dicts).
+    """
     batched = hasattr(ds, "__getitems__")
     for start in range(0, n, _BATCH):
         keys = list(range(start, min(n, start + _BATCH)))
@@ -87,17 +92,25 @@ def _to_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
                 batched = False
         if exs is None:
             exs = [ds[i] for i in keys]
+        yield start, exs
+
+
+def _to_arrays(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a whole tfds data source into (images uint8 (N,H,W,C), labels int32)."""
+    n = len(ds)
+    images: np.ndarray | None = None
+    labels = np.empty((n,), np.int32)
+    for start, exs in read_batches(ds, n):
         imgs = np.stack([np.asarray(e["image"]) for e in exs])
         if images is None:
             images = np.empty((n,) + imgs.shape[1:], imgs.dtype)
-        images[start : start + len(keys)] = imgs
-        labels[start : start + len(keys)] = [int(e["label"]) for e in exs]
+        images[start : start + len(exs)] = imgs
+        labels[start : start + len(exs)] = [int(e["label"]) for e in exs]
     if images is None:
         raise DataNotFoundError("tfds data source is empty")
     if images.ndim == 3:
         images = images[..., None]
     return images, labels
-
 
 def open_data_source(tfds: Any, name: str, tfds_name: str, splits: list[str],
                      data_dir: str | None, how: str) -> list[Any]:
