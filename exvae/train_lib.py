@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-import zipfile
 from typing import Any
 
 import jax
@@ -28,8 +27,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import (atomic, checkpoints, data, distributed, pictures, plugins, rng, rundir,
-                   runinfo, writers)
+from exvae import (atomic, checkpoints, data, distributed, pictures, plugins, resumable, rng,
+                   rundir, runinfo, writers)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
@@ -441,40 +440,28 @@ def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
 
 def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: int) -> None:
   """Saves the scores of the first ``done`` batches of :func:`evaluate_split` (primary only)."""
-  if not distributed.is_primary():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz_checked(path, {**out, "done_batches": np.int64(done),
-                                  "identity": np.str_(identity)})
+  if distributed.is_primary():
+    resumable.save(path, identity, {**out, "done_batches": np.int64(done)})
 
 
 def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batches: int) -> int:
   """Fills ``out`` from a saved partial evaluation; returns its finished batches (0: none).
 
-  A missing file, an unreadable one or one made with another identity gives 0
-  (the last two with a line that says so).
+  A missing file gives 0; an unreadable one, one made with another identity or
+  one of other sizes gives 0 with a line that says so.
   """
-  if not os.path.exists(path):
-    return 0
-  try:
-    f = atomic.read_npz_checked(path)       # its arrays match the digest written with them
-    same = str(f["identity"]) == identity
-    done = int(f["done_batches"])
-    saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f"{path}: unreadable partial evaluation ({type(e).__name__}: {e}); starting from "
-          "the first example", flush=True)
-    return 0
+  saved = resumable.load(path, identity, {**out, "done_batches": np.int64(0)},
+                         what="partial evaluation", other="parameters or settings",
+                         restart="starting from the first example")
   if saved is None:
-    print(f"{path}: a partial evaluation of other parameters or settings; starting from "
-          "the first example", flush=True)
     return 0
-  if not 0 <= done <= n_batches or any(v.shape != out[k].shape for k, v in saved.items()):
+  done = int(saved["done_batches"])
+  if not 0 <= done <= n_batches:
     print(f"{path}: a partial evaluation with other sizes; starting from the first example",
           flush=True)
     return 0
-  for k, v in saved.items():
-    out[k][:] = v
+  for k in out:
+    out[k][:] = saved[k]
   return done
 
 
