@@ -11,7 +11,6 @@ checkpoint reproduces the uninterrupted run exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -27,12 +26,12 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import (atomic, checkpoints, data, distributed, pictures, plugins, resumable, rng,
+from exvae import (atomic, checkpoints, data, distributed, evaluation, pictures, plugins, rng,
                    rundir, runinfo, writers)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
-from exvae.objectives import Setup, check_objective, kl_beta, log_importance_weights
+from exvae.objectives import Setup, check_objective, kl_beta
 from exvae.optim import make_optimizer
 from exvae.priors import make_prior
 
@@ -280,191 +279,6 @@ def refresh_step(state: TrainState, pool: jax.Array, *, setup: Setup) -> TrainSt
   return state.replace(prior_state=prior_state)
 
 
-@functools.partial(jax.jit, static_argnames=("setup",))
-def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setup):
-  """The prior's evaluation context (exemplar prior: ALL training exemplars, no gradients)."""
-  inputs = setup.context_inputs(pool, key)
-  ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
-                               train=False)
-  return jax.lax.stop_gradient(ctx)
-
-
-@functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
-def eval_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup,
-               num_samples: int) -> dict[str, jax.Array]:
-  """Per-example sums over ``num_samples`` importance samples (to be merged across chunks).
-
-  Args:
-    params: model and prior parameters.
-    ctx: the prior's evaluation context.
-    x: (B, H, W, C) binarised images.
-    key: PRNG key of this chunk.
-    num_samples: S for this chunk (static).
-
-  Returns:
-    dict of (B,) arrays: ``lse_w`` (logsumexp of log weights), ``sum_w``,
-    ``sum_px``, ``sum_kl`` (sums over the chunk's samples), ``max_err`` (the
-    largest certified error of a pruned prior evaluation; 0 when exact).
-  """
-  log_w, log_px, log_pz, log_qz, err = log_importance_weights(
-      params, setup, ctx, x, key, num_samples, with_error=True)
-  return {"lse_w": jax.nn.logsumexp(log_w, axis=1), "sum_w": log_w.sum(1),
-          "sum_px": log_px.sum(1), "sum_kl": (log_qz - log_pz).sum(1),
-          "max_err": err.max(1)}
-
-
-@functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
-def picture_batch(params, ctx, x, key, *, setup: Setup, num_samples: int):
-  """Prior samples (num_samples images) and reconstructions of ``x`` (mean images)."""
-  z = setup.prior.sample(params["prior"], key, num_samples, ctx)
-  samples = setup.mean_fn(setup.model.decode(params["model"], z))
-  mu, _ = setup.model.encode(params["model"], x)
-  recons = setup.mean_fn(setup.model.decode(params["model"], mu))
-  return samples, recons
-
-
-# ----------------------------------------------------------------------------
-# Host-side evaluation helper (used for validation and by eval_lib)
-# ----------------------------------------------------------------------------
-
-
-def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
-                   num_samples: int, max_queries: int = 5000,
-                   progress: bool = False, desc: str = "eval",
-                   partial_path: str | None = None, partial_identity: dict | None = None,
-                   save_every_s: float = 60.0, stop=None) -> dict[str, np.ndarray]:
-  """IWAE bound and ELBO terms for every example of ``xs``.
-
-  Each example gets ``num_samples`` importance samples drawn in chunks; one
-  call scores ``batch * chunk <= max_queries`` latent codes, so memory is
-  bounded whatever S and the test-set size.  The last partial batch is padded
-  (results discarded) so the jitted function never retraces.
-
-  Args:
-    params: model and prior parameters.
-    setup: static run description.
-    ctx: prior evaluation context.
-    xs: (M, H, W, C) images (binarised for binary data).
-    key: PRNG key; sample chunk c of batch b uses fold_in(fold_in(key, b), c).
-    num_samples: S.
-    max_queries: bound on batch * chunk.
-    progress: show a tqdm bar (a terminal), else a plain line a minute.
-    desc: bar label.
-    partial_path: if given, the scores of the finished batches are saved there
-      (an ``.npz``, atomically) every ``save_every_s`` seconds, and a call that
-      finds a file there made with the same ``partial_identity``, sizes and key
-      starts after its last batch: a stopped evaluation loses at most
-      ``save_every_s`` seconds of work and ends with the scores an
-      uninterrupted one gives (batch ``b`` always uses the same key). The
-      caller removes the file once the results are safe.
-    partial_identity: JSON-able description of everything else the scores
-      depend on (parameters, images, prior settings).
-    save_every_s: seconds between two saves.
-    stop: a callable asked after each batch (SIGTERM): when it returns True, the
-      finished batches are saved to ``partial_path`` and rundir.Interrupted is raised.
-
-  Returns:
-    dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
-    ``elbo``, ``recon`` (-E log p(x|z)), ``kl`` (E[log q - log p]), ``max_err``
-    (certified: the exact-prior IWAE estimate lies in
-    ``[log_px_iwae, log_px_iwae + max_err]``; 0 unless pruning is on).
-  """
-  m = xs.shape[0]
-  chunk = min(num_samples, max_queries)
-  batch = max(1, min(m, max_queries // chunk))
-  n_chunks = math.ceil(num_samples / chunk)
-  out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl", "max_err")}
-  n_batches = math.ceil(m / batch)
-  identity = None
-  start = 0
-  if partial_path is not None:
-    identity = atomic.dumps({"given": partial_identity, "m": int(m), "batch": int(batch),
-                             "chunk": int(chunk), "num_samples": int(num_samples),
-                             "key": np.asarray(jax.random.key_data(key)).tolist()},
-                            sort_keys=True)
-    start = _read_partial(partial_path, identity, out, n_batches)
-    if start:
-      print(f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
-            f"(scores saved in {partial_path})", flush=True)
-  last_save = time.time()
-  bar, lines = None, None
-  if progress_lib.enabled(progress):
-    from tqdm.auto import tqdm
-    bar = tqdm(total=m, initial=min(start * batch, m), desc=desc, unit="ex",
-               dynamic_ncols=True)
-  elif progress_lib.lines_enabled(progress):
-    lines = progress_lib.LineReporter(m, desc, initial=min(start * batch, m))
-  for b in range(start, n_batches):
-    lo, hi = b * batch, min((b + 1) * batch, m)
-    xb = np.zeros((batch,) + xs.shape[1:], np.float32)
-    xb[: hi - lo] = xs[lo:hi]
-    xb = jnp.asarray(xb)
-    lse, sw, spx, skl, mx = None, 0.0, 0.0, 0.0, 0.0
-    remaining = num_samples
-    for c in range(n_chunks):
-      s = min(chunk, remaining)
-      remaining -= s
-      r = eval_batch(params, ctx, xb, jax.random.fold_in(jax.random.fold_in(key, b), c),
-                     setup=setup, num_samples=s)
-      r = jax.device_get(r)
-      lse = r["lse_w"].astype(np.float64) if lse is None else np.logaddexp(lse, r["lse_w"])
-      sw, spx, skl = sw + r["sum_w"], spx + r["sum_px"], skl + r["sum_kl"]
-      mx = np.maximum(mx, r["max_err"])
-    k = hi - lo
-    out["log_px_iwae"][lo:hi] = (lse - math.log(num_samples))[:k]
-    out["elbo"][lo:hi] = (np.asarray(sw) / num_samples)[:k]
-    out["recon"][lo:hi] = (-np.asarray(spx) / num_samples)[:k]
-    out["kl"][lo:hi] = (np.asarray(skl) / num_samples)[:k]
-    out["max_err"][lo:hi] = np.asarray(mx)[:k]
-    for p in (bar, lines):
-      if p is not None:
-        p.update(k)
-    if partial_path is not None and b + 1 < n_batches and time.time() - last_save >= save_every_s:
-      _write_partial(partial_path, identity, out, b + 1)
-      last_save = time.time()
-    if stop is not None and b + 1 < n_batches and stop():
-      kept = "no scores are kept (no partial_path)"
-      if partial_path is not None:
-        _write_partial(partial_path, identity, out, b + 1)
-        kept = f"the scores of the first {hi} are kept in {partial_path}"
-      for p in (bar, lines):
-        if p is not None:
-          p.close()
-      raise rundir.Interrupted(f"SIGTERM after {hi} of {m} examples ({desc}): {kept}; run the "
-                               "same command to go on from there.")
-  for p in (bar, lines):
-    if p is not None:
-      p.close()
-  return out
-
-
-def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: int) -> None:
-  """Saves the scores of the first ``done`` batches of :func:`evaluate_split` (primary only)."""
-  if distributed.is_primary():
-    resumable.save(path, identity, {**out, "done_batches": np.int64(done)})
-
-
-def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batches: int) -> int:
-  """Fills ``out`` from a saved partial evaluation; returns its finished batches (0: none).
-
-  A missing file gives 0; an unreadable one, one made with another identity or
-  one of other sizes gives 0 with a line that says so.
-  """
-  saved = resumable.load(path, identity, {**out, "done_batches": np.int64(0)},
-                         what="partial evaluation", other="parameters or settings",
-                         restart="starting from the first example")
-  if saved is None:
-    return 0
-  done = int(saved["done_batches"])
-  if not 0 <= done <= n_batches:
-    print(f"{path}: a partial evaluation with other sizes; starting from the first example",
-          flush=True)
-    return 0
-  for k in out:
-    out[k][:] = saved[k]
-  return done
-
-
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
@@ -490,17 +304,19 @@ def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config,
   one sample per example, or under ``objective='iwae'`` the IWAE bound with
   the same k samples as training.
   """
-  ctx = eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup)
-  res = evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
-                       num_samples=setup.objective_samples, max_queries=config.eval.max_queries)
+  ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed),
+                                setup=setup)
+  res = evaluation.evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
+                                  num_samples=setup.objective_samples,
+                                  max_queries=config.eval.max_queries)
   bound = res["log_px_iwae"] if setup.objective == "iwae" else res["elbo"]
   metrics = {"val_loss": float(-bound.mean()), "val_recon": float(res["recon"].mean()),
              "val_kl": float(res["kl"].mean())}
   n_pic = int(config.num_picture_samples)
   if n_pic > 0:
     xv = jnp.asarray(splits.val_x[: min(n_pic // 2, splits.val_x.shape[0])])
-    samples, recons = picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
-                                    setup=setup, num_samples=n_pic)
+    samples, recons = evaluation.picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
+                                               setup=setup, num_samples=n_pic)
     path = os.path.join(workdir, "pictures", f"epoch_{epoch + 1:05d}.png")
     if distributed.is_primary():
       pictures.save_samples_and_reconstructions(path, np.asarray(samples), np.asarray(xv),
