@@ -573,7 +573,7 @@ def restore_trained(config, workdir: str) -> Trained:
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no (readable) checkpoint.
   """
-  from exvae import checkpoints, published, rundir, train_lib
+  from exvae import checkpoints, config_checks, published, rundir, train_lib
   is_published = published.is_published(workdir)   # parameters only, no checkpoints
   if not is_published and not rundir.has_checkpoint(workdir):
     published.check_complete(workdir)
@@ -586,6 +586,7 @@ def restore_trained(config, workdir: str) -> Trained:
   rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)
   rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
+  config_checks.check_values(config)
   setup = train_lib.make_setup(config, splits)
   template = train_lib.init_state(config, setup, splits.train_x.shape[0])
   if is_published:

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import (atomic, checkpoints, data, distributed, errors, evaluation, per_example,
-                   pictures, published, rundir, train_lib)
+from exvae import (atomic, checkpoints, config_checks, data, distributed, errors, evaluation,
+                   per_example, pictures, published, rundir, train_lib)
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   and settings are returned as they are (the dict has ``reused: True``), not recomputed.
   """
   is_published = _check_trained(workdir)
-  train_lib.validate_config(config)
+  config_checks.check_values(config)
   rundir.check_reader_config(workdir, config, rundir.EVAL_HINTS)
   splits = train_lib.load_data(config)
   rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays

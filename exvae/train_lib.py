@@ -26,12 +26,12 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import (atomic, checkpoints, data, distributed, evaluation, pictures, plugins, rng,
-                   rundir, runinfo, writers)
+from exvae import (atomic, checkpoints, config_checks, data, distributed, evaluation, pictures,
+                   plugins, rng, rundir, runinfo, writers)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
-from exvae.models import check_matmul_dtype, make_model
-from exvae.objectives import Setup, check_objective, kl_beta
+from exvae.models import make_model
+from exvae.objectives import Setup, kl_beta
 from exvae.optim import make_optimizer
 from exvae.priors import make_prior
 
@@ -72,24 +72,6 @@ class TrainState:
 # ----------------------------------------------------------------------------
 
 
-def validate_config(config) -> None:
-  """Raises ValueError on values that cannot work (before any data is loaded)."""
-  if config.batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {config.batch_size}.")
-  if config.learning_rate <= 0:
-    raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}.")
-  if config.latent_dim < 1:
-    raise ValueError(f"latent_dim must be >= 1, got {config.latent_dim}.")
-  if config.eval.num_importance_samples < 1:
-    raise ValueError("eval.num_importance_samples must be >= 1.")
-  if config.pool_sharding not in distributed.POOL_SHARDING:
-    raise ValueError(f"pool_sharding must be one of {distributed.POOL_SHARDING}, "
-                     f"got {config.pool_sharding!r}.")
-  check_matmul_dtype(config)        # value, and whether the model implements it
-  check_objective(config.objective, config.objective_samples, config.gradient_estimator)
-  rundir.check_config(config)       # cadences, keep_checkpoints, a finite learning rate
-
-
 def load_data(config) -> data.Splits:
   """Loads the configured data set (clear DataNotFoundError if missing)."""
   return data.load(
@@ -108,19 +90,15 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
     splits: the loaded data.
     pool_sharded: the training pool will be split along N over the ``data``
       mesh (see :func:`make_pool`).
+
+  Runs the config checks that need the data, the model and the prior
+  (:mod:`exvae.config_checks`); those that need none run before the data is loaded.
   """
-  validate_config(config)
   n = splits.train_x.shape[0]
-  if config.batch_size > n:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the training set size {n}.")
-  rundir.check_config(config, num_train=n)   # num_exemplars, rat_k vs the training set
+  config_checks.check_sizes(config, n)     # batch_size, num_exemplars, rat_k vs the data
   model = make_model(config, splits.image_shape)
-  if config.gradient_estimator == "dreg" and not _accepts_keyword(model.score, "path_weight"):
-    raise ValueError(f"gradient_estimator='dreg' needs the model's score(..., path_weight=...) "
-                     f"(docs/objectives.md); model {config.model!r} does not take it.")
   prior = make_prior(config.prior, config)
-  if plugins.is_spec(config.prior):    # one traced call: shapes checked before any step
-    plugins.check_prior_shapes(prior, model, n, config.prior)
+  config_checks.check_model_and_prior(config, n, model, prior)
   log_lik, mean_fn = get_likelihood(config.likelihood)
   return Setup(model=model, prior=prior, log_lik=log_lik, mean_fn=mean_fn,
                optimizer=make_optimizer(config), binary=bool(splits.binary),
@@ -130,16 +108,6 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
                binary_exemplars=bool(splits.binary) and bool(config.exemplar.binarize_exemplars),
                objective=str(config.objective), objective_samples=int(config.objective_samples),
                gradient_estimator=str(config.gradient_estimator))
-
-
-def _accepts_keyword(fn, name: str) -> bool:
-  """Whether ``fn`` can be called with the keyword argument ``name``."""
-  import inspect
-  try:
-    params = inspect.signature(fn).parameters.values()
-  except (TypeError, ValueError):
-    return False
-  return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def make_pool(config, splits: data.Splits, mesh) -> tuple[jax.Array, bool]:
@@ -371,7 +339,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   and the history check of a fresh start (``overwrite``: move an earlier run's
   files into ``<workdir>/previous/<time>/`` instead of refusing).
   """
-  validate_config(config)
+  config_checks.check_training_config(config)     # the one check of the config's values
   with rundir.Writer(workdir, config, primary=distributed.is_primary(),
                      allow_config_change=allow_config_change, overwrite=overwrite):
     with distributed.data_mesh(int(config.num_devices)) as mesh:
@@ -563,7 +531,6 @@ def _prepare(config, workdir: str, mesh, allow_config_change: bool):
   os.makedirs(workdir, exist_ok=True)
   splits = load_data(config)
   data.validate_images(splits.train_x, name="training images")
-  validate_config(config)
   pool, pool_sharded = make_pool(config, splits, mesh)
   setup = make_setup(config, splits, pool_sharded)
   rundir.check_data_identity(workdir, splits.identity, resuming=rundir.has_checkpoint(workdir),

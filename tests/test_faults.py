@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import bank as bank_lib
-from exvae import checkpoints, eval_lib, evaluation, rundir, train_lib
+from exvae import checkpoints, config_checks, eval_lib, evaluation, rundir, train_lib
 from exvae.uses import commands
 
 PY = sys.executable
@@ -242,7 +242,7 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     ("learning_rate", float("nan")), ("learning_rate", float("inf"))])
 def test_bad_config_values_are_errors_naming_the_key(key, value):
   with pytest.raises(rundir.ConfigError, match=key.replace(".", r"\.")):
-    train_lib.validate_config(load_config("test", **{key: value}))
+    config_checks.check_values(load_config("test", **{key: value}))
 
 
 def test_num_exemplars_and_rat_k_beyond_the_training_set_are_errors():
