@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import (atomic, checkpoints, config_checks, data, distributed, errors, evaluation,
-                   per_example, pictures, published, rundir, train_lib)
+from exvae import (atomic, config_checks, data, distributed, errors, evaluation, per_example,
+                   pictures, rundir, train_lib)
+from exvae import bank as bank_lib
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -78,14 +79,14 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   (the default), outputs already in ``out_dir`` from the same parameters, test images
   and settings are returned as they are (the dict has ``reused: True``), not recomputed.
   """
-  is_published = _check_trained(workdir)
+  is_published = bank_lib.check_trained(workdir)
   config_checks.check_values(config)
   rundir.check_reader_config(workdir, config, rundir.EVAL_HINTS)
   splits = train_lib.load_data(config)
   rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
   pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
   setup = train_lib.make_setup(config, splits, pool_sharded)
-  params, meta, use_best, step = _restore(config, workdir, setup, splits, mesh, is_published)
+  params, meta, use_best, step = _restore(config, workdir, setup, mesh, is_published)
   in_progress = None if is_published else _in_progress(workdir, meta, use_best, step)
   test_x = splits.test_x
   if config.eval.max_test_examples:
@@ -107,7 +108,7 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   partial = os.path.join(out_dir, PARTIAL) if identity is not None else None
   ctx, res, times = _score(config, params, setup, pool, test_x, partial, identity, stop)
   checkpoint = {"checkpoint_step": step, "params": "best" if use_best else "last",
-                "best_epoch": int(meta.get("best_epoch", -1)) + 1,
+                "best_epoch": int(meta["best_epoch"]),
                 "best_val_loss": meta.get("best_val"),
                 # Training still held the run's writer lock: an interim checkpoint's scores.
                 "run_in_progress": in_progress is not None,
@@ -126,47 +127,20 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   return metrics
 
 
-def _check_trained(workdir: str) -> bool:
-  """Whether ``workdir`` is a published model; raises unless it holds a trained run.
-
-  Raises:
-    CheckpointNotFoundError: neither a published model nor a checkpoint.
-  """
-  is_published = published.is_published(workdir)   # a published model: parameters only
-  if not is_published and not rundir.has_checkpoint(workdir):
-    published.check_complete(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not is_published and (not os.path.isdir(ckpt_dir) or not any(
-      name.isdigit() for name in os.listdir(ckpt_dir))):
-    raise checkpoints.CheckpointNotFoundError(
-        f"No checkpoint found in {ckpt_dir}. Train first: "
-        f"exvae-train --config=<config> --workdir={workdir}")
-  return is_published
-
-
-def _restore(config, workdir: str, setup, splits: data.Splits, mesh,
-             is_published: bool) -> tuple[Any, dict, bool, int]:
-  """The parameters to score, placed on ``mesh``.
+def _restore(config, workdir: str, setup, mesh, is_published: bool) -> tuple[Any, dict, bool, int]:
+  """The parameters to score (:func:`exvae.bank.restore_params`), placed on ``mesh``.
 
   Returns:
-    ``(params, meta, use_best, step)``: the checkpoint's bookkeeping (``best_epoch``
-    0-based, -1: none validated), whether ``params`` are the best-on-validation ones,
+    ``(params, meta, use_best, step)``: the run's bookkeeping (``best_epoch``
+    1-based, 0: none validated), whether ``params`` are the best-on-validation ones,
     and the checkpoint's step (-1 when a published model does not record it).
   """
-  template = train_lib.init_state(config, setup, splits.train_x.shape[0])
-  if is_published:
-    best, record = published.load(workdir, template.params)
-    meta = {"best_epoch": int(record.get("best_epoch", 0)) - 1,
-            "best_val": record.get("best_val_loss")}
-    return (distributed.replicate(best, mesh), meta, True,
-            int(record.get("source_checkpoint_step", -1)))
-  manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"), read_only=True)
-  state, best, meta = manager.restore_latest(template, template.params)
+  r = bank_lib.restore_params(config, workdir, setup, is_published=is_published,
+                              need_last=not is_published)
   # Best-on-validation parameters, unless no epoch was validated yet (a run
   # stopped by max_steps inside its first epoch): then the last ones.
-  use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
-  params = distributed.replicate(best if use_best else state.params, mesh)
-  return params, meta, use_best, int(state.step)
+  use_best = is_published or (bool(config.eval.use_best) and int(r.meta["best_epoch"]) >= 1)
+  return distributed.replicate(r.best if use_best else r.last, mesh), r.meta, use_best, r.step
 
 
 def _score(config, params, setup, pool, test_x: np.ndarray, partial: str | None,
@@ -264,7 +238,7 @@ def _in_progress(workdir: str, meta: dict, use_best: bool, step: int) -> int | N
   if writer is None:
     return None
   done = int(meta.get("epochs_validated", 0))
-  which = (f"the best epoch {int(meta.get('best_epoch', -1)) + 1}" if use_best
+  which = (f"the best epoch {int(meta['best_epoch'])}" if use_best
            else f"the last parameters (step {step})")
   who = f" (pid {writer['pid']})" if writer.get("pid") else ""
   if distributed.is_primary():
@@ -318,7 +292,6 @@ def _identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
   ``identity_sha256`` in ``eval_metrics.json``) must match to be reused: the parameters,
   the test images, and the config (less the settings that only say how to show, where to
   write, or whether to reuse)."""
-  from exvae import bank as bank_lib
   cfg = config.to_dict()
   cfg.pop("progress", None)
   for key in ("out_dir", "reuse"):
