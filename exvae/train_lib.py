@@ -7,6 +7,12 @@ it, gathers the images from the training pool, binarises them with a key
 gradients, RAT neighbours, pseudo-inputs), and applies one optax update.  Since
 every random choice is a function of (seed, step), a run resumed from a
 checkpoint reproduces the uninterrupted run exactly.
+
+The loop (:func:`_train`) only steps, logs, validates and saves;
+:class:`Bookkeeping` keeps what a run holds beside its train state (best
+parameters, the last saved step, the checkpoint's metadata) and decides what
+may be saved. Validation scores through :mod:`exvae.evaluation`; the config
+is checked once, by :mod:`exvae.config_checks`.
 """
 
 from __future__ import annotations
