@@ -560,6 +560,89 @@ class Trained(NamedTuple):
   meta: dict
 
 
+class Restored(NamedTuple):
+  """The parameters of a trained run as :func:`restore_params` reads them.
+
+  Attributes:
+    best: the best-on-validation parameters.
+    last: the last parameters (the checkpoint's train state), or None (a published
+      model, or not asked for).
+    step: the checkpoint's step (-1: a published model that does not record it;
+      None: the train state was not read).
+    meta: as :attr:`Trained.meta`: ``best_epoch`` 1-based (0: none validated),
+      ``best_val``, and for a run directory the checkpoint's other bookkeeping.
+  """
+
+  best: PyTree
+  last: PyTree | None
+  step: int | None
+  meta: dict
+
+
+def check_trained(workdir: str) -> bool:
+  """Whether ``workdir`` is a published model; raises unless it holds a trained run.
+
+  Raises:
+    CheckpointNotFoundError: neither a published model nor a checkpoint (a published
+      model missing files says which).
+  """
+  from exvae import checkpoints, published, rundir
+  is_published = published.is_published(workdir)   # parameters only, no checkpoints
+  if not is_published and not rundir.has_checkpoint(workdir):
+    published.check_complete(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not is_published and (
+      not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir))):
+    raise checkpoints.CheckpointNotFoundError(
+        f"No checkpoint found in {ckpt_dir}. Train first: "
+        f"exvae-train --config=<config> --workdir={workdir}")
+  return is_published
+
+
+def restore_params(config, workdir: str, setup, *, is_published: bool,
+                   need_last: bool = False) -> Restored:
+  """Reads the parameters of the trained run in ``workdir`` (never changing it).
+
+  The one reader of a trained run's parameters: a published model
+  (:mod:`exvae.published`) or the newest good checkpoint, opened read-only.
+
+  Args:
+    config: the run's ConfigDict.
+    workdir: the training workdir, or a published model (see :func:`check_trained`).
+    setup: the run's static description (the shapes of the parameters).
+    is_published: what :func:`check_trained` returned.
+    need_last: read the checkpoint's train state too (its step and last parameters).
+
+  Returns:
+    A :class:`Restored`.
+
+  Raises:
+    CheckpointNotFoundError: no readable checkpoint.
+    CheckpointMismatchError: the checkpoints hold another model.
+  """
+  from exvae import checkpoints, published, train_lib
+  template = train_lib.init_state(config, setup, setup.num_train)
+  if is_published:
+    best, record = published.load(workdir, template.params)
+    meta = {"best_epoch": int(record.get("best_epoch") or 0),
+            "best_val": record.get("best_val_loss")}
+    return Restored(best=best, last=None, meta=meta,
+                    step=int(record.get("source_checkpoint_step", -1)))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
+  out = manager.restore_latest(template if need_last else None, template.params,
+                               need_state=need_last)
+  if out is None:
+    raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
+  state, best, stored = out
+  # The checkpoint counts epochs from 0 (-1: none validated); printed and published
+  # epochs count from 1, as meta does (0: none validated).
+  meta = dict(stored, best_epoch=int(stored.get("best_epoch", -1)) + 1,
+              best_val=stored.get("best_val"))
+  return Restored(best=best, last=state.params if need_last else None, meta=meta,
+                  step=int(state.step) if need_last else None)
+
+
 def restore_trained(config, workdir: str) -> Trained:
   """Restores the best-on-validation parameters of the run in ``workdir``.
 
@@ -573,36 +656,16 @@ def restore_trained(config, workdir: str) -> Trained:
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no (readable) checkpoint.
   """
-  from exvae import checkpoints, published, rundir, train_lib
-  is_published = published.is_published(workdir)   # parameters only, no checkpoints
-  if not is_published and not rundir.has_checkpoint(workdir):
-    published.check_complete(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not is_published and (
-      not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir))):
-    raise checkpoints.CheckpointNotFoundError(
-        f"No checkpoint found in {ckpt_dir}. Train first: "
-        f"exvae-train --config=<config> --workdir={workdir}")
+  from exvae import config_checks, rundir, train_lib
+  is_published = check_trained(workdir)
   rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)
   rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
+  config_checks.check_values(config)
   setup = train_lib.make_setup(config, splits)
-  template = train_lib.init_state(config, setup, splits.train_x.shape[0])
-  if is_published:
-    best, record = published.load(workdir, template.params)
-    meta = {"best_epoch": int(record.get("best_epoch") or 0),
-            "best_val": record.get("best_val_loss")}
-  else:
-    manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
-    out = manager.restore_latest(None, template.params, need_state=False)
-    if out is None:
-      raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
-    _, best, stored = out
-    # The checkpoint counts epochs from 0 (-1: none validated); printed and published
-    # epochs count from 1, as meta does (0: none validated).
-    meta = dict(stored, best_epoch=int(stored.get("best_epoch", -1)) + 1,
-                best_val=stored.get("best_val"))
-  return Trained(config=config, splits=splits, setup=setup, params=best, meta=meta)
+  restored = restore_params(config, workdir, setup, is_published=is_published)
+  return Trained(config=config, splits=splits, setup=setup, params=restored.best,
+                 meta=restored.meta)
 
 
 def bank_log_var(trained: Trained, mean_posterior_logvar: float | None = None) -> tuple[float, str]:

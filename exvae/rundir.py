@@ -50,7 +50,6 @@ import errno
 import fcntl
 import fnmatch
 import json
-import math
 import os
 import socket
 import sys
@@ -92,53 +91,6 @@ MAY_CHANGE = (
 # validation images it binarises.
 MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype", "eval_binarize",
                                        "eval_binarize_seed")
-
-
-# ----------------------------------------------------------------------------
-# Config checks (before any data is loaded, and once the training set size is known)
-# ----------------------------------------------------------------------------
-
-
-def check_config(config, num_train: int | None = None) -> None:
-  """Rejects config values that cannot work, before any work starts.
-
-  Args:
-    config: the run's ConfigDict.
-    num_train: the training set size, once known (checks ``num_exemplars``
-      and ``rat_k`` against it).
-
-  Raises:
-    ConfigError: naming the key, its value and what would work.
-  """
-  def at_least_one(key, value):
-    if int(value) < 1:
-      raise ConfigError(f"{key} must be >= 1, got {value}: set --config.{key}=<n> with n >= 1.")
-
-  for key in ("checkpoint_every_steps", "log_every_steps", "val_every_epochs",
-              "early_stopping_patience"):
-    at_least_one(key, config[key])
-  at_least_one("eval.max_queries", config.eval.max_queries)
-  if int(config.keep_checkpoints) < 1:
-    raise ConfigError(
-        f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}: 0 would delete every "
-        "checkpoint of the workdir, including earlier ones. Set --config.keep_checkpoints=1 or more.")
-  if not math.isfinite(float(config.learning_rate)):
-    raise ConfigError(f"learning_rate must be finite, got {config.learning_rate}.")
-  if int(config.num_epochs) < 0 or int(config.max_steps) < 0:
-    raise ConfigError(f"num_epochs and max_steps must be >= 0, got {config.num_epochs} and "
-                      f"{config.max_steps}.")
-  if num_train is None or config.prior != "exemplar" or "exemplar" not in config:
-    return
-  m = int(config.exemplar.num_exemplars)
-  if m > num_train:
-    raise ConfigError(
-        f"exemplar.num_exemplars={m} exceeds the {num_train} training images: set "
-        f"--config.exemplar.num_exemplars={num_train} or 0 (all of them).")
-  candidates = num_train if m <= 0 else m
-  if bool(config.exemplar.rat) and int(config.exemplar.rat_k) > candidates:
-    raise ConfigError(
-        f"exemplar.rat_k={config.exemplar.rat_k} exceeds the {candidates} exemplar candidates "
-        f"per step: set --config.exemplar.rat_k to at most {candidates}.")
 
 
 # ----------------------------------------------------------------------------

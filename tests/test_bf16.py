@@ -25,7 +25,7 @@ import pytest
 from jax import lax
 
 from conftest import ROOT, fresh_run, load_config, train_traced_once
-from exvae import train_lib
+from exvae import config_checks, train_lib
 from exvae.models import check_matmul_dtype, make_model
 from exvae.nets.gated import mixed_matmul
 from exvae.objectives import elbo_loss
@@ -255,7 +255,7 @@ def test_bf16_train_step_traces_once_and_loss_decreases(rat):
 def test_bad_value_is_a_one_line_error(overrides, match):
   c = load_config("test", **overrides)
   with pytest.raises(ValueError, match=match) as e:
-    train_lib.validate_config(c)
+    config_checks.check_values(c)
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match=match):      # the factories check too
     make_model(c, (8, 8, 1))

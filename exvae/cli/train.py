@@ -63,10 +63,9 @@ def summary_line(summary: Mapping[str, Any]) -> str:
 
 
 def main(inv: command.Invocation) -> None:
-  from exvae import distributed, plugins, train_lib
+  from exvae import distributed, train_lib
   if FLAGS.coordinator_address or FLAGS.distributed:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
-  plugins.check_config_plugins(inv.config)
   summary = train_lib.train_and_evaluate(inv.config, inv.workdir,
                                          allow_config_change=FLAGS.allow_config_change,
                                          overwrite=FLAGS.overwrite)

@@ -225,7 +225,7 @@ FLOAT32_ONLY_MODELS = ("convhvae", "pixelcnn")
 def check_matmul_dtype(config, model: str | None = None) -> str:
   """The one check of ``config.matmul_dtype``: its value, and whether the model implements it.
 
-  ``train_lib.validate_config`` calls it before any data is loaded; the model
+  ``config_checks.check_values`` calls it before any data is loaded; the model
   factories call it too, so a model built from a config directly is checked.
 
   Args:
