@@ -140,6 +140,45 @@ def settle() -> None:
       pass
 
 
+def keep_interrupts() -> None:
+  """A Ctrl-C or SIGTERM that lands where Python swallows exceptions is delivered again.
+
+  A signal handler raises its exception (KeyboardInterrupt, or Interrupted for
+  the uses' SIGTERM) in whatever Python code runs when the signal arrives. In a
+  garbage-collector callback (JAX's ``_xla_gc_callback`` runs at every
+  collection), a ``__del__`` or a weakref callback, Python prints it as
+  "Exception ignored in ..." and carries on: the command would finish with
+  exit 0 and a traceback on stderr, the stop lost. This hook takes such an
+  exception, prints nothing and sends the signal again; its handler then runs
+  in the command's own code. Any other unraisable exception goes to the hook
+  that was there.
+  """
+  import threading
+  from exvae.errors import Interrupted     # light: no JAX
+  previous = sys.unraisablehook
+  if getattr(previous, "_exvae_keeps_interrupts", False):
+    return
+
+  def again(sig: int) -> None:
+    # From another thread, a moment later: sent from here, the handler would run at
+    # once, still inside the callback, and be swallowed again.
+    try:
+      threading.Timer(0.02, os.kill, (os.getpid(), sig)).start()
+    except RuntimeError:      # the interpreter is shutting down: the outcome is decided
+      pass
+
+  def hook(unraisable) -> None:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+      again(signal.SIGINT)
+    elif isinstance(unraisable.exc_value, Interrupted):
+      again(signal.SIGTERM)
+    else:
+      previous(unraisable)
+
+  hook._exvae_keeps_interrupts = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
 def fail(prog: str, e: BaseException) -> NoReturn:
   """Ends the program for the error ``e``: one line and its exit code, or the traceback.
 
