@@ -292,6 +292,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
     main(Invocation(prog=prog, config=config, workdir=workdir, args=positional,
                     config_source=source))
     errors.settle()       # done: a late Ctrl-C must not cut the teardown into exit -2
+    errors.drain()        # no computation outlives the interpreter
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
     errors.fail(prog, e)
 

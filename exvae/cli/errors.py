@@ -179,6 +179,28 @@ def keep_interrupts() -> None:
   sys.unraisablehook = hook
 
 
+def drain() -> None:
+  """Waits for the computations JAX has still running, so that none outlives the interpreter.
+
+  JAX dispatches asynchronously: a loop stopped by Ctrl-C or SIGTERM (the
+  augmentation's classifier steps) leaves queued steps on XLA's threads. If the
+  interpreter's teardown frees their buffers while they run, the process can
+  crash (SIGSEGV) after its one line. Does nothing where JAX was never imported.
+  """
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return
+  try:
+    arrays = jax.live_arrays()
+  except Exception:  # noqa: BLE001  (no backend: nothing runs)
+    return
+  for a in arrays:
+    try:
+      a.block_until_ready()
+    except Exception:  # noqa: BLE001  (deleted or failed: nothing to wait for)
+      pass
+
+
 def fail(prog: str, e: BaseException) -> NoReturn:
   """Ends the program for the error ``e``: one line and its exit code, or the traceback.
 
@@ -190,6 +212,7 @@ def fail(prog: str, e: BaseException) -> NoReturn:
     e itself, when it is not an expected error or a traceback was asked for.
   """
   settle()                  # every branch below ends the process
+  drain()
   code = exit_code(e)
   if code is None or want_traceback():
     raise e
