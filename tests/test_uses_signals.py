@@ -169,3 +169,46 @@ def test_a_stop_that_lands_in_a_gc_callback_still_stops_the_command(what, code, 
   assert "finished" not in r.stdout
   lines = _lines(r.stderr)
   assert len(lines) == 1 and lines[0].startswith(line), lines
+
+
+def test_drain_waits_for_the_computations_jax_still_runs():
+  """A command that stops (or ends) waits for its dispatched computations: none may
+  still run on XLA's threads while the interpreter tears down."""
+  import jax.numpy as jnp
+  from exvae.cli import errors
+  x = jnp.ones((1200, 1200), jnp.float32)
+  x.block_until_ready()
+  ys = [x @ (x + i) for i in range(6)]          # dispatched, not waited for
+  errors.drain()
+  assert all(y.is_ready() for y in ys)
+
+
+_WRAPPED_SCRIPT = r"""
+import sys
+from exvae import stopping
+from exvae.cli import command
+
+def main(inv):
+  # What Orbax's restore does with a Ctrl-C (or the uses' SIGTERM) that lands in it:
+  # it catches every exception and raises a plain one from it.
+  stop = KeyboardInterrupt() if inv.args == ["int"] else stopping.stopped("in a restore")
+  try:
+    raise stop
+  except BaseException as e:
+    raise Exception("Encountered error while reading array index: 0.") from e
+
+command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
+                         config="none", positional=(1, 1)), main, ["exvae-probe", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("what,code,line", [
+    ("int", 130, "exvae-probe: stopped: interrupted (Ctrl-C)."),
+    ("term", 143, "exvae-probe: stopped: SIGTERM in a restore")])
+def test_a_stop_that_a_library_wraps_in_another_error_is_still_a_stop(what, code, line):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("EXVAE_TRACEBACK", None)
+  r = subprocess.run([PY, "-c", _WRAPPED_SCRIPT, what], capture_output=True, text=True,
+                     env=env, timeout=120)
+  assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+  assert _lines(r.stderr) == [line], r.stderr[-2000:]

@@ -201,6 +201,26 @@ def drain() -> None:
       pass
 
 
+def stop_cause(e: BaseException) -> BaseException | None:
+  """The Ctrl-C or SIGTERM behind ``e``, where a library turned it into another error.
+
+  Orbax's restore catches every exception, KeyboardInterrupt too, and raises a
+  plain ``Exception("Encountered error while reading array index ...")`` from
+  it: a Ctrl-C during a restore would end with that traceback and exit 1.
+  Returns the KeyboardInterrupt or Interrupted found in ``e``'s causes and
+  contexts (``e`` itself included), else None.
+  """
+  from exvae.errors import Interrupted
+  seen: set[int] = set()
+  x: BaseException | None = e
+  while x is not None and id(x) not in seen:
+    if isinstance(x, (KeyboardInterrupt, Interrupted)):
+      return x
+    seen.add(id(x))
+    x = x.__cause__ or x.__context__
+  return None
+
+
 def fail(prog: str, e: BaseException) -> NoReturn:
   """Ends the program for the error ``e``: one line and its exit code, or the traceback.
 
@@ -213,9 +233,11 @@ def fail(prog: str, e: BaseException) -> NoReturn:
   """
   settle()                  # every branch below ends the process
   drain()
-  code = exit_code(e)
+  stop = stop_cause(e)
+  code = exit_code(stop or e)
   if code is None or want_traceback():
     raise e
+  e = stop or e
   from exvae import rundir
   stopped = isinstance(e, (rundir.Interrupted, KeyboardInterrupt))
   first, how_to = one_line(e), how_to_lines(e)
