@@ -1,13 +1,13 @@
 """SIGTERM for the downstream commands: stop at once, or where partial work can be saved.
 
 :func:`on_sigterm` (``exvae-uses`` runs its command inside it) turns SIGTERM
-into :class:`exvae.errors.Interrupted` (exit code 143, one line ``stopped:
-...``). Outside a :func:`deferring` function the handler raises it at once,
-as Ctrl-C raises KeyboardInterrupt: such code keeps no partial work, and what
-it writes, it writes atomically. Inside one (the augmentation's classifiers),
+into a stop with exit code 143 and one line ``stopped: ...``. Outside a
+:func:`deferring` function the handler raises :class:`SigtermStop` at once, as
+Ctrl-C raises KeyboardInterrupt: such code keeps no partial work, and what it
+writes, it writes atomically. Inside one (the augmentation's classifiers),
 the handler only records the request; the code asks :func:`requested` at its
 safe points (an epoch's end), saves its state there and raises
-:func:`stopped`. A request that no safe point took before the deferring
+:func:`stopped` (:class:`exvae.errors.Interrupted`). A request that no safe point took before the deferring
 function returned is raised when :func:`on_sigterm` ends, once the command's
 outputs are written.
 """
@@ -36,11 +36,22 @@ def stopped(what: str) -> Interrupted:
   return Interrupted(f"SIGTERM {what}")
 
 
+class SigtermStop(KeyboardInterrupt):
+  """SIGTERM raised where the command is (exit code 143).
+
+  A KeyboardInterrupt, as Ctrl-C's is: raised asynchronously, it must pass
+  through a library's ``except Exception`` (which would take an Exception,
+  turn it into a warning and go on) as Ctrl-C does.
+  """
+
+  exit_code = 128 + 15
+
+
 def _handler(signum, frame) -> None:
   _state["requested"] = True
   if not _state["deferring"]:
-    raise stopped("before the command's outputs were complete (each file is written whole "
-                  "or not at all); run the same command again.")
+    raise SigtermStop("SIGTERM before the command's outputs were complete (each file is "
+                      "written whole or not at all); run the same command again.")
 
 
 def deferring(fn: _F) -> _F:
@@ -57,7 +68,7 @@ def deferring(fn: _F) -> _F:
 
 @contextlib.contextmanager
 def on_sigterm() -> Iterator[None]:
-  """SIGTERM raises :class:`Interrupted` (see the module) while the block runs.
+  """SIGTERM stops the block (see the module) while it runs.
 
   In a thread other than the main one (where no handler can be set) it does nothing.
 

@@ -212,3 +212,38 @@ def test_a_stop_that_a_library_wraps_in_another_error_is_still_a_stop(what, code
                      env=env, timeout=120)
   assert r.returncode == code, (r.returncode, r.stderr[-2000:])
   assert _lines(r.stderr) == [line], r.stderr[-2000:]
+
+
+_CAUGHT_SCRIPT = r"""
+import sys, time, warnings
+from exvae import stopping
+from exvae.cli import command
+
+def main(inv):
+  with stopping.on_sigterm():
+    print("running", flush=True)
+    try:                          # a library that turns any Exception into a warning
+      time.sleep(60)
+    except Exception as e:        # noqa: BLE001
+      warnings.warn(f"ignored: {e}")
+    print("finished", flush=True)
+
+command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
+                         config="none", positional=(0, 0)), main, ["exvae-probe"])
+"""
+
+
+def test_sigterm_passes_through_a_library_that_catches_every_exception():
+  """The uses' SIGTERM is raised as Ctrl-C's KeyboardInterrupt is: an ``except Exception``
+  in a library (which would warn and go on) does not take it; one line, exit 143."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("EXVAE_TRACEBACK", None)
+  p = subprocess.Popen([PY, "-c", _CAUGHT_SCRIPT], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env=env)
+  assert p.stdout.readline().strip() == "running"
+  time.sleep(0.5)                   # inside the library's try
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 143 and "finished" not in out, (p.returncode, err[-2000:])
+  lines = _lines(err)
+  assert len(lines) == 1 and lines[0].startswith("exvae-probe: stopped: SIGTERM before"), lines

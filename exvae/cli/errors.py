@@ -101,7 +101,7 @@ def want_traceback() -> bool:
 def one_line(e: BaseException) -> str:
   """The error as one line: its message (newlines folded), prefixed by its type if generic."""
   from exvae import rundir
-  if isinstance(e, KeyboardInterrupt):
+  if isinstance(e, KeyboardInterrupt) and not hasattr(e, "exit_code"):   # SIGTERM's has one
     return "interrupted (Ctrl-C)."
   msg = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError) and len(e.args) == 1:
@@ -168,10 +168,11 @@ def keep_interrupts() -> None:
       pass
 
   def hook(unraisable) -> None:
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-      again(signal.SIGINT)
-    elif isinstance(unraisable.exc_value, Interrupted):
+    e = unraisable.exc_value
+    if isinstance(e, Interrupted) or getattr(e, "exit_code", None) == 128 + signal.SIGTERM:
       again(signal.SIGTERM)
+    elif isinstance(e, KeyboardInterrupt):
+      again(signal.SIGINT)
     else:
       previous(unraisable)
 
