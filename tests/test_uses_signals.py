@@ -247,3 +247,41 @@ def test_sigterm_passes_through_a_library_that_catches_every_exception():
   assert p.returncode == 143 and "finished" not in out, (p.returncode, err[-2000:])
   lines = _lines(err)
   assert len(lines) == 1 and lines[0].startswith("exvae-probe: stopped: SIGTERM before"), lines
+
+
+_ECHO_SCRIPT = r"""
+import signal, sys, time
+from exvae.cli import command
+
+class Closing:
+  # A coroutine closed half-way by the stop, as Orbax's restore coroutines are: its
+  # clean-up raises another exception, which Python prints as "Exception ignored in".
+  def __del__(self):
+    raise Exception("Encountered error while reading array index: 0.")
+
+def main(inv):
+  held = Closing()
+  print("running", flush=True)
+  try:
+    time.sleep(60)
+  finally:
+    del held
+
+command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
+                         config="none", positional=(0, 0)), main, ["exvae-probe"])
+"""
+
+
+def test_the_echoes_of_a_ctrl_c_are_not_printed():
+  """After Ctrl-C, an exception Python cannot raise (a clean-up the stop interrupted) is
+  not printed: the one line says why the command stopped."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("EXVAE_TRACEBACK", None)
+  p = subprocess.Popen([PY, "-c", _ECHO_SCRIPT], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env=env)
+  assert p.stdout.readline().strip() == "running"
+  time.sleep(0.3)
+  p.send_signal(signal.SIGINT)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 130, (p.returncode, err[-2000:])
+  assert _lines(err) == ["exvae-probe: stopped: interrupted (Ctrl-C)."], err[-2000:]

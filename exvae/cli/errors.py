@@ -150,8 +150,11 @@ def keep_interrupts() -> None:
   "Exception ignored in ..." and carries on: the command would finish with
   exit 0 and a traceback on stderr, the stop lost. This hook takes such an
   exception, prints nothing and sends the signal again; its handler then runs
-  in the command's own code. Any other unraisable exception goes to the hook
-  that was there.
+  in the command's own code. Once Ctrl-C or SIGTERM has arrived, the other
+  unraisable exceptions are the stop's own echoes (Orbax's restore coroutines,
+  closed half-way, turn their GeneratorExit into an Exception that Python
+  prints with its traceback) and are not printed either: the command's one
+  line says why it stopped. Before that, they go to the hook that was there.
   """
   import threading
   from exvae.errors import Interrupted     # light: no JAX
@@ -173,8 +176,24 @@ def keep_interrupts() -> None:
       again(signal.SIGTERM)
     elif isinstance(e, KeyboardInterrupt):
       again(signal.SIGINT)
-    else:
+    elif not (stops or stopping_requested()):
       previous(unraisable)
+
+  stops: list[int] = []
+
+  def on_ctrl_c(signum, frame):
+    stops.append(signum)
+    raise KeyboardInterrupt
+
+  def stopping_requested() -> bool:
+    mod = sys.modules.get("exvae.stopping")
+    return bool(mod is not None and mod.requested())
+
+  try:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+      signal.signal(signal.SIGINT, on_ctrl_c)       # the same KeyboardInterrupt, remembered
+  except ValueError:          # not the main thread
+    pass
 
   hook._exvae_keeps_interrupts = True  # type: ignore[attr-defined]
   sys.unraisablehook = hook
