@@ -1160,13 +1160,18 @@ def main(argv=None) -> int:
                   help="faults in what eval.py and compare.py read back")
   ap.add_argument("--surfaces", type=int, default=0,
                   help="faults in evaluation, the uses, published models and compare")
+  ap.add_argument("--surface_faults", default="",
+                  help="surface:fault pairs to draw from (default: all of SURFACE_FAULTS), "
+                       "e.g. generate:SIGINT,knn:SIGTERM")
   ap.add_argument("--record", default=None,
                   help="write the campaign's record (JSON) here, e.g. results/integrity/NAME.json")
   a = ap.parse_args(argv)
   t0 = time.time()
   started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   c = run_campaign(a.faults, a.per_episode, a.seed, a.root, a.verbose,
-                   tuple(a.kinds.split(",")), a.minutes, a.readers, a.surfaces)
+                   tuple(a.kinds.split(",")), a.minutes, a.readers, a.surfaces,
+                   tuple(tuple(p.split(":")) for p in a.surface_faults.split(","))
+                   if a.surface_faults else SURFACE_FAULTS)
   print(c.table())
   print(f"({time.time() - t0:.0f} s)")
   for p in c.problems:
