@@ -1166,6 +1166,9 @@ def main(argv=None) -> int:
   ap.add_argument("--record", default=None,
                   help="write the campaign's record (JSON) here, e.g. results/integrity/NAME.json")
   a = ap.parse_args(argv)
+  # Started in the background (nohup, `&`), the campaign and the commands it starts would
+  # ignore Ctrl-C: a SIGINT would never land. The commands inherit the default.
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   t0 = time.time()
   started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   c = run_campaign(a.faults, a.per_episode, a.seed, a.root, a.verbose,

@@ -25,6 +25,12 @@ def run_dir(tmp_path_factory):
   return wd
 
 
+def _sigint_default():
+  """In the child: Ctrl-C's default, also where the tests run with SIGINT ignored
+  (started in the background), which a child would inherit."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env():
   env = dict(os.environ, EXVAE_PROGRESS="0")
   env.pop("EXVAE_TRACEBACK", None)
@@ -60,7 +66,8 @@ def test_sigterm_stops_augment_with_its_classifier_saved_and_the_next_run_contin
   assert ref.returncode == 0, ref.stderr[-2000:]
   out = str(tmp_path / "out")
   p = subprocess.Popen(_uses(run_dir, out, *_AUGMENT), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+                       stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+                       preexec_fn=_sigint_default)
   for line in p.stdout:                   # a line every 10 classifier epochs
     if "epoch 10/30" in line:
       break
@@ -87,7 +94,8 @@ def test_sigterm_stops_knn_in_one_line(run_dir, tmp_path):
   half-written output is left."""
   out = str(tmp_path / "knn")
   p = subprocess.Popen(_uses(run_dir, out, "knn"), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+                       stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+                       preexec_fn=_sigint_default)
   deadline = time.time() + 300
   while p.poll() is None and not _catches(p.pid, signal.SIGTERM) and time.time() < deadline:
     time.sleep(0.005)
@@ -113,7 +121,7 @@ def test_ctrl_c_during_augment_is_one_line_and_exit_130_every_time(run_dir, tmp_
     p = subprocess.Popen(_uses(run_dir, str(tmp_path / f"a{i}"), "augment", "--epochs=60",
                                "--hidden=16"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env=_env())
+                         env=_env(), preexec_fn=_sigint_default)
     deadline = time.time() + 300            # the command's SIGTERM handler: it is running
     while p.poll() is None and not _catches(p.pid, signal.SIGTERM) and time.time() < deadline:
       time.sleep(0.005)
@@ -146,8 +154,8 @@ def main(inv):
   gc.callbacks.append(callback)
   with stopping.on_sigterm():
     gc.collect()
-    for _ in range(200):           # the command's own work, where the stop belongs
-      time.sleep(0.01)
+    for _ in range(3000):          # the command's own work, where the stop belongs (up to
+      time.sleep(0.01)             # 30 s: a loaded machine may start the re-sender late)
   print("finished", flush=True)
 
 command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
@@ -164,7 +172,7 @@ def test_a_stop_that_lands_in_a_gc_callback_still_stops_the_command(what, code, 
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("EXVAE_TRACEBACK", None)
   r = subprocess.run([PY, "-c", _SWALLOWED_SCRIPT, what], capture_output=True, text=True,
-                     env=env, timeout=120)
+                     env=env, timeout=120, preexec_fn=_sigint_default)
   assert r.returncode == code, (r.returncode, r.stderr[-2000:])
   assert "finished" not in r.stdout
   lines = _lines(r.stderr)
@@ -209,7 +217,7 @@ def test_a_stop_that_a_library_wraps_in_another_error_is_still_a_stop(what, code
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("EXVAE_TRACEBACK", None)
   r = subprocess.run([PY, "-c", _WRAPPED_SCRIPT, what], capture_output=True, text=True,
-                     env=env, timeout=120)
+                     env=env, timeout=120, preexec_fn=_sigint_default)
   assert r.returncode == code, (r.returncode, r.stderr[-2000:])
   assert _lines(r.stderr) == [line], r.stderr[-2000:]
 
@@ -278,7 +286,7 @@ def test_the_echoes_of_a_ctrl_c_are_not_printed():
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("EXVAE_TRACEBACK", None)
   p = subprocess.Popen([PY, "-c", _ECHO_SCRIPT], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=env)
+                       stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_sigint_default)
   assert p.stdout.readline().strip() == "running"
   time.sleep(0.3)
   p.send_signal(signal.SIGINT)
