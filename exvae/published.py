@@ -119,8 +119,8 @@ def load(directory: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
   digest = atomic.sha256_file(path)
   if digest != meta.get("params_sha256"):
     raise PublishedModelError(
-        f"{path} does not match the SHA-256 recorded in {META_FILE} "
-        f"({digest[:12]} != {str(meta.get('params_sha256'))[:12]}): the file is corrupt")
+        f"{path} does not match the SHA-256 recorded in {META_FILE} ({digest} != "
+        f"{meta.get('params_sha256')}): the file is damaged, or {META_FILE} was edited")
   with np.load(path) as z:
     stored = {k: z[k] for k in z.files}
   # Empty subtrees (a prior without parameters) hold no array but keep their place.

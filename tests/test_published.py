@@ -3,6 +3,7 @@ reproduced from its published parameters without training."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,17 @@ def test_corrupt_or_foreign_parameters_are_refused(run, tmp_path):
     f.write(bytes([byte[0] ^ 0xFF]))
   with pytest.raises(published.PublishedModelError, match="SHA-256"):
     published.load(out, template)
+  published.save(out, trained.params, rundir.read_stored_config(workdir), {})
+  # A recorded digest edited in its last characters: the error shows two digests that differ.
+  meta_path = os.path.join(out, published.META_FILE)
+  meta = json.load(open(meta_path))
+  good = meta["params_sha256"]
+  json.dump(dict(meta, params_sha256=good[:-4] + ("0000" if good[-4:] != "0000" else "1111")),
+            open(meta_path, "w"))
+  with pytest.raises(published.PublishedModelError) as e:
+    published.load(out, template)
+  digests = re.findall(r"\b[0-9a-f]{12,}\b", str(e.value))
+  assert len(digests) == 2 and digests[0] != digests[1], str(e.value)
   published.save(out, trained.params, rundir.read_stored_config(workdir), {})
   wrong = {"model": {"other": np.zeros(3, np.float32)}, "prior": {}}
   with pytest.raises(published.PublishedModelError, match="does not fit"):

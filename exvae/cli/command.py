@@ -258,6 +258,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
   """
   argv = list(sys.argv if argv is None else argv)
   prog = spec.prog
+  errors.keep_interrupts()      # a Ctrl-C caught by a gc callback is delivered again
   try:
     args = argv[1:]
     if "--version" in args:
@@ -291,6 +292,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
     main(Invocation(prog=prog, config=config, workdir=workdir, args=positional,
                     config_source=source))
     errors.settle()       # done: a late Ctrl-C must not cut the teardown into exit -2
+    errors.drain()        # no computation outlives the interpreter
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
     errors.fail(prog, e)
 

@@ -101,7 +101,7 @@ def want_traceback() -> bool:
 def one_line(e: BaseException) -> str:
   """The error as one line: its message (newlines folded), prefixed by its type if generic."""
   from exvae import rundir
-  if isinstance(e, KeyboardInterrupt):
+  if isinstance(e, KeyboardInterrupt) and not hasattr(e, "exit_code"):   # SIGTERM's has one
     return "interrupted (Ctrl-C)."
   msg = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError) and len(e.args) == 1:
@@ -140,6 +140,107 @@ def settle() -> None:
       pass
 
 
+def keep_interrupts() -> None:
+  """A Ctrl-C or SIGTERM that lands where Python swallows exceptions is delivered again.
+
+  A signal handler raises its exception (KeyboardInterrupt, or Interrupted for
+  the uses' SIGTERM) in whatever Python code runs when the signal arrives. In a
+  garbage-collector callback (JAX's ``_xla_gc_callback`` runs at every
+  collection), a ``__del__`` or a weakref callback, Python prints it as
+  "Exception ignored in ..." and carries on: the command would finish with
+  exit 0 and a traceback on stderr, the stop lost. This hook takes such an
+  exception, prints nothing and sends the signal again; its handler then runs
+  in the command's own code. Once Ctrl-C or SIGTERM has arrived, the other
+  unraisable exceptions are the stop's own echoes (Orbax's restore coroutines,
+  closed half-way, turn their GeneratorExit into an Exception that Python
+  prints with its traceback) and are not printed either: the command's one
+  line says why it stopped. Before that, they go to the hook that was there.
+  """
+  import threading
+  from exvae.errors import Interrupted     # light: no JAX
+  previous = sys.unraisablehook
+  if getattr(previous, "_exvae_keeps_interrupts", False):
+    return
+
+  def again(sig: int) -> None:
+    # From another thread, a moment later: sent from here, the handler would run at
+    # once, still inside the callback, and be swallowed again.
+    try:
+      threading.Timer(0.02, os.kill, (os.getpid(), sig)).start()
+    except RuntimeError:      # the interpreter is shutting down: the outcome is decided
+      pass
+
+  def hook(unraisable) -> None:
+    e = unraisable.exc_value
+    if isinstance(e, Interrupted) or getattr(e, "exit_code", None) == 128 + signal.SIGTERM:
+      again(signal.SIGTERM)
+    elif isinstance(e, KeyboardInterrupt):
+      again(signal.SIGINT)
+    elif not (stops or stopping_requested()):
+      previous(unraisable)
+
+  stops: list[int] = []
+
+  def on_ctrl_c(signum, frame):
+    stops.append(signum)
+    raise KeyboardInterrupt
+
+  def stopping_requested() -> bool:
+    mod = sys.modules.get("exvae.stopping")
+    return bool(mod is not None and mod.requested())
+
+  try:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+      signal.signal(signal.SIGINT, on_ctrl_c)       # the same KeyboardInterrupt, remembered
+  except ValueError:          # not the main thread
+    pass
+
+  hook._exvae_keeps_interrupts = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
+
+
+def drain() -> None:
+  """Waits for the computations JAX has still running, so that none outlives the interpreter.
+
+  JAX dispatches asynchronously: a loop stopped by Ctrl-C or SIGTERM (the
+  augmentation's classifier steps) leaves queued steps on XLA's threads. If the
+  interpreter's teardown frees their buffers while they run, the process can
+  crash (SIGSEGV) after its one line. Does nothing where JAX was never imported.
+  """
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return
+  try:
+    arrays = jax.live_arrays()
+  except Exception:  # noqa: BLE001  (no backend: nothing runs)
+    return
+  for a in arrays:
+    try:
+      a.block_until_ready()
+    except Exception:  # noqa: BLE001  (deleted or failed: nothing to wait for)
+      pass
+
+
+def stop_cause(e: BaseException) -> BaseException | None:
+  """The Ctrl-C or SIGTERM behind ``e``, where a library turned it into another error.
+
+  Orbax's restore catches every exception, KeyboardInterrupt too, and raises a
+  plain ``Exception("Encountered error while reading array index ...")`` from
+  it: a Ctrl-C during a restore would end with that traceback and exit 1.
+  Returns the KeyboardInterrupt or Interrupted found in ``e``'s causes and
+  contexts (``e`` itself included), else None.
+  """
+  from exvae.errors import Interrupted
+  seen: set[int] = set()
+  x: BaseException | None = e
+  while x is not None and id(x) not in seen:
+    if isinstance(x, (KeyboardInterrupt, Interrupted)):
+      return x
+    seen.add(id(x))
+    x = x.__cause__ or x.__context__
+  return None
+
+
 def fail(prog: str, e: BaseException) -> NoReturn:
   """Ends the program for the error ``e``: one line and its exit code, or the traceback.
 
@@ -151,9 +252,12 @@ def fail(prog: str, e: BaseException) -> NoReturn:
     e itself, when it is not an expected error or a traceback was asked for.
   """
   settle()                  # every branch below ends the process
-  code = exit_code(e)
+  drain()
+  stop = stop_cause(e)
+  code = exit_code(stop or e)
   if code is None or want_traceback():
     raise e
+  e = stop or e
   from exvae import rundir
   stopped = isinstance(e, (rundir.Interrupted, KeyboardInterrupt))
   first, how_to = one_line(e), how_to_lines(e)

@@ -75,18 +75,20 @@ def main(inv: command.Invocation) -> None:
   from exvae.uses import augment
   if not FLAGS.arms or set(FLAGS.arms) - set(augment.ARMS):
     raise errors.UsageError(f"--arms takes 'without' and/or 'with', got {','.join(FLAGS.arms)!r}")
+  from exvae import stopping
   from exvae.uses import commands
-  commands.run(cmd, inv.config, inv.workdir, FLAGS.out, bank_path=FLAGS.bank,
-               seed=FLAGS.seed, num_exemplars=FLAGS.num_exemplars,
-               num_samples=FLAGS.num_samples, num_unconditional=FLAGS.num_unconditional,
-               chain_steps=FLAGS.chain_steps, interp_steps=FLAGS.interp_steps,
-               ks=[int(k) for k in FLAGS.ks], query_images=FLAGS.query_images,
-               tie_break=FLAGS.tie_break, epochs=FLAGS.epochs, hidden=FLAGS.hidden,
-               seeds=[int(x) for x in FLAGS.seeds] if FLAGS.seeds else None,
-               encode_input=FLAGS.encode_input,
-               use_val=FLAGS.use_val, max_steps=FLAGS.max_steps or None,
-               aug_log_var=FLAGS.aug_log_var, arms=FLAGS.arms,
-               tsne_points=FLAGS.tsne_points, allow_bank_mismatch=FLAGS.allow_bank_mismatch)
+  with stopping.on_sigterm():     # one line, exit 143; a classifier in training saves its state
+    commands.run(cmd, inv.config, inv.workdir, FLAGS.out, bank_path=FLAGS.bank,
+                 seed=FLAGS.seed, num_exemplars=FLAGS.num_exemplars,
+                 num_samples=FLAGS.num_samples, num_unconditional=FLAGS.num_unconditional,
+                 chain_steps=FLAGS.chain_steps, interp_steps=FLAGS.interp_steps,
+                 ks=[int(k) for k in FLAGS.ks], query_images=FLAGS.query_images,
+                 tie_break=FLAGS.tie_break, epochs=FLAGS.epochs, hidden=FLAGS.hidden,
+                 seeds=[int(x) for x in FLAGS.seeds] if FLAGS.seeds else None,
+                 encode_input=FLAGS.encode_input,
+                 use_val=FLAGS.use_val, max_steps=FLAGS.max_steps or None,
+                 aug_log_var=FLAGS.aug_log_var, arms=FLAGS.arms,
+                 tsne_points=FLAGS.tsne_points, allow_bank_mismatch=FLAGS.allow_bank_mismatch)
 
 
 def run(argv=None):

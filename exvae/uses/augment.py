@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from exvae import atomic, resumable
+from exvae import atomic, resumable, stopping
 from exvae.data import DataFormatError
 from exvae.data import user as user_data
 from exvae.likelihoods import bernoulli_mean
@@ -375,6 +375,14 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
         bar.update(step)
   pending = []
   while step < steps:
+    if stopping.requested():           # SIGTERM (exvae-uses): save at this epoch's start, stop
+      where = "nothing trained yet" if step == 0 else "nothing saved (no checkpoint path)"
+      if checkpoint_path is not None and step > 0:
+        _write_classifier_checkpoint(checkpoint_path, identity, state, losses, time.time() - t0)
+        where = f"its state is saved in {checkpoint_path}"
+      raise stopping.stopped(f"after epoch {step // spe} of {epochs} of the classifier "
+                             f"{'with' if augment else 'without'} augmentation, seed {seed}: "
+                             f"{where}; run the same command again to continue.")
     epoch = step // spe
     perm = jnp.asarray(np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32))
     for _ in range(min(spe, steps - step)):
@@ -548,6 +556,7 @@ def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: 
           "aug_to_recon": mean_abs(aug, rec)}
 
 
+@stopping.deferring
 def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                      seed: int = 0, seeds: Sequence[int] | None = None,
                      encode_input: str = "grey", log_var: float | None = None,
