@@ -951,6 +951,3 @@ def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_ep
 
 
 DISK_FULL_ERRNOS = errors.DISK_FULL_ERRNOS
-
-
-cli_main = lambda main: __import__("exvae.cli.errors").cli.errors.cli_main(main)  # noqa: E731  (the CLI's handler: exvae/cli/errors.py)

@@ -507,7 +507,7 @@ def test_cli_main_reports_expected_errors_in_one_line(capsys, monkeypatch):
   monkeypatch.setattr(errors, "settle", lambda: None)
 
   def fails(exc):
-    @rundir.cli_main
+    @errors.cli_main
     def main(argv):
       raise exc
     return main

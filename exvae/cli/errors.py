@@ -16,8 +16,8 @@ an exit code that says who is to fix it:
   trained with, a full disk, a second writer, a corrupt bank);
 * 143 / 130: SIGTERM / Ctrl-C.
 
-The library raises typed exceptions (:class:`exvae.rundir.RunDirError` and
-its subclasses, :class:`exvae.data.DataNotFoundError`, ...); :func:`exit_code`
+The library raises typed exceptions (:class:`exvae.errors.RunDirError` and
+its subclasses, :class:`exvae.errors.DataNotFoundError`, ...); :func:`exit_code`
 maps them here. Anything else is a bug and keeps its traceback, and so does
 every error with ``--verbosity=1`` or ``EXVAE_TRACEBACK=1``.
 """
@@ -29,6 +29,8 @@ import os
 import signal
 import sys
 from typing import Callable, NoReturn
+
+from exvae import errors
 
 
 class UsageError(ValueError):
@@ -74,12 +76,11 @@ def exit_code(e: BaseException) -> int | None:
   code = getattr(e, "exit_code", None)
   if isinstance(code, int):
     return code
-  from exvae import checkpoints, data, rundir   # late: usage errors stay fast
   if isinstance(e, KeyboardInterrupt):
     return 130
-  if rundir.is_disk_full(e) or (isinstance(e, OSError) and rundir.is_read_only(e)):
+  if errors.is_disk_full(e) or (isinstance(e, OSError) and errors.is_read_only(e)):
     return 1
-  if isinstance(e, (checkpoints.CheckpointNotFoundError, data.DataNotFoundError,
+  if isinstance(e, (errors.CheckpointNotFoundError, errors.DataNotFoundError,
                     FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError,
                     IsADirectoryError, PermissionError, ValueError)):
     return 1
@@ -100,15 +101,14 @@ def want_traceback() -> bool:
 
 def one_line(e: BaseException) -> str:
   """The error as one line: its message (newlines folded), prefixed by its type if generic."""
-  from exvae import rundir
   if isinstance(e, KeyboardInterrupt):
     return "interrupted (Ctrl-C)."
   msg = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError) and len(e.args) == 1:
     msg = str(e.args[0])
-  if not isinstance(e, rundir.RunDirError) and rundir.is_disk_full(e):
+  if not isinstance(e, errors.RunDirError) and errors.is_disk_full(e):
     return f"disk full: {msg}"
-  if not (isinstance(e, (rundir.RunDirError, UsageError, FileNotFoundError, FileExistsError,
+  if not (isinstance(e, (errors.RunDirError, UsageError, FileNotFoundError, FileExistsError,
                          NotADirectoryError)) or hasattr(e, "exit_code")):
     msg = f"{type(e).__name__}: {msg}"
   return msg
@@ -154,8 +154,7 @@ def fail(prog: str, e: BaseException) -> NoReturn:
   code = exit_code(e)
   if code is None or want_traceback():
     raise e
-  from exvae import rundir
-  stopped = isinstance(e, (rundir.Interrupted, KeyboardInterrupt))
+  stopped = isinstance(e, (errors.Interrupted, KeyboardInterrupt))
   first, how_to = one_line(e), how_to_lines(e)
   if how_to:
     first = " ".join(str(e).strip().splitlines()[0].split())
@@ -172,8 +171,7 @@ def how_to_lines(e: BaseException) -> list[str]:
   Such an error is reported as its first line (the error, ``prog: error: ...``), then
   these lines as they are; every other error is folded into one line.
   """
-  from exvae import data
-  if not isinstance(e, data.DataNotFoundError):
+  if not isinstance(e, errors.DataNotFoundError):
     return []
   return [line.rstrip() for line in str(e).strip().splitlines()[1:] if line.strip()]
 

@@ -21,7 +21,9 @@ the built-in sets, with its identity (path, SHA-256 of its arrays) in
 ``Splits.identity``.
 
 Nothing is ever downloaded and no fake data is ever returned: a missing data
-set raises :class:`DataNotFoundError` explaining how to get it.
+set raises :class:`DataNotFoundError` explaining how to get it, and a user's data set
+that cannot be used a :class:`DataFormatError` (both defined in :mod:`exvae.errors`,
+with the other expected errors, and importable from here).
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ import os
 import numpy as np
 
 from exvae.data import user
-from exvae.errors import ConfigError
-from exvae.data.core import (DataFormatError, DataNotFoundError, Splits, binarize,
-                             reference_binarize, validate_images)
+from exvae.errors import ConfigError, DataFormatError, DataNotFoundError
+from exvae.data.core import Splits, binarize, reference_binarize, validate_images
 from exvae.data.idx import IDX_FILES, IdxFormatError, find_idx_dir, idx_candidate_dirs, load_idx_dataset, read_idx
 
 __all__ = [

@@ -9,7 +9,7 @@ train (162770), validation (19867), test (19962).
 
 This module never downloads: it reads a data set already prepared (in
 array_record format) in a tfds ``data_dir`` and raises
-:class:`~exvae.data.core.DataNotFoundError` with instructions otherwise.
+:class:`~exvae.errors.DataNotFoundError` with instructions otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from exvae.data.core import DataNotFoundError, Splits, validate_images
+from exvae.data.core import Splits, validate_images
+from exvae.errors import DataNotFoundError
 
 __all__ = ["CELEBA_TFDS_NAME", "center_crop_resize", "load_celeba"]
 

@@ -11,7 +11,7 @@
 Images are (N, H, W) or (N, H, W, C) arrays of uint8 grey levels 0-255, bool,
 or floats in [0, 1]; labels are (N,) non-negative integers.  Every array is
 checked before anything trains, and a bad one stops the run with one line
-(:class:`~exvae.data.core.DataFormatError`) naming the file and the key.
+(:class:`~exvae.errors.DataFormatError`) naming the file and the key.
 Without ``x_val`` the last ``val_size`` training images validate (default:
 the last tenth).  The data set's identity is the absolute path (or the
 plug-in spec) and :func:`arrays_sha256` of its arrays as stored; runs record
@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from exvae import plugins
-from exvae.data.core import DataFormatError, DataNotFoundError
+from exvae.errors import DataFormatError, DataNotFoundError
 
 __all__ = ["NPZ_PREFIX", "IMAGE_KEYS", "LABEL_KEYS", "DEFAULT_VAL_FRACTION", "is_npz",
            "is_user_dataset", "npz_path", "read_npz", "call_plugin", "check_arrays",
