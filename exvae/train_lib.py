@@ -35,6 +35,7 @@ from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
 from exvae.objectives import Setup, check_objective, kl_beta, log_importance_weights
 from exvae.optim import make_optimizer
+from exvae.priors import checks as prior_checks
 from exvae.priors import make_prior
 
 PyTree = Any
@@ -122,7 +123,7 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
                      f"(docs/objectives.md); model {config.model!r} does not take it.")
   prior = make_prior(config.prior, config)
   if plugins.is_spec(config.prior):    # one traced call: shapes checked before any step
-    plugins.check_prior_shapes(prior, model, n, config.prior)
+    prior_checks.check_prior_shapes(prior, model, n, config.prior)
   log_lik, mean_fn = get_likelihood(config.likelihood)
   return Setup(model=model, prior=prior, log_lik=log_lik, mean_fn=mean_fn,
                optimizer=make_optimizer(config), binary=bool(splits.binary),

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, load_config
 from exvae import data, plugins, rundir
 from exvae.cli import errors as cli_errors
+from exvae.cli.train import check_config_plugins
 from exvae.data import DataFormatError, DataNotFoundError, user
 
 PY = sys.executable
@@ -190,7 +191,7 @@ def test_files_that_are_not_npz_archives(tmp_path):
     data.load(f"npz:{missing}")
   _one_line_naming(e.value, missing, "no such file")
   with pytest.raises(DataNotFoundError):        # the train command's check at start
-    plugins.check_dataset(f"npz:{missing}")
+    user.check_dataset(f"npz:{missing}")
   with pytest.raises(DataFormatError, match="needs the path"):
     data.load("npz:")
 
@@ -294,7 +295,7 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
   f = tmp_path / "my_data.py"
   f.write_text(_PLUGIN)
   spec = f"{f}:load"
-  plugins.check_dataset(spec)
+  user.check_dataset(spec)
   s = data.load(spec)
   r = np.random.default_rng(1)
   xtr, xte = r.random((30, 3, 3)), r.random((4, 3, 3))
@@ -313,9 +314,9 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
       data.load(f"{f}:{fn}")
     assert words in cli_errors.one_line(e.value) and f"{f}:{fn}" in str(e.value), str(e.value)
   with pytest.raises(plugins.PluginError, match="not a function"):
-    plugins.check_dataset(f"{f}:NOT_CALLABLE")
+    user.check_dataset(f"{f}:NOT_CALLABLE")
   with pytest.raises(ValueError, match="has no attribute"):
-    plugins.check_config_plugins(load_config("test", dataset=f"{f}:nothing"))
+    check_config_plugins(load_config("test", dataset=f"{f}:nothing"))
 
 
 def test_labels_are_needed_for_knn_and_augmentation(tmp_path):

@@ -62,11 +62,44 @@ def summary_line(summary: Mapping[str, Any]) -> str:
   return line
 
 
+def check_config_plugins(config) -> None:
+  """What can be checked of ``config``'s plug-ins before any data is loaded.
+
+  A plug-in prior is imported and its class checked
+  (:func:`exvae.priors.checks.check_prior_class`), a plug-in's options checked
+  against its signature (:func:`exvae.plugins.check_options`);
+  ``prior_options`` / ``model_options`` must be empty for a built-in prior / model;
+  a user's data set is found (:func:`exvae.data.user.check_dataset`).
+
+  Raises:
+    PluginError, ValueError: naming the plug-in and what is wrong.
+  """
+  from exvae import plugins, priors       # late: a usage error does not wait for jax
+  from exvae.data import user
+  user.check_dataset(str(config.get("dataset", "")))
+  for kind in ("prior", "model"):
+    name = str(config.get(kind, ""))
+    opts = plugins.options(config, f"{kind}_options")
+    if not plugins.is_spec(name):
+      if opts:
+        raise plugins.PluginError(f"{kind}_options {sorted(opts)} are for a plug-in {kind} "
+                                  f"(--config.{kind}=MODULE:ATTR); the built-in {kind} {name!r} "
+                                  f"takes its settings from its own config keys.")
+      continue
+    if kind == "prior":
+      cls = plugins.load(name, "prior")
+      if isinstance(cls, type) and issubclass(cls, priors.Prior):
+        priors.checks.check_prior_class(cls, name)
+      plugins.check_options(cls, name, "prior", config, opts=opts)
+    else:
+      plugins.check_options(plugins.load(name, "model"), name, "model", config, None, opts=opts)
+
+
 def main(inv: command.Invocation) -> None:
-  from exvae import distributed, plugins, train_lib
+  from exvae import distributed, train_lib
   if FLAGS.coordinator_address or FLAGS.distributed:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
-  plugins.check_config_plugins(inv.config)
+  check_config_plugins(inv.config)
   summary = train_lib.train_and_evaluate(inv.config, inv.workdir,
                                          allow_config_change=FLAGS.allow_config_change,
                                          overwrite=FLAGS.overwrite)
