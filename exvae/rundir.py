@@ -41,7 +41,7 @@ A workdir belongs to the run that started it:
   (each with its ``exit_code``: a bad config, a second writer, a full disk, a
   read-only filesystem, a corrupt checkpoint or bank, SIGTERM); the classes
   live in :mod:`exvae.errors` and are re-exported here, and the command-line
-  programs report them in one line (:mod:`exvae.cli.errors`).
+  programs report them in one line (:mod:`exvae.cli.exits`).
 """
 
 from __future__ import annotations

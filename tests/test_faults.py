@@ -502,12 +502,12 @@ def test_cli_errors_are_one_line_with_the_traceback_on_request(tmp_path):
 
 def test_cli_main_reports_expected_errors_in_one_line(capsys, monkeypatch):
   monkeypatch.delenv("EXVAE_TRACEBACK", raising=False)
-  from exvae.cli import errors
+  from exvae.cli import exits
   # fail() ends a process and ignores SIGINT/SIGTERM for its teardown; not this one's.
-  monkeypatch.setattr(errors, "settle", lambda: None)
+  monkeypatch.setattr(exits, "settle", lambda: None)
 
   def fails(exc):
-    @errors.cli_main
+    @exits.cli_main
     def main(argv):
       raise exc
     return main

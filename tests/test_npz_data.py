@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import data, plugins, rundir
-from exvae.cli import errors as cli_errors
+from exvae.cli import exits
 from exvae.cli.train import check_config_plugins
 from exvae.data import DataFormatError, DataNotFoundError, user
 
@@ -151,8 +151,8 @@ def _bad_cases(d):
 
 def _one_line_naming(e, *words):
   """The CLI's line for ``e``: one line, exit code 1, no type prefix, naming every word."""
-  line = cli_errors.one_line(e)
-  assert "\n" not in str(e).strip() and cli_errors.exit_code(e) == 1, (type(e), str(e))
+  line = exits.one_line(e)
+  assert "\n" not in str(e).strip() and exits.exit_code(e) == 1, (type(e), str(e))
   for w in words:
     assert w in line, (w, line)
   return line
@@ -312,7 +312,7 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
   for fn, (err, words) in cases.items():
     with pytest.raises(err) as e:
       data.load(f"{f}:{fn}")
-    assert words in cli_errors.one_line(e.value) and f"{f}:{fn}" in str(e.value), str(e.value)
+    assert words in exits.one_line(e.value) and f"{f}:{fn}" in str(e.value), str(e.value)
   with pytest.raises(plugins.PluginError, match="not a function"):
     user.check_dataset(f"{f}:NOT_CALLABLE")
   with pytest.raises(ValueError, match="has no attribute"):

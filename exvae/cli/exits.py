@@ -1,4 +1,7 @@
-"""One error path for the command-line programs: every expected mistake is one line.
+"""How a command-line program ends on an error: one line on stderr and an exit code.
+
+The library's errors are defined where they are raised (:mod:`exvae.errors` holds
+the expected ones); this module maps each to what the programs print and return.
 
 A command's expected errors end it with exactly one line on stderr,
 
