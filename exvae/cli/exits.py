@@ -27,11 +27,10 @@ every error with ``--verbosity=1`` or ``EXVAE_TRACEBACK=1``.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from exvae import errors
 
@@ -117,15 +116,6 @@ def one_line(e: BaseException) -> str:
   return msg
 
 
-def program_name(argv0: str | None = None) -> str:
-  """``exvae-<cmd>`` for ``train.py``, ``exvae-train`` or ``exvae train``."""
-  base = os.path.basename(str(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")))
-  base = base.replace(" ", "-")
-  if base.endswith(".py"):
-    base = base[:-3]
-  return base if base.startswith("exvae") else f"exvae-{base}"
-
-
 def settle() -> None:
   """Ignores SIGINT and SIGTERM from here on: the command's outcome is decided.
 
@@ -178,21 +168,3 @@ def how_to_lines(e: BaseException) -> list[str]:
     return []
   return [line.rstrip() for line in str(e).strip().splitlines()[1:] if line.strip()]
 
-
-def cli_main(main: Callable, prog: str | None = None) -> Callable:
-  """Wraps a ``main(argv)``: expected errors end it with one line on stderr (see :func:`fail`).
-
-  Args:
-    main: the function to wrap.
-    prog: the program's name in the line (default: from ``sys.argv[0]``).
-
-  Returns:
-    The wrapped function.
-  """
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
-      fail(prog or program_name(), e)
-  return wrapped
