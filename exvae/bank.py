@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from exvae import atomic, kernels, rng, rundir
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 

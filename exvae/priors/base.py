@@ -30,7 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 

@@ -48,7 +48,7 @@ from exvae import atomic
 from exvae.data import DataFormatError
 from exvae.data import user as user_data
 from exvae.likelihoods import bernoulli_mean
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from exvae import pictures
 from exvae.likelihoods import bernoulli_mean
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 
