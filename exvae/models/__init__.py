@@ -32,15 +32,15 @@ from exvae.models.pixelcnn import PixelVAE, make_pixelvae
 from exvae.models.vae import VAE, check_matmul_dtype
 
 
-def _make_vae(config, image_shape: Sequence[int]) -> Model:
-  # The Bernoulli VAE is exactly vae.make_model; other likelihoods add an output head.
+def _vae_for_likelihood(config, image_shape: Sequence[int]) -> Model:
+  # The Bernoulli VAE is exactly vae.make_vae; other likelihoods add an output head.
   if config.likelihood == "bernoulli":
-    return _vae.make_model(config, image_shape)
+    return _vae.make_vae(config, image_shape)
   return make_head_vae_model(config, image_shape)
 
 
 MODELS: dict[str, Callable[..., Model]] = {
-    "vae": _make_vae,
+    "vae": _vae_for_likelihood,
     "hvae": make_hvae,
     "convhvae": make_convhvae,
     "pixelcnn": make_pixelvae,

@@ -300,7 +300,7 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
     image_shape: (H, W, C).
 
   Returns:
-    A :class:`Model` (same interface as ``vae.make_model``).
+    A :class:`Model` (same interface as ``vae.make_vae``).
   """
   check_likelihood(config.likelihood)
   image_shape = tuple(int(s) for s in image_shape)

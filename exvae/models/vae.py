@@ -193,8 +193,8 @@ def check_matmul_dtype(config, model: str | None = None) -> str:
   return name
 
 
-def make_model(config, image_shape: Sequence[int]) -> Model:
-  """Builds the model named by ``config.model`` (currently ``'vae'``).
+def make_vae(config, image_shape: Sequence[int]) -> Model:
+  """Builds the MLP VAE with Bernoulli logits (``config.model = 'vae'``).
 
   Args:
     config: ConfigDict with ``model``, ``latent_dim``, ``hidden`` and
