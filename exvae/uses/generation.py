@@ -39,24 +39,6 @@ def _mean_image(model: Model, params: PyTree, z: jax.Array, mean_fn: MeanFn) -> 
   return mean_fn(model.decode(params, z))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "mean_fn"))
-def decode_mean(model: Model, params: PyTree, z: jax.Array, *,
-                mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
-  """Decodes codes to mean images.
-
-  Args:
-    model: the model (static).
-    params: model parameters.
-    z: (B, d) codes.
-    mean_fn: decoder output -> mean image (static; every function here takes
-      it: the Bernoulli mean by default, the run's ``setup.mean_fn`` in general).
-
-  Returns:
-    (B, H, W, C) mean images in [0, 1].
-  """
-  return _mean_image(model, params, z, mean_fn)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "n", "mean_fn"))
 def conditional_samples(model: Model, params: PyTree, x: jax.Array, log_var: jax.Array,
                         key: jax.Array, n: int, *, mean_fn: MeanFn = bernoulli_mean

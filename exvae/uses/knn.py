@@ -135,16 +135,6 @@ def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np
   return {k: vote(labels[:, :k], dist[:, :k], c, tie_break) for k in ks}
 
 
-def knn_errors(queries: np.ndarray, query_labels: np.ndarray, reference: np.ndarray,
-               reference_labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, **kw) -> dict[int, float]:
-  """Error rate (fraction misclassified) per k.
-
-  Returns:
-    ``{k: error in [0, 1]}``.
-  """
-  return error_rates(knn_predict(queries, reference, reference_labels, ks, **kw), query_labels)
-
-
 def error_rates(predictions: dict[int, np.ndarray], labels: np.ndarray) -> dict[int, float]:
   """``{k: fraction of predictions[k] != labels}``."""
   y = np.asarray(labels)
