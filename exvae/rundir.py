@@ -943,11 +943,3 @@ def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_ep
         f"of steps {logged + 1}..{step} are lost (training goes on from step {step}).",
         file=sys.stderr, flush=True)
   return False
-
-
-# ----------------------------------------------------------------------------
-# A full disk
-# ----------------------------------------------------------------------------
-
-
-DISK_FULL_ERRNOS = errors.DISK_FULL_ERRNOS

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, leftover_temporaries, load_config
 from exvae import atomic
 from exvae import bank as bank_lib
 from exvae import checkpoints, train_lib
@@ -438,7 +438,7 @@ def test_knn_records_are_one_unit_checked_by_the_downstream_table(run, tmp_path)
   commands.run("knn", config, workdir, out=str(out), ks=(3, 5))
   rec = json.loads((out / "knn.json").read_text())
   assert rec["per_example_sha256"] == atomic.sha256_file(str(out / knn.PER_EXAMPLE))
-  assert not list(atomic.leftover_temporaries(str(out)))
+  assert not leftover_temporaries(str(out))
   dt = load_script("scripts/downstream_table.py")
   (out / "config.json").write_text(json.dumps({"prior": "exemplar", "dataset": "d", "model": "m"}))
   assert dt.main(["--results", str(root)]) == 0
