@@ -2,7 +2,7 @@
 
 Usage: python bench/eval_speed.py [--points 20] [--samples 5000] [--prior exemplar]
 
-Times `train_lib.evaluate_split` (the code eval.py runs) on an untrained MNIST-
+Times `evaluation.evaluate_split` (the code eval.py runs) on an untrained MNIST-
 sized model: the cost does not depend on the parameter values.  Prints test
 points per second and the projected time for the 10000-image test set.
 The comparison with the authors' PyTorch code is made side by side, in one
@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import data, train_lib
+from exvae import data, evaluation, train_lib
 from exvae.config_base import base_config
 
 
 def eval_throughput(c, num_train=50000, points=20, samples=5000, max_queries=5000):
-  """Times `train_lib.evaluate_split` (what eval.py runs) on an untrained model.
+  """Times `evaluation.evaluate_split` (what eval.py runs) on an untrained model.
 
   Random images: the cost does not depend on pixel or parameter values.
 
@@ -49,16 +49,16 @@ def eval_throughput(c, num_train=50000, points=20, samples=5000, max_queries=500
   state = train_lib.init_state(c, setup, num_train)
   pool = jnp.asarray(x)
   t0 = time.perf_counter()
-  ctx = train_lib.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
+  ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
   jax.block_until_ready(ctx)
   t_bank = time.perf_counter() - t0
   # Warm-up (compile) on one call's worth of points (evaluate_split's batch), then time.
   batch = max(1, min(points, max_queries // min(samples, max_queries)))
-  train_lib.evaluate_split(state.params, setup, ctx, test[:batch], jax.random.PRNGKey(1),
-                           samples, max_queries)
+  evaluation.evaluate_split(state.params, setup, ctx, test[:batch], jax.random.PRNGKey(1),
+                            samples, max_queries)
   t0 = time.perf_counter()
-  res = train_lib.evaluate_split(state.params, setup, ctx, test, jax.random.PRNGKey(2),
-                                 samples, max_queries)
+  res = evaluation.evaluate_split(state.params, setup, ctx, test, jax.random.PRNGKey(2),
+                                  samples, max_queries)
   dt = time.perf_counter() - t0
   return {"bank_build_s": t_bank, "s_per_point": dt / points, "test_points_per_s": points / dt,
           "projected_10000_points_s": 10000 * dt / points,

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
   ap.add_argument("--keep", type=int, default=2048)
   ap.add_argument("--points", type=int, default=300)
   a = ap.parse_args(argv)
-  from exvae import checkpoints, config_registry, train_lib
+  from exvae import checkpoints, config_registry, evaluation, train_lib
   out = {}
   for keep in (0, a.keep):
     config = config_registry.get_config(a.config)
@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     if keep == 0:
       state, best, meta = manager.restore_latest(template, template.params)
       step = int(state.step)
-    ctx = train_lib.eval_context(best, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                                 setup=setup)
+    ctx = evaluation.eval_context(best, pool, jax.random.PRNGKey(config.eval.bank_seed),
+                                  setup=setup)
     t0 = time.time()
-    res = train_lib.evaluate_split(best, setup, ctx, splits.test_x[:a.points],
-                                   jax.random.PRNGKey(config.eval.seed),
-                                   num_samples=int(config.eval.num_importance_samples),
-                                   max_queries=int(config.eval.max_queries))
+    res = evaluation.evaluate_split(best, setup, ctx, splits.test_x[:a.points],
+                                    jax.random.PRNGKey(config.eval.seed),
+                                    num_samples=int(config.eval.num_importance_samples),
+                                    max_queries=int(config.eval.max_queries))
     out[keep] = (-res["log_px_iwae"], res["max_err"], (time.time() - t0) / a.points)
   exact, (pruned, cert, t_p) = out[0][0], out[a.keep]
   d = pruned - exact

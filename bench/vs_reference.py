@@ -27,7 +27,7 @@ the retrieved neighbourhood (and so the reference's cost per step, which
 encodes only the distinct retrieved exemplars) depends on how far training
 has gone; the distinct rows of both are printed.
 ``eval``: seconds per test point of the IWAE bound at S = 5000 against all
-N = 50000 exemplars (exvae: ``train_lib.evaluate_split``; theirs:
+N = 50000 exemplars (exvae: ``evaluation.evaluate_split``; theirs:
 ``calculate_likelihood``), untrained models (the cost does not depend on
 the parameter values), random binary test points.
 
@@ -262,7 +262,7 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   from bench import train_speed as ts
-  from exvae import runinfo, train_lib
+  from exvae import evaluation, runinfo, train_lib
 
   log_path = os.path.join(tempfile.mkdtemp(prefix="vs_reference_"), "reference.log")
   ref = Reference(py, src, drv, log_path)
@@ -295,7 +295,7 @@ def main():
     rat_run = None
     for mode in [m for m in modes if m != "eval"] + (["eval"] if "eval" in modes else []):
       if mode == "eval":
-        speed["eval"], tx, tr = compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run)
+        speed["eval"], tx, tr = compare_eval(ref, ts, evaluation, splits, pool, plan, args, rat_run)
         rows.append(("evaluation: IWAE bound (S = 5000, N = 50000) per test point", "s", tx, tr,
                      speed["eval"]))
         continue
@@ -383,7 +383,7 @@ def setup_both(ref, ts, mode, splits, pool, args, plan):
   return run, r_setup
 
 
-def compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run):
+def compare_eval(ref, ts, evaluation, splits, pool, plan, args, rat_run):
   """Seconds per test point of the IWAE bound, S = 5000, N = 50000, alternated.
 
   Returns:
@@ -398,18 +398,18 @@ def compare_eval(ref, ts, train_lib, splits, pool, plan, args, rat_run):
   ref("setup", mode="rat", threads=args.threads, warmup=1)
   params, setup = rat_run.state.params, rat_run.setup
   t0 = time.perf_counter()
-  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(0), setup=setup)
+  ctx = evaluation.eval_context(params, pool, jax.random.PRNGKey(0), setup=setup)
   jax.block_until_ready(ctx)
   t_bank = time.perf_counter() - t0
   n_x, n_r = plan["eval_points"]
   rng = np.random.default_rng(0)
   test = (rng.uniform(size=(n_x,) + splits.train_x.shape[1:]) < 0.286).astype(np.float32)
   s = 5000
-  train_lib.evaluate_split(params, setup, ctx, test[:1], jax.random.PRNGKey(1), s, 5000)  # compile
+  evaluation.evaluate_split(params, setup, ctx, test[:1], jax.random.PRNGKey(1), s, 5000)  # compile
   xs, rs, ratios, banks = [], [], [], []
   for r in range(plan["eval_rounds"]):
     t0 = time.perf_counter()
-    train_lib.evaluate_split(params, setup, ctx, test, jax.random.PRNGKey(2 + r), s, 5000)
+    evaluation.evaluate_split(params, setup, ctx, test, jax.random.PRNGKey(2 + r), s, 5000)
     tx = (time.perf_counter() - t0) / n_x
     out = ref("eval", points=n_r, S=s, seed=r)
     tr = float(np.mean(out["sec_per_point"]))

@@ -62,10 +62,10 @@ class Run:
   def context(self) -> PyTree:
     """The prior's evaluation context (exemplar prior: every training exemplar), built once."""
     if self._ctx is None:
-      from exvae import train_lib
+      from exvae import evaluation
       key = jax.random.PRNGKey(int(self.config.eval.bank_seed))
-      self._ctx = train_lib.eval_context(self.params, jnp.asarray(self.splits.train_x), key,
-                                         setup=self.setup)
+      self._ctx = evaluation.eval_context(self.params, jnp.asarray(self.splits.train_x), key,
+                                          setup=self.setup)
     return self._ctx
 
   def encode(self, x: np.ndarray) -> np.ndarray:
@@ -108,7 +108,7 @@ class Run:
              progress: bool = False) -> dict[str, np.ndarray]:
     """Per-image importance-sampled scores, as ``exvae-eval`` computes them.
 
-    The same function as ``exvae-eval`` (:func:`exvae.train_lib.evaluate_split`, chunked
+    The same function as ``exvae-eval`` (:func:`exvae.evaluation.evaluate_split`, chunked
     so memory does not depend on S or on the number of images), with the same key
     (``PRNGKey(seed)``) and the same evaluation context: the same images in the same
     order, S and seed give the numbers of its ``per_example.npz``. An image's draws
@@ -130,7 +130,7 @@ class Run:
       ValueError: ``x`` is not a batch of images of the run's shape in [0, 1], or not
         binary for a binary data set.
     """
-    from exvae import data, train_lib
+    from exvae import data, evaluation
     x = np.asarray(x, np.float32)
     data.validate_images(x, image_shape=tuple(self.splits.image_shape), name="x")
     if self.splits.binary and not np.all((x == 0) | (x == 1)):
@@ -140,9 +140,9 @@ class Run:
     if s < 1:
       raise ValueError(f"num_samples must be >= 1, got {s}")
     key = jax.random.PRNGKey(int(self.config.eval.seed if seed is None else seed))
-    res = train_lib.evaluate_split(self.params, self.setup, self.context(), x, key,
-                                   num_samples=s, max_queries=int(self.config.eval.max_queries),
-                                   progress=progress, desc=f"log p(x) (S={s})")
+    res = evaluation.evaluate_split(self.params, self.setup, self.context(), x, key,
+                                    num_samples=s, max_queries=int(self.config.eval.max_queries),
+                                    progress=progress, desc=f"log p(x) (S={s})")
     return {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"],
             "kl": res["kl"]}
 

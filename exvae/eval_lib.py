@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import (atomic, checkpoints, data, distributed, errors, per_example, pictures,
-                   published, rundir, train_lib)
+from exvae import (atomic, checkpoints, data, distributed, errors, evaluation, per_example,
+                   pictures, published, rundir, train_lib)
 
 
 def evaluate(config, workdir: str) -> dict[str, Any]:
@@ -78,45 +78,19 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   (the default), outputs already in ``out_dir`` from the same parameters, test images
   and settings are returned as they are (the dict has ``reused: True``), not recomputed.
   """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  is_published = published.is_published(workdir)   # a published model: parameters only
-  if not is_published and not rundir.has_checkpoint(workdir):
-    published.check_complete(workdir)
-  if not is_published and (not os.path.isdir(ckpt_dir) or not any(
-      name.isdigit() for name in os.listdir(ckpt_dir))):
-    raise checkpoints.CheckpointNotFoundError(
-        f"No checkpoint found in {ckpt_dir}. Train first: "
-        f"exvae-train --config=<config> --workdir={workdir}")
+  is_published = _check_trained(workdir)
   train_lib.validate_config(config)
   rundir.check_reader_config(workdir, config, rundir.EVAL_HINTS)
   splits = train_lib.load_data(config)
   rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
   pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
   setup = train_lib.make_setup(config, splits, pool_sharded)
-  n = splits.train_x.shape[0]
-  template = train_lib.init_state(config, setup, n)
-  if is_published:
-    best, record = published.load(workdir, template.params)
-    meta = {"best_epoch": int(record.get("best_epoch", 0)) - 1,
-            "best_val": record.get("best_val_loss")}
-    use_best = True
-    params = distributed.replicate(best, mesh)
-    step = int(record.get("source_checkpoint_step", -1))
-  else:
-    manager = checkpoints.Manager(ckpt_dir, read_only=True)
-    state, best, meta = manager.restore_latest(template, template.params)
-    # Best-on-validation parameters, unless no epoch was validated yet (a run
-    # stopped by max_steps inside its first epoch): then the last ones.
-    use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
-    params = distributed.replicate(best if use_best else state.params, mesh)
-    step = int(state.step)
+  params, meta, use_best, step = _restore(config, workdir, setup, splits, mesh, is_published)
   in_progress = None if is_published else _in_progress(workdir, meta, use_best, step)
-
   test_x = splits.test_x
   if config.eval.max_test_examples:
     test_x = test_x[: int(config.eval.max_test_examples)]
   data.validate_images(test_x, image_shape=splits.image_shape, name="test images")
-  s = int(config.eval.num_importance_samples)
   out_dir = str(config.eval.get("out_dir", "")) or workdir
   # One process only: reading the parameters for their digest needs them all addressable,
   # and every process must agree on whether the outputs are reused.
@@ -131,18 +105,114 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   # Scores saved as the evaluation goes (a stop loses at most a minute of it), for one
   # process; removed once the outputs are written.
   partial = os.path.join(out_dir, PARTIAL) if identity is not None else None
+  ctx, res, times = _score(config, params, setup, pool, test_x, partial, identity, stop)
+  checkpoint = {"checkpoint_step": step, "params": "best" if use_best else "last",
+                "best_epoch": int(meta.get("best_epoch", -1)) + 1,
+                "best_val_loss": meta.get("best_val"),
+                # Training still held the run's writer lock: an interim checkpoint's scores.
+                "run_in_progress": in_progress is not None,
+                **({"epochs_validated": in_progress} if in_progress is not None else {})}
+  metrics = _metrics(config, splits, setup, params, res, times, checkpoint, identity_sha256)
+  _check_finite(metrics, step, workdir)
+  samples, recons = evaluation.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
+                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
+  metrics["samples_png"] = os.path.join(out_dir, "eval_samples.png")
+  metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
+  metrics["per_example"] = os.path.join(out_dir, per_example.FILENAME)
+  if distributed.is_primary():
+    _write_outputs(out_dir, metrics, res, test_x, config, samples, recons)
+    if partial is not None and os.path.exists(partial):
+      os.remove(partial)
+  return metrics
+
+
+def _check_trained(workdir: str) -> bool:
+  """Whether ``workdir`` is a published model; raises unless it holds a trained run.
+
+  Raises:
+    CheckpointNotFoundError: neither a published model nor a checkpoint.
+  """
+  is_published = published.is_published(workdir)   # a published model: parameters only
+  if not is_published and not rundir.has_checkpoint(workdir):
+    published.check_complete(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not is_published and (not os.path.isdir(ckpt_dir) or not any(
+      name.isdigit() for name in os.listdir(ckpt_dir))):
+    raise checkpoints.CheckpointNotFoundError(
+        f"No checkpoint found in {ckpt_dir}. Train first: "
+        f"exvae-train --config=<config> --workdir={workdir}")
+  return is_published
+
+
+def _restore(config, workdir: str, setup, splits: data.Splits, mesh,
+             is_published: bool) -> tuple[Any, dict, bool, int]:
+  """The parameters to score, placed on ``mesh``.
+
+  Returns:
+    ``(params, meta, use_best, step)``: the checkpoint's bookkeeping (``best_epoch``
+    0-based, -1: none validated), whether ``params`` are the best-on-validation ones,
+    and the checkpoint's step (-1 when a published model does not record it).
+  """
+  template = train_lib.init_state(config, setup, splits.train_x.shape[0])
+  if is_published:
+    best, record = published.load(workdir, template.params)
+    meta = {"best_epoch": int(record.get("best_epoch", 0)) - 1,
+            "best_val": record.get("best_val_loss")}
+    return (distributed.replicate(best, mesh), meta, True,
+            int(record.get("source_checkpoint_step", -1)))
+  manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"), read_only=True)
+  state, best, meta = manager.restore_latest(template, template.params)
+  # Best-on-validation parameters, unless no epoch was validated yet (a run
+  # stopped by max_steps inside its first epoch): then the last ones.
+  use_best = bool(config.eval.use_best) and int(meta.get("best_epoch", -1)) >= 0
+  params = distributed.replicate(best if use_best else state.params, mesh)
+  return params, meta, use_best, int(state.step)
+
+
+def _score(config, params, setup, pool, test_x: np.ndarray, partial: str | None,
+           identity: dict | None, stop) -> tuple[Any, dict[str, np.ndarray], tuple]:
+  """Builds the evaluation context and scores ``test_x`` (:func:`evaluation.evaluate_split`).
+
+  Returns:
+    ``(ctx, scores, (bank seconds, scoring seconds))``.
+  """
+  s = int(config.eval.num_importance_samples)
   t0 = time.time()
-  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                               setup=setup)
+  ctx = evaluation.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
+                                setup=setup)
   jax.block_until_ready(ctx)
   t_bank = time.time() - t0
   t0 = time.time()
-  res = train_lib.evaluate_split(params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed),
-                                 num_samples=s, max_queries=int(config.eval.max_queries),
-                                 progress=bool(config.progress), desc=f"test NLL (S={s})",
-                                 partial_path=partial, partial_identity=identity, stop=stop)
-  t_eval = time.time() - t0
-  m = test_x.shape[0]
+  res = evaluation.evaluate_split(
+      params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed), num_samples=s,
+      max_queries=int(config.eval.max_queries), progress=bool(config.progress),
+      desc=f"test NLL (S={s})", partial_path=partial, partial_identity=identity, stop=stop)
+  return ctx, res, (t_bank, time.time() - t0)
+
+
+def _metrics(config, splits: data.Splits, setup, params, res: dict[str, np.ndarray],
+             times: tuple[float, float], checkpoint: dict[str, Any],
+             identity_sha256: str | None) -> dict[str, Any]:
+  """The record of ``eval_metrics.json``: the scores' means and what they come from.
+
+  Args:
+    config: the run's ConfigDict.
+    splits: the data.
+    setup: the static run description.
+    params: the parameters scored.
+    res: the scores of :func:`evaluation.evaluate_split`.
+    times: (seconds building the bank, seconds scoring).
+    checkpoint: which parameters were scored (step, best or last, best epoch, whether
+      training still runs).
+    identity_sha256: what a later evaluation compares to reuse the outputs (see
+      :func:`_finished`).
+
+  Returns:
+    The metrics, in the order ``eval_metrics.json`` lists them.
+  """
+  t_bank, t_eval = times
+  m = res["log_px_iwae"].shape[0]
+  s = int(config.eval.num_importance_samples)
   metrics = {
       "test_nll": float(-res["log_px_iwae"].mean()),
       "test_nll_stderr": float(res["log_px_iwae"].std(ddof=1) / np.sqrt(m)) if m > 1 else None,
@@ -155,30 +225,27 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
       "test_kl": float(res["kl"].mean()),
       "num_importance_samples": s,
       "num_test_examples": int(m),
-      "num_exemplars_in_bank": int(n) if setup.prior.needs_pool else 0,
+      "num_exemplars_in_bank": int(splits.train_x.shape[0]) if setup.prior.needs_pool else 0,
       "dataset": splits.name,
       "data_source": splits.source,
       # A user's data set: its path (or plug-in) and the SHA-256 of its arrays.
       **({"data_identity": splits.identity} if splits.identity is not None else {}),
       "eval_binarize": str(config.get("eval_binarize", "exvae")),   # whose fixed test draw
       "prior": config.prior,
-      "checkpoint_step": step,
-      "params": "best" if use_best else "last",
-      "best_epoch": int(meta.get("best_epoch", -1)) + 1,
-      "best_val_loss": meta.get("best_val"),
-      # Training still held the run's writer lock: these are an interim checkpoint's scores.
-      "run_in_progress": in_progress is not None,
-      **({"epochs_validated": in_progress} if in_progress is not None else {}),
+      **checkpoint,
       "bank_seconds": t_bank,
       "eval_seconds": t_eval,
       "test_points_per_second": m / max(t_eval, 1e-9),
       "backend": jax.default_backend(),
-      # What a later evaluation compares to reuse these outputs (parameters, test images,
-      # settings; see _finished).
       "identity_sha256": identity_sha256,
   }
   for k, v in setup.prior.describe(params["prior"]).items():
     metrics[k] = float(v)
+  return metrics
+
+
+def _check_finite(metrics: dict[str, Any], step: int, workdir: str) -> None:
+  """Raises rundir.NonFiniteMetricsError if a mean is not finite (nothing is written then)."""
   bad = [k for k in ("test_nll", "test_elbo", "test_recon", "test_kl")
          if not np.isfinite(metrics[k])]
   if bad:
@@ -186,16 +253,6 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
         f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
         f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
         "(e.g. with a lower learning_rate).")
-  samples, recons = train_lib.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
-                                            jax.random.PRNGKey(1), setup=setup, num_samples=64)
-  metrics["samples_png"] = os.path.join(out_dir, "eval_samples.png")
-  metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
-  metrics["per_example"] = os.path.join(out_dir, per_example.FILENAME)
-  if distributed.is_primary():
-    _write_outputs(out_dir, metrics, res, test_x, config, samples, recons)
-    if partial is not None and os.path.exists(partial):
-      os.remove(partial)
-  return metrics
 
 
 def _in_progress(workdir: str, meta: dict, use_best: bool, step: int) -> int | None:

@@ -11,14 +11,12 @@ checkpoint reproduces the uninterrupted run exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
 import signal
 import sys
 import time
-import zipfile
 from typing import Any
 
 import jax
@@ -28,12 +26,12 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import (atomic, checkpoints, data, distributed, pictures, plugins, rng, rundir,
-                   runinfo, writers)
+from exvae import (atomic, checkpoints, data, distributed, evaluation, pictures, plugins, rng,
+                   rundir, runinfo, writers)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import check_matmul_dtype, make_model
-from exvae.objectives import Setup, check_objective, kl_beta, log_importance_weights
+from exvae.objectives import Setup, check_objective, kl_beta
 from exvae.optim import make_optimizer
 from exvae.priors import checks as prior_checks
 from exvae.priors import make_prior
@@ -282,203 +280,6 @@ def refresh_step(state: TrainState, pool: jax.Array, *, setup: Setup) -> TrainSt
   return state.replace(prior_state=prior_state)
 
 
-@functools.partial(jax.jit, static_argnames=("setup",))
-def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setup):
-  """The prior's evaluation context (exemplar prior: ALL training exemplars, no gradients)."""
-  inputs = setup.context_inputs(pool, key)
-  ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
-                               train=False)
-  return jax.lax.stop_gradient(ctx)
-
-
-@functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
-def eval_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup,
-               num_samples: int) -> dict[str, jax.Array]:
-  """Per-example sums over ``num_samples`` importance samples (to be merged across chunks).
-
-  Args:
-    params: model and prior parameters.
-    ctx: the prior's evaluation context.
-    x: (B, H, W, C) binarised images.
-    key: PRNG key of this chunk.
-    num_samples: S for this chunk (static).
-
-  Returns:
-    dict of (B,) arrays: ``lse_w`` (logsumexp of log weights), ``sum_w``,
-    ``sum_px``, ``sum_kl`` (sums over the chunk's samples), ``max_err`` (the
-    largest certified error of a pruned prior evaluation; 0 when exact).
-  """
-  log_w, log_px, log_pz, log_qz, err = log_importance_weights(
-      params, setup, ctx, x, key, num_samples, with_error=True)
-  return {"lse_w": jax.nn.logsumexp(log_w, axis=1), "sum_w": log_w.sum(1),
-          "sum_px": log_px.sum(1), "sum_kl": (log_qz - log_pz).sum(1),
-          "max_err": err.max(1)}
-
-
-@functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
-def picture_batch(params, ctx, x, key, *, setup: Setup, num_samples: int):
-  """Prior samples (num_samples images) and reconstructions of ``x`` (mean images)."""
-  z = setup.prior.sample(params["prior"], key, num_samples, ctx)
-  samples = setup.mean_fn(setup.model.decode(params["model"], z))
-  mu, _ = setup.model.encode(params["model"], x)
-  recons = setup.mean_fn(setup.model.decode(params["model"], mu))
-  return samples, recons
-
-
-# ----------------------------------------------------------------------------
-# Host-side evaluation helper (used for validation and by eval_lib)
-# ----------------------------------------------------------------------------
-
-
-def evaluate_split(params, setup: Setup, ctx, xs: np.ndarray, key: jax.Array,
-                   num_samples: int, max_queries: int = 5000,
-                   progress: bool = False, desc: str = "eval",
-                   partial_path: str | None = None, partial_identity: dict | None = None,
-                   save_every_s: float = 60.0, stop=None) -> dict[str, np.ndarray]:
-  """IWAE bound and ELBO terms for every example of ``xs``.
-
-  Each example gets ``num_samples`` importance samples drawn in chunks; one
-  call scores ``batch * chunk <= max_queries`` latent codes, so memory is
-  bounded whatever S and the test-set size.  The last partial batch is padded
-  (results discarded) so the jitted function never retraces.
-
-  Args:
-    params: model and prior parameters.
-    setup: static run description.
-    ctx: prior evaluation context.
-    xs: (M, H, W, C) images (binarised for binary data).
-    key: PRNG key; sample chunk c of batch b uses fold_in(fold_in(key, b), c).
-    num_samples: S.
-    max_queries: bound on batch * chunk.
-    progress: show a tqdm bar (a terminal), else a plain line a minute.
-    desc: bar label.
-    partial_path: if given, the scores of the finished batches are saved there
-      (an ``.npz``, atomically) every ``save_every_s`` seconds, and a call that
-      finds a file there made with the same ``partial_identity``, sizes and key
-      starts after its last batch: a stopped evaluation loses at most
-      ``save_every_s`` seconds of work and ends with the scores an
-      uninterrupted one gives (batch ``b`` always uses the same key). The
-      caller removes the file once the results are safe.
-    partial_identity: JSON-able description of everything else the scores
-      depend on (parameters, images, prior settings).
-    save_every_s: seconds between two saves.
-    stop: a callable asked after each batch (SIGTERM): when it returns True, the
-      finished batches are saved to ``partial_path`` and rundir.Interrupted is raised.
-
-  Returns:
-    dict of (M,) float64 arrays: ``log_px_iwae`` (the IWAE bound on log p(x)),
-    ``elbo``, ``recon`` (-E log p(x|z)), ``kl`` (E[log q - log p]), ``max_err``
-    (certified: the exact-prior IWAE estimate lies in
-    ``[log_px_iwae, log_px_iwae + max_err]``; 0 unless pruning is on).
-  """
-  m = xs.shape[0]
-  chunk = min(num_samples, max_queries)
-  batch = max(1, min(m, max_queries // chunk))
-  n_chunks = math.ceil(num_samples / chunk)
-  out = {k: np.zeros(m, np.float64) for k in ("log_px_iwae", "elbo", "recon", "kl", "max_err")}
-  n_batches = math.ceil(m / batch)
-  identity = None
-  start = 0
-  if partial_path is not None:
-    identity = atomic.dumps({"given": partial_identity, "m": int(m), "batch": int(batch),
-                             "chunk": int(chunk), "num_samples": int(num_samples),
-                             "key": np.asarray(jax.random.key_data(key)).tolist()},
-                            sort_keys=True)
-    start = _read_partial(partial_path, identity, out, n_batches)
-    if start:
-      print(f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
-            f"(scores saved in {partial_path})", flush=True)
-  last_save = time.time()
-  bar, lines = None, None
-  if progress_lib.enabled(progress):
-    from tqdm.auto import tqdm
-    bar = tqdm(total=m, initial=min(start * batch, m), desc=desc, unit="ex",
-               dynamic_ncols=True)
-  elif progress_lib.lines_enabled(progress):
-    lines = progress_lib.LineReporter(m, desc, initial=min(start * batch, m))
-  for b in range(start, n_batches):
-    lo, hi = b * batch, min((b + 1) * batch, m)
-    xb = np.zeros((batch,) + xs.shape[1:], np.float32)
-    xb[: hi - lo] = xs[lo:hi]
-    xb = jnp.asarray(xb)
-    lse, sw, spx, skl, mx = None, 0.0, 0.0, 0.0, 0.0
-    remaining = num_samples
-    for c in range(n_chunks):
-      s = min(chunk, remaining)
-      remaining -= s
-      r = eval_batch(params, ctx, xb, jax.random.fold_in(jax.random.fold_in(key, b), c),
-                     setup=setup, num_samples=s)
-      r = jax.device_get(r)
-      lse = r["lse_w"].astype(np.float64) if lse is None else np.logaddexp(lse, r["lse_w"])
-      sw, spx, skl = sw + r["sum_w"], spx + r["sum_px"], skl + r["sum_kl"]
-      mx = np.maximum(mx, r["max_err"])
-    k = hi - lo
-    out["log_px_iwae"][lo:hi] = (lse - math.log(num_samples))[:k]
-    out["elbo"][lo:hi] = (np.asarray(sw) / num_samples)[:k]
-    out["recon"][lo:hi] = (-np.asarray(spx) / num_samples)[:k]
-    out["kl"][lo:hi] = (np.asarray(skl) / num_samples)[:k]
-    out["max_err"][lo:hi] = np.asarray(mx)[:k]
-    for p in (bar, lines):
-      if p is not None:
-        p.update(k)
-    if partial_path is not None and b + 1 < n_batches and time.time() - last_save >= save_every_s:
-      _write_partial(partial_path, identity, out, b + 1)
-      last_save = time.time()
-    if stop is not None and b + 1 < n_batches and stop():
-      kept = "no scores are kept (no partial_path)"
-      if partial_path is not None:
-        _write_partial(partial_path, identity, out, b + 1)
-        kept = f"the scores of the first {hi} are kept in {partial_path}"
-      for p in (bar, lines):
-        if p is not None:
-          p.close()
-      raise rundir.Interrupted(f"SIGTERM after {hi} of {m} examples ({desc}): {kept}; run the "
-                               "same command to go on from there.")
-  for p in (bar, lines):
-    if p is not None:
-      p.close()
-  return out
-
-
-def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: int) -> None:
-  """Saves the scores of the first ``done`` batches of :func:`evaluate_split` (primary only)."""
-  if not distributed.is_primary():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz_checked(path, {**out, "done_batches": np.int64(done),
-                                  "identity": np.str_(identity)})
-
-
-def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batches: int) -> int:
-  """Fills ``out`` from a saved partial evaluation; returns its finished batches (0: none).
-
-  A missing file, an unreadable one or one made with another identity gives 0
-  (the last two with a line that says so).
-  """
-  if not os.path.exists(path):
-    return 0
-  try:
-    f = atomic.read_npz_checked(path)       # its arrays match the digest written with them
-    same = str(f["identity"]) == identity
-    done = int(f["done_batches"])
-    saved = {k: np.asarray(f[k], np.float64) for k in out} if same else None
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f"{path}: unreadable partial evaluation ({type(e).__name__}: {e}); starting from "
-          "the first example", flush=True)
-    return 0
-  if saved is None:
-    print(f"{path}: a partial evaluation of other parameters or settings; starting from "
-          "the first example", flush=True)
-    return 0
-  if not 0 <= done <= n_batches or any(v.shape != out[k].shape for k, v in saved.items()):
-    print(f"{path}: a partial evaluation with other sizes; starting from the first example",
-          flush=True)
-    return 0
-  for k, v in saved.items():
-    out[k][:] = v
-  return done
-
-
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
@@ -504,17 +305,19 @@ def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config,
   one sample per example, or under ``objective='iwae'`` the IWAE bound with
   the same k samples as training.
   """
-  ctx = eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup)
-  res = evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
-                       num_samples=setup.objective_samples, max_queries=config.eval.max_queries)
+  ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed),
+                                setup=setup)
+  res = evaluation.evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
+                                  num_samples=setup.objective_samples,
+                                  max_queries=config.eval.max_queries)
   bound = res["log_px_iwae"] if setup.objective == "iwae" else res["elbo"]
   metrics = {"val_loss": float(-bound.mean()), "val_recon": float(res["recon"].mean()),
              "val_kl": float(res["kl"].mean())}
   n_pic = int(config.num_picture_samples)
   if n_pic > 0:
     xv = jnp.asarray(splits.val_x[: min(n_pic // 2, splits.val_x.shape[0])])
-    samples, recons = picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
-                                    setup=setup, num_samples=n_pic)
+    samples, recons = evaluation.picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
+                                               setup=setup, num_samples=n_pic)
     path = os.path.join(workdir, "pictures", f"epoch_{epoch + 1:05d}.png")
     if distributed.is_primary():
       pictures.save_samples_and_reconstructions(path, np.asarray(samples), np.asarray(xv),
@@ -579,12 +382,227 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       return _train(config, workdir, mesh, allow_config_change)
 
 
+class Bookkeeping:
+  """What a training run keeps beside its train state: best parameters, last save, metadata.
+
+  The loop hands it the current state at each logged step, epoch end and
+  checkpoint (:meth:`log_step`, :meth:`validate`, :meth:`save`) and once on the
+  way out (:meth:`finish`). It never saves a state that went non-finite, nor
+  again after a failed save or a non-finite validation, so the last good
+  checkpoint stays the newest one.
+
+  Attributes:
+    meta: the checkpoint's bookkeeping: ``epochs_validated``, ``best_val``,
+      ``best_epoch`` (0-based, -1: none), ``bad_epochs``, ``early_stopped``.
+    best_params: the best-on-validation parameters (never aliased with the
+      donated train state).
+    last_saved: the step of the newest checkpoint (the restored one at first).
+    max_steps: the step training ends at (:func:`total_steps`).
+    t_start: when this session of the run started (``time.time()``).
+  """
+
+  def __init__(self, config, workdir: str, setup: Setup, pool: jax.Array,
+               splits: data.Splits, manager: checkpoints.Manager, state: TrainState,
+               best_params: PyTree, meta: dict, restored: bool):
+    self.config, self.workdir, self.setup = config, workdir, setup
+    self.pool, self.splits, self.manager = pool, splits, manager
+    self.best_params, self.meta = best_params, meta
+    self.last_saved = int(state.step)
+    self.saved_any = restored          # a checkpoint of this run exists
+    self.save_failed = False           # a full disk: do not try again on the way out
+    self.diverged = False              # non-finite validation: keep the last good checkpoint
+    self.max_steps = total_steps(config, setup.steps_per_epoch)
+    self.metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
+    self.t_start = time.time()
+
+  @classmethod
+  def restore(cls, config, workdir: str, setup: Setup, pool: jax.Array, splits: data.Splits,
+              mesh) -> tuple["Bookkeeping", TrainState]:
+    """A fresh state and bookkeeping, or the newest good checkpoint's, placed on ``mesh``.
+
+    Returns:
+      ``(bookkeeping, state)``.
+
+    Raises:
+      checkpoints.CheckpointNotFoundError: checkpoints exist but none is readable.
+    """
+    state = distributed.replicate(init_state(config, setup, setup.num_train), mesh)
+    manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
+                                  max_to_keep=int(config.keep_checkpoints))
+    meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
+            "early_stopped": False}
+    best_params = jax.tree.map(jnp.copy, state.params)   # never aliased with donated buffers
+    try:
+      restored = manager.restore_latest(state, best_params)
+    except checkpoints.CheckpointNotFoundError:
+      manager.close()
+      raise
+    if restored is not None:
+      state, best_params, meta = restored
+      # Restored as host-layout arrays: place them on this run's mesh (which may
+      # have a different device count than the run that wrote the checkpoint).
+      state, best_params = distributed.replicate((state, best_params), mesh)
+      logging.info("Resumed from step %d.", int(state.step))
+      print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
+    book = cls(config, workdir, setup, pool, splits, manager, state, best_params, meta,
+               restored=restored is not None)
+    return book, state
+
+  def last_good(self) -> str:
+    """Where the last good checkpoint is, as the errors say it (in lower case)."""
+    if self.saved_any:
+      return (f"the last good checkpoint (step {self.last_saved}) is intact in "
+              f"{self.manager.directory}")
+    return f"no checkpoint was written (nothing in {self.manager.directory} is from this run)"
+
+  def nonfinite_error(self, what: str, m: dict | None = None) -> NonFiniteLossError:
+    """The error of a non-finite loss or gradient ``what`` (``m``: the step's metrics)."""
+    good = self.last_good()
+    bad = [f"{k}={m[k]}" for k in ("recon", "kl") if m and k in m and not math.isfinite(m[k])]
+    prior = self.config.prior
+    todo = ("Try a lower learning_rate." if not plugins.is_spec(prior) else
+            f"The prior is the plug-in {prior!r}: check that its log_prob stays finite "
+            f"(it enters the KL term{': ' + ', '.join(bad) if bad else ''}), or try a lower "
+            "learning_rate.")
+    return NonFiniteLossError(f"Non-finite loss or gradient {what}; the update was skipped and "
+                              f"training stopped. {good[0].upper()}{good[1:]}. {todo}")
+
+  def save(self, state: TrainState) -> None:
+    """Checkpoints ``state`` with the best parameters and the bookkeeping.
+
+    Raises:
+      NonFiniteLossError: ``state`` has skipped non-finite steps (it is not saved).
+    """
+    if int(state.nonfinite) > 0:      # never save a state after skipped steps
+      raise self.nonfinite_error(f"by step {int(state.step)}")
+    try:
+      self.manager.save(int(state.step), state, self.best_params, self.meta)
+    except BaseException:
+      self.save_failed = True
+      raise
+    self.last_saved, self.saved_any = int(state.step), True
+
+  def validate(self, state: TrainState) -> None:
+    """Validates every completed epoch not validated yet (also after a resume).
+
+    Logs a record per validated epoch, keeps the best parameters and counts the
+    epochs without improvement (:func:`early_stopping_update`).
+
+    Raises:
+      NonFiniteValidationError: the validation loss is not finite.
+    """
+    config, meta, spe = self.config, self.meta, self.setup.steps_per_epoch
+    step = int(state.step)
+    while meta["epochs_validated"] < step // spe:
+      epoch = meta["epochs_validated"]           # 0-based epoch that just finished
+      if (epoch + 1) % int(config.val_every_epochs) == 0 or step >= self.max_steps:
+        vm = validate(state, self.setup, self.pool, self.splits, config, self.workdir, epoch)
+        bad = [k for k in ("val_loss", "val_recon", "val_kl") if not math.isfinite(vm[k])]
+        if bad:
+          self.diverged = True
+          raise NonFiniteValidationError(
+              f"Non-finite validation loss at epoch {epoch + 1} (step {step}: "
+              f"{', '.join(f'{k}={vm[k]}' for k in bad)}); training stopped and "
+              f"{self.last_good()}. The model or prior diverges at evaluation: try a lower "
+              "learning_rate.")
+        if early_stopping_update(meta, vm["val_loss"], epoch, int(config.warmup_epochs)):
+          self.best_params = jax.tree.map(jnp.copy, state.params)
+        _append_jsonl(self.metrics_path, dict(
+            vm, epoch=epoch + 1, step=step, best_val=meta["best_val"],
+            bad_epochs=meta["bad_epochs"], time=time.time() - self.t_start))
+        print(f"epoch {epoch + 1}: val_loss={vm['val_loss']:.3f} (best {meta['best_val']:.3f} "
+              f"at epoch {meta['best_epoch'] + 1})", flush=True)
+      meta["epochs_validated"] = epoch + 1
+
+  def log_step(self, state: TrainState, metrics: dict, step: int) -> dict[str, float]:
+    """Logs the metrics of ``step`` (the host floats are returned).
+
+    Raises:
+      NonFiniteLossError: a step up to this one was skipped as non-finite.
+    """
+    m = _to_float(metrics)
+    if int(state.nonfinite) > 0:
+      raise self.nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})", m)
+    _append_jsonl(self.metrics_path, dict(m, step=step, epoch=step / self.setup.steps_per_epoch,
+                                          time=time.time() - self.t_start))
+    return m
+
+  def finish(self, state: TrainState, failing: BaseException | None) -> None:
+    """Saves ``state`` on the way out (any exit), unless it would not be a good checkpoint.
+
+    Not a state that went non-finite, nor after a failed save (a full disk) or a
+    non-finite validation. When the run is failing already (``failing``), an
+    error of this save is not raised over the first one.
+    """
+    if failing is not None and not isinstance(failing, Exception):
+      checkpoints.silence_background_threads(crash_dumps=True)   # Ctrl-C: the one line only
+    if (not self.save_failed and not self.diverged and int(state.nonfinite) == 0
+        and int(state.step) != self.last_saved):
+      try:
+        self.save(state)
+      except BaseException:
+        if failing is None:
+          raise
+        checkpoints.silence_background_threads()    # the first error is the one to report
+    if failing is not None:
+      checkpoints.silence_background_threads()
+    self.manager.wait_until_finished()
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """The step training ends at: ``num_epochs`` epochs, or ``max_steps`` if fewer."""
+  total = int(config.num_epochs) * steps_per_epoch
+  return min(total, int(config.max_steps)) if config.max_steps else total
+
+
+def _prepare(config, workdir: str, mesh, allow_config_change: bool):
+  """Loads the data, builds the run and restores its state (see :meth:`Bookkeeping.restore`).
+
+  Returns:
+    ``(splits, pool, setup, bookkeeping, state)``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  splits = load_data(config)
+  data.validate_images(splits.train_x, name="training images")
+  validate_config(config)
+  pool, pool_sharded = make_pool(config, splits, mesh)
+  setup = make_setup(config, splits, pool_sharded)
+  rundir.check_data_identity(workdir, splits.identity, resuming=rundir.has_checkpoint(workdir),
+                             allow_change=allow_config_change, write=distributed.is_primary())
+  book, state = Bookkeeping.restore(config, workdir, setup, pool, splits, mesh)
+  return splits, pool, setup, book, state
+
+
+def _open_session(config, workdir: str, book: Bookkeeping, state: TrainState) -> None:
+  """Trims the metrics to the restored step, records the machine, opens TensorBoard.
+
+  A run that stopped early already only gets its metrics trimmed.
+  """
+  primary = distributed.is_primary()
+  if primary:    # steps after the restored one are trained (and logged) again
+    rundir.trim_metrics(book.metrics_path, int(state.step))
+    rundir.check_metrics_cover(book.metrics_path, int(state.step), int(config.log_every_steps),
+                               book.setup.steps_per_epoch)
+  if book.meta.get("early_stopped"):
+    return
+  if primary:   # which machine trains from here (a run may move between machines)
+    atomic.append_line(os.path.join(workdir, rundir.MACHINES_FILE), atomic.dumps(
+        {"step": int(state.step), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         **runinfo.machine()}))
+  tb = bool(config.tensorboard) and primary
+  writers.open_run(workdir, enabled=tb,
+                   replay=rundir.read_metrics(book.metrics_path)[0] if tb else None)
+  book.t_start = time.time()
+
+
 def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains with validation-based early stopping; resumes from ``workdir`` if possible.
 
   Args:
     config: a ConfigDict (see ``configs/``).
     workdir: output directory: checkpoints/, metrics.jsonl, pictures/, config.json.
+    mesh: the data mesh (None: one device).
+    allow_config_change: accept a changed data set on resume.
 
   Returns:
     A summary dict: final step, epochs, best validation loss and epoch, wall time.
@@ -596,182 +614,63 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
     rundir.DiskFullError: a save failed for lack of space; training stops there.
     rundir.Interrupted: SIGTERM; a checkpoint of the current step was saved.
   """
-  os.makedirs(workdir, exist_ok=True)
-  splits = load_data(config)
-  data.validate_images(splits.train_x, name="training images")
-  validate_config(config)
-  pool, pool_sharded = make_pool(config, splits, mesh)
-  setup = make_setup(config, splits, pool_sharded)
-  n = splits.train_x.shape[0]
-  spe = setup.steps_per_epoch
-  primary = distributed.is_primary()   # config.json: written by rundir.Writer
-  rundir.check_data_identity(workdir, splits.identity, resuming=rundir.has_checkpoint(workdir),
-                             allow_change=allow_config_change, write=primary)
-
-  state = distributed.replicate(init_state(config, setup, n), mesh)
-  manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
-                                max_to_keep=int(config.keep_checkpoints))
-  meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
-          "early_stopped": False}
-  best_params = jax.tree.map(jnp.copy, state.params)   # never aliased with donated buffers
-  try:
-    restored = manager.restore_latest(state, best_params)
-  except checkpoints.CheckpointNotFoundError:
-    manager.close()
-    raise
-  if restored is not None:
-    state, best_params, meta = restored
-    # Restored as host-layout arrays: place them on this run's mesh (which may
-    # have a different device count than the run that wrote the checkpoint).
-    state, best_params = distributed.replicate((state, best_params), mesh)
-    logging.info("Resumed from step %d.", int(state.step))
-    print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
-  metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
-  if primary:    # steps after the restored one are trained (and logged) again
-    rundir.trim_metrics(metrics_path, int(state.step))
-    rundir.check_metrics_cover(metrics_path, int(state.step), int(config.log_every_steps), spe)
+  splits, pool, setup, book, state = _prepare(config, workdir, mesh, allow_config_change)
+  n, spe, meta = setup.num_train, setup.steps_per_epoch, book.meta
   summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
              "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
   if splits.identity is not None:    # a user's data set: its path (or plug-in) and SHA-256
     summary["data_identity"] = splits.identity
+  _open_session(config, workdir, book, state)
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **_summary_meta(meta))
-
-  if primary:   # which machine trains from here (a run may move between machines)
-    atomic.append_line(os.path.join(workdir, rundir.MACHINES_FILE), atomic.dumps(
-        {"step": int(state.step), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         **runinfo.machine()}))
-  tb = bool(config.tensorboard) and primary
-  writers.open_run(workdir, enabled=tb,
-                   replay=rundir.read_metrics(metrics_path)[0] if tb else None)
-  max_steps = int(config.num_epochs) * spe
-  if config.max_steps:
-    max_steps = min(max_steps, int(config.max_steps))
-  last_saved = int(state.step)
-  saved_any = restored is not None
-  t_start = time.time()
   stop = []                     # SIGTERM: finish the step, save, stop
   prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-  save_failed = False
-  diverged = False              # non-finite validation: keep the last good checkpoint
-
-  def nonfinite_error(what, m=None):
-    good = (f"The last good checkpoint (step {last_saved}) is intact in {manager.directory}"
-            if saved_any else
-            f"No checkpoint was written (nothing in {manager.directory} is from this run)")
-    bad = [f"{k}={m[k]}" for k in ("recon", "kl") if m and k in m and not math.isfinite(m[k])]
-    todo = ("Try a lower learning_rate." if not plugins.is_spec(config.prior) else
-            f"The prior is the plug-in {config.prior!r}: check that its log_prob stays finite "
-            f"(it enters the KL term{': ' + ', '.join(bad) if bad else ''}), or try a lower "
-            "learning_rate.")
-    return NonFiniteLossError(f"Non-finite loss or gradient {what}; the update was skipped and "
-                              f"training stopped. {good}. {todo}")
-
-  def save(force_meta=None):
-    nonlocal last_saved, saved_any, save_failed
-    if int(state.nonfinite) > 0:      # never save a state after skipped steps
-      raise nonfinite_error(f"by step {int(state.step)}")
-    try:
-      manager.save(int(state.step), state, best_params, force_meta or meta)
-    except BaseException:
-      save_failed = True
-      raise
-    last_saved, saved_any = int(state.step), True
-
-  def maybe_validate():
-    """Runs validation for every completed epoch not validated yet (also after a resume)."""
-    nonlocal best_params, meta, diverged
-    step = int(state.step)
-    while meta["epochs_validated"] < step // spe:
-      epoch = meta["epochs_validated"]           # 0-based epoch that just finished
-      if (epoch + 1) % int(config.val_every_epochs) == 0 or step >= max_steps:
-        vm = validate(state, setup, pool, splits, config, workdir, epoch)
-        bad = [k for k in ("val_loss", "val_recon", "val_kl") if not math.isfinite(vm[k])]
-        if bad:
-          diverged = True
-          good = (f"the last good checkpoint (step {last_saved}) is intact in "
-                  f"{manager.directory}" if saved_any else
-                  f"no checkpoint was written (nothing in {manager.directory} is from this run)")
-          raise NonFiniteValidationError(
-              f"Non-finite validation loss at epoch {epoch + 1} (step {step}: "
-              f"{', '.join(f'{k}={vm[k]}' for k in bad)}); training stopped and {good}. "
-              "The model or prior diverges at evaluation: try a lower learning_rate.")
-        improved = early_stopping_update(meta, vm["val_loss"], epoch, int(config.warmup_epochs))
-        if improved:
-          best_params = jax.tree.map(jnp.copy, state.params)
-        record = dict(vm, epoch=epoch + 1, step=step, best_val=meta["best_val"],
-                      bad_epochs=meta["bad_epochs"], time=time.time() - t_start)
-        _append_jsonl(metrics_path, record)
-        print(f"epoch {epoch + 1}: val_loss={vm['val_loss']:.3f} (best {meta['best_val']:.3f} "
-              f"at epoch {meta['best_epoch'] + 1})", flush=True)
-      meta["epochs_validated"] = epoch + 1
-
   from tqdm.auto import tqdm
-  bar = tqdm(total=max_steps, initial=int(state.step), desc="train", unit="step",
-             dynamic_ncols=True, disable=not progress_lib.enabled(config.progress and primary))
+  bar = tqdm(total=book.max_steps, initial=int(state.step), desc="train", unit="step",
+             dynamic_ncols=True,
+             disable=not progress_lib.enabled(config.progress and distributed.is_primary()))
   try:
-    maybe_validate()
+    book.validate(state)
     perm_epoch, perm = -1, None
-    host_step = int(state.step)    # tracked on the host: no device sync per step
-    while host_step < max_steps:
+    step = int(state.step)      # tracked on the host: no device sync per step
+    while step < book.max_steps:
       if should_stop_early(meta, int(config.early_stopping_patience)):
         print(f"Early stopping: no improvement for {meta['bad_epochs']} epochs.", flush=True)
         meta["early_stopped"] = True
         break
-      step = host_step
-      epoch = step // spe
-      if epoch != perm_epoch:
-        perm = distributed.replicate(jnp.asarray(epoch_permutation(config.seed, epoch, n)), mesh)
-        perm_epoch = epoch
+      if step // spe != perm_epoch:
+        perm_epoch = step // spe
+        perm = distributed.replicate(
+            jnp.asarray(epoch_permutation(config.seed, perm_epoch, n)), mesh)
       if step % spe == 0:
         state = refresh_step(state, pool, setup=setup)
       state, metrics = train_step(state, pool, perm, setup=setup)
-      host_step = new_step = step + 1
-      if new_step % int(config.log_every_steps) == 0 or new_step % spe == 0:
-        m = _to_float(metrics)
-        if int(state.nonfinite) > 0:
-          raise nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})", m)
-        _append_jsonl(metrics_path, dict(m, step=new_step, epoch=new_step / spe,
-                                         time=time.time() - t_start))
-        bar.set_postfix(progress_lib.train_postfix(m, new_step, spe, meta["best_val"]))
+      step += 1
+      if step % int(config.log_every_steps) == 0 or step % spe == 0:
+        m = book.log_step(state, metrics, step)
+        bar.set_postfix(progress_lib.train_postfix(m, step, spe, meta["best_val"]))
       bar.update(1)
-      if new_step % spe == 0:
-        maybe_validate()
-        save()
-      elif new_step % int(config.checkpoint_every_steps) == 0:
-        save()
+      if step % spe == 0:
+        book.validate(state)
+      if step % spe == 0 or step % int(config.checkpoint_every_steps) == 0:
+        book.save(state)
       if stop:
         break
     if not stop:
-      maybe_validate()
+      book.validate(state)
   finally:
     bar.close()
     signal.signal(signal.SIGTERM, prev_handler)
-    # Save on every exit path, but never a state that went non-finite, and
-    # not again after a failed save (a full disk).
-    failing = sys.exc_info()[1]
-    if failing is not None and not isinstance(failing, Exception):
-      checkpoints.silence_background_threads(crash_dumps=True)   # Ctrl-C: the one line only
-    if (not save_failed and not diverged and int(state.nonfinite) == 0
-        and int(state.step) != last_saved):
-      try:
-        save()
-      except BaseException:
-        if failing is None:
-          raise
-        checkpoints.silence_background_threads()    # the first error is the one to report
-    if failing is not None:
-      checkpoints.silence_background_threads()
-    manager.wait_until_finished()
+    book.finish(state, sys.exc_info()[1])
   if stop:
     raise rundir.Interrupted(
-        f"SIGTERM at step {int(state.step)}: checkpoint saved in {manager.directory}; run the "
-        "same command to resume.")
-  wall = time.time() - t_start
-  summary.update(step=int(state.step), epochs=int(state.step) / spe, wall_time_s=wall,
-                 finished=meta["early_stopped"] or int(state.step) >= max_steps,
+        f"SIGTERM at step {int(state.step)}: checkpoint saved in {book.manager.directory}; "
+        "run the same command to resume.")
+  summary.update(step=int(state.step), epochs=int(state.step) / spe,
+                 wall_time_s=time.time() - book.t_start,
+                 finished=meta["early_stopped"] or int(state.step) >= book.max_steps,
                  **_summary_meta(meta))
-  _append_jsonl(metrics_path, {"summary": summary})
+  _append_jsonl(book.metrics_path, {"summary": summary})
   writers.close(workdir)
   return summary

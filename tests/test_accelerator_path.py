@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from exvae import train_lib
+from exvae import evaluation, train_lib
 from exvae.kernels import cpu_fused, log_kernel_sum, pruned_log_kernel_sum, topk_neighbors
 
 _FUSED_TARGETS = ("exvae_fused_lse", "exvae_column_median")
@@ -74,10 +74,10 @@ def test_fused_cpu_kernel_is_never_compiled_or_invoked_off_cpu(gpu_backend):
     text = train_lib.train_step.lower(state, pool, perm, setup=setup).as_text()
     assert not any(t in text for t in _FUSED_TARGETS)
     state, m = train_lib.train_step(state, pool, perm, setup=setup)
-    ctx = train_lib.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
+    ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
     x = jnp.asarray(splits.test_x[:4])
-    text = train_lib.eval_batch.lower(state.params, ctx, x, jax.random.PRNGKey(1), setup=setup,
-                                      num_samples=3).as_text()
+    text = evaluation.eval_batch.lower(state.params, ctx, x, jax.random.PRNGKey(1), setup=setup,
+                                       num_samples=3).as_text()
     assert not any(t in text for t in _FUSED_TARGETS)
     assert np.isfinite(float(m["loss"]))
   assert not cpu_fused.available()
@@ -114,8 +114,8 @@ def test_steps_need_no_host_transfer_and_donate_the_state():
       for _ in range(3):
         state = train_lib.refresh_step(state, pool, setup=setup)
         state, metrics = train_lib.train_step(state, pool, perm, setup=setup)
-      ctx = train_lib.eval_context(state.params, pool, k_ctx, setup=setup)
-      out = train_lib.eval_batch(state.params, ctx, x, k_eval, setup=setup, num_samples=4)
+      ctx = evaluation.eval_context(state.params, pool, k_ctx, setup=setup)
+      out = evaluation.eval_batch(state.params, ctx, x, k_eval, setup=setup, num_samples=4)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(before.params))
     assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
     assert np.all(np.isfinite(np.asarray(out["lse_w"])))

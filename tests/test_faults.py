@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import bank as bank_lib
-from exvae import checkpoints, eval_lib, rundir, train_lib
+from exvae import checkpoints, eval_lib, evaluation, rundir, train_lib
 from exvae.uses import commands
 
 PY = sys.executable
@@ -363,13 +363,13 @@ def test_divergence_between_log_steps_is_never_saved_as_good(tmp_path):
 
 def test_eval_refuses_to_write_non_finite_metrics(trained_dir, tmp_path, monkeypatch):
   wd = _copy(trained_dir, tmp_path)
-  real = train_lib.evaluate_split
+  real = evaluation.evaluate_split
 
   def diverged(*args, **kwargs):
     out = real(*args, **kwargs)
     return dict(out, log_px_iwae=np.full_like(out["log_px_iwae"], np.nan))
 
-  monkeypatch.setattr(train_lib, "evaluate_split", diverged)
+  monkeypatch.setattr(evaluation, "evaluate_split", diverged)
   with pytest.raises(rundir.NonFiniteMetricsError, match="test_nll=nan.*not written"):
     eval_lib.evaluate(load_config("test"), wd)
   assert not os.path.exists(os.path.join(wd, "eval_metrics.json"))

@@ -14,7 +14,7 @@ import pytest
 from scipy.special import logsumexp
 
 from conftest import load_config
-from exvae import train_lib
+from exvae import evaluation, train_lib
 from exvae.likelihoods import bernoulli_log_prob
 from exvae.models import make_model
 from exvae.nets.gated import GatedDense
@@ -152,8 +152,8 @@ def test_exemplars_are_encoded_from_grey_levels_by_default(binarize):
   same = np.allclose(np.asarray(ctx["bank"]), grey, rtol=1e-5, atol=1e-5)
   assert same != binarize
   # The evaluation bank too (all N exemplars, no gradients).
-  ectx = train_lib.eval_context({"model": mparams, "prior": {"log_var": jnp.float32(0.)}},
-                                pool, key, setup=setup)
+  ectx = evaluation.eval_context({"model": mparams, "prior": {"log_var": jnp.float32(0.)}},
+                                 pool, key, setup=setup)
   full = np.asarray(model.encode_mean(mparams, pool))
   assert np.allclose(np.asarray(ectx["bank"]), full, rtol=1e-5, atol=1e-5) != binarize
 

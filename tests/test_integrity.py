@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, leftover_temporaries, load_config, load_script
-from exvae import atomic, checkpoints, eval_lib, rundir, train_lib, writers
+from exvae import atomic, checkpoints, eval_lib, evaluation, rundir, train_lib, writers
 from test_faults import _copy, _steps, _template
 
 PY = sys.executable
@@ -354,9 +354,9 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
   c.eval.out_dir = str(tmp_path / "whole")
   eval_lib.evaluate(c, run40)
   whole = dict(np.load(tmp_path / "whole" / "per_example.npz"))
-  monkeypatch.setattr(train_lib, "evaluate_split",
-                      functools.partial(train_lib.evaluate_split, save_every_s=0.0))
-  real, calls, stop_at = train_lib.eval_batch, [], [8]
+  monkeypatch.setattr(evaluation, "evaluate_split",
+                      functools.partial(evaluation.evaluate_split, save_every_s=0.0))
+  real, calls, stop_at = evaluation.eval_batch, [], [8]
 
   def counting(*a, **k):
     calls.append(1)
@@ -364,7 +364,7 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
       raise KeyboardInterrupt              # stopped in the 8th batch
     return real(*a, **k)
 
-  monkeypatch.setattr(train_lib, "eval_batch", counting)
+  monkeypatch.setattr(evaluation, "eval_batch", counting)
   out = tmp_path / "stopped"
   c.eval.out_dir = str(out)
   with pytest.raises(KeyboardInterrupt):
@@ -404,8 +404,8 @@ def test_a_finished_evaluation_is_reused_only_when_nothing_it_depends_on_changed
   c.eval.out_dir = str(out)
   first = eval_lib.evaluate(c, run40)
   files = {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns) for n in eval_lib.OUTPUTS}
-  real, calls = train_lib.eval_batch, []
-  monkeypatch.setattr(train_lib, "eval_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real, calls = evaluation.eval_batch, []
+  monkeypatch.setattr(evaluation, "eval_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
   capfd.readouterr()
 
   again = eval_lib.evaluate(c, run40)
@@ -644,7 +644,7 @@ def test_sigterm_stops_an_evaluation_with_its_scores_kept(run40, tmp_path, monke
   c = load_config("test", **SMALL)
   c.eval.max_queries = 32                   # S = 16: 2 images per batch, 20 batches
   c.eval.out_dir = str(tmp_path / "e")
-  real, calls = train_lib.eval_batch, []
+  real, calls = evaluation.eval_batch, []
 
   def term_at_third(*a, **k):
     calls.append(1)
@@ -652,7 +652,7 @@ def test_sigterm_stops_an_evaluation_with_its_scores_kept(run40, tmp_path, monke
       os.kill(os.getpid(), signal.SIGTERM)
     return real(*a, **k)
 
-  monkeypatch.setattr(train_lib, "eval_batch", term_at_third)
+  monkeypatch.setattr(evaluation, "eval_batch", term_at_third)
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(rundir.Interrupted, match="SIGTERM after 6 of 40 examples") as e:
     eval_lib.evaluate(c, run40)

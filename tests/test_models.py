@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from exvae import train_lib
+from exvae import evaluation, train_lib
 from exvae.likelihoods import diag_gaussian_log_prob, get_likelihood
 from exvae.models import MODELS, make_model
 from exvae.models.hvae import hierarchical_noise
@@ -225,13 +225,13 @@ def test_hierarchical_log_w_terms_and_iwae_s1(model):
   np.testing.assert_allclose(float(loss), -float(lw_kz.mean()), rtol=1e-5)
 
   # The IWAE bound with S = 1 is log w itself (same key schedule as evaluate_split).
-  r = train_lib.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=1)
+  r = evaluation.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=1)
   kb = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
   lw1 = log_importance_weights(params, setup, {}, x, kb, 1)[0][:, 0]
   np.testing.assert_allclose(r["log_px_iwae"], np.asarray(lw1), rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(r["elbo"], np.asarray(lw1), rtol=1e-5, atol=1e-3)
   # More samples tighten the bound (on average).
-  r64 = train_lib.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=64)
+  r64 = evaluation.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=64)
   assert r64["log_px_iwae"].mean() > r64["elbo"].mean()
 
 

@@ -9,7 +9,7 @@ import scipy.special
 import scipy.stats
 
 from conftest import fresh_run, load_config, train_traced_once
-from exvae import train_lib
+from exvae import evaluation, train_lib
 from exvae.models.base import Model
 from exvae.models.vae import gaussian_score
 from exvae.objectives import Setup, check_objective, elbo_loss, iwae_loss
@@ -219,10 +219,10 @@ def test_validation_under_iwae_is_the_bound_at_k(tmp_path):
   setup, state, pool, _ = fresh_run(c)
   splits = train_lib.load_data(c)
   vm = train_lib.validate(state, setup, pool, splits, c, str(tmp_path), 0)
-  ctx = train_lib.eval_context(state.params, pool, jax.random.PRNGKey(c.eval.bank_seed),
-                               setup=setup)
-  res = train_lib.evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
-                                 num_samples=6, max_queries=c.eval.max_queries)
+  ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(c.eval.bank_seed),
+                                setup=setup)
+  res = evaluation.evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
+                                  num_samples=6, max_queries=c.eval.max_queries)
   assert vm["val_loss"] == pytest.approx(-res["log_px_iwae"].mean(), rel=1e-9)
   assert vm["val_loss"] < -res["elbo"].mean()      # the bound at k = 6 is tighter
 

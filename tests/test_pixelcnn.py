@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, train_traced_once
-from exvae import train_lib
+from exvae import evaluation
 from exvae.likelihoods import (bernoulli_log_prob, diag_gaussian_log_prob,
                                discretized_logistic_log_prob, get_likelihood)
 from exvae.models import MODELS, make_model
@@ -207,10 +207,10 @@ def test_trains_under_every_prior(prior, rat):
     # Validation pictures: mean(Model.decode(z)) is the mean-field canvas of
     # prior samples and of the posterior means, a fixed point of the
     # teacher-forced means.
-    ctx = train_lib.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
+    ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
     x = pool[:4]
-    samples, recons = train_lib.picture_batch(state.params, ctx, x, jax.random.PRNGKey(1),
-                                              setup=setup, num_samples=6)
+    samples, recons = evaluation.picture_batch(state.params, ctx, x, jax.random.PRNGKey(1),
+                                               setup=setup, num_samples=6)
     chex.assert_shape(samples, (6, 8, 8, 1))
     chex.assert_shape(recons, (4, 8, 8, 1))
     chex.assert_tree_all_finite([samples, recons])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_script
-from exvae import rundir, train_lib
+from exvae import resumable, rundir, train_lib
 
 
 def _status():
@@ -110,9 +110,8 @@ def test_status_of_a_finished_and_evaluated_run_and_the_command(tmp_path, capsys
                                 "at epoch 2; 10.0 s/epoch; 0.0 h trained; test NLL 227.22 +- 0.76")
   # An evaluation under way: its partial scores say how far it is.
   (wd / "eval_metrics.json").unlink()
-  train_lib._write_partial(str(wd / "eval_partial.npz"),
-                           json.dumps({"m": 10000, "batch": 1, "chunk": 5000}),
-                           {"log_px_iwae": np.zeros(10000)}, 2500)
+  resumable.save(str(wd / "eval_partial.npz"), json.dumps({"m": 10000, "batch": 1, "chunk": 5000}),
+                 {"log_px_iwae": np.zeros(10000), "done_batches": np.int64(2500)})
   assert "evaluation running; epoch 4" in rs.format_line(rs.status(str(wd)))
   assert "2500 of 10000 test images scored" in rs.format_line(rs.status(str(wd)))
   assert rs.status(str(wd), now=os.path.getmtime(wd / "eval_partial.npz") + 600)["eval"] == "stopped"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config, train_traced_once
-from exvae import checkpoints, eval_lib, rundir, train_lib
+from exvae import checkpoints, eval_lib, evaluation, rundir, train_lib
 from exvae.objectives import elbo_loss, log_importance_weights
 
 
@@ -114,12 +114,12 @@ def test_iwae_s1_equals_elbo_and_bound_tightens():
   for _ in range(30):                                    # a not-quite-random fixed model
     state, _ = train_lib.train_step(state, pool, perm, setup=setup)
   params = state.params
-  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(3), setup=setup)
+  ctx = evaluation.eval_context(params, pool, jax.random.PRNGKey(3), setup=setup)
   x = jnp.asarray(splits.test_x[:64])
   key = jax.random.PRNGKey(5)
   # S = 1: the IWAE bound is exactly the one-sample ELBO estimate log w.
   log_w, log_px, log_pz, log_qz = log_importance_weights(params, setup, ctx, x, key, 1)
-  r = train_lib.evaluate_split(params, setup, ctx, np.asarray(x), key, num_samples=1)
+  r = evaluation.evaluate_split(params, setup, ctx, np.asarray(x), key, num_samples=1)
   # evaluate_split folds the key per batch/chunk; recompute with the same key schedule.
   kb = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
   lw1 = log_importance_weights(params, setup, ctx, x, kb, 1)[0][:, 0]
@@ -128,12 +128,12 @@ def test_iwae_s1_equals_elbo_and_bound_tightens():
   np.testing.assert_allclose(np.asarray(log_w[:, 0]),
                              np.asarray(log_px + log_pz - log_qz)[:, 0], rtol=1e-6)
   # The bound tightens with S (on average over test points; fixed model).
-  bounds = [train_lib.evaluate_split(params, setup, ctx, np.asarray(x), jax.random.PRNGKey(s),
-                                     num_samples=s, max_queries=512)["log_px_iwae"].mean()
+  bounds = [evaluation.evaluate_split(params, setup, ctx, np.asarray(x), jax.random.PRNGKey(s),
+                                      num_samples=s, max_queries=512)["log_px_iwae"].mean()
             for s in (1, 8, 64, 512)]
   assert bounds[0] < bounds[1] < bounds[2] < bounds[3], bounds
   # Chunking S across calls (max_queries < S) gives the same estimator.
-  a = train_lib.evaluate_split(params, setup, ctx, np.asarray(x[:4]), key, 64, max_queries=64)
+  a = evaluation.evaluate_split(params, setup, ctx, np.asarray(x[:4]), key, 64, max_queries=64)
   assert np.all(np.isfinite(a["log_px_iwae"])) and np.all(a["log_px_iwae"] >= a["elbo"] - 1e-6)
 
 
@@ -265,11 +265,11 @@ def test_pruned_evaluation_is_within_its_certified_gap(keep):
   perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
   for _ in range(30):
     state, _ = train_lib.train_step(state, pool, perm, setup=setup)
-  ctx = train_lib.eval_context(state.params, pool, jax.random.PRNGKey(3), setup=setup)
+  ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(3), setup=setup)
   x = np.asarray(splits.test_x[:12])
-  exact = train_lib.evaluate_split(state.params, setup, ctx, x, jax.random.PRNGKey(4), 32)
+  exact = evaluation.evaluate_split(state.params, setup, ctx, x, jax.random.PRNGKey(4), 32)
   c2, splits2, setup2 = _setup(**{"eval.prune_keep": keep})
-  pruned = train_lib.evaluate_split(state.params, setup2, ctx, x, jax.random.PRNGKey(4), 32)
+  pruned = evaluation.evaluate_split(state.params, setup2, ctx, x, jax.random.PRNGKey(4), 32)
   assert np.all(exact["max_err"] == 0)
   lo, gap = pruned["log_px_iwae"], pruned["max_err"]
   assert np.all(lo <= exact["log_px_iwae"] + 1e-4)

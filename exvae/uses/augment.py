@@ -34,7 +34,6 @@ import json
 import os
 import time
 import warnings
-import zipfile
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -44,7 +43,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from exvae import atomic
+from exvae import atomic, resumable
 from exvae.data import DataFormatError
 from exvae.data import user as user_data
 from exvae.likelihoods import bernoulli_mean
@@ -733,37 +732,21 @@ def _write_classifier_checkpoint(path: str, identity: str, state: ClassifierStat
   """Saves a classifier's train state, its per-step losses and its time so far."""
   leaves = jax.tree_util.tree_leaves(jax.device_get(state))
   arrays = {f"leaf_{i}": np.asarray(a) for i, a in enumerate(leaves)}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz_checked(path, {**arrays, "losses": np.asarray(losses, np.float64),
-                                  "seconds": np.float64(seconds), "identity": np.str_(identity)})
+  resumable.save(path, identity, {**arrays, "losses": np.asarray(losses, np.float64),
+                                  "seconds": np.float64(seconds)})
 
 
 def _read_classifier_checkpoint(path: str, identity: str, template: ClassifierState):
   """``(state, losses, seconds)`` from a checkpoint made with ``identity``, else None.
 
-  A missing file gives None; an unreadable one or one made with other settings
-  gives None with a line that says so.
+  A missing file gives None; an unreadable one, one made with other settings or
+  one of other shapes gives None with a line that says so.
   """
-  if not os.path.exists(path):
-    return None
   leaves, treedef = jax.tree_util.tree_flatten(template)
-  try:
-    f = atomic.read_npz_checked(path)       # its arrays match the digest written with them
-    if str(f["identity"]) != identity:
-      print(f"{path}: a classifier checkpoint of other settings; training from the start",
-            flush=True)
-      return None
-    saved = [np.asarray(f[f"leaf_{i}"]) for i in range(len(leaves))]
-    losses = [float(v) for v in f["losses"]]
-    seconds = float(f["seconds"])
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f"{path}: unreadable classifier checkpoint ({type(e).__name__}: {e}); training "
-          "from the start", flush=True)
+  like = {f"leaf_{i}": np.asarray(t) for i, t in enumerate(leaves)}
+  f = resumable.load(path, identity, {**like, "losses": None, "seconds": np.float64(0)},
+                     what="classifier checkpoint", restart="training from the start")
+  if f is None:
     return None
-  if any(a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype
-         for a, t in zip(saved, leaves)):
-    print(f"{path}: a classifier checkpoint of other shapes; training from the start",
-          flush=True)
-    return None
-  state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(a) for a in saved])
-  return state, losses, seconds
+  state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(f[k]) for k in like])
+  return state, [float(v) for v in f["losses"]], float(f["seconds"])
