@@ -320,24 +320,24 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
 
 
 def test_labels_are_needed_for_knn_and_augmentation(tmp_path):
-  from exvae.uses import augment, knn
+  from exvae.uses import classifier, knn
   path = _npz(tmp_path / "n.npz", x_train=_u8(20, 4, 4), x_test=_u8(5, 4, 4))
   s = data.load(f"npz:{path}")
   with pytest.raises(ValueError) as e:
     knn.evaluate_knn(types.SimpleNamespace(splits=s))
   _one_line_naming(e.value, "kNN classification needs labels", path, "y_train, y_val, y_test")
   with pytest.raises(ValueError) as e:
-    augment.grey_splits(load_config("test", dataset=f"npz:{path}"), s)
+    classifier.grey_splits(load_config("test", dataset=f"npz:{path}"), s)
   _one_line_naming(e.value, "needs labels", "y_train")
 
 
 def test_grey_levels_for_the_classifier_come_from_the_same_file(tmp_path):
-  from exvae.uses import augment
+  from exvae.uses import classifier
   x, y = _u8(30, 4, 4), np.arange(30) % 3
   path = _npz(tmp_path / "l.npz", x_train=x, y_train=y, x_test=_u8(6, 4, 4), y_test=np.arange(6) % 3)
   c = load_config("test", dataset=f"npz:{path}", data_source="auto", val_size=5)
   s = data.load(f"npz:{path}", val_size=5)
-  g = augment.grey_splits(c, s)
+  g = classifier.grey_splits(c, s)
   assert g.grey_eval
   np.testing.assert_array_equal(g.val_x[..., 0], x[25:] / np.float32(255))
   np.testing.assert_array_equal(g.val_y, y[25:])
