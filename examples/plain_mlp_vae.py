@@ -12,7 +12,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from exvae.models.vae import Model, gaussian_score
+from exvae.models.base import Model
+from exvae.models.vae import gaussian_score
 
 
 class PlainVAE(nn.Module):

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -208,14 +208,6 @@ def commit(files: Sequence[tuple[str, Callable[[dict[str, str]], Callable]]]) ->
       _remove(tmp)
     raise
   return digests
-
-
-def leftover_temporaries(directory: str) -> Iterator[str]:
-  """Temporary files of interrupted writes in ``directory`` (not recursive)."""
-  if os.path.isdir(directory):
-    for name in os.listdir(directory):
-      if TMP_MARK in name and name.startswith("."):
-        yield os.path.join(directory, name)
 
 
 # ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from exvae import atomic, kernels, rng, rundir
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 
@@ -116,9 +116,12 @@ def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "t
 
 
 @functools.partial(jax.jit, static_argnames=("model", "binary", "with_logvar"))
-def encode_rows(model: Model, model_params: PyTree, x: jax.Array, ids: jax.Array,
-                key: jax.Array, *, binary: bool, with_logvar: bool = False):
-  """Encoder means of a chunk of images, each binarised with its own key.
+def encode_chunk(model: Model, model_params: PyTree, x: jax.Array, ids: jax.Array,
+                 key: jax.Array, *, binary: bool, with_logvar: bool = False):
+  """Encoder means of a chunk of images, each binarised with its own key (a bank's codes).
+
+  A forward pass only; the exemplar prior's codes with gradients are
+  :func:`exvae.priors.exemplar.encode_rows`.
 
   Args:
     model: the model (static).
@@ -221,8 +224,8 @@ def encode_images(model: Model, model_params: PyTree, images: np.ndarray, ids: n
     xb[: hi - lo] = images[lo:hi]
     ib = np.zeros((chunk,), np.int64)
     ib[: hi - lo] = ids[lo:hi]
-    r = encode_rows(model, model_params, jnp.asarray(xb), jnp.asarray(ib, jnp.uint32), key,
-                    binary=bool(binary), with_logvar=with_logvar)
+    r = encode_chunk(model, model_params, jnp.asarray(xb), jnp.asarray(ib, jnp.uint32), key,
+                     binary=bool(binary), with_logvar=with_logvar)
     if with_logvar:
       mu, lv = jax.device_get(r)
       lv_sum += float(np.asarray(lv[: hi - lo], np.float64).sum())

@@ -4,7 +4,7 @@ Two stages, each run once per training start:
 
 - :func:`check_training_config` (:func:`exvae.train_lib.train_and_evaluate`, before
   the run directory is locked or any data is loaded): the plug-ins
-  (:func:`exvae.plugins.check_config_plugins`) and :func:`check_values`;
+  (:func:`check_plugins`) and :func:`check_values`;
 - :func:`check_sizes` and :func:`check_model_and_prior` (:func:`exvae.train_lib.make_setup`,
   once the training set, then the model and the prior, exist): sizes against the
   training set, the gradient estimator against the model, a plug-in prior's shapes.
@@ -23,9 +23,12 @@ import inspect
 import math
 
 from exvae import distributed, plugins
+from exvae.data import user as user_data
 from exvae.errors import ConfigError
 from exvae.models import check_matmul_dtype
 from exvae.objectives import check_objective
+from exvae.priors import checks as prior_checks
+from exvae.priors.base import Prior
 
 
 def check_training_config(config) -> None:
@@ -34,8 +37,39 @@ def check_training_config(config) -> None:
   Raises:
     PluginError, ValueError, ConfigError: naming the key or plug-in and what is wrong.
   """
-  plugins.check_config_plugins(config)
+  check_plugins(config)
   check_values(config)
+
+
+def check_plugins(config) -> None:
+  """What can be checked of ``config``'s plug-ins before any data is loaded.
+
+  A plug-in prior is imported and its class checked
+  (:func:`exvae.priors.checks.check_prior_class`), a plug-in's options checked
+  against its signature (:func:`exvae.plugins.check_options`);
+  ``prior_options`` / ``model_options`` must be empty for a built-in prior / model;
+  a user's data set is found (:func:`exvae.data.user.check_dataset`).
+
+  Raises:
+    PluginError, ValueError: naming the plug-in and what is wrong.
+  """
+  user_data.check_dataset(str(config.get("dataset", "")))
+  for kind in ("prior", "model"):
+    name = str(config.get(kind, ""))
+    opts = plugins.options(config, f"{kind}_options")
+    if not plugins.is_spec(name):
+      if opts:
+        raise plugins.PluginError(f"{kind}_options {sorted(opts)} are for a plug-in {kind} "
+                                  f"(--config.{kind}=MODULE:ATTR); the built-in {kind} {name!r} "
+                                  f"takes its settings from its own config keys.")
+      continue
+    if kind == "prior":
+      cls = plugins.load(name, "prior")
+      if isinstance(cls, type) and issubclass(cls, Prior):
+        prior_checks.check_prior_class(cls, name)
+      plugins.check_options(cls, name, "prior", config, opts=opts)
+    else:
+      plugins.check_options(plugins.load(name, "model"), name, "model", config, None, opts=opts)
 
 
 def check_values(config) -> None:
@@ -115,7 +149,7 @@ def check_model_and_prior(config, num_train: int, model, prior) -> None:
     raise ValueError(f"gradient_estimator='dreg' needs the model's score(..., path_weight=...) "
                      f"(docs/objectives.md); model {config.model!r} does not take it.")
   if plugins.is_spec(config.prior):    # one traced call: shapes checked before any step
-    plugins.check_prior_shapes(prior, model, num_train, config.prior)
+    prior_checks.check_prior_shapes(prior, model, num_train, config.prior)
 
 
 def _check_exemplars(config, num_train: int) -> None:

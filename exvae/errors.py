@@ -1,9 +1,11 @@
-"""The expected errors of a run directory (and of the user's own config and plug-in files),
-each reported in one line by the command-line programs.
+"""The expected errors of a run directory, of the data and of the user's own config and
+plug-in files, each reported in one line by the command-line programs.
 
-This module sits below :mod:`exvae.atomic`, :mod:`exvae.checkpoints` and
-:mod:`exvae.rundir` (it imports nothing of exvae), so each of them can raise
-these errors without importing another.  :mod:`exvae.rundir` re-exports them.
+This module imports nothing of exvae, so every module (:mod:`exvae.atomic`,
+:mod:`exvae.checkpoints`, :mod:`exvae.rundir`, :mod:`exvae.data`, the command-line
+programs' error report in :mod:`exvae.cli`) can raise or recognise these errors
+without importing another.  :mod:`exvae.rundir` re-exports the run directory's,
+:mod:`exvae.data` the data's.
 """
 
 from __future__ import annotations
@@ -66,6 +68,25 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class CheckpointMismatchError(RunDirError, ValueError):
   """The checkpoint's arrays have other shapes than this config's (another model)."""
+
+
+class DataNotFoundError(FileNotFoundError):
+  """A data set is not available locally.
+
+  The message says exactly which files were looked for, where, and how to
+  obtain them (this code never downloads anything and never substitutes fake
+  data).
+  """
+
+
+class DataFormatError(ValueError):
+  """A user's data set (``npz:PATH`` or a plug-in) holds arrays that cannot be used.
+
+  The message is one line naming the file (or plug-in) and the key; the
+  command-line programs print it as it is (exit code 1).
+  """
+
+  exit_code = 1
 
 
 class SourceSyntaxError(ValueError):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from exvae.models.vae import Model
+from exvae.models.base import Model
 from exvae.priors.base import ContextInputs, Prior
 
 

@@ -1,10 +1,10 @@
-"""Bank-sharded exemplar kernels: the exemplar bank is split along N over a 1-D mesh.
+"""The bank-sharded exemplar log-sum: the exemplar bank is split along N over a 1-D mesh.
 
-Each device runs the streamed single-device kernel on its shard and the partial
-results are merged with collectives:
-  * log-sum: lse = M + log psum(exp(lse_dev - M)) with M = pmax(lse_dev) (the max
-    is only a shift, so it is stop-gradient-ed), count = psum(count_dev);
-  * top-k: local top-k with global indices, all_gather along k, top-k again.
+The exemplar prior evaluates its full bank this way on a ``data`` mesh
+(:meth:`exvae.priors.exemplar.ExemplarPrior.log_prob`). Each device runs the streamed
+single-device kernel on its shard and the partial results are merged with
+collectives: lse = M + log psum(exp(lse_dev - M)) with M = pmax(lse_dev) (the max
+is only a shift, so it is stop-gradient-ed), count = psum(count_dev).
 Queries and log_var are replicated. Uses `jax.shard_map`, so gradients flow through
 (z and log_var cotangents are summed over devices by shard_map's transpose). The
 same code runs on a 1-device mesh.
@@ -21,7 +21,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from exvae.kernels.exemplar_lse import log_kernel_sum, topk_neighbors
+from exvae.kernels.exemplar_lse import log_kernel_sum
 
 Array = jax.Array
 
@@ -44,8 +44,8 @@ def make_mesh(num_devices: Optional[int] = None, axis: str = "bank") -> Mesh:
 
 
 def _pad_bank(bank: Array, bank_mask: Optional[Array], bank_ids: Optional[Array],
-              ndev: int) -> tuple[Array, Optional[Array], Optional[Array], int]:
-    """Pad N to a multiple of ndev; padded rows are masked out. Returns n_local too."""
+              ndev: int) -> tuple[Array, Optional[Array], Optional[Array]]:
+    """Pad N to a multiple of ndev; padded rows are masked out."""
     n = bank.shape[0]
     n_local = -(-n // ndev)
     pad = n_local * ndev - n
@@ -55,13 +55,13 @@ def _pad_bank(bank: Array, bank_mask: Optional[Array], bank_ids: Optional[Array]
         bank_mask = jnp.pad(base, (0, pad))
         if bank_ids is not None:
             bank_ids = jnp.pad(jnp.asarray(bank_ids, jnp.int32), (0, pad), constant_values=-1)
-    return bank, bank_mask, bank_ids, n_local
+    return bank, bank_mask, bank_ids
 
 
 def _bank_shard_args(mesh: Mesh, axis: str, replicated: list, bank: Array,
                      bank_mask: Optional[Array], bank_ids: Optional[Array],
                      query_ids: Optional[Array]):
-    """Pads the bank and lays out the shard_map arguments shared by both kernels.
+    """Pads the bank and lays out the shard_map arguments of the sharded kernel.
 
     Args:
       mesh, axis: the mesh and the axis the bank is split along.
@@ -69,15 +69,13 @@ def _bank_shard_args(mesh: Mesh, axis: str, replicated: list, bank: Array,
       bank, bank_mask, bank_ids, query_ids: as in `log_kernel_sum`.
 
     Returns:
-      ``(args, specs, unpack, n_local)``: the flat arguments and their
-      PartitionSpecs, a function mapping the per-device trailing arguments
-      ``rest`` to ``(mask_l, ids_l, query_ids)`` (None where absent), and the
-      per-device bank size.
+      ``(args, specs, unpack)``: the flat arguments and their PartitionSpecs, and
+      a function mapping the per-device trailing arguments ``rest`` to
+      ``(mask_l, ids_l, query_ids)`` (None where absent).
     """
     ndev = mesh.shape[axis]
     use_ids = bank_ids is not None and query_ids is not None
-    bank, bank_mask, bank_ids, n_local = _pad_bank(bank, bank_mask, bank_ids if use_ids else None,
-                                                   ndev)
+    bank, bank_mask, bank_ids = _pad_bank(bank, bank_mask, bank_ids if use_ids else None, ndev)
     args = list(replicated) + [bank]
     specs = [P()] * len(replicated) + [P(axis)]
     has_mask = bank_mask is not None
@@ -93,7 +91,7 @@ def _bank_shard_args(mesh: Mesh, axis: str, replicated: list, bank: Array,
         ids_l, qids = (rest[-2], rest[-1]) if use_ids else (None, None)
         return mask_l, ids_l, qids
 
-    return args, tuple(specs), unpack, n_local
+    return args, tuple(specs), unpack
 
 
 @partial(jax.jit, static_argnames=("mesh", "axis", "chunk_size", "bank_dtype"))
@@ -117,7 +115,7 @@ def sharded_log_kernel_sum(mesh: Mesh, z: Array, bank: Array, log_var: Array, *,
     Returns:
       (lse (B,), count (B,)) replicated, equal to the single-device result.
     """
-    args, specs, unpack, _ = _bank_shard_args(mesh, axis, [z, jnp.asarray(log_var)], bank,
+    args, specs, unpack = _bank_shard_args(mesh, axis, [z, jnp.asarray(log_var)], bank,
                                               bank_mask, bank_ids, query_ids)
 
     def local(z, lv, bank_l, *rest):
@@ -131,54 +129,6 @@ def sharded_log_kernel_sum(mesh: Mesh, z: Array, bank: Array, log_var: Array, *,
         tot = lax.psum(jnp.exp(lse_l - m_safe), axis)
         lse = jnp.where(tot > 0, m_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
         return lse, lax.psum(cnt_l, axis)
-
-    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
-    return fn(*args)
-
-
-_BIG = 3e38  # stands for +inf inside psum (inf + 0 is fine, but keep it finite)
-
-
-def _gather_psum(x: Array, me: Array, ndev: int, axis: str) -> Array:
-    """Concatenate per-device (B, k) blocks along axis 1 via a psum of zero buffers."""
-    b, k = x.shape
-    buf = jnp.zeros((b, k * ndev), x.dtype)
-    buf = lax.dynamic_update_slice_in_dim(buf, x, me * k, axis=1)
-    return lax.psum(buf, axis)
-
-
-@partial(jax.jit, static_argnames=("mesh", "k", "axis", "chunk_size", "approx"))
-def sharded_topk_neighbors(mesh: Mesh, z: Array, bank: Array, k: int, *,
-                           bank_mask: Optional[Array] = None,
-                           bank_ids: Optional[Array] = None,
-                           query_ids: Optional[Array] = None,
-                           axis: str = "bank", chunk_size: Optional[int] = None,
-                           approx: bool = False) -> tuple[Array, Array]:
-    """`topk_neighbors` with the bank split along N over `mesh[axis]`.
-
-    Returns:
-      (sq_dists (B, k) ascending, idx (B, k) int32 global bank indices, -1 if missing).
-    """
-    ndev = mesh.shape[axis]
-    args, specs, unpack, n_local = _bank_shard_args(
-        mesh, axis, [lax.stop_gradient(z)], lax.stop_gradient(bank), bank_mask, bank_ids,
-        query_ids)
-
-    def local(z, bank_l, *rest):
-        mask_l, ids_l, qids = unpack(rest)
-        d_l, i_l = topk_neighbors(z, bank_l, k, bank_mask=mask_l, bank_ids=ids_l,
-                                  query_ids=qids, chunk_size=chunk_size, approx=approx)
-        offset = lax.axis_index(axis).astype(jnp.int32) * n_local
-        i_l = jnp.where(i_l >= 0, i_l + offset, -1)
-        # An all-gather built from psum: each device writes its slot of a zero
-        # buffer. Unlike lax.all_gather, the result is typed replicated, which the
-        # replicated out_specs need (and costs the same on one host).
-        me = lax.axis_index(axis)
-        d_all = _gather_psum(jnp.where(jnp.isfinite(d_l), d_l, _BIG), me, ndev, axis)
-        d_all = jnp.where(d_all >= _BIG, jnp.inf, d_all)  # (B, k * ndev)
-        i_all = _gather_psum(i_l, me, ndev, axis)
-        neg, pos = lax.top_k(-d_all, k)
-        return -neg, jnp.take_along_axis(i_all, pos, axis=1)
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
     return fn(*args)

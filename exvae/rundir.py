@@ -41,7 +41,7 @@ A workdir belongs to the run that started it:
   (each with its ``exit_code``: a bad config, a second writer, a full disk, a
   read-only filesystem, a corrupt checkpoint or bank, SIGTERM); the classes
   live in :mod:`exvae.errors` and are re-exported here, and the command-line
-  programs report them in one line (:mod:`exvae.cli.errors`).
+  programs report them in one line (:mod:`exvae.cli.exits`).
 """
 
 from __future__ import annotations
@@ -895,14 +895,3 @@ def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_ep
         f"of steps {logged + 1}..{step} are lost (training goes on from step {step}).",
         file=sys.stderr, flush=True)
   return False
-
-
-# ----------------------------------------------------------------------------
-# A full disk
-# ----------------------------------------------------------------------------
-
-
-DISK_FULL_ERRNOS = errors.DISK_FULL_ERRNOS
-
-
-cli_main = lambda main: __import__("exvae.cli.errors").cli.errors.cli_main(main)  # noqa: E731  (the CLI's handler: exvae/cli/errors.py)

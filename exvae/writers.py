@@ -17,8 +17,9 @@ The writer is tensorboardX: it writes the event protocol buffers itself
 with numpy and protobuf, so neither TensorFlow nor PyTorch is needed (clu's
 ``metric_writers`` write TensorBoard summaries through ``tf.summary``, i.e.
 TensorFlow). ``config.tensorboard = False`` turns it off; only process 0
-writes. :func:`read_scalars` reads the scalars back with TensorBoard's own
-loader when it is installed (``pip install exvae[tensorboard]``).
+writes. :func:`read_scalars` and :func:`read_image_tags` read the scalars and
+the pictures back with TensorBoard's own loader when it is installed
+(``pip install exvae[tensorboard]``; ``docs/api.md``).
 """
 
 from __future__ import annotations
@@ -189,7 +190,11 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_image_tags(logdir: str) -> dict[str, int]:
-  """``{tag: number of images}`` of the event files in ``logdir`` (TensorBoard's loader)."""
+  """``{tag: number of images}`` of the event files in ``logdir`` (TensorBoard's loader).
+
+  Raises:
+    ImportError: the ``tensorboard`` package is not installed.
+  """
   from tensorboard.backend.event_processing import event_accumulator
   acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.IMAGES: 0})
   acc.Reload()

@@ -20,6 +20,13 @@ def load_script(relpath: str):
   return mod
 
 
+def leftover_temporaries(directory: str) -> list[str]:
+  """Temporary files of interrupted writes in ``directory``: exvae.atomic writes each file
+  as ``.<name><atomic.TMP_MARK><random>`` beside it, then renames it into place."""
+  from exvae import atomic
+  return sorted(n for n in os.listdir(directory) if n.startswith(".") and atomic.TMP_MARK in n)
+
+
 def load_config(name: str = "test", **overrides):
   """Loads configs/<name>.py and applies dotted overrides (ml_collections semantics)."""
   import importlib.util

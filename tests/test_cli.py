@@ -415,7 +415,8 @@ def test_plugin_options_reach_a_model_factory_and_a_misspelt_one_is_named():
     plugins.construct(factory, c.model, "model", c, (8, 8, 1), opts={"widht": 3})
   with pytest.raises(plugins.PluginError, match="built-in prior 'exemplar'"):
     c.prior_options.k = 5
-    plugins.check_config_plugins(c)
+    from exvae.config_checks import check_plugins
+    check_plugins(c)
 
 
 # ----------------------------------------------------------------------------

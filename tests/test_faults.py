@@ -500,16 +500,18 @@ def test_cli_errors_are_one_line_with_the_traceback_on_request(tmp_path):
   assert r.returncode != 0 and "Traceback" in r.stderr and "Train first" in r.stderr
 
 
-def test_cli_main_reports_expected_errors_in_one_line(capsys, monkeypatch):
+def test_a_command_reports_expected_errors_in_one_line(capsys, monkeypatch):
   monkeypatch.delenv("EXVAE_TRACEBACK", raising=False)
-  from exvae.cli import errors
+  from exvae.cli import exits
   # fail() ends a process and ignores SIGINT/SIGTERM for its teardown; not this one's.
-  monkeypatch.setattr(errors, "settle", lambda: None)
+  monkeypatch.setattr(exits, "settle", lambda: None)
 
   def fails(exc):
-    @rundir.cli_main
-    def main(argv):
-      raise exc
+    def main(argv):             # as command.run ends a command that raised
+      try:
+        raise exc
+      except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        exits.fail("exvae-test", e)
     return main
 
   cases = [(rundir.DiskFullError("Disk full while saving checkpoint step 3 in /x"), 1),

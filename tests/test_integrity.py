@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config, load_script
+from conftest import ROOT, leftover_temporaries, load_config, load_script
 from exvae import atomic, checkpoints, eval_lib, evaluation, rundir, train_lib, writers
 from test_faults import _copy, _steps, _template
 
@@ -332,7 +332,7 @@ def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40,
   with pytest.raises(rundir.DiskFullError, match="Disk full while writing"):
     eval_lib.evaluate(c, wd)
   assert {n: open(os.path.join(wd, n), "rb").read() for n in names} == before
-  assert not list(atomic.leftover_temporaries(wd)) and not glob.glob(os.path.join(wd, "*.tmp*"))
+  assert not leftover_temporaries(wd) and not glob.glob(os.path.join(wd, "*.tmp*"))
   monkeypatch.setattr(atomic, "sha256_file", real)
   # A torn set (per_example.npz of another evaluation) is detected.
   other = str(tmp_path / "other")

@@ -83,10 +83,10 @@ def test_reference_sizes():
   joint = p["q_z1_joint"]
   assert joint["h"]["kernel"].shape == joint["g"]["kernel"].shape == (2 * 294, 300)
   assert p["p_x_pre"]["h"]["kernel"].shape == (600, 784)
-  # The Bernoulli VAE is unchanged: exactly vae.make_model's parameters.
+  # The Bernoulli VAE is unchanged: exactly vae.make_vae's parameters.
   from exvae.models import vae
   a = jax.eval_shape(make_model(_paper_config("vae"), (28, 28, 1)).init, jax.random.PRNGKey(0))
-  b = jax.eval_shape(vae.make_model(_paper_config("vae"), (28, 28, 1)).init,
+  b = jax.eval_shape(vae.make_vae(_paper_config("vae"), (28, 28, 1)).init,
                      jax.random.PRNGKey(0))
   assert jax.tree.structure(a) == jax.tree.structure(b)
 

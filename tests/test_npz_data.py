@@ -17,7 +17,8 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import data, plugins, rundir
-from exvae.cli import errors as cli_errors
+from exvae.cli import exits
+from exvae.config_checks import check_plugins
 from exvae.data import DataFormatError, DataNotFoundError, user
 
 PY = sys.executable
@@ -150,8 +151,8 @@ def _bad_cases(d):
 
 def _one_line_naming(e, *words):
   """The CLI's line for ``e``: one line, exit code 1, no type prefix, naming every word."""
-  line = cli_errors.one_line(e)
-  assert "\n" not in str(e).strip() and cli_errors.exit_code(e) == 1, (type(e), str(e))
+  line = exits.one_line(e)
+  assert "\n" not in str(e).strip() and exits.exit_code(e) == 1, (type(e), str(e))
   for w in words:
     assert w in line, (w, line)
   return line
@@ -190,7 +191,7 @@ def test_files_that_are_not_npz_archives(tmp_path):
     data.load(f"npz:{missing}")
   _one_line_naming(e.value, missing, "no such file")
   with pytest.raises(DataNotFoundError):        # the train command's check at start
-    plugins.check_dataset(f"npz:{missing}")
+    user.check_dataset(f"npz:{missing}")
   with pytest.raises(DataFormatError, match="needs the path"):
     data.load("npz:")
 
@@ -294,7 +295,7 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
   f = tmp_path / "my_data.py"
   f.write_text(_PLUGIN)
   spec = f"{f}:load"
-  plugins.check_dataset(spec)
+  user.check_dataset(spec)
   s = data.load(spec)
   r = np.random.default_rng(1)
   xtr, xte = r.random((30, 3, 3)), r.random((4, 3, 3))
@@ -311,32 +312,32 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
   for fn, (err, words) in cases.items():
     with pytest.raises(err) as e:
       data.load(f"{f}:{fn}")
-    assert words in cli_errors.one_line(e.value) and f"{f}:{fn}" in str(e.value), str(e.value)
+    assert words in exits.one_line(e.value) and f"{f}:{fn}" in str(e.value), str(e.value)
   with pytest.raises(plugins.PluginError, match="not a function"):
-    plugins.check_dataset(f"{f}:NOT_CALLABLE")
+    user.check_dataset(f"{f}:NOT_CALLABLE")
   with pytest.raises(ValueError, match="has no attribute"):
-    plugins.check_config_plugins(load_config("test", dataset=f"{f}:nothing"))
+    check_plugins(load_config("test", dataset=f"{f}:nothing"))
 
 
 def test_labels_are_needed_for_knn_and_augmentation(tmp_path):
-  from exvae.uses import augment, knn
+  from exvae.uses import classifier, knn
   path = _npz(tmp_path / "n.npz", x_train=_u8(20, 4, 4), x_test=_u8(5, 4, 4))
   s = data.load(f"npz:{path}")
   with pytest.raises(ValueError) as e:
     knn.evaluate_knn(types.SimpleNamespace(splits=s))
   _one_line_naming(e.value, "kNN classification needs labels", path, "y_train, y_val, y_test")
   with pytest.raises(ValueError) as e:
-    augment.grey_splits(load_config("test", dataset=f"npz:{path}"), s)
+    classifier.grey_splits(load_config("test", dataset=f"npz:{path}"), s)
   _one_line_naming(e.value, "needs labels", "y_train")
 
 
 def test_grey_levels_for_the_classifier_come_from_the_same_file(tmp_path):
-  from exvae.uses import augment
+  from exvae.uses import classifier
   x, y = _u8(30, 4, 4), np.arange(30) % 3
   path = _npz(tmp_path / "l.npz", x_train=x, y_train=y, x_test=_u8(6, 4, 4), y_test=np.arange(6) % 3)
   c = load_config("test", dataset=f"npz:{path}", data_source="auto", val_size=5)
   s = data.load(f"npz:{path}", val_size=5)
-  g = augment.grey_splits(c, s)
+  g = classifier.grey_splits(c, s)
   assert g.grey_eval
   np.testing.assert_array_equal(g.val_x[..., 0], x[25:] / np.float32(255))
   np.testing.assert_array_equal(g.val_y, y[25:])

@@ -10,7 +10,8 @@ import scipy.stats
 
 from conftest import fresh_run, load_config, train_traced_once
 from exvae import evaluation, train_lib
-from exvae.models.vae import Model, gaussian_score
+from exvae.models.base import Model
+from exvae.models.vae import gaussian_score
 from exvae.objectives import Setup, check_objective, elbo_loss, iwae_loss
 from exvae.priors import make_prior
 

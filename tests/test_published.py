@@ -143,7 +143,7 @@ def test_a_published_config_json_is_checked_against_model_json(run, tmp_path, ca
 
 def test_an_incomplete_or_unreadable_published_model_is_named_as_such(run, tmp_path):
   from exvae.cli import command
-  from exvae.cli import errors as cli_errors
+  from exvae.cli import exits
   from exvae.cli import eval as eval_cli
   config, workdir, trained = run
   out = str(tmp_path / "model")
@@ -157,7 +157,7 @@ def test_an_incomplete_or_unreadable_published_model_is_named_as_such(run, tmp_p
   text = open(os.path.join(out, "config.json")).read()
   with open(os.path.join(out, "config.json"), "w") as f:
     f.write(text[:200])
-  with pytest.raises(cli_errors.RunConfigError) as e:
+  with pytest.raises(exits.RunConfigError) as e:
     command.resolve_config(eval_cli.SPEC, None, [], out)
   assert "--config=" not in str(e.value).split(":")[0] and e.value.exit_code == 1
   assert "the config of the run in" in str(e.value)

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, leftover_temporaries, load_config
 from exvae import atomic
 from exvae import bank as bank_lib
 from exvae import checkpoints, train_lib
-from exvae.uses import augment, commands, generation, knn
+from exvae.likelihoods import bernoulli_mean
+from exvae.uses import augment, classifier, commands, generation, knn
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,8 @@ def test_unconditional_cyclic_interpolation(run, tmp_path):
   za, zb = model.encode_mean(mp, x0[:2]), model.encode_mean(mp, x0[1:3])
   path = generation.interpolate(model, mp, za, zb, 7)
   assert path.shape == (2, 7, 8, 8, 1)
-  np.testing.assert_allclose(path[:, 0], generation.decode_mean(model, mp, za), atol=1e-5)
-  np.testing.assert_allclose(path[:, -1], generation.decode_mean(model, mp, zb), atol=1e-5)
+  np.testing.assert_allclose(path[:, 0], bernoulli_mean(model.decode(mp, za)), atol=1e-5)
+  np.testing.assert_allclose(path[:, -1], bernoulli_mean(model.decode(mp, zb)), atol=1e-5)
   p = generation.save_interpolation(str(tmp_path / "i.png"), np.asarray(x0[:2]),
                                     np.asarray(x0[1:3]), np.asarray(path))
   assert os.path.getsize(p) > 0
@@ -103,11 +104,12 @@ def test_knn_matches_brute_force(tie_break):
   q = rng.normal(size=(40, 5)).astype(np.float32)
   preds = knn.knn_predict(q, ref, ref_y, knn.DEFAULT_KS, batch_size=16, tie_break=tie_break)
   assert sorted(preds) == list(knn.DEFAULT_KS)
+  q_y = rng.integers(0, 4, 40)
+  errs = knn.error_rates(preds, q_y)
   for k in knn.DEFAULT_KS:
-    np.testing.assert_array_equal(preds[k], _brute_force_knn(q, ref, ref_y, k, tie_break),
-                                  err_msg=f"k={k}")
-  errs = knn.knn_errors(q, preds[5], ref, ref_y, (5,), tie_break=tie_break)
-  assert errs[5] == 0.0
+    want = _brute_force_knn(q, ref, ref_y, k, tie_break)
+    np.testing.assert_array_equal(preds[k], want, err_msg=f"k={k}")
+    assert errs[k] == np.mean(want != q_y), k
 
 
 def test_knn_tie_breaking():
@@ -127,7 +129,7 @@ def test_knn_tie_breaking():
 
 def test_knn_queries_are_grey_images_by_default(run):
   _, _, t, bank = run
-  g = augment.grey_splits(t.config, t.splits)
+  g = classifier.grey_splits(t.config, t.splits)
   assert not np.array_equal(g.test_x, t.splits.test_x)             # binarised differs from grey
   grey = knn.evaluate_knn(t, bank, (3,))
   binarised = knn.evaluate_knn(t, bank, (3,), query_images="binarised")
@@ -195,7 +197,7 @@ def test_downstream_records_name_the_commit_they_started_from(run, tmp_path, mon
 def test_classifier_starts_and_decays_as_the_authors_one():
   """PyTorch nn.Linear init (kernel and bias U(+-1/sqrt(fan_in))) and the per-epoch
   LambdaLR(1 - 0.99 * epoch / epochs) of the authors' classify_data."""
-  params = augment.MLP(hidden=64, num_classes=10).init(
+  params = classifier.MLP(hidden=64, num_classes=10).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]
   for name, fan_in in (("Dense_0", 784), ("Dense_1", 64), ("Dense_2", 64)):
     k, b = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
@@ -204,7 +206,7 @@ def test_classifier_starts_and_decays_as_the_authors_one():
     assert np.abs(b).max() > 0.5 * bound                     # drawn, not zeros
     if k.size >= 4096:
       assert np.var(k) == pytest.approx(bound ** 2 / 3, rel=0.1)   # uniform: bound^2 / 3
-  sched = augment.lr_schedule(epochs=4, steps_per_epoch=3, learning_rate=0.1)
+  sched = classifier.lr_schedule(epochs=4, steps_per_epoch=3, learning_rate=0.1)
   got = [float(sched(jnp.int32(i))) for i in range(14)]
   want = [0.1 * (1 - 0.99 * min(i // 3, 3) / 4) for i in range(14)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -214,8 +216,8 @@ def test_classifier_starts_and_decays_as_the_authors_one():
 def test_augmented_images_on_grey_grid(run):
   _, _, t, bank = run
   x = jnp.asarray(t.splits.train_x[:16])
-  a = augment.augment_images(t.setup.model, t.params["model"], x, jnp.float32(bank.log_var),
-                             jax.random.PRNGKey(0), True)
+  a = generation.augment_images(t.setup.model, t.params["model"], x,
+                                jnp.float32(bank.log_var), jax.random.PRNGKey(0), True)
   a = np.asarray(a)
   assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
   np.testing.assert_allclose(a * 255, np.round(a * 255), atol=1e-3)
@@ -225,17 +227,18 @@ def test_augmented_images_on_grey_grid(run):
 def test_augmentation_training_loss_decreases(run):
   _, _, t, bank = run
   x, y = t.splits.train_x[:400], t.splits.train_y[:400]
-  r = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], hidden=32,
-                               epochs=16, augment=True, vae=t.setup.model,
-                               vae_params=t.params["model"], log_var=bank.log_var,
-                               batch_size=50, seed=0)
+  r = classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
+                                  hidden=32, epochs=16, augment=True, vae=t.setup.model,
+                                  vae_params=t.params["model"], log_var=bank.log_var,
+                                  batch_size=50, seed=0)
   losses = np.asarray(r["losses"])
   assert r["steps"] == 128 and losses.shape == (128,)
   assert np.all(np.isfinite(losses))
   assert losses[-10:].mean() < losses[:10].mean() - 0.1, (losses[:10], losses[-10:])
   assert 0.0 <= r["test_error"] < 0.9
-  r2 = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], hidden=32,
-                                epochs=8, augment=False, batch_size=50, seed=0, max_steps=5)
+  r2 = classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
+                                   hidden=32, epochs=8, augment=False, batch_size=50, seed=0,
+                                   max_steps=5)
   assert r2["steps"] == 5 and np.all(np.isfinite(r2["losses"]))
 
 
@@ -247,9 +250,9 @@ def test_a_stopped_classifier_continues_from_its_checkpoint(run, tmp_path, monke
   x, y = t.splits.train_x[:200], t.splits.train_y[:200]
   kw = dict(hidden=16, epochs=6, augment=True, vae=t.setup.model, vae_params=t.params["model"],
             log_var=bank.log_var, batch_size=50, seed=3)
-  whole = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw)
+  whole = classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw)
   ckpt = str(tmp_path / "c.partial.npz")
-  real, calls = augment.train_step, []
+  real, calls = classifier.train_step, []
 
   def stopping(*a, **k):
     calls.append(1)
@@ -258,13 +261,14 @@ def test_a_stopped_classifier_continues_from_its_checkpoint(run, tmp_path, monke
     return real(*a, **k)
 
   stop = [True]
-  monkeypatch.setattr(augment, "train_step", stopping)
+  monkeypatch.setattr(classifier, "train_step", stopping)
   ck = dict(checkpoint_path=ckpt, checkpoint_identity={"model": "m"}, checkpoint_every=2)
   with pytest.raises(KeyboardInterrupt):
-    augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw, **ck)
+    classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw, **ck)
   saved = bytes(open(ckpt, "rb").read())
   calls.clear(); stop[0] = False
-  again = augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw, **ck)
+  again = classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
+                                      **kw, **ck)
   assert len(calls) == 8 and "continuing after epoch 4" in capsys.readouterr().out
   assert again["losses"] == whole["losses"] and again["test_error"] == whole["test_error"]
   for a, b in zip(jax.tree_util.tree_leaves(again["params"]),
@@ -273,20 +277,20 @@ def test_a_stopped_classifier_continues_from_its_checkpoint(run, tmp_path, monke
   for damage, seed in (("other settings", 4), ("unreadable", 3)):
     open(ckpt, "wb").write(saved if damage == "other settings" else saved[:64])
     calls.clear()
-    augment.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
-                             **dict(kw, seed=seed), **ck)
+    classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
+                                **dict(kw, seed=seed), **ck)
     assert len(calls) == 24 and damage in capsys.readouterr().out, damage
 
 
 def test_classifier_prints_a_progress_line_every_log_every_epochs(run, capsys):
   _, _, t, _ = run
   x, y = t.splits.train_x[:60], t.splits.train_y[:60]
-  augment.train_classifier(x, y, x[:10], y[:10], hidden=8, epochs=5, augment=False,
-                           batch_size=20, log_every=2)
+  classifier.train_classifier(x, y, x[:10], y[:10], hidden=8, epochs=5, augment=False,
+                              batch_size=20, log_every=2)
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("mlp h=8")]
   assert [l.split("epoch ")[1].split(",")[0] for l in lines] == ["2/5", "4/5", "5/5"]
-  augment.train_classifier(x, y, x[:10], y[:10], hidden=8, epochs=2, augment=False,
-                           batch_size=20)
+  classifier.train_classifier(x, y, x[:10], y[:10], hidden=8, epochs=2, augment=False,
+                              batch_size=20)
   assert "mlp h=8" not in capsys.readouterr().out        # silent by default
 
 
@@ -305,11 +309,11 @@ def test_augmentation_encodes_the_grey_image_unless_asked_for_bernoulli(run):
   want = np.round(np.clip(np.asarray(jax.nn.sigmoid(model.decode(mp, model.encode_mean(mp, x)))),
                           0, 1) * 255) / 255
   for k in (0, 1):
-    got = augment.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(k), False)
+    got = generation.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(k), False)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
   # Bernoulli input: the binarisation alone moves the images between keys.
-  b0 = augment.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(0), True)
-  b1 = augment.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(1), True)
+  b0 = generation.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(0), True)
+  b1 = generation.augment_images(model, mp, x, no_noise, jax.random.PRNGKey(1), True)
   assert np.abs(np.asarray(b0) - np.asarray(b1)).mean() > 1e-3
   spread = augment.augmentation_spread(model, mp, np.asarray(x), float(bank.log_var),
                                        binary=False, batch_size=10)
@@ -324,7 +328,7 @@ def test_augmented_set_is_augment_images_batch_by_batch(run):
   got = augment.augmented_set(model, mp, x, float(bank.log_var), binary=False, seed=3,
                               batch_size=10)
   key = jax.random.PRNGKey(3)
-  want = np.concatenate([np.asarray(augment.augment_images(
+  want = np.concatenate([np.asarray(generation.augment_images(
       model, mp, jnp.asarray(x[lo:lo + 10]), jnp.float32(bank.log_var),
       jax.random.fold_in(key, lo), False)) for lo in (0, 10, 20)])
   np.testing.assert_array_equal(got, want)
@@ -372,7 +376,7 @@ def test_augmentation_resumes_from_the_classifiers_it_finished(run, tmp_path, mo
   record or one made with another s2 is trained again."""
   _, _, t, _ = run
   done = tmp_path / "runs"
-  real, calls, kill_at = augment.train_classifier, [], [3]
+  real, calls, kill_at = classifier.train_classifier, [], [3]
 
   def counting(*a, **k):
     calls.append((k["seed"], k["augment"]))
@@ -380,7 +384,7 @@ def test_augmentation_resumes_from_the_classifiers_it_finished(run, tmp_path, mo
       raise KeyboardInterrupt   # stopped while training the third classifier
     return real(*a, **k)
 
-  monkeypatch.setattr(augment, "train_classifier", counting)
+  monkeypatch.setattr(classifier, "train_classifier", counting)
   kw = dict(epochs=1, hidden=16, seeds=(0, 1), max_steps=2)
   with pytest.raises(KeyboardInterrupt):
     augment.run_augmentation(t, **kw, done_dir=str(done))
@@ -436,7 +440,7 @@ def test_knn_records_are_one_unit_checked_by_the_downstream_table(run, tmp_path)
   commands.run("knn", config, workdir, out=str(out), ks=(3, 5))
   rec = json.loads((out / "knn.json").read_text())
   assert rec["per_example_sha256"] == atomic.sha256_file(str(out / knn.PER_EXAMPLE))
-  assert not list(atomic.leftover_temporaries(str(out)))
+  assert not leftover_temporaries(str(out))
   dt = load_script("scripts/downstream_table.py")
   (out / "config.json").write_text(json.dumps({"prior": "exemplar", "dataset": "d", "model": "m"}))
   assert dt.main(["--results", str(root)]) == 0
@@ -455,7 +459,7 @@ def test_knn_records_are_one_unit_checked_by_the_downstream_table(run, tmp_path)
 
 def test_grey_splits_recover_grey_levels(run):
   config, _, t, _ = run
-  g = augment.grey_splits(config, t.splits)
+  g = classifier.grey_splits(config, t.splits)
   assert g.grey_eval
   np.testing.assert_array_equal(g.train_x, t.splits.train_x)
   np.testing.assert_array_equal(g.test_y, t.splits.test_y)

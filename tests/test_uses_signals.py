@@ -183,11 +183,11 @@ def test_drain_waits_for_the_computations_jax_still_runs():
   """A command that stops (or ends) waits for its dispatched computations: none may
   still run on XLA's threads while the interpreter tears down."""
   import jax.numpy as jnp
-  from exvae.cli import errors
+  from exvae.cli import exits
   x = jnp.ones((1200, 1200), jnp.float32)
   x.block_until_ready()
   ys = [x @ (x + i) for i in range(6)]          # dispatched, not waited for
-  errors.drain()
+  exits.drain()
   assert all(y.is_ready() for y in ys)
 
 

@@ -9,7 +9,7 @@
 
 ``python -m exvae`` is the same dispatcher. What the commands share (the
 config and its overrides, ``--help``, ``--print_config``, ``--version``) is
-in :mod:`exvae.cli.command`; the one-line errors in :mod:`exvae.cli.errors`.
+in :mod:`exvae.cli.command`; the one-line errors in :mod:`exvae.cli.exits`.
 Each command module defines its absl flags at import, so the dispatcher
 imports only the one it runs.
 """

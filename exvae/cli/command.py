@@ -14,7 +14,7 @@ A command (:class:`Spec` plus a ``main(inv)``) is run by :func:`run`:
    by the usual drift rules, :mod:`exvae.rundir`).
 4. ``--print_config`` prints the resolved config as JSON and exits 0.
 5. ``main(inv)`` runs; every expected error ends the command with one line on
-   stderr (:mod:`exvae.cli.errors`).
+   stderr (:mod:`exvae.cli.exits`).
 
 Heavy imports (JAX) happen inside ``main``, so help and usage errors are quick.
 """
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 from absl import logging  # also defines --verbosity
 
-from exvae.cli import errors
+from exvae.cli import exits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The run directory (checkpoints/, config.json, logs).")
@@ -114,9 +114,9 @@ def split_argv(args: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
         i += 1
         value = args[i]
       else:
-        raise errors.UsageError("--config needs a value: a config name, a .py or a .json file.")
+        raise exits.UsageError("--config needs a value: a config name, a .py or a .json file.")
       if not value:
-        raise errors.UsageError("--config needs a value: a config name, a .py or a .json file.")
+        raise exits.UsageError("--config needs a value: a config name, a .py or a .json file.")
     elif a.startswith(("--config.", "-config.")):
       key, sep, text = a.lstrip("-")[len("config."):].partition("=")
       if not sep:
@@ -124,9 +124,9 @@ def split_argv(args: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
           i += 1
           text = args[i]
         else:
-          raise errors.UsageError(f"{a}: give a value, e.g. {a}=VALUE.")
+          raise exits.UsageError(f"{a}: give a value, e.g. {a}=VALUE.")
       if not key:
-        raise errors.UsageError(f"{a}: give a key, e.g. --config.num_epochs=10.")
+        raise exits.UsageError(f"{a}: give a key, e.g. --config.num_epochs=10.")
       overrides.append((key, text))
     else:
       rest.append(a)
@@ -142,7 +142,7 @@ def _parse_flags(prog: str, rest: list[str]) -> list[str]:
     msg = " ".join(str(e).split())
     if isinstance(e, flags.UnrecognizedFlagError) and "config" in str(e.flagname):
       msg += " (config keys are set as --config.KEY=VALUE)"
-    raise errors.UsageError(msg) from None
+    raise exits.UsageError(msg) from None
 
 
 def _run_config(workdir: str | None) -> str | None:
@@ -164,16 +164,16 @@ def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str
   from exvae import config_registry
   if spec.config == "none":
     if value or overrides:
-      raise errors.UsageError(f"{spec.prog} takes no --config.")
+      raise exits.UsageError(f"{spec.prog} takes no --config.")
     return None, None
   if value is None:
     source = _run_config(workdir)
     if source is None:
       if workdir is None:
-        raise errors.UsageError(f"give --config=NAME (a shipped config, a .py or a .json file) "
+        raise exits.UsageError(f"give --config=NAME (a shipped config, a .py or a .json file) "
                                 f"or --workdir=DIR of a trained run; `{spec.prog} --help`.")
       if spec.config == "required":
-        raise errors.UsageError(
+        raise exits.UsageError(
             f"{workdir} holds no run (no config.json): give --config=NAME to start one there "
             f"(`exvae configs` lists the names).")
       return None, None     # the reader reports the missing run (exit 1)
@@ -181,7 +181,7 @@ def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str
       config = config_registry.from_json(source)
     except config_registry.ConfigNameError as e:   # the run's file, not a flag: exit 1
       why = str(e).split(": ", 1)[-1].rstrip(".")
-      raise errors.RunConfigError(
+      raise exits.RunConfigError(
           f"{source}, the config of the run in {workdir}, cannot be used ({why}): restore "
           "it from a copy, or give the run's config with --config=NAME|FILE.") from None
   else:
@@ -204,10 +204,10 @@ def _absolute_data_path(config) -> None:
 
 def _check_workdir(spec: Spec, workdir: str | None) -> None:
   if workdir is None:
-    raise errors.UsageError(f"--workdir=DIR is required (the run directory); "
+    raise exits.UsageError(f"--workdir=DIR is required (the run directory); "
                             f"`{spec.prog} --help`.")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise errors.UsageError(f"--workdir={workdir} is a file, not a directory: give the run "
+    raise exits.UsageError(f"--workdir={workdir} is a file, not a directory: give the run "
                             "directory (it holds checkpoints/ and config.json).")
 
 
@@ -248,7 +248,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
   """Runs a command (see the module docstring); ends the process on errors and for ``--help``.
 
   Once the command has finished or said why it stopped, SIGINT and SIGTERM are
-  ignored (:func:`exvae.cli.errors.settle`): the process is ending, and its exit
+  ignored (:func:`exvae.cli.exits.settle`): the process is ending, and its exit
   code is the one the command decided.
 
   Args:
@@ -276,7 +276,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
     if len(positional) < lo or (hi is not None and len(positional) > hi):
       what = spec.positional_help or "no positional arguments"
       got = " ".join(positional) or "none"
-      raise errors.UsageError(f"expected {what}; got {got}. `{prog} --help`.")
+      raise exits.UsageError(f"expected {what}; got {got}. `{prog} --help`.")
     workdir = FLAGS.workdir if spec.config != "none" else None
     if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
       _check_workdir(spec, workdir)
@@ -284,17 +284,17 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
     if FLAGS.print_config:
       from exvae import rundir
       if config is None:          # a reader on a workdir without a run, and no --config
-        raise errors.missing_run(workdir)
+        raise exits.missing_run(workdir)
       print(json.dumps(rundir.config_dict(config), indent=2))
       sys.exit(0)
     if spec.config != "none":
       _check_workdir(spec, workdir)
     main(Invocation(prog=prog, config=config, workdir=workdir, args=positional,
                     config_source=source))
-    errors.settle()       # done: a late Ctrl-C must not cut the teardown into exit -2
-    errors.drain()        # no computation outlives the interpreter
+    exits.settle()        # done: a late Ctrl-C must not cut the teardown into exit -2
+    exits.drain()         # no computation outlives the interpreter
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
-    errors.fail(prog, e)
+    exits.fail(prog, e)
 
 
 def _print_help(spec: Spec, value: str | None, rest: list[str], full: bool) -> None:

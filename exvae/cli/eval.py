@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
-from exvae.cli import command, errors
+from exvae.cli import command, exits
 
 SPEC = command.Spec(
     name="eval", module=__name__, config="from_run",
@@ -29,7 +29,7 @@ SPEC = command.Spec(
 
 def main(inv: command.Invocation) -> None:
   if inv.config is None:
-    raise errors.missing_run(inv.workdir)
+    raise exits.missing_run(inv.workdir)
   from exvae import eval_lib
   from exvae.cli import eval_events
   config = inv.config

@@ -24,7 +24,7 @@ import sys
 
 from absl import flags
 
-from exvae.cli import command, errors
+from exvae.cli import command, exits
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory (default: <workdir>/uses).")
@@ -69,12 +69,12 @@ def main(inv: command.Invocation) -> None:
     import difflib
     close = difflib.get_close_matches(cmd, COMMANDS, n=1)
     hint = f" Did you mean {close[0]}?" if close else ""
-    raise errors.UsageError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}.{hint}")
+    raise exits.UsageError(f"unknown command {cmd!r}; one of {', '.join(COMMANDS)}.{hint}")
   if inv.config is None:
-    raise errors.missing_run(inv.workdir)
+    raise exits.missing_run(inv.workdir)
   from exvae.uses import augment
   if not FLAGS.arms or set(FLAGS.arms) - set(augment.ARMS):
-    raise errors.UsageError(f"--arms takes 'without' and/or 'with', got {','.join(FLAGS.arms)!r}")
+    raise exits.UsageError(f"--arms takes 'without' and/or 'with', got {','.join(FLAGS.arms)!r}")
   from exvae import stopping
   from exvae.uses import commands
   with stopping.on_sigterm():     # one line, exit 143; a classifier in training saves its state

@@ -1,10 +1,12 @@
 """Data sets for exvae: MNIST, Fashion-MNIST, Omniglot (28x28) and sklearn digits.
 
 Entry point: :func:`load` returns a :class:`Splits` with float32 images in
-[0, 1] of shape (N, H, W, C). All four data sets are modelled with a Bernoulli
-likelihood (``binary=True``): the trainer re-binarises training images every
-batch, while validation and test images come back already binarised once with
-fixed seeds (as in the Exemplar VAE paper).
+[0, 1] of shape (N, H, W, C); :func:`load_grey` the same splits with grey-level
+validation and test images, for the classifiers of the downstream uses. All
+four data sets are modelled with a Bernoulli likelihood (``binary=True``): the
+trainer re-binarises training images every batch, while validation and test
+images come back already binarised once with fixed seeds (as in the Exemplar
+VAE paper).
 
 Splits (as in the paper):
   * mnist, fashion_mnist: first 50000 official training images = train, the
@@ -21,7 +23,9 @@ the built-in sets, with its identity (path, SHA-256 of its arrays) in
 ``Splits.identity``.
 
 Nothing is ever downloaded and no fake data is ever returned: a missing data
-set raises :class:`DataNotFoundError` explaining how to get it.
+set raises :class:`DataNotFoundError` explaining how to get it, and a user's data set
+that cannot be used a :class:`DataFormatError` (both defined in :mod:`exvae.errors`,
+with the other expected errors, and importable from here).
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ import os
 import numpy as np
 
 from exvae.data import user
-from exvae.errors import ConfigError
-from exvae.data.core import (DataFormatError, DataNotFoundError, Splits, binarize,
-                             reference_binarize, validate_images)
+from exvae.errors import ConfigError, DataFormatError, DataNotFoundError
+from exvae.data.core import Splits, binarize, reference_binarize, validate_images
 from exvae.data.idx import IDX_FILES, IdxFormatError, find_idx_dir, idx_candidate_dirs, load_idx_dataset, read_idx
 
 __all__ = [
@@ -42,8 +45,10 @@ __all__ = [
     "IdxFormatError",
     "Splits",
     "KNOWN_DATASETS",
+    "GREY_DATASETS",
     "DEFAULT_IDX_DIRS",
     "load",
+    "load_grey",
     "binarize",
     "reference_binarize",
     "validate_images",
@@ -51,6 +56,8 @@ __all__ = [
 ]
 
 KNOWN_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "digits", "omniglot", "celeba")
+# The built-in binary data sets whose grey levels load_grey reads (besides a user's data set).
+GREY_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "digits")
 _SOURCES = {
     "mnist": ("auto", "idx", "tfds"),
     "fashion_mnist": ("auto", "idx", "tfds"),
@@ -217,6 +224,67 @@ def load(
 
         return load_celeba(data_dir, max_train=max_train, max_test=max_test)
 
+    parts, desc = _read_splits(name, data_dir, source, val_size)
+    return _assemble(name, parts, binary=True, source=desc, eval_binarize=eval_binarize,
+                     eval_binarize_seed=eval_binarize_seed, max_train=max_train,
+                     max_test=max_test)   # all four data sets use a Bernoulli likelihood
+
+
+def load_grey(
+    name: str,
+    *,
+    data_dir: str | None = None,
+    source: str = "auto",
+    val_size: int | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> Splits:
+    """The splits of :func:`load` with grey-level validation and test images (not binarised).
+
+    :func:`load` binarises the validation and test images of a binary data set
+    once, with fixed seeds, for the likelihood; a classifier trained on the
+    images (the downstream uses) reads their grey levels instead.  The split
+    rule is :func:`load`'s, so ``train_x`` equals its ``train_x``.
+
+    Args:
+      name: one of :data:`GREY_DATASETS`, or a user's data set (``npz:PATH``,
+        ``MODULE:FUNCTION``).
+      data_dir, source, val_size, max_train, max_test: as :func:`load`.
+
+    Returns:
+      A :class:`Splits` with ``binary=False``; images float32 (N, H, W, C) in [0, 1].
+
+    Raises:
+      ValueError: a data set whose grey levels are not read here (omniglot,
+        celeba), an unknown source, bad sizes.
+      DataNotFoundError, IdxFormatError, DataFormatError: as :func:`load`.
+    """
+    if user.is_user_dataset(name):
+        return _load_user(name, source=source, val_size=val_size, eval_binarize="exvae",
+                          eval_binarize_seed=0, max_train=max_train, max_test=max_test,
+                          likelihood="logistic")   # any non-Bernoulli likelihood: grey levels
+    if name not in GREY_DATASETS:
+        raise ValueError(f"no grey-level reader for {name!r}; grey levels are read for "
+                         f"{', '.join(GREY_DATASETS)} and a user's data set")
+    if source not in _SOURCES[name]:
+        raise ValueError(
+            f"bad source {source!r} for data set {name!r}; valid sources: {', '.join(_SOURCES[name])}"
+        )
+    _check_count(val_size, "val_size")
+    _check_count(max_train, "max_train")
+    _check_count(max_test, "max_test")
+    parts, desc = _read_splits(name, data_dir, source, val_size)
+    return _assemble(name, parts, binary=False, source=desc, eval_binarize="exvae",
+                     eval_binarize_seed=0, max_train=max_train, max_test=max_test)
+
+
+def _read_splits(name: str, data_dir: str | None, source: str, val_size: int | None):
+    """The raw splits of a built-in binary data set (mnist, fashion_mnist, digits, omniglot).
+
+    Returns:
+      ``((train_x, train_y, val_x, val_y, test_x, test_y), source description)``;
+      images as stored (uint8 or float), labels or None.
+    """
     train_y: np.ndarray | None
     if name in ("mnist", "fashion_mnist"):
         xtr, ytr, xte, yte, desc = _load_mnist_like(name, data_dir, source)
@@ -259,11 +327,7 @@ def load(
         train_y = ytr[tr] if ytr is not None else None
         val_y = ytr[va] if ytr is not None else None
         desc = path
-
-    return _assemble(name, (train_x, train_y, val_x, val_y, test_x, test_y), binary=True,
-                     source=desc, eval_binarize=eval_binarize,
-                     eval_binarize_seed=eval_binarize_seed, max_train=max_train,
-                     max_test=max_test)   # all four data sets use a Bernoulli likelihood
+    return (train_x, train_y, val_x, val_y, test_x, test_y), desc
 
 
 def _load_user(name: str, *, source: str, val_size: int | None, eval_binarize: str,

@@ -9,7 +9,7 @@ train (162770), validation (19867), test (19962).
 
 This module never downloads: it reads a data set already prepared (in
 array_record format) in a tfds ``data_dir`` and raises
-:class:`~exvae.data.core.DataNotFoundError` with instructions otherwise.
+:class:`~exvae.errors.DataNotFoundError` with instructions otherwise.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Core data types and helpers shared by all data readers.
 
 Defines the :class:`Splits` container returned by :func:`exvae.data.load`, the
-:class:`DataNotFoundError` raised when a data set is not on disk, the
 deterministic :func:`binarize` used for the fixed validation/test binarisation,
 and :func:`validate_images`, the sanity check every loaded split goes through.
+The errors of the data (:class:`~exvae.errors.DataNotFoundError`,
+:class:`~exvae.errors.DataFormatError`) live in :mod:`exvae.errors`.
 """
 
 from __future__ import annotations
@@ -13,26 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DataFormatError", "DataNotFoundError", "Splits", "binarize", "validate_images"]
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A data set is not available locally.
-
-    The message says exactly which files were looked for, where, and how to
-    obtain them (this code never downloads anything and never substitutes fake
-    data).
-    """
-
-
-class DataFormatError(ValueError):
-    """A user's data set (``npz:PATH`` or a plug-in) holds arrays that cannot be used.
-
-    The message is one line naming the file (or plug-in) and the key; the
-    command-line programs print it as it is (exit code 1).
-    """
-
-    exit_code = 1
+__all__ = ["Splits", "binarize", "validate_images"]
 
 
 @dataclasses.dataclass(frozen=True)

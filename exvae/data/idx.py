@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from exvae.data.core import DataNotFoundError
+from exvae.errors import DataNotFoundError
 
 __all__ = [
     "IdxFormatError",

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from exvae.data.core import DataNotFoundError
+from exvae.errors import DataNotFoundError
 
 __all__ = ["OMNIGLOT_FILE", "OMNIGLOT_URL", "find_omniglot", "read_chardata"]
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from exvae.data.core import DataNotFoundError
+from exvae.errors import DataNotFoundError
 
 __all__ = [
     "TFDS_NAMES", "default_tfds_data_dir", "tfds_prepared_dir", "load_tfds", "how_to_prepare",

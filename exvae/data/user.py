@@ -11,7 +11,7 @@
 Images are (N, H, W) or (N, H, W, C) arrays of uint8 grey levels 0-255, bool,
 or floats in [0, 1]; labels are (N,) non-negative integers.  Every array is
 checked before anything trains, and a bad one stops the run with one line
-(:class:`~exvae.data.core.DataFormatError`) naming the file and the key.
+(:class:`~exvae.errors.DataFormatError`) naming the file and the key.
 Without ``x_val`` the last ``val_size`` training images validate (default:
 the last tenth).  The data set's identity is the absolute path (or the
 plug-in spec) and :func:`arrays_sha256` of its arrays as stored; runs record
@@ -29,11 +29,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from exvae import plugins
-from exvae.data.core import DataFormatError, DataNotFoundError
+from exvae.errors import DataFormatError, DataNotFoundError
 
 __all__ = ["NPZ_PREFIX", "IMAGE_KEYS", "LABEL_KEYS", "DEFAULT_VAL_FRACTION", "is_npz",
-           "is_user_dataset", "npz_path", "read_npz", "call_plugin", "check_arrays",
-           "arrays_sha256", "read_user_dataset"]
+           "is_user_dataset", "npz_path", "check_dataset", "read_npz", "call_plugin",
+           "check_arrays", "arrays_sha256", "read_user_dataset"]
 
 NPZ_PREFIX = "npz:"
 IMAGE_KEYS = ("x_train", "x_val", "x_test")
@@ -70,6 +70,25 @@ def check_npz_exists(path: str) -> None:
   if not os.path.exists(path):
     raise DataNotFoundError(f"{path}: no such file (--config.dataset=npz:{path}); write it with "
                             "np.savez(path, x_train=..., x_test=...)")
+
+
+def check_dataset(name: str) -> None:
+  """A user's data set named by ``config.dataset``, checked before any work starts.
+
+  ``npz:PATH``: the file exists.  ``MODULE:FUNCTION``: it imports and is
+  callable (it is called, and its arrays checked, when the data is loaded).
+  Any other name (a built-in data set) is not looked at here.
+
+  Raises:
+    DataNotFoundError, DataFormatError, plugins.PluginError, ValueError: in one line.
+  """
+  if is_npz(name):
+    check_npz_exists(npz_path(name))
+  elif plugins.is_spec(name):
+    fn = plugins.load(name, "data set")
+    if not callable(fn):
+      raise plugins.PluginError(f"data set plug-in {name!r} is a {type(fn).__name__}, not a "
+                                "function returning a dict of arrays (x_train, x_test, ...).")
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:

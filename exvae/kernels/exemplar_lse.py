@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from exvae.kernels.loo import exemplar_counts
+
 Array = jax.Array
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -170,13 +172,8 @@ def _setup(z: Array, bank: Array, log_var: Optional[Array], bank_mask, bank_ids,
     if use_pen:
         cols.append(one)
     za = jnp.concatenate(cols, 1)
-    valid = (jnp.ones((n,), bool) if bank_mask is None else bank_mask)
-    n_valid = jnp.sum(valid, dtype=jnp.int32)
-    if bank_ids is not None and query_ids is not None:
-        count = (n_valid - _loo_counts(valid, bank_ids, query_ids)).astype(jnp.float32)
-        qids = query_ids
-    else:
-        count, qids = jnp.broadcast_to(n_valid.astype(jnp.float32), (b,)), None
+    count = exemplar_counts(b, n, bank_mask, bank_ids, query_ids)
+    qids = query_ids if bank_ids is not None and query_ids is not None else None
     return _Setup(za, zc, center, sq, qids, count, use_pen, bank_dtype)
 
 
@@ -198,15 +195,6 @@ def _bank_chunk(st: _Setup, bank_c: Array, mask_c: Optional[Array]) -> Array:
     if st.use_pen:
         cols.append(jnp.where(mask_c, 0.0, _PEN).astype(pen_t)[:, None])
     return jnp.concatenate(cols, 1)
-
-
-def _loo_counts(valid: Array, bank_ids: Array, qids: Array) -> Array:
-    """Number of valid bank rows whose id equals each query id (0 if id < 0)."""
-    big = jnp.iinfo(jnp.int32).max
-    sorted_ids = jnp.sort(jnp.where(valid, bank_ids, big))
-    lo = jnp.searchsorted(sorted_ids, qids, side="left")
-    hi = jnp.searchsorted(sorted_ids, qids, side="right")
-    return jnp.where(qids >= 0, hi - lo, 0)
 
 
 def _varying(x) -> set:

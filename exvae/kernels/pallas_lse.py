@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from exvae.kernels.loo import exemplar_counts
+
 _PEN = -1e30        # exponent of a masked or padded bank row (as exemplar_lse._PEN)
 BLOCK_Q = 64        # queries per program
 BLOCK_N = 128       # bank rows per step of a program's loop
@@ -237,16 +239,6 @@ def _backward(ops, lse, g, loo: bool, interpret: bool, bq_: int, bn_: int, split
   return wmu, wsum_q, wa, wz, wsum_n
 
 
-def _count(b, n, bank_mask, bank_ids, query_ids):
-  """Valid exemplars per query, as the xla impl counts them."""
-  from exvae.kernels.exemplar_lse import _loo_counts
-  valid = jnp.ones((n,), bool) if bank_mask is None else bank_mask
-  n_valid = jnp.sum(valid, dtype=jnp.int32)
-  if bank_ids is not None and query_ids is not None:
-    return (n_valid - _loo_counts(valid, bank_ids, query_ids)).astype(jnp.float32)
-  return jnp.broadcast_to(n_valid.astype(jnp.float32), (b,))
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _core(z, bank, log_var, bank_mask, bank_ids, query_ids, static):
   out, _ = _core_fwd(z, bank, log_var, bank_mask, bank_ids, query_ids, static)
@@ -259,7 +251,7 @@ def _core_fwd(z, bank, log_var, bank_mask, bank_ids, query_ids, static):
   loo = bank_ids is not None and query_ids is not None
   ops, _, _, _ = _operands(z, bank, log_var, bank_mask, bank_ids, query_ids, bq_, bn_, split)
   lse0 = _forward(ops, loo, interpret, bq_, bn_, split)[:b]
-  count = _count(b, bank.shape[0], bank_mask, bank_ids, query_ids)
+  count = exemplar_counts(b, bank.shape[0], bank_mask, bank_ids, query_ids)
   lse0 = jnp.where(count > 0, lse0, -jnp.inf)
   lse = lse0 - 0.5 * d * (jnp.log(2.0 * jnp.pi) + log_var)
   return (lse, count), (z, bank, log_var, bank_mask, bank_ids, query_ids, lse0)

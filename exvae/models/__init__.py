@@ -1,4 +1,5 @@
-"""Models behind one pure-function interface (:class:`Model`), selected by ``config.model``.
+"""Models behind one pure-function interface (:class:`Model`, :mod:`exvae.models.base`),
+selected by ``config.model``.
 
 * ``vae``: one-level MLP VAE (:mod:`exvae.models.vae`).
 * ``hvae``: two-level MLP VAE, prior on z2 (:mod:`exvae.models.hvae`).
@@ -24,21 +25,22 @@ from typing import Callable, Sequence
 
 from exvae import plugins
 from exvae.models import vae as _vae
+from exvae.models.base import Model, Scores
 from exvae.models.conv import ConvHVAE, make_convhvae
 from exvae.models.hvae import HVAE, make_head_vae_model, make_hvae
 from exvae.models.pixelcnn import PixelVAE, make_pixelvae
-from exvae.models.vae import VAE, Model, Scores, check_matmul_dtype
+from exvae.models.vae import VAE, check_matmul_dtype
 
 
-def _make_vae(config, image_shape: Sequence[int]) -> Model:
-  # The Bernoulli VAE is exactly vae.make_model; other likelihoods add an output head.
+def _vae_for_likelihood(config, image_shape: Sequence[int]) -> Model:
+  # The Bernoulli VAE is exactly vae.make_vae; other likelihoods add an output head.
   if config.likelihood == "bernoulli":
-    return _vae.make_model(config, image_shape)
+    return _vae.make_vae(config, image_shape)
   return make_head_vae_model(config, image_shape)
 
 
 MODELS: dict[str, Callable[..., Model]] = {
-    "vae": _make_vae,
+    "vae": _vae_for_likelihood,
     "hvae": make_hvae,
     "convhvae": make_convhvae,
     "pixelcnn": make_pixelvae,

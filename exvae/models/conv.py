@@ -30,9 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exvae.models.base import Model
 from exvae.models.hvae import (LOG_SCALE_MAX, LOG_SCALE_MIN, GaussianHead, HierarchicalBase,
                                check_likelihood, make_hierarchical_model)
-from exvae.models.vae import Model, check_matmul_dtype
+from exvae.models.vae import check_matmul_dtype
 from exvae.nets.conv import GatedConvStack, conv1x1, conv_output_hw
 from exvae.nets.gated import GatedDense
 

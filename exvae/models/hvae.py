@@ -17,7 +17,7 @@ output head gives Bernoulli logits, or ``(mean, log_scale)`` of a discretised
 logistic (mean = sigmoid(Linear), log_scale = clip(Linear, -4.5, 0), as the
 reference's ``p_x_logvar`` Hardtanh(-4.5, 0)).
 
-The :class:`~exvae.models.vae.Model` view of a hierarchical model:
+The :class:`~exvae.models.base.Model` view of a hierarchical model:
 ``encode`` / ``encode_mean`` give q(z2|x) (so the Gaussian, VampPrior and
 exemplar priors all act on z2), ``decode(z2)`` decodes with z1 set to the mean
 of p(z1|z2), and ``score`` draws (z2, z1) ~ q and returns
@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from exvae.likelihoods import diag_gaussian_log_prob
-from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, Model, Scores, check_matmul_dtype,
-                               gaussian_score, scale_gradient)
+from exvae.models.base import Model, Scores
+from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, check_matmul_dtype, gaussian_score,
+                              scale_gradient)
 from exvae.nets.gated import GatedDense, dense
 from exvae.nets.init import init_model_params
 
@@ -299,7 +300,7 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
     image_shape: (H, W, C).
 
   Returns:
-    A :class:`Model` (same interface as ``vae.make_model``).
+    A :class:`Model` (same interface as ``vae.make_vae``).
   """
   check_likelihood(config.likelihood)
   image_shape = tuple(int(s) for s in image_shape)

@@ -62,10 +62,10 @@ import jax
 import jax.numpy as jnp
 
 from exvae.likelihoods import NUM_BINS
+from exvae.models.base import Model, Scores
 from exvae.models.conv import ConvOutputHead
 from exvae.models.hvae import check_likelihood
-from exvae.models.vae import (MLPEncoderModule, Model, Scores, check_matmul_dtype,
-                              gaussian_posterior_samples)
+from exvae.models.vae import MLPEncoderModule, check_matmul_dtype, gaussian_posterior_samples
 from exvae.nets.conv import torch_conv_init
 from exvae.nets.gated import GatedDense, he_init
 from exvae.nets.init import init_model_params

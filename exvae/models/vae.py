@@ -4,25 +4,23 @@ Encoder: x -> GatedDense(300) -> GatedDense(300) -> (Linear(d) for mu,
 clip(Linear(d), -6, 2) for the log-variance).  Decoder: z -> GatedDense(300)
 -> GatedDense(300) -> Linear(D) giving Bernoulli logits.
 
-Training, evaluation and the priors only see :class:`Model`, a bundle of pure
-functions of ``(params, inputs)``, so new architectures plug in by providing
-the same four callables.
+Training, evaluation and the priors only see :class:`~exvae.models.base.Model`, a
+bundle of pure functions of ``(params, inputs)``, so new architectures plug in by
+providing the same callables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exvae.models.base import Model, Scores
 from exvae.nets.gated import MATMUL_DTYPES, GatedDense, dense
 from exvae.nets.init import init_model_params
-
-Params = Any
 
 # Posterior log-variance range of the reference (Hardtanh(-6, 2)).
 LOGVAR_MIN, LOGVAR_MAX = -6.0, 2.0
@@ -86,28 +84,6 @@ class VAE(MLPEncoderModule):
   def __call__(self, x):
     mu, logvar = self.encode(x)
     return self.decode(mu), logvar
-
-
-# eq=False: hashed by identity, so a Model can be a static jit argument.
-@dataclasses.dataclass(frozen=True)
-class Scores:
-  """Per-sample terms of a model's importance weights (all but the prior's).
-
-  Attributes:
-    z: (B, S, d) samples of the latent that the prior scores (the top latent).
-    mu: (B, d) posterior mean of that latent (the exemplar code of x).
-    log_px: (B, S) log p(x | latents).
-    log_p_rest: (B, S) log-density of the lower latents given the top one
-      (0 for a one-level VAE).
-    log_q: (B, S) log q(all latents | x) (with ``score``'s ``path_weight``:
-      the posterior's parameters held fixed, gradients only through the samples).
-  """
-
-  z: jax.Array
-  mu: jax.Array
-  log_px: jax.Array
-  log_p_rest: jax.Array
-  log_q: jax.Array
 
 
 def gaussian_score(encode, decode, params, x, key, num_samples, log_lik, *,
@@ -184,38 +160,6 @@ def gaussian_posterior_samples(mu: jax.Array, logvar: jax.Array, key: jax.Array,
   return z, diag_gaussian_log_prob(z, stop(mu)[:, None], stop(logvar)[:, None])
 
 
-# eq=False: hashed by identity, so a Model can be a static jit argument.
-@dataclasses.dataclass(frozen=True, eq=False)
-class Model:
-  """Pure-function view of a generative model (what priors and losses use).
-
-  Attributes:
-    init: ``init(key) -> params``.
-    encode: ``encode(params, x) -> (mu, logvar)`` of the latent the prior
-      scores (the top latent); x (B, H, W, C), outputs (B, d).
-    encode_mean: ``encode_mean(params, x) -> mu`` (B, d): the exemplar code.
-    decode: ``decode(params, z) -> likelihood parameters`` for ``x`` (B, H, W, C),
-      from a top latent (lower latents, if any, are sampled or set to their means).
-    score: ``score(params, x, key, num_samples, log_lik, *, path_weight=None)
-      -> Scores``: S posterior samples and every term of log w except
-      log p(z_top).  ``path_weight`` (B, S), needed by
-      ``gradient_estimator='dreg'`` only, multiplies the gradient that flows
-      from each sample (of every latent) back to the encoder, and makes
-      ``log_q`` hold the posterior's parameters fixed.
-    latent_dim: d.
-    image_shape: (H, W, C).
-  """
-
-  init: Callable[[jax.Array], Params]
-  encode: Callable[[Params, jax.Array], tuple[jax.Array, jax.Array]]
-  encode_mean: Callable[[Params, jax.Array], jax.Array]
-  decode: Callable[[Params, jax.Array], jax.Array]
-  score: Callable[..., Scores]
-  latent_dim: int
-  image_shape: tuple[int, int, int]
-  module: nn.Module
-
-
 # Built-in models whose networks follow config.matmul_dtype='bfloat16', and those that do not
 # (a plug-in model gets the config and decides itself).
 BF16_MODELS = ("vae", "hvae")
@@ -249,8 +193,8 @@ def check_matmul_dtype(config, model: str | None = None) -> str:
   return name
 
 
-def make_model(config, image_shape: Sequence[int]) -> Model:
-  """Builds the model named by ``config.model`` (currently ``'vae'``).
+def make_vae(config, image_shape: Sequence[int]) -> Model:
+  """Builds the MLP VAE with Bernoulli logits (``config.model = 'vae'``).
 
   Args:
     config: ConfigDict with ``model``, ``latent_dim``, ``hidden`` and

@@ -3,10 +3,11 @@
 Importing this package registers the built-in priors: ``gaussian``,
 ``vampprior`` and ``exemplar``. A prior outside the library is selected by a
 plug-in spec, ``config.prior = "my_pkg.my_prior:MyPrior"`` (see
-:mod:`exvae.plugins`): imported on first use and registered under that spec.
+:mod:`exvae.plugins`): imported on first use, checked (:mod:`exvae.priors.checks`)
+and registered under that spec.
 """
 from exvae import plugins
-from exvae.priors import base
+from exvae.priors import base, checks
 from exvae.priors.base import ContextInputs, Prior, register, registered_priors
 from exvae.priors import exemplar, gaussian, vampprior  # noqa: F401  (registration)
 
@@ -32,12 +33,13 @@ def make_prior(name: str, config) -> Prior:
       raise ValueError(f"prior plug-in {name!r} is {cls!r}, not a subclass of "
                        f"exvae.priors.Prior.")
     if name not in base.registered_priors():   # the import may have registered it
-      base._REGISTRY[name] = cls
+      base.register(name, cls)
+  cls = base.prior_class(name)
   if plugins.is_spec(name):       # checked, and built with config.prior_options
-    plugins.check_prior_class(base._REGISTRY[name], name)
-    return plugins.construct(base._REGISTRY[name], name, "prior", config,
+    checks.check_prior_class(cls, name)
+    return plugins.construct(cls, name, "prior", config,
                              opts=plugins.options(config, "prior_options"))
-  return base.make_prior(name, config)
+  return cls(config)
 
 
 __all__ = ["ContextInputs", "Prior", "make_prior", "register", "registered_priors"]

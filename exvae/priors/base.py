@@ -30,7 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 
@@ -142,26 +142,48 @@ class Prior:
 _REGISTRY: dict[str, Callable[[Any], Prior]] = {}
 
 
-def register(name: str):
-  """Class decorator: makes a prior selectable as ``config.prior = name``."""
+def register(name: str, cls: type[Prior] | None = None):
+  """Makes a prior class selectable as ``config.prior = name``.
 
-  def deco(cls):
+  ``@register("name")`` on a class (a built-in prior) also sets its ``name``;
+  ``register(spec, cls)`` records a plug-in class under its ``MODULE:CLASS`` spec
+  as it is (:func:`exvae.priors.make_prior` does, on first use).
+
+  Returns:
+    The decorator, or ``cls``.
+
+  Raises:
+    ValueError: ``name`` is registered already.
+  """
+
+  def add(cls):
     if name in _REGISTRY:
       raise ValueError(f"Prior {name!r} registered twice.")
-    cls.name = name
     _REGISTRY[name] = cls
     return cls
+
+  if cls is not None:
+    return add(cls)
+
+  def deco(cls):
+    cls.name = name
+    return add(cls)
 
   return deco
 
 
-def make_prior(name: str, config) -> Prior:
-  """Instantiates the registered prior ``name`` with ``config`` (the prior's sub-config)."""
+def prior_class(name: str) -> Callable[[Any], Prior]:
+  """The class registered as ``name``.
+
+  Raises:
+    ValueError: no prior is registered as ``name`` (the message lists those that are).
+  """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown prior {name!r}; registered priors: {sorted(_REGISTRY)}.")
-  return _REGISTRY[name](config)
+  return _REGISTRY[name]
 
 
 def registered_priors() -> list[str]:
+  """The names and plug-in specs registered so far, sorted."""
   return sorted(_REGISTRY)
 

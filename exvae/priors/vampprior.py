@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from exvae.priors.base import Prior, register
-from exvae.rundir import ConfigError
+from exvae.errors import ConfigError
 
 
 def mixture_diag_log_prob(z, mu, logvar):

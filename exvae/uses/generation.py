@@ -6,13 +6,16 @@
 * cyclic: a chain ``x_0 -> z_1 ~ N(mu(x_0), s2 I) -> x_1 -> z_2 ~ ...`` where
   each decoded sample becomes the next exemplar (binarised, for binary data,
   since the encoder was trained on binary images);
-* interpolation: the decoded straight line between two exemplars' codes.
+* interpolation: the decoded straight line between two exemplars' codes;
+* augmentation: one conditional sample of each image, on the 1/255 grey-level
+  grid (:func:`augment_images`, what the classifier of :mod:`exvae.uses.augment`
+  trains on beside the real images).
 
 Images are the decoder's mean images (``mean_fn``: the Bernoulli mean
 sigmoid(logits) by default; pass the run's ``setup.mean_fn`` for other
-likelihoods).  Every sampling function is a jitted pure function of
-explicit keys; the ``save_*`` functions write PNG grids with
-:mod:`exvae.pictures`.
+likelihoods).  Every sampling function is a pure function of explicit keys,
+jitted but for :func:`augment_images`, which the classifier's jitted train step
+traces; the ``save_*`` functions write PNG grids with :mod:`exvae.pictures`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from exvae import pictures
 from exvae.likelihoods import bernoulli_mean
-from exvae.models.vae import Model
+from exvae.models.base import Model
 
 PyTree = Any
 
@@ -37,24 +40,6 @@ MeanFn = Callable[[Any], jax.Array]
 def _mean_image(model: Model, params: PyTree, z: jax.Array, mean_fn: MeanFn) -> jax.Array:
   """Mean images mean_fn(decode(z)): (B, d) -> (B, H, W, C)."""
   return mean_fn(model.decode(params, z))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "mean_fn"))
-def decode_mean(model: Model, params: PyTree, z: jax.Array, *,
-                mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
-  """Decodes codes to mean images.
-
-  Args:
-    model: the model (static).
-    params: model parameters.
-    z: (B, d) codes.
-    mean_fn: decoder output -> mean image (static; every function here takes
-      it: the Bernoulli mean by default, the run's ``setup.mean_fn`` in general).
-
-  Returns:
-    (B, H, W, C) mean images in [0, 1].
-  """
-  return _mean_image(model, params, z, mean_fn)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "mean_fn"))
@@ -161,6 +146,35 @@ def interpolate(model: Model, params: PyTree, z_a: jax.Array, z_b: jax.Array,
   p, s, d = z.shape
   imgs = _mean_image(model, params, z.reshape(p * s, d), mean_fn)
   return imgs.reshape((p, s) + imgs.shape[1:])
+
+
+def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Array,
+                   key: jax.Array, binary: bool,
+                   mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
+  """Decoded samples z ~ N(mu(x), s2 I), rounded to the 1/255 grid: augmented images.
+
+  Each keeps its source image's label when a classifier trains on it
+  (:mod:`exvae.uses.classifier`).  Not jitted here: the classifier's train step
+  traces it.
+
+  Args:
+    vae: the generative model.
+    vae_params: its parameters.
+    x: (B, H, W, C) grey levels in [0, 1].
+    log_var: scalar log s2.
+    key: PRNG key.
+    binary: encode Bernoulli(x) instead of x.
+    mean_fn: decoder output -> mean image (Bernoulli mean by default).
+
+  Returns:
+    (B, H, W, C) augmented images in [0, 1] (multiples of 1/255).
+  """
+  k_bin, k_eps = jax.random.split(key)
+  xin = jax.random.bernoulli(k_bin, x).astype(jnp.float32) if binary else x
+  mu = vae.encode_mean(vae_params, xin)
+  z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(k_eps, mu.shape, mu.dtype)
+  p = jnp.clip(mean_fn(vae.decode(vae_params, z)), 0.0, 1.0)
+  return jax.lax.stop_gradient(jnp.round(p * 255.0) / 255.0)
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 
 from exvae import kernels
 from exvae.data import DataFormatError
+from exvae.uses import classifier
 
 DEFAULT_KS: tuple[int, ...] = (3, 5, 7, 9, 11, 13, 15)
 TIE_BREAKS = ("lowest_label", "distance")
@@ -135,16 +136,6 @@ def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np
   return {k: vote(labels[:, :k], dist[:, :k], c, tie_break) for k in ks}
 
 
-def knn_errors(queries: np.ndarray, query_labels: np.ndarray, reference: np.ndarray,
-               reference_labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, **kw) -> dict[int, float]:
-  """Error rate (fraction misclassified) per k.
-
-  Returns:
-    ``{k: error in [0, 1]}``.
-  """
-  return error_rates(knn_predict(queries, reference, reference_labels, ks, **kw), query_labels)
-
-
 def error_rates(predictions: dict[int, np.ndarray], labels: np.ndarray) -> dict[int, float]:
   """``{k: fraction of predictions[k] != labels}``."""
   y = np.asarray(labels)
@@ -196,8 +187,7 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     raise ValueError(f"query_images must be one of {QUERY_IMAGES}, got {query_images!r}")
   val_x, test_x = s.val_x, s.test_x
   if query_images == "grey":
-    from exvae.uses.augment import grey_splits
-    g = grey_splits(trained.config, s)
+    g = classifier.grey_splits(trained.config, s)
     val_x, test_x = g.val_x, g.test_x
     query_images = "grey" if g.grey_eval else "binarised (no grey reader for this data set)"
   key = jax.random.PRNGKey(0)   # queries are encoded as given: no binarisation here

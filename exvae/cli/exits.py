@@ -1,4 +1,7 @@
-"""One error path for the command-line programs: every expected mistake is one line.
+"""How a command-line program ends on an error: one line on stderr and an exit code.
+
+The library's errors are defined where they are raised (:mod:`exvae.errors` holds
+the expected ones); this module maps each to what the programs print and return.
 
 A command's expected errors end it with exactly one line on stderr,
 
@@ -16,19 +19,20 @@ an exit code that says who is to fix it:
   trained with, a full disk, a second writer, a corrupt bank);
 * 143 / 130: SIGTERM / Ctrl-C.
 
-The library raises typed exceptions (:class:`exvae.rundir.RunDirError` and
-its subclasses, :class:`exvae.data.DataNotFoundError`, ...); :func:`exit_code`
+The library raises typed exceptions (:class:`exvae.errors.RunDirError` and
+its subclasses, :class:`exvae.errors.DataNotFoundError`, ...); :func:`exit_code`
 maps them here. Anything else is a bug and keeps its traceback, and so does
 every error with ``--verbosity=1`` or ``EXVAE_TRACEBACK=1``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
-from typing import Callable, NoReturn
+from typing import NoReturn
+
+from exvae import errors
 
 
 class UsageError(ValueError):
@@ -74,12 +78,11 @@ def exit_code(e: BaseException) -> int | None:
   code = getattr(e, "exit_code", None)
   if isinstance(code, int):
     return code
-  from exvae import checkpoints, data, rundir   # late: usage errors stay fast
   if isinstance(e, KeyboardInterrupt):
     return 130
-  if rundir.is_disk_full(e) or (isinstance(e, OSError) and rundir.is_read_only(e)):
+  if errors.is_disk_full(e) or (isinstance(e, OSError) and errors.is_read_only(e)):
     return 1
-  if isinstance(e, (checkpoints.CheckpointNotFoundError, data.DataNotFoundError,
+  if isinstance(e, (errors.CheckpointNotFoundError, errors.DataNotFoundError,
                     FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError,
                     IsADirectoryError, PermissionError, ValueError)):
     return 1
@@ -100,27 +103,17 @@ def want_traceback() -> bool:
 
 def one_line(e: BaseException) -> str:
   """The error as one line: its message (newlines folded), prefixed by its type if generic."""
-  from exvae import rundir
   if isinstance(e, KeyboardInterrupt) and not hasattr(e, "exit_code"):   # SIGTERM's has one
     return "interrupted (Ctrl-C)."
   msg = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError) and len(e.args) == 1:
     msg = str(e.args[0])
-  if not isinstance(e, rundir.RunDirError) and rundir.is_disk_full(e):
+  if not isinstance(e, errors.RunDirError) and errors.is_disk_full(e):
     return f"disk full: {msg}"
-  if not (isinstance(e, (rundir.RunDirError, UsageError, FileNotFoundError, FileExistsError,
+  if not (isinstance(e, (errors.RunDirError, UsageError, FileNotFoundError, FileExistsError,
                          NotADirectoryError)) or hasattr(e, "exit_code")):
     msg = f"{type(e).__name__}: {msg}"
   return msg
-
-
-def program_name(argv0: str | None = None) -> str:
-  """``exvae-<cmd>`` for ``train.py``, ``exvae-train`` or ``exvae train``."""
-  base = os.path.basename(str(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")))
-  base = base.replace(" ", "-")
-  if base.endswith(".py"):
-    base = base[:-3]
-  return base if base.startswith("exvae") else f"exvae-{base}"
 
 
 def settle() -> None:
@@ -258,8 +251,7 @@ def fail(prog: str, e: BaseException) -> NoReturn:
   if code is None or want_traceback():
     raise e
   e = stop or e
-  from exvae import rundir
-  stopped = isinstance(e, (rundir.Interrupted, KeyboardInterrupt))
+  stopped = isinstance(e, (errors.Interrupted, KeyboardInterrupt))
   first, how_to = one_line(e), how_to_lines(e)
   if how_to:
     first = " ".join(str(e).strip().splitlines()[0].split())
@@ -276,26 +268,7 @@ def how_to_lines(e: BaseException) -> list[str]:
   Such an error is reported as its first line (the error, ``prog: error: ...``), then
   these lines as they are; every other error is folded into one line.
   """
-  from exvae import data
-  if not isinstance(e, data.DataNotFoundError):
+  if not isinstance(e, errors.DataNotFoundError):
     return []
   return [line.rstrip() for line in str(e).strip().splitlines()[1:] if line.strip()]
 
-
-def cli_main(main: Callable, prog: str | None = None) -> Callable:
-  """Wraps a ``main(argv)``: expected errors end it with one line on stderr (see :func:`fail`).
-
-  Args:
-    main: the function to wrap.
-    prog: the program's name in the line (default: from ``sys.argv[0]``).
-
-  Returns:
-    The wrapped function.
-  """
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
-      fail(prog or program_name(), e)
-  return wrapped
