@@ -13,7 +13,7 @@ import glob
 import importlib.util
 import os
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.py)?$")
 

@@ -258,7 +258,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
   """
   argv = list(sys.argv if argv is None else argv)
   prog = spec.prog
-  errors.keep_interrupts()      # a Ctrl-C caught by a gc callback is delivered again
+  exits.keep_interrupts()      # a Ctrl-C caught by a gc callback is delivered again
   try:
     args = argv[1:]
     if "--version" in args:
