@@ -21,6 +21,8 @@ import json
 import math
 import os
 import tempfile
+import zipfile
+import zlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -261,12 +263,19 @@ def write_npz_checked(path: str, arrays: dict[str, np.ndarray]) -> str:
   return write_npz(path, dict(arrays, **{NPZ_DIGEST: np.str_(arrays_digest(arrays))}))
 
 
+# What reading a damaged .npz can raise: a cut or flipped zip container (BadZipFile, EOFError,
+# and NotImplementedError when a flipped header names an unknown zip version), a damaged
+# compressed member (zlib.error), a damaged array header (ValueError) or a missing key.
+NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error,
+                   NotImplementedError)
+
+
 def read_npz_checked(path: str) -> dict[str, np.ndarray]:
   """The arrays of a :func:`write_npz_checked` archive, after checking its digest.
 
   Raises:
-    ValueError: no digest, or the arrays differ from it; OSError, EOFError,
-      zipfile.BadZipFile: the file cannot be read.
+    ValueError: no digest, or the arrays differ from it; one of :data:`NPZ_READ_ERRORS`:
+      the file cannot be read.
   """
   with np.load(path, allow_pickle=False) as z:
     arrays = {k: np.asarray(z[k]) for k in z.files}

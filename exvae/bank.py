@@ -39,8 +39,6 @@ import json
 import math
 import os
 import warnings
-import zipfile
-import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -474,7 +472,7 @@ class ExemplarBank:
                    log_var=float(z["log_var"]), metadata=json.loads(str(z["metadata"])), **kw)
     except BankFileError:
       raise
-    except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError, KeyError) as e:
+    except atomic.NPZ_READ_ERRORS as e:
       size = os.path.getsize(path)
       with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from exvae import per_example
+from exvae import atomic, per_example
 
 METRICS = ("log_px", "elbo")
 
@@ -205,12 +205,11 @@ def load_checked(path: str) -> dict[str, Any]:
     PerExampleFileError: any other failure of the checks (one line).
   """
   import json
-  import zipfile
   try:
     run = per_example.load(path)
   except FileNotFoundError:
     raise
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+  except atomic.NPZ_READ_ERRORS as e:
     raise PerExampleFileError(f"{path}: cannot be read as a per-example file "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
                               "evaluate the run again.") from None
@@ -235,7 +234,6 @@ def load_checked(path: str) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError) as e:
       raise PerExampleFileError(f"{beside}: unreadable ({type(e).__name__}), so {f} cannot "
                                 "be checked; evaluate the run again.") from None
-    from exvae import atomic
     if recorded is not None and atomic.sha256_file(f) != recorded:
       raise PerExampleFileError(f"{f} is not the file {beside} was written with (its SHA-256 "
                                 "differs): evaluate the run again.")

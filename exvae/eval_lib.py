@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-import zipfile
 from typing import Any
 
 import jax
@@ -324,7 +323,7 @@ def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
     return None
   try:
     metrics = check_outputs(out_dir)      # its own digest, its files', the means of the scores
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+  except atomic.NPZ_READ_ERRORS as e:
     print(f"{path}: the outputs there do not check ({e}); evaluating again", flush=True)
     return None
   print(f"{path}: this evaluation is already done (same parameters, test images and "

@@ -13,7 +13,6 @@ the work starts again from its beginning, with one line that says why.
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -60,7 +59,7 @@ def load(path: str, identity: str, like: Mapping[str, Any], *, what: str, restar
   try:
     arrays = atomic.read_npz_checked(path)   # its arrays match the digest written with them
     same = str(arrays.pop(IDENTITY)) == identity
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+  except atomic.NPZ_READ_ERRORS as e:
     print(f"{path}: unreadable {what} ({type(e).__name__}: {e}); {restart}", flush=True)
     return None
   if not same:

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import zipfile
 
 import numpy as np
 
@@ -101,10 +100,10 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
   if missing:
     raise SystemExit(f"collect_result: {', '.join(missing)} missing: train and evaluate the "
                      "run first (eval.py writes eval_metrics.json and per_example.npz).")
-  from exvae import eval_lib
+  from exvae import atomic, eval_lib
   try:      # its own digest, the files it records, the means of per_example.npz
     metrics = eval_lib.check_outputs(eval_dir)
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+  except atomic.NPZ_READ_ERRORS as e:
     raise SystemExit(f"collect_result: the evaluation in {eval_dir} does not check "
                      f"({' '.join(str(e).split())}): evaluate the run again.") from None
   with open(os.path.join(workdir, "config.json")) as f:

@@ -159,6 +159,16 @@ def test_compare_refuses_scores_it_cannot_trust_in_one_line(tmp_path):
   cut.write_bytes(open(good, "rb").read()[:300])
   r = _compare_cli(good, cut)
   assert r.returncode == 2 and "cannot be read" in _one_line(r.stderr), r.stderr[-2000:]
+  # Damaged (a flipped byte in the zip's central directory names an unknown zip version,
+  # which zipfile reports as NotImplementedError): one line, exit 2.
+  raw = bytearray(open(good, "rb").read())
+  at = raw.index(b"PK\x01\x02") + 6             # "version needed to extract"
+  raw[at:at + 2] = (109).to_bytes(2, "little")     # zip version 10.9
+  flipped = tmp_path / "flipped" / per_example.FILENAME
+  flipped.parent.mkdir()
+  flipped.write_bytes(bytes(raw))
+  r = _compare_cli(good, flipped)
+  assert r.returncode == 2 and "cannot be read" in _one_line(r.stderr), r.stderr[-2000:]
   # A count that does not match the arrays.
   arrays = per_example.arrays({"log_px": lp, "elbo": lp - 1}, _identity(50))
   arrays["count"] = np.asarray(49)

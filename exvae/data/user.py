@@ -119,7 +119,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         out[key] = value
   except DataFormatError:
     raise
-  except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+  except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
     why = " ".join(str(e).split())
     if isinstance(e, ValueError) and "allow_pickle" in why:     # an object array
       raise DataFormatError(f"{path}: key {key!r} holds Python objects, not numbers; store a "
