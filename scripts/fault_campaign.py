@@ -105,6 +105,16 @@ def _cmd(workdir: str, *extra: str) -> list[str]:
 _ABSL_NATIVE = re.compile(r"^[WI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 
 
+def _refusal_verdict(returncode: int, lines: list[str], want_code: int) -> str:
+  """The outcome of a command that had to refuse its damaged input: one line with
+  ``want_code`` is a refusal; exit 0 used the damage silently; anything else is a fault."""
+  if returncode == want_code and len(lines) == 1:
+    return "refused"
+  if returncode == 0:
+    return "wrong_silent"
+  return "multi_line" if len(lines) > 1 else "failed"
+
+
 def _extra_lines(stderr: str) -> list[str]:
   """stderr lines but absl's warnings (either format) and exvae's one-line warnings."""
   return [l for l in stderr.splitlines()
@@ -989,14 +999,8 @@ class Surfaces:
         verdict = "wrong_silent"
       else:
         verdict = "recomputed" if said else "identical"
-    elif r.returncode == want_code and len(lines) == 1:
-      verdict = "refused"
-    elif r.returncode == 0:
-      verdict = "wrong_silent"
-    elif len(lines) > 1:
-      verdict = "multi_line"
     else:
-      verdict = "failed"
+      verdict = _refusal_verdict(r.returncode, lines, want_code)
     self.record(surface, kind, verdict, note)
     shutil.rmtree(wd, ignore_errors=True)
 
@@ -1034,15 +1038,7 @@ class Surfaces:
                        timeout=600)
     lines = _extra_lines(r.stderr)
     note += f"; exit {r.returncode}: {' | '.join(lines)[:300]}"
-    if r.returncode == 2 and len(lines) == 1:
-      verdict = "refused"
-    elif r.returncode == 0:
-      verdict = "wrong_silent"
-    elif len(lines) > 1:
-      verdict = "multi_line"
-    else:
-      verdict = "failed"
-    self.record("compare", kind, verdict, note)
+    self.record("compare", kind, _refusal_verdict(r.returncode, lines, 2), note)
 
   def summary(self) -> dict:
     """Per surface and fault, the outcomes; the totals the guarantees are stated in."""
