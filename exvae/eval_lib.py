@@ -261,28 +261,13 @@ def lock_out_dir(out_dir: str) -> int | None:
     rundir.WorkdirLockedError: another evaluation writes ``out_dir`` now.
     errors.ReadOnlyError, errors.DiskFullError: ``out_dir`` cannot be created.
   """
-  import errno
-  import fcntl
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
-  except OSError as e:
-    typed = errors.as_write_error(e, f"the evaluation outputs in {out_dir}")
-    if typed is e:
-      raise
-    raise typed from e
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
+  state, fd = rundir.take_flock(out_dir, out_dir, os.O_RDONLY,
+                                f"the evaluation outputs in {out_dir}")
+  if state == "held":
     os.close(fd)
     raise rundir.WorkdirLockedError(
         f"{out_dir} is being written by another evaluation: wait for it to finish, or give "
         "this one another --config.eval.out_dir.") from None
-  except OSError as e:
-    os.close(fd)
-    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-      return None
-    raise
   return fd
 
 

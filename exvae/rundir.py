@@ -97,6 +97,43 @@ MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype", "eval_binarize",
 # The writer lock
 # ----------------------------------------------------------------------------
 
+def take_flock(directory: str, path: str, flags: int, what: str) -> tuple[str, int | None]:
+  """Opens ``path`` (creating ``directory``) and tries an exclusive ``flock`` without waiting.
+
+  The kernel drops the lock when the process ends, however it ends.
+
+  Args:
+    directory: created if missing.
+    path: what to open and lock (a lock file, or ``directory`` itself).
+    flags: ``os.open`` flags (``os.O_RDONLY`` suffices for a directory).
+    what: names the place in a typed write error.
+
+  Returns:
+    ``("locked", fd)``; ``("held", fd)`` when another process holds it (the caller may
+    read ``fd``, then closes it); ``("unsupported", None)`` on a filesystem without locks.
+
+  Raises:
+    ReadOnlyError, DiskFullError: ``directory`` or ``path`` cannot be created.
+  """
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, flags, 0o644)
+  except OSError as e:
+    typed = errors.as_write_error(e, what)
+    if typed is e:
+      raise
+    raise typed from e
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return "held", fd
+  except OSError as e:
+    os.close(fd)
+    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      return "unsupported", None
+    raise
+  return "locked", fd
+
 
 class WorkdirLock:
   """An exclusive, advisory ``flock`` on ``<workdir>/.lock`` held by the one writer.
@@ -120,17 +157,9 @@ class WorkdirLock:
       ReadOnlyError: the workdir cannot be written.
       DiskFullError: no space left to create it.
     """
-    try:
-      os.makedirs(self.workdir, exist_ok=True)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      typed = errors.as_write_error(e, f"the run directory {self.workdir}")
-      if typed is e:
-        raise
-      raise typed from e
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    state, fd = take_flock(self.workdir, self.path, os.O_RDWR | os.O_CREAT,
+                           f"the run directory {self.workdir}")
+    if state == "held":
       holder, info = "", {}
       try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
@@ -143,13 +172,9 @@ class WorkdirLock:
       raise WorkdirLockedError(
           f"{self.workdir} is being written by another train.py{holder}. Wait for it to "
           "finish (or stop it), or use another --workdir.", info) from None
-    except OSError as e:
-      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-        os.close(fd)
-        raise
-      warnings.warn(f"{self.path}: this filesystem does not support locks ({e}); "
+    if state == "unsupported":
+      warnings.warn(f"{self.path}: this filesystem does not support locks; "
                     "nothing stops a second writer in this workdir.")
-      os.close(fd)
       return self
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:8]}
