@@ -314,7 +314,10 @@ def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
   print(f"{path}: this evaluation is already done (same parameters, test images and "
         "settings); its outputs are kept. --config.eval.reuse=False evaluates again.",
         flush=True)
-  return {**metrics, "reused": True}
+  # The record was written where the evaluation ran; the outputs are here now (a moved or
+  # copied folder), and nothing in out_dir is rewritten to say so.
+  return {**metrics, "samples_png": os.path.join(out_dir, "eval_samples.png"),
+          "per_example": os.path.join(out_dir, per_example.FILENAME), "reused": True}
 
 
 OUTPUTS = ("eval_samples.png", per_example.FILENAME, "eval_metrics.json")

@@ -417,6 +417,15 @@ def test_a_finished_evaluation_is_reused_only_when_nothing_it_depends_on_changed
   # Settings that only say how to show or where to write are not part of the identity.
   c.progress = not c.progress
   assert eval_lib.evaluate(c, run40)["reused"] and calls == []
+  # A finished evaluation moved elsewhere is reused there, and what it returns points there.
+  moved = tmp_path / "moved"
+  shutil.copytree(out, moved)
+  c.eval.out_dir = str(moved)
+  there = eval_lib.evaluate(c, run40)
+  assert there["reused"] and calls == []
+  assert there["samples_png"] == str(moved / "eval_samples.png")
+  assert there["per_example"] == str(moved / "per_example.npz")
+  c.eval.out_dir = str(out)
 
   c.eval.reuse = False
   assert "reused" not in eval_lib.evaluate(c, run40) and calls
