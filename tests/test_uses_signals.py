@@ -37,6 +37,19 @@ def _env():
   return env
 
 
+def _probe_env():
+  """The environment of a probe script: this checkout importable, no traceback asked for."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("EXVAE_TRACEBACK", None)
+  return env
+
+
+def _run_probe(script, what):
+  """Runs a probe script (``python -c``) with ``what`` as its argument, to its end."""
+  return subprocess.run([PY, "-c", script, what], capture_output=True, text=True,
+                        env=_probe_env(), timeout=120, preexec_fn=_sigint_default)
+
+
 def _uses(run_dir, out, *args):
   return [PY, os.path.join(ROOT, "uses.py"), *args, f"--workdir={run_dir}", f"--out={out}"]
 
@@ -169,10 +182,7 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 def test_a_stop_that_lands_in_a_gc_callback_still_stops_the_command(what, code, line):
   """Python prints an exception raised in a gc callback as "Exception ignored" and goes
   on: the command would finish (exit 0) with a traceback. The stop is delivered again."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("EXVAE_TRACEBACK", None)
-  r = subprocess.run([PY, "-c", _SWALLOWED_SCRIPT, what], capture_output=True, text=True,
-                     env=env, timeout=120, preexec_fn=_sigint_default)
+  r = _run_probe(_SWALLOWED_SCRIPT, what)
   assert r.returncode == code, (r.returncode, r.stderr[-2000:])
   assert "finished" not in r.stdout
   lines = _lines(r.stderr)
@@ -214,10 +224,7 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
     ("int", 130, "exvae-probe: stopped: interrupted (Ctrl-C)."),
     ("term", 143, "exvae-probe: stopped: SIGTERM in a restore")])
 def test_a_stop_that_a_library_wraps_in_another_error_is_still_a_stop(what, code, line):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("EXVAE_TRACEBACK", None)
-  r = subprocess.run([PY, "-c", _WRAPPED_SCRIPT, what], capture_output=True, text=True,
-                     env=env, timeout=120, preexec_fn=_sigint_default)
+  r = _run_probe(_WRAPPED_SCRIPT, what)
   assert r.returncode == code, (r.returncode, r.stderr[-2000:])
   assert _lines(r.stderr) == [line], r.stderr[-2000:]
 
@@ -244,10 +251,8 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 def test_sigterm_passes_through_a_library_that_catches_every_exception():
   """The uses' SIGTERM is raised as Ctrl-C's KeyboardInterrupt is: an ``except Exception``
   in a library (which would warn and go on) does not take it; one line, exit 143."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("EXVAE_TRACEBACK", None)
   p = subprocess.Popen([PY, "-c", _CAUGHT_SCRIPT], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=env)
+                       stderr=subprocess.PIPE, text=True, env=_probe_env())
   assert p.stdout.readline().strip() == "running"
   time.sleep(0.5)                   # inside the library's try
   p.send_signal(signal.SIGTERM)
@@ -283,10 +288,9 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 def test_the_echoes_of_a_ctrl_c_are_not_printed():
   """After Ctrl-C, an exception Python cannot raise (a clean-up the stop interrupted) is
   not printed: the one line says why the command stopped."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("EXVAE_TRACEBACK", None)
   p = subprocess.Popen([PY, "-c", _ECHO_SCRIPT], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_sigint_default)
+                       stderr=subprocess.PIPE, text=True, env=_probe_env(),
+                       preexec_fn=_sigint_default)
   assert p.stdout.readline().strip() == "running"
   time.sleep(0.3)
   p.send_signal(signal.SIGINT)
