@@ -93,7 +93,7 @@ def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "t
   recorded = bank.metadata.get("model_fingerprint")
   if recorded is None:
     warnings.warn(f"{path} records no source model (written by an older version): "
-                  "cannot check that this model encoded it.")
+                  "cannot check that this model encoded it.", stacklevel=2)
     return False
   mine = params_fingerprint(model_params)
   if recorded == mine:
@@ -104,7 +104,7 @@ def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "t
   if not allow_mismatch:
     raise BankMismatchError(msg + " Rebuild it with `uses.py bank` for this workdir, or pass "
                             "--allow_bank_mismatch to use it anyway.")
-  warnings.warn(msg + " Used anyway (allow_bank_mismatch).")
+  warnings.warn(msg + " Used anyway (allow_bank_mismatch).", stacklevel=2)
   return False
 
 

@@ -512,7 +512,7 @@ def _verify(out, digest: dict, names) -> None:
   """Raises IntegrityError if a restored item differs from the digest saved with it."""
   for name in names:
     got = tree_digest(out[name])
-    for key, (dtype, shape, h) in digest[name].items():
+    for key, (dtype, _shape, h) in digest[name].items():
       if key not in got and any(jax.tree_util.keystr(p) == key and
                                 not getattr(x, "is_fully_addressable", True)
                                 for p, x in jax.tree_util.tree_flatten_with_path(out[name])[0]):

@@ -174,7 +174,7 @@ class WorkdirLock:
           "finish (or stop it), or use another --workdir.", info) from None
     if state == "unsupported":
       warnings.warn(f"{self.path}: this filesystem does not support locks; "
-                    "nothing stops a second writer in this workdir.")
+                    "nothing stops a second writer in this workdir.", stacklevel=2)
       return self
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:8]}
@@ -305,7 +305,7 @@ def read_stored_config(workdir: str) -> dict | None:
   stored, problem = _load_stored_config(workdir)
   if stored is None and problem != "missing":
     warnings.warn(f"{os.path.join(workdir, CONFIG_FILE)} is {problem}; the config cannot be "
-                  "checked against it.")
+                  "checked against it.", stacklevel=2)
   return stored
 
 
@@ -465,7 +465,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
   allowed, forbidden, unknown = diff_configs(stored, current)
   if unknown:
     warnings.warn(f"{path} and this config differ in keys only one of them has ({unknown}); "
-                  "accepted unchecked (a config.json written by another version?).")
+                  "accepted unchecked (a config.json written by another version?).", stacklevel=2)
   if forbidden and not allow_change:
     raise ConfigDriftError(
         f"Resuming {workdir} with a config that changes the model, data or optimisation: "
@@ -537,7 +537,7 @@ def read_data_identity(workdir: str) -> dict | None:
     return None
   except (OSError, ValueError) as e:
     warnings.warn(f"{os.path.join(workdir, DATA_FILE)} is unreadable ({e}); the data cannot be "
-                  "checked against it.")
+                  "checked against it.", stacklevel=2)
     return None
   return stored if isinstance(stored, dict) else None
 

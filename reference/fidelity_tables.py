@@ -109,7 +109,7 @@ def continue_table(results: str) -> str:
     lines.append(f"| {name} | {len(curves)} | " + " | ".join(f"{x:.2f}" for x in m)
                  + f" | {f.mean():.2f} ({f.std(ddof=1):.2f}) |")
   w = welch(ex_final, ref_final)
-  lines.append(f"| exvae - reference | | " + " | " * (n - 1)
+  lines.append("| exvae - reference | | " + " | " * (n - 1)
                + f" | {w['diff']:+.2f} +- {w['se']:.2f} (p = {w['p']:.2f}) |")
   return "\n".join(lines)
 

@@ -29,7 +29,6 @@ reference installed (see bench/vs_reference.py); it is not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -354,7 +353,7 @@ def main(argv=None) -> int:
                       _rel(state.prior_state["cache"], ref[f"cache/{s}"])))
   final_rel = rel_by_name(state.params, ref, "final/", args.model)
   init_rel = {}      # how far the parameters moved, for scale
-  for path, name in param_map(args.model).items():
+  for _path, name in param_map(args.model).items():
     init_rel[f"{name}.weight"] = _rel(ref[f"final/{name}.weight"], ref[f"init/{name}.weight"])
 
   print(f"model: {args.model} ({MODELS[args.model]['config']} against their "

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                                         start_new_session=True), log, time.monotonic())
     if time.monotonic() >= deadline:
       waiting.clear()
-      for seed, (proc, log, start) in running.items():
+      for proc, _, _ in running.values():
         _stop(proc)
     for seed in [s for s, (p, _, _) in running.items() if p.poll() is not None]:
       proc, log, start = running.pop(seed)

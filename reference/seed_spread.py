@@ -100,7 +100,7 @@ def print_pairs(summaries: list) -> list:
           + f"; final, one scorer {finals[-1]:+.3f}")
   rows = np.stack(rows)
   print("mean per epoch: " + " ".join(f"{v:+.2f}" for v in rows.mean(0)))
-  print(f"mean over epochs (own scorers), per pair: "
+  print("mean over epochs (own scorers), per pair: "
         + " ".join(f"{v:+.3f}" for v in rows.mean(1)))
   if len(finals) > 1:
     f = paired(finals)

@@ -737,7 +737,6 @@ class Surfaces:
 
   def _restore_best(self):
     from exvae import bank as bank_lib
-    from exvae import rundir
     from exvae import config_registry
     config = config_registry.from_json(os.path.join(self.run_dir, "config.json"))
     return bank_lib.restore_trained(config, self.run_dir).params
@@ -814,7 +813,7 @@ class Surfaces:
     argv = self.argv(command, out, wd)
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=ROOT, env=_env(self.c.cache))
-    t0, deadline = time.time(), time.time() + 600
+    deadline = time.time() + 600
     while p.poll() is None and not _catches_sigterm(p.pid) and time.time() < deadline:
       time.sleep(0.01)
     time.sleep(self.rng.uniform(0.0, 1.0) * self.duration[surface])
@@ -931,7 +930,6 @@ class Surfaces:
 
   def refusal(self, surface: str, kind: str) -> None:
     """An edited config.json / model.json or damaged parameters: refused in one line."""
-    import numpy as np
     if surface == "run":
       wd = os.path.join(self.base, "run_edit")
       shutil.rmtree(wd, ignore_errors=True)
@@ -944,7 +942,7 @@ class Surfaces:
       shutil.copytree(src, wd)          # a copy: the published originals are never touched
     cfg = os.path.join(wd, "config.json")
     extra: list[str] = []
-    want_code, want_text = 1, None
+    want_code = 1
     if kind == "config_edit":
       c = json.load(open(cfg))
       key = self.rng.choice(["exemplar.binarize_exemplars", "max_train", "latent_dim"])

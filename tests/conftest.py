@@ -98,7 +98,6 @@ def train_traced_once(c, steps: int):
   """
   import chex
   import jax
-  import jax.numpy as jnp
   from exvae import train_lib
   chex.clear_trace_counter()
   setup, state, pool, perm = fresh_run(c)

@@ -13,7 +13,6 @@ import os
 import time
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from exvae import checkpoints
 

@@ -73,7 +73,6 @@ def test_four_device_training_matches_single_device(prior, rat, over):
 @pytest.mark.slow
 def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
   """A run checkpointed on 4 devices resumes on 1 device and tracks a 1-device run."""
-  import numpy as np
   import chex
   from conftest import load_config
   from exvae import checkpoints, train_lib

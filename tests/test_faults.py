@@ -15,7 +15,6 @@ import time
 import warnings
 
 import chex
-import jax
 import numpy as np
 import pytest
 

@@ -68,7 +68,7 @@ def test_adamnormgrad_equals_the_reference_per_tensor_on_a_vae():
   assert any(n.endswith("['g']['bias']") for n in names)
   rng = np.random.default_rng(1)
   grads_seq = []
-  for t in range(4):
+  for _ in range(4):
     # Leaves of very different scales (and one tiny one, where eps placement shows).
     grads_seq.append([rng.normal(size=x.shape).astype(np.float32) * 10.0 ** rng.integers(-3, 3)
                       for _, x in flat])

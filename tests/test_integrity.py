@@ -376,7 +376,8 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
                                                         time.time())
   assert (st["eval"], st["eval_done"], st["eval_total"]) == ("running", 14, 40)
   kept = partial.read_bytes()
-  calls.clear(); stop_at[0] = 0
+  calls.clear()
+  stop_at[0] = 0
   eval_lib.evaluate(c, run40)
   assert len(calls) == 13 and "resuming after 14 of 40 examples" in capfd.readouterr().out
   got = dict(np.load(out / "per_example.npz"))

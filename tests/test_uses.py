@@ -266,7 +266,8 @@ def test_a_stopped_classifier_continues_from_its_checkpoint(run, tmp_path, monke
   with pytest.raises(KeyboardInterrupt):
     classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100], **kw, **ck)
   saved = bytes(open(ckpt, "rb").read())
-  calls.clear(); stop[0] = False
+  calls.clear()
+  stop[0] = False
   again = classifier.train_classifier(x, y, t.splits.test_x[:100], t.splits.test_y[:100],
                                       **kw, **ck)
   assert len(calls) == 8 and "continuing after epoch 4" in capsys.readouterr().out
@@ -389,7 +390,8 @@ def test_augmentation_resumes_from_the_classifiers_it_finished(run, tmp_path, mo
   with pytest.raises(KeyboardInterrupt):
     augment.run_augmentation(t, **kw, done_dir=str(done))
   assert sorted(os.listdir(done)) == ["seed0_with.json", "seed0_without.json"]
-  calls.clear(); kill_at[0] = 0
+  calls.clear()
+  kill_at[0] = 0
   resumed = augment.run_augmentation(t, **kw, done_dir=str(done))
   assert calls == [(1, False), (1, True)]
   assert resumed["reused"] == ["seed0_without", "seed0_with"]

@@ -444,7 +444,7 @@ def grey_splits(config, splits) -> GreyData:
 
   def binarised(why: str) -> GreyData:
     warnings.warn(f"grey-level val/test images unavailable ({why}); "
-                  "using the loader's binarised val/test images")
+                  "using the loader's binarised val/test images", stacklevel=3)
     return fallback
 
   user = user_data.is_user_dataset(config.dataset)
