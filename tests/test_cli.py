@@ -335,6 +335,23 @@ def test_summary_line_is_readable_with_a_one_based_best_epoch():
   assert line == "stopped: step 5, epoch 0.5; no validated epoch yet"
 
 
+def test_library_warnings_are_one_line_and_other_packages_keep_the_default(capsys,
+                                                                           monkeypatch):
+  import warnings
+  from exvae import rundir
+  from exvae.cli import exits
+  before = []
+  monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: before.append(a[:4]))
+  exits.one_line_warnings()
+  with warnings.catch_warnings():
+    warnings.simplefilter("always")
+    warnings.warn_explicit("the bank records no source model", UserWarning, rundir.__file__, 9)
+    warnings.warn_explicit("a third-party note", UserWarning, "/elsewhere/lib.py", 3)
+  assert capsys.readouterr().err == "warning: the bank records no source model\n"
+  assert [(str(m), c, f, n) for m, c, f, n in before] == [
+      ("a third-party note", UserWarning, "/elsewhere/lib.py", 3)]
+
+
 def test_uses_commands_match_the_cli_list():
   from exvae.cli import uses as uses_cli
   from exvae.uses import commands

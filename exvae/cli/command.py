@@ -259,6 +259,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
   argv = list(sys.argv if argv is None else argv)
   prog = spec.prog
   exits.keep_interrupts()      # a Ctrl-C caught by a gc callback is delivered again
+  exits.one_line_warnings()
   try:
     args = argv[1:]
     if "--version" in args:

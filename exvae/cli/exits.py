@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from typing import NoReturn
 
 from exvae import errors
@@ -114,6 +115,27 @@ def one_line(e: BaseException) -> str:
                          NotADirectoryError)) or hasattr(e, "exit_code")):
     msg = f"{type(e).__name__}: {msg}"
   return msg
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_line_warnings() -> None:
+  """Prints the library's warnings as one ``warning: ...`` line each.
+
+  Python's default shows a warning as the file and line that raised it plus
+  that line of source: two lines of internals for a message meant for the
+  user. Warnings raised from exvae's own modules become one line, like the
+  ones the library prints itself; other packages' warnings keep the default.
+  """
+  default = warnings.showwarning
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if not os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):
+      return default(message, category, filename, lineno, file, line)
+    print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+
+  warnings.showwarning = show
 
 
 def settle() -> None:
