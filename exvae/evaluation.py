@@ -51,7 +51,9 @@ def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setu
     setup: static run description.
 
   Returns:
-    The context :func:`eval_batch` and :func:`picture_batch` take.
+    The context :func:`eval_batch` and :func:`picture_batch` take, of the prior's
+    own type (the exemplar prior's :class:`~exvae.priors.ExemplarContext` with
+    ``full_bank=True``; None for a prior that needs none).
   """
   inputs = setup.context_inputs(pool, key)
   ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
