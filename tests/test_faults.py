@@ -27,14 +27,6 @@ from exvae.uses import commands
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-  """A finished 2-epoch run of configs/test.py (128 steps, checkpoints every 10)."""
-  wd = str(tmp_path_factory.mktemp("faults") / "run")
-  train_lib.train_and_evaluate(load_config("test"), wd)
-  return wd
-
-
 def _copy(src, tmp_path, name="run"):
   dst = str(tmp_path / name)
   shutil.copytree(src, dst)
