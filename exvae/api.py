@@ -197,7 +197,7 @@ def load_run(workdir: str, *, config: Any = None, overrides: Sequence[tuple[str,
   Raises:
     FileNotFoundError: no ``config.json`` in ``workdir`` and no ``config`` given.
     exvae.checkpoints.CheckpointNotFoundError: no checkpoint in ``workdir``.
-    exvae.rundir.ConfigDriftError: ``config`` is not the one the run was trained with.
+    exvae.errors.ConfigDriftError: ``config`` is not the one the run was trained with.
   """
   import os
 

@@ -274,7 +274,7 @@ def test_contexts_are_pytrees_that_jit_without_retracing():
 @pytest.mark.slow
 def test_vampprior_pseudo_inputs_start_as_the_reference_and_half_stay_frozen():
   from exvae.optim import make_optimizer
-  from exvae.rundir import ConfigError
+  from exvae.errors import ConfigError
   c = load_config("test", **{"vampprior.num_pseudo": 50})
   assert c.vampprior.init == "he"
   model = make_model(c, (28, 28, 1))
