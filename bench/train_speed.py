@@ -232,7 +232,7 @@ def _union_valid(state, pool, perm, *, setup):
   inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
   ctx, _ = setup.prior.context(params["prior"], state.prior_state, model, params["model"],
                                inputs, train=True)
-  return ctx["bank_mask"].sum()
+  return ctx.bank_mask.sum()
 
 
 def union_valid_rows(run: Run, pool) -> int:

@@ -57,16 +57,23 @@ class Run:
   splits: Any
   meta: dict
   setup: Any
-  _ctx: Any = dataclasses.field(default=None, repr=False)
+  # The built context in a 1-tuple: a prior without one builds None, and that is cached too.
+  _ctx: tuple | None = dataclasses.field(default=None, repr=False)
 
   def context(self) -> PyTree:
-    """The prior's evaluation context (exemplar prior: every training exemplar), built once."""
+    """The prior's evaluation context, built once.
+
+    Returns:
+      The prior's own context type (exemplar prior: an
+      :class:`exvae.priors.ExemplarContext` of every training exemplar), or
+      None for a prior that needs none.
+    """
     if self._ctx is None:
       from exvae import evaluation
       key = jax.random.PRNGKey(int(self.config.eval.bank_seed))
-      self._ctx = evaluation.eval_context(self.params, jnp.asarray(self.splits.train_x), key,
-                                          setup=self.setup)
-    return self._ctx
+      self._ctx = (evaluation.eval_context(self.params, jnp.asarray(self.splits.train_x), key,
+                                           setup=self.setup),)
+    return self._ctx[0]
 
   def encode(self, x: np.ndarray) -> np.ndarray:
     """Encoder means of images.
@@ -190,7 +197,7 @@ def load_run(workdir: str, *, config: Any = None, overrides: Sequence[tuple[str,
   Raises:
     FileNotFoundError: no ``config.json`` in ``workdir`` and no ``config`` given.
     exvae.checkpoints.CheckpointNotFoundError: no checkpoint in ``workdir``.
-    exvae.rundir.ConfigDriftError: ``config`` is not the one the run was trained with.
+    exvae.errors.ConfigDriftError: ``config`` is not the one the run was trained with.
   """
   import os
 

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import atomic, kernels, rng, rundir
+from exvae import atomic, errors, kernels, rng
 from exvae.models.base import Model
 
 PyTree = Any
@@ -53,11 +53,11 @@ PyTree = Any
 BANK_FORMAT_VERSION = 1
 
 
-class BankFileError(rundir.RunDirError, ValueError):
+class BankFileError(errors.RunDirError, ValueError):
   """A bank file that cannot be read (corrupt, truncated, not a bank)."""
 
 
-class BankMismatchError(rundir.RunDirError, ValueError):
+class BankMismatchError(errors.RunDirError, ValueError):
   """A bank built from another model than the one it is used with."""
 
 

@@ -25,7 +25,7 @@ def config_dirs() -> list[str]:
   return [d for d in dirs if os.path.isdir(d)]
 
 
-def available() -> list[str]:
+def shipped_configs() -> list[str]:
   """The names of the shipped configs (``configs/<name>.py``)."""
   names = set()
   for d in config_dirs():
@@ -57,7 +57,7 @@ def resolve(value: str) -> str:
     if os.path.isfile(path):
       return path + sep + rest
   raise ValueError(f"--config={value}: no such file and no shipped config of that name; "
-                   f"known names: {', '.join(available())}.")
+                   f"known names: {', '.join(shipped_configs())}.")
 
 
 def get_config(name_or_path: str):
@@ -157,7 +157,7 @@ def load(value: str):
     resolved = resolve(value)
   except ValueError:
     name = base[:-3] if base.endswith(".py") else base
-    hint = _did_you_mean(name, available()) if _NAME.match(base) else ""
+    hint = _did_you_mean(name, shipped_configs()) if _NAME.match(base) else ""
     raise ConfigNameError(f"--config={value}: no such file and no shipped config of that name."
                           f"{hint or ' Run `exvae configs` for the names.'}") from None
   path, _, arg = resolved.partition(":")

@@ -4,8 +4,9 @@ plug-in files, each reported in one line by the command-line programs.
 This module imports nothing of exvae, so every module (:mod:`exvae.atomic`,
 :mod:`exvae.checkpoints`, :mod:`exvae.rundir`, :mod:`exvae.data`, the command-line
 programs' error report in :mod:`exvae.cli`) can raise or recognise these errors
-without importing another.  :mod:`exvae.rundir` re-exports the run directory's,
-:mod:`exvae.data` the data's.
+without importing another.  Import them from here; only :mod:`exvae.data` also
+exports the data's two (:class:`DataNotFoundError`, :class:`DataFormatError`) with its
+public API.
 """
 
 from __future__ import annotations

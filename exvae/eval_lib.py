@@ -32,7 +32,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
 
   SIGTERM stops it as it stops training: the current batch is finished, the scores so
   far are saved (``eval_partial.npz``, where the next run goes on from) and
-  rundir.Interrupted is raised (exit code 143); arriving after the last batch, once
+  errors.Interrupted is raised (exit code 143); arriving after the last batch, once
   the outputs are written.
   """
   stop: list[int] = []
@@ -50,7 +50,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     if main:
       signal.signal(signal.SIGTERM, prev)
   if stop:
-    raise rundir.Interrupted(f"SIGTERM after the last batch: the evaluation is complete and "
+    raise errors.Interrupted(f"SIGTERM after the last batch: the evaluation is complete and "
                              f"its outputs are written ({metrics['per_example']}).")
   return metrics
 
@@ -70,8 +70,8 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
 
   Raises:
     CheckpointNotFoundError: ``workdir`` holds no readable checkpoint.
-    rundir.ConfigDriftError: ``config`` is not the one the run was trained with.
-    rundir.NonFiniteMetricsError: the metrics are not finite (nothing is written).
+    errors.ConfigDriftError: ``config`` is not the one the run was trained with.
+    errors.NonFiniteMetricsError: the metrics are not finite (nothing is written).
 
   Reads the run directory without changing it (checkpoints opened read-only),
   so it may run while training writes the same workdir. With ``config.eval.reuse``
@@ -218,11 +218,11 @@ def _metrics(config, splits: data.Splits, setup, params, res: dict[str, np.ndarr
 
 
 def _check_finite(metrics: dict[str, Any], step: int, workdir: str) -> None:
-  """Raises rundir.NonFiniteMetricsError if a mean is not finite (nothing is written then)."""
+  """Raises errors.NonFiniteMetricsError if a mean is not finite (nothing is written then)."""
   bad = [k for k in ("test_nll", "test_elbo", "test_recon", "test_kl")
          if not np.isfinite(metrics[k])]
   if bad:
-    raise rundir.NonFiniteMetricsError(
+    raise errors.NonFiniteMetricsError(
         f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
         f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
         "(e.g. with a lower learning_rate).")
@@ -258,14 +258,14 @@ def lock_out_dir(out_dir: str) -> int | None:
     locks (then nothing stops a second evaluation).
 
   Raises:
-    rundir.WorkdirLockedError: another evaluation writes ``out_dir`` now.
+    errors.WorkdirLockedError: another evaluation writes ``out_dir`` now.
     errors.ReadOnlyError, errors.DiskFullError: ``out_dir`` cannot be created.
   """
   state, fd = rundir.take_flock(out_dir, out_dir, os.O_RDONLY,
                                 f"the evaluation outputs in {out_dir}")
   if state == "held":
     os.close(fd)
-    raise rundir.WorkdirLockedError(
+    raise errors.WorkdirLockedError(
         f"{out_dir} is being written by another evaluation: wait for it to finish, or give "
         "this one another --config.eval.out_dir.") from None
   return fd

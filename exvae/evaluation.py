@@ -32,7 +32,7 @@ from exvae.objectives import Setup, log_importance_weights
 
 PyTree = Any
 
-SCORES = ("log_px_iwae", "elbo", "recon", "kl", "max_err")   # what evaluate_split returns
+SPLIT_SCORES = ("log_px_iwae", "elbo", "recon", "kl", "max_err")   # what evaluate_split returns
 
 
 # ----------------------------------------------------------------------------
@@ -51,7 +51,9 @@ def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setu
     setup: static run description.
 
   Returns:
-    The context :func:`eval_batch` and :func:`picture_batch` take.
+    The context :func:`eval_batch` and :func:`picture_batch` take, of the prior's
+    own type (the exemplar prior's :class:`~exvae.priors.ExemplarContext` with
+    ``full_bank=True``; None for a prior that needs none).
   """
   inputs = setup.context_inputs(pool, key)
   ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
@@ -120,7 +122,7 @@ def _score_batch(params: PyTree, setup: Setup, ctx: PyTree, xb: jax.Array, key: 
   in float64.
 
   Returns:
-    dict of (B,) arrays, the keys of :data:`SCORES`.
+    dict of (B,) arrays, the keys of :data:`SPLIT_SCORES`.
   """
   lse, sw, spx, skl, mx = None, 0.0, 0.0, 0.0, 0.0
   remaining = num_samples
@@ -211,7 +213,7 @@ def evaluate_split(params: PyTree, setup: Setup, ctx: PyTree, xs: np.ndarray, ke
   chunk = min(num_samples, max_queries)
   batch = max(1, min(m, max_queries // chunk))
   n_batches = math.ceil(m / batch)
-  out = {k: np.zeros(m, np.float64) for k in SCORES}
+  out = {k: np.zeros(m, np.float64) for k in SPLIT_SCORES}
   identity, start = None, 0
   if partial_path is not None:
     identity = atomic.dumps({"given": partial_identity, "m": int(m), "batch": int(batch),
@@ -228,7 +230,7 @@ def evaluate_split(params: PyTree, setup: Setup, ctx: PyTree, xs: np.ndarray, ke
     lo, hi = b * batch, min((b + 1) * batch, m)
     scores = _score_batch(params, setup, ctx, _padded(xs, lo, hi, batch),
                           jax.random.fold_in(key, b), num_samples, chunk)
-    for k in SCORES:
+    for k in SPLIT_SCORES:
       out[k][lo:hi] = scores[k][: hi - lo]
     reporters.update(hi - lo)
     if b + 1 == n_batches:

@@ -19,7 +19,7 @@ import numpy as np
 
 from exvae import atomic
 
-IDENTITY = "identity"     # the name of the identity string in the archive
+IDENTITY_KEY = "identity"     # the name of the identity string in the archive
 
 
 def save(path: str, identity: str, arrays: Mapping[str, Any]) -> None:
@@ -28,10 +28,10 @@ def save(path: str, identity: str, arrays: Mapping[str, Any]) -> None:
   Args:
     path: the ``.npz`` file.
     identity: what the arrays depend on (compared as a string by :func:`load`).
-    arrays: name -> array (not named :data:`IDENTITY`).
+    arrays: name -> array (not named :data:`IDENTITY_KEY`).
   """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_npz_checked(path, {**arrays, IDENTITY: np.str_(identity)})
+  atomic.write_npz_checked(path, {**arrays, IDENTITY_KEY: np.str_(identity)})
 
 
 def load(path: str, identity: str, like: Mapping[str, Any], *, what: str, restart: str,
@@ -58,7 +58,7 @@ def load(path: str, identity: str, like: Mapping[str, Any], *, what: str, restar
     return None
   try:
     arrays = atomic.read_npz_checked(path)   # its arrays match the digest written with them
-    same = str(arrays.pop(IDENTITY)) == identity
+    same = str(arrays.pop(IDENTITY_KEY)) == identity
   except atomic.NPZ_READ_ERRORS as e:
     print(f"{path}: unreadable {what} ({type(e).__name__}: {e}); {restart}", flush=True)
     return None

@@ -5,7 +5,7 @@ A workdir belongs to the run that started it:
 * **One writer.**  ``train.py`` takes an exclusive ``flock`` on
   ``<workdir>/.lock`` (:class:`WorkdirLock`) before it reads or writes
   anything in the run directory; a second writer gets a
-  :class:`WorkdirLockedError` naming the holder.  The kernel drops the lock
+  :class:`~exvae.errors.WorkdirLockedError` naming the holder.  The kernel drops the lock
   when the process exits, however it exits (a crash or SIGKILL leaves no
   stale lock).
 * **The config a run started with.**  ``config.json`` is written when a run
@@ -14,7 +14,7 @@ A workdir belongs to the run that started it:
   training, logging, checkpoint cadence, evaluation settings, devices) may
   change and are recorded in ``config_changes.jsonl``; any other difference
   changes the model, the data or the optimisation and is a
-  :class:`ConfigDriftError` naming the keys, unless the writer is told to
+  :class:`~exvae.errors.ConfigDriftError` naming the keys, unless the writer is told to
   allow it (then ``config.json`` takes the new values and the change is
   recorded).  A missing or unreadable ``config.json`` cannot be checked and
   counts as drift too; when allowed, the unreadable file is kept aside
@@ -23,13 +23,13 @@ A workdir belongs to the run that started it:
 * **The data a run started with.**  A user's data set (``npz:PATH`` or a
   plug-in) is recorded in ``data_identity.json``: its path (or plug-in spec)
   and the SHA-256 of its arrays.  A resume whose data holds other arrays is a
-  :class:`ConfigDriftError` unless allowed (then recorded), and a reader
+  :class:`~exvae.errors.ConfigDriftError` unless allowed (then recorded), and a reader
   (evaluation, the uses) on other arrays is refused
   (:func:`check_data_identity`, :func:`check_reader_data`).  The built-in data
   sets are named by the config alone.
 * **A history that never shrinks.**  A fresh start in a workdir whose files
   show that a run there had saved checkpoints (records past the first save,
-  evaluation outputs, recorded config changes) is a :class:`HistoryError`
+  evaluation outputs, recorded config changes) is a :class:`~exvae.errors.HistoryError`
   unless told to overwrite; then the earlier files move into
   ``previous/<time>/`` (:func:`check_history`).
 * **metrics.jsonl without duplicates.**  A resume from step s sets aside
@@ -37,11 +37,12 @@ A workdir belongs to the run that started it:
   writes again, and torn, non-finite and duplicated lines, into
   ``metrics.rejected.jsonl`` (never deleted); the damaged lines and a file
   that ends before the checkpoint are reported in one line.
-* **Typed errors.**  Expected failures raise :class:`RunDirError` subclasses
-  (each with its ``exit_code``: a bad config, a second writer, a full disk, a
-  read-only filesystem, a corrupt checkpoint or bank, SIGTERM); the classes
-  live in :mod:`exvae.errors` and are re-exported here, and the command-line
-  programs report them in one line (:mod:`exvae.cli.exits`).
+* **Typed errors.**  Expected failures raise :class:`~exvae.errors.RunDirError`
+  subclasses (each with its ``exit_code``: a bad config, a second writer, a
+  full disk, a read-only filesystem, a corrupt checkpoint or bank, SIGTERM);
+  the classes live in :mod:`exvae.errors`, the one module to import them
+  from, and the command-line programs report them in one line
+  (:mod:`exvae.cli.exits`).
 """
 
 from __future__ import annotations
@@ -58,11 +59,6 @@ import warnings
 from typing import Any
 
 from exvae import atomic, errors
-# Defined in exvae.errors (below this module and exvae.checkpoints); re-exported here.
-from exvae.errors import (  # noqa: F401  (public names of this module)
-    CheckpointMismatchError, CheckpointNotFoundError, ConfigDriftError, ConfigError,
-    DiskFullError, HistoryError, Interrupted, NonFiniteMetricsError, ReadOnlyError,
-    RunDirError, WorkdirLockedError, is_disk_full, is_read_only)
 
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -113,7 +109,7 @@ def take_flock(directory: str, path: str, flags: int, what: str) -> tuple[str, i
     read ``fd``, then closes it); ``("unsupported", None)`` on a filesystem without locks.
 
   Raises:
-    ReadOnlyError, DiskFullError: ``directory`` or ``path`` cannot be created.
+    errors.ReadOnlyError, errors.DiskFullError: ``directory`` or ``path`` cannot be created.
   """
   try:
     os.makedirs(directory, exist_ok=True)
@@ -153,9 +149,9 @@ class WorkdirLock:
     """Takes the lock (without waiting).
 
     Raises:
-      WorkdirLockedError: another process holds it.
-      ReadOnlyError: the workdir cannot be written.
-      DiskFullError: no space left to create it.
+      errors.WorkdirLockedError: another process holds it.
+      errors.ReadOnlyError: the workdir cannot be written.
+      errors.DiskFullError: no space left to create it.
     """
     state, fd = take_flock(self.workdir, self.path, os.O_RDWR | os.O_CREAT,
                            f"the run directory {self.workdir}")
@@ -169,7 +165,7 @@ class WorkdirLock:
       except (OSError, ValueError):
         pass
       os.close(fd)
-      raise WorkdirLockedError(
+      raise errors.WorkdirLockedError(
           f"{self.workdir} is being written by another train.py{holder}. Wait for it to "
           "finish (or stop it), or use another --workdir.", info) from None
     if state == "unsupported":
@@ -387,7 +383,7 @@ def check_edited_config(workdir: str, *, allow_change: bool, write: bool) -> dic
     The edited keys, ``key -> (recorded, file)``.
 
   Raises:
-    ConfigDriftError: keys outside :data:`MAY_CHANGE` were edited, without ``allow_change``.
+    errors.ConfigDriftError: keys outside :data:`MAY_CHANGE` were edited, without ``allow_change``.
   """
   rec = recorded_run_config(workdir)
   stored, _ = _load_stored_config(workdir)
@@ -396,7 +392,7 @@ def check_edited_config(workdir: str, *, allow_change: bool, write: bool) -> dic
   path = os.path.join(workdir, CONFIG_FILE)
   allowed, forbidden = _edited_keys(rec, stored, MAY_CHANGE)
   if forbidden and not allow_change:
-    raise ConfigDriftError(
+    raise errors.ConfigDriftError(
         f"{path} is not the config {rec['where']} was saved with: it was edited since "
         f"({_edit_text(forbidden)}). Restore the saved values, or pass "
         "--allow_config_change to resume with the edited file (recorded).")
@@ -436,7 +432,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
     The differing keys, ``key -> (stored, current)``.
 
   Raises:
-    ConfigDriftError: a resume changes keys that may not change, or the
+    errors.ConfigDriftError: a resume changes keys that may not change, or the
       stored config is missing or unreadable, without ``allow_change``.
   """
   current = config_dict(config)
@@ -449,7 +445,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
   stored, problem = _load_stored_config(workdir)
   if stored is None:
     if not allow_change:
-      raise ConfigDriftError(
+      raise errors.ConfigDriftError(
           f"Resuming {workdir}, whose {CONFIG_FILE} is {problem}: this config cannot be checked "
           "against the one the run started with. Restore the file, use a new --workdir, or pass "
           "--allow_config_change to continue with this config (recorded; an unreadable file "
@@ -467,7 +463,7 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
     warnings.warn(f"{path} and this config differ in keys only one of them has ({unknown}); "
                   "accepted unchecked (a config.json written by another version?).", stacklevel=2)
   if forbidden and not allow_change:
-    raise ConfigDriftError(
+    raise errors.ConfigDriftError(
         f"Resuming {workdir} with a config that changes the model, data or optimisation: "
         f"{_changes_text(forbidden)}. Resume with the run's config (see {path}), use a new "
         "--workdir, or pass --allow_config_change to continue with the new values.")
@@ -500,7 +496,7 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
       reader most likely wanted instead), e.g. :data:`EVAL_HINTS`.
 
   Raises:
-    ConfigDriftError: keys outside :data:`MAY_DIFFER_FOR_READERS` differ.
+    errors.ConfigDriftError: keys outside :data:`MAY_DIFFER_FOR_READERS` differ.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   stored, problem = _load_stored_config(workdir)
@@ -514,7 +510,7 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
   elif rec is not None and atomic.json_digest(stored) != rec["config_sha256"]:
     _, forbidden = _edited_keys(rec, stored, MAY_DIFFER_FOR_READERS)
     if forbidden:
-      raise ConfigDriftError(
+      raise errors.ConfigDriftError(
           f"{path} is not the config {rec['where']} records: it was edited since "
           f"({_edit_text(forbidden)}), and the numbers would not be this run's. Restore "
           "the recorded values.")
@@ -522,7 +518,7 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
   if forbidden:
     hints = hints or {}
     hint = "".join(f" {hints[k]}" for k in forbidden if k in hints)
-    raise ConfigDriftError(
+    raise errors.ConfigDriftError(
         f"This config differs from the one {workdir} was trained with in "
         f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
         f"Pass the run's config and overrides (see {path}).{hint}")
@@ -571,14 +567,14 @@ def check_data_identity(workdir: str, identity: dict | None, *, resuming: bool,
     write: write ``data_identity.json`` (the primary process).
 
   Raises:
-    ConfigDriftError: a resume on other arrays (or another file) without ``allow_change``.
+    errors.ConfigDriftError: a resume on other arrays (or another file) without ``allow_change``.
   """
   if identity is None:
     return
   stored = read_data_identity(workdir)
   if resuming and stored is not None and stored != identity:
     if not allow_change:
-      raise ConfigDriftError(
+      raise errors.ConfigDriftError(
           f"Resuming {workdir} on other data: {_data_change(stored, identity)}. Restore the "
           "data set, use a new --workdir, or pass --allow_config_change to continue on this "
           "data (recorded).")
@@ -595,12 +591,12 @@ def check_reader_data(workdir: str, identity: dict | None) -> None:
   """A reader's data check: a user's data set must hold the arrays the run was trained on.
 
   Raises:
-    ConfigDriftError: the run recorded a data identity and ``identity`` differs.
+    errors.ConfigDriftError: the run recorded a data identity and ``identity`` differs.
   """
   stored = read_data_identity(workdir)
   if stored is None or stored == identity:
     return
-  raise ConfigDriftError(
+  raise errors.ConfigDriftError(
       f"Reading {workdir} on other data: {_data_change(stored, identity)}: the numbers would "
       "not be this run's. Restore the data the run trained on, or train a new run.")
 
@@ -711,13 +707,13 @@ def check_history(workdir: str, config, *, overwrite: bool) -> None:
     overwrite: move the earlier files into ``previous/<time>/`` and start afresh.
 
   Raises:
-    HistoryError: the workdir holds another run's history and ``overwrite`` is False.
+    errors.HistoryError: the workdir holds another run's history and ``overwrite`` is False.
   """
   found = history_after_a_save(workdir, int(config.checkpoint_every_steps))
   if not found:
     return
   if not overwrite:
-    raise HistoryError(
+    raise errors.HistoryError(
         f"{workdir} holds the history of an earlier run ({', '.join(found)}) but no checkpoint "
         "to resume: starting afresh would mix with it. Use a new --workdir, restore the "
         "checkpoints, or pass --overwrite to move the earlier files into "

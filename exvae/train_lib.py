@@ -32,8 +32,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import (atomic, checkpoints, config_checks, data, distributed, evaluation, pictures,
-                   plugins, rng, rundir, runinfo, writers)
+from exvae import (atomic, checkpoints, config_checks, data, distributed, errors, evaluation,
+                   pictures, plugins, rng, rundir, runinfo, writers)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
@@ -583,8 +583,8 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
     NonFiniteLossError: a step produced a non-finite loss, or the validation
       loss is not finite (:class:`NonFiniteValidationError`); the last good
       checkpoint is left intact (a state after non-finite steps is never saved).
-    rundir.DiskFullError: a save failed for lack of space; training stops there.
-    rundir.Interrupted: SIGTERM; a checkpoint of the current step was saved.
+    errors.DiskFullError: a save failed for lack of space; training stops there.
+    errors.Interrupted: SIGTERM; a checkpoint of the current step was saved.
   """
   splits, pool, setup, book, state = _prepare(config, workdir, mesh, allow_config_change)
   n, spe, meta = setup.num_train, setup.steps_per_epoch, book.meta
@@ -636,7 +636,7 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
     signal.signal(signal.SIGTERM, prev_handler)
     book.finish(state, sys.exc_info()[1])
   if stop:
-    raise rundir.Interrupted(
+    raise errors.Interrupted(
         f"SIGTERM at step {int(state.step)}: checkpoint saved in {book.manager.directory}; "
         "run the same command to resume.")
   summary.update(step=int(state.step), epochs=int(state.step) / spe,

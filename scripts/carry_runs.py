@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exvae import rundir  # noqa: E402
+from exvae import errors, rundir  # noqa: E402
 
 CARRY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "carry")
 # Not carried: the writer lock (held by the packing process itself), steps that failed to
@@ -134,7 +134,7 @@ def pack(workdir: str, out_path: str) -> dict:
     raise CarryError(f"no run directory {workdir}")
   try:
     lock = rundir.WorkdirLock(workdir).acquire()
-  except rundir.WorkdirLockedError as e:
+  except errors.WorkdirLockedError as e:
     raise CarryError(f"{e} Stop it with SIGTERM (it saves a checkpoint as it stops), "
                      "then pack, or pack with --stop.") from None
   try:

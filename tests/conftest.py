@@ -113,3 +113,14 @@ def train_traced_once(c, steps: int):
 @pytest.fixture
 def test_config():
   return load_config("test")
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+  """A finished 2-epoch run of configs/test.py (128 steps, checkpoints every 10), trained once
+  per test process and shared by every module that asks for it (test_faults, test_uses,
+  test_uses_signals): read it, or copy it before changing anything."""
+  from exvae import train_lib
+  wd = str(tmp_path_factory.mktemp("trained") / "run")
+  train_lib.train_and_evaluate(load_config("test"), wd)
+  return wd

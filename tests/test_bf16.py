@@ -273,36 +273,36 @@ def test_cli_bad_value_is_one_line(tmp_path):
 
 
 def test_readers_may_change_matmul_dtype_a_resume_may_not(tmp_path):
-  from exvae import rundir
+  from exvae import errors, rundir
   wd = str(tmp_path)
   rundir.check_config_drift(wd, load_config("test", matmul_dtype="bfloat16"), resuming=False)
   rundir.check_reader_config(wd, load_config("test"))       # evaluate in float32: fine
-  with pytest.raises(rundir.ConfigDriftError, match="matmul_dtype"):
+  with pytest.raises(errors.ConfigDriftError, match="matmul_dtype"):
     rundir.check_config_drift(wd, load_config("test"), resuming=True)
   assert rundir.check_config_drift(wd, load_config("test"), resuming=True, allow_change=True)
 
 
 def test_a_reader_that_shrinks_max_test_is_told_the_evaluation_key(tmp_path):
-  from exvae import rundir
+  from exvae import errors, rundir
   wd = str(tmp_path)
   rundir.check_config_drift(wd, load_config("test"), resuming=False)
-  with pytest.raises(rundir.ConfigDriftError) as e:
+  with pytest.raises(errors.ConfigDriftError) as e:
     rundir.check_reader_config(wd, load_config("test", max_test=20), rundir.EVAL_HINTS)
   msg = str(e.value)
   assert "max_test" in msg and "--config.eval.max_test_examples=n" in msg and "\n" not in msg
-  with pytest.raises(rundir.ConfigDriftError) as e:          # no hint where none applies
+  with pytest.raises(errors.ConfigDriftError) as e:          # no hint where none applies
     rundir.check_reader_config(wd, load_config("test", latent_dim=5), rundir.EVAL_HINTS)
   assert "max_test_examples" not in str(e.value)
-  with pytest.raises(rundir.ConfigDriftError) as e:          # kNN and the bank do not read it
+  with pytest.raises(errors.ConfigDriftError) as e:          # kNN and the bank do not read it
     rundir.check_reader_config(wd, load_config("test", max_test=20))
   assert "max_test_examples" not in str(e.value)
   rundir.check_reader_config(wd, load_config("test", **{"eval.max_test_examples": 20}))
 
 
 def test_readers_may_score_another_test_binarisation_a_resume_may_not(tmp_path):
-  from exvae import rundir
+  from exvae import errors, rundir
   wd = str(tmp_path)
   rundir.check_config_drift(wd, load_config("test"), resuming=False)
   rundir.check_reader_config(wd, load_config("test", eval_binarize="reference"))
-  with pytest.raises(rundir.ConfigDriftError, match="eval_binarize"):
+  with pytest.raises(errors.ConfigDriftError, match="eval_binarize"):
     rundir.check_config_drift(wd, load_config("test", eval_binarize="reference"), resuming=True)

@@ -46,7 +46,7 @@ def _bank_fn(budget_mb):
   _, mparams, _, ctx_of = _exact_context(40, 30, chunk=8, remat_mb=budget_mb)
 
   def bank_sum(mp, key):
-    return jnp.sum(jnp.sin(ctx_of(mp, key)["bank"]))     # a nonlinear read of every code
+    return jnp.sum(jnp.sin(ctx_of(mp, key).bank))     # a nonlinear read of every code
 
   return bank_sum, mparams
 
@@ -121,14 +121,14 @@ def test_exact_bank_encodes_distinct_rows_once_with_the_same_codes_and_grads(bin
   model, mparams, pool, ctx_of = _exact_context(n, m, binarize)
   key = jax.random.PRNGKey(3)
   ctx = jax.jit(ctx_of)(mparams, key)
-  cand = np.asarray(ctx["bank_ids"])
+  cand = np.asarray(ctx.bank_ids)
   assert len(np.unique(cand)) < m                          # the draw repeats exemplars
   # Codes: the encoder means of every drawn row (repeats included).
   ref_codes = np.asarray(model.encode_mean(mparams, pool[cand])) if not binarize else None
   if ref_codes is not None:
-    np.testing.assert_allclose(np.asarray(ctx["bank"]), ref_codes, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ctx.bank), ref_codes, rtol=2e-5, atol=2e-5)
   # Repeated draws have identical codes (same bits for the same exemplar).
-  bank = np.asarray(ctx["bank"])
+  bank = np.asarray(ctx.bank)
   first = {}
   for r, i in enumerate(cand):
     if i in first:
@@ -138,11 +138,11 @@ def test_exact_bank_encodes_distinct_rows_once_with_the_same_codes_and_grads(bin
   orig = exemplar_mod.distinct_capacity
   try:
     exemplar_mod.distinct_capacity = lambda n_, m_, sigmas=10.0: m_   # disable the saving
-    f_plain = lambda mp: jnp.sum(jnp.sin(ctx_of(mp, key)["bank"]))
+    f_plain = lambda mp: jnp.sum(jnp.sin(ctx_of(mp, key).bank))
     v0, g0 = jax.value_and_grad(f_plain)(mparams)
   finally:
     exemplar_mod.distinct_capacity = orig
-  f_dist = lambda mp: jnp.sum(jnp.sin(ctx_of(mp, key)["bank"]))
+  f_dist = lambda mp: jnp.sum(jnp.sin(ctx_of(mp, key).bank))
   v1, g1 = jax.value_and_grad(f_dist)(mparams)
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -165,11 +165,11 @@ def test_exact_bank_encodes_only_capacity_rows_and_stays_consistent_past_it():
     ctx = ctx_of(mparams, key)
   finally:
     exemplar_mod.distinct_capacity = orig
-  ids = np.asarray(ctx["bank_ids"])
+  ids = np.asarray(ctx.bank_ids)
   assert ids.shape == (m,) and len(np.unique(ids)) <= 10
-  drawn = np.asarray(ctx_of(mparams, key)["bank_ids"])
+  drawn = np.asarray(ctx_of(mparams, key).bank_ids)
   assert set(ids.tolist()) <= set(drawn.tolist())
-  np.testing.assert_allclose(np.asarray(ctx["bank"]),
+  np.testing.assert_allclose(np.asarray(ctx.bank),
                              np.asarray(model.encode_mean(mparams, pool[ids])),
                              rtol=2e-5, atol=2e-5)
 

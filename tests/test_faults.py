@@ -20,18 +20,11 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import bank as bank_lib
-from exvae import checkpoints, config_checks, eval_lib, evaluation, rundir, train_lib
+from exvae import (checkpoints, config_checks, errors, eval_lib, evaluation, rundir,
+                   train_lib)
 from exvae.uses import commands
 
 PY = sys.executable
-
-
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-  """A finished 2-epoch run of configs/test.py (128 steps, checkpoints every 10)."""
-  wd = str(tmp_path_factory.mktemp("faults") / "run")
-  train_lib.train_and_evaluate(load_config("test"), wd)
-  return wd
 
 
 def _copy(src, tmp_path, name="run"):
@@ -207,7 +200,7 @@ def test_a_second_writer_gets_one_clear_line_and_changes_nothing(trained_dir, tm
   wd = _copy(trained_dir, tmp_path)
   before = _snapshot(wd)
   with rundir.WorkdirLock(wd):
-    with pytest.raises(rundir.WorkdirLockedError, match="being written by another"):
+    with pytest.raises(errors.WorkdirLockedError, match="being written by another"):
       train_lib.train_and_evaluate(load_config("test", num_epochs=3, seed=5), wd)
     r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
              "--config.num_epochs=3")
@@ -223,7 +216,7 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
           "rundir.WorkdirLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(60)")
   p = subprocess.Popen([PY, "-c", code, ROOT, wd], stdout=subprocess.PIPE, text=True)
   assert p.stdout.readline().strip() == "locked"
-  with pytest.raises(rundir.WorkdirLockedError):
+  with pytest.raises(errors.WorkdirLockedError):
     rundir.WorkdirLock(wd).acquire()
   p.send_signal(signal.SIGKILL)
   p.wait()
@@ -240,16 +233,16 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     ("val_every_epochs", 0), ("eval.max_queries", 0), ("early_stopping_patience", 0),
     ("learning_rate", float("nan")), ("learning_rate", float("inf"))])
 def test_bad_config_values_are_errors_naming_the_key(key, value):
-  with pytest.raises(rundir.ConfigError, match=key.replace(".", r"\.")):
+  with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")):
     config_checks.check_values(load_config("test", **{key: value}))
 
 
 def test_num_exemplars_and_rat_k_beyond_the_training_set_are_errors():
   c = load_config("test", **{"exemplar.num_exemplars": 5000})
-  with pytest.raises(rundir.ConfigError, match="num_exemplars=5000 exceeds the 1297"):
+  with pytest.raises(errors.ConfigError, match="num_exemplars=5000 exceeds the 1297"):
     train_lib.make_setup(c, train_lib.load_data(c))
   c = load_config("test", **{"exemplar.rat": True, "exemplar.rat_k": 65})
-  with pytest.raises(rundir.ConfigError, match="rat_k=65 exceeds the 64"):
+  with pytest.raises(errors.ConfigError, match="rat_k=65 exceeds the 64"):
     train_lib.make_setup(c, train_lib.load_data(c))
 
 
@@ -257,7 +250,7 @@ def test_num_exemplars_and_rat_k_beyond_the_training_set_are_errors():
 def test_keep_checkpoints_zero_keeps_every_checkpoint(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   steps = _steps(wd)
-  with pytest.raises(rundir.ConfigError, match="keep_checkpoints"):
+  with pytest.raises(errors.ConfigError, match="keep_checkpoints"):
     train_lib.train_and_evaluate(load_config("test", num_epochs=3, keep_checkpoints=0), wd)
   assert _steps(wd) == steps
 
@@ -266,11 +259,11 @@ def test_resume_with_a_changed_model_or_data_is_an_error_naming_the_keys(trained
   wd = _copy(trained_dir, tmp_path)
   stored = open(os.path.join(wd, "config.json")).read()
   before = _snapshot(wd)
-  with pytest.raises(rundir.ConfigDriftError, match=r"max_train 0 -> 500.*seed 0 -> 3"):
+  with pytest.raises(errors.ConfigDriftError, match=r"max_train 0 -> 500.*seed 0 -> 3"):
     train_lib.train_and_evaluate(load_config("test", num_epochs=3, max_train=500, seed=3), wd)
   assert _snapshot(wd) == before and open(os.path.join(wd, "config.json")).read() == stored
   # Readers too: another latent size or data set is not this run.
-  with pytest.raises(rundir.ConfigDriftError, match="latent_dim 4 -> 5"):
+  with pytest.raises(errors.ConfigDriftError, match="latent_dim 4 -> 5"):
     eval_lib.evaluate(load_config("test", latent_dim=5), wd)
 
 
@@ -369,7 +362,7 @@ def test_eval_refuses_to_write_non_finite_metrics(trained_dir, tmp_path, monkeyp
     return dict(out, log_px_iwae=np.full_like(out["log_px_iwae"], np.nan))
 
   monkeypatch.setattr(evaluation, "evaluate_split", diverged)
-  with pytest.raises(rundir.NonFiniteMetricsError, match="test_nll=nan.*not written"):
+  with pytest.raises(errors.NonFiniteMetricsError, match="test_nll=nan.*not written"):
     eval_lib.evaluate(load_config("test"), wd)
   assert not os.path.exists(os.path.join(wd, "eval_metrics.json"))
 
@@ -386,7 +379,7 @@ def test_a_full_disk_stops_training_at_the_first_failed_save(tmp_path, monkeypat
     return await real(self, *args, **kwargs)
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
-  with pytest.raises(rundir.DiskFullError) as e:
+  with pytest.raises(errors.DiskFullError) as e:
     train_lib.train_and_evaluate(load_config("test", max_steps=40), wd)
   msg = str(e.value)
   assert os.path.join(wd, "checkpoints") in msg and "free" in msg and "needs about" in msg
@@ -513,9 +506,9 @@ def test_a_command_reports_expected_errors_in_one_line(capsys, monkeypatch):
         exits.fail("exvae-test", e)
     return main
 
-  cases = [(rundir.DiskFullError("Disk full while saving checkpoint step 3 in /x"), 1),
+  cases = [(errors.DiskFullError("Disk full while saving checkpoint step 3 in /x"), 1),
            (OSError(errno.ENOSPC, "No space left on device"), 1),
-           (rundir.Interrupted("SIGTERM at step 3"), 143),
+           (errors.Interrupted("SIGTERM at step 3"), 143),
            (bank_lib.BankFileError("b.npz is corrupt"), 1)]
   for exc, code in cases:
     with pytest.raises(SystemExit) as e:
@@ -525,6 +518,15 @@ def test_a_command_reports_expected_errors_in_one_line(capsys, monkeypatch):
     assert len(err.strip().splitlines()) == 1, err
   with pytest.raises(KeyError):                 # a bug keeps its traceback
     fails(KeyError("internal"))([])
+
+
+def test_the_typed_errors_have_one_import_path():
+  """The run directory's errors are imported from exvae.errors: exvae.rundir, which raises
+  most of them, does not also hand them out as names of its own."""
+  own = [n for n, v in vars(errors).items()
+         if not n.startswith("_") and getattr(v, "__module__", None) == errors.__name__]
+  assert {"RunDirError", "ConfigDriftError", "WorkdirLockedError", "is_disk_full"} <= set(own)
+  assert [n for n in own if hasattr(rundir, n)] == []
 
 
 _TEARDOWN_SCRIPT = r"""

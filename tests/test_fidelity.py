@@ -148,14 +148,14 @@ def test_exemplars_are_encoded_from_grey_levels_by_default(binarize):
   inputs = setup.context_inputs(pool, key, x=pool[ids], ids=ids,
                                 mu=model.encode_mean(mparams, pool[ids]))
   ctx, _ = prior.context({"log_var": jnp.float32(0.)}, {}, model, mparams, inputs, train=True)
-  grey = np.asarray(model.encode_mean(mparams, pool[np.asarray(ctx["bank_ids"])]))
-  same = np.allclose(np.asarray(ctx["bank"]), grey, rtol=1e-5, atol=1e-5)
+  grey = np.asarray(model.encode_mean(mparams, pool[np.asarray(ctx.bank_ids)]))
+  same = np.allclose(np.asarray(ctx.bank), grey, rtol=1e-5, atol=1e-5)
   assert same != binarize
   # The evaluation bank too (all N exemplars, no gradients).
   ectx = evaluation.eval_context({"model": mparams, "prior": {"log_var": jnp.float32(0.)}},
                                  pool, key, setup=setup)
   full = np.asarray(model.encode_mean(mparams, pool))
-  assert np.allclose(np.asarray(ectx["bank"]), full, rtol=1e-5, atol=1e-5) != binarize
+  assert np.allclose(np.asarray(ectx.bank), full, rtol=1e-5, atol=1e-5) != binarize
 
 
 def _reference_rat_log_p_z(mu, z, ids, cache, cand, k, log_var, encode):
@@ -202,10 +202,10 @@ def test_rat_reference_mode_matches_the_reference_neighbourhood_and_normalisatio
   encode = lambda r: np.asarray(model.encode_mean(mparams, pool[r]), np.float64)
   want, want_ids, n_pos = _reference_rat_log_p_z(mu, z.astype(np.float64), ids, cache, cand, 4,
                                                  0.4, encode)
-  mask = np.asarray(ctx["bank_mask"])
+  mask = np.asarray(ctx.bank_mask)
   assert mask.sum() == n_pos                         # one component per candidate position
-  assert set(np.asarray(ctx["bank_ids"])[mask].tolist()) == want_ids
-  assert "log_norm" not in ctx
+  assert set(np.asarray(ctx.bank_ids)[mask].tolist()) == want_ids
+  assert ctx.log_norm is None
   got = np.asarray(prior.log_prob(params, jnp.asarray(z), ctx, jnp.asarray(ids)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, leftover_temporaries, load_config, load_script
-from exvae import atomic, checkpoints, eval_lib, evaluation, rundir, train_lib, writers
+from exvae import (atomic, checkpoints, errors, eval_lib, evaluation, rundir, train_lib,
+                   writers)
 from test_faults import _copy, _steps, _template
 
 PY = sys.executable
@@ -152,7 +153,7 @@ def test_a_resume_that_changes_shapes_is_one_clear_error(run40, tmp_path, capfd)
   and nothing claims that the refused change was recorded."""
   wd = _copy(run40, tmp_path)
   capfd.readouterr()
-  with pytest.raises(rundir.CheckpointMismatchError, match=r"another model .* there and"):
+  with pytest.raises(errors.CheckpointMismatchError, match=r"another model .* there and"):
     train_lib.train_and_evaluate(load_config("test", max_steps=50, latent_dim=5), wd,
                                  allow_config_change=True)
   assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))
@@ -179,7 +180,7 @@ def test_an_unreadable_or_missing_config_json_counts_as_drift(run40, tmp_path, d
   before = open(path, "rb").read() if damage == "garbage" else None
   c = load_config("test", max_steps=50, learning_rate=1e-4)
   problem = {"garbage": "unreadable", "missing": "missing"}[damage]
-  with pytest.raises(rundir.ConfigDriftError, match=f"config.json is {problem}"):
+  with pytest.raises(errors.ConfigDriftError, match=f"config.json is {problem}"):
     train_lib.train_and_evaluate(c, wd)
   assert (open(path, "rb").read() if os.path.exists(path) else None) == before
   assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
@@ -244,7 +245,7 @@ def test_a_fresh_start_over_an_earlier_history_is_refused_unless_overwrite(run40
   metrics = open(os.path.join(wd, "metrics.jsonl")).read()
   config = open(os.path.join(wd, "config.json")).read()
   c = load_config("test", max_steps=10, learning_rate=1e-3)
-  with pytest.raises(rundir.HistoryError, match="--overwrite") as e:
+  with pytest.raises(errors.HistoryError, match="--overwrite") as e:
     train_lib.train_and_evaluate(c, wd)
   assert "\n" not in str(e.value)
   assert open(os.path.join(wd, "metrics.jsonl")).read() == metrics
@@ -329,7 +330,7 @@ def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40,
 
   monkeypatch.setattr(atomic, "sha256_file", disk_full_at_the_second_file)
   c.eval.seed = 5                                   # other numbers than the first evaluation
-  with pytest.raises(rundir.DiskFullError, match="Disk full while writing"):
+  with pytest.raises(errors.DiskFullError, match="Disk full while writing"):
     eval_lib.evaluate(c, wd)
   assert {n: open(os.path.join(wd, n), "rb").read() for n in names} == before
   assert not leftover_temporaries(wd) and not glob.glob(os.path.join(wd, "*.tmp*"))
@@ -485,11 +486,11 @@ def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
   src, ro = read_only_dir
   shutil.copytree(run40, os.path.join(src, "run"))
   wd = os.path.join(ro, "run")
-  with pytest.raises(rundir.ReadOnlyError, match="Read-only file system"):
+  with pytest.raises(errors.ReadOnlyError, match="Read-only file system"):
     train_lib.train_and_evaluate(load_config("test", max_steps=50), wd)          # resume
-  with pytest.raises(rundir.ReadOnlyError):
+  with pytest.raises(errors.ReadOnlyError):
     train_lib.train_and_evaluate(load_config("test"), os.path.join(ro, "new"))   # a new run
-  with pytest.raises(rundir.ReadOnlyError, match="out_dir"):
+  with pytest.raises(errors.ReadOnlyError, match="out_dir"):
     eval_lib.evaluate(load_config("test", **SMALL), wd)                          # in place
   r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
            "--config.max_steps=50")
@@ -547,11 +548,11 @@ def test_an_edited_config_json_is_refused_by_readers_and_by_a_resume(run40, tmp_
   flipped = not rec["config"]["exemplar"]["binarize_exemplars"]
   _edit_config(wd, **{"exemplar.binarize_exemplars": flipped})
   edited = config_registry.from_json(os.path.join(wd, "config.json"))   # no --config given
-  with pytest.raises(rundir.ConfigDriftError, match="edited since .*binarize_exemplars"):
+  with pytest.raises(errors.ConfigDriftError, match="edited since .*binarize_exemplars"):
     eval_lib.evaluate(edited, wd)
   before = {n: open(os.path.join(wd, n), "rb").read() for n in ("config.json", "metrics.jsonl")}
   edited.max_steps = 50
-  with pytest.raises(rundir.ConfigDriftError, match="checkpoint step 40 was saved with"):
+  with pytest.raises(errors.ConfigDriftError, match="checkpoint step 40 was saved with"):
     train_lib.train_and_evaluate(edited, wd)
   assert _steps(wd)[-1] == 40 and not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
   assert {n: open(os.path.join(wd, n), "rb").read() for n in before} == before
@@ -571,7 +572,7 @@ def test_an_edit_readers_may_differ_in_is_accepted_and_a_missing_record_too(run4
   _edit_config(wd, seed=123)                   # the seed only initialises a reader's template
   rundir.check_reader_config(wd, c)
   _edit_config(wd, max_train=7)                # data: refused
-  with pytest.raises(rundir.ConfigDriftError, match="max_train"):
+  with pytest.raises(errors.ConfigDriftError, match="max_train"):
     rundir.check_reader_config(wd, c)
   # Checkpoints saved before the record existed: nothing to check against, accepted.
   monkeypatch.setattr(checkpoints, "recorded_config", lambda d: None)
@@ -584,7 +585,7 @@ def test_a_reader_without_config_json_checks_the_recorded_config_or_says_it_cann
   os.remove(os.path.join(wd, "config.json"))
   capfd.readouterr()
   rundir.check_reader_config(wd, load_config("test", **SMALL))
-  with pytest.raises(rundir.ConfigDriftError, match="max_train"):
+  with pytest.raises(errors.ConfigDriftError, match="max_train"):
     rundir.check_reader_config(wd, load_config("test", **SMALL, max_train=7))
   assert capfd.readouterr().err == ""
   monkeypatch.setattr(checkpoints, "recorded_config", lambda d: None)
@@ -641,7 +642,7 @@ def test_eval_scalars_are_written_once_and_again_when_missing(tmp_path, monkeypa
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(os, "fsync", full)
-  with pytest.raises(rundir.DiskFullError):
+  with pytest.raises(errors.DiskFullError):
     eval_events.write(m, c, "unused")
   assert os.listdir(tmp_path) == []                                # no empty events file
   monkeypatch.setattr(os, "fsync", real)
@@ -664,7 +665,7 @@ def test_sigterm_stops_an_evaluation_with_its_scores_kept(run40, tmp_path, monke
 
   monkeypatch.setattr(evaluation, "eval_batch", term_at_third)
   before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(rundir.Interrupted, match="SIGTERM after 6 of 40 examples") as e:
+  with pytest.raises(errors.Interrupted, match="SIGTERM after 6 of 40 examples") as e:
     eval_lib.evaluate(c, run40)
   assert e.value.exit_code == 143
   assert int(np.load(tmp_path / "e" / eval_lib.PARTIAL)["done_batches"]) == 3
@@ -676,7 +677,7 @@ def test_a_second_evaluation_into_one_out_dir_is_refused(run40, tmp_path):
   held = eval_lib.lock_out_dir(out)
   try:
     c = load_config("test", **SMALL, **{"eval.out_dir": out})
-    with pytest.raises(rundir.WorkdirLockedError, match="another evaluation"):
+    with pytest.raises(errors.WorkdirLockedError, match="another evaluation"):
       eval_lib.evaluate(c, run40)
   finally:
     os.close(held)

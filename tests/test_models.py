@@ -212,7 +212,7 @@ def test_hierarchical_log_w_terms_and_iwae_s1(model):
   log_q = diag_gaussian_log_prob(z2, mu2, lv2) + diag_gaussian_log_prob(z1, mu1, lv1)
   want = log_px + log_pz2 + diag_gaussian_log_prob(z1, pm1, plv1) - log_q
 
-  log_w, lpx, lpz, lqz = log_importance_weights(params, setup, {}, x, key, 1)
+  log_w, lpx, lpz, lqz = log_importance_weights(params, setup, None, x, key, 1)
   np.testing.assert_allclose(np.asarray(log_w[:, 0]), np.asarray(want), rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(np.asarray(log_w), np.asarray(lpx + lpz - lqz), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(lpx[:, 0]), np.asarray(log_px), rtol=1e-5, atol=1e-3)
@@ -221,17 +221,17 @@ def test_hierarchical_log_w_terms_and_iwae_s1(model):
   _, k_z = jax.random.split(key)
   loss, _ = elbo_loss(params, state.prior_state, setup, x, jnp.full((16,), -1, jnp.int32), key,
                       jnp.float32(1.0), None)
-  lw_kz = log_importance_weights(params, setup, {}, x, k_z, 1)[0]
+  lw_kz = log_importance_weights(params, setup, None, x, k_z, 1)[0]
   np.testing.assert_allclose(float(loss), -float(lw_kz.mean()), rtol=1e-5)
 
   # The IWAE bound with S = 1 is log w itself (same key schedule as evaluate_split).
-  r = evaluation.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=1)
+  r = evaluation.evaluate_split(params, setup, None, np.asarray(x), key, num_samples=1)
   kb = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
-  lw1 = log_importance_weights(params, setup, {}, x, kb, 1)[0][:, 0]
+  lw1 = log_importance_weights(params, setup, None, x, kb, 1)[0][:, 0]
   np.testing.assert_allclose(r["log_px_iwae"], np.asarray(lw1), rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(r["elbo"], np.asarray(lw1), rtol=1e-5, atol=1e-3)
   # More samples tighten the bound (on average).
-  r64 = evaluation.evaluate_split(params, setup, {}, np.asarray(x), key, num_samples=64)
+  r64 = evaluation.evaluate_split(params, setup, None, np.asarray(x), key, num_samples=64)
   assert r64["log_px_iwae"].mean() > r64["elbo"].mean()
 
 

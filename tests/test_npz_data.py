@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from exvae import data, plugins, rundir
+from exvae import data, errors, plugins, rundir
 from exvae.cli import exits
 from exvae.config_checks import check_plugins
 from exvae.data import DataFormatError, DataNotFoundError, user
@@ -248,14 +248,14 @@ def test_rundir_records_the_data_and_refuses_other_arrays(tmp_path, capsys):
   rundir.check_data_identity(wd, dict(ident), resuming=True)     # the same data: fine
   rundir.check_reader_data(wd, dict(ident))
   other = dict(ident, sha256="b" * 64)
-  with pytest.raises(rundir.ConfigDriftError) as e:
+  with pytest.raises(errors.ConfigDriftError) as e:
     rundir.check_data_identity(wd, other, resuming=True)
   _one_line_naming(e.value, "/d/a.npz holds other arrays", "aaaaaaaaaaaa then, bbbbbbbbbbbb now",
                    "--allow_config_change")
-  with pytest.raises(rundir.ConfigDriftError) as e:
+  with pytest.raises(errors.ConfigDriftError) as e:
     rundir.check_reader_data(wd, other)
   _one_line_naming(e.value, "Reading", "/d/a.npz holds other arrays")
-  with pytest.raises(rundir.ConfigDriftError, match="names a built-in data set"):
+  with pytest.raises(errors.ConfigDriftError, match="names a built-in data set"):
     rundir.check_reader_data(wd, None)
   assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
   rundir.check_data_identity(wd, other, resuming=True, allow_change=True)
@@ -382,10 +382,10 @@ def test_train_eval_on_an_npz_and_a_changed_file_is_refused(tmp_path):
   x2 = x[:400].copy()
   x2[5, 3, 3] = 255 - x2[5, 3, 3]
   _npz(path, x_train=x2, y_train=y[:400], x_test=x[400:460], y_test=y[400:460])
-  with pytest.raises(rundir.ConfigDriftError, match="holds other arrays"):
+  with pytest.raises(errors.ConfigDriftError, match="holds other arrays"):
     eval_lib.evaluate(c, wd)
   c2 = load_config("test", dataset=f"npz:{path}", data_source="auto", max_steps=30)
-  with pytest.raises(rundir.ConfigDriftError, match="Resuming .* on other data"):
+  with pytest.raises(errors.ConfigDriftError, match="Resuming .* on other data"):
     train_lib.train_and_evaluate(c2, wd)
   with open(os.path.join(wd, rundir.DATA_FILE)) as f:      # the refused resume changed nothing
     assert json.load(f) == ident

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import bank as bank_lib
-from exvae import eval_lib, published, rundir, train_lib
+from exvae import errors, eval_lib, published, rundir, train_lib
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,9 @@ def test_a_published_config_json_is_checked_against_model_json(run, tmp_path, ca
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(stored, f)
   edited = config_registry.from_json(os.path.join(out, "config.json"))
-  with pytest.raises(rundir.ConfigDriftError, match="model.json records: it was edited"):
+  with pytest.raises(errors.ConfigDriftError, match="model.json records: it was edited"):
     bank_lib.restore_trained(edited, out)
-  with pytest.raises(rundir.ConfigDriftError, match="model.json records"):
+  with pytest.raises(errors.ConfigDriftError, match="model.json records"):
     eval_lib.evaluate(edited, out)
   # Published before model.json recorded the digest: accepted as it is.
   del meta["config_sha256"]

@@ -126,16 +126,16 @@ def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mod
   for step in (0, 5):                            # two batches, two candidate draws
     s = state.replace(step=jnp.asarray(step, state.step.dtype))
     (l0, g0, (c0, st0)), (l1, g1, (c1, st1)) = f0(s), f1(s)
-    mask0, mask1 = np.asarray(c0["bank_mask"]), np.asarray(c1["bank_mask"])
+    mask0, mask1 = np.asarray(c0.bank_mask), np.asarray(c1.bank_mask)
     count = int(mask1.sum())
     assert count == int(mask0.sum())
     # Same components (ids and codes), the distinct ones first; same cache written.
-    ids0 = np.asarray(c0["bank_ids"])[mask0]
-    np.testing.assert_array_equal(np.asarray(c1["bank_ids"])[:count], ids0)
-    np.testing.assert_allclose(np.asarray(c1["bank"])[:count], np.asarray(c0["bank"])[mask0],
+    ids0 = np.asarray(c0.bank_ids)[mask0]
+    np.testing.assert_array_equal(np.asarray(c1.bank_ids)[:count], ids0)
+    np.testing.assert_allclose(np.asarray(c1.bank)[:count], np.asarray(c0.bank)[mask0],
                                rtol=1e-5, atol=1e-6)
     chunks.append(-(-count // CHUNK))
-    assert np.all(np.asarray(c1["bank"])[chunks[-1] * CHUNK:] == 0)   # the skipped chunks
+    assert np.all(np.asarray(c1.bank)[chunks[-1] * CHUNK:] == 0)   # the skipped chunks
     np.testing.assert_allclose(np.asarray(st1["cache"]), np.asarray(st0["cache"]),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config, train_traced_once
-from exvae import checkpoints, eval_lib, evaluation, rundir, train_lib
+from exvae import checkpoints, errors, eval_lib, evaluation, rundir, train_lib
 from exvae.objectives import elbo_loss, log_importance_weights
 
 
@@ -282,12 +282,12 @@ def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
   wd = str(tmp_path / "mismatch")
   train_lib.train_and_evaluate(load_config("test", max_steps=10), wd)
   stored = open(os.path.join(wd, "config.json")).read()
-  with pytest.raises(rundir.ConfigDriftError, match="latent_dim 4 -> 5"):
+  with pytest.raises(errors.ConfigDriftError, match="latent_dim 4 -> 5"):
     train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd)
   # Forced past the config check, the checkpoints themselves do not fit: one typed
   # error naming an array and both shapes; the failed invocation leaves config.json
   # as it was.
-  with pytest.raises(rundir.CheckpointMismatchError,
+  with pytest.raises(errors.CheckpointMismatchError,
                      match=r"holds another model.*is \(4, 16\) there and \(5, 16\) here"):
     train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd,
                                  allow_config_change=True)

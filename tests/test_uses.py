@@ -14,20 +14,18 @@ import pytest
 from conftest import ROOT, leftover_temporaries, load_config
 from exvae import atomic
 from exvae import bank as bank_lib
-from exvae import checkpoints, train_lib
+from exvae import checkpoints
 from exvae.likelihoods import bernoulli_mean
 from exvae.uses import augment, classifier, commands, generation, knn
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny trained workdir (2 epochs on digits, ~10 s) and its restored state and bank."""
-  workdir = str(tmp_path_factory.mktemp("run"))
+def run(trained_dir):
+  """The shared tiny trained workdir (2 epochs on digits) and its restored state and bank."""
   config = load_config("test")
-  train_lib.train_and_evaluate(config, workdir)
-  trained = bank_lib.restore_trained(config, workdir)
-  bank = bank_lib.from_checkpoint(config, workdir, trained=trained)
-  return config, workdir, trained, bank
+  trained = bank_lib.restore_trained(config, trained_dir)
+  bank = bank_lib.from_checkpoint(config, trained_dir, trained=trained)
+  return config, trained_dir, trained, bank
 
 
 # ----------------------------------------------------------------------------

@@ -11,18 +11,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, load_config
-from exvae import train_lib
+from conftest import ROOT
 
 PY = sys.executable
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A finished 2-epoch run of configs/test.py."""
-  wd = str(tmp_path_factory.mktemp("signals") / "run")
-  train_lib.train_and_evaluate(load_config("test"), wd)
-  return wd
 
 
 def _sigint_default():
@@ -50,8 +41,8 @@ def _run_probe(script, what):
                         env=_probe_env(), timeout=120, preexec_fn=_sigint_default)
 
 
-def _uses(run_dir, out, *args):
-  return [PY, os.path.join(ROOT, "uses.py"), *args, f"--workdir={run_dir}", f"--out={out}"]
+def _uses(trained_dir, out, *args):
+  return [PY, os.path.join(ROOT, "uses.py"), *args, f"--workdir={trained_dir}", f"--out={out}"]
 
 
 def _lines(stderr):
@@ -73,12 +64,12 @@ _AUGMENT = ("augment", "--epochs=30", "--hidden=16", "--arms=without")
 
 @pytest.mark.slow
 def test_sigterm_stops_augment_with_its_classifier_saved_and_the_next_run_continues(
-    run_dir, tmp_path):
-  ref = subprocess.run(_uses(run_dir, str(tmp_path / "ref"), *_AUGMENT), capture_output=True,
+    trained_dir, tmp_path):
+  ref = subprocess.run(_uses(trained_dir, str(tmp_path / "ref"), *_AUGMENT), capture_output=True,
                        text=True, cwd=ROOT, env=_env(), timeout=600)
   assert ref.returncode == 0, ref.stderr[-2000:]
   out = str(tmp_path / "out")
-  p = subprocess.Popen(_uses(run_dir, out, *_AUGMENT), stdout=subprocess.PIPE,
+  p = subprocess.Popen(_uses(trained_dir, out, *_AUGMENT), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
                        preexec_fn=_sigint_default)
   for line in p.stdout:                   # a line every 10 classifier epochs
@@ -91,7 +82,7 @@ def test_sigterm_stops_augment_with_its_classifier_saved_and_the_next_run_contin
   assert len(lines) == 1 and lines[0].startswith("exvae-uses: stopped: SIGTERM"), lines
   partial = os.path.join(out, "augment_runs", "seed0_without.partial.npz")
   assert "saved in" in lines[0] and partial in lines[0] and os.path.exists(partial)
-  again = subprocess.run(_uses(run_dir, out, *_AUGMENT), capture_output=True, text=True,
+  again = subprocess.run(_uses(trained_dir, out, *_AUGMENT), capture_output=True, text=True,
                          cwd=ROOT, env=_env(), timeout=600)
   assert again.returncode == 0 and "continuing after epoch" in again.stdout, again.stderr[-2000:]
   want = json.load(open(tmp_path / "ref" / "augment.json"))
@@ -102,11 +93,11 @@ def test_sigterm_stops_augment_with_its_classifier_saved_and_the_next_run_contin
 
 
 @pytest.mark.slow
-def test_sigterm_stops_knn_in_one_line(run_dir, tmp_path):
+def test_sigterm_stops_knn_in_one_line(trained_dir, tmp_path):
   """Once the command runs (its handler set), SIGTERM is one line and exit 143, and no
   half-written output is left."""
   out = str(tmp_path / "knn")
-  p = subprocess.Popen(_uses(run_dir, out, "knn"), stdout=subprocess.PIPE,
+  p = subprocess.Popen(_uses(trained_dir, out, "knn"), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
                        preexec_fn=_sigint_default)
   deadline = time.time() + 300
@@ -125,13 +116,13 @@ def test_sigterm_stops_knn_in_one_line(run_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_augment_is_one_line_and_exit_130_every_time(run_dir, tmp_path):
+def test_ctrl_c_during_augment_is_one_line_and_exit_130_every_time(trained_dir, tmp_path):
   """Ctrl-C at random moments of an augmentation, eight times: exit 130 with one line
   (or 0 when it came too late to stop anything), never a crash (a negative code)."""
   rng = random.Random(0)
   codes = []
   for i in range(8):
-    p = subprocess.Popen(_uses(run_dir, str(tmp_path / f"a{i}"), "augment", "--epochs=60",
+    p = subprocess.Popen(_uses(trained_dir, str(tmp_path / f"a{i}"), "augment", "--epochs=60",
                                "--hidden=16"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env=_env(), preexec_fn=_sigint_default)

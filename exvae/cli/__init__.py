@@ -19,8 +19,10 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"train": "exvae.cli.train", "eval": "exvae.cli.eval", "uses": "exvae.cli.uses",
-            "compare": "exvae.cli.compare"}
+# The dispatcher's commands and the modules that run them (exvae.cli.uses.COMMANDS are the
+# subcommands of `exvae uses`, another list).
+COMMAND_MODULES = {"train": "exvae.cli.train", "eval": "exvae.cli.eval",
+                   "uses": "exvae.cli.uses", "compare": "exvae.cli.compare"}
 _USAGE = ("usage: exvae {train,eval,uses,compare,configs} [flags]\n"
           "  exvae train --config=fashion_vae_exemplar_rat --workdir=runs/fx\n"
           "  exvae eval  --workdir=runs/fx\n"
@@ -32,7 +34,7 @@ _USAGE = ("usage: exvae {train,eval,uses,compare,configs} [flags]\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-  """``exvae <command> [flags]``: runs one of :data:`COMMANDS`."""
+  """``exvae <command> [flags]``: runs one of :data:`COMMAND_MODULES`."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_USAGE, file=sys.stdout if len(argv) >= 2 else sys.stderr)
@@ -44,13 +46,13 @@ def main(argv: list[str] | None = None) -> None:
     return
   if cmd == "configs":
     from exvae import config_registry
-    print("\n".join(config_registry.available()))
+    print("\n".join(config_registry.shipped_configs()))
     return
-  if cmd not in COMMANDS:
+  if cmd not in COMMAND_MODULES:
     import difflib
-    close = difflib.get_close_matches(cmd, list(COMMANDS) + ["configs"], n=1)
+    close = difflib.get_close_matches(cmd, list(COMMAND_MODULES) + ["configs"], n=1)
     hint = f" Did you mean {close[0]}?" if close else ""
     print(f"exvae: error: unknown command {cmd!r}; one of train, eval, uses, compare, configs."
           f"{hint}", file=sys.stderr)
     sys.exit(2)
-  importlib.import_module(COMMANDS[cmd]).run([f"exvae-{cmd}"] + argv[2:])
+  importlib.import_module(COMMAND_MODULES[cmd]).run([f"exvae-{cmd}"] + argv[2:])

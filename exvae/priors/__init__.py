@@ -10,6 +10,8 @@ from exvae import plugins
 from exvae.priors import base, checks
 from exvae.priors.base import ContextInputs, Prior, register, registered_priors
 from exvae.priors import exemplar, gaussian, vampprior  # noqa: F401  (registration)
+from exvae.priors.exemplar import ExemplarContext
+from exvae.priors.vampprior import VampContext
 
 
 def make_prior(name: str, config) -> Prior:
@@ -42,4 +44,5 @@ def make_prior(name: str, config) -> Prior:
   return cls(config)
 
 
-__all__ = ["ContextInputs", "Prior", "make_prior", "register", "registered_priors"]
+__all__ = ["ContextInputs", "ExemplarContext", "Prior", "VampContext", "make_prior", "register",
+           "registered_priors"]

@@ -20,6 +20,21 @@ Training and evaluation call only these methods:
 All of them must be traceable under ``jax.jit`` (static shapes, no Python
 control flow on array values).  A new prior is one file defining a subclass and
 a call to :func:`register`; configs select it by name (``config.prior``).
+
+The context.  ``ctx`` is built by the prior's own ``context`` and read only by
+its own ``log_prob``, ``log_prob_grouped`` and ``sample``; the library passes it
+through unopened (it is returned from and passed into jitted functions, and
+``jax.lax.stop_gradient`` is applied to the evaluation context), so it must be
+a pytree.  A prior that needs none returns ``None`` (the default).  The
+built-in priors each define a typed context, a frozen dataclass registered
+with :func:`jax.tree_util.register_dataclass` whose fields are documented
+with their shapes: :class:`exvae.priors.vampprior.VampContext` (the encoded
+pseudo-inputs) and :class:`exvae.priors.exemplar.ExemplarContext` (exemplar
+codes, and which of leave-one-out, a component mask, a fixed normaliser or
+the split evaluation bank apply: an optional field is ``None`` when its
+behaviour is off, a mode that changes the traced program is a static field).
+A plug-in prior should do the same: a misspelt field is then an error at
+construction, not a key that is silently never read.
 """
 
 from __future__ import annotations
@@ -105,16 +120,50 @@ class Prior:
   # -- density ----------------------------------------------------------------
   def context(self, params, state, model: Model, model_params, inputs: ContextInputs,
               train: bool) -> tuple[PyTree, PyTree]:
-    """Returns ``(ctx, new_state)`` for this batch."""
+    """What :meth:`log_prob` and :meth:`sample` need for this batch.
+
+    Args:
+      params: the prior's parameters (``params["prior"]``).
+      state: its non-learnable state (``{}`` at evaluation).
+      model, model_params: the model and its parameters (to encode images).
+      inputs: the batch and the exemplar pool (:class:`ContextInputs`).
+      train: a training step (False: the evaluation context, built once per
+        evaluation and shared by every test batch).
+
+    Returns:
+      ``(ctx, new_state)``: ``ctx`` a pytree only this prior reads (None: the
+      prior needs none, the default), ``new_state`` the updated state.
+    """
     del params, model, model_params, inputs, train
-    return {}, state
+    return None, state
 
   def log_prob(self, params, z: jax.Array, ctx, ids: jax.Array | None = None) -> jax.Array:
-    """z: (B, d) -> log p(z): (B,)."""
+    """log p(z) of a batch of codes.
+
+    Args:
+      params: the prior's parameters.
+      z: (B, d) codes.
+      ctx: this prior's context from :meth:`context`.
+      ids: (B,) int32 training-set indices of the codes' images, given in
+        training for leave-one-out (a prior without exemplars ignores them).
+
+    Returns:
+      (B,) log-densities.
+    """
     raise NotImplementedError
 
   def sample(self, params, key: jax.Array, n: int, ctx) -> jax.Array:
-    """Draws (n, d) codes from the prior."""
+    """Draws codes from the prior.
+
+    Args:
+      params: the prior's parameters.
+      key: PRNG key.
+      n: the number of codes (static).
+      ctx: this prior's context (at evaluation, the evaluation context).
+
+    Returns:
+      (n, d) codes.
+    """
     raise NotImplementedError
 
   def log_prob_grouped(self, params, z: jax.Array, centers: jax.Array, ctx):

@@ -37,6 +37,7 @@ no leave-one-out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -44,6 +45,73 @@ import jax.numpy as jnp
 
 from exvae import distributed, kernels, parallel, rng
 from exvae.priors.base import Prior, register
+
+
+@dataclasses.dataclass(frozen=True)
+class ExemplarContext:
+  """The exemplar prior's context: the mixture's components for one batch, or for evaluation.
+
+  log p(z) = logsumexp over the rows r in the sum of log N(z; bank[r], s2 I) - log N'.
+  Each optional field switches one behaviour on when it holds an array and off
+  when it is None; what :meth:`ExemplarPrior.context` builds:
+
+  ==================  ========  =========  =========  ==========  =========
+  context             bank_ids  bank_mask  log_norm   full_bank   M
+  ==================  ========  =========  =========  ==========  =========
+  exact (training)    array     None       None       False       M draws
+  RAT "reference"     array     array      None       False       B * k
+  RAT "bound"         array     array      array      False       B * k
+  evaluation          None      None       None       True        N
+  ==================  ========  =========  =========  ==========  =========
+
+  Attributes:
+    bank: (M, d) float32 exemplar codes, the candidate components.
+    bank_ids: (M,) int32 training-set index of each row (-1: an empty slot), or
+      None.  With ``exemplar.loo`` and query ``ids`` given to ``log_prob``, a
+      row whose id equals the query's is left out of that query's sum
+      (leave-one-out); None: no row is ever left out, whatever ``ids``.
+    bank_mask: (M,) bool, True for the rows in the mixture, or None: every row.
+    log_norm: () float32 fixed log N' (RAT "bound": log(N - 1) with
+      leave-one-out, else log N), or None: N' = the number of rows left in each
+      query's sum after the mask and leave-one-out.
+    full_bank: static.  True for the evaluation bank, every training exemplar's
+      code once (M = N), split along N over the ``data`` mesh when there is one:
+      ``log_prob`` then reduces it shard by shard and ``log_prob_grouped`` may
+      prune (``eval.prune_keep``).  It holds no ids, mask or fixed normaliser.
+  """
+
+  # Data fields in alphabetical order: a context flattens to its arrays in the order
+  # a dict with these keys does, so the jitted programs that take one are traced
+  # with the same arguments as with an untyped dict (the same programs, bit for bit).
+  bank: jax.Array
+  bank_ids: jax.Array | None = None
+  bank_mask: jax.Array | None = None
+  log_norm: jax.Array | None = None
+  full_bank: bool = False
+
+  def __post_init__(self):
+    if self.full_bank and not (self.bank_ids is None and self.bank_mask is None
+                               and self.log_norm is None):
+      raise ValueError("ExemplarContext: the evaluation bank (full_bank=True) holds every "
+                       "exemplar once, with no bank_ids, bank_mask or log_norm.")
+
+
+jax.tree_util.register_dataclass(
+    ExemplarContext, data_fields=["bank", "bank_ids", "bank_mask", "log_norm"],
+    meta_fields=["full_bank"])
+
+
+def _exemplar_context(ctx) -> ExemplarContext:
+  """``ctx``, checked to be an :class:`ExemplarContext` (trace time only).
+
+  Raises:
+    TypeError: anything else, e.g. a dict of the untyped context this replaced,
+      whose keys would otherwise be read or ignored by name.
+  """
+  if not isinstance(ctx, ExemplarContext):
+    raise TypeError(f"the exemplar prior's context must be an ExemplarContext, got "
+                    f"{type(ctx).__name__}.")
+  return ctx
 
 
 def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 2048, *,
@@ -427,7 +495,8 @@ class ExemplarPrior(Prior):
                          sharded=inputs.pool_sharded, n=n)
       # On a device mesh the evaluation bank is split along N (each device holds
       # N / devices codes); log_prob then reduces shard by shard.
-      return {"bank": distributed.shard_batch(jax.lax.stop_gradient(bank))}, state
+      return ExemplarContext(bank=distributed.shard_batch(jax.lax.stop_gradient(bank)),
+                             full_bank=True), state
     m = self._num_candidates(n)
     k_idx, k_bin = jax.random.split(inputs.key)
     if m == n and not self.cfg.rat:
@@ -440,7 +509,7 @@ class ExemplarPrior(Prior):
         bank = self._encode(model, model_params, pool, cand, k_bin, inputs)
       else:
         bank, cand = self._encode_distinct(model, model_params, pool, cand, k_bin, inputs, n)
-      return {"bank": bank, "bank_ids": cand}, state
+      return ExemplarContext(bank=bank, bank_ids=cand), state
     return self._rat_context(state, model, model_params, inputs, cand, k_bin)
 
   def _rat_context(self, state, model, model_params, inputs, cand, k_bin):
@@ -483,47 +552,55 @@ class ExemplarPrior(Prior):
     else:
       bank = self._encode(model, model_params, pool, safe, k_bin, inputs)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
-    ctx = {"bank": bank, "bank_ids": jnp.where(mask, union, -1), "bank_mask": mask}
+    log_norm = None
     if not reference:
       # Weights 1/N (1/(N-1) with leave-one-out): a lower bound on the full-bank density.
-      ctx["log_norm"] = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
+      log_norm = jnp.asarray(math.log(max(n - int(bool(self.cfg.loo)), 1)), jnp.float32)
     # Otherwise N' = the components left in the sum (the union less the masked
     # self), the reference's normalisation: log p(z) is then an estimate over
     # the retrieved neighbourhood, log(N / |union|) nats above the bound.
+    ctx = ExemplarContext(bank=bank, bank_ids=jnp.where(mask, union, -1), bank_mask=mask,
+                          log_norm=log_norm)
     return ctx, {"cache": cache}
 
   # -- density ----------------------------------------------------------------
-  def log_prob(self, params, z, ctx, ids=None):
-    use_loo = self.cfg.loo and ids is not None and "bank_ids" in ctx
+  def log_prob(self, params, z, ctx: ExemplarContext, ids=None):
+    """log p(z): (B,) for z (B, d); leave-one-out where ``exemplar.loo``, ``ids`` and
+    ``ctx.bank_ids`` are all given (see :class:`ExemplarContext`)."""
+    ctx = _exemplar_context(ctx)
+    use_loo = self.cfg.loo and ids is not None and ctx.bank_ids is not None
     mesh = distributed.active_data_mesh()
-    if mesh is not None and set(ctx) == {"bank"}:
+    if mesh is not None and ctx.full_bank:
       # Evaluation bank on a mesh: per-device streamed reduction, merged with
       # collectives (exvae/parallel.py); identical to the single-device value.
       lse, count = parallel.sharded_log_kernel_sum(
-          mesh, z, ctx["bank"], params["log_var"], axis=distributed.DATA_AXIS,
+          mesh, z, ctx.bank, params["log_var"], axis=distributed.DATA_AXIS,
           chunk_size=int(self.cfg.chunk_size) or None)
       return lse - jnp.log(jnp.maximum(count, 1.0))
     lse, count = kernels.log_kernel_sum(
-        z, ctx["bank"], params["log_var"],
-        bank_mask=ctx.get("bank_mask"),
-        bank_ids=ctx["bank_ids"] if use_loo else None,
+        z, ctx.bank, params["log_var"],
+        bank_mask=ctx.bank_mask,
+        bank_ids=ctx.bank_ids if use_loo else None,
         query_ids=ids if use_loo else None,
         chunk_size=int(self.cfg.chunk_size) or None)
-    if "log_norm" in ctx:
-      return lse - ctx["log_norm"]
+    if ctx.log_norm is not None:
+      return lse - ctx.log_norm
     # N' = number of components actually in the sum (count 0 -> -inf, not NaN).
     return lse - jnp.log(jnp.maximum(count, 1.0))
 
-  def log_prob_grouped(self, params, z, centers, ctx):
+  def log_prob_grouped(self, params, z, centers, ctx: ExemplarContext):
     """Certified pruned evaluation when ``eval.prune_keep > 0`` (exact otherwise).
 
     Only the ``prune_keep`` exemplars nearest to each test point's encoder mean
     are summed; the triangle inequality bounds what the skipped ones could add,
-    and that bound is returned as ``err`` (see exvae/kernels/pruned.py).
+    and that bound is returned as ``err`` (see exvae/kernels/pruned.py).  Only
+    the evaluation bank (``ctx.full_bank``) is pruned: a training context's
+    mask, ids and normaliser are not what the pruned kernel computes.
     """
+    ctx = _exemplar_context(ctx)
     keep = int(self.config.eval.prune_keep)
-    bank = ctx["bank"]
-    if keep <= 0 or "bank_ids" in ctx or "log_norm" in ctx:
+    bank = ctx.bank
+    if keep <= 0 or not ctx.full_bank:
       return super().log_prob_grouped(params, z, centers, ctx)
     keep = min(keep, bank.shape[0])
     fn = lambda zz, c: kernels.pruned_log_kernel_sum(zz, c, bank, params["log_var"], keep=keep,
@@ -532,9 +609,11 @@ class ExemplarPrior(Prior):
     log_norm = jnp.log(jnp.float32(bank.shape[0]))
     return res.lse - log_norm, res.err_bound
 
-  def sample(self, params, key, n, ctx):
+  def sample(self, params, key, n, ctx: ExemplarContext):
+    """(n, d) codes: a uniformly drawn row of ``ctx.bank`` plus N(0, s2 I) noise."""
+    ctx = _exemplar_context(ctx)
     k1, k2 = jax.random.split(key)
-    bank = ctx["bank"]
+    bank = ctx.bank
     i = jax.random.randint(k1, (n,), 0, bank.shape[0])
     return bank[i] + jnp.exp(0.5 * params["log_var"]) * jax.random.normal(k2, (n, bank.shape[1]))
 

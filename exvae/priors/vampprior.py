@@ -6,11 +6,35 @@ clipped to [0, 1] (hardtanh) before being encoded.  Config: ``vampprior.num_pseu
 N(``init_mean``, ``init_std``)).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from exvae.priors.base import Prior, register
 from exvae.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class VampContext:
+  """The VampPrior's context: the encoded pseudo-inputs, the K mixture components.
+
+  Built by :meth:`VampPrior.context` (the same in training and evaluation) from
+  the current parameters; gradients flow through it into the pseudo-inputs and
+  the encoder during training.
+
+  Attributes:
+    logvar: (K, d) encoder log-variances of the K pseudo-inputs.
+    mu: (K, d) encoder means of the K pseudo-inputs.
+  """
+
+  # Alphabetical, as ExemplarContext: flattened like a {"logvar", "mu"} dict, so the
+  # jitted programs that take a context are traced with the same arguments.
+  logvar: jax.Array
+  mu: jax.Array
+
+
+jax.tree_util.register_dataclass(VampContext, data_fields=["logvar", "mu"], meta_fields=[])
 
 
 def mixture_diag_log_prob(z, mu, logvar):
@@ -61,15 +85,15 @@ class VampPrior(Prior):
     del inputs, train
     u = jnp.clip(params["pseudo_inputs"], 0.0, 1.0)
     mu, logvar = model.encode(model_params, u)
-    return {"mu": mu, "logvar": logvar}, state
+    return VampContext(logvar=logvar, mu=mu), state
 
-  def log_prob(self, params, z, ctx, ids=None):
+  def log_prob(self, params, z, ctx: VampContext, ids=None):
     del params, ids
-    return mixture_diag_log_prob(z, ctx["mu"], ctx["logvar"])
+    return mixture_diag_log_prob(z, ctx.mu, ctx.logvar)
 
-  def sample(self, params, key, n, ctx):
+  def sample(self, params, key, n, ctx: VampContext):
     del params
     k1, k2 = jax.random.split(key)
-    comp = jax.random.randint(k1, (n,), 0, ctx["mu"].shape[0])
-    eps = jax.random.normal(k2, (n, ctx["mu"].shape[1]))
-    return ctx["mu"][comp] + jnp.exp(0.5 * ctx["logvar"][comp]) * eps
+    comp = jax.random.randint(k1, (n,), 0, ctx.mu.shape[0])
+    eps = jax.random.normal(k2, (n, ctx.mu.shape[1]))
+    return ctx.mu[comp] + jnp.exp(0.5 * ctx.logvar[comp]) * eps

@@ -166,18 +166,11 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
     often a classifier that never saw an augmented image disagrees with the
     label the augmentation keeps: the label noise the augmentation brings.
   """
-  seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
-  if not seeds:
-    raise ValueError("seeds must name at least one classifier seed")
-  if not arms or set(arms) - set(ARMS):
-    raise ValueError(f"arms must be 'without' and/or 'with', got {list(arms)}")
-  arms = tuple(a for a in ARMS if a in arms)
+  seeds, arms = _seeds_and_arms(seed, seeds, arms)
   binary = binarise_before_encoding(encode_input, trained.splits.binary)
   g = classifier.grey_splits(trained.config, trained.splits)
-  x, y = g.train_x, g.train_y
-  if use_val:
-    x, y = np.concatenate([x, g.val_x]), np.concatenate([y, g.val_y])
-  model, mp = trained.setup.model, trained.params["model"]
+  x, y = _training_set(g, use_val)
+  model, mp, mean_fn = trained.setup.model, trained.params["model"], trained.setup.mean_fn
   log_var, source = _noise_log_var(trained, g.train_x, log_var)
   out: dict[str, Any] = {"epochs": int(epochs), "hidden": int(hidden), "use_val": bool(use_val),
                          "num_train": int(x.shape[0]), "num_test": int(g.test_x.shape[0]),
@@ -185,37 +178,97 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
                          "log_var_source": source, "encode_input": encode_input,
                          "seeds": seeds, "arms": list(arms), "runs": []}
   out["spread"] = augmentation_spread(model, mp, g.train_x[:2000], float(log_var), binary=binary,
-                                      mean_fn=trained.setup.mean_fn)
-  probe_x, probe_y = x[:probe], y[:probe]
-  probe_aug = augmented_set(model, mp, probe_x, float(log_var), binary=binary,
-                            mean_fn=trained.setup.mean_fn)
-  out["probe"] = int(probe_x.shape[0])
-  common = {"model": bank_lib.params_fingerprint(mp), "epochs": int(epochs),
-            "hidden": int(hidden), "num_train": int(x.shape[0]),
-            "train_images": _digest(x, y), "log_var": float(log_var),
-            "encode_input": encode_input,
-            "max_steps": None if max_steps is None else int(max_steps),
-            "probe": int(probe_x.shape[0])}
+                                      mean_fn=mean_fn)
+  probes = (x[:probe], y[:probe],
+            augmented_set(model, mp, x[:probe], float(log_var), binary=binary, mean_fn=mean_fn))
+  out["probe"] = int(probes[0].shape[0])
+  common = _classifier_settings(mp, x, y, epochs=epochs, hidden=hidden, log_var=log_var,
+                                encode_input=encode_input, max_steps=max_steps,
+                                probe=out["probe"])
   fit = dict(hidden=hidden, epochs=epochs, vae=model, vae_params=mp, log_var=log_var,
-             binary=binary, max_steps=max_steps, mean_fn=trained.setup.mean_fn,
-             progress=progress, log_every=log_every)
-  probes = (probe_x, probe_y, probe_aug)
-  out["reused"] = []
+             binary=binary, max_steps=max_steps, mean_fn=mean_fn, progress=progress,
+             log_every=log_every)
+  out["runs"], out["reused"], out["steps"] = _train_seeds(
+      seeds, arms, common, (x, y, g.test_x, g.test_y), probes, done_dir, fit)
+  out.update(_mean_errors(out["runs"], arms))
+  return out
+
+
+def _seeds_and_arms(seed: int, seeds: Sequence[int] | None,
+                    arms: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
+  """The classifier seeds (``[seed]`` unless ``seeds`` are given) and arms, in :data:`ARMS` order.
+
+  Raises:
+    ValueError: no seed, no arm, or an arm other than ``"without"`` and ``"with"``.
+  """
+  seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("seeds must name at least one classifier seed")
+  if not arms or set(arms) - set(ARMS):
+    raise ValueError(f"arms must be 'without' and/or 'with', got {list(arms)}")
+  return seeds, tuple(a for a in ARMS if a in arms)
+
+
+def _training_set(g: classifier.GreyData, use_val: bool) -> tuple[np.ndarray, np.ndarray]:
+  """The classifiers' training images and labels: train, and validation too with ``use_val``."""
+  if use_val:
+    return np.concatenate([g.train_x, g.val_x]), np.concatenate([g.train_y, g.val_y])
+  return g.train_x, g.train_y
+
+
+def _classifier_settings(model_params: PyTree, x: np.ndarray, y: np.ndarray, *, epochs: int,
+                         hidden: int, log_var: float, encode_input: str,
+                         max_steps: int | None, probe: int) -> dict[str, Any]:
+  """What every classifier's result depends on but its seed and arm (its record's identity).
+
+  Args:
+    model_params: the generative model's parameters (fingerprinted).
+    x, y: the classifiers' training images and labels (digested).
+    epochs, hidden, log_var, encode_input, max_steps: as :func:`run_augmentation`.
+    probe: the number of training images the train and augmented-image errors are measured on.
+
+  Returns:
+    A JSON-able dict.
+  """
+  return {"model": bank_lib.params_fingerprint(model_params), "epochs": int(epochs),
+          "hidden": int(hidden), "num_train": int(x.shape[0]),
+          "train_images": _digest(x, y), "log_var": float(log_var),
+          "encode_input": encode_input,
+          "max_steps": None if max_steps is None else int(max_steps),
+          "probe": int(probe)}
+
+
+def _train_seeds(seeds: list[int], arms: Sequence[str], common: dict[str, Any],
+                 split: tuple[np.ndarray, ...], probes: tuple[np.ndarray, ...],
+                 done_dir: str | None,
+                 fit: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], int]:
+  """Every seed's classifier of every arm: read from ``done_dir`` if finished before, else trained.
+
+  Args:
+    seeds, arms: which classifiers.
+    common: :func:`_classifier_settings`; with the seed and arm, a classifier's identity.
+    split, probes, done_dir, fit: as :func:`_train_arm`.
+
+  Returns:
+    ``(runs, reused, steps)``: one row per seed (each arm's test error, final
+    loss, seconds, train and augmented-image errors), the names of the
+    classifiers read from ``done_dir``, and the steps of the last one.
+  """
+  runs, reused, steps = [], [], None
   for s in seeds:
     row: dict[str, Any] = {"seed": s}
     for tag in arms:
       settings = dict(common, seed=s, arm=tag)
       result = _finished_before(done_dir, s, tag, settings)
       if result is not None:
-        out["reused"].append(_name(s, tag))
+        reused.append(_name(s, tag))
       else:
-        result = _train_arm((x, y, g.test_x, g.test_y), probes, s, tag, settings, done_dir, fit)
+        result = _train_arm(split, probes, s, tag, settings, done_dir, fit)
       for what in ("test_error", "final_loss", "seconds", "train_error", "aug_error"):
         row[f"{what}_{tag}"] = result[what]
-      out["steps"] = result["steps"]
-    out["runs"].append(row)
-  out.update(_mean_errors(out["runs"], arms))
-  return out
+      steps = result["steps"]
+    runs.append(row)
+  return runs, reused, steps
 
 
 def _noise_log_var(trained, train_x: np.ndarray, log_var: float | None) -> tuple[float, str]:

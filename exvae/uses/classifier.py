@@ -257,10 +257,8 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   """Trains the MLP with or without generative augmentation; reports the test error.
 
   Args:
-    train_x: (N, H, W, C) grey levels in [0, 1].
-    train_y: (N,) int labels.
-    test_x: (M, H, W, C) evaluation images.
-    test_y: (M,) labels.
+    train_x, train_y: (N, H, W, C) grey levels in [0, 1] and their (N,) int labels.
+    test_x, test_y: (M, H, W, C) evaluation images and their (M,) labels.
     hidden: h.
     epochs: passes over the training set (the lr decays over all of them).
     augment: use the augmented loss (needs ``vae``, ``vae_params``, ``log_var``).
@@ -292,78 +290,217 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     raise ValueError("augmentation needs the generative model and its parameters")
   train_x = np.ascontiguousarray(train_x, np.float32)
   train_y = np.asarray(train_y, np.int32)
-  n = train_x.shape[0]
-  if batch_size > n:
-    raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
-  c = int(num_classes or int(max(train_y.max(), np.max(test_y))) + 1)
-  spe = n // batch_size
-  total = epochs * spe
-  setup = ClassifierSetup(classifier=MLP(hidden=int(hidden), num_classes=c),
-                          optimizer=make_optimizer(epochs, spe, learning_rate), vae=vae,
-                          augment=bool(augment), binary=bool(binary), num_classes=c,
-                          batch_size=int(batch_size), steps_per_epoch=spe, mean_fn=mean_fn)
-  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
-  state = _initial_state(setup, k_init, train_x.shape[1:])
-  pool = _Pool(x=jnp.asarray(train_x), y=jnp.asarray(train_y), vae_params=vae_params,
-               log_var=jnp.float32(log_var), key=k_run)
-  steps = total if max_steps is None else min(total, int(max_steps))
-  label = f"mlp h={hidden} {'with' if augment else 'without'} augmentation, seed {seed}"
-  losses: list[float] = []
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=steps, desc=f"mlp h={hidden} aug={augment}", unit="step",
-               dynamic_ncols=True)
-  t0 = time.time()
-  step = 0
-  identity = None
-  if checkpoint_path is not None:
-    identity = atomic.dumps({"given": checkpoint_identity, "n": n, "hidden": int(hidden),
-                             "epochs": int(epochs), "augment": bool(augment),
-                             "binary": bool(binary), "seed": int(seed),
-                             "batch_size": int(batch_size), "learning_rate": float(learning_rate),
-                             "num_classes": c, "log_var": float(log_var),
-                             "steps": int(steps)}, sort_keys=True)
-    restored = _read_classifier_checkpoint(checkpoint_path, identity, state)
-    if restored is not None:
-      state, losses, seconds_before = restored
-      step = int(state.step)
-      t0 -= seconds_before
-      print(f"{label}: continuing after epoch {step // spe} from {checkpoint_path}", flush=True)
-      if bar is not None:
-        bar.update(step)
-  while step < steps:
-    if stopping.requested():           # SIGTERM (exvae-uses): save at this epoch's start, stop
-      where = "nothing trained yet" if step == 0 else "nothing saved (no checkpoint path)"
-      if checkpoint_path is not None and step > 0:
-        _write_classifier_checkpoint(checkpoint_path, identity, state, losses, time.time() - t0)
-        where = f"its state is saved in {checkpoint_path}"
-      raise stopping.stopped(f"after epoch {step // spe} of {epochs} of the classifier "
-                             f"{'with' if augment else 'without'} augmentation, seed {seed}: "
-                             f"{where}; run the same command again to continue.")
-    epoch = step // spe
-    todo = min(spe, steps - step)
-    state, epoch_losses = _train_steps(state, pool, _epoch_order(seed, epoch, n), todo, setup)
-    losses.extend(epoch_losses)
-    step += todo
-    if bar is not None:
-      bar.update(min(spe, steps - bar.n))
-      bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    elif log_every and ((epoch + 1) % log_every == 0 or step >= steps):
-      print(f"{label}: epoch {epoch + 1}/{epochs}, mean loss "
-            f"{np.mean(losses[epoch * spe:]):.4f}, {time.time() - t0:.0f} s", flush=True)
-    if (checkpoint_path is not None and step < steps and step % spe == 0
-        and (step // spe) % max(1, int(checkpoint_every)) == 0):
-      _write_classifier_checkpoint(checkpoint_path, identity, state, losses, time.time() - t0)
-  if bar is not None:
-    bar.close()
-  seconds = time.time() - t0
+  setup = _classifier_setup(train_x.shape[0], train_y, test_y, num_classes, hidden=hidden,
+                            epochs=epochs, augment=augment, vae=vae, binary=binary,
+                            batch_size=batch_size, learning_rate=learning_rate, mean_fn=mean_fn)
+  state, pool = _start(setup, train_x, train_y, vae_params, log_var, seed)
+  total = epochs * setup.steps_per_epoch
+  plan = _Plan(seed=seed, epochs=epochs, n=train_x.shape[0], augment=bool(augment),
+               steps=total if max_steps is None else min(total, int(max_steps)),
+               label=f"mlp h={hidden} {'with' if augment else 'without'} augmentation, "
+                     f"seed {seed}")
+  ckpt = None if checkpoint_path is None else _Checkpoints.of(
+      checkpoint_path, checkpoint_every, checkpoint_identity, setup, plan, learning_rate, log_var)
+  state, losses, step, seconds = _run_epochs(
+      state, pool, setup, plan, ckpt, _Progress(plan, f"mlp h={hidden} aug={augment}", progress,
+                                                log_every, setup.steps_per_epoch))
   err = error_rate(setup.classifier, state.params, np.asarray(test_x, np.float32),
                    np.asarray(test_y))
+  spe = setup.steps_per_epoch
   ep = [float(np.mean(losses[e * spe:(e + 1) * spe])) for e in range(int(np.ceil(step / spe)))]
   return {"test_error": err, "losses": losses, "epoch_losses": ep, "steps": step,
           "epochs": epochs, "hidden": int(hidden), "augment": bool(augment),
           "seconds": seconds, "params": state.params, "classifier": setup.classifier}
+
+
+def _classifier_setup(n: int, train_y: np.ndarray, test_y: np.ndarray, num_classes: int | None,
+                      *, hidden: int, epochs: int, augment: bool, vae: Model | None,
+                      binary: bool, batch_size: int, learning_rate: float,
+                      mean_fn: Callable[[Any], jax.Array]) -> ClassifierSetup:
+  """The static description of a classifier trained on ``n`` images (drop-last batches).
+
+  Args:
+    n: the number of training images.
+    train_y, test_y: their labels and the test labels (C = the largest label + 1).
+    num_classes: C, if given.
+    hidden, epochs, augment, vae, binary, batch_size, learning_rate, mean_fn: as
+      :func:`train_classifier`.
+
+  Returns:
+    The :class:`ClassifierSetup`.
+
+  Raises:
+    ValueError: ``batch_size`` exceeds ``n``.
+  """
+  if batch_size > n:
+    raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
+  c = int(num_classes or int(max(train_y.max(), np.max(test_y))) + 1)
+  spe = n // batch_size
+  return ClassifierSetup(classifier=MLP(hidden=int(hidden), num_classes=c),
+                         optimizer=make_optimizer(epochs, spe, learning_rate), vae=vae,
+                         augment=bool(augment), binary=bool(binary), num_classes=c,
+                         batch_size=int(batch_size), steps_per_epoch=spe, mean_fn=mean_fn)
+
+
+def _start(setup: ClassifierSetup, train_x: np.ndarray, train_y: np.ndarray,
+           vae_params: PyTree, log_var: float, seed: int) -> tuple[ClassifierState, _Pool]:
+  """The initial state and what every step reads, both seeded by ``seed``."""
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  state = _initial_state(setup, k_init, train_x.shape[1:])
+  pool = _Pool(x=jnp.asarray(train_x), y=jnp.asarray(train_y), vae_params=vae_params,
+               log_var=jnp.float32(log_var), key=k_run)
+  return state, pool
+
+
+class _Plan(NamedTuple):
+  """How far a classifier trains and what its messages call it."""
+
+  seed: int                 # seeds the epoch orders (and names the run)
+  epochs: int               # epochs the schedule spans
+  n: int                    # training images
+  augment: bool             # trained with the augmented loss
+  steps: int                # steps to train in all (max_steps may stop it before the epochs end)
+  label: str                # "mlp h=... with augmentation, seed ...", for log lines
+
+
+class _Checkpoints(NamedTuple):
+  """Where a classifier's train state is saved, and every how many epochs."""
+
+  path: str
+  every: int                # epochs between two saves
+  identity: str             # the settings, as JSON: a state saved with others is not restored
+
+  @classmethod
+  def of(cls, path: str, every: int, given: dict[str, Any] | None, setup: ClassifierSetup,
+         plan: _Plan, learning_rate: float, log_var: float) -> _Checkpoints:
+    """Checkpoints at ``path`` of the training ``setup`` and ``plan`` describe.
+
+    Args:
+      path, every: where, and every how many epochs.
+      given: what else the run depends on (``train_classifier``'s ``checkpoint_identity``).
+      setup, plan: the classifier and its training.
+      learning_rate, log_var: the initial lr and the augmentation noise's log s2.
+    """
+    identity = atomic.dumps({
+        "given": given, "n": plan.n, "hidden": int(setup.classifier.hidden),
+        "epochs": int(plan.epochs), "augment": setup.augment, "binary": setup.binary,
+        "seed": int(plan.seed), "batch_size": setup.batch_size,
+        "learning_rate": float(learning_rate), "num_classes": setup.num_classes,
+        "log_var": float(log_var), "steps": int(plan.steps)}, sort_keys=True)
+    return cls(path, int(every), identity)
+
+  def save(self, state: ClassifierState, losses: list[float], seconds: float) -> None:
+    """Saves the state, its per-step losses and the time trained so far."""
+    _write_classifier_checkpoint(self.path, self.identity, state, losses, seconds)
+
+  def due(self, step: int, steps: int, steps_per_epoch: int) -> bool:
+    """Whether to save after ``step``: at the end of every ``every``-th epoch but the last."""
+    return (step < steps and step % steps_per_epoch == 0
+            and (step // steps_per_epoch) % max(1, self.every) == 0)
+
+
+class _Progress:
+  """A classifier training's clock and its report: a tqdm bar, or a line every few epochs.
+
+  Args:
+    plan: the training's plan (its steps and label).
+    desc: the bar's description.
+    progress: show a tqdm bar.
+    log_every: without a bar, print a line every this many epochs (0: silent).
+    steps_per_epoch: steps per epoch.
+  """
+
+  def __init__(self, plan: _Plan, desc: str, progress: bool, log_every: int,
+               steps_per_epoch: int):
+    self.plan, self.log_every, self.spe = plan, log_every, steps_per_epoch
+    self.bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=plan.steps, desc=desc, unit="step", dynamic_ncols=True)
+    self.t0 = time.time()
+
+  def seconds(self) -> float:
+    """Seconds trained (a continued training counts its earlier sessions too)."""
+    return time.time() - self.t0
+
+  def resumed(self, step: int, seconds_before: float) -> None:
+    """A saved state was restored at ``step``, after ``seconds_before`` of training."""
+    self.t0 -= seconds_before
+    if self.bar is not None:
+      self.bar.update(step)
+
+  def epoch_done(self, epoch: int, step: int, losses: list[float]) -> None:
+    """Epoch ``epoch`` (from 0) ended at ``step``; ``losses`` are every step's so far."""
+    if self.bar is not None:
+      self.bar.update(min(self.spe, self.plan.steps - self.bar.n))
+      self.bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    elif self.log_every and ((epoch + 1) % self.log_every == 0 or step >= self.plan.steps):
+      print(f"{self.plan.label}: epoch {epoch + 1}/{self.plan.epochs}, mean loss "
+            f"{np.mean(losses[epoch * self.spe:]):.4f}, {self.seconds():.0f} s", flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _run_epochs(state: ClassifierState, pool: _Pool, setup: ClassifierSetup, plan: _Plan,
+                ckpt: _Checkpoints | None,
+                progress: _Progress) -> tuple[ClassifierState, list[float], int, float]:
+  """Trains from a saved state in ``ckpt`` (if one matches) or from ``state`` to ``plan.steps``.
+
+  Returns:
+    ``(state, losses (every step's), steps done, seconds)``.
+
+  Raises:
+    exvae.errors.Interrupted: a stop was requested (SIGTERM); the state is saved first.
+  """
+  spe = setup.steps_per_epoch
+  state, losses, step = _resume(state, plan, spe, ckpt, progress)
+  while step < plan.steps:
+    if stopping.requested():           # SIGTERM (exvae-uses): save at this epoch's start, stop
+      _stop(state, losses, step, plan, spe, ckpt, progress)
+    epoch = step // spe
+    todo = min(spe, plan.steps - step)
+    state, epoch_losses = _train_steps(state, pool, _epoch_order(plan.seed, epoch, plan.n), todo,
+                                       setup)
+    losses.extend(epoch_losses)
+    step += todo
+    progress.epoch_done(epoch, step, losses)
+    if ckpt is not None and ckpt.due(step, plan.steps, spe):
+      ckpt.save(state, losses, progress.seconds())
+  progress.close()
+  return state, losses, step, progress.seconds()
+
+
+def _resume(state: ClassifierState, plan: _Plan, steps_per_epoch: int, ckpt: _Checkpoints | None,
+            progress: _Progress) -> tuple[ClassifierState, list[float], int]:
+  """``(state, losses, step)`` to start from: a matching saved state's, else ``(state, [], 0)``."""
+  restored = None if ckpt is None else _read_classifier_checkpoint(ckpt.path, ckpt.identity,
+                                                                   state)
+  if restored is None:
+    return state, [], 0
+  state, losses, seconds_before = restored
+  step = int(state.step)
+  print(f"{plan.label}: continuing after epoch {step // steps_per_epoch} from {ckpt.path}",
+        flush=True)
+  progress.resumed(step, seconds_before)
+  return state, losses, step
+
+
+def _stop(state: ClassifierState, losses: list[float], step: int, plan: _Plan,
+          steps_per_epoch: int, ckpt: _Checkpoints | None, progress: _Progress):
+  """Saves the state at an epoch's start (if there is a path and anything trained) and stops.
+
+  Raises:
+    exvae.errors.Interrupted: always, saying where the state is.
+  """
+  where = "nothing trained yet" if step == 0 else "nothing saved (no checkpoint path)"
+  if ckpt is not None and step > 0:
+    ckpt.save(state, losses, progress.seconds())
+    where = f"its state is saved in {ckpt.path}"
+  raise stopping.stopped(f"after epoch {step // steps_per_epoch} of {plan.epochs} of the "
+                         f"classifier {'with' if plan.augment else 'without'} augmentation, "
+                         f"seed {plan.seed}: {where}; run the same command again to continue.")
 
 
 def _initial_state(setup: ClassifierSetup, key: jax.Array,

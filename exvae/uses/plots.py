@@ -93,10 +93,11 @@ def plot_embedding(path: str, embedding: np.ndarray, labels: np.ndarray | None =
     plt.close(fig)
 
 
-def read_metrics(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_loss_curves(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """Parses metrics.jsonl into (train records with 'loss', validation records with 'val_loss').
 
-  Unparseable lines (e.g. a line torn by a kill) are skipped.
+  Unparseable lines (e.g. a line torn by a kill) are skipped
+  (:func:`exvae.rundir.read_metrics` returns every record and counts those lines).
   """
   train, val = [], []
   with open(path) as f:
@@ -134,7 +135,7 @@ def plot_training_curves(workdir_or_metrics: str, path: str) -> str:
     mpath = os.path.join(mpath, "metrics.jsonl")
   if not os.path.exists(mpath):
     raise FileNotFoundError(f"No metrics file {mpath}: train first (train.py writes it).")
-  train, val = read_metrics(mpath)
+  train, val = read_loss_curves(mpath)
   if not train and not val:
     raise ValueError(f"{mpath} holds no training or validation records")
   plt = _plt()
