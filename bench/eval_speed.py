@@ -54,15 +54,21 @@ def eval_throughput(c, num_train=50000, points=20, samples=5000, max_queries=500
   t_bank = time.perf_counter() - t0
   # Warm-up (compile) on one call's worth of points (evaluate_split's batch), then time.
   batch = max(1, min(points, max_queries // min(samples, max_queries)))
-  evaluation.evaluate_split(state.params, setup, ctx, test[:batch], jax.random.PRNGKey(1),
-                            samples, max_queries)
+  evaluation.evaluate_split(
+    state.params, setup, ctx, test[:batch], jax.random.PRNGKey(1), samples, max_queries
+  )
   t0 = time.perf_counter()
-  res = evaluation.evaluate_split(state.params, setup, ctx, test, jax.random.PRNGKey(2),
-                                  samples, max_queries)
+  res = evaluation.evaluate_split(
+    state.params, setup, ctx, test, jax.random.PRNGKey(2), samples, max_queries
+  )
   dt = time.perf_counter() - t0
-  return {"bank_build_s": t_bank, "s_per_point": dt / points, "test_points_per_s": points / dt,
-          "projected_10000_points_s": 10000 * dt / points,
-          "mean_log_px": float(np.mean(res["log_px_iwae"]))}
+  return {
+    "bank_build_s": t_bank,
+    "s_per_point": dt / points,
+    "test_points_per_s": points / dt,
+    "projected_10000_points_s": 10000 * dt / points,
+    "mean_log_px": float(np.mean(res["log_px_iwae"])),
+  }
 
 
 def main():
@@ -76,10 +82,14 @@ def main():
   c.prior = args.prior
   r = eval_throughput(c, 50000, args.points, args.samples, args.max_queries)
   pps = r["test_points_per_s"]
-  print(f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} prior={args.prior} "
-        f"N=50000 S={args.samples} bank_build={r['bank_build_s']:.2f}s (incl. compile)")
-  print(f"test_points_per_s={pps:.3f} s_per_point={r['s_per_point']:.4f} "
-        f"projected_10000_points_min={r['projected_10000_points_s'] / 60:.1f}")
+  print(
+    f"device={jax.devices()[0].device_kind} backend={jax.default_backend()} prior={args.prior} "
+    f"N=50000 S={args.samples} bank_build={r['bank_build_s']:.2f}s (incl. compile)"
+  )
+  print(
+    f"test_points_per_s={pps:.3f} s_per_point={r['s_per_point']:.4f} "
+    f"projected_10000_points_min={r['projected_10000_points_s'] / 60:.1f}"
+  )
 
 
 if __name__ == "__main__":

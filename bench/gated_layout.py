@@ -35,6 +35,7 @@ from exvae.nets.gated import GatedDense, LinearParams, he_init
 
 class FusedGatedDense(nn.Module):
   """The earlier layout: one (in, 2F) kernel ``hg``."""
+
   features: int
 
   @nn.compact
@@ -61,12 +62,13 @@ def steps_ab(name: str, n: int, rounds: int) -> float:
   from bench import train_speed as ts
   from exvae import train_lib
   from exvae.models import vae as vae_mod
+
   splits, _ = ts.load_splits()
   pool = jnp.asarray(splits.train_x)
   layers = {"concatenated": ConcatGatedDense, "separate": GatedDense}
   runs = {}
   try:
-    for k, layer in layers.items():           # traced while the layer is patched in
+    for k, layer in layers.items():  # traced while the layer is patched in
       vae_mod.GatedDense = layer
       runs[k] = ts.prepare(ts.make_config(name), splits, pool)
       ts.time_steps(runs[k], pool, 1)
@@ -78,19 +80,27 @@ def steps_ab(name: str, n: int, rounds: int) -> float:
     st, m = train_lib.train_step(jax.tree.map(jnp.copy, s0), pool, r.perm, setup=r.setup)
     out[k] = (float(m["loss"]), st.params)
   d = ts._grad_diffs(out["concatenated"][1], out["separate"][1])[0]
-  print(f"{name}: loss concatenated {out['concatenated'][0]:.6f}, separate "
-        f"{out['separate'][0]:.6f}; parameters after one step: max rel. diff {d:.1e}")
+  print(
+    f"{name}: loss concatenated {out['concatenated'][0]:.6f}, separate "
+    f"{out['separate'][0]:.6f}; parameters after one step: max rel. diff {d:.1e}"
+  )
   for r in runs.values():
     r.state = jax.tree.map(jnp.copy, s0)
-  wall, cpu = ts.alternate({k: functools.partial(ts.time_steps, r, pool) for k, r in runs.items()},
-                           rounds, n, flip=True)
+  wall, cpu = ts.alternate(
+    {k: functools.partial(ts.time_steps, r, pool) for k, r in runs.items()}, rounds, n, flip=True
+  )
   med = lambda v: float(np.median(v))
   for k in runs:
-    print(f"{name} {k}: wall {med(wall[k]) * 1e3:.1f} ms/step, CPU {med(cpu[k]) * 1e3:.1f} "
-          f"ms/step (medians of {rounds} alternated rounds of {n} steps)")
+    print(
+      f"{name} {k}: wall {med(wall[k]) * 1e3:.1f} ms/step, CPU {med(cpu[k]) * 1e3:.1f} "
+      f"ms/step (medians of {rounds} alternated rounds of {n} steps)"
+    )
   ratio = med(cpu["concatenated"]) / med(cpu["separate"])
-  print(f"{name}: separate faster by wall {med(wall['concatenated']) / med(wall['separate']):.3f}x"
-        f", CPU {ratio:.3f}x; load average {os.getloadavg()[0]:.2f}", flush=True)
+  print(
+    f"{name}: separate faster by wall {med(wall['concatenated']) / med(wall['separate']):.3f}x"
+    f", CPU {ratio:.3f}x; load average {os.getloadavg()[0]:.2f}",
+    flush=True,
+  )
   return ratio
 
 
@@ -116,6 +126,7 @@ def timed_grad_fn(layer, rows: int):
     t = time.perf_counter()
     jax.block_until_ready(f(params, x))
     return time.perf_counter() - t
+
   return run
 
 
@@ -131,10 +142,12 @@ def main():
     for name in a.steps.split(","):
       steps_ab(name, a.n, a.rounds)
     return
-  runs = {"fused hg": timed_grad_fn(FusedGatedDense, a.rows),
-          "separate h, g": timed_grad_fn(GatedDense, a.rows)}
+  runs = {
+    "fused hg": timed_grad_fn(FusedGatedDense, a.rows),
+    "separate h, g": timed_grad_fn(GatedDense, a.rows),
+  }
   times = {k: [] for k in runs}
-  for _ in range(a.reps):                  # alternate: both layouts see the same load
+  for _ in range(a.reps):  # alternate: both layouts see the same load
     for k, r in runs.items():
       times[k].append(r())
   med = {k: float(np.median(v)) for k, v in times.items()}

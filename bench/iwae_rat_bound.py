@@ -39,19 +39,23 @@ from exvae.objectives import elbo_loss, iwae_loss
 
 def variant(config, **over):
   """A copy of ``config`` with ``over`` applied (apply_overrides changes its argument)."""
-  return config_registry.apply_overrides(copy.deepcopy(config),
-                                         [(k, str(v)) for k, v in over.items()])
+  return config_registry.apply_overrides(
+    copy.deepcopy(config), [(k, str(v)) for k, v in over.items()]
+  )
 
 
 def provenance() -> dict:
   """The commit (and whether the tree had changes), the date and the command."""
   import datetime
   import subprocess
+
   git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-  return {"commit": git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain",
-                                                                            "exvae", "bench") else ""),
-          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-          "command": " ".join(["bench/iwae_rat_bound.py"] + sys.argv[1:])}
+  return {
+    "commit": git("rev-parse", "--short", "HEAD")
+    + ("+changes" if git("status", "--porcelain", "exvae", "bench") else ""),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "command": " ".join(["bench/iwae_rat_bound.py"] + sys.argv[1:]),
+  }
 
 
 def main():
@@ -64,9 +68,9 @@ def main():
   run = api.load_run(args.model, bank=False)
   base = variant(run.config, objective="iwae", objective_samples=args.k)
   variants = {
-      "exact": variant(base, **{"exemplar.rat": False, "exemplar.num_exemplars": 0}),
-      "rat_reference": variant(base, **{"exemplar.rat": True, "exemplar.rat_mode": "reference"}),
-      "rat_bound": variant(base, **{"exemplar.rat": True, "exemplar.rat_mode": "bound"}),
+    "exact": variant(base, **{"exemplar.rat": False, "exemplar.num_exemplars": 0}),
+    "rat_reference": variant(base, **{"exemplar.rat": True, "exemplar.rat_mode": "reference"}),
+    "rat_bound": variant(base, **{"exemplar.rat": True, "exemplar.rat_mode": "bound"}),
   }
   splits = run.splits
   n = splits.train_x.shape[0]
@@ -85,20 +89,32 @@ def main():
       scores[name].append(float(loss(state.params, state.prior_state, x, ids, key)[0]))
       if name == "exact":
         scores["elbo"].append(float(elbo(state.params, state.prior_state, x, ids, key)[0]))
-  res = {"model": args.model, "k": args.k, "batches": args.batches,
-         "mean_loss": {k: float(np.mean(v)) for k, v in scores.items()},
-         "machine": runinfo.machine(), "provenance": provenance()}
+  res = {
+    "model": args.model,
+    "k": args.k,
+    "batches": args.batches,
+    "mean_loss": {k: float(np.mean(v)) for k, v in scores.items()},
+    "machine": runinfo.machine(),
+    "provenance": provenance(),
+  }
   ex = np.asarray(scores["exact"])
   res["paired_vs_exact"] = {}
   for name in ("rat_reference", "rat_bound", "elbo"):
     d = np.asarray(scores[name]) - ex
-    res["paired_vs_exact"][name] = {"mean": float(d.mean()),
-                                    "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    res["paired_vs_exact"][name] = {
+      "mean": float(d.mean()),
+      "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+    }
   for name, v in res["mean_loss"].items():
-    print(f"{name:14s} loss {v:9.3f}" + (
-        "" if name == "exact" else
-        f"   - exact: {res['paired_vs_exact'][name]['mean']:+.3f} "
-        f"+- {res['paired_vs_exact'][name]['se']:.3f}"))
+    print(
+      f"{name:14s} loss {v:9.3f}"
+      + (
+        ""
+        if name == "exact"
+        else f"   - exact: {res['paired_vs_exact'][name]['mean']:+.3f} "
+        f"+- {res['paired_vs_exact'][name]['se']:.3f}"
+      )
+    )
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "rat_bound.json"), "w") as f:
     json.dump(res, f, indent=1)

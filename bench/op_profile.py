@@ -34,11 +34,34 @@ _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _SHAPE = re.compile(r"^\(?\s*(\w+)\[([\d,]*)\]")
 
 # Kinds of operation, in the order of the printed table.
-KINDS = ("matmul", "elementwise", "reduce", "gather/scatter", "copy/transpose/concat",
-         "sort/top-k", "loop control", "other", "no thunk running")
-MOVES = {"copy", "transpose", "concatenate", "pad", "slice", "dynamic-slice",
-         "dynamic-update-slice", "bitcast", "reshape", "broadcast", "copy-start", "copy-done",
-         "tuple", "get-tuple-element", "iota"}
+KINDS = (
+  "matmul",
+  "elementwise",
+  "reduce",
+  "gather/scatter",
+  "copy/transpose/concat",
+  "sort/top-k",
+  "loop control",
+  "other",
+  "no thunk running",
+)
+MOVES = {
+  "copy",
+  "transpose",
+  "concatenate",
+  "pad",
+  "slice",
+  "dynamic-slice",
+  "dynamic-update-slice",
+  "bitcast",
+  "reshape",
+  "broadcast",
+  "copy-start",
+  "copy-done",
+  "tuple",
+  "get-tuple-element",
+  "iota",
+}
 
 
 def _dims(shape_text: str) -> tuple[str, tuple[int, ...]] | None:
@@ -68,8 +91,13 @@ def parse_hlo(text: str) -> dict[str, Any]:
       continue
     name, shape, opcode, rest = m.groups()
     op_name = re.search(r'op_name="([^"]*)"', rest)
-    instr[name] = {"opcode": opcode, "shape": _dims(shape), "rest": rest, "comp": comp,
-                   "op_name": op_name.group(1) if op_name else ""}
+    instr[name] = {
+      "opcode": opcode,
+      "shape": _dims(shape),
+      "rest": rest,
+      "comp": comp,
+      "op_name": op_name.group(1) if op_name else "",
+    }
     comps[comp].append(name)
   return {"instr": instr, "comps": dict(comps)}
 
@@ -101,7 +129,7 @@ def classify(hlo: dict, name: str) -> dict[str, Any]:
   if info is None:
     return {"kind": "other", "label": name, "flops": 0.0, "part": "unknown"}
   op = info["opcode"]
-  inner = []                               # instructions of the fused/called computations
+  inner = []  # instructions of the fused/called computations
   if op in ("fusion", "call", "custom-call"):
     for c in _called(info):
       inner += hlo["comps"].get(c, [])
@@ -124,24 +152,45 @@ def classify(hlo: dict, name: str) -> dict[str, Any]:
     kind = "reduce"
   elif op in MOVES or (op == "fusion" and inner_ops and inner_ops <= MOVES | {"parameter"}):
     kind = "copy/transpose/concat"
-  elif op == "fusion" or op in ("add", "multiply", "subtract", "divide", "select", "exponential",
-                                "log", "compare", "convert", "maximum", "minimum", "negate"):
+  elif op == "fusion" or op in (
+    "add",
+    "multiply",
+    "subtract",
+    "divide",
+    "select",
+    "exponential",
+    "log",
+    "compare",
+    "convert",
+    "maximum",
+    "minimum",
+    "negate",
+  ):
     kind = "elementwise"
   else:
     kind = "other"
   return {"kind": kind, "label": label, "flops": flops, "part": model_part(info["op_name"])}
 
 
-TOP = 15     # costliest instructions kept in a profile
+TOP = 15  # costliest instructions kept in a profile
 
 # op_name fragments -> the part of the training step the operation belongs to (first match).
-PARTS = (("log_kernel_sum", "prior kernel"), ("topk_neighbors", "retrieval (top-k)"),
-         ("encode_mean", "exemplar encoder"), ("encode_rows", "exemplar encoder"),
-         ("VAE.encode", "batch encoder"), ("VAE.decode", "batch decoder"),
-         ("threefry", "random numbers"), ("_normal", "random numbers"),
-         ("_randint", "random numbers"), ("bernoulli", "random numbers"),
-         ("unique", "exemplar ids (sort/unique)"), ("sort", "exemplar ids (sort/unique)"),
-         ("gather", "gathers"), ("scatter", "scatters"))
+PARTS = (
+  ("log_kernel_sum", "prior kernel"),
+  ("topk_neighbors", "retrieval (top-k)"),
+  ("encode_mean", "exemplar encoder"),
+  ("encode_rows", "exemplar encoder"),
+  ("VAE.encode", "batch encoder"),
+  ("VAE.decode", "batch decoder"),
+  ("threefry", "random numbers"),
+  ("_normal", "random numbers"),
+  ("_randint", "random numbers"),
+  ("bernoulli", "random numbers"),
+  ("unique", "exemplar ids (sort/unique)"),
+  ("sort", "exemplar ids (sort/unique)"),
+  ("gather", "gathers"),
+  ("scatter", "scatters"),
+)
 
 
 def model_part(op_name: str) -> str:
@@ -155,8 +204,9 @@ def model_part(op_name: str) -> str:
 UNTRACED = "(no thunk running)"
 
 
-def _exclusive_events(events: list, module: str,
-                      control: frozenset = frozenset()) -> list[tuple[str, float, Any, float, float, bool]]:
+def _exclusive_events(
+  events: list, module: str, control: frozenset = frozenset()
+) -> list[tuple[str, float, Any, float, float, bool]]:
   """``(hlo_op, µs, run_id, start, end, is_launch)`` of each thunk of ``module``, time attributed.
 
   Each thunk gets its exclusive time (a loop's own time excludes its body's
@@ -170,8 +220,13 @@ def _exclusive_events(events: list, module: str,
   loop when none of its body's thunks runs goes to the asynchronous thunks
   in flight, and is taken off the loop's own time.
   """
-  evs = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")
-         and e["args"].get("hlo_module") == module]
+  evs = [
+    e
+    for e in events
+    if e.get("ph") == "X"
+    and (e.get("args") or {}).get("hlo_op")
+    and e["args"].get("hlo_module") == module
+  ]
   evs.sort(key=lambda e: (e["tid"], e["ts"], -e["dur"]))
   excl = {id(e): float(e["dur"]) for e in evs}
   stacks: dict[Any, list] = {}
@@ -194,13 +249,14 @@ def _exclusive_events(events: list, module: str,
     by_run[e["args"].get("run_id")].append(e)
   for run, es in by_run.items():
     lo, hi = min(e["ts"] for e in es), max(e["ts"] + e["dur"] for e in es)
-    busy = sorted((float(e["ts"]), float(e["ts"] + e["dur"])) for e in es
-                  if e["args"]["hlo_op"] not in control)
+    busy = sorted(
+      (float(e["ts"]), float(e["ts"] + e["dur"])) for e in es if e["args"]["hlo_op"] not in control
+    )
     loops = [e for e in es if e["args"]["hlo_op"] in control]
-    flights = []                     # (launch end, completion) of asynchronous thunks
+    flights = []  # (launch end, completion) of asynchronous thunks
     for e in es:
       cands = ends.get(e["args"]["hlo_op"], [])
-      i = bisect.bisect_left(cands, e["ts"])          # this launch's own end event
+      i = bisect.bisect_left(cands, e["ts"])  # this launch's own end event
       if i < len(cands) and cands[i] - (e["ts"] + e["dur"]) > 20.0:
         flights.append((float(e["ts"] + e["dur"]), min(cands[i], hi), e["args"]["hlo_op"]))
     gaps, t = [], float(lo)
@@ -215,18 +271,28 @@ def _exclusive_events(events: list, module: str,
         open_ = [op for s, f, op in flights if s <= a and f >= b]
         inside = [e for e in loops if e["ts"] <= a and e["ts"] + e["dur"] >= b]
         if inside and not open_:
-          continue                   # the loop's own time (already in its exclusive time)
-        if inside:                   # innermost loop: this piece is an async thunk's, not its own
+          continue  # the loop's own time (already in its exclusive time)
+        if inside:  # innermost loop: this piece is an async thunk's, not its own
           excl[id(max(inside, key=lambda e: e["ts"]))] -= b - a
         for op in open_ or [UNTRACED]:
           rows.append((op, (b - a) / max(len(open_), 1), run, a, b, False))
-  rows += [(e["args"]["hlo_op"], excl[id(e)], e["args"].get("run_id"), float(e["ts"]),
-            float(e["ts"] + e["dur"]), True) for e in evs]
+  rows += [
+    (
+      e["args"]["hlo_op"],
+      excl[id(e)],
+      e["args"].get("run_id"),
+      float(e["ts"]),
+      float(e["ts"] + e["dur"]),
+      True,
+    )
+    for e in evs
+  ]
   return rows
 
 
-def profile(fn: Callable[[], Any], hlo_text: str, module: str, steps: int,
-            trace_dir: str | None = None) -> dict[str, Any]:
+def profile(
+  fn: Callable[[], Any], hlo_text: str, module: str, steps: int, trace_dir: str | None = None
+) -> dict[str, Any]:
   """Runs ``fn`` ``steps`` times under the profiler; times by kind, matmul shape and part.
 
   Args:
@@ -244,6 +310,7 @@ def profile(fn: Callable[[], Any], hlo_text: str, module: str, steps: int,
     instructions: name, kind, part, ms).
   """
   import jax
+
   hlo = parse_hlo(hlo_text)
   tmp = None
   if trace_dir is None:
@@ -261,8 +328,9 @@ def profile(fn: Callable[[], Any], hlo_text: str, module: str, steps: int,
   finally:
     if tmp is not None:
       tmp.cleanup()
-  control = frozenset(n for n, i in hlo["instr"].items()
-                      if i["opcode"] in ("while", "conditional", "call"))
+  control = frozenset(
+    n for n, i in hlo["instr"].items() if i["opcode"] in ("while", "conditional", "call")
+  )
   rows = _exclusive_events(events, module, control)
   if not rows:
     raise RuntimeError(f"the trace has no thunk events of module {module!r}")
@@ -296,11 +364,17 @@ def summarize(hlo: dict, rows: list) -> dict[str, Any]:
   for e in mm.values():
     e["gflops"] = e["gflop"] / (e["ms"] / 1e3) if e["ms"] > 0 else float("nan")
   top = sorted(per_op.items(), key=lambda kv: -kv[1])[:TOP]
-  return {"steps": n, "step_ms": spans[len(spans) // 2], "op_ms": sum(kinds.values()),
-          "kinds": kinds, "matmuls": sorted(mm.values(), key=lambda e: -e["ms"]),
-          "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
-          "top": [{"op": op, "kind": cache[op]["kind"], "part": cache[op]["part"], "ms": ms}
-                  for op, ms in top]}
+  return {
+    "steps": n,
+    "step_ms": spans[len(spans) // 2],
+    "op_ms": sum(kinds.values()),
+    "kinds": kinds,
+    "matmuls": sorted(mm.values(), key=lambda e: -e["ms"]),
+    "parts": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+    "top": [
+      {"op": op, "kind": cache[op]["kind"], "part": cache[op]["part"], "ms": ms} for op, ms in top
+    ],
+  }
 
 
 def isolated_rates(shapes: list[str], rounds: int = 5) -> dict[str, float]:
@@ -318,6 +392,7 @@ def isolated_rates(shapes: list[str], rounds: int = 5) -> dict[str, float]:
   import jax
   import jax.numpy as jnp
   from bench.prior_kernel import interleaved
+
   labels = list(dict.fromkeys(list(shapes) + ["2048x2048x2048"]))
   mm = jax.jit(lambda a, b: a @ b)
   calls, flops = {}, {}
@@ -347,26 +422,36 @@ def add_ceiling(p: dict, rates: dict[str, float]) -> None:
 def format_table(name: str, p: dict, rate: float | None = None) -> str:
   """The profile ``p`` of config ``name`` as a plain-text table (ms per step and share)."""
   tot = p["op_ms"] or 1.0
-  lines = [f"{name}: {p['steps']} profiled steps, median span {p['step_ms']:.1f} ms, "
-           f"thunk time {p['op_ms']:.1f} ms/step"]
+  lines = [
+    f"{name}: {p['steps']} profiled steps, median span {p['step_ms']:.1f} ms, "
+    f"thunk time {p['op_ms']:.1f} ms/step"
+  ]
   lines.append(f"  {'kind':34s} {'ms/step':>8s} {'share':>6s}")
   for k, v in p["kinds"].items():
     lines.append(f"  {k:34s} {v:8.2f} {v / tot:6.1%}")
     if k == "matmul":
       for e in p["matmuls"]:
-        extra = f" {e['gflops']:6.0f} GFLOP/s" + (f" ({e['gflops'] * 1e9 / rate:.0%})" if rate else "")
+        extra = f" {e['gflops']:6.0f} GFLOP/s" + (
+          f" ({e['gflops'] * 1e9 / rate:.0%})" if rate else ""
+        )
         if e.get("isolated_gflops"):
           extra += f", alone {e['isolated_gflops']:.0f} GFLOP/s"
-        lines.append(f"    {e['shape']:>18s} x{e['calls']:<5.0f} {e['ms']:8.2f} {e['ms'] / tot:6.1%}"
-                     f" {e['gflop']:7.3f} GFLOP{extra}")
+        lines.append(
+          f"    {e['shape']:>18s} x{e['calls']:<5.0f} {e['ms']:8.2f} {e['ms'] / tot:6.1%}"
+          f" {e['gflop']:7.3f} GFLOP{extra}"
+        )
   if p.get("matmul_bound_ms"):
-    lines.append(f"  matrix products at their shapes' lone rates: {p['matmul_bound_ms']:.1f} ms/step "
-                 f"({p['matmul_bound_share']:.0%} of the 2048^3 rate at best)")
+    lines.append(
+      f"  matrix products at their shapes' lone rates: {p['matmul_bound_ms']:.1f} ms/step "
+      f"({p['matmul_bound_share']:.0%} of the 2048^3 rate at best)"
+    )
   lines.append(f"  {'part of the step':34s}")
   for k, v in p["parts"].items():
     lines.append(f"  {k:34s} {v:8.2f} {v / tot:6.1%}")
-  lines.append("  costliest instructions: " + ", ".join(
-      f"{t['op']} ({t['kind']}, {t['part']}) {t['ms']:.2f}" for t in p["top"][:8]))
+  lines.append(
+    "  costliest instructions: "
+    + ", ".join(f"{t['op']} ({t['kind']}, {t['part']}) {t['ms']:.2f}" for t in p["top"][:8])
+  )
   return "\n".join(lines)
 
 
@@ -385,53 +470,77 @@ def markdown(doc: dict) -> str:
   m = doc.get("machine", {})
   rate = m.get("xla_matmul_gflops")
   prov = doc.get("provenance", {})
-  out = [f"Measured on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), XLA float32 "
-         f"2048^3 matmul {rate:.0f} GFLOP/s in the same run; load average "
-         f"{', '.join(str(x) for x in m.get('loadavg', []))} at the start; "
-         f"`{_checkout_command(prov.get('command', ''))}`, "
-         f"{prov.get('date', '')} (the commit is in "
-         f"`results/speed/profile.json`)."
-         if rate else "", ""]
+  out = [
+    f"Measured on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), XLA float32 "
+    f"2048^3 matmul {rate:.0f} GFLOP/s in the same run; load average "
+    f"{', '.join(str(x) for x in m.get('loadavg', []))} at the start; "
+    f"`{_checkout_command(prov.get('command', ''))}`, "
+    f"{prov.get('date', '')} (the commit is in "
+    f"`results/speed/profile.json`)."
+    if rate
+    else "",
+    "",
+  ]
   for p in doc.get("configs", []):
     tot = p["op_ms"] or 1.0
     g = p.get("gflop_per_step")
-    ach = (f", {g:.2f} GFLOP of matrix products per step: {g / p['unprofiled_ms_per_step'] * 1e3:.0f}"
-           f" GFLOP/s" + (f", {g / p['unprofiled_ms_per_step'] * 1e3 / rate:.0%} of the matmul rate"
-                          if rate else "")) if g else ""
+    ach = (
+      (
+        f", {g:.2f} GFLOP of matrix products per step: {g / p['unprofiled_ms_per_step'] * 1e3:.0f}"
+        f" GFLOP/s"
+        + (
+          f", {g / p['unprofiled_ms_per_step'] * 1e3 / rate:.0%} of the matmul rate" if rate else ""
+        )
+      )
+      if g
+      else ""
+    )
     if p.get("distinct_union_rows"):
-      ach += (f" (the unprofiled steps' RAT unions hold {p['distinct_union_rows']} distinct rows; "
-              "the account counts the chunks encoded)")
-    out += [f"**{p['config']}**: {p['unprofiled_ms_per_step']:.1f} ms per step unprofiled, "
-            f"{p['step_ms']:.1f} ms profiled{ach}; thunk time (summed over threads) "
-            f"{p['op_ms']:.1f} ms per step, the base of the shares.", "",
-            "| kind | ms/step | share | GFLOP/step | GFLOP/s | of matmul rate | alone, GFLOP/s |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+      ach += (
+        f" (the unprofiled steps' RAT unions hold {p['distinct_union_rows']} distinct rows; "
+        "the account counts the chunks encoded)"
+      )
+    out += [
+      f"**{p['config']}**: {p['unprofiled_ms_per_step']:.1f} ms per step unprofiled, "
+      f"{p['step_ms']:.1f} ms profiled{ach}; thunk time (summed over threads) "
+      f"{p['op_ms']:.1f} ms per step, the base of the shares.",
+      "",
+      "| kind | ms/step | share | GFLOP/step | GFLOP/s | of matmul rate | alone, GFLOP/s |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for k, v in p["kinds"].items():
       if v <= 0:
         continue
       out.append(f"| {k} | {v:.2f} | {v / tot:.1%} | | | | |")
       if k == "matmul":
         shown, acc = [], 0.0
-        for e in p["matmuls"]:               # the costliest shapes, up to 97% of the products' time
+        for e in p["matmuls"]:  # the costliest shapes, up to 97% of the products' time
           if len(shown) >= 10 or acc >= 0.97 * v:
             break
           shown.append(e)
           acc += e["ms"]
-        rest = p["matmuls"][len(shown):]
+        rest = p["matmuls"][len(shown) :]
         for e in shown:
           share = f"{e['gflops'] / rate:.0%}" if rate else ""
           alone = f"{e['isolated_gflops']:.0f}" if e.get("isolated_gflops") else ""
-          out.append(f"| &nbsp;&nbsp;{e['shape']} (x{e['calls']:.0f}) | {e['ms']:.2f} | "
-                     f"{e['ms'] / tot:.1%} | {e['gflop']:.3f} | {e['gflops']:.0f} | {share} | "
-                     f"{alone} |")
+          out.append(
+            f"| &nbsp;&nbsp;{e['shape']} (x{e['calls']:.0f}) | {e['ms']:.2f} | "
+            f"{e['ms'] / tot:.1%} | {e['gflop']:.3f} | {e['gflops']:.0f} | {share} | "
+            f"{alone} |"
+          )
         if rest:
           r_ms, r_gf = sum(e["ms"] for e in rest), sum(e["gflop"] for e in rest)
-          out.append(f"| &nbsp;&nbsp;{len(rest)} other shapes | {r_ms:.2f} | {r_ms / tot:.1%} | "
-                     f"{r_gf:.3f} | {r_gf / (r_ms / 1e3) if r_ms else 0:.0f} | | |")
+          out.append(
+            f"| &nbsp;&nbsp;{len(rest)} other shapes | {r_ms:.2f} | {r_ms / tot:.1%} | "
+            f"{r_gf:.3f} | {r_gf / (r_ms / 1e3) if r_ms else 0:.0f} | | |"
+          )
     if p.get("matmul_bound_ms"):
-      out += ["", f"Its matrix products at their shapes' lone rates take {p['matmul_bound_ms']:.1f} "
-                  f"ms: a step made of nothing else would show {p['matmul_bound_share']:.0%} of "
-                  "the 2048^3 rate."]
+      out += [
+        "",
+        f"Its matrix products at their shapes' lone rates take {p['matmul_bound_ms']:.1f} "
+        f"ms: a step made of nothing else would show {p['matmul_bound_share']:.0%} of "
+        "the 2048^3 rate.",
+      ]
     out += ["", "| part of the step | ms/step | share |", "|---|---:|---:|"]
     out += [f"| {k} | {v:.2f} | {v / tot:.1%} |" for k, v in p["parts"].items() if v > 0]
     out.append("")
@@ -446,17 +555,21 @@ def replace_block(text: str, tables: str) -> str:
   i, j = text.find(BEGIN), text.find(END)
   if i < 0 or j < i:
     raise ValueError(f"no '{BEGIN}' ... '{END}' block to replace")
-  return text[:i + len(BEGIN)] + "\n" + tables.rstrip() + "\n" + text[j:]
+  return text[: i + len(BEGIN)] + "\n" + tables.rstrip() + "\n" + text[j:]
 
 
 def main(argv: list[str] | None = None) -> None:
   """``python bench/op_profile.py [profile.json] [--doc docs/speed.md]``: print or place the tables."""
   import argparse
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   ap = argparse.ArgumentParser(description="Markdown tables of train_speed.py --profile's JSON.")
-  ap.add_argument("profile", nargs="?", default=os.path.join(root, "results", "speed", "profile.json"))
-  ap.add_argument("--doc", default=None,
-                  help="replace the tables between the profile-table markers of this file")
+  ap.add_argument(
+    "profile", nargs="?", default=os.path.join(root, "results", "speed", "profile.json")
+  )
+  ap.add_argument(
+    "--doc", default=None, help="replace the tables between the profile-table markers of this file"
+  )
   args = ap.parse_args(argv)
   with open(args.profile) as f:
     tables = markdown(json.load(f))

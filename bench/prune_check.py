@@ -28,6 +28,7 @@ def main(argv=None) -> int:
   ap.add_argument("--points", type=int, default=300)
   a = ap.parse_args(argv)
   from exvae import checkpoints, config_registry, evaluation, train_lib
+
   out = {}
   for keep in (0, a.keep):
     config = config_registry.get_config(a.config)
@@ -40,22 +41,30 @@ def main(argv=None) -> int:
     if keep == 0:
       state, best, meta = manager.restore_latest(template, template.params)
       step = int(state.step)
-    ctx = evaluation.eval_context(best, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                                  setup=setup)
+    ctx = evaluation.eval_context(
+      best, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup
+    )
     t0 = time.time()
-    res = evaluation.evaluate_split(best, setup, ctx, splits.test_x[:a.points],
-                                    jax.random.PRNGKey(config.eval.seed),
-                                    num_samples=int(config.eval.num_importance_samples),
-                                    max_queries=int(config.eval.max_queries))
+    res = evaluation.evaluate_split(
+      best,
+      setup,
+      ctx,
+      splits.test_x[: a.points],
+      jax.random.PRNGKey(config.eval.seed),
+      num_samples=int(config.eval.num_importance_samples),
+      max_queries=int(config.eval.max_queries),
+    )
     out[keep] = (-res["log_px_iwae"], res["max_err"], (time.time() - t0) / a.points)
   exact, (pruned, cert, t_p) = out[0][0], out[a.keep]
   d = pruned - exact
-  best = int(meta.get("best_epoch", -1)) + 1          # meta counts epochs from 0
-  print(f"checkpoint step {step} (best epoch {best}), {a.points} test images, "
-        f"S={config.eval.num_importance_samples}: exact NLL {exact.mean():.4f}, pruned "
-        f"(keep {a.keep}) {pruned.mean():.4f}; pruned - exact: mean {d.mean():.2e}, "
-        f"max {d.max():.2e}, min {d.min():.2e} nats; certified bound mean {cert.mean():.3f}; "
-        f"s/point exact {out[0][2]:.3f}, pruned {t_p:.3f}")
+  best = int(meta.get("best_epoch", -1)) + 1  # meta counts epochs from 0
+  print(
+    f"checkpoint step {step} (best epoch {best}), {a.points} test images, "
+    f"S={config.eval.num_importance_samples}: exact NLL {exact.mean():.4f}, pruned "
+    f"(keep {a.keep}) {pruned.mean():.4f}; pruned - exact: mean {d.mean():.2e}, "
+    f"max {d.max():.2e}, min {d.min():.2e} nats; certified bound mean {cert.mean():.3f}; "
+    f"s/point exact {out[0][2]:.3f}, pruned {t_p:.3f}"
+  )
   return 0
 
 

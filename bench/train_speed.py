@@ -132,6 +132,7 @@ def load_splits():
 @dataclasses.dataclass
 class Run:
   """A compiled, warm training run of one config: time it in pieces with the functions below."""
+
   config: Any
   setup: Any
   state: Any
@@ -217,9 +218,15 @@ def time_config(c, splits, pool, steps):
   t_refresh = time_refresh(run, pool)
   dt = time_steps(run, pool, steps)
   spe = run.setup.steps_per_epoch
-  return {"ms_per_step": dt * 1e3, "steps_per_s": 1.0 / dt, "steps_per_epoch": spe,
-          "refresh_s": t_refresh, "epoch_s": dt * spe + t_refresh, "compile_s": run.compile_s,
-          "loss": float(run.metrics["loss"])}
+  return {
+    "ms_per_step": dt * 1e3,
+    "steps_per_s": 1.0 / dt,
+    "steps_per_epoch": spe,
+    "refresh_s": t_refresh,
+    "epoch_s": dt * spe + t_refresh,
+    "compile_s": run.compile_s,
+    "loss": float(run.metrics["loss"]),
+  }
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
@@ -230,8 +237,9 @@ def _union_valid(state, pool, perm, *, setup):
   model, params = setup.model, state.params
   sc = model.score(params["model"], x, k_z, 1, setup.log_lik)
   inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
-  ctx, _ = setup.prior.context(params["prior"], state.prior_state, model, params["model"],
-                               inputs, train=True)
+  ctx, _ = setup.prior.context(
+    params["prior"], state.prior_state, model, params["model"], inputs, train=True
+  )
   return ctx.bank_mask.sum()
 
 
@@ -255,8 +263,9 @@ def union_counts(run: Run, pool, state, steps: int) -> list[int]:
   return counts
 
 
-def mean_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
-               counts: list[int]) -> dict | None:
+def mean_flops(
+  c, params, batch: int, num_train: int, steps_per_epoch: int, counts: list[int]
+) -> dict | None:
   """:func:`step_flops` averaged over steps whose RAT unions hold ``counts`` distinct rows."""
   fs = [step_flops(c, params, batch, num_train, steps_per_epoch, union_rows=u) for u in counts]
   if not fs or fs[0] is None:
@@ -267,6 +276,7 @@ def mean_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
 def matmul_rate(reps: int = 3) -> float:
   """This machine's float32 2048^3 XLA matmul rate, FLOP/s (bench/prior_kernel.py's limit)."""
   from bench.prior_kernel import limit_fns, timeit
+
   mm, args = limit_fns()["matmul"]
   return 2.0 * 2048**3 / timeit(mm, *args, reps=reps)
 
@@ -303,9 +313,17 @@ def backward_flops(layers, rows: int, input_grad_first: bool = False) -> float:
   return w + x
 
 
-def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
-               union_rows: int | None = None, remat: bool | None = None,
-               act_bytes_per_row: int | None = None, distinct: bool = True) -> dict | None:
+def step_flops(
+  c,
+  params,
+  batch: int,
+  num_train: int,
+  steps_per_epoch: int,
+  union_rows: int | None = None,
+  remat: bool | None = None,
+  act_bytes_per_row: int | None = None,
+  distinct: bool = True,
+) -> dict | None:
   """Matrix-product FLOPs of one training step of the MLP VAE, by part.
 
   Args:
@@ -346,8 +364,20 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
   enc_mean = dense_layers(params, "enc_", exclude=("enc_logvar",))
   dec = dense_layers(params, "dec_")
   d = int(params["enc_mu"]["kernel"].shape[1])
-  f = dict.fromkeys(("batch_fwd", "batch_bwd", "exemplar_fwd", "exemplar_remat", "exemplar_bwd",
-                     "retrieval", "prior_fwd", "prior_bwd", "refresh_per_step"), 0.0)
+  f = dict.fromkeys(
+    (
+      "batch_fwd",
+      "batch_bwd",
+      "exemplar_fwd",
+      "exemplar_remat",
+      "exemplar_bwd",
+      "retrieval",
+      "prior_fwd",
+      "prior_bwd",
+      "refresh_per_step",
+    ),
+    0.0,
+  )
   f["batch_fwd"] = forward_flops(enc + dec, batch)
   f["batch_bwd"] = backward_flops(enc, batch) + backward_flops(dec, batch, input_grad_first=True)
   rows, comps = 0, 0
@@ -366,6 +396,7 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
       rows = comps = m
       if distinct and m < num_train:
         from exvae.priors.exemplar import balanced_chunk, distinct_capacity
+
         cap = distinct_capacity(num_train, m)
         chunk = balanced_chunk(cap, int(c.exemplar.encode_chunk))
         rows = min(m, -(-cap // chunk) * chunk)
@@ -381,11 +412,11 @@ def step_flops(c, params, batch: int, num_train: int, steps_per_epoch: int,
   elif c.prior == "vampprior":
     rows = comps = int(c.vampprior.num_pseudo)
     f["exemplar_fwd"] = forward_flops(enc, rows)
-    f["exemplar_bwd"] = backward_flops(enc, rows, input_grad_first=True)   # pseudo-inputs learn
+    f["exemplar_bwd"] = backward_flops(enc, rows, input_grad_first=True)  # pseudo-inputs learn
   if comps:
-    n_mm = 2 if c.prior == "vampprior" else 1          # VampPrior: z^2 @ 1/var and z @ mu/var
+    n_mm = 2 if c.prior == "vampprior" else 1  # VampPrior: z^2 @ 1/var and z @ mu/var
     f["prior_fwd"] = n_mm * 2.0 * batch * comps * d
-    f["prior_bwd"] = 2.0 * f["prior_fwd"]              # gradients w.r.t. both operands
+    f["prior_bwd"] = 2.0 * f["prior_fwd"]  # gradients w.r.t. both operands
   f["total"] = sum(v for k, v in f.items() if k != "refresh_per_step")
   f["exemplar_rows"] = rows
   return f
@@ -402,13 +433,15 @@ def xla_step_flops(run: Run, pool) -> float:
 def describe_flops(f: dict, sec_per_step: float, rate: float) -> str:
   """One line: GFLOP per part, the total, its time at ``rate`` and the fraction achieved."""
   g = {k: v / 1e9 for k, v in f.items() if k != "exemplar_rows"}
-  return (f"  flops/step (GFLOP, matmuls): batch fwd {g['batch_fwd']:.3f} bwd {g['batch_bwd']:.3f}"
-          f" | exemplars x{f['exemplar_rows']:.0f} fwd {g['exemplar_fwd']:.3f} remat "
-          f"{g['exemplar_remat']:.3f} bwd {g['exemplar_bwd']:.3f} | retrieval {g['retrieval']:.3f}"
-          f" | prior kernel fwd {g['prior_fwd']:.3f} bwd {g['prior_bwd']:.3f} | total "
-          f"{g['total']:.3f} (+ per-epoch refresh {g['refresh_per_step']:.3f}/step) -> "
-          f"{f['total'] / rate * 1e3:.1f} ms at {rate / 1e9:.0f} GFLOP/s; step achieves "
-          f"{f['total'] / sec_per_step / rate:.0%} of the matmul rate")
+  return (
+    f"  flops/step (GFLOP, matmuls): batch fwd {g['batch_fwd']:.3f} bwd {g['batch_bwd']:.3f}"
+    f" | exemplars x{f['exemplar_rows']:.0f} fwd {g['exemplar_fwd']:.3f} remat "
+    f"{g['exemplar_remat']:.3f} bwd {g['exemplar_bwd']:.3f} | retrieval {g['retrieval']:.3f}"
+    f" | prior kernel fwd {g['prior_fwd']:.3f} bwd {g['prior_bwd']:.3f} | total "
+    f"{g['total']:.3f} (+ per-epoch refresh {g['refresh_per_step']:.3f}/step) -> "
+    f"{f['total'] / rate * 1e3:.1f} ms at {rate / 1e9:.0f} GFLOP/s; step achieves "
+    f"{f['total'] / sec_per_step / rate:.0%} of the matmul rate"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -419,12 +452,13 @@ def describe_flops(f: dict, sec_per_step: float, rate: float) -> str:
 def prepare_with_remat(c, splits, pool, remat):
   """:func:`prepare` with ``encode_rows(remat=remat)`` (traced while it is patched in)."""
   from exvae.priors import exemplar
+
   orig = exemplar.encode_rows
   exemplar.encode_rows = functools.partial(orig, remat=remat)
   try:
     run = prepare(c, splits, pool)
     run.grad_fn = jax.jit(functools.partial(_loss_and_grads, setup=run.setup))
-    jax.block_until_ready(run.grad_fn(run.state, pool, run.perm))     # traced under the patch
+    jax.block_until_ready(run.grad_fn(run.state, pool, run.perm))  # traced under the patch
   finally:
     exemplar.encode_rows = orig
   return run
@@ -433,10 +467,12 @@ def prepare_with_remat(c, splits, pool, remat):
 def _loss_and_grads(state, pool, perm, *, setup):
   """The train step's loss and gradients at ``state`` (what train_step computes, no update)."""
   from exvae.objectives import elbo_loss, kl_beta
+
   x, ids, key = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
   beta = kl_beta(state.step, setup.steps_per_epoch, setup.warmup_epochs)
   (loss, _), grads = jax.value_and_grad(elbo_loss, has_aux=True)(
-      state.params, state.prior_state, setup, x, ids, key, beta, pool)
+    state.params, state.prior_state, setup, x, ids, key, beta, pool
+  )
   return loss, grads
 
 
@@ -463,17 +499,23 @@ def remat_ab(name, splits, pool, rounds: int, steps: int, check_steps: int = 3):
     dg = max(dg, max(jax.tree.leaves(diffs)))
     gmax = max(gmax, max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(go)))
     time_steps(old, pool, 1)
-  print(f"{name}: encode_rows remat on (old code) vs off, {check_steps} states: "
-        f"max|d loss| = {dl:.3g}, max|d grad| = {dg:.3g} (largest |grad| {gmax:.3g})", flush=True)
+  print(
+    f"{name}: encode_rows remat on (old code) vs off, {check_steps} states: "
+    f"max|d loss| = {dl:.3g}, max|d grad| = {dg:.3g} (largest |grad| {gmax:.3g})",
+    flush=True,
+  )
   t_old, t_new = [], []
   for _ in range(rounds):
     t_old.append(time_steps(old, pool, steps))
     t_new.append(time_steps(new, pool, steps))
   ratio = np.median(np.array(t_old) / np.array(t_new))
   load = os.getloadavg()
-  print(f"{name}: {rounds} alternated rounds of {steps} steps: remat on {np.median(t_old) * 1e3:.1f} "
-        f"ms/step, off {np.median(t_new) * 1e3:.1f} ms/step (medians); median per-round on/off = "
-        f"{ratio:.3f}x; loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+  print(
+    f"{name}: {rounds} alternated rounds of {steps} steps: remat on {np.median(t_old) * 1e3:.1f} "
+    f"ms/step, off {np.median(t_new) * 1e3:.1f} ms/step (medians); median per-round on/off = "
+    f"{ratio:.3f}x; loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
+    flush=True,
+  )
   return ratio
 
 
@@ -514,15 +556,20 @@ def per_round_speedup(times: dict, base: str, label: str) -> float:
 
 def _grad_diffs(ref, other) -> tuple[float, float]:
   """(largest per-tensor max|a - b| / max|a|, ||a - b|| / ||a|| over all tensors) of two trees."""
-  per = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other))]
-  num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other)))
+  per = [
+    float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other))
+  ]
+  num = sum(
+    float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(other))
+  )
   den = sum(float(jnp.sum(a * a)) for a in jax.tree.leaves(ref))
   return max(per), (num / max(den, 1e-30)) ** 0.5
 
 
-def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
-                   check_steps: int = 4, model: str = "vae") -> dict:
+def rat_compact_ab(
+  splits, pool, rounds: int, steps: int, chunks: list[int], check_steps: int = 4, model: str = "vae"
+) -> dict:
   """RAT step encoding all B*k union rows vs only whole chunks holding the distinct ones.
 
   Runs ``exemplar.rat_compact`` off, then on with each of ``chunks`` as
@@ -538,8 +585,9 @@ def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
     ``"distinct_rows"``: the counts at the checked states.
   """
   variants = [("all rows", {"exemplar.rat_compact": False})] + [
-      (f"compact chunk {ch}", {"exemplar.rat_compact": True, "exemplar.rat_compact_chunk": ch})
-      for ch in chunks]
+    (f"compact chunk {ch}", {"exemplar.rat_compact": True, "exemplar.rat_compact_chunk": ch})
+    for ch in chunks
+  ]
   runs = []
   for label, over in variants:
     c = make_config("rat", model)
@@ -566,30 +614,42 @@ def rat_compact_ab(splits, pool, rounds: int, steps: int, chunks: list[int],
       worst[label] = [max(w[0], dl), max(w[1], dt), max(w[2], dn)]
     state, _ = train_lib.train_step(state, pool, ref_run.perm, setup=ref_run.setup)
   static = ref_run.setup.batch_size * int(ref_run.config.exemplar.rat_k)
-  print(f"rat: distinct rows of the {static}-row union at {check_steps} successive states: "
-        f"{counts} (mean {np.mean(counts):.0f})", flush=True)
+  print(
+    f"rat: distinct rows of the {static}-row union at {check_steps} successive states: "
+    f"{counts} (mean {np.mean(counts):.0f})",
+    flush=True,
+  )
   for label, run in runs[1:]:
     ch = int(run.config.exemplar.rat_compact_chunk)
     enc = [min(static, -(-u // ch) * ch) for u in counts]
     dl, dt, dn = worst[label]
-    print(f"rat [{label}] vs [all rows]: rows encoded {enc}; max over the states: rel. loss diff "
-          f"{dl:.1e}, per-tensor max|d grad|/max|grad| {dt:.1e}, ||d grad||/||grad|| {dn:.1e}",
-          flush=True)
-  wall, cpu = alternate({label: functools.partial(time_steps, run, pool) for label, run in runs},
-                        rounds, steps)
+    print(
+      f"rat [{label}] vs [all rows]: rows encoded {enc}; max over the states: rel. loss diff "
+      f"{dl:.1e}, per-tensor max|d grad|/max|grad| {dt:.1e}, ||d grad||/||grad|| {dn:.1e}",
+      flush=True,
+    )
+  wall, cpu = alternate(
+    {label: functools.partial(time_steps, run, pool) for label, run in runs}, rounds, steps
+  )
   load = os.getloadavg()
   out = {"distinct_rows": counts}
   base = runs[0][0]
   for label, _ in runs:
     rw, rc = per_round_speedup(wall, base, label), per_round_speedup(cpu, base, label)
-    out[label] = {"wall_ms": float(np.median(wall[label])) * 1e3,
-                  "cpu_ms": float(np.median(cpu[label])) * 1e3, "speedup_wall": rw,
-                  "speedup_cpu": rc}
-    print(f"rat [{label}]: {rounds} alternated rounds of {steps} steps: wall "
-          f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians;"
-          f" per round {', '.join(f'{t * 1e3:.0f}' for t in wall[label])} ms); median per-round "
-          f"speed-up over [all rows]: wall {rw:.3f}x, CPU {rc:.3f}x; "
-          f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+    out[label] = {
+      "wall_ms": float(np.median(wall[label])) * 1e3,
+      "cpu_ms": float(np.median(cpu[label])) * 1e3,
+      "speedup_wall": rw,
+      "speedup_cpu": rc,
+    }
+    print(
+      f"rat [{label}]: {rounds} alternated rounds of {steps} steps: wall "
+      f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians;"
+      f" per round {', '.join(f'{t * 1e3:.0f}' for t in wall[label])} ms); median per-round "
+      f"speed-up over [all rows]: wall {rw:.3f}x, CPU {rc:.3f}x; "
+      f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
+      flush=True,
+    )
   return out
 
 
@@ -616,19 +676,27 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
   ref_state = runs["float32"].state
   l32 = float(runs["float32"].grad_fn(ref_state, pool, runs["float32"].perm)[0])
   l16 = float(runs["bfloat16"].grad_fn(ref_state, pool, runs["bfloat16"].perm)[0])
-  print(f"{name}: loss at the same state: float32 {l32:.4f}, bfloat16 {l16:.4f} "
-        f"(relative difference {abs(l16 - l32) / abs(l32):.2e}); compile f32 "
-        f"{runs['float32'].compile_s:.1f} s, bf16 {runs['bfloat16'].compile_s:.1f} s", flush=True)
-  wall, cpu = alternate({dt: functools.partial(time_steps, runs[dt], pool)
-                         for dt in ("float32", "bfloat16")}, rounds, steps)
+  print(
+    f"{name}: loss at the same state: float32 {l32:.4f}, bfloat16 {l16:.4f} "
+    f"(relative difference {abs(l16 - l32) / abs(l32):.2e}); compile f32 "
+    f"{runs['float32'].compile_s:.1f} s, bf16 {runs['bfloat16'].compile_s:.1f} s",
+    flush=True,
+  )
+  wall, cpu = alternate(
+    {dt: functools.partial(time_steps, runs[dt], pool) for dt in ("float32", "bfloat16")},
+    rounds,
+    steps,
+  )
   load = os.getloadavg()
   for what, t in (("wall", wall), ("cpu", cpu)):
     ratio = per_round_speedup(t, "float32", "bfloat16")
-    print(f"{name}: {rounds} alternated rounds of {steps} steps, {what} time: float32 "
-          f"{np.median(t['float32']) * 1e3:.1f} ms/step, bfloat16 "
-          f"{np.median(t['bfloat16']) * 1e3:.1f} ms/step (medians); median per-round f32/bf16 = "
-          f"{ratio:.3f}x (>1: bf16 faster); loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
-          flush=True)
+    print(
+      f"{name}: {rounds} alternated rounds of {steps} steps, {what} time: float32 "
+      f"{np.median(t['float32']) * 1e3:.1f} ms/step, bfloat16 "
+      f"{np.median(t['bfloat16']) * 1e3:.1f} ms/step (medians); median per-round f32/bf16 = "
+      f"{ratio:.3f}x (>1: bf16 faster); loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
+      flush=True,
+    )
   return np.median(np.array(cpu["float32"]) / np.array(cpu["bfloat16"]))
 
 
@@ -639,10 +707,11 @@ def matmul_dtype_ab(name, splits, pool, rounds: int, steps: int, model: str = "v
 
 def objective_variants(k: int) -> dict:
   """``{label: config overrides}``: the ELBO, and the k-sample IWAE bound with each estimator."""
-  return {"elbo": {},
-          f"iwae{k}_reparam": {"objective": "iwae", "objective_samples": k},
-          f"iwae{k}_dreg": {"objective": "iwae", "objective_samples": k,
-                            "gradient_estimator": "dreg"}}
+  return {
+    "elbo": {},
+    f"iwae{k}_reparam": {"objective": "iwae", "objective_samples": k},
+    f"iwae{k}_dreg": {"objective": "iwae", "objective_samples": k, "gradient_estimator": "dreg"},
+  }
 
 
 def objectives_ab(name, splits, pool, rounds: int, steps: int, k: int, model: str = "vae") -> dict:
@@ -654,21 +723,32 @@ def objectives_ab(name, splits, pool, rounds: int, steps: int, k: int, model: st
   """
   runs = {}
   for label, over in objective_variants(k).items():
-    c = config_registry.apply_overrides(make_config(name, model),
-                                        [(key, str(v)) for key, v in over.items()])
+    c = config_registry.apply_overrides(
+      make_config(name, model), [(key, str(v)) for key, v in over.items()]
+    )
     runs[label] = prepare(c, splits, pool)
-  wall, cpu = alternate({label: functools.partial(time_steps, run, pool)
-                         for label, run in runs.items()}, rounds, steps, flip=True)
+  wall, cpu = alternate(
+    {label: functools.partial(time_steps, run, pool) for label, run in runs.items()},
+    rounds,
+    steps,
+    flip=True,
+  )
   load = os.getloadavg()
   out = {}
   for label, run in runs.items():
     ms = float(np.median(wall[label])) * 1e3
-    out[label] = {"ms_per_step": ms, "cpu_ms_per_step": float(np.median(cpu[label])) * 1e3,
-                  "epoch_s": ms / 1e3 * run.setup.steps_per_epoch,
-                  "vs_elbo": 1.0 / per_round_speedup(wall, "elbo", label)}
-    print(f"{model} {name:9s} {label:14s} {ms:8.1f} ms/step (cpu {out[label]['cpu_ms_per_step']:.1f})"
-          f"  epoch {out[label]['epoch_s']:6.1f} s  x{out[label]['vs_elbo']:.2f} of the ELBO's step"
-          f"  ({rounds} alternated rounds of {steps} steps; loadavg {load[0]:.2f})", flush=True)
+    out[label] = {
+      "ms_per_step": ms,
+      "cpu_ms_per_step": float(np.median(cpu[label])) * 1e3,
+      "epoch_s": ms / 1e3 * run.setup.steps_per_epoch,
+      "vs_elbo": 1.0 / per_round_speedup(wall, "elbo", label),
+    }
+    print(
+      f"{model} {name:9s} {label:14s} {ms:8.1f} ms/step (cpu {out[label]['cpu_ms_per_step']:.1f})"
+      f"  epoch {out[label]['epoch_s']:6.1f} s  x{out[label]['vs_elbo']:.2f} of the ELBO's step"
+      f"  ({rounds} alternated rounds of {steps} steps; loadavg {load[0]:.2f})",
+      flush=True,
+    )
   return out
 
 
@@ -710,7 +790,8 @@ def options_ab(name, splits, pool, variants: list, rounds: int, steps: int) -> d
   """
   run = prepare(make_config(name), splits, pool)
   lowered_grad = jax.jit(functools.partial(_loss_and_grads, setup=run.setup)).lower(
-      run.state, pool, run.perm)
+    run.state, pool, run.perm
+  )
   lowered = train_lib.train_step.lower(run.state, pool, run.perm, setup=run.setup)
   fns, labels, losses = [], [], []
   for opts in variants:
@@ -723,10 +804,15 @@ def options_ab(name, splits, pool, variants: list, rounds: int, steps: int) -> d
     labels.append(label)
   l0, n0, g0 = losses[0]
   for label, (l, n, g) in zip(labels, losses):
-    dg = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-             for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)))
-    print(f"{name} [{label}]: loss {l:.6f} (rel. diff {abs(l - l0) / abs(l0):.1e}), |grad| {n:.6g},"
-          f" max per-tensor rel. grad diff {dg:.1e}", flush=True)
+    dg = max(
+      float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0))
+    )
+    print(
+      f"{name} [{label}]: loss {l:.6f} (rel. diff {abs(l - l0) / abs(l0):.1e}), |grad| {n:.6g},"
+      f" max per-tensor rel. grad diff {dg:.1e}",
+      flush=True,
+    )
   states = [jax.tree.map(jnp.copy, run.state) for _ in fns]
 
   def runner(i):
@@ -734,6 +820,7 @@ def options_ab(name, splits, pool, variants: list, rounds: int, steps: int) -> d
       for _ in range(n):
         states[i], m = fns[i](states[i], pool, run.perm)
       jax.block_until_ready(m)
+
     return go
 
   wall, cpu = alternate({label: runner(i) for i, label in enumerate(labels)}, rounds, steps)
@@ -741,27 +828,37 @@ def options_ab(name, splits, pool, variants: list, rounds: int, steps: int) -> d
   out = {}
   for i, label in enumerate(labels):
     rw, rc = per_round_speedup(wall, labels[0], label), per_round_speedup(cpu, labels[0], label)
-    out[label] = {"wall_ms": float(np.median(wall[label])) * 1e3,
-                  "cpu_ms": float(np.median(cpu[label])) * 1e3,
-                  "speedup_wall": rw, "speedup_cpu": rc, "loss": losses[i][0]}
-    print(f"{name} [{label}]: {rounds} alternated rounds of {steps} steps: wall "
-          f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians); "
-          f"median per-round speed-up over [{labels[0]}]: wall {rw:.3f}x, CPU {rc:.3f}x; "
-          f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}", flush=True)
+    out[label] = {
+      "wall_ms": float(np.median(wall[label])) * 1e3,
+      "cpu_ms": float(np.median(cpu[label])) * 1e3,
+      "speedup_wall": rw,
+      "speedup_cpu": rc,
+      "loss": losses[i][0],
+    }
+    print(
+      f"{name} [{label}]: {rounds} alternated rounds of {steps} steps: wall "
+      f"{out[label]['wall_ms']:.1f} ms/step, CPU {out[label]['cpu_ms']:.1f} ms/step (medians); "
+      f"median per-round speed-up over [{labels[0]}]: wall {rw:.3f}x, CPU {rc:.3f}x; "
+      f"loadavg {load[0]:.2f},{load[1]:.2f},{load[2]:.2f}",
+      flush=True,
+    )
   return out
 
 
 def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
   """CPU-time GFLOP/s of the first gated layer's product (rows x 784 x 600): f32 vs bf16 operands."""
   from exvae.nets.gated import mixed_matmul
+
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.normal(size=(784, 600)), jnp.float32)
-  fns = {"float32": jax.jit(lambda x, w: x @ w),
-         "bfloat16": jax.jit(lambda x, w: mixed_matmul(x, w, jnp.bfloat16))}
+  fns = {
+    "float32": jax.jit(lambda x, w: x @ w),
+    "bfloat16": jax.jit(lambda x, w: mixed_matmul(x, w, jnp.bfloat16)),
+  }
   for r in rows:
     x = jnp.asarray(rng.normal(size=(r, 784)), jnp.float32)
     best = {}
-    for _ in range(3):                       # alternated, best of 3 batches of reps calls
+    for _ in range(3):  # alternated, best of 3 batches of reps calls
       for name, fn in fns.items():
         jax.block_until_ready(fn(x, w))
         c0 = time.process_time()
@@ -770,9 +867,11 @@ def layer_rates(rows=(100, 1000), reps: int = 20) -> None:
         jax.block_until_ready(out)
         best[name] = min(best.get(name, np.inf), (time.process_time() - c0) / reps)
     flop = 2.0 * r * 784 * 600
-    print(f"  {r} x 784 x 600 product, CPU time: float32 {flop / best['float32'] / 1e9:.0f} "
-          f"GFLOP/s, bf16 operands + f32 accumulation {flop / best['bfloat16'] / 1e9:.0f} GFLOP/s",
-          flush=True)
+    print(
+      f"  {r} x 784 x 600 product, CPU time: float32 {flop / best['float32'] / 1e9:.0f} "
+      f"GFLOP/s, bf16 operands + f32 accumulation {flop / best['bfloat16'] / 1e9:.0f} GFLOP/s",
+      flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -784,10 +883,15 @@ def provenance(argv: list[str] | None = None) -> dict:
   """``{"commit", "date", "command"}`` of this run: git HEAD of the checkout, UTC time, argv."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   argv = sys.argv if argv is None else argv
-  return {"commit": runinfo.code_commit(),
-          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-          "command": " ".join(["python"] + [os.path.relpath(argv[0], root)
-                                            if os.path.isabs(argv[0]) else argv[0]] + argv[1:])}
+  return {
+    "commit": runinfo.code_commit(),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "command": " ".join(
+      ["python"]
+      + [os.path.relpath(argv[0], root) if os.path.isabs(argv[0]) else argv[0]]
+      + argv[1:]
+    ),
+  }
 
 
 def write_json(path: str, obj: dict) -> str:
@@ -801,8 +905,9 @@ def write_json(path: str, obj: dict) -> str:
   return path
 
 
-def step_record(name: str, sec_per_step: float, flops: dict | None, rate: float | None,
-                **extra) -> dict:
+def step_record(
+  name: str, sec_per_step: float, flops: dict | None, rate: float | None, **extra
+) -> dict:
   """One config's entry of train_speed.json.
 
   Args:
@@ -819,43 +924,71 @@ def step_record(name: str, sec_per_step: float, flops: dict | None, rate: float 
   gflop = flops["total"] / 1e9 if flops else None
   achieved = gflop / sec_per_step if gflop is not None else None
   share = achieved * 1e9 / rate if (achieved is not None and rate) else None
-  return dict({"config": name, "ms_per_step": sec_per_step * 1e3, "gflop_per_step": gflop,
-               "achieved_gflops": achieved, "share_of_matmul_rate": share}, **extra)
+  return dict(
+    {
+      "config": name,
+      "ms_per_step": sec_per_step * 1e3,
+      "gflop_per_step": gflop,
+      "achieved_gflops": achieved,
+      "share_of_matmul_rate": share,
+    },
+    **extra,
+  )
 
 
 def machine_record(rate: float | None) -> dict:
   """The machine of a summary: CPU, cores, the XLA matmul rate of this run, the load."""
   load = os.getloadavg()
-  return {"cpu": runinfo.cpu_name(with_isa=True), "cores": os.cpu_count(),
-          "xla_matmul_gflops": rate / 1e9 if rate else None,
-          "loadavg": [round(x, 2) for x in load]}
+  return {
+    "cpu": runinfo.cpu_name(with_isa=True),
+    "cores": os.cpu_count(),
+    "xla_matmul_gflops": rate / 1e9 if rate else None,
+    "loadavg": [round(x, 2) for x in load],
+  }
 
 
-def profile_config(name, splits, pool, steps: int, model: str = "vae",
-                   matmul_dtype: str = "float32") -> dict:
+def profile_config(
+  name, splits, pool, steps: int, model: str = "vae", matmul_dtype: str = "float32"
+) -> dict:
   """Per-operation profile of config ``name``'s compiled train step (bench/op_profile.py)."""
   from bench import op_profile
+
   run = prepare(make_config(name, model, matmul_dtype), splits, pool)
   compiled = train_lib.train_step.lower(run.state, pool, run.perm, setup=run.setup).compile()
-  time_steps(run, pool, 2)                                    # warm
+  time_steps(run, pool, 2)  # warm
   start = jax.tree.map(jnp.copy, run.state)
   wall = time_steps(run, pool, steps)
   # RAT: the rows encoded (exemplar.rat_compact) follow each unprofiled step's distinct
   # union rows, counted by replaying those steps from their first state.
-  counts = union_counts(run, pool, start, steps) if run.config.exemplar.rat and \
-      run.config.prior == "exemplar" else None
+  counts = (
+    union_counts(run, pool, start, steps)
+    if run.config.exemplar.rat and run.config.prior == "exemplar"
+    else None
+  )
   del start
-  p = op_profile.profile(lambda: time_steps(run, pool, 1), compiled.as_text(),
-                         "jit__train_step", steps)
+  p = op_profile.profile(
+    lambda: time_steps(run, pool, 1), compiled.as_text(), "jit__train_step", steps
+  )
   p["config"] = name
   p["unprofiled_ms_per_step"] = wall * 1e3
   if counts:
     p["distinct_union_rows"] = counts
-    f = mean_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                   run.setup.num_train, run.setup.steps_per_epoch, counts)
+    f = mean_flops(
+      run.config,
+      run.state.params["model"],
+      run.setup.batch_size,
+      run.setup.num_train,
+      run.setup.steps_per_epoch,
+      counts,
+    )
   else:
-    f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                   run.setup.num_train, run.setup.steps_per_epoch)
+    f = step_flops(
+      run.config,
+      run.state.params["model"],
+      run.setup.batch_size,
+      run.setup.num_train,
+      run.setup.steps_per_epoch,
+    )
   p["gflop_per_step"] = f["total"] / 1e9 if f else None
   return p
 
@@ -863,10 +996,15 @@ def profile_config(name, splits, pool, steps: int, model: str = "vae",
 def run_profiles(args, splits, pool) -> None:
   """``--profile``: prints each config's table and writes ``<out>/profile.json``."""
   from bench import op_profile
+
   rate = matmul_rate()
   print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s", flush=True)
-  out = {"machine": machine_record(rate), "provenance": provenance(), "steps": args.steps,
-         "configs": []}
+  out = {
+    "machine": machine_record(rate),
+    "provenance": provenance(),
+    "steps": args.steps,
+    "configs": [],
+  }
   for name in args.configs.split(","):
     p = profile_config(name, splits, pool, args.steps, args.model, args.matmul_dtype)
     out["configs"].append(p)
@@ -888,54 +1026,118 @@ def main():
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--model", default="vae", help="vae | hvae | convhvae | pixelcnn")
   ap.add_argument("--no_flops", action="store_true", help="skip the FLOP account")
-  ap.add_argument("--remat_ab", type=int, default=0, metavar="ROUNDS",
-                  help="instead: A/B of encode_rows with and without rematerialisation over "
-                       "ROUNDS alternated rounds of --steps steps, after an equivalence check")
-  ap.add_argument("--matmul_dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="config.matmul_dtype of the timed runs (operands of the networks' products)")
-  ap.add_argument("--matmul_dtype_ab", type=int, default=0, metavar="ROUNDS",
-                  help="instead: A/B of matmul_dtype float32 vs bfloat16 over ROUNDS alternated "
-                       "rounds of --steps steps, after the loss of both at the same state")
-  ap.add_argument("--options_ab", type=int, default=0, metavar="ROUNDS",
-                  help="instead: A/B of the train step compiled with the default XLA options and "
-                       "with each ';'-separated --options variant, over ROUNDS alternated rounds")
-  ap.add_argument("--options", default="xla_cpu_experimental_ynn_fusion_type=",
-                  help="variants for --options_ab: 'k=v,k2=v2;k=v3' (default: no YNNPACK fusions)")
-  ap.add_argument("--objectives_ab", type=int, default=0, metavar="ROUNDS",
-                  help="time the ELBO, IWAE (reparam) and IWAE (DReG) steps in alternated rounds")
-  ap.add_argument("--objective_samples", type=int, default=5,
-                  help="k of the IWAE variants of --objectives_ab")
-  ap.add_argument("--rat_compact_ab", type=int, default=0, metavar="ROUNDS",
-                  help="instead: A/B of the RAT step encoding all B*k union rows vs only the "
-                       "chunks holding the distinct ones (exemplar.rat_compact), over ROUNDS "
-                       "alternated rounds of --steps steps, after a loss and gradient check")
-  ap.add_argument("--rat_compact", type=int, default=None, choices=(0, 1),
-                  help="exemplar.rat_compact of the timed RAT runs (default: the config's; "
-                       "0: encode all B*k union rows, 1: only the chunks of distinct ones)")
-  ap.add_argument("--rat_pretrain", type=int, default=RAT_PRETRAIN, metavar="STEPS",
-                  help="untimed RAT training steps (then a refresh) before RAT timings and "
-                       "profiles: the step's work follows its union's distinct rows")
-  ap.add_argument("--rat_chunks", default="125",
-                  help="exemplar.rat_compact_chunk values for --rat_compact_ab (comma-separated)")
-  ap.add_argument("--profile", action="store_true",
-                  help="instead: per-operation profile of each config's train step over --steps "
-                       "steps (printed, and written to <out>/profile.json)")
-  ap.add_argument("--repeat", type=int, default=1, metavar="R",
-                  help="timing mode: R rounds of the same --steps steps from the same state, "
-                       "each with its own matmul rate; medians and the range are printed")
-  ap.add_argument("--set", default="", metavar="KEY=VALUE,...",
-                  help="config overrides of every timed run (e.g. exemplar.encode_chunk=2500)")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
-                      os.path.abspath(__file__))), "results", "speed"),
-                  help="directory of the JSON summaries (train_speed.json, profile.json)")
+  ap.add_argument(
+    "--remat_ab",
+    type=int,
+    default=0,
+    metavar="ROUNDS",
+    help="instead: A/B of encode_rows with and without rematerialisation over "
+    "ROUNDS alternated rounds of --steps steps, after an equivalence check",
+  )
+  ap.add_argument(
+    "--matmul_dtype",
+    default="float32",
+    choices=("float32", "bfloat16"),
+    help="config.matmul_dtype of the timed runs (operands of the networks' products)",
+  )
+  ap.add_argument(
+    "--matmul_dtype_ab",
+    type=int,
+    default=0,
+    metavar="ROUNDS",
+    help="instead: A/B of matmul_dtype float32 vs bfloat16 over ROUNDS alternated "
+    "rounds of --steps steps, after the loss of both at the same state",
+  )
+  ap.add_argument(
+    "--options_ab",
+    type=int,
+    default=0,
+    metavar="ROUNDS",
+    help="instead: A/B of the train step compiled with the default XLA options and "
+    "with each ';'-separated --options variant, over ROUNDS alternated rounds",
+  )
+  ap.add_argument(
+    "--options",
+    default="xla_cpu_experimental_ynn_fusion_type=",
+    help="variants for --options_ab: 'k=v,k2=v2;k=v3' (default: no YNNPACK fusions)",
+  )
+  ap.add_argument(
+    "--objectives_ab",
+    type=int,
+    default=0,
+    metavar="ROUNDS",
+    help="time the ELBO, IWAE (reparam) and IWAE (DReG) steps in alternated rounds",
+  )
+  ap.add_argument(
+    "--objective_samples", type=int, default=5, help="k of the IWAE variants of --objectives_ab"
+  )
+  ap.add_argument(
+    "--rat_compact_ab",
+    type=int,
+    default=0,
+    metavar="ROUNDS",
+    help="instead: A/B of the RAT step encoding all B*k union rows vs only the "
+    "chunks holding the distinct ones (exemplar.rat_compact), over ROUNDS "
+    "alternated rounds of --steps steps, after a loss and gradient check",
+  )
+  ap.add_argument(
+    "--rat_compact",
+    type=int,
+    default=None,
+    choices=(0, 1),
+    help="exemplar.rat_compact of the timed RAT runs (default: the config's; "
+    "0: encode all B*k union rows, 1: only the chunks of distinct ones)",
+  )
+  ap.add_argument(
+    "--rat_pretrain",
+    type=int,
+    default=RAT_PRETRAIN,
+    metavar="STEPS",
+    help="untimed RAT training steps (then a refresh) before RAT timings and "
+    "profiles: the step's work follows its union's distinct rows",
+  )
+  ap.add_argument(
+    "--rat_chunks",
+    default="125",
+    help="exemplar.rat_compact_chunk values for --rat_compact_ab (comma-separated)",
+  )
+  ap.add_argument(
+    "--profile",
+    action="store_true",
+    help="instead: per-operation profile of each config's train step over --steps "
+    "steps (printed, and written to <out>/profile.json)",
+  )
+  ap.add_argument(
+    "--repeat",
+    type=int,
+    default=1,
+    metavar="R",
+    help="timing mode: R rounds of the same --steps steps from the same state, "
+    "each with its own matmul rate; medians and the range are printed",
+  )
+  ap.add_argument(
+    "--set",
+    default="",
+    metavar="KEY=VALUE,...",
+    help="config overrides of every timed run (e.g. exemplar.encode_chunk=2500)",
+  )
+  ap.add_argument(
+    "--out",
+    default=os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "speed"
+    ),
+    help="directory of the JSON summaries (train_speed.json, profile.json)",
+  )
   args = ap.parse_args()
   OVERRIDES.extend(parse_set(args.set))
   RAT_PRETRAIN = max(0, args.rat_pretrain)
   splits, src = load_splits()
   load = os.getloadavg()
-  print(f"model={args.model} matmul_dtype={args.matmul_dtype} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
-        f"cpus={os.cpu_count()} data={src} N={splits.train_x.shape[0]} "
-        f"loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}")
+  print(
+    f"model={args.model} matmul_dtype={args.matmul_dtype} device={jax.devices()[0].device_kind} backend={jax.default_backend()} "
+    f"cpus={os.cpu_count()} data={src} N={splits.train_x.shape[0]} "
+    f"loadavg={load[0]:.2f},{load[1]:.2f},{load[2]:.2f}"
+  )
   pool = jnp.asarray(splits.train_x)
   if args.matmul_dtype_ab:
     layer_rates()
@@ -943,8 +1145,14 @@ def main():
       matmul_dtype_ab(name, splits, pool, args.matmul_dtype_ab, args.steps, args.model)
     return
   if args.rat_compact_ab:
-    rat_compact_ab(splits, pool, args.rat_compact_ab, args.steps,
-                   [int(v) for v in args.rat_chunks.split(",")], model=args.model)
+    rat_compact_ab(
+      splits,
+      pool,
+      args.rat_compact_ab,
+      args.steps,
+      [int(v) for v in args.rat_chunks.split(",")],
+      model=args.model,
+    )
     return
   if args.remat_ab:
     for name in args.configs.split(","):
@@ -954,13 +1162,27 @@ def main():
     run_profiles(args, splits, pool)
     return
   if args.objectives_ab:
-    res = {name: objectives_ab(name, splits, pool, args.objectives_ab, args.steps,
-                               args.objective_samples, args.model)
-           for name in args.configs.split(",")}
-    print("wrote", write_json(os.path.join(args.out, f"objectives_{args.model}.json"),
-                              {"machine": machine_record(None), "provenance": provenance(),
-                               "data": src, "model": args.model, "steps_timed": args.steps,
-                               "rounds": args.objectives_ab, "configs": res}))
+    res = {
+      name: objectives_ab(
+        name, splits, pool, args.objectives_ab, args.steps, args.objective_samples, args.model
+      )
+      for name in args.configs.split(",")
+    }
+    print(
+      "wrote",
+      write_json(
+        os.path.join(args.out, f"objectives_{args.model}.json"),
+        {
+          "machine": machine_record(None),
+          "provenance": provenance(),
+          "data": src,
+          "model": args.model,
+          "steps_timed": args.steps,
+          "rounds": args.objectives_ab,
+          "configs": res,
+        },
+      ),
+    )
     return
   if args.options_ab:
     variants = [{}] + [parse_options(v) for v in args.options.split(";")]
@@ -970,16 +1192,29 @@ def main():
   rate = None if args.no_flops else matmul_rate()
   if rate:
     print(f"matmul 2048^3 f32 (XLA, this run): {rate / 1e9:.1f} GFLOP/s")
-  summary = {"machine": machine_record(rate), "provenance": provenance(), "data": src,
-             "model": args.model, "matmul_dtype": args.matmul_dtype, "steps_timed": args.steps,
-             "config_overrides": dict(OVERRIDES),
-             "steps": []}
+  summary = {
+    "machine": machine_record(rate),
+    "provenance": provenance(),
+    "data": src,
+    "model": args.model,
+    "matmul_dtype": args.matmul_dtype,
+    "steps_timed": args.steps,
+    "config_overrides": dict(OVERRIDES),
+    "steps": [],
+  }
   for name in args.configs.split(","):
-    run = prepare(make_config(name, args.model, args.matmul_dtype,
-                              None if args.rat_compact is None else bool(args.rat_compact)),
-                  splits, pool)
+    run = prepare(
+      make_config(
+        name,
+        args.model,
+        args.matmul_dtype,
+        None if args.rat_compact is None else bool(args.rat_compact),
+      ),
+      splits,
+      pool,
+    )
     t_refresh = time_refresh(run, pool)
-    start = jax.tree.map(jnp.copy, run.state)      # the timed steps' first state
+    start = jax.tree.map(jnp.copy, run.state)  # the timed steps' first state
     # --repeat R: R rounds of the same steps from the same state (the same work each
     # round), each after its own 2048^3 matmul rate; the figures are the medians.
     rounds = []
@@ -989,11 +1224,13 @@ def main():
       r_rate = matmul_rate() if (rate and args.repeat > 1) else rate
       rounds.append((time_steps(run, pool, args.steps), r_rate))
     dt = float(np.median([t for t, _ in rounds]))
-    c_rate = float(np.median([q for _, q in rounds])) if rate else rate   # this config's rate
+    c_rate = float(np.median([q for _, q in rounds])) if rate else rate  # this config's rate
     spe = run.setup.steps_per_epoch
     epoch = dt * spe + t_refresh
-    line = (f"{name:10s} {1 / dt:8.2f} steps/s  {dt * 1e3:8.1f} ms/step  epoch={epoch:7.1f} s"
-            f" (steps_per_epoch={spe}, epoch-start refresh {t_refresh:.2f} s, training steps only)")
+    line = (
+      f"{name:10s} {1 / dt:8.2f} steps/s  {dt * 1e3:8.1f} ms/step  epoch={epoch:7.1f} s"
+      f" (steps_per_epoch={spe}, epoch-start refresh {t_refresh:.2f} s, training steps only)"
+    )
     if name in TARGETS and args.model == "vae":
       line += f"  target<={TARGETS[name]:.0f} s"
     print(line, flush=True)
@@ -1003,46 +1240,83 @@ def main():
     del start
     if counts:
       static = run.setup.batch_size * int(run.config.exemplar.rat_k)
-      print(f"  distinct rows of the {static}-row RAT union per timed step: {counts} (mean "
-            f"{np.mean(counts):.0f}; exemplar.rat_compact={bool(run.config.exemplar.rat_compact)}"
-            f", chunk {int(run.config.exemplar.rat_compact_chunk)})", flush=True)
+      print(
+        f"  distinct rows of the {static}-row RAT union per timed step: {counts} (mean "
+        f"{np.mean(counts):.0f}; exemplar.rat_compact={bool(run.config.exemplar.rat_compact)}"
+        f", chunk {int(run.config.exemplar.rat_compact_chunk)})",
+        flush=True,
+      )
     if rate is None:
       f = None
     elif counts:
-      f = mean_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                     run.setup.num_train, spe, counts)
+      f = mean_flops(
+        run.config,
+        run.state.params["model"],
+        run.setup.batch_size,
+        run.setup.num_train,
+        spe,
+        counts,
+      )
     else:
-      f = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                     run.setup.num_train, spe)
-    summary["steps"].append(step_record(name, dt, f, c_rate, epoch_s=epoch, refresh_s=t_refresh,
-                                        steps_per_epoch=spe,
-                                        loadavg=[round(x, 2) for x in os.getloadavg()]))
+      f = step_flops(
+        run.config, run.state.params["model"], run.setup.batch_size, run.setup.num_train, spe
+      )
+    summary["steps"].append(
+      step_record(
+        name,
+        dt,
+        f,
+        c_rate,
+        epoch_s=epoch,
+        refresh_s=t_refresh,
+        steps_per_epoch=spe,
+        loadavg=[round(x, 2) for x in os.getloadavg()],
+      )
+    )
     if rate is None:
       continue
     if f is None:
-      print(f"  flops: no hand account for model {args.model}; XLA counts "
-            f"{xla_step_flops(run, pool) / 1e9:.3f} GFLOP/step")
+      print(
+        f"  flops: no hand account for model {args.model}; XLA counts "
+        f"{xla_step_flops(run, pool) / 1e9:.3f} GFLOP/step"
+      )
       continue
     print(describe_flops(f, dt, c_rate))
     if args.repeat > 1:
       shares = [f["total"] / t / q for t, q in rounds]
       summary["steps"][-1].update(
-          ms_per_step_rounds=[t * 1e3 for t, _ in rounds],
-          matmul_gflops_rounds=[q / 1e9 for _, q in rounds], share_rounds=shares,
-          share_median=float(np.median(shares)))
-      print(f"  {len(rounds)} rounds: ms/step {', '.join(f'{t * 1e3:.1f}' for t, _ in rounds)}; "
-            f"matmul GFLOP/s {', '.join(f'{q / 1e9:.0f}' for _, q in rounds)}; share of the rate "
-            f"(each round at its own rate) median {np.median(shares):.0%}, "
-            f"range {min(shares):.0%}-{max(shares):.0%}", flush=True)
+        ms_per_step_rounds=[t * 1e3 for t, _ in rounds],
+        matmul_gflops_rounds=[q / 1e9 for _, q in rounds],
+        share_rounds=shares,
+        share_median=float(np.median(shares)),
+      )
+      print(
+        f"  {len(rounds)} rounds: ms/step {', '.join(f'{t * 1e3:.1f}' for t, _ in rounds)}; "
+        f"matmul GFLOP/s {', '.join(f'{q / 1e9:.0f}' for _, q in rounds)}; share of the rate "
+        f"(each round at its own rate) median {np.median(shares):.0%}, "
+        f"range {min(shares):.0%}-{max(shares):.0%}",
+        flush=True,
+      )
     extra = ""
     if counts:
       summary["steps"][-1]["distinct_union_rows"] = counts
-      fa = step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                      run.setup.num_train, spe, union_rows=static)
-      extra = (f"; {f['exemplar_rows']:.0f} union rows encoded on average, all {static} would "
-               f"be {fa['total'] / f['total'] - 1:.1%} more FLOPs")
-    print(f"  XLA cost analysis of the compiled step: {xla_step_flops(run, pool) / 1e9:.3f} GFLOP"
-          f" (all ops; a lax.map body counted once){extra}", flush=True)
+      fa = step_flops(
+        run.config,
+        run.state.params["model"],
+        run.setup.batch_size,
+        run.setup.num_train,
+        spe,
+        union_rows=static,
+      )
+      extra = (
+        f"; {f['exemplar_rows']:.0f} union rows encoded on average, all {static} would "
+        f"be {fa['total'] / f['total'] - 1:.1%} more FLOPs"
+      )
+    print(
+      f"  XLA cost analysis of the compiled step: {xla_step_flops(run, pool) / 1e9:.3f} GFLOP"
+      f" (all ops; a lax.map body counted once){extra}",
+      flush=True,
+    )
   print("wrote", write_json(os.path.join(args.out, "train_speed.json"), summary))
 
 

@@ -56,10 +56,22 @@ HARNESS_README = "../shared/reference/README.md"
 
 MODES = ("rat", "exact", "gaussian", "eval")
 # (steps per round, pretrain steps) for --quick and the full run.
-QUICK = {"rounds": 3, "steps": {"rat": 10, "exact": 1, "gaussian": 30}, "pretrain": 300,
-         "val_rounds": 1, "eval_rounds": 2, "eval_points": (3, 1)}
-FULL = {"rounds": 5, "steps": {"rat": 50, "exact": 4, "gaussian": 200}, "pretrain": 500,
-        "val_rounds": 2, "eval_rounds": 3, "eval_points": (10, 2)}
+QUICK = {
+  "rounds": 3,
+  "steps": {"rat": 10, "exact": 1, "gaussian": 30},
+  "pretrain": 300,
+  "val_rounds": 1,
+  "eval_rounds": 2,
+  "eval_points": (3, 1),
+}
+FULL = {
+  "rounds": 5,
+  "steps": {"rat": 50, "exact": 4, "gaussian": 200},
+  "pretrain": 500,
+  "val_rounds": 2,
+  "eval_rounds": 3,
+  "eval_points": (10, 2),
+}
 
 
 class ReferenceMissing(RuntimeError):
@@ -70,27 +82,33 @@ def find_reference() -> tuple[str, str, str]:
   """(python, src, driver) of the reference, or ReferenceMissing saying how to install it."""
   src = os.path.expanduser(os.environ.get("EXVAE_REF_SRC", ""))
   py = os.path.expanduser(os.environ.get("EXVAE_REF_PYTHON", ""))
-  drv = os.path.expanduser(os.environ.get(
-      "EXVAE_REF_DRIVER", os.path.join(os.path.dirname(ROOT), "shared", "reference", "driver.py")))
+  drv = os.path.expanduser(
+    os.environ.get(
+      "EXVAE_REF_DRIVER", os.path.join(os.path.dirname(ROOT), "shared", "reference", "driver.py")
+    )
+  )
   problems = []
   if not src or not os.path.isfile(os.path.join(src, "density_estimation.py")):
-    problems.append(f"EXVAE_REF_SRC={src or '(unset)'} is not a checkout of the authors' code "
-                    "(no density_estimation.py)")
+    problems.append(
+      f"EXVAE_REF_SRC={src or '(unset)'} is not a checkout of the authors' code "
+      "(no density_estimation.py)"
+    )
   if not py or not os.access(py, os.X_OK):
     problems.append(f"EXVAE_REF_PYTHON={py or '(unset)'} is not an executable python")
   if not os.path.isfile(drv):
     problems.append(f"the harness {drv} is missing (set EXVAE_REF_DRIVER)")
   if problems:
     raise ReferenceMissing(
-        "The reference implementation is not installed: " + "; ".join(problems) + ".\n"
-        "To install it (once per machine, ~2 minutes; details in " + HARNESS_README + "):\n"
-        "  1. git clone <github.com/sajadn/Exemplar-VAE> ~/ref/src && "
-        "git -C ~/ref/src checkout 4dbd091\n"
-        "  2. python3 -m venv ~/ref/venv && ~/ref/venv/bin/pip install torch==2.13.0 numpy scipy "
-        "matplotlib   (no torchvision: the harness's shim replaces it)\n"
-        "  3. export EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python\n"
-        "     (and EXVAE_REF_DRIVER=/path/to/driver.py if the harness is not at "
-        "../shared/reference/driver.py)")
+      "The reference implementation is not installed: " + "; ".join(problems) + ".\n"
+      "To install it (once per machine, ~2 minutes; details in " + HARNESS_README + "):\n"
+      "  1. git clone <github.com/sajadn/Exemplar-VAE> ~/ref/src && "
+      "git -C ~/ref/src checkout 4dbd091\n"
+      "  2. python3 -m venv ~/ref/venv && ~/ref/venv/bin/pip install torch==2.13.0 numpy scipy "
+      "matplotlib   (no torchvision: the harness's shim replaces it)\n"
+      "  3. export EXVAE_REF_SRC=~/ref/src EXVAE_REF_PYTHON=~/ref/venv/bin/python\n"
+      "     (and EXVAE_REF_DRIVER=/path/to/driver.py if the harness is not at "
+      "../shared/reference/driver.py)"
+    )
   return py, src, drv
 
 
@@ -102,8 +120,13 @@ class Reference:
     self.log_path = log_path
     self.log = open(log_path, "w")
     self.proc = subprocess.Popen(
-        [python, "-u", os.path.join(ROOT, "bench", "ref_worker.py"), driver],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+      [python, "-u", os.path.join(ROOT, "bench", "ref_worker.py"), driver],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=self.log,
+      text=True,
+      env=env,
+    )
     self.info = self._read()
 
   def _read(self) -> dict:
@@ -111,11 +134,14 @@ class Reference:
       if line.startswith("@@ "):
         out = json.loads(line[3:])
         if "error" in out:
-          raise RuntimeError(f"reference: {out['error']}\n{out.get('traceback', '')}"
-                             f"(log: {self.log_path})")
+          raise RuntimeError(
+            f"reference: {out['error']}\n{out.get('traceback', '')}(log: {self.log_path})"
+          )
         return out
-    raise RuntimeError(f"the reference worker exited (status {self.proc.wait()}); its log: "
-                       f"{self.log_path}:\n" + open(self.log_path).read()[-3000:])
+    raise RuntimeError(
+      f"the reference worker exited (status {self.proc.wait()}); its log: "
+      f"{self.log_path}:\n" + open(self.log_path).read()[-3000:]
+    )
 
   def __call__(self, cmd: str, **kw) -> dict:
     self.proc.stdin.write(json.dumps(dict(kw, cmd=cmd)) + "\n")
@@ -163,7 +189,7 @@ class OtherCpu:
   def _busy_and_total():
     with open("/proc/stat") as f:
       v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)             # idle + iowait
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
     return sum(v) - idle, sum(v)
 
   def _own(self):
@@ -172,7 +198,7 @@ class OtherCpu:
       try:
         with open(f"/proc/{pid}/stat") as f:
           fields = f.read().rsplit(")", 1)[1].split()
-        t += int(fields[11]) + int(fields[12])              # utime + stime of the process
+        t += int(fields[11]) + int(fields[12])  # utime + stime of the process
       except (OSError, ValueError, IndexError):
         pass
     return t
@@ -192,8 +218,9 @@ class OtherCpu:
     return max(0.0, other / (end[1] - self.start[1]))
 
 
-def summary(cpu: str, cores: int, xla_gflops: float, torch_gflops: float, rows: list,
-            provenance: dict) -> dict:
+def summary(
+  cpu: str, cores: int, xla_gflops: float, torch_gflops: float, rows: list, provenance: dict
+) -> dict:
   """The JSON summary of a run (what the README's speed table is generated from).
 
   Args:
@@ -209,18 +236,32 @@ def summary(cpu: str, cores: int, xla_gflops: float, torch_gflops: float, rows: 
     "provenance": {"commit", "date", "command"}, "rows": [{"what", "unit",
     "exvae", "reference", "speedup"}]}``.
   """
-  return {"machine": {"cpu": str(cpu), "cores": int(cores), "xla_matmul_gflops": float(xla_gflops),
-                      "torch_matmul_gflops": float(torch_gflops)},
-          "provenance": {k: str(provenance[k]) for k in ("commit", "date", "command")},
-          "rows": [{"what": str(row[0]), "unit": str(row[1]), "exvae": float(row[2]),
-                    "reference": float(row[3]),
-                    "speedup": float(row[4]) if len(row) > 4 else
-                    (float(row[3]) / float(row[2]) if float(row[2]) > 0 else float("nan"))}
-                   for row in rows]}
+  return {
+    "machine": {
+      "cpu": str(cpu),
+      "cores": int(cores),
+      "xla_matmul_gflops": float(xla_gflops),
+      "torch_matmul_gflops": float(torch_gflops),
+    },
+    "provenance": {k: str(provenance[k]) for k in ("commit", "date", "command")},
+    "rows": [
+      {
+        "what": str(row[0]),
+        "unit": str(row[1]),
+        "exvae": float(row[2]),
+        "reference": float(row[3]),
+        "speedup": float(row[4])
+        if len(row) > 4
+        else (float(row[3]) / float(row[2]) if float(row[2]) > 0 else float("nan")),
+      }
+      for row in rows
+    ],
+  }
 
 
 def med(xs) -> float:
   import numpy as np
+
   return float(np.median(np.asarray(xs, dtype=float)))
 
 
@@ -229,16 +270,27 @@ def main():
   ap.add_argument("--quick", action="store_true", help="few rounds and steps (a shared machine)")
   ap.add_argument("--modes", default="rat,exact,gaussian,eval")
   ap.add_argument("--rounds", type=int, default=None, help="alternated rounds per figure")
-  ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                  help="cores for each code: torch threads of the reference; below the core "
-                       "count, both processes are pinned to that many cores (XLA sizes its pool "
-                       "from them). On a busy machine use 1: torch's OpenMP threads slow down "
-                       "tens of times when another process holds a core")
-  ap.add_argument("--pretrain_steps", type=int, default=None,
-                  help="RAT: untimed training steps of both codes before timing")
+  ap.add_argument(
+    "--threads",
+    type=int,
+    default=os.cpu_count(),
+    help="cores for each code: torch threads of the reference; below the core "
+    "count, both processes are pinned to that many cores (XLA sizes its pool "
+    "from them). On a busy machine use 1: torch's OpenMP threads slow down "
+    "tens of times when another process holds a core",
+  )
+  ap.add_argument(
+    "--pretrain_steps",
+    type=int,
+    default=None,
+    help="RAT: untimed training steps of both codes before timing",
+  )
   ap.add_argument("--steps", default=None, help="steps per round, e.g. rat=10,exact=1,gaussian=30")
-  ap.add_argument("--out", default=os.path.join(ROOT, "results", "speed", "vs_reference.json"),
-                  help="where the JSON summary goes")
+  ap.add_argument(
+    "--out",
+    default=os.path.join(ROOT, "results", "speed", "vs_reference.json"),
+    help="where the JSON summary goes",
+  )
   args = ap.parse_args()
   modes = [m for m in args.modes.split(",") if m]
   bad = set(modes) - set(MODES)
@@ -246,14 +298,16 @@ def main():
     ap.error(f"unknown modes {sorted(bad)}; known: {MODES}")
   py, src, drv = require_reference()
   if args.threads < os.cpu_count():
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])   # inherited by the worker
+    os.sched_setaffinity(
+      0, sorted(os.sched_getaffinity(0))[: args.threads]
+    )  # inherited by the worker
   plan = dict(QUICK if args.quick else FULL)
   plan["steps"] = dict(plan["steps"])
   if args.rounds:
     plan["rounds"] = args.rounds
   if args.pretrain_steps is not None:
     plan["pretrain"] = args.pretrain_steps
-  for kv in (args.steps.split(",") if args.steps else []):
+  for kv in args.steps.split(",") if args.steps else []:
     k, v = kv.split("=")
     plan["steps"][k] = int(v)
 
@@ -270,14 +324,20 @@ def main():
     splits, data_src = ts.load_splits()
     pool = jnp.asarray(splits.train_x)
     other_cpu = OtherCpu([os.getpid(), ref.proc.pid])
-    print(f"machine: {runinfo.cpu_name(with_isa=True)}, {os.cpu_count()} cores, each code on {args.threads}; "
-          f"{loadavg()} at start (lags by minutes: the summary line measures the CPU "
-          "other processes took during the run)")
-    print(f"exvae: jax {jax.__version__} {jax.default_backend()}; reference: torch "
-          f"{ref.info['torch']} ({args.threads} threads), their commit {ref.info['commit'][:7]} "
-          f"in {ref.info['src']}; data {data_src}; worker log {log_path}", flush=True)
+    print(
+      f"machine: {runinfo.cpu_name(with_isa=True)}, {os.cpu_count()} cores, each code on {args.threads}; "
+      f"{loadavg()} at start (lags by minutes: the summary line measures the CPU "
+      "other processes took during the run)"
+    )
+    print(
+      f"exvae: jax {jax.__version__} {jax.default_backend()}; reference: torch "
+      f"{ref.info['torch']} ({args.threads} threads), their commit {ref.info['commit'][:7]} "
+      f"in {ref.info['src']}; data {data_src}; worker log {log_path}",
+      flush=True,
+    )
     # Matmul rates, alternated.
     from bench.prior_kernel import limit_fns
+
     mm, mm_args = limit_fns()["matmul"]
     jax.block_until_ready(mm(*mm_args))
     xla_r, torch_r = [], []
@@ -286,18 +346,28 @@ def main():
       jax.block_until_ready(mm(*mm_args))
       xla_r.append(2.0 * 2048**3 / (time.perf_counter() - t0) / 1e9)
       torch_r.append(ref("matmul", n=2048, reps=1, threads=args.threads)["gflops"])
-    print(f"matmul 2048^3 f32 (best of 3, alternated): XLA {max(xla_r):.1f} GFLOP/s, "
-          f"torch {max(torch_r):.1f} GFLOP/s; {loadavg()}", flush=True)
+    print(
+      f"matmul 2048^3 f32 (best of 3, alternated): XLA {max(xla_r):.1f} GFLOP/s, "
+      f"torch {max(torch_r):.1f} GFLOP/s; {loadavg()}",
+      flush=True,
+    )
 
     speed = {m: float("nan") for m in ("rat", "exact", "gaussian", "eval")}
-    rows = []                       # (what, unit, exvae, reference) for the JSON summary
+    rows = []  # (what, unit, exvae, reference) for the JSON summary
     workdir = tempfile.mkdtemp(prefix="vs_reference_val_")
     rat_run = None
     for mode in [m for m in modes if m != "eval"] + (["eval"] if "eval" in modes else []):
       if mode == "eval":
         speed["eval"], tx, tr = compare_eval(ref, ts, evaluation, splits, pool, plan, args, rat_run)
-        rows.append(("evaluation: IWAE bound (S = 5000, N = 50000) per test point", "s", tx, tr,
-                     speed["eval"]))
+        rows.append(
+          (
+            "evaluation: IWAE bound (S = 5000, N = 50000) per test point",
+            "s",
+            tx,
+            tr,
+            speed["eval"],
+          )
+        )
         continue
       run, r_setup = setup_both(ref, ts, mode, splits, pool, args, plan)
       if mode == "rat":
@@ -317,7 +387,7 @@ def main():
         rows_r += out["exemplar_rows"]
         xr.append(ts.time_refresh(run, pool))
       vx, vr, vloss = [], [], []
-      train_lib.validate(run.state, run.setup, pool, splits, run.config, workdir, 0)   # compile
+      train_lib.validate(run.state, run.setup, pool, splits, run.config, workdir, 0)  # compile
       for _ in range(plan["val_rounds"]):
         t0 = time.perf_counter()
         vm = train_lib.validate(run.state, run.setup, pool, splits, run.config, workdir, 0)
@@ -335,51 +405,86 @@ def main():
       if mode in ("rat", "exact"):
         # RAT: exvae encodes the chunks holding the union's distinct rows
         # (exemplar.rat_compact), so its account takes the measured distinct count.
-        fx = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                           run.setup.num_train, spe,
-                           union_rows=med(rows_x) if rows_x else None)
+        fx = ts.step_flops(
+          run.config,
+          run.state.params["model"],
+          run.setup.batch_size,
+          run.setup.num_train,
+          spe,
+          union_rows=med(rows_x) if rows_x else None,
+        )
         n_rows_r = med(rows_r) if rows_r else float("nan")
-        fr = ts.step_flops(run.config, run.state.params["model"], run.setup.batch_size,
-                           run.setup.num_train, spe, union_rows=n_rows_r, remat=False,
-                           distinct=False)
-        note = (f"; exemplars encoded with gradients per step: exvae {fx['exemplar_rows']}"
-                + (f" ({med(rows_x):.0f} distinct)" if rows_x else "")
-                + f", reference {n_rows_r:.0f}; matmul GFLOP/step exvae {fx['total'] / 1e9:.2f}, "
-                f"reference {fr['total'] / 1e9:.2f} (same account, no remat)")
-      print(f"{mode}: per step exvae {med(xs) * 1e3:.1f} ms, reference {med(rs) * 1e3:.1f} ms, "
-            f"ratio {med(ratios):.2f}x (median of {len(ratios)} alternated rounds of {steps} "
-            f"steps){note}", flush=True)
-      print(f"{mode}: per epoch (training + validation) exvae {ex:.1f} s = {spe} x step + "
-            f"refresh {med(xr):.2f} s + val {med(vx):.2f} s; reference {er:.1f} s = "
-            f"{r_setup['steps_per_epoch']} x step + refresh {med(rr):.2f} s + val {med(vr):.2f} s;"
-            f" ratio {speed[mode]:.2f}x; val loss (untrained-ish, not comparable) exvae "
-            f"{vloss[-1][0]:.1f} ref {vloss[-1][1]:.1f}; {loadavg()}", flush=True)
+        fr = ts.step_flops(
+          run.config,
+          run.state.params["model"],
+          run.setup.batch_size,
+          run.setup.num_train,
+          spe,
+          union_rows=n_rows_r,
+          remat=False,
+          distinct=False,
+        )
+        note = (
+          f"; exemplars encoded with gradients per step: exvae {fx['exemplar_rows']}"
+          + (f" ({med(rows_x):.0f} distinct)" if rows_x else "")
+          + f", reference {n_rows_r:.0f}; matmul GFLOP/step exvae {fx['total'] / 1e9:.2f}, "
+          f"reference {fr['total'] / 1e9:.2f} (same account, no remat)"
+        )
+      print(
+        f"{mode}: per step exvae {med(xs) * 1e3:.1f} ms, reference {med(rs) * 1e3:.1f} ms, "
+        f"ratio {med(ratios):.2f}x (median of {len(ratios)} alternated rounds of {steps} "
+        f"steps){note}",
+        flush=True,
+      )
+      print(
+        f"{mode}: per epoch (training + validation) exvae {ex:.1f} s = {spe} x step + "
+        f"refresh {med(xr):.2f} s + val {med(vx):.2f} s; reference {er:.1f} s = "
+        f"{r_setup['steps_per_epoch']} x step + refresh {med(rr):.2f} s + val {med(vr):.2f} s;"
+        f" ratio {speed[mode]:.2f}x; val loss (untrained-ish, not comparable) exvae "
+        f"{vloss[-1][0]:.1f} ref {vloss[-1][1]:.1f}; {loadavg()}",
+        flush=True,
+      )
     frac = other_cpu.fraction()
     quiet = frac < 0.05 if frac is not None else os.getloadavg()[0] <= 1.5
-    print(f"summary: {loadavg()} at end; other processes took "
-          + (f"{100 * frac:.1f}%" if frac is not None else "an unknown share")
-          + " of the cores' time during the run; figures "
-          + ("on a quiet machine" if quiet else "MEASURED UNDER LOAD"))
-    out = summary(runinfo.cpu_name(with_isa=True), os.cpu_count(), max(xla_r), max(torch_r), rows, ts.provenance())
+    print(
+      f"summary: {loadavg()} at end; other processes took "
+      + (f"{100 * frac:.1f}%" if frac is not None else "an unknown share")
+      + " of the cores' time during the run; figures "
+      + ("on a quiet machine" if quiet else "MEASURED UNDER LOAD")
+    )
+    out = summary(
+      runinfo.cpu_name(with_isa=True),
+      os.cpu_count(),
+      max(xla_r),
+      max(torch_r),
+      rows,
+      ts.provenance(),
+    )
     print("wrote", ts.write_json(args.out, out), flush=True)
   finally:
     ref.close()
-  print("rat_speedup=%.2f exact_speedup=%.2f gaussian_speedup=%.2f eval_speedup=%.1f"
-        % (speed["rat"], speed["exact"], speed["gaussian"], speed["eval"]), flush=True)
+  print(
+    "rat_speedup=%.2f exact_speedup=%.2f gaussian_speedup=%.2f eval_speedup=%.1f"
+    % (speed["rat"], speed["exact"], speed["gaussian"], speed["eval"]),
+    flush=True,
+  )
 
 
 def setup_both(ref, ts, mode, splits, pool, args, plan):
   """exvae's compiled run and the reference's model of ``mode``, both trained ``pretrain`` steps (RAT)."""
   t0 = time.perf_counter()
-  run = ts.prepare(ts.make_config(mode), splits, pool, pretrain=0)   # both pretrain below
+  run = ts.prepare(ts.make_config(mode), splits, pool, pretrain=0)  # both pretrain below
   t_x = time.perf_counter() - t0
   r_setup = ref("setup", mode=mode, threads=args.threads, warmup=1 if mode == "exact" else 2)
   pre = plan["pretrain"] if mode == "rat" else 0
   if pre:
     ts.time_steps(run, pool, pre)
     ref("steps", n=pre, epoch=1)
-  print(f"{mode}: set up (exvae compile {t_x:.1f} s, reference {r_setup['setup_s']:.1f} s); "
-        f"both trained {pre} untimed steps; reference args: {r_setup['args']}", flush=True)
+  print(
+    f"{mode}: set up (exvae compile {t_x:.1f} s, reference {r_setup['setup_s']:.1f} s); "
+    f"both trained {pre} untimed steps; reference args: {r_setup['args']}",
+    flush=True,
+  )
   return run, r_setup
 
 
@@ -391,6 +496,7 @@ def compare_eval(ref, ts, evaluation, splits, pool, plan, args, rat_run):
   """
   import jax
   import numpy as np
+
   if rat_run is None:
     rat_run = ts.prepare(ts.make_config("rat"), splits, pool, pretrain=0)
   # The reference's worker holds the model of the mode set up last (gaussian when
@@ -417,11 +523,13 @@ def compare_eval(ref, ts, evaluation, splits, pool, plan, args, rat_run):
     rs.append(tr)
     ratios.append(tr / tx)
     banks.append(out["bank_s"])
-  print(f"eval (IWAE, S={s}, N={splits.train_x.shape[0]}): per test point exvae {med(xs):.3f} s "
-        f"({n_x} points/round), reference {med(rs):.2f} s ({n_r} points/round), ratio "
-        f"{med(ratios):.1f}x (median of {len(ratios)} alternated rounds); bank of all exemplars "
-        f"exvae {t_bank:.2f} s (compile included), reference {med(banks):.2f} s; {loadavg()}",
-        flush=True)
+  print(
+    f"eval (IWAE, S={s}, N={splits.train_x.shape[0]}): per test point exvae {med(xs):.3f} s "
+    f"({n_x} points/round), reference {med(rs):.2f} s ({n_r} points/round), ratio "
+    f"{med(ratios):.1f}x (median of {len(ratios)} alternated rounds); bank of all exemplars "
+    f"exvae {t_bank:.2f} s (compile included), reference {med(banks):.2f} s; {loadavg()}",
+    flush=True,
+  )
   return med(ratios), med(xs), med(rs)
 
 

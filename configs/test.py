@@ -5,7 +5,7 @@ from exvae.config_base import base_config, finalize
 
 def get_config():
   c = base_config()
-  c.dataset = "digits"          # sklearn's real 8x8 digits: offline, tiny
+  c.dataset = "digits"  # sklearn's real 8x8 digits: offline, tiny
   c.data_source = "sklearn"
   c.latent_dim = 4
   c.hidden = (16, 16)

@@ -17,7 +17,8 @@ import numpy as np
 def load():
   """The 1797 digits, grey levels 0-16 scaled to uint8 0-255; the last 297 are the test set."""
   from sklearn.datasets import load_digits
+
   d = load_digits()
-  x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)    # (1797, 8, 8)
+  x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
   y = d.target.astype(np.int64)
   return {"x_train": x[:1500], "y_train": y[:1500], "x_test": x[1500:], "y_test": y[1500:]}

@@ -38,7 +38,7 @@ class PlainVAE(nn.Module):
     h = z
     for layer in self.dec:
       h = nn.relu(layer(h))
-    return self.out(h).reshape((z.shape[0],) + tuple(self.image_shape))   # Bernoulli logits
+    return self.out(h).reshape((z.shape[0],) + tuple(self.image_shape))  # Bernoulli logits
 
   def __call__(self, x):
     return self.decode(self.encode(x)[0])
@@ -63,5 +63,13 @@ def make_model(config, image_shape):
   def score(params, x, key, num_samples, log_lik):
     return gaussian_score(encode, decode, params, x, key, num_samples, log_lik)
 
-  return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode, score=score,
-               latent_dim=int(config.latent_dim), image_shape=image_shape, module=module)
+  return Model(
+    init=init,
+    encode=encode,
+    encode_mean=encode_mean,
+    decode=decode,
+    score=score,
+    latent_dim=int(config.latent_dim),
+    image_shape=image_shape,
+    module=module,
+  )

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 def load_run(workdir: str, **kwargs):
   """A trained run, ready for ``log_prob``, sampling and kNN (see :func:`exvae.api.load_run`)."""
   from exvae import api
+
   return api.load_run(workdir, **kwargs)
 
 

@@ -70,9 +70,13 @@ class Run:
     """
     if self._ctx is None:
       from exvae import evaluation
+
       key = jax.random.PRNGKey(int(self.config.eval.bank_seed))
-      self._ctx = (evaluation.eval_context(self.params, jnp.asarray(self.splits.train_x), key,
-                                           setup=self.setup),)
+      self._ctx = (
+        evaluation.eval_context(
+          self.params, jnp.asarray(self.splits.train_x), key, setup=self.setup
+        ),
+      )
     return self._ctx[0]
 
   def encode(self, x: np.ndarray) -> np.ndarray:
@@ -111,8 +115,14 @@ class Run:
     z = jnp.asarray(z, jnp.float32)
     return np.asarray(self.prior.log_prob(self.params["prior"], z, self.context()))
 
-  def scores(self, x: np.ndarray, *, num_samples: int | None = None, seed: int | None = None,
-             progress: bool = False) -> dict[str, np.ndarray]:
+  def scores(
+    self,
+    x: np.ndarray,
+    *,
+    num_samples: int | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+  ) -> dict[str, np.ndarray]:
     """Per-image importance-sampled scores, as ``exvae-eval`` computes them.
 
     The same function as ``exvae-eval`` (:func:`exvae.evaluation.evaluate_split`, chunked
@@ -138,23 +148,44 @@ class Run:
         binary for a binary data set.
     """
     from exvae import data, evaluation
+
     x = np.asarray(x, np.float32)
     data.validate_images(x, image_shape=tuple(self.splits.image_shape), name="x")
     if self.splits.binary and not np.all((x == 0) | (x == 1)):
-      raise ValueError("x: this model scores binary images (its data set is binarised); "
-                       "binarise them first, e.g. exvae.data.binarize(x, seed)")
+      raise ValueError(
+        "x: this model scores binary images (its data set is binarised); "
+        "binarise them first, e.g. exvae.data.binarize(x, seed)"
+      )
     s = int(self.config.eval.num_importance_samples if num_samples is None else num_samples)
     if s < 1:
       raise ValueError(f"num_samples must be >= 1, got {s}")
     key = jax.random.PRNGKey(int(self.config.eval.seed if seed is None else seed))
-    res = evaluation.evaluate_split(self.params, self.setup, self.context(), x, key,
-                                    num_samples=s, max_queries=int(self.config.eval.max_queries),
-                                    progress=progress, desc=f"log p(x) (S={s})")
-    return {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"],
-            "kl": res["kl"]}
+    res = evaluation.evaluate_split(
+      self.params,
+      self.setup,
+      self.context(),
+      x,
+      key,
+      num_samples=s,
+      max_queries=int(self.config.eval.max_queries),
+      progress=progress,
+      desc=f"log p(x) (S={s})",
+    )
+    return {
+      "log_px": res["log_px_iwae"],
+      "elbo": res["elbo"],
+      "recon": res["recon"],
+      "kl": res["kl"],
+    }
 
-  def log_px(self, x: np.ndarray, *, num_samples: int | None = None, seed: int | None = None,
-             progress: bool = False) -> np.ndarray:
+  def log_px(
+    self,
+    x: np.ndarray,
+    *,
+    num_samples: int | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+  ) -> np.ndarray:
     """IWAE estimates of log p(x) per image (nats): ``scores(x, ...)["log_px"]``.
 
     Args and defaults as :meth:`scores`.
@@ -177,8 +208,14 @@ class Run:
     return np.asarray(self.prior.sample(self.params["prior"], key, int(n), self.context()))
 
 
-def load_run(workdir: str, *, config: Any = None, overrides: Sequence[tuple[str, str]] = (),
-             bank: bool = True, progress: bool = False) -> Run:
+def load_run(
+  workdir: str,
+  *,
+  config: Any = None,
+  overrides: Sequence[tuple[str, str]] = (),
+  bank: bool = True,
+  progress: bool = False,
+) -> Run:
   """Loads a trained run for interactive use, without modifying its directory.
 
   Args:
@@ -203,6 +240,7 @@ def load_run(workdir: str, *, config: Any = None, overrides: Sequence[tuple[str,
 
   from exvae import bank as bank_lib
   from exvae import config_registry
+
   if config is None:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
@@ -212,8 +250,17 @@ def load_run(workdir: str, *, config: Any = None, overrides: Sequence[tuple[str,
     config = config_registry.load(config)
   config_registry.apply_overrides(config, overrides)
   trained = bank_lib.restore_trained(config, workdir)
-  b = (bank_lib.from_checkpoint(config, workdir, trained=trained, progress=progress)
-       if bank else None)
-  return Run(workdir=workdir, config=config, model=trained.setup.model, params=trained.params,
-             prior=trained.setup.prior, bank=b, splits=trained.splits, meta=dict(trained.meta),
-             setup=trained.setup)
+  b = (
+    bank_lib.from_checkpoint(config, workdir, trained=trained, progress=progress) if bank else None
+  )
+  return Run(
+    workdir=workdir,
+    config=config,
+    model=trained.setup.model,
+    params=trained.params,
+    prior=trained.setup.prior,
+    bank=b,
+    splits=trained.splits,
+    meta=dict(trained.meta),
+    setup=trained.setup,
+  )

@@ -67,7 +67,7 @@ def _fsync_dir(d: str) -> None:
   try:
     os.fsync(fd)
   except OSError:
-    pass                              # some filesystems refuse fsync on a directory
+    pass  # some filesystems refuse fsync on a directory
   finally:
     os.close(fd)
 
@@ -81,7 +81,7 @@ def _write_tmp(path: str, write: Callable[[io.BufferedWriter], None]) -> str:
       write(f)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)             # mkstemp makes 0600; keep the usual mode
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; keep the usual mode
   except BaseException:
     _remove(tmp)
     raise
@@ -223,8 +223,7 @@ NPZ_DIGEST = "_sha256"
 def json_digest(obj: Any) -> str:
   """SHA-256 (hex) of ``obj`` as canonical JSON (sorted keys, no spaces): the same for
   the same values, however the file holding them is laid out."""
-  return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-                        ).hexdigest()
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def with_self_digest(record: dict) -> dict:
@@ -266,8 +265,15 @@ def write_npz_checked(path: str, arrays: dict[str, np.ndarray]) -> str:
 # What reading a damaged .npz can raise: a cut or flipped zip container (BadZipFile, EOFError,
 # and NotImplementedError when a flipped header names an unknown zip version), a damaged
 # compressed member (zlib.error), a damaged array header (ValueError) or a missing key.
-NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error,
-                   NotImplementedError)
+NPZ_READ_ERRORS = (
+  OSError,
+  ValueError,
+  KeyError,
+  EOFError,
+  zipfile.BadZipFile,
+  zlib.error,
+  NotImplementedError,
+)
 
 
 def read_npz_checked(path: str) -> dict[str, np.ndarray]:

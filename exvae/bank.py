@@ -72,8 +72,13 @@ def params_fingerprint(params: PyTree) -> str:
   return h.hexdigest()[:16]
 
 
-def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "the bank", *,
-                      allow_mismatch: bool = False) -> bool:
+def check_bank_source(
+  bank: "ExemplarBank",
+  model_params: PyTree,
+  path: str = "the bank",
+  *,
+  allow_mismatch: bool = False,
+) -> bool:
   """Checks that ``bank`` was encoded by ``model_params``.
 
   Args:
@@ -92,18 +97,25 @@ def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "t
   """
   recorded = bank.metadata.get("model_fingerprint")
   if recorded is None:
-    warnings.warn(f"{path} records no source model (written by an older version): "
-                  "cannot check that this model encoded it.", stacklevel=2)
+    warnings.warn(
+      f"{path} records no source model (written by an older version): "
+      "cannot check that this model encoded it.",
+      stacklevel=2,
+    )
     return False
   mine = params_fingerprint(model_params)
   if recorded == mine:
     return True
-  msg = (f"{path} was built from another model (workdir {bank.metadata.get('workdir', '?')}, "
-         f"model {recorded}; this run's model is {mine}): its codes come from another "
-         "encoder.")
+  msg = (
+    f"{path} was built from another model (workdir {bank.metadata.get('workdir', '?')}, "
+    f"model {recorded}; this run's model is {mine}): its codes come from another "
+    "encoder."
+  )
   if not allow_mismatch:
-    raise BankMismatchError(msg + " Rebuild it with `uses.py bank` for this workdir, or pass "
-                            "--allow_bank_mismatch to use it anyway.")
+    raise BankMismatchError(
+      msg + " Rebuild it with `uses.py bank` for this workdir, or pass "
+      "--allow_bank_mismatch to use it anyway."
+    )
   warnings.warn(msg + " Used anyway (allow_bank_mismatch).", stacklevel=2)
   return False
 
@@ -114,8 +126,16 @@ def check_bank_source(bank: "ExemplarBank", model_params: PyTree, path: str = "t
 
 
 @functools.partial(jax.jit, static_argnames=("model", "binary", "with_logvar"))
-def encode_chunk(model: Model, model_params: PyTree, x: jax.Array, ids: jax.Array,
-                 key: jax.Array, *, binary: bool, with_logvar: bool = False):
+def encode_chunk(
+  model: Model,
+  model_params: PyTree,
+  x: jax.Array,
+  ids: jax.Array,
+  key: jax.Array,
+  *,
+  binary: bool,
+  with_logvar: bool = False,
+):
   """Encoder means of a chunk of images, each binarised with its own key (a bank's codes).
 
   A forward pass only; the exemplar prior's codes with gradients are
@@ -162,9 +182,13 @@ def sample_codes(codes: jax.Array, log_var: jax.Array, key: jax.Array, n: int):
 
 
 @jax.jit
-def parzen_log_prob(z: jax.Array, codes: jax.Array, log_var: jax.Array,
-                    bank_ids: jax.Array | None = None,
-                    query_ids: jax.Array | None = None) -> jax.Array:
+def parzen_log_prob(
+  z: jax.Array,
+  codes: jax.Array,
+  log_var: jax.Array,
+  bank_ids: jax.Array | None = None,
+  query_ids: jax.Array | None = None,
+) -> jax.Array:
   """log (1/N') sum_n N(z; mu_n, s2 I) with N' the count of components in the sum.
 
   Args:
@@ -185,9 +209,19 @@ def _pad_chunk(n: int, batch_size: int) -> int:
   return int(min(batch_size, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
 
-def encode_images(model: Model, model_params: PyTree, images: np.ndarray, ids: np.ndarray,
-                  key: jax.Array, *, binary: bool, batch_size: int = 2048,
-                  with_logvar: bool = False, progress: bool = False, desc: str = "encode"):
+def encode_images(
+  model: Model,
+  model_params: PyTree,
+  images: np.ndarray,
+  ids: np.ndarray,
+  key: jax.Array,
+  *,
+  binary: bool,
+  batch_size: int = 2048,
+  with_logvar: bool = False,
+  progress: bool = False,
+  desc: str = "encode",
+):
   """Encodes ``images`` in fixed-size chunks (padded, so no retracing per size).
 
   Args:
@@ -215,6 +249,7 @@ def encode_images(model: Model, model_params: PyTree, images: np.ndarray, ids: n
   starts = range(0, n, chunk)
   if progress:
     from tqdm.auto import tqdm
+
     starts = tqdm(starts, desc=desc, unit="chunk", dynamic_ncols=True)
   for lo in starts:
     hi = min(lo + chunk, n)
@@ -222,8 +257,15 @@ def encode_images(model: Model, model_params: PyTree, images: np.ndarray, ids: n
     xb[: hi - lo] = images[lo:hi]
     ib = np.zeros((chunk,), np.int64)
     ib[: hi - lo] = ids[lo:hi]
-    r = encode_chunk(model, model_params, jnp.asarray(xb), jnp.asarray(ib, jnp.uint32), key,
-                     binary=bool(binary), with_logvar=with_logvar)
+    r = encode_chunk(
+      model,
+      model_params,
+      jnp.asarray(xb),
+      jnp.asarray(ib, jnp.uint32),
+      key,
+      binary=bool(binary),
+      with_logvar=with_logvar,
+    )
     if with_logvar:
       mu, lv = jax.device_get(r)
       lv_sum += float(np.asarray(lv[: hi - lo], np.float64).sum())
@@ -238,10 +280,13 @@ def encode_images(model: Model, model_params: PyTree, images: np.ndarray, ids: n
 def _check_images(model: Model, images: np.ndarray, name: str = "images") -> np.ndarray:
   """Validates (N, H, W, C) images in [0, 1] of the model's shape; returns float32."""
   from exvae import data
+
   images = np.asarray(images)
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
-    raise ValueError(f"{name}: expected an array of shape (N, {', '.join(map(str, model.image_shape))})"
-                     f" matching the model's image shape {tuple(model.image_shape)}, got {images.shape}")
+    raise ValueError(
+      f"{name}: expected an array of shape (N, {', '.join(map(str, model.image_shape))})"
+      f" matching the model's image shape {tuple(model.image_shape)}, got {images.shape}"
+    )
   data.validate_images(images, image_shape=model.image_shape, name=name)
   return np.ascontiguousarray(images, np.float32)
 
@@ -272,7 +317,8 @@ class ExemplarBank:
   log_var: float
   metadata: dict = dataclasses.field(default_factory=dict)
   key_data: np.ndarray = dataclasses.field(
-      default_factory=lambda: np.asarray(jax.random.key_data(jax.random.PRNGKey(0)), np.uint32))
+    default_factory=lambda: np.asarray(jax.random.key_data(jax.random.PRNGKey(0)), np.uint32)
+  )
 
   def __post_init__(self):
     codes = np.ascontiguousarray(self.codes, np.float32)
@@ -295,10 +341,21 @@ class ExemplarBank:
 
   # -- construction ---------------------------------------------------------
   @classmethod
-  def build(cls, model: Model, model_params: PyTree, images: np.ndarray, *,
-            ids: np.ndarray | None = None, labels: np.ndarray | None = None,
-            log_var: float, binary: bool, key: jax.Array, batch_size: int = 2048,
-            metadata: dict | None = None, progress: bool = False) -> "ExemplarBank":
+  def build(
+    cls,
+    model: Model,
+    model_params: PyTree,
+    images: np.ndarray,
+    *,
+    ids: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    log_var: float,
+    binary: bool,
+    key: jax.Array,
+    batch_size: int = 2048,
+    metadata: dict | None = None,
+    progress: bool = False,
+  ) -> "ExemplarBank":
     """Encodes ``images`` (no gradients, frozen parameters) into a new bank.
 
     Args:
@@ -330,21 +387,44 @@ class ExemplarBank:
       raise ValueError("exemplar ids must be unique")
     if n and (ids.min() < 0 or ids.max() >= 2**32):
       raise ValueError("exemplar ids must lie in [0, 2**32)")
-    codes = encode_images(model, model_params, images, ids, key, binary=binary,
-                          batch_size=batch_size, progress=progress, desc="bank")
+    codes = encode_images(
+      model,
+      model_params,
+      images,
+      ids,
+      key,
+      binary=binary,
+      batch_size=batch_size,
+      progress=progress,
+      desc="bank",
+    )
     meta = dict(metadata or {})
     meta.update(image_shape=[int(s) for s in model.image_shape], binary=bool(binary))
-    return cls(codes=codes, ids=ids, labels=labels, log_var=float(log_var), metadata=meta,
-               key_data=np.asarray(jax.random.key_data(key), np.uint32))
+    return cls(
+      codes=codes,
+      ids=ids,
+      labels=labels,
+      log_var=float(log_var),
+      metadata=meta,
+      key_data=np.asarray(jax.random.key_data(key), np.uint32),
+    )
 
   @property
   def key(self) -> jax.Array:
     """The binarisation key the bank was built with."""
-    return jnp.asarray(self.key_data, jnp.uint32)   # a raw (legacy) threefry key
+    return jnp.asarray(self.key_data, jnp.uint32)  # a raw (legacy) threefry key
 
-  def add(self, model: Model, model_params: PyTree, images: np.ndarray, *,
-          ids: np.ndarray | None = None, labels: np.ndarray | None = None,
-          batch_size: int = 2048, progress: bool = False) -> "ExemplarBank":
+  def add(
+    self,
+    model: Model,
+    model_params: PyTree,
+    images: np.ndarray,
+    *,
+    ids: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    batch_size: int = 2048,
+    progress: bool = False,
+  ) -> "ExemplarBank":
     """Returns a larger bank: this one plus the codes of ``images`` (no training).
 
     The new images are encoded with the same frozen ``model_params`` and the
@@ -370,18 +450,32 @@ class ExemplarBank:
       raise ValueError("new exemplar ids collide with ids already in the bank")
     if (self.labels is None) != (labels is None) and self.size:
       raise ValueError("labels must be given for the new exemplars iff the bank has labels")
-    new = ExemplarBank.build(model, model_params, images, ids=ids, labels=labels,
-                             log_var=self.log_var, binary=bool(self.metadata.get("binary", True)),
-                             key=self.key, batch_size=batch_size, progress=progress)
+    new = ExemplarBank.build(
+      model,
+      model_params,
+      images,
+      ids=ids,
+      labels=labels,
+      log_var=self.log_var,
+      binary=bool(self.metadata.get("binary", True)),
+      key=self.key,
+      batch_size=batch_size,
+      progress=progress,
+    )
     labels_all = None
     if labels is not None:
-      labels_all = np.concatenate([self.labels if self.labels is not None
-                                   else np.zeros((0,), np.int32), new.labels])
+      labels_all = np.concatenate(
+        [self.labels if self.labels is not None else np.zeros((0,), np.int32), new.labels]
+      )
     meta = dict(self.metadata)
     meta["num_added"] = int(meta.get("num_added", 0)) + int(m)
-    return dataclasses.replace(self, codes=np.concatenate([self.codes, new.codes]),
-                               ids=np.concatenate([self.ids, new.ids]), labels=labels_all,
-                               metadata=meta)
+    return dataclasses.replace(
+      self,
+      codes=np.concatenate([self.codes, new.codes]),
+      ids=np.concatenate([self.ids, new.ids]),
+      labels=labels_all,
+      metadata=meta,
+    )
 
   # -- sizes ----------------------------------------------------------------
   @property
@@ -414,16 +508,24 @@ class ExemplarBank:
     """``{'num_exemplars', 'bank_bytes', 'raw_images_bytes', 'ratio'}`` (bank / raw)."""
     b = self.nbytes_on_disk(path)
     raw = self.raw_images_nbytes
-    return {"num_exemplars": self.size, "latent_dim": self.latent_dim, "bank_bytes": b,
-            "raw_images_bytes": raw, "ratio": b / max(raw, 1)}
+    return {
+      "num_exemplars": self.size,
+      "latent_dim": self.latent_dim,
+      "bank_bytes": b,
+      "raw_images_bytes": raw,
+      "ratio": b / max(raw, 1),
+    }
 
   # -- persistence ------------------------------------------------------------
   def _write(self, f) -> None:
-    arrays = {"codes": self.codes, "ids": self.ids,
-              "log_var": np.asarray(self.log_var, np.float32),
-              "key_data": self.key_data,
-              "format_version": np.asarray(BANK_FORMAT_VERSION, np.int32),
-              "metadata": np.asarray(json.dumps(self.metadata, sort_keys=True))}
+    arrays = {
+      "codes": self.codes,
+      "ids": self.ids,
+      "log_var": np.asarray(self.log_var, np.float32),
+      "key_data": self.key_data,
+      "format_version": np.asarray(BANK_FORMAT_VERSION, np.int32),
+      "metadata": np.asarray(json.dumps(self.metadata, sort_keys=True)),
+    }
     if self.labels is not None:
       arrays["labels"] = self.labels
     np.savez(f, **arrays)
@@ -451,25 +553,33 @@ class ExemplarBank:
         non-finite codes; the message names the file and what is wrong.
     """
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"No bank file {path}: build one with `uses.py bank` "
-                              "(it writes <out>/bank.npz).")
+      raise FileNotFoundError(
+        f"No bank file {path}: build one with `uses.py bank` (it writes <out>/bank.npz)."
+      )
     rebuild = "rebuild it with `uses.py bank`"
     try:
       with np.load(path, allow_pickle=False) as z:
         missing = {"codes", "ids", "log_var", "metadata"} - set(z.files)
         if missing:
-          raise BankFileError(f"{path} is not an exemplar bank (missing arrays "
-                              f"{sorted(missing)}); {rebuild}.")
+          raise BankFileError(
+            f"{path} is not an exemplar bank (missing arrays {sorted(missing)}); {rebuild}."
+          )
         version = int(z["format_version"]) if "format_version" in z.files else BANK_FORMAT_VERSION
         if version != BANK_FORMAT_VERSION:
-          raise BankFileError(f"{path}: bank format {version}, this code reads "
-                              f"{BANK_FORMAT_VERSION}; {rebuild}.")
+          raise BankFileError(
+            f"{path}: bank format {version}, this code reads {BANK_FORMAT_VERSION}; {rebuild}."
+          )
         kw = {}
         if "key_data" in z.files:
           kw["key_data"] = z["key_data"]
-        bank = cls(codes=z["codes"], ids=z["ids"],
-                   labels=z["labels"] if "labels" in z.files else None,
-                   log_var=float(z["log_var"]), metadata=json.loads(str(z["metadata"])), **kw)
+        bank = cls(
+          codes=z["codes"],
+          ids=z["ids"],
+          labels=z["labels"] if "labels" in z.files else None,
+          log_var=float(z["log_var"]),
+          metadata=json.loads(str(z["metadata"])),
+          **kw,
+        )
     except BankFileError:
       raise
     except atomic.NPZ_READ_ERRORS as e:
@@ -477,10 +587,17 @@ class ExemplarBank:
       with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
       # (numpy's own message for a non-zip file suggests allow_pickle: misleading here)
-      what = (f"{type(e).__name__}: {' '.join(str(e).split())[:120]}" if is_zip else
-              "it does not start like a .npz (zip) file" if size else "the file is empty")
-      raise BankFileError(f"{path} ({size:,} bytes) is corrupt or truncated, not a readable "
-                          f"bank .npz ({what}); {rebuild}.") from e
+      what = (
+        f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        if is_zip
+        else "it does not start like a .npz (zip) file"
+        if size
+        else "the file is empty"
+      )
+      raise BankFileError(
+        f"{path} ({size:,} bytes) is corrupt or truncated, not a readable "
+        f"bank .npz ({what}); {rebuild}."
+      ) from e
     if not (np.all(np.isfinite(bank.codes)) and math.isfinite(bank.log_var)):
       raise BankFileError(f"{path} holds non-finite codes or log_var; {rebuild}.")
     return bank
@@ -588,20 +705,24 @@ def check_trained(workdir: str) -> bool:
       model missing files says which).
   """
   from exvae import checkpoints, published, rundir
-  is_published = published.is_published(workdir)   # parameters only, no checkpoints
+
+  is_published = published.is_published(workdir)  # parameters only, no checkpoints
   if not is_published and not rundir.has_checkpoint(workdir):
     published.check_complete(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not is_published and (
-      not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir))):
+    not os.path.isdir(ckpt_dir) or not any(name.isdigit() for name in os.listdir(ckpt_dir))
+  ):
     raise checkpoints.CheckpointNotFoundError(
-        f"No checkpoint found in {ckpt_dir}. Train first: "
-        f"exvae-train --config=<config> --workdir={workdir}")
+      f"No checkpoint found in {ckpt_dir}. Train first: "
+      f"exvae-train --config=<config> --workdir={workdir}"
+    )
   return is_published
 
 
-def restore_params(config, workdir: str, setup, *, is_published: bool,
-                   need_last: bool = False) -> Restored:
+def restore_params(
+  config, workdir: str, setup, *, is_published: bool, need_last: bool = False
+) -> Restored:
   """Reads the parameters of the trained run in ``workdir`` (never changing it).
 
   The one reader of a trained run's parameters: a published model
@@ -622,26 +743,36 @@ def restore_params(config, workdir: str, setup, *, is_published: bool,
     CheckpointMismatchError: the checkpoints hold another model.
   """
   from exvae import checkpoints, published, train_lib
+
   template = train_lib.init_state(config, setup, setup.num_train)
   if is_published:
     best, record = published.load(workdir, template.params)
-    meta = {"best_epoch": int(record.get("best_epoch") or 0),
-            "best_val": record.get("best_val_loss")}
-    return Restored(best=best, last=None, meta=meta,
-                    step=int(record.get("source_checkpoint_step", -1)))
+    meta = {
+      "best_epoch": int(record.get("best_epoch") or 0),
+      "best_val": record.get("best_val_loss"),
+    }
+    return Restored(
+      best=best, last=None, meta=meta, step=int(record.get("source_checkpoint_step", -1))
+    )
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  manager = checkpoints.Manager(ckpt_dir, read_only=True)   # never changes the workdir
-  out = manager.restore_latest(template if need_last else None, template.params,
-                               need_state=need_last)
+  manager = checkpoints.Manager(ckpt_dir, read_only=True)  # never changes the workdir
+  out = manager.restore_latest(
+    template if need_last else None, template.params, need_state=need_last
+  )
   if out is None:
     raise checkpoints.CheckpointNotFoundError(f"No checkpoint step in {ckpt_dir}.")
   state, best, stored = out
   # The checkpoint counts epochs from 0 (-1: none validated); printed and published
   # epochs count from 1, as meta does (0: none validated).
-  meta = dict(stored, best_epoch=int(stored.get("best_epoch", -1)) + 1,
-              best_val=stored.get("best_val"))
-  return Restored(best=best, last=state.params if need_last else None, meta=meta,
-                  step=int(state.step) if need_last else None)
+  meta = dict(
+    stored, best_epoch=int(stored.get("best_epoch", -1)) + 1, best_val=stored.get("best_val")
+  )
+  return Restored(
+    best=best,
+    last=state.params if need_last else None,
+    meta=meta,
+    step=int(state.step) if need_last else None,
+  )
 
 
 def restore_trained(config, workdir: str) -> Trained:
@@ -658,15 +789,17 @@ def restore_trained(config, workdir: str) -> Trained:
     CheckpointNotFoundError: ``workdir`` holds no (readable) checkpoint.
   """
   from exvae import config_checks, rundir, train_lib
+
   is_published = check_trained(workdir)
   rundir.check_reader_config(workdir, config)
   splits = train_lib.load_data(config)
-  rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
+  rundir.check_reader_data(workdir, splits.identity)  # a user's data set: the same arrays
   config_checks.check_values(config)
   setup = train_lib.make_setup(config, splits)
   restored = restore_params(config, workdir, setup, is_published=is_published)
-  return Trained(config=config, splits=splits, setup=setup, params=restored.best,
-                 meta=restored.meta)
+  return Trained(
+    config=config, splits=splits, setup=setup, params=restored.best, meta=restored.meta
+  )
 
 
 def bank_log_var(trained: Trained, mean_posterior_logvar: float | None = None) -> tuple[float, str]:
@@ -686,8 +819,14 @@ def bank_log_var(trained: Trained, mean_posterior_logvar: float | None = None) -
   return float(mean_posterior_logvar), "mean_posterior"
 
 
-def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
-                    batch_size: int = 2048, progress: bool = False) -> ExemplarBank:
+def from_checkpoint(
+  config,
+  workdir: str,
+  *,
+  trained: Trained | None = None,
+  batch_size: int = 2048,
+  progress: bool = False,
+) -> ExemplarBank:
   """Builds the bank of a trained run from its training split (+ labels).
 
   Images are encoded exactly like the evaluation prior's exemplars (grey
@@ -716,16 +855,33 @@ def from_checkpoint(config, workdir: str, *, trained: Trained | None = None,
   mean_lv = None
   prior_params = t.params.get("prior", {})
   if not (isinstance(prior_params, dict) and "log_var" in prior_params):
-    _, mean_lv = encode_images(model, t.params["model"], x, ids, key, binary=binary,
-                               batch_size=batch_size, with_logvar=True)
+    _, mean_lv = encode_images(
+      model, t.params["model"], x, ids, key, binary=binary, batch_size=batch_size, with_logvar=True
+    )
   log_var, lv_source = bank_log_var(t, mean_lv)
-  meta = {"dataset": t.splits.name, "source": "train", "data_source": t.splits.source,
-          "prior": str(config.prior), "log_var_source": lv_source,
-          "bank_seed": int(config.eval.bank_seed), "workdir": os.path.abspath(workdir),
-          "best_epoch": int(t.meta.get("best_epoch", 0)),
-          "model_fingerprint": params_fingerprint(t.params["model"])}
-  if t.splits.identity is not None:    # a user's data set: its path (or plug-in) and SHA-256
+  meta = {
+    "dataset": t.splits.name,
+    "source": "train",
+    "data_source": t.splits.source,
+    "prior": str(config.prior),
+    "log_var_source": lv_source,
+    "bank_seed": int(config.eval.bank_seed),
+    "workdir": os.path.abspath(workdir),
+    "best_epoch": int(t.meta.get("best_epoch", 0)),
+    "model_fingerprint": params_fingerprint(t.params["model"]),
+  }
+  if t.splits.identity is not None:  # a user's data set: its path (or plug-in) and SHA-256
     meta["data_identity"] = t.splits.identity
-  return ExemplarBank.build(model, t.params["model"], x, ids=ids, labels=t.splits.train_y,
-                            log_var=log_var, binary=binary, key=key,
-                            batch_size=batch_size, metadata=meta, progress=progress)
+  return ExemplarBank.build(
+    model,
+    t.params["model"],
+    x,
+    ids=ids,
+    labels=t.splits.train_y,
+    log_var=log_var,
+    binary=binary,
+    key=key,
+    batch_size=batch_size,
+    metadata=meta,
+    progress=progress,
+  )

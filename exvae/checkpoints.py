@@ -50,7 +50,7 @@ from exvae.errors import CheckpointMismatchError, CheckpointNotFoundError  # noq
 
 # How long a save may wait on its commit threads (see Manager.__init__).
 _COMMIT_TIMEOUT_S = 7 * 24 * 3600
-_LIST_ATTEMPTS = 5   # a reader lists the steps this often while a writer rotates them
+_LIST_ATTEMPTS = 5  # a reader lists the steps this often while a writer rotates them
 
 
 # The items of a step.  ``digest`` (JSON) holds a hash of every saved array and of
@@ -80,8 +80,8 @@ def tree_digest(tree) -> dict[str, list]:
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not getattr(leaf, "is_fully_addressable", True):
-      continue                      # another host's shards: that host checks them
-    a = np.asarray(leaf)              # tobytes(): C order, whatever the layout
+      continue  # another host's shards: that host checks them
+    a = np.asarray(leaf)  # tobytes(): C order, whatever the layout
     out[jax.tree_util.keystr(path)] = [str(a.dtype), list(a.shape), _hash(a.tobytes())]
   return out
 
@@ -114,8 +114,10 @@ def step_files_digest(step_dir: str) -> dict[str, str]:
 
 
 def _template_shapes(tree) -> dict[str, list]:
-  return {jax.tree_util.keystr(p): list(np.shape(x)) if not hasattr(x, "shape") else list(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): list(np.shape(x)) if not hasattr(x, "shape") else list(x.shape)
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _abstract(tree):
@@ -192,7 +194,7 @@ def silence_background_threads(crash_dumps: bool = False) -> None:
     for h in py_logging.getLogger(name).handlers:
       h.addFilter(f)
   threading.excepthook = lambda args: None
-  sys.unraisablehook = lambda args: None    # asyncio loops of Orbax closed at exit
+  sys.unraisablehook = lambda args: None  # asyncio loops of Orbax closed at exit
   _SILENCED.append(f)
 
 
@@ -225,8 +227,9 @@ def _list_steps(list_fn):
 class Manager:
   """Thin wrapper around ``ocp.CheckpointManager`` for exvae's three items."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3, create: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str, max_to_keep: int = 3, create: bool = True, read_only: bool = False
+  ):
     """Opens the checkpoint directory.
 
     Args:
@@ -242,16 +245,21 @@ class Manager:
     # every step it saves records its digest and values (see recorded_config).
     self._config = {} if read_only else _config_record(os.path.dirname(self.directory))
     self._unreadable: set[int] = set()
-    self.fallbacks: list[int] = []           # steps skipped by the last restore
-    self.verified: bool | None = None        # the last restore checked digests (None: none)
+    self.fallbacks: list[int] = []  # steps skipped by the last restore
+    self.verified: bool | None = None  # the last restore checked digests (None: none)
     if (not create or read_only) and not os.path.isdir(self.directory):
       raise CheckpointNotFoundError(
-          f"No checkpoint directory {self.directory}: train first with "
-          "`exvae-train --config=... --workdir=...` (same workdir).")
+        f"No checkpoint directory {self.directory}: train first with "
+        "`exvae-train --config=... --workdir=...` (same workdir)."
+      )
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                             save_interval_steps=0,
-                                             cleanup_tmp_directories=False)
+      options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        create=False,
+        max_to_keep=None,
+        save_interval_steps=0,
+        cleanup_tmp_directories=False,
+      )
 
       def open_manager():
         with _quiet_read_only(), _quiet_failed_save():
@@ -261,18 +269,22 @@ class Manager:
       return
     if int(max_to_keep) < 1:
       raise errors.ConfigError(
-          f"keep_checkpoints must be >= 1, got {max_to_keep}: 0 would delete every checkpoint "
-          f"in {self.directory}.")
+        f"keep_checkpoints must be >= 1, got {max_to_keep}: 0 would delete every checkpoint "
+        f"in {self.directory}."
+      )
     # Orbax's commit threads time out after 1200 s by default, counted on a clock
     # that runs on while the process is stopped: a run paused longer than that
     # (SIGSTOP, a suspended VM) died in the middle of a save on continuing.
     # save() waits for every save anyway: save synchronously, and let the threads
     # Orbax still starts wait up to a week.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=int(max_to_keep), create=create, cleanup_tmp_directories=True,
-        enable_async_checkpointing=False,
-        async_options=ocp.AsyncOptions(timeout_secs=_COMMIT_TIMEOUT_S))
-    with _quiet_failed_save():     # a damaged step's metadata: restore_latest says it in one line
+      max_to_keep=int(max_to_keep),
+      create=create,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=False,
+      async_options=ocp.AsyncOptions(timeout_secs=_COMMIT_TIMEOUT_S),
+    )
+    with _quiet_failed_save():  # a damaged step's metadata: restore_latest says it in one line
       self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def all_steps(self) -> list[int]:
@@ -295,28 +307,42 @@ class Manager:
     if step in self._mngr.all_steps():
       if step not in self._unreadable:
         return
-      self._set_aside([step])               # a step that failed to restore: replace it
+      self._set_aside([step])  # a step that failed to restore: replace it
     # Host copies first: the caller's device buffers are donated to the next
     # train step right after this returns.
     state, best_params = jax.device_get((state, best_params))
     _check_finite(state, best_params)
-    digest = {"format": DIGEST_FORMAT, "hash": "blake2b-128", "state": tree_digest(state),
-              "best": tree_digest(best_params), "meta": meta_digest(meta), **self._config}
+    digest = {
+      "format": DIGEST_FORMAT,
+      "hash": "blake2b-128",
+      "state": tree_digest(state),
+      "best": tree_digest(best_params),
+      "meta": meta_digest(meta),
+      **self._config,
+    }
     try:
       with _quiet_failed_save():
-        self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best_params),
-            meta=ocp.args.JsonSave(meta), digest=ocp.args.JsonSave(digest)), force=True)
+        self._mngr.save(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            best=ocp.args.StandardSave(best_params),
+            meta=ocp.args.JsonSave(meta),
+            digest=ocp.args.JsonSave(digest),
+          ),
+          force=True,
+        )
         self._mngr.wait_until_finished()
     except Exception as e:
       if errors.is_disk_full(e):
         need = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves((state, best_params)))
         free = shutil.disk_usage(self.directory).free
         raise errors.DiskFullError(
-            f"Disk full while saving checkpoint step {step} in {self.directory}: "
-            f"{_human(free)} free, a checkpoint needs about {_human(need)}. Free some space "
-            "and run the same command again: training resumes from the last good checkpoint "
-            f"(steps kept: {self.all_steps() or 'none'}).") from e
+          f"Disk full while saving checkpoint step {step} in {self.directory}: "
+          f"{_human(free)} free, a checkpoint needs about {_human(need)}. Free some space "
+          "and run the same command again: training resumes from the last good checkpoint "
+          f"(steps kept: {self.all_steps() or 'none'})."
+        ) from e
       typed = errors.as_write_error(e, f"checkpoint step {step} in {self.directory}")
       if typed is not e:
         raise typed from e
@@ -324,9 +350,11 @@ class Manager:
     # Every byte of the step, not only the values a restore reads back: written once
     # the step is complete (a step without this record still has its value digest).
     step_dir = os.path.join(self.directory, str(step))
-    atomic.write_json(os.path.join(step_dir, FILES_DIGEST),
-                      {"format": DIGEST_FORMAT, "hash": "blake2b-128",
-                       "files": step_files_digest(step_dir)}, indent=None)
+    atomic.write_json(
+      os.path.join(step_dir, FILES_DIGEST),
+      {"format": DIGEST_FORMAT, "hash": "blake2b-128", "files": step_files_digest(step_dir)},
+      indent=None,
+    )
 
   def _read_digest(self, step: int) -> dict | None:
     """The step's recorded digest, or None for a step saved without one."""
@@ -347,15 +375,18 @@ class Manager:
         continue
       diff = sorted(set(want) ^ set(have))
       if diff:
-        detail = f"{name}{diff[0]} is only in {'the checkpoint' if diff[0] in have else 'this config'}"
+        detail = (
+          f"{name}{diff[0]} is only in {'the checkpoint' if diff[0] in have else 'this config'}"
+        )
       else:
         k = next(k for k in want if want[k] != have[k])
         detail = f"{name}{k} is {tuple(have[k])} there and {tuple(want[k])} here"
       raise CheckpointMismatchError(
-          f"Checkpoint step {step} in {self.directory} holds another model than this config "
-          f"builds ({detail}): a resume or an evaluation needs the config the run was trained "
-          "with (an allowed config change cannot change the model's shapes). Pass the run's "
-          "config, or use a new --workdir.")
+        f"Checkpoint step {step} in {self.directory} holds another model than this config "
+        f"builds ({detail}): a resume or an evaluation needs the config the run was trained "
+        "with (an allowed config change cannot change the model's shapes). Pass the run's "
+        "config, or use a new --workdir."
+      )
 
   def _restore(self, step: int, state_template=None, best_template=None):
     """Restores one step and checks it (digest, finiteness).
@@ -426,7 +457,7 @@ class Manager:
       if not steps:
         return None
       try:
-        with _quiet_failed_save():        # a bad step is reported in one line, not Orbax's log
+        with _quiet_failed_save():  # a bad step is reported in one line, not Orbax's log
           return self._restore_newest(steps, state_template, best_template, need_state)
       except CheckpointNotFoundError:
         # A writer may have rotated every step we listed away while we read them.
@@ -445,7 +476,7 @@ class Manager:
         raise
       except Exception as e:  # noqa: BLE001  (any read failure means: try the previous step)
         if not os.path.isdir(os.path.join(self.directory, str(step))):
-          continue                 # deleted by the writer's rotation: not a corrupt step
+          continue  # deleted by the writer's rotation: not a corrupt step
         bad[step] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
         continue
       self.fallbacks = list(bad)
@@ -456,17 +487,21 @@ class Manager:
           moved = self._set_aside(list(bad))
           where = f"; moved to {os.path.dirname(moved[0])}" if moved else ""
         first = next(iter(bad))
-        print(f"warning: checkpoint step{'s' if len(bad) > 1 else ''} "
-              f"{', '.join(map(str, bad))} in {self.directory} failed to restore or verify "
-              f"(step {first}: {bad[first]}){where}; using step {step}.",
-              file=sys.stderr, flush=True)
+        print(
+          f"warning: checkpoint step{'s' if len(bad) > 1 else ''} "
+          f"{', '.join(map(str, bad))} in {self.directory} failed to restore or verify "
+          f"(step {first}: {bad[first]}){where}; using step {step}.",
+          file=sys.stderr,
+          flush=True,
+        )
       return out.get("state") if need_state else None, out["best"], dict(out["meta"])
     first = next(iter(bad), None)
     detail = f" (step {first}: {bad[first]})" if first is not None else ""
     raise CheckpointNotFoundError(
-        f"None of the checkpoints {steps} in {self.directory} can be used: each fails to "
-        f"restore or to match its digest{detail}. Nothing was changed; restore the run "
-        "directory from a copy, or train again in a new --workdir.")
+      f"None of the checkpoints {steps} in {self.directory} can be used: each fails to "
+      f"restore or to match its digest{detail}. Nothing was changed; restore the run "
+      "directory from a copy, or train again in a new --workdir."
+    )
 
   def _set_aside(self, steps) -> list[str]:
     """Writer only: moves bad steps to ``<workdir>/unreadable_checkpoints/`` (never deletes).
@@ -513,9 +548,10 @@ def _verify(out, digest: dict, names) -> None:
   for name in names:
     got = tree_digest(out[name])
     for key, (dtype, _shape, h) in digest[name].items():
-      if key not in got and any(jax.tree_util.keystr(p) == key and
-                                not getattr(x, "is_fully_addressable", True)
-                                for p, x in jax.tree_util.tree_flatten_with_path(out[name])[0]):
+      if key not in got and any(
+        jax.tree_util.keystr(p) == key and not getattr(x, "is_fully_addressable", True)
+        for p, x in jax.tree_util.tree_flatten_with_path(out[name])[0]
+      ):
         continue
       g = got.get(key)
       if g is None or g[2] != h or g[0] != dtype:
@@ -563,8 +599,11 @@ def recorded_config(directory: str) -> dict | None:
       continue
     if isinstance(digest, dict) and digest.get("format") == DIGEST_FORMAT:
       config = digest.get("config")
-      return {"step": step, "config_sha256": digest.get("config_sha256"),
-              "config": config if isinstance(config, dict) else None}
+      return {
+        "step": step,
+        "config_sha256": digest.get("config_sha256"),
+        "config": config if isinstance(config, dict) else None,
+      }
   return None
 
 
@@ -572,7 +611,7 @@ def _verify_files(step_dir: str) -> None:
   """Raises IntegrityError if a file of the step differs from the record written after its save."""
   path = os.path.join(step_dir, FILES_DIGEST)
   if not os.path.exists(path):
-    return                              # saved before this record existed, or killed just after
+    return  # saved before this record existed, or killed just after
   try:
     with open(path) as f:
       recorded = json.load(f)["files"]

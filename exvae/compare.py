@@ -47,14 +47,17 @@ class ScoringMismatchError(IdentityMismatchError):
 
 # How the images were scored: runs that differ here are not comparable without --force.
 # (key, what it is); prune_keep is read from the eval_metrics.json beside the file.
-SCORING = (("num_importance_samples", "importance samples S"),
-           ("prune_keep", "pruning (eval.prune_keep)"),
-           ("eval_binarize", "binarisation draw (eval_binarize)"))
+SCORING = (
+  ("num_importance_samples", "importance samples S"),
+  ("prune_keep", "pruning (eval.prune_keep)"),
+  ("eval_binarize", "binarisation draw (eval_binarize)"),
+)
 
 
 def _scoring(run: dict[str, Any]) -> dict[str, Any]:
   """The scoring settings of a loaded run (None where the files do not say)."""
   import json
+
   out = {k: run.get(k) for k, _ in SCORING}
   metrics = os.path.join(os.path.dirname(run["path"]), "eval_metrics.json")
   if os.path.isfile(metrics):
@@ -91,12 +94,14 @@ def stale_warning(run: dict[str, Any]) -> str | None:
   scored = run.get("checkpoint_step")
   if isinstance(scored, int):
     later = int(newest) > scored
-  else:                                  # a file that does not record its step: by time
+  else:  # a file that does not record its step: by time
     later = os.path.getmtime(run["path"]) < os.path.getmtime(os.path.join(ckpt, newest))
   if not later:
     return None
-  return (f"{run['path']} is older than {d}'s newest checkpoint (step {newest}; scored: "
-          f"{scored}): re-evaluate it (exvae-eval --workdir={d}).")
+  return (
+    f"{run['path']} is older than {d}'s newest checkpoint (step {newest}; scored: "
+    f"{scored}): re-evaluate it (exvae-eval --workdir={d})."
+  )
 
 
 def paired_stats(nll_a: np.ndarray, nll_b: np.ndarray) -> dict[str, float]:
@@ -116,6 +121,7 @@ def paired_stats(nll_a: np.ndarray, nll_b: np.ndarray) -> dict[str, float]:
     ValueError: shapes differ or fewer than two images.
   """
   from scipy import special
+
   a = np.asarray(nll_a, np.float64).reshape(-1)
   b = np.asarray(nll_b, np.float64).reshape(-1)
   if a.shape != b.shape:
@@ -130,12 +136,20 @@ def paired_stats(nll_a: np.ndarray, nll_b: np.ndarray) -> dict[str, float]:
   if se > 0:
     t = mean / se
     p = float(2.0 * special.stdtr(df, -abs(t)))
-  else:                                    # identical differences everywhere
+  else:  # identical differences everywhere
     t = 0.0 if mean == 0 else math.copysign(math.inf, mean)
     p = 1.0 if mean == 0 else 0.0
-  return {"n": n, "mean_diff": mean, "stderr": se, "t": float(t), "df": df,
-          "p_value": min(1.0, p), "a_wins": float(np.mean(d < 0)),
-          "b_wins": float(np.mean(d > 0)), "ties": float(np.mean(d == 0))}
+  return {
+    "n": n,
+    "mean_diff": mean,
+    "stderr": se,
+    "t": float(t),
+    "df": df,
+    "p_value": min(1.0, p),
+    "a_wins": float(np.mean(d < 0)),
+    "b_wins": float(np.mean(d > 0)),
+    "ties": float(np.mean(d == 0)),
+  }
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -170,6 +184,7 @@ def prior_family(run_dir: str) -> tuple[tuple[str, str], str] | None:
     there is no readable ``config.json`` or its prior is another one.
   """
   import json
+
   try:
     with open(os.path.join(run_dir, "config.json")) as f:
       c = json.load(f)
@@ -205,14 +220,17 @@ def load_checked(path: str) -> dict[str, Any]:
     PerExampleFileError: any other failure of the checks (one line).
   """
   import json
+
   try:
     run = per_example.load(path)
   except FileNotFoundError:
     raise
   except atomic.NPZ_READ_ERRORS as e:
-    raise PerExampleFileError(f"{path}: cannot be read as a per-example file "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
-                              "evaluate the run again.") from None
+    raise PerExampleFileError(
+      f"{path}: cannot be read as a per-example file "
+      f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+      "evaluate the run again."
+    ) from None
   f = run["path"]
   m = run.get("count")
   for k in per_example.SCORES:
@@ -220,23 +238,31 @@ def load_checked(path: str) -> dict[str, Any]:
       continue
     a = np.asarray(run[k])
     if not isinstance(m, int) or a.shape != (m,):
-      raise PerExampleFileError(f"{f}: {k} holds {a.shape} scores, its count says {m}: the "
-                                "file is malformed; evaluate the run again.")
+      raise PerExampleFileError(
+        f"{f}: {k} holds {a.shape} scores, its count says {m}: the "
+        "file is malformed; evaluate the run again."
+      )
     bad = np.flatnonzero(~np.isfinite(a))
     if bad.size:
-      raise PerExampleFileError(f"{f}: {bad.size} non-finite {k} score(s) (first: image "
-                                f"{int(bad[0])}, {a[bad[0]]}); evaluate the run again.")
+      raise PerExampleFileError(
+        f"{f}: {bad.size} non-finite {k} score(s) (first: image "
+        f"{int(bad[0])}, {a[bad[0]]}); evaluate the run again."
+      )
   beside = os.path.join(os.path.dirname(f), "eval_metrics.json")
   if os.path.basename(f) == per_example.FILENAME and os.path.isfile(beside):
     try:
       with open(beside) as fh:
         recorded = (json.load(fh).get("outputs_sha256") or {}).get(per_example.FILENAME)
     except (OSError, ValueError, AttributeError) as e:
-      raise PerExampleFileError(f"{beside}: unreadable ({type(e).__name__}), so {f} cannot "
-                                "be checked; evaluate the run again.") from None
+      raise PerExampleFileError(
+        f"{beside}: unreadable ({type(e).__name__}), so {f} cannot "
+        "be checked; evaluate the run again."
+      ) from None
     if recorded is not None and atomic.sha256_file(f) != recorded:
-      raise PerExampleFileError(f"{f} is not the file {beside} was written with (its SHA-256 "
-                                "differs): evaluate the run again.")
+      raise PerExampleFileError(
+        f"{f} is not the file {beside} was written with (its SHA-256 "
+        "differs): evaluate the run again."
+      )
   return run
 
 
@@ -260,21 +286,27 @@ def load_runs(paths: Sequence[str], force: bool = False) -> list[dict[str, Any]]
     if other != ref:
       diff = {k: (ref[k], other[k]) for k in ref if ref[k] != other[k]}
       raise IdentityMismatchError(
-          f"{paths[0]} and {p} did not score the same test images; differing fields "
-          f"(first, second): {diff}. Evaluate both with the same data set, "
-          f"eval_binarize, eval_binarize_seed and eval.max_test_examples.")
+        f"{paths[0]} and {p} did not score the same test images; differing fields "
+        f"(first, second): {diff}. Evaluate both with the same data set, "
+        f"eval_binarize, eval_binarize_seed and eval.max_test_examples."
+      )
   ref_scoring = _scoring(runs[0])
   for p, r in zip(paths[1:], runs[1:]):
     other = _scoring(r)
-    diff = [f"{what} {ref_scoring[k]} vs {other[k]}" for k, what in SCORING
-            if ref_scoring[k] not in (None, "") and other[k] not in (None, "")
-            and ref_scoring[k] != other[k]]
+    diff = [
+      f"{what} {ref_scoring[k]} vs {other[k]}"
+      for k, what in SCORING
+      if ref_scoring[k] not in (None, "")
+      and other[k] not in (None, "")
+      and ref_scoring[k] != other[k]
+    ]
     if diff and not force:
       raise ScoringMismatchError(
-          f"{paths[0]} and {p} were scored differently ({'; '.join(diff)}): their NLLs are "
-          "not comparable. Evaluate both the same way, or pass --force.")
+        f"{paths[0]} and {p} were scored differently ({'; '.join(diff)}): their NLLs are "
+        "not comparable. Evaluate both the same way, or pass --force."
+      )
   labels = [_label(p) for p in paths]
-  if len(set(labels)) < len(labels):        # two runs called the same: use the paths
+  if len(set(labels)) < len(labels):  # two runs called the same: use the paths
     labels = list(paths)
   for r, lab in zip(runs, labels):
     r["label"] = lab
@@ -307,32 +339,48 @@ def compare(paths: Sequence[str], metric: str = "log_px", force: bool = False) -
     pairs.append(dict(s, a=runs[i]["label"], b=runs[j]["label"], i=i, j=j))
   for pr, adj in zip(pairs, holm([pr["p_value"] for pr in pairs])):
     pr["p_holm"] = adj
-  summary = [{"label": r["label"], "path": r["path"], "mean": float(l.mean()),
-              "stderr": float(l.std(ddof=1) / math.sqrt(l.shape[0])),
-              "num_importance_samples": r.get("num_importance_samples")}
-             for r, l in zip(runs, losses)]
-  return {"metric": metric, "identity": per_example.identity(runs[0]), "runs": summary,
-          "pairs": pairs, "_losses": losses,
-          "warnings": [w for w in map(stale_warning, runs) if w]}
+  summary = [
+    {
+      "label": r["label"],
+      "path": r["path"],
+      "mean": float(l.mean()),
+      "stderr": float(l.std(ddof=1) / math.sqrt(l.shape[0])),
+      "num_importance_samples": r.get("num_importance_samples"),
+    }
+    for r, l in zip(runs, losses)
+  ]
+  return {
+    "metric": metric,
+    "identity": per_example.identity(runs[0]),
+    "runs": summary,
+    "pairs": pairs,
+    "_losses": losses,
+    "warnings": [w for w in map(stale_warning, runs) if w],
+  }
 
 
 def format_report(result: dict[str, Any]) -> str:
   """The human-readable table printed by ``exvae compare``."""
   name = "NLL" if result["metric"] == "log_px" else "-ELBO"
   ident = result["identity"]
-  lines = [f"{name} per test image (nats), {ident['count']} images of "
-           f"{ident['dataset']}/{ident['split']} (eval_binarize_seed="
-           f"{ident['eval_binarize_seed']}, sha256 {str(ident['images_sha256'])[:12]}):"]
+  lines = [
+    f"{name} per test image (nats), {ident['count']} images of "
+    f"{ident['dataset']}/{ident['split']} (eval_binarize_seed="
+    f"{ident['eval_binarize_seed']}, sha256 {str(ident['images_sha256'])[:12]}):"
+  ]
   w = max(len(r["label"]) for r in result["runs"])
   for r in result["runs"]:
-    lines.append(f"  {r['label']:<{w}}  {name} {r['mean']:.3f} +- {r['stderr']:.3f} (unpaired s.e.)")
+    lines.append(
+      f"  {r['label']:<{w}}  {name} {r['mean']:.3f} +- {r['stderr']:.3f} (unpaired s.e.)"
+    )
   lines.append(f"Pairs (diff = {name}(A) - {name}(B); negative: A better):")
   for p in result["pairs"]:
     lines.append(
-        f"  {p['a']} vs {p['b']}: diff {p['mean_diff']:+.4f} +- {p['stderr']:.4f} (paired s.e.), "
-        f"t = {p['t']:.2f}, p {format_p(p['p_value'])} (Holm {format_p(p['p_holm'])}); "
-        f"A wins {100 * p['a_wins']:.1f}%, B wins {100 * p['b_wins']:.1f}%"
-        + (f", ties {100 * p['ties']:.1f}%" if p["ties"] else ""))
+      f"  {p['a']} vs {p['b']}: diff {p['mean_diff']:+.4f} +- {p['stderr']:.4f} (paired s.e.), "
+      f"t = {p['t']:.2f}, p {format_p(p['p_value'])} (Holm {format_p(p['p_holm'])}); "
+      f"A wins {100 * p['a_wins']:.1f}%, B wins {100 * p['b_wins']:.1f}%"
+      + (f", ties {100 * p['ties']:.1f}%" if p["ties"] else "")
+    )
   return "\n".join(lines)
 
 
@@ -352,8 +400,10 @@ def plot(result: dict[str, Any], path: str) -> str:
     ``path``.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   name = "NLL" if result["metric"] == "log_px" else "-ELBO"
   pairs = result["pairs"]
   losses = result["_losses"]
@@ -362,8 +412,12 @@ def plot(result: dict[str, Any], path: str) -> str:
     d = losses[p["i"]] - losses[p["j"]]
     row[0].hist(d, bins=min(100, max(10, d.shape[0] // 20)), color="tab:blue", alpha=0.8)
     row[0].axvline(0.0, color="k", lw=0.8)
-    row[0].axvline(p["mean_diff"], color="tab:red", lw=1.5,
-                   label=f"mean {p['mean_diff']:+.3f} +- {p['stderr']:.3f}")
+    row[0].axvline(
+      p["mean_diff"],
+      color="tab:red",
+      lw=1.5,
+      label=f"mean {p['mean_diff']:+.3f} +- {p['stderr']:.3f}",
+    )
     row[0].set_xlabel(f"{name}({p['a']}) - {name}({p['b']}) per image")
     row[0].set_ylabel("images")
     row[0].legend(fontsize=8)
@@ -371,8 +425,9 @@ def plot(result: dict[str, Any], path: str) -> str:
     row[1].axhline(0.0, color="k", lw=0.8)
     row[1].set_xlabel("images, sorted by difference")
     row[1].set_ylabel("difference (nats)")
-    row[1].set_title(f"{p['a']} wins {100 * p['a_wins']:.1f}%  p {format_p(p['p_value'], 2)}",
-                     fontsize=9)
+    row[1].set_title(
+      f"{p['a']} wins {100 * p['a_wins']:.1f}%  p {format_p(p['p_value'], 2)}", fontsize=9
+    )
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=100)

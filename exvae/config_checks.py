@@ -59,9 +59,11 @@ def check_plugins(config) -> None:
     opts = plugins.options(config, f"{kind}_options")
     if not plugins.is_spec(name):
       if opts:
-        raise plugins.PluginError(f"{kind}_options {sorted(opts)} are for a plug-in {kind} "
-                                  f"(--config.{kind}=MODULE:ATTR); the built-in {kind} {name!r} "
-                                  f"takes its settings from its own config keys.")
+        raise plugins.PluginError(
+          f"{kind}_options {sorted(opts)} are for a plug-in {kind} "
+          f"(--config.{kind}=MODULE:ATTR); the built-in {kind} {name!r} "
+          f"takes its settings from its own config keys."
+        )
       continue
     if kind == "prior":
       cls = plugins.load(name, "prior")
@@ -89,32 +91,40 @@ def check_values(config) -> None:
   if config.eval.num_importance_samples < 1:
     raise ValueError("eval.num_importance_samples must be >= 1.")
   if config.pool_sharding not in distributed.POOL_SHARDING:
-    raise ValueError(f"pool_sharding must be one of {distributed.POOL_SHARDING}, "
-                     f"got {config.pool_sharding!r}.")
-  check_matmul_dtype(config)        # value, and whether the model implements it
+    raise ValueError(
+      f"pool_sharding must be one of {distributed.POOL_SHARDING}, got {config.pool_sharding!r}."
+    )
+  check_matmul_dtype(config)  # value, and whether the model implements it
   check_objective(config.objective, config.objective_samples, config.gradient_estimator)
   _check_cadences(config)
 
 
 def _check_cadences(config) -> None:
   """Cadences, ``keep_checkpoints``, a finite learning rate, non-negative lengths."""
+
   def at_least_one(key, value):
     if int(value) < 1:
       raise ConfigError(f"{key} must be >= 1, got {value}: set --config.{key}=<n> with n >= 1.")
 
-  for key in ("checkpoint_every_steps", "log_every_steps", "val_every_epochs",
-              "early_stopping_patience"):
+  for key in (
+    "checkpoint_every_steps",
+    "log_every_steps",
+    "val_every_epochs",
+    "early_stopping_patience",
+  ):
     at_least_one(key, config[key])
   at_least_one("eval.max_queries", config.eval.max_queries)
   if int(config.keep_checkpoints) < 1:
     raise ConfigError(
-        f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}: 0 would delete every "
-        "checkpoint of the workdir, including earlier ones. Set --config.keep_checkpoints=1 or more.")
+      f"keep_checkpoints must be >= 1, got {config.keep_checkpoints}: 0 would delete every "
+      "checkpoint of the workdir, including earlier ones. Set --config.keep_checkpoints=1 or more."
+    )
   if not math.isfinite(float(config.learning_rate)):
     raise ConfigError(f"learning_rate must be finite, got {config.learning_rate}.")
   if int(config.num_epochs) < 0 or int(config.max_steps) < 0:
-    raise ConfigError(f"num_epochs and max_steps must be >= 0, got {config.num_epochs} and "
-                      f"{config.max_steps}.")
+    raise ConfigError(
+      f"num_epochs and max_steps must be >= 0, got {config.num_epochs} and {config.max_steps}."
+    )
 
 
 def check_sizes(config, num_train: int) -> None:
@@ -126,8 +136,7 @@ def check_sizes(config, num_train: int) -> None:
       training set gives.
   """
   if config.batch_size > num_train:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the training set size "
-                     f"{num_train}.")
+    raise ValueError(f"batch_size {config.batch_size} exceeds the training set size {num_train}.")
   _check_exemplars(config, num_train)
 
 
@@ -146,9 +155,11 @@ def check_model_and_prior(config, num_train: int, model, prior) -> None:
     PluginError: a plug-in prior's shapes are wrong (one traced call).
   """
   if config.gradient_estimator == "dreg" and not _accepts_keyword(model.score, "path_weight"):
-    raise ValueError(f"gradient_estimator='dreg' needs the model's score(..., path_weight=...) "
-                     f"(docs/objectives.md); model {config.model!r} does not take it.")
-  if plugins.is_spec(config.prior):    # one traced call: shapes checked before any step
+    raise ValueError(
+      f"gradient_estimator='dreg' needs the model's score(..., path_weight=...) "
+      f"(docs/objectives.md); model {config.model!r} does not take it."
+    )
+  if plugins.is_spec(config.prior):  # one traced call: shapes checked before any step
     prior_checks.check_prior_shapes(prior, model, num_train, config.prior)
 
 
@@ -159,13 +170,15 @@ def _check_exemplars(config, num_train: int) -> None:
   m = int(config.exemplar.num_exemplars)
   if m > num_train:
     raise ConfigError(
-        f"exemplar.num_exemplars={m} exceeds the {num_train} training images: set "
-        f"--config.exemplar.num_exemplars={num_train} or 0 (all of them).")
+      f"exemplar.num_exemplars={m} exceeds the {num_train} training images: set "
+      f"--config.exemplar.num_exemplars={num_train} or 0 (all of them)."
+    )
   candidates = num_train if m <= 0 else m
   if bool(config.exemplar.rat) and int(config.exemplar.rat_k) > candidates:
     raise ConfigError(
-        f"exemplar.rat_k={config.exemplar.rat_k} exceeds the {candidates} exemplar candidates "
-        f"per step: set --config.exemplar.rat_k to at most {candidates}.")
+      f"exemplar.rat_k={config.exemplar.rat_k} exceeds the {candidates} exemplar candidates "
+      f"per step: set --config.exemplar.rat_k to at most {candidates}."
+    )
 
 
 def _accepts_keyword(fn, name: str) -> bool:

@@ -29,8 +29,11 @@ def shipped_configs() -> list[str]:
   """The names of the shipped configs (``configs/<name>.py``)."""
   names = set()
   for d in config_dirs():
-    names.update(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(d, "*.py"))
-                 if not os.path.basename(f).startswith("_"))
+    names.update(
+      os.path.basename(f)[:-3]
+      for f in glob.glob(os.path.join(d, "*.py"))
+      if not os.path.basename(f).startswith("_")
+    )
   return sorted(names)
 
 
@@ -56,8 +59,10 @@ def resolve(value: str) -> str:
     path = os.path.join(d, name + ".py")
     if os.path.isfile(path):
       return path + sep + rest
-  raise ValueError(f"--config={value}: no such file and no shipped config of that name; "
-                   f"known names: {', '.join(shipped_configs())}.")
+  raise ValueError(
+    f"--config={value}: no such file and no shipped config of that name; "
+    f"known names: {', '.join(shipped_configs())}."
+  )
 
 
 def get_config(name_or_path: str):
@@ -82,6 +87,7 @@ class ConfigNameError(ValueError):
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
   import difflib
+
   close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.7)
   return f" Did you mean {' or '.join(close)}?" if close else ""
 
@@ -105,6 +111,7 @@ def from_json(path: str):
   import json
 
   from exvae import config_base
+
   try:
     with open(path) as f:
       stored = json.load(f)
@@ -158,23 +165,29 @@ def load(value: str):
   except ValueError:
     name = base[:-3] if base.endswith(".py") else base
     hint = _did_you_mean(name, shipped_configs()) if _NAME.match(base) else ""
-    raise ConfigNameError(f"--config={value}: no such file and no shipped config of that name."
-                          f"{hint or ' Run `exvae configs` for the names.'}") from None
+    raise ConfigNameError(
+      f"--config={value}: no such file and no shipped config of that name."
+      f"{hint or ' Run `exvae configs` for the names.'}"
+    ) from None
   path, _, arg = resolved.partition(":")
   if os.path.isdir(path):
-    raise ConfigNameError(f"--config={value} is a directory; give a config name, a .py file "
-                          f"or a run's config.json (--config={os.path.join(path, 'config.json')}).")
+    raise ConfigNameError(
+      f"--config={value} is a directory; give a config name, a .py file "
+      f"or a run's config.json (--config={os.path.join(path, 'config.json')})."
+    )
   if not os.path.isfile(path):
     raise ConfigNameError(f"--config={value}: no such file.")
   spec = importlib.util.spec_from_file_location(
-      "exvae_config_" + os.path.basename(path).split(".")[0], path)
+    "exvae_config_" + os.path.basename(path).split(".")[0], path
+  )
   if spec is None or spec.loader is None:
     raise ConfigNameError(f"--config={value}: not a Python (.py) or JSON (.json) config file.")
   mod = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(mod)
-  except SyntaxError as e:                # the file's own mistake, in one line
+  except SyntaxError as e:  # the file's own mistake, in one line
     from exvae import errors
+
     raise errors.source_syntax_error(e, f"--config={value}") from None
   if not hasattr(mod, "get_config"):
     raise ConfigNameError(f"--config={value}: {path} defines no get_config().")
@@ -220,9 +233,11 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     if "," not in text and text.strip()[:1] not in "([":
       # One value for a tuple (--config.hidden=300) would silently make it one entry long.
       example = ",".join([text.strip()] * max(len(current), 2))
-      raise ConfigNameError(f"--config.{key}={text}: {key} is a tuple (now {tuple(current)!r}); "
-                            f"give every entry, e.g. --config.{key}={example} (one entry: "
-                            f"--config.{key}={text.strip()},).")
+      raise ConfigNameError(
+        f"--config.{key}={text}: {key} is a tuple (now {tuple(current)!r}); "
+        f"give every entry, e.g. --config.{key}={example} (one entry: "
+        f"--config.{key}={text.strip()},)."
+      )
     t = text.strip()
     v = literal(t if t[:1] in "([" else f"({t})" if t.endswith(",") else f"({t},)")
     if not isinstance(v, (tuple, list)):
@@ -265,6 +280,7 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
       if p not in node or not hasattr(node[p], "items"):
         if parts[0] in FREE_GROUPS and i > 0 and p not in node:
           import ml_collections
+
           with node.unlocked():
             node[p] = ml_collections.ConfigDict()
         else:
@@ -280,8 +296,10 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
       continue
     current = node[leaf]
     if hasattr(current, "items"):
-      raise ConfigNameError(f"--config.{key} is a group of keys ({', '.join(current.keys())}); "
-                            f"set one of them, e.g. --config.{key}.KEY=VALUE.")
+      raise ConfigNameError(
+        f"--config.{key} is a group of keys ({', '.join(current.keys())}); "
+        f"set one of them, e.g. --config.{key}.KEY=VALUE."
+      )
     value = _parse_value(key, text, current)
     if free or current is None:
       with node.ignore_type():
@@ -296,4 +314,6 @@ def apply_overrides(config, overrides: Sequence[tuple[str, str]]):
 
 def _unknown(config, key: str) -> ConfigNameError:
   hint = _did_you_mean(key, _keys(config))
-  return ConfigNameError(f"--config.{key}: the config has no key {key!r}.{hint or ' `--help` lists the keys.'}")
+  return ConfigNameError(
+    f"--config.{key}: the config has no key {key!r}.{hint or ' `--help` lists the keys.'}"
+  )

@@ -97,8 +97,9 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
   if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   else:
     jax.distributed.initialize()
 
@@ -124,7 +125,7 @@ def pool_is_sharded(pool_sharding: str, mesh: Mesh | None) -> bool:
   if pool_sharding not in POOL_SHARDING:
     raise ValueError(f"pool_sharding must be one of {POOL_SHARDING}, got {pool_sharding!r}.")
   if mesh is None:
-    return False                 # one device: nothing to split
+    return False  # one device: nothing to split
   if pool_sharding == "auto":
     return jax.process_count() > 1
   return pool_sharding == "sharded"
@@ -173,10 +174,12 @@ def place_pool(rows, n: int, mesh: Mesh | None, sharded: bool, start: int = 0) -
     out = np.zeros((hi - lo,) + shape[1:], rows.dtype)
     a, b = max(lo, start), min(hi, n, start + rows.shape[0])
     if b > a:
-      out[a - lo:b - lo] = rows[a - start:b - start]
+      out[a - lo : b - lo] = rows[a - start : b - start]
     elif lo < n:
-      raise ValueError(f"place_pool: rows [{lo}, {min(hi, n)}) of the pool are needed on this "
-                       f"host but only [{start}, {start + rows.shape[0]}) were given.")
+      raise ValueError(
+        f"place_pool: rows [{lo}, {min(hi, n)}) of the pool are needed on this "
+        f"host but only [{start}, {start + rows.shape[0]}) were given."
+      )
     return out
 
   # Only the shards of this process's devices are built (and read from `rows`).
@@ -233,10 +236,12 @@ def map_pool_shards(fn, params, pool: jax.Array, n: int, sharded: bool) -> jax.A
   n_local = pool.shape[0] // mesh.shape[DATA_AXIS]
 
   def local(params, pool_l):
-    ids = lax.axis_index(DATA_AXIS).astype(jnp.int32) * n_local + jnp.arange(n_local,
-                                                                             dtype=jnp.int32)
+    ids = lax.axis_index(DATA_AXIS).astype(jnp.int32) * n_local + jnp.arange(
+      n_local, dtype=jnp.int32
+    )
     return fn(params, pool_l, ids)
 
   out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))(
-      params, pool)
+    params, pool
+  )
   return out[:n]

@@ -104,8 +104,10 @@ def source_syntax_error(e: SyntaxError, what: str) -> SourceSyntaxError:
     what: what was being loaded, e.g. ``"--config=my.py"`` or ``"prior plug-in 'x.py:P'"``.
   """
   text = " ".join((e.text or "").split())
-  return SourceSyntaxError(f"{what}: {type(e).__name__} in {e.filename}, line {e.lineno}: "
-                           f"{e.msg}" + (f": {text}" if text else ""))
+  return SourceSyntaxError(
+    f"{what}: {type(e).__name__} in {e.filename}, line {e.lineno}: "
+    f"{e.msg}" + (f": {text}" if text else "")
+  )
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -153,11 +155,15 @@ def as_write_error(e: BaseException, what: str) -> BaseException:
   if isinstance(e, RunDirError):
     return e
   if is_disk_full(e):
-    return DiskFullError(f"Disk full while writing {what}. Free some space and run the same "
-                         "command again.")
+    return DiskFullError(
+      f"Disk full while writing {what}. Free some space and run the same command again."
+    )
   if is_read_only(e):
-    detail = next((x.strerror for x in _chain(e) if isinstance(x, OSError) and x.strerror),
-                  "read-only")
-    return ReadOnlyError(f"Cannot write {what}: {detail}. Make it writable, or write "
-                         "elsewhere (another --workdir or --config.eval.out_dir).")
+    detail = next(
+      (x.strerror for x in _chain(e) if isinstance(x, OSError) and x.strerror), "read-only"
+    )
+    return ReadOnlyError(
+      f"Cannot write {what}: {detail}. Make it writable, or write "
+      "elsewhere (another --workdir or --config.eval.out_dir)."
+    )
   return e

@@ -22,8 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import (atomic, config_checks, data, distributed, errors, evaluation, per_example,
-                   pictures, rundir, train_lib)
+from exvae import (
+  atomic,
+  config_checks,
+  data,
+  distributed,
+  errors,
+  evaluation,
+  per_example,
+  pictures,
+  rundir,
+  train_lib,
+)
 from exvae import bank as bank_lib
 
 
@@ -50,8 +60,10 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     if main:
       signal.signal(signal.SIGTERM, prev)
   if stop:
-    raise errors.Interrupted(f"SIGTERM after the last batch: the evaluation is complete and "
-                             f"its outputs are written ({metrics['per_example']}).")
+    raise errors.Interrupted(
+      f"SIGTERM after the last batch: the evaluation is complete and "
+      f"its outputs are written ({metrics['per_example']})."
+    )
   return metrics
 
 
@@ -82,7 +94,7 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   config_checks.check_values(config)
   rundir.check_reader_config(workdir, config, rundir.EVAL_HINTS)
   splits = train_lib.load_data(config)
-  rundir.check_reader_data(workdir, splits.identity)   # a user's data set: the same arrays
+  rundir.check_reader_data(workdir, splits.identity)  # a user's data set: the same arrays
   pool, pool_sharded = train_lib.make_pool(config, splits, mesh)
   setup = train_lib.make_setup(config, splits, pool_sharded)
   params, meta, use_best, step = _restore(config, workdir, setup, mesh, is_published)
@@ -95,8 +107,11 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   # One process only: reading the parameters for their digest needs them all addressable,
   # and every process must agree on whether the outputs are reused.
   identity = _identity(config, params, test_x) if jax.process_count() == 1 else None
-  identity_sha256 = None if identity is None else hashlib.sha256(
-      atomic.dumps(identity, sort_keys=True).encode()).hexdigest()
+  identity_sha256 = (
+    None
+    if identity is None
+    else hashlib.sha256(atomic.dumps(identity, sort_keys=True).encode()).hexdigest()
+  )
   if identity is not None and bool(config.eval.get("reuse", True)):
     done = _finished(out_dir, identity_sha256)
     # Outputs of a run then in progress are kept only while it still is (they say so).
@@ -106,16 +121,20 @@ def _evaluate(config, workdir: str, mesh, stop=None) -> dict[str, Any]:
   # process; removed once the outputs are written.
   partial = os.path.join(out_dir, PARTIAL) if identity is not None else None
   ctx, res, times = _score(config, params, setup, pool, test_x, partial, identity, stop)
-  checkpoint = {"checkpoint_step": step, "params": "best" if use_best else "last",
-                "best_epoch": int(meta["best_epoch"]),
-                "best_val_loss": meta.get("best_val"),
-                # Training still held the run's writer lock: an interim checkpoint's scores.
-                "run_in_progress": in_progress is not None,
-                **({"epochs_validated": in_progress} if in_progress is not None else {})}
+  checkpoint = {
+    "checkpoint_step": step,
+    "params": "best" if use_best else "last",
+    "best_epoch": int(meta["best_epoch"]),
+    "best_val_loss": meta.get("best_val"),
+    # Training still held the run's writer lock: an interim checkpoint's scores.
+    "run_in_progress": in_progress is not None,
+    **({"epochs_validated": in_progress} if in_progress is not None else {}),
+  }
   metrics = _metrics(config, splits, setup, params, res, times, checkpoint, identity_sha256)
   _check_finite(metrics, step, workdir)
-  samples, recons = evaluation.picture_batch(params, ctx, jnp.asarray(test_x[:32]),
-                                             jax.random.PRNGKey(1), setup=setup, num_samples=64)
+  samples, recons = evaluation.picture_batch(
+    params, ctx, jnp.asarray(test_x[:32]), jax.random.PRNGKey(1), setup=setup, num_samples=64
+  )
   metrics["samples_png"] = os.path.join(out_dir, "eval_samples.png")
   metrics["num_devices"] = 1 if mesh is None else int(mesh.size)
   metrics["per_example"] = os.path.join(out_dir, per_example.FILENAME)
@@ -134,16 +153,18 @@ def _restore(config, workdir: str, setup, mesh, is_published: bool) -> tuple[Any
     1-based, 0: none validated), whether ``params`` are the best-on-validation ones,
     and the checkpoint's step (-1 when a published model does not record it).
   """
-  r = bank_lib.restore_params(config, workdir, setup, is_published=is_published,
-                              need_last=not is_published)
+  r = bank_lib.restore_params(
+    config, workdir, setup, is_published=is_published, need_last=not is_published
+  )
   # Best-on-validation parameters, unless no epoch was validated yet (a run
   # stopped by max_steps inside its first epoch): then the last ones.
   use_best = is_published or (bool(config.eval.use_best) and int(r.meta["best_epoch"]) >= 1)
   return distributed.replicate(r.best if use_best else r.last, mesh), r.meta, use_best, r.step
 
 
-def _score(config, params, setup, pool, test_x: np.ndarray, partial: str | None,
-           identity: dict | None, stop) -> tuple[Any, dict[str, np.ndarray], tuple]:
+def _score(
+  config, params, setup, pool, test_x: np.ndarray, partial: str | None, identity: dict | None, stop
+) -> tuple[Any, dict[str, np.ndarray], tuple]:
   """Builds the evaluation context and scores ``test_x`` (:func:`evaluation.evaluate_split`).
 
   Returns:
@@ -151,21 +172,39 @@ def _score(config, params, setup, pool, test_x: np.ndarray, partial: str | None,
   """
   s = int(config.eval.num_importance_samples)
   t0 = time.time()
-  ctx = evaluation.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                                setup=setup)
+  ctx = evaluation.eval_context(
+    params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup
+  )
   jax.block_until_ready(ctx)
   t_bank = time.time() - t0
   t0 = time.time()
   res = evaluation.evaluate_split(
-      params, setup, ctx, test_x, jax.random.PRNGKey(config.eval.seed), num_samples=s,
-      max_queries=int(config.eval.max_queries), progress=bool(config.progress),
-      desc=f"test NLL (S={s})", partial_path=partial, partial_identity=identity, stop=stop)
+    params,
+    setup,
+    ctx,
+    test_x,
+    jax.random.PRNGKey(config.eval.seed),
+    num_samples=s,
+    max_queries=int(config.eval.max_queries),
+    progress=bool(config.progress),
+    desc=f"test NLL (S={s})",
+    partial_path=partial,
+    partial_identity=identity,
+    stop=stop,
+  )
   return ctx, res, (t_bank, time.time() - t0)
 
 
-def _metrics(config, splits: data.Splits, setup, params, res: dict[str, np.ndarray],
-             times: tuple[float, float], checkpoint: dict[str, Any],
-             identity_sha256: str | None) -> dict[str, Any]:
+def _metrics(
+  config,
+  splits: data.Splits,
+  setup,
+  params,
+  res: dict[str, np.ndarray],
+  times: tuple[float, float],
+  checkpoint: dict[str, Any],
+  identity_sha256: str | None,
+) -> dict[str, Any]:
   """The record of ``eval_metrics.json``: the scores' means and what they come from.
 
   Args:
@@ -187,30 +226,30 @@ def _metrics(config, splits: data.Splits, setup, params, res: dict[str, np.ndarr
   m = res["log_px_iwae"].shape[0]
   s = int(config.eval.num_importance_samples)
   metrics = {
-      "test_nll": float(-res["log_px_iwae"].mean()),
-      "test_nll_stderr": float(res["log_px_iwae"].std(ddof=1) / np.sqrt(m)) if m > 1 else None,
-      # Certified pruning: the exact-prior NLL estimate lies in
-      # [test_nll - test_nll_certified_gap, test_nll] (0 when exact).
-      "test_nll_certified_gap": float(res["max_err"].mean()),
-      "prune_keep": int(config.eval.prune_keep),
-      "test_elbo": float(-res["elbo"].mean()),  # reported as a positive loss (nats), like NLL
-      "test_recon": float(res["recon"].mean()),
-      "test_kl": float(res["kl"].mean()),
-      "num_importance_samples": s,
-      "num_test_examples": int(m),
-      "num_exemplars_in_bank": int(splits.train_x.shape[0]) if setup.prior.needs_pool else 0,
-      "dataset": splits.name,
-      "data_source": splits.source,
-      # A user's data set: its path (or plug-in) and the SHA-256 of its arrays.
-      **({"data_identity": splits.identity} if splits.identity is not None else {}),
-      "eval_binarize": str(config.get("eval_binarize", "exvae")),   # whose fixed test draw
-      "prior": config.prior,
-      **checkpoint,
-      "bank_seconds": t_bank,
-      "eval_seconds": t_eval,
-      "test_points_per_second": m / max(t_eval, 1e-9),
-      "backend": jax.default_backend(),
-      "identity_sha256": identity_sha256,
+    "test_nll": float(-res["log_px_iwae"].mean()),
+    "test_nll_stderr": float(res["log_px_iwae"].std(ddof=1) / np.sqrt(m)) if m > 1 else None,
+    # Certified pruning: the exact-prior NLL estimate lies in
+    # [test_nll - test_nll_certified_gap, test_nll] (0 when exact).
+    "test_nll_certified_gap": float(res["max_err"].mean()),
+    "prune_keep": int(config.eval.prune_keep),
+    "test_elbo": float(-res["elbo"].mean()),  # reported as a positive loss (nats), like NLL
+    "test_recon": float(res["recon"].mean()),
+    "test_kl": float(res["kl"].mean()),
+    "num_importance_samples": s,
+    "num_test_examples": int(m),
+    "num_exemplars_in_bank": int(splits.train_x.shape[0]) if setup.prior.needs_pool else 0,
+    "dataset": splits.name,
+    "data_source": splits.source,
+    # A user's data set: its path (or plug-in) and the SHA-256 of its arrays.
+    **({"data_identity": splits.identity} if splits.identity is not None else {}),
+    "eval_binarize": str(config.get("eval_binarize", "exvae")),  # whose fixed test draw
+    "prior": config.prior,
+    **checkpoint,
+    "bank_seconds": t_bank,
+    "eval_seconds": t_eval,
+    "test_points_per_second": m / max(t_eval, 1e-9),
+    "backend": jax.default_backend(),
+    "identity_sha256": identity_sha256,
   }
   for k, v in setup.prior.describe(params["prior"]).items():
     metrics[k] = float(v)
@@ -219,13 +258,15 @@ def _metrics(config, splits: data.Splits, setup, params, res: dict[str, np.ndarr
 
 def _check_finite(metrics: dict[str, Any], step: int, workdir: str) -> None:
   """Raises errors.NonFiniteMetricsError if a mean is not finite (nothing is written then)."""
-  bad = [k for k in ("test_nll", "test_elbo", "test_recon", "test_kl")
-         if not np.isfinite(metrics[k])]
+  bad = [
+    k for k in ("test_nll", "test_elbo", "test_recon", "test_kl") if not np.isfinite(metrics[k])
+  ]
   if bad:
     raise errors.NonFiniteMetricsError(
-        f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
-        f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
-        "(e.g. with a lower learning_rate).")
+      f"{', '.join(f'{k}={metrics[k]}' for k in bad)} for checkpoint step {step} of "
+      f"{workdir}: its parameters diverged; eval_metrics.json was not written. Retrain "
+      "(e.g. with a lower learning_rate)."
+    )
 
 
 def _in_progress(workdir: str, meta: dict, use_best: bool, step: int) -> int | None:
@@ -237,12 +278,18 @@ def _in_progress(workdir: str, meta: dict, use_best: bool, step: int) -> int | N
   if writer is None:
     return None
   done = int(meta.get("epochs_validated", 0))
-  which = (f"the best epoch {int(meta['best_epoch'])}" if use_best
-           else f"the last parameters (step {step})")
+  which = (
+    f"the best epoch {int(meta['best_epoch'])}"
+    if use_best
+    else f"the last parameters (step {step})"
+  )
   who = f" (pid {writer['pid']})" if writer.get("pid") else ""
   if distributed.is_primary():
-    print(f"{workdir}: scoring {which} of a run in progress{who}, {done} epochs validated so "
-          "far; evaluate again when it has finished.", flush=True)
+    print(
+      f"{workdir}: scoring {which} of a run in progress{who}, {done} epochs validated so "
+      "far; evaluate again when it has finished.",
+      flush=True,
+    )
   return done
 
 
@@ -261,13 +308,15 @@ def lock_out_dir(out_dir: str) -> int | None:
     errors.WorkdirLockedError: another evaluation writes ``out_dir`` now.
     errors.ReadOnlyError, errors.DiskFullError: ``out_dir`` cannot be created.
   """
-  state, fd = rundir.take_flock(out_dir, out_dir, os.O_RDONLY,
-                                f"the evaluation outputs in {out_dir}")
+  state, fd = rundir.take_flock(
+    out_dir, out_dir, os.O_RDONLY, f"the evaluation outputs in {out_dir}"
+  )
   if state == "held":
     os.close(fd)
     raise errors.WorkdirLockedError(
-        f"{out_dir} is being written by another evaluation: wait for it to finish, or give "
-        "this one another --config.eval.out_dir.") from None
+      f"{out_dir} is being written by another evaluation: wait for it to finish, or give "
+      "this one another --config.eval.out_dir."
+    ) from None
   return fd
 
 
@@ -280,9 +329,11 @@ def _identity(config, params, test_x: np.ndarray) -> dict[str, Any]:
   cfg.pop("progress", None)
   for key in ("out_dir", "reuse"):
     cfg.get("eval", {}).pop(key, None)
-  return {"params": bank_lib.params_fingerprint(jax.device_get(params)),
-          "images": per_example.images_digest(test_x),
-          "config": json.loads(atomic.dumps(atomic.finite_or_none(cfg), sort_keys=True))}
+  return {
+    "params": bank_lib.params_fingerprint(jax.device_get(params)),
+    "images": per_example.images_digest(test_x),
+    "config": json.loads(atomic.dumps(atomic.finite_or_none(cfg), sort_keys=True)),
+  }
 
 
 def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
@@ -303,29 +354,39 @@ def _finished(out_dir: str, identity_sha256: str) -> dict[str, Any] | None:
   except (OSError, ValueError, AttributeError) as e:
     recorded = e
   if recorded != identity_sha256:
-    print(f"{path}: not this evaluation (other parameters, test images or settings, or "
-          "unreadable); evaluating again (its outputs will be replaced)", flush=True)
+    print(
+      f"{path}: not this evaluation (other parameters, test images or settings, or "
+      "unreadable); evaluating again (its outputs will be replaced)",
+      flush=True,
+    )
     return None
   try:
-    metrics = check_outputs(out_dir)      # its own digest, its files', the means of the scores
+    metrics = check_outputs(out_dir)  # its own digest, its files', the means of the scores
   except atomic.NPZ_READ_ERRORS as e:
     print(f"{path}: the outputs there do not check ({e}); evaluating again", flush=True)
     return None
-  print(f"{path}: this evaluation is already done (same parameters, test images and "
-        "settings); its outputs are kept. --config.eval.reuse=False evaluates again.",
-        flush=True)
+  print(
+    f"{path}: this evaluation is already done (same parameters, test images and "
+    "settings); its outputs are kept. --config.eval.reuse=False evaluates again.",
+    flush=True,
+  )
   # The record was written where the evaluation ran; the outputs are here now (a moved or
   # copied folder), and nothing in out_dir is rewritten to say so.
-  return {**metrics, "samples_png": os.path.join(out_dir, "eval_samples.png"),
-          "per_example": os.path.join(out_dir, per_example.FILENAME), "reused": True}
+  return {
+    **metrics,
+    "samples_png": os.path.join(out_dir, "eval_samples.png"),
+    "per_example": os.path.join(out_dir, per_example.FILENAME),
+    "reused": True,
+  }
 
 
 OUTPUTS = ("eval_samples.png", per_example.FILENAME, "eval_metrics.json")
-PARTIAL = "eval_partial.npz"    # the scores of a stopped evaluation, until it finishes
+PARTIAL = "eval_partial.npz"  # the scores of a stopped evaluation, until it finishes
 
 
-def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, config,
-                   samples, recons) -> None:
+def _write_outputs(
+  out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, config, samples, recons
+) -> None:
   """Writes the picture, the per-example scores and the metrics as one unit.
 
   All three go to temporary files in ``out_dir`` first and are renamed in the
@@ -342,7 +403,8 @@ def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, c
       raise
     raise typed from e
   images, ncols = pictures.samples_and_reconstructions(
-      np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons))
+    np.asarray(samples), np.asarray(test_x[:32]), np.asarray(recons)
+  )
   img = pictures.grid_image(images, ncols)
   arrays = per_example.arrays(*_per_example_parts(res, test_x, config, metrics))
   png, npz, js = (os.path.join(out_dir, name) for name in OUTPUTS)
@@ -354,9 +416,13 @@ def _write_outputs(out_dir: str, metrics: dict, res: dict, test_x: np.ndarray, c
     text = atomic.dumps(record, indent=2) + "\n"
     return lambda f: f.write(text.encode())
 
-  atomic.commit([(png, lambda _: lambda f: img.save(f, format="PNG")),
-                 (npz, lambda _: lambda f: np.savez(f, **arrays)),
-                 (js, metrics_writer)])
+  atomic.commit(
+    [
+      (png, lambda _: lambda f: img.save(f, format="PNG")),
+      (npz, lambda _: lambda f: np.savez(f, **arrays)),
+      (js, metrics_writer),
+    ]
+  )
 
 
 def check_outputs(out_dir: str) -> dict[str, Any]:
@@ -387,8 +453,12 @@ def check_outputs(out_dir: str) -> dict[str, Any]:
 
 
 # (key in eval_metrics.json, score in per_example.npz, sign): the means that must agree.
-_MEANS = (("test_nll", "log_px", -1.0), ("test_elbo", "elbo", -1.0),
-          ("test_recon", "recon", 1.0), ("test_kl", "kl", 1.0))
+_MEANS = (
+  ("test_nll", "log_px", -1.0),
+  ("test_elbo", "elbo", -1.0),
+  ("test_recon", "recon", 1.0),
+  ("test_kl", "kl", 1.0),
+)
 
 
 def _check_means(metrics: dict, npz: str, path: str) -> None:
@@ -415,13 +485,22 @@ def _check_means(metrics: dict, npz: str, path: str) -> None:
 def _per_example_parts(res: dict, test_x: np.ndarray, config, metrics: dict):
   """``(scores, identity, provenance)`` of the per-example archive (:mod:`exvae.per_example`)."""
   return (
-      {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"], "kl": res["kl"]},
-      {"dataset": metrics["dataset"], "split": "test",
-       "eval_binarize_seed": int(config.eval_binarize_seed), "count": int(test_x.shape[0]),
-       "images_sha256": per_example.images_digest(test_x)},
-      {"num_importance_samples": metrics["num_importance_samples"],
-       "eval_seed": int(config.eval.seed), "prior": str(config.prior), "model": str(config.model),
-       "eval_binarize": metrics["eval_binarize"],
-       **({"data_sha256": metrics["data_identity"]["sha256"]} if "data_identity" in metrics
-          else {}),
-       "checkpoint_step": metrics["checkpoint_step"], "params": metrics["params"]})
+    {"log_px": res["log_px_iwae"], "elbo": res["elbo"], "recon": res["recon"], "kl": res["kl"]},
+    {
+      "dataset": metrics["dataset"],
+      "split": "test",
+      "eval_binarize_seed": int(config.eval_binarize_seed),
+      "count": int(test_x.shape[0]),
+      "images_sha256": per_example.images_digest(test_x),
+    },
+    {
+      "num_importance_samples": metrics["num_importance_samples"],
+      "eval_seed": int(config.eval.seed),
+      "prior": str(config.prior),
+      "model": str(config.model),
+      "eval_binarize": metrics["eval_binarize"],
+      **({"data_sha256": metrics["data_identity"]["sha256"]} if "data_identity" in metrics else {}),
+      "checkpoint_step": metrics["checkpoint_step"],
+      "params": metrics["params"],
+    },
+  )

@@ -32,7 +32,7 @@ from exvae.objectives import Setup, log_importance_weights
 
 PyTree = Any
 
-SPLIT_SCORES = ("log_px_iwae", "elbo", "recon", "kl", "max_err")   # what evaluate_split returns
+SPLIT_SCORES = ("log_px_iwae", "elbo", "recon", "kl", "max_err")  # what evaluate_split returns
 
 
 # ----------------------------------------------------------------------------
@@ -56,14 +56,16 @@ def eval_context(params: PyTree, pool: jax.Array, key: jax.Array, *, setup: Setu
     ``full_bank=True``; None for a prior that needs none).
   """
   inputs = setup.context_inputs(pool, key)
-  ctx, _ = setup.prior.context(params["prior"], {}, setup.model, params["model"], inputs,
-                               train=False)
+  ctx, _ = setup.prior.context(
+    params["prior"], {}, setup.model, params["model"], inputs, train=False
+  )
   return jax.lax.stop_gradient(ctx)
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
-def eval_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup,
-               num_samples: int) -> dict[str, jax.Array]:
+def eval_batch(
+  params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup, num_samples: int
+) -> dict[str, jax.Array]:
   """Per-example sums over ``num_samples`` importance samples (to be merged across chunks).
 
   Args:
@@ -80,15 +82,21 @@ def eval_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, set
     largest certified error of a pruned prior evaluation; 0 when exact).
   """
   log_w, log_px, log_pz, log_qz, err = log_importance_weights(
-      params, setup, ctx, x, key, num_samples, with_error=True)
-  return {"lse_w": jax.nn.logsumexp(log_w, axis=1), "sum_w": log_w.sum(1),
-          "sum_px": log_px.sum(1), "sum_kl": (log_qz - log_pz).sum(1),
-          "max_err": err.max(1)}
+    params, setup, ctx, x, key, num_samples, with_error=True
+  )
+  return {
+    "lse_w": jax.nn.logsumexp(log_w, axis=1),
+    "sum_w": log_w.sum(1),
+    "sum_px": log_px.sum(1),
+    "sum_kl": (log_qz - log_pz).sum(1),
+    "max_err": err.max(1),
+  }
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "num_samples"))
-def picture_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup,
-                  num_samples: int) -> tuple[jax.Array, jax.Array]:
+def picture_batch(
+  params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, setup: Setup, num_samples: int
+) -> tuple[jax.Array, jax.Array]:
   """Prior samples and reconstructions of ``x``, as mean images.
 
   Args:
@@ -114,8 +122,15 @@ def picture_batch(params: PyTree, ctx: PyTree, x: jax.Array, key: jax.Array, *, 
 # ----------------------------------------------------------------------------
 
 
-def _score_batch(params: PyTree, setup: Setup, ctx: PyTree, xb: jax.Array, key: jax.Array,
-                 num_samples: int, chunk: int) -> dict[str, np.ndarray]:
+def _score_batch(
+  params: PyTree,
+  setup: Setup,
+  ctx: PyTree,
+  xb: jax.Array,
+  key: jax.Array,
+  num_samples: int,
+  chunk: int,
+) -> dict[str, np.ndarray]:
   """The scores of one (padded) batch: ``num_samples`` samples in chunks of ``chunk``.
 
   Chunk ``c`` uses ``fold_in(key, c)``; the chunks' sums are merged on the host
@@ -129,14 +144,19 @@ def _score_batch(params: PyTree, setup: Setup, ctx: PyTree, xb: jax.Array, key: 
   for c in range(math.ceil(num_samples / chunk)):
     s = min(chunk, remaining)
     remaining -= s
-    r = jax.device_get(eval_batch(params, ctx, xb, jax.random.fold_in(key, c), setup=setup,
-                                  num_samples=s))
+    r = jax.device_get(
+      eval_batch(params, ctx, xb, jax.random.fold_in(key, c), setup=setup, num_samples=s)
+    )
     lse = r["lse_w"].astype(np.float64) if lse is None else np.logaddexp(lse, r["lse_w"])
     sw, spx, skl = sw + r["sum_w"], spx + r["sum_px"], skl + r["sum_kl"]
     mx = np.maximum(mx, r["max_err"])
-  return {"log_px_iwae": lse - math.log(num_samples), "elbo": np.asarray(sw) / num_samples,
-          "recon": -np.asarray(spx) / num_samples, "kl": np.asarray(skl) / num_samples,
-          "max_err": np.asarray(mx)}
+  return {
+    "log_px_iwae": lse - math.log(num_samples),
+    "elbo": np.asarray(sw) / num_samples,
+    "recon": -np.asarray(spx) / num_samples,
+    "kl": np.asarray(skl) / num_samples,
+    "max_err": np.asarray(mx),
+  }
 
 
 def _padded(xs: np.ndarray, lo: int, hi: int, batch: int) -> jax.Array:
@@ -153,8 +173,10 @@ class _Reporters:
     self.items = []
     if progress_lib.enabled(progress):
       from tqdm.auto import tqdm
-      self.items.append(tqdm(total=total, initial=initial, desc=desc, unit="ex",
-                             dynamic_ncols=True))
+
+      self.items.append(
+        tqdm(total=total, initial=initial, desc=desc, unit="ex", dynamic_ncols=True)
+      )
     elif progress_lib.lines_enabled(progress):
       self.items.append(progress_lib.LineReporter(total, desc, initial=initial))
 
@@ -167,12 +189,21 @@ class _Reporters:
       p.close()
 
 
-def evaluate_split(params: PyTree, setup: Setup, ctx: PyTree, xs: np.ndarray, key: jax.Array,
-                   num_samples: int, max_queries: int = 5000,
-                   progress: bool = False, desc: str = "eval",
-                   partial_path: str | None = None, partial_identity: dict | None = None,
-                   save_every_s: float = 60.0,
-                   stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+def evaluate_split(
+  params: PyTree,
+  setup: Setup,
+  ctx: PyTree,
+  xs: np.ndarray,
+  key: jax.Array,
+  num_samples: int,
+  max_queries: int = 5000,
+  progress: bool = False,
+  desc: str = "eval",
+  partial_path: str | None = None,
+  partial_identity: dict | None = None,
+  save_every_s: float = 60.0,
+  stop: Callable[[], bool] | None = None,
+) -> dict[str, np.ndarray]:
   """IWAE bound and ELBO terms for every example of ``xs``.
 
   Each example gets ``num_samples`` importance samples drawn in chunks; one
@@ -216,20 +247,31 @@ def evaluate_split(params: PyTree, setup: Setup, ctx: PyTree, xs: np.ndarray, ke
   out = {k: np.zeros(m, np.float64) for k in SPLIT_SCORES}
   identity, start = None, 0
   if partial_path is not None:
-    identity = atomic.dumps({"given": partial_identity, "m": int(m), "batch": int(batch),
-                             "chunk": int(chunk), "num_samples": int(num_samples),
-                             "key": np.asarray(jax.random.key_data(key)).tolist()},
-                            sort_keys=True)
+    identity = atomic.dumps(
+      {
+        "given": partial_identity,
+        "m": int(m),
+        "batch": int(batch),
+        "chunk": int(chunk),
+        "num_samples": int(num_samples),
+        "key": np.asarray(jax.random.key_data(key)).tolist(),
+      },
+      sort_keys=True,
+    )
     start = _read_partial(partial_path, identity, out, n_batches)
     if start:
-      print(f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
-            f"(scores saved in {partial_path})", flush=True)
+      print(
+        f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
+        f"(scores saved in {partial_path})",
+        flush=True,
+      )
   reporters = _Reporters(progress, m, desc, initial=min(start * batch, m))
   last_save = time.time()
   for b in range(start, n_batches):
     lo, hi = b * batch, min((b + 1) * batch, m)
-    scores = _score_batch(params, setup, ctx, _padded(xs, lo, hi, batch),
-                          jax.random.fold_in(key, b), num_samples, chunk)
+    scores = _score_batch(
+      params, setup, ctx, _padded(xs, lo, hi, batch), jax.random.fold_in(key, b), num_samples, chunk
+    )
     for k in SPLIT_SCORES:
       out[k][lo:hi] = scores[k][: hi - lo]
     reporters.update(hi - lo)
@@ -245,15 +287,24 @@ def evaluate_split(params: PyTree, setup: Setup, ctx: PyTree, xs: np.ndarray, ke
   return out
 
 
-def _interrupted(partial_path: str | None, identity: str | None, out: dict[str, np.ndarray],
-                 done: int, hi: int, m: int, desc: str) -> None:
+def _interrupted(
+  partial_path: str | None,
+  identity: str | None,
+  out: dict[str, np.ndarray],
+  done: int,
+  hi: int,
+  m: int,
+  desc: str,
+) -> None:
   """Saves the first ``done`` batches (``hi`` examples) and raises errors.Interrupted."""
   kept = "no scores are kept (no partial_path)"
   if partial_path is not None:
     _write_partial(partial_path, identity, out, done)
     kept = f"the scores of the first {hi} are kept in {partial_path}"
-  raise errors.Interrupted(f"SIGTERM after {hi} of {m} examples ({desc}): {kept}; run the "
-                           "same command to go on from there.")
+  raise errors.Interrupted(
+    f"SIGTERM after {hi} of {m} examples ({desc}): {kept}; run the "
+    "same command to go on from there."
+  )
 
 
 def _write_partial(path: str, identity: str, out: dict[str, np.ndarray], done: int) -> None:
@@ -268,15 +319,21 @@ def _read_partial(path: str, identity: str, out: dict[str, np.ndarray], n_batche
   A missing file gives 0; an unreadable one, one made with another identity or
   one of other sizes gives 0 with a line that says so.
   """
-  saved = resumable.load(path, identity, {**out, "done_batches": np.int64(0)},
-                         what="partial evaluation", other="parameters or settings",
-                         restart="starting from the first example")
+  saved = resumable.load(
+    path,
+    identity,
+    {**out, "done_batches": np.int64(0)},
+    what="partial evaluation",
+    other="parameters or settings",
+    restart="starting from the first example",
+  )
   if saved is None:
     return 0
   done = int(saved["done_batches"])
   if not 0 <= done <= n_batches:
-    print(f"{path}: a partial evaluation with other sizes; starting from the first example",
-          flush=True)
+    print(
+      f"{path}: a partial evaluation with other sizes; starting from the first example", flush=True
+    )
     return 0
   for k in out:
     out[k][:] = saved[k]

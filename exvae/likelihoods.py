@@ -60,8 +60,9 @@ def _log_sigmoid_diff(a: jax.Array, b: jax.Array, delta: jax.Array) -> jax.Array
   narrow bin near the mode (where the two CDF values nearly coincide) nor a
   bin far in either tail (where both saturate at 0 or 1) loses precision.
   """
-  return (jax.nn.log_sigmoid(a) + jax.nn.log_sigmoid(-b)
-          + jnp.log(-jnp.expm1(-jnp.maximum(delta, 1e-30))))
+  return (
+    jax.nn.log_sigmoid(a) + jax.nn.log_sigmoid(-b) + jnp.log(-jnp.expm1(-jnp.maximum(delta, 1e-30)))
+  )
 
 
 def discretized_logistic_log_prob(x: jax.Array, params, num_bins: int = NUM_BINS) -> jax.Array:
@@ -92,8 +93,8 @@ def discretized_logistic_log_prob(x: jax.Array, params, num_bins: int = NUM_BINS
   plus = (xc + half - mean) * inv_s
   minus = (xc - half - mean) * inv_s
   log_mid = _log_sigmoid_diff(plus, minus, (2.0 * half) * inv_s)
-  log_first = jax.nn.log_sigmoid(plus)            # P(x <= x0 + h)
-  log_last = jax.nn.log_sigmoid(-minus)           # P(x >= x_last - h)
+  log_first = jax.nn.log_sigmoid(plus)  # P(x <= x0 + h)
+  log_last = jax.nn.log_sigmoid(-minus)  # P(x >= x_last - h)
   ll = jnp.where(k <= 0, log_first, jnp.where(k >= num_bins - 1, log_last, log_mid))
   return ll.reshape(ll.shape[0], -1).sum(-1)
 
@@ -105,8 +106,8 @@ def logistic_mean(params) -> jax.Array:
 
 
 LIKELIHOODS: dict[str, tuple[Callable, Callable]] = {
-    "bernoulli": (bernoulli_log_prob, bernoulli_mean),
-    "logistic": (discretized_logistic_log_prob, logistic_mean),
+  "bernoulli": (bernoulli_log_prob, bernoulli_mean),
+  "logistic": (discretized_logistic_log_prob, logistic_mean),
 }
 
 

@@ -63,8 +63,14 @@ class Setup:
 
   def context_inputs(self, pool, key, **kw) -> ContextInputs:
     """The prior's :class:`ContextInputs` for this run's pool (layout fields filled in)."""
-    return ContextInputs(key=key, pool=pool, binary=self.binary_exemplars, pool_sharded=self.pool_sharded,
-                         pool_size=self.num_train, **kw)
+    return ContextInputs(
+      key=key,
+      pool=pool,
+      binary=self.binary_exemplars,
+      pool_sharded=self.pool_sharded,
+      pool_size=self.num_train,
+      **kw,
+    )
 
 
 OBJECTIVES = ("elbo", "iwae")
@@ -76,14 +82,17 @@ def check_objective(objective: str, samples: int, estimator: str) -> None:
   if objective not in OBJECTIVES:
     raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
   if estimator not in GRADIENT_ESTIMATORS:
-    raise ValueError(f"gradient_estimator must be one of {list(GRADIENT_ESTIMATORS)}, "
-                     f"got {estimator!r}.")
+    raise ValueError(
+      f"gradient_estimator must be one of {list(GRADIENT_ESTIMATORS)}, got {estimator!r}."
+    )
   if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
     raise ValueError(f"objective_samples must be an integer >= 1, got {samples!r}.")
   if objective == "elbo" and (samples != 1 or estimator != "reparam"):
-    raise ValueError("objective='elbo' trains with one sample and reparameterised gradients: "
-                     "use --config.objective=iwae for objective_samples > 1 or "
-                     "gradient_estimator='dreg'.")
+    raise ValueError(
+      "objective='elbo' trains with one sample and reparameterised gradients: "
+      "use --config.objective=iwae for objective_samples > 1 or "
+      "gradient_estimator='dreg'."
+    )
 
 
 def kl_beta(step: jax.Array, steps_per_epoch: int, warmup_epochs: int) -> jax.Array:
@@ -94,8 +103,16 @@ def kl_beta(step: jax.Array, steps_per_epoch: int, warmup_epochs: int) -> jax.Ar
   return jnp.minimum(1.0, (epoch + 1.0) / warmup_epochs)
 
 
-def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
-              key: jax.Array, beta: jax.Array, pool: jax.Array | None):
+def elbo_loss(
+  params,
+  prior_state,
+  setup: Setup,
+  x: jax.Array,
+  ids: jax.Array,
+  key: jax.Array,
+  beta: jax.Array,
+  pool: jax.Array | None,
+):
   """Per-batch training loss with one reparameterised sample (Monte-Carlo KL).
 
   Args:
@@ -116,19 +133,33 @@ def elbo_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
   k_ctx, k_z = jax.random.split(key)
   sc = model.score(params["model"], x, k_z, 1, setup.log_lik)
   inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
-  ctx, new_state = prior.context(params["prior"], prior_state, model, params["model"], inputs,
-                                 train=True)
+  ctx, new_state = prior.context(
+    params["prior"], prior_state, model, params["model"], inputs, train=True
+  )
   log_pz = prior.log_prob(params["prior"], sc.z[:, 0], ctx, ids)
   log_px = sc.log_px[:, 0]
   kl = sc.log_q[:, 0] - sc.log_p_rest[:, 0] - log_pz
   loss = jnp.mean(-log_px + beta * kl)
-  metrics = {"loss": loss, "elbo": jnp.mean(log_px - kl), "recon": -jnp.mean(log_px),
-             "kl": jnp.mean(kl), "beta": beta}
+  metrics = {
+    "loss": loss,
+    "elbo": jnp.mean(log_px - kl),
+    "recon": -jnp.mean(log_px),
+    "kl": jnp.mean(kl),
+    "beta": beta,
+  }
   return loss, (metrics, new_state)
 
 
-def iwae_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
-              key: jax.Array, beta: jax.Array, pool: jax.Array | None):
+def iwae_loss(
+  params,
+  prior_state,
+  setup: Setup,
+  x: jax.Array,
+  ids: jax.Array,
+  key: jax.Array,
+  beta: jax.Array,
+  pool: jax.Array | None,
+):
   """Per-batch training loss: the importance-weighted bound with k samples (KL warm-up).
 
   With k = ``setup.objective_samples`` samples z_s ~ q(z|x) per image, the
@@ -166,14 +197,14 @@ def iwae_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
   k_ctx, k_z = jax.random.split(key)
   sc = model.score(params["model"], x, k_z, k, setup.log_lik)
   inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
-  ctx, new_state = prior.context(params["prior"], prior_state, model, params["model"], inputs,
-                                 train=True)
+  ctx, new_state = prior.context(
+    params["prior"], prior_state, model, params["model"], inputs, train=True
+  )
   rid = jnp.repeat(ids, k)
 
   def log_weights(scores):
-    log_pz = prior.log_prob(params["prior"], scores.z.reshape(b * k, -1), ctx,
-                            rid).reshape(b, k)
-    kl = scores.log_q - scores.log_p_rest - log_pz                     # (B, k)
+    log_pz = prior.log_prob(params["prior"], scores.z.reshape(b * k, -1), ctx, rid).reshape(b, k)
+    kl = scores.log_q - scores.log_p_rest - log_pz  # (B, k)
     return scores.log_px - beta * kl, kl
 
   log_w, kl = log_weights(sc)
@@ -184,21 +215,34 @@ def iwae_loss(params, prior_state, setup: Setup, x: jax.Array, ids: jax.Array,
     # where it is drawn and log q's parameters held fixed; only this pass is
     # differentiated (the first one gives the weights and the loss value).
     w = jax.nn.softmax(jax.lax.stop_gradient(log_w), axis=1)
-    path = model.score(params["model"], x, k_z, k, setup.log_lik,
-                       path_weight=(1.0 - beta) + beta * w)
+    path = model.score(
+      params["model"], x, k_z, k, setup.log_lik, path_weight=(1.0 - beta) + beta * w
+    )
     surrogate = -jnp.mean(jnp.sum(w * log_weights(path)[0], axis=1))
     # Value: the bound (the added difference is exactly 0); gradient: the surrogate's.
     loss = jax.lax.stop_gradient(loss) + (surrogate - jax.lax.stop_gradient(surrogate))
   log_px, log_w1 = sc.log_px, sc.log_px - kl
-  metrics = {"loss": loss, "elbo": jnp.mean(log_w1), "recon": -jnp.mean(log_px),
-             "kl": jnp.mean(kl), "beta": beta,
-             "iwae": jnp.mean(jax.nn.logsumexp(log_w1, axis=1)) - jnp.log(jnp.float32(k))}
+  metrics = {
+    "loss": loss,
+    "elbo": jnp.mean(log_w1),
+    "recon": -jnp.mean(log_px),
+    "kl": jnp.mean(kl),
+    "beta": beta,
+    "iwae": jnp.mean(jax.nn.logsumexp(log_w1, axis=1)) - jnp.log(jnp.float32(k)),
+  }
   return loss, (metrics, new_state)
 
 
-def log_importance_weights(params, setup: Setup, ctx, x: jax.Array, key: jax.Array,
-                           num_samples: int, ids: jax.Array | None = None,
-                           with_error: bool = False):
+def log_importance_weights(
+  params,
+  setup: Setup,
+  ctx,
+  x: jax.Array,
+  key: jax.Array,
+  num_samples: int,
+  ids: jax.Array | None = None,
+  with_error: bool = False,
+):
   """Importance weights log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x), z_s ~ q(z|x).
 
   Args:
@@ -225,9 +269,10 @@ def log_importance_weights(params, setup: Setup, ctx, x: jax.Array, key: jax.Arr
     log_pz, err = prior.log_prob_grouped(params["prior"], sc.z, sc.mu, ctx)
   else:
     rid = None if ids is None else jnp.repeat(ids, num_samples)
-    log_pz = prior.log_prob(params["prior"], sc.z.reshape(b * num_samples, -1), ctx,
-                            rid).reshape(b, num_samples)
-  log_pz = log_pz + sc.log_p_rest          # lower latents' prior terms, if any
+    log_pz = prior.log_prob(params["prior"], sc.z.reshape(b * num_samples, -1), ctx, rid).reshape(
+      b, num_samples
+    )
+  log_pz = log_pz + sc.log_p_rest  # lower latents' prior terms, if any
   log_px, log_qz = sc.log_px, sc.log_q
   out = (log_px + log_pz - log_qz, log_px, log_pz, log_qz)
   return out + (err,) if with_error else out

@@ -37,8 +37,9 @@ def normalize_by_norm(eps: float = 1e-7) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999,
-                        eps: float = 1e-8) -> optax.GradientTransformation:
+def scale_by_torch_adam(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
   """Adam's direction in the order of operations of PyTorch's (and the reference's) Adam.
 
   ``u = sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``: eps is added to
@@ -66,7 +67,7 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999,
     mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
     nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, updates)
     t = count.astype(jnp.float32)
-    step = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+    step = jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
     updates = jax.tree.map(lambda m, v: step * m / (jnp.sqrt(v) + eps), mu, nu)
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
@@ -82,8 +83,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
   name = config.optimizer
   adam = optax.adam(config.learning_rate, b1=0.9, b2=0.999, eps=1e-8)
   if name == "adamnormgrad":
-    return optax.chain(normalize_by_norm(1e-7), scale_by_torch_adam(0.9, 0.999, 1e-8),
-                       optax.scale(-config.learning_rate))
+    return optax.chain(
+      normalize_by_norm(1e-7),
+      scale_by_torch_adam(0.9, 0.999, 1e-8),
+      optax.scale(-config.learning_rate),
+    )
   if name == "adam":
     return adam
   raise ValueError(f"Unknown optimizer {name!r}; known: ['adamnormgrad', 'adam'].")

@@ -57,8 +57,11 @@ def images_digest(images: np.ndarray) -> str:
   return h.hexdigest()
 
 
-def arrays(scores: Mapping[str, np.ndarray], identity: Mapping[str, Any],
-           provenance: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+def arrays(
+  scores: Mapping[str, np.ndarray],
+  identity: Mapping[str, Any],
+  provenance: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
   """The arrays of a per-example archive (see :func:`save` for the arguments).
 
   Raises:
@@ -75,16 +78,22 @@ def arrays(scores: Mapping[str, np.ndarray], identity: Mapping[str, Any],
     raise ValueError("per-example scores need 'log_px' and 'elbo'.")
   m = int(identity["count"])
   if any(a.shape != (m,) for a in out.values()):
-    raise ValueError(f"per-example scores must all have shape ({m},), got "
-                     f"{ {k: a.shape for k, a in out.items()} }.")
+    raise ValueError(
+      f"per-example scores must all have shape ({m},), got "
+      f"{ {k: a.shape for k, a in out.items()} }."
+    )
   meta = dict(provenance or {}, **identity, format_version=FORMAT_VERSION)
   for k, v in meta.items():
     out[k] = np.asarray(v if v is not None else "")
   return out
 
 
-def save(path: str, scores: Mapping[str, np.ndarray], identity: Mapping[str, Any],
-         provenance: Mapping[str, Any] | None = None) -> str:
+def save(
+  path: str,
+  scores: Mapping[str, np.ndarray],
+  identity: Mapping[str, Any],
+  provenance: Mapping[str, Any] | None = None,
+) -> str:
   """Writes a per-example archive atomically.
 
   Args:
@@ -115,8 +124,9 @@ def resolve(path: str) -> str:
     f = os.path.join(path, FILENAME)
     if not os.path.isfile(f):
       raise FileNotFoundError(
-          f"{path} holds no {FILENAME}: evaluate it first (exvae-eval --config=... "
-          f"--workdir={path}), or copy the file of an evaluated run there.")
+        f"{path} holds no {FILENAME}: evaluate it first (exvae-eval --config=... "
+        f"--workdir={path}), or copy the file of an evaluated run there."
+      )
     return f
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No such per-example file or directory: {path}")

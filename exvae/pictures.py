@@ -18,13 +18,16 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np
   grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.float32)
   for i in range(n):
     r, q = divmod(i, ncols)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+    ] = images[i]
   return (grid * 255).round().astype(np.uint8)
 
 
 def grid_image(images: np.ndarray, ncols: int | None = None, scale: int = 2):
   """The PIL image of an image grid (see :func:`image_grid`), scaled up ``scale`` times."""
   from PIL import Image
+
   g = image_grid(images, ncols)
   mode = "L" if g.shape[-1] == 1 else "RGB"
   img = Image.fromarray(g[..., 0] if mode == "L" else g, mode=mode)
@@ -39,8 +42,9 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, scale: in
   return atomic.write_with(path, lambda f: img.save(f, format="PNG"))
 
 
-def samples_and_reconstructions(samples: np.ndarray, originals: np.ndarray,
-                                recons: np.ndarray, ncols: int = 16) -> tuple[np.ndarray, int]:
+def samples_and_reconstructions(
+  samples: np.ndarray, originals: np.ndarray, recons: np.ndarray, ncols: int = 16
+) -> tuple[np.ndarray, int]:
   """Rows of prior samples, then alternating rows of originals / reconstructions.
 
   Returns:
@@ -50,13 +54,14 @@ def samples_and_reconstructions(samples: np.ndarray, originals: np.ndarray,
   ncols = min(ncols, max(n_orig, 1), samples.shape[0]) if n_orig else ncols
   rows = [samples[: (samples.shape[0] // ncols) * ncols]]
   for start in range(0, (n_orig // ncols) * ncols, ncols):
-    rows.append(originals[start:start + ncols])
-    rows.append(recons[start:start + ncols])
+    rows.append(originals[start : start + ncols])
+    rows.append(recons[start : start + ncols])
   return np.concatenate(rows, 0), ncols
 
 
-def save_samples_and_reconstructions(path: str, samples: np.ndarray, originals: np.ndarray,
-                                     recons: np.ndarray, ncols: int = 16) -> str:
+def save_samples_and_reconstructions(
+  path: str, samples: np.ndarray, originals: np.ndarray, recons: np.ndarray, ncols: int = 16
+) -> str:
   """One PNG: rows of prior samples, then alternating rows of originals / reconstructions."""
   images, ncols = samples_and_reconstructions(samples, originals, recons, ncols)
   return save_grid(path, images, ncols=ncols)

@@ -65,7 +65,7 @@ def _import_module(dotted: str):
     top = dotted.split(".")[0]
     if e.name != top or os.getcwd() in sys.path:
       raise
-  sys.path.append(os.getcwd())            # console scripts do not put the cwd on sys.path
+  sys.path.append(os.getcwd())  # console scripts do not put the cwd on sys.path
   return importlib.import_module(dotted)
 
 
@@ -86,17 +86,21 @@ def load(spec: str, kind: str = "plug-in") -> Any:
   """
   module_path, _, attr = str(spec).rpartition(":")
   if not (module_path and attr):
-    raise ValueError(f"{kind} plug-in {spec!r}: expected MODULE:ATTR, e.g. my_pkg.my_prior:MyPrior.")
+    raise ValueError(
+      f"{kind} plug-in {spec!r}: expected MODULE:ATTR, e.g. my_pkg.my_prior:MyPrior."
+    )
   try:
     if module_path.endswith(".py") or os.sep in module_path or "/" in module_path:
       module = _import_file(module_path)
     else:
       module = _import_module(module_path)
   except ModuleNotFoundError as e:
-    raise ValueError(f"{kind} plug-in {spec!r}: cannot import {module_path!r} ({e}); put its "
-                     f"directory on PYTHONPATH, run from it, or give a file path "
-                     f"(path/to/{module_path.split('.')[-1]}.py:{attr}).") from e
-  except SyntaxError as e:                # the plug-in's own mistake, in one line
+    raise ValueError(
+      f"{kind} plug-in {spec!r}: cannot import {module_path!r} ({e}); put its "
+      f"directory on PYTHONPATH, run from it, or give a file path "
+      f"(path/to/{module_path.split('.')[-1]}.py:{attr})."
+    ) from e
+  except SyntaxError as e:  # the plug-in's own mistake, in one line
     raise errors.source_syntax_error(e, f"{kind} plug-in {spec!r}") from None
   obj = module
   for part in attr.split("."):
@@ -109,6 +113,7 @@ def load(spec: str, kind: str = "plug-in") -> Any:
 # ----------------------------------------------------------------------------
 # Constructor options
 # ----------------------------------------------------------------------------
+
 
 class PluginError(ValueError):
   """A plug-in that cannot work: a missing method, a wrong shape or unusable options."""
@@ -154,16 +159,19 @@ def check_options(factory: Any, spec: str, kind: str, *args: Any, opts: dict[str
       argument's annotation or default, naming the option.
   """
   import inspect
+
   if not opts:
     return
   try:
     sig = inspect.signature(factory)
     sig.bind(*args, **opts)
   except TypeError as e:
-    raise PluginError(f"{kind} plug-in {spec!r} does not take {kind}_options "
-                      f"{sorted(opts)} ({e}); its constructor's keyword arguments are "
-                      f"set with --config.{kind}_options.NAME=VALUE.") from None
-  except ValueError:                     # no signature (a builtin): let the call say
+    raise PluginError(
+      f"{kind} plug-in {spec!r} does not take {kind}_options "
+      f"{sorted(opts)} ({e}); its constructor's keyword arguments are "
+      f"set with --config.{kind}_options.NAME=VALUE."
+    ) from None
+  except ValueError:  # no signature (a builtin): let the call say
     return
   _check_option_types(factory, sig, spec, kind, opts)
 
@@ -174,8 +182,9 @@ _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a
 def _option_type(factory: Any, param: Any) -> type | None:
   """The scalar type a constructor argument takes: its annotation, else its default's type."""
   import typing
+
   ann = param.annotation
-  if isinstance(ann, str):                 # `from __future__ import annotations`
+  if isinstance(ann, str):  # `from __future__ import annotations`
     try:
       ann = typing.get_type_hints(getattr(factory, "__init__", factory)).get(param.name, ann)
     except Exception:  # noqa: BLE001  (an annotation that does not resolve: use the default)
@@ -188,8 +197,7 @@ def _option_type(factory: Any, param: Any) -> type | None:
   return None
 
 
-def _check_option_types(factory: Any, sig: Any, spec: str, kind: str,
-                        opts: dict[str, Any]) -> None:
+def _check_option_types(factory: Any, sig: Any, spec: str, kind: str, opts: dict[str, Any]) -> None:
   """Each option has the scalar type its constructor argument declares (or defaults to).
 
   Raises:
@@ -200,9 +208,16 @@ def _check_option_types(factory: Any, sig: Any, spec: str, kind: str,
     want = None if param is None else _option_type(factory, param)
     if want is None:
       continue
-    ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))
-          or want is float and isinstance(value, int) and not isinstance(value, bool))
+    ok = (
+      isinstance(value, want)
+      and not (want is int and isinstance(value, bool))
+      or want is float
+      and isinstance(value, int)
+      and not isinstance(value, bool)
+    )
     if not ok:
       default = "" if param.default is param.empty else f" (default {param.default!r})"
-      raise PluginError(f"--config.{kind}_options.{name}={value!r}: {kind} plug-in {spec!r} "
-                        f"takes {_SCALARS[want]} for {name}{default}.")
+      raise PluginError(
+        f"--config.{kind}_options.{name}={value!r}: {kind} plug-in {spec!r} "
+        f"takes {_SCALARS[want]} for {name}{default}."
+      )

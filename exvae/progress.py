@@ -47,8 +47,9 @@ def enabled(requested: bool, stream=None) -> bool:
     return False
 
 
-def train_postfix(metrics: Mapping[str, float], step: int, steps_per_epoch: int,
-                  best_val: float | None) -> dict[str, Any]:
+def train_postfix(
+  metrics: Mapping[str, float], step: int, steps_per_epoch: int, best_val: float | None
+) -> dict[str, Any]:
   """The training bar's postfix: epoch (fractional), loss, beta, best validation loss."""
   out = {"epoch": f"{step / steps_per_epoch:.2f}", "loss": f"{metrics['loss']:.2f}"}
   if "beta" in metrics:
@@ -83,8 +84,16 @@ class LineReporter:
       count towards ``done/total`` but not towards the rate the time left comes from.
   """
 
-  def __init__(self, total: int, desc: str, unit: str = "examples", every_s: float = 60.0,
-               stream=None, clock: Callable[[], float] = time.monotonic, initial: int = 0):
+  def __init__(
+    self,
+    total: int,
+    desc: str,
+    unit: str = "examples",
+    every_s: float = 60.0,
+    stream=None,
+    clock: Callable[[], float] = time.monotonic,
+    initial: int = 0,
+  ):
     self.total, self.desc, self.unit, self.every_s = int(total), desc, unit, float(every_s)
     self.stream = stream
     self.clock = clock
@@ -96,8 +105,12 @@ class LineReporter:
     el = now - self.start
     new = self.done - self.initial
     eta = el / new * (self.total - self.done) if new else float("nan")
-    print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {el:.0f} s elapsed, "
-          f"about {eta:.0f} s left", file=self.stream or sys.stderr, flush=True)
+    print(
+      f"{self.desc}: {self.done}/{self.total} {self.unit}, {el:.0f} s elapsed, "
+      f"about {eta:.0f} s left",
+      file=self.stream or sys.stderr,
+      flush=True,
+    )
     self.last = now
     self.printed += 1
 

@@ -43,8 +43,9 @@ class PublishedModelError(ValueError):
 
 def is_published(directory: str) -> bool:
   """True if ``directory`` holds a published model (``model.json`` and ``params.npz``)."""
-  return (os.path.isfile(os.path.join(directory, META_FILE))
-          and os.path.isfile(os.path.join(directory, PARAMS_FILE)))
+  return os.path.isfile(os.path.join(directory, META_FILE)) and os.path.isfile(
+    os.path.join(directory, PARAMS_FILE)
+  )
 
 
 def check_complete(directory: str) -> None:
@@ -58,8 +59,9 @@ def check_complete(directory: str) -> None:
   if len(have) == 1:
     missing = PARAMS_FILE if have[0] == META_FILE else META_FILE
     raise PublishedModelError(
-        f"{directory} holds {have[0]} but no {missing}: an incomplete published model. "
-        f"Copy the whole folder ({CONFIG_FILE}, {PARAMS_FILE}, {META_FILE}) again.")
+      f"{directory} holds {have[0]} but no {missing}: an incomplete published model. "
+      f"Copy the whole folder ({CONFIG_FILE}, {PARAMS_FILE}, {META_FILE}) again."
+    )
 
 
 def save(directory: str, params: PyTree, config_json: dict, meta: dict[str, Any]) -> str:
@@ -80,9 +82,12 @@ def save(directory: str, params: PyTree, config_json: dict, meta: dict[str, Any]
   params_path = os.path.join(directory, PARAMS_FILE)
   atomic.write_npz(params_path, {k: np.asarray(v) for k, v in sorted(flat.items())})
   atomic.write_json(os.path.join(directory, CONFIG_FILE), config_json, sort_keys=True)
-  record = dict(meta, params_sha256=atomic.sha256_file(params_path),
-                config_sha256=atomic.json_digest(config_json),
-                num_parameters=int(sum(np.asarray(v).size for v in flat.values())))
+  record = dict(
+    meta,
+    params_sha256=atomic.sha256_file(params_path),
+    config_sha256=atomic.json_digest(config_json),
+    num_parameters=int(sum(np.asarray(v).size for v in flat.values())),
+  )
   atomic.write_json(os.path.join(directory, META_FILE), record, sort_keys=True)
   return params_path
 
@@ -119,8 +124,9 @@ def load(directory: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
   digest = atomic.sha256_file(path)
   if digest != meta.get("params_sha256"):
     raise PublishedModelError(
-        f"{path} does not match the SHA-256 recorded in {META_FILE} ({digest} != "
-        f"{meta.get('params_sha256')}): the file is damaged, or {META_FILE} was edited")
+      f"{path} does not match the SHA-256 recorded in {META_FILE} ({digest} != "
+      f"{meta.get('params_sha256')}): the file is damaged, or {META_FILE} was edited"
+    )
   with np.load(path) as z:
     stored = {k: z[k] for k in z.files}
   # Empty subtrees (a prior without parameters) hold no array but keep their place.
@@ -130,13 +136,15 @@ def load(directory: str, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
   missing, extra = sorted(set(want) - set(stored)), sorted(set(stored) - set(want))
   if missing or extra:
     raise PublishedModelError(
-        f"{path} does not fit this config's model: missing {missing[:3]}, unexpected "
-        f"{extra[:3]} (pass the model's own config.json)")
+      f"{path} does not fit this config's model: missing {missing[:3]}, unexpected "
+      f"{extra[:3]} (pass the model's own config.json)"
+    )
   for k, v in want.items():
     if stored[k].shape != np.shape(v) or stored[k].dtype != np.asarray(v).dtype:
       raise PublishedModelError(
-          f"{path}: {k} is {stored[k].dtype}{list(stored[k].shape)}, the config's model "
-          f"needs {np.asarray(v).dtype}{list(np.shape(v))}")
+        f"{path}: {k} is {stored[k].dtype}{list(stored[k].shape)}, the config's model "
+        f"needs {np.asarray(v).dtype}{list(np.shape(v))}"
+      )
   flat = {k: stored[k] for k in want}
   flat.update({k: traverse_util.empty_node for k in empty})
   return traverse_util.unflatten_dict(flat, sep=_SEP), meta

@@ -19,7 +19,7 @@ import numpy as np
 
 from exvae import atomic
 
-IDENTITY_KEY = "identity"     # the name of the identity string in the archive
+IDENTITY_KEY = "identity"  # the name of the identity string in the archive
 
 
 def save(path: str, identity: str, arrays: Mapping[str, Any]) -> None:
@@ -34,8 +34,15 @@ def save(path: str, identity: str, arrays: Mapping[str, Any]) -> None:
   atomic.write_npz_checked(path, {**arrays, IDENTITY_KEY: np.str_(identity)})
 
 
-def load(path: str, identity: str, like: Mapping[str, Any], *, what: str, restart: str,
-         other: str = "settings") -> dict[str, np.ndarray] | None:
+def load(
+  path: str,
+  identity: str,
+  like: Mapping[str, Any],
+  *,
+  what: str,
+  restart: str,
+  other: str = "settings",
+) -> dict[str, np.ndarray] | None:
   """The arrays :func:`save` wrote to ``path`` with ``identity``, else None.
 
   A missing file gives None silently; an unreadable or torn one, one saved with
@@ -57,7 +64,7 @@ def load(path: str, identity: str, like: Mapping[str, Any], *, what: str, restar
   if not os.path.exists(path):
     return None
   try:
-    arrays = atomic.read_npz_checked(path)   # its arrays match the digest written with them
+    arrays = atomic.read_npz_checked(path)  # its arrays match the digest written with them
     same = str(arrays.pop(IDENTITY_KEY)) == identity
   except atomic.NPZ_READ_ERRORS as e:
     print(f"{path}: unreadable {what} ({type(e).__name__}: {e}); {restart}", flush=True)
@@ -65,9 +72,13 @@ def load(path: str, identity: str, like: Mapping[str, Any], *, what: str, restar
   if not same:
     print(f"{path}: a {what} of other {other}; {restart}", flush=True)
     return None
-  if any(k not in arrays or (v is not None and (arrays[k].shape != np.shape(v) or
-                                                arrays[k].dtype != np.asarray(v).dtype))
-         for k, v in like.items()):
+  if any(
+    k not in arrays
+    or (
+      v is not None and (arrays[k].shape != np.shape(v) or arrays[k].dtype != np.asarray(v).dtype)
+    )
+    for k, v in like.items()
+  ):
     print(f"{path}: a {what} of other shapes; {restart}", flush=True)
     return None
   return arrays

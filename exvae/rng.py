@@ -51,7 +51,7 @@ def uniform_rows(key: jax.Array, shape: tuple[int, ...], row_ids: jax.Array) -> 
     (R, ...) float32; element [r, j] depends only on (key, row_ids[r], j).
   """
   s0, s1 = _seed_words(key)
-  rows = _fmix32(row_ids.astype(jnp.uint32) * jnp.uint32(_GOLDEN) + s0)       # (R,)
+  rows = _fmix32(row_ids.astype(jnp.uint32) * jnp.uint32(_GOLDEN) + s0)  # (R,)
   inner = 1
   for s in shape[1:]:
     inner *= int(s)
@@ -61,8 +61,9 @@ def uniform_rows(key: jax.Array, shape: tuple[int, ...], row_ids: jax.Array) -> 
   return ((h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))).reshape(shape)
 
 
-def bernoulli_rows(key: jax.Array, p: jax.Array, row_ids: jax.Array,
-                   dtype=jnp.float32) -> jax.Array:
+def bernoulli_rows(
+  key: jax.Array, p: jax.Array, row_ids: jax.Array, dtype=jnp.float32
+) -> jax.Array:
   """Bernoulli(p) as {0, 1}; row r's draws depend on (key, row_ids[r]) only.
 
   Args:

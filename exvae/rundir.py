@@ -63,7 +63,7 @@ from exvae import atomic, errors
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 LOCK_FILE = ".lock"
-DATA_FILE = "data_identity.json"   # a user's data set: its path (or plug-in) and SHA-256
+DATA_FILE = "data_identity.json"  # a user's data set: its path (or plug-in) and SHA-256
 
 # Keys (fnmatch patterns on dotted names) that may differ between the config a
 # run started with and the one it is resumed or read with: how long to train,
@@ -71,13 +71,25 @@ DATA_FILE = "data_identity.json"   # a user's data set: its path (or plug-in) an
 # lives, devices and performance knobs that do not change the model, the data
 # or the optimisation.  Every other key must match (so new keys need no edit).
 MAY_CHANGE = (
-    "num_epochs", "max_steps", "early_stopping_patience",
-    "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "val_every_epochs",
-    "num_picture_samples", "progress", "tensorboard",
-    "eval.*",
-    "data_dir", "num_devices", "pool_sharding",
-    "exemplar.chunk_size", "exemplar.encode_chunk", "exemplar.encode_remat_mb",
-    "exemplar.rat_compact", "exemplar.rat_compact_chunk",
+  "num_epochs",
+  "max_steps",
+  "early_stopping_patience",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "log_every_steps",
+  "val_every_epochs",
+  "num_picture_samples",
+  "progress",
+  "tensorboard",
+  "eval.*",
+  "data_dir",
+  "num_devices",
+  "pool_sharding",
+  "exemplar.chunk_size",
+  "exemplar.encode_chunk",
+  "exemplar.encode_remat_mb",
+  "exemplar.rat_compact",
+  "exemplar.rat_compact_chunk",
 )
 # Readers (eval.py, uses.py) restore parameters; the seed only initialises a template,
 # and the parameters are float32 whatever matmul_dtype trained them (a run trained with
@@ -85,13 +97,18 @@ MAY_CHANGE = (
 # fixed binarisation of the test images is the reader's choice (eval_binarize=reference
 # scores the paper's images); a resume may not change it: early stopping watches the
 # validation images it binarises.
-MAY_DIFFER_FOR_READERS = MAY_CHANGE + ("seed", "matmul_dtype", "eval_binarize",
-                                       "eval_binarize_seed")
+MAY_DIFFER_FOR_READERS = MAY_CHANGE + (
+  "seed",
+  "matmul_dtype",
+  "eval_binarize",
+  "eval_binarize_seed",
+)
 
 
 # ----------------------------------------------------------------------------
 # The writer lock
 # ----------------------------------------------------------------------------
+
 
 def take_flock(directory: str, path: str, flags: int, what: str) -> tuple[str, int | None]:
   """Opens ``path`` (creating ``directory``) and tries an exclusive ``flock`` without waiting.
@@ -153,27 +170,36 @@ class WorkdirLock:
       errors.ReadOnlyError: the workdir cannot be written.
       errors.DiskFullError: no space left to create it.
     """
-    state, fd = take_flock(self.workdir, self.path, os.O_RDWR | os.O_CREAT,
-                           f"the run directory {self.workdir}")
+    state, fd = take_flock(
+      self.workdir, self.path, os.O_RDWR | os.O_CREAT, f"the run directory {self.workdir}"
+    )
     if state == "held":
       holder, info = "", {}
       try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         info = info if isinstance(info, dict) else {}
-        holder = (f" (pid {info.get('pid')} on {info.get('host')}, since "
-                  f"{info.get('since')})")
+        holder = f" (pid {info.get('pid')} on {info.get('host')}, since {info.get('since')})"
       except (OSError, ValueError):
         pass
       os.close(fd)
       raise errors.WorkdirLockedError(
-          f"{self.workdir} is being written by another train.py{holder}. Wait for it to "
-          "finish (or stop it), or use another --workdir.", info) from None
+        f"{self.workdir} is being written by another train.py{holder}. Wait for it to "
+        "finish (or stop it), or use another --workdir.",
+        info,
+      ) from None
     if state == "unsupported":
-      warnings.warn(f"{self.path}: this filesystem does not support locks; "
-                    "nothing stops a second writer in this workdir.", stacklevel=2)
+      warnings.warn(
+        f"{self.path}: this filesystem does not support locks; "
+        "nothing stops a second writer in this workdir.",
+        stacklevel=2,
+      )
       return self
-    info = {"pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[:8]}
+    info = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "argv": sys.argv[:8],
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     self._fd = fd
@@ -224,7 +250,7 @@ def writer_of(workdir: str) -> dict | None:
       return info if isinstance(info, dict) else {}
     except OSError as e:
       if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-        return None                     # no locks on this filesystem: no writer to name
+        return None  # no locks on this filesystem: no writer to name
       raise
     fcntl.flock(fd, fcntl.LOCK_UN)
     return None
@@ -300,8 +326,11 @@ def read_stored_config(workdir: str) -> dict | None:
   """The run's ``config.json``, or None if there is none (or it is unreadable, with a warning)."""
   stored, problem = _load_stored_config(workdir)
   if stored is None and problem != "missing":
-    warnings.warn(f"{os.path.join(workdir, CONFIG_FILE)} is {problem}; the config cannot be "
-                  "checked against it.", stacklevel=2)
+    warnings.warn(
+      f"{os.path.join(workdir, CONFIG_FILE)} is {problem}; the config cannot be "
+      "checked against it.",
+      stacklevel=2,
+    )
   return stored
 
 
@@ -339,23 +368,34 @@ def recorded_run_config(workdir: str) -> dict | None:
     before these records existed: accepted unchecked).
   """
   from exvae import checkpoints, published
+
   if published.is_published(workdir):
     try:
       meta = published.read_meta(workdir)
     except published.PublishedModelError:
-      return None                            # the reader's load reports it
+      return None  # the reader's load reports it
     sha = meta.get("config_sha256") if isinstance(meta, dict) else None
-    return None if sha is None else {"where": os.path.join(workdir, published.META_FILE),
-                                     "config_sha256": sha, "config": None}
+    return (
+      None
+      if sha is None
+      else {
+        "where": os.path.join(workdir, published.META_FILE),
+        "config_sha256": sha,
+        "config": None,
+      }
+    )
   rec = checkpoints.recorded_config(os.path.join(workdir, "checkpoints"))
   if rec is None or rec["config_sha256"] is None:
     return None
-  return {"where": f"checkpoint step {rec['step']}", "config_sha256": rec["config_sha256"],
-          "config": rec["config"]}
+  return {
+    "where": f"checkpoint step {rec['step']}",
+    "config_sha256": rec["config_sha256"],
+    "config": rec["config"],
+  }
 
 
 def _edit_text(changes: dict) -> str:
-  if list(changes) == [None]:          # only a digest is recorded: the keys are unknown
+  if list(changes) == [None]:  # only a digest is recorded: the keys are unknown
     return "its values differ from the recorded digest"
   return f"{_changes_text(changes)}; recorded -> file"
 
@@ -393,16 +433,26 @@ def check_edited_config(workdir: str, *, allow_change: bool, write: bool) -> dic
   allowed, forbidden = _edited_keys(rec, stored, MAY_CHANGE)
   if forbidden and not allow_change:
     raise errors.ConfigDriftError(
-        f"{path} is not the config {rec['where']} was saved with: it was edited since "
-        f"({_edit_text(forbidden)}). Restore the saved values, or pass "
-        "--allow_config_change to resume with the edited file (recorded).")
+      f"{path} is not the config {rec['where']} was saved with: it was edited since "
+      f"({_edit_text(forbidden)}). Restore the saved values, or pass "
+      "--allow_config_change to resume with the edited file (recorded)."
+    )
   changes = dict(allowed, **forbidden)
   if write:
-    _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                             "override": bool(forbidden), "edited_config_json": True,
-                             "changes": {k or CONFIG_FILE: list(v) for k, v in changes.items()}})
-  print(f"Resuming with {CONFIG_FILE} edited since {rec['where']}: {_edit_text(changes)} "
-        f"({_recorded_note()}).", flush=True)
+    _record_change(
+      workdir,
+      {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "override": bool(forbidden),
+        "edited_config_json": True,
+        "changes": {k or CONFIG_FILE: list(v) for k, v in changes.items()},
+      },
+    )
+  print(
+    f"Resuming with {CONFIG_FILE} edited since {rec['where']}: {_edit_text(changes)} "
+    f"({_recorded_note()}).",
+    flush=True,
+  )
   return changes
 
 
@@ -411,8 +461,9 @@ def _recorded_note() -> str:
   return f"recorded in {CHANGES_FILE} once this run saves a checkpoint"
 
 
-def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bool = False,
-                       write: bool = True) -> dict:
+def check_config_drift(
+  workdir: str, config, *, resuming: bool, allow_change: bool = False, write: bool = True
+) -> dict:
   """The writer's config check: records the config of a new run, compares on resume.
 
   A resume whose ``config.json`` is missing or unreadable cannot be checked:
@@ -446,32 +497,53 @@ def check_config_drift(workdir: str, config, *, resuming: bool, allow_change: bo
   if stored is None:
     if not allow_change:
       raise errors.ConfigDriftError(
-          f"Resuming {workdir}, whose {CONFIG_FILE} is {problem}: this config cannot be checked "
-          "against the one the run started with. Restore the file, use a new --workdir, or pass "
-          "--allow_config_change to continue with this config (recorded; an unreadable file "
-          "is kept aside).")
+        f"Resuming {workdir}, whose {CONFIG_FILE} is {problem}: this config cannot be checked "
+        "against the one the run started with. Restore the file, use a new --workdir, or pass "
+        "--allow_config_change to continue with this config (recorded; an unreadable file "
+        "is kept aside)."
+      )
     if write:
       kept = set_aside(path, "unreadable") if problem != "missing" else None
       atomic.write_json(path, current)
-      _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": True,
-                               "stored_config": problem, "kept_as": kept, "changes": {}})
-      print(f"Resuming with a config that could not be checked ({CONFIG_FILE} {problem}"
-            f"{'; kept as ' + kept if kept else ''}); {_recorded_note()}.", flush=True)
+      _record_change(
+        workdir,
+        {
+          "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "override": True,
+          "stored_config": problem,
+          "kept_as": kept,
+          "changes": {},
+        },
+      )
+      print(
+        f"Resuming with a config that could not be checked ({CONFIG_FILE} {problem}"
+        f"{'; kept as ' + kept if kept else ''}); {_recorded_note()}.",
+        flush=True,
+      )
     return {}
   allowed, forbidden, unknown = diff_configs(stored, current)
   if unknown:
-    warnings.warn(f"{path} and this config differ in keys only one of them has ({unknown}); "
-                  "accepted unchecked (a config.json written by another version?).", stacklevel=2)
+    warnings.warn(
+      f"{path} and this config differ in keys only one of them has ({unknown}); "
+      "accepted unchecked (a config.json written by another version?).",
+      stacklevel=2,
+    )
   if forbidden and not allow_change:
     raise errors.ConfigDriftError(
-        f"Resuming {workdir} with a config that changes the model, data or optimisation: "
-        f"{_changes_text(forbidden)}. Resume with the run's config (see {path}), use a new "
-        "--workdir, or pass --allow_config_change to continue with the new values.")
+      f"Resuming {workdir} with a config that changes the model, data or optimisation: "
+      f"{_changes_text(forbidden)}. Resume with the run's config (see {path}), use a new "
+      "--workdir, or pass --allow_config_change to continue with the new values."
+    )
   changes = dict(allowed, **forbidden)
   if changes and write:
-    _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                             "override": bool(forbidden),
-                             "changes": {k: list(v) for k, v in changes.items()}})
+    _record_change(
+      workdir,
+      {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "override": bool(forbidden),
+        "changes": {k: list(v) for k, v in changes.items()},
+      },
+    )
     if forbidden:
       atomic.write_json(path, current)
   if changes:
@@ -503,25 +575,31 @@ def check_reader_config(workdir: str, config, hints: dict[str, str] | None = Non
   rec = recorded_run_config(workdir)
   if stored is None:
     if rec is None or rec["config"] is None:
-      print(f"warning: {path} is {problem}: the run's config could not be checked; using "
-            "the given --config as it is.", file=sys.stderr, flush=True)
+      print(
+        f"warning: {path} is {problem}: the run's config could not be checked; using "
+        "the given --config as it is.",
+        file=sys.stderr,
+        flush=True,
+      )
       return
     stored, path = rec["config"], f"the config {rec['where']} records"
   elif rec is not None and atomic.json_digest(stored) != rec["config_sha256"]:
     _, forbidden = _edited_keys(rec, stored, MAY_DIFFER_FOR_READERS)
     if forbidden:
       raise errors.ConfigDriftError(
-          f"{path} is not the config {rec['where']} records: it was edited since "
-          f"({_edit_text(forbidden)}), and the numbers would not be this run's. Restore "
-          "the recorded values.")
+        f"{path} is not the config {rec['where']} records: it was edited since "
+        f"({_edit_text(forbidden)}), and the numbers would not be this run's. Restore "
+        "the recorded values."
+      )
   _, forbidden, _ = diff_configs(stored, config_dict(config), MAY_DIFFER_FOR_READERS)
   if forbidden:
     hints = hints or {}
     hint = "".join(f" {hints[k]}" for k in forbidden if k in hints)
     raise errors.ConfigDriftError(
-        f"This config differs from the one {workdir} was trained with in "
-        f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
-        f"Pass the run's config and overrides (see {path}).{hint}")
+      f"This config differs from the one {workdir} was trained with in "
+      f"{_changes_text(forbidden)} (stored -> given): the numbers would not be this run's. "
+      f"Pass the run's config and overrides (see {path}).{hint}"
+    )
 
 
 def read_data_identity(workdir: str) -> dict | None:
@@ -532,8 +610,11 @@ def read_data_identity(workdir: str) -> dict | None:
   except FileNotFoundError:
     return None
   except (OSError, ValueError) as e:
-    warnings.warn(f"{os.path.join(workdir, DATA_FILE)} is unreadable ({e}); the data cannot be "
-                  "checked against it.", stacklevel=2)
+    warnings.warn(
+      f"{os.path.join(workdir, DATA_FILE)} is unreadable ({e}); the data cannot be "
+      "checked against it.",
+      stacklevel=2,
+    )
     return None
   return stored if isinstance(stored, dict) else None
 
@@ -549,13 +630,21 @@ def _data_change(stored: dict, identity: dict | None) -> str:
     return f"the run trained on {_data_text(stored)}, this config names a built-in data set"
   where = stored.get("path") or stored.get("plugin")
   if where == (identity.get("path") or identity.get("plugin")):
-    return (f"{where} holds other arrays than the run trained on (SHA-256 "
-            f"{str(stored.get('sha256'))[:12]} then, {str(identity.get('sha256'))[:12]} now)")
+    return (
+      f"{where} holds other arrays than the run trained on (SHA-256 "
+      f"{str(stored.get('sha256'))[:12]} then, {str(identity.get('sha256'))[:12]} now)"
+    )
   return f"the run trained on {_data_text(stored)}, this config reads {_data_text(identity)}"
 
 
-def check_data_identity(workdir: str, identity: dict | None, *, resuming: bool,
-                        allow_change: bool = False, write: bool = True) -> None:
+def check_data_identity(
+  workdir: str,
+  identity: dict | None,
+  *,
+  resuming: bool,
+  allow_change: bool = False,
+  write: bool = True,
+) -> None:
   """The writer's data check: records a user data set's identity; a resume must find it again.
 
   Args:
@@ -575,14 +664,24 @@ def check_data_identity(workdir: str, identity: dict | None, *, resuming: bool,
   if resuming and stored is not None and stored != identity:
     if not allow_change:
       raise errors.ConfigDriftError(
-          f"Resuming {workdir} on other data: {_data_change(stored, identity)}. Restore the "
-          "data set, use a new --workdir, or pass --allow_config_change to continue on this "
-          "data (recorded).")
+        f"Resuming {workdir} on other data: {_data_change(stored, identity)}. Restore the "
+        "data set, use a new --workdir, or pass --allow_config_change to continue on this "
+        "data (recorded)."
+      )
     if write:
-      _record_change(workdir, {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "override": True,
-                               "changes": {"data": [stored, identity]}})
-    print(f"Resuming on other data: {_data_text(stored)} -> {_data_text(identity)} (recorded "
-          f"in {CHANGES_FILE}).", flush=True)
+      _record_change(
+        workdir,
+        {
+          "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "override": True,
+          "changes": {"data": [stored, identity]},
+        },
+      )
+    print(
+      f"Resuming on other data: {_data_text(stored)} -> {_data_text(identity)} (recorded "
+      f"in {CHANGES_FILE}).",
+      flush=True,
+    )
   if write and stored != identity:
     atomic.write_json(os.path.join(workdir, DATA_FILE), identity)
 
@@ -597,14 +696,15 @@ def check_reader_data(workdir: str, identity: dict | None) -> None:
   if stored is None or stored == identity:
     return
   raise errors.ConfigDriftError(
-      f"Reading {workdir} on other data: {_data_change(stored, identity)}: the numbers would "
-      "not be this run's. Restore the data the run trained on, or train a new run.")
+    f"Reading {workdir} on other data: {_data_change(stored, identity)}: the numbers would "
+    "not be this run's. Restore the data the run trained on, or train a new run."
+  )
 
 
 # What an evaluation given one of these keys most likely wanted instead.
 EVAL_HINTS = {
-    "max_test": "To score only the first n test images, pass --config.eval.max_test_examples=n "
-                "(max_test also shrinks the validation split the run was trained with).",
+  "max_test": "To score only the first n test images, pass --config.eval.max_test_examples=n "
+  "(max_test also shrinks the validation split the run was trained with).",
 }
 
 
@@ -614,11 +714,17 @@ EVAL_HINTS = {
 
 
 METRICS_FILE = "metrics.jsonl"
-MACHINES_FILE = "machines.jsonl"   # one line per training segment: its step, CPU, backend
+MACHINES_FILE = "machines.jsonl"  # one line per training segment: its step, CPU, backend
 PREVIOUS_DIR = "previous"
 # What only a run that saved a checkpoint (or was evaluated) leaves in its workdir.
-_SAVED_RUN_FILES = (CHANGES_FILE, "eval_metrics.json", "per_example.npz", "eval_samples.png",
-                    "unreadable_checkpoints", "uses")
+_SAVED_RUN_FILES = (
+  CHANGES_FILE,
+  "eval_metrics.json",
+  "per_example.npz",
+  "eval_samples.png",
+  "unreadable_checkpoints",
+  "uses",
+)
 
 
 def _metric_lines(path: str) -> tuple[list[tuple[bytes, dict]], int]:
@@ -672,7 +778,7 @@ def history_after_a_save(workdir: str, checkpoint_every_steps: int) -> list[str]
   first_save = int(checkpoint_every_steps)
   for rec in records:
     if rec.get("epoch") and rec.get("step") and "val_loss" not in rec:
-      first_save = min(first_save, int(round(rec["step"] / rec["epoch"])))   # steps per epoch
+      first_save = min(first_save, int(round(rec["step"] / rec["epoch"])))  # steps per epoch
       break
   if any("summary" in r or _record_step(r) > first_save for r in records):
     found.insert(0, METRICS_FILE)
@@ -714,10 +820,11 @@ def check_history(workdir: str, config, *, overwrite: bool) -> None:
     return
   if not overwrite:
     raise errors.HistoryError(
-        f"{workdir} holds the history of an earlier run ({', '.join(found)}) but no checkpoint "
-        "to resume: starting afresh would mix with it. Use a new --workdir, restore the "
-        "checkpoints, or pass --overwrite to move the earlier files into "
-        f"{os.path.join(workdir, PREVIOUS_DIR)}/<time>/.")
+      f"{workdir} holds the history of an earlier run ({', '.join(found)}) but no checkpoint "
+      "to resume: starting afresh would mix with it. Use a new --workdir, restore the "
+      "checkpoints, or pass --overwrite to move the earlier files into "
+      f"{os.path.join(workdir, PREVIOUS_DIR)}/<time>/."
+    )
   dst = move_history_aside(workdir)
   print(f"Moved the earlier history of {workdir} to {dst}.", flush=True)
 
@@ -749,8 +856,15 @@ class Writer:
   ``config_changes.jsonl`` as it found them.
   """
 
-  def __init__(self, workdir: str, config, *, primary: bool = True,
-               allow_config_change: bool = False, overwrite: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    config,
+    *,
+    primary: bool = True,
+    allow_config_change: bool = False,
+    overwrite: bool = False,
+  ):
     self.workdir = workdir
     self.config = config
     self.primary = primary
@@ -761,7 +875,7 @@ class Writer:
 
   def __enter__(self) -> "Writer":
     if self.lock is not None:
-      self.lock.acquire()               # creates the workdir (a one-line error if it cannot)
+      self.lock.acquire()  # creates the workdir (a one-line error if it cannot)
     else:
       os.makedirs(self.workdir, exist_ok=True)
     try:
@@ -771,11 +885,19 @@ class Writer:
       self._config_path = os.path.join(self.workdir, CONFIG_FILE)
       self._changes_path = os.path.join(self.workdir, CHANGES_FILE)
       self._data_path = os.path.join(self.workdir, DATA_FILE)
-      self._before = (_steps(self.workdir), _read_bytes(self._config_path),
-                      _read_bytes(self._changes_path), _read_bytes(self._data_path))
+      self._before = (
+        _steps(self.workdir),
+        _read_bytes(self._config_path),
+        _read_bytes(self._changes_path),
+        _read_bytes(self._data_path),
+      )
       self.changes = check_config_drift(
-          self.workdir, self.config, resuming=resuming,
-          allow_change=self.allow_config_change, write=self.primary)
+        self.workdir,
+        self.config,
+        resuming=resuming,
+        allow_change=self.allow_config_change,
+        write=self.primary,
+      )
     except BaseException as e:
       self.__exit__(type(e))
       raise
@@ -783,8 +905,12 @@ class Writer:
 
   def __exit__(self, exc_type=None, *_):
     try:
-      if (exc_type is not None and self.primary and hasattr(self, "_before")
-          and _steps(self.workdir) == self._before[0]):
+      if (
+        exc_type is not None
+        and self.primary
+        and hasattr(self, "_before")
+        and _steps(self.workdir) == self._before[0]
+      ):
         self._roll_back()
     finally:
       if self.lock is not None:
@@ -792,9 +918,11 @@ class Writer:
 
   def _roll_back(self) -> None:
     """Restores config.json, config_changes.jsonl and data_identity.json as found."""
-    for path, content in ((self._config_path, self._before[1]),
-                          (self._changes_path, self._before[2]),
-                          (self._data_path, self._before[3])):
+    for path, content in (
+      (self._config_path, self._before[1]),
+      (self._changes_path, self._before[2]),
+      (self._data_path, self._before[3]),
+    ):
       try:
         if _read_bytes(path) == content:
           continue
@@ -803,7 +931,7 @@ class Writer:
         else:
           atomic.write_bytes(path, content)
       except OSError:
-        pass       # a full or read-only disk: the original error is the one to report
+        pass  # a full or read-only disk: the original error is the one to report
 
 
 # ----------------------------------------------------------------------------
@@ -811,7 +939,7 @@ class Writer:
 # ----------------------------------------------------------------------------
 
 
-REJECTED_FILE = "metrics.rejected.jsonl"   # lines a resume set aside, never deleted
+REJECTED_FILE = "metrics.rejected.jsonl"  # lines a resume set aside, never deleted
 
 
 class _NonFinite(ValueError):
@@ -854,8 +982,9 @@ def _sort_lines(raw_lines: list[bytes], step: int) -> tuple[list[bytes], list[di
     if reason is None:
       kept.append(raw)
     else:
-      rejected.append({"line": i, "reason": reason,
-                       "text": raw.decode(errors="replace").rstrip("\n")})
+      rejected.append(
+        {"line": i, "reason": reason, "text": raw.decode(errors="replace").rstrip("\n")}
+      )
   return kept, rejected
 
 
@@ -883,16 +1012,20 @@ def trim_metrics(path: str, step: int) -> int:
   aside = os.path.join(os.path.dirname(os.path.abspath(path)), REJECTED_FILE)
   stamp = time.strftime("%Y-%m-%d %H:%M:%S")
   for r in rejected:
-    atomic.append_line(aside, atomic.dumps(dict(r, time=stamp, resumed_from_step=step)),
-                       fsync=False)
+    atomic.append_line(
+      aside, atomic.dumps(dict(r, time=stamp, resumed_from_step=step)), fsync=False
+    )
   atomic.write_bytes(path, b"".join(kept))
-  counts = {k: sum(r["reason"] == k for r in rejected) for k in ("torn", "non-finite",
-                                                                  "duplicate")}
+  counts = {k: sum(r["reason"] == k for r in rejected) for k in ("torn", "non-finite", "duplicate")}
   if any(counts.values()):
     what = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-    print(f"warning: {path}: set aside {what} line(s) (torn or unreadable: a write cut short "
-          f"by a kill or a full disk; non-finite: not JSON) in {aside}; the file keeps one "
-          "record per step.", file=sys.stderr, flush=True)
+    print(
+      f"warning: {path}: set aside {what} line(s) (torn or unreadable: a write cut short "
+      f"by a kill or a full disk; non-finite: not JSON) in {aside}; the file keeps one "
+      "record per step.",
+      file=sys.stderr,
+      flush=True,
+    )
   return len(rejected)
 
 
@@ -912,7 +1045,10 @@ def check_metrics_cover(path: str, step: int, log_every_steps: int, steps_per_ep
   logged = max((int(r["step"]) for r in records if "loss" in r and "step" in r), default=0)
   if logged >= last:
     return True
-  print(f"warning: {path} ends at step {logged}, the checkpoint is at step {step}: the records "
-        f"of steps {logged + 1}..{step} are lost (training goes on from step {step}).",
-        file=sys.stderr, flush=True)
+  print(
+    f"warning: {path} ends at step {logged}, the checkpoint is at step {step}: the records "
+    f"of steps {logged + 1}..{step} are lost (training goes on from step {step}).",
+    file=sys.stderr,
+    flush=True,
+  )
   return False

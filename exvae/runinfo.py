@@ -33,7 +33,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
       try:
         out.append(json.loads(line))
       except json.JSONDecodeError:
-        pass          # the last line of a run killed while writing it
+        pass  # the last line of a run killed while writing it
   return out
 
 
@@ -57,7 +57,7 @@ def read_val_records(workdir: str | os.PathLike) -> list[dict]:
   return [recs[e] for e in sorted(recs)]
 
 
-PAUSE_GAP_S = 300.0   # no step or validation record of a running job is this far from the last
+PAUSE_GAP_S = 300.0  # no step or validation record of a running job is this far from the last
 
 
 def training_wall_clock(records: list[dict]) -> float:
@@ -101,8 +101,9 @@ def code_commit() -> str:
   """git HEAD of the checkout this package runs from ("unknown" outside a git checkout)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, timeout=10)
+    out = subprocess.run(
+      ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+    )
   except (OSError, subprocess.SubprocessError):
     return "unknown"
   return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
@@ -120,10 +121,13 @@ def cpu_name(with_isa: bool = False) -> str:
       info = f.read()
   except OSError:
     info = ""
-  name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-               if line.startswith("model name")), None)
+  name = next(
+    (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+    None,
+  )
   return (name or platform.processor() or platform.machine()) + (
-      ", AVX-512" if with_isa and " avx512f" in info else "")
+    ", AVX-512" if with_isa and " avx512f" in info else ""
+  )
 
 
 def machine() -> dict:
@@ -131,10 +135,15 @@ def machine() -> dict:
   of one model name can differ by 2-3x in float32 matmul rate), ``cores``, ``backend``,
   ``devices`` and ``device_kind`` (the first device's)."""
   import jax
+
   devs = jax.devices()
-  return {"cpu": cpu_name(with_isa=True), "cores": os.cpu_count(),
-          "backend": jax.default_backend(), "devices": len(devs),
-          "device_kind": getattr(devs[0], "device_kind", "")}
+  return {
+    "cpu": cpu_name(with_isa=True),
+    "cores": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "devices": len(devs),
+    "device_kind": getattr(devs[0], "device_kind", ""),
+  }
 
 
 def matmul_rate(n: int = 2048, reps: int = 3) -> float:
@@ -149,6 +158,7 @@ def matmul_rate(n: int = 2048, reps: int = 3) -> float:
   """
   import jax
   import jax.numpy as jnp
+
   x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   mm = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(mm(x, x))

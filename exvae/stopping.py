@@ -50,12 +50,15 @@ class SigtermStop(KeyboardInterrupt):
 def _handler(signum, frame) -> None:
   _state["requested"] = True
   if not _state["deferring"]:
-    raise SigtermStop("SIGTERM before the command's outputs were complete (each file is "
-                      "written whole or not at all); run the same command again.")
+    raise SigtermStop(
+      "SIGTERM before the command's outputs were complete (each file is "
+      "written whole or not at all); run the same command again."
+    )
 
 
 def deferring(fn: _F) -> _F:
   """Decorates a function that asks :func:`requested` at its safe points (see the module)."""
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     _state["deferring"] += 1
@@ -63,6 +66,7 @@ def deferring(fn: _F) -> _F:
       return fn(*args, **kwargs)
     finally:
       _state["deferring"] -= 1
+
   return wrapped  # type: ignore[return-value]
 
 

@@ -32,8 +32,21 @@ import optax
 from absl import logging
 from flax import struct
 
-from exvae import (atomic, checkpoints, config_checks, data, distributed, errors, evaluation,
-                   pictures, plugins, rng, rundir, runinfo, writers)
+from exvae import (
+  atomic,
+  checkpoints,
+  config_checks,
+  data,
+  distributed,
+  errors,
+  evaluation,
+  pictures,
+  plugins,
+  rng,
+  rundir,
+  runinfo,
+  writers,
+)
 from exvae import progress as progress_lib
 from exvae.likelihoods import get_likelihood
 from exvae.models import make_model
@@ -81,11 +94,16 @@ class TrainState:
 def load_data(config) -> data.Splits:
   """Loads the configured data set (clear DataNotFoundError if missing)."""
   return data.load(
-      config.dataset, data_dir=config.data_dir or None, source=config.data_source,
-      val_size=config.val_size or None, eval_binarize_seed=config.eval_binarize_seed,
-      eval_binarize=config.get("eval_binarize", "exvae"),
-      max_train=config.max_train or None, max_test=config.max_test or None,
-      likelihood=config.likelihood)
+    config.dataset,
+    data_dir=config.data_dir or None,
+    source=config.data_source,
+    val_size=config.val_size or None,
+    eval_binarize_seed=config.eval_binarize_seed,
+    eval_binarize=config.get("eval_binarize", "exvae"),
+    max_train=config.max_train or None,
+    max_test=config.max_test or None,
+    likelihood=config.likelihood,
+  )
 
 
 def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup:
@@ -101,19 +119,28 @@ def make_setup(config, splits: data.Splits, pool_sharded: bool = False) -> Setup
   (:mod:`exvae.config_checks`); those that need none run before the data is loaded.
   """
   n = splits.train_x.shape[0]
-  config_checks.check_sizes(config, n)     # batch_size, num_exemplars, rat_k vs the data
+  config_checks.check_sizes(config, n)  # batch_size, num_exemplars, rat_k vs the data
   model = make_model(config, splits.image_shape)
   prior = make_prior(config.prior, config)
   config_checks.check_model_and_prior(config, n, model, prior)
   log_lik, mean_fn = get_likelihood(config.likelihood)
-  return Setup(model=model, prior=prior, log_lik=log_lik, mean_fn=mean_fn,
-               optimizer=make_optimizer(config), binary=bool(splits.binary),
-               batch_size=int(config.batch_size), steps_per_epoch=n // int(config.batch_size),
-               warmup_epochs=int(config.warmup_epochs), num_train=n,
-               pool_sharded=bool(pool_sharded),
-               binary_exemplars=bool(splits.binary) and bool(config.exemplar.binarize_exemplars),
-               objective=str(config.objective), objective_samples=int(config.objective_samples),
-               gradient_estimator=str(config.gradient_estimator))
+  return Setup(
+    model=model,
+    prior=prior,
+    log_lik=log_lik,
+    mean_fn=mean_fn,
+    optimizer=make_optimizer(config),
+    binary=bool(splits.binary),
+    batch_size=int(config.batch_size),
+    steps_per_epoch=n // int(config.batch_size),
+    warmup_epochs=int(config.warmup_epochs),
+    num_train=n,
+    pool_sharded=bool(pool_sharded),
+    binary_exemplars=bool(splits.binary) and bool(config.exemplar.binarize_exemplars),
+    objective=str(config.objective),
+    objective_samples=int(config.objective_samples),
+    gradient_estimator=str(config.gradient_estimator),
+  )
 
 
 def make_pool(config, splits: data.Splits, mesh) -> tuple[jax.Array, bool]:
@@ -135,12 +162,18 @@ def init_state(config, setup: Setup, num_train: int) -> TrainState:
   """Fresh train state from ``config.seed``."""
   key = jax.random.PRNGKey(config.seed)
   k_model, k_prior, k_run = jax.random.split(key, 3)
-  params = {"model": setup.model.init(k_model),
-            "prior": setup.prior.init(k_prior, setup.model, num_train)}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=setup.optimizer.init(params),
-                    prior_state=setup.prior.init_state(setup.model, num_train),
-                    key=k_run, nonfinite=jnp.zeros((), jnp.int32))
+  params = {
+    "model": setup.model.init(k_model),
+    "prior": setup.prior.init(k_prior, setup.model, num_train),
+  }
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=setup.optimizer.init(params),
+    prior_state=setup.prior.init_state(setup.model, num_train),
+    key=k_run,
+    nonfinite=jnp.zeros((), jnp.int32),
+  )
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -158,8 +191,9 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def train_batch(base_key: jax.Array, step: jax.Array, pool: jax.Array, perm: jax.Array, *,
-                setup: Setup) -> tuple[jax.Array, jax.Array, jax.Array]:
+def train_batch(
+  base_key: jax.Array, step: jax.Array, pool: jax.Array, perm: jax.Array, *, setup: Setup
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The batch of one training step, and the key left for the loss.
 
   The step key is ``fold_in(base_key, step)`` (so a resumed run draws the
@@ -185,7 +219,7 @@ def train_batch(base_key: jax.Array, step: jax.Array, pool: jax.Array, perm: jax
   # Data parallel over the mesh, if any (a split pool: each device sends the rows it owns).
   x = distributed.shard_batch(distributed.take_rows(pool, ids, setup.pool_sharded))
   if setup.binary:
-    x = rng.bernoulli_rows(k_bin, x, ids)          # dynamic binarisation, fresh every step
+    x = rng.bernoulli_rows(k_bin, x, ids)  # dynamic binarisation, fresh every step
   return x, ids, k_loss
 
 
@@ -208,7 +242,8 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   beta = kl_beta(step, setup.steps_per_epoch, setup.warmup_epochs)
   grad_fn = jax.value_and_grad(setup.loss_fn(), has_aux=True)
   (loss, (metrics, new_prior_state)), grads = grad_fn(
-      state.params, state.prior_state, setup, x, ids, k_loss, beta, pool)
+    state.params, state.prior_state, setup, x, ids, k_loss, beta, pool
+  )
   ok = jnp.isfinite(loss) & _tree_all_finite(grads)
 
   def update(params_and_opt):
@@ -221,20 +256,22 @@ def _train_step(state: TrainState, pool: jax.Array, perm: jax.Array, *, setup: S
   # moment each step (44 copies); the cond updates them in place.  Measured on a
   # quiet 2-core CPU: the Gaussian step 1.16x faster, RAT 1.02x, exact 0.98x
   # (within its noise); parameters after a step agree to 3e-8.
-  new_params, new_opt_state = jax.lax.cond(ok, update, lambda po: po,
-                                           (state.params, state.opt_state))
+  new_params, new_opt_state = jax.lax.cond(
+    ok, update, lambda po: po, (state.params, state.opt_state)
+  )
   new_state = TrainState(
-      # The step always advances (the host loop counts steps itself, without a
-      # device sync); a skipped update is recorded in `nonfinite`.
-      step=step + 1,
-      params=new_params,
-      opt_state=new_opt_state,
-      # Not guarded: a select over the RAT cache (N x d) would defeat in-place
-      # donation and cost a full copy per step (measured 25.7 -> 16.5 ms/step).
-      # A non-finite step is never checkpointed, so its cache writes are moot.
-      prior_state=new_prior_state,
-      key=state.key,
-      nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
+    # The step always advances (the host loop counts steps itself, without a
+    # device sync); a skipped update is recorded in `nonfinite`.
+    step=step + 1,
+    params=new_params,
+    opt_state=new_opt_state,
+    # Not guarded: a select over the RAT cache (N x d) would defeat in-place
+    # donation and cost a full copy per step (measured 25.7 -> 16.5 ms/step).
+    # A non-finite step is never checkpointed, so its cache writes are moot.
+    prior_state=new_prior_state,
+    key=state.key,
+    nonfinite=state.nonfinite + (~ok).astype(jnp.int32),
+  )
   metrics = dict(metrics, **setup.prior.describe(state.params["prior"]))
   return new_state, metrics
 
@@ -248,8 +285,9 @@ def refresh_step(state: TrainState, pool: jax.Array, *, setup: Setup) -> TrainSt
   """Epoch-start hook of the prior (RAT: re-encode the whole cache, no gradients)."""
   key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0x5EED)
   inputs = setup.context_inputs(pool, key)
-  prior_state = setup.prior.refresh(state.params["prior"], state.prior_state, setup.model,
-                                    state.params["model"], inputs)
+  prior_state = setup.prior.refresh(
+    state.params["prior"], state.prior_state, setup.model, state.params["model"], inputs
+  )
   return state.replace(prior_state=prior_state)
 
 
@@ -263,38 +301,51 @@ def _append_jsonl(path: str, record: dict) -> None:
   if not distributed.is_primary():
     return
   atomic.append_line(path, atomic.dumps(atomic.finite_or_none(record)), fsync=False)
-  writers.write(path, record)        # TensorBoard, if open for this workdir
+  writers.write(path, record)  # TensorBoard, if open for this workdir
 
 
 def _to_float(tree) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def validate(state: TrainState, setup: Setup, pool, splits: data.Splits, config, workdir: str,
-             epoch: int) -> dict[str, float]:
+def validate(
+  state: TrainState, setup: Setup, pool, splits: data.Splits, config, workdir: str, epoch: int
+) -> dict[str, float]:
   """Validation loss (full exemplar bank, beta = 1) and a picture.
 
   The loss is the negative of the training objective's bound: the ELBO with
   one sample per example, or under ``objective='iwae'`` the IWAE bound with
   the same k samples as training.
   """
-  ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                                setup=setup)
-  res = evaluation.evaluate_split(state.params, setup, ctx, splits.val_x, jax.random.PRNGKey(7),
-                                  num_samples=setup.objective_samples,
-                                  max_queries=config.eval.max_queries)
+  ctx = evaluation.eval_context(
+    state.params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup
+  )
+  res = evaluation.evaluate_split(
+    state.params,
+    setup,
+    ctx,
+    splits.val_x,
+    jax.random.PRNGKey(7),
+    num_samples=setup.objective_samples,
+    max_queries=config.eval.max_queries,
+  )
   bound = res["log_px_iwae"] if setup.objective == "iwae" else res["elbo"]
-  metrics = {"val_loss": float(-bound.mean()), "val_recon": float(res["recon"].mean()),
-             "val_kl": float(res["kl"].mean())}
+  metrics = {
+    "val_loss": float(-bound.mean()),
+    "val_recon": float(res["recon"].mean()),
+    "val_kl": float(res["kl"].mean()),
+  }
   n_pic = int(config.num_picture_samples)
   if n_pic > 0:
     xv = jnp.asarray(splits.val_x[: min(n_pic // 2, splits.val_x.shape[0])])
-    samples, recons = evaluation.picture_batch(state.params, ctx, xv, jax.random.PRNGKey(epoch),
-                                               setup=setup, num_samples=n_pic)
+    samples, recons = evaluation.picture_batch(
+      state.params, ctx, xv, jax.random.PRNGKey(epoch), setup=setup, num_samples=n_pic
+    )
     path = os.path.join(workdir, "pictures", f"epoch_{epoch + 1:05d}.png")
     if distributed.is_primary():
-      pictures.save_samples_and_reconstructions(path, np.asarray(samples), np.asarray(xv),
-                                                np.asarray(recons))
+      pictures.save_samples_and_reconstructions(
+        path, np.asarray(samples), np.asarray(xv), np.asarray(recons)
+      )
     metrics["picture"] = path
   return metrics
 
@@ -335,8 +386,9 @@ def _summary_meta(meta: dict) -> dict:
   return dict(meta, best_epoch=int(meta.get("best_epoch", -1)) + 1)
 
 
-def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False,
-                       overwrite: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+  config, workdir: str, *, allow_config_change: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
   """Trains on all devices of a data mesh (``config.num_devices``; see :func:`_train`).
 
   The workdir is held by :class:`exvae.rundir.Writer` meanwhile: an exclusive
@@ -345,13 +397,20 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   and the history check of a fresh start (``overwrite``: move an earlier run's
   files into ``<workdir>/previous/<time>/`` instead of refusing).
   """
-  config_checks.check_training_config(config)     # the one check of the config's values
-  with rundir.Writer(workdir, config, primary=distributed.is_primary(),
-                     allow_config_change=allow_config_change, overwrite=overwrite):
+  config_checks.check_training_config(config)  # the one check of the config's values
+  with rundir.Writer(
+    workdir,
+    config,
+    primary=distributed.is_primary(),
+    allow_config_change=allow_config_change,
+    overwrite=overwrite,
+  ):
     with distributed.data_mesh(int(config.num_devices)) as mesh:
       if mesh is not None and int(config.batch_size) % mesh.size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
-                         f"{mesh.size} data-parallel devices.")
+        raise ValueError(
+          f"batch_size {config.batch_size} is not divisible by the "
+          f"{mesh.size} data-parallel devices."
+        )
       return _train(config, workdir, mesh, allow_config_change)
 
 
@@ -374,23 +433,34 @@ class Bookkeeping:
     t_start: when this session of the run started (``time.time()``).
   """
 
-  def __init__(self, config, workdir: str, setup: Setup, pool: jax.Array,
-               splits: data.Splits, manager: checkpoints.Manager, state: TrainState,
-               best_params: PyTree, meta: dict, restored: bool):
+  def __init__(
+    self,
+    config,
+    workdir: str,
+    setup: Setup,
+    pool: jax.Array,
+    splits: data.Splits,
+    manager: checkpoints.Manager,
+    state: TrainState,
+    best_params: PyTree,
+    meta: dict,
+    restored: bool,
+  ):
     self.config, self.workdir, self.setup = config, workdir, setup
     self.pool, self.splits, self.manager = pool, splits, manager
     self.best_params, self.meta = best_params, meta
     self.last_saved = int(state.step)
-    self.saved_any = restored          # a checkpoint of this run exists
-    self.save_failed = False           # a full disk: do not try again on the way out
-    self.diverged = False              # non-finite validation: keep the last good checkpoint
+    self.saved_any = restored  # a checkpoint of this run exists
+    self.save_failed = False  # a full disk: do not try again on the way out
+    self.diverged = False  # non-finite validation: keep the last good checkpoint
     self.max_steps = total_steps(config, setup.steps_per_epoch)
     self.metrics_path = os.path.join(workdir, rundir.METRICS_FILE)
     self.t_start = time.time()
 
   @classmethod
-  def restore(cls, config, workdir: str, setup: Setup, pool: jax.Array, splits: data.Splits,
-              mesh) -> tuple["Bookkeeping", TrainState]:
+  def restore(
+    cls, config, workdir: str, setup: Setup, pool: jax.Array, splits: data.Splits, mesh
+  ) -> tuple["Bookkeeping", TrainState]:
     """A fresh state and bookkeeping, or the newest good checkpoint's, placed on ``mesh``.
 
     Returns:
@@ -400,11 +470,17 @@ class Bookkeeping:
       checkpoints.CheckpointNotFoundError: checkpoints exist but none is readable.
     """
     state = distributed.replicate(init_state(config, setup, setup.num_train), mesh)
-    manager = checkpoints.Manager(os.path.join(workdir, "checkpoints"),
-                                  max_to_keep=int(config.keep_checkpoints))
-    meta = {"epochs_validated": 0, "best_val": None, "best_epoch": -1, "bad_epochs": 0,
-            "early_stopped": False}
-    best_params = jax.tree.map(jnp.copy, state.params)   # never aliased with donated buffers
+    manager = checkpoints.Manager(
+      os.path.join(workdir, "checkpoints"), max_to_keep=int(config.keep_checkpoints)
+    )
+    meta = {
+      "epochs_validated": 0,
+      "best_val": None,
+      "best_epoch": -1,
+      "bad_epochs": 0,
+      "early_stopped": False,
+    }
+    best_params = jax.tree.map(jnp.copy, state.params)  # never aliased with donated buffers
     try:
       restored = manager.restore_latest(state, best_params)
     except checkpoints.CheckpointNotFoundError:
@@ -417,15 +493,26 @@ class Bookkeeping:
       state, best_params = distributed.replicate((state, best_params), mesh)
       logging.info("Resumed from step %d.", int(state.step))
       print(f"Resumed from checkpoint at step {int(state.step)} in {workdir}.", flush=True)
-    book = cls(config, workdir, setup, pool, splits, manager, state, best_params, meta,
-               restored=restored is not None)
+    book = cls(
+      config,
+      workdir,
+      setup,
+      pool,
+      splits,
+      manager,
+      state,
+      best_params,
+      meta,
+      restored=restored is not None,
+    )
     return book, state
 
   def last_good(self) -> str:
     """Where the last good checkpoint is, as the errors say it (in lower case)."""
     if self.saved_any:
-      return (f"the last good checkpoint (step {self.last_saved}) is intact in "
-              f"{self.manager.directory}")
+      return (
+        f"the last good checkpoint (step {self.last_saved}) is intact in {self.manager.directory}"
+      )
     return f"no checkpoint was written (nothing in {self.manager.directory} is from this run)"
 
   def nonfinite_error(self, what: str, m: dict | None = None) -> NonFiniteLossError:
@@ -433,12 +520,17 @@ class Bookkeeping:
     good = self.last_good()
     bad = [f"{k}={m[k]}" for k in ("recon", "kl") if m and k in m and not math.isfinite(m[k])]
     prior = self.config.prior
-    todo = ("Try a lower learning_rate." if not plugins.is_spec(prior) else
-            f"The prior is the plug-in {prior!r}: check that its log_prob stays finite "
-            f"(it enters the KL term{': ' + ', '.join(bad) if bad else ''}), or try a lower "
-            "learning_rate.")
-    return NonFiniteLossError(f"Non-finite loss or gradient {what}; the update was skipped and "
-                              f"training stopped. {good[0].upper()}{good[1:]}. {todo}")
+    todo = (
+      "Try a lower learning_rate."
+      if not plugins.is_spec(prior)
+      else f"The prior is the plug-in {prior!r}: check that its log_prob stays finite "
+      f"(it enters the KL term{': ' + ', '.join(bad) if bad else ''}), or try a lower "
+      "learning_rate."
+    )
+    return NonFiniteLossError(
+      f"Non-finite loss or gradient {what}; the update was skipped and "
+      f"training stopped. {good[0].upper()}{good[1:]}. {todo}"
+    )
 
   def save(self, state: TrainState) -> None:
     """Checkpoints ``state`` with the best parameters and the bookkeeping.
@@ -446,7 +538,7 @@ class Bookkeeping:
     Raises:
       NonFiniteLossError: ``state`` has skipped non-finite steps (it is not saved).
     """
-    if int(state.nonfinite) > 0:      # never save a state after skipped steps
+    if int(state.nonfinite) > 0:  # never save a state after skipped steps
       raise self.nonfinite_error(f"by step {int(state.step)}")
     try:
       self.manager.save(int(state.step), state, self.best_params, self.meta)
@@ -467,24 +559,36 @@ class Bookkeeping:
     config, meta, spe = self.config, self.meta, self.setup.steps_per_epoch
     step = int(state.step)
     while meta["epochs_validated"] < step // spe:
-      epoch = meta["epochs_validated"]           # 0-based epoch that just finished
+      epoch = meta["epochs_validated"]  # 0-based epoch that just finished
       if (epoch + 1) % int(config.val_every_epochs) == 0 or step >= self.max_steps:
         vm = validate(state, self.setup, self.pool, self.splits, config, self.workdir, epoch)
         bad = [k for k in ("val_loss", "val_recon", "val_kl") if not math.isfinite(vm[k])]
         if bad:
           self.diverged = True
           raise NonFiniteValidationError(
-              f"Non-finite validation loss at epoch {epoch + 1} (step {step}: "
-              f"{', '.join(f'{k}={vm[k]}' for k in bad)}); training stopped and "
-              f"{self.last_good()}. The model or prior diverges at evaluation: try a lower "
-              "learning_rate.")
+            f"Non-finite validation loss at epoch {epoch + 1} (step {step}: "
+            f"{', '.join(f'{k}={vm[k]}' for k in bad)}); training stopped and "
+            f"{self.last_good()}. The model or prior diverges at evaluation: try a lower "
+            "learning_rate."
+          )
         if early_stopping_update(meta, vm["val_loss"], epoch, int(config.warmup_epochs)):
           self.best_params = jax.tree.map(jnp.copy, state.params)
-        _append_jsonl(self.metrics_path, dict(
-            vm, epoch=epoch + 1, step=step, best_val=meta["best_val"],
-            bad_epochs=meta["bad_epochs"], time=time.time() - self.t_start))
-        print(f"epoch {epoch + 1}: val_loss={vm['val_loss']:.3f} (best {meta['best_val']:.3f} "
-              f"at epoch {meta['best_epoch'] + 1})", flush=True)
+        _append_jsonl(
+          self.metrics_path,
+          dict(
+            vm,
+            epoch=epoch + 1,
+            step=step,
+            best_val=meta["best_val"],
+            bad_epochs=meta["bad_epochs"],
+            time=time.time() - self.t_start,
+          ),
+        )
+        print(
+          f"epoch {epoch + 1}: val_loss={vm['val_loss']:.3f} (best {meta['best_val']:.3f} "
+          f"at epoch {meta['best_epoch'] + 1})",
+          flush=True,
+        )
       meta["epochs_validated"] = epoch + 1
 
   def log_step(self, state: TrainState, metrics: dict, step: int) -> dict[str, float]:
@@ -496,8 +600,10 @@ class Bookkeeping:
     m = _to_float(metrics)
     if int(state.nonfinite) > 0:
       raise self.nonfinite_error(f"by step {int(state.step)} (loss={m['loss']})", m)
-    _append_jsonl(self.metrics_path, dict(m, step=step, epoch=step / self.setup.steps_per_epoch,
-                                          time=time.time() - self.t_start))
+    _append_jsonl(
+      self.metrics_path,
+      dict(m, step=step, epoch=step / self.setup.steps_per_epoch, time=time.time() - self.t_start),
+    )
     return m
 
   def finish(self, state: TrainState, failing: BaseException | None) -> None:
@@ -508,15 +614,19 @@ class Bookkeeping:
     error of this save is not raised over the first one.
     """
     if failing is not None and not isinstance(failing, Exception):
-      checkpoints.silence_background_threads(crash_dumps=True)   # Ctrl-C: the one line only
-    if (not self.save_failed and not self.diverged and int(state.nonfinite) == 0
-        and int(state.step) != self.last_saved):
+      checkpoints.silence_background_threads(crash_dumps=True)  # Ctrl-C: the one line only
+    if (
+      not self.save_failed
+      and not self.diverged
+      and int(state.nonfinite) == 0
+      and int(state.step) != self.last_saved
+    ):
       try:
         self.save(state)
       except BaseException:
         if failing is None:
           raise
-        checkpoints.silence_background_threads()    # the first error is the one to report
+        checkpoints.silence_background_threads()  # the first error is the one to report
     if failing is not None:
       checkpoints.silence_background_threads()
     self.manager.wait_until_finished()
@@ -539,8 +649,13 @@ def _prepare(config, workdir: str, mesh, allow_config_change: bool):
   data.validate_images(splits.train_x, name="training images")
   pool, pool_sharded = make_pool(config, splits, mesh)
   setup = make_setup(config, splits, pool_sharded)
-  rundir.check_data_identity(workdir, splits.identity, resuming=rundir.has_checkpoint(workdir),
-                             allow_change=allow_config_change, write=distributed.is_primary())
+  rundir.check_data_identity(
+    workdir,
+    splits.identity,
+    resuming=rundir.has_checkpoint(workdir),
+    allow_change=allow_config_change,
+    write=distributed.is_primary(),
+  )
   book, state = Bookkeeping.restore(config, workdir, setup, pool, splits, mesh)
   return splits, pool, setup, book, state
 
@@ -551,19 +666,28 @@ def _open_session(config, workdir: str, book: Bookkeeping, state: TrainState) ->
   A run that stopped early already only gets its metrics trimmed.
   """
   primary = distributed.is_primary()
-  if primary:    # steps after the restored one are trained (and logged) again
+  if primary:  # steps after the restored one are trained (and logged) again
     rundir.trim_metrics(book.metrics_path, int(state.step))
-    rundir.check_metrics_cover(book.metrics_path, int(state.step), int(config.log_every_steps),
-                               book.setup.steps_per_epoch)
+    rundir.check_metrics_cover(
+      book.metrics_path, int(state.step), int(config.log_every_steps), book.setup.steps_per_epoch
+    )
   if book.meta.get("early_stopped"):
     return
-  if primary:   # which machine trains from here (a run may move between machines)
-    atomic.append_line(os.path.join(workdir, rundir.MACHINES_FILE), atomic.dumps(
-        {"step": int(state.step), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         **runinfo.machine()}))
+  if primary:  # which machine trains from here (a run may move between machines)
+    atomic.append_line(
+      os.path.join(workdir, rundir.MACHINES_FILE),
+      atomic.dumps(
+        {
+          "step": int(state.step),
+          "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+          **runinfo.machine(),
+        }
+      ),
+    )
   tb = bool(config.tensorboard) and primary
-  writers.open_run(workdir, enabled=tb,
-                   replay=rundir.read_metrics(book.metrics_path)[0] if tb else None)
+  writers.open_run(
+    workdir, enabled=tb, replay=rundir.read_metrics(book.metrics_path)[0] if tb else None
+  )
   book.t_start = time.time()
 
 
@@ -588,24 +712,36 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
   """
   splits, pool, setup, book, state = _prepare(config, workdir, mesh, allow_config_change)
   n, spe, meta = setup.num_train, setup.steps_per_epoch, book.meta
-  summary = {"workdir": workdir, "dataset": splits.name, "data_source": splits.source,
-             "prior": config.prior, "num_train": n, "steps_per_epoch": spe}
-  if splits.identity is not None:    # a user's data set: its path (or plug-in) and SHA-256
+  summary = {
+    "workdir": workdir,
+    "dataset": splits.name,
+    "data_source": splits.source,
+    "prior": config.prior,
+    "num_train": n,
+    "steps_per_epoch": spe,
+  }
+  if splits.identity is not None:  # a user's data set: its path (or plug-in) and SHA-256
     summary["data_identity"] = splits.identity
   _open_session(config, workdir, book, state)
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **_summary_meta(meta))
-  stop = []                     # SIGTERM: finish the step, save, stop
+  stop = []  # SIGTERM: finish the step, save, stop
   prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
   from tqdm.auto import tqdm
-  bar = tqdm(total=book.max_steps, initial=int(state.step), desc="train", unit="step",
-             dynamic_ncols=True,
-             disable=not progress_lib.enabled(config.progress and distributed.is_primary()))
+
+  bar = tqdm(
+    total=book.max_steps,
+    initial=int(state.step),
+    desc="train",
+    unit="step",
+    dynamic_ncols=True,
+    disable=not progress_lib.enabled(config.progress and distributed.is_primary()),
+  )
   try:
     book.validate(state)
     perm_epoch, perm = -1, None
-    step = int(state.step)      # tracked on the host: no device sync per step
+    step = int(state.step)  # tracked on the host: no device sync per step
     while step < book.max_steps:
       if should_stop_early(meta, int(config.early_stopping_patience)):
         print(f"Early stopping: no improvement for {meta['bad_epochs']} epochs.", flush=True)
@@ -614,7 +750,8 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
       if step // spe != perm_epoch:
         perm_epoch = step // spe
         perm = distributed.replicate(
-            jnp.asarray(epoch_permutation(config.seed, perm_epoch, n)), mesh)
+          jnp.asarray(epoch_permutation(config.seed, perm_epoch, n)), mesh
+        )
       if step % spe == 0:
         state = refresh_step(state, pool, setup=setup)
       state, metrics = train_step(state, pool, perm, setup=setup)
@@ -637,12 +774,16 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
     book.finish(state, sys.exc_info()[1])
   if stop:
     raise errors.Interrupted(
-        f"SIGTERM at step {int(state.step)}: checkpoint saved in {book.manager.directory}; "
-        "run the same command to resume.")
-  summary.update(step=int(state.step), epochs=int(state.step) / spe,
-                 wall_time_s=time.time() - book.t_start,
-                 finished=meta["early_stopped"] or int(state.step) >= book.max_steps,
-                 **_summary_meta(meta))
+      f"SIGTERM at step {int(state.step)}: checkpoint saved in {book.manager.directory}; "
+      "run the same command to resume."
+    )
+  summary.update(
+    step=int(state.step),
+    epochs=int(state.step) / spe,
+    wall_time_s=time.time() - book.t_start,
+    finished=meta["early_stopped"] or int(state.step) >= book.max_steps,
+    **_summary_meta(meta),
+  )
   _append_jsonl(book.metrics_path, {"summary": summary})
   writers.close(workdir)
   return summary

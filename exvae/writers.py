@@ -44,9 +44,10 @@ class RunWriter:
 
   def __init__(self, logdir: str):
     from tensorboardX import SummaryWriter
+
     self.logdir = logdir
     self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
-    self._last = None                       # (step, time) of the previous train record
+    self._last = None  # (step, time) of the previous train record
 
   def path(self) -> str | None:
     """The event file this writer writes."""
@@ -73,6 +74,7 @@ class RunWriter:
       if record.get("picture") and os.path.isfile(record["picture"]):
         import numpy as np
         from PIL import Image
+
         img = np.asarray(Image.open(record["picture"]).convert("RGB"))
         w.add_image("val/samples_and_reconstructions", img, step, dataformats="HWC")
     else:
@@ -81,7 +83,7 @@ class RunWriter:
           continue
         w.add_scalar("train/" + key, float(value), step)
         if key.endswith("log_var"):
-          w.add_scalar("train/" + key[:-len("log_var")] + "var", math.exp(float(value)), step)
+          w.add_scalar("train/" + key[: -len("log_var")] + "var", math.exp(float(value)), step)
       if "epoch" in record:
         w.add_scalar("train/epoch", float(record["epoch"]), step)
       t = record.get("time")
@@ -102,12 +104,12 @@ def event_files(logdir: str) -> list[str]:
   """The TensorBoard event files directly in ``logdir``."""
   if not os.path.isdir(logdir):
     return []
-  return sorted(os.path.join(logdir, n) for n in os.listdir(logdir)
-                if n.startswith(EVENTS_PREFIX))
+  return sorted(os.path.join(logdir, n) for n in os.listdir(logdir) if n.startswith(EVENTS_PREFIX))
 
 
-def open_run(workdir: str, enabled: bool = True,
-             replay: list[dict[str, Any]] | None = None) -> RunWriter | None:
+def open_run(
+  workdir: str, enabled: bool = True, replay: list[dict[str, Any]] | None = None
+) -> RunWriter | None:
   """Starts TensorBoard summaries for ``workdir`` (closing a previous writer there).
 
   TensorBoard events are made from ``metrics.jsonl``, the run's record: with
@@ -132,7 +134,7 @@ def open_run(workdir: str, enabled: bool = True,
   earlier = event_files(workdir) if replay is not None else []
   try:
     writer = RunWriter(workdir)
-  except ImportError as e:                   # a declared dependency; say why if it is missing
+  except ImportError as e:  # a declared dependency; say why if it is missing
     logging.warning("TensorBoard summaries off: %s (pip install tensorboardX).", e)
     return None
   if replay is not None:
@@ -140,7 +142,7 @@ def open_run(workdir: str, enabled: bool = True,
       writer.write(record, flush=False)
     writer.flush()
     mine = os.path.abspath(writer.path()) if writer.path() else None
-    for path in earlier:                     # derived from metrics.jsonl, now rewritten
+    for path in earlier:  # derived from metrics.jsonl, now rewritten
       if os.path.abspath(path) != mine:
         try:
           os.remove(path)
@@ -183,8 +185,10 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     ImportError: the ``tensorboard`` package is not installed.
   """
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(
-      logdir, size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    logdir, size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
+  )
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
@@ -196,6 +200,7 @@ def read_image_tags(logdir: str) -> dict[str, int]:
     ImportError: the ``tensorboard`` package is not installed.
   """
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(logdir, size_guidance={event_accumulator.IMAGES: 0})
   acc.Reload()
   return {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}

@@ -60,13 +60,19 @@ def equal_epoch(results: str) -> str:
   rec = _load(results, "equal_epoch_rat.json")
   on_ref = rec["epoch52_on_reference_val_images"]
   ref_imgs = {("exvae", _seed(k)): v for k, v in on_ref["exvae"].items()}
-  ref_imgs.update({("reference", _seed(k)): v
-                   for k, v in on_ref["reference_own_evaluate_loss"].items()})
-  runs = sorted(rec["val_per_epoch_own_draw"].items(),
-                key=lambda kv: (not kv[0].startswith("reference"), int(_seed(kv[0]))))
-  lines = ["| run | " + " | ".join(f"epoch {e}" for e in EQUAL_EPOCHS)
-           + " | epoch 52, reference's validation images |",
-           "|---|" + "---|" * (len(EQUAL_EPOCHS) + 1)]
+  ref_imgs.update(
+    {("reference", _seed(k)): v for k, v in on_ref["reference_own_evaluate_loss"].items()}
+  )
+  runs = sorted(
+    rec["val_per_epoch_own_draw"].items(),
+    key=lambda kv: (not kv[0].startswith("reference"), int(_seed(kv[0]))),
+  )
+  lines = [
+    "| run | "
+    + " | ".join(f"epoch {e}" for e in EQUAL_EPOCHS)
+    + " | epoch 52, reference's validation images |",
+    "|---|" + "---|" * (len(EQUAL_EPOCHS) + 1),
+  ]
   for key, curve in runs:
     code = "reference" if key.startswith("reference") else "exvae"
     cells = [f"{curve[str(e)]['loss']:.2f}" if str(e) in curve else "" for e in EQUAL_EPOCHS]
@@ -79,16 +85,21 @@ def equal_epoch(results: str) -> str:
 def seeds52(results: str) -> str:
   """Epoch-52 validation loss on the reference's images: both groups and their difference."""
   sec = _load(results, "equal_epoch_rat.json")["epoch52_on_reference_val_images"]
-  groups = {"exvae": list(sec["exvae"].values()),
-            "reference": list(sec["reference_own_evaluate_loss"].values())}
+  groups = {
+    "exvae": list(sec["exvae"].values()),
+    "reference": list(sec["reference_own_evaluate_loss"].values()),
+  }
   lines = ["| code | seeds | mean | sd over seeds | range |", "|---|---|---|---|---|"]
   for name, v in groups.items():
     a = np.asarray(v, np.float64)
-    lines.append(f"| {name} | {a.size} | {a.mean():.2f} | {a.std(ddof=1):.2f} | "
-                 f"{a.min():.2f}-{a.max():.2f} |")
+    lines.append(
+      f"| {name} | {a.size} | {a.mean():.2f} | {a.std(ddof=1):.2f} | {a.min():.2f}-{a.max():.2f} |"
+    )
   w = welch(groups["exvae"], groups["reference"])
-  lines.append(f"| exvae - reference | | {w['diff']:+.2f} +- {w['se']:.2f} | "
-               f"Welch df {w['df']:.1f} | p = {w['p']:.3f} |")
+  lines.append(
+    f"| exvae - reference | | {w['diff']:+.2f} +- {w['se']:.2f} | "
+    f"Welch df {w['df']:.1f} | p = {w['p']:.3f} |"
+  )
   return "\n".join(lines)
 
 
@@ -101,16 +112,26 @@ def continue_table(results: str) -> str:
   ex_final = [r["val"][-1] for rd in rounds for r in rd["exvae"].values()]
   ref_final = [r["final_exvae_scorer"] for rd in rounds for r in rd["reference"].values()]
   epochs = range(start + 1, start + n + 1)
-  lines = ["| mean of | continuations | " + " | ".join(f"epoch {e}" for e in epochs)
-           + " | last epoch, one scorer (sd) |", "|---|---|" + "---|" * (n + 1)]
+  lines = [
+    "| mean of | continuations | "
+    + " | ".join(f"epoch {e}" for e in epochs)
+    + " | last epoch, one scorer (sd) |",
+    "|---|---|" + "---|" * (n + 1),
+  ]
   for name, curves, fin in (("exvae", ex, ex_final), ("reference", ref, ref_final)):
     m = np.mean(np.asarray(curves, np.float64), axis=0)
     f = np.asarray(fin, np.float64)
-    lines.append(f"| {name} | {len(curves)} | " + " | ".join(f"{x:.2f}" for x in m)
-                 + f" | {f.mean():.2f} ({f.std(ddof=1):.2f}) |")
+    lines.append(
+      f"| {name} | {len(curves)} | "
+      + " | ".join(f"{x:.2f}" for x in m)
+      + f" | {f.mean():.2f} ({f.std(ddof=1):.2f}) |"
+    )
   w = welch(ex_final, ref_final)
-  lines.append("| exvae - reference | | " + " | " * (n - 1)
-               + f" | {w['diff']:+.2f} +- {w['se']:.2f} (p = {w['p']:.2f}) |")
+  lines.append(
+    "| exvae - reference | | "
+    + " | " * (n - 1)
+    + f" | {w['diff']:+.2f} +- {w['se']:.2f} (p = {w['p']:.2f}) |"
+  )
   return "\n".join(lines)
 
 
@@ -128,8 +149,12 @@ def tables(results: str) -> dict[str, str]:
   Returns:
     ``{name: markdown table}`` for each name in ``NAMES``.
   """
-  return {"equal_epoch": equal_epoch(results), "seeds52": seeds52(results),
-          "continue": continue_table(results), "vampprior": vampprior(results)}
+  return {
+    "equal_epoch": equal_epoch(results),
+    "seeds52": seeds52(results),
+    "continue": continue_table(results),
+    "vampprior": vampprior(results),
+  }
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -119,21 +119,24 @@ def adam_state_from_reference(optimizer, w: dict, params, step: int):
   import jax.numpy as jnp
   import optax
   from reference.ref_step_check import reference_params
+
   fresh = optimizer.init(params)
   adam = [i for i, s in enumerate(fresh) if isinstance(s, optax.ScaleByAdamState)]
   if len(adam) != 1:
     raise ValueError("the optimiser is not AdamNormGrad (no single Adam state in its chain)")
   mu = reference_params(w, params["model"], prefix="m/")
   nu = reference_params(w, params["model"], prefix="v/")
-  state = list(fresh)                        # optax.chain's state is a plain tuple
+  state = list(fresh)  # optax.chain's state is a plain tuple
   state[adam[0]] = optax.ScaleByAdamState(count=jnp.asarray(step, jnp.int32), mu=mu, nu=nu)
   return tuple(state)
 
 
 def _ref_val(py: str, path: str) -> list[float]:
   """The reference's per-epoch validation losses (their ``vae.val_loss`` list)."""
-  code = ("import sys, torch; print(' '.join(repr(float(v)) for v in "
-          "torch.load(sys.argv[1], weights_only=False)))")
+  code = (
+    "import sys, torch; print(' '.join(repr(float(v)) for v in "
+    "torch.load(sys.argv[1], weights_only=False)))"
+  )
   out = subprocess.run([py, "-c", code, path], check=True, capture_output=True, text=True)
   return [float(v) for v in out.stdout.split()]
 
@@ -141,19 +144,30 @@ def _ref_val(py: str, path: str) -> list[float]:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   start = ap.add_mutually_exclusive_group(required=True)
-  start.add_argument("--ref_checkpoint",
-                     help="a checkpoint of the authors' code with its optimiser state "
-                          "(driver.py's checkpoint_last.pth or their checkpoint.pth)")
-  start.add_argument("--ref_fresh_seed", type=int,
-                     help="start from the reference's fresh initialisation with this torch seed")
+  start.add_argument(
+    "--ref_checkpoint",
+    help="a checkpoint of the authors' code with its optimiser state "
+    "(driver.py's checkpoint_last.pth or their checkpoint.pth)",
+  )
+  start.add_argument(
+    "--ref_fresh_seed",
+    type=int,
+    help="start from the reference's fresh initialisation with this torch seed",
+  )
   ap.add_argument("--epochs", type=int, default=8, help="epochs to continue")
   ap.add_argument("--exvae_seeds", type=int, nargs="*", default=[100, 101, 102])
-  ap.add_argument("--ref_seeds", type=int, nargs="*", default=None,
-                  help="the reference's seeds (default 100 101; with --ref_fresh_seed S only S, "
-                       "the seed of the shared initialisation)")
+  ap.add_argument(
+    "--ref_seeds",
+    type=int,
+    nargs="*",
+    default=None,
+    help="the reference's seeds (default 100 101; with --ref_fresh_seed S only S, "
+    "the seed of the shared initialisation)",
+  )
   ap.add_argument("--threads", type=int, default=2, help="the reference's torch threads")
-  ap.add_argument("--out", required=True, help="a new directory for the reference runs and "
-                  "summary.json")
+  ap.add_argument(
+    "--out", required=True, help="a new directory for the reference runs and summary.json"
+  )
   a = ap.parse_args(argv)
   if a.epochs < 1:
     ap.error(f"--epochs must be >= 1, got {a.epochs}")
@@ -161,8 +175,10 @@ def main(argv=None) -> int:
   if a.ref_seeds is None:
     a.ref_seeds = [a.ref_fresh_seed] if fresh else [100, 101]
   if fresh and any(s != a.ref_fresh_seed for s in a.ref_seeds):
-    ap.error(f"with --ref_fresh_seed {a.ref_fresh_seed} the reference can only run with that "
-             f"seed (its initialisation is the shared start), got --ref_seeds {a.ref_seeds}")
+    ap.error(
+      f"with --ref_fresh_seed {a.ref_fresh_seed} the reference can only run with that "
+      f"seed (its initialisation is the shared start), got --ref_seeds {a.ref_seeds}"
+    )
   if not a.exvae_seeds and not a.ref_seeds:
     ap.error("give at least one of --exvae_seeds and --ref_seeds")
   ckpt = None
@@ -171,6 +187,7 @@ def main(argv=None) -> int:
     if not os.path.isfile(ckpt):
       ap.error(f"--ref_checkpoint {ckpt} is not a file")
   from bench.vs_reference import require_reference
+
   py, src, drv = require_reference()
   env = dict(os.environ, EXVAE_REF_SRC=src)
   out_dir = os.path.abspath(os.path.expanduser(a.out))
@@ -184,9 +201,19 @@ def main(argv=None) -> int:
 
   with tempfile.TemporaryDirectory() as tmp:
     dump = os.path.join(tmp, "ck.npz")
-    subprocess.run([py, "-c", _DUMP_FRESH if fresh else _DUMP,
-                    str(a.ref_fresh_seed) if fresh else ckpt, dump, os.path.dirname(drv)],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+      [
+        py,
+        "-c",
+        _DUMP_FRESH if fresh else _DUMP,
+        str(a.ref_fresh_seed) if fresh else ckpt,
+        dump,
+        os.path.dirname(drv),
+      ],
+      check=True,
+      env=env,
+      capture_output=True,
+    )
     w = dict(np.load(dump))
   steps = {float(v) for k, v in w.items() if k.startswith("step/")}
   if len(steps) != 1:
@@ -202,21 +229,32 @@ def main(argv=None) -> int:
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
   if adam_step % spe:
-    raise SystemExit(f"ref_continue: the checkpoint is mid-epoch (Adam step {adam_step}, "
-                     f"{spe} steps per epoch)")
-  e_done = adam_step // spe                  # epochs the checkpoint has trained
+    raise SystemExit(
+      f"ref_continue: the checkpoint is mid-epoch (Adam step {adam_step}, {spe} steps per epoch)"
+    )
+  e_done = adam_step // spe  # epochs the checkpoint has trained
 
   def score(params) -> float:
     return float(-val_terms(params, setup, pool, xval, config)["elbo"].mean())
 
   template = train_lib.init_state(config, setup, n)
   start_params = reference_params(w, template.params["model"], prefix="w/")
-  summary = {"ref_checkpoint": ckpt, "ref_fresh_seed": a.ref_fresh_seed, "start_epoch": e_done, "epochs": a.epochs,
-             "adam_step": adam_step, "start_val_exvae_scorer": score(start_params),
-             "exvae": {}, "reference": {}}
+  summary = {
+    "ref_checkpoint": ckpt,
+    "ref_fresh_seed": a.ref_fresh_seed,
+    "start_epoch": e_done,
+    "epochs": a.epochs,
+    "adam_step": adam_step,
+    "start_val_exvae_scorer": score(start_params),
+    "exvae": {},
+    "reference": {},
+  }
   where = f"the reference's fresh initialisation, seed {a.ref_fresh_seed}," if fresh else ckpt
-  print(f"start: {where} after epoch {e_done} (Adam step {adam_step}); exvae's validation "
-        f"{summary['start_val_exvae_scorer']:.3f}", flush=True)
+  print(
+    f"start: {where} after epoch {e_done} (Adam step {adam_step}); exvae's validation "
+    f"{summary['start_val_exvae_scorer']:.3f}",
+    flush=True,
+  )
 
   for seed in a.exvae_seeds:
     config.seed = seed
@@ -226,7 +264,7 @@ def main(argv=None) -> int:
     opt_state = adam_state_from_reference(setup.optimizer, w, params, adam_step)
     state = state.replace(params=params, opt_state=opt_state, step=jnp.int32(e_done * spe))
     vals = []
-    for epoch in range(e_done, e_done + a.epochs):         # 0-based: epoch E+1 is index E
+    for epoch in range(e_done, e_done + a.epochs):  # 0-based: epoch E+1 is index E
       perm = jnp.asarray(train_lib.epoch_permutation(seed, epoch, n))
       state = train_lib.refresh_step(state, pool, setup=setup)
       for _ in range(spe):
@@ -240,39 +278,73 @@ def main(argv=None) -> int:
     if os.path.exists(run):
       shutil.rmtree(run)
     os.makedirs(run)
-    if not fresh:                            # fresh: their own start, seeded as the dump was
-      subprocess.run([py, "-c", _PATCH, ckpt, os.path.join(run, "checkpoint.pth"),
-                      str(e_done + 1)], check=True, env=env)
+    if not fresh:  # fresh: their own start, seeded as the dump was
+      subprocess.run(
+        [py, "-c", _PATCH, ckpt, os.path.join(run, "checkpoint.pth"), str(e_done + 1)],
+        check=True,
+        env=env,
+      )
     t0 = time.time()
     with open(os.path.join(run, "driver.log"), "w") as log:
-      proc = subprocess.run([py, "-u", drv, "train", "--mode", "rat", "--seed", str(seed),
-                             "--threads", str(a.threads), "--epochs", str(e_done + a.epochs),
-                             "--out", run], env=env, stdout=log, stderr=subprocess.STDOUT)
+      proc = subprocess.run(
+        [
+          py,
+          "-u",
+          drv,
+          "train",
+          "--mode",
+          "rat",
+          "--seed",
+          str(seed),
+          "--threads",
+          str(a.threads),
+          "--epochs",
+          str(e_done + a.epochs),
+          "--out",
+          run,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
     if proc.returncode != 0:
-      raise SystemExit(f"ref_continue: the reference's run failed (exit {proc.returncode}); "
-                       f"see {run}/driver.log")
+      raise SystemExit(
+        f"ref_continue: the reference's run failed (exit {proc.returncode}); see {run}/driver.log"
+      )
     own = _ref_val(py, os.path.join(run, "vae.val_loss"))
     final = score(load_reference_params(os.path.join(run, "checkpoint_last.pth"), template.params))
-    summary["reference"][str(seed)] = {"val_own_scorer": own, "final_exvae_scorer": final,
-                                       "seconds": time.time() - t0}
-    print(f"reference seed {seed}: own validation per epoch "
-          f"{' '.join(f'{v:.3f}' for v in own)}; final by exvae's validation {final:.3f}",
-          flush=True)
+    summary["reference"][str(seed)] = {
+      "val_own_scorer": own,
+      "final_exvae_scorer": final,
+      "seconds": time.time() - t0,
+    }
+    print(
+      f"reference seed {seed}: own validation per epoch "
+      f"{' '.join(f'{v:.3f}' for v in own)}; final by exvae's validation {final:.3f}",
+      flush=True,
+    )
 
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  print(f"\nfrom epoch {e_done} ({summary['start_val_exvae_scorer']:.3f}), validation after "
-        f"each of {a.epochs} epochs:")
+  print(
+    f"\nfrom epoch {e_done} ({summary['start_val_exvae_scorer']:.3f}), validation after "
+    f"each of {a.epochs} epochs:"
+  )
   for seed, r in summary["exvae"].items():
     print(f"  exvae {seed:>5}: " + " ".join(f"{v:.3f}" for v in r["val"]))
   for seed, r in summary["reference"].items():
-    print(f"  ref   {seed:>5}: " + " ".join(f"{v:.3f}" for v in r["val_own_scorer"])
-          + f"   (final, exvae's scorer: {r['final_exvae_scorer']:.3f})")
+    print(
+      f"  ref   {seed:>5}: "
+      + " ".join(f"{v:.3f}" for v in r["val_own_scorer"])
+      + f"   (final, exvae's scorer: {r['final_exvae_scorer']:.3f})"
+    )
   ex = [r["val"][-1] for r in summary["exvae"].values()]
   rf = [r["final_exvae_scorer"] for r in summary["reference"].values()]
   if ex and rf:
-    print(f"final, one scorer: exvae {np.mean(ex):.3f} (n={len(ex)}), reference {np.mean(rf):.3f} "
-          f"(n={len(rf)}), difference {np.mean(ex) - np.mean(rf):+.3f}")
+    print(
+      f"final, one scorer: exvae {np.mean(ex):.3f} (n={len(ex)}), reference {np.mean(rf):.3f} "
+      f"(n={len(rf)}), difference {np.mean(ex) - np.mean(rf):+.3f}"
+    )
   return 0
 
 

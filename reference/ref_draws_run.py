@@ -95,8 +95,13 @@ def write_epoch_draws(io_dir: str, epoch: int, draws: dict) -> str:
     raise ValueError("write_epoch_draws: x must be a binarised batch (0s and 1s only)")
   path = draws_path(io_dir, epoch)
   tmp = path + ".tmp.npz"
-  np.savez(tmp, x=x.astype(np.uint8), ids=draws["ids"].astype(np.int32),
-           eps=draws["eps"].astype(np.float32), cand=draws["cand"].astype(np.int32))
+  np.savez(
+    tmp,
+    x=x.astype(np.uint8),
+    ids=draws["ids"].astype(np.int32),
+    eps=draws["eps"].astype(np.float32),
+    cand=draws["cand"].astype(np.int32),
+  )
   os.replace(tmp, path)
   return path
 
@@ -106,8 +111,15 @@ def write_epoch_draws(io_dir: str, epoch: int, draws: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
-def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: int,
-               inputs: frozenset = frozenset(INPUTS), stream_seed: int | None = None) -> None:
+def torch_side(
+  io_dir: str,
+  driver_path: str,
+  seed: int,
+  epochs: int,
+  threads: int,
+  inputs: frozenset = frozenset(INPUTS),
+  stream_seed: int | None = None,
+) -> None:
   sys.path.insert(0, os.path.dirname(os.path.abspath(driver_path)))
   import random
 
@@ -118,7 +130,8 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
   from reference.ref_step_check import their_loss_backward
 
   args, train_loader, val_loader, _, model, opt = driver.build(
-      driver.their_argv("rat", seed=seed), threads)
+    driver.their_argv("rat", seed=seed), threads
+  )
   if stream_seed is not None:
     # As their run_density_estimation (initial_or_load) does after building the model,
     # where the stream seed is the model's seed.
@@ -134,14 +147,14 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
     os.remove(path)
     t0 = time.perf_counter()
     model.train()
-    beta = min(1.0, epoch / args.warmup)         # their set_beta
+    beta = min(1.0, epoch / args.warmup)  # their set_beta
     with torch.no_grad():
       cache = model.cache_z(dataset)
     steps, bsz = d["ids"].shape
     if "batch" in inputs or "order" in inputs:
       order = torch.from_numpy(d["ids"].astype(np.int64))
       loader = None
-    else:                                       # their order: their own DataLoader, as they iterate it
+    else:  # their order: their own DataLoader, as they iterate it
       loader = iter(train_loader)
     for s in range(steps):
       if loader is not None:
@@ -151,12 +164,18 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
         data = dataset.tensors[0][ids.reshape(-1)]
       if "batch" in inputs:
         x = torch.from_numpy(d["x"][s].astype(np.float32))
-      else:                                     # their bits
+      else:  # their bits
         x = torch.bernoulli(data)
       loss, _, _ = their_loss_backward(
-          model, opt, (x, ids), beta, cache, dataset,
-          eps=torch.from_numpy(d["eps"][s]) if "eps" in inputs else None,
-          cand=torch.from_numpy(d["cand"][s].astype(np.int64)) if "cand" in inputs else None)
+        model,
+        opt,
+        (x, ids),
+        beta,
+        cache,
+        dataset,
+        eps=torch.from_numpy(d["eps"][s]) if "eps" in inputs else None,
+        cand=torch.from_numpy(d["cand"][s].astype(np.int64)) if "cand" in inputs else None,
+      )
       opt.step()
       cache = (cache[0].detach(), cache[1].detach())
       if not np.isfinite(loss.item()):
@@ -165,12 +184,16 @@ def torch_side(io_dir: str, driver_path: str, seed: int, epochs: int, threads: i
       val, _, _ = evaluate_loss(args, model, val_loader, dataset=dataset)
     vals.append(float(val))
     secs.append(time.perf_counter() - t0)
-    print(f"reference on exvae's draws, epoch {epoch}: validation {val:.3f} "
-          f"({secs[-1]:.0f} s)", flush=True)
+    print(
+      f"reference on exvae's draws, epoch {epoch}: validation {val:.3f} ({secs[-1]:.0f} s)",
+      flush=True,
+    )
     with open(os.path.join(io_dir, "torch_val.json"), "w") as f:
       json.dump({"val": vals, "seconds": secs}, f)
-  torch.save({"epoch": epochs, "state_dict": model.state_dict(), "optimizer": opt.state_dict()},
-             os.path.join(io_dir, "checkpoint_last.pth"))
+  torch.save(
+    {"epoch": epochs, "state_dict": model.state_dict(), "optimizer": opt.state_dict()},
+    os.path.join(io_dir, "checkpoint_last.pth"),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -183,19 +206,31 @@ def main(argv=None) -> int:
   ap.add_argument("--side", default="exvae", choices=("exvae", "torch"))
   ap.add_argument("--io", default=None, help="(internal) exchange directory")
   ap.add_argument("--driver", default=None, help="(internal) path of driver.py")
-  ap.add_argument("--seed", type=int, required=True,
-                  help="torch seed of the reference's fresh initialisation")
-  ap.add_argument("--exvae_seed", type=int, default=None,
-                  help="exvae seed whose draws are fed (default: --seed)")
-  ap.add_argument("--exvae_inputs", default=",".join(INPUTS),
-                  help="which random inputs come from exvae (comma-separated subset of "
-                       f"{','.join(INPUTS)}; the rest the reference draws itself)")
-  ap.add_argument("--reseed", action="store_true",
-                  help="re-seed torch with --seed after building the model, as their "
-                       "initial_or_load does (with --exvae_inputs none: their own run)")
-  ap.add_argument("--stream_seed", type=int, default=None,
-                  help="re-seed torch with this seed instead after building the model: "
-                       "another stream from the same start (implies --reseed)")
+  ap.add_argument(
+    "--seed", type=int, required=True, help="torch seed of the reference's fresh initialisation"
+  )
+  ap.add_argument(
+    "--exvae_seed", type=int, default=None, help="exvae seed whose draws are fed (default: --seed)"
+  )
+  ap.add_argument(
+    "--exvae_inputs",
+    default=",".join(INPUTS),
+    help="which random inputs come from exvae (comma-separated subset of "
+    f"{','.join(INPUTS)}; the rest the reference draws itself)",
+  )
+  ap.add_argument(
+    "--reseed",
+    action="store_true",
+    help="re-seed torch with --seed after building the model, as their "
+    "initial_or_load does (with --exvae_inputs none: their own run)",
+  )
+  ap.add_argument(
+    "--stream_seed",
+    type=int,
+    default=None,
+    help="re-seed torch with this seed instead after building the model: "
+    "another stream from the same start (implies --reseed)",
+  )
   ap.add_argument("--epochs", type=int, default=24)
   ap.add_argument("--threads", type=int, default=1, help="the reference's torch threads")
   ap.add_argument("--out", default=None, help="a new or empty directory")
@@ -219,6 +254,7 @@ def main(argv=None) -> int:
   exvae_seed = a.seed if a.exvae_seed is None else a.exvae_seed
 
   from bench.vs_reference import require_reference
+
   py, src, drv = require_reference()
 
   import jax.numpy as jnp
@@ -236,22 +272,45 @@ def main(argv=None) -> int:
   n = splits.train_x.shape[0]
   spe = setup.steps_per_epoch
   m = int(config.exemplar.num_exemplars)
-  template = train_lib.init_state(config, setup, n)      # its key: exvae's stream; its params: the layout
+  template = train_lib.init_state(
+    config, setup, n
+  )  # its key: exvae's stream; its params: the layout
 
   t0 = time.time()
   log = open(os.path.join(out, "torch.log"), "w")
-  proc = subprocess.Popen([py, "-u", os.path.abspath(__file__), "--side", "torch", "--io", out,
-                           "--driver", drv, "--seed", str(a.seed), "--epochs", str(a.epochs),
-                           "--threads", str(a.threads), "--exvae_inputs", ",".join(sorted(inputs)) or "none"]
-                          + ([] if stream_seed is None else ["--stream_seed", str(stream_seed)]),
-                          env=dict(os.environ, EXVAE_REF_SRC=src), stdout=log,
-                          stderr=subprocess.STDOUT)
-  print(f"the reference from its seed-{a.seed} initialisation, on exvae seed {exvae_seed}'s "
-        f"draws of {sorted(inputs) or 'nothing'}, {a.epochs} epochs; its log: {out}/torch.log",
-        flush=True)
+  proc = subprocess.Popen(
+    [
+      py,
+      "-u",
+      os.path.abspath(__file__),
+      "--side",
+      "torch",
+      "--io",
+      out,
+      "--driver",
+      drv,
+      "--seed",
+      str(a.seed),
+      "--epochs",
+      str(a.epochs),
+      "--threads",
+      str(a.threads),
+      "--exvae_inputs",
+      ",".join(sorted(inputs)) or "none",
+    ]
+    + ([] if stream_seed is None else ["--stream_seed", str(stream_seed)]),
+    env=dict(os.environ, EXVAE_REF_SRC=src),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+  print(
+    f"the reference from its seed-{a.seed} initialisation, on exvae seed {exvae_seed}'s "
+    f"draws of {sorted(inputs) or 'nothing'}, {a.epochs} epochs; its log: {out}/torch.log",
+    flush=True,
+  )
   for epoch in range(1, a.epochs + 1):
     # Stay at most two epochs ahead of the reader (each file is about 100 MB).
-    while (os.path.exists(draws_path(out, epoch - 2)) if epoch > 2 else False):
+    while os.path.exists(draws_path(out, epoch - 2)) if epoch > 2 else False:
       if proc.poll() is not None:
         break
       time.sleep(1.0)
@@ -272,11 +331,17 @@ def main(argv=None) -> int:
   # Their final weights, scored by exvae's validation on their images (one scorer).
   params = load_reference_params(os.path.join(out, "checkpoint_last.pth"), template.params)
   final = float(-val_terms(params, setup, pool, reference_val_set(config), config)["elbo"].mean())
-  summary = {"ref_fresh_seed": a.seed, "exvae_draws_seed": exvae_seed,
-             "exvae_inputs": sorted(inputs), "reseed": stream_seed is not None,
-             "stream_seed": stream_seed, "epochs": a.epochs,
-             "val_own_scorer": tv["val"], "final_exvae_scorer": final,
-             "seconds": time.time() - t0}
+  summary = {
+    "ref_fresh_seed": a.seed,
+    "exvae_draws_seed": exvae_seed,
+    "exvae_inputs": sorted(inputs),
+    "reseed": stream_seed is not None,
+    "stream_seed": stream_seed,
+    "epochs": a.epochs,
+    "val_own_scorer": tv["val"],
+    "final_exvae_scorer": final,
+    "seconds": time.time() - t0,
+  }
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   print("their validation per epoch: " + " ".join(f"{v:.3f}" for v in tv["val"]))

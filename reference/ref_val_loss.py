@@ -43,8 +43,10 @@ def reference_val_set(config) -> np.ndarray:
     (10000, 28, 28, 1) float32 binary images.
   """
   from exvae import data
-  return data.load("fashion_mnist", data_dir=config.data_dir or None, source="idx",
-                   eval_binarize="reference").val_x
+
+  return data.load(
+    "fashion_mnist", data_dir=config.data_dir or None, source="idx", eval_binarize="reference"
+  ).val_x
 
 
 def val_terms(params, setup, pool, xval: np.ndarray, config, key_index: int = 0) -> dict:
@@ -55,24 +57,35 @@ def val_terms(params, setup, pool, xval: np.ndarray, config, key_index: int = 0)
     validation loss is ``-elbo.mean()``.
   """
   from exvae import train_lib
-  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed),
-                               setup=setup)
-  return train_lib.evaluate_split(params, setup, ctx, xval, jax.random.PRNGKey(7 + key_index),
-                                  num_samples=1, max_queries=int(config.eval.max_queries))
+
+  ctx = train_lib.eval_context(params, pool, jax.random.PRNGKey(config.eval.bank_seed), setup=setup)
+  return train_lib.evaluate_split(
+    params,
+    setup,
+    ctx,
+    xval,
+    jax.random.PRNGKey(7 + key_index),
+    num_samples=1,
+    max_queries=int(config.eval.max_queries),
+  )
 
 
 def load_reference_params(path: str, template: dict) -> dict:
   """exvae ``{"model", "prior"}`` parameters holding the authors' checkpoint ``path``."""
   from reference.ref_step_check import reference_params
+
   py = os.path.expanduser(os.environ.get("EXVAE_REF_PYTHON", ""))
   if not py or not os.access(py, os.X_OK):
-    raise SystemExit("ref_val_loss: set EXVAE_REF_PYTHON to the reference venv's python "
-                     "(torch reads the .pth).")
+    raise SystemExit(
+      "ref_val_loss: set EXVAE_REF_PYTHON to the reference venv's python (torch reads the .pth)."
+    )
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "w.npz")
-    code = ("import sys, numpy, torch; sd = torch.load(sys.argv[1], map_location='cpu', "
-            "weights_only=False)['state_dict']; numpy.savez(sys.argv[2], "
-            "**{k: v.numpy() for k, v in sd.items()})")
+    code = (
+      "import sys, numpy, torch; sd = torch.load(sys.argv[1], map_location='cpu', "
+      "weights_only=False)['state_dict']; numpy.savez(sys.argv[2], "
+      "**{k: v.numpy() for k, v in sd.items()})"
+    )
     subprocess.run([py, "-c", code, os.path.abspath(path), out], check=True)
     w = dict(np.load(out))
   return reference_params(w, template["model"])
@@ -84,14 +97,16 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", default=None, help="an exvae run directory")
   ap.add_argument("--ref_checkpoint", default=None, help="a checkpoint of the authors' code")
   ap.add_argument("--params", default="last", choices=["last", "best"])
-  ap.add_argument("--keys", type=int, default=1, help="noise draws to average (first: key 7, "
-                  "exvae's validation)")
+  ap.add_argument(
+    "--keys", type=int, default=1, help="noise draws to average (first: key 7, exvae's validation)"
+  )
   a = ap.parse_args(argv)
   if (a.workdir is None) == (a.ref_checkpoint is None):
     ap.error("give exactly one of --workdir and --ref_checkpoint")
   if a.keys < 1:
     ap.error(f"--keys must be >= 1, got {a.keys}")
   from exvae import checkpoints, config_registry, train_lib
+
   config = config_registry.get_config(a.config)
   splits = train_lib.load_data(config)
   if splits.name != "fashion_mnist":
@@ -104,8 +119,9 @@ def main(argv=None) -> int:
     params = load_reference_params(a.ref_checkpoint, template.params)
     what = f"reference checkpoint {a.ref_checkpoint}"
   else:
-    manager = checkpoints.Manager(os.path.join(a.workdir, "checkpoints"), create=False,
-                                  read_only=True)
+    manager = checkpoints.Manager(
+      os.path.join(a.workdir, "checkpoints"), create=False, read_only=True
+    )
     state, best, meta = manager.restore_latest(template, template.params)
     params = state.params if a.params == "last" else best
     what = f"epoch={int(state.step) // setup.steps_per_epoch} params={a.params}"
@@ -115,11 +131,15 @@ def main(argv=None) -> int:
     losses.append(float(-res["elbo"].mean()))
     if i == 0:
       first = res
-  print(f"{what} val_loss_on_reference_binarisation={losses[0]:.3f} "
-        f"(recon {first['recon'].mean():.3f}, kl {first['kl'].mean():.3f})")
+  print(
+    f"{what} val_loss_on_reference_binarisation={losses[0]:.3f} "
+    f"(recon {first['recon'].mean():.3f}, kl {first['kl'].mean():.3f})"
+  )
   if a.keys > 1:
-    print(f"over {a.keys} noise draws: mean {np.mean(losses):.3f}, sd {np.std(losses, ddof=1):.3f}, "
-          f"min {min(losses):.3f}, max {max(losses):.3f}")
+    print(
+      f"over {a.keys} noise draws: mean {np.mean(losses):.3f}, sd {np.std(losses, ddof=1):.3f}, "
+      f"min {min(losses):.3f}, max {max(losses):.3f}"
+    )
   return 0
 
 

@@ -61,7 +61,7 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
       return
     try:
       os.killpg(proc.pid, sig)
-    except ProcessLookupError:   # it exited between the poll and the signal
+    except ProcessLookupError:  # it exited between the poll and the signal
       return
     try:
       proc.wait(timeout=wait)
@@ -71,17 +71,27 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", required=True, help="a shipped config's name, e.g. fashion_vae_exemplar_rat")
+  ap.add_argument(
+    "--config", required=True, help="a shipped config's name, e.g. fashion_vae_exemplar_rat"
+  )
   ap.add_argument("--seeds", required=True, help="e.g. 100-105 or 1,5,7")
   ap.add_argument("--epochs", type=int, required=True)
   ap.add_argument("--out", required=True, help="directory for seed_runs.json and the logs")
   ap.add_argument("--workroot", default=None, help="run directories (default: OUT/runs)")
   ap.add_argument("--parallel", type=int, default=None, help="runs at a time (default: all)")
   ap.add_argument("--deadline_s", type=float, default=None, help="stop every run after this")
-  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                  help="extra config override, repeatable")
-  ap.add_argument("--score", action="store_true",
-                  help="score each run's last parameters with reference/ref_val_loss.py")
+  ap.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="extra config override, repeatable",
+  )
+  ap.add_argument(
+    "--score",
+    action="store_true",
+    help="score each run's last parameters with reference/ref_val_loss.py",
+  )
   a = ap.parse_args(argv)
   try:
     seeds = parse_seeds(a.seeds)
@@ -106,18 +116,31 @@ def main(argv=None) -> int:
   parallel = a.parallel or len(seeds)
 
   def command(seed: int) -> list[str]:
-    return [sys.executable, "train.py", f"--config={config_path}", f"--workdir={root / f'seed{seed}'}",
-            f"--config.seed={seed}", f"--config.num_epochs={a.epochs}", "--config.progress=False",
-            "--config.tensorboard=False", "--config.num_picture_samples=0",
-            *[f"--config.{kv}" for kv in a.set]]
+    return [
+      sys.executable,
+      "train.py",
+      f"--config={config_path}",
+      f"--workdir={root / f'seed{seed}'}",
+      f"--config.seed={seed}",
+      f"--config.num_epochs={a.epochs}",
+      "--config.progress=False",
+      "--config.tensorboard=False",
+      "--config.num_picture_samples=0",
+      *[f"--config.{kv}" for kv in a.set],
+    ]
 
   waiting, running, done = list(seeds), {}, {}
   while waiting or running:
     while waiting and len(running) < parallel and time.monotonic() < deadline:
       seed = waiting.pop(0)
       log = open(out / f"seed{seed}.log", "w")
-      running[seed] = (subprocess.Popen(command(seed), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True), log, time.monotonic())
+      running[seed] = (
+        subprocess.Popen(
+          command(seed), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        ),
+        log,
+        time.monotonic(),
+      )
     if time.monotonic() >= deadline:
       waiting.clear()
       for proc, _, _ in running.values():
@@ -130,32 +153,55 @@ def main(argv=None) -> int:
 
   results, curves = {}, {seed: read_val_curve(root / f"seed{seed}") for seed in seeds}
   # Scoring: all runs at once (each process mostly waits on its own compile).
-  scorers = {seed: subprocess.Popen([sys.executable, "reference/ref_val_loss.py",
-                                     f"--config={a.config}", f"--workdir={root / f'seed{seed}'}"],
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-             for seed in seeds if a.score and curves[seed]}
+  scorers = {
+    seed: subprocess.Popen(
+      [
+        sys.executable,
+        "reference/ref_val_loss.py",
+        f"--config={a.config}",
+        f"--workdir={root / f'seed{seed}'}",
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for seed in seeds
+    if a.score and curves[seed]
+  }
   for seed in seeds:
     curve = curves[seed]
-    rec = dict(done.get(seed, {"returncode": None, "wall_s": 0.0}), epochs_done=len(curve),
-               val_loss=curve)
+    rec = dict(
+      done.get(seed, {"returncode": None, "wall_s": 0.0}), epochs_done=len(curve), val_loss=curve
+    )
     if seed in scorers:
       text = scorers[seed].communicate()[0]
       m = re.search(r"epoch=(\d+) .*val_loss_on_reference_binarisation=([\d.]+)", text)
-      rec["ref_binarisation"] = ({"epoch": int(m.group(1)), "val_loss": float(m.group(2))} if m
-                                 else {"error": text[-1500:]})
+      rec["ref_binarisation"] = (
+        {"epoch": int(m.group(1)), "val_loss": float(m.group(2))} if m else {"error": text[-1500:]}
+      )
     results[str(seed)] = rec
     last = f"{curve[-1]:.3f}" if curve else "-"
     score = rec.get("ref_binarisation", {}).get("val_loss", "-")
-    print(f"seed {seed}: {len(curve)} epochs, last val {last}, on the reference's images {score}",
-          flush=True)
-  summary = {"config": a.config, "epochs": a.epochs, "overrides": a.set,
-             "matmul_precision": os.environ.get("JAX_DEFAULT_MATMUL_PRECISION"),
-             "wall_s": time.monotonic() - t0, "seeds": results}
+    print(
+      f"seed {seed}: {len(curve)} epochs, last val {last}, on the reference's images {score}",
+      flush=True,
+    )
+  summary = {
+    "config": a.config,
+    "epochs": a.epochs,
+    "overrides": a.set,
+    "matmul_precision": os.environ.get("JAX_DEFAULT_MATMUL_PRECISION"),
+    "wall_s": time.monotonic() - t0,
+    "seeds": results,
+  }
   (out / "seed_runs.json").write_text(json.dumps(summary, indent=1))
   finished = [r for r in results.values() if r["epochs_done"] >= a.epochs]
-  print(f"seed_runs: {len(finished)} of {len(seeds)} runs reached epoch {a.epochs} "
-        f"in {summary['wall_s']:.0f} s", flush=True)
+  print(
+    f"seed_runs: {len(finished)} of {len(seeds)} runs reached epoch {a.epochs} "
+    f"in {summary['wall_s']:.0f} s",
+    flush=True,
+  )
   return 0 if len(finished) == len(seeds) else 1
 
 

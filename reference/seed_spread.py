@@ -60,7 +60,7 @@ def welch(a, b) -> dict:
     raise ValueError(f"welch needs two values or more in each group, got {a.size} and {b.size}")
   va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
   se = math.sqrt(va + vb)
-  df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+  df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
   diff = float(a.mean() - b.mean())
   p = float(2 * stats.t.sf(abs(diff) / se, df))
   return {"diff": diff, "se": se, "df": df, "p": p}
@@ -78,8 +78,12 @@ def paired(diffs) -> dict:
   if d.size < 2:
     raise ValueError(f"paired needs two pairs or more, got {d.size}")
   se = float(d.std(ddof=1) / math.sqrt(d.size))
-  return {"mean": float(d.mean()), "se": se, "n": int(d.size),
-          "p": float(2 * stats.t.sf(abs(d.mean()) / se, d.size - 1))}
+  return {
+    "mean": float(d.mean()),
+    "se": se,
+    "n": int(d.size),
+    "p": float(2 * stats.t.sf(abs(d.mean()) / se, d.size - 1)),
+  }
 
 
 def print_pairs(summaries: list) -> list:
@@ -95,17 +99,20 @@ def print_pairs(summaries: list) -> list:
     d = np.asarray(ex["val"]) - np.asarray(rf["val_own_scorer"])
     rows.append(d)
     finals.append(ex["val"][-1] - rf["final_exvae_scorer"])
-    print(f"pair {sm['ref_fresh_seed']}: exvae - reference per epoch (own scorers) "
-          + " ".join(f"{v:+.2f}" for v in d)
-          + f"; final, one scorer {finals[-1]:+.3f}")
+    print(
+      f"pair {sm['ref_fresh_seed']}: exvae - reference per epoch (own scorers) "
+      + " ".join(f"{v:+.2f}" for v in d)
+      + f"; final, one scorer {finals[-1]:+.3f}"
+    )
   rows = np.stack(rows)
   print("mean per epoch: " + " ".join(f"{v:+.2f}" for v in rows.mean(0)))
-  print("mean over epochs (own scorers), per pair: "
-        + " ".join(f"{v:+.3f}" for v in rows.mean(1)))
+  print("mean over epochs (own scorers), per pair: " + " ".join(f"{v:+.3f}" for v in rows.mean(1)))
   if len(finals) > 1:
     f = paired(finals)
-    print(f"final epoch, one scorer: {f['mean']:+.3f} +- {f['se']:.3f} nats over {f['n']} pairs "
-          f"(p = {f['p']:.3f})")
+    print(
+      f"final epoch, one scorer: {f['mean']:+.3f} +- {f['se']:.3f} nats over {f['n']} pairs "
+      f"(p = {f['p']:.3f})"
+    )
   return [next(iter(sm["exvae"].values()))["val"][-1] for sm in summaries]
 
 
@@ -143,24 +150,33 @@ def print_draws(runs: list, pairs: list) -> list[dict]:
     d_ex = a - np.asarray(ex["val"][:n])
     d_own = a - np.asarray(own["val_own_scorer"][:n])
     ranges = [(lo, min(hi, n)) for lo, hi in _WINDOWS if lo < n]
-    row = {"seed": r["ref_fresh_seed"], "inputs": r.get("exvae_inputs", ["batch", "cand", "eps"]),
-           "stream_seed": r.get("stream_seed"), "epochs": n,
-           "vs_exvae": {f"{lo + 1}-{hi}": float(d_ex[lo:hi].mean()) for lo, hi in ranges},
-           "vs_ref_own": {f"{lo + 1}-{hi}": float(d_own[lo:hi].mean()) for lo, hi in ranges},
-           "final_vs_exvae": float(r["final_exvae_scorer"] - ex["val"][n - 1])}
+    row = {
+      "seed": r["ref_fresh_seed"],
+      "inputs": r.get("exvae_inputs", ["batch", "cand", "eps"]),
+      "stream_seed": r.get("stream_seed"),
+      "epochs": n,
+      "vs_exvae": {f"{lo + 1}-{hi}": float(d_ex[lo:hi].mean()) for lo, hi in ranges},
+      "vs_ref_own": {f"{lo + 1}-{hi}": float(d_own[lo:hi].mean()) for lo, hi in ranges},
+      "final_vs_exvae": float(r["final_exvae_scorer"] - ex["val"][n - 1]),
+    }
     if n == len(own["val_own_scorer"]):
       # Both final weights scored by exvae's validation: no scorer offset in this one.
       row["final_vs_ref_own"] = float(r["final_exvae_scorer"] - own["final_exvae_scorer"])
     out.append(row)
     stream = "" if row["stream_seed"] is None else f" (torch re-seeded with {row['stream_seed']})"
-    print(f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}{stream}, {n} epochs: "
-          "mean difference from exvae from this start (on all its draws) "
-          + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_exvae"].items())
-          + "; from their own run "
-          + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_ref_own"].items())
-          + f"; epoch {n}, one scorer, from exvae {row['final_vs_exvae']:+.3f}"
-          + ("" if "final_vs_ref_own" not in row
-             else f", from their own run {row['final_vs_ref_own']:+.3f}"))
+    print(
+      f"seed {row['seed']}, exvae's {'+'.join(row['inputs']) or 'nothing'}{stream}, {n} epochs: "
+      "mean difference from exvae from this start (on all its draws) "
+      + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_exvae"].items())
+      + "; from their own run "
+      + ", ".join(f"epochs {k} {v:+.3f}" for k, v in row["vs_ref_own"].items())
+      + f"; epoch {n}, one scorer, from exvae {row['final_vs_exvae']:+.3f}"
+      + (
+        ""
+        if "final_vs_ref_own" not in row
+        else f", from their own run {row['final_vs_ref_own']:+.3f}"
+      )
+    )
   return out
 
 
@@ -184,23 +200,41 @@ def print_decoupled(rows: list[dict]) -> dict | None:
     plus a ``paired`` summary of each when there are two starts or more; None
     when no row qualifies.
   """
-  sel = [r for r in rows if "final_vs_ref_own" in r and not r["inputs"]
-         and r["stream_seed"] is not None and r["stream_seed"] != r["seed"]]
+  sel = [
+    r
+    for r in rows
+    if "final_vs_ref_own" in r
+    and not r["inputs"]
+    and r["stream_seed"] is not None
+    and r["stream_seed"] != r["seed"]
+  ]
   if not sel:
     return None
-  out = {"n": len(sel), "starts": [r["seed"] for r in sel],
-         "final": {"vs_ref_own": [r["final_vs_ref_own"] for r in sel],
-                   "vs_exvae": [r["final_vs_exvae"] for r in sel]}}
-  windows = [w for w in (f"{lo + 1}-{hi}" for lo, hi in _WINDOWS[2:])
-             if all(w in r["vs_exvae"] for r in sel)]
+  out = {
+    "n": len(sel),
+    "starts": [r["seed"] for r in sel],
+    "final": {
+      "vs_ref_own": [r["final_vs_ref_own"] for r in sel],
+      "vs_exvae": [r["final_vs_exvae"] for r in sel],
+    },
+  }
+  windows = [
+    w for w in (f"{lo + 1}-{hi}" for lo, hi in _WINDOWS[2:]) if all(w in r["vs_exvae"] for r in sel)
+  ]
   for w in windows:
-    out[w] = {"vs_ref_own": [r["vs_ref_own"][w] for r in sel],
-              "vs_exvae": [r["vs_exvae"][w] for r in sel]}
-  print(f"decoupled reference streams from {len(sel)} start(s) "
-        f"({', '.join(map(str, out['starts']))}), minus the coupled run / minus exvae "
-        "from the same start:")
-  for label, key in ((f"epoch {sel[0]['epochs']}, one scorer", "final"),
-                     *((f"mean over epochs {w}", w) for w in windows)):
+    out[w] = {
+      "vs_ref_own": [r["vs_ref_own"][w] for r in sel],
+      "vs_exvae": [r["vs_exvae"][w] for r in sel],
+    }
+  print(
+    f"decoupled reference streams from {len(sel)} start(s) "
+    f"({', '.join(map(str, out['starts']))}), minus the coupled run / minus exvae "
+    "from the same start:"
+  )
+  for label, key in (
+    (f"epoch {sel[0]['epochs']}, one scorer", "final"),
+    *((f"mean over epochs {w}", w) for w in windows),
+  ):
     parts = []
     for cmp in ("vs_ref_own", "vs_exvae"):
       v = out[key][cmp]
@@ -209,22 +243,35 @@ def print_decoupled(rows: list[dict]) -> dict | None:
         parts.append(f"{f['mean']:+.3f} +- {f['se']:.3f} (p = {f['p']:.3f})")
       else:
         parts.append(f"{v[0]:+.3f}")
-    print(f"  {label}: " + " / ".join(parts)
-          + "   per start: " + " ".join(f"{x:+.3f}" for x in out[key]["vs_ref_own"])
-          + " / " + " ".join(f"{x:+.3f}" for x in out[key]["vs_exvae"]))
+    print(
+      f"  {label}: "
+      + " / ".join(parts)
+      + "   per start: "
+      + " ".join(f"{x:+.3f}" for x in out[key]["vs_ref_own"])
+      + " / "
+      + " ".join(f"{x:+.3f}" for x in out[key]["vs_exvae"])
+    )
   return out
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--json", default=os.path.join(ROOT, "results", "fidelity", "equal_epoch_rat.json"))
-  ap.add_argument("--pairs", default=None, help="a JSON list of ref_continue --ref_fresh_seed "
-                  "summaries")
-  ap.add_argument("--draws", default=None, help="a JSON list of ref_draws_run summaries "
-                  "(needs --pairs for the same seeds)")
-  ap.add_argument("--vs_own_init", action="store_true",
-                  help="with --pairs: Welch of the pairs' exvae finals against exvae's own-init "
-                       "seeds of --json")
+  ap.add_argument(
+    "--json", default=os.path.join(ROOT, "results", "fidelity", "equal_epoch_rat.json")
+  )
+  ap.add_argument(
+    "--pairs", default=None, help="a JSON list of ref_continue --ref_fresh_seed summaries"
+  )
+  ap.add_argument(
+    "--draws",
+    default=None,
+    help="a JSON list of ref_draws_run summaries (needs --pairs for the same seeds)",
+  )
+  ap.add_argument(
+    "--vs_own_init",
+    action="store_true",
+    help="with --pairs: Welch of the pairs' exvae finals against exvae's own-init seeds of --json",
+  )
   a = ap.parse_args(argv)
   if (a.vs_own_init or a.draws) and not a.pairs:
     ap.error("--vs_own_init and --draws need --pairs")
@@ -239,19 +286,25 @@ def main(argv=None) -> int:
       with open(a.json) as f:
         own = list(groups(json.load(f))[0].values())
       w = welch(finals, own)
-      print(f"exvae from the reference's initialisations (n={len(finals)}, mean "
-            f"{np.mean(finals):.3f}) - exvae from its own (n={len(own)}, mean {np.mean(own):.3f}): "
-            f"{w['diff']:+.3f} +- {w['se']:.3f} nats (Welch, df {w['df']:.1f}, p = {w['p']:.3f})")
+      print(
+        f"exvae from the reference's initialisations (n={len(finals)}, mean "
+        f"{np.mean(finals):.3f}) - exvae from its own (n={len(own)}, mean {np.mean(own):.3f}): "
+        f"{w['diff']:+.3f} +- {w['se']:.3f} nats (Welch, df {w['df']:.1f}, p = {w['p']:.3f})"
+      )
     return 0
   with open(a.json) as f:
     ex, ref = groups(json.load(f))
   for name, g in (("exvae", ex), ("reference", ref)):
     v = np.array(list(g.values()))
-    print(f"{name:9s} n={v.size}  mean {v.mean():.3f}  sd {v.std(ddof=1):.3f}  "
-          f"range {v.min():.2f}-{v.max():.2f}  ({', '.join(f'{k} {x:.2f}' for k, x in g.items())})")
+    print(
+      f"{name:9s} n={v.size}  mean {v.mean():.3f}  sd {v.std(ddof=1):.3f}  "
+      f"range {v.min():.2f}-{v.max():.2f}  ({', '.join(f'{k} {x:.2f}' for k, x in g.items())})"
+    )
   w = welch(list(ex.values()), list(ref.values()))
-  print(f"exvae - reference: {w['diff']:+.3f} +- {w['se']:.3f} nats (Welch, df {w['df']:.1f}, "
-        f"p = {w['p']:.3f})")
+  print(
+    f"exvae - reference: {w['diff']:+.3f} +- {w['se']:.3f} nats (Welch, df {w['df']:.1f}, "
+    f"p = {w['p']:.3f})"
+  )
   return 0
 
 

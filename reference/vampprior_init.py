@@ -56,9 +56,14 @@ def reference_curve(log: str) -> dict[int, float]:
 def table(groups: dict[str, list[dict]], epochs) -> list[str]:
   """Markdown rows: mean (per seed) for each group, and reference minus each exvae start."""
   names = list(groups)
-  rows = ["| epoch | " + " | ".join(names) + " | " +
-          " | ".join(f"reference - {n}" for n in names[1:]) + " |",
-          "|---|" + "---|" * (2 * len(names) - 1)]
+  rows = [
+    "| epoch | "
+    + " | ".join(names)
+    + " | "
+    + " | ".join(f"reference - {n}" for n in names[1:])
+    + " |",
+    "|---|" + "---|" * (2 * len(names) - 1),
+  ]
   for e in epochs:
     m = {k: np.array([c[str(e)] if str(e) in c else c[e] for c in v]) for k, v in groups.items()}
     cells = [f"{m[k].mean():.2f} ({', '.join(f'{x:.2f}' for x in m[k])})" for k in names]
@@ -77,16 +82,14 @@ def collect(runs: str) -> dict:
   normal_run = os.path.join(ROOT, "results", "fidelity", "vampprior_normal_init_epoch460")
   with open(os.path.join(normal_run, "curve.csv")) as f:
     old = {int(r[0]): float(r[1]) for r in csv.reader(f) if r[0].isdigit()}
-  cut = lambda c: {str(e): c[e] for e in range(1, 7)}   # noqa: E731
+  cut = lambda c: {str(e): c[e] for e in range(1, 7)}  # noqa: E731
   return {
-      "reference": [cut(reference_curve(os.path.join(runs, "refvamp_s1_e24.log")))] +
-                   [cut(reference_curve(os.path.join(v, f"ref_s{s}.log"))) for s in (2, 3)],
-      "exvae he": [cut(exvae_curve(os.path.join(runs, "fashion_vae_vampprior", "metrics.jsonl")))] +
-                  [cut(exvae_curve(os.path.join(v, f"exvae_he_s{s}", "metrics.jsonl")))
-                   for s in (1, 2)],
-      "exvae normal": [cut(old)] +
-                      [cut(exvae_curve(os.path.join(v, f"exvae_normal_s{s}", "metrics.jsonl")))
-                       for s in (1, 2)],
+    "reference": [cut(reference_curve(os.path.join(runs, "refvamp_s1_e24.log")))]
+    + [cut(reference_curve(os.path.join(v, f"ref_s{s}.log"))) for s in (2, 3)],
+    "exvae he": [cut(exvae_curve(os.path.join(runs, "fashion_vae_vampprior", "metrics.jsonl")))]
+    + [cut(exvae_curve(os.path.join(v, f"exvae_he_s{s}", "metrics.jsonl"))) for s in (1, 2)],
+    "exvae normal": [cut(old)]
+    + [cut(exvae_curve(os.path.join(v, f"exvae_normal_s{s}", "metrics.jsonl"))) for s in (1, 2)],
   }
 
 

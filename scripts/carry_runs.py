@@ -61,8 +61,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
   ckpt = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt):
     return []
-  return sorted(int(d) for d in os.listdir(ckpt)
-                if d.isdigit() and os.path.isdir(os.path.join(ckpt, d)))
+  return sorted(
+    int(d) for d in os.listdir(ckpt) if d.isdigit() and os.path.isdir(os.path.join(ckpt, d))
+  )
 
 
 def _last_validation(workdir: str) -> dict:
@@ -98,20 +99,24 @@ def stop_writer(workdir: str, wait_s: float = 600.0, poll_s: float = 0.5) -> str
   try:
     pid, host = int(holder["pid"]), holder.get("host")
   except (KeyError, TypeError, ValueError):
-    raise CarryError(f"{workdir} is locked, but its lock file does not name the writer: "
-                     "stop it by hand, then pack") from None
+    raise CarryError(
+      f"{workdir} is locked, but its lock file does not name the writer: stop it by hand, then pack"
+    ) from None
   if host != socket.gethostname():
-    raise CarryError(f"{workdir} is being written by pid {pid} on host {host}, not this one "
-                     f"({socket.gethostname()}): stop it there, then pack")
+    raise CarryError(
+      f"{workdir} is being written by pid {pid} on host {host}, not this one "
+      f"({socket.gethostname()}): stop it there, then pack"
+    )
   try:
     os.kill(pid, signal.SIGTERM)
   except ProcessLookupError:
-    pass                                  # it ended between the check and the signal
+    pass  # it ended between the check and the signal
   deadline = time.monotonic() + wait_s
   while rundir.writer_of(workdir) is not None:
     if time.monotonic() > deadline:
-      raise CarryError(f"{workdir}: its writer (pid {pid}) did not stop within {wait_s:.0f} s "
-                       "of SIGTERM")
+      raise CarryError(
+        f"{workdir}: its writer (pid {pid}) did not stop within {wait_s:.0f} s of SIGTERM"
+      )
     time.sleep(poll_s)
   return f"{workdir}: stopped its writer (pid {pid}; it saved a checkpoint)"
 
@@ -135,8 +140,10 @@ def pack(workdir: str, out_path: str) -> dict:
   try:
     lock = rundir.WorkdirLock(workdir).acquire()
   except errors.WorkdirLockedError as e:
-    raise CarryError(f"{e} Stop it with SIGTERM (it saves a checkpoint as it stops), "
-                     "then pack, or pack with --stop.") from None
+    raise CarryError(
+      f"{e} Stop it with SIGTERM (it saves a checkpoint as it stops), "
+      "then pack, or pack with --stop."
+    ) from None
   try:
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -161,8 +168,7 @@ def pack(workdir: str, out_path: str) -> dict:
       raise
   finally:
     lock.release()
-  manifest = {**_last_validation(workdir), "step": steps[-1],
-              "bytes": os.path.getsize(out_path)}
+  manifest = {**_last_validation(workdir), "step": steps[-1], "bytes": os.path.getsize(out_path)}
   prov = os.path.join(workdir, "provenance.json")
   if os.path.exists(prov):
     with open(prov) as f:
@@ -182,19 +188,23 @@ def unpack(archive: str, workdir: str) -> str:
   """
   workdir = os.path.abspath(workdir)
   with tarfile.open(archive, "r:gz") as tar:
-    steps = sorted(int(p.split("/")[1]) for p in tar.getnames()
-                   if p.startswith("checkpoints/") and p.count("/") == 1 and
-                   p.split("/")[1].isdigit())
+    steps = sorted(
+      int(p.split("/")[1])
+      for p in tar.getnames()
+      if p.startswith("checkpoints/") and p.count("/") == 1 and p.split("/")[1].isdigit()
+    )
     carried = steps[-1] if steps else None
     if os.path.exists(workdir):
       have = checkpoint_steps(workdir)
-      return (f"kept {workdir} (newest step {have[-1] if have else 'none'}); not replaced by "
-              f"{archive} (step {carried}): move the directory aside to use the carried run")
+      return (
+        f"kept {workdir} (newest step {have[-1] if have else 'none'}); not replaced by "
+        f"{archive} (step {carried}): move the directory aside to use the carried run"
+      )
     parent = os.path.dirname(workdir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.unpack-", dir=parent)
     try:
-      tar.extractall(tmp, filter="data")      # no absolute paths, links out or devices
+      tar.extractall(tmp, filter="data")  # no absolute paths, links out or devices
       os.replace(tmp, workdir)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -206,19 +216,26 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("command", choices=("pack", "unpack"))
   p.add_argument("names", nargs="*", help="run names (config names); unpack: default all carried")
-  p.add_argument("--runs", default=os.path.expanduser("~/exvae-runs"),
-                 help="the folder holding the run directories")
+  p.add_argument(
+    "--runs",
+    default=os.path.expanduser("~/exvae-runs"),
+    help="the folder holding the run directories",
+  )
   p.add_argument("--carry", default=CARRY_DIR, help="the folder holding the archives")
-  p.add_argument("--stop", action="store_true",
-                 help="pack: stop each run's writer first (SIGTERM; it checkpoints as it stops)")
-  p.add_argument("--wait", type=float, default=600.0,
-                 help="pack --stop: seconds to wait for a writer to stop")
-  args = p.parse_intermixed_args(argv)      # names before or after the options
+  p.add_argument(
+    "--stop",
+    action="store_true",
+    help="pack: stop each run's writer first (SIGTERM; it checkpoints as it stops)",
+  )
+  p.add_argument(
+    "--wait", type=float, default=600.0, help="pack --stop: seconds to wait for a writer to stop"
+  )
+  args = p.parse_intermixed_args(argv)  # names before or after the options
   try:
     if args.command == "pack":
       if not args.names:
         raise CarryError("pack: name the runs to carry")
-      if args.stop:                   # every run stopped before any is packed
+      if args.stop:  # every run stopped before any is packed
         for name in args.names:
           print(stop_writer(os.path.join(args.runs, name), args.wait))
       for name in args.names:
@@ -227,15 +244,19 @@ def main(argv=None) -> int:
         with open(os.path.join(args.carry, f"{name}.json"), "w") as f:
           json.dump(manifest, f, indent=2, sort_keys=True)
           f.write("\n")
-        print(f"packed {name}: step {manifest['step']}, epoch {manifest.get('epoch')}, best val "
-              f"{manifest.get('best_val')}, {manifest['bytes'] / 2**20:.1f} MiB -> {out}")
+        print(
+          f"packed {name}: step {manifest['step']}, epoch {manifest.get('epoch')}, best val "
+          f"{manifest.get('best_val')}, {manifest['bytes'] / 2**20:.1f} MiB -> {out}"
+        )
     else:
       names = args.names
       if not names and os.path.isdir(args.carry):
-        names = sorted(f[:-len(".tar.gz")] for f in os.listdir(args.carry) if f.endswith(".tar.gz"))
+        names = sorted(
+          f[: -len(".tar.gz")] for f in os.listdir(args.carry) if f.endswith(".tar.gz")
+        )
       for name in names:
         archive = os.path.join(args.carry, f"{name}.tar.gz")
-        if os.path.exists(archive):   # a run with no carry simply starts or resumes as it is
+        if os.path.exists(archive):  # a run with no carry simply starts or resumes as it is
           print(unpack(archive, os.path.join(args.runs, name)))
   except CarryError as e:
     print(f"carry_runs.py: {e}", file=sys.stderr)

@@ -30,8 +30,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exvae.runinfo import (cpu_name, matmul_rate, paused_seconds, read_jsonl,  # noqa: E402
-                           training_wall_clock)
+from exvae.runinfo import (
+  cpu_name,
+  matmul_rate,
+  paused_seconds,
+  read_jsonl,  # noqa: E402
+  training_wall_clock,
+)
 
 
 def machines_text(segments: list[dict], steps_per_epoch: int, last_epoch: int) -> str:
@@ -83,8 +88,14 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def collect(workdir: str, name: str, out_root: str, measure: bool = True,
-            eval_dir: str | None = None, cpu: str | None = None) -> str:
+def collect(
+  workdir: str,
+  name: str,
+  out_root: str,
+  measure: bool = True,
+  eval_dir: str | None = None,
+  cpu: str | None = None,
+) -> str:
   """Writes ``out_root/name/`` from ``workdir``; returns that directory.
 
   The evaluation's files are read from ``eval_dir`` (default: ``workdir``).
@@ -94,17 +105,23 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
   """
   eval_dir = eval_dir or workdir
   need = [os.path.join(eval_dir, f) for f in ("eval_metrics.json", "per_example.npz")] + [
-      os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl")]
+    os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl")
+  ]
   missing = [p for p in need if not os.path.exists(p)]
   if missing:
-    raise SystemExit(f"collect_result: {', '.join(missing)} missing: train and evaluate the "
-                     "run first (eval.py writes eval_metrics.json and per_example.npz).")
+    raise SystemExit(
+      f"collect_result: {', '.join(missing)} missing: train and evaluate the "
+      "run first (eval.py writes eval_metrics.json and per_example.npz)."
+    )
   from exvae import atomic, eval_lib
-  try:      # its own digest, the files it records, the means of per_example.npz
+
+  try:  # its own digest, the files it records, the means of per_example.npz
     metrics = eval_lib.check_outputs(eval_dir)
   except atomic.NPZ_READ_ERRORS as e:
-    raise SystemExit(f"collect_result: the evaluation in {eval_dir} does not check "
-                     f"({' '.join(str(e).split())}): evaluate the run again.") from None
+    raise SystemExit(
+      f"collect_result: the evaluation in {eval_dir} does not check "
+      f"({' '.join(str(e).split())}): evaluate the run again."
+    ) from None
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -116,7 +133,7 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
   val = {}
   for r in records:
     if "val_loss" in r:
-      val[int(r["epoch"])] = float(r["val_loss"])       # a resume may re-log an epoch: keep last
+      val[int(r["epoch"])] = float(r["val_loss"])  # a resume may re-log an epoch: keep last
   summaries = [r["summary"] for r in records if "summary" in r]
   last = summaries[-1] if summaries else {}
   epochs = max(val) if val else 0
@@ -127,22 +144,22 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
     with open(prov) as f:
       source = json.load(f)
   budget = {
-      "epochs_trained": epochs,
-      "early_stopped": bool(last.get("early_stopped", False)),
-      "best_epoch": best_epoch,
-      "best_val_loss": val.get(best_epoch),
-      "max_epochs": int(config.get("num_epochs", 0)),
-      "warmup_epochs": int(config.get("warmup_epochs", 0)),
-      "early_stopping_patience": int(config.get("early_stopping_patience", 0)),
-      "train_wall_clock_s": training_wall_clock(records),
-      "train_paused_s": paused_seconds(records),
-      "eval_seconds": metrics.get("eval_seconds"),
-      "num_importance_samples": metrics.get("num_importance_samples"),
-      "num_test_examples": metrics.get("num_test_examples"),
-      "cpu": cpu_name(with_isa=True),
-      "cpu_source": "the machine that collected the run",
-      "cpu_count": os.cpu_count(),
-      "source": source,
+    "epochs_trained": epochs,
+    "early_stopped": bool(last.get("early_stopped", False)),
+    "best_epoch": best_epoch,
+    "best_val_loss": val.get(best_epoch),
+    "max_epochs": int(config.get("num_epochs", 0)),
+    "warmup_epochs": int(config.get("warmup_epochs", 0)),
+    "early_stopping_patience": int(config.get("early_stopping_patience", 0)),
+    "train_wall_clock_s": training_wall_clock(records),
+    "train_paused_s": paused_seconds(records),
+    "eval_seconds": metrics.get("eval_seconds"),
+    "num_importance_samples": metrics.get("num_importance_samples"),
+    "num_test_examples": metrics.get("num_test_examples"),
+    "cpu": cpu_name(with_isa=True),
+    "cpu_source": "the machine that collected the run",
+    "cpu_count": os.cpu_count(),
+    "source": source,
   }
   machines = os.path.join(workdir, "machines.jsonl")
   if cpu:
@@ -151,8 +168,9 @@ def collect(workdir: str, name: str, out_root: str, measure: bool = True,
     segments = read_jsonl(machines)
     spe = int(last.get("steps_per_epoch") or 0) or _steps_per_epoch(records)
     if segments and spe:
-      budget.update(cpu=machines_text(segments, spe, epochs), machines=segments,
-                    cpu_source="machines.jsonl")
+      budget.update(
+        cpu=machines_text(segments, spe, epochs), machines=segments, cpu_source="machines.jsonl"
+      )
   if ckpt is not None:
     budget["evaluated_checkpoint_step"] = int(ckpt)
   if measure:
@@ -179,15 +197,20 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--name", required=True, help="results entry name (the config's name)")
   ap.add_argument("--out", default="results")
-  ap.add_argument("--eval_dir", default=None,
-                  help="where eval.py wrote its files (--config.eval.out_dir); default --workdir")
+  ap.add_argument(
+    "--eval_dir",
+    default=None,
+    help="where eval.py wrote its files (--config.eval.out_dir); default --workdir",
+  )
   ap.add_argument("--no-measure", action="store_true", help="skip the matmul-rate measurement")
-  ap.add_argument("--cpu", default=None,
-                  help="the CPUs that trained the run, for a run without machines.jsonl "
-                       "(default: its machines.jsonl, else this machine's CPU)")
+  ap.add_argument(
+    "--cpu",
+    default=None,
+    help="the CPUs that trained the run, for a run without machines.jsonl "
+    "(default: its machines.jsonl, else this machine's CPU)",
+  )
   a = ap.parse_args(argv)
-  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure, eval_dir=a.eval_dir,
-                cpu=a.cpu))
+  print(collect(a.workdir, a.name, a.out, measure=not a.no_measure, eval_dir=a.eval_dir, cpu=a.cpu))
   return 0
 
 

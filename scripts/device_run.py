@@ -35,16 +35,20 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-LIMIT_BYTES = 64 * 2**20          # what travels to the device
-PART_BYTES = 15 * 2**20           # each returned file is at most 16 MiB
-CARRIED = ".carry-run"            # git-ignored; named in the run tool's carry list
-CACHE = ".carry-run-cache"        # git-ignored; never travels (the full .xz data, the wheel)
-HOLD = ".device-hold"             # git-ignored; tracked files held aside during a call
+LIMIT_BYTES = 64 * 2**20  # what travels to the device
+PART_BYTES = 15 * 2**20  # each returned file is at most 16 MiB
+CARRIED = ".carry-run"  # git-ignored; named in the run tool's carry list
+CACHE = ".carry-run-cache"  # git-ignored; never travels (the full .xz data, the wheel)
+HOLD = ".device-hold"  # git-ignored; tracked files held aside during a call
 ARCHIVE = "run.tar.gz"
 MANIFEST = "manifest.json"
 EVAL_FILES = ("eval_metrics.json", "per_example.npz", "eval_samples.png", "eval_partial.npz")
-IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX = (
+  "train-images-idx3-ubyte",
+  "train-labels-idx1-ubyte",
+  "t10k-images-idx3-ubyte",
+  "t10k-labels-idx1-ubyte",
+)
 # A training call reads no test image (only eval.py does), but the IDX loader wants all
 # four files: it gets the first TRAIN_CALL_TEST genuine test images, 3.7 MB less to carry.
 TRAIN_CALL_TEST = 100
@@ -69,24 +73,27 @@ def carried_dir(root: str = ROOT) -> str:
 
 
 def _git_files(root: str, *args: str) -> list[str]:
-  out = subprocess.run(["git", "ls-files", "-z", *args], cwd=root, check=True,
-                       capture_output=True).stdout.decode()
+  out = subprocess.run(
+    ["git", "ls-files", "-z", *args], cwd=root, check=True, capture_output=True
+  ).stdout.decode()
   return [p for p in out.split("\0") if p]
 
 
 def _dir_bytes(path: str) -> int:
   total = 0
   for base, _, files in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(base, f)) for f in files
-                 if os.path.isfile(os.path.join(base, f)))
+    total += sum(
+      os.path.getsize(os.path.join(base, f)) for f in files if os.path.isfile(os.path.join(base, f))
+    )
   return total
 
 
 def travel_bytes(root: str = ROOT, carried: tuple[str, ...] = (CARRIED,)) -> dict[str, int]:
   """What a device call would copy: tracked files that exist, untracked-not-ignored, carried."""
   paths = set(_git_files(root)) | set(_git_files(root, "--others", "--exclude-standard"))
-  tree = sum(os.path.getsize(os.path.join(root, p)) for p in paths
-             if os.path.isfile(os.path.join(root, p)))
+  tree = sum(
+    os.path.getsize(os.path.join(root, p)) for p in paths if os.path.isfile(os.path.join(root, p))
+  )
   extra = sum(_dir_bytes(os.path.join(root, c)) for c in carried)
   return {"tree": tree, "carried": extra, "total": tree + extra}
 
@@ -141,13 +148,13 @@ def _xz(src: str, dst: str, limit_items: int | None = None) -> None:
   if raw[:2] != b"\0\0" or raw[2] != 0x08:
     raise DeviceRunError(f"{src}: not an IDX file of uint8")
   ndim = raw[3]
-  dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+  dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
   hdr = 4 + 4 * ndim
   n = dims[0] if limit_items is None else min(dims[0], limit_items)
   per_item = 1
   for d in dims[1:]:
     per_item *= d
-  body = raw[hdr: hdr + n * per_item]
+  body = raw[hdr : hdr + n * per_item]
   tmp = dst + ".tmp"
   with lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as f:
     f.write(raw[:4] + n.to_bytes(4, "big") + raw[8:hdr] + body)
@@ -158,8 +165,10 @@ def _fashion_source() -> str:
   src = os.environ.get("EXVAE_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist"
   for base in IDX:
     if not any(os.path.isfile(os.path.join(src, base + s)) for s in (".gz", "")):
-      raise DeviceRunError(f"missing {src}/{base}[.gz]: apt-get install dataset-fashion-mnist, "
-                           "or set EXVAE_FASHION_MNIST_DIR to the four IDX files")
+      raise DeviceRunError(
+        f"missing {src}/{base}[.gz]: apt-get install dataset-fashion-mnist, "
+        "or set EXVAE_FASHION_MNIST_DIR to the four IDX files"
+      )
   return src
 
 
@@ -174,15 +183,19 @@ def carry_data(root: str, dataset: str, mode: str) -> None:
   if dataset == "digits":
     return
   if dataset != "fashion_mnist":
-    raise DeviceRunError(f"dataset {dataset!r}: only Fashion-MNIST and the sklearn digits "
-                         "are carried to the device")
+    raise DeviceRunError(
+      f"dataset {dataset!r}: only Fashion-MNIST and the sklearn digits are carried to the device"
+    )
   src = _fashion_source()
   cache = os.path.join(root, CACHE, "fashion_mnist")
   os.makedirs(cache, exist_ok=True)
   os.makedirs(out)
   for base in IDX:
-    path = next(os.path.join(src, base + s) for s in (".gz", "")
-                if os.path.isfile(os.path.join(src, base + s)))
+    path = next(
+      os.path.join(src, base + s)
+      for s in (".gz", "")
+      if os.path.isfile(os.path.join(src, base + s))
+    )
     test = base.startswith("t10k")
     name = base + (f".first{TRAIN_CALL_TEST}" if test and mode == "train" else "") + ".xz"
     cached = os.path.join(cache, name)
@@ -200,12 +213,32 @@ def carry_wheel(root: str) -> None:
       if line.startswith("ml_collections=="):
         version = line.split("==", 1)[1].strip()
   cache = os.path.join(root, CACHE, "wheels")
-  if not any(f.startswith("ml_collections-") for f in os.listdir(cache)) \
-      if os.path.isdir(cache) else True:
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                    "--platform", "manylinux_2_17_x86_64", "-d", cache,
-                    f"ml_collections=={version}"], check=True)
+  if (
+    not any(f.startswith("ml_collections-") for f in os.listdir(cache))
+    if os.path.isdir(cache)
+    else True
+  ):
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--platform",
+        "manylinux_2_17_x86_64",
+        "-d",
+        cache,
+        f"ml_collections=={version}",
+      ],
+      check=True,
+    )
   out = os.path.join(carried_dir(root), "wheels")
   shutil.rmtree(out, ignore_errors=True)
   shutil.copytree(cache, out)
@@ -214,8 +247,10 @@ def carry_wheel(root: str) -> None:
 def _carry_runs():
   """scripts/carry_runs.py (a script, not a package module)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "carry_runs", os.path.join(os.path.dirname(os.path.abspath(__file__)), "carry_runs.py"))
+    "carry_runs", os.path.join(os.path.dirname(os.path.abspath(__file__)), "carry_runs.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -233,8 +268,10 @@ def _join_parts(src: str, dst_file: str) -> dict:
       h.update(data)
       out.write(data)
   if h.hexdigest() != manifest["sha256"]:
-    raise DeviceRunError(f"{src}: the parts do not match {MANIFEST} (sha256): an incomplete "
-                         "copy; unpack the returned files again")
+    raise DeviceRunError(
+      f"{src}: the parts do not match {MANIFEST} (sha256): an incomplete "
+      "copy; unpack the returned files again"
+    )
   return manifest
 
 
@@ -253,8 +290,10 @@ def restore_run(config: str, workdir: str, root: str = ROOT) -> str:
     archive = os.path.join(tmp, ARCHIVE)
     manifest = _join_parts(src, archive)
     carry_runs.unpack(archive, workdir)
-  return (f"resuming {config} from step {manifest.get('step')} (epoch {manifest.get('epoch')}, "
-          f"best validation {manifest.get('best_val')})")
+  return (
+    f"resuming {config} from step {manifest.get('step')} (epoch {manifest.get('epoch')}, "
+    f"best validation {manifest.get('best_val')})"
+  )
 
 
 def device_data(root: str, dest: str) -> str:
@@ -278,7 +317,7 @@ def _summary(workdir: str) -> dict:
     if "summary" in r:
       last = r["summary"]
     elif "step" in r:
-      last = {}                     # trained on after an earlier summary
+      last = {}  # trained on after an earlier summary
   return last
 
 
@@ -296,8 +335,9 @@ def pack_run(config: str, workdir: str, out: str) -> dict:
     try:
       manifest = carry_runs.pack(workdir, archive)
     except carry_runs.CarryError as e:
-      raise DeviceRunError(f"{e} (a first call needs minutes to save its first checkpoint)") \
-          from None
+      raise DeviceRunError(
+        f"{e} (a first call needs minutes to save its first checkpoint)"
+      ) from None
     manifest.pop("source", None)
     h, parts = hashlib.sha256(), []
     with open(archive, "rb") as f:
@@ -308,8 +348,13 @@ def pack_run(config: str, workdir: str, out: str) -> dict:
         h.update(chunk)
         parts.append(name)
   s = _summary(workdir)
-  manifest.update(config=config, parts=parts, sha256=h.hexdigest(),
-                  finished=bool(s.get("finished")), early_stopped=bool(s.get("early_stopped")))
+  manifest.update(
+    config=config,
+    parts=parts,
+    sha256=h.hexdigest(),
+    finished=bool(s.get("finished")),
+    early_stopped=bool(s.get("early_stopped")),
+  )
   with open(os.path.join(dest, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=2, sort_keys=True)
     f.write("\n")
@@ -328,19 +373,21 @@ def unpack_returned(config: str, src: str, root: str = ROOT) -> str:
   said = []
   if os.path.exists(os.path.join(src, MANIFEST)):
     with tempfile.TemporaryDirectory() as tmp:
-      manifest = _join_parts(src, os.path.join(tmp, ARCHIVE))   # check before replacing
+      manifest = _join_parts(src, os.path.join(tmp, ARCHIVE))  # check before replacing
     os.makedirs(dest, exist_ok=True)
     for f in os.listdir(dest):
       if f.startswith(ARCHIVE + ".") or f == MANIFEST:
         os.remove(os.path.join(dest, f))
     for f in manifest["parts"] + [MANIFEST]:
       shutil.copyfile(os.path.join(src, f), os.path.join(dest, f))
-    said.append(f"run at step {manifest['step']} (epoch {manifest.get('epoch')}, best validation "
-                f"{manifest.get('best_val')}{', finished' if manifest.get('finished') else ''})")
+    said.append(
+      f"run at step {manifest['step']} (epoch {manifest.get('epoch')}, best validation "
+      f"{manifest.get('best_val')}{', finished' if manifest.get('finished') else ''})"
+    )
   ev = os.path.join(src, "eval")
   if os.path.isdir(ev) and os.listdir(ev):
     os.makedirs(os.path.join(dest, "eval"), exist_ok=True)
-    for f in EVAL_FILES:                    # a finished evaluation replaces its partial scores
+    for f in EVAL_FILES:  # a finished evaluation replaces its partial scores
       if os.path.exists(os.path.join(dest, "eval", f)):
         os.remove(os.path.join(dest, "eval", f))
     for f in os.listdir(ev):
@@ -361,10 +408,20 @@ def publish_for_eval(config: str, root: str = ROOT) -> str:
     line = restore_run(config, os.path.join(tmp, "run"), root)
     if not os.path.isdir(os.path.join(tmp, "run")):
       raise DeviceRunError(f"no carried run of {config} to evaluate ({line})")
-    subprocess.run([sys.executable, os.path.join(root, "scripts", "publish_model.py"),
-                    "--workdir", os.path.join(tmp, "run"),
-                    "--config", os.path.join(root, "configs", f"{config}.py"), "--out", out],
-                   check=True, cwd=root)
+    subprocess.run(
+      [
+        sys.executable,
+        os.path.join(root, "scripts", "publish_model.py"),
+        "--workdir",
+        os.path.join(tmp, "run"),
+        "--config",
+        os.path.join(root, "configs", f"{config}.py"),
+        "--out",
+        out,
+      ],
+      check=True,
+      cwd=root,
+    )
   return out
 
 
@@ -385,6 +442,7 @@ def prepare(config: str, mode: str, root: str = ROOT) -> str:
   if not os.path.isfile(path):
     raise DeviceRunError(f"no config {path}: CONFIG is the name of a file in configs/")
   from exvae import config_registry
+
   dataset = str(config_registry.get_config(path).dataset)
   carry_wheel(root)
   carry_data(root, dataset, mode)
@@ -392,22 +450,31 @@ def prepare(config: str, mode: str, root: str = ROOT) -> str:
   rel = os.path.relpath(carry_dir(config, root), root) + "/"
   if mode == "eval":
     publish_for_eval(config, root)
-    rel += "eval/"                       # the run's parts stay here; its partial scores travel
+    rel += "eval/"  # the run's parts stay here; its partial scores travel
   held = hold(root, keep="" if rel.startswith("..") else rel)
   size = travel_bytes(root)
-  line = (f"would travel: {_mib(size['total'])} (tree {_mib(size['tree'])}, {CARRIED}/ "
-          f"{_mib(size['carried'])}); limit {_mib(LIMIT_BYTES)}; {held} file(s) held in {HOLD}/")
+  line = (
+    f"would travel: {_mib(size['total'])} (tree {_mib(size['tree'])}, {CARRIED}/ "
+    f"{_mib(size['carried'])}); limit {_mib(LIMIT_BYTES)}; {held} file(s) held in {HOLD}/"
+  )
   if size["total"] > LIMIT_BYTES:
     restore(root)
-    raise DeviceRunError(f"{line}: over the limit, nothing held now; the largest: "
-                         f"{', '.join(_largest(root))}")
+    raise DeviceRunError(
+      f"{line}: over the limit, nothing held now; the largest: {', '.join(_largest(root))}"
+    )
   return line
 
 
 def _largest(root: str, n: int = 4) -> list[str]:
   paths = set(_git_files(root)) | set(_git_files(root, "--others", "--exclude-standard"))
-  sizes = sorted(((os.path.getsize(os.path.join(root, p)), p) for p in paths
-                  if os.path.isfile(os.path.join(root, p))), reverse=True)[:n]
+  sizes = sorted(
+    (
+      (os.path.getsize(os.path.join(root, p)), p)
+      for p in paths
+      if os.path.isfile(os.path.join(root, p))
+    ),
+    reverse=True,
+  )[:n]
   return [f"{p} {_mib(b)}" for b, p in sizes]
 
 
@@ -415,8 +482,10 @@ def eval_setup(config: str, outdir: str, root: str = ROOT) -> str:
   """There: a fresh ``outdir`` with the carried partial scores; returns the model directory."""
   model = os.path.join(carried_dir(root), "model", config)
   if not os.path.isdir(model):
-    raise DeviceRunError(f"no {model}: run 'scripts/device_run.sh --prepare --eval {config}' "
-                         "here before the call, with carry [\".carry-run\"]")
+    raise DeviceRunError(
+      f"no {model}: run 'scripts/device_run.sh --prepare --eval {config}' "
+      "here before the call, with carry [\".carry-run\"]"
+    )
   shutil.rmtree(outdir, ignore_errors=True)
   os.makedirs(outdir)
   partial = os.path.join(carry_dir(config, root), "eval", "eval_partial.npz")
@@ -472,12 +541,15 @@ def main(argv=None) -> int:
       print(unpack_returned(args.config, args.dir))
     elif args.command == "setup":
       print(restore_run(args.config, args.workdir), file=sys.stderr)
-      print(device_data(ROOT, args.datadir))          # the shell reads this line
+      print(device_data(ROOT, args.datadir))  # the shell reads this line
     elif args.command == "pack":
       m = pack_run(args.config, args.workdir, args.out)
-      print(f"packed {args.config}: step {m['step']}, epoch {m.get('epoch')}, best validation "
-            f"{m.get('best_val')}, {_mib(m['bytes'])} in {len(m['parts'])} part(s)"
-            f"{', finished' if m['finished'] else ''}", file=sys.stderr)
+      print(
+        f"packed {args.config}: step {m['step']}, epoch {m.get('epoch')}, best validation "
+        f"{m.get('best_val')}, {_mib(m['bytes'])} in {len(m['parts'])} part(s)"
+        f"{', finished' if m['finished'] else ''}",
+        file=sys.stderr,
+      )
     elif args.command == "eval-setup":
       print(eval_setup(args.config, args.outdir) + "\t" + device_data(ROOT, args.datadir))
     else:

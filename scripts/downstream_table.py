@@ -44,8 +44,10 @@ BEGIN, END = "<!-- downstream:begin -->", "<!-- downstream:end -->"
 KS = ("3", "5", "9", "15")
 # The paper's Fashion-MNIST augmentation figures (MLP 784-1024-1024-10), test error in %.
 PAPER_AUGMENT = {"fashion_mnist": (8.56, 8.16)}
-PAPER_KNN = ("the Exemplar VAE's encoder means classify best of the three priors "
-             "(shown as a figure, without numbers)")
+PAPER_KNN = (
+  "the Exemplar VAE's encoder means classify best of the three priors "
+  "(shown as a figure, without numbers)"
+)
 
 
 def _load(root: str, filename: str) -> list[tuple[str, dict]]:
@@ -64,14 +66,17 @@ def knn_table(rows: list[tuple[str, dict]]) -> str:
   """Markdown table of kNN test errors (%), one row per model."""
   if not rows:
     return "No kNN result in `results/` yet.\n"
-  lines = ["| model | " + " | ".join(f"k = {k}" for k in KS) + " | queries, tie-break | parameters |",
-           "|---|" + "---|" * len(KS) + "---|---|"]
+  lines = [
+    "| model | " + " | ".join(f"k = {k}" for k in KS) + " | queries, tie-break | parameters |",
+    "|---|" + "---|" * len(KS) + "---|---|",
+  ]
   for name, r in rows:
     errs = " | ".join(f"{100 * r['test'][k]:.2f}" if k in r["test"] else "-" for k in KS)
     model = r.get("model", {})
     params = f"best epoch {model['best_epoch']}" if "best_epoch" in model else "-"
-    lines.append(f"| `{name}` | {errs} | {r.get('query_images', '-')}, "
-                 f"{r.get('tie_break', '-')} | {params} |")
+    lines.append(
+      f"| `{name}` | {errs} | {r.get('query_images', '-')}, {r.get('tie_break', '-')} | {params} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -88,6 +93,7 @@ def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
   """
   from exvae import atomic
   from exvae.uses import knn as knn_lib
+
   path = os.path.join(root, name, "knn_per_example.npz")
   if not os.path.isfile(path):
     return None
@@ -98,8 +104,10 @@ def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
       summary = json.load(f)
   recorded = summary.get("per_example_sha256")
   if recorded is not None and atomic.sha256_file(path) != recorded:
-    raise RecordError(f"{path} is not the file {summary_path} was written with (its SHA-256 "
-                      "differs): run the kNN command again for this model")
+    raise RecordError(
+      f"{path} is not the file {summary_path} was written with (its SHA-256 "
+      "differs): run the kNN command again for this model"
+    )
   with np.load(path) as z:
     arrays = {k: z[k] for k in z.files}
   if recorded is not None:
@@ -111,13 +119,16 @@ def _knn_per_example(root: str, name: str) -> dict[str, np.ndarray] | None:
 
 
 # (setting, prefix of its arrays in knn_per_example.npz)
-KNN_SETTINGS = (("test (references: training + validation)", ""),
-                ("validation (references: training)", "val_"),
-                ("test (references: training)", "test_on_train_"))
+KNN_SETTINGS = (
+  ("test (references: training + validation)", ""),
+  ("validation (references: training)", "val_"),
+  ("test (references: training)", "test_on_train_"),
+)
 
 
-def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
-               prefix: str = "") -> tuple[float, float] | None:
+def paired_knn(
+  a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str, prefix: str = ""
+) -> tuple[float, float] | None:
   """Mean and standard error (%) of ``wrong_a - wrong_b`` over the same images.
 
   Args:
@@ -134,12 +145,19 @@ def paired_knn(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
   return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(d.size)
 
 
-def _wrong_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str,
-                prefix: str) -> np.ndarray | None:
+def _wrong_diff(
+  a: dict[str, np.ndarray], b: dict[str, np.ndarray], k: str, prefix: str
+) -> np.ndarray | None:
   """Per image ``wrong_a - wrong_b`` (0 or +-1), or None if the two did not score the same images."""
   key, lab = f"{prefix}pred_k{k}", f"{prefix}labels"
-  if key not in a or key not in b or lab not in a or lab not in b \
-      or a[lab].shape != b[lab].shape or not np.array_equal(a[lab], b[lab]):
+  if (
+    key not in a
+    or key not in b
+    or lab not in a
+    or lab not in b
+    or a[lab].shape != b[lab].shape
+    or not np.array_equal(a[lab], b[lab])
+  ):
     return None
   return (a[key] != a[lab]).astype(np.float64) - (b[key] != b[lab]).astype(np.float64)
 
@@ -157,20 +175,25 @@ def _knn_pairs(root: str, names: list[str]) -> list[tuple[tuple[str, str], str, 
     per_example = _knn_per_example(root, name) if fam is not None else None
     if per_example is not None:
       loaded[name] = per_example
-      groups.setdefault(fam[0], []).append((-PRIORS.index(fam[1]), name))   # richest first
-  return [(fam, a, b, loaded[a], loaded[b]) for fam in sorted(groups)
-          for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2)]
+      groups.setdefault(fam[0], []).append((-PRIORS.index(fam[1]), name))  # richest first
+  return [
+    (fam, a, b, loaded[a], loaded[b])
+    for fam in sorted(groups)
+    for (_, a), (_, b) in itertools.combinations(sorted(groups[fam]), 2)
+  ]
 
 
 def knn_paired_table(root: str, names: list[str]) -> str:
   """Markdown table of paired kNN differences between the priors of each model family."""
   pairs = _knn_pairs(root, names)
-  lines = ["| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
-           "|---|---|" + "---|" * len(KS)]
+  lines = [
+    "| richer - simpler prior | setting | " + " | ".join(f"k = {k}" for k in KS) + " |",
+    "|---|---|" + "---|" * len(KS),
+  ]
   for setting, prefix in KNN_SETTINGS:
     for _, a, b, pa, pb in pairs:
       if prefix and f"{prefix}labels" not in pa and f"{prefix}labels" not in pb:
-        continue                                  # neither kept this setting
+        continue  # neither kept this setting
       cells = []
       for k in KS:
         r = paired_knn(pa, pb, k, prefix)
@@ -188,8 +211,9 @@ def _wrong_differences(pa: dict, pb: dict, prefix: str) -> np.ndarray | None:
   return None if any(x is None for x in d) else np.stack(d, 1)
 
 
-def query_set_test(dv: np.ndarray, dt: np.ndarray, permutations: int = 2000,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+def query_set_test(
+  dv: np.ndarray, dt: np.ndarray, permutations: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
   """Do two query sets give the same paired differences?
 
   Args:
@@ -204,12 +228,15 @@ def query_set_test(dv: np.ndarray, dt: np.ndarray, permutations: int = 2000,
     family-wise p-value: the share of permutations whose largest
     ``|difference / SE|`` over the C comparisons reaches the observed largest.
   """
+
   def z(a, b):
     diff = a.mean(0) - b.mean(0)
     se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
     return diff, se
-  def zmax(diff, se):   # a comparison without spread (two equal models) says nothing
+
+  def zmax(diff, se):  # a comparison without spread (two equal models) says nothing
     return np.max(np.abs(np.divide(diff, se, out=np.zeros_like(diff), where=se > 0)))
+
   diff, se = z(dv, dt)
   obs = zmax(diff, se)
   pool, n = np.concatenate([dv, dt]), len(dv)
@@ -236,54 +263,77 @@ def query_set_table(root: str, names: list[str]) -> str:
       per_family.setdefault(fam, []).append((f"`{a}` - `{b}`", dv, dt))
   if not per_family:
     return "No model kept both query sets against the training references yet.\n"
-  lines = ["| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
-           "|---|" + "---|" * len(KS)]
+  lines = [
+    "| richer - simpler prior | " + " | ".join(f"k = {k}" for k in KS) + " |",
+    "|---|" + "---|" * len(KS),
+  ]
   notes = []
   for fam, pairs in per_family.items():
     # Pairs of one model scored the same images, so their columns pool.
-    diff, se, p = query_set_test(np.concatenate([dv for _, dv, _ in pairs], 1),
-                                 np.concatenate([dt for _, _, dt in pairs], 1))
+    diff, se, p = query_set_test(
+      np.concatenate([dv for _, dv, _ in pairs], 1), np.concatenate([dt for _, _, dt in pairs], 1)
+    )
     for i, (row, _, _) in enumerate(pairs):
-      cells = [f"{100 * diff[j]:+.2f} +- {100 * se[j]:.2f}"
-               for j in range(i * len(KS), (i + 1) * len(KS))]
+      cells = [
+        f"{100 * diff[j]:+.2f} +- {100 * se[j]:.2f}" for j in range(i * len(KS), (i + 1) * len(KS))
+      ]
       lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    notes.append(f"`{fam[1]}` on `{fam[0]}`: family-wise permutation p-value over these "
-                 f"{diff.size} differences (2000 reassignments of the pooled images, seed 0): "
-                 f"{p:.3f}.")
+    notes.append(
+      f"`{fam[1]}` on `{fam[0]}`: family-wise permutation p-value over these "
+      f"{diff.size} differences (2000 reassignments of the pooled images, seed 0): "
+      f"{p:.3f}."
+    )
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def augment_table(rows: list[tuple[str, dict]], dataset: str = "fashion_mnist") -> str:
   """Markdown table of augmentation test errors (%), with the paper's figures."""
   paper = PAPER_AUGMENT.get(dataset)
-  head = ("| model | seeds | epochs | without | with | difference | encoder input | s2 "
-          "| augmented copies misread |",
-          "|---|---|---|---|---|---|---|---|---|")
+  head = (
+    "| model | seeds | epochs | without | with | difference | encoder input | s2 "
+    "| augmented copies misread |",
+    "|---|---|---|---|---|---|---|---|---|",
+  )
   lines = list(head)
   if paper:
-    lines.append(f"| paper (Exemplar VAE) | - | 100 | {paper[0]:.2f} | {paper[1]:.2f} | "
-                 f"{paper[1] - paper[0]:+.2f} | - | - | - |")
+    lines.append(
+      f"| paper (Exemplar VAE) | - | 100 | {paper[0]:.2f} | {paper[1]:.2f} | "
+      f"{paper[1] - paper[0]:+.2f} | - | - | - |"
+    )
   for name, r in rows:
+
     def pm(tag):
-      if f"test_error_{tag}" not in r:           # an arm that was not trained
+      if f"test_error_{tag}" not in r:  # an arm that was not trained
         return "-"
       return f"{100 * r[f'test_error_{tag}']:.2f} +- {100 * r.get(f'test_error_{tag}_std', 0):.2f}"
-    diff = (f"{100 * (r['test_error_with'] - r['test_error_without']):+.2f}"
-            if "test_error_with" in r and "test_error_without" in r else "-")
+
+    diff = (
+      f"{100 * (r['test_error_with'] - r['test_error_without']):+.2f}"
+      if "test_error_with" in r and "test_error_without" in r
+      else "-"
+    )
     # Both arms of a seed share the initialisation and batch order: the spread
     # of the per-seed differences (not of either arm) says how sure the gain is.
-    per_seed = [x["test_error_with"] - x["test_error_without"] for x in r.get("runs", [])
-                if "test_error_with" in x and "test_error_without" in x]
+    per_seed = [
+      x["test_error_with"] - x["test_error_without"]
+      for x in r.get("runs", [])
+      if "test_error_with" in x and "test_error_without" in x
+    ]
     if len(per_seed) > 1 and diff != "-":
       diff += f" +- {100 * float(np.std(per_seed, ddof=1)):.2f}"
     s2 = f"exp({r['log_var']:.2f})" if "log_var" in r else "-"
     # How often the classifier trained on real images alone disagrees with the
     # label an augmented copy keeps (the augmentation's label noise).
-    misread = (f"{100 * r['aug_error_without']:.2f} (real: {100 * r['train_error_without']:.2f})"
-               if "aug_error_without" in r else "-")
-    lines.append(f"| `{name}` | {len(r.get('seeds', [r.get('seed', 0)]))} | {r.get('epochs')} | "
-                 f"{pm('without')} | {pm('with')} | {diff} | "
-                 f"{r.get('encode_input', 'bernoulli')} | {s2} | {misread} |")
+    misread = (
+      f"{100 * r['aug_error_without']:.2f} (real: {100 * r['train_error_without']:.2f})"
+      if "aug_error_without" in r
+      else "-"
+    )
+    lines.append(
+      f"| `{name}` | {len(r.get('seeds', [r.get('seed', 0)]))} | {r.get('epochs')} | "
+      f"{pm('without')} | {pm('with')} | {diff} | "
+      f"{r.get('encode_input', 'bernoulli')} | {s2} | {misread} |"
+    )
   if len(lines) == len(head) + (1 if paper else 0):
     lines.append("| (no augmentation result in `results/` yet) | | | | | | | | |")
   return "\n".join(lines) + "\n"
@@ -303,8 +353,15 @@ def baseline_table(root: str, dataset: str = "fashion_mnist") -> str:
   rows = []
   for name, r in _load(root, "augment.json"):
     if "test_error_without" in r:
-      rows.append((f"exvae (`results/{name}/augment.json`)", r.get("num_train", "-"),
-                   r["test_error_without"], r.get("test_error_without_std"), r.get("seeds", [])))
+      rows.append(
+        (
+          f"exvae (`results/{name}/augment.json`)",
+          r.get("num_train", "-"),
+          r["test_error_without"],
+          r.get("test_error_without_std"),
+          r.get("seeds", []),
+        )
+      )
   d = os.path.join(root, BASELINE_DIR)
   for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
     if not f.endswith(".json"):
@@ -312,19 +369,32 @@ def baseline_table(root: str, dataset: str = "fashion_mnist") -> str:
     with open(os.path.join(d, f)) as fh:
       r = json.load(fh)
     rel = f"`results/{BASELINE_DIR}/{f}`"
-    if "sajadn" in str(r.get("code", "")):     # reference/ref_classify.py: errors in percent
-      rows.append((f"authors' `classify_data` ({rel})", r.get("num_train"),
-                   r["test_error"] / 100, None, [r.get("seed")]))
+    if "sajadn" in str(r.get("code", "")):  # reference/ref_classify.py: errors in percent
+      rows.append(
+        (
+          f"authors' `classify_data` ({rel})",
+          r.get("num_train"),
+          r["test_error"] / 100,
+          None,
+          [r.get("seed")],
+        )
+      )
     elif "test_error_without" in r:
-      rows.append((f"exvae ({rel})", r.get("num_train"), r["test_error_without"],
-                   r.get("test_error_without_std"), r.get("seeds", [])))
+      rows.append(
+        (
+          f"exvae ({rel})",
+          r.get("num_train"),
+          r["test_error_without"],
+          r.get("test_error_without_std"),
+          r.get("seeds", []),
+        )
+      )
   lines = ["| code (record) | training images | seeds | test error (%) |", "|---|---|---|---|"]
   if dataset in PAPER_AUGMENT:
     lines.append(f"| paper | - | - | {PAPER_AUGMENT[dataset][0]:.2f} |")
   for what, n, err, sd, seeds in rows:
     spread = f" +- {100 * sd:.2f}" if sd and len(seeds) > 1 else ""
-    lines.append(f"| {what} | {n} | {', '.join(str(x) for x in seeds)} | "
-                 f"{100 * err:.2f}{spread} |")
+    lines.append(f"| {what} | {n} | {', '.join(str(x) for x in seeds)} | {100 * err:.2f}{spread} |")
   if len(rows) == 0:
     lines.append("| (no record in `results/` yet) | | | |")
   return "\n".join(lines) + "\n"
@@ -333,23 +403,27 @@ def baseline_table(root: str, dataset: str = "fashion_mnist") -> str:
 def generate(root: str) -> str:
   """The text between the markers."""
   knn = _load(root, "knn.json")
-  return ("\n### kNN test error on encoder means (%)\n\n" + knn_table(knn)
-          + "\n### kNN: paired error differences (percentage points)\n\n"
-          + knn_paired_table(root, [name for name, _ in knn])
-          + "\n### kNN: validation queries against test queries (percentage points)\n\n"
-          "The paired difference of the validation setting minus that of the test images "
-          "against the same references (training images alone).\n\n"
-          + query_set_table(root, [name for name, _ in knn])
-          + "\n### Generative augmentation: MLP test error (%)\n\n"
-          + augment_table(_load(root, "augment.json"))
-          + "\n### Augmentation classifier without augmentation: test error by code (%)\n\n"
-          + baseline_table(root) + "\n")
+  return (
+    "\n### kNN test error on encoder means (%)\n\n"
+    + knn_table(knn)
+    + "\n### kNN: paired error differences (percentage points)\n\n"
+    + knn_paired_table(root, [name for name, _ in knn])
+    + "\n### kNN: validation queries against test queries (percentage points)\n\n"
+    "The paired difference of the validation setting minus that of the test images "
+    "against the same references (training images alone).\n\n"
+    + query_set_table(root, [name for name, _ in knn])
+    + "\n### Generative augmentation: MLP test error (%)\n\n"
+    + augment_table(_load(root, "augment.json"))
+    + "\n### Augmentation classifier without augmentation: test error by code (%)\n\n"
+    + baseline_table(root)
+    + "\n"
+  )
 
 
 def _splice(page: str, text: str, path: str) -> str:
   if BEGIN not in page or END not in page:
     raise ValueError(f"{path} has no {BEGIN} ... {END} markers")
-  return page[: page.index(BEGIN) + len(BEGIN)] + "\n" + text + page[page.index(END):]
+  return page[: page.index(BEGIN) + len(BEGIN)] + "\n" + text + page[page.index(END) :]
 
 
 def main(argv=None) -> int:

@@ -84,20 +84,35 @@ KINDS = KILLS + FILE_FAULTS + ("tear", "disk_full", "read_only")
 WEIGHTS = (3, 3, 2, 3, 2, 1, 1, 1)
 READER_FAULTS = ("eval_edit", "eval_flip", "config_edit", "compare_nan")
 # The campaign's run: 4 epochs of 10 steps, a checkpoint every 3 steps (about 8 MB).
-OVERRIDES = ("--config.max_train=200", "--config.num_epochs=4", "--config.checkpoint_every_steps=3",
-             "--config.log_every_steps=2", "--config.keep_checkpoints=2",
-             "--config.num_picture_samples=4")
+OVERRIDES = (
+  "--config.max_train=200",
+  "--config.num_epochs=4",
+  "--config.checkpoint_every_steps=3",
+  "--config.log_every_steps=2",
+  "--config.keep_checkpoints=2",
+  "--config.num_picture_samples=4",
+)
 
 
 def _env(cache_dir: str) -> dict:
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", EXVAE_PROGRESS="0")
+  return dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    EXVAE_PROGRESS="0",
+  )
 
 
 def _cmd(workdir: str, *extra: str) -> list[str]:
-  return [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",
-          f"--workdir={workdir}", *OVERRIDES, *extra]
+  return [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--config={ROOT}/configs/test.py",
+    f"--workdir={workdir}",
+    *OVERRIDES,
+    *extra,
+  ]
 
 
 # absl's own line format for a warning or an info line (``W1202 05:07:40.726701 1402 f.py:202] ...``),
@@ -117,9 +132,11 @@ def _refusal_verdict(returncode: int, lines: list[str], want_code: int) -> str:
 
 def _extra_lines(stderr: str) -> list[str]:
   """stderr lines but absl's warnings (either format) and exvae's one-line warnings."""
-  return [l for l in stderr.splitlines()
-          if l.strip() and not l.startswith(("WARNING:absl", "warning:"))
-          and not _ABSL_NATIVE.match(l)]
+  return [
+    l
+    for l in stderr.splitlines()
+    if l.strip() and not l.startswith(("WARNING:absl", "warning:")) and not _ABSL_NATIVE.match(l)
+  ]
 
 
 def _steps(workdir: str) -> list[int]:
@@ -129,12 +146,15 @@ def _steps(workdir: str) -> list[int]:
 
 def _load_config():
   import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg_test", os.path.join(ROOT, "configs", "test.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "cfg_test", os.path.join(ROOT, "configs", "test.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
   for o in OVERRIDES:
-    key, value = o[len("--config."):].split("=")
+    key, value = o[len("--config.") :].split("=")
     c[key] = type(c[key])(value)
   return c
 
@@ -142,8 +162,7 @@ def _load_config():
 class Campaign:
   """One campaign: a reference run, then episodes with faults (see the module docstring)."""
 
-  def __init__(self, root: str, seed: int, verbose: bool = False,
-               kinds: tuple[str, ...] = KINDS):
+  def __init__(self, root: str, seed: int, verbose: bool = False, kinds: tuple[str, ...] = KINDS):
     self.root = root
     self.kinds = tuple(kinds)
     self.weights = tuple(w for k, w in zip(KINDS, WEIGHTS) if k in self.kinds)
@@ -152,12 +171,25 @@ class Campaign:
     self.cache = os.path.join(root, "jax_cache")
     self.counts = {k: 0 for k in KINDS + READER_FAULTS}
     self.skipped = {k: 0 for k in KINDS}
-    self.stats = dict(resumed=0, episodes=0, bit_identical=0, corruptions=0, detected=0,
-                      harmless=0, silent=0, records_lost=0, records_duplicated=0,
-                      extra_lines=0, failed_runs=0, crashed_at_exit=0, reader_caught=0,
-                      reader_silent=0)
+    self.stats = dict(
+      resumed=0,
+      episodes=0,
+      bit_identical=0,
+      corruptions=0,
+      detected=0,
+      harmless=0,
+      silent=0,
+      records_lost=0,
+      records_duplicated=0,
+      extra_lines=0,
+      failed_runs=0,
+      crashed_at_exit=0,
+      reader_caught=0,
+      reader_silent=0,
+    )
     self.problems: list[str] = []
     from exvae import checkpoints, train_lib
+
     self._ck, self._tl = checkpoints, train_lib
     c = _load_config()
     splits = train_lib.load_data(c)
@@ -171,13 +203,20 @@ class Campaign:
       print(msg, flush=True)
 
   def run(self, workdir: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, cwd=ROOT,
-                          env=_env(self.cache), timeout=timeout)
+    return subprocess.run(
+      _cmd(workdir, *extra),
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=_env(self.cache),
+      timeout=timeout,
+    )
 
   def read(self, workdir: str):
     """``(step, state digest, fallbacks)`` of the newest good step, or None if none is good."""
     import contextlib
     import io
+
     m = self._ck.Manager(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
       with contextlib.redirect_stderr(io.StringIO()):
@@ -201,7 +240,8 @@ class Campaign:
     self.ref_digests = {}
     for step in _steps(wd):
       out = self._ck.Manager(os.path.join(wd, "checkpoints"), read_only=True)._restore(
-          step, self.template, self.template.params)
+        step, self.template, self.template.params
+      )
       self.ref_digests[step] = self._ck.tree_digest(out["state"])
     self.ref_final = max(self.ref_digests)
     self.ref_records = self._records(wd)
@@ -218,8 +258,9 @@ class Campaign:
         if "summary" in rec:
           continue
         key = ("val" if "val_loss" in rec else "train", rec["step"])
-        out.setdefault(key, []).append({k: v for k, v in rec.items()
-                                        if k not in ("time", "picture")})
+        out.setdefault(key, []).append(
+          {k: v for k, v in rec.items() if k not in ("time", "picture")}
+        )
     return out
 
   # -- faults ----------------------------------------------------------------
@@ -232,11 +273,17 @@ class Campaign:
     """
     steps = _steps(workdir)
     left = 1.0 - (steps[-1] / self.ref_final if steps else 0.0)
-    p = subprocess.Popen(_cmd(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT, env=_env(self.cache))
+    p = subprocess.Popen(
+      _cmd(workdir),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=_env(self.cache),
+    )
     lock = os.path.join(workdir, ".lock")
     deadline = time.time() + 600
-    while p.poll() is None and time.time() < deadline:   # in main(): the writer lock is taken
+    while p.poll() is None and time.time() < deadline:  # in main(): the writer lock is taken
       try:
         if f'"pid": {p.pid}' in open(lock).read():
           break
@@ -272,7 +319,7 @@ class Campaign:
     """Flips 16 bytes in, or truncates, a random file of the newest step; checks detection."""
     steps = _steps(workdir)
     if len(steps) < 2:
-      return False             # damage the newest step only while a good one is left
+      return False  # damage the newest step only while a good one is left
     newest = steps[-1]
     d = os.path.join(workdir, "checkpoints", str(newest))
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs)
@@ -294,7 +341,7 @@ class Campaign:
     if got is None or newest in got[2]:
       self.stats["detected"] += 1
     elif got[1] == self.ref_digests.get(got[0]):
-      self.stats["harmless"] += 1          # bytes no restore reads: the values are the saved ones
+      self.stats["harmless"] += 1  # bytes no restore reads: the values are the saved ones
     else:
       self.stats["silent"] += 1
       self.problems.append(f"{kind} of {os.path.relpath(path, workdir)} restored silently")
@@ -314,8 +361,11 @@ class Campaign:
   def disk_full(self, workdir: str) -> bool:
     """Continues the run on a tmpfs with a few KB to spare, then copies it back."""
     # What the files take on a disk (whole pages), and a few KB to spare.
-    used = sum(4096 * (1 + os.path.getsize(os.path.join(r, f)) // 4096)
-               for r, _, fs in os.walk(workdir) for f in fs)
+    used = sum(
+      4096 * (1 + os.path.getsize(os.path.join(r, f)) // 4096)
+      for r, _, fs in os.walk(workdir)
+      for f in fs
+    )
     mnt = tempfile.mkdtemp(dir=self.root, prefix="tmpfs-")
     size_kb = int(1.1 * used) // 1024 + 64 + self.rng.randint(40, 400)
     if not self._mount("-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", mnt):
@@ -325,7 +375,7 @@ class Campaign:
       try:
         shutil.copytree(workdir, os.path.join(mnt, "run"), symlinks=True)
       except (OSError, shutil.Error):
-        return False                          # the tmpfs was too small for the copy itself
+        return False  # the tmpfs was too small for the copy itself
       r = self.run(os.path.join(mnt, "run"))
       if r.returncode not in (0, 1):
         self.problems.append(f"disk_full: exit {r.returncode}: {r.stderr[-500:]}")
@@ -335,7 +385,7 @@ class Campaign:
         self.stats["extra_lines"] += max(0, len(lines) - 1)
         self.problems.append(f"disk_full: {lines[:3]}")
       shutil.rmtree(workdir)
-      shutil.copytree(os.path.join(mnt, "run"), workdir, symlinks=True)   # space freed
+      shutil.copytree(os.path.join(mnt, "run"), workdir, symlinks=True)  # space freed
     finally:
       subprocess.run(["umount", mnt], capture_output=True)
       os.rmdir(mnt)
@@ -363,18 +413,28 @@ class Campaign:
   # -- what readers read back -------------------------------------------------
 
   def _reader(self, script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=_env(self.cache),
-                          timeout=600)
+    return subprocess.run(
+      [sys.executable, os.path.join(ROOT, script), *args],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=_env(self.cache),
+      timeout=600,
+    )
 
   def _eval(self, wd: str) -> subprocess.CompletedProcess:
-    return self._reader("eval.py", f"--workdir={wd}", "--config.eval.num_importance_samples=4",
-                        "--config.eval.max_test_examples=20",
-                        f"--config.eval.out_dir={os.path.join(wd, 'eval')}")
+    return self._reader(
+      "eval.py",
+      f"--workdir={wd}",
+      "--config.eval.num_importance_samples=4",
+      "--config.eval.max_test_examples=20",
+      f"--config.eval.out_dir={os.path.join(wd, 'eval')}",
+    )
 
   def reader_fault(self, i: int, kind: str) -> None:
     """One fault in a reader's input on a copy of the reference run (see the docstring)."""
     import numpy as np
+
     wd = os.path.join(self.root, f"reader{i:03d}")
     shutil.copytree(os.path.join(self.root, "reference"), wd)
     out = os.path.join(wd, "eval")
@@ -393,7 +453,7 @@ class Campaign:
     elif kind == "eval_flip":
       data = bytearray(open(npz, "rb").read())
       at = self.rng.randrange(0, len(data) - 16)
-      data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+      data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
       open(npz, "wb").write(bytes(data))
     elif kind == "config_edit":
       c = json.load(open(os.path.join(wd, "config.json")))
@@ -412,11 +472,15 @@ class Campaign:
       r = self._eval(wd)
       lines = _extra_lines(r.stderr)
       ok = r.returncode == 1 and len(lines) == 1 and "edited" in lines[0]
-    else:                 # scored again: the printed and stored NLL are the true ones
+    else:  # scored again: the printed and stored NLL are the true ones
       r = self._eval(wd)
       got = json.load(open(metrics_path))["test_nll"] if os.path.exists(metrics_path) else None
-      ok = (r.returncode == 0 and "already done" not in r.stdout and got == want
-            and f"test NLL = {want:.2f}" in r.stdout)
+      ok = (
+        r.returncode == 0
+        and "already done" not in r.stdout
+        and got == want
+        and f"test NLL = {want:.2f}" in r.stdout
+      )
     self.counts[kind] += 1
     self.stats["reader_caught" if ok else "reader_silent"] += 1
     if not ok:
@@ -471,30 +535,46 @@ class Campaign:
     self.stats["records_lost"] += lost
     self.stats["records_duplicated"] += dup
     same_records = all(records.get(k, [None])[0] == v[0] for k, v in self.ref_records.items())
-    if got is not None and got[0] == self.ref_final and got[1] == self.ref_digests[self.ref_final] \
-        and same_records and not dup and set(records) == set(self.ref_records):
+    if (
+      got is not None
+      and got[0] == self.ref_final
+      and got[1] == self.ref_digests[self.ref_final]
+      and same_records
+      and not dup
+      and set(records) == set(self.ref_records)
+    ):
       self.stats["bit_identical"] += 1
     else:
-      self.problems.append(f"episode {i}: not bit-identical (step {got and got[0]}, "
-                           f"records lost {lost}, duplicated {dup})")
+      self.problems.append(
+        f"episode {i}: not bit-identical (step {got and got[0]}, "
+        f"records lost {lost}, duplicated {dup})"
+      )
     return injected
 
   def table(self) -> str:
     s = self.stats
     injected = sum(self.counts.values())
-    rows = [("faults injected", f"{injected} ({', '.join(f'{k} {v}' for k, v in self.counts.items())})"),
-            ("faults skipped (no root / nothing to damage yet)",
-             str(sum(v for k, v in self.skipped.items() if k in ("disk_full", "read_only")))),
-            ("runs resumed", str(s["resumed"])),
-            ("episodes bit-identical to the reference", f"{s['bit_identical']} of {s['episodes']}"),
-            ("corruptions detected", f"{s['detected']} of {s['corruptions']} "
-                                     f"(harmless: {s['harmless']}, silent: {s['silent']})"),
-            ("records lost / duplicated", f"{s['records_lost']} / {s['records_duplicated']}"),
-            ("stderr lines beyond one", str(s["extra_lines"])),
-            ("runs that failed unexpectedly", str(s["failed_runs"])),
-            ("crashes at exit after the one line (SIGSEGV)", str(s["crashed_at_exit"])),
-            ("reader faults caught (scored again or refused)",
-             f"{s['reader_caught']} of {s['reader_caught'] + s['reader_silent']}")]
+    rows = [
+      ("faults injected", f"{injected} ({', '.join(f'{k} {v}' for k, v in self.counts.items())})"),
+      (
+        "faults skipped (no root / nothing to damage yet)",
+        str(sum(v for k, v in self.skipped.items() if k in ("disk_full", "read_only"))),
+      ),
+      ("runs resumed", str(s["resumed"])),
+      ("episodes bit-identical to the reference", f"{s['bit_identical']} of {s['episodes']}"),
+      (
+        "corruptions detected",
+        f"{s['detected']} of {s['corruptions']} (harmless: {s['harmless']}, silent: {s['silent']})",
+      ),
+      ("records lost / duplicated", f"{s['records_lost']} / {s['records_duplicated']}"),
+      ("stderr lines beyond one", str(s["extra_lines"])),
+      ("runs that failed unexpectedly", str(s["failed_runs"])),
+      ("crashes at exit after the one line (SIGSEGV)", str(s["crashed_at_exit"])),
+      (
+        "reader faults caught (scored again or refused)",
+        f"{s['reader_caught']} of {s['reader_caught'] + s['reader_silent']}",
+      ),
+    ]
     if getattr(self, "surfaces", None) is not None:
       rows += self.surfaces.table_rows()
     w = max(len(a) for a, _ in rows)
@@ -505,27 +585,52 @@ class Campaign:
 
 # (surface, fault) pairs, drawn in turn (each round in a random order) by --surfaces=N.
 SURFACE_FAULTS = (
-    ("eval", "SIGKILL"), ("eval", "SIGTERM"), ("eval", "SIGINT"), ("eval", "metrics_edit"),
-    ("eval", "metrics_truncate"), ("eval", "npz_flip"), ("eval", "npz_truncate"),
-    ("eval", "partial_flip"), ("eval", "disk_full"),
-    ("knn", "SIGKILL"), ("knn", "SIGTERM"), ("knn", "SIGINT"),
-    ("augment", "SIGKILL"), ("augment", "SIGTERM"), ("augment", "SIGINT"),
-    ("augment", "record_edit"), ("augment", "partial_flip"),
-    ("generate", "SIGKILL"), ("generate", "SIGTERM"), ("generate", "SIGINT"),
-    ("published", "SIGKILL"), ("published", "config_edit"), ("published", "config_truncate"),
-    ("published", "model_json_edit"), ("published", "params_flip"),
-    ("published_real", "config_edit"), ("published_real", "model_json_edit"),
-    ("run", "config_edit"), ("run", "config_delete"),
-    ("compare", "nan"), ("compare", "npz_flip"), ("compare", "score_edit"),
-    ("compare", "npz_truncate"))
+  ("eval", "SIGKILL"),
+  ("eval", "SIGTERM"),
+  ("eval", "SIGINT"),
+  ("eval", "metrics_edit"),
+  ("eval", "metrics_truncate"),
+  ("eval", "npz_flip"),
+  ("eval", "npz_truncate"),
+  ("eval", "partial_flip"),
+  ("eval", "disk_full"),
+  ("knn", "SIGKILL"),
+  ("knn", "SIGTERM"),
+  ("knn", "SIGINT"),
+  ("augment", "SIGKILL"),
+  ("augment", "SIGTERM"),
+  ("augment", "SIGINT"),
+  ("augment", "record_edit"),
+  ("augment", "partial_flip"),
+  ("generate", "SIGKILL"),
+  ("generate", "SIGTERM"),
+  ("generate", "SIGINT"),
+  ("published", "SIGKILL"),
+  ("published", "config_edit"),
+  ("published", "config_truncate"),
+  ("published", "model_json_edit"),
+  ("published", "params_flip"),
+  ("published_real", "config_edit"),
+  ("published_real", "model_json_edit"),
+  ("run", "config_edit"),
+  ("run", "config_delete"),
+  ("compare", "nan"),
+  ("compare", "npz_flip"),
+  ("compare", "score_edit"),
+  ("compare", "npz_truncate"),
+)
 # Outcomes of one surface episode; the first three are correct.
-OUTCOMES = ("identical", "recomputed", "refused", "wrong_silent", "lost", "multi_line",
-            "failed")
+OUTCOMES = ("identical", "recomputed", "refused", "wrong_silent", "lost", "multi_line", "failed")
 _EXPECTED_EXIT = {"SIGKILL": (-9,), "SIGINT": (130,), "SIGTERM": (143,)}
 _EVAL_ARGS = ("--config.eval.num_importance_samples=32", "--config.eval.max_test_examples=100")
-_AUGMENT_ARGS = ("--epochs=12", "--hidden=16")        # a partial state every 10 epochs
-_SURFACE_COMMANDS = {"eval": "eval", "published": "eval", "knn": "knn", "augment": "augment",
-                     "generate": "generate"}
+_AUGMENT_ARGS = ("--epochs=12", "--hidden=16")  # a partial state every 10 epochs
+_SURFACE_COMMANDS = {
+  "eval": "eval",
+  "published": "eval",
+  "knn": "knn",
+  "augment": "augment",
+  "generate": "generate",
+}
 
 
 def _flip(rng: random.Random, path: str, n: int = 16) -> None:
@@ -543,6 +648,7 @@ def _truncate(rng: random.Random, path: str) -> None:
 
 def _arrays(path: str) -> dict | None:
   import numpy as np
+
   try:
     with np.load(path) as z:
       return {k: z[k] for k in z.files}
@@ -552,9 +658,16 @@ def _arrays(path: str) -> dict | None:
 
 def _same_arrays(a: dict | None, b: dict | None) -> bool:
   import numpy as np
-  return (a is not None and b is not None and set(a) == set(b)
-          and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind in "fc"
-                                 and b[k].dtype.kind in "fc") for k in a))
+
+  return (
+    a is not None
+    and b is not None
+    and set(a) == set(b)
+    and all(
+      np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind in "fc" and b[k].dtype.kind in "fc")
+      for k in a
+    )
+  )
 
 
 def _flat(obj, prefix: str = "") -> dict:
@@ -573,8 +686,11 @@ def _flat(obj, prefix: str = "") -> dict:
 
 def _reported(stderr: str) -> list[str]:
   """stderr lines but absl's own (exvae's ``warning:`` lines count)."""
-  return [l for l in stderr.splitlines() if l.strip() and not l.startswith("WARNING:absl")
-          and not _ABSL_NATIVE.match(l)]
+  return [
+    l
+    for l in stderr.splitlines()
+    if l.strip() and not l.startswith("WARNING:absl") and not _ABSL_NATIVE.match(l)
+  ]
 
 
 def _catches_sigterm(pid: int) -> bool:
@@ -608,15 +724,27 @@ class Surfaces:
   def argv(self, command: str, out: str, workdir: str | None = None) -> list[str]:
     wd = workdir or self.run_dir
     if command == "eval":
-      return [sys.executable, os.path.join(ROOT, "eval.py"), f"--workdir={wd}", *_EVAL_ARGS,
-              f"--config.eval.out_dir={out}"]
+      return [
+        sys.executable,
+        os.path.join(ROOT, "eval.py"),
+        f"--workdir={wd}",
+        *_EVAL_ARGS,
+        f"--config.eval.out_dir={out}",
+      ]
     extra = _AUGMENT_ARGS if command == "augment" else ()
-    return [sys.executable, os.path.join(ROOT, "uses.py"), command, f"--workdir={wd}",
-            f"--out={out}", *extra]
+    return [
+      sys.executable,
+      os.path.join(ROOT, "uses.py"),
+      command,
+      f"--workdir={wd}",
+      f"--out={out}",
+      *extra,
+    ]
 
   def call(self, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
-                          env=_env(self.c.cache), timeout=900)
+    return subprocess.run(
+      argv, capture_output=True, text=True, cwd=ROOT, env=_env(self.c.cache), timeout=900
+    )
 
   def outputs(self, command: str, out: str) -> dict:
     """What a command's outputs hold: flattened JSON values and the arrays / bytes."""
@@ -644,16 +772,16 @@ class Surfaces:
       return False
     for name, w in want.items():
       g = got[name]
-      if name in self.volatile[command]:      # differed between two undisturbed runs
+      if name in self.volatile[command]:  # differed between two undisturbed runs
         continue
       if name == "augment_runs":
         if not self.same_runs(g, w):
           return False
       elif name.endswith(".json"):
         skip = self.volatile[command]
-        if not isinstance(g, dict) or {k: v for k, v in g.items() if k not in skip
-                                       and not k.startswith("reused")} \
-            != {k: v for k, v in w.items() if k not in skip and not k.startswith("reused")}:
+        if not isinstance(g, dict) or {
+          k: v for k, v in g.items() if k not in skip and not k.startswith("reused")
+        } != {k: v for k, v in w.items() if k not in skip and not k.startswith("reused")}:
           return False
       elif name.endswith(".npz"):
         if not _same_arrays(g, w):
@@ -666,8 +794,11 @@ class Surfaces:
     if set(got) != set(want):
       return False
     skip = self.volatile.get("augment_runs", set())
-    return all({k: v for k, v in got[n].items() if k not in skip}
-               == {k: v for k, v in want[n].items() if k not in skip} for n in want)
+    return all(
+      {k: v for k, v in got[n].items() if k not in skip}
+      == {k: v for k, v in want[n].items() if k not in skip}
+      for n in want
+    )
 
   # -- the undisturbed outputs ------------------------------------------------------
 
@@ -686,6 +817,7 @@ class Surfaces:
 
   def reference(self, needed=("eval", "knn", "augment", "generate", "published")) -> None:
     from exvae import published, rundir
+
     shutil.copytree(os.path.join(self.c.root, "reference"), self.run_dir)
     pub = os.path.join(self.base, "published_model")
     trained = self._restore_best()
@@ -693,15 +825,19 @@ class Surfaces:
     self.published = pub
     self.want, self.volatile, self.ref_dirs = {}, {}, {}
     self.duration = {}
-    for command in [c for c in ("eval", "knn", "augment", "generate", "published")
-                    if c in needed]:
+    for command in [c for c in ("eval", "knn", "augment", "generate", "published") if c in needed]:
       runs = []
       for n in (1, 2):
         out = os.path.join(self.base, f"ref_{command}{n}")
         wd = pub if command == "published" else None
-        p = subprocess.Popen(self.argv(_SURFACE_COMMANDS[command], out, wd),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=ROOT, env=_env(self.c.cache))
+        p = subprocess.Popen(
+          self.argv(_SURFACE_COMMANDS[command], out, wd),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          cwd=ROOT,
+          env=_env(self.c.cache),
+        )
         t0 = time.time()
         while p.poll() is None and not _catches_sigterm(p.pid):
           time.sleep(0.01)
@@ -710,16 +846,21 @@ class Surfaces:
         if p.returncode != 0:
           raise SystemExit(f"the undisturbed {command} failed: {err[-2000:]}")
         runs.append(self.outputs(command, out))
-        self.c.log(f"undisturbed {command}: {time.time() - t0:.1f} s, "
-                   f"{time.time() - t1:.1f} s of it with its SIGTERM handler")
+        self.c.log(
+          f"undisturbed {command}: {time.time() - t0:.1f} s, "
+          f"{time.time() - t1:.1f} s of it with its SIGTERM handler"
+        )
       # The kills land in the part of the second run that handles SIGTERM.
       self.duration[command] = time.time() - t1
       a, b = runs
       # What a reuse changes: the list of the classifiers read back instead of trained.
       vol = {k for v in a.values() if isinstance(v, dict) for k in v if k.startswith("reused")}
       for name, v in a.items():
-        if not name.endswith(".json") and name != "augment_runs" and not (
-            _same_arrays(v, b.get(name)) if name.endswith(".npz") else v == b.get(name)):
+        if (
+          not name.endswith(".json")
+          and name != "augment_runs"
+          and not (_same_arrays(v, b.get(name)) if name.endswith(".npz") else v == b.get(name))
+        ):
           vol.add(name)
         if name.endswith(".json") and isinstance(v, dict):
           w = b.get(name, {})
@@ -728,7 +869,8 @@ class Surfaces:
           for n, rec in v.items():
             w = b["augment_runs"].get(n, {})
             self.volatile.setdefault("augment_runs", set()).update(
-                k for k in set(rec) | set(w) if rec.get(k) != w.get(k))
+              k for k in set(rec) | set(w) if rec.get(k) != w.get(k)
+            )
       self.volatile[command] = vol
       self.want[command] = a
       self.ref_dirs[command] = os.path.join(self.base, f"ref_{command}1")
@@ -738,6 +880,7 @@ class Surfaces:
   def _restore_best(self):
     from exvae import bank as bank_lib
     from exvae import config_registry
+
     config = config_registry.from_json(os.path.join(self.run_dir, "config.json"))
     return bank_lib.restore_trained(config, self.run_dir).params
 
@@ -754,12 +897,14 @@ class Surfaces:
       shutil.copytree(keep, out)
     return out
 
-  def record(self, surface: str, kind: str, outcome: str, note: str = "",
-             landed: bool = True) -> None:
+  def record(
+    self, surface: str, kind: str, outcome: str, note: str = "", landed: bool = True
+  ) -> None:
     """One episode's outcome; ``landed``: False when the command ended before the fault
     (a kill after it finished, no partial file to damage, a tmpfs that had room)."""
-    self.episodes.append(dict(surface=surface, fault=kind, outcome=outcome, landed=landed,
-                              note=note[-400:]))
+    self.episodes.append(
+      dict(surface=surface, fault=kind, outcome=outcome, landed=landed, note=note[-400:])
+    )
     if outcome not in ("identical", "recomputed", "refused"):
       self.c.problems.append(f"{surface} {kind}: {outcome}: {note[-300:]}")
     self.c.log(f"readers {len(self.episodes)}: {surface} {kind}: {outcome} ({note[-200:]})")
@@ -777,8 +922,9 @@ class Surfaces:
     except subprocess.TimeoutExpired as e:
       self.record(surface, kind, "failed", f"timeout: {e}")
 
-  def rerun_verdict(self, surface: str, command: str, out: str, r, disturbed: bool,
-                    note: str) -> str:
+  def rerun_verdict(
+    self, surface: str, command: str, out: str, r, disturbed: bool, note: str
+  ) -> str:
     """After a fault: the rerun must end with the undisturbed outputs (one line at most)."""
     lines = _reported(r.stderr)
     if r.returncode != 0:
@@ -794,11 +940,12 @@ class Surfaces:
       if f"test NLL = {want:.2f}" not in r.stdout:
         return "wrong_silent"
       if not any(n.startswith("events.out.tfevents") for n in os.listdir(out)):
-        return "lost"                       # the TensorBoard scalars of the evaluation
+        return "lost"  # the TensorBoard scalars of the evaluation
       if os.path.exists(os.path.join(out, "eval_partial.npz")):
         return "wrong_silent"
     if surface == "knn":
       import hashlib
+
       rec = json.load(open(os.path.join(out, "knn.json")))
       sha = hashlib.sha256(open(os.path.join(out, "knn_per_example.npz"), "rb").read()).hexdigest()
       if rec.get("per_example_sha256") != sha:
@@ -811,8 +958,14 @@ class Surfaces:
     wd = self.published if surface == "published" else None
     out = self.fresh(surface, with_outputs=False)
     argv = self.argv(command, out, wd)
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=ROOT, env=_env(self.c.cache))
+    p = subprocess.Popen(
+      argv,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=_env(self.c.cache),
+    )
     deadline = time.time() + 600
     while p.poll() is None and not _catches_sigterm(p.pid) and time.time() < deadline:
       time.sleep(0.01)
@@ -831,9 +984,13 @@ class Surfaces:
     if p.returncode == 0:
       note += " (finished before the signal)"
     r = self.call(argv)
-    self.record(surface, sig, self.rerun_verdict(surface, surface, out, r, False, note),
-                f"{note}; rerun exit {r.returncode}: {' | '.join(_reported(r.stderr))[:300]}",
-                landed=p.returncode != 0)
+    self.record(
+      surface,
+      sig,
+      self.rerun_verdict(surface, surface, out, r, False, note),
+      f"{note}; rerun exit {r.returncode}: {' | '.join(_reported(r.stderr))[:300]}",
+      landed=p.returncode != 0,
+    )
 
   def damaged(self, surface: str, kind: str) -> None:
     """Damages an output the command reads back, then reruns it: scored again, never reused."""
@@ -843,11 +1000,20 @@ class Surfaces:
     if kind == "partial_flip":
       out = self.fresh(surface, with_outputs=False)
       argv = self.argv(command, out)
-      partial = (os.path.join(out, "eval_partial.npz") if surface == "eval" else
-                 os.path.join(out, "augment_runs", "seed0_without.partial.npz"))
+      partial = (
+        os.path.join(out, "eval_partial.npz")
+        if surface == "eval"
+        else os.path.join(out, "augment_runs", "seed0_without.partial.npz")
+      )
       # A partial file to damage: SIGTERM at a random moment saves one.
-      p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           cwd=ROOT, env=_env(self.c.cache))
+      p = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=_env(self.c.cache),
+      )
       deadline = time.time() + 600
       while p.poll() is None and not _catches_sigterm(p.pid) and time.time() < deadline:
         time.sleep(0.01)
@@ -856,8 +1022,12 @@ class Surfaces:
         p.send_signal(signal.SIGTERM)
       _, err = p.communicate(timeout=900)
       if p.returncode not in (0, 143) or len(_extra_lines(err)) > 1:
-        self.record(surface, kind, "failed" if p.returncode not in (0, 143) else "multi_line",
-                    f"the SIGTERM before the damage: exit {p.returncode}: {err[-400:]}")
+        self.record(
+          surface,
+          kind,
+          "failed" if p.returncode not in (0, 143) else "multi_line",
+          f"the SIGTERM before the damage: exit {p.returncode}: {err[-400:]}",
+        )
         return
       if not os.path.exists(partial):
         note = "no partial file left (the run finished first); nothing damaged"
@@ -894,13 +1064,21 @@ class Surfaces:
         raise ValueError(kind)
     r = self.call(argv)
     verdict = self.rerun_verdict(surface, command, out, r, True, note)
-    if (verdict in ("identical", "recomputed") and "already done" in r.stdout
-        and "nothing damaged" not in note):
+    if (
+      verdict in ("identical", "recomputed")
+      and "already done" in r.stdout
+      and "nothing damaged" not in note
+    ):
       verdict = "wrong_silent"
     if verdict == "identical" and "nothing damaged" not in note:
-      verdict = "recomputed"          # scored again without a word: still the true numbers
-    self.record(surface, kind, verdict, f"{note}; rerun exit {r.returncode}: "
-                f"{' | '.join(_reported(r.stderr))[:300]}", landed="nothing damaged" not in note)
+      verdict = "recomputed"  # scored again without a word: still the true numbers
+    self.record(
+      surface,
+      kind,
+      verdict,
+      f"{note}; rerun exit {r.returncode}: {' | '.join(_reported(r.stderr))[:300]}",
+      landed="nothing damaged" not in note,
+    )
 
   def disk_full(self, surface: str) -> None:
     """The evaluation writes into a tmpfs that is nearly full: one line, exit 1; the next
@@ -918,7 +1096,11 @@ class Surfaces:
     finally:
       subprocess.run(["umount", out], capture_output=True)
     note = f"{size_kb} KB tmpfs: exit {r.returncode}, {lines[:1]}"
-    if r.returncode not in (0, 1) or len(lines) > 1 or (r.returncode == 1 and "isk full" not in lines[0]):
+    if (
+      r.returncode not in (0, 1)
+      or len(lines) > 1
+      or (r.returncode == 1 and "isk full" not in lines[0])
+    ):
       self.record(surface, "disk_full", "multi_line" if len(lines) > 1 else "failed", note)
       return
     shutil.rmtree(out, ignore_errors=True)
@@ -935,11 +1117,14 @@ class Surfaces:
       shutil.rmtree(wd, ignore_errors=True)
       shutil.copytree(self.run_dir, wd, ignore=shutil.ignore_patterns("eval*", "per_example*"))
     else:
-      src = self.published if surface == "published" else os.path.join(
-          ROOT, "results", "fashion_vae_exemplar_rat", "model")
+      src = (
+        self.published
+        if surface == "published"
+        else os.path.join(ROOT, "results", "fashion_vae_exemplar_rat", "model")
+      )
       wd = os.path.join(self.base, f"{surface}_copy")
       shutil.rmtree(wd, ignore_errors=True)
-      shutil.copytree(src, wd)          # a copy: the published originals are never touched
+      shutil.copytree(src, wd)  # a copy: the published originals are never touched
     cfg = os.path.join(wd, "config.json")
     extra: list[str] = []
     want_code = 1
@@ -962,11 +1147,14 @@ class Surfaces:
       os.remove(cfg)
       other = self.rng.random() < 0.5
       extra = [f"--config={ROOT}/configs/test.py", *OVERRIDES] + (
-          ["--config.exemplar.binarize_exemplars=True"] if other else [])
+        ["--config.exemplar.binarize_exemplars=True"] if other else []
+      )
       want_code = 1 if other else 0
-      note = ("config.json deleted, --config given with another "
-              "exemplar.binarize_exemplars" if other else
-              "config.json deleted, the run's --config given")
+      note = (
+        "config.json deleted, --config given with another exemplar.binarize_exemplars"
+        if other
+        else "config.json deleted, the run's --config given"
+      )
     elif kind == "model_json_edit":
       path = os.path.join(wd, "model.json")
       m = json.load(open(path))
@@ -985,8 +1173,8 @@ class Surfaces:
     r = self.call(argv)
     lines = _extra_lines(r.stderr)
     note += f"; exit {r.returncode}: {' | '.join(lines)[:300]}"
-    said = [l for l in _reported(r.stderr) if l not in lines]     # warning lines
-    if want_code == 0:       # checked against what the checkpoint records: the run's numbers
+    said = [l for l in _reported(r.stderr) if l not in lines]  # warning lines
+    if want_code == 0:  # checked against what the checkpoint records: the run's numbers
       got = self.outputs("eval", out).get("eval_metrics.json", {})
       want = self.want["eval"]["eval_metrics.json"]
       if r.returncode != 0:
@@ -1005,8 +1193,12 @@ class Surfaces:
   def compare(self, kind: str) -> None:
     """A damaged per_example.npz given to compare.py: refused in one line, exit 2."""
     import numpy as np
-    src = self.ref_dirs["eval"] + ".kept" if os.path.exists(self.ref_dirs["eval"] + ".kept") \
-        else self.ref_dirs["eval"]
+
+    src = (
+      self.ref_dirs["eval"] + ".kept"
+      if os.path.exists(self.ref_dirs["eval"] + ".kept")
+      else self.ref_dirs["eval"]
+    )
     a = os.path.join(self.base, "compare_a")
     b = os.path.join(self.base, "compare_b")
     for d in (a, b):
@@ -1031,9 +1223,14 @@ class Surfaces:
       note = "truncated"
     else:
       raise ValueError(kind)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), a, b],
-                       capture_output=True, text=True, cwd=ROOT, env=_env(self.c.cache),
-                       timeout=600)
+    r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "compare.py"), a, b],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=_env(self.c.cache),
+      timeout=600,
+    )
     lines = _extra_lines(r.stderr)
     note += f"; exit {r.returncode}: {' | '.join(lines)[:300]}"
     self.record("compare", kind, _refusal_verdict(r.returncode, lines, 2), note)
@@ -1043,14 +1240,20 @@ class Surfaces:
     per: dict = {}
     for e in self.episodes:
       per.setdefault(e["surface"], {}).setdefault(e["fault"], {})
-      per[e["surface"]][e["fault"]][e["outcome"]] = per[e["surface"]][e["fault"]].get(
-          e["outcome"], 0) + 1
+      per[e["surface"]][e["fault"]][e["outcome"]] = (
+        per[e["surface"]][e["fault"]].get(e["outcome"], 0) + 1
+      )
     total = {o: sum(1 for e in self.episodes if e["outcome"] == o) for o in OUTCOMES}
     landed = {}
     for e in self.episodes:
       landed[e["surface"]] = landed.get(e["surface"], 0) + int(e["landed"])
-    return {"episodes": len(self.episodes), "faults_landed": sum(landed.values()),
-            "faults_landed_per_surface": landed, "outcomes": total, "per_surface": per}
+    return {
+      "episodes": len(self.episodes),
+      "faults_landed": sum(landed.values()),
+      "faults_landed_per_surface": landed,
+      "outcomes": total,
+      "per_surface": per,
+    }
 
   def table_rows(self) -> list[tuple[str, str]]:
     by_surface: dict[str, dict[str, int]] = {}
@@ -1059,17 +1262,32 @@ class Surfaces:
     rows = []
     for s, o in by_surface.items():
       n = sum(int(e["landed"]) for e in self.episodes if e["surface"] == s)
-      rows.append((f"readers: {s}", f"{sum(o.values())} episodes, {n} faults landed: "
-                   + ", ".join(f"{k} {v}" for k, v in o.items() if v)))
-    bad = sum(1 for e in self.episodes if e["outcome"] not in ("identical", "recomputed", "refused"))
+      rows.append(
+        (
+          f"readers: {s}",
+          f"{sum(o.values())} episodes, {n} faults landed: "
+          + ", ".join(f"{k} {v}" for k, v in o.items() if v),
+        )
+      )
+    bad = sum(
+      1 for e in self.episodes if e["outcome"] not in ("identical", "recomputed", "refused")
+    )
     rows.append(("readers: episodes not correct", f"{bad} of {len(self.episodes)}"))
     return rows
 
 
-def run_campaign(faults: int, per_episode: int = 5, seed: int = 0, root: str | None = None,
-                 verbose: bool = False, kinds: tuple[str, ...] = KINDS,
-                 minutes: float = 0.0, readers: int = 0, surfaces: int = 0,
-                 surface_faults: tuple = SURFACE_FAULTS) -> Campaign:
+def run_campaign(
+  faults: int,
+  per_episode: int = 5,
+  seed: int = 0,
+  root: str | None = None,
+  verbose: bool = False,
+  kinds: tuple[str, ...] = KINDS,
+  minutes: float = 0.0,
+  readers: int = 0,
+  surfaces: int = 0,
+  surface_faults: tuple = SURFACE_FAULTS,
+) -> Campaign:
   """Runs episodes until ``faults`` faults are injected (or ``minutes`` have passed).
 
   Args:
@@ -1126,15 +1344,21 @@ def write_record(path: str, c: Campaign, args: list[str], started: str, seconds:
   """The campaign's record: what was injected where, each episode's outcome, the totals."""
   import platform
   from exvae import runinfo
-  rec = {"command": " ".join(["scripts/fault_campaign.py", *args]),
-         "commit": runinfo.code_commit(), "started": started,
-         "wall_clock_s": round(seconds, 1),
-         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-         "training": {"faults": {k: v for k, v in c.counts.items() if v},
-                      "stats": c.stats} if sum(c.counts.values()) else None,
-         "readers": c.surfaces.summary() if getattr(c, "surfaces", None) else None,
-         "problems": c.problems, "table": c.table().splitlines(),
-         "episodes": c.surfaces.episodes if getattr(c, "surfaces", None) else []}
+
+  rec = {
+    "command": " ".join(["scripts/fault_campaign.py", *args]),
+    "commit": runinfo.code_commit(),
+    "started": started,
+    "wall_clock_s": round(seconds, 1),
+    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    "training": {"faults": {k: v for k, v in c.counts.items() if v}, "stats": c.stats}
+    if sum(c.counts.values())
+    else None,
+    "readers": c.surfaces.summary() if getattr(c, "surfaces", None) else None,
+    "problems": c.problems,
+    "table": c.table().splitlines(),
+    "episodes": c.surfaces.episodes if getattr(c, "surfaces", None) else [],
+  }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(rec, f, indent=1)
@@ -1150,34 +1374,58 @@ def main(argv=None) -> int:
   ap.add_argument("--root", default=None, help="keep the runs here (default: a temp dir)")
   ap.add_argument("--verbose", action="store_true")
   ap.add_argument("--kinds", default=",".join(KINDS), help="fault kinds to draw from")
-  ap.add_argument("--readers", type=int, default=0,
-                  help="faults in what eval.py and compare.py read back")
-  ap.add_argument("--surfaces", type=int, default=0,
-                  help="faults in evaluation, the uses, published models and compare")
-  ap.add_argument("--surface_faults", default="",
-                  help="surface:fault pairs to draw from (default: all of SURFACE_FAULTS), "
-                       "e.g. generate:SIGINT,knn:SIGTERM")
-  ap.add_argument("--record", default=None,
-                  help="write the campaign's record (JSON) here, e.g. results/integrity/NAME.json")
+  ap.add_argument(
+    "--readers", type=int, default=0, help="faults in what eval.py and compare.py read back"
+  )
+  ap.add_argument(
+    "--surfaces",
+    type=int,
+    default=0,
+    help="faults in evaluation, the uses, published models and compare",
+  )
+  ap.add_argument(
+    "--surface_faults",
+    default="",
+    help="surface:fault pairs to draw from (default: all of SURFACE_FAULTS), "
+    "e.g. generate:SIGINT,knn:SIGTERM",
+  )
+  ap.add_argument(
+    "--record",
+    default=None,
+    help="write the campaign's record (JSON) here, e.g. results/integrity/NAME.json",
+  )
   a = ap.parse_args(argv)
   # Started in the background (nohup, `&`), the campaign and the commands it starts would
   # ignore Ctrl-C: a SIGINT would never land. The commands inherit the default.
   signal.signal(signal.SIGINT, signal.default_int_handler)
   t0 = time.time()
   started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-  c = run_campaign(a.faults, a.per_episode, a.seed, a.root, a.verbose,
-                   tuple(a.kinds.split(",")), a.minutes, a.readers, a.surfaces,
-                   tuple(tuple(p.split(":")) for p in a.surface_faults.split(","))
-                   if a.surface_faults else SURFACE_FAULTS)
+  c = run_campaign(
+    a.faults,
+    a.per_episode,
+    a.seed,
+    a.root,
+    a.verbose,
+    tuple(a.kinds.split(",")),
+    a.minutes,
+    a.readers,
+    a.surfaces,
+    tuple(tuple(p.split(":")) for p in a.surface_faults.split(","))
+    if a.surface_faults
+    else SURFACE_FAULTS,
+  )
   print(c.table())
   print(f"({time.time() - t0:.0f} s)")
   for p in c.problems:
     print("problem:", p)
   if a.record:
-    write_record(a.record, c, argv if argv is not None else sys.argv[1:], started,
-                 time.time() - t0)
-  ok = (not c.stats["silent"] and not c.stats["records_lost"] and not c.stats["reader_silent"]
-        and not c.problems)
+    write_record(a.record, c, argv if argv is not None else sys.argv[1:], started, time.time() - t0)
+  ok = (
+    not c.stats["silent"]
+    and not c.stats["records_lost"]
+    and not c.stats["reader_silent"]
+    and not c.problems
+  )
   return 0 if ok else 1
 
 

@@ -19,10 +19,16 @@ import sys
 
 BEGIN, END = "<!-- readers-campaigns:begin -->", "<!-- readers-campaigns:end -->"
 OUTCOMES = ("identical", "recomputed", "refused", "wrong_silent", "lost", "multi_line", "failed")
-SURFACES = {"eval": "`exvae-eval`", "knn": "`exvae-uses knn`", "augment": "`exvae-uses augment`",
-            "generate": "`exvae-uses generate`", "published": "published model (tiny)",
-            "published_real": "published model (a copy of `fashion_vae_exemplar_rat`)",
-            "run": "a run's `config.json`", "compare": "`exvae-compare`"}
+SURFACES = {
+  "eval": "`exvae-eval`",
+  "knn": "`exvae-uses knn`",
+  "augment": "`exvae-uses augment`",
+  "generate": "`exvae-uses generate`",
+  "published": "published model (tiny)",
+  "published_real": "published model (a copy of `fashion_vae_exemplar_rat`)",
+  "run": "a run's `config.json`",
+  "compare": "`exvae-compare`",
+}
 
 
 def load_records(results: str) -> list[dict]:
@@ -40,21 +46,29 @@ def tables(records: list[dict]) -> str:
 
   The commit each campaign ran is in its record, not in the table (docs carry no hashes).
   """
-  head = ("| record | episodes | faults landed | " + " | ".join(OUTCOMES)
-          + " | wall-clock |")
+  head = "| record | episodes | faults landed | " + " | ".join(OUTCOMES) + " | wall-clock |"
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in records:
     rd = r["readers"]
     counts = " | ".join(str(rd["outcomes"].get(k, 0)) for k in OUTCOMES)
-    lines.append(f"| [{r['file']}](../results/integrity/{r['file']}) | {rd['episodes']} | {rd['faults_landed']} | {counts} | "
-                 f"{r['wall_clock_s'] / 60:.0f} min |")
+    lines.append(
+      f"| [{r['file']}](../results/integrity/{r['file']}) | {rd['episodes']} | {rd['faults_landed']} | {counts} | "
+      f"{r['wall_clock_s'] / 60:.0f} min |"
+    )
   newest = records[-1]
-  lines += ["", f"Per surface and fault kind, {newest['file']} (fault kind: outcomes):", "",
-            "| surface | faults landed | fault kinds |", "|---|---|---|"]
+  lines += [
+    "",
+    f"Per surface and fault kind, {newest['file']} (fault kind: outcomes):",
+    "",
+    "| surface | faults landed | fault kinds |",
+    "|---|---|---|",
+  ]
   landed = newest["readers"].get("faults_landed_per_surface", {})
   for key, kinds in newest["readers"]["per_surface"].items():
-    text = "; ".join(f"{kind}: " + ", ".join(f"{n} {o}" for o, n in sorted(outs.items()))
-                     for kind, outs in sorted(kinds.items()))
+    text = "; ".join(
+      f"{kind}: " + ", ".join(f"{n} {o}" for o, n in sorted(outs.items()))
+      for kind, outs in sorted(kinds.items())
+    )
     lines.append(f"| {SURFACES.get(key, key)} | {landed.get(key, '')} | {text} |")
   return "\n".join(lines) + "\n"
 
@@ -68,8 +82,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   records = load_records(args.results)
   if not records:
-    print(f"integrity_table: error: no readers_seed*.json under {args.results}/integrity",
-          file=sys.stderr)
+    print(
+      f"integrity_table: error: no readers_seed*.json under {args.results}/integrity",
+      file=sys.stderr,
+    )
     return 2
   text = tables(records)
   page = args.write or args.check
@@ -81,11 +97,13 @@ def main(argv=None) -> int:
   if BEGIN not in old or END not in old:
     print(f"integrity_table: error: {page} has no {BEGIN} ... {END} markers", file=sys.stderr)
     return 2
-  new = old[:old.index(BEGIN) + len(BEGIN)] + "\n" + text + old[old.index(END):]
+  new = old[: old.index(BEGIN) + len(BEGIN)] + "\n" + text + old[old.index(END) :]
   if args.check:
     if new != old:
-      print(f"integrity_table: {page} differs from the records; run with --write {page}",
-            file=sys.stderr)
+      print(
+        f"integrity_table: {page} differs from the records; run with --write {page}",
+        file=sys.stderr,
+      )
       return 1
     return 0
   with open(page, "w") as f:

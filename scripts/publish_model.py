@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def record_config_digest(directories) -> int:
   """Adds ``config_sha256`` to each published model's ``model.json`` (see the docstring)."""
   from exvae import atomic, published
+
   for d in directories:
     try:
       meta = published.read_meta(d)
@@ -37,11 +38,15 @@ def record_config_digest(directories) -> int:
       print(f"publish_model: error: {d}: {e}", file=sys.stderr)
       return 1
     if meta.get("config_sha256") not in (None, digest):
-      print(f"publish_model: error: {d}: config.json differs from the config_sha256 its "
-            "model.json records", file=sys.stderr)
+      print(
+        f"publish_model: error: {d}: config.json differs from the config_sha256 its "
+        "model.json records",
+        file=sys.stderr,
+      )
       return 1
-    atomic.write_json(os.path.join(d, published.META_FILE), dict(meta, config_sha256=digest),
-                      sort_keys=True)
+    atomic.write_json(
+      os.path.join(d, published.META_FILE), dict(meta, config_sha256=digest), sort_keys=True
+    )
     print(f"{d}: config_sha256 {digest[:12]}")
   return 0
 
@@ -54,12 +59,16 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", required=True, help="the trained run directory")
   p.add_argument("--config", required=True, help="the run's config (name or path)")
   p.add_argument("--out", default=None, help="default: results/<config name>/model")
-  p.add_argument("--source_commit", default=None,
-                 help="the commit the run trained from (default: its provenance.json)")
+  p.add_argument(
+    "--source_commit",
+    default=None,
+    help="the commit the run trained from (default: its provenance.json)",
+  )
   args = p.parse_args(argv)
 
   from exvae import bank as bank_lib
   from exvae import config_registry, published, rundir
+
   try:
     config = config_registry.get_config(args.config)
   except Exception as e:  # noqa: BLE001  (one line for any bad name or path)
@@ -81,17 +90,19 @@ def main(argv=None) -> int:
   ckpt_dir = os.path.join(args.workdir, "checkpoints")
   steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
   record = {
-      "config": name,
-      "source_run": os.path.basename(os.path.normpath(args.workdir)),
-      "source_commit": args.source_commit or provenance.get("commit"),
-      "params": "best on validation",
-      "best_epoch": int(meta.get("best_epoch", 0)),     # 1-based (restore_trained's meta)
-      "best_val_loss": meta.get("best_val"),
-      "source_checkpoint_step": max(steps) if steps else None,
+    "config": name,
+    "source_run": os.path.basename(os.path.normpath(args.workdir)),
+    "source_commit": args.source_commit or provenance.get("commit"),
+    "params": "best on validation",
+    "best_epoch": int(meta.get("best_epoch", 0)),  # 1-based (restore_trained's meta)
+    "best_val_loss": meta.get("best_val"),
+    "source_checkpoint_step": max(steps) if steps else None,
   }
   path = published.save(out, trained.params, stored, record)
-  print(f"published {name}: best epoch {record['best_epoch']}, validation "
-        f"{record['best_val_loss']:.3f}, {os.path.getsize(path) / 2**20:.1f} MiB -> {out}")
+  print(
+    f"published {name}: best epoch {record['best_epoch']}, validation "
+    f"{record['best_val_loss']:.3f}, {os.path.getsize(path) / 2**20:.1f} MiB -> {out}"
+  )
   return 0
 
 

@@ -31,15 +31,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exvae import rundir  # noqa: E402
-from exvae.runinfo import (PAUSE_GAP_S, paused_seconds, read_jsonl,  # noqa: E402
-                           training_wall_clock)
+from exvae.runinfo import (
+  PAUSE_GAP_S,
+  paused_seconds,
+  read_jsonl,  # noqa: E402
+  training_wall_clock,
+)
 
-RECENT_EPOCHS = 10        # the speed is the median over this many recent epochs
-EVAL_FRESH_S = 180.0      # eval.py saves its scores every 60 s: older than this, it stopped
+RECENT_EPOCHS = 10  # the speed is the median over this many recent epochs
+EVAL_FRESH_S = 180.0  # eval.py saves its scores every 60 s: older than this, it stopped
 
 
-def earliest_stop(epoch: int, bad_epochs: int, warmup_epochs: int, patience: int,
-                  num_epochs: int) -> int:
+def earliest_stop(
+  epoch: int, bad_epochs: int, warmup_epochs: int, patience: int, num_epochs: int
+) -> int:
   """The first epoch at which the run can end, if the validation loss never improves again.
 
   Mirrors ``train_lib.early_stopping_update`` and ``should_stop_early``: an
@@ -92,9 +97,12 @@ def _eval_state(workdir: str, config: dict, now: float) -> dict:
         done = int(f["done_batches"])
       total = int(ident["m"])
       age = now - os.path.getmtime(partial)
-      return {"eval": "running" if age < EVAL_FRESH_S else "stopped",
-              "eval_done": min(done * int(ident["batch"]), total), "eval_total": total,
-              "eval_saved_s_ago": round(age)}
+      return {
+        "eval": "running" if age < EVAL_FRESH_S else "stopped",
+        "eval_done": min(done * int(ident["batch"]), total),
+        "eval_total": total,
+        "eval_saved_s_ago": round(age),
+      }
     except (OSError, ValueError, KeyError, TypeError):
       return {"eval": "unreadable partial evaluation"}
   if os.path.exists(metrics):
@@ -103,8 +111,12 @@ def _eval_state(workdir: str, config: dict, now: float) -> dict:
         m = json.load(f)
     except (OSError, ValueError):
       return {"eval": "unreadable eval_metrics.json"}
-    return {"eval": "done", "test_nll": m.get("test_nll"), "test_nll_se": m.get("test_nll_se"),
-            "eval_checkpoint_step": m.get("checkpoint_step")}
+    return {
+      "eval": "done",
+      "test_nll": m.get("test_nll"),
+      "test_nll_se": m.get("test_nll_se"),
+      "eval_checkpoint_step": m.get("checkpoint_step"),
+    }
   return {}
 
 
@@ -133,18 +145,21 @@ def status(workdir: str, now: float | None = None) -> dict:
   by_epoch = {}
   for r in records:
     if "val_loss" in r and "epoch" in r:
-      by_epoch[int(r["epoch"])] = r             # a resume may re-log an epoch: keep the last
+      by_epoch[int(r["epoch"])] = r  # a resume may re-log an epoch: keep the last
   val = [by_epoch[e] for e in sorted(by_epoch)]
   num_epochs = int(config.get("num_epochs", 0))
   patience = int(config.get("early_stopping_patience", 0))
   warmup = int(config.get("warmup_epochs", 0))
   holder = rundir.writer_of(workdir)
-  out = {"name": os.path.basename(workdir), "workdir": workdir,
-         "writer": None if holder is None else {"pid": holder.get("pid"),
-                                                "host": holder.get("host")},
-         "num_epochs": num_epochs, "patience": patience,
-         "trained_s": training_wall_clock(records) - paused_seconds(records),
-         "paused_s": paused_seconds(records)}
+  out = {
+    "name": os.path.basename(workdir),
+    "workdir": workdir,
+    "writer": None if holder is None else {"pid": holder.get("pid"), "host": holder.get("host")},
+    "num_epochs": num_epochs,
+    "patience": patience,
+    "trained_s": training_wall_clock(records) - paused_seconds(records),
+    "paused_s": paused_seconds(records),
+  }
   if val:
     last = val[-1]
     best = min(val, key=lambda r: float(r["val_loss"]))
@@ -158,12 +173,20 @@ def status(workdir: str, now: float | None = None) -> dict:
       if "val_loss" in r:
         break
       if "summary" in r:
-        finished = finished or bool(r["summary"].get("finished")
-                                    or r["summary"].get("early_stopped"))
+        finished = finished or bool(
+          r["summary"].get("finished") or r["summary"].get("early_stopped")
+        )
         break
-    out.update(epoch=epoch, best_val=float(best["val_loss"]), best_epoch=int(best["epoch"]),
-               bad_epochs=bad, s_per_epoch=spe, stop_by_epoch=stop, finished=finished,
-               stop_in_s=None if spe is None or finished else (stop - epoch) * spe)
+    out.update(
+      epoch=epoch,
+      best_val=float(best["val_loss"]),
+      best_epoch=int(best["epoch"]),
+      bad_epochs=bad,
+      s_per_epoch=spe,
+      stop_by_epoch=stop,
+      finished=finished,
+      stop_in_s=None if spe is None or finished else (stop - epoch) * spe,
+    )
   else:
     out.update(epoch=0, finished=False)
   out.update(_eval_state(workdir, config, now))
@@ -200,13 +223,20 @@ def format_line(st: dict) -> str:
       eta = f" (in {_hours(st['stop_in_s'])} or more)" if st["stop_in_s"] is not None else ""
       parts.append(f"ends at epoch {st['stop_by_epoch']} at the earliest{eta}")
   if st.get("eval") in ("running", "stopped"):
-    parts.append(f"{st['eval_done']} of {st['eval_total']} test images scored "
-                 f"(saved {st['eval_saved_s_ago']} s ago)")
+    parts.append(
+      f"{st['eval_done']} of {st['eval_total']} test images scored "
+      f"(saved {st['eval_saved_s_ago']} s ago)"
+    )
   elif st.get("eval") == "done":
     nll = st.get("test_nll")
-    parts.append("test NLL " + (f"{nll:.2f} +- {st['test_nll_se']:.2f}"
-                                if isinstance(nll, (int, float)) and
-                                isinstance(st.get("test_nll_se"), (int, float)) else str(nll)))
+    parts.append(
+      "test NLL "
+      + (
+        f"{nll:.2f} +- {st['test_nll_se']:.2f}"
+        if isinstance(nll, (int, float)) and isinstance(st.get("test_nll_se"), (int, float))
+        else str(nll)
+      )
+    )
   elif st.get("eval"):
     parts.append(st["eval"])
   return "; ".join(parts)
@@ -217,16 +247,26 @@ def _workdirs(runs: str, names: list[str]) -> list[str]:
     return [n if os.path.isdir(n) and os.sep in n else os.path.join(runs, n) for n in names]
   if not os.path.isdir(runs):
     return []
-  return sorted(os.path.join(runs, d) for d in os.listdir(runs)
-                if os.path.isfile(os.path.join(runs, d, "config.json")))
+  return sorted(
+    os.path.join(runs, d)
+    for d in os.listdir(runs)
+    if os.path.isfile(os.path.join(runs, d, "config.json"))
+  )
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("runs_or_names", nargs="*", metavar="NAME_OR_WORKDIR",
-                  help="run names under --runs, or run directories (default: every run there)")
-  ap.add_argument("--runs", default=os.path.expanduser("~/exvae-runs"),
-                  help="the folder that holds the run directories")
+  ap.add_argument(
+    "runs_or_names",
+    nargs="*",
+    metavar="NAME_OR_WORKDIR",
+    help="run names under --runs, or run directories (default: every run there)",
+  )
+  ap.add_argument(
+    "--runs",
+    default=os.path.expanduser("~/exvae-runs"),
+    help="the folder that holds the run directories",
+  )
   ap.add_argument("--json", action="store_true", help="one JSON object per run")
   args = ap.parse_args(argv)
   wds = _workdirs(args.runs, args.runs_or_names)

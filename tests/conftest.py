@@ -13,6 +13,7 @@ if ROOT not in sys.path:
 def load_script(relpath: str):
   """Imports a script that is not a package module (``scripts/x.py``, ``bench/y.py``)."""
   import importlib.util
+
   name = os.path.splitext(os.path.basename(relpath))[0]
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
   mod = importlib.util.module_from_spec(spec)
@@ -24,13 +25,17 @@ def leftover_temporaries(directory: str) -> list[str]:
   """Temporary files of interrupted writes in ``directory``: exvae.atomic writes each file
   as ``.<name><atomic.TMP_MARK><random>`` beside it, then renames it into place."""
   from exvae import atomic
+
   return sorted(n for n in os.listdir(directory) if n.startswith(".") and atomic.TMP_MARK in n)
 
 
 def load_config(name: str = "test", **overrides):
   """Loads configs/<name>.py and applies dotted overrides (ml_collections semantics)."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
@@ -57,6 +62,7 @@ def run_train_steps(c, num_devices: int, steps: int = 5, on_compiled=None):
   """
   import jax.numpy as jnp
   from exvae import distributed, train_lib
+
   splits = train_lib.load_data(c)
   n = splits.train_x.shape[0]
   with distributed.data_mesh(num_devices) as mesh:
@@ -79,6 +85,7 @@ def fresh_run(c):
   cache filled, the first epoch's permutation."""
   import jax.numpy as jnp
   from exvae import train_lib
+
   splits = train_lib.load_data(c)
   setup = train_lib.make_setup(c, splits)
   n = splits.train_x.shape[0]
@@ -99,10 +106,14 @@ def train_traced_once(c, steps: int):
   import chex
   import jax
   from exvae import train_lib
+
   chex.clear_trace_counter()
   setup, state, pool, perm = fresh_run(c)
-  step = jax.jit(chex.assert_max_traces(train_lib._train_step, n=1),
-                 static_argnames=("setup",), donate_argnames=("state",))
+  step = jax.jit(
+    chex.assert_max_traces(train_lib._train_step, n=1),
+    static_argnames=("setup",),
+    donate_argnames=("state",),
+  )
   losses = []
   for _ in range(steps):
     state, m = step(state, pool, perm, setup=setup)
@@ -121,6 +132,7 @@ def trained_dir(tmp_path_factory):
   per test process and shared by every module that asks for it (test_faults, test_uses,
   test_uses_signals): read it, or copy it before changing anything."""
   from exvae import train_lib
+
   wd = str(tmp_path_factory.mktemp("trained") / "run")
   train_lib.train_and_evaluate(load_config("test"), wd)
   return wd

@@ -9,12 +9,14 @@ parameter path) and per-sample IWAE log-weights.
 
   $EXVAE_REF_PYTHON tests/ref_hvae_torch.py IN.npz OUT.npz
 """
+
 import os
 import sys
 
 SRC = os.environ["EXVAE_REF_SRC"]
-SHIM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                    "shared", "reference", "shim")
+SHIM = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference", "shim"
+)
 sys.path[:0] = [os.environ.get("EXVAE_REF_SHIM", SHIM), SRC]
 
 import numpy as np  # noqa: E402
@@ -27,14 +29,27 @@ from utils.evaluation import load_all_pseudo_input  # noqa: E402
 from utils.utils import importing_model  # noqa: E402
 
 # exvae path -> their module name.
-GATED = {"q_z2_0": "q_z_layers.0", "q_z2_1": "q_z_layers.1", "q_z1_x": "q_z1_layers_x.0",
-         "q_z1_z2": "q_z1_layers_z2.0", "q_z1_joint": "q_z1_layers_joint.0",
-         "p_z1_0": "p_z1_layers_z2.0", "p_z1_1": "p_z1_layers_z2.1", "p_x_z1": "p_x_layers_z1.0",
-         "p_x_z2": "p_x_layers_z2.0", "p_x_joint": "p_x_layers_joint.0"}
-DENSE = {"q_z2_head/mu": "q_z_mean", "q_z2_head/logvar": "q_z_logvar.linear",
-         "q_z1_head/mu": "q_z1_mean", "q_z1_head/logvar": "q_z1_logvar.linear",
-         "p_z1_head/mu": "p_z1_mean", "p_z1_head/logvar": "p_z1_logvar.linear",
-         "p_x_head/out": "p_x_mean.linear"}
+GATED = {
+  "q_z2_0": "q_z_layers.0",
+  "q_z2_1": "q_z_layers.1",
+  "q_z1_x": "q_z1_layers_x.0",
+  "q_z1_z2": "q_z1_layers_z2.0",
+  "q_z1_joint": "q_z1_layers_joint.0",
+  "p_z1_0": "p_z1_layers_z2.0",
+  "p_z1_1": "p_z1_layers_z2.1",
+  "p_x_z1": "p_x_layers_z1.0",
+  "p_x_z2": "p_x_layers_z2.0",
+  "p_x_joint": "p_x_layers_joint.0",
+}
+DENSE = {
+  "q_z2_head/mu": "q_z_mean",
+  "q_z2_head/logvar": "q_z_logvar.linear",
+  "q_z1_head/mu": "q_z1_mean",
+  "q_z1_head/logvar": "q_z1_logvar.linear",
+  "p_z1_head/mu": "p_z1_mean",
+  "p_z1_head/logvar": "p_z1_logvar.linear",
+  "p_x_head/out": "p_x_mean.linear",
+}
 PRIORS = {"gaussian": "standard", "vampprior": "vampprior", "exemplar": "exemplar_prior"}
 
 
@@ -55,12 +70,26 @@ def main():
   z = np.load(src)
   prior, rat = str(z["prior"]), bool(z["rat"])
   n, m, k = int(z["N"]), int(z["M"]), int(z["K"])
-  args = de.parser.parse_args([
-      "--model_name", "hvae_2level", "--prior", PRIORS[prior],
-      "--number_components", str(k if prior == "vampprior" else m),
-      "--approximate_prior", str(rat), "--approximate_k", str(int(z["rat_k"])),
-      "--hidden_size", str(int(z["hidden"])), "--z1_size", str(int(z["z1"])),
-      "--z2_size", str(int(z["z2"]))])
+  args = de.parser.parse_args(
+    [
+      "--model_name",
+      "hvae_2level",
+      "--prior",
+      PRIORS[prior],
+      "--number_components",
+      str(k if prior == "vampprior" else m),
+      "--approximate_prior",
+      str(rat),
+      "--approximate_k",
+      str(int(z["rat_k"])),
+      "--hidden_size",
+      str(int(z["hidden"])),
+      "--z1_size",
+      str(int(z["z1"])),
+      "--z2_size",
+      str(int(z["z2"])),
+    ]
+  )
   args.device, args.input_type, args.dynamic_binarization = "cpu", "binary", True
   args.input_size, args.training_set_size = [int(s) for s in z["input_size"]], n
   args.pseudoinputs_mean, args.pseudoinputs_std = 0.05, 0.01
@@ -93,8 +122,9 @@ def main():
   queue[:] = [torch.from_numpy(z["eps2"]), torch.from_numpy(z["eps1"])]
   x = torch.from_numpy(z["x"])
   ids = torch.from_numpy(z["ids"].astype(np.int64)).reshape(-1, 1)
-  loss, re, kl = model.calculate_loss((x, ids), float(z["beta"]), average=True, dataset=ds,
-                                      cache=cache)
+  loss, re, kl = model.calculate_loss(
+    (x, ids), float(z["beta"]), average=True, dataset=ds, cache=cache
+  )
   loss.backward()
   torch.randint = randint
   out = {"loss": loss.item(), "re": re.item(), "kl": kl.item()}
@@ -111,8 +141,9 @@ def main():
     log_w = []
     for b in range(xt.shape[0]):
       queue[:] = [te2[b], te1[b]]
-      prob, _, _ = model.calculate_loss((xt[b:b + 1].expand(s, -1), None),
-                                        exemplars_embedding=emb)
+      prob, _, _ = model.calculate_loss(
+        (xt[b : b + 1].expand(s, -1), None), exemplars_embedding=emb
+      )
       log_w.append(-prob.numpy())
   out["log_w"] = np.stack(log_w)
   np.savez(dst, **out)

@@ -21,8 +21,12 @@ def trained(tmp_path_factory):
   train_lib.train_and_evaluate(config, workdir)
   t = bank_lib.restore_trained(config, workdir)
   model = str(root / "model")
-  published.save(model, t.params, rundir.read_stored_config(workdir),
-                 {"best_epoch": int(t.meta["best_epoch"]), "best_val_loss": t.meta["best_val"]})
+  published.save(
+    model,
+    t.params,
+    rundir.read_stored_config(workdir),
+    {"best_epoch": int(t.meta["best_epoch"]), "best_val_loss": t.meta["best_val"]},
+  )
   return workdir, model
 
 
@@ -33,22 +37,24 @@ def _eval_per_example(workdir, out_dir, **overrides):
     return {k: z[k] for k in per_example.SCORES}
 
 
-@pytest.mark.parametrize("seed,num_samples", [(None, None),
-                                              pytest.param(3, 5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "seed,num_samples", [(None, None), pytest.param(3, 5, marks=pytest.mark.slow)]
+)
 def test_log_px_is_what_exvae_eval_writes_per_image(trained, tmp_path, seed, num_samples):
   import exvae
+
   workdir, _ = trained
-  overrides = {} if seed is None else {"eval.seed": seed, "eval.num_importance_samples":
-                                       num_samples}
+  overrides = (
+    {} if seed is None else {"eval.seed": seed, "eval.num_importance_samples": num_samples}
+  )
   want = _eval_per_example(workdir, str(tmp_path / "e"), **overrides)
   run = exvae.load_run(workdir, bank=False)
   x = run.splits.test_x[: int(run.config.eval.max_test_examples)]
   got = run.scores(x, num_samples=num_samples, seed=seed)
   assert set(got) == set(per_example.SCORES)
-  for k in per_example.SCORES:          # the archive holds float32 copies
+  for k in per_example.SCORES:  # the archive holds float32 copies
     np.testing.assert_allclose(got[k], want[k], rtol=2e-6, atol=1e-5, err_msg=k)
-  np.testing.assert_array_equal(run.log_px(x, num_samples=num_samples, seed=seed),
-                                got["log_px"])
+  np.testing.assert_array_equal(run.log_px(x, num_samples=num_samples, seed=seed), got["log_px"])
   # Another seed draws other samples: the seed is what selects them.
   other = run.log_px(x, num_samples=num_samples, seed=(seed or 0) + 1)
   assert np.max(np.abs(other - got["log_px"])) > 1e-4
@@ -58,6 +64,7 @@ def test_log_px_is_what_exvae_eval_writes_per_image(trained, tmp_path, seed, num
 
 def test_log_px_refuses_grey_levels_and_wrong_shapes_in_one_line(trained):
   import exvae
+
   workdir, _ = trained
   run = exvae.load_run(workdir, bank=False)
   x = run.splits.test_x[:4]
@@ -70,16 +77,17 @@ def test_log_px_refuses_grey_levels_and_wrong_shapes_in_one_line(trained):
 
 def test_meta_is_the_same_for_a_run_directory_and_its_published_model(trained):
   import exvae
+
   workdir, model = trained
   recs = [json.loads(line) for line in open(os.path.join(workdir, rundir.METRICS_FILE))]
   val = [r for r in recs if "val_loss" in r]
-  assert [r["epoch"] for r in val] == [1]                 # one validated epoch, printed as 1
+  assert [r["epoch"] for r in val] == [1]  # one validated epoch, printed as 1
   a = exvae.load_run(workdir, bank=False).meta
   b = exvae.load_run(model, bank=False).meta
   assert a["best_epoch"] == b["best_epoch"] == 1
   assert a["best_val"] == pytest.approx(val[0]["val_loss"], rel=1e-6)
   assert b["best_val"] == pytest.approx(a["best_val"], rel=1e-12)
-  assert set(b) <= set(a)                                 # a run directory may add bookkeeping
+  assert set(b) <= set(a)  # a run directory may add bookkeeping
   # The exemplar bank records the same epoch for both.
   t_run = bank_lib.restore_trained(load_config("test", num_epochs=1), workdir)
   t_pub = bank_lib.restore_trained(load_config("test", num_epochs=1), model)

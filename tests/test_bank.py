@@ -31,9 +31,19 @@ def _build(env, lo=0, hi=None, **kw):
   model, params, splits = env
   x, y = splits.train_x, splits.train_y
   hi = x.shape[0] if hi is None else hi
-  return ExemplarBank.build(model, params, x[lo:hi], ids=np.arange(lo, hi), labels=y[lo:hi],
-                            log_var=LOG_VAR, binary=True, key=jax.random.PRNGKey(5),
-                            batch_size=256, metadata={"dataset": "digits", "source": "train"}, **kw)
+  return ExemplarBank.build(
+    model,
+    params,
+    x[lo:hi],
+    ids=np.arange(lo, hi),
+    labels=y[lo:hi],
+    log_var=LOG_VAR,
+    binary=True,
+    key=jax.random.PRNGKey(5),
+    batch_size=256,
+    metadata={"dataset": "digits", "source": "train"},
+    **kw,
+  )
 
 
 def test_save_load_round_trip_and_size(env, tmp_path):
@@ -41,7 +51,7 @@ def test_save_load_round_trip_and_size(env, tmp_path):
   path = str(tmp_path / "sub" / "bank.npz")
   nbytes = bank.save(path)
   assert os.path.getsize(path) == nbytes == bank.nbytes_on_disk()
-  assert not [f for f in os.listdir(tmp_path / "sub") if ".tmp" in f]   # atomic: no leftovers
+  assert not [f for f in os.listdir(tmp_path / "sub") if ".tmp" in f]  # atomic: no leftovers
   loaded = ExemplarBank.load(path)
   np.testing.assert_array_equal(loaded.codes, bank.codes)
   np.testing.assert_array_equal(loaded.ids, bank.ids)
@@ -66,8 +76,9 @@ def test_codes_follow_the_evaluation_prior_convention(env):
   """Default ids = row index: the codes equal encode_pool's (eval prior) for the same key."""
   model, params, splits = env
   key = jax.random.PRNGKey(5)
-  bank = ExemplarBank.build(model, params, splits.train_x, log_var=0.0, binary=True, key=key,
-                            batch_size=256)
+  bank = ExemplarBank.build(
+    model, params, splits.train_x, log_var=0.0, binary=True, key=key, batch_size=256
+  )
   ref = encode_pool(model, params, jnp.asarray(splits.train_x), key, True)
   np.testing.assert_allclose(bank.codes, np.asarray(ref), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(bank.ids, np.arange(splits.train_x.shape[0]))
@@ -77,12 +88,13 @@ def test_incremental_add_equals_union(env):
   model, params, splits = env
   whole = _build(env, 0, 300)
   part = _build(env, 0, 100)
-  grown = part.add(model, params, splits.train_x[100:250], ids=np.arange(100, 250),
-                   labels=splits.train_y[100:250])
+  grown = part.add(
+    model, params, splits.train_x[100:250], ids=np.arange(100, 250), labels=splits.train_y[100:250]
+  )
   grown = grown.add(model, params, splits.train_x[250:300], labels=splits.train_y[250:300])
-  assert part.size == 100                                   # the original is unchanged
+  assert part.size == 100  # the original is unchanged
   np.testing.assert_allclose(grown.codes, whole.codes, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(grown.ids, whole.ids)       # default new ids continue at 250
+  np.testing.assert_array_equal(grown.ids, whole.ids)  # default new ids continue at 250
   np.testing.assert_array_equal(grown.labels, whole.labels)
   assert grown.log_var == whole.log_var
   with pytest.raises(ValueError, match="collide"):
@@ -117,20 +129,29 @@ def test_adding_exemplars_changes_density_and_sampling_not_params(env):
   # Adding ONE exemplar always raises log p at its own code: p_new = (N p_old + K(0)) / (N + 1)
   # and K(0) (the kernel's peak) exceeds p_old, an average of kernels that are all <= K(0).
   for i in range(5):
-    one = old.add(model, params, new_x[i:i + 1], ids=[600 + i], labels=new_y[i:i + 1])
-    assert one.log_prob(new_codes[i:i + 1])[0] > old.log_prob(new_codes[i:i + 1])[0]
+    one = old.add(model, params, new_x[i : i + 1], ids=[600 + i], labels=new_y[i : i + 1])
+    assert one.log_prob(new_codes[i : i + 1])[0] > old.log_prob(new_codes[i : i + 1])[0]
     # The un-normalised kernel sum rises everywhere; the density drops far from the new code.
-    far = new_codes[i:i + 1] + 50.0
+    far = new_codes[i : i + 1] + 50.0
     assert one.log_prob(far)[0] < old.log_prob(far)[0]
   # Sampling from a bank of only the new exemplars lands near them.
-  only_new = ExemplarBank.build(model, params, new_x, ids=np.arange(600, 640), labels=new_y,
-                                log_var=LOG_VAR, binary=True, key=old.key)
+  only_new = ExemplarBank.build(
+    model,
+    params,
+    new_x,
+    ids=np.arange(600, 640),
+    labels=new_y,
+    log_var=LOG_VAR,
+    binary=True,
+    key=old.key,
+  )
   np.testing.assert_allclose(only_new.codes, new_codes, rtol=1e-6, atol=1e-6)
   z, rows = only_new.sample(jax.random.PRNGKey(1), 500)
   assert z.shape == (500, old.latent_dim) and rows.min() >= 0 and rows.max() < 40
   d_src = np.linalg.norm(z - only_new.codes[rows], axis=1)
-  assert np.sqrt(np.mean(d_src**2)) == pytest.approx(np.exp(0.5 * LOG_VAR) * np.sqrt(old.latent_dim),
-                                                      rel=0.15)
+  assert np.sqrt(np.mean(d_src**2)) == pytest.approx(
+    np.exp(0.5 * LOG_VAR) * np.sqrt(old.latent_dim), rel=0.15
+  )
   # With a narrow kernel, a sample's nearest exemplar in the grown bank is (nearly always)
   # one of the new exemplars, and the samples score higher under the grown bank.
   tight = dataclasses.replace(only_new, log_var=-9.0)
@@ -139,14 +160,27 @@ def test_adding_exemplars_changes_density_and_sampling_not_params(env):
   assert np.mean(nn_rows[:, 0] >= 200) > 0.9
   assert np.mean(grown.log_prob(z)) > np.mean(old.log_prob(z))
 
+
 def test_bad_inputs(env, tmp_path):
   model, params, splits = env
   with pytest.raises(ValueError, match="shape"):
-    ExemplarBank.build(model, params, np.zeros((3, 28, 28, 1), np.float32), log_var=0.0,
-                       binary=True, key=jax.random.PRNGKey(0))
+    ExemplarBank.build(
+      model,
+      params,
+      np.zeros((3, 28, 28, 1), np.float32),
+      log_var=0.0,
+      binary=True,
+      key=jax.random.PRNGKey(0),
+    )
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
-    ExemplarBank.build(model, params, np.full((3, 8, 8, 1), 255.0, np.float32), log_var=0.0,
-                       binary=True, key=jax.random.PRNGKey(0))
+    ExemplarBank.build(
+      model,
+      params,
+      np.full((3, 8, 8, 1), 255.0, np.float32),
+      log_var=0.0,
+      binary=True,
+      key=jax.random.PRNGKey(0),
+    )
   bad = tmp_path / "x.npz"
   np.savez(bad, a=np.zeros(3))
   with pytest.raises(ValueError, match="not an exemplar bank"):

@@ -19,12 +19,14 @@ from exvae import checkpoints
 
 def test_a_save_survives_an_hour_long_pause(tmp_path, monkeypatch):
   from orbax.checkpoint._src.futures import future
+
   # Every timed wait in Orbax's futures loses an hour, as a thread waiting in a
   # process stopped for an hour finds on continuing.
   def remaining(start, timeout):
     if timeout is None:
       return None
     return max(0.0, timeout - (time.time() - start) - 3600.0)
+
   monkeypatch.setattr(future, "get_remaining_time", remaining)
   m = checkpoints.Manager(os.path.join(tmp_path, "checkpoints"), max_to_keep=2, create=True)
   state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}

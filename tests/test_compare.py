@@ -14,21 +14,26 @@ from exvae import compare, eval_lib, per_example, train_lib
 
 
 def _identity(count, digest="d" * 64, **kw):
-  return dict(dict(dataset="digits", split="test", eval_binarize_seed=0, count=count,
-                   images_sha256=digest), **kw)
+  return dict(
+    dict(dataset="digits", split="test", eval_binarize_seed=0, count=count, images_sha256=digest),
+    **kw,
+  )
 
 
 def _write(path, log_px, elbo=None, **identity_kw):
   log_px = np.asarray(log_px)
-  return per_example.save(str(path), {"log_px": log_px,
-                                      "elbo": log_px - 1.0 if elbo is None else elbo},
-                          _identity(log_px.shape[0], **identity_kw), {"prior": "x"})
+  return per_example.save(
+    str(path),
+    {"log_px": log_px, "elbo": log_px - 1.0 if elbo is None else elbo},
+    _identity(log_px.shape[0], **identity_kw),
+    {"prior": "x"},
+  )
 
 
 @pytest.mark.parametrize("n,shift", [(5, 0.3), (200, 0.05), (10000, -0.01)])
 def test_paired_stats_match_scipy(n, shift):
   rng = np.random.default_rng(n)
-  hard = rng.gamma(2.0, 30.0, n)                      # shared per-image difficulty
+  hard = rng.gamma(2.0, 30.0, n)  # shared per-image difficulty
   a = hard + rng.normal(0, 0.5, n)
   b = hard + shift + rng.normal(0, 0.5, n)
   s = compare.paired_stats(a, b)
@@ -46,7 +51,7 @@ def test_paired_stats_edge_cases_and_holm():
   a = np.array([1.0, 2.0, 3.0])
   s = compare.paired_stats(a, a)
   assert s["p_value"] == 1.0 and s["ties"] == 1.0 and s["mean_diff"] == 0.0
-  s = compare.paired_stats(a, a + 1.0)               # constant difference: certain
+  s = compare.paired_stats(a, a + 1.0)  # constant difference: certain
   assert s["p_value"] == 0.0 and s["a_wins"] == 1.0
   with pytest.raises(ValueError, match="differ in length"):
     compare.paired_stats(a, a[:2])
@@ -69,9 +74,20 @@ def test_compare_cli_on_known_arrays(tmp_path):
   for name, lp in runs.items():
     _write(tmp_path / "results" / name / per_example.FILENAME, lp)
   dirs = [str(tmp_path / "results" / n) for n in ("good", "bad", "same")]
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *dirs, "--plot",
-                        f"--out={tmp_path / 'cmp.png'}", f"--json={tmp_path / 'cmp.json'}"],
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  out = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "compare.py"),
+      *dirs,
+      "--plot",
+      f"--out={tmp_path / 'cmp.png'}",
+      f"--json={tmp_path / 'cmp.json'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=str(tmp_path),
+  )
   assert out.returncode == 0, out.stderr
   ref = stats.ttest_rel(-runs["good"], -runs["bad"])
   line = [l for l in out.stdout.splitlines() if l.strip().startswith("good vs bad")][0]
@@ -81,12 +97,17 @@ def test_compare_cli_on_known_arrays(tmp_path):
   assert "bad vs same" in out.stdout and "ties 100.0%" in out.stdout
   assert os.path.getsize(tmp_path / "cmp.png") > 1000
   import json
+
   saved = json.load(open(tmp_path / "cmp.json"))
   assert len(saved["pairs"]) == 3 and saved["identity"]["count"] == 500
   # Different images are refused, with a one-line reason naming the field.
   _write(tmp_path / "other" / per_example.FILENAME, base, digest="e" * 64)
-  bad = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), dirs[0],
-                        str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "compare.py"), dirs[0], str(tmp_path / "other")],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 2 and "images_sha256" in bad.stderr
   assert "Traceback" not in bad.stderr
   with pytest.raises(FileNotFoundError, match="evaluate it first"):
@@ -109,8 +130,12 @@ def test_eval_writes_per_example_scores_with_the_test_set_identity(tmp_path):
   assert np.all(rec["log_px"] >= rec["elbo"] - 1e-4)
   splits = train_lib.load_data(c)
   assert per_example.identity(rec) == {
-      "dataset": "digits", "split": "test", "eval_binarize_seed": 0, "count": 40,
-      "images_sha256": per_example.images_digest(splits.test_x[:40])}
+    "dataset": "digits",
+    "split": "test",
+    "eval_binarize_seed": 0,
+    "count": 40,
+    "images_sha256": per_example.images_digest(splits.test_x[:40]),
+  }
   assert rec["num_importance_samples"] == 16 and rec["prior"] == "exemplar"
   # Copied into a results/ entry, it compares against a re-evaluation (another
   # sampling seed) of the same run: same images, small paired differences.
@@ -127,8 +152,12 @@ def test_eval_writes_per_example_scores_with_the_test_set_identity(tmp_path):
 
 
 def _compare_cli(*paths):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), *map(str, paths)],
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "compare.py"), *map(str, paths)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _one_line(stderr):
@@ -143,6 +172,7 @@ def test_compare_refuses_scores_it_cannot_trust_in_one_line(tmp_path):
   line), never compared."""
   import json
   from exvae import atomic
+
   rng = np.random.default_rng(1)
   lp = -rng.gamma(2.0, 30.0, 50)
   good = _write(tmp_path / "good" / per_example.FILENAME, lp)
@@ -162,8 +192,8 @@ def test_compare_refuses_scores_it_cannot_trust_in_one_line(tmp_path):
   # Damaged (a flipped byte in the zip's central directory names an unknown zip version,
   # which zipfile reports as NotImplementedError): one line, exit 2.
   raw = bytearray(open(good, "rb").read())
-  at = raw.index(b"PK\x01\x02") + 6             # "version needed to extract"
-  raw[at:at + 2] = (109).to_bytes(2, "little")     # zip version 10.9
+  at = raw.index(b"PK\x01\x02") + 6  # "version needed to extract"
+  raw[at : at + 2] = (109).to_bytes(2, "little")  # zip version 10.9
   flipped = tmp_path / "flipped" / per_example.FILENAME
   flipped.parent.mkdir()
   flipped.write_bytes(bytes(raw))
@@ -181,8 +211,9 @@ def test_compare_refuses_scores_it_cannot_trust_in_one_line(tmp_path):
   ev = tmp_path / "ev"
   ev.mkdir()
   shutil.copy(good, ev / per_example.FILENAME)
-  (ev / "eval_metrics.json").write_text(json.dumps(
-      {"outputs_sha256": {per_example.FILENAME: atomic.sha256_file(good)}}))
+  (ev / "eval_metrics.json").write_text(
+    json.dumps({"outputs_sha256": {per_example.FILENAME: atomic.sha256_file(good)}})
+  )
   assert compare.compare([good, str(ev)])["pairs"][0]["mean_diff"] == 0.0
   raised = lp.copy()
   raised[3] += 100.0

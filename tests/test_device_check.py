@@ -20,8 +20,13 @@ SCRIPT = Path(ROOT) / "bench" / "device_check.py"
 
 def _run(tmp_path, *args, timeout=400):
   out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), "--out", str(out), *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   return proc, out
 
 
@@ -36,7 +41,8 @@ def test_smoke_run_writes_every_section(tmp_path):
   proc, out = _run(tmp_path, "--smoke", "--budget_s", "900", timeout=1200)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      f"{s}.json" for s in ("env", "tests", "kernel", "train_speed", "eval", "train_run"))
+    f"{s}.json" for s in ("env", "tests", "kernel", "train_speed", "eval", "train_run")
+  )
   records = {p.stem: json.loads(p.read_text()) for p in out.iterdir()}
   assert all(r["status"] == "ok" and r["smoke"] for r in records.values()), records
   env = records["env"]
@@ -47,9 +53,15 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert len(kernel["rows"]) == 2 and kernel["limits"]["copy_bytes_per_s"] > 0
   for row in kernel["rows"]:
     assert 0 < row["fwd_ms"] and 0 < row["limit_fwd_ms"] and math.isfinite(row["fwd_x_limit"])
-    assert row["max_abs_err_vs_f64"] < 1e-3          # float32 level, not bf16/TF32
+    assert row["max_abs_err_vs_f64"] < 1e-3  # float32 level, not bf16/TF32
   speed = records["train_speed"]
-  assert set(speed["rows"]) == {"vae_gaussian", "vae_rat", "vae_exact", "hvae_rat", "vae_rat_highest"}
+  assert set(speed["rows"]) == {
+    "vae_gaussian",
+    "vae_rat",
+    "vae_exact",
+    "hvae_rat",
+    "vae_rat_highest",
+  }
   assert speed["rows"]["vae_rat_highest"]["matmul_precision"] == "highest"
   assert speed["rows"]["vae_rat"]["matmul_precision"] == "backend default"
   assert not speed["row_errors"]
@@ -66,8 +78,7 @@ def test_smoke_run_writes_every_section(tmp_path):
 
 
 def test_exhausted_budget_skips_sections_but_still_writes_them(tmp_path):
-  proc, out = _run(tmp_path, "--smoke", "--budget_s", "1", "--sections", "env,kernel",
-                   timeout=120)
+  proc, out = _run(tmp_path, "--smoke", "--budget_s", "1", "--sections", "env,kernel", timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _load(out, "env")["status"] == "ok"
   kernel = _load(out, "kernel")
@@ -78,8 +89,17 @@ def test_training_run_stops_at_its_deadline(tmp_path):
   """The training subprocess is stopped (SIGTERM, then SIGKILL) in time for the
   section to finish within the budget, and what it did is still recorded.
   (A run of 100000 epochs cannot finish first, however fast the machine.)"""
-  proc, out = _run(tmp_path, "--smoke", "--budget_s", "35", "--sections", "train_run",
-                   "--run_epochs", "100000", timeout=200)
+  proc, out = _run(
+    tmp_path,
+    "--smoke",
+    "--budget_s",
+    "35",
+    "--sections",
+    "train_run",
+    "--run_epochs",
+    "100000",
+    timeout=200,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   run = _load(out, "train_run")
   assert run["status"] == "ok" and run["stopped_at_deadline"], run
@@ -108,9 +128,28 @@ def test_the_gpu_test_selection_exists(device_check):
   """Every test the full check names still exists (a rename would otherwise only
   show on the GPU machine, as 'not found')."""
   full = device_check.FULL
-  proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
-                         "-p", "no:cacheprovider", "-m", "", *full["tests"], "-k", full["tests_k"]],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "--collect-only",
+      "-q",
+      "-p",
+      "no:xdist",
+      "-p",
+      "no:cacheprovider",
+      "-m",
+      "",
+      *full["tests"],
+      "-k",
+      full["tests_k"],
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   collected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
   assert len(collected) >= 50
@@ -124,8 +163,11 @@ def test_a_broken_section_is_recorded_and_the_next_one_runs(tmp_path, device_che
   def broken(chk, deadline):
     raise ValueError("planted failure")
 
-  chk.mode = dict(chk.mode, minimums=dict(chk.mode["minimums"], broken=0),
-                  shares=dict(chk.mode["shares"], broken=10))
+  chk.mode = dict(
+    chk.mode,
+    minimums=dict(chk.mode["minimums"], broken=0),
+    shares=dict(chk.mode["shares"], broken=10),
+  )
   rec = chk.run("broken", broken)
   assert rec["status"] == "error" and "planted failure" in rec["error"]
   assert json.loads((tmp_path / "broken.json").read_text())["status"] == "error"
@@ -136,6 +178,7 @@ def test_float64_reference_matches_a_direct_sum(device_check):
   """The kernel section's float64 reference (centred matmul form, bank in pieces)."""
   import numpy as np
   from scipy.special import logsumexp
+
   rng = np.random.default_rng(0)
   z = rng.normal(size=(5, 40)).astype(np.float32) + 3.0
   bank = rng.normal(size=(120_000, 40)).astype(np.float32) + 3.0
@@ -152,9 +195,20 @@ def test_float64_reference_matches_a_direct_sum(device_check):
 
 
 def _git(cwd, *args):
-  subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                 env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                      "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(cwd), "PATH": "/usr/bin:/bin"})
+  subprocess.run(
+    ["git", *args],
+    cwd=cwd,
+    check=True,
+    capture_output=True,
+    env={
+      "GIT_AUTHOR_NAME": "t",
+      "GIT_AUTHOR_EMAIL": "t@t",
+      "GIT_COMMITTER_NAME": "t",
+      "GIT_COMMITTER_EMAIL": "t@t",
+      "HOME": str(cwd),
+      "PATH": "/usr/bin:/bin",
+    },
+  )
 
 
 def test_travel_size_and_holding_the_run_archives(tmp_path):
@@ -167,7 +221,7 @@ def test_travel_size_and_holding_the_run_archives(tmp_path):
   script.write_text((Path(ROOT) / "scripts" / "device_check.sh").read_text())
   (repo / ".gitignore").write_text("/.carry/\n/.carry-hold/\n")
   archive = repo / "carry" / "run.tar.gz"
-  with open(archive, "wb") as f:                       # 40 MiB, sparse
+  with open(archive, "wb") as f:  # 40 MiB, sparse
     f.truncate(40 * 2**20)
   (repo / "carry" / "run.json").write_text("{}")
   _git(repo, "init", "-q")
@@ -176,8 +230,9 @@ def test_travel_size_and_holding_the_run_archives(tmp_path):
   (repo / ".carry").mkdir()
   with open(repo / ".carry" / "data.bin", "wb") as f:  # 30 MiB: 70 MiB in all
     f.truncate(30 * 2**20)
-  sh = lambda verb: subprocess.run(["bash", str(script), verb], cwd=repo, capture_output=True,
-                                   text=True, timeout=60)
+  sh = lambda verb: subprocess.run(
+    ["bash", str(script), verb], cwd=repo, capture_output=True, text=True, timeout=60
+  )
   over = sh("size")
   assert over.returncode == 1 and "70.0 MiB" in over.stdout and "hold" in over.stderr
   held = sh("hold")

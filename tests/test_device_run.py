@@ -32,6 +32,7 @@ def _idx(path, arr):
 def test_xz_keeps_the_idx_bytes_and_truncates_with_a_matching_header(tmp_path):
   dr = _dr()
   from exvae.data import idx as idx_lib
+
   arr = np.random.default_rng(0).integers(0, 256, (7, 3, 2)).astype(np.uint8)
   _idx(tmp_path / "a.gz", arr)
   dr._xz(str(tmp_path / "a.gz"), str(tmp_path / "full.xz"))
@@ -46,8 +47,9 @@ def _fake_run(wd):
   step = wd / "checkpoints" / "40"
   step.mkdir(parents=True)
   (step / "blob").write_bytes(np.random.default_rng(1).bytes(300_000))
-  (wd / "metrics.jsonl").write_text(json.dumps({"epoch": 2, "step": 40, "val_loss": 9.0,
-                                                "best_val": 9.0}) + "\n")
+  (wd / "metrics.jsonl").write_text(
+    json.dumps({"epoch": 2, "step": 40, "val_loss": 9.0, "best_val": 9.0}) + "\n"
+  )
   (wd / "config.json").write_text("{}")
 
 
@@ -58,14 +60,15 @@ def test_pack_splits_into_parts_and_unpack_restores_the_run(tmp_path, monkeypatc
   _fake_run(tmp_path / "run")
   m = dr.pack_run("cfg", str(tmp_path / "run"), str(tmp_path / "out"))
   assert m["step"] == 40 and m["epoch"] == 2 and not m["finished"]
-  assert len(m["parts"]) == 4               # 300 kB of random bytes in 100 kB parts
+  assert len(m["parts"]) == 4  # 300 kB of random bytes in 100 kB parts
   assert all(os.path.getsize(tmp_path / "out" / "cfg" / p) <= 100_000 for p in m["parts"])
   line = dr.unpack_returned("cfg", str(tmp_path / "out"), root=str(tmp_path))
   assert "run at step 40" in line
   assert sorted(os.listdir(tmp_path / "carry" / "cfg")) == sorted(m["parts"] + ["manifest.json"])
   assert "resuming cfg from step 40" in dr.restore_run("cfg", str(tmp_path / "again"))
-  assert ((tmp_path / "again" / "checkpoints" / "40" / "blob").read_bytes()
-          == (tmp_path / "run" / "checkpoints" / "40" / "blob").read_bytes())
+  assert (tmp_path / "again" / "checkpoints" / "40" / "blob").read_bytes() == (
+    tmp_path / "run" / "checkpoints" / "40" / "blob"
+  ).read_bytes()
   # A damaged part is refused before anything is replaced.
   part = tmp_path / "out" / "cfg" / m["parts"][1]
   part.write_bytes(part.read_bytes()[:-1] + b"x")
@@ -77,14 +80,19 @@ def test_pack_splits_into_parts_and_unpack_restores_the_run(tmp_path, monkeypatc
 def test_hold_moves_what_the_device_does_not_read_and_restore_brings_it_back(tmp_path):
   dr = _dr()
   root = tmp_path / "repo"
-  for rel, size in (("exvae/a.py", 10), ("results/x/model/params.npz", 5000),
-                    ("carry/device/cfg/run.tar.gz.00", 3000),
-                    ("carry/device/other/run.tar.gz.00", 4000), ("docs/images/p.png", 700)):
+  for rel, size in (
+    ("exvae/a.py", 10),
+    ("results/x/model/params.npz", 5000),
+    ("carry/device/cfg/run.tar.gz.00", 3000),
+    ("carry/device/other/run.tar.gz.00", 4000),
+    ("docs/images/p.png", 700),
+  ):
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_bytes(b"x" * size)
   subprocess.run(["git", "init", "-q", str(root)], check=True)
-  subprocess.run(["git", "-C", str(root), "add", "exvae", "results", "carry/device/other",
-                  "docs"], check=True)
+  subprocess.run(
+    ["git", "-C", str(root), "add", "exvae", "results", "carry/device/other", "docs"], check=True
+  )
   (root / ".gitignore").write_text("/.device-hold/\n")
   assert dr.travel_bytes(str(root), ())["total"] == 10 + 5000 + 3000 + 4000 + 700 + 15
   assert dr.hold(str(root), keep="carry/device/cfg/") == 3
@@ -96,25 +104,42 @@ def test_hold_moves_what_the_device_does_not_read_and_restore_brings_it_back(tmp
 
 
 def test_bad_minutes_and_config_are_one_line(tmp_path):
-  for args, what in ((["test", "soon"], "MINUTES must be a number"),
-                     (["no_such_config", "1"], "no config configs/no_such_config.py")):
-    p = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True,
-                       env=dict(os.environ, OUT=str(tmp_path)))
+  for args, what in (
+    (["test", "soon"], "MINUTES must be a number"),
+    (["no_such_config", "1"], "no config configs/no_such_config.py"),
+  ):
+    p = subprocess.run(
+      ["bash", SCRIPT, *args],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, OUT=str(tmp_path)),
+    )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and what in p.stderr
 
 
 def _call(tmp_path, tag, carry, *args):
   """One device call through the script: $OUT, the run's work folder and the carry in tmp."""
   out = tmp_path / f"out-{tag}"
-  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE_RUN_CARRY=str(carry),
-             DEVICE_RUN_CARRIED=str(tmp_path / "carried"),
-             DEVICE_RUN_WORK=str(tmp_path / f"work-{tag}"), DEVICE_RUN_TERM_EVERY="1",
-             DEVICE_RUN_GRACE="900")   # a loaded machine may take minutes to start
-  p = subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env,
-                     cwd=ROOT, timeout=900)
+  env = dict(
+    os.environ,
+    OUT=str(out),
+    PYTHON=sys.executable,
+    DEVICE_RUN_CARRY=str(carry),
+    DEVICE_RUN_CARRIED=str(tmp_path / "carried"),
+    DEVICE_RUN_WORK=str(tmp_path / f"work-{tag}"),
+    DEVICE_RUN_TERM_EVERY="1",
+    DEVICE_RUN_GRACE="900",
+  )  # a loaded machine may take minutes to start
+  p = subprocess.run(
+    ["bash", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+  )
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  assert subprocess.run(["bash", SCRIPT, "--unpack", "test", str(out)], env=env,
-                        capture_output=True).returncode == 0
+  assert (
+    subprocess.run(
+      ["bash", SCRIPT, "--unpack", "test", str(out)], env=env, capture_output=True
+    ).returncode
+    == 0
+  )
   if "--eval" in args:
     return None, out
   manifest = json.loads((carry / "test" / "manifest.json").read_text())
@@ -127,8 +152,9 @@ def _records(workdir):
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     r = json.loads(line)
     r = r.get("summary", r)
-    out.append({k: v for k, v in r.items()
-                if k not in ("time", "wall_time_s", "picture", "workdir")})
+    out.append(
+      {k: v for k, v in r.items() if k not in ("time", "wall_time_s", "picture", "workdir")}
+    )
   return out
 
 
@@ -166,21 +192,40 @@ def test_two_chunks_continue_one_run(tmp_path):
 def test_an_eval_call_returns_the_per_example_scores(tmp_path, monkeypatch):
   dr = _dr()
   carry = tmp_path / "carry"
-  run, _ = _call(tmp_path, "t", carry, "test", "10", "--config.max_steps=64",
-                 "--config.checkpoint_every_steps=1000", "--config.tensorboard=False")
+  run, _ = _call(
+    tmp_path,
+    "t",
+    carry,
+    "test",
+    "10",
+    "--config.max_steps=64",
+    "--config.checkpoint_every_steps=1000",
+    "--config.tensorboard=False",
+  )
   assert run["step"] == 64 and run["finished"]
   monkeypatch.setenv("DEVICE_RUN_CARRY", str(carry))
   monkeypatch.setenv("DEVICE_RUN_CARRIED", str(tmp_path / "carried"))
-  model = dr.publish_for_eval("test")            # what --prepare --eval does here
+  model = dr.publish_for_eval("test")  # what --prepare --eval does here
   assert os.path.exists(os.path.join(model, "params.npz"))
-  _, out = _call(tmp_path, "e", carry, "--eval", "test", "10",
-                 "--config.eval.num_importance_samples=8", "--config.eval.max_test_examples=12")
+  _, out = _call(
+    tmp_path,
+    "e",
+    carry,
+    "--eval",
+    "test",
+    "10",
+    "--config.eval.num_importance_samples=8",
+    "--config.eval.max_test_examples=12",
+  )
   assert sorted(os.listdir(out / "test" / "eval")) == [
-      "eval_metrics.json", "eval_samples.png", "per_example.npz"]
+    "eval_metrics.json",
+    "eval_samples.png",
+    "per_example.npz",
+  ]
   got = carry / "test" / "eval"
   metrics = json.loads((got / "eval_metrics.json").read_text())
   scores = np.load(got / "per_example.npz")
   assert metrics["num_importance_samples"] == 8 and metrics["num_test_examples"] == 12
   assert scores["log_px"].shape == (12,)
   np.testing.assert_allclose(-scores["log_px"].mean(), metrics["test_nll"], rtol=1e-6)
-  assert (carry / "test" / "manifest.json").exists()    # the run itself stays carried
+  assert (carry / "test" / "manifest.json").exists()  # the run itself stays carried

@@ -44,14 +44,24 @@ IWAE_DREG = {"objective": "iwae", "objective_samples": 3, "gradient_estimator": 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prior,rat,over", [("exemplar", False, {}), ("exemplar", True, {}),
-                                            ("vampprior", False, {}),
-                                            ("exemplar", True, IWAE_DREG)])
+@pytest.mark.parametrize(
+  "prior,rat,over",
+  [
+    ("exemplar", False, {}),
+    ("exemplar", True, {}),
+    ("vampprior", False, {}),
+    ("exemplar", True, IWAE_DREG),
+  ],
+)
 def test_four_device_training_matches_single_device(prior, rat, over):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT.format(root=ROOT, prior=prior, rat=rat,
-                                                          over=over)],
-                     capture_output=True, text=True, env=env, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-c", SCRIPT.format(root=ROOT, prior=prior, rat=rat, over=over)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.split("RESULT", 1)[1])
   assert res["mesh"]["n_dev"] == 4
@@ -62,6 +72,7 @@ def test_four_device_training_matches_single_device(prior, rat, over):
   assert res["split_rows"] == [325] * 4
   assert not res["pool_moved_split"]
   import numpy as np
+
   # A pool split along N (each device holding a quarter of the images) gives
   # the same steps as a replicated pool and as one device.
   for name in ("mesh", "split"):
@@ -76,15 +87,27 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
   import chex
   from conftest import load_config
   from exvae import checkpoints, train_lib
+
   wd = str(tmp_path / "four")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
-                      f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-                      "--config.max_steps=30", "--config.num_devices=4"],
-                     capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "train.py"),
+      f"--config={ROOT}/configs/test.py",
+      f"--workdir={wd}",
+      "--config.max_steps=30",
+      "--config.num_devices=4",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   c = load_config("test", max_steps=60, num_devices=1)
-  train_lib.train_and_evaluate(c, wd)                      # resume here, on one device
+  train_lib.train_and_evaluate(c, wd)  # resume here, on one device
   ref = str(tmp_path / "one")
   train_lib.train_and_evaluate(c, ref)
   splits = train_lib.load_data(c)
@@ -102,6 +125,7 @@ def test_eval_with_bank_sharded_over_four_devices_matches_one(tmp_path):
   import json as _json
   from conftest import load_config
   from exvae import eval_lib, train_lib
+
   wd = str(tmp_path / "run")
   c = load_config("test", max_steps=64)
   train_lib.train_and_evaluate(c, wd)
@@ -109,10 +133,21 @@ def test_eval_with_bank_sharded_over_four_devices_matches_one(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   # The training images replicated, then split along N (the bank encoded shard by shard).
   for pool in ("replicated", "sharded"):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"),
-                        f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-                        "--config.num_devices=4", f"--config.pool_sharding={pool}"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    r = subprocess.run(
+      [
+        sys.executable,
+        os.path.join(ROOT, "eval.py"),
+        f"--config={ROOT}/configs/test.py",
+        f"--workdir={wd}",
+        "--config.num_devices=4",
+        f"--config.pool_sharding={pool}",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     four = _json.load(open(os.path.join(wd, "eval_metrics.json")))
     assert four["num_devices"] == 4 and one["num_devices"] == 1

@@ -10,19 +10,21 @@ from conftest import ROOT
 
 # Phrases that tell the project's history instead of describing the product.
 HISTORY = [
-    (r"\bsessions?\s+\d+", "a work session"),
-    (r"\bthis\s+session\b", "a work session"),
-    (r"\bsession-\d+", "a work session"),
-    (r"\bissues?\s*#?\d+", "an issue number"),
-    (r"\bbefore\s+the\s+[^.\n]*\bchanges?\b", "before/after a change"),
-    (r"\bafter\s+the\s+[^.\n]*\bchanges\b", "before/after a change"),
-    (r"\bat\s+commit\s+[0-9a-f]{7}", "a commit"),
-    (r"\bno\s+GPU\s+was\s+lent\b", "the project's machines"),
-    (r"\bexvae\s+before\b", "an earlier version"),
-    (r"\bis\s+now\b|\bare\s+now\b|\bno\s+longer\b", "an earlier version"),
+  (r"\bsessions?\s+\d+", "a work session"),
+  (r"\bthis\s+session\b", "a work session"),
+  (r"\bsession-\d+", "a work session"),
+  (r"\bissues?\s*#?\d+", "an issue number"),
+  (r"\bbefore\s+the\s+[^.\n]*\bchanges?\b", "before/after a change"),
+  (r"\bafter\s+the\s+[^.\n]*\bchanges\b", "before/after a change"),
+  (r"\bat\s+commit\s+[0-9a-f]{7}", "a commit"),
+  (r"\bno\s+GPU\s+was\s+lent\b", "the project's machines"),
+  (r"\bexvae\s+before\b", "an earlier version"),
+  (r"\bis\s+now\b|\bare\s+now\b|\bno\s+longer\b", "an earlier version"),
 ]
 # A bare commit hash: 7-40 hex digits with at least one letter and one digit.
 HASH = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b")
+
+
 # Pages other parts of the project write; until they exist a link to them is not checked.
 def _pages():
   return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -62,20 +64,22 @@ def test_no_history_in_readme_and_docs(page):
 
 def test_history_test_catches_planted_phrases():
   planted = {
-      "The run of session 3 stopped.": "a work session",
-      "As issue #24 asks.": "an issue number",
-      "measured before the fidelity changes": "before/after a change",
-      "Measured at commit a94661c.": "a commit",
-      "The run started from 57ed13e.": "a commit hash",
-      "no GPU was lent to this work": "the project's machines",
-      "This session ran three seeds.": "a work session",
+    "The run of session 3 stopped.": "a work session",
+    "As issue #24 asks.": "an issue number",
+    "measured before the fidelity changes": "before/after a change",
+    "Measured at commit a94661c.": "a commit",
+    "The run started from 57ed13e.": "a commit hash",
+    "no GPU was lent to this work": "the project's machines",
+    "This session ran three seeds.": "a work session",
   }
   for text, what in planted.items():
     found = history_findings(f"# page\n\nSome text.\n{text}\n")
     assert found and what in found[0] and found[0].startswith("line 4"), (text, found)
   # Code and provenance may name commits; ordinary numbers are not hashes.
-  assert not history_findings("Commit `57ed13e` in a code span.\n```\nrun a94661c\n```\n"
-                              "N = 1000000 images, 2026-11-30, 5e4 codes.\n")
+  assert not history_findings(
+    "Commit `57ed13e` in a code span.\n```\nrun a94661c\n```\n"
+    "N = 1000000 images, 2026-11-30, 5e4 codes.\n"
+  )
 
 
 def test_readme_is_short_and_shows_results_early():
@@ -100,7 +104,7 @@ def _relative_links(page: str) -> list[str]:
   out = []
   for target in LINK.findall(text):
     if re.match(r"[a-z]+:", target) or target.startswith("#"):
-      continue                                  # a URL or an anchor in the page
+      continue  # a URL or an anchor in the page
     out.append(target.split("#", 1)[0])
   return out
 
@@ -135,19 +139,25 @@ def bare_python_commands(text: str) -> list[str]:
   return [c for c in _code(text) if BARE_PYTHON.search(c)]
 
 
-@pytest.mark.parametrize("page", _pages() + [os.path.join(ROOT, "reference", "README.md")],
-                         ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize(
+  "page",
+  _pages() + [os.path.join(ROOT, "reference", "README.md")],
+  ids=lambda p: os.path.relpath(p, ROOT),
+)
 def test_commands_never_run_a_bare_python(page):
   with open(page) as f:
     found = bare_python_commands(f.read())
-  assert not found, f"{os.path.relpath(page, ROOT)}: use .venv/bin/python (or the exvae-* " \
-                    f"commands): {found}"
+  assert not found, (
+    f"{os.path.relpath(page, ROOT)}: use .venv/bin/python (or the exvae-* commands): {found}"
+  )
 
 
 def test_bare_python_check_catches_planted_commands():
-  page = ("# p\n\nRun `python scripts/x.py --a`.\n\n```bash\ncd x\npython -m exvae configs\n```\n"
-          "Or `.venv/bin/python scripts/x.py`, `python3 x.py`, `--python-version 3.12`.\n"
-          "```python\nimport exvae\n```\nPython 3.11.\n")
+  page = (
+    "# p\n\nRun `python scripts/x.py --a`.\n\n```bash\ncd x\npython -m exvae configs\n```\n"
+    "Or `.venv/bin/python scripts/x.py`, `python3 x.py`, `--python-version 3.12`.\n"
+    "```python\nimport exvae\n```\nPython 3.11.\n"
+  )
   assert bare_python_commands(page) == ["python -m exvae configs", "python scripts/x.py --a"]
 
 

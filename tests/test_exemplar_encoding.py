@@ -22,21 +22,29 @@ from exvae.priors.exemplar import activation_bytes_per_row, distinct_capacity
 
 def _exact_context(n, m, binarize=False, chunk=64, remat_mb=1024.0):
   """(model, params, pool, ctx_of(params, key)) of an exact-mode prior, M of N = n draws."""
-  c = load_config("test", **{"exemplar.num_exemplars": m, "exemplar.encode_chunk": chunk,
-                             "exemplar.binarize_exemplars": binarize,
-                             "exemplar.encode_remat_mb": remat_mb})
+  c = load_config(
+    "test",
+    **{
+      "exemplar.num_exemplars": m,
+      "exemplar.encode_chunk": chunk,
+      "exemplar.binarize_exemplars": binarize,
+      "exemplar.encode_remat_mb": remat_mb,
+    },
+  )
   model = make_model(c, (8, 8, 1))
   prior = make_prior("exemplar", c)
   mparams = model.init(jax.random.PRNGKey(0))
   pool = jnp.asarray(np.random.default_rng(7).uniform(size=(n, 8, 8, 1)).astype(np.float32))
   setup = train_lib.make_setup(
-      c, type("S", (), dict(train_x=np.asarray(pool), binary=True, image_shape=(8, 8, 1)))())
+    c, type("S", (), dict(train_x=np.asarray(pool), binary=True, image_shape=(8, 8, 1)))()
+  )
   ids = jnp.arange(5, dtype=jnp.int32)
 
   def ctx_of(mp, key):
-    inputs = setup.context_inputs(pool, key, x=pool[ids], ids=ids,
-                                  mu=model.encode_mean(mp, pool[ids]))
-    ctx, _ = prior.context({"log_var": jnp.float32(0.)}, {}, model, mp, inputs, train=True)
+    inputs = setup.context_inputs(
+      pool, key, x=pool[ids], ids=ids, mu=model.encode_mean(mp, pool[ids])
+    )
+    ctx, _ = prior.context({"log_var": jnp.float32(0.0)}, {}, model, mp, inputs, train=True)
     return ctx
 
   return model, mparams, pool, ctx_of
@@ -46,7 +54,7 @@ def _bank_fn(budget_mb):
   _, mparams, _, ctx_of = _exact_context(40, 30, chunk=8, remat_mb=budget_mb)
 
   def bank_sum(mp, key):
-    return jnp.sum(jnp.sin(ctx_of(mp, key).bank))     # a nonlinear read of every code
+    return jnp.sum(jnp.sin(ctx_of(mp, key).bank))  # a nonlinear read of every code
 
   return bank_sum, mparams
 
@@ -56,15 +64,14 @@ def _primitives(jaxpr):
   for eqn in jaxpr.eqns:
     names.add(eqn.primitive.name)
     for sub in eqn.params.values():
-      for s in (sub if isinstance(sub, (tuple, list)) else (sub,)):
+      for s in sub if isinstance(sub, (tuple, list)) else (sub,):
         inner = getattr(s, "jaxpr", s)
         if hasattr(inner, "eqns"):
           names |= _primitives(inner)
   return names
 
 
-@pytest.mark.parametrize("budget_mb,remat", [(-1, False), (1024, False), (0, True),
-                                             (1e-3, True)])
+@pytest.mark.parametrize("budget_mb,remat", [(-1, False), (1024, False), (0, True), (1e-3, True)])
 def test_remat_only_over_budget(budget_mb, remat):
   """30 rows x a few KB: under 1 GiB, not recomputed; a 1 KB budget or 0: recomputed."""
   fn, mparams = _bank_fn(budget_mb)
@@ -95,8 +102,7 @@ def test_activation_bytes_per_row_of_the_paper_mlp_vae():
   # Doubling the hidden widths doubles the hidden part and leaves the input and
   # head rows alone: the weights' own per-call work is not counted.
   wide = make_model(load_config("test", hidden=(600, 600), latent_dim=40), (28, 28, 1))
-  bw = activation_bytes_per_row(wide, jax.eval_shape(wide.init, jax.random.PRNGKey(0)),
-                                (28, 28, 1))
+  bw = activation_bytes_per_row(wide, jax.eval_shape(wide.init, jax.random.PRNGKey(0)), (28, 28, 1))
   hidden_part = bw - b
   assert hidden_part >= 4 * 2 * (600 + 300)
   assert 0 < b - hidden_part <= 3 * 4 * (784 + 40)
@@ -110,8 +116,8 @@ def test_distinct_capacity_bounds_the_distinct_draws():
   counts = [len(np.unique(rng.integers(0, 1000, 900))) for _ in range(2000)]
   assert max(counts) <= cap < 900
   assert cap - np.mean(counts) < 12 * np.std(counts) + 10
-  assert distinct_capacity(50000, 25000) < 21000          # the paper's M: >= 16% fewer rows
-  assert distinct_capacity(40, 30) == 30                  # bound above M: no saving, plain path
+  assert distinct_capacity(50000, 25000) < 21000  # the paper's M: >= 16% fewer rows
+  assert distinct_capacity(40, 30) == 30  # bound above M: no saving, plain path
 
 
 @pytest.mark.slow
@@ -122,7 +128,7 @@ def test_exact_bank_encodes_distinct_rows_once_with_the_same_codes_and_grads(bin
   key = jax.random.PRNGKey(3)
   ctx = jax.jit(ctx_of)(mparams, key)
   cand = np.asarray(ctx.bank_ids)
-  assert len(np.unique(cand)) < m                          # the draw repeats exemplars
+  assert len(np.unique(cand)) < m  # the draw repeats exemplars
   # Codes: the encoder means of every drawn row (repeats included).
   ref_codes = np.asarray(model.encode_mean(mparams, pool[cand])) if not binarize else None
   if ref_codes is not None:
@@ -137,7 +143,7 @@ def test_exact_bank_encodes_distinct_rows_once_with_the_same_codes_and_grads(bin
   # Gradients through the gather equal those of encoding every row (the plain path).
   orig = exemplar_mod.distinct_capacity
   try:
-    exemplar_mod.distinct_capacity = lambda n_, m_, sigmas=10.0: m_   # disable the saving
+    exemplar_mod.distinct_capacity = lambda n_, m_, sigmas=10.0: m_  # disable the saving
     f_plain = lambda mp: jnp.sum(jnp.sin(ctx_of(mp, key).bank))
     v0, g0 = jax.value_and_grad(f_plain)(mparams)
   finally:
@@ -169,9 +175,9 @@ def test_exact_bank_encodes_only_capacity_rows_and_stays_consistent_past_it():
   assert ids.shape == (m,) and len(np.unique(ids)) <= 10
   drawn = np.asarray(ctx_of(mparams, key).bank_ids)
   assert set(ids.tolist()) <= set(drawn.tolist())
-  np.testing.assert_allclose(np.asarray(ctx.bank),
-                             np.asarray(model.encode_mean(mparams, pool[ids])),
-                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(ctx.bank), np.asarray(model.encode_mean(mparams, pool[ids])), rtol=2e-5, atol=2e-5
+  )
 
 
 def _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, remat):
@@ -182,6 +188,7 @@ def _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, remat)
   x = pool[padded]
   if binary:
     from exvae import rng
+
     x = rng.bernoulli_rows(key, x, padded, dtype=jnp.uint8)
   one = lambda xc: model.encode_mean(mp, xc.astype(jnp.float32))
   if remat:
@@ -193,21 +200,38 @@ def _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, remat)
 def test_balanced_chunk_keeps_the_chunk_count_and_spreads_the_rows():
   # The exact prior's 20207 distinct-capacity rows: 21 chunks of 968, not 21 of 1000.
   assert exemplar_mod.balanced_chunk(20207, 1000) == 968
-  for m, chunk, align in [(20207, 1000, 8), (100, 48, 8), (1000, 1000, 8), (1000, 125, 8),
-                          (60, 20, 1), (7, 8, 8), (30, 8, 4), (23, 5, 1), (20207, 1000, 24)]:
+  for m, chunk, align in [
+    (20207, 1000, 8),
+    (100, 48, 8),
+    (1000, 1000, 8),
+    (1000, 125, 8),
+    (60, 20, 1),
+    (7, 8, 8),
+    (30, 8, 4),
+    (23, 5, 1),
+    (20207, 1000, 24),
+  ]:
     c = exemplar_mod.balanced_chunk(m, chunk, align)
     n = -(-m // min(chunk, m))
     if n == 1:
       assert c == m
       continue
     assert (c % align == 0 or c * n == m) and c < -(-m // n) + align
-    assert -(-m // c) <= n and (-(-m // c)) * c - m < n * align      # padding < align per chunk
-  assert exemplar_mod.balanced_chunk(1000, 125) == 125                # RAT: unchanged
+    assert -(-m // c) <= n and (-(-m // c)) * c - m < n * align  # padding < align per chunk
+  assert exemplar_mod.balanced_chunk(1000, 125) == 125  # RAT: unchanged
 
 
-@pytest.mark.parametrize("binary,remat,m,chunk,unroll", [
-    (False, False, 30, 8, True), (True, True, 30, 8, True), (True, False, 24, 8, False),
-    (False, None, 7, 8, True), (False, False, 30, 8, False), (True, False, 40, 24, True)])
+@pytest.mark.parametrize(
+  "binary,remat,m,chunk,unroll",
+  [
+    (False, False, 30, 8, True),
+    (True, True, 30, 8, True),
+    (True, False, 24, 8, False),
+    (False, None, 7, 8, True),
+    (False, False, 30, 8, False),
+    (True, False, 40, 24, True),
+  ],
+)
 def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, m, chunk, unroll):
   """Codes and parameter gradients identical to the gather-everything-first ``lax.map`` loop,
   unrolled or not."""
@@ -219,24 +243,35 @@ def test_encode_rows_gathering_per_chunk_matches_gathering_first(binary, remat, 
   def loss(fn):
     return jax.jit(jax.value_and_grad(lambda mp: jnp.sum(jnp.sin(fn(mp)))))(mparams)
 
-  new = loss(lambda mp: exemplar_mod.encode_rows(model, mp, pool, ids, key, binary, chunk,
-                                                 remat=remat, unroll=unroll))
+  new = loss(
+    lambda mp: exemplar_mod.encode_rows(
+      model, mp, pool, ids, key, binary, chunk, remat=remat, unroll=unroll
+    )
+  )
   if m <= chunk:
     ref = loss(lambda mp: model.encode_mean(mp, pool[ids]))
   else:
-    ref = loss(lambda mp: _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk,
-                                                      eff_remat))
+    ref = loss(
+      lambda mp: _encode_rows_gathered_first(model, mp, pool, ids, key, binary, chunk, eff_remat)
+    )
   np.testing.assert_allclose(new[0], ref[0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(new[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7 * float(jnp.max(jnp.abs(b))))
-  codes = exemplar_mod.encode_rows(model, mparams, pool, ids, key, binary, chunk, remat=remat,
-                                   unroll=unroll)
+  codes = exemplar_mod.encode_rows(
+    model, mparams, pool, ids, key, binary, chunk, remat=remat, unroll=unroll
+  )
   assert codes.shape == (m, 4)
   # The loop carries ids, not images: no (M, H, W, C) float array in the traced step.
-  jaxpr = jax.make_jaxpr(lambda mp: exemplar_mod.encode_rows(model, mp, pool, ids, key, binary,
-                                                             chunk, remat=remat,
-                                                             unroll=unroll))(mparams)
-  big = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars
-         if tuple(getattr(v.aval, "shape", ()))[-3:] == (8, 8, 1) and
-         int(np.prod(v.aval.shape[:-3])) > chunk]
+  jaxpr = jax.make_jaxpr(
+    lambda mp: exemplar_mod.encode_rows(
+      model, mp, pool, ids, key, binary, chunk, remat=remat, unroll=unroll
+    )
+  )(mparams)
+  big = [
+    v.aval.shape
+    for e in jaxpr.jaxpr.eqns
+    for v in e.outvars
+    if tuple(getattr(v.aval, "shape", ()))[-3:] == (8, 8, 1)
+    and int(np.prod(v.aval.shape[:-3])) > chunk
+  ]
   assert m <= chunk or not big, big

@@ -20,8 +20,7 @@ import pytest
 
 from conftest import ROOT, load_config
 from exvae import bank as bank_lib
-from exvae import (checkpoints, config_checks, errors, eval_lib, evaluation, rundir,
-                   train_lib)
+from exvae import checkpoints, config_checks, errors, eval_lib, evaluation, rundir, train_lib
 from exvae.uses import commands
 
 PY = sys.executable
@@ -70,8 +69,14 @@ def _snapshot(root, skip=()):
 
 def _cli(script, *args, env=None, timeout=300):
   cmd = [PY, os.path.join(ROOT, script), *args]
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                        env=dict(os.environ, **(env or {})))
+  return subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=timeout,
+    env=dict(os.environ, **(env or {})),
+  )
 
 
 def _one_line(stderr):
@@ -94,7 +99,12 @@ def test_readers_leave_an_in_progress_save_and_the_run_directory_untouched(train
   os.makedirs(os.path.join(tmp, "state"))
   with open(os.path.join(tmp, "state", "partial"), "wb") as f:
     f.write(b"half a checkpoint")
-  outputs = ("eval_metrics.json", "eval_samples.png", "per_example.npz", "uses")   # readers write these
+  outputs = (
+    "eval_metrics.json",
+    "eval_samples.png",
+    "per_example.npz",
+    "uses",
+  )  # readers write these
   before = _snapshot(wd, skip=outputs)
   eval_lib.evaluate(c, wd)
   bank_lib.restore_trained(c, wd)
@@ -108,7 +118,7 @@ def test_eval_with_an_out_dir_writes_nothing_into_the_run_directory(trained_dir,
   """eval.out_dir: a second evaluation keeps the first one's files (and the run dir) as they were."""
   wd = _copy(trained_dir, tmp_path)
   c = load_config("test")
-  first = eval_lib.evaluate(c, wd)                     # default: into the run directory
+  first = eval_lib.evaluate(c, wd)  # default: into the run directory
   before = _snapshot(wd)
   out = str(tmp_path / "elsewhere" / "eval")
   c.eval.out_dir = out
@@ -118,8 +128,9 @@ def test_eval_with_an_out_dir_writes_nothing_into_the_run_directory(trained_dir,
   assert second["per_example"] == os.path.join(out, "per_example.npz")
   assert json.load(open(os.path.join(out, "eval_metrics.json")))["test_nll"] == second["test_nll"]
   # Same checkpoint, same seeds: the same scores, wherever they are written.
-  np.testing.assert_array_equal(np.load(first["per_example"])["log_px"],
-                                np.load(second["per_example"])["log_px"])
+  np.testing.assert_array_equal(
+    np.load(first["per_example"])["log_px"], np.load(second["per_example"])["log_px"]
+  )
 
 
 @pytest.mark.parametrize("race", [FileNotFoundError, NotADirectoryError])
@@ -151,7 +162,7 @@ def test_a_reader_lists_again_when_a_step_is_rotated_away(trained_dir, tmp_path,
 
   def newest_gone_once(steps, *args):
     restores.append(steps)
-    if len(restores) == 1:                  # the writer rotates the newest step away
+    if len(restores) == 1:  # the writer rotates the newest step away
       shutil.rmtree(os.path.join(wd, "checkpoints", str(steps[-1])))
       raise checkpoints.CheckpointNotFoundError("every listed step was rotated away")
     return real_newest(steps, *args)
@@ -163,7 +174,7 @@ def test_a_reader_lists_again_when_a_step_is_rotated_away(trained_dir, tmp_path,
   _, best, _ = m.restore_latest(None, _template(load_config("test")).params, need_state=False)
   assert len(reloads) == 3 and restores == [listed, listed[:-1]] and best is not None
   calls.clear()
-  monkeypatch.setattr(checkpoints, "_LIST_ATTEMPTS", 2)   # a directory that never settles
+  monkeypatch.setattr(checkpoints, "_LIST_ATTEMPTS", 2)  # a directory that never settles
   with pytest.raises(race):
     checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)
   assert len(calls) == 2
@@ -172,18 +183,28 @@ def test_a_reader_lists_again_when_a_step_is_rotated_away(trained_dir, tmp_path,
 @pytest.mark.slow
 def test_a_reader_while_training_saves_does_not_kill_the_run(tmp_path):
   wd = str(tmp_path / "live")
-  p = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",
-                        f"--workdir={wd}", "--config.checkpoint_every_steps=2",
-                        "--config.keep_checkpoints=2"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  p = subprocess.Popen(
+    [
+      PY,
+      os.path.join(ROOT, "train.py"),
+      f"--config={ROOT}/configs/test.py",
+      f"--workdir={wd}",
+      "--config.checkpoint_every_steps=2",
+      "--config.keep_checkpoints=2",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
   c = load_config("test")
   reads = 0
   deadline = time.time() + 240
   with warnings.catch_warnings():
-    warnings.simplefilter("ignore")             # a step rotated away while being read
+    warnings.simplefilter("ignore")  # a step rotated away while being read
     while p.poll() is None and time.time() < deadline:
       if rundir.has_checkpoint(wd):
-        bank_lib.restore_trained(c, wd)         # what uses.py does
+        bank_lib.restore_trained(c, wd)  # what uses.py does
         reads += 1
       time.sleep(0.1)
   out, err = p.communicate(timeout=240)
@@ -202,8 +223,9 @@ def test_a_second_writer_gets_one_clear_line_and_changes_nothing(trained_dir, tm
   with rundir.WorkdirLock(wd):
     with pytest.raises(errors.WorkdirLockedError, match="being written by another"):
       train_lib.train_and_evaluate(load_config("test", num_epochs=3, seed=5), wd)
-    r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-             "--config.num_epochs=3")
+    r = _cli(
+      "train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}", "--config.num_epochs=3"
+    )
   assert r.returncode == 1
   line = _one_line(r.stderr)
   assert line.startswith("exvae-train: error:") and wd in line and f"pid {os.getpid()}" in line
@@ -212,15 +234,17 @@ def test_a_second_writer_gets_one_clear_line_and_changes_nothing(trained_dir, tm
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
   wd = str(tmp_path / "w")
-  code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from exvae import rundir; "
-          "rundir.WorkdirLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(60)")
+  code = (
+    "import sys, time; sys.path.insert(0, sys.argv[1]); from exvae import rundir; "
+    "rundir.WorkdirLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(60)"
+  )
   p = subprocess.Popen([PY, "-c", code, ROOT, wd], stdout=subprocess.PIPE, text=True)
   assert p.stdout.readline().strip() == "locked"
   with pytest.raises(errors.WorkdirLockedError):
     rundir.WorkdirLock(wd).acquire()
   p.send_signal(signal.SIGKILL)
   p.wait()
-  rundir.WorkdirLock(wd).acquire().release()    # not stale
+  rundir.WorkdirLock(wd).acquire().release()  # not stale
 
 
 # ----------------------------------------------------------------------------
@@ -228,10 +252,19 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value", [
-    ("keep_checkpoints", 0), ("checkpoint_every_steps", 0), ("log_every_steps", -1),
-    ("val_every_epochs", 0), ("eval.max_queries", 0), ("early_stopping_patience", 0),
-    ("learning_rate", float("nan")), ("learning_rate", float("inf"))])
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("keep_checkpoints", 0),
+    ("checkpoint_every_steps", 0),
+    ("log_every_steps", -1),
+    ("val_every_epochs", 0),
+    ("eval.max_queries", 0),
+    ("early_stopping_patience", 0),
+    ("learning_rate", float("nan")),
+    ("learning_rate", float("inf")),
+  ],
+)
 def test_bad_config_values_are_errors_naming_the_key(key, value):
   with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")):
     config_checks.check_values(load_config("test", **{key: value}))
@@ -271,11 +304,12 @@ def test_resume_with_a_changed_model_or_data_is_an_error_naming_the_keys(trained
 def test_resume_with_allowed_changes_and_an_explicit_override_are_recorded(trained_dir, tmp_path):
   wd = _copy(trained_dir, tmp_path)
   stored = open(os.path.join(wd, "config.json")).read()
-  c = load_config("test", num_epochs=3, max_steps=136, log_every_steps=7,
-                  **{"eval.num_importance_samples": 4})
+  c = load_config(
+    "test", num_epochs=3, max_steps=136, log_every_steps=7, **{"eval.num_importance_samples": 4}
+  )
   s = train_lib.train_and_evaluate(c, wd)
   assert s["step"] == 136
-  assert open(os.path.join(wd, "config.json")).read() == stored   # the config it started with
+  assert open(os.path.join(wd, "config.json")).read() == stored  # the config it started with
   rec = [json.loads(l) for l in open(os.path.join(wd, rundir.CHANGES_FILE))]
   assert rec[-1]["override"] is False
   assert rec[-1]["changes"]["num_epochs"] == [2, 3] and "log_every_steps" in rec[-1]["changes"]
@@ -287,12 +321,13 @@ def test_resume_with_allowed_changes_and_an_explicit_override_are_recorded(train
   assert json.load(open(os.path.join(wd, "config.json")))["learning_rate"] == 1e-4
 
 
-def test_keys_an_older_config_json_lacks_are_accepted_with_a_warning(trained_dir, tmp_path,
-                                                                     monkeypatch):
+def test_keys_an_older_config_json_lacks_are_accepted_with_a_warning(
+  trained_dir, tmp_path, monkeypatch
+):
   wd = _copy(trained_dir, tmp_path)
   path = os.path.join(wd, "config.json")
   stored = json.load(open(path))
-  del stored["exemplar"]["loo"], stored["pool_sharding"]       # "written by an older version"
+  del stored["exemplar"]["loo"], stored["pool_sharding"]  # "written by an older version"
   json.dump(stored, open(path, "w"))
   # An older version's checkpoints record no config either (the same deletion in a run
   # whose checkpoints record its config.json is an edit: tests/test_integrity.py).
@@ -300,8 +335,9 @@ def test_keys_an_older_config_json_lacks_are_accepted_with_a_warning(trained_dir
   with pytest.warns(UserWarning, match="exemplar.loo"):
     assert train_lib.train_and_evaluate(load_config("test"), wd)["finished"]
   allowed, forbidden, unknown = rundir.diff_configs(
-      {"a": 1, "eval": {"seed": 0}, "z": 1, "progress": True},
-      {"a": 2, "eval": {"seed": 1, "reuse": True}, "new": 3})
+    {"a": 1, "eval": {"seed": 0}, "z": 1, "progress": True},
+    {"a": 2, "eval": {"seed": 1, "reuse": True}, "new": 3},
+  )
   assert forbidden == {"a": (1, 2)} and allowed == {"eval.seed": (0, 1)}
   # Keys only one side has are said, unless they may change anyway (eval.reuse, progress).
   assert unknown == ["new", "z"]
@@ -313,8 +349,9 @@ def test_keys_an_older_config_json_lacks_are_accepted_with_a_warning(trained_dir
 
 
 @pytest.mark.slow
-def test_a_corrupt_newest_step_is_replaced_when_training_writes_it_again(trained_dir, tmp_path,
-                                                                          capfd):
+def test_a_corrupt_newest_step_is_replaced_when_training_writes_it_again(
+  trained_dir, tmp_path, capfd
+):
   wd = _copy(trained_dir, tmp_path)
   ref_state, ref_best, _ = _read(trained_dir)
   newest = _steps(wd)[-1]
@@ -323,14 +360,14 @@ def test_a_corrupt_newest_step_is_replaced_when_training_writes_it_again(trained
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"\x00garbage")
   capfd.readouterr()
-  train_lib.train_and_evaluate(load_config("test"), wd)      # retrains the last steps
+  train_lib.train_and_evaluate(load_config("test"), wd)  # retrains the last steps
   err = [l for l in capfd.readouterr().err.splitlines() if "failed to restore" in l]
   assert len(err) == 1 and "unreadable_checkpoints" in err[0]
-  state, best, meta = _read(wd)            # no fallback warning: the newest step is readable
+  state, best, meta = _read(wd)  # no fallback warning: the newest step is readable
   assert int(state.step) == newest and _steps(wd)[-1] == newest
   chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(best, ref_best, rtol=1e-5, atol=1e-6)
-  assert os.listdir(os.path.join(wd, "unreadable_checkpoints"))   # set aside, not deleted
+  assert os.listdir(os.path.join(wd, "unreadable_checkpoints"))  # set aside, not deleted
 
 
 @pytest.mark.slow
@@ -347,9 +384,10 @@ def test_divergence_between_log_steps_is_never_saved_as_good(tmp_path):
     return
   assert f"(step {steps[-1]}) is intact" in str(e.value)
   t = _template(c)
-  for step in steps:                        # every saved step is a good one
+  for step in steps:  # every saved step is a good one
     out = checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True)._restore(
-        step, t, t.params)
+      step, t, t.params
+    )
     assert int(out["state"].nonfinite) == 0
 
 
@@ -370,11 +408,12 @@ def test_eval_refuses_to_write_non_finite_metrics(trained_dir, tmp_path, monkeyp
 @pytest.mark.slow
 def test_a_full_disk_stops_training_at_the_first_failed_save(tmp_path, monkeypatch):
   from orbax.checkpoint._src.path import atomicity
+
   wd = str(tmp_path / "full")
   real = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def finalize(self, *args, **kwargs):
-    if f"{os.sep}checkpoints{os.sep}30." in str(self.get()):   # the third save: disk full
+    if f"{os.sep}checkpoints{os.sep}30." in str(self.get()):  # the third save: disk full
       raise OSError(errno.ENOSPC, "No space left on device")
     return await real(self, *args, **kwargs)
 
@@ -383,9 +422,9 @@ def test_a_full_disk_stops_training_at_the_first_failed_save(tmp_path, monkeypat
     train_lib.train_and_evaluate(load_config("test", max_steps=40), wd)
   msg = str(e.value)
   assert os.path.join(wd, "checkpoints") in msg and "free" in msg and "needs about" in msg
-  assert _steps(wd) == [10, 20]             # the good ones, nothing after the failed save
+  assert _steps(wd) == [10, 20]  # the good ones, nothing after the failed save
   logged = [json.loads(l).get("step", 0) for l in open(os.path.join(wd, "metrics.jsonl"))]
-  assert max(logged) <= 30                  # stopped at the failed save
+  assert max(logged) <= 30  # stopped at the failed save
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", real)
   assert train_lib.train_and_evaluate(load_config("test", max_steps=40), wd)["step"] == 40
 
@@ -397,7 +436,7 @@ def test_metrics_have_no_duplicate_or_missing_steps_after_a_resume(trained_dir, 
   # A run killed after logging past its last save: drop the newest step.
   shutil.rmtree(os.path.join(wd, "checkpoints", str(newest)))
   with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
-    f.write('{"loss": 1.0, "step": 1')     # a torn last line
+    f.write('{"loss": 1.0, "step": 1')  # a torn last line
   train_lib.train_and_evaluate(load_config("test", num_epochs=3), wd)
   recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   train_steps = [r["step"] for r in recs if "loss" in r]
@@ -410,9 +449,19 @@ def test_metrics_have_no_duplicate_or_missing_steps_after_a_resume(trained_dir, 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_one_line(tmp_path):
   wd = str(tmp_path / "term")
-  p = subprocess.Popen([PY, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",
-                        f"--workdir={wd}", "--config.num_epochs=1000"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  p = subprocess.Popen(
+    [
+      PY,
+      os.path.join(ROOT, "train.py"),
+      f"--config={ROOT}/configs/test.py",
+      f"--workdir={wd}",
+      "--config.num_epochs=1000",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
   deadline = time.time() + 240
   while not rundir.has_checkpoint(wd) and time.time() < deadline:
     time.sleep(0.05)
@@ -436,15 +485,15 @@ def test_a_bank_of_another_model_is_refused_unless_allowed(trained_dir, tmp_path
   own = commands.run("bank", c, wd, str(tmp_path / "own"))["path"]
   assert commands.run("knn", c, wd, str(tmp_path / "o"), bank_path=own, ks=(3,))
   bank = bank_lib.ExemplarBank.load(own)
-  other = str(tmp_path / "other.npz")       # same d, built by another run's encoder
-  dataclasses.replace(bank, metadata=dict(bank.metadata, model_fingerprint="0123456789abcdef",
-                                          workdir="/elsewhere")).save(other)
+  other = str(tmp_path / "other.npz")  # same d, built by another run's encoder
+  dataclasses.replace(
+    bank, metadata=dict(bank.metadata, model_fingerprint="0123456789abcdef", workdir="/elsewhere")
+  ).save(other)
   for cmd in ("knn", "grow", "generate"):
     with pytest.raises(bank_lib.BankMismatchError, match=f"{other} was built from another"):
       commands.run(cmd, c, wd, str(tmp_path / cmd), bank_path=other, ks=(3,))
-  with pytest.warns(UserWarning, match="another model .* Used anyway"):   # allowed, but said
-    r = commands.run("grow", c, wd, str(tmp_path / "g"), bank_path=other,
-                     allow_bank_mismatch=True)
+  with pytest.warns(UserWarning, match="another model .* Used anyway"):  # allowed, but said
+    r = commands.run("grow", c, wd, str(tmp_path / "g"), bank_path=other, allow_bank_mismatch=True)
   grown = bank_lib.ExemplarBank.load(r["path"])
   assert grown.metadata["model_fingerprint"].startswith("mixed:")
 
@@ -452,8 +501,13 @@ def test_a_bank_of_another_model_is_refused_unless_allowed(trained_dir, tmp_path
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "not_a_bank", "nan"])
 def test_corrupt_bank_files_name_the_file_and_the_problem(tmp_path, damage):
   path = str(tmp_path / "bank.npz")
-  bank = bank_lib.ExemplarBank(codes=np.ones((50, 4), np.float32), ids=np.arange(50),
-                               labels=None, log_var=0.0, metadata={"image_shape": [8, 8, 1]})
+  bank = bank_lib.ExemplarBank(
+    codes=np.ones((50, 4), np.float32),
+    ids=np.arange(50),
+    labels=None,
+    log_var=0.0,
+    metadata={"image_shape": [8, 8, 1]},
+  )
   bank.save(path)
   data = open(path, "rb").read()
   if damage == "truncate":
@@ -483,48 +537,64 @@ def test_cli_errors_are_one_line_with_the_traceback_on_request(tmp_path):
   wd = str(tmp_path / "none")
   r = _cli("eval.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}")
   assert r.returncode == 1 and "Train first" in _one_line(r.stderr)
-  r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-           "--config.checkpoint_every_steps=0")
+  r = _cli(
+    "train.py",
+    f"--config={ROOT}/configs/test.py",
+    f"--workdir={wd}",
+    "--config.checkpoint_every_steps=0",
+  )
   assert r.returncode == 1 and "checkpoint_every_steps must be >= 1" in _one_line(r.stderr)
   assert not os.path.exists(os.path.join(wd, "config.json"))
-  r = _cli("uses.py", "knn", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-           env={"EXVAE_TRACEBACK": "1"})
+  r = _cli(
+    "uses.py",
+    "knn",
+    f"--config={ROOT}/configs/test.py",
+    f"--workdir={wd}",
+    env={"EXVAE_TRACEBACK": "1"},
+  )
   assert r.returncode != 0 and "Traceback" in r.stderr and "Train first" in r.stderr
 
 
 def test_a_command_reports_expected_errors_in_one_line(capsys, monkeypatch):
   monkeypatch.delenv("EXVAE_TRACEBACK", raising=False)
   from exvae.cli import exits
+
   # fail() ends a process and ignores SIGINT/SIGTERM for its teardown; not this one's.
   monkeypatch.setattr(exits, "settle", lambda: None)
 
   def fails(exc):
-    def main(argv):             # as command.run ends a command that raised
+    def main(argv):  # as command.run ends a command that raised
       try:
         raise exc
       except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
         exits.fail("exvae-test", e)
+
     return main
 
-  cases = [(errors.DiskFullError("Disk full while saving checkpoint step 3 in /x"), 1),
-           (OSError(errno.ENOSPC, "No space left on device"), 1),
-           (errors.Interrupted("SIGTERM at step 3"), 143),
-           (bank_lib.BankFileError("b.npz is corrupt"), 1)]
+  cases = [
+    (errors.DiskFullError("Disk full while saving checkpoint step 3 in /x"), 1),
+    (OSError(errno.ENOSPC, "No space left on device"), 1),
+    (errors.Interrupted("SIGTERM at step 3"), 143),
+    (bank_lib.BankFileError("b.npz is corrupt"), 1),
+  ]
   for exc, code in cases:
     with pytest.raises(SystemExit) as e:
       fails(exc)([])
     assert e.value.code == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
-  with pytest.raises(KeyError):                 # a bug keeps its traceback
+  with pytest.raises(KeyError):  # a bug keeps its traceback
     fails(KeyError("internal"))([])
 
 
 def test_the_typed_errors_have_one_import_path():
   """The run directory's errors are imported from exvae.errors: exvae.rundir, which raises
   most of them, does not also hand them out as names of its own."""
-  own = [n for n, v in vars(errors).items()
-         if not n.startswith("_") and getattr(v, "__module__", None) == errors.__name__]
+  own = [
+    n
+    for n, v in vars(errors).items()
+    if not n.startswith("_") and getattr(v, "__module__", None) == errors.__name__
+  ]
   assert {"RunDirError", "ConfigDriftError", "WorkdirLockedError", "is_disk_full"} <= set(own)
   assert [n for n in own if hasattr(rundir, n)] == []
 
@@ -553,12 +623,17 @@ def test_a_signal_during_teardown_keeps_the_decided_exit(how, code, sig):
   the default handlers: exit -2 / -15 with no line, or an exit hook's traceback)."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("EXVAE_TRACEBACK", None)
-  p = subprocess.Popen([PY, "-c", _TEARDOWN_SCRIPT] + ([how] if how == "fail" else []),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  p = subprocess.Popen(
+    [PY, "-c", _TEARDOWN_SCRIPT] + ([how] if how == "fail" else []),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
   assert p.stdout.readline().strip() == "decided"
   if how == "fail":
     first = p.stderr.readline()
-  time.sleep(0.5)                   # past the one line, inside the 1.5 s exit hook
+  time.sleep(0.5)  # past the one line, inside the 1.5 s exit hook
   assert p.poll() is None
   p.send_signal(getattr(signal, sig))
   out, err = p.communicate(timeout=60)

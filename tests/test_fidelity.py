@@ -51,7 +51,7 @@ def _reference_adamnormgrad(params, grads_seq, lr, b1=0.9, b2=0.999, eps=1e-8):
       g = g / (np.linalg.norm(g.ravel()) + 1e-7)
       m[k] = b1 * m[k] + (1 - b1) * g
       v[k] = b2 * v[k] + (1 - b2) * g * g
-      step = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+      step = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
       p[k] = p[k] - step * m[k] / (np.sqrt(v[k]) + eps)
   return p
 
@@ -70,8 +70,9 @@ def test_adamnormgrad_equals_the_reference_per_tensor_on_a_vae():
   grads_seq = []
   for _ in range(4):
     # Leaves of very different scales (and one tiny one, where eps placement shows).
-    grads_seq.append([rng.normal(size=x.shape).astype(np.float32) * 10.0 ** rng.integers(-3, 3)
-                      for _, x in flat])
+    grads_seq.append(
+      [rng.normal(size=x.shape).astype(np.float32) * 10.0 ** rng.integers(-3, 3) for _, x in flat]
+    )
   grads_seq[0][0] = np.full_like(grads_seq[0][0], 1e-12)
   opt = make_optimizer(c)
   state = opt.init(params)
@@ -80,8 +81,11 @@ def test_adamnormgrad_equals_the_reference_per_tensor_on_a_vae():
     g = jax.tree_util.tree_unflatten(tree, [jnp.asarray(a) for a in gl])
     upd, state = opt.update(g, state, p)
     p = jax.tree.map(lambda a, u: a + u, p, upd)
-  want = _reference_adamnormgrad({n: np.asarray(x) for n, (_, x) in zip(names, flat)},
-                                 [dict(zip(names, gl)) for gl in grads_seq], c.learning_rate)
+  want = _reference_adamnormgrad(
+    {n: np.asarray(x) for n, (_, x) in zip(names, flat)},
+    [dict(zip(names, gl)) for gl in grads_seq],
+    c.learning_rate,
+  )
   got = dict(zip(names, [np.asarray(x) for x in jax.tree.leaves(p)]))
   for n in names:
     np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-7, err_msg=n)
@@ -110,7 +114,7 @@ def test_biases_follow_pytorch_default_uniform_fan_in():
       b = np.asarray(leaf)
       bound = 1 / np.sqrt(fan_in)
       assert np.all(np.abs(b) <= bound + 1e-7), jax.tree_util.keystr(path)
-      if b.size >= 32:          # not the zeros of flax's default; spread like U(-bound, bound)
+      if b.size >= 32:  # not the zeros of flax's default; spread like U(-bound, bound)
         assert 0.4 * bound < b.std() < 0.8 * bound, (jax.tree_util.keystr(path), b.std(), bound)
       seen += 1
   assert seen > 10
@@ -119,7 +123,7 @@ def test_biases_follow_pytorch_default_uniform_fan_in():
 def test_bernoulli_clamps_probabilities_like_the_reference():
   rng = np.random.default_rng(3)
   x = (rng.uniform(size=(4, 50)) < 0.5).astype(np.float32)
-  logits = rng.normal(size=(4, 50)).astype(np.float32) * 20       # many beyond +-11.5
+  logits = rng.normal(size=(4, 50)).astype(np.float32) * 20  # many beyond +-11.5
   p = np.clip(_sigmoid(logits.astype(np.float64)), 1e-5, 1 - 1e-5)
   want = (x * np.log(p) + (1 - x) * np.log(1 - p)).sum(1)
   got = np.asarray(bernoulli_log_prob(jnp.asarray(x), jnp.asarray(logits)))
@@ -141,19 +145,22 @@ def test_exemplars_are_encoded_from_grey_levels_by_default(binarize):
   n = 40
   pool = jnp.asarray(np.random.default_rng(4).uniform(size=(n, 8, 8, 1)).astype(np.float32))
   setup = train_lib.make_setup(
-      c, type("S", (), dict(train_x=np.asarray(pool), binary=True, image_shape=(8, 8, 1)))())
+    c, type("S", (), dict(train_x=np.asarray(pool), binary=True, image_shape=(8, 8, 1)))()
+  )
   assert setup.binary and setup.binary_exemplars == binarize
   ids = jnp.arange(5, dtype=jnp.int32)
   key = jax.random.PRNGKey(5)
-  inputs = setup.context_inputs(pool, key, x=pool[ids], ids=ids,
-                                mu=model.encode_mean(mparams, pool[ids]))
-  ctx, _ = prior.context({"log_var": jnp.float32(0.)}, {}, model, mparams, inputs, train=True)
+  inputs = setup.context_inputs(
+    pool, key, x=pool[ids], ids=ids, mu=model.encode_mean(mparams, pool[ids])
+  )
+  ctx, _ = prior.context({"log_var": jnp.float32(0.0)}, {}, model, mparams, inputs, train=True)
   grey = np.asarray(model.encode_mean(mparams, pool[np.asarray(ctx.bank_ids)]))
   same = np.allclose(np.asarray(ctx.bank), grey, rtol=1e-5, atol=1e-5)
   assert same != binarize
   # The evaluation bank too (all N exemplars, no gradients).
-  ectx = evaluation.eval_context({"model": mparams, "prior": {"log_var": jnp.float32(0.)}},
-                                 pool, key, setup=setup)
+  ectx = evaluation.eval_context(
+    {"model": mparams, "prior": {"log_var": jnp.float32(0.0)}}, pool, key, setup=setup
+  )
   full = np.asarray(model.encode_mean(mparams, pool))
   assert np.allclose(np.asarray(ectx.bank), full, rtol=1e-5, atol=1e-5) != binarize
 
@@ -164,16 +171,15 @@ def _reference_rat_log_p_z(mu, z, ids, cache, cand, k, log_var, encode):
   cache[ids] = mu
   sub = cache[cand]
   d = ((mu[:, None, :] - sub[None]) ** 2).sum(-1)
-  nearest = np.argsort(d, axis=1, kind="stable")[:, :k]          # self NOT excluded
-  pos = np.unique(nearest.ravel())                                # unique candidate positions
+  nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # self NOT excluded
+  pos = np.unique(nearest.ravel())  # unique candidate positions
   ex_ids = cand[pos]
   centers = encode(ex_ids)
   s2 = np.exp(log_var)
   dz = z.shape[1]
   out = []
   for b in range(z.shape[0]):
-    logn = (-0.5 * dz * np.log(2 * np.pi * s2)
-            - 0.5 * ((z[b] - centers) ** 2).sum(1) / s2)
+    logn = -0.5 * dz * np.log(2 * np.pi * s2) - 0.5 * ((z[b] - centers) ** 2).sum(1) / s2
     masked = ex_ids == ids[b]
     logn[masked] = -np.inf
     out.append(logsumexp(logn) - np.log(len(ex_ids) - masked.sum()))
@@ -181,8 +187,9 @@ def _reference_rat_log_p_z(mu, z, ids, cache, cand, k, log_var, encode):
 
 
 def test_rat_reference_mode_matches_the_reference_neighbourhood_and_normalisation():
-  c, model, prior, mparams = _exemplar_setup(rat=True, rat_k=4, num_exemplars=30,
-                                             rat_mode="reference")
+  c, model, prior, mparams = _exemplar_setup(
+    rat=True, rat_k=4, num_exemplars=30, rat_mode="reference"
+  )
   n, b = 25, 6
   rng = np.random.default_rng(6)
   pool = jnp.asarray(rng.uniform(size=(n, 8, 8, 1)).astype(np.float32))
@@ -190,20 +197,21 @@ def test_rat_reference_mode_matches_the_reference_neighbourhood_and_normalisatio
   ids = np.array([0, 3, 7, 11, 20, 24], np.int32)
   mu = rng.normal(size=(b, c.latent_dim)).astype(np.float32)
   key = jax.random.PRNGKey(8)
-  inputs = ContextInputs(x=pool[ids], ids=jnp.asarray(ids), mu=jnp.asarray(mu), key=key,
-                         pool=pool, binary=False)
+  inputs = ContextInputs(
+    x=pool[ids], ids=jnp.asarray(ids), mu=jnp.asarray(mu), key=key, pool=pool, binary=False
+  )
   params = {"log_var": jnp.float32(0.4)}
-  ctx, _ = prior.context(params, {"cache": jnp.asarray(cache)}, model, mparams, inputs,
-                         train=True)
+  ctx, _ = prior.context(params, {"cache": jnp.asarray(cache)}, model, mparams, inputs, train=True)
   k_idx, _ = jax.random.split(key)
   cand = np.asarray(jax.random.randint(k_idx, (30,), 0, n, dtype=jnp.int32))
-  assert len(np.unique(cand)) < len(cand)           # 30 draws of 25: duplicates present
+  assert len(np.unique(cand)) < len(cand)  # 30 draws of 25: duplicates present
   z = mu + 0.3 * rng.normal(size=mu.shape).astype(np.float32)
   encode = lambda r: np.asarray(model.encode_mean(mparams, pool[r]), np.float64)
-  want, want_ids, n_pos = _reference_rat_log_p_z(mu, z.astype(np.float64), ids, cache, cand, 4,
-                                                 0.4, encode)
+  want, want_ids, n_pos = _reference_rat_log_p_z(
+    mu, z.astype(np.float64), ids, cache, cand, 4, 0.4, encode
+  )
   mask = np.asarray(ctx.bank_mask)
-  assert mask.sum() == n_pos                         # one component per candidate position
+  assert mask.sum() == n_pos  # one component per candidate position
   assert set(np.asarray(ctx.bank_ids)[mask].tolist()) == want_ids
   assert ctx.log_norm is None
   got = np.asarray(prior.log_prob(params, jnp.asarray(z), ctx, jnp.asarray(ids)))

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, leftover_temporaries, load_config, load_script
-from exvae import (atomic, checkpoints, errors, eval_lib, evaluation, rundir, train_lib,
-                   writers)
+from exvae import atomic, checkpoints, errors, eval_lib, evaluation, rundir, train_lib, writers
 from test_faults import _copy, _steps, _template
 
 PY = sys.executable
-SMALL = dict(max_steps=40)          # configs/test.py: checkpoints at 10, 20, 30, 40 (keeps 3)
+SMALL = dict(max_steps=40)  # configs/test.py: checkpoints at 10, 20, 30, 40 (keeps 3)
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +42,24 @@ def _flip(path, n=16):
 
 def _step_files(wd, step):
   root = os.path.join(wd, "checkpoints", str(step))
-  return sorted(os.path.relpath(os.path.join(r, f), root)
-                for r, _, fs in os.walk(root) for f in fs)
+  return sorted(os.path.relpath(os.path.join(r, f), root) for r, _, fs in os.walk(root) for f in fs)
 
 
 def _strict_json(text):
   def refuse(name):
     raise ValueError(f"bare {name} in JSON")
+
   return json.loads(text, parse_constant=refuse)
 
 
 def _cli(script, *args, timeout=300):
-  return subprocess.run([PY, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                        cwd=ROOT, timeout=timeout)
+  return subprocess.run(
+    [PY, os.path.join(ROOT, script), *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=timeout,
+  )
 
 
 def _one_line(stderr):
@@ -86,7 +90,7 @@ def test_a_flipped_byte_in_any_file_of_the_newest_step_is_detected(run40, tmp_pa
     assert (int(state.step), m.fallbacks) == (previous, [newest]), rel
     err = capfd.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"using step {previous}" in err, (rel, err)
-    assert _steps(wd)[-1] == newest                     # a reader changes nothing
+    assert _steps(wd)[-1] == newest  # a reader changes nothing
     shutil.rmtree(wd)
 
 
@@ -113,21 +117,30 @@ def test_eval_and_resume_detect_a_corrupt_array_file(run40, tmp_path, capfd):
   t = _template(c)
   a, b = ref.restore_latest(t, t.params), got.restore_latest(t, t.params)
   assert got.fallbacks == [] and got.verified
-  assert checkpoints.tree_digest(a[0]) == checkpoints.tree_digest(b[0])   # bit-identical
+  assert checkpoints.tree_digest(a[0]) == checkpoints.tree_digest(b[0])  # bit-identical
 
 
 def test_a_checkpoint_without_digests_restores_unverified(tmp_path):
   """Steps written before digests existed (no ``digest`` item, no file record) still restore."""
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
+
   d = str(tmp_path / "checkpoints")
   state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
   best = {"w": jnp.ones((2, 3))}
-  old = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=False), item_names=("state", "best", "meta"))
-  old.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      best=ocp.args.StandardSave(best),
-                                      meta=ocp.args.JsonSave({"epoch": 1})))
+  old = ocp.CheckpointManager(
+    d,
+    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+    item_names=("state", "best", "meta"),
+  )
+  old.save(
+    3,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      best=ocp.args.StandardSave(best),
+      meta=ocp.args.JsonSave({"epoch": 1}),
+    ),
+  )
   old.wait_until_finished()
   old.close()
   r = checkpoints.Manager(d, read_only=True)
@@ -145,7 +158,7 @@ def test_no_good_step_left_is_refused_in_one_line(run40, tmp_path):
   with pytest.raises(checkpoints.CheckpointNotFoundError, match="can be used") as e:
     checkpoints.Manager(os.path.join(wd, "checkpoints")).restore_latest(t, t.params)
   assert "\n" not in str(e.value)
-  assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))   # nothing moved
+  assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))  # nothing moved
 
 
 def test_a_resume_that_changes_shapes_is_one_clear_error(run40, tmp_path, capfd):
@@ -154,8 +167,9 @@ def test_a_resume_that_changes_shapes_is_one_clear_error(run40, tmp_path, capfd)
   wd = _copy(run40, tmp_path)
   capfd.readouterr()
   with pytest.raises(errors.CheckpointMismatchError, match=r"another model .* there and"):
-    train_lib.train_and_evaluate(load_config("test", max_steps=50, latent_dim=5), wd,
-                                 allow_config_change=True)
+    train_lib.train_and_evaluate(
+      load_config("test", max_steps=50, latent_dim=5), wd, allow_config_change=True
+    )
   assert not os.path.exists(os.path.join(wd, "unreadable_checkpoints"))
   assert _steps(wd) == _steps(run40)
   assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))
@@ -201,7 +215,7 @@ def test_an_unreadable_or_missing_config_json_counts_as_drift(run40, tmp_path, d
 @pytest.mark.slow
 def test_a_non_finite_validation_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
   wd = str(tmp_path / "nan")
-  c = load_config("test", max_train=200, num_epochs=3)     # 10 steps per epoch
+  c = load_config("test", max_train=200, num_epochs=3)  # 10 steps per epoch
   real = train_lib.validate
 
   def nan_at_epoch_2(state, setup, pool, splits, config, workdir, epoch):
@@ -209,14 +223,16 @@ def test_a_non_finite_validation_loss_stops_with_the_last_good_checkpoint(tmp_pa
     return dict(out, val_loss=float("nan")) if epoch == 1 else out
 
   monkeypatch.setattr(train_lib, "validate", nan_at_epoch_2)
-  with pytest.raises(train_lib.NonFiniteValidationError,
-                     match=r"epoch 2 \(step 20.*last good checkpoint \(step 10\)") as e:
+  with pytest.raises(
+    train_lib.NonFiniteValidationError, match=r"epoch 2 \(step 20.*last good checkpoint \(step 10\)"
+  ) as e:
     train_lib.train_and_evaluate(c, wd)
   assert isinstance(e.value, FloatingPointError) and "\n" not in str(e.value)
   assert _steps(wd) == [10]
   t = _template(c)
-  _, _, meta = checkpoints.Manager(os.path.join(wd, "checkpoints"),
-                                   read_only=True).restore_latest(t, t.params)
+  _, _, meta = checkpoints.Manager(os.path.join(wd, "checkpoints"), read_only=True).restore_latest(
+    t, t.params
+  )
   assert meta["best_epoch"] == 0 and np.isfinite(meta["best_val"])
   for line in open(os.path.join(wd, "metrics.jsonl")):
     rec = _strict_json(line)
@@ -226,7 +242,7 @@ def test_a_non_finite_validation_loss_stops_with_the_last_good_checkpoint(tmp_pa
 def test_every_json_exvae_writes_is_strict(tmp_path):
   with pytest.raises(ValueError):
     atomic.write_json(str(tmp_path / "x.json"), {"a": float("nan")})
-  assert not os.listdir(tmp_path)                                # nothing, not even a temp
+  assert not os.listdir(tmp_path)  # nothing, not even a temp
   line = atomic.dumps(atomic.finite_or_none({"a": float("inf"), "b": [1.0, float("nan")]}))
   assert _strict_json(line) == {"a": None, "b": [1.0, None]}
   path = str(tmp_path / "m.jsonl")
@@ -255,7 +271,7 @@ def test_a_fresh_start_over_an_earlier_history_is_refused_unless_overwrite(run40
   assert len(prev) == 1
   assert open(os.path.join(prev[0], "metrics.jsonl")).read() == metrics
   assert open(os.path.join(prev[0], "config.json")).read() == config
-  assert glob.glob(os.path.join(prev[0], "events.out.tfevents.*"))     # not mixed with the new
+  assert glob.glob(os.path.join(prev[0], "events.out.tfevents.*"))  # not mixed with the new
   assert json.load(open(os.path.join(wd, "config.json")))["learning_rate"] == 1e-3
 
 
@@ -311,8 +327,9 @@ def test_tensorboard_agrees_with_metrics_after_a_resume(run40, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40, tmp_path,
-                                                                         monkeypatch):
+def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(
+  run40, tmp_path, monkeypatch
+):
   wd = _copy(run40, tmp_path)
   c = load_config("test", **SMALL)
   first = eval_lib.evaluate(c, wd)
@@ -329,7 +346,7 @@ def test_eval_outputs_are_one_unit_and_a_failed_write_leaves_the_old_ones(run40,
     return real(path)
 
   monkeypatch.setattr(atomic, "sha256_file", disk_full_at_the_second_file)
-  c.eval.seed = 5                                   # other numbers than the first evaluation
+  c.eval.seed = 5  # other numbers than the first evaluation
   with pytest.raises(errors.DiskFullError, match="Disk full while writing"):
     eval_lib.evaluate(c, wd)
   assert {n: open(os.path.join(wd, n), "rb").read() for n in names} == before
@@ -350,19 +367,21 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
   scores of another seed or a torn file are not reused; the file goes once the outputs are
   written."""
   import functools
+
   c = load_config("test", **SMALL)
-  c.eval.max_queries = 32                   # S = 16: 2 images per batch, 20 batches
+  c.eval.max_queries = 32  # S = 16: 2 images per batch, 20 batches
   c.eval.out_dir = str(tmp_path / "whole")
   eval_lib.evaluate(c, run40)
   whole = dict(np.load(tmp_path / "whole" / "per_example.npz"))
-  monkeypatch.setattr(evaluation, "evaluate_split",
-                      functools.partial(evaluation.evaluate_split, save_every_s=0.0))
+  monkeypatch.setattr(
+    evaluation, "evaluate_split", functools.partial(evaluation.evaluate_split, save_every_s=0.0)
+  )
   real, calls, stop_at = evaluation.eval_batch, [], [8]
 
   def counting(*a, **k):
     calls.append(1)
     if len(calls) == stop_at[0]:
-      raise KeyboardInterrupt              # stopped in the 8th batch
+      raise KeyboardInterrupt  # stopped in the 8th batch
     return real(*a, **k)
 
   monkeypatch.setattr(evaluation, "eval_batch", counting)
@@ -373,8 +392,9 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
   partial = out / eval_lib.PARTIAL
   assert int(np.load(partial)["done_batches"]) == 7 and not (out / "per_example.npz").exists()
   # scripts/run_status.py reads how far the stopped evaluation got from the same file.
-  st = load_script("scripts/run_status.py")._eval_state(run40, {"eval": {"out_dir": str(out)}},
-                                                        time.time())
+  st = load_script("scripts/run_status.py")._eval_state(
+    run40, {"eval": {"out_dir": str(out)}}, time.time()
+  )
   assert (st["eval"], st["eval_done"], st["eval_total"]) == ("running", 14, 40)
   kept = partial.read_bytes()
   calls.clear()
@@ -392,12 +412,20 @@ def test_a_stopped_evaluation_resumes_where_it_stopped(run40, tmp_path, monkeypa
     calls.clear()
     eval_lib.evaluate(c, run40)
     said = capfd.readouterr().out
-    assert len(calls) == 20 and ("other parameters or settings" if damage == "other seed"
-                                 else "unreadable partial evaluation") in said, damage
+    assert (
+      len(calls) == 20
+      and (
+        "other parameters or settings"
+        if damage == "other seed"
+        else "unreadable partial evaluation"
+      )
+      in said
+    ), damage
 
 
 def test_a_finished_evaluation_is_reused_only_when_nothing_it_depends_on_changed(
-    run40, tmp_path, monkeypatch, capfd):
+  run40, tmp_path, monkeypatch, capfd
+):
   """Evaluating again with the same parameters, test images and settings returns the
   outputs already there without scoring an image; another seed, eval.reuse=False or outputs
   that fail their digests are scored again."""
@@ -414,8 +442,9 @@ def test_a_finished_evaluation_is_reused_only_when_nothing_it_depends_on_changed
   assert calls == [] and again["reused"] and "already done" in capfd.readouterr().out
   assert again["test_nll"] == first["test_nll"]
   assert again["identity_sha256"] == first["identity_sha256"]
-  assert {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns)
-          for n in eval_lib.OUTPUTS} == files                 # nothing rewritten
+  assert {
+    n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns) for n in eval_lib.OUTPUTS
+  } == files  # nothing rewritten
   # Settings that only say how to show or where to write are not part of the identity.
   c.progress = not c.progress
   assert eval_lib.evaluate(c, run40)["reused"] and calls == []
@@ -449,12 +478,16 @@ def test_a_finished_evaluation_is_reused_only_when_nothing_it_depends_on_changed
 @pytest.mark.slow
 def test_exvae_eval_run_twice_writes_its_tensorboard_scalars_once(run40, tmp_path):
   out = str(tmp_path / "e")
-  args = (f"--config={ROOT}/configs/test.py", f"--workdir={run40}", "--config.max_steps=40",
-          f"--config.eval.out_dir={out}")
+  args = (
+    f"--config={ROOT}/configs/test.py",
+    f"--workdir={run40}",
+    "--config.max_steps=40",
+    f"--config.eval.out_dir={out}",
+  )
   r1, r2 = _cli("eval.py", *args), _cli("eval.py", *args)
   assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
   assert "already done" in r2.stdout and "already done" not in r1.stdout
-  assert r1.stdout.splitlines()[-1] == r2.stdout.splitlines()[-1]      # the same test NLL line
+  assert r1.stdout.splitlines()[-1] == r2.stdout.splitlines()[-1]  # the same test NLL line
   assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1
 
 
@@ -471,8 +504,10 @@ def read_only_dir(tmp_path):
   ro.mkdir()
   ok = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True).returncode == 0
   if ok:
-    ok = subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)],
-                        capture_output=True).returncode == 0
+    ok = (
+      subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], capture_output=True).returncode
+      == 0
+    )
     if not ok:
       subprocess.run(["umount", str(ro)], capture_output=True)
   if not ok:
@@ -487,13 +522,14 @@ def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
   shutil.copytree(run40, os.path.join(src, "run"))
   wd = os.path.join(ro, "run")
   with pytest.raises(errors.ReadOnlyError, match="Read-only file system"):
-    train_lib.train_and_evaluate(load_config("test", max_steps=50), wd)          # resume
+    train_lib.train_and_evaluate(load_config("test", max_steps=50), wd)  # resume
   with pytest.raises(errors.ReadOnlyError):
-    train_lib.train_and_evaluate(load_config("test"), os.path.join(ro, "new"))   # a new run
+    train_lib.train_and_evaluate(load_config("test"), os.path.join(ro, "new"))  # a new run
   with pytest.raises(errors.ReadOnlyError, match="out_dir"):
-    eval_lib.evaluate(load_config("test", **SMALL), wd)                          # in place
-  r = _cli("train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}",
-           "--config.max_steps=50")
+    eval_lib.evaluate(load_config("test", **SMALL), wd)  # in place
+  r = _cli(
+    "train.py", f"--config={ROOT}/configs/test.py", f"--workdir={wd}", "--config.max_steps=50"
+  )
   assert r.returncode == 1 and _one_line(r.stderr).startswith("exvae-train: error: Cannot write")
 
 
@@ -505,10 +541,17 @@ def test_a_read_only_run_directory_is_one_line(run40, read_only_dir, tmp_path):
 def test_a_resume_sets_damaged_non_finite_and_duplicated_metric_lines_aside(tmp_path, capfd):
   path = tmp_path / "metrics.jsonl"
   good = [{"loss": 1.0 * s, "step": s, "epoch": s / 10} for s in (5, 10, 15, 20)]
-  lines = [json.dumps(good[0]), json.dumps(good[1]), '{"loss": 2.0, "st',          # damaged
-           '{"loss": NaN, "step": 12}', json.dumps(good[1]),                        # NaN, dup
-           json.dumps({"val_loss": 3.0, "step": 10, "epoch": 1}), json.dumps(good[2]),
-           json.dumps(good[3]), json.dumps({"loss": 9.0, "step": 25})]              # after
+  lines = [
+    json.dumps(good[0]),
+    json.dumps(good[1]),
+    '{"loss": 2.0, "st',  # damaged
+    '{"loss": NaN, "step": 12}',
+    json.dumps(good[1]),  # NaN, dup
+    json.dumps({"val_loss": 3.0, "step": 10, "epoch": 1}),
+    json.dumps(good[2]),
+    json.dumps(good[3]),
+    json.dumps({"loss": 9.0, "step": 25}),
+  ]  # after
   path.write_text("\n".join(lines) + "\n")
   capfd.readouterr()
   assert rundir.trim_metrics(str(path), 20) == 4
@@ -516,11 +559,14 @@ def test_a_resume_sets_damaged_non_finite_and_duplicated_metric_lines_aside(tmp_
   assert kept == good[:2] + [{"val_loss": 3.0, "step": 10, "epoch": 1}] + good[2:]
   aside = [_strict_json(l) for l in (tmp_path / rundir.REJECTED_FILE).read_text().splitlines()]
   assert [(r["line"], r["reason"], r["text"]) for r in aside] == [
-      (3, "torn", lines[2]), (4, "non-finite", lines[3]), (5, "duplicate", lines[4]),
-      (9, "after_checkpoint", lines[8])]
+    (3, "torn", lines[2]),
+    (4, "non-finite", lines[3]),
+    (5, "duplicate", lines[4]),
+    (9, "after_checkpoint", lines[8]),
+  ]
   err = [l for l in capfd.readouterr().err.splitlines() if l.strip()]
   assert len(err) == 1 and "1 torn, 1 non-finite, 1 duplicate" in err[0], err
-  assert rundir.trim_metrics(str(path), 20) == 0                 # nothing more to set aside
+  assert rundir.trim_metrics(str(path), 20) == 0  # nothing more to set aside
 
 
 # ----------------------------------------------------------------------------
@@ -542,12 +588,13 @@ def _edit_config(wd, **changes):
 
 def test_an_edited_config_json_is_refused_by_readers_and_by_a_resume(run40, tmp_path):
   from exvae import config_registry
+
   wd = _copy(run40, tmp_path)
   rec = checkpoints.recorded_config(os.path.join(wd, "checkpoints"))
   assert rec["step"] == 40 and rec["config"] == json.load(open(os.path.join(wd, "config.json")))
   flipped = not rec["config"]["exemplar"]["binarize_exemplars"]
   _edit_config(wd, **{"exemplar.binarize_exemplars": flipped})
-  edited = config_registry.from_json(os.path.join(wd, "config.json"))   # no --config given
+  edited = config_registry.from_json(os.path.join(wd, "config.json"))  # no --config given
   with pytest.raises(errors.ConfigDriftError, match="edited since .*binarize_exemplars"):
     eval_lib.evaluate(edited, wd)
   before = {n: open(os.path.join(wd, n), "rb").read() for n in ("config.json", "metrics.jsonl")}
@@ -560,18 +607,20 @@ def test_an_edited_config_json_is_refused_by_readers_and_by_a_resume(run40, tmp_
   train_lib.train_and_evaluate(edited, wd, allow_config_change=True)
   changes = [json.loads(l) for l in open(os.path.join(wd, rundir.CHANGES_FILE))]
   assert changes[0]["edited_config_json"] and changes[0]["changes"] == {
-      "exemplar.binarize_exemplars": [not flipped, flipped]}
+    "exemplar.binarize_exemplars": [not flipped, flipped]
+  }
   after = checkpoints.recorded_config(os.path.join(wd, "checkpoints"))
   assert after["step"] == 50 and after["config"]["exemplar"]["binarize_exemplars"] == flipped
 
 
-def test_an_edit_readers_may_differ_in_is_accepted_and_a_missing_record_too(run40, tmp_path,
-                                                                            monkeypatch):
+def test_an_edit_readers_may_differ_in_is_accepted_and_a_missing_record_too(
+  run40, tmp_path, monkeypatch
+):
   c = load_config("test", **SMALL)
   wd = _copy(run40, tmp_path)
-  _edit_config(wd, seed=123)                   # the seed only initialises a reader's template
+  _edit_config(wd, seed=123)  # the seed only initialises a reader's template
   rundir.check_reader_config(wd, c)
-  _edit_config(wd, max_train=7)                # data: refused
+  _edit_config(wd, max_train=7)  # data: refused
   with pytest.raises(errors.ConfigDriftError, match="max_train"):
     rundir.check_reader_config(wd, c)
   # Checkpoints saved before the record existed: nothing to check against, accepted.
@@ -580,7 +629,8 @@ def test_an_edit_readers_may_differ_in_is_accepted_and_a_missing_record_too(run4
 
 
 def test_a_reader_without_config_json_checks_the_recorded_config_or_says_it_cannot(
-    run40, tmp_path, monkeypatch, capfd):
+  run40, tmp_path, monkeypatch, capfd
+):
   wd = _copy(run40, tmp_path)
   os.remove(os.path.join(wd, "config.json"))
   capfd.readouterr()
@@ -600,8 +650,7 @@ def test_a_reader_without_config_json_checks_the_recorded_config_or_says_it_cann
 
 
 @pytest.mark.slow
-def test_a_finished_evaluation_whose_numbers_were_changed_is_scored_again(run40, tmp_path,
-                                                                         capfd):
+def test_a_finished_evaluation_whose_numbers_were_changed_is_scored_again(run40, tmp_path, capfd):
   c = load_config("test", **SMALL)
   out = tmp_path / "e"
   c.eval.out_dir = str(out)
@@ -613,29 +662,39 @@ def test_a_finished_evaluation_whose_numbers_were_changed_is_scored_again(run40,
   assert digit != changed and digit in text
   for keep_digest in (True, False):
     rec = json.loads(text.replace(digit, changed, 1))
-    if not keep_digest:                         # as written before records carried digests
+    if not keep_digest:  # as written before records carried digests
       del rec[atomic.SELF_DIGEST]
     path.write_text(json.dumps(rec, indent=2))
     capfd.readouterr()
     again = eval_lib.evaluate(c, run40)
     said = capfd.readouterr().out
     assert "reused" not in again and "do not check" in said, (keep_digest, said)
-    assert again["test_nll"] == first["test_nll"] and json.loads(path.read_text())[
-        "test_nll"] == first["test_nll"]
+    assert (
+      again["test_nll"] == first["test_nll"]
+      and json.loads(path.read_text())["test_nll"] == first["test_nll"]
+    )
   assert eval_lib.evaluate(c, run40)["reused"]
 
 
 def test_eval_scalars_are_written_once_and_again_when_missing(tmp_path, monkeypatch):
   pytest.importorskip("tensorboard")
   from exvae.cli import eval_events
+
   c = load_config("test", **{"eval.out_dir": str(tmp_path)})
-  m = {"test_nll": 91.5, "test_elbo": 95.0, "test_recon": 80.0, "test_kl": 15.0,
-       "num_importance_samples": 16, "checkpoint_step": 40, "identity_sha256": "ab" * 32}
+  m = {
+    "test_nll": 91.5,
+    "test_elbo": 95.0,
+    "test_recon": 80.0,
+    "test_kl": 15.0,
+    "num_importance_samples": 16,
+    "checkpoint_step": 40,
+    "identity_sha256": "ab" * 32,
+  }
   first = eval_events.write(m, c, "unused")
-  assert eval_events.write(m, c, "unused") == first                 # a reuse: nothing new
+  assert eval_events.write(m, c, "unused") == first  # a reuse: nothing new
   assert writers.event_files(str(tmp_path)) == [first]
   assert writers.read_scalars(str(tmp_path))["eval/test_nll"] == [(40, 91.5)]
-  os.remove(first)                          # e.g. killed right after eval_metrics.json
+  os.remove(first)  # e.g. killed right after eval_metrics.json
   real = os.fsync
 
   def full(fd):
@@ -644,7 +703,7 @@ def test_eval_scalars_are_written_once_and_again_when_missing(tmp_path, monkeypa
   monkeypatch.setattr(os, "fsync", full)
   with pytest.raises(errors.DiskFullError):
     eval_events.write(m, c, "unused")
-  assert os.listdir(tmp_path) == []                                # no empty events file
+  assert os.listdir(tmp_path) == []  # no empty events file
   monkeypatch.setattr(os, "fsync", real)
   again = eval_events.write(m, c, "unused")
   assert writers.read_scalars(str(tmp_path))["eval/test_nll"] == [(40, 91.5)] and again
@@ -652,8 +711,9 @@ def test_eval_scalars_are_written_once_and_again_when_missing(tmp_path, monkeypa
 
 def test_sigterm_stops_an_evaluation_with_its_scores_kept(run40, tmp_path, monkeypatch):
   import signal
+
   c = load_config("test", **SMALL)
-  c.eval.max_queries = 32                   # S = 16: 2 images per batch, 20 batches
+  c.eval.max_queries = 32  # S = 16: 2 images per batch, 20 batches
   c.eval.out_dir = str(tmp_path / "e")
   real, calls = evaluation.eval_batch, []
 
@@ -669,7 +729,7 @@ def test_sigterm_stops_an_evaluation_with_its_scores_kept(run40, tmp_path, monke
     eval_lib.evaluate(c, run40)
   assert e.value.exit_code == 143
   assert int(np.load(tmp_path / "e" / eval_lib.PARTIAL)["done_batches"]) == 3
-  assert signal.getsignal(signal.SIGTERM) == before                 # the handler restored
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler restored
 
 
 def test_a_second_evaluation_into_one_out_dir_is_refused(run40, tmp_path):

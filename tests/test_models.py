@@ -22,20 +22,20 @@ LIKELIHOODS = ("bernoulli", "logistic")
 # ----------------------------------------------------------------------------
 
 
-def lin(i, o):                 # Linear(i, o) with bias
+def lin(i, o):  # Linear(i, o) with bias
   return i * o + o
 
 
-def gd(i, o):                  # GatedDense: two Linear(i, o)
+def gd(i, o):  # GatedDense: two Linear(i, o)
   return 2 * lin(i, o)
 
 
-def gc(k, i, o):               # GatedConv2d(k x k): two Conv(i, o) with bias
+def gc(k, i, o):  # GatedConv2d(k x k): two Conv(i, o) with bias
   return 2 * (k * k * i * o + o)
 
 
 def expected_params(model: str, likelihood: str, d=784, c=1, z2=40, z1=40, h=300) -> int:
-  heads = 2 if likelihood == "logistic" else 1          # mean (+ log-scale) output layers
+  heads = 2 if likelihood == "logistic" else 1  # mean (+ log-scale) output layers
   if model == "vae":
     enc = gd(d, h) + gd(h, h) + 2 * lin(h, z2)
     dec = gd(z2, h) + gd(h, h) + heads * lin(h, d)
@@ -47,20 +47,37 @@ def expected_params(model: str, likelihood: str, d=784, c=1, z2=40, z1=40, h=300
     p_x = gd(z1, h) + gd(z2, h) + gd(2 * h, h) + heads * lin(h, d)
     return q_z2 + q_z1 + p_z1 + p_x
   assert model == "convhvae"
-  hs = 6 * 7 * 7                                        # 294 encoder features for 28x28
+  hs = 6 * 7 * 7  # 294 encoder features for 28x28
   assert hs == 294
-  q_z2 = (gc(7, c, 32) + gc(3, 32, 32) + gc(5, 32, 64) + gc(3, 64, 64) + gc(3, 64, 6)
-          + 2 * lin(hs, z2))
-  q_z1 = (gc(3, c, 32) + gc(3, 32, 32) + gc(3, 32, 64) + gc(3, 64, 64) + gc(3, 64, 6)
-          + gd(z2, hs) + gd(2 * hs, h) + 2 * lin(h, z1))
-  p_x = (gd(z1, h) + gd(z2, h) + gd(2 * h, d) + gc(3, c, 64) + 3 * gc(3, 64, 64)
-         + heads * lin(64, c))                          # 1x1 conv head(s)
+  q_z2 = (
+    gc(7, c, 32) + gc(3, 32, 32) + gc(5, 32, 64) + gc(3, 64, 64) + gc(3, 64, 6) + 2 * lin(hs, z2)
+  )
+  q_z1 = (
+    gc(3, c, 32)
+    + gc(3, 32, 32)
+    + gc(3, 32, 64)
+    + gc(3, 64, 64)
+    + gc(3, 64, 6)
+    + gd(z2, hs)
+    + gd(2 * hs, h)
+    + 2 * lin(h, z1)
+  )
+  p_x = (
+    gd(z1, h) + gd(z2, h) + gd(2 * h, d) + gc(3, c, 64) + 3 * gc(3, 64, 64) + heads * lin(64, c)
+  )  # 1x1 conv head(s)
   return q_z2 + q_z1 + p_z1 + p_x
 
 
 def _paper_config(model, likelihood="bernoulli", **kw):
-  return load_config("test", model=model, likelihood=likelihood, latent_dim=40,
-                     hidden=(300, 300), **{"hvae.z1_dim": 40}, **kw)
+  return load_config(
+    "test",
+    model=model,
+    likelihood=likelihood,
+    latent_dim=40,
+    hidden=(300, 300),
+    **{"hvae.z1_dim": 40},
+    **kw,
+  )
 
 
 def _count(params) -> int:
@@ -71,7 +88,7 @@ def _count(params) -> int:
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_parameter_count_matches_architecture(model, likelihood):
   m = make_model(_paper_config(model, likelihood), (28, 28, 1))
-  params = jax.eval_shape(m.init, jax.random.PRNGKey(0))     # shapes only: no compute
+  params = jax.eval_shape(m.init, jax.random.PRNGKey(0))  # shapes only: no compute
   assert _count(params) == expected_params(model, likelihood)
 
 
@@ -85,9 +102,9 @@ def test_reference_sizes():
   assert p["p_x_pre"]["h"]["kernel"].shape == (600, 784)
   # The Bernoulli VAE is unchanged: exactly vae.make_vae's parameters.
   from exvae.models import vae
+
   a = jax.eval_shape(make_model(_paper_config("vae"), (28, 28, 1)).init, jax.random.PRNGKey(0))
-  b = jax.eval_shape(vae.make_vae(_paper_config("vae"), (28, 28, 1)).init,
-                     jax.random.PRNGKey(0))
+  b = jax.eval_shape(vae.make_vae(_paper_config("vae"), (28, 28, 1)).init, jax.random.PRNGKey(0))
   assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
@@ -97,25 +114,34 @@ def test_reference_sizes():
 
 
 def _small_config(model, likelihood="bernoulli", **kw):
-  return load_config("test", model=model, likelihood=likelihood, latent_dim=3, hidden=(8, 8),
-                     **{"hvae.z1_dim": 2, "hvae.conv_channels": (4, 4, 8, 8, 2),
-                        "hvae.dec_channels": (4, 4)}, **kw)
+  return load_config(
+    "test",
+    model=model,
+    likelihood=likelihood,
+    latent_dim=3,
+    hidden=(8, 8),
+    **{"hvae.z1_dim": 2, "hvae.conv_channels": (4, 4, 8, 8, 2), "hvae.dec_channels": (4, 4)},
+    **kw,
+  )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,likelihood,shape", [
-    (m, lik, (28, 28, 1)) for m in MODEL_NAMES for lik in LIKELIHOODS] + [
-    ("convhvae", lik, (7, 9, 3)) for lik in LIKELIHOODS],     # odd sizes, colour: 'SAME' padding
-    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+  "model,likelihood,shape",
+  [(m, lik, (28, 28, 1)) for m in MODEL_NAMES for lik in LIKELIHOODS]
+  + [("convhvae", lik, (7, 9, 3)) for lik in LIKELIHOODS],  # odd sizes, colour: 'SAME' padding
+  ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
 def test_shapes_and_log_variance_clip(model, likelihood, shape):
   m = make_model(_small_config(model, likelihood), shape)
   p = m.init(jax.random.PRNGKey(0))
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(3,) + shape), jnp.float32)
-  mu, logvar = m.encode(p, x * 1e4)                      # extreme inputs hit the clip
+  mu, logvar = m.encode(p, x * 1e4)  # extreme inputs hit the clip
   chex.assert_shape([mu, logvar], (3, 3))
   assert float(logvar.min()) >= -6.0 and float(logvar.max()) <= 2.0
-  np.testing.assert_allclose(np.asarray(m.encode_mean(p, x)), np.asarray(m.encode(p, x)[0]),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(m.encode_mean(p, x)), np.asarray(m.encode(p, x)[0]), rtol=1e-5, atol=1e-6
+  )
   out = m.decode(p, mu * 1e3)
   if likelihood == "bernoulli":
     chex.assert_shape(out, (3,) + shape)
@@ -134,11 +160,12 @@ def test_shapes_and_log_variance_clip(model, likelihood, shape):
   chex.assert_tree_all_finite([sc.z, sc.mu, sc.log_px, sc.log_p_rest, sc.log_q])
   if model == "vae":
     np.testing.assert_array_equal(np.asarray(sc.log_p_rest), 0.0)
-  else:                                                    # z1 heads clip too
+  else:  # z1 heads clip too
     big = jnp.full((3, 3), 1e4)
-    for method, args in (("p_z1", (big,)),
-                         ("q_z1", (m.module.apply({"params": p}, x * 1e4,
-                                                  method="q_z1_features"), big))):
+    for method, args in (
+      ("p_z1", (big,)),
+      ("q_z1", (m.module.apply({"params": p}, x * 1e4, method="q_z1_features"), big)),
+    ):
       mu1, lv1 = m.module.apply({"params": p}, *args, method=method)
       chex.assert_shape([mu1, lv1], (3, 2))
       assert float(lv1.min()) >= -6.0 and float(lv1.max()) <= 2.0
@@ -149,7 +176,7 @@ def test_unknown_model_and_likelihood_are_errors():
     make_model(load_config("test", model="pixelsnail"), (8, 8, 1))
   with pytest.raises(ValueError, match="Unknown likelihood"):
     make_model(load_config("test", model="hvae", likelihood="gaussian"), (8, 8, 1))
-  assert set(MODELS) == set(MODEL_NAMES) | {"pixelcnn"}   # pixelcnn: tests/test_pixelcnn.py
+  assert set(MODELS) == set(MODEL_NAMES) | {"pixelcnn"}  # pixelcnn: tests/test_pixelcnn.py
 
 
 # ----------------------------------------------------------------------------
@@ -158,16 +185,22 @@ def test_unknown_model_and_likelihood_are_errors():
 
 
 def _setup(model, **overrides):
-  c = load_config("test", model=model, **{"hvae.z1_dim": 4, "hvae.conv_channels": (8, 8, 16, 16, 4),
-                                          "hvae.dec_channels": (8, 8)}, **overrides)
+  c = load_config(
+    "test",
+    model=model,
+    **{"hvae.z1_dim": 4, "hvae.conv_channels": (8, 8, 16, 16, 4), "hvae.dec_channels": (8, 8)},
+    **overrides,
+  )
   splits = train_lib.load_data(c)
   return c, splits, train_lib.make_setup(c, splits)
 
 
-@pytest.mark.parametrize("prior,rat", [("gaussian", False), ("vampprior", False),
-                                        ("exemplar", False), ("exemplar", True)])
-@pytest.mark.parametrize("model", [m if m == "vae" else pytest.param(m, marks=pytest.mark.slow)
-                                   for m in MODEL_NAMES])     # the MLP VAE in the fast tier
+@pytest.mark.parametrize(
+  "prior,rat", [("gaussian", False), ("vampprior", False), ("exemplar", False), ("exemplar", True)]
+)
+@pytest.mark.parametrize(
+  "model", [m if m == "vae" else pytest.param(m, marks=pytest.mark.slow) for m in MODEL_NAMES]
+)  # the MLP VAE in the fast tier
 def test_trains_under_every_prior(model, prior, rat):
   c, splits, setup = _setup(model, prior=prior, **{"exemplar.rat": rat})
   n = splits.train_x.shape[0]
@@ -219,8 +252,9 @@ def test_hierarchical_log_w_terms_and_iwae_s1(model):
 
   # The training loss at beta = 1 is -mean log w of the same sample.
   _, k_z = jax.random.split(key)
-  loss, _ = elbo_loss(params, state.prior_state, setup, x, jnp.full((16,), -1, jnp.int32), key,
-                      jnp.float32(1.0), None)
+  loss, _ = elbo_loss(
+    params, state.prior_state, setup, x, jnp.full((16,), -1, jnp.int32), key, jnp.float32(1.0), None
+  )
   lw_kz = log_importance_weights(params, setup, None, x, k_z, 1)[0]
   np.testing.assert_allclose(float(loss), -float(lw_kz.mean()), rtol=1e-5)
 
@@ -239,20 +273,27 @@ def test_hierarchical_log_w_terms_and_iwae_s1(model):
 # Every config builds its model and prior at the data set's real image shape
 # ----------------------------------------------------------------------------
 
-_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "omniglot": (28, 28, 1),
-           "digits": (8, 8, 1), "celeba": (64, 64, 3)}
+_SHAPES = {
+  "mnist": (28, 28, 1),
+  "fashion_mnist": (28, 28, 1),
+  "omniglot": (28, 28, 1),
+  "digits": (8, 8, 1),
+  "celeba": (64, 64, 3),
+}
 
 
 def _config_names():
   import glob
   import os
   from conftest import ROOT
+
   return sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 @pytest.mark.parametrize("name", _config_names())
 def test_every_config_builds(name):
   from exvae.priors import make_prior
+
   c = load_config(name)
   m = make_model(c, _SHAPES[c.dataset])
   params = jax.eval_shape(m.init, jax.random.PRNGKey(0))
@@ -263,6 +304,7 @@ def test_every_config_builds(name):
     assert c.latent_dim == 40 and c.hvae.z1_dim == 40 and tuple(c.hidden) == (300, 300)
     if c.model == "pixelcnn":
       from test_pixelcnn import expected_params as pixelcnn_params
+
       assert _count(params) == pixelcnn_params(likelihood=c.likelihood)
     else:
       assert _count(params) == expected_params(c.model, c.likelihood)
@@ -270,6 +312,7 @@ def test_every_config_builds(name):
 
 def test_paper_config_rejects_unknown_rows():
   from exvae.config_base import paper_config
+
   c = paper_config("omniglot", "hvae", "exemplar", rat=True)
   assert c.exemplar.num_exemplars == 11500 and c.exemplar.rat and c.exemplar.rat_k == 10
   with pytest.raises(ValueError, match="No paper config"):
@@ -277,17 +320,27 @@ def test_paper_config_rejects_unknown_rows():
   with pytest.raises(ValueError, match="rat=True needs the exemplar prior"):
     paper_config("mnist", "vae", "vampprior", rat=True)
   with pytest.raises(AttributeError):
-    c.not_a_key = 1                                     # locked, like every config
+    c.not_a_key = 1  # locked, like every config
 
 
 @pytest.mark.slow
 def test_celeba_logistic_convhvae_trains_on_mock_tfds_data():
   """The CelebA path end to end on tfds mock data (random pixels): loader, logistic, RAT."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  c = load_config("celeba_convhvae_exemplar", batch_size=8, latent_dim=4, hidden=(16, 16),
-                  **{"hvae.z1_dim": 4, "hvae.conv_channels": (4, 4, 8, 8, 2),
-                     "hvae.dec_channels": (4, 4), "exemplar.num_exemplars": 16,
-                     "exemplar.rat_k": 2, "exemplar.chunk_size": 16})
+  c = load_config(
+    "celeba_convhvae_exemplar",
+    batch_size=8,
+    latent_dim=4,
+    hidden=(16, 16),
+    **{
+      "hvae.z1_dim": 4,
+      "hvae.conv_channels": (4, 4, 8, 8, 2),
+      "hvae.dec_channels": (4, 4),
+      "exemplar.num_exemplars": 16,
+      "exemplar.rat_k": 2,
+      "exemplar.chunk_size": 16,
+    },
+  )
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     splits = train_lib.load_data(c)
   assert splits.name == "celeba" and not splits.binary

@@ -25,14 +25,26 @@ def test_two_processes_match_one(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   ref = tmp_path / "ref.json"
-  r = subprocess.run([sys.executable, WORKER, "0", "0", "0", str(ref)], env=env,
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, WORKER, "0", "0", "0", str(ref)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   port = str(_free_port())
   out = tmp_path / "multi.json"
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", port, str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, WORKER, str(i), "2", port, str(out)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]

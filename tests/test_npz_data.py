@@ -36,6 +36,7 @@ def _npz(path, **arrays):
 
 def _digits_uint8():
   from sklearn.datasets import load_digits
+
   d = load_digits()
   return np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int64)
 
@@ -55,8 +56,14 @@ def _as_float(x):
 def test_each_dtype_and_rank_loads_as_the_built_in_sets_do(tmp_path, kind):
   shape = {"uint8_4d": (40, 5, 6, 1), "rgb": (40, 5, 6, 3)}.get(kind, (40, 5, 6))
   raw = _u8(*shape)
-  stored = {"uint8_3d": raw, "uint8_4d": raw, "rgb": raw, "bool": raw > 127,
-            "float32": (raw / 255.0).astype(np.float32), "float64": raw / 255.0}[kind]
+  stored = {
+    "uint8_3d": raw,
+    "uint8_4d": raw,
+    "rgb": raw,
+    "bool": raw > 127,
+    "float32": (raw / 255.0).astype(np.float32),
+    "float64": raw / 255.0,
+  }[kind]
   test = stored[:7].copy()
   path = _npz(tmp_path / "d.npz", x_train=stored, x_test=test)
   s = data.load(f"npz:{path}", eval_binarize_seed=3)
@@ -117,35 +124,49 @@ def _bad_cases(d):
   x, xt = _u8(20, 4, 4), _u8(5, 4, 4)
   nan = (x / 255.0).astype(np.float32)
   nan[3, 1, 2] = np.nan
-  inf = (xt / 255.0)
+  inf = xt / 255.0
   inf[0, 0, 0] = np.inf
   object_labels = np.empty(20, dtype=object)
   return {
-      "missing_x_test": (dict(x_train=x), "x_test", "missing key"),
-      "missing_x_train": (dict(x_test=xt), "x_train", "missing key"),
-      "rank_2": (dict(x_train=x.reshape(20, 16), x_test=xt), "x_train", "shape (20, 16)"),
-      "rank_5": (dict(x_train=x, x_test=xt[None, None]), "x_test", "expected images"),
-      "nan": (dict(x_train=nan, x_test=xt), "x_train", "NaN or inf"),
-      "inf": (dict(x_train=x, x_test=inf), "x_test", "NaN or inf"),
-      "float_0_255": (dict(x_train=x.astype(np.float32), x_test=xt), "x_train",
-                      "outside [0, 1]"),
-      "negative_float": (dict(x_train=x, x_test=-(xt / 255.0)), "x_test", "outside [0, 1]"),
-      "int64_images": (dict(x_train=x.astype(np.int64), x_test=xt), "x_train", "dtype int64"),
-      "empty_test": (dict(x_train=x, x_test=xt[:0]), "x_test", "is empty"),
-      "empty_val": (dict(x_train=x, x_val=xt[:0], x_test=xt), "x_val", "is empty"),
-      "label_length": (dict(x_train=x, y_train=np.arange(19), x_test=xt), "y_train",
-                       "19 labels for the 20 images"),
-      "label_rank": (dict(x_train=x, x_test=xt, y_test=np.zeros((5, 1), int)), "y_test",
-                     "expected labels (N,)"),
-      "label_float": (dict(x_train=x, x_test=xt, y_test=np.zeros(5)), "y_test", "float64"),
-      "label_negative": (dict(x_train=x, x_test=xt, y_test=-np.ones(5, int)), "y_test",
-                         "negative label"),
-      "labels_without_images": (dict(x_train=x, x_test=xt, y_val=np.zeros(3, int)), "y_val",
-                                "without 'x_val'"),
-      "image_shapes_differ": (dict(x_train=x, x_test=_u8(5, 4, 5)), "x_test", "(4, 5, 1)"),
-      "unknown_key": (dict(x_train=x, x_test=xt, x_valid=xt), "x_valid", "unknown key"),
-      "object_array": (dict(x_train=x, x_test=xt, y_train=object_labels), "y_train",
-                       "Python objects"),
+    "missing_x_test": (dict(x_train=x), "x_test", "missing key"),
+    "missing_x_train": (dict(x_test=xt), "x_train", "missing key"),
+    "rank_2": (dict(x_train=x.reshape(20, 16), x_test=xt), "x_train", "shape (20, 16)"),
+    "rank_5": (dict(x_train=x, x_test=xt[None, None]), "x_test", "expected images"),
+    "nan": (dict(x_train=nan, x_test=xt), "x_train", "NaN or inf"),
+    "inf": (dict(x_train=x, x_test=inf), "x_test", "NaN or inf"),
+    "float_0_255": (dict(x_train=x.astype(np.float32), x_test=xt), "x_train", "outside [0, 1]"),
+    "negative_float": (dict(x_train=x, x_test=-(xt / 255.0)), "x_test", "outside [0, 1]"),
+    "int64_images": (dict(x_train=x.astype(np.int64), x_test=xt), "x_train", "dtype int64"),
+    "empty_test": (dict(x_train=x, x_test=xt[:0]), "x_test", "is empty"),
+    "empty_val": (dict(x_train=x, x_val=xt[:0], x_test=xt), "x_val", "is empty"),
+    "label_length": (
+      dict(x_train=x, y_train=np.arange(19), x_test=xt),
+      "y_train",
+      "19 labels for the 20 images",
+    ),
+    "label_rank": (
+      dict(x_train=x, x_test=xt, y_test=np.zeros((5, 1), int)),
+      "y_test",
+      "expected labels (N,)",
+    ),
+    "label_float": (dict(x_train=x, x_test=xt, y_test=np.zeros(5)), "y_test", "float64"),
+    "label_negative": (
+      dict(x_train=x, x_test=xt, y_test=-np.ones(5, int)),
+      "y_test",
+      "negative label",
+    ),
+    "labels_without_images": (
+      dict(x_train=x, x_test=xt, y_val=np.zeros(3, int)),
+      "y_val",
+      "without 'x_val'",
+    ),
+    "image_shapes_differ": (dict(x_train=x, x_test=_u8(5, 4, 5)), "x_test", "(4, 5, 1)"),
+    "unknown_key": (dict(x_train=x, x_test=xt, x_valid=xt), "x_valid", "unknown key"),
+    "object_array": (
+      dict(x_train=x, x_test=xt, y_train=object_labels),
+      "y_train",
+      "Python objects",
+    ),
   }
 
 
@@ -176,6 +197,7 @@ def test_files_that_are_not_npz_archives(tmp_path):
   np.save(str(tmp_path / "one.npy"), _u8(3, 4, 4))
   cases["one.npy"] = "single-array .npy file"
   import zipfile
+
   with zipfile.ZipFile(str(tmp_path / "stray.npz"), "w") as z:
     z.writestr("x_train.npy", b"garbage")
   cases["stray.npz"] = "key 'x_train' is not a NumPy array"
@@ -190,7 +212,7 @@ def test_files_that_are_not_npz_archives(tmp_path):
   with pytest.raises(DataNotFoundError) as e:
     data.load(f"npz:{missing}")
   _one_line_naming(e.value, missing, "no such file")
-  with pytest.raises(DataNotFoundError):        # the train command's check at start
+  with pytest.raises(DataNotFoundError):  # the train command's check at start
     user.check_dataset(f"npz:{missing}")
   with pytest.raises(DataFormatError, match="needs the path"):
     data.load("npz:")
@@ -198,9 +220,11 @@ def test_files_that_are_not_npz_archives(tmp_path):
 
 def test_config_mistakes_for_a_user_data_set_are_one_line(tmp_path):
   path = _npz(tmp_path / "a.npz", x_train=_u8(20, 4, 4), x_test=_u8(5, 4, 4))
-  for kw, words in (({"source": "sklearn"}, "data_source='sklearn'"),
-                    ({"eval_binarize": "reference"}, "eval_binarize='reference'"),
-                    ({"val_size": 20}, "val_size=20 leaves no training image")):
+  for kw, words in (
+    ({"source": "sklearn"}, "data_source='sklearn'"),
+    ({"eval_binarize": "reference"}, "eval_binarize='reference'"),
+    ({"val_size": 20}, "val_size=20 leaves no training image"),
+  ):
     with pytest.raises(ValueError) as e:
       data.load(f"npz:{path}", **kw)
     _one_line_naming(e.value, *words.split(" ... "))
@@ -208,10 +232,20 @@ def test_config_mistakes_for_a_user_data_set_are_one_line(tmp_path):
 
 def test_a_bad_file_stops_train_py_with_one_line(tmp_path):
   path = _npz(tmp_path / "f.npz", x_train=_u8(20, 4, 4).astype(np.float32), x_test=_u8(5, 4, 4))
-  r = subprocess.run([PY, os.path.join(ROOT, "train.py"), "--config=test",
-                      f"--workdir={tmp_path / 'run'}", "--config.data_source=auto",
-                      "--config.dataset=npz:f.npz"], capture_output=True, text=True,
-                     cwd=str(tmp_path), timeout=300)
+  r = subprocess.run(
+    [
+      PY,
+      os.path.join(ROOT, "train.py"),
+      "--config=test",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.data_source=auto",
+      "--config.dataset=npz:f.npz",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=str(tmp_path),
+    timeout=300,
+  )
   lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("WARNING:absl")]
   assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
   assert lines[0].startswith(f"exvae-train: error: {path}: key 'x_train' has floats outside")
@@ -226,14 +260,17 @@ def test_a_bad_file_stops_train_py_with_one_line(tmp_path):
 def test_identity_follows_the_arrays_not_the_file(tmp_path):
   x, xt = _u8(20, 4, 4), _u8(5, 4, 4)
   a = _npz(tmp_path / "a.npz", x_train=x, x_test=xt)
-  np.savez_compressed(str(tmp_path / "b.npz"), x_test=xt, x_train=x)   # other bytes, same arrays
+  np.savez_compressed(str(tmp_path / "b.npz"), x_test=xt, x_train=x)  # other bytes, same arrays
   ia, ib = (data.load(f"npz:{p}").identity for p in (a, str(tmp_path / "b.npz")))
   assert ia["path"] == a and ia["sha256"] == ib["sha256"] and len(ia["sha256"]) == 64
   changed = x.copy()
-  changed[0, 0, 0] ^= 1                           # one pixel
-  for arrays in (dict(x_train=changed, x_test=xt), dict(x_train=x, x_test=xt, y_test=np.arange(5)),
-                 dict(x_train=x.reshape(20, 4, 4, 1), x_test=xt),
-                 dict(x_train=(x / 255.0), x_test=xt)):
+  changed[0, 0, 0] ^= 1  # one pixel
+  for arrays in (
+    dict(x_train=changed, x_test=xt),
+    dict(x_train=x, x_test=xt, y_test=np.arange(5)),
+    dict(x_train=x.reshape(20, 4, 4, 1), x_test=xt),
+    dict(x_train=(x / 255.0), x_test=xt),
+  ):
     np.savez(a, **arrays)
     assert data.load(f"npz:{a}").identity["sha256"] != ib["sha256"], sorted(arrays)
 
@@ -245,13 +282,17 @@ def test_rundir_records_the_data_and_refuses_other_arrays(tmp_path, capsys):
   rundir.check_data_identity(wd, ident, resuming=False)
   with open(os.path.join(wd, rundir.DATA_FILE)) as f:
     assert json.load(f) == ident
-  rundir.check_data_identity(wd, dict(ident), resuming=True)     # the same data: fine
+  rundir.check_data_identity(wd, dict(ident), resuming=True)  # the same data: fine
   rundir.check_reader_data(wd, dict(ident))
   other = dict(ident, sha256="b" * 64)
   with pytest.raises(errors.ConfigDriftError) as e:
     rundir.check_data_identity(wd, other, resuming=True)
-  _one_line_naming(e.value, "/d/a.npz holds other arrays", "aaaaaaaaaaaa then, bbbbbbbbbbbb now",
-                   "--allow_config_change")
+  _one_line_naming(
+    e.value,
+    "/d/a.npz holds other arrays",
+    "aaaaaaaaaaaa then, bbbbbbbbbbbb now",
+    "--allow_config_change",
+  )
   with pytest.raises(errors.ConfigDriftError) as e:
     rundir.check_reader_data(wd, other)
   _one_line_naming(e.value, "Reading", "/d/a.npz holds other arrays")
@@ -263,7 +304,7 @@ def test_rundir_records_the_data_and_refuses_other_arrays(tmp_path, capsys):
     assert json.load(f) == other
   with open(os.path.join(wd, rundir.CHANGES_FILE)) as f:
     assert json.loads(f.read())["changes"]["data"] == [ident, other]
-  rundir.check_reader_data(str(tmp_path), None)     # a run without a record: nothing to check
+  rundir.check_reader_data(str(tmp_path), None)  # a run without a record: nothing to check
 
 
 # ----------------------------------------------------------------------------
@@ -304,11 +345,14 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
   np.testing.assert_array_equal(s.val_y, [1, 0, 1])
   assert s.name == spec and s.identity["plugin"] == spec
   assert s.identity["sha256"] == user.arrays_sha256(
-      {"x_train": xtr, "x_test": xte, "y_train": np.arange(30) % 2})
-  cases = {"broken": (plugins.PluginError, "raised RuntimeError: no data here"),
-           "not_a_dict": (DataFormatError, "returned a list"),
-           "bad_key": (DataFormatError, "key 'x_test' has floats outside [0, 1]"),
-           "nothing": (ValueError, "has no attribute 'nothing'")}
+    {"x_train": xtr, "x_test": xte, "y_train": np.arange(30) % 2}
+  )
+  cases = {
+    "broken": (plugins.PluginError, "raised RuntimeError: no data here"),
+    "not_a_dict": (DataFormatError, "returned a list"),
+    "bad_key": (DataFormatError, "key 'x_test' has floats outside [0, 1]"),
+    "nothing": (ValueError, "has no attribute 'nothing'"),
+  }
   for fn, (err, words) in cases.items():
     with pytest.raises(err) as e:
       data.load(f"{f}:{fn}")
@@ -321,6 +365,7 @@ def test_a_plugin_data_set_is_loaded_checked_and_identified(tmp_path):
 
 def test_labels_are_needed_for_knn_and_augmentation(tmp_path):
   from exvae.uses import classifier, knn
+
   path = _npz(tmp_path / "n.npz", x_train=_u8(20, 4, 4), x_test=_u8(5, 4, 4))
   s = data.load(f"npz:{path}")
   with pytest.raises(ValueError) as e:
@@ -333,8 +378,11 @@ def test_labels_are_needed_for_knn_and_augmentation(tmp_path):
 
 def test_grey_levels_for_the_classifier_come_from_the_same_file(tmp_path):
   from exvae.uses import classifier
+
   x, y = _u8(30, 4, 4), np.arange(30) % 3
-  path = _npz(tmp_path / "l.npz", x_train=x, y_train=y, x_test=_u8(6, 4, 4), y_test=np.arange(6) % 3)
+  path = _npz(
+    tmp_path / "l.npz", x_train=x, y_train=y, x_test=_u8(6, 4, 4), y_test=np.arange(6) % 3
+  )
   c = load_config("test", dataset=f"npz:{path}", data_source="auto", val_size=5)
   s = data.load(f"npz:{path}", val_size=5)
   g = classifier.grey_splits(c, s)
@@ -348,14 +396,19 @@ def test_grey_levels_for_the_classifier_come_from_the_same_file(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prior, extra", [
+@pytest.mark.parametrize(
+  "prior, extra",
+  [
     pytest.param("gaussian", {}, marks=pytest.mark.slow),
     pytest.param("vampprior", {}, marks=pytest.mark.slow),
     pytest.param("exemplar", {}, marks=pytest.mark.slow),
-    pytest.param("exemplar", {"exemplar.rat": True}, marks=pytest.mark.slow)],
-    ids=["gaussian", "vampprior", "exemplar", "rat"])
+    pytest.param("exemplar", {"exemplar.rat": True}, marks=pytest.mark.slow),
+  ],
+  ids=["gaussian", "vampprior", "exemplar", "rat"],
+)
 def test_every_prior_trains_on_an_npz(tmp_path, prior, extra):
   from conftest import run_train_steps
+
   x, _ = _digits_uint8()
   path = _npz(tmp_path / "d.npz", x_train=x[:300], x_test=x[300:340])
   c = load_config("test", dataset=f"npz:{path}", data_source="auto", prior=prior, **extra)
@@ -366,9 +419,11 @@ def test_every_prior_trains_on_an_npz(tmp_path, prior, extra):
 @pytest.mark.slow
 def test_train_eval_on_an_npz_and_a_changed_file_is_refused(tmp_path):
   from exvae import eval_lib, train_lib
+
   x, y = _digits_uint8()
-  path = _npz(tmp_path / "d.npz", x_train=x[:400], y_train=y[:400], x_test=x[400:460],
-              y_test=y[400:460])
+  path = _npz(
+    tmp_path / "d.npz", x_train=x[:400], y_train=y[:400], x_test=x[400:460], y_test=y[400:460]
+  )
   wd = str(tmp_path / "run")
   c = load_config("test", dataset=f"npz:{path}", data_source="auto", max_steps=20)
   summary = train_lib.train_and_evaluate(c, wd)
@@ -387,7 +442,7 @@ def test_train_eval_on_an_npz_and_a_changed_file_is_refused(tmp_path):
   c2 = load_config("test", dataset=f"npz:{path}", data_source="auto", max_steps=30)
   with pytest.raises(errors.ConfigDriftError, match="Resuming .* on other data"):
     train_lib.train_and_evaluate(c2, wd)
-  with open(os.path.join(wd, rundir.DATA_FILE)) as f:      # the refused resume changed nothing
+  with open(os.path.join(wd, rundir.DATA_FILE)) as f:  # the refused resume changed nothing
     assert json.load(f) == ident
 
 
@@ -399,17 +454,23 @@ def test_train_eval_on_an_npz_and_a_changed_file_is_refused(tmp_path):
 def doc_example(page: str = os.path.join(ROOT, "docs", "data.md")) -> str:
   """The bash block of the page's example section, verbatim."""
   import re
+
   with open(page) as f:
     text = f.read()
-  section = text[text.index("## Example:"):]
+  section = text[text.index("## Example:") :]
   return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
 
 
 def _shims(bin_dir) -> dict:
   """An environment whose PATH has ``python`` and the console scripts of this checkout."""
   os.makedirs(bin_dir, exist_ok=True)
-  for name, target in (("python", None), ("exvae-train", "train.py"), ("exvae-eval", "eval.py"),
-                       ("exvae-compare", "compare.py"), ("exvae-uses", "uses.py")):
+  for name, target in (
+    ("python", None),
+    ("exvae-train", "train.py"),
+    ("exvae-eval", "eval.py"),
+    ("exvae-compare", "compare.py"),
+    ("exvae-uses", "uses.py"),
+  ):
     path = os.path.join(bin_dir, name)
     script = "" if target is None else f" {os.path.join(ROOT, target)}"
     with open(path, "w") as f:
@@ -425,8 +486,14 @@ def test_the_docs_example_runs_verbatim(tmp_path):
   env = _shims(str(tmp_path / "bin"))
   os.makedirs(tmp_path / ".venv" / "bin")
   os.symlink(tmp_path / "bin" / "python", tmp_path / ".venv" / "bin" / "python")
-  r = subprocess.run(["bash", "-e", "-c", block], cwd=str(tmp_path / "bin" / ".."), env=env,
-                     capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    ["bash", "-e", "-c", block],
+    cwd=str(tmp_path / "bin" / ".."),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   x = np.load(str(tmp_path / "digits.npz"))
   sha = user.arrays_sha256(dict(x))

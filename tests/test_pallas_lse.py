@@ -9,18 +9,18 @@ from scipy.special import logsumexp
 
 from exvae.kernels import exemplar_lse, pallas_lse
 
-B, N, D = 21, 45, 5           # neither a multiple of the 16-row blocks used below
+B, N, D = 21, 45, 5  # neither a multiple of the 16-row blocks used below
 
 
 def _inputs(seed=0):
   rng = np.random.default_rng(seed)
   z = rng.normal(size=(B, D)).astype(np.float32)
   bank = rng.normal(size=(N, D)).astype(np.float32)
-  bank[:B] = z + 0.01 * rng.normal(size=(B, D))      # near neighbours, as in training
+  bank[:B] = z + 0.01 * rng.normal(size=(B, D))  # near neighbours, as in training
   mask = rng.random(N) > 0.25
   ids = np.arange(N, dtype=np.int32)
   qids = np.arange(B, dtype=np.int32)
-  qids[::4] = -1                                     # LOO off for some rows
+  qids[::4] = -1  # LOO off for some rows
   return z, bank, np.float32(-0.7), mask, ids, qids
 
 
@@ -46,10 +46,15 @@ def _close(got, want, tol=1e-5):
   assert np.max(np.abs(got - want)) <= tol * scale, (np.max(np.abs(got - want)), scale)
 
 
-@pytest.mark.parametrize("use_mask,use_loo", [
-    (False, False), (True, True),
+@pytest.mark.parametrize(
+  "use_mask,use_loo",
+  [
+    (False, False),
+    (True, True),
     pytest.param(True, False, marks=pytest.mark.slow),
-    pytest.param(False, True, marks=pytest.mark.slow)])
+    pytest.param(False, True, marks=pytest.mark.slow),
+  ],
+)
 def test_values_and_gradients_match_xla(use_mask, use_loo):
   z, bank, lv, mask, ids, qids = _inputs()
   kw = {"bank_mask": jnp.asarray(mask) if use_mask else None}
@@ -72,8 +77,7 @@ def test_values_and_gradients_match_xla(use_mask, use_loo):
 
 def test_through_log_kernel_sum_with_default_blocks():
   z, bank, lv, mask, ids, qids = _inputs(1)
-  kw = dict(bank_mask=jnp.asarray(mask), bank_ids=jnp.asarray(ids),
-            query_ids=jnp.asarray(qids))
+  kw = dict(bank_mask=jnp.asarray(mask), bank_ids=jnp.asarray(ids), query_ids=jnp.asarray(qids))
   args = (jnp.asarray(z), jnp.asarray(bank), jnp.asarray(lv))
   f = lambda impl: _loss(exemplar_lse.log_kernel_sum, impl=impl, **kw)  # noqa: E731
   vp, gp = jax.value_and_grad(f("pallas"), (0, 1, 2))(*args)
@@ -86,25 +90,41 @@ def test_through_log_kernel_sum_with_default_blocks():
 def test_rows_without_a_valid_exemplar_are_minus_inf_with_zero_gradient():
   z, bank, lv, _, ids, _ = _inputs(2)
   mask = np.zeros(N, bool)
-  mask[3] = True                                  # one valid exemplar: row 3 excludes it
+  mask[3] = True  # one valid exemplar: row 3 excludes it
   qids = np.full(B, -1, np.int32)
   qids[3] = 3
-  kw = dict(bank_mask=jnp.asarray(mask), bank_ids=jnp.asarray(ids),
-            query_ids=jnp.asarray(qids), block_q=16, block_n=16)
+  kw = dict(
+    bank_mask=jnp.asarray(mask),
+    bank_ids=jnp.asarray(ids),
+    query_ids=jnp.asarray(qids),
+    block_q=16,
+    block_n=16,
+  )
   args = (jnp.asarray(z), jnp.asarray(bank), jnp.asarray(lv))
   lse, cnt = pallas_lse.log_kernel_sum(*args, **kw)
   assert float(cnt[3]) == 0 and lse[3] == -np.inf and np.all(np.isfinite(np.delete(lse, 3)))
-  gz, gb, glv = jax.grad(lambda z, b, lv: jnp.sum(jnp.where(
-      jnp.isfinite(pallas_lse.log_kernel_sum(z, b, lv, **kw)[0]),
-      pallas_lse.log_kernel_sum(z, b, lv, **kw)[0], 0.0)), (0, 1, 2))(*args)
+  gz, gb, glv = jax.grad(
+    lambda z, b, lv: jnp.sum(
+      jnp.where(
+        jnp.isfinite(pallas_lse.log_kernel_sum(z, b, lv, **kw)[0]),
+        pallas_lse.log_kernel_sum(z, b, lv, **kw)[0],
+        0.0,
+      )
+    ),
+    (0, 1, 2),
+  )(*args)
   assert np.all(np.isfinite(gz)) and np.all(gz[3] == 0) and np.all(np.isfinite(gb))
   assert np.all(gb[~mask] == 0) and np.isfinite(glv)
 
 
 def test_every_product_is_pinned_to_highest():
   z, bank, lv, mask, ids, qids = _inputs()
-  f = jax.jit(jax.grad(_loss(pallas_lse.log_kernel_sum, bank_mask=jnp.asarray(mask),
-                             block_q=16, block_n=16), (0, 1, 2)))
+  f = jax.jit(
+    jax.grad(
+      _loss(pallas_lse.log_kernel_sum, bank_mask=jnp.asarray(mask), block_q=16, block_n=16),
+      (0, 1, 2),
+    )
+  )
   text = f.lower(jnp.asarray(z), jnp.asarray(bank), jnp.asarray(lv)).as_text()
   dots = [ln for ln in text.splitlines() if "dot_general" in ln]
   assert len(dots) >= 3 and all("HIGHEST" in ln for ln in dots), dots
@@ -123,8 +143,12 @@ def test_the_kernels_lower_to_triton_for_a_gpu():
   # rules (power-of-two tensors in loads and stores, supported ops) are checked here.
   b, n, d = 300, 1000, 40
   args = (jnp.zeros((b, d)), jnp.zeros((n, d)), jnp.float32(0.0))
-  kw = dict(bank_mask=jnp.ones(n, bool), bank_ids=jnp.arange(n, dtype=jnp.int32),
-            query_ids=jnp.arange(b, dtype=jnp.int32), interpret=False)
+  kw = dict(
+    bank_mask=jnp.ones(n, bool),
+    bank_ids=jnp.arange(n, dtype=jnp.int32),
+    query_ids=jnp.arange(b, dtype=jnp.int32),
+    interpret=False,
+  )
   f = lambda z, bk, lv: pallas_lse.log_kernel_sum(z, bk, lv, **kw)[0].sum()  # noqa: E731
   for fn, kernels in ((f, 1), (jax.grad(f, (0, 1, 2)), 3)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

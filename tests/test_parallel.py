@@ -78,35 +78,36 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory) -> dict:
-    root = Path(__file__).resolve().parents[1]
-    # A real file, not `python -c`: chex.assert_max_traces inspects the source.
-    script = tmp_path_factory.mktemp("sharded") / "sharded_check.py"
-    script.write_text(_SCRIPT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run([sys.executable, str(script)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+  root = Path(__file__).resolve().parents[1]
+  # A real file, not `python -c`: chex.assert_max_traces inspects the source.
+  script = tmp_path_factory.mktemp("sharded") / "sharded_check.py"
+  script.write_text(_SCRIPT)
+  env = dict(os.environ)
+  env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  proc = subprocess.run(
+    [sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT ") :])
 
 
 @pytest.mark.slow
 def test_four_devices_visible(sharded_results):
-    assert sharded_results["num_devices"] == 4
+  assert sharded_results["num_devices"] == 4
 
 
 @pytest.mark.parametrize("ndev", [4, 1])
 def test_sharded_values_and_grads_match(sharded_results, ndev):
-    r = sharded_results
-    assert r[f"d{ndev}_lse_err"] < 1e-5
-    assert r[f"d{ndev}_count_eq"]
-    assert r[f"d{ndev}_grad_err"] < 1e-5
+  r = sharded_results
+  assert r[f"d{ndev}_lse_err"] < 1e-5
+  assert r[f"d{ndev}_count_eq"]
+  assert r[f"d{ndev}_grad_err"] < 1e-5
 
 
 def test_sharded_edge_cases(sharded_results):
-    r = sharded_results
-    assert r["masked_all_neginf"] and r["masked_grad_finite"]
-    assert r["no_retrace"]
+  r = sharded_results
+  assert r["masked_all_neginf"] and r["masked_grad_finite"]
+  assert r["no_retrace"]

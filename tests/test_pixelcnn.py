@@ -10,8 +10,12 @@ import pytest
 
 from conftest import load_config, train_traced_once
 from exvae import evaluation
-from exvae.likelihoods import (bernoulli_log_prob, diag_gaussian_log_prob,
-                               discretized_logistic_log_prob, get_likelihood)
+from exvae.likelihoods import (
+  bernoulli_log_prob,
+  diag_gaussian_log_prob,
+  discretized_logistic_log_prob,
+  get_likelihood,
+)
 from exvae.models import MODELS, make_model
 from exvae.models import pixelcnn
 
@@ -50,7 +54,7 @@ def test_output_depends_only_on_earlier_pixels(kernel_size):
   x = _binary(jax.random.PRNGKey(1), (1, h, w, 1))
   z = jax.random.normal(jax.random.PRNGKey(2), (1, m.latent_dim))
   jac = jax.jit(jax.jacrev(lambda x: _logits(m, params, x, z)))(x)
-  jac = np.asarray(jac).reshape(h * w, h * w)              # [output pixel, input pixel], raster
+  jac = np.asarray(jac).reshape(h * w, h * w)  # [output pixel, input pixel], raster
   out_idx, in_idx = np.meshgrid(np.arange(h * w), np.arange(h * w), indexing="ij")
   # No output sees itself or any later pixel: exactly zero (no path at all).
   assert np.all(jac[in_idx >= out_idx] == 0.0)
@@ -66,7 +70,7 @@ def test_output_depends_only_on_earlier_pixels(kernel_size):
   # for the 'A' layer, p more per 'B' layer (3 layers in all).
   p = kernel_size // 2
   reach = 3 * p + 1
-  below = (h - 1) * w                                         # output (h-1, 0)
+  below = (h - 1) * w  # output (h-1, 0)
   assert jac[below, (h - 1 - min(reach, h - 1)) * w] != 0.0
   if reach < h - 1:
     assert np.all(jac[below, : (h - 2 - reach) * w + w] == 0.0)
@@ -87,7 +91,7 @@ def test_score_is_teacher_forced_log_likelihood(likelihood):
   log_lik, _ = get_likelihood(likelihood)
   key = jax.random.PRNGKey(3)
   sc = jax.jit(lambda p, x, k: vars(m.score(p, x, k, s, log_lik)))(params, x, key)
-  sc = type("Scores", (), sc)                               # attribute access, as Scores
+  sc = type("Scores", (), sc)  # attribute access, as Scores
   chex.assert_shape(sc.z, (b, s, d))
   chex.assert_shape(sc.mu, (b, d))
   chex.assert_shape([sc.log_px, sc.log_p_rest, sc.log_q], (b, s))
@@ -97,18 +101,22 @@ def test_score_is_teacher_forced_log_likelihood(likelihood):
   mu, logvar = m.encode(params, x)
   z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * jax.random.normal(key, (b, s, d))
   np.testing.assert_allclose(np.asarray(sc.z), np.asarray(z), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(sc.log_q),
-                             np.asarray(diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])),
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(sc.log_q),
+    np.asarray(diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])),
+    rtol=1e-5,
+    atol=1e-4,
+  )
   lp = bernoulli_log_prob if likelihood == "bernoulli" else discretized_logistic_log_prob
   for k in range(s):
     want = lp(x, _logits(m, params, x, z[:, k]))
-    np.testing.assert_allclose(np.asarray(sc.log_px[:, k]), np.asarray(want),
-                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(sc.log_px[:, k]), np.asarray(want), rtol=1e-5, atol=1e-3)
   # The decoder reads x: a different image under the same z scores differently.
   x2 = 1.0 - x if likelihood == "bernoulli" else jnp.round((1.0 - x) * 255) / 255
-  assert not np.allclose(np.asarray(lp(x2, _logits(m, params, x2, z[:, 0]))),
-                         np.asarray(lp(x2, _logits(m, params, x, z[:, 0]))))
+  assert not np.allclose(
+    np.asarray(lp(x2, _logits(m, params, x2, z[:, 0]))),
+    np.asarray(lp(x2, _logits(m, params, x, z[:, 0]))),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -138,12 +146,14 @@ def test_mean_field_decode_is_a_fixed_point(likelihood):
   canvas = jax.jit(lambda p, z: pixelcnn.mean_field_canvas(m.module, p, z))(params, z)
   chex.assert_shape(canvas, (5, 8, 8, 1))
   # Teacher-forced means on the canvas reproduce it.
-  np.testing.assert_allclose(np.asarray(mean_fn(_logits(m, params, canvas, z))),
-                             np.asarray(canvas), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(mean_fn(_logits(m, params, canvas, z))), np.asarray(canvas), atol=1e-5
+  )
   # The incremental (cached) decoder equals the naive one pixel at a time.
-  np.testing.assert_allclose(np.asarray(canvas), np.asarray(_naive_mean_field(m, params, z)),
-                             atol=1e-5)
-  assert float(jnp.std(canvas)) > 1e-3                    # not a constant picture
+  np.testing.assert_allclose(
+    np.asarray(canvas), np.asarray(_naive_mean_field(m, params, z)), atol=1e-5
+  )
+  assert float(jnp.std(canvas)) > 1e-3  # not a constant picture
   # (Model.decode, the decoder output on this canvas, is checked through the
   # validation pictures in test_trains_under_every_prior.)
 
@@ -154,7 +164,7 @@ def _naive_bernoulli_samples(m, params, z, key):
 
   def body(t, canvas):
     i, j = t // w, t % w
-    logit = _logits(m, params, canvas, z)[:, i, j]                       # (N, C)
+    logit = _logits(m, params, canvas, z)[:, i, j]  # (N, C)
     noise = jax.random.logistic(jax.random.fold_in(key, t), logit.shape)
     return canvas.at[:, i, j].set((noise < logit).astype(jnp.float32))
 
@@ -168,11 +178,13 @@ def test_sample_images_are_binary_draws_of_the_decoder():
   a = pixelcnn.sample_images(m, params, z, key)
   chex.assert_shape(a, (16, 8, 8, 1))
   assert set(np.unique(np.asarray(a))) <= {0.0, 1.0}
-  assert not np.array_equal(np.asarray(a),
-                            np.asarray(pixelcnn.sample_images(m, params, z, jax.random.PRNGKey(1))))
+  assert not np.array_equal(
+    np.asarray(a), np.asarray(pixelcnn.sample_images(m, params, z, jax.random.PRNGKey(1)))
+  )
   # The incremental sampler draws what the naive one does with the same noise.
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(_naive_bernoulli_samples(m, params, z,
-                                                                                    key)))
+  np.testing.assert_array_equal(
+    np.asarray(a), np.asarray(_naive_bernoulli_samples(m, params, z, key))
+  )
   # Pixel (0, 0) has no context: its frequency over n draws is sigmoid(logit).
   n = 400
   zz = jnp.tile(z[:1], (n, 1))
@@ -196,8 +208,9 @@ def test_logistic_samples_lie_on_the_256_level_grid():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prior,rat", [("gaussian", False), ("vampprior", False),
-                                        ("exemplar", False), ("exemplar", True)])
+@pytest.mark.parametrize(
+  "prior,rat", [("gaussian", False), ("vampprior", False), ("exemplar", False), ("exemplar", True)]
+)
 def test_trains_under_every_prior(prior, rat):
   setup, state, pool, losses = train_traced_once(_config(prior=prior, **{"exemplar.rat": rat}), 30)
   assert np.all(np.isfinite(losses)), losses
@@ -209,15 +222,17 @@ def test_trains_under_every_prior(prior, rat):
     # teacher-forced means.
     ctx = evaluation.eval_context(state.params, pool, jax.random.PRNGKey(0), setup=setup)
     x = pool[:4]
-    samples, recons = evaluation.picture_batch(state.params, ctx, x, jax.random.PRNGKey(1),
-                                               setup=setup, num_samples=6)
+    samples, recons = evaluation.picture_batch(
+      state.params, ctx, x, jax.random.PRNGKey(1), setup=setup, num_samples=6
+    )
     chex.assert_shape(samples, (6, 8, 8, 1))
     chex.assert_shape(recons, (4, 8, 8, 1))
     chex.assert_tree_all_finite([samples, recons])
     mp = state.params["model"]
     mu = setup.model.encode_mean(mp, x)
-    np.testing.assert_allclose(np.asarray(setup.mean_fn(_logits(setup.model, mp, recons, mu))),
-                               np.asarray(recons), atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(setup.mean_fn(_logits(setup.model, mp, recons, mu))), np.asarray(recons), atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -225,20 +240,28 @@ def test_trains_under_every_prior(prior, rat):
 # ----------------------------------------------------------------------------
 
 
-def lin(i, o):                 # Linear / 1x1 conv (i -> o) with bias
+def lin(i, o):  # Linear / 1x1 conv (i -> o) with bias
   return i * o + o
 
 
-def expected_params(hw=(28, 28), d=40, hidden=(300, 300), f=64, layers=6, k=5,
-                    likelihood="bernoulli") -> int:
+def expected_params(
+  hw=(28, 28), d=40, hidden=(300, 300), f=64, layers=6, k=5, likelihood="bernoulli"
+) -> int:
   npx = hw[0] * hw[1]
   p = k // 2
   enc = 2 * lin(npx, hidden[0]) + 2 * lin(hidden[0], hidden[1]) + 2 * lin(hidden[1], d)
-  cond = (2 * lin(d, hidden[-1]) + lin(hidden[-1], npx * f)     # GatedDense, Linear(H*W*F)
-          + lin(f, (layers + 1) * 4 * f))                       # 1x1 to every layer's biases
+  cond = (
+    2 * lin(d, hidden[-1])
+    + lin(hidden[-1], npx * f)  # GatedDense, Linear(H*W*F)
+    + lin(f, (layers + 1) * 4 * f)
+  )  # 1x1 to every layer's biases
   layer_a = lin((p + 1) * k * 1, 2 * f) + lin((p + 1) * 1, 2 * f) + lin(2 * f, 2 * f)
-  layer_b = (lin((p + 1) * k * f, 2 * f) + lin((p + 1) * f, 2 * f)   # vertical, horizontal
-             + lin(2 * f, 2 * f) + lin(f, f))                         # link v -> h, residual 1x1
+  layer_b = (
+    lin((p + 1) * k * f, 2 * f)
+    + lin((p + 1) * f, 2 * f)  # vertical, horizontal
+    + lin(2 * f, 2 * f)
+    + lin(f, f)
+  )  # link v -> h, residual 1x1
   heads = (2 if likelihood == "logistic" else 1) * lin(f, 1)
   return enc + cond + layer_a + layers * layer_b + heads
 
@@ -246,12 +269,11 @@ def expected_params(hw=(28, 28), d=40, hidden=(300, 300), f=64, layers=6, k=5,
 @pytest.mark.slow
 @pytest.mark.parametrize("likelihood", ["bernoulli", "logistic"])
 def test_parameter_count_matches_architecture(likelihood):
-  c = load_config("test", model="pixelcnn", likelihood=likelihood, latent_dim=40,
-                  hidden=(300, 300))
+  c = load_config("test", model="pixelcnn", likelihood=likelihood, latent_dim=40, hidden=(300, 300))
   params = jax.eval_shape(make_model(c, (28, 28, 1)).init, jax.random.PRNGKey(0))
   count = sum(int(x.size) for x in jax.tree.leaves(params))
   assert count == expected_params(likelihood=likelihood)
-  m, params = _model()                                   # tiny: 8x8, d 4, hidden 16, F 8, L 2, k 3
+  m, params = _model()  # tiny: 8x8, d 4, hidden 16, F 8, L 2, k 3
   count = sum(int(x.size) for x in jax.tree.leaves(params))
   assert count == expected_params((8, 8), 4, (16, 16), 8, 2, 3)
 
@@ -266,5 +288,6 @@ def test_registered_and_rejects_unsupported_inputs():
     _model(**{"pixelcnn.kernel_size": 4})
   with pytest.raises(ValueError, match="PixelCNN model"):
     vae = make_model(load_config("test"), (8, 8, 1))
-    pixelcnn.sample_images(vae, vae.init(jax.random.PRNGKey(0)), jnp.zeros((1, 4)),
-                           jax.random.PRNGKey(0))
+    pixelcnn.sample_images(
+      vae, vae.init(jax.random.PRNGKey(0)), jnp.zeros((1, 4)), jax.random.PRNGKey(0)
+    )

@@ -17,18 +17,28 @@ EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def _cli(script, *args, cwd):
-  r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--config=test", *args],
-                     capture_output=True, text=True, cwd=cwd, timeout=600)
+  r = subprocess.run(
+    [sys.executable, os.path.join(ROOT, script), "--config=test", *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
   return r.stdout
 
 
 @pytest.mark.slow
 def test_example_prior_trains_resumes_and_evaluates_through_the_cli(tmp_path):
-  spec = "learned_gaussian:LearnedGaussian"        # a module in the current directory
+  spec = "learned_gaussian:LearnedGaussian"  # a module in the current directory
   wd = str(tmp_path / "run")
-  small = [f"--workdir={wd}", f"--config.prior={spec}", "--config.max_train=200",
-           "--config.warmup_epochs=1", "--config.progress=False"]
+  small = [
+    f"--workdir={wd}",
+    f"--config.prior={spec}",
+    "--config.max_train=200",
+    "--config.warmup_epochs=1",
+    "--config.progress=False",
+  ]
   out = _cli("train.py", "--config.num_epochs=1", *small, cwd=EXAMPLES)
   assert out.strip().splitlines()[-1].startswith("finished: step 10")
   assert json.load(open(os.path.join(wd, "config.json")))["prior"] == spec
@@ -36,7 +46,7 @@ def test_example_prior_trains_resumes_and_evaluates_through_the_cli(tmp_path):
   assert "Resumed from checkpoint at step 10" in out and "finished: step 20" in out
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   log_var = [l["prior_log_var"] for l in lines if "prior_log_var" in l]
-  assert len(log_var) >= 4 and log_var[-1] != log_var[0]      # the prior's parameter learns
+  assert len(log_var) >= 4 and log_var[-1] != log_var[0]  # the prior's parameter learns
   assert [l["epoch"] for l in lines if "val_loss" in l] == [1, 2]
   _cli("eval.py", *small, cwd=EXAMPLES)
   m = json.load(open(os.path.join(wd, "eval_metrics.json")))
@@ -46,8 +56,11 @@ def test_example_prior_trains_resumes_and_evaluates_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_plugin_by_file_path_from_any_directory_and_a_model_plugin(tmp_path):
-  c = load_config("test", prior=os.path.join(EXAMPLES, "learned_gaussian.py") + ":LearnedGaussian",
-                  model=os.path.join(EXAMPLES, "plain_mlp_vae.py") + ":make_model")
+  c = load_config(
+    "test",
+    prior=os.path.join(EXAMPLES, "learned_gaussian.py") + ":LearnedGaussian",
+    model=os.path.join(EXAMPLES, "plain_mlp_vae.py") + ":make_model",
+  )
   splits = train_lib.load_data(c)
   setup = train_lib.make_setup(c, splits)
   assert c.prior in registered_priors()

@@ -53,16 +53,29 @@ def _low_precision_dot(eqn, a, b):
   float32 operands rounded to bfloat16, exact products, float32 accumulation."""
   params = dict(eqn.params)
   if not _pinned(params["precision"]):
-    a, b = (x.astype(jnp.bfloat16).astype(x.dtype) if x.dtype == jnp.float32 else x
-            for x in (a, b))
+    a, b = (x.astype(jnp.bfloat16).astype(x.dtype) if x.dtype == jnp.float32 else x for x in (a, b))
   params["precision"] = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
   return eqn.primitive.bind(a, b, **params)
 
 
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr"}
-_BIND_AS_IS = ("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter-min",
-               "scatter-max", "reduce", "sort", "argsort")
+_CALLS = {
+  "jit": "jaxpr",
+  "pjit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+}
+_BIND_AS_IS = (
+  "scatter",
+  "scatter-add",
+  "scatter_add",
+  "scatter-mul",
+  "scatter-min",
+  "scatter-max",
+  "reduce",
+  "sort",
+  "argsort",
+)
 
 
 def _eval(jaxpr, consts, args):
@@ -98,7 +111,7 @@ def _scan(params, ins):
   body, n_consts, n_carry = params["jaxpr"], params["num_consts"], params["num_carry"]
   length = params["length"]
   assert length > 0
-  consts, carry, xs = ins[:n_consts], ins[n_consts:n_consts + n_carry], ins[n_consts + n_carry:]
+  consts, carry, xs = ins[:n_consts], ins[n_consts : n_consts + n_carry], ins[n_consts + n_carry :]
   steps = range(length - 1, -1, -1) if params["reverse"] else range(length)
   ys = []
   for i in steps:
@@ -145,7 +158,7 @@ def _ref(z, bank, log_var):
   z64, b64 = z.astype(np.float64), bank.astype(np.float64)
   s2 = math.exp(log_var)
   diff = z64[:, None, :] - b64[None, :, :]
-  dist = (diff ** 2).sum(-1)
+  dist = (diff**2).sum(-1)
   logn = -dist / (2 * s2) - 0.5 * D * math.log(2 * math.pi * s2)
   lse = logsumexp(logn, axis=1)
   w = np.exp(logn - lse[:, None])
@@ -181,8 +194,9 @@ def xla_forward(monkeypatch):
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_log_kernel_sum_error_stays_at_float32_level(mode):
   z, bank = _codes()
-  lse, (gz, gb, glv) = MODES[mode](_lse_and_grads, jnp.asarray(z), jnp.asarray(bank),
-                                   jnp.float32(LOG_VAR))
+  lse, (gz, gb, glv) = MODES[mode](
+    _lse_and_grads, jnp.asarray(z), jnp.asarray(bank), jnp.float32(LOG_VAR)
+  )
   ref, rgz, rgb, rglv = _ref(z, bank, LOG_VAR)
   # float32 level: ~1e-5 of a nat here; one bfloat16 pass is off by tenths.
   assert np.max(np.abs(np.asarray(lse) - ref)) < 2e-3
@@ -194,8 +208,9 @@ def test_log_kernel_sum_error_stays_at_float32_level(mode):
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_topk_distances_stay_at_float32_level(mode):
   z, bank = _codes(b=32, n=900, seed=1)
-  dist, idx = MODES[mode](lambda z, b: topk_neighbors(z, b, 5, chunk_size=128),
-                          jnp.asarray(z), jnp.asarray(bank))
+  dist, idx = MODES[mode](
+    lambda z, b: topk_neighbors(z, b, 5, chunk_size=128), jnp.asarray(z), jnp.asarray(bank)
+  )
   d64 = ((z.astype(np.float64)[:, None] - bank.astype(np.float64)[None]) ** 2).sum(-1)
   true_d = np.sort(d64, axis=1)[:, :5]
   np.testing.assert_allclose(np.asarray(dist), true_d, rtol=1e-4, atol=1e-4)
@@ -208,9 +223,12 @@ def test_topk_distances_stay_at_float32_level(mode):
 def test_pruned_sum_stays_at_float32_level(mode, xla_forward):
   z, bank = _codes(b=64, n=800, seed=2)
   c = z.mean(0)
-  res = MODES[mode](lambda z, c, b: pruned_log_kernel_sum(z, c, b, jnp.float32(LOG_VAR),
-                                                          keep=800),
-                    jnp.asarray(z), jnp.asarray(c), jnp.asarray(bank))
+  res = MODES[mode](
+    lambda z, c, b: pruned_log_kernel_sum(z, c, b, jnp.float32(LOG_VAR), keep=800),
+    jnp.asarray(z),
+    jnp.asarray(c),
+    jnp.asarray(bank),
+  )
   ref = _ref(z, bank, LOG_VAR)[0]
   assert np.max(np.abs(np.asarray(res.lse) - ref)) < 2e-3
 
@@ -252,23 +270,31 @@ def _lowered_cases():
   z, bank = (jnp.asarray(a) for a in _codes(b=16, n=300))
   lv = jnp.float32(LOG_VAR)
   ids = jnp.arange(300, dtype=jnp.int32)
-  kw = dict(bank_ids=ids, query_ids=ids[:16], bank_mask=ids % 7 != 0, chunk_size=64,
-            impl="xla")
+  kw = dict(bank_ids=ids, query_ids=ids[:16], bank_mask=ids % 7 != 0, chunk_size=64, impl="xla")
   fwd = lambda z, b, lv: log_kernel_sum(z, b, lv, **kw)[0].sum()
   mu, logvar = bank[:20], jnp.full((20, D), -2.0)
   return {
-      "log_kernel_sum": (fwd, (z, bank, lv)),
-      "log_kernel_sum_grad": (jax.grad(fwd, (0, 1, 2)), (z, bank, lv)),
-      "log_kernel_sum_bf16_bank": (
-          lambda z, b, lv: log_kernel_sum(z, b, lv, bank_dtype=jnp.bfloat16, chunk_size=64)[0],
-          (z, bank, lv)),
-      "topk_neighbors": (lambda z, b: topk_neighbors(z, b, 4, chunk_size=64, **{
-          k: kw[k] for k in ("bank_ids", "query_ids", "bank_mask")}), (z, bank)),
-      "pruned_log_kernel_sum": (
-          lambda z, b, lv: pruned_log_kernel_sum(z, z[0], b, lv, keep=128).lse, (z, bank, lv)),
-      "vampprior": (mixture_diag_log_prob, (z, mu, logvar)),
-      "vampprior_grad": (jax.grad(lambda z, m, v: mixture_diag_log_prob(z, m, v).sum(),
-                                  (0, 1, 2)), (z, mu, logvar)),
+    "log_kernel_sum": (fwd, (z, bank, lv)),
+    "log_kernel_sum_grad": (jax.grad(fwd, (0, 1, 2)), (z, bank, lv)),
+    "log_kernel_sum_bf16_bank": (
+      lambda z, b, lv: log_kernel_sum(z, b, lv, bank_dtype=jnp.bfloat16, chunk_size=64)[0],
+      (z, bank, lv),
+    ),
+    "topk_neighbors": (
+      lambda z, b: topk_neighbors(
+        z, b, 4, chunk_size=64, **{k: kw[k] for k in ("bank_ids", "query_ids", "bank_mask")}
+      ),
+      (z, bank),
+    ),
+    "pruned_log_kernel_sum": (
+      lambda z, b, lv: pruned_log_kernel_sum(z, z[0], b, lv, keep=128).lse,
+      (z, bank, lv),
+    ),
+    "vampprior": (mixture_diag_log_prob, (z, mu, logvar)),
+    "vampprior_grad": (
+      jax.grad(lambda z, m, v: mixture_diag_log_prob(z, m, v).sum(), (0, 1, 2)),
+      (z, mu, logvar),
+    ),
   }
 
 

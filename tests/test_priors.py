@@ -12,8 +12,7 @@ from scipy.special import logsumexp
 
 from conftest import load_config
 from exvae.models import make_model
-from exvae.priors import (ContextInputs, ExemplarContext, VampContext, make_prior,
-                          registered_priors)
+from exvae.priors import ContextInputs, ExemplarContext, VampContext, make_prior, registered_priors
 from exvae.priors.vampprior import mixture_diag_log_prob
 
 
@@ -55,7 +54,7 @@ def test_exemplar_log_prob_matches_scipy(loo):
 def test_exemplar_masked_rows_and_huge_distances():
   rng = np.random.default_rng(1)
   z = rng.normal(size=(4, 2)).astype(np.float32)
-  z[0] = 1e4                                     # huge distance to every exemplar
+  z[0] = 1e4  # huge distance to every exemplar
   bank = rng.normal(size=(9, 2)).astype(np.float32)
   mask = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0], bool)
   prior = _exemplar(loo=False)
@@ -90,8 +89,14 @@ def test_exemplar_gradients():
     return prior.log_prob({"log_var": lv}, z, ExemplarContext(bank=bank)).sum()
 
   with jax.enable_x64(True):
-    check_grads(f, (z.astype(jnp.float64), bank.astype(jnp.float64), jnp.float64(-0.2)),
-                order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
+    check_grads(
+      f,
+      (z.astype(jnp.float64), bank.astype(jnp.float64), jnp.float64(-0.2)),
+      order=1,
+      modes=["rev"],
+      atol=1e-3,
+      rtol=1e-3,
+    )
 
 
 def test_gaussian_and_vampprior_match_scipy():
@@ -99,13 +104,22 @@ def test_gaussian_and_vampprior_match_scipy():
   z = rng.normal(size=(5, 3))
   c = load_config("test", latent_dim=3)
   g = make_prior("gaussian", c)
-  np.testing.assert_allclose(np.asarray(g.log_prob({}, jnp.asarray(z, jnp.float32), None)),
-                             stats.multivariate_normal.logpdf(z, np.zeros(3), np.eye(3)), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(g.log_prob({}, jnp.asarray(z, jnp.float32), None)),
+    stats.multivariate_normal.logpdf(z, np.zeros(3), np.eye(3)),
+    rtol=1e-5,
+  )
   mu, logvar = rng.normal(size=(4, 3)), rng.normal(size=(4, 3)) * 0.3
-  got = mixture_diag_log_prob(jnp.asarray(z, jnp.float32), jnp.asarray(mu, jnp.float32),
-                              jnp.asarray(logvar, jnp.float32))
-  want = [logsumexp([stats.multivariate_normal.logpdf(zz, mu[k], np.diag(np.exp(logvar[k])))
-                     for k in range(4)]) - np.log(4) for zz in z]
+  got = mixture_diag_log_prob(
+    jnp.asarray(z, jnp.float32), jnp.asarray(mu, jnp.float32), jnp.asarray(logvar, jnp.float32)
+  )
+  want = [
+    logsumexp(
+      [stats.multivariate_normal.logpdf(zz, mu[k], np.diag(np.exp(logvar[k]))) for k in range(4)]
+    )
+    - np.log(4)
+    for zz in z
+  ]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
@@ -125,8 +139,15 @@ def test_registry_and_errors():
 
 def test_rat_context_retrieval_union_and_cache():
   """RAT, 'bound' mode: neighbours equal brute force; union counts each exemplar once."""
-  c = load_config("test", **{"exemplar.rat": True, "exemplar.rat_k": 3,
-                             "exemplar.num_exemplars": 40, "exemplar.rat_mode": "bound"})
+  c = load_config(
+    "test",
+    **{
+      "exemplar.rat": True,
+      "exemplar.rat_k": 3,
+      "exemplar.num_exemplars": 40,
+      "exemplar.rat_mode": "bound",
+    },
+  )
   model = make_model(c, (8, 8, 1))
   prior = make_prior("exemplar", c)
   n, b = 60, 5
@@ -138,8 +159,9 @@ def test_rat_context_retrieval_union_and_cache():
   mu = jnp.asarray(rng.normal(size=(b, c.latent_dim)).astype(np.float32))
   key = jax.random.PRNGKey(9)
   inputs = ContextInputs(x=pool[ids], ids=ids, mu=mu, key=key, pool=pool, binary=False)
-  ctx, st = prior.context({"log_var": jnp.float32(0.)}, {"cache": cache}, model, mparams,
-                          inputs, train=True)
+  ctx, st = prior.context(
+    {"log_var": jnp.float32(0.0)}, {"cache": cache}, model, mparams, inputs, train=True
+  )
   # Recompute the candidates exactly as the prior does.
   k_idx, _ = jax.random.split(key)
   cand = np.asarray(jax.random.randint(k_idx, (40,), 0, n, dtype=jnp.int32))
@@ -148,22 +170,24 @@ def test_rat_context_retrieval_union_and_cache():
   want = set()
   for r in range(b):
     d = ((cache_np[cand] - np.asarray(mu)[r]) ** 2).sum(1)
-    d[cand == int(ids[r])] = np.inf                       # leave-one-out in retrieval
+    d[cand == int(ids[r])] = np.inf  # leave-one-out in retrieval
     want |= set(cand[np.argsort(d, kind="stable")[:3]].tolist())
   got_ids = np.asarray(ctx.bank_ids)[np.asarray(ctx.bank_mask)]
-  assert sorted(got_ids.tolist()) == sorted(want)          # each exemplar exactly once
-  assert ctx.bank.shape == (b * 3, c.latent_dim)        # static B*k shape
+  assert sorted(got_ids.tolist()) == sorted(want)  # each exemplar exactly once
+  assert ctx.bank.shape == (b * 3, c.latent_dim)  # static B*k shape
   # Re-encoded neighbours are written back to the cache; batch means too.
   new_cache = np.asarray(st["cache"])
-  np.testing.assert_allclose(new_cache[got_ids],
-                             np.asarray(ctx.bank)[np.asarray(ctx.bank_mask)], rtol=1e-6)
+  np.testing.assert_allclose(
+    new_cache[got_ids], np.asarray(ctx.bank)[np.asarray(ctx.bank_mask)], rtol=1e-6
+  )
   untouched = np.setdiff1d(np.arange(n), np.concatenate([got_ids, np.asarray(ids)]))
   np.testing.assert_array_equal(new_cache[untouched], np.asarray(cache)[untouched])
   # The RAT density is a lower bound on the full-bank density (weights 1/(N-1)).
   z = mu + 0.1
-  full = ref_exemplar_log_prob(np.asarray(z, np.float64), new_cache, 0.0, np.asarray(ids),
-                               np.arange(n))
-  rat = np.asarray(prior.log_prob({"log_var": jnp.float32(0.)}, z, ctx, ids))
+  full = ref_exemplar_log_prob(
+    np.asarray(z, np.float64), new_cache, 0.0, np.asarray(ids), np.arange(n)
+  )
+  rat = np.asarray(prior.log_prob({"log_var": jnp.float32(0.0)}, z, ctx, ids))
   assert np.all(rat <= full + 1e-4)
 
 
@@ -180,8 +204,9 @@ def _exemplar_contexts(n=30, **kw):
   key = jax.random.PRNGKey(6)
   pool_inputs = ContextInputs(key=key, pool=pool, binary=False)
   state = prior.refresh(params, prior.init_state(model, n), model, mparams, pool_inputs)
-  inputs = ContextInputs(x=pool[ids], ids=ids, mu=model.encode_mean(mparams, pool[ids]), key=key,
-                         pool=pool, binary=False)
+  inputs = ContextInputs(
+    x=pool[ids], ids=ids, mu=model.encode_mean(mparams, pool[ids]), key=key, pool=pool, binary=False
+  )
   train_ctx, _ = prior.context(params, state, model, mparams, inputs, train=True)
   eval_ctx, _ = prior.context(params, {}, model, mparams, pool_inputs, train=False)
   return prior, params, ids, train_ctx, eval_ctx
@@ -189,11 +214,13 @@ def _exemplar_contexts(n=30, **kw):
 
 # Which behaviours each context the prior builds selects: (bank_ids, bank_mask, log_norm) set?
 CONTEXT_KINDS = {
-    "exact": ({}, (True, False, False)),
-    "exact_whole_set": ({"num_exemplars": 0}, (True, False, False)),
-    "rat_reference": ({"rat": True, "rat_k": 3, "num_exemplars": 20}, (True, True, False)),
-    "rat_bound": ({"rat": True, "rat_k": 3, "num_exemplars": 20, "rat_mode": "bound"},
-                  (True, True, True)),
+  "exact": ({}, (True, False, False)),
+  "exact_whole_set": ({"num_exemplars": 0}, (True, False, False)),
+  "rat_reference": ({"rat": True, "rat_k": 3, "num_exemplars": 20}, (True, True, False)),
+  "rat_bound": (
+    {"rat": True, "rat_k": 3, "num_exemplars": 20, "rat_mode": "bound"},
+    (True, True, True),
+  ),
 }
 
 
@@ -218,21 +245,26 @@ def test_exemplar_leave_one_out_only_where_the_context_has_bank_ids():
   bank = np.asarray(train_ctx.bank, np.float64)
   lv = float(params["log_var"])
   loo = np.asarray(prior.log_prob(params, z, train_ctx, ids))
-  want_loo = ref_exemplar_log_prob(np.asarray(z, np.float64), bank, lv, np.asarray(ids),
-                                   np.asarray(train_ctx.bank_ids))
+  want_loo = ref_exemplar_log_prob(
+    np.asarray(z, np.float64), bank, lv, np.asarray(ids), np.asarray(train_ctx.bank_ids)
+  )
   np.testing.assert_allclose(loo, want_loo, rtol=1e-5, atol=1e-4)
   # Every query's own exemplar is in the whole-set bank, so leave-one-out changes each value.
   full = ref_exemplar_log_prob(np.asarray(z, np.float64), bank, lv)
   assert np.all(np.abs(want_loo - full) > 1e-6)
   no_ids = dataclasses.replace(train_ctx, bank_ids=None)
-  np.testing.assert_allclose(np.asarray(prior.log_prob(params, z, no_ids, ids)), full,
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(prior.log_prob(params, z, no_ids, ids)), full, rtol=1e-5, atol=1e-4
+  )
   # The evaluation bank holds the same rows (row r is training image r) and no ids.
   np.testing.assert_allclose(np.asarray(eval_ctx.bank), bank, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(prior.log_prob(params, z, eval_ctx, ids)),
-                                np.asarray(prior.log_prob(params, z, eval_ctx)))
-  np.testing.assert_allclose(np.asarray(prior.log_prob(params, z, eval_ctx)), full,
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(
+    np.asarray(prior.log_prob(params, z, eval_ctx, ids)),
+    np.asarray(prior.log_prob(params, z, eval_ctx)),
+  )
+  np.testing.assert_allclose(
+    np.asarray(prior.log_prob(params, z, eval_ctx)), full, rtol=1e-5, atol=1e-4
+  )
 
 
 def test_exemplar_context_is_typed():
@@ -265,16 +297,19 @@ def test_contexts_are_pytrees_that_jit_without_retracing():
   score(jax.tree.map(lambda a: a + 1.0, eval_ctx), z)
   assert len(traces) == 1
   assert jax.jit(lambda c: c)(eval_ctx).full_bank
-  assert [a.shape for a in jax.tree.leaves(train_ctx)] == [train_ctx.bank.shape,
-                                                          train_ctx.bank_ids.shape]
+  assert [a.shape for a in jax.tree.leaves(train_ctx)] == [
+    train_ctx.bank.shape,
+    train_ctx.bank_ids.shape,
+  ]
   vctx = VampContext(logvar=jnp.zeros((2, 3)), mu=jnp.ones((2, 3)))
-  assert [float(a[0, 0]) for a in jax.tree.leaves(vctx)] == [0.0, 1.0]   # sorted keys: logvar, mu
+  assert [float(a[0, 0]) for a in jax.tree.leaves(vctx)] == [0.0, 1.0]  # sorted keys: logvar, mu
 
 
 @pytest.mark.slow
 def test_vampprior_pseudo_inputs_start_as_the_reference_and_half_stay_frozen():
   from exvae.optim import make_optimizer
   from exvae.errors import ConfigError
+
   c = load_config("test", **{"vampprior.num_pseudo": 50})
   assert c.vampprior.init == "he"
   model = make_model(c, (28, 28, 1))
@@ -303,8 +338,9 @@ def test_vampprior_pseudo_inputs_start_as_the_reference_and_half_stay_frozen():
   assert np.mean(step[~frozen] != 0.0) > 0.9
 
   c2 = load_config("test", **{"vampprior.init": "normal", "vampprior.num_pseudo": 50})
-  u2 = np.asarray(make_prior("vampprior", c2).init(jax.random.PRNGKey(0), model, 100)
-                  ["pseudo_inputs"])
+  u2 = np.asarray(
+    make_prior("vampprior", c2).init(jax.random.PRNGKey(0), model, 100)["pseudo_inputs"]
+  )
   np.testing.assert_allclose([u2.mean(), u2.std()], [0.05, 0.01], rtol=0.02)
   c3 = load_config("test", **{"vampprior.init": "xavier"})
   with pytest.raises(ConfigError, match="vampprior.init must be"):

@@ -24,6 +24,7 @@ def run(tmp_path_factory):
 
 def _leaves(tree):
   import jax
+
   return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
 
 
@@ -40,10 +41,11 @@ def test_round_trip_and_reader_paths(run, tmp_path):
     np.testing.assert_array_equal(x, y)
   # eval.py scores the published model exactly like the run it came from.
   ev = lambda wd, d: eval_lib.evaluate(  # noqa: E731
-      load_config("test", num_epochs=1, **{"eval.out_dir": str(tmp_path / d)}), wd)
+    load_config("test", num_epochs=1, **{"eval.out_dir": str(tmp_path / d)}), wd
+  )
   m_run, m_pub = ev(workdir, "e_run"), ev(out, "e_pub")
   assert m_pub["test_nll"] == pytest.approx(m_run["test_nll"], abs=1e-4)
-  assert sorted(os.listdir(out)) == ["config.json", "model.json", "params.npz"]   # untouched
+  assert sorted(os.listdir(out)) == ["config.json", "model.json", "params.npz"]  # untouched
 
 
 def test_corrupt_or_foreign_parameters_are_refused(run, tmp_path):
@@ -51,7 +53,7 @@ def test_corrupt_or_foreign_parameters_are_refused(run, tmp_path):
   out = str(tmp_path / "model")
   path = published.save(out, trained.params, rundir.read_stored_config(workdir), {})
   template = trained.params
-  with open(path, "r+b") as f:          # one flipped byte inside the archive
+  with open(path, "r+b") as f:  # one flipped byte inside the archive
     f.seek(os.path.getsize(path) // 2)
     byte = f.read(1)
     f.seek(-1, 1)
@@ -63,8 +65,10 @@ def test_corrupt_or_foreign_parameters_are_refused(run, tmp_path):
   meta_path = os.path.join(out, published.META_FILE)
   meta = json.load(open(meta_path))
   good = meta["params_sha256"]
-  json.dump(dict(meta, params_sha256=good[:-4] + ("0000" if good[-4:] != "0000" else "1111")),
-            open(meta_path, "w"))
+  json.dump(
+    dict(meta, params_sha256=good[:-4] + ("0000" if good[-4:] != "0000" else "1111")),
+    open(meta_path, "w"),
+  )
   with pytest.raises(published.PublishedModelError) as e:
     published.load(out, template)
   digests = re.findall(r"\b[0-9a-f]{12,}\b", str(e.value))
@@ -79,10 +83,13 @@ ROW = os.path.join(ROOT, "results", "fashion_vae_vampprior")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(ROW, "model", "params.npz")),
-                    reason="no published VampPrior model")
+@pytest.mark.skipif(
+  not os.path.isfile(os.path.join(ROW, "model", "params.npz")),
+  reason="no published VampPrior model",
+)
 def test_the_vampprior_row_is_reproduced_from_its_published_model(tmp_path):
   from exvae import data
+
   if not os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"):
     pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
   del data
@@ -90,8 +97,9 @@ def test_the_vampprior_row_is_reproduced_from_its_published_model(tmp_path):
     record = json.load(f)
   with open(os.path.join(ROW, "metrics.json")) as f:
     row = json.load(f)
-  assert record["best_epoch"] == row["best_epoch"]       # the parameters the row scored
+  assert record["best_epoch"] == row["best_epoch"]  # the parameters the row scored
   from exvae import config_registry
+
   config = config_registry.get_config(os.path.join(ROOT, "configs", "fashion_vae_vampprior.py"))
   with config.unlocked():
     config.eval.max_test_examples = 3
@@ -113,12 +121,14 @@ def test_a_published_config_json_is_checked_against_model_json(run, tmp_path, ca
   data is refused in one line; a model published before the record is accepted; without
   config.json, a given --config is used with one line saying it could not be checked."""
   from exvae import config_registry
+
   config, workdir, trained = run
   out = str(tmp_path / "model")
   published.save(out, trained.params, rundir.read_stored_config(workdir), {"best_epoch": 1})
   meta = published.read_meta(out)
   assert meta["config_sha256"] == __import__("exvae.atomic").atomic.json_digest(
-      json.load(open(os.path.join(out, "config.json"))))
+    json.load(open(os.path.join(out, "config.json")))
+  )
   bank_lib.restore_trained(config_registry.from_json(os.path.join(out, "config.json")), out)
   stored = json.load(open(os.path.join(out, "config.json")))
   stored["exemplar"]["binarize_exemplars"] = not stored["exemplar"]["binarize_exemplars"]
@@ -145,6 +155,7 @@ def test_an_incomplete_or_unreadable_published_model_is_named_as_such(run, tmp_p
   from exvae.cli import command
   from exvae.cli import exits
   from exvae.cli import eval as eval_cli
+
   config, workdir, trained = run
   out = str(tmp_path / "model")
   published.save(out, trained.params, rundir.read_stored_config(workdir), {"best_epoch": 1})
@@ -168,6 +179,7 @@ def test_publish_model_records_the_config_digest_of_an_older_model(run, tmp_path
   parameters changing; a model whose parameters fail their digest is refused."""
   from conftest import load_script
   from exvae import atomic
+
   _, workdir, trained = run
   out = str(tmp_path / "model")
   published.save(out, trained.params, rundir.read_stored_config(workdir), {"best_epoch": 1})

@@ -18,13 +18,20 @@ from exvae.models import make_model
 from exvae.objectives import elbo_loss, kl_beta
 from exvae.priors import exemplar as exemplar_mod
 
-CHUNK = 20         # the test union has B*k = 20*3 = 60 rows (33-46 distinct): 3 chunks
+CHUNK = 20  # the test union has B*k = 20*3 = 60 rows (33-46 distinct): 3 chunks
 
 
 def _rat_config(mode: str, compact: bool):
-  return load_config("test", **{"exemplar.rat": True, "exemplar.rat_mode": mode,
-                                "exemplar.loo": True, "exemplar.rat_compact": compact,
-                                "exemplar.rat_compact_chunk": CHUNK})
+  return load_config(
+    "test",
+    **{
+      "exemplar.rat": True,
+      "exemplar.rat_mode": mode,
+      "exemplar.loo": True,
+      "exemplar.rat_compact": compact,
+      "exemplar.rat_compact_chunk": CHUNK,
+    },
+  )
 
 
 def _rat_run(mode: str):
@@ -54,21 +61,22 @@ def _union_of(setup, state, pool, perm):
   params = state.params
   sc = setup.model.score(params["model"], x, k_z, 1, setup.log_lik)
   inputs = setup.context_inputs(pool, k_ctx, x=x, ids=ids, mu=sc.mu)
-  return setup.prior.context(params["prior"], state.prior_state, setup.model, params["model"],
-                             inputs, train=True)
+  return setup.prior.context(
+    params["prior"], state.prior_state, setup.model, params["model"], inputs, train=True
+  )
 
 
 def test_compact_keys_are_the_sorted_distinct_valid_keys_then_invalid():
   r = np.random.default_rng(0)
   keys = r.integers(0, 12, size=50).astype(np.int32)
-  keys[r.uniform(size=50) < 0.3] = 12                        # empty slots
+  keys[r.uniform(size=50) < 0.3] = 12  # empty slots
   k0, m0 = exemplar_mod._first_of_each(jnp.asarray(keys), 12)
   k1, m1 = exemplar_mod._first_of_each(jnp.asarray(keys), 12, compact=True)
   want = np.unique(keys[keys < 12])
   count = len(want)
   np.testing.assert_array_equal(np.asarray(k1)[:count], want)
   assert np.all(np.asarray(k1)[count:] == 12)
-  np.testing.assert_array_equal(np.asarray(m1), np.arange(50) < count)      # a prefix
+  np.testing.assert_array_equal(np.asarray(m1), np.arange(50) < count)  # a prefix
   # The uncompacted form marks the same keys, in place.
   np.testing.assert_array_equal(np.asarray(k0)[np.asarray(m0)], want)
 
@@ -81,9 +89,10 @@ def test_encode_rows_prefix_encodes_the_prefix_and_zeros_the_skipped_chunks():
   pool = jnp.asarray(np.random.default_rng(1).uniform(size=(40, 8, 8, 1)).astype(np.float32))
   ids = jax.random.randint(jax.random.PRNGKey(2), (30,), 0, 40, dtype=jnp.int32)
   key = jax.random.PRNGKey(3)
-  count = 13                                                  # chunks [0, 5), [5, 10), [10, 15)
-  fn = jax.jit(lambda mp, ids, n: exemplar_mod.encode_rows_prefix(
-      model, mp, pool, ids, n, key, True, chunk=5))
+  count = 13  # chunks [0, 5), [5, 10), [10, 15)
+  fn = jax.jit(
+    lambda mp, ids, n: exemplar_mod.encode_rows_prefix(model, mp, pool, ids, n, key, True, chunk=5)
+  )
   codes = np.asarray(fn(mp, ids, jnp.int32(count)))
   x = rng.bernoulli_rows(key, pool[ids], ids)
   want = np.asarray(model.encode_mean(mp, x))
@@ -107,7 +116,8 @@ def _loss_grads_and_union(state, pool, perm, setup):
   x, ids, key = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
   beta = kl_beta(state.step, setup.steps_per_epoch, setup.warmup_epochs)
   (loss, _), grads = jax.value_and_grad(elbo_loss, has_aux=True)(
-      state.params, state.prior_state, setup, x, ids, key, beta, pool)
+    state.params, state.prior_state, setup, x, ids, key, beta, pool
+  )
   return loss, grads, _union_of(setup, state, pool, perm)
 
 
@@ -120,10 +130,9 @@ def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mod
   c = _rat_config(mode, True)
   static = c.batch_size * c.exemplar.rat_k
   f0 = jax.jit(lambda s: _loss_grads_and_union(s, pool, perm, setup0))
-  f1 = jax.jit(chex.assert_max_traces(lambda s: _loss_grads_and_union(s, pool, perm, setup1),
-                                      n=1))
+  f1 = jax.jit(chex.assert_max_traces(lambda s: _loss_grads_and_union(s, pool, perm, setup1), n=1))
   chunks = []
-  for step in (0, 5):                            # two batches, two candidate draws
+  for step in (0, 5):  # two batches, two candidate draws
     s = state.replace(step=jnp.asarray(step, state.step.dtype))
     (l0, g0, (c0, st0)), (l1, g1, (c1, st1)) = f0(s), f1(s)
     mask0, mask1 = np.asarray(c0.bank_mask), np.asarray(c1.bank_mask)
@@ -132,12 +141,14 @@ def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mod
     # Same components (ids and codes), the distinct ones first; same cache written.
     ids0 = np.asarray(c0.bank_ids)[mask0]
     np.testing.assert_array_equal(np.asarray(c1.bank_ids)[:count], ids0)
-    np.testing.assert_allclose(np.asarray(c1.bank)[:count], np.asarray(c0.bank)[mask0],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(c1.bank)[:count], np.asarray(c0.bank)[mask0], rtol=1e-5, atol=1e-6
+    )
     chunks.append(-(-count // CHUNK))
-    assert np.all(np.asarray(c1.bank)[chunks[-1] * CHUNK:] == 0)   # the skipped chunks
-    np.testing.assert_allclose(np.asarray(st1["cache"]), np.asarray(st0["cache"]),
-                               rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(c1.bank)[chunks[-1] * CHUNK :] == 0)  # the skipped chunks
+    np.testing.assert_allclose(
+      np.asarray(st1["cache"]), np.asarray(st0["cache"]), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     # Summation order differs (per-chunk gradient sums): within 5e-6 of the gradient's norm,
     # and per tensor within 1e-5 of its largest entry (a small bias gradient is a sum
@@ -147,7 +158,7 @@ def test_compact_step_has_the_loss_and_gradients_of_encoding_every_union_row(mod
     # moves the gradient by percents.
     d2 = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     n2 = sum(float(jnp.sum(a * a)) for a in jax.tree.leaves(g0))
-    assert d2 ** 0.5 <= 5e-6 * n2 ** 0.5, (d2, n2)
+    assert d2**0.5 <= 5e-6 * n2**0.5, (d2, n2)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
       assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(a))), (a, b)
   assert min(chunks) < static // CHUNK and len(set(chunks)) > 1, chunks

@@ -10,8 +10,7 @@ def test_saved_arrays_come_back_only_with_their_identity_digest_and_shapes(tmp_p
   like = {"scores": np.zeros(4), "done": np.int64(0), "losses": None}
   kw = dict(what="partial job", restart="starting over")
   assert resumable.load(path, "a", like, **kw) is None and capsys.readouterr().out == ""
-  resumable.save(path, "a", {"scores": np.arange(4.0), "done": np.int64(2),
-                             "losses": np.ones(7)})
+  resumable.save(path, "a", {"scores": np.arange(4.0), "done": np.int64(2), "losses": np.ones(7)})
   got = resumable.load(path, "a", like, **kw)
   assert set(got) == {"scores", "done", "losses"}
   np.testing.assert_array_equal(got["scores"], np.arange(4.0))

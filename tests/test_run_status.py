@@ -25,22 +25,38 @@ def _snapshot(wd):
   return out
 
 
-def _run_dir(tmp_path, val_losses, *, warmup=3, patience=2, num_epochs=40, times=None,
-             summary=None):
+def _run_dir(
+  tmp_path, val_losses, *, warmup=3, patience=2, num_epochs=40, times=None, summary=None
+):
   """A run directory whose metrics.jsonl holds the validations train_lib would log."""
   wd = tmp_path / "runs" / "cfg"
   wd.mkdir(parents=True)
-  (wd / "config.json").write_text(json.dumps(
-      {"num_epochs": num_epochs, "warmup_epochs": warmup, "early_stopping_patience": patience,
-       "eval": {"out_dir": ""}}))
+  (wd / "config.json").write_text(
+    json.dumps(
+      {
+        "num_epochs": num_epochs,
+        "warmup_epochs": warmup,
+        "early_stopping_patience": patience,
+        "eval": {"out_dir": ""},
+      }
+    )
+  )
   meta = {"best_val": None, "best_epoch": 0, "bad_epochs": 0}
   lines = []
   for e, v in enumerate(val_losses):
     train_lib.early_stopping_update(meta, v, e, warmup)
     t = times[e] if times is not None else 10.0 * (e + 1)
     lines.append({"loss": v, "step": 5 * e + 3, "epoch": e + 0.6, "time": t - 4.0})
-    lines.append({"val_loss": v, "epoch": e + 1, "step": 5 * (e + 1), "best_val": meta["best_val"],
-                  "bad_epochs": meta["bad_epochs"], "time": t})
+    lines.append(
+      {
+        "val_loss": v,
+        "epoch": e + 1,
+        "step": 5 * (e + 1),
+        "best_val": meta["best_val"],
+        "bad_epochs": meta["bad_epochs"],
+        "time": t,
+      }
+    )
   if summary is not None:
     lines.append({"summary": summary})
   (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -66,8 +82,9 @@ def test_earliest_stop_is_where_the_training_loop_would_stop(seed):
         stopped = e + 1
         break
     if stopped < k:
-      break                                   # the run never gets past epoch k
+      break  # the run never gets past epoch k
     assert predicted == stopped, (k, warmup, patience)
+
 
 def test_status_of_a_resumed_paused_run_and_its_writer(tmp_path):
   rs = _status()
@@ -78,11 +95,11 @@ def test_status_of_a_resumed_paused_run_and_its_writer(tmp_path):
   wd = _run_dir(tmp_path, losses, warmup=3, patience=5, times=times)
   before = _snapshot(wd)
   st = rs.status(str(wd))
-  assert _snapshot(wd) == before and not (wd / rundir.LOCK_FILE).exists()   # read only
+  assert _snapshot(wd) == before and not (wd / rundir.LOCK_FILE).exists()  # read only
   assert st["writer"] is None and st["epoch"] == 12 and st["best_epoch"] == 8
   assert st["best_val"] == 2 and st["bad_epochs"] == 4 and not st["finished"]
   assert st["s_per_epoch"] == pytest.approx(10.0)
-  assert st["paused_s"] == pytest.approx(1232 - 4 - 32)   # the gap between two records
+  assert st["paused_s"] == pytest.approx(1232 - 4 - 32)  # the gap between two records
   assert st["trained_s"] == pytest.approx(60 + 1252 - st["paused_s"])
   assert st["stop_by_epoch"] == 14 and st["stop_in_s"] == pytest.approx(20.0)
   line = rs.format_line(st)
@@ -95,26 +112,39 @@ def test_status_of_a_resumed_paused_run_and_its_writer(tmp_path):
     assert _snapshot(wd) == before
   assert st["writer"]["pid"] == os.getpid()
   assert rs.format_line(st).startswith(f"cfg: training (pid {os.getpid()} on ")
-  assert rs.status(str(wd))["writer"] is None          # released
+  assert rs.status(str(wd))["writer"] is None  # released
 
 
 def test_status_of_a_finished_and_evaluated_run_and_the_command(tmp_path, capsys):
   rs = _status()
-  wd = _run_dir(tmp_path, [5, 4, 4.5, 4.6], warmup=1, patience=2,
-                summary={"early_stopped": True, "finished": True})
-  (wd / "eval_metrics.json").write_text(json.dumps(
-      {"test_nll": 227.2218, "test_nll_se": 0.7612, "checkpoint_step": 20}))
+  wd = _run_dir(
+    tmp_path,
+    [5, 4, 4.5, 4.6],
+    warmup=1,
+    patience=2,
+    summary={"early_stopped": True, "finished": True},
+  )
+  (wd / "eval_metrics.json").write_text(
+    json.dumps({"test_nll": 227.2218, "test_nll_se": 0.7612, "checkpoint_step": 20})
+  )
   st = rs.status(str(wd))
   assert st["finished"] and st["stop_in_s"] is None and st["test_nll"] == 227.2218
-  assert rs.format_line(st) == ("cfg: trained, evaluated; epoch 4 of 40; best validation 4.000 "
-                                "at epoch 2; 10.0 s/epoch; 0.0 h trained; test NLL 227.22 +- 0.76")
+  assert rs.format_line(st) == (
+    "cfg: trained, evaluated; epoch 4 of 40; best validation 4.000 "
+    "at epoch 2; 10.0 s/epoch; 0.0 h trained; test NLL 227.22 +- 0.76"
+  )
   # An evaluation under way: its partial scores say how far it is.
   (wd / "eval_metrics.json").unlink()
-  resumable.save(str(wd / "eval_partial.npz"), json.dumps({"m": 10000, "batch": 1, "chunk": 5000}),
-                 {"log_px_iwae": np.zeros(10000), "done_batches": np.int64(2500)})
+  resumable.save(
+    str(wd / "eval_partial.npz"),
+    json.dumps({"m": 10000, "batch": 1, "chunk": 5000}),
+    {"log_px_iwae": np.zeros(10000), "done_batches": np.int64(2500)},
+  )
   assert "evaluation running; epoch 4" in rs.format_line(rs.status(str(wd)))
   assert "2500 of 10000 test images scored" in rs.format_line(rs.status(str(wd)))
-  assert rs.status(str(wd), now=os.path.getmtime(wd / "eval_partial.npz") + 600)["eval"] == "stopped"
+  assert (
+    rs.status(str(wd), now=os.path.getmtime(wd / "eval_partial.npz") + 600)["eval"] == "stopped"
+  )
   # The command: one line per run under --runs (directories without config.json skipped).
   (tmp_path / "runs" / "not_a_run").mkdir()
   assert rs.main(["--runs", str(tmp_path / "runs")]) == 0
@@ -132,10 +162,11 @@ def test_status_of_a_finished_and_evaluated_run_and_the_command(tmp_path, capsys
 def test_finished_follows_the_last_summary_unless_training_went_on(tmp_path):
   rs = _status()
   wd = _run_dir(tmp_path, [5, 4, 3], summary={"finished": True, "early_stopped": False})
-  assert rs.status(str(wd))["finished"]                 # a max_steps budget spent
-  with open(wd / "metrics.jsonl", "a") as f:          # resumed with a larger budget
-    f.write(json.dumps({"val_loss": 2.5, "epoch": 4, "step": 20, "bad_epochs": 0,
-                        "time": 5.0}) + "\n")
+  assert rs.status(str(wd))["finished"]  # a max_steps budget spent
+  with open(wd / "metrics.jsonl", "a") as f:  # resumed with a larger budget
+    f.write(
+      json.dumps({"val_loss": 2.5, "epoch": 4, "step": 20, "bad_epochs": 0, "time": 5.0}) + "\n"
+    )
   st = rs.status(str(wd))
   assert not st["finished"] and st["epoch"] == 4 and st["stop_by_epoch"] == 4 + 3 + 0
 

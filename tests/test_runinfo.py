@@ -7,8 +7,12 @@ from exvae import runinfo
 
 
 def test_read_val_records_keeps_the_last_record_per_epoch(tmp_path):
-  recs = [{"epoch": 2, "val_loss": 5.0}, {"step": 7, "loss": 1.0}, {"epoch": 1, "val_loss": 6.0},
-          {"epoch": 2, "val_loss": 4.5, "time": 3.0}]          # epoch 2 again after a resume
+  recs = [
+    {"epoch": 2, "val_loss": 5.0},
+    {"step": 7, "loss": 1.0},
+    {"epoch": 1, "val_loss": 6.0},
+    {"epoch": 2, "val_loss": 4.5, "time": 3.0},
+  ]  # epoch 2 again after a resume
   (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n\n{torn")
   assert runinfo.read_val_records(tmp_path) == [recs[2], recs[3]]
   assert runinfo.read_val_records(tmp_path / "missing") == []
@@ -24,13 +28,15 @@ def test_matmul_rate_matches_its_own_timing():
 
 def test_cpu_name_reads_the_model_name_and_marks_avx512(tmp_path, monkeypatch):
   import builtins
+
   info = "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2{}\n"
   real_open = builtins.open
   for flags, suffix in ((" avx512f avx512bw", ", AVX-512"), ("", "")):
     path = tmp_path / "cpuinfo"
     path.write_text(info.format(flags))
-    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(
-        path if p == "/proc/cpuinfo" else p, *a, **k))
+    monkeypatch.setattr(
+      builtins, "open", lambda p, *a, **k: real_open(path if p == "/proc/cpuinfo" else p, *a, **k)
+    )
     assert runinfo.cpu_name() == "Test CPU 9000"
     assert runinfo.cpu_name(with_isa=True) == "Test CPU 9000" + suffix
   monkeypatch.setattr(builtins, "open", real_open)

@@ -26,10 +26,15 @@ def _setup(**overrides):
   return c, splits, setup
 
 
-@pytest.mark.parametrize("prior,rat", [pytest.param("exemplar", False, marks=pytest.mark.slow),
-                                       pytest.param("exemplar", True, marks=pytest.mark.slow),
-                                       pytest.param("vampprior", False, marks=pytest.mark.slow),
-                                       ("gaussian", False)])
+@pytest.mark.parametrize(
+  "prior,rat",
+  [
+    pytest.param("exemplar", False, marks=pytest.mark.slow),
+    pytest.param("exemplar", True, marks=pytest.mark.slow),
+    pytest.param("vampprior", False, marks=pytest.mark.slow),
+    ("gaussian", False),
+  ],
+)
 def test_train_step_traces_once_and_loss_decreases(prior, rat):
   c = load_config("test", prior=prior, **{"exemplar.rat": rat})
   _, state, _, losses = train_traced_once(c, 40)
@@ -44,21 +49,26 @@ def test_a_nonfinite_step_keeps_the_state_and_a_finite_one_updates_in_place():
   own update, and the compiled step copies none of the donated parameters or moments."""
   import optax
   from conftest import fresh_run
+
   setup, state, pool, perm = fresh_run(load_config("test"))
   np_tree = lambda t: jax.tree.map(np.asarray, t)
   # A finite step: the optimiser's update of the step's own gradients.
   x, ids, k_loss = train_lib.train_batch(state.key, state.step, pool, perm, setup=setup)
   beta = train_lib.kl_beta(state.step, setup.steps_per_epoch, setup.warmup_epochs)
-  grads = jax.grad(lambda p: elbo_loss(p, state.prior_state, setup, x, ids, k_loss,
-                                                 beta, pool)[0])(state.params)
+  grads = jax.grad(lambda p: elbo_loss(p, state.prior_state, setup, x, ids, k_loss, beta, pool)[0])(
+    state.params
+  )
   updates, want_opt = setup.optimizer.update(grads, state.opt_state, state.params)
   want = np_tree((optax.apply_updates(state.params, updates), want_opt))
   new, _ = train_lib.train_step(jax.tree.map(jnp.copy, state), pool, perm, setup=setup)
   chex.assert_trees_all_close((new.params, new.opt_state), want, rtol=1e-5, atol=1e-6)
   assert int(new.nonfinite) == 0
   # A NaN in a parameter: the loss is NaN, and nothing of the state moves.
-  bad = new.replace(params=jax.tree.map(
-      lambda a: a.at[(0,) * a.ndim].set(jnp.nan) if a.ndim == 1 else a, new.params))
+  bad = new.replace(
+    params=jax.tree.map(
+      lambda a: a.at[(0,) * a.ndim].set(jnp.nan) if a.ndim == 1 else a, new.params
+    )
+  )
   before = np_tree((bad.params, bad.opt_state))
   after, m = train_lib.train_step(bad, pool, perm, setup=setup)
   assert not np.isfinite(float(m["loss"])) and int(after.nonfinite) == 1
@@ -68,8 +78,11 @@ def test_a_nonfinite_step_keeps_the_state_and_a_finite_one_updates_in_place():
   # scalar read again for the step's metrics may still be copied).
   hlo = train_lib.train_step.lower(after, pool, perm, setup=setup).compile().as_text()
   copies = re.findall(r"f32\[([0-9,]*)\]\S* copy\((%state_(?:params|opt_state)\S*)\)", hlo)
-  big = [(shape, what) for shape, what in copies
-         if "opt_state" in what or np.prod([int(d) for d in shape.split(",") if d]) > 1024]
+  big = [
+    (shape, what)
+    for shape, what in copies
+    if "opt_state" in what or np.prod([int(d) for d in shape.split(",") if d]) > 1024
+  ]
   assert not big, big[:5]
 
 
@@ -81,9 +94,9 @@ def test_training_binarisation_is_fresh_each_epoch_and_eval_is_fixed():
   spe = setup.steps_per_epoch
   batch = jax.jit(train_lib.train_batch, static_argnames=("setup",))
   key = jax.random.PRNGKey(0)
-  perm = jnp.arange(n, dtype=jnp.int32)            # same rows at step 0 of every epoch
+  perm = jnp.arange(n, dtype=jnp.int32)  # same rows at step 0 of every epoch
   draws = [batch(key, jnp.int32(e * spe), pool, perm, setup=setup) for e in range(200)]
-  xs = np.stack([np.asarray(x) for x, _, _ in draws])            # (epochs, B, H, W, 1)
+  xs = np.stack([np.asarray(x) for x, _, _ in draws])  # (epochs, B, H, W, 1)
   ids = np.asarray(draws[0][1])
   assert all(np.array_equal(np.asarray(i), ids) for _, i, _ in draws)
   assert set(np.unique(xs).tolist()) == {0.0, 1.0}
@@ -111,7 +124,7 @@ def test_iwae_s1_equals_elbo_and_bound_tightens():
   state = train_lib.init_state(c, setup, n)
   pool = jnp.asarray(splits.train_x)
   perm = jnp.asarray(train_lib.epoch_permutation(0, 0, n))
-  for _ in range(30):                                    # a not-quite-random fixed model
+  for _ in range(30):  # a not-quite-random fixed model
     state, _ = train_lib.train_step(state, pool, perm, setup=setup)
   params = state.params
   ctx = evaluation.eval_context(params, pool, jax.random.PRNGKey(3), setup=setup)
@@ -125,12 +138,16 @@ def test_iwae_s1_equals_elbo_and_bound_tightens():
   lw1 = log_importance_weights(params, setup, ctx, x, kb, 1)[0][:, 0]
   np.testing.assert_allclose(r["log_px_iwae"], np.asarray(lw1), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(r["elbo"], np.asarray(lw1), rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(log_w[:, 0]),
-                             np.asarray(log_px + log_pz - log_qz)[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(log_w[:, 0]), np.asarray(log_px + log_pz - log_qz)[:, 0], rtol=1e-6
+  )
   # The bound tightens with S (on average over test points; fixed model).
-  bounds = [evaluation.evaluate_split(params, setup, ctx, np.asarray(x), jax.random.PRNGKey(s),
-                                      num_samples=s, max_queries=512)["log_px_iwae"].mean()
-            for s in (1, 8, 64, 512)]
+  bounds = [
+    evaluation.evaluate_split(
+      params, setup, ctx, np.asarray(x), jax.random.PRNGKey(s), num_samples=s, max_queries=512
+    )["log_px_iwae"].mean()
+    for s in (1, 8, 64, 512)
+  ]
   assert bounds[0] < bounds[1] < bounds[2] < bounds[3], bounds
   # Chunking S across calls (max_queries < S) gives the same estimator.
   a = evaluation.evaluate_split(params, setup, ctx, np.asarray(x[:4]), key, 64, max_queries=64)
@@ -159,8 +176,15 @@ def test_train_and_eval_end_to_end(tmp_path):
 
 
 def _run_train(wd, *extra, wait=True):
-  cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/test.py",
-         f"--workdir={wd}", "--config.num_epochs=3", "--config.checkpoint_every_steps=7", *extra]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--config={ROOT}/configs/test.py",
+    f"--workdir={wd}",
+    "--config.num_epochs=3",
+    "--config.checkpoint_every_steps=7",
+    *extra,
+  ]
   if wait:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
   return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -171,7 +195,9 @@ def _final_params(wd):
   splits = train_lib.load_data(c)
   setup = train_lib.make_setup(c, splits)
   t = train_lib.init_state(c, setup, splits.train_x.shape[0])
-  state, best, meta = checkpoints.Manager(os.path.join(wd, "checkpoints")).restore_latest(t, t.params)
+  state, best, meta = checkpoints.Manager(os.path.join(wd, "checkpoints")).restore_latest(
+    t, t.params
+  )
   return state, best, meta
 
 
@@ -208,9 +234,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   c = load_config("test", max_steps=20)
   wd = str(tmp_path / "nan")
   train_lib.train_and_evaluate(c, wd)
-  c2 = load_config("test", max_steps=60, learning_rate=1e30)   # explodes immediately
+  c2 = load_config("test", max_steps=60, learning_rate=1e30)  # explodes immediately
   with pytest.raises(train_lib.NonFiniteLossError, match="last good checkpoint"):
-    train_lib.train_and_evaluate(c2, wd, allow_config_change=True)   # a new learning rate
+    train_lib.train_and_evaluate(c2, wd, allow_config_change=True)  # a new learning rate
   mngr = checkpoints.Manager(os.path.join(wd, "checkpoints"))
   assert mngr.all_steps()[-1] == 20
   s, _, _ = _final_params(wd)
@@ -226,7 +252,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
   ckpt = os.path.join(wd, "checkpoints")
   steps = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit())
   latest = os.path.join(ckpt, str(steps[-1]), "state")
-  for root, _, files in os.walk(latest):       # scramble every file of the latest state
+  for root, _, files in os.walk(latest):  # scramble every file of the latest state
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"\x00garbage")
@@ -248,6 +274,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 def test_bad_images_are_rejected():
   from exvae import data
+
   with pytest.raises(ValueError):
     data.validate_images(np.full((2, 8, 8, 1), 2.0, np.float32))
   with pytest.raises(ValueError):
@@ -274,7 +301,7 @@ def test_pruned_evaluation_is_within_its_certified_gap(keep):
   lo, gap = pruned["log_px_iwae"], pruned["max_err"]
   assert np.all(lo <= exact["log_px_iwae"] + 1e-4)
   assert np.all(exact["log_px_iwae"] <= lo + gap + 1e-4)
-  assert np.any(gap > 0)                     # something was really pruned
+  assert np.any(gap > 0)  # something was really pruned
 
 
 @pytest.mark.slow
@@ -287,9 +314,12 @@ def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
   # Forced past the config check, the checkpoints themselves do not fit: one typed
   # error naming an array and both shapes; the failed invocation leaves config.json
   # as it was.
-  with pytest.raises(errors.CheckpointMismatchError,
-                     match=r"holds another model.*is \(4, 16\) there and \(5, 16\) here"):
-    train_lib.train_and_evaluate(load_config("test", max_steps=20, latent_dim=5), wd,
-                                 allow_config_change=True)
+  with pytest.raises(
+    errors.CheckpointMismatchError,
+    match=r"holds another model.*is \(4, 16\) there and \(5, 16\) here",
+  ):
+    train_lib.train_and_evaluate(
+      load_config("test", max_steps=20, latent_dim=5), wd, allow_config_change=True
+    )
   assert open(os.path.join(wd, "config.json")).read() == stored
   assert not os.path.exists(os.path.join(wd, rundir.CHANGES_FILE))

@@ -37,8 +37,14 @@ def _probe_env():
 
 def _run_probe(script, what):
   """Runs a probe script (``python -c``) with ``what`` as its argument, to its end."""
-  return subprocess.run([PY, "-c", script, what], capture_output=True, text=True,
-                        env=_probe_env(), timeout=120, preexec_fn=_sigint_default)
+  return subprocess.run(
+    [PY, "-c", script, what],
+    capture_output=True,
+    text=True,
+    env=_probe_env(),
+    timeout=120,
+    preexec_fn=_sigint_default,
+  )
 
 
 def _uses(trained_dir, out, *args):
@@ -64,15 +70,28 @@ _AUGMENT = ("augment", "--epochs=30", "--hidden=16", "--arms=without")
 
 @pytest.mark.slow
 def test_sigterm_stops_augment_with_its_classifier_saved_and_the_next_run_continues(
-    trained_dir, tmp_path):
-  ref = subprocess.run(_uses(trained_dir, str(tmp_path / "ref"), *_AUGMENT), capture_output=True,
-                       text=True, cwd=ROOT, env=_env(), timeout=600)
+  trained_dir, tmp_path
+):
+  ref = subprocess.run(
+    _uses(trained_dir, str(tmp_path / "ref"), *_AUGMENT),
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=_env(),
+    timeout=600,
+  )
   assert ref.returncode == 0, ref.stderr[-2000:]
   out = str(tmp_path / "out")
-  p = subprocess.Popen(_uses(trained_dir, out, *_AUGMENT), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
-                       preexec_fn=_sigint_default)
-  for line in p.stdout:                   # a line every 10 classifier epochs
+  p = subprocess.Popen(
+    _uses(trained_dir, out, *_AUGMENT),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+    env=_env(),
+    preexec_fn=_sigint_default,
+  )
+  for line in p.stdout:  # a line every 10 classifier epochs
     if "epoch 10/30" in line:
       break
   p.send_signal(signal.SIGTERM)
@@ -82,8 +101,14 @@ def test_sigterm_stops_augment_with_its_classifier_saved_and_the_next_run_contin
   assert len(lines) == 1 and lines[0].startswith("exvae-uses: stopped: SIGTERM"), lines
   partial = os.path.join(out, "augment_runs", "seed0_without.partial.npz")
   assert "saved in" in lines[0] and partial in lines[0] and os.path.exists(partial)
-  again = subprocess.run(_uses(trained_dir, out, *_AUGMENT), capture_output=True, text=True,
-                         cwd=ROOT, env=_env(), timeout=600)
+  again = subprocess.run(
+    _uses(trained_dir, out, *_AUGMENT),
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=_env(),
+    timeout=600,
+  )
   assert again.returncode == 0 and "continuing after epoch" in again.stdout, again.stderr[-2000:]
   want = json.load(open(tmp_path / "ref" / "augment.json"))
   got = json.load(open(os.path.join(out, "augment.json")))
@@ -97,16 +122,22 @@ def test_sigterm_stops_knn_in_one_line(trained_dir, tmp_path):
   """Once the command runs (its handler set), SIGTERM is one line and exit 143, and no
   half-written output is left."""
   out = str(tmp_path / "knn")
-  p = subprocess.Popen(_uses(trained_dir, out, "knn"), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
-                       preexec_fn=_sigint_default)
+  p = subprocess.Popen(
+    _uses(trained_dir, out, "knn"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+    env=_env(),
+    preexec_fn=_sigint_default,
+  )
   deadline = time.time() + 300
   while p.poll() is None and not _catches(p.pid, signal.SIGTERM) and time.time() < deadline:
     time.sleep(0.005)
   assert p.poll() is None, "knn ended without ever handling SIGTERM"
   p.send_signal(signal.SIGTERM)
   _, err = p.communicate(timeout=600)
-  if p.returncode == 0:                  # finished before the signal: nothing to check
+  if p.returncode == 0:  # finished before the signal: nothing to check
     pytest.skip("knn finished before the signal arrived")
   assert p.returncode == 143, (p.returncode, err[-2000:])
   lines = _lines(err)
@@ -122,11 +153,16 @@ def test_ctrl_c_during_augment_is_one_line_and_exit_130_every_time(trained_dir, 
   rng = random.Random(0)
   codes = []
   for i in range(8):
-    p = subprocess.Popen(_uses(trained_dir, str(tmp_path / f"a{i}"), "augment", "--epochs=60",
-                               "--hidden=16"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env=_env(), preexec_fn=_sigint_default)
-    deadline = time.time() + 300            # the command's SIGTERM handler: it is running
+    p = subprocess.Popen(
+      _uses(trained_dir, str(tmp_path / f"a{i}"), "augment", "--epochs=60", "--hidden=16"),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=_env(),
+      preexec_fn=_sigint_default,
+    )
+    deadline = time.time() + 300  # the command's SIGTERM handler: it is running
     while p.poll() is None and not _catches(p.pid, signal.SIGTERM) and time.time() < deadline:
       time.sleep(0.005)
     time.sleep(rng.uniform(0.0, 4.0))
@@ -167,9 +203,13 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 """
 
 
-@pytest.mark.parametrize("what,code,line", [
+@pytest.mark.parametrize(
+  "what,code,line",
+  [
     ("int", 130, "exvae-probe: stopped: interrupted (Ctrl-C)."),
-    ("term", 143, "exvae-probe: stopped: SIGTERM")])
+    ("term", 143, "exvae-probe: stopped: SIGTERM"),
+  ],
+)
 def test_a_stop_that_lands_in_a_gc_callback_still_stops_the_command(what, code, line):
   """Python prints an exception raised in a gc callback as "Exception ignored" and goes
   on: the command would finish (exit 0) with a traceback. The stop is delivered again."""
@@ -185,9 +225,10 @@ def test_drain_waits_for_the_computations_jax_still_runs():
   still run on XLA's threads while the interpreter tears down."""
   import jax.numpy as jnp
   from exvae.cli import exits
+
   x = jnp.ones((1200, 1200), jnp.float32)
   x.block_until_ready()
-  ys = [x @ (x + i) for i in range(6)]          # dispatched, not waited for
+  ys = [x @ (x + i) for i in range(6)]  # dispatched, not waited for
   exits.drain()
   assert all(y.is_ready() for y in ys)
 
@@ -211,9 +252,13 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 """
 
 
-@pytest.mark.parametrize("what,code,line", [
+@pytest.mark.parametrize(
+  "what,code,line",
+  [
     ("int", 130, "exvae-probe: stopped: interrupted (Ctrl-C)."),
-    ("term", 143, "exvae-probe: stopped: SIGTERM in a restore")])
+    ("term", 143, "exvae-probe: stopped: SIGTERM in a restore"),
+  ],
+)
 def test_a_stop_that_a_library_wraps_in_another_error_is_still_a_stop(what, code, line):
   r = _run_probe(_WRAPPED_SCRIPT, what)
   assert r.returncode == code, (r.returncode, r.stderr[-2000:])
@@ -242,10 +287,15 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 def test_sigterm_passes_through_a_library_that_catches_every_exception():
   """The uses' SIGTERM is raised as Ctrl-C's KeyboardInterrupt is: an ``except Exception``
   in a library (which would warn and go on) does not take it; one line, exit 143."""
-  p = subprocess.Popen([PY, "-c", _CAUGHT_SCRIPT], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=_probe_env())
+  p = subprocess.Popen(
+    [PY, "-c", _CAUGHT_SCRIPT],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=_probe_env(),
+  )
   assert p.stdout.readline().strip() == "running"
-  time.sleep(0.5)                   # inside the library's try
+  time.sleep(0.5)  # inside the library's try
   p.send_signal(signal.SIGTERM)
   out, err = p.communicate(timeout=120)
   assert p.returncode == 143 and "finished" not in out, (p.returncode, err[-2000:])
@@ -279,9 +329,14 @@ command.run(command.Spec(name="probe", module="__main__", summary="", usage="",
 def test_the_echoes_of_a_ctrl_c_are_not_printed():
   """After Ctrl-C, an exception Python cannot raise (a clean-up the stop interrupted) is
   not printed: the one line says why the command stopped."""
-  p = subprocess.Popen([PY, "-c", _ECHO_SCRIPT], stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env=_probe_env(),
-                       preexec_fn=_sigint_default)
+  p = subprocess.Popen(
+    [PY, "-c", _ECHO_SCRIPT],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=_probe_env(),
+    preexec_fn=_sigint_default,
+  )
   assert p.stdout.readline().strip() == "running"
   time.sleep(0.3)
   p.send_signal(signal.SIGINT)

@@ -29,13 +29,15 @@ def test_tensorboard_scalars_and_pictures_read_back(tmp_path):
     got = tb[f"train/{key}"]
     assert [s for s, _ in got] == [l["step"] for l in train]
     np.testing.assert_allclose([v for _, v in got], [l[key] for l in train], rtol=1e-6)
-  np.testing.assert_allclose([v for _, v in tb["train/prior_var"]],
-                             [math.exp(l["prior_log_var"]) for l in train], rtol=1e-5)
+  np.testing.assert_allclose(
+    [v for _, v in tb["train/prior_var"]], [math.exp(l["prior_log_var"]) for l in train], rtol=1e-5
+  )
   sps = tb["train/steps_per_sec"]
   assert len(sps) == len(train) - 1 and all(v > 0 for _, v in sps)
   t = [l["time"] for l in train]
-  np.testing.assert_allclose(sps[0][1], (train[1]["step"] - train[0]["step"]) / (t[1] - t[0]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    sps[0][1], (train[1]["step"] - train[0]["step"]) / (t[1] - t[0]), rtol=1e-5
+  )
   for key in ("loss", "recon", "kl"):
     got = tb[f"val/{key}"]
     assert [s for s, _ in got] == [l["step"] for l in val]
@@ -62,8 +64,8 @@ def test_progress_only_on_a_terminal_outside_ci(monkeypatch):
   monkeypatch.delenv("EXVAE_PROGRESS", raising=False)
   monkeypatch.delenv("CI", raising=False)
   assert progress.enabled(True, _Tty())
-  assert not progress.enabled(True, io.StringIO())          # redirected: quiet
-  assert not progress.enabled(False, _Tty())                # config.progress=False
+  assert not progress.enabled(True, io.StringIO())  # redirected: quiet
+  assert not progress.enabled(False, _Tty())  # config.progress=False
   monkeypatch.setenv("CI", "true")
   assert not progress.enabled(True, _Tty())
   monkeypatch.setenv("EXVAE_PROGRESS", "1")
@@ -82,7 +84,7 @@ def test_train_bar_shows_epoch_rate_loss_and_validation(tmp_path, monkeypatch, c
   train_lib.train_and_evaluate(c, str(tmp_path / "run"))
   err = capsys.readouterr().err
   assert "train:" in err and "20/20" in err
-  assert "step/s" in err or "s/step" in err          # tqdm's rate (and ETA while running)
+  assert "step/s" in err or "s/step" in err  # tqdm's rate (and ETA while running)
   assert "epoch=2.00" in err and "loss=" in err and "best_val=" in err
 
 
@@ -90,9 +92,10 @@ def test_progress_lines_when_no_bar_is_drawn(monkeypatch):
   """A redirected run (no terminal) gets a plain line at most every every_s seconds."""
   t = [0.0]
   out = io.StringIO()
-  rep = progress.LineReporter(100, "test NLL (S=5000)", every_s=60.0, stream=out,
-                              clock=lambda: t[0])
-  for _ in range(10):            # 10 examples every 30 s: a line at 60, 120, ... s
+  rep = progress.LineReporter(
+    100, "test NLL (S=5000)", every_s=60.0, stream=out, clock=lambda: t[0]
+  )
+  for _ in range(10):  # 10 examples every 30 s: a line at 60, 120, ... s
     t[0] += 30.0
     rep.update(10)
   rep.close()
@@ -102,8 +105,9 @@ def test_progress_lines_when_no_bar_is_drawn(monkeypatch):
   # A resumed job counts what it had done but takes its rate from this process alone.
   t[0] = 0.0
   out = io.StringIO()
-  rep = progress.LineReporter(100, "test NLL", every_s=60.0, stream=out, clock=lambda: t[0],
-                              initial=60)
+  rep = progress.LineReporter(
+    100, "test NLL", every_s=60.0, stream=out, clock=lambda: t[0], initial=60
+  )
   t[0] = 60.0
   rep.update(10)
   assert out.getvalue() == "test NLL: 70/100 examples, 60 s elapsed, about 180 s left\n"
@@ -111,7 +115,7 @@ def test_progress_lines_when_no_bar_is_drawn(monkeypatch):
   fast = progress.LineReporter(100, "x", every_s=60.0, stream=quiet, clock=lambda: 0.0)
   fast.update(100)
   fast.close()
-  assert quiet.getvalue() == ""                                 # a short job prints nothing
+  assert quiet.getvalue() == ""  # a short job prints nothing
   monkeypatch.setenv("EXVAE_PROGRESS", "0")
   assert not progress.lines_enabled(True)
   monkeypatch.delenv("EXVAE_PROGRESS")

@@ -21,16 +21,22 @@ import sys
 
 # The dispatcher's commands and the modules that run them (exvae.cli.uses.COMMANDS are the
 # subcommands of `exvae uses`, another list).
-COMMAND_MODULES = {"train": "exvae.cli.train", "eval": "exvae.cli.eval",
-                   "uses": "exvae.cli.uses", "compare": "exvae.cli.compare"}
-_USAGE = ("usage: exvae {train,eval,uses,compare,configs} [flags]\n"
-          "  exvae train --config=fashion_vae_exemplar_rat --workdir=runs/fx\n"
-          "  exvae eval  --workdir=runs/fx\n"
-          "  exvae uses <command> --workdir=runs/fx\n"
-          "  exvae compare runs/a runs/b [--plot]\n"
-          "  exvae configs            (the config names --config accepts)\n"
-          "  exvae --version\n"
-          "'exvae <command> --help' lists a command's flags.")
+COMMAND_MODULES = {
+  "train": "exvae.cli.train",
+  "eval": "exvae.cli.eval",
+  "uses": "exvae.cli.uses",
+  "compare": "exvae.cli.compare",
+}
+_USAGE = (
+  "usage: exvae {train,eval,uses,compare,configs} [flags]\n"
+  "  exvae train --config=fashion_vae_exemplar_rat --workdir=runs/fx\n"
+  "  exvae eval  --workdir=runs/fx\n"
+  "  exvae uses <command> --workdir=runs/fx\n"
+  "  exvae compare runs/a runs/b [--plot]\n"
+  "  exvae configs            (the config names --config accepts)\n"
+  "  exvae --version\n"
+  "'exvae <command> --help' lists a command's flags."
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,17 +48,22 @@ def main(argv: list[str] | None = None) -> None:
   cmd = argv[1]
   if cmd == "--version":
     from exvae.cli import command
+
     print(f"exvae {command.version()}")
     return
   if cmd == "configs":
     from exvae import config_registry
+
     print("\n".join(config_registry.shipped_configs()))
     return
   if cmd not in COMMAND_MODULES:
     import difflib
+
     close = difflib.get_close_matches(cmd, list(COMMAND_MODULES) + ["configs"], n=1)
     hint = f" Did you mean {close[0]}?" if close else ""
-    print(f"exvae: error: unknown command {cmd!r}; one of train, eval, uses, compare, configs."
-          f"{hint}", file=sys.stderr)
+    print(
+      f"exvae: error: unknown command {cmd!r}; one of train, eval, uses, compare, configs.{hint}",
+      file=sys.stderr,
+    )
     sys.exit(2)
   importlib.import_module(COMMAND_MODULES[cmd]).run([f"exvae-{cmd}"] + argv[2:])

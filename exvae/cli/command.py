@@ -84,9 +84,11 @@ def version() -> str:
   """The installed exvae version (the package's ``__version__`` in a checkout)."""
   try:
     from importlib import metadata
+
     return metadata.version("exvae")
   except Exception:  # noqa: BLE001  (a checkout that is not installed)
     import exvae
+
     return exvae.__version__
 
 
@@ -118,7 +120,7 @@ def split_argv(args: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
       if not value:
         raise exits.UsageError("--config needs a value: a config name, a .py or a .json file.")
     elif a.startswith(("--config.", "-config.")):
-      key, sep, text = a.lstrip("-")[len("config."):].partition("=")
+      key, sep, text = a.lstrip("-")[len("config.") :].partition("=")
       if not sep:
         if i + 1 < len(args) and not args[i + 1].startswith("-"):
           i += 1
@@ -151,8 +153,9 @@ def _run_config(workdir: str | None) -> str | None:
   return None
 
 
-def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str]],
-                   workdir: str | None):
+def resolve_config(
+  spec: Spec, value: str | None, overrides: list[tuple[str, str]], workdir: str | None
+):
   """The config of this invocation and where it came from.
 
   Returns:
@@ -162,6 +165,7 @@ def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str
     UsageError, config_registry.ConfigNameError: see the module docstring.
   """
   from exvae import config_registry
+
   if spec.config == "none":
     if value or overrides:
       raise exits.UsageError(f"{spec.prog} takes no --config.")
@@ -170,20 +174,24 @@ def resolve_config(spec: Spec, value: str | None, overrides: list[tuple[str, str
     source = _run_config(workdir)
     if source is None:
       if workdir is None:
-        raise exits.UsageError(f"give --config=NAME (a shipped config, a .py or a .json file) "
-                                f"or --workdir=DIR of a trained run; `{spec.prog} --help`.")
+        raise exits.UsageError(
+          f"give --config=NAME (a shipped config, a .py or a .json file) "
+          f"or --workdir=DIR of a trained run; `{spec.prog} --help`."
+        )
       if spec.config == "required":
         raise exits.UsageError(
-            f"{workdir} holds no run (no config.json): give --config=NAME to start one there "
-            f"(`exvae configs` lists the names).")
-      return None, None     # the reader reports the missing run (exit 1)
+          f"{workdir} holds no run (no config.json): give --config=NAME to start one there "
+          f"(`exvae configs` lists the names)."
+        )
+      return None, None  # the reader reports the missing run (exit 1)
     try:
       config = config_registry.from_json(source)
-    except config_registry.ConfigNameError as e:   # the run's file, not a flag: exit 1
+    except config_registry.ConfigNameError as e:  # the run's file, not a flag: exit 1
       why = str(e).split(": ", 1)[-1].rstrip(".")
       raise exits.RunConfigError(
-          f"{source}, the config of the run in {workdir}, cannot be used ({why}): restore "
-          "it from a copy, or give the run's config with --config=NAME|FILE.") from None
+        f"{source}, the config of the run in {workdir}, cannot be used ({why}): restore "
+        "it from a copy, or give the run's config with --config=NAME|FILE."
+      ) from None
   else:
     source = value
     config = config_registry.load(value)
@@ -199,35 +207,44 @@ def _absolute_data_path(config) -> None:
   if name.startswith("npz:") and len(name) > 4:
     absolute = "npz:" + os.path.abspath(os.path.expanduser(name[4:]))
     if absolute != name:
-      config.dataset = absolute      # an existing key: allowed on a locked config
+      config.dataset = absolute  # an existing key: allowed on a locked config
 
 
 def _check_workdir(spec: Spec, workdir: str | None) -> None:
   if workdir is None:
-    raise exits.UsageError(f"--workdir=DIR is required (the run directory); "
-                            f"`{spec.prog} --help`.")
+    raise exits.UsageError(f"--workdir=DIR is required (the run directory); `{spec.prog} --help`.")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise exits.UsageError(f"--workdir={workdir} is a file, not a directory: give the run "
-                            "directory (it holds checkpoints/ and config.json).")
+    raise exits.UsageError(
+      f"--workdir={workdir} is a file, not a directory: give the run "
+      "directory (it holds checkpoints/ and config.json)."
+    )
 
 
 def format_help(spec: Spec, config=None) -> str:
   """``--help``: summary, usage, the command's flags, the config's top-level keys."""
   lines = [f"{spec.prog}: {spec.summary}", "", f"usage: {spec.usage}", "", "flags:"]
   if spec.config != "none":
-    how = ("a shipped config's name (`exvae configs`), a .py file, or a run's config.json"
-           + ("; default: <workdir>/config.json" if spec.config == "from_run"
-              else "; default on a workdir that holds a run: its config.json"))
+    how = "a shipped config's name (`exvae configs`), a .py file, or a run's config.json" + (
+      "; default: <workdir>/config.json"
+      if spec.config == "from_run"
+      else "; default on a workdir that holds a run: its config.json"
+    )
     lines.append(f"  --config: {how}.")
     lines.append("  --config.KEY=VALUE: override a config key (groups: --config.eval.seed=1).")
   mine = [f for f in FLAGS.get_flags_for_module(sys.modules[spec.module])]
-  shared = [FLAGS[n] for n in _SHARED if n in FLAGS
-            and (n != "workdir" or spec.config != "none")
-            and (n != "print_config" or spec.config != "none")]
+  shared = [
+    FLAGS[n]
+    for n in _SHARED
+    if n in FLAGS
+    and (n != "workdir" or spec.config != "none")
+    and (n != "print_config" or spec.config != "none")
+  ]
   for f in mine + shared:
     if f.name == "verbosity":
-      lines.append("  --verbosity: 1 shows INFO logs, and the traceback of an expected error "
-                   "(as EXVAE_TRACEBACK=1 does).")
+      lines.append(
+        "  --verbosity: 1 shows INFO logs, and the traceback of an expected error "
+        "(as EXVAE_TRACEBACK=1 does)."
+      )
       continue
     default = "" if f.default in (None, "", False) else f" (default: {f.default_as_str})"
     lines.append(f"  --{f.name}: {' '.join(f.help.split())}{default}")
@@ -258,7 +275,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
   """
   argv = list(sys.argv if argv is None else argv)
   prog = spec.prog
-  exits.keep_interrupts()      # a Ctrl-C caught by a gc callback is delivered again
+  exits.keep_interrupts()  # a Ctrl-C caught by a gc callback is delivered again
   exits.one_line_warnings()
   try:
     args = argv[1:]
@@ -271,7 +288,7 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
       sys.exit(0)
     positional = _parse_flags(prog, rest)
     logging.use_absl_handler()
-    if not FLAGS["verbosity"].present:      # keep Orbax's INFO chatter out of the terminal
+    if not FLAGS["verbosity"].present:  # keep Orbax's INFO chatter out of the terminal
       logging.set_verbosity(logging.WARNING)
     lo, hi = spec.positional
     if len(positional) < lo or (hi is not None and len(positional) > hi):
@@ -284,16 +301,18 @@ def run(spec: Spec, main: Callable[[Invocation], Any], argv: Sequence[str] | Non
     config, source = resolve_config(spec, value, overrides, workdir)
     if FLAGS.print_config:
       from exvae import rundir
-      if config is None:          # a reader on a workdir without a run, and no --config
+
+      if config is None:  # a reader on a workdir without a run, and no --config
         raise exits.missing_run(workdir)
       print(json.dumps(rundir.config_dict(config), indent=2))
       sys.exit(0)
     if spec.config != "none":
       _check_workdir(spec, workdir)
-    main(Invocation(prog=prog, config=config, workdir=workdir, args=positional,
-                    config_source=source))
-    exits.settle()        # done: a late Ctrl-C must not cut the teardown into exit -2
-    exits.drain()         # no computation outlives the interpreter
+    main(
+      Invocation(prog=prog, config=config, workdir=workdir, args=positional, config_source=source)
+    )
+    exits.settle()  # done: a late Ctrl-C must not cut the teardown into exit -2
+    exits.drain()  # no computation outlives the interpreter
   except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
     exits.fail(prog, e)
 
@@ -302,6 +321,7 @@ def _print_help(spec: Spec, value: str | None, rest: list[str], full: bool) -> N
   config = None
   if spec.config != "none":
     from exvae import config_base, config_registry
+
     try:
       workdir = next((a.split("=", 1)[1] for a in rest if a.startswith("--workdir=")), None)
       if value:

@@ -21,22 +21,31 @@ from absl import flags
 from exvae.cli import command
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("metric", "log_px", ["log_px", "elbo"],
-                  "Per-image score to compare: log_px (NLL) or elbo (negative ELBO).")
+flags.DEFINE_enum(
+  "metric",
+  "log_px",
+  ["log_px", "elbo"],
+  "Per-image score to compare: log_px (NLL) or elbo (negative ELBO).",
+)
 flags.DEFINE_bool("plot", False, "Also write a PNG of the per-image differences (see --out).")
 flags.DEFINE_string("out", "compare.png", "Where --plot writes its PNG.")
 flags.DEFINE_string("json", None, "Also write the statistics to this JSON file.")
 flags.DEFINE_bool("force", False, "Compare runs scored differently (S, pruning, binarisation).")
 
 SPEC = command.Spec(
-    name="compare", module=__name__, config="none", positional=(2, None),
-    positional_help="two or more runs (evaluated workdirs, results/ entries or per_example.npz)",
-    summary="paired comparison of evaluated runs on the same test images.",
-    usage="exvae-compare RUN_A RUN_B [RUN_C ...] [--plot] [--force]")
+  name="compare",
+  module=__name__,
+  config="none",
+  positional=(2, None),
+  positional_help="two or more runs (evaluated workdirs, results/ entries or per_example.npz)",
+  summary="paired comparison of evaluated runs on the same test images.",
+  usage="exvae-compare RUN_A RUN_B [RUN_C ...] [--plot] [--force]",
+)
 
 
 def main(inv: command.Invocation) -> None:
   from exvae import compare as compare_lib
+
   result = compare_lib.compare(inv.args, metric=FLAGS.metric, force=FLAGS.force)
   for warning in result.get("warnings", []):
     print(f"{inv.prog}: warning: {warning}", file=sys.stderr, flush=True)

@@ -21,10 +21,13 @@ import sys
 from exvae.cli import command, exits
 
 SPEC = command.Spec(
-    name="eval", module=__name__, config="from_run",
-    summary="scores a trained run: test NLL (importance sampled), ELBO, reconstruction, KL.",
-    usage="exvae-eval --workdir=DIR [--config.eval.num_importance_samples=S ...]\n"
-          "       exvae-eval --config=NAME|FILE --workdir=DIR [--config.KEY=VALUE ...]")
+  name="eval",
+  module=__name__,
+  config="from_run",
+  summary="scores a trained run: test NLL (importance sampled), ELBO, reconstruction, KL.",
+  usage="exvae-eval --workdir=DIR [--config.eval.num_importance_samples=S ...]\n"
+  "       exvae-eval --config=NAME|FILE --workdir=DIR [--config.KEY=VALUE ...]",
+)
 
 
 def main(inv: command.Invocation) -> None:
@@ -32,12 +35,15 @@ def main(inv: command.Invocation) -> None:
     raise exits.missing_run(inv.workdir)
   from exvae import eval_lib
   from exvae.cli import eval_events
+
   config = inv.config
   metrics = eval_lib.evaluate(config, inv.workdir)
-  eval_events.write(metrics, config, inv.workdir)    # unless a reused evaluation's are there
+  eval_events.write(metrics, config, inv.workdir)  # unless a reused evaluation's are there
   print(json.dumps(metrics, indent=2))
-  print(f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "
-        f"{metrics['num_test_examples']} test images); samples: {metrics['samples_png']}")
+  print(
+    f"test NLL = {metrics['test_nll']:.2f} nats (S={metrics['num_importance_samples']}, "
+    f"{metrics['num_test_examples']} test images); samples: {metrics['samples_png']}"
+  )
 
 
 def run(argv=None):

@@ -77,6 +77,7 @@ def write(metrics: Mapping[str, Any], config, workdir: str) -> str | None:
       is left behind; the next evaluation writes it).
   """
   from exvae import atomic, distributed
+
   if not bool(config.get("tensorboard", True)) or not distributed.is_primary():
     return None
   logdir = str(config.eval.get("out_dir", "")) or workdir
@@ -89,6 +90,8 @@ def write(metrics: Mapping[str, Any], config, workdir: str) -> str | None:
   if done is not None:
     return done
   data = _events_bytes(metrics, int(metrics.get("checkpoint_step", 0)))
-  name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-          f"{_SUFFIX}{str(metrics.get('identity_sha256') or 'unknown')[:16]}")
+  name = (
+    f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    f"{_SUFFIX}{str(metrics.get('identity_sha256') or 'unknown')[:16]}"
+  )
   return atomic.write_bytes(os.path.join(logdir, name), data)

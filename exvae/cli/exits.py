@@ -57,11 +57,14 @@ class RunConfigError(ValueError):
 def missing_run(workdir: str) -> RunNotFoundError:
   """The error for a reader (eval, uses) pointed at a workdir without a run's ``config.json``."""
   if not os.path.exists(workdir):
-    return RunNotFoundError(f"{workdir} does not exist. Train first: exvae-train --config=NAME "
-                            f"--workdir={workdir}")
-  return RunNotFoundError(f"{workdir} holds no config.json (no run trained there?): train first "
-                          f"(exvae-train --config=NAME --workdir={workdir}), or give the run's "
-                          "config and overrides with --config=NAME|FILE.")
+    return RunNotFoundError(
+      f"{workdir} does not exist. Train first: exvae-train --config=NAME --workdir={workdir}"
+    )
+  return RunNotFoundError(
+    f"{workdir} holds no config.json (no run trained there?): train first "
+    f"(exvae-train --config=NAME --workdir={workdir}), or give the run's "
+    "config and overrides with --config=NAME|FILE."
+  )
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -83,9 +86,20 @@ def exit_code(e: BaseException) -> int | None:
     return 130
   if errors.is_disk_full(e) or (isinstance(e, OSError) and errors.is_read_only(e)):
     return 1
-  if isinstance(e, (errors.CheckpointNotFoundError, errors.DataNotFoundError,
-                    FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                    IsADirectoryError, PermissionError, ValueError)):
+  if isinstance(
+    e,
+    (
+      errors.CheckpointNotFoundError,
+      errors.DataNotFoundError,
+      FloatingPointError,
+      FileNotFoundError,
+      FileExistsError,
+      NotADirectoryError,
+      IsADirectoryError,
+      PermissionError,
+      ValueError,
+    ),
+  ):
     return 1
   return None
 
@@ -96,6 +110,7 @@ def want_traceback() -> bool:
     return True
   try:
     from absl import flags
+
     f = flags.FLAGS["verbosity"]
     return bool(f.present) and int(f.value) >= 1
   except Exception:  # noqa: BLE001  (flags not parsed: no)
@@ -104,15 +119,19 @@ def want_traceback() -> bool:
 
 def one_line(e: BaseException) -> str:
   """The error as one line: its message (newlines folded), prefixed by its type if generic."""
-  if isinstance(e, KeyboardInterrupt) and not hasattr(e, "exit_code"):   # SIGTERM's has one
+  if isinstance(e, KeyboardInterrupt) and not hasattr(e, "exit_code"):  # SIGTERM's has one
     return "interrupted (Ctrl-C)."
   msg = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, KeyError) and len(e.args) == 1:
     msg = str(e.args[0])
   if not isinstance(e, errors.RunDirError) and errors.is_disk_full(e):
     return f"disk full: {msg}"
-  if not (isinstance(e, (errors.RunDirError, UsageError, FileNotFoundError, FileExistsError,
-                         NotADirectoryError)) or hasattr(e, "exit_code")):
+  if not (
+    isinstance(
+      e, (errors.RunDirError, UsageError, FileNotFoundError, FileExistsError, NotADirectoryError)
+    )
+    or hasattr(e, "exit_code")
+  ):
     msg = f"{type(e).__name__}: {msg}"
   return msg
 
@@ -151,7 +170,7 @@ def settle() -> None:
   for sig in (signal.SIGINT, signal.SIGTERM):
     try:
       signal.signal(sig, signal.SIG_IGN)
-    except ValueError:        # not the main thread: nothing to settle
+    except ValueError:  # not the main thread: nothing to settle
       pass
 
 
@@ -172,7 +191,8 @@ def keep_interrupts() -> None:
   line says why it stopped. Before that, they go to the hook that was there.
   """
   import threading
-  from exvae.errors import Interrupted     # light: no JAX
+  from exvae.errors import Interrupted  # light: no JAX
+
   previous = sys.unraisablehook
   if getattr(previous, "_exvae_keeps_interrupts", False):
     return
@@ -182,7 +202,7 @@ def keep_interrupts() -> None:
     # once, still inside the callback, and be swallowed again.
     try:
       threading.Timer(0.02, os.kill, (os.getpid(), sig)).start()
-    except RuntimeError:      # the interpreter is shutting down: the outcome is decided
+    except RuntimeError:  # the interpreter is shutting down: the outcome is decided
       pass
 
   def hook(unraisable) -> None:
@@ -206,8 +226,8 @@ def keep_interrupts() -> None:
 
   try:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-      signal.signal(signal.SIGINT, on_ctrl_c)       # the same KeyboardInterrupt, remembered
-  except ValueError:          # not the main thread
+      signal.signal(signal.SIGINT, on_ctrl_c)  # the same KeyboardInterrupt, remembered
+  except ValueError:  # not the main thread
     pass
 
   hook._exvae_keeps_interrupts = True  # type: ignore[attr-defined]
@@ -246,6 +266,7 @@ def stop_cause(e: BaseException) -> BaseException | None:
   contexts (``e`` itself included), else None.
   """
   from exvae.errors import Interrupted
+
   seen: set[int] = set()
   x: BaseException | None = e
   while x is not None and id(x) not in seen:
@@ -266,7 +287,7 @@ def fail(prog: str, e: BaseException) -> NoReturn:
   Raises:
     e itself, when it is not an expected error or a traceback was asked for.
   """
-  settle()                  # every branch below ends the process
+  settle()  # every branch below ends the process
   drain()
   stop = stop_cause(e)
   code = exit_code(stop or e)
@@ -293,4 +314,3 @@ def how_to_lines(e: BaseException) -> list[str]:
   if not isinstance(e, errors.DataNotFoundError):
     return []
   return [line.rstrip() for line in str(e).strip().splitlines()[1:] if line.strip()]
-

@@ -18,22 +18,38 @@ from absl import flags
 from exvae.cli import command
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: host:port of process 0 (enables jax.distributed).")
+flags.DEFINE_string(
+  "coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed)."
+)
 flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
-flags.DEFINE_bool("distributed", False, "Multi-host with auto-detected cluster settings "
-                  "(SLURM, Cloud TPU): jax.distributed.initialize() without arguments.")
-flags.DEFINE_bool("allow_config_change", False, "Resume even though the config changes the "
-                  "model, data or optimisation (recorded in <workdir>/config_changes.jsonl).")
-flags.DEFINE_bool("overwrite", False, "Start afresh in a workdir that holds an earlier run's "
-                  "history but no checkpoint: its files move to <workdir>/previous/<time>/.")
+flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Multi-host with auto-detected cluster settings "
+  "(SLURM, Cloud TPU): jax.distributed.initialize() without arguments.",
+)
+flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Resume even though the config changes the "
+  "model, data or optimisation (recorded in <workdir>/config_changes.jsonl).",
+)
+flags.DEFINE_bool(
+  "overwrite",
+  False,
+  "Start afresh in a workdir that holds an earlier run's "
+  "history but no checkpoint: its files move to <workdir>/previous/<time>/.",
+)
 
 SPEC = command.Spec(
-    name="train", module=__name__, config="required",
-    summary="trains a model; resumes from the workdir's newest checkpoint.",
-    usage="exvae-train --config=NAME|FILE --workdir=DIR [--config.KEY=VALUE ...]\n"
-          "       exvae-train --workdir=DIR [--config.num_epochs=N ...]   (resume a run)")
+  name="train",
+  module=__name__,
+  config="required",
+  summary="trains a model; resumes from the workdir's newest checkpoint.",
+  usage="exvae-train --config=NAME|FILE --workdir=DIR [--config.KEY=VALUE ...]\n"
+  "       exvae-train --workdir=DIR [--config.num_epochs=N ...]   (resume a run)",
+)
 
 
 def summary_line(summary: Mapping[str, Any]) -> str:
@@ -55,7 +71,7 @@ def summary_line(summary: Mapping[str, Any]) -> str:
     parts.append(f"{float(summary['wall_time_s']):.0f} s")
   line = f"{state}: {', '.join(parts)}"
   best, epoch = summary.get("best_val"), summary.get("best_epoch")
-  if best is not None and epoch is not None and int(epoch) >= 1:     # 1-based
+  if best is not None and epoch is not None and int(epoch) >= 1:  # 1-based
     line += f"; best validation loss {float(best):.3f} at epoch {int(epoch)}"
   else:
     line += "; no validated epoch yet"
@@ -64,11 +80,15 @@ def summary_line(summary: Mapping[str, Any]) -> str:
 
 def main(inv: command.Invocation) -> None:
   from exvae import distributed, train_lib
+
   if FLAGS.coordinator_address or FLAGS.distributed:
     distributed.initialize(FLAGS.coordinator_address or "", FLAGS.num_processes, FLAGS.process_id)
-  summary = train_lib.train_and_evaluate(inv.config, inv.workdir,
-                                         allow_config_change=FLAGS.allow_config_change,
-                                         overwrite=FLAGS.overwrite)
+  summary = train_lib.train_and_evaluate(
+    inv.config,
+    inv.workdir,
+    allow_config_change=FLAGS.allow_config_change,
+    overwrite=FLAGS.overwrite,
+  )
   print(summary_line(summary))
 
 

@@ -38,11 +38,12 @@ def center_crop_resize(image: np.ndarray, crop: int, size: int) -> np.ndarray:
     (size, size, C) uint8.
   """
   from PIL import Image
+
   h, w = image.shape[:2]
   if h < crop or w < crop:
     raise ValueError(f"image of shape {image.shape} is smaller than the {crop}x{crop} crop")
   top, left = (h - crop) // 2, (w - crop) // 2
-  patch = np.ascontiguousarray(image[top:top + crop, left:left + crop])
+  patch = np.ascontiguousarray(image[top : top + crop, left : left + crop])
   if crop == size:
     return patch
   return np.asarray(Image.fromarray(patch).resize((size, size), Image.LANCZOS), np.uint8)
@@ -58,8 +59,14 @@ def _read(ds: Any, limit: int | None, crop: int, size: int) -> np.ndarray:
   return out
 
 
-def load_celeba(data_dir: str | None = None, *, image_size: int = 64, crop: int = 140,
-                max_train: int | None = None, max_test: int | None = None) -> Splits:
+def load_celeba(
+  data_dir: str | None = None,
+  *,
+  image_size: int = 64,
+  crop: int = 140,
+  max_train: int | None = None,
+  max_test: int | None = None,
+) -> Splits:
   """Loads CelebA as continuous colour images (official train / validation / test splits).
 
   Args:
@@ -81,15 +88,22 @@ def load_celeba(data_dir: str | None = None, *, image_size: int = 64, crop: int 
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("CelebA needs tensorflow-datasets (pip install tensorflow-datasets; "
-                      "TensorFlow itself is not needed)") from e
+    raise ImportError(
+      "CelebA needs tensorflow-datasets (pip install tensorflow-datasets; "
+      "TensorFlow itself is not needed)"
+    ) from e
   srcs = open_data_source(
-      tfds, "celeba", CELEBA_TFDS_NAME, ["train", "validation", "test"], data_dir,
-      "Prepare it on a machine with internet (the image files come from Google Drive; see the "
-      "tfds catalogue page):\n"
-      f"  tfds build {CELEBA_TFDS_NAME} --data_dir {data_dir or '~/tensorflow_datasets'} "
-      "--file_format array_record\n"
-      "then copy the directory here and pass it with --config.data_dir=...")
+    tfds,
+    "celeba",
+    CELEBA_TFDS_NAME,
+    ["train", "validation", "test"],
+    data_dir,
+    "Prepare it on a machine with internet (the image files come from Google Drive; see the "
+    "tfds catalogue page):\n"
+    f"  tfds build {CELEBA_TFDS_NAME} --data_dir {data_dir or '~/tensorflow_datasets'} "
+    "--file_format array_record\n"
+    "then copy the directory here and pass it with --config.data_dir=...",
+  )
   train = _read(srcs[0], max_train, crop, image_size)
   val = _read(srcs[1], max_test, crop, image_size)
   test = _read(srcs[2], max_test, crop, image_size)
@@ -99,6 +113,14 @@ def load_celeba(data_dir: str | None = None, *, image_size: int = 64, crop: int 
   validate_images(val_x, image_shape=train_x.shape[1:], name="celeba val_x")
   validate_images(test_x, image_shape=train_x.shape[1:], name="celeba test_x")
   shown = data_dir if data_dir is not None else "default tfds data_dir"
-  return Splits(name="celeba", train_x=train_x, train_y=None, val_x=val_x, val_y=None,
-                test_x=test_x, test_y=None, binary=False,
-                source=f"tfds:{CELEBA_TFDS_NAME}@{shown} (centre crop {crop}, {image_size}x{image_size})")
+  return Splits(
+    name="celeba",
+    train_x=train_x,
+    train_y=None,
+    val_x=val_x,
+    val_y=None,
+    test_x=test_x,
+    test_y=None,
+    binary=False,
+    source=f"tfds:{CELEBA_TFDS_NAME}@{shown} (centre crop {crop}, {image_size}x{image_size})",
+  )

@@ -31,9 +31,21 @@ import numpy as np
 from exvae import plugins
 from exvae.errors import DataFormatError, DataNotFoundError
 
-__all__ = ["NPZ_PREFIX", "IMAGE_KEYS", "LABEL_KEYS", "DEFAULT_VAL_FRACTION", "is_npz",
-           "is_user_dataset", "npz_path", "check_dataset", "read_npz", "call_plugin",
-           "check_arrays", "arrays_sha256", "read_user_dataset"]
+__all__ = [
+  "NPZ_PREFIX",
+  "IMAGE_KEYS",
+  "LABEL_KEYS",
+  "DEFAULT_VAL_FRACTION",
+  "is_npz",
+  "is_user_dataset",
+  "npz_path",
+  "check_dataset",
+  "read_npz",
+  "call_plugin",
+  "check_arrays",
+  "arrays_sha256",
+  "read_user_dataset",
+]
 
 NPZ_PREFIX = "npz:"
 IMAGE_KEYS = ("x_train", "x_val", "x_test")
@@ -56,10 +68,12 @@ def is_user_dataset(name: str) -> bool:
 
 def npz_path(name: str) -> str:
   """The absolute path of ``npz:PATH`` (relative paths from the current directory)."""
-  path = str(name)[len(NPZ_PREFIX):]
+  path = str(name)[len(NPZ_PREFIX) :]
   if not path:
-    raise DataFormatError("--config.dataset=npz:PATH needs the path of an .npz file, e.g. "
-                          "--config.dataset=npz:my_data.npz")
+    raise DataFormatError(
+      "--config.dataset=npz:PATH needs the path of an .npz file, e.g. "
+      "--config.dataset=npz:my_data.npz"
+    )
   return os.path.abspath(os.path.expanduser(path))
 
 
@@ -68,8 +82,10 @@ def check_npz_exists(path: str) -> None:
   if os.path.isdir(path):
     raise DataFormatError(f"{path}: is a directory, not an .npz file (--config.dataset=npz:PATH)")
   if not os.path.exists(path):
-    raise DataNotFoundError(f"{path}: no such file (--config.dataset=npz:{path}); write it with "
-                            "np.savez(path, x_train=..., x_test=...)")
+    raise DataNotFoundError(
+      f"{path}: no such file (--config.dataset=npz:{path}); write it with "
+      "np.savez(path, x_train=..., x_test=...)"
+    )
 
 
 def check_dataset(name: str) -> None:
@@ -87,8 +103,10 @@ def check_dataset(name: str) -> None:
   elif plugins.is_spec(name):
     fn = plugins.load(name, "data set")
     if not callable(fn):
-      raise plugins.PluginError(f"data set plug-in {name!r} is a {type(fn).__name__}, not a "
-                                "function returning a dict of arrays (x_train, x_test, ...).")
+      raise plugins.PluginError(
+        f"data set plug-in {name!r} is a {type(fn).__name__}, not a "
+        "function returning a dict of arrays (x_train, x_test, ...)."
+      )
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -103,9 +121,11 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
   if not zipfile.is_zipfile(path):
     with open(path, "rb") as f:
       head = f.read(6)
-    what = ("a single-array .npy file; save the splits with np.savez(path, x_train=..., "
-            "x_test=...)" if head == b"\x93NUMPY" else
-            "expected a zip archive written by np.savez or np.savez_compressed")
+    what = (
+      "a single-array .npy file; save the splits with np.savez(path, x_train=..., x_test=...)"
+      if head == b"\x93NUMPY"
+      else "expected a zip archive written by np.savez or np.savez_compressed"
+    )
     raise DataFormatError(f"{path}: not a NumPy .npz file ({what})")
   out: dict[str, np.ndarray] = {}
   key = None
@@ -114,18 +134,21 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
       for key in f.files:
         value = f[key]
         if not isinstance(value, np.ndarray):
-          raise DataFormatError(f"{path}: key {key!r} is not a NumPy array (a stray file in "
-                                "the zip archive?)")
+          raise DataFormatError(
+            f"{path}: key {key!r} is not a NumPy array (a stray file in the zip archive?)"
+          )
         out[key] = value
   except DataFormatError:
     raise
   except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
     why = " ".join(str(e).split())
-    if isinstance(e, ValueError) and "allow_pickle" in why:     # an object array
-      raise DataFormatError(f"{path}: key {key!r} holds Python objects, not numbers; store a "
-                            "numeric array") from e
-    raise DataFormatError(f"{path}: corrupt .npz file at key {key!r} ({type(e).__name__}: "
-                          f"{why})") from e
+    if isinstance(e, ValueError) and "allow_pickle" in why:  # an object array
+      raise DataFormatError(
+        f"{path}: key {key!r} holds Python objects, not numbers; store a numeric array"
+      ) from e
+    raise DataFormatError(
+      f"{path}: corrupt .npz file at key {key!r} ({type(e).__name__}: {why})"
+    ) from e
   return out
 
 
@@ -139,31 +162,37 @@ def call_plugin(spec: str) -> dict[str, np.ndarray]:
   """
   fn = plugins.load(spec, "data set")
   if not callable(fn):
-    raise plugins.PluginError(f"data set plug-in {spec!r} is a {type(fn).__name__}, not a "
-                              f"function returning a dict ({_KEYS_TEXT}).")
+    raise plugins.PluginError(
+      f"data set plug-in {spec!r} is a {type(fn).__name__}, not a "
+      f"function returning a dict ({_KEYS_TEXT})."
+    )
   try:
     out = fn()
   except Exception as e:  # noqa: BLE001  (the plug-in's own error, in one line)
-    raise plugins.PluginError(f"data set plug-in {spec!r} raised {type(e).__name__}: "
-                              f"{' '.join(str(e).split())}") from e
+    raise plugins.PluginError(
+      f"data set plug-in {spec!r} raised {type(e).__name__}: {' '.join(str(e).split())}"
+    ) from e
   if not isinstance(out, Mapping):
-    raise DataFormatError(f"data set plug-in {spec!r} returned a {type(out).__name__}, expected "
-                          f"a dict ({_KEYS_TEXT})")
+    raise DataFormatError(
+      f"data set plug-in {spec!r} returned a {type(out).__name__}, expected a dict ({_KEYS_TEXT})"
+    )
   arrays = {}
   for k, v in out.items():
     try:
       arrays[str(k)] = v if isinstance(v, np.ndarray) else np.asarray(v)
-    except ValueError as e:     # ragged lists
-      raise DataFormatError(f"data set plug-in {spec!r}: key {k!r} is not an array "
-                            f"({' '.join(str(e).split())})") from e
+    except ValueError as e:  # ragged lists
+      raise DataFormatError(
+        f"data set plug-in {spec!r}: key {k!r} is not an array ({' '.join(str(e).split())})"
+      ) from e
   return arrays
 
 
 def _check_images(x: np.ndarray, where: str, key: str) -> None:
   """One split's images: rank, size, dtype, values."""
   if x.ndim not in (3, 4):
-    raise DataFormatError(f"{where}: key {key!r} has shape {x.shape}: expected images "
-                          "(N, H, W) or (N, H, W, C)")
+    raise DataFormatError(
+      f"{where}: key {key!r} has shape {x.shape}: expected images (N, H, W) or (N, H, W, C)"
+    )
   if x.shape[0] == 0:
     raise DataFormatError(f"{where}: key {key!r} is empty (shape {x.shape})")
   if 0 in x.shape[1:]:
@@ -171,19 +200,27 @@ def _check_images(x: np.ndarray, where: str, key: str) -> None:
   if x.dtype == np.uint8 or x.dtype == np.bool_:
     return
   if not np.issubdtype(x.dtype, np.floating):
-    raise DataFormatError(f"{where}: key {key!r} has dtype {x.dtype}: store images as uint8 "
-                          "(0-255), bool, or floats in [0, 1]")
+    raise DataFormatError(
+      f"{where}: key {key!r} has dtype {x.dtype}: store images as uint8 "
+      "(0-255), bool, or floats in [0, 1]"
+    )
   finite = np.isfinite(x)
   if not finite.all():
     first = int(np.argmax(~finite.reshape(x.shape[0], -1).any(axis=1)))
-    raise DataFormatError(f"{where}: key {key!r} has {int((~finite).sum())} NaN or inf "
-                          f"value(s), the first in image {first}")
+    raise DataFormatError(
+      f"{where}: key {key!r} has {int((~finite).sum())} NaN or inf "
+      f"value(s), the first in image {first}"
+    )
   lo, hi = float(x.min()), float(x.max())
   if lo < 0 or hi > 1:
-    hint = (" (0-255 grey levels stored as floats? divide by 255 or store them as uint8)"
-            if hi > 1 and hi <= 255 and lo >= 0 else "")
-    raise DataFormatError(f"{where}: key {key!r} has floats outside [0, 1] (min {lo:g}, max "
-                          f"{hi:g}){hint}")
+    hint = (
+      " (0-255 grey levels stored as floats? divide by 255 or store them as uint8)"
+      if hi > 1 and hi <= 255 and lo >= 0
+      else ""
+    )
+    raise DataFormatError(
+      f"{where}: key {key!r} has floats outside [0, 1] (min {lo:g}, max {hi:g}){hint}"
+    )
 
 
 def _check_labels(y: np.ndarray, n: int, where: str, key: str, images: str) -> None:
@@ -191,14 +228,15 @@ def _check_labels(y: np.ndarray, n: int, where: str, key: str, images: str) -> N
   if y.ndim != 1:
     raise DataFormatError(f"{where}: key {key!r} has shape {y.shape}: expected labels (N,)")
   if not np.issubdtype(y.dtype, np.integer):
-    raise DataFormatError(f"{where}: key {key!r} has dtype {y.dtype}: labels are integers "
-                          "0..C-1")
+    raise DataFormatError(f"{where}: key {key!r} has dtype {y.dtype}: labels are integers 0..C-1")
   if y.shape[0] != n:
-    raise DataFormatError(f"{where}: key {key!r} has {y.shape[0]} labels for the {n} images "
-                          f"of {images!r}")
+    raise DataFormatError(
+      f"{where}: key {key!r} has {y.shape[0]} labels for the {n} images of {images!r}"
+    )
   if n and int(y.min()) < 0:
-    raise DataFormatError(f"{where}: key {key!r} has the negative label {int(y.min())}: labels "
-                          "are class indices 0..C-1")
+    raise DataFormatError(
+      f"{where}: key {key!r} has the negative label {int(y.min())}: labels are class indices 0..C-1"
+    )
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
@@ -230,8 +268,9 @@ def check_arrays(arrays: Mapping[str, np.ndarray], where: str) -> None:
     if shape is None:
       shape = hwc
     elif hwc != shape:
-      raise DataFormatError(f"{where}: key {key!r} holds images of shape (H, W, C)={hwc}, "
-                            f"'x_train' of shape {shape}")
+      raise DataFormatError(
+        f"{where}: key {key!r} holds images of shape (H, W, C)={hwc}, 'x_train' of shape {shape}"
+      )
   for xk, yk in zip(IMAGE_KEYS, LABEL_KEYS):
     if yk in arrays:
       _check_labels(arrays[yk], arrays[xk].shape[0], where, yk, xk)
@@ -256,18 +295,28 @@ def _split(arrays: Mapping[str, np.ndarray], where: str, val_size: int | None):
   xtr, ytr = arrays["x_train"], arrays.get("y_train")
   if "x_val" in arrays:
     if val_size:
-      raise DataFormatError(f"{where}: has the key 'x_val', so val_size={val_size} does not "
-                            "apply (it carves validation images out of 'x_train' only without "
-                            "'x_val'): leave --config.val_size at 0")
+      raise DataFormatError(
+        f"{where}: has the key 'x_val', so val_size={val_size} does not "
+        "apply (it carves validation images out of 'x_train' only without "
+        "'x_val'): leave --config.val_size at 0"
+      )
     return xtr, ytr, arrays["x_val"], arrays.get("y_val"), arrays["x_test"], arrays.get("y_test")
   n = len(xtr)
   n_val = int(val_size) if val_size else max(1, int(round(DEFAULT_VAL_FRACTION * n)))
   if n_val >= n:
-    raise DataFormatError(f"{where}: val_size={n_val} leaves no training image (key 'x_train' "
-                          f"holds {n}; there is no 'x_val')")
+    raise DataFormatError(
+      f"{where}: val_size={n_val} leaves no training image (key 'x_train' "
+      f"holds {n}; there is no 'x_val')"
+    )
   cut = n - n_val
-  return (xtr[:cut], None if ytr is None else ytr[:cut], xtr[cut:],
-          None if ytr is None else ytr[cut:], arrays["x_test"], arrays.get("y_test"))
+  return (
+    xtr[:cut],
+    None if ytr is None else ytr[:cut],
+    xtr[cut:],
+    None if ytr is None else ytr[cut:],
+    arrays["x_test"],
+    arrays.get("y_test"),
+  )
 
 
 def read_user_dataset(name: str, val_size: int | None = None) -> tuple[tuple, str, dict[str, Any]]:

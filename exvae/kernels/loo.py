@@ -32,8 +32,9 @@ def loo_counts(valid: Array, bank_ids: Array, qids: Array) -> Array:
   return jnp.where(qids >= 0, hi - lo, 0)
 
 
-def exemplar_counts(b: int, n: int, bank_mask: Array | None, bank_ids: Array | None,
-                    query_ids: Array | None) -> Array:
+def exemplar_counts(
+  b: int, n: int, bank_mask: Array | None, bank_ids: Array | None, query_ids: Array | None
+) -> Array:
   """N', the exemplars each query is scored against: the valid rows less its own.
 
   Args:

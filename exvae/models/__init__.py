@@ -40,10 +40,10 @@ def _vae_for_likelihood(config, image_shape: Sequence[int]) -> Model:
 
 
 MODELS: dict[str, Callable[..., Model]] = {
-    "vae": _vae_for_likelihood,
-    "hvae": make_hvae,
-    "convhvae": make_convhvae,
-    "pixelcnn": make_pixelvae,
+  "vae": _vae_for_likelihood,
+  "hvae": make_hvae,
+  "convhvae": make_convhvae,
+  "pixelcnn": make_pixelvae,
 }
 
 
@@ -66,16 +66,32 @@ def make_model(config, image_shape: Sequence[int]) -> Model:
   if plugins.is_spec(name) and name not in MODELS:
     factory = plugins.load(name, "model")
     if not callable(factory):
-      raise ValueError(f"model plug-in {name!r} is {factory!r}, not a callable "
-                       f"(config, image_shape) -> Model.")
+      raise ValueError(
+        f"model plug-in {name!r} is {factory!r}, not a callable (config, image_shape) -> Model."
+      )
     MODELS[name] = factory
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; known models: {sorted(MODELS)}.")
-  if plugins.is_spec(name):       # a plug-in is built with config.model_options
-    return plugins.construct(MODELS[name], name, "model", config, image_shape,
-                             opts=plugins.options(config, "model_options"))
+  if plugins.is_spec(name):  # a plug-in is built with config.model_options
+    return plugins.construct(
+      MODELS[name],
+      name,
+      "model",
+      config,
+      image_shape,
+      opts=plugins.options(config, "model_options"),
+    )
   return MODELS[name](config, image_shape)
 
 
-__all__ = ["VAE", "HVAE", "ConvHVAE", "PixelVAE", "Model", "Scores", "MODELS", "make_model",
-           "check_matmul_dtype"]
+__all__ = [
+  "VAE",
+  "HVAE",
+  "ConvHVAE",
+  "PixelVAE",
+  "Model",
+  "Scores",
+  "MODELS",
+  "make_model",
+  "check_matmul_dtype",
+]

@@ -31,8 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from exvae.models.base import Model
-from exvae.models.hvae import (LOG_SCALE_MAX, LOG_SCALE_MIN, GaussianHead, HierarchicalBase,
-                               check_likelihood, make_hierarchical_model)
+from exvae.models.hvae import (
+  LOG_SCALE_MAX,
+  LOG_SCALE_MIN,
+  GaussianHead,
+  HierarchicalBase,
+  check_likelihood,
+  make_hierarchical_model,
+)
 from exvae.models.vae import check_matmul_dtype
 from exvae.nets.conv import GatedConvStack, conv1x1, conv_output_hw
 from exvae.nets.gated import GatedDense
@@ -94,15 +100,19 @@ class ConvHVAE(HierarchicalBase):
 
   def setup(self):
     if len(self.conv_channels) != len(ENCODER_STRIDES):
-      raise ValueError(f"ConvHVAE needs {len(ENCODER_STRIDES)} encoder channel counts, got "
-                       f"{tuple(self.conv_channels)}.")
+      raise ValueError(
+        f"ConvHVAE needs {len(ENCODER_STRIDES)} encoder channel counts, got "
+        f"{tuple(self.conv_channels)}."
+      )
     fc = self.hidden[-1]
     h_size = encoder_feature_size(self.image_shape, self.conv_channels)
-    self.q_z2_conv = GatedConvStack(tuple(self.conv_channels), Q_Z2_KERNELS, ENCODER_STRIDES,
-                                    name="q_z2_conv")
+    self.q_z2_conv = GatedConvStack(
+      tuple(self.conv_channels), Q_Z2_KERNELS, ENCODER_STRIDES, name="q_z2_conv"
+    )
     self.q_z2_head = GaussianHead(self.latent_dim, name="q_z2_head")
-    self.q_z1_conv = GatedConvStack(tuple(self.conv_channels), Q_Z1_KERNELS, ENCODER_STRIDES,
-                                    name="q_z1_conv")
+    self.q_z1_conv = GatedConvStack(
+      tuple(self.conv_channels), Q_Z1_KERNELS, ENCODER_STRIDES, name="q_z1_conv"
+    )
     self.q_z1_z2 = GatedDense(h_size, name="q_z1_z2")
     self.q_z1_joint = GatedDense(fc, name="q_z1_joint")
     self.q_z1_head = GaussianHead(self.z1_dim, name="q_z1_head")
@@ -112,20 +122,19 @@ class ConvHVAE(HierarchicalBase):
     self.p_x_z2 = GatedDense(fc, name="p_x_z2")
     self.p_x_pre = GatedDense(math.prod(self.image_shape), name="p_x_pre")
     n_dec = len(self.dec_channels)
-    self.p_x_conv = GatedConvStack(tuple(self.dec_channels), (3,) * n_dec, (1,) * n_dec,
-                                   name="p_x_conv")
+    self.p_x_conv = GatedConvStack(
+      tuple(self.dec_channels), (3,) * n_dec, (1,) * n_dec, name="p_x_conv"
+    )
     self.p_x_head = ConvOutputHead(int(self.image_shape[-1]), self.likelihood, name="p_x_head")
 
   def _q_z2_trunk(self, x: jax.Array) -> jax.Array:
     h = self.q_z2_conv(x)
     return h.reshape(h.shape[0], -1)
 
-
   def q_z1_features(self, x: jax.Array) -> jax.Array:
     """The conv x-branch of q(z1|x,z2): (B, H, W, C) -> (B, h_size)."""
     h = self.q_z1_conv(x)
     return h.reshape(h.shape[0], -1)
-
 
   def p_x(self, z1: jax.Array, z2: jax.Array):
     """p(x|z1,z2): z1 (N, d1), z2 (N, d2) -> logits or (mean, log_scale), (N, H, W, C)."""
@@ -147,10 +156,13 @@ def make_convhvae(config, image_shape: Sequence[int]) -> Model:
   """
   check_likelihood(config.likelihood)
   check_matmul_dtype(config, "convhvae")
-  module = ConvHVAE(image_shape=tuple(int(s) for s in image_shape),
-                    latent_dim=int(config.latent_dim), z1_dim=int(config.hvae.z1_dim),
-                    hidden=tuple(int(h) for h in config.hidden),
-                    conv_channels=tuple(int(c) for c in config.hvae.conv_channels),
-                    dec_channels=tuple(int(c) for c in config.hvae.dec_channels),
-                    likelihood=config.likelihood)
+  module = ConvHVAE(
+    image_shape=tuple(int(s) for s in image_shape),
+    latent_dim=int(config.latent_dim),
+    z1_dim=int(config.hvae.z1_dim),
+    hidden=tuple(int(h) for h in config.hidden),
+    conv_channels=tuple(int(c) for c in config.hvae.conv_channels),
+    dec_channels=tuple(int(c) for c in config.hvae.dec_channels),
+    likelihood=config.likelihood,
+  )
   return make_hierarchical_model(module, image_shape)

@@ -41,8 +41,14 @@ import jax.numpy as jnp
 
 from exvae.likelihoods import diag_gaussian_log_prob
 from exvae.models.base import Model, Scores
-from exvae.models.vae import (LOGVAR_MIN, LOGVAR_MAX, VAE, check_matmul_dtype, gaussian_score,
-                              scale_gradient)
+from exvae.models.vae import (
+  LOGVAR_MIN,
+  LOGVAR_MAX,
+  VAE,
+  check_matmul_dtype,
+  gaussian_score,
+  scale_gradient,
+)
 from exvae.nets.gated import GatedDense, dense
 from exvae.nets.init import init_model_params
 
@@ -143,8 +149,14 @@ class HierarchicalBase(nn.Module):
     mu1, _ = self.p_z1(z2)
     return self.p_x(mu1, z2)
 
-  def scores(self, x: jax.Array, eps2: jax.Array, eps1: jax.Array,
-             log_lik: Callable[[jax.Array, Any], jax.Array], path_weight=None):
+  def scores(
+    self,
+    x: jax.Array,
+    eps2: jax.Array,
+    eps1: jax.Array,
+    log_lik: Callable[[jax.Array, Any], jax.Array],
+    path_weight=None,
+  ):
     """Every term of log w for S reparameterised samples per image.
 
     Args:
@@ -163,11 +175,11 @@ class HierarchicalBase(nn.Module):
     """
     b, s = eps2.shape[:2]
     mu2, logvar2 = self.encode(x)
-    z2 = mu2[:, None] + jnp.exp(0.5 * logvar2)[:, None] * eps2          # (B, S, d2)
+    z2 = mu2[:, None] + jnp.exp(0.5 * logvar2)[:, None] * eps2  # (B, S, d2)
     log_q2 = diag_gaussian_log_prob(z2, mu2[:, None], logvar2[:, None])  # (B, S)
-    hx = self.q_z1_features(x)                                           # (B, F), once per x
+    hx = self.q_z1_features(x)  # (B, F), once per x
     hx = jnp.broadcast_to(hx[:, None], (b, s, hx.shape[-1])).reshape(b * s, -1)
-    mu1, logvar1 = self.q_z1(hx, z2.reshape(b * s, -1))                  # (B*S, d1)
+    mu1, logvar1 = self.q_z1(hx, z2.reshape(b * s, -1))  # (B*S, d1)
     z1 = mu1 + jnp.exp(0.5 * logvar1) * eps1.reshape(b * s, -1)
     log_q1 = diag_gaussian_log_prob(z1, mu1, logvar1).reshape(b, s)
     if path_weight is not None:
@@ -234,8 +246,7 @@ class HVAE(HierarchicalBase):
     self.p_x_z1 = GatedDense(h0, mm, name="p_x_z1")
     self.p_x_z2 = GatedDense(h0, mm, name="p_x_z2")
     self.p_x_joint = GatedDense(hl, mm, name="p_x_joint")
-    self.p_x_head = DenseOutputHead(tuple(self.image_shape), self.likelihood, mm,
-                                    name="p_x_head")
+    self.p_x_head = DenseOutputHead(tuple(self.image_shape), self.likelihood, mm, name="p_x_head")
 
   def _q_z2_trunk(self, x: jax.Array) -> jax.Array:
     h = x.reshape(x.shape[0], -1)
@@ -243,11 +254,9 @@ class HVAE(HierarchicalBase):
       h = layer(h)
     return h
 
-
   def q_z1_features(self, x: jax.Array) -> jax.Array:
     """The x-branch of q(z1|x,z2): (B, H, W, C) -> (B, hidden[0])."""
     return self.q_z1_x(x.reshape(x.shape[0], -1))
-
 
   def p_x(self, z1: jax.Array, z2: jax.Array):
     """p(x|z1,z2): z1 (N, d1), z2 (N, d2) -> logits or (mean, log_scale), (N, H, W, C)."""
@@ -270,8 +279,9 @@ class HeadVAE(VAE):
   def setup(self):
     super().setup()
     if self.likelihood == "logistic":
-      self.dec_log_scale = dense(math.prod(self.image_shape), name="dec_log_scale",
-                                 matmul_dtype=self.matmul_dtype)
+      self.dec_log_scale = dense(
+        math.prod(self.image_shape), name="dec_log_scale", matmul_dtype=self.matmul_dtype
+      )
 
   def decode(self, z: jax.Array):
     """z (B, d) -> logits (B, H, W, C), or (mean, log_scale) each (B, H, W, C)."""
@@ -289,6 +299,7 @@ class HeadVAE(VAE):
 def _init_fn(module: nn.Module, image_shape: tuple[int, ...]) -> Callable[[jax.Array], Params]:
   def init(key: jax.Array) -> Params:
     return init_model_params(module, image_shape, key)
+
   return init
 
 
@@ -304,9 +315,13 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
   """
   check_likelihood(config.likelihood)
   image_shape = tuple(int(s) for s in image_shape)
-  module = HeadVAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
-                   hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood,
-                   matmul_dtype=check_matmul_dtype(config))
+  module = HeadVAE(
+    image_shape=image_shape,
+    latent_dim=int(config.latent_dim),
+    hidden=tuple(int(h) for h in config.hidden),
+    likelihood=config.likelihood,
+    matmul_dtype=check_matmul_dtype(config),
+  )
 
   def encode(params, x):
     return module.apply({"params": params}, x, method="encode")
@@ -318,24 +333,35 @@ def make_head_vae_model(config, image_shape: Sequence[int]) -> Model:
     return module.apply({"params": params}, z, method="decode")
 
   def score(params, x, key, num_samples, log_lik, *, path_weight=None):
-    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik,
-                          path_weight=path_weight)
+    return gaussian_score(
+      encode, decode, params, x, key, num_samples, log_lik, path_weight=path_weight
+    )
 
-  return Model(init=_init_fn(module, image_shape), encode=encode, encode_mean=encode_mean,
-               decode=decode, score=score, latent_dim=int(config.latent_dim),
-               image_shape=image_shape, module=module)
+  return Model(
+    init=_init_fn(module, image_shape),
+    encode=encode,
+    encode_mean=encode_mean,
+    decode=decode,
+    score=score,
+    latent_dim=int(config.latent_dim),
+    image_shape=image_shape,
+    module=module,
+  )
 
 
-def hierarchical_noise(key: jax.Array, batch: int, num_samples: int, d2: int,
-                       d1: int) -> tuple[jax.Array, jax.Array]:
+def hierarchical_noise(
+  key: jax.Array, batch: int, num_samples: int, d2: int, d1: int
+) -> tuple[jax.Array, jax.Array]:
   """The standard normal noise of :func:`make_hierarchical_model`'s ``score``.
 
   Returns:
     ``(eps2 (B, S, d2), eps1 (B, S, d1))`` from ``jax.random.split(key)``.
   """
   k2, k1 = jax.random.split(key)
-  return (jax.random.normal(k2, (batch, num_samples, d2)),
-          jax.random.normal(k1, (batch, num_samples, d1)))
+  return (
+    jax.random.normal(k2, (batch, num_samples, d2)),
+    jax.random.normal(k1, (batch, num_samples, d1)),
+  )
 
 
 def make_hierarchical_model(module: HierarchicalBase, image_shape: Sequence[int]) -> Model:
@@ -365,25 +391,36 @@ def make_hierarchical_model(module: HierarchicalBase, image_shape: Sequence[int]
   def score(params, x, key, num_samples, log_lik, *, path_weight=None) -> Scores:
     eps2, eps1 = hierarchical_noise(key, x.shape[0], num_samples, d2, d1)
     z2, mu2, z1, log_px, log_p1, log_q = module.apply(
-        {"params": params}, x, eps2, eps1, log_lik, path_weight, method="scores")
+      {"params": params}, x, eps2, eps1, log_lik, path_weight, method="scores"
+    )
     if path_weight is not None:
       # The posterior's networks with their parameters held fixed, at the samples:
       # gradients reach the encoder only through z2 and z1.
-      log_q = module.apply({"params": jax.lax.stop_gradient(params)}, x, z2, z1,
-                           method="log_q")
+      log_q = module.apply({"params": jax.lax.stop_gradient(params)}, x, z2, z1, method="log_q")
     return Scores(z=z2, mu=mu2, log_px=log_px, log_p_rest=log_p1, log_q=log_q)
 
-  return Model(init=_init_fn(module, image_shape), encode=encode, encode_mean=encode_mean,
-               decode=decode, score=score, latent_dim=d2, image_shape=image_shape,
-               module=module)
+  return Model(
+    init=_init_fn(module, image_shape),
+    encode=encode,
+    encode_mean=encode_mean,
+    decode=decode,
+    score=score,
+    latent_dim=d2,
+    image_shape=image_shape,
+    module=module,
+  )
 
 
 def make_hvae(config, image_shape: Sequence[int]) -> Model:
   """Builds the MLP HVAE from ``config`` (``latent_dim`` = z2, ``hvae.z1_dim``, ``hidden``,
   ``likelihood``, ``matmul_dtype``)."""
   check_likelihood(config.likelihood)
-  module = HVAE(image_shape=tuple(int(s) for s in image_shape),
-                latent_dim=int(config.latent_dim), z1_dim=int(config.hvae.z1_dim),
-                hidden=tuple(int(h) for h in config.hidden), likelihood=config.likelihood,
-                matmul_dtype=check_matmul_dtype(config))
+  module = HVAE(
+    image_shape=tuple(int(s) for s in image_shape),
+    latent_dim=int(config.latent_dim),
+    z1_dim=int(config.hvae.z1_dim),
+    hidden=tuple(int(h) for h in config.hidden),
+    likelihood=config.likelihood,
+    matmul_dtype=check_matmul_dtype(config),
+  )
   return make_hierarchical_model(module, image_shape)

@@ -109,8 +109,9 @@ class MatmulConv(nn.Module):
     kernel = self.param("kernel", torch_conv_init, (kh, kw, cin, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    cols = jnp.concatenate([x[:, a:a + ho, b:b + wo] for a in range(kh) for b in range(kw)],
-                           axis=-1)                      # (N, ho, wo, kh * kw * C), tap-major
+    cols = jnp.concatenate(
+      [x[:, a : a + ho, b : b + wo] for a in range(kh) for b in range(kw)], axis=-1
+    )  # (N, ho, wo, kh * kw * C), tap-major
     return cols @ kernel.reshape(kh * kw * cin, self.features) + bias
 
 
@@ -184,7 +185,7 @@ class PixelVAE(MLPEncoderModule):
 
   def _h_bias(self, l: int, v_pre: jax.Array, cond_l: jax.Array) -> jax.Array:
     """The part of layer l's horizontal pre-activation not from the row: v link + cond."""
-    return self.links[l](v_pre) + cond_l[..., 2 * self.channels:]
+    return self.links[l](v_pre) + cond_l[..., 2 * self.channels :]
 
   def _h_out(self, l: int, h_prev: jax.Array | None, h_pre: jax.Array) -> jax.Array:
     """Horizontal output of layer l (residual from layer 1 on, where channels match)."""
@@ -214,13 +215,13 @@ class PixelVAE(MLPEncoderModule):
     h_in = _pad(x, left=p + 1)[:, :, : w_ + p]
     v = h = None
     for l in range(self.num_layers + 1):
-      if l > 0:                                  # mask 'B': own row/pixel allowed
+      if l > 0:  # mask 'B': own row/pixel allowed
         v_in = _pad(v, top=p, left=p, right=p)
         h_in = _pad(h, left=p)
       c = cond[..., l, :]
       v_pre = self._v_pre(l, v_in, c)
       h = self._h_out(l, h, self.h_convs[l](h_in) + self._h_bias(l, v_pre, c))
-      if l < self.num_layers:                    # the last v only feeds its link
+      if l < self.num_layers:  # the last v only feeds its link
         v = _gate(v_pre)
     return self._output(h)
 
@@ -228,8 +229,9 @@ class PixelVAE(MLPEncoderModule):
     """Teacher-forced p(x|z) parameters: x (N, H, W, C), z (N, d) -> logits or (mean, log_scale)."""
     return self.pixel_net(x, self.cond(z))
 
-  def row_step(self, canvas: jax.Array, vcache: jax.Array, cond_row: jax.Array,
-               i: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def row_step(
+    self, canvas: jax.Array, vcache: jax.Array, cond_row: jax.Array, i: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """Vertical stack of row i (incremental decoding).
 
     Args:
@@ -248,17 +250,18 @@ class PixelVAE(MLPEncoderModule):
     window = jax.lax.dynamic_slice_in_dim(_pad(canvas, top=p + 1, left=p, right=p), i, p + 1, 1)
     biases = []
     for l in range(self.num_layers + 1):
-      if l > 0:                                  # padded rows i..i+p: image rows i-p..i
+      if l > 0:  # padded rows i..i+p: image rows i-p..i
         window = jax.lax.dynamic_slice_in_dim(vcache[l - 1], i, p + 1, 1)
       c = cond_row[..., l, :]
-      v_pre = self._v_pre(l, window, c)          # (N, 1, W, 2F)
+      v_pre = self._v_pre(l, window, c)  # (N, 1, W, 2F)
       biases.append(self._h_bias(l, v_pre, c))
       if l < self.num_layers:
         vcache = jax.lax.dynamic_update_slice(vcache, _gate(v_pre)[None], (l, 0, i + p, p, 0))
     return vcache, jnp.stack(biases)
 
-  def pixel_step(self, row: jax.Array, hcache: jax.Array, h_bias: jax.Array,
-                 j: jax.Array) -> tuple[jax.Array, Any]:
+  def pixel_step(
+    self, row: jax.Array, hcache: jax.Array, h_bias: jax.Array, j: jax.Array
+  ) -> tuple[jax.Array, Any]:
     """Horizontal stack and output at pixel (i, j) of the current row i.
 
     Args:
@@ -275,13 +278,13 @@ class PixelVAE(MLPEncoderModule):
     p = self.kernel_size // 2
     # Padded column c + p + 1 is image column c; columns j..j+p are image columns j-p-1..j-1.
     window = jax.lax.dynamic_slice_in_dim(jnp.pad(row, ((0, 0), (p + 1, 0), (0, 0))), j, p + 1, 1)
-    window = window[:, None]                     # (N, 1, p + 1, C)
+    window = window[:, None]  # (N, 1, p + 1, C)
     h = None
     for l in range(self.num_layers + 1):
-      if l > 0:                                  # padded columns j..j+p: image columns j-p..j
+      if l > 0:  # padded columns j..j+p: image columns j-p..j
         window = jax.lax.dynamic_slice_in_dim(hcache[l - 1], j, p + 1, 1)[:, None]
-      bias = jax.lax.dynamic_slice_in_dim(h_bias[l], j, 1, 2)           # (N, 1, 1, 2F)
-      h = self._h_out(l, h, self.h_convs[l](window) + bias)             # (N, 1, 1, F)
+      bias = jax.lax.dynamic_slice_in_dim(h_bias[l], j, 1, 2)  # (N, 1, 1, 2F)
+      h = self._h_out(l, h, self.h_convs[l](window) + bias)  # (N, 1, 1, F)
       if l < self.num_layers:
         hcache = jax.lax.dynamic_update_slice(hcache, h[:, 0][None], (l, 0, j + p, 0))
     return hcache, self._output(h)
@@ -295,8 +298,9 @@ class PixelVAE(MLPEncoderModule):
 def _check_shape(image_shape: Sequence[int]) -> None:
   if len(image_shape) != 3 or int(image_shape[-1]) != 1:
     raise ValueError(
-        f"The PixelCNN decoder supports single-channel images (H, W, 1) only, got "
-        f"{tuple(image_shape)}: colour images need channel-ordering masks, not implemented.")
+      f"The PixelCNN decoder supports single-channel images (H, W, 1) only, got "
+      f"{tuple(image_shape)}: colour images need channel-ordering masks, not implemented."
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -329,7 +333,7 @@ def autoregress(module: PixelVAE, params: Params, z: jax.Array, write: WriteFn) 
   h_, w_, c_ = (int(s) for s in module.image_shape)
   n, f, num_l = z.shape[0], int(module.channels), int(module.num_layers)
   p = int(module.kernel_size) // 2
-  cond = apply(z, method="cond")                                    # (N, H, W, L + 1, 4F)
+  cond = apply(z, method="cond")  # (N, H, W, L + 1, 4F)
 
   def row_body(i, carry):
     canvas, vcache = carry
@@ -339,7 +343,7 @@ def autoregress(module: PixelVAE, params: Params, z: jax.Array, write: WriteFn) 
     def pixel_body(j, carry):
       row, hcache = carry
       hcache, out = apply(row, hcache, h_bias, j, method="pixel_step")
-      value = write(out, i * w_ + j)                                # (N, C)
+      value = write(out, i * w_ + j)  # (N, C)
       return jax.lax.dynamic_update_slice(row, value[:, None].astype(row.dtype), (0, j, 0)), hcache
 
     # Stale columns of hcache from the previous row are never read: pixel j
@@ -359,7 +363,7 @@ def _pixel_mean(likelihood: str, out) -> jax.Array:
   """Mean of one pixel's distribution: (N, 1, 1, C) output -> (N, C)."""
   if likelihood == "bernoulli":
     return jax.nn.sigmoid(out[:, 0, 0])
-  return out[0][:, 0, 0]                       # the logistic location (a sigmoid, in (0, 1))
+  return out[0][:, 0, 0]  # the logistic location (a sigmoid, in (0, 1))
 
 
 def mean_field_canvas(module: PixelVAE, params: Params, z: jax.Array) -> jax.Array:
@@ -424,8 +428,12 @@ def sample_images(model: Model, params: Params, z: jax.Array, key: jax.Array) ->
   module = model.module
   if not isinstance(module, PixelVAE):
     raise ValueError(f"sample_images needs a PixelCNN model, got {type(module).__name__}.")
-  return autoregress(module, params, z, lambda out, t: _pixel_sample(
-      module.likelihood, out, jax.random.fold_in(key, t)))
+  return autoregress(
+    module,
+    params,
+    z,
+    lambda out, t: _pixel_sample(module.likelihood, out, jax.random.fold_in(key, t)),
+  )
 
 
 def make_pixelvae(config, image_shape: Sequence[int]) -> Model:
@@ -451,10 +459,15 @@ def make_pixelvae(config, image_shape: Sequence[int]) -> Model:
   image_shape = tuple(int(s) for s in image_shape)
   pc = config.pixelcnn
   d = int(config.latent_dim)
-  module = PixelVAE(image_shape=image_shape, latent_dim=d,
-                    hidden=tuple(int(h) for h in config.hidden), channels=int(pc.channels),
-                    num_layers=int(pc.num_layers), kernel_size=int(pc.kernel_size),
-                    likelihood=config.likelihood)
+  module = PixelVAE(
+    image_shape=image_shape,
+    latent_dim=d,
+    hidden=tuple(int(h) for h in config.hidden),
+    channels=int(pc.channels),
+    num_layers=int(pc.num_layers),
+    kernel_size=int(pc.kernel_size),
+    likelihood=config.likelihood,
+  )
 
   def init(key):
     return init_model_params(module, image_shape, key)
@@ -474,11 +487,19 @@ def make_pixelvae(config, image_shape: Sequence[int]) -> Model:
     mu, logvar = encode(params, x)
     z, log_q = gaussian_posterior_samples(mu, logvar, key, num_samples, path_weight)
     xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
-        (b * num_samples,) + x.shape[1:])
+      (b * num_samples,) + x.shape[1:]
+    )
     out = module.apply({"params": params}, xr, z.reshape(b * num_samples, d), method="logits")
     log_px = log_lik(xr, out).reshape(b, num_samples)
     return Scores(z=z, mu=mu, log_px=log_px, log_p_rest=jnp.zeros_like(log_px), log_q=log_q)
 
-  return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode, score=score,
-               latent_dim=d, image_shape=image_shape, module=module)
-
+  return Model(
+    init=init,
+    encode=encode,
+    encode_mean=encode_mean,
+    decode=decode,
+    score=score,
+    latent_dim=d,
+    image_shape=image_shape,
+    module=module,
+  )

@@ -86,8 +86,9 @@ class VAE(MLPEncoderModule):
     return self.decode(mu), logvar
 
 
-def gaussian_score(encode, decode, params, x, key, num_samples, log_lik, *,
-                   path_weight=None) -> Scores:
+def gaussian_score(
+  encode, decode, params, x, key, num_samples, log_lik, *, path_weight=None
+) -> Scores:
   """Scores of a one-level Gaussian-posterior VAE with S reparameterised samples.
 
   Args:
@@ -105,7 +106,8 @@ def gaussian_score(encode, decode, params, x, key, num_samples, log_lik, *,
   z, log_q = gaussian_posterior_samples(mu, logvar, key, num_samples, path_weight)
   out = decode(params, z.reshape(b * num_samples, -1))
   xr = jnp.broadcast_to(x[:, None], (b, num_samples) + x.shape[1:]).reshape(
-      (b * num_samples,) + x.shape[1:])
+    (b * num_samples,) + x.shape[1:]
+  )
   log_px = log_lik(xr, out).reshape(b, num_samples)
   return Scores(z=z, mu=mu, log_px=log_px, log_p_rest=jnp.zeros_like(log_px), log_q=log_q)
 
@@ -135,8 +137,13 @@ def _scale_gradient_bwd(weight, ct):
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-def gaussian_posterior_samples(mu: jax.Array, logvar: jax.Array, key: jax.Array,
-                               num_samples: int, path_weight: jax.Array | None = None):
+def gaussian_posterior_samples(
+  mu: jax.Array,
+  logvar: jax.Array,
+  key: jax.Array,
+  num_samples: int,
+  path_weight: jax.Array | None = None,
+):
   """S reparameterised draws of a diagonal Gaussian posterior and their log-density.
 
   Args:
@@ -151,10 +158,11 @@ def gaussian_posterior_samples(mu: jax.Array, logvar: jax.Array, key: jax.Array,
     ``(z (B, S, d), log_q (B, S))``.
   """
   from exvae.likelihoods import diag_gaussian_log_prob
+
   eps = jax.random.normal(key, (mu.shape[0], num_samples, mu.shape[-1]))
-  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps                  # (B, S, d)
+  z = mu[:, None] + jnp.exp(0.5 * logvar)[:, None] * eps  # (B, S, d)
   if path_weight is None:
-    return z, diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])    # (B, S)
+    return z, diag_gaussian_log_prob(z, mu[:, None], logvar[:, None])  # (B, S)
   z = scale_gradient(z, path_weight)
   stop = jax.lax.stop_gradient
   return z, diag_gaussian_log_prob(z, stop(mu)[:, None], stop(logvar)[:, None])
@@ -188,8 +196,10 @@ def check_matmul_dtype(config, model: str | None = None) -> str:
     raise ValueError(f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {name!r}.")
   model = model or config.get("model", "vae")
   if name != "float32" and model in FLOAT32_ONLY_MODELS:
-    raise ValueError(f"matmul_dtype={name!r} is supported by models {list(BF16_MODELS)} only, not "
-                     f"{model!r}: use --config.matmul_dtype=float32.")
+    raise ValueError(
+      f"matmul_dtype={name!r} is supported by models {list(BF16_MODELS)} only, not "
+      f"{model!r}: use --config.matmul_dtype=float32."
+    )
   return name
 
 
@@ -208,9 +218,12 @@ def make_vae(config, image_shape: Sequence[int]) -> Model:
   if name != "vae":
     raise ValueError(f"Unknown model {name!r}; known models: ['vae'].")
   image_shape = tuple(int(s) for s in image_shape)
-  module = VAE(image_shape=image_shape, latent_dim=int(config.latent_dim),
-               hidden=tuple(int(h) for h in config.hidden),
-               matmul_dtype=check_matmul_dtype(config))
+  module = VAE(
+    image_shape=image_shape,
+    latent_dim=int(config.latent_dim),
+    hidden=tuple(int(h) for h in config.hidden),
+    matmul_dtype=check_matmul_dtype(config),
+  )
 
   def init(key):
     return init_model_params(module, image_shape, key)
@@ -225,8 +238,17 @@ def make_vae(config, image_shape: Sequence[int]) -> Model:
     return module.apply({"params": params}, z, method=VAE.decode)
 
   def score(params, x, key, num_samples, log_lik, *, path_weight=None):
-    return gaussian_score(encode, decode, params, x, key, num_samples, log_lik,
-                          path_weight=path_weight)
+    return gaussian_score(
+      encode, decode, params, x, key, num_samples, log_lik, path_weight=path_weight
+    )
 
-  return Model(init=init, encode=encode, encode_mean=encode_mean, decode=decode, score=score,
-               latent_dim=int(config.latent_dim), image_shape=image_shape, module=module)
+  return Model(
+    init=init,
+    encode=encode,
+    encode_mean=encode_mean,
+    decode=decode,
+    score=score,
+    latent_dim=int(config.latent_dim),
+    image_shape=image_shape,
+    module=module,
+  )

@@ -74,8 +74,12 @@ class GatedConv2d(nn.Module):
     hk, hb = LinearParams(shape, torch_conv_init, name="h")()
     gk, gb = LinearParams(shape, torch_conv_init, name="g")()
     hg = jax.lax.conv_general_dilated(
-        x, jnp.concatenate([hk, gk], axis=-1), window_strides=(s, s), padding=_padding(k),
-        dimension_numbers=("NHWC", "HWIO", "NHWC")) + jnp.concatenate([hb, gb])
+      x,
+      jnp.concatenate([hk, gk], axis=-1),
+      window_strides=(s, s),
+      padding=_padding(k),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    ) + jnp.concatenate([hb, gb])
     return hg[..., :f] * jax.nn.sigmoid(hg[..., f:])
 
 
@@ -96,8 +100,10 @@ class GatedConvStack(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H', W', features[-1]), H', W' from :func:`conv_output_hw`."""
     if not len(self.features) == len(self.kernel_sizes) == len(self.strides):
-      raise ValueError("GatedConvStack: features, kernel_sizes and strides differ in length "
-                       f"({len(self.features)}, {len(self.kernel_sizes)}, {len(self.strides)}).")
+      raise ValueError(
+        "GatedConvStack: features, kernel_sizes and strides differ in length "
+        f"({len(self.features)}, {len(self.kernel_sizes)}, {len(self.strides)})."
+      )
     for i, (f, k, s) in enumerate(zip(self.features, self.kernel_sizes, self.strides)):
       x = GatedConv2d(int(f), int(k), int(s), name=f"layer_{i}")(x)
     return x

@@ -42,8 +42,9 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
   """``a`` and ``b`` contracted over one axis each, accumulated and returned in float32."""
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -61,8 +62,8 @@ def _mixed_matmul_bwd(dtype, res, g):
   # float32 cotangent would promote them to float32 products).
   xc, wc = res
   gc = g.astype(dtype)
-  dx = _dot(gc, wc, (g.ndim - 1, 1))                                  # (..., in)
-  dw = _dot(xc.reshape(-1, xc.shape[-1]), gc.reshape(-1, gc.shape[-1]), (0, 0))   # (in, out)
+  dx = _dot(gc, wc, (g.ndim - 1, 1))  # (..., in)
+  dw = _dot(xc.reshape(-1, xc.shape[-1]), gc.reshape(-1, gc.shape[-1]), (0, 0))  # (in, out)
   return dx, dw
 
 
@@ -93,16 +94,22 @@ def _bf16_dot_general(inputs, kernel, dimension_numbers, precision=None, **_):
 _DENSE_KW = {"float32": {}, "bfloat16": {"dot_general": _bf16_dot_general}}
 
 
-def dense(features: int, *, kernel_init: Callable = None, name: str | None = None,
-          matmul_dtype: str = "float32") -> nn.Dense:
+def dense(
+  features: int,
+  *,
+  kernel_init: Callable = None,
+  name: str | None = None,
+  matmul_dtype: str = "float32",
+) -> nn.Dense:
   """``nn.Dense(features)`` (same parameters) whose product runs in ``matmul_dtype``.
 
   'float32' returns the plain ``nn.Dense`` (unchanged computation); 'bfloat16'
   gives it :func:`mixed_matmul` as its ``dot_general``: inputs and kernel
   rounded to bfloat16, float32 accumulation, the bias added in float32.
   """
-  return nn.Dense(features, kernel_init=kernel_init or he_init, name=name,
-                  **_DENSE_KW[matmul_dtype])
+  return nn.Dense(
+    features, kernel_init=kernel_init or he_init, name=name, **_DENSE_KW[matmul_dtype]
+  )
 
 
 class LinearParams(nn.Module):

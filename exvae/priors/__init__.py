@@ -6,6 +6,7 @@ plug-in spec, ``config.prior = "my_pkg.my_prior:MyPrior"`` (see
 :mod:`exvae.plugins`): imported on first use, checked (:mod:`exvae.priors.checks`)
 and registered under that spec.
 """
+
 from exvae import plugins
 from exvae.priors import base, checks
 from exvae.priors.base import ContextInputs, Prior, register, registered_priors
@@ -32,17 +33,24 @@ def make_prior(name: str, config) -> Prior:
   if plugins.is_spec(name) and name not in base.registered_priors():
     cls = plugins.load(name, "prior")
     if not (isinstance(cls, type) and issubclass(cls, Prior)):
-      raise ValueError(f"prior plug-in {name!r} is {cls!r}, not a subclass of "
-                       f"exvae.priors.Prior.")
-    if name not in base.registered_priors():   # the import may have registered it
+      raise ValueError(f"prior plug-in {name!r} is {cls!r}, not a subclass of exvae.priors.Prior.")
+    if name not in base.registered_priors():  # the import may have registered it
       base.register(name, cls)
   cls = base.prior_class(name)
-  if plugins.is_spec(name):       # checked, and built with config.prior_options
+  if plugins.is_spec(name):  # checked, and built with config.prior_options
     checks.check_prior_class(cls, name)
-    return plugins.construct(cls, name, "prior", config,
-                             opts=plugins.options(config, "prior_options"))
+    return plugins.construct(
+      cls, name, "prior", config, opts=plugins.options(config, "prior_options")
+    )
   return cls(config)
 
 
-__all__ = ["ContextInputs", "ExemplarContext", "Prior", "VampContext", "make_prior", "register",
-           "registered_priors"]
+__all__ = [
+  "ContextInputs",
+  "ExemplarContext",
+  "Prior",
+  "VampContext",
+  "make_prior",
+  "register",
+  "registered_priors",
+]

@@ -84,8 +84,10 @@ class ContextInputs:
 
 
 jax.tree_util.register_dataclass(
-    ContextInputs, data_fields=["x", "ids", "mu", "key", "pool"],
-    meta_fields=["binary", "pool_sharded", "pool_size"])
+  ContextInputs,
+  data_fields=["x", "ids", "mu", "key", "pool"],
+  meta_fields=["binary", "pool_sharded", "pool_size"],
+)
 
 
 class Prior:
@@ -118,8 +120,9 @@ class Prior:
     return state
 
   # -- density ----------------------------------------------------------------
-  def context(self, params, state, model: Model, model_params, inputs: ContextInputs,
-              train: bool) -> tuple[PyTree, PyTree]:
+  def context(
+    self, params, state, model: Model, model_params, inputs: ContextInputs, train: bool
+  ) -> tuple[PyTree, PyTree]:
     """What :meth:`log_prob` and :meth:`sample` need for this batch.
 
     Args:
@@ -235,4 +238,3 @@ def prior_class(name: str) -> Callable[[Any], Prior]:
 def registered_priors() -> list[str]:
   """The names and plug-in specs registered so far, sorted."""
   return sorted(_REGISTRY)
-

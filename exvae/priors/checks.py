@@ -33,12 +33,15 @@ def check_prior_class(cls: type, spec: str) -> None:
   """
   for name, shape in REQUIRED_PRIOR_METHODS.items():
     if getattr(cls, name, None) is getattr(Prior, name):
-      raise PluginError(f"prior plug-in {spec!r}: {cls.__name__} does not implement {name}() "
-                        f"(it must return {shape}); see examples/learned_gaussian.py.")
+      raise PluginError(
+        f"prior plug-in {spec!r}: {cls.__name__} does not implement {name}() "
+        f"(it must return {shape}); see examples/learned_gaussian.py."
+      )
 
 
-def check_prior_shapes(prior: Any, model: Any, num_train: int, spec: str,
-                       batch: int = 3, n: int = 5) -> None:
+def check_prior_shapes(
+  prior: Any, model: Any, num_train: int, spec: str, batch: int = 3, n: int = 5
+) -> None:
   """One traced call (``jax.eval_shape``, no computation) of the prior's methods on dummy inputs.
 
   Checks ``init``, ``init_state``, ``context``, ``log_prob`` (must return
@@ -66,20 +69,29 @@ def check_prior_shapes(prior: Any, model: Any, num_train: int, spec: str,
     model_params = model.init(k1)
     params = prior.init(k2, model, num_train)
     state = prior.init_state(model, num_train)
-    inputs = ContextInputs(x=jnp.zeros((batch, h, w, c)), ids=jnp.arange(batch, dtype=jnp.int32),
-                           mu=jnp.zeros((batch, d)), key=k3,
-                           pool=jnp.zeros((pool_n, h, w, c)), pool_size=pool_n)
+    inputs = ContextInputs(
+      x=jnp.zeros((batch, h, w, c)),
+      ids=jnp.arange(batch, dtype=jnp.int32),
+      mu=jnp.zeros((batch, d)),
+      key=k3,
+      pool=jnp.zeros((pool_n, h, w, c)),
+      pool_size=pool_n,
+    )
     ctx, _ = prior.context(params, state, model, model_params, inputs, True)
     z = jnp.zeros((batch, d))
     out = {}
-    for name, call in (("log_prob", lambda: prior.log_prob(params, z, ctx, inputs.ids)),
-                       ("sample", lambda: prior.sample(params, k4, n, ctx))):
+    for name, call in (
+      ("log_prob", lambda: prior.log_prob(params, z, ctx, inputs.ids)),
+      ("sample", lambda: prior.sample(params, k4, n, ctx)),
+    ):
       try:
         out[name] = call()
       except NotImplementedError:
-        raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() raises "
-                          f"NotImplementedError; it must return "
-                          f"{REQUIRED_PRIOR_METHODS[name]}.") from None
+        raise PluginError(
+          f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() raises "
+          f"NotImplementedError; it must return "
+          f"{REQUIRED_PRIOR_METHODS[name]}."
+        ) from None
     return out
 
   try:
@@ -87,16 +99,20 @@ def check_prior_shapes(prior: Any, model: Any, num_train: int, spec: str,
   except PluginError:
     raise
   except Exception as e:  # noqa: BLE001  (the plug-in's own error, in one line)
-    raise PluginError(f"prior plug-in {spec!r} fails on a dummy batch (B={batch}, d={d}): "
-                      f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    raise PluginError(
+      f"prior plug-in {spec!r} fails on a dummy batch (B={batch}, d={d}): "
+      f"{type(e).__name__}: {' '.join(str(e).split())}"
+    ) from e
   want = {"log_prob": (batch,), "sample": (n, d)}
   for name, shape in want.items():
     got = getattr(shapes[name], "shape", None)
     if tuple(got or ()) != shape or got is None:
       expected = REQUIRED_PRIOR_METHODS[name]
-      raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() returns shape "
-                        f"{tuple(got) if got is not None else type(shapes[name]).__name__}, "
-                        f"expected {expected} = {shape} (B={batch}, n={n}, d={d}).")
+      raise PluginError(
+        f"prior plug-in {spec!r}: {type(prior).__name__}.{name}() returns shape "
+        f"{tuple(got) if got is not None else type(shapes[name]).__name__}, "
+        f"expected {expected} = {shape} (B={batch}, n={n}, d={d})."
+      )
   check_prior_finite(prior, model, num_train, spec, batch=batch)
 
 
@@ -116,15 +132,25 @@ def check_prior_finite(prior: Any, model: Any, num_train: int, spec: str, batch:
   pool_n = min(int(num_train), 2 * batch)
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
   params = prior.init(k2, model, num_train)
-  inputs = ContextInputs(x=jnp.zeros((batch, h, w, c)), ids=jnp.arange(batch, dtype=jnp.int32),
-                         mu=jnp.zeros((batch, d)), key=k3,
-                         pool=jnp.zeros((pool_n, h, w, c)), pool_size=pool_n)
-  ctx, _ = prior.context(params, prior.init_state(model, num_train), model, model.init(k1),
-                         inputs, True)
-  for where, z in (("z = 0", jnp.zeros((batch, d))),
-                   ("its own samples", prior.sample(params, k4, batch, ctx))):
+  inputs = ContextInputs(
+    x=jnp.zeros((batch, h, w, c)),
+    ids=jnp.arange(batch, dtype=jnp.int32),
+    mu=jnp.zeros((batch, d)),
+    key=k3,
+    pool=jnp.zeros((pool_n, h, w, c)),
+    pool_size=pool_n,
+  )
+  ctx, _ = prior.context(
+    params, prior.init_state(model, num_train), model, model.init(k1), inputs, True
+  )
+  for where, z in (
+    ("z = 0", jnp.zeros((batch, d))),
+    ("its own samples", prior.sample(params, k4, batch, ctx)),
+  ):
     lp = np.asarray(prior.log_prob(params, jnp.asarray(z), ctx, inputs.ids))
     if not np.all(np.isfinite(lp)):
-      raise PluginError(f"prior plug-in {spec!r}: {type(prior).__name__}.log_prob() is not "
-                        f"finite at its initial parameters ({where}: {lp.tolist()}); a log-density "
-                        "must be finite (a log of 0 or of a negative number?).")
+      raise PluginError(
+        f"prior plug-in {spec!r}: {type(prior).__name__}.log_prob() is not "
+        f"finite at its initial parameters ({where}: {lp.tolist()}); a log-density "
+        "must be finite (a log of 0 or of a negative number?)."
+      )

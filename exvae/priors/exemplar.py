@@ -90,15 +90,20 @@ class ExemplarContext:
   full_bank: bool = False
 
   def __post_init__(self):
-    if self.full_bank and not (self.bank_ids is None and self.bank_mask is None
-                               and self.log_norm is None):
-      raise ValueError("ExemplarContext: the evaluation bank (full_bank=True) holds every "
-                       "exemplar once, with no bank_ids, bank_mask or log_norm.")
+    if self.full_bank and not (
+      self.bank_ids is None and self.bank_mask is None and self.log_norm is None
+    ):
+      raise ValueError(
+        "ExemplarContext: the evaluation bank (full_bank=True) holds every "
+        "exemplar once, with no bank_ids, bank_mask or log_norm."
+      )
 
 
 jax.tree_util.register_dataclass(
-    ExemplarContext, data_fields=["bank", "bank_ids", "bank_mask", "log_norm"],
-    meta_fields=["full_bank"])
+  ExemplarContext,
+  data_fields=["bank", "bank_ids", "bank_mask", "log_norm"],
+  meta_fields=["full_bank"],
+)
 
 
 def _exemplar_context(ctx) -> ExemplarContext:
@@ -109,13 +114,23 @@ def _exemplar_context(ctx) -> ExemplarContext:
       whose keys would otherwise be read or ignored by name.
   """
   if not isinstance(ctx, ExemplarContext):
-    raise TypeError(f"the exemplar prior's context must be an ExemplarContext, got "
-                    f"{type(ctx).__name__}.")
+    raise TypeError(
+      f"the exemplar prior's context must be an ExemplarContext, got {type(ctx).__name__}."
+    )
   return ctx
 
 
-def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 2048, *,
-                sharded: bool = False, n: int = 0):
+def encode_pool(
+  model,
+  model_params,
+  pool,
+  key,
+  binary: bool,
+  batch_size: int = 2048,
+  *,
+  sharded: bool = False,
+  n: int = 0,
+):
   """Encoder means of every image in ``pool`` (N, H, W, C) -> (N, d), in chunks.
 
   Traceable (``lax.map`` over chunks) so memory stays at one chunk of
@@ -144,6 +159,7 @@ def encode_pool(model, model_params, pool, key, binary: bool, batch_size: int = 
       if binary:
         x = rng.bernoulli_rows(key, x, i[None])
       return model.encode_mean(params, x)[0]
+
     # Batched lax.map: vectorised over chunks of batch_size, sequential across.
     return jax.lax.map(one, (rows, ids), batch_size=min(batch_size, rows.shape[0]))
 
@@ -172,7 +188,7 @@ def activation_bytes_per_row(model, model_params, image_shape) -> int:
           if hasattr(aval, "shape") and hasattr(aval, "dtype"):
             n += math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
         for sub in eqn.params.values():
-          for s in (sub if isinstance(sub, (tuple, list)) else (sub,)):
+          for s in sub if isinstance(sub, (tuple, list)) else (sub,):
             inner = getattr(s, "jaxpr", s)
             if hasattr(inner, "eqns"):
               n += walk(inner)
@@ -198,7 +214,7 @@ def _chunks(model, pool, ids, key, binary: bool, chunk: int, sharded: bool):
   m = ids.shape[0]
   chunk = max(1, min(int(chunk), m))
   n_chunks = -(-m // chunk)
-  padded = jnp.pad(ids, (0, n_chunks * chunk - m))      # pad with row 0, sliced off by callers
+  padded = jnp.pad(ids, (0, n_chunks * chunk - m))  # pad with row 0, sliced off by callers
 
   def rows(idc):
     # Binarised rows as uint8 (4x less memory than float32 where they are kept).
@@ -242,8 +258,19 @@ def balanced_chunk(m: int, chunk: int, align: int = 8) -> int:
   return even if even * n == m else -(-even // align) * align
 
 
-def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 1000, *,
-                sharded: bool = False, remat: bool | None = None, unroll: bool = True):
+def encode_rows(
+  model,
+  model_params,
+  pool,
+  ids,
+  key,
+  binary: bool,
+  chunk: int = 1000,
+  *,
+  sharded: bool = False,
+  remat: bool | None = None,
+  unroll: bool = True,
+):
   """Encoder means of ``pool[ids]`` WITH gradients, in chunks.
 
   Gathering, binarising and encoding M = 25000 exemplars in one piece streams
@@ -302,8 +329,19 @@ def encode_rows(model, model_params, pool, ids, key, binary: bool, chunk: int = 
   return codes.reshape(n_chunks * chunk, -1)[:m]
 
 
-def encode_rows_prefix(model, model_params, pool, ids, count, key, binary: bool,
-                       chunk: int = 125, *, sharded: bool = False, remat: bool = False):
+def encode_rows_prefix(
+  model,
+  model_params,
+  pool,
+  ids,
+  count,
+  key,
+  binary: bool,
+  chunk: int = 125,
+  *,
+  sharded: bool = False,
+  remat: bool = False,
+):
   """Encoder means of ``pool[ids[:count]]`` WITH gradients; rows from ``count`` on are zeros.
 
   ``count`` is traced, the shapes are static: the (M,) ids are split into
@@ -342,8 +380,7 @@ def encode_rows_prefix(model, model_params, pool, ids, count, key, binary: bool,
   skip = lambda params, xc: jnp.zeros(out.shape, out.dtype)
   # A Python loop: every chunk's cond is its own op, with no loop stacking
   # their activations into (chunks, ...) buffers (as the unrolled encode_rows).
-  codes = [jax.lax.cond(j * chunk < count, one, skip, model_params, xs[j])
-           for j in range(n_chunks)]
+  codes = [jax.lax.cond(j * chunk < count, one, skip, model_params, xs[j]) for j in range(n_chunks)]
   return jnp.concatenate(codes, axis=0)[:m]
 
 
@@ -363,8 +400,9 @@ def distinct_capacity(n: int, m: int, sigmas: float = 10.0) -> int:
   return min(m, int(math.ceil(mean + sigmas * math.sqrt(var) + sigmas)))
 
 
-def _first_of_each(keys: jax.Array, invalid: int,
-                   compact: bool = False) -> tuple[jax.Array, jax.Array]:
+def _first_of_each(
+  keys: jax.Array, invalid: int, compact: bool = False
+) -> tuple[jax.Array, jax.Array]:
   """Static-shape de-duplication: ``(sorted keys, mask of the first of each valid run)``.
 
   Args:
@@ -411,16 +449,33 @@ class ExemplarPrior(Prior):
     return rows * per_row > budget * 2**20
 
   def _encode(self, model, model_params, pool, ids, key, inputs):
-    return encode_rows(model, model_params, pool, ids, key, inputs.binary,
-                       int(self.cfg.encode_chunk), sharded=inputs.pool_sharded,
-                       remat=self._remat(model, model_params, pool, ids.shape[0]))
+    return encode_rows(
+      model,
+      model_params,
+      pool,
+      ids,
+      key,
+      inputs.binary,
+      int(self.cfg.encode_chunk),
+      sharded=inputs.pool_sharded,
+      remat=self._remat(model, model_params, pool, ids.shape[0]),
+    )
 
   def _encode_prefix(self, model, model_params, pool, ids, count, key, inputs):
     """:meth:`_encode` of the first ``count`` rows of ``ids`` only, in whole chunks of
     ``rat_compact_chunk`` rows (the later rows' codes are zeros or a placeholder's)."""
-    return encode_rows_prefix(model, model_params, pool, ids, count, key, inputs.binary,
-                              int(self.cfg.rat_compact_chunk), sharded=inputs.pool_sharded,
-                              remat=self._remat(model, model_params, pool, ids.shape[0]))
+    return encode_rows_prefix(
+      model,
+      model_params,
+      pool,
+      ids,
+      count,
+      key,
+      inputs.binary,
+      int(self.cfg.rat_compact_chunk),
+      sharded=inputs.pool_sharded,
+      remat=self._remat(model, model_params, pool, ids.shape[0]),
+    )
 
   def _encode_distinct(self, model, model_params, pool, cand, key, inputs, n):
     """``(codes, ids)`` of the M draws ``cand`` (WITH replacement, as the reference),
@@ -460,13 +515,15 @@ class ExemplarPrior(Prior):
     m = self._num_candidates(num_train)
     if self.cfg.loo and (num_train <= 1 or m <= 1):
       raise ValueError(
-          f"Exemplar prior with leave-one-out needs at least 2 exemplars "
-          f"(training set has {num_train}, num_exemplars={self.cfg.num_exemplars}): "
-          "with one exemplar nothing is left to mix once a point's own exemplar is "
-          "masked. Use more data or set exemplar.loo=False.")
+        f"Exemplar prior with leave-one-out needs at least 2 exemplars "
+        f"(training set has {num_train}, num_exemplars={self.cfg.num_exemplars}): "
+        "with one exemplar nothing is left to mix once a point's own exemplar is "
+        "masked. Use more data or set exemplar.loo=False."
+      )
     if self.cfg.rat_mode not in ("reference", "bound"):
-      raise ValueError(f"exemplar.rat_mode must be 'reference' or 'bound', got "
-                       f"{self.cfg.rat_mode!r}.")
+      raise ValueError(
+        f"exemplar.rat_mode must be 'reference' or 'bound', got {self.cfg.rat_mode!r}."
+      )
     if self.cfg.rat and self.cfg.rat_k < 1:
       raise ValueError(f"exemplar.rat_k must be >= 1, got {self.cfg.rat_k}.")
 
@@ -482,8 +539,15 @@ class ExemplarPrior(Prior):
   def refresh(self, params, state, model, model_params, inputs):
     if not self.cfg.rat:
       return state
-    codes = encode_pool(model, model_params, inputs.pool, inputs.key, inputs.binary,
-                        sharded=inputs.pool_sharded, n=inputs.num_pool)
+    codes = encode_pool(
+      model,
+      model_params,
+      inputs.pool,
+      inputs.key,
+      inputs.binary,
+      sharded=inputs.pool_sharded,
+      n=inputs.num_pool,
+    )
     return {"cache": jax.lax.stop_gradient(codes)}
 
   # -- context ----------------------------------------------------------------
@@ -491,16 +555,18 @@ class ExemplarPrior(Prior):
     pool = inputs.pool
     n = inputs.num_pool
     if not train:
-      bank = encode_pool(model, model_params, pool, inputs.key, inputs.binary,
-                         sharded=inputs.pool_sharded, n=n)
+      bank = encode_pool(
+        model, model_params, pool, inputs.key, inputs.binary, sharded=inputs.pool_sharded, n=n
+      )
       # On a device mesh the evaluation bank is split along N (each device holds
       # N / devices codes); log_prob then reduces shard by shard.
-      return ExemplarContext(bank=distributed.shard_batch(jax.lax.stop_gradient(bank)),
-                             full_bank=True), state
+      return ExemplarContext(
+        bank=distributed.shard_batch(jax.lax.stop_gradient(bank)), full_bank=True
+      ), state
     m = self._num_candidates(n)
     k_idx, k_bin = jax.random.split(inputs.key)
     if m == n and not self.cfg.rat:
-      cand = jnp.arange(n, dtype=jnp.int32)        # the whole set, no subsampling
+      cand = jnp.arange(n, dtype=jnp.int32)  # the whole set, no subsampling
     else:
       cand = jax.random.randint(k_idx, (m,), 0, n, dtype=jnp.int32)
     if not self.cfg.rat:
@@ -523,21 +589,30 @@ class ExemplarPrior(Prior):
     # as the authors' code.  "bound": k neighbours other than the point itself.
     exclude_self = self.cfg.loo and not reference
     _, pos = kernels.topk_neighbors(
-        jax.lax.stop_gradient(inputs.mu), cache[cand], k,
-        bank_ids=cand if exclude_self else None, query_ids=ids if exclude_self else None,
-        chunk_size=int(self.cfg.chunk_size) or None)
+      jax.lax.stop_gradient(inputs.mu),
+      cache[cand],
+      k,
+      bank_ids=cand if exclude_self else None,
+      query_ids=ids if exclude_self else None,
+      chunk_size=int(self.cfg.chunk_size) or None,
+    )
     # Static-shape de-duplication.  The reference de-duplicates candidate
     # POSITIONS: an exemplar drawn twice among the M (with replacement) is two
     # components.  "bound" keeps one component per exemplar.
     compact = bool(self.cfg.rat_compact)
     if reference:
-      keys, mask = _first_of_each(jnp.where(pos >= 0, pos, m).reshape(-1), m,   # m = invalid
-                                  compact)
+      keys, mask = _first_of_each(
+        jnp.where(pos >= 0, pos, m).reshape(-1),
+        m,  # m = invalid
+        compact,
+      )
       union = jnp.where(mask, cand[jnp.minimum(keys, m - 1)], n)
     else:
       union, mask = _first_of_each(
-          jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1), n,     # n = invalid
-          compact)
+        jnp.where(pos >= 0, cand[jnp.maximum(pos, 0)], n).reshape(-1),
+        n,  # n = invalid
+        compact,
+      )
     safe = jnp.minimum(union, n - 1)
     if compact:
       # The distinct exemplars are a prefix of the union: only the chunks
@@ -547,8 +622,9 @@ class ExemplarPrior(Prior):
       # only while the codes are bunched: on Fashion-MNIST the union holds
       # 28-87% distinct rows in the first ~250 steps, then 89-99%, where one
       # product over all B*k rows is faster (the default).
-      bank = self._encode_prefix(model, model_params, pool, safe,
-                                 mask.sum(dtype=jnp.int32), k_bin, inputs)
+      bank = self._encode_prefix(
+        model, model_params, pool, safe, mask.sum(dtype=jnp.int32), k_bin, inputs
+      )
     else:
       bank = self._encode(model, model_params, pool, safe, k_bin, inputs)
     cache = cache.at[jnp.where(mask, union, n)].set(jax.lax.stop_gradient(bank), mode="drop")
@@ -559,8 +635,9 @@ class ExemplarPrior(Prior):
     # Otherwise N' = the components left in the sum (the union less the masked
     # self), the reference's normalisation: log p(z) is then an estimate over
     # the retrieved neighbourhood, log(N / |union|) nats above the bound.
-    ctx = ExemplarContext(bank=bank, bank_ids=jnp.where(mask, union, -1), bank_mask=mask,
-                          log_norm=log_norm)
+    ctx = ExemplarContext(
+      bank=bank, bank_ids=jnp.where(mask, union, -1), bank_mask=mask, log_norm=log_norm
+    )
     return ctx, {"cache": cache}
 
   # -- density ----------------------------------------------------------------
@@ -574,15 +651,23 @@ class ExemplarPrior(Prior):
       # Evaluation bank on a mesh: per-device streamed reduction, merged with
       # collectives (exvae/parallel.py); identical to the single-device value.
       lse, count = parallel.sharded_log_kernel_sum(
-          mesh, z, ctx.bank, params["log_var"], axis=distributed.DATA_AXIS,
-          chunk_size=int(self.cfg.chunk_size) or None)
+        mesh,
+        z,
+        ctx.bank,
+        params["log_var"],
+        axis=distributed.DATA_AXIS,
+        chunk_size=int(self.cfg.chunk_size) or None,
+      )
       return lse - jnp.log(jnp.maximum(count, 1.0))
     lse, count = kernels.log_kernel_sum(
-        z, ctx.bank, params["log_var"],
-        bank_mask=ctx.bank_mask,
-        bank_ids=ctx.bank_ids if use_loo else None,
-        query_ids=ids if use_loo else None,
-        chunk_size=int(self.cfg.chunk_size) or None)
+      z,
+      ctx.bank,
+      params["log_var"],
+      bank_mask=ctx.bank_mask,
+      bank_ids=ctx.bank_ids if use_loo else None,
+      query_ids=ids if use_loo else None,
+      chunk_size=int(self.cfg.chunk_size) or None,
+    )
     if ctx.log_norm is not None:
       return lse - ctx.log_norm
     # N' = number of components actually in the sum (count 0 -> -inf, not NaN).
@@ -603,8 +688,9 @@ class ExemplarPrior(Prior):
     if keep <= 0 or not ctx.full_bank:
       return super().log_prob_grouped(params, z, centers, ctx)
     keep = min(keep, bank.shape[0])
-    fn = lambda zz, c: kernels.pruned_log_kernel_sum(zz, c, bank, params["log_var"], keep=keep,
-                                                     tol=float(self.config.eval.prune_tol))
+    fn = lambda zz, c: kernels.pruned_log_kernel_sum(
+      zz, c, bank, params["log_var"], keep=keep, tol=float(self.config.eval.prune_tol)
+    )
     res = jax.vmap(fn)(z, centers)
     log_norm = jnp.log(jnp.float32(bank.shape[0]))
     return res.lse - log_norm, res.err_bound

@@ -48,19 +48,21 @@ def mixture_diag_log_prob(z, mu, logvar):
   Returns:
     (B,) log-densities.
   """
-  inv_var = jnp.exp(-logvar)                                    # (K, d)
+  inv_var = jnp.exp(-logvar)  # (K, d)
   # Quadratic form in matmul form: sum_d (z - mu)^2 / var
   #   = z^2 . inv_var - 2 z . (mu * inv_var) + sum_d mu^2 * inv_var
   # so B x K x d is never materialised. The matmuls are pinned to full float32: at
   # the default precision (one bfloat16 pass on TPU, TF32 on recent NVIDIA GPUs)
   # the cancellation costs nats (tests/test_precision.py).
   hi = jax.lax.Precision.HIGHEST
-  quad = (jnp.matmul(z**2, inv_var.T, precision=hi)
-          - 2.0 * jnp.matmul(z, (mu * inv_var).T, precision=hi)
-          + jnp.sum(mu**2 * inv_var, -1))
+  quad = (
+    jnp.matmul(z**2, inv_var.T, precision=hi)
+    - 2.0 * jnp.matmul(z, (mu * inv_var).T, precision=hi)
+    + jnp.sum(mu**2 * inv_var, -1)
+  )
   quad = jnp.maximum(quad, 0.0)
   d = z.shape[-1]
-  log_comp = -0.5 * (d * jnp.log(2 * jnp.pi) + jnp.sum(logvar, -1) + quad)   # (B, K)
+  log_comp = -0.5 * (d * jnp.log(2 * jnp.pi) + jnp.sum(logvar, -1) + quad)  # (B, K)
   return jax.nn.logsumexp(log_comp, axis=-1) - jnp.log(mu.shape[0])
 
 

@@ -43,8 +43,8 @@ from exvae.uses.generation import augment_images
 
 PyTree = Any
 
-ENCODE_INPUTS = ("grey", "bernoulli")   # what the encoder sees; "grey" is the reference's
-ARMS = ("without", "with")              # the classifiers: without and with augmentation
+ENCODE_INPUTS = ("grey", "bernoulli")  # what the encoder sees; "grey" is the reference's
+ARMS = ("without", "with")  # the classifiers: without and with augmentation
 
 
 def binarise_before_encoding(encode_input: str, binary_data: bool) -> bool:
@@ -62,9 +62,17 @@ def binarise_before_encoding(encode_input: str, binary_data: bool) -> bool:
   return encode_input == "bernoulli" and bool(binary_data)
 
 
-def augmented_set(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
-                  binary: bool, seed: int = 0, batch_size: int = 500,
-                  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> np.ndarray:
+def augmented_set(
+  vae: Model,
+  vae_params: PyTree,
+  x: np.ndarray,
+  log_var: float,
+  *,
+  binary: bool,
+  seed: int = 0,
+  batch_size: int = 500,
+  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
+) -> np.ndarray:
   """One augmented copy of each image, with noise fixed by ``seed`` (as :func:`augment_images`).
 
   Args:
@@ -80,16 +88,34 @@ def augmented_set(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float,
     (N, H, W, C) float32 augmented images on the 1/255 grid.
   """
   key = jax.random.PRNGKey(seed)
-  out = [np.asarray(augment_images(vae, vae_params, jnp.asarray(x[lo:lo + batch_size], jnp.float32),
-                                   jnp.float32(log_var), jax.random.fold_in(key, lo), binary,
-                                   mean_fn))
-         for lo in range(0, x.shape[0], batch_size)]
+  out = [
+    np.asarray(
+      augment_images(
+        vae,
+        vae_params,
+        jnp.asarray(x[lo : lo + batch_size], jnp.float32),
+        jnp.float32(log_var),
+        jax.random.fold_in(key, lo),
+        binary,
+        mean_fn,
+      )
+    )
+    for lo in range(0, x.shape[0], batch_size)
+  ]
   return np.concatenate(out) if out else np.zeros_like(x, np.float32)
 
 
-def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: float, *,
-                        binary: bool, seed: int = 0, batch_size: int = 500,
-                        mean_fn: Callable[[Any], jax.Array] = bernoulli_mean) -> dict[str, float]:
+def augmentation_spread(
+  vae: Model,
+  vae_params: PyTree,
+  x: np.ndarray,
+  log_var: float,
+  *,
+  binary: bool,
+  seed: int = 0,
+  batch_size: int = 500,
+  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
+) -> dict[str, float]:
   """How far the augmented images lie from their sources, and why.
 
   Three mean absolute per-pixel distances (grey levels in [0, 1]):
@@ -110,24 +136,45 @@ def augmentation_spread(vae: Model, vae_params: PyTree, x: np.ndarray, log_var: 
     ``{'aug_to_x', 'recon_to_x', 'aug_to_recon'}``, means over all pixels of ``x``.
   """
   x = np.asarray(x, np.float32)
-  copies = functools.partial(augmented_set, vae, vae_params, x, binary=binary, seed=seed,
-                             batch_size=batch_size, mean_fn=mean_fn)
+  copies = functools.partial(
+    augmented_set,
+    vae,
+    vae_params,
+    x,
+    binary=binary,
+    seed=seed,
+    batch_size=batch_size,
+    mean_fn=mean_fn,
+  )
   aug = copies(float(log_var))
   # The same encoder input and keys with no latent noise (s2 -> 0): the reconstruction.
   rec = copies(-1e4)
   mean_abs = lambda a, b: float(np.sum(np.abs(a - b), dtype=np.float64) / max(x.size, 1))  # noqa: E731
-  return {"aug_to_x": mean_abs(aug, x), "recon_to_x": mean_abs(rec, x),
-          "aug_to_recon": mean_abs(aug, rec)}
+  return {
+    "aug_to_x": mean_abs(aug, x),
+    "recon_to_x": mean_abs(rec, x),
+    "aug_to_recon": mean_abs(aug, rec),
+  }
 
 
 @stopping.deferring
-def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
-                     seed: int = 0, seeds: Sequence[int] | None = None,
-                     encode_input: str = "grey", log_var: float | None = None,
-                     max_steps: int | None = None, progress: bool = False,
-                     probe: int = 10000,
-                     arms: Sequence[str] = ARMS, log_every: int = 0,
-                     done_dir: str | None = None) -> dict[str, Any]:
+def run_augmentation(
+  trained,
+  *,
+  epochs: int,
+  hidden: int,
+  use_val: bool = True,
+  seed: int = 0,
+  seeds: Sequence[int] | None = None,
+  encode_input: str = "grey",
+  log_var: float | None = None,
+  max_steps: int | None = None,
+  progress: bool = False,
+  probe: int = 10000,
+  arms: Sequence[str] = ARMS,
+  log_every: int = 0,
+  done_dir: str | None = None,
+) -> dict[str, Any]:
   """Trains the classifier without and with augmentation, for each seed; returns test errors.
 
   Args:
@@ -172,30 +219,62 @@ def run_augmentation(trained, *, epochs: int, hidden: int, use_val: bool = True,
   x, y = _training_set(g, use_val)
   model, mp, mean_fn = trained.setup.model, trained.params["model"], trained.setup.mean_fn
   log_var, source = _noise_log_var(trained, g.train_x, log_var)
-  out: dict[str, Any] = {"epochs": int(epochs), "hidden": int(hidden), "use_val": bool(use_val),
-                         "num_train": int(x.shape[0]), "num_test": int(g.test_x.shape[0]),
-                         "grey_eval": bool(g.grey_eval), "log_var": float(log_var),
-                         "log_var_source": source, "encode_input": encode_input,
-                         "seeds": seeds, "arms": list(arms), "runs": []}
-  out["spread"] = augmentation_spread(model, mp, g.train_x[:2000], float(log_var), binary=binary,
-                                      mean_fn=mean_fn)
-  probes = (x[:probe], y[:probe],
-            augmented_set(model, mp, x[:probe], float(log_var), binary=binary, mean_fn=mean_fn))
+  out: dict[str, Any] = {
+    "epochs": int(epochs),
+    "hidden": int(hidden),
+    "use_val": bool(use_val),
+    "num_train": int(x.shape[0]),
+    "num_test": int(g.test_x.shape[0]),
+    "grey_eval": bool(g.grey_eval),
+    "log_var": float(log_var),
+    "log_var_source": source,
+    "encode_input": encode_input,
+    "seeds": seeds,
+    "arms": list(arms),
+    "runs": [],
+  }
+  out["spread"] = augmentation_spread(
+    model, mp, g.train_x[:2000], float(log_var), binary=binary, mean_fn=mean_fn
+  )
+  probes = (
+    x[:probe],
+    y[:probe],
+    augmented_set(model, mp, x[:probe], float(log_var), binary=binary, mean_fn=mean_fn),
+  )
   out["probe"] = int(probes[0].shape[0])
-  common = _classifier_settings(mp, x, y, epochs=epochs, hidden=hidden, log_var=log_var,
-                                encode_input=encode_input, max_steps=max_steps,
-                                probe=out["probe"])
-  fit = dict(hidden=hidden, epochs=epochs, vae=model, vae_params=mp, log_var=log_var,
-             binary=binary, max_steps=max_steps, mean_fn=mean_fn, progress=progress,
-             log_every=log_every)
+  common = _classifier_settings(
+    mp,
+    x,
+    y,
+    epochs=epochs,
+    hidden=hidden,
+    log_var=log_var,
+    encode_input=encode_input,
+    max_steps=max_steps,
+    probe=out["probe"],
+  )
+  fit = dict(
+    hidden=hidden,
+    epochs=epochs,
+    vae=model,
+    vae_params=mp,
+    log_var=log_var,
+    binary=binary,
+    max_steps=max_steps,
+    mean_fn=mean_fn,
+    progress=progress,
+    log_every=log_every,
+  )
   out["runs"], out["reused"], out["steps"] = _train_seeds(
-      seeds, arms, common, (x, y, g.test_x, g.test_y), probes, done_dir, fit)
+    seeds, arms, common, (x, y, g.test_x, g.test_y), probes, done_dir, fit
+  )
   out.update(_mean_errors(out["runs"], arms))
   return out
 
 
-def _seeds_and_arms(seed: int, seeds: Sequence[int] | None,
-                    arms: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
+def _seeds_and_arms(
+  seed: int, seeds: Sequence[int] | None, arms: Sequence[str]
+) -> tuple[list[int], tuple[str, ...]]:
   """The classifier seeds (``[seed]`` unless ``seeds`` are given) and arms, in :data:`ARMS` order.
 
   Raises:
@@ -216,9 +295,18 @@ def _training_set(g: classifier.GreyData, use_val: bool) -> tuple[np.ndarray, np
   return g.train_x, g.train_y
 
 
-def _classifier_settings(model_params: PyTree, x: np.ndarray, y: np.ndarray, *, epochs: int,
-                         hidden: int, log_var: float, encode_input: str,
-                         max_steps: int | None, probe: int) -> dict[str, Any]:
+def _classifier_settings(
+  model_params: PyTree,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  epochs: int,
+  hidden: int,
+  log_var: float,
+  encode_input: str,
+  max_steps: int | None,
+  probe: int,
+) -> dict[str, Any]:
   """What every classifier's result depends on but its seed and arm (its record's identity).
 
   Args:
@@ -230,18 +318,28 @@ def _classifier_settings(model_params: PyTree, x: np.ndarray, y: np.ndarray, *, 
   Returns:
     A JSON-able dict.
   """
-  return {"model": bank_lib.params_fingerprint(model_params), "epochs": int(epochs),
-          "hidden": int(hidden), "num_train": int(x.shape[0]),
-          "train_images": _digest(x, y), "log_var": float(log_var),
-          "encode_input": encode_input,
-          "max_steps": None if max_steps is None else int(max_steps),
-          "probe": int(probe)}
+  return {
+    "model": bank_lib.params_fingerprint(model_params),
+    "epochs": int(epochs),
+    "hidden": int(hidden),
+    "num_train": int(x.shape[0]),
+    "train_images": _digest(x, y),
+    "log_var": float(log_var),
+    "encode_input": encode_input,
+    "max_steps": None if max_steps is None else int(max_steps),
+    "probe": int(probe),
+  }
 
 
-def _train_seeds(seeds: list[int], arms: Sequence[str], common: dict[str, Any],
-                 split: tuple[np.ndarray, ...], probes: tuple[np.ndarray, ...],
-                 done_dir: str | None,
-                 fit: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], int]:
+def _train_seeds(
+  seeds: list[int],
+  arms: Sequence[str],
+  common: dict[str, Any],
+  split: tuple[np.ndarray, ...],
+  probes: tuple[np.ndarray, ...],
+  done_dir: str | None,
+  fit: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[str], int]:
   """Every seed's classifier of every arm: read from ``done_dir`` if finished before, else trained.
 
   Args:
@@ -282,9 +380,15 @@ def _noise_log_var(trained, train_x: np.ndarray, log_var: float | None) -> tuple
     return log_var, "given"
   mean_lv = None
   if "log_var" not in trained.params.get("prior", {}):
-    _, mean_lv = bank_lib.encode_images(trained.setup.model, trained.params["model"], train_x,
-                                        np.arange(train_x.shape[0]), jax.random.PRNGKey(0),
-                                        binary=trained.splits.binary, with_logvar=True)
+    _, mean_lv = bank_lib.encode_images(
+      trained.setup.model,
+      trained.params["model"],
+      train_x,
+      np.arange(train_x.shape[0]),
+      jax.random.PRNGKey(0),
+      binary=trained.splits.binary,
+      with_logvar=True,
+    )
   return bank_lib.bank_log_var(trained, mean_lv)
 
 
@@ -293,8 +397,9 @@ def _name(seed: int, tag: str) -> str:
   return f"seed{seed}_{tag}"
 
 
-def _finished_before(done_dir: str | None, seed: int, tag: str,
-                     settings: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_before(
+  done_dir: str | None, seed: int, tag: str, settings: dict[str, Any]
+) -> dict[str, Any] | None:
   """The classifier's result if ``done_dir`` holds its record made with ``settings``, else None."""
   if done_dir is None:
     return None
@@ -305,9 +410,15 @@ def _finished_before(done_dir: str | None, seed: int, tag: str,
   return result
 
 
-def _train_arm(split: tuple[np.ndarray, ...], probes: tuple[np.ndarray, ...], seed: int,
-               tag: str, settings: dict[str, Any], done_dir: str | None,
-               fit: dict[str, Any]) -> dict[str, Any]:
+def _train_arm(
+  split: tuple[np.ndarray, ...],
+  probes: tuple[np.ndarray, ...],
+  seed: int,
+  tag: str,
+  settings: dict[str, Any],
+  done_dir: str | None,
+  fit: dict[str, Any],
+) -> dict[str, Any]:
   """Trains one classifier (``tag``: without or with augmentation) and measures it.
 
   Args:
@@ -327,14 +438,25 @@ def _train_arm(split: tuple[np.ndarray, ...], probes: tuple[np.ndarray, ...], se
   probe_x, probe_y, probe_aug = probes
   name = _name(seed, tag)
   ckpt = None if done_dir is None else os.path.join(done_dir, f"{name}.partial.npz")
-  r = classifier.train_classifier(x, y, test_x, test_y, augment=tag == "with", seed=seed,
-                                  checkpoint_path=ckpt, checkpoint_identity=settings, **fit)
-  result = {"test_error": r["test_error"],
-            "final_loss": r["losses"][-1] if r["losses"] else None,
-            "seconds": r["seconds"],
-            "train_error": classifier.error_rate(r["classifier"], r["params"], probe_x, probe_y),
-            "aug_error": classifier.error_rate(r["classifier"], r["params"], probe_aug, probe_y),
-            "steps": r["steps"]}
+  r = classifier.train_classifier(
+    x,
+    y,
+    test_x,
+    test_y,
+    augment=tag == "with",
+    seed=seed,
+    checkpoint_path=ckpt,
+    checkpoint_identity=settings,
+    **fit,
+  )
+  result = {
+    "test_error": r["test_error"],
+    "final_loss": r["losses"][-1] if r["losses"] else None,
+    "seconds": r["seconds"],
+    "train_error": classifier.error_rate(r["classifier"], r["params"], probe_x, probe_y),
+    "aug_error": classifier.error_rate(r["classifier"], r["params"], probe_aug, probe_y),
+    "steps": r["steps"],
+  }
   if done_dir is not None:
     os.makedirs(done_dir, exist_ok=True)
     atomic.write_json(os.path.join(done_dir, f"{name}.json"), classifier_record(settings, result))
@@ -359,7 +481,7 @@ def _mean_errors(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, f
 # One record per finished classifier (resuming a long augmentation)
 # ----------------------------------------------------------------------------
 
-RECORD_VERSION = 2     # 2: the record carries a digest of itself (atomic.SELF_DIGEST)
+RECORD_VERSION = 2  # 2: the record carries a digest of itself (atomic.SELF_DIGEST)
 
 
 def _digest(x: np.ndarray, y: np.ndarray) -> str:
@@ -385,8 +507,9 @@ def classifier_record(settings: dict[str, Any], result: dict[str, Any]) -> dict[
     ``{"version", "settings", "result", "record_sha256"}``: the last is the digest of
     the rest, checked before the result is reused.
   """
-  return atomic.with_self_digest({"version": RECORD_VERSION, "settings": settings,
-                                  "result": result})
+  return atomic.with_self_digest(
+    {"version": RECORD_VERSION, "settings": settings, "result": result}
+  )
 
 
 def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -396,13 +519,17 @@ def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
   try:
     with open(path) as f:
       rec = json.load(f)
-    ok = (rec.get("version") == RECORD_VERSION and rec.get("settings") == settings
-          and isinstance(rec.get("result"), dict))
+    ok = (
+      rec.get("version") == RECORD_VERSION
+      and rec.get("settings") == settings
+      and isinstance(rec.get("result"), dict)
+    )
     if ok:
       atomic.check_self_digest(rec, path, required=True)
   except (OSError, ValueError, AttributeError) as e:
-    print(f"{path}: unreadable ({type(e).__name__}: {e}); training this classifier again",
-          flush=True)
+    print(
+      f"{path}: unreadable ({type(e).__name__}: {e}); training this classifier again", flush=True
+    )
     return None
   if not ok:
     print(f"{path}: made with other settings; training this classifier again", flush=True)

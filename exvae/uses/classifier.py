@@ -46,7 +46,7 @@ from exvae.uses.generation import augment_images
 
 PyTree = Any
 
-REAL_WEIGHT = 0.4        # loss weight of the real images (0.6 for the augmented ones)
+REAL_WEIGHT = 0.4  # loss weight of the real images (0.6 for the augmented ones)
 LABEL_SMOOTHING = 0.1
 
 
@@ -62,8 +62,12 @@ def torch_linear(features: int, fan_in: int, name: str | None = None) -> nn.Dens
   def bias_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-  return nn.Dense(features, name=name, bias_init=bias_init,
-                  kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
+  return nn.Dense(
+    features,
+    name=name,
+    bias_init=bias_init,
+    kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+  )
 
 
 class MLP(nn.Module):
@@ -131,8 +135,9 @@ class ClassifierState:
   opt_state: PyTree
 
 
-def lr_schedule(epochs: int, steps_per_epoch: int, learning_rate: float = 0.1,
-                final_fraction: float = 0.01) -> optax.Schedule:
+def lr_schedule(
+  epochs: int, steps_per_epoch: int, learning_rate: float = 0.1, final_fraction: float = 0.01
+) -> optax.Schedule:
   """The authors' per-epoch linear decay: epoch e (from 0) runs at lr (1 - (1 - f) e / E).
 
   Their ``LambdaLR(lambda epoch: 1 - 0.99 * epoch / epochs)`` steps once per
@@ -154,15 +159,21 @@ def lr_schedule(epochs: int, steps_per_epoch: int, learning_rate: float = 0.1,
   def schedule(step):
     epoch = jnp.minimum(step // spe, e_total - 1)
     return learning_rate * (1.0 - (1.0 - final_fraction) * epoch / e_total)
+
   return schedule
 
 
-def make_optimizer(epochs: int, steps_per_epoch: int, learning_rate: float = 0.1,
-                   final_fraction: float = 0.01,
-                   momentum: float = 0.9) -> optax.GradientTransformation:
+def make_optimizer(
+  epochs: int,
+  steps_per_epoch: int,
+  learning_rate: float = 0.1,
+  final_fraction: float = 0.01,
+  momentum: float = 0.9,
+) -> optax.GradientTransformation:
   """SGD with momentum (PyTorch's: v = m v + g, p -= lr v) and :func:`lr_schedule`."""
-  return optax.sgd(lr_schedule(epochs, steps_per_epoch, learning_rate, final_fraction),
-                   momentum=momentum)
+  return optax.sgd(
+    lr_schedule(epochs, steps_per_epoch, learning_rate, final_fraction), momentum=momentum
+  )
 
 
 def _ce(logits: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
@@ -170,9 +181,17 @@ def _ce(logits: jax.Array, y: jax.Array, num_classes: int) -> jax.Array:
   return optax.softmax_cross_entropy(logits, labels).mean()
 
 
-def _train_step(state: ClassifierState, vae_params: PyTree, log_var: jax.Array,
-                pool_x: jax.Array, pool_y: jax.Array, perm: jax.Array, key: jax.Array, *,
-                setup: ClassifierSetup) -> tuple[ClassifierState, dict[str, jax.Array]]:
+def _train_step(
+  state: ClassifierState,
+  vae_params: PyTree,
+  log_var: jax.Array,
+  pool_x: jax.Array,
+  pool_y: jax.Array,
+  perm: jax.Array,
+  key: jax.Array,
+  *,
+  setup: ClassifierSetup,
+) -> tuple[ClassifierState, dict[str, jax.Array]]:
   """One SGD step on batch ``step % steps_per_epoch`` of the epoch's permutation.
 
   Args:
@@ -192,8 +211,11 @@ def _train_step(state: ClassifierState, vae_params: PyTree, log_var: jax.Array,
   ids = jax.lax.dynamic_slice(perm, (i * setup.batch_size,), (setup.batch_size,))
   x, y = pool_x[ids], pool_y[ids]
   k = jax.random.fold_in(key, state.step)
-  x_aug = augment_images(setup.vae, vae_params, x, log_var, k, setup.binary,
-                         setup.mean_fn) if setup.augment else x
+  x_aug = (
+    augment_images(setup.vae, vae_params, x, log_var, k, setup.binary, setup.mean_fn)
+    if setup.augment
+    else x
+  )
 
   def loss_fn(params):
     ce_real = _ce(setup.classifier.apply({"params": params}, x), y, setup.num_classes)
@@ -205,8 +227,10 @@ def _train_step(state: ClassifierState, vae_params: PyTree, log_var: jax.Array,
   (loss, (ce_real, ce_aug)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return (ClassifierState(step=state.step + 1, params=params, opt_state=opt_state),
-          {"loss": loss, "ce_real": ce_real, "ce_aug": ce_aug})
+  return (
+    ClassifierState(step=state.step + 1, params=params, opt_state=opt_state),
+    {"loss": loss, "ce_real": ce_real, "ce_aug": ce_aug},
+  )
 
 
 train_step = jax.jit(_train_step, static_argnames=("setup",), donate_argnames=("state",))
@@ -218,8 +242,9 @@ def predict(classifier: MLP, params: PyTree, x: jax.Array) -> jax.Array:
   return jnp.argmax(classifier.apply({"params": params}, x), axis=-1).astype(jnp.int32)
 
 
-def error_rate(classifier: MLP, params: PyTree, x: np.ndarray, y: np.ndarray,
-               batch_size: int = 1000) -> float:
+def error_rate(
+  classifier: MLP, params: PyTree, x: np.ndarray, y: np.ndarray, batch_size: int = 1000
+) -> float:
   """Fraction of ``x`` misclassified (fixed-size padded batches)."""
   n = x.shape[0]
   bs = max(1, min(batch_size, n))
@@ -236,24 +261,38 @@ def error_rate(classifier: MLP, params: PyTree, x: np.ndarray, y: np.ndarray,
 class _Pool(NamedTuple):
   """What every train step reads besides the state: the data and the augmentation's inputs."""
 
-  x: jax.Array              # (N, H, W, C) training images
-  y: jax.Array              # (N,) labels
-  vae_params: PyTree        # the generative model's parameters (None without augmentation)
-  log_var: jax.Array        # scalar log s2 of the augmentation noise
-  key: jax.Array            # base key of the steps' randomness
+  x: jax.Array  # (N, H, W, C) training images
+  y: jax.Array  # (N,) labels
+  vae_params: PyTree  # the generative model's parameters (None without augmentation)
+  log_var: jax.Array  # scalar log s2 of the augmentation noise
+  key: jax.Array  # base key of the steps' randomness
 
 
-def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                     test_y: np.ndarray, *, hidden: int, epochs: int, augment: bool,
-                     vae: Model | None = None, vae_params: PyTree = None,
-                     log_var: float = 0.0, binary: bool = True, seed: int = 0,
-                     batch_size: int = 100, learning_rate: float = 0.1,
-                     num_classes: int | None = None, max_steps: int | None = None,
-                     mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
-                     progress: bool = False, log_every: int = 0,
-                     checkpoint_path: str | None = None,
-                     checkpoint_identity: dict[str, Any] | None = None,
-                     checkpoint_every: int = 10) -> dict[str, Any]:
+def train_classifier(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  test_y: np.ndarray,
+  *,
+  hidden: int,
+  epochs: int,
+  augment: bool,
+  vae: Model | None = None,
+  vae_params: PyTree = None,
+  log_var: float = 0.0,
+  binary: bool = True,
+  seed: int = 0,
+  batch_size: int = 100,
+  learning_rate: float = 0.1,
+  num_classes: int | None = None,
+  max_steps: int | None = None,
+  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
+  progress: bool = False,
+  log_every: int = 0,
+  checkpoint_path: str | None = None,
+  checkpoint_identity: dict[str, Any] | None = None,
+  checkpoint_every: int = 10,
+) -> dict[str, Any]:
   """Trains the MLP with or without generative augmentation; reports the test error.
 
   Args:
@@ -290,33 +329,79 @@ def train_classifier(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
     raise ValueError("augmentation needs the generative model and its parameters")
   train_x = np.ascontiguousarray(train_x, np.float32)
   train_y = np.asarray(train_y, np.int32)
-  setup = _classifier_setup(train_x.shape[0], train_y, test_y, num_classes, hidden=hidden,
-                            epochs=epochs, augment=augment, vae=vae, binary=binary,
-                            batch_size=batch_size, learning_rate=learning_rate, mean_fn=mean_fn)
+  setup = _classifier_setup(
+    train_x.shape[0],
+    train_y,
+    test_y,
+    num_classes,
+    hidden=hidden,
+    epochs=epochs,
+    augment=augment,
+    vae=vae,
+    binary=binary,
+    batch_size=batch_size,
+    learning_rate=learning_rate,
+    mean_fn=mean_fn,
+  )
   state, pool = _start(setup, train_x, train_y, vae_params, log_var, seed)
   total = epochs * setup.steps_per_epoch
-  plan = _Plan(seed=seed, epochs=epochs, n=train_x.shape[0], augment=bool(augment),
-               steps=total if max_steps is None else min(total, int(max_steps)),
-               label=f"mlp h={hidden} {'with' if augment else 'without'} augmentation, "
-                     f"seed {seed}")
-  ckpt = None if checkpoint_path is None else _Checkpoints.of(
-      checkpoint_path, checkpoint_every, checkpoint_identity, setup, plan, learning_rate, log_var)
+  plan = _Plan(
+    seed=seed,
+    epochs=epochs,
+    n=train_x.shape[0],
+    augment=bool(augment),
+    steps=total if max_steps is None else min(total, int(max_steps)),
+    label=f"mlp h={hidden} {'with' if augment else 'without'} augmentation, seed {seed}",
+  )
+  ckpt = (
+    None
+    if checkpoint_path is None
+    else _Checkpoints.of(
+      checkpoint_path, checkpoint_every, checkpoint_identity, setup, plan, learning_rate, log_var
+    )
+  )
   state, losses, step, seconds = _run_epochs(
-      state, pool, setup, plan, ckpt, _Progress(plan, f"mlp h={hidden} aug={augment}", progress,
-                                                log_every, setup.steps_per_epoch))
-  err = error_rate(setup.classifier, state.params, np.asarray(test_x, np.float32),
-                   np.asarray(test_y))
+    state,
+    pool,
+    setup,
+    plan,
+    ckpt,
+    _Progress(plan, f"mlp h={hidden} aug={augment}", progress, log_every, setup.steps_per_epoch),
+  )
+  err = error_rate(
+    setup.classifier, state.params, np.asarray(test_x, np.float32), np.asarray(test_y)
+  )
   spe = setup.steps_per_epoch
-  ep = [float(np.mean(losses[e * spe:(e + 1) * spe])) for e in range(int(np.ceil(step / spe)))]
-  return {"test_error": err, "losses": losses, "epoch_losses": ep, "steps": step,
-          "epochs": epochs, "hidden": int(hidden), "augment": bool(augment),
-          "seconds": seconds, "params": state.params, "classifier": setup.classifier}
+  ep = [float(np.mean(losses[e * spe : (e + 1) * spe])) for e in range(int(np.ceil(step / spe)))]
+  return {
+    "test_error": err,
+    "losses": losses,
+    "epoch_losses": ep,
+    "steps": step,
+    "epochs": epochs,
+    "hidden": int(hidden),
+    "augment": bool(augment),
+    "seconds": seconds,
+    "params": state.params,
+    "classifier": setup.classifier,
+  }
 
 
-def _classifier_setup(n: int, train_y: np.ndarray, test_y: np.ndarray, num_classes: int | None,
-                      *, hidden: int, epochs: int, augment: bool, vae: Model | None,
-                      binary: bool, batch_size: int, learning_rate: float,
-                      mean_fn: Callable[[Any], jax.Array]) -> ClassifierSetup:
+def _classifier_setup(
+  n: int,
+  train_y: np.ndarray,
+  test_y: np.ndarray,
+  num_classes: int | None,
+  *,
+  hidden: int,
+  epochs: int,
+  augment: bool,
+  vae: Model | None,
+  binary: bool,
+  batch_size: int,
+  learning_rate: float,
+  mean_fn: Callable[[Any], jax.Array],
+) -> ClassifierSetup:
   """The static description of a classifier trained on ``n`` images (drop-last batches).
 
   Args:
@@ -336,43 +421,69 @@ def _classifier_setup(n: int, train_y: np.ndarray, test_y: np.ndarray, num_class
     raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
   c = int(num_classes or int(max(train_y.max(), np.max(test_y))) + 1)
   spe = n // batch_size
-  return ClassifierSetup(classifier=MLP(hidden=int(hidden), num_classes=c),
-                         optimizer=make_optimizer(epochs, spe, learning_rate), vae=vae,
-                         augment=bool(augment), binary=bool(binary), num_classes=c,
-                         batch_size=int(batch_size), steps_per_epoch=spe, mean_fn=mean_fn)
+  return ClassifierSetup(
+    classifier=MLP(hidden=int(hidden), num_classes=c),
+    optimizer=make_optimizer(epochs, spe, learning_rate),
+    vae=vae,
+    augment=bool(augment),
+    binary=bool(binary),
+    num_classes=c,
+    batch_size=int(batch_size),
+    steps_per_epoch=spe,
+    mean_fn=mean_fn,
+  )
 
 
-def _start(setup: ClassifierSetup, train_x: np.ndarray, train_y: np.ndarray,
-           vae_params: PyTree, log_var: float, seed: int) -> tuple[ClassifierState, _Pool]:
+def _start(
+  setup: ClassifierSetup,
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  vae_params: PyTree,
+  log_var: float,
+  seed: int,
+) -> tuple[ClassifierState, _Pool]:
   """The initial state and what every step reads, both seeded by ``seed``."""
   k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
   state = _initial_state(setup, k_init, train_x.shape[1:])
-  pool = _Pool(x=jnp.asarray(train_x), y=jnp.asarray(train_y), vae_params=vae_params,
-               log_var=jnp.float32(log_var), key=k_run)
+  pool = _Pool(
+    x=jnp.asarray(train_x),
+    y=jnp.asarray(train_y),
+    vae_params=vae_params,
+    log_var=jnp.float32(log_var),
+    key=k_run,
+  )
   return state, pool
 
 
 class _Plan(NamedTuple):
   """How far a classifier trains and what its messages call it."""
 
-  seed: int                 # seeds the epoch orders (and names the run)
-  epochs: int               # epochs the schedule spans
-  n: int                    # training images
-  augment: bool             # trained with the augmented loss
-  steps: int                # steps to train in all (max_steps may stop it before the epochs end)
-  label: str                # "mlp h=... with augmentation, seed ...", for log lines
+  seed: int  # seeds the epoch orders (and names the run)
+  epochs: int  # epochs the schedule spans
+  n: int  # training images
+  augment: bool  # trained with the augmented loss
+  steps: int  # steps to train in all (max_steps may stop it before the epochs end)
+  label: str  # "mlp h=... with augmentation, seed ...", for log lines
 
 
 class _Checkpoints(NamedTuple):
   """Where a classifier's train state is saved, and every how many epochs."""
 
   path: str
-  every: int                # epochs between two saves
-  identity: str             # the settings, as JSON: a state saved with others is not restored
+  every: int  # epochs between two saves
+  identity: str  # the settings, as JSON: a state saved with others is not restored
 
   @classmethod
-  def of(cls, path: str, every: int, given: dict[str, Any] | None, setup: ClassifierSetup,
-         plan: _Plan, learning_rate: float, log_var: float) -> _Checkpoints:
+  def of(
+    cls,
+    path: str,
+    every: int,
+    given: dict[str, Any] | None,
+    setup: ClassifierSetup,
+    plan: _Plan,
+    learning_rate: float,
+    log_var: float,
+  ) -> _Checkpoints:
     """Checkpoints at ``path`` of the training ``setup`` and ``plan`` describe.
 
     Args:
@@ -381,12 +492,23 @@ class _Checkpoints(NamedTuple):
       setup, plan: the classifier and its training.
       learning_rate, log_var: the initial lr and the augmentation noise's log s2.
     """
-    identity = atomic.dumps({
-        "given": given, "n": plan.n, "hidden": int(setup.classifier.hidden),
-        "epochs": int(plan.epochs), "augment": setup.augment, "binary": setup.binary,
-        "seed": int(plan.seed), "batch_size": setup.batch_size,
-        "learning_rate": float(learning_rate), "num_classes": setup.num_classes,
-        "log_var": float(log_var), "steps": int(plan.steps)}, sort_keys=True)
+    identity = atomic.dumps(
+      {
+        "given": given,
+        "n": plan.n,
+        "hidden": int(setup.classifier.hidden),
+        "epochs": int(plan.epochs),
+        "augment": setup.augment,
+        "binary": setup.binary,
+        "seed": int(plan.seed),
+        "batch_size": setup.batch_size,
+        "learning_rate": float(learning_rate),
+        "num_classes": setup.num_classes,
+        "log_var": float(log_var),
+        "steps": int(plan.steps),
+      },
+      sort_keys=True,
+    )
     return cls(path, int(every), identity)
 
   def save(self, state: ClassifierState, losses: list[float], seconds: float) -> None:
@@ -395,8 +517,11 @@ class _Checkpoints(NamedTuple):
 
   def due(self, step: int, steps: int, steps_per_epoch: int) -> bool:
     """Whether to save after ``step``: at the end of every ``every``-th epoch but the last."""
-    return (step < steps and step % steps_per_epoch == 0
-            and (step // steps_per_epoch) % max(1, self.every) == 0)
+    return (
+      step < steps
+      and step % steps_per_epoch == 0
+      and (step // steps_per_epoch) % max(1, self.every) == 0
+    )
 
 
 class _Progress:
@@ -410,12 +535,12 @@ class _Progress:
     steps_per_epoch: steps per epoch.
   """
 
-  def __init__(self, plan: _Plan, desc: str, progress: bool, log_every: int,
-               steps_per_epoch: int):
+  def __init__(self, plan: _Plan, desc: str, progress: bool, log_every: int, steps_per_epoch: int):
     self.plan, self.log_every, self.spe = plan, log_every, steps_per_epoch
     self.bar = None
     if progress:
       from tqdm.auto import tqdm
+
       self.bar = tqdm(total=plan.steps, desc=desc, unit="step", dynamic_ncols=True)
     self.t0 = time.time()
 
@@ -435,17 +560,25 @@ class _Progress:
       self.bar.update(min(self.spe, self.plan.steps - self.bar.n))
       self.bar.set_postfix(loss=f"{losses[-1]:.3f}")
     elif self.log_every and ((epoch + 1) % self.log_every == 0 or step >= self.plan.steps):
-      print(f"{self.plan.label}: epoch {epoch + 1}/{self.plan.epochs}, mean loss "
-            f"{np.mean(losses[epoch * self.spe:]):.4f}, {self.seconds():.0f} s", flush=True)
+      print(
+        f"{self.plan.label}: epoch {epoch + 1}/{self.plan.epochs}, mean loss "
+        f"{np.mean(losses[epoch * self.spe :]):.4f}, {self.seconds():.0f} s",
+        flush=True,
+      )
 
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
 
 
-def _run_epochs(state: ClassifierState, pool: _Pool, setup: ClassifierSetup, plan: _Plan,
-                ckpt: _Checkpoints | None,
-                progress: _Progress) -> tuple[ClassifierState, list[float], int, float]:
+def _run_epochs(
+  state: ClassifierState,
+  pool: _Pool,
+  setup: ClassifierSetup,
+  plan: _Plan,
+  ckpt: _Checkpoints | None,
+  progress: _Progress,
+) -> tuple[ClassifierState, list[float], int, float]:
   """Trains from a saved state in ``ckpt`` (if one matches) or from ``state`` to ``plan.steps``.
 
   Returns:
@@ -457,12 +590,13 @@ def _run_epochs(state: ClassifierState, pool: _Pool, setup: ClassifierSetup, pla
   spe = setup.steps_per_epoch
   state, losses, step = _resume(state, plan, spe, ckpt, progress)
   while step < plan.steps:
-    if stopping.requested():           # SIGTERM (exvae-uses): save at this epoch's start, stop
+    if stopping.requested():  # SIGTERM (exvae-uses): save at this epoch's start, stop
       _stop(state, losses, step, plan, spe, ckpt, progress)
     epoch = step // spe
     todo = min(spe, plan.steps - step)
-    state, epoch_losses = _train_steps(state, pool, _epoch_order(plan.seed, epoch, plan.n), todo,
-                                       setup)
+    state, epoch_losses = _train_steps(
+      state, pool, _epoch_order(plan.seed, epoch, plan.n), todo, setup
+    )
     losses.extend(epoch_losses)
     step += todo
     progress.epoch_done(epoch, step, losses)
@@ -472,23 +606,35 @@ def _run_epochs(state: ClassifierState, pool: _Pool, setup: ClassifierSetup, pla
   return state, losses, step, progress.seconds()
 
 
-def _resume(state: ClassifierState, plan: _Plan, steps_per_epoch: int, ckpt: _Checkpoints | None,
-            progress: _Progress) -> tuple[ClassifierState, list[float], int]:
+def _resume(
+  state: ClassifierState,
+  plan: _Plan,
+  steps_per_epoch: int,
+  ckpt: _Checkpoints | None,
+  progress: _Progress,
+) -> tuple[ClassifierState, list[float], int]:
   """``(state, losses, step)`` to start from: a matching saved state's, else ``(state, [], 0)``."""
-  restored = None if ckpt is None else _read_classifier_checkpoint(ckpt.path, ckpt.identity,
-                                                                   state)
+  restored = None if ckpt is None else _read_classifier_checkpoint(ckpt.path, ckpt.identity, state)
   if restored is None:
     return state, [], 0
   state, losses, seconds_before = restored
   step = int(state.step)
-  print(f"{plan.label}: continuing after epoch {step // steps_per_epoch} from {ckpt.path}",
-        flush=True)
+  print(
+    f"{plan.label}: continuing after epoch {step // steps_per_epoch} from {ckpt.path}", flush=True
+  )
   progress.resumed(step, seconds_before)
   return state, losses, step
 
 
-def _stop(state: ClassifierState, losses: list[float], step: int, plan: _Plan,
-          steps_per_epoch: int, ckpt: _Checkpoints | None, progress: _Progress):
+def _stop(
+  state: ClassifierState,
+  losses: list[float],
+  step: int,
+  plan: _Plan,
+  steps_per_epoch: int,
+  ckpt: _Checkpoints | None,
+  progress: _Progress,
+):
   """Saves the state at an epoch's start (if there is a path and anything trained) and stops.
 
   Raises:
@@ -498,17 +644,21 @@ def _stop(state: ClassifierState, losses: list[float], step: int, plan: _Plan,
   if ckpt is not None and step > 0:
     ckpt.save(state, losses, progress.seconds())
     where = f"its state is saved in {ckpt.path}"
-  raise stopping.stopped(f"after epoch {step // steps_per_epoch} of {plan.epochs} of the "
-                         f"classifier {'with' if plan.augment else 'without'} augmentation, "
-                         f"seed {plan.seed}: {where}; run the same command again to continue.")
+  raise stopping.stopped(
+    f"after epoch {step // steps_per_epoch} of {plan.epochs} of the "
+    f"classifier {'with' if plan.augment else 'without'} augmentation, "
+    f"seed {plan.seed}: {where}; run the same command again to continue."
+  )
 
 
-def _initial_state(setup: ClassifierSetup, key: jax.Array,
-                   image_shape: tuple[int, ...]) -> ClassifierState:
+def _initial_state(
+  setup: ClassifierSetup, key: jax.Array, image_shape: tuple[int, ...]
+) -> ClassifierState:
   """The classifier's initial parameters (from ``key``) and optimiser state, at step 0."""
   params = setup.classifier.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
-  return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
-                         opt_state=setup.optimizer.init(params))
+  return ClassifierState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.optimizer.init(params)
+  )
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> jax.Array:
@@ -517,14 +667,16 @@ def _epoch_order(seed: int, epoch: int, n: int) -> jax.Array:
   return jnp.asarray(np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32))
 
 
-def _train_steps(state: ClassifierState, pool: _Pool, perm: jax.Array, num_steps: int,
-                 setup: ClassifierSetup) -> tuple[ClassifierState, list[float]]:
+def _train_steps(
+  state: ClassifierState, pool: _Pool, perm: jax.Array, num_steps: int, setup: ClassifierSetup
+) -> tuple[ClassifierState, list[float]]:
   """``num_steps`` train steps in the order ``perm``; their losses, fetched once at the end
   (one device-to-host transfer per epoch, not per step)."""
   pending = []
   for _ in range(num_steps):
-    state, m = train_step(state, pool.vae_params, pool.log_var, pool.x, pool.y, perm, pool.key,
-                          setup=setup)
+    state, m = train_step(
+      state, pool.vae_params, pool.log_var, pool.x, pool.y, perm, pool.key, setup=setup
+    )
     pending.append(m["loss"])
   return state, [float(v) for v in jax.device_get(pending)]
 
@@ -567,35 +719,55 @@ def grey_splits(config, splits) -> GreyData:
   Raises:
     DataFormatError: the data set has no labels for a split.
   """
-  missing = [k for k, y in (("y_train", splits.train_y), ("y_val", splits.val_y),
-                             ("y_test", splits.test_y)) if y is None]
+  missing = [
+    k
+    for k, y in (("y_train", splits.train_y), ("y_val", splits.val_y), ("y_test", splits.test_y))
+    if y is None
+  ]
   if missing:
-    raise DataFormatError(f"the classifier needs labels; data set {splits.name!r} has none for "
-                          f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
-                          "y_val and y_test; without x_val the validation labels come from "
-                          "y_train)")
-  fallback = GreyData(splits.train_x, splits.train_y, splits.val_x, splits.val_y,
-                      splits.test_x, splits.test_y, grey_eval=not splits.binary)
+    raise DataFormatError(
+      f"the classifier needs labels; data set {splits.name!r} has none for "
+      f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
+      "y_val and y_test; without x_val the validation labels come from "
+      "y_train)"
+    )
+  fallback = GreyData(
+    splits.train_x,
+    splits.train_y,
+    splits.val_x,
+    splits.val_y,
+    splits.test_x,
+    splits.test_y,
+    grey_eval=not splits.binary,
+  )
   if not splits.binary:
     return fallback
 
   def binarised(why: str) -> GreyData:
-    warnings.warn(f"grey-level val/test images unavailable ({why}); "
-                  "using the loader's binarised val/test images", stacklevel=3)
+    warnings.warn(
+      f"grey-level val/test images unavailable ({why}); "
+      "using the loader's binarised val/test images",
+      stacklevel=3,
+    )
     return fallback
 
   user = user_data.is_user_dataset(config.dataset)
   if not (user or config.dataset in data.GREY_DATASETS):
     return binarised(f"no grey-level reader for {splits.name!r}")
   try:
-    g = data.load_grey(config.dataset, data_dir=config.data_dir or None,
-                       source="auto" if user else config.data_source,   # a user's: only 'auto'
-                       val_size=config.val_size or None, max_train=config.max_train or None,
-                       max_test=config.max_test or None)
+    g = data.load_grey(
+      config.dataset,
+      data_dir=config.data_dir or None,
+      source="auto" if user else config.data_source,  # a user's: only 'auto'
+      val_size=config.val_size or None,
+      max_train=config.max_train or None,
+      max_test=config.max_test or None,
+    )
   except DataNotFoundError as e:
     return binarised(f"{type(e).__name__}: {e}")
-  if g.train_x.shape != splits.train_x.shape or not np.allclose(g.train_x, splits.train_x,
-                                                                atol=1e-6):
+  if g.train_x.shape != splits.train_x.shape or not np.allclose(
+    g.train_x, splits.train_x, atol=1e-6
+  ):
     return binarised("re-read training split differs from the loaded one")
   return GreyData(g.train_x, g.train_y, g.val_x, g.val_y, g.test_x, g.test_y, grey_eval=True)
 
@@ -605,13 +777,17 @@ def grey_splits(config, splits) -> GreyData:
 # ----------------------------------------------------------------------------
 
 
-def _write_classifier_checkpoint(path: str, identity: str, state: ClassifierState,
-                                 losses: list[float], seconds: float) -> None:
+def _write_classifier_checkpoint(
+  path: str, identity: str, state: ClassifierState, losses: list[float], seconds: float
+) -> None:
   """Saves a classifier's train state, its per-step losses and its time so far."""
   leaves = jax.tree_util.tree_leaves(jax.device_get(state))
   arrays = {f"leaf_{i}": np.asarray(a) for i, a in enumerate(leaves)}
-  resumable.save(path, identity, {**arrays, "losses": np.asarray(losses, np.float64),
-                                  "seconds": np.float64(seconds)})
+  resumable.save(
+    path,
+    identity,
+    {**arrays, "losses": np.asarray(losses, np.float64), "seconds": np.float64(seconds)},
+  )
 
 
 def _read_classifier_checkpoint(path: str, identity: str, template: ClassifierState):
@@ -622,8 +798,13 @@ def _read_classifier_checkpoint(path: str, identity: str, template: ClassifierSt
   """
   leaves, treedef = jax.tree_util.tree_flatten(template)
   like = {f"leaf_{i}": np.asarray(t) for i, t in enumerate(leaves)}
-  f = resumable.load(path, identity, {**like, "losses": None, "seconds": np.float64(0)},
-                     what="classifier checkpoint", restart="training from the start")
+  f = resumable.load(
+    path,
+    identity,
+    {**like, "losses": None, "seconds": np.float64(0)},
+    what="classifier checkpoint",
+    restart="training from the start",
+  )
   if f is None:
     return None
   state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(f[k]) for k in like])

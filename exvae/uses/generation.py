@@ -43,9 +43,16 @@ def _mean_image(model: Model, params: PyTree, z: jax.Array, mean_fn: MeanFn) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "mean_fn"))
-def conditional_samples(model: Model, params: PyTree, x: jax.Array, log_var: jax.Array,
-                        key: jax.Array, n: int, *, mean_fn: MeanFn = bernoulli_mean
-                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def conditional_samples(
+  model: Model,
+  params: PyTree,
+  x: jax.Array,
+  log_var: jax.Array,
+  key: jax.Array,
+  n: int,
+  *,
+  mean_fn: MeanFn = bernoulli_mean,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """n samples per exemplar: z ~ N(mu(x_b), s2 I), decoded.
 
   Args:
@@ -67,9 +74,16 @@ def conditional_samples(model: Model, params: PyTree, x: jax.Array, log_var: jax
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n", "mean_fn"))
-def unconditional_samples(model: Model, params: PyTree, codes: jax.Array, log_var: jax.Array,
-                          key: jax.Array, n: int, *, mean_fn: MeanFn = bernoulli_mean
-                          ) -> tuple[jax.Array, jax.Array]:
+def unconditional_samples(
+  model: Model,
+  params: PyTree,
+  codes: jax.Array,
+  log_var: jax.Array,
+  key: jax.Array,
+  n: int,
+  *,
+  mean_fn: MeanFn = bernoulli_mean,
+) -> tuple[jax.Array, jax.Array]:
   """n samples of the exemplar prior (random bank row, then N(mu, s2 I)), decoded.
 
   Args:
@@ -90,9 +104,17 @@ def unconditional_samples(model: Model, params: PyTree, codes: jax.Array, log_va
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "binary", "mean_fn"))
-def cyclic_chains(model: Model, params: PyTree, x0: jax.Array, log_var: jax.Array,
-                  key: jax.Array, steps: int, binary: bool = True, *,
-                  mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
+def cyclic_chains(
+  model: Model,
+  params: PyTree,
+  x0: jax.Array,
+  log_var: jax.Array,
+  key: jax.Array,
+  steps: int,
+  binary: bool = True,
+  *,
+  mean_fn: MeanFn = bernoulli_mean,
+) -> jax.Array:
   """Cyclic generation: each decoded sample is the next step's exemplar.
 
   Step t: ``z_t ~ N(mu(x_{t-1}), s2 I)``, ``x_t = mean(decode(z_t))``; the
@@ -127,8 +149,15 @@ def cyclic_chains(model: Model, params: PyTree, x0: jax.Array, log_var: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "mean_fn"))
-def interpolate(model: Model, params: PyTree, z_a: jax.Array, z_b: jax.Array,
-                steps: int, *, mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
+def interpolate(
+  model: Model,
+  params: PyTree,
+  z_a: jax.Array,
+  z_b: jax.Array,
+  steps: int,
+  *,
+  mean_fn: MeanFn = bernoulli_mean,
+) -> jax.Array:
   """Decoded straight-line paths between pairs of codes.
 
   Args:
@@ -142,15 +171,21 @@ def interpolate(model: Model, params: PyTree, z_a: jax.Array, z_b: jax.Array,
     (P, steps, H, W, C) mean images; [:, 0] decodes z_a, [:, -1] decodes z_b.
   """
   t = jnp.linspace(0.0, 1.0, steps)[None, :, None]
-  z = (1.0 - t) * z_a[:, None] + t * z_b[:, None]                       # (P, steps, d)
+  z = (1.0 - t) * z_a[:, None] + t * z_b[:, None]  # (P, steps, d)
   p, s, d = z.shape
   imgs = _mean_image(model, params, z.reshape(p * s, d), mean_fn)
   return imgs.reshape((p, s) + imgs.shape[1:])
 
 
-def augment_images(vae: Model, vae_params: PyTree, x: jax.Array, log_var: jax.Array,
-                   key: jax.Array, binary: bool,
-                   mean_fn: MeanFn = bernoulli_mean) -> jax.Array:
+def augment_images(
+  vae: Model,
+  vae_params: PyTree,
+  x: jax.Array,
+  log_var: jax.Array,
+  key: jax.Array,
+  binary: bool,
+  mean_fn: MeanFn = bernoulli_mean,
+) -> jax.Array:
   """Decoded samples z ~ N(mu(x), s2 I), rounded to the 1/255 grid: augmented images.
 
   Each keeps its source image's label when a classifier trains on it
@@ -199,9 +234,10 @@ def save_conditional_grid(path: str, inputs: np.ndarray, samples: np.ndarray) ->
     ``path``.
   """
   inputs, samples = np.asarray(inputs), np.asarray(samples)
-  rows = np.concatenate([inputs[:, None], samples], axis=1)              # (B, 1 + n, ...)
-  return pictures.save_grid(path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1],
-                            scale=_scale(rows.shape[2]))
+  rows = np.concatenate([inputs[:, None], samples], axis=1)  # (B, 1 + n, ...)
+  return pictures.save_grid(
+    path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1], scale=_scale(rows.shape[2])
+  )
 
 
 def save_samples_grid(path: str, images: np.ndarray, ncols: int | None = None) -> str:
@@ -230,5 +266,6 @@ def save_interpolation(path: str, x_a: np.ndarray, x_b: np.ndarray, paths: np.nd
     paths: (P, steps, H, W, C) decoded paths.
   """
   rows = np.concatenate([np.asarray(x_a)[:, None], np.asarray(paths), np.asarray(x_b)[:, None]], 1)
-  return pictures.save_grid(path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1],
-                            scale=_scale(rows.shape[2]))
+  return pictures.save_grid(
+    path, rows.reshape((-1,) + rows.shape[2:]), ncols=rows.shape[1], scale=_scale(rows.shape[2])
+  )

@@ -42,8 +42,14 @@ TIE_BREAKS = ("lowest_label", "distance")
 QUERY_IMAGES = ("grey", "binarised")
 
 
-def neighbors(queries: np.ndarray, reference: np.ndarray, k: int, *, batch_size: int = 1024,
-              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def neighbors(
+  queries: np.ndarray,
+  reference: np.ndarray,
+  k: int,
+  *,
+  batch_size: int = 1024,
+  progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
   """The k nearest reference rows of every query (squared L2), in query batches.
 
   Args:
@@ -66,6 +72,7 @@ def neighbors(queries: np.ndarray, reference: np.ndarray, k: int, *, batch_size:
   starts = range(0, q, bs)
   if progress:
     from tqdm.auto import tqdm
+
     starts = tqdm(starts, desc="knn", unit="batch", dynamic_ncols=True)
   for lo in starts:
     hi = min(lo + bs, q)
@@ -76,8 +83,12 @@ def neighbors(queries: np.ndarray, reference: np.ndarray, k: int, *, batch_size:
   return dists, idx
 
 
-def vote(neighbor_labels: np.ndarray, neighbor_dists: np.ndarray, num_classes: int,
-         tie_break: str = "lowest_label") -> np.ndarray:
+def vote(
+  neighbor_labels: np.ndarray,
+  neighbor_dists: np.ndarray,
+  num_classes: int,
+  tie_break: str = "lowest_label",
+) -> np.ndarray:
   """Majority vote with the documented tie-breaking.
 
   Args:
@@ -95,18 +106,25 @@ def vote(neighbor_labels: np.ndarray, neighbor_dists: np.ndarray, num_classes: i
   q, k = neighbor_labels.shape
   onehot = np.zeros((q, k, num_classes), np.float64)
   onehot[np.arange(q)[:, None], np.arange(k)[None, :], neighbor_labels] = 1.0
-  counts = onehot.sum(1)                                                  # (Q, C)
+  counts = onehot.sum(1)  # (Q, C)
   dsum = (onehot * neighbor_dists[:, :, None].astype(np.float64)).sum(1)  # (Q, C)
   top = counts == counts.max(1, keepdims=True)
   if tie_break == "lowest_label":
-    return np.argmax(top, axis=1).astype(np.int32)     # first (lowest) label with most votes
+    return np.argmax(top, axis=1).astype(np.int32)  # first (lowest) label with most votes
   # argmin returns the first (lowest) label among equal summed distances.
   return np.argmin(np.where(top, dsum, np.inf), axis=1).astype(np.int32)
 
 
-def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray,
-                ks: Sequence[int] = DEFAULT_KS, *, batch_size: int = 1024,
-                tie_break: str = "lowest_label", progress: bool = False) -> dict[int, np.ndarray]:
+def knn_predict(
+  queries: np.ndarray,
+  reference: np.ndarray,
+  reference_labels: np.ndarray,
+  ks: Sequence[int] = DEFAULT_KS,
+  *,
+  batch_size: int = 1024,
+  tie_break: str = "lowest_label",
+  progress: bool = False,
+) -> dict[int, np.ndarray]:
   """kNN predictions for several k from one top-k retrieval with max(ks).
 
   Args:
@@ -126,8 +144,13 @@ def knn_predict(queries: np.ndarray, reference: np.ndarray, reference_labels: np
     raise ValueError(f"ks must be positive integers, got {ks}")
   reference_labels = np.asarray(reference_labels, np.int64)
   kmax = ks[-1]
-  sq, idx = neighbors(np.asarray(queries, np.float32), np.asarray(reference, np.float32), kmax,
-                      batch_size=batch_size, progress=progress)
+  sq, idx = neighbors(
+    np.asarray(queries, np.float32),
+    np.asarray(reference, np.float32),
+    kmax,
+    batch_size=batch_size,
+    progress=progress,
+  )
   if (idx < 0).any():
     raise ValueError("fewer reference codes than neighbours requested")
   labels = reference_labels[idx]
@@ -142,9 +165,16 @@ def error_rates(predictions: dict[int, np.ndarray], labels: np.ndarray) -> dict[
   return {k: float(np.mean(p != y)) for k, p in predictions.items()}
 
 
-def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS, *,
-                 batch_size: int = 2048, query_images: str = "grey",
-                 tie_break: str = "lowest_label", progress: bool = False) -> dict[str, Any]:
+def evaluate_knn(
+  trained: Any,
+  bank: Any = None,
+  ks: Sequence[int] = DEFAULT_KS,
+  *,
+  batch_size: int = 2048,
+  query_images: str = "grey",
+  tie_break: str = "lowest_label",
+  progress: bool = False,
+) -> dict[str, Any]:
   """kNN error rates of a trained run in the validation and test settings.
 
   Args:
@@ -171,17 +201,22 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     DataFormatError: the data set has no labels (a ValueError).
   """
   from exvae import bank as bank_lib
+
   s = trained.splits
   if s.train_y is None or s.val_y is None or s.test_y is None:
-    missing = [k for k, y in (("y_train", s.train_y), ("y_val", s.val_y), ("y_test", s.test_y))
-               if y is None]
-    raise DataFormatError(f"kNN classification needs labels; data set {s.name!r} has none for "
-                          f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
-                          "y_val and y_test; without x_val the validation labels come from "
-                          "y_train)")
+    missing = [
+      k for k, y in (("y_train", s.train_y), ("y_val", s.val_y), ("y_test", s.test_y)) if y is None
+    ]
+    raise DataFormatError(
+      f"kNN classification needs labels; data set {s.name!r} has none for "
+      f"{', '.join(missing)} (an .npz or a plug-in gives them as y_train, "
+      "y_val and y_test; without x_val the validation labels come from "
+      "y_train)"
+    )
   if bank is None:
-    bank = bank_lib.from_checkpoint(trained.config, "", trained=trained, batch_size=batch_size,
-                                    progress=progress)
+    bank = bank_lib.from_checkpoint(
+      trained.config, "", trained=trained, batch_size=batch_size, progress=progress
+    )
   model, mp = trained.setup.model, trained.params["model"]
   if query_images not in QUERY_IMAGES:
     raise ValueError(f"query_images must be one of {QUERY_IMAGES}, got {query_images!r}")
@@ -190,31 +225,55 @@ def evaluate_knn(trained: Any, bank: Any = None, ks: Sequence[int] = DEFAULT_KS,
     g = classifier.grey_splits(trained.config, s)
     val_x, test_x = g.val_x, g.test_x
     query_images = "grey" if g.grey_eval else "binarised (no grey reader for this data set)"
-  key = jax.random.PRNGKey(0)   # queries are encoded as given: no binarisation here
+  key = jax.random.PRNGKey(0)  # queries are encoded as given: no binarisation here
 
   def enc(x):
-    return bank_lib.encode_images(model, mp, x, np.arange(x.shape[0]), key, binary=False,
-                                  batch_size=batch_size)
+    return bank_lib.encode_images(
+      model, mp, x, np.arange(x.shape[0]), key, binary=False, batch_size=batch_size
+    )
 
   val_codes, test_codes = enc(val_x), enc(test_x)
   train_codes, train_y = bank.codes, bank.labels
-  val_preds = knn_predict(val_codes, train_codes, train_y, ks, batch_size=batch_size,
-                          tie_break=tie_break, progress=progress)
+  val_preds = knn_predict(
+    val_codes,
+    train_codes,
+    train_y,
+    ks,
+    batch_size=batch_size,
+    tie_break=tie_break,
+    progress=progress,
+  )
   val_y = np.asarray(s.val_y)
   ref = np.concatenate([train_codes, val_codes])
   ref_y = np.concatenate([train_y, s.val_y])
-  test_preds = knn_predict(test_codes, ref, ref_y, ks, batch_size=batch_size,
-                           tie_break=tie_break, progress=progress)
+  test_preds = knn_predict(
+    test_codes, ref, ref_y, ks, batch_size=batch_size, tie_break=tie_break, progress=progress
+  )
   test_y = np.asarray(s.test_y)
   # The test queries against the validation setting's references too: with the
   # references fixed, the two settings differ only in their query images.
-  tot_preds = knn_predict(test_codes, train_codes, train_y, ks, batch_size=batch_size,
-                          tie_break=tie_break, progress=progress)
-  out = {"num_train": int(train_codes.shape[0]), "num_val": int(val_codes.shape[0]),
-         "num_test": int(test_codes.shape[0]), "ks": [int(k) for k in sorted(set(ks))],
-         "tie_break": tie_break, "query_images": query_images}
-  runs = {"test": (test_preds, test_y), "val": (val_preds, val_y),
-          "test_on_train": (tot_preds, test_y)}
+  tot_preds = knn_predict(
+    test_codes,
+    train_codes,
+    train_y,
+    ks,
+    batch_size=batch_size,
+    tie_break=tie_break,
+    progress=progress,
+  )
+  out = {
+    "num_train": int(train_codes.shape[0]),
+    "num_val": int(val_codes.shape[0]),
+    "num_test": int(test_codes.shape[0]),
+    "ks": [int(k) for k in sorted(set(ks))],
+    "tie_break": tie_break,
+    "query_images": query_images,
+  }
+  runs = {
+    "test": (test_preds, test_y),
+    "val": (val_preds, val_y),
+    "test_on_train": (tot_preds, test_y),
+  }
   for _, split in SETTINGS:
     preds, y = runs[split]
     out[split] = {str(k): v for k, v in error_rates(preds, y).items()}
@@ -241,8 +300,12 @@ def per_example_arrays(result: dict[str, Any]) -> dict[str, np.ndarray]:
   arrays = {}
   for prefix, split in SETTINGS:
     arrays[f"{prefix}labels"] = np.asarray(result[f"{split}_labels"], np.int32)
-    arrays.update({f"{prefix}pred_k{k}": np.asarray(p, np.int32)
-                   for k, p in sorted(result[f"{split}_predictions"].items())})
+    arrays.update(
+      {
+        f"{prefix}pred_k{k}": np.asarray(p, np.int32)
+        for k, p in sorted(result[f"{split}_predictions"].items())
+      }
+    )
   return arrays
 
 
@@ -253,6 +316,7 @@ def save_per_example(path: str, result: dict[str, Any]) -> str:
     The file's SHA-256.
   """
   from exvae import atomic  # pylint: disable=import-outside-toplevel
+
   atomic.write_npz(path, per_example_arrays(result))
   return atomic.sha256_file(path)
 
@@ -269,10 +333,12 @@ def check_record(summary: dict[str, Any], arrays: dict[str, np.ndarray], where: 
     for k, err in (summary.get(split) or {}).items():
       pred, lab = arrays.get(f"{prefix}pred_k{k}"), arrays.get(f"{prefix}labels")
       if pred is None or lab is None:
-        if prefix:          # files written before a setting was recorded lack it
+        if prefix:  # files written before a setting was recorded lack it
           continue
         raise ValueError(f"{where}: {PER_EXAMPLE} lacks the k={k} predictions knn.json reports")
       got = float(np.mean(pred != lab))
       if not isinstance(err, (int, float)) or abs(float(err) - got) > 1e-9:
-        raise ValueError(f"{where}: knn.json reports the {split} error {err} for k={k}, its "
-                         f"{PER_EXAMPLE} gives {got}: the two were not written together")
+        raise ValueError(
+          f"{where}: knn.json reports the {split} error {err} for k={k}, its "
+          f"{PER_EXAMPLE} gives {got}: the two were not written together"
+        )

@@ -21,19 +21,27 @@ from exvae import atomic
 
 def _plt():
   import matplotlib
+
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt
+
   return plt
 
 
 def _atomic_savefig(fig, path: str, dpi: int = 120) -> str:
-  return atomic.write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
-                                                       bbox_inches="tight"))
+  return atomic.write_with(
+    path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+  )
 
 
-def tsne_embedding(codes: np.ndarray, labels: np.ndarray | None = None, *,
-                   num_points: int = 5000, seed: int = 0,
-                   perplexity: float = 30.0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def tsne_embedding(
+  codes: np.ndarray,
+  labels: np.ndarray | None = None,
+  *,
+  num_points: int = 5000,
+  seed: int = 0,
+  perplexity: float = 30.0,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
   """t-SNE of a random subsample of codes.
 
   Args:
@@ -47,6 +55,7 @@ def tsne_embedding(codes: np.ndarray, labels: np.ndarray | None = None, *,
     ``(embedding (M, 2), labels (M,) or None, rows (M,))`` with M = min(N, num_points).
   """
   from sklearn.manifold import TSNE
+
   n = codes.shape[0]
   if n < 3:
     raise ValueError(f"t-SNE needs at least 3 codes, got {n}")
@@ -55,12 +64,17 @@ def tsne_embedding(codes: np.ndarray, labels: np.ndarray | None = None, *,
   m = rows.shape[0]
   perp = float(min(perplexity, max(1.0, (m - 1) / 3.0)))
   emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(
-      np.asarray(codes[rows], np.float64))
+    np.asarray(codes[rows], np.float64)
+  )
   return emb.astype(np.float32), (None if labels is None else np.asarray(labels)[rows]), rows
 
 
-def plot_embedding(path: str, embedding: np.ndarray, labels: np.ndarray | None = None,
-                   title: str = "t-SNE of encoder means") -> str:
+def plot_embedding(
+  path: str,
+  embedding: np.ndarray,
+  labels: np.ndarray | None = None,
+  title: str = "t-SNE of encoder means",
+) -> str:
   """Scatter plot of a 2-D embedding coloured by label.
 
   Args:
@@ -81,8 +95,9 @@ def plot_embedding(path: str, embedding: np.ndarray, labels: np.ndarray | None =
     cmap = plt.get_cmap("tab10" if classes.size <= 10 else "tab20")
     for i, c in enumerate(classes):
       sel = labels == c
-      ax.scatter(embedding[sel, 0], embedding[sel, 1], s=3, alpha=0.7,
-                 color=cmap(i % cmap.N), label=str(c))
+      ax.scatter(
+        embedding[sel, 0], embedding[sel, 1], s=3, alpha=0.7, color=cmap(i % cmap.N), label=str(c)
+      )
     ax.legend(markerscale=4, fontsize=8, loc="best", ncol=2)
   ax.set_title(title)
   ax.set_xticks([])

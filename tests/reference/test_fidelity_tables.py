@@ -18,8 +18,9 @@ def test_docs_fidelity_matches_the_generator():
   assert set(ft.blocks(page)) == set(ft.NAMES)
   for name, body in want.items():
     assert ft.blocks(page)[name] == body.strip(), (
-        f"docs/fidelity.md's {name} table is stale: run "
-        "python reference/fidelity_tables.py --write docs/fidelity.md")
+      f"docs/fidelity.md's {name} table is stale: run "
+      "python reference/fidelity_tables.py --write docs/fidelity.md"
+    )
 
 
 def test_tables_follow_the_records(tmp_path):

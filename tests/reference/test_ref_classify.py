@@ -49,7 +49,7 @@ class _Batch:
 def test_the_stand_in_returns_the_real_batch():
   x = np.arange(12.0).reshape(3, 4)
   out = ref_classify.RealImages().reference_based_generation_x(reference_image=_Batch(x), N=1)
-  assert out.a.shape == (3, 1, 4)            # their loop squeezes it back to (3, 4)
+  assert out.a.shape == (3, 1, 4)  # their loop squeezes it back to (3, 4)
   np.testing.assert_array_equal(out.a[:, 0], x)
 
 

@@ -23,7 +23,7 @@ def _reference_tensors(params, rng, positive=False):
   draw = (lambda s: rng.uniform(1e-6, 1e-3, s)) if positive else (lambda s: rng.normal(0, 1e-2, s))
   for path, name in ref_step_check.param_map().items():
     node = ref_step_check._node(params["model"], path)
-    out[f"{name}.weight"] = draw(node["kernel"].shape[::-1]).astype(np.float32)   # (out, in)
+    out[f"{name}.weight"] = draw(node["kernel"].shape[::-1]).astype(np.float32)  # (out, in)
     out[f"{name}.bias"] = draw(node["bias"].shape).astype(np.float32)
   out["prior_log_variance"] = draw((1,)).astype(np.float32)
   return out
@@ -33,6 +33,7 @@ def _fresh_state(c):
   """``(setup, state)`` at step 0: parameters and optimiser only (no RAT cache refresh,
   which these tests do not need and which costs a compile)."""
   from exvae import train_lib
+
   splits = train_lib.load_data(c)
   setup = train_lib.make_setup(c, splits)
   return setup, train_lib.init_state(c, setup, splits.train_x.shape[0])
@@ -44,7 +45,7 @@ def _torch_adamnormgrad(g, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
   m = b1 * m + (1 - b1) * g
   v = b2 * v + (1 - b2) * g * g
   t = step + 1
-  return -lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+  return -lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
 
 
 @pytest.mark.parametrize("step", [1, 26000])
@@ -67,19 +68,25 @@ def test_mapped_state_takes_the_references_next_step(step):
       key = f"{name}.{part}"
       want = _torch_adamnormgrad(grads_ref[key], w["m/" + key], w["v/" + key], step, lr)
       np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-9, err_msg=key)
-  want = _torch_adamnormgrad(grads_ref["prior_log_variance"], w["m/prior_log_variance"],
-                             w["v/prior_log_variance"], step, lr)
+  want = _torch_adamnormgrad(
+    grads_ref["prior_log_variance"], w["m/prior_log_variance"], w["v/prior_log_variance"], step, lr
+  )
   np.testing.assert_allclose(np.asarray(updates["prior"]["log_var"]), want[0], rtol=2e-5)
 
 
 def test_an_optimiser_without_adam_is_refused():
   import optax
+
   c = load_config("test", prior="exemplar")
   _, state = _fresh_state(c)
   w = {}
   for prefix in ("m/", "v/"):
-    w.update({prefix + k: a for k, a in
-              _reference_tensors(state.params, np.random.default_rng(0), True).items()})
+    w.update(
+      {
+        prefix + k: a
+        for k, a in _reference_tensors(state.params, np.random.default_rng(0), True).items()
+      }
+    )
   with pytest.raises(ValueError, match="not AdamNormGrad"):
     ref_continue.adam_state_from_reference(optax.sgd(0.1), w, state.params, 3)
 
@@ -90,8 +97,12 @@ def test_fresh_start_is_a_fresh_optimiser():
   setup, state = _fresh_state(c)
   w = {}
   for prefix in ("m/", "v/"):
-    w.update({prefix + k: np.zeros_like(a) for k, a in
-              _reference_tensors(state.params, np.random.default_rng(0)).items()})
+    w.update(
+      {
+        prefix + k: np.zeros_like(a)
+        for k, a in _reference_tensors(state.params, np.random.default_rng(0)).items()
+      }
+    )
   mapped = ref_continue.adam_state_from_reference(setup.optimizer, w, state.params, 0)
   fresh = setup.optimizer.init(state.params)
   assert jax.tree.structure(mapped) == jax.tree.structure(fresh)

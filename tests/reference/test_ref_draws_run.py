@@ -16,17 +16,19 @@ from reference import ref_draws_run
 
 
 def _draws(rng, t=3, b=4, d=5, m=7):
-  return {"x": (rng.uniform(size=(t, b, 12)) < 0.4).astype(np.float32),
-          "ids": rng.integers(0, 50000, (t, b)).astype(np.int32),
-          "eps": rng.normal(size=(t, b, d)).astype(np.float32),
-          "cand": rng.integers(0, 50000, (t, m)).astype(np.int32)}
+  return {
+    "x": (rng.uniform(size=(t, b, 12)) < 0.4).astype(np.float32),
+    "ids": rng.integers(0, 50000, (t, b)).astype(np.int32),
+    "eps": rng.normal(size=(t, b, d)).astype(np.float32),
+    "cand": rng.integers(0, 50000, (t, m)).astype(np.int32),
+  }
 
 
 def test_epoch_file_round_trip(tmp_path):
   d = _draws(np.random.default_rng(0))
   path = ref_draws_run.write_epoch_draws(str(tmp_path), 3, d)
   assert path == ref_draws_run.draws_path(str(tmp_path), 3)
-  assert os.listdir(tmp_path) == [os.path.basename(path)]       # no temporary file left
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary file left
   got = np.load(path)
   assert got["x"].dtype == np.uint8 and got["cand"].dtype == np.int32
   for k, v in d.items():
@@ -35,7 +37,7 @@ def test_epoch_file_round_trip(tmp_path):
 
 def test_non_binary_batch_is_refused(tmp_path):
   d = _draws(np.random.default_rng(1))
-  d["x"][0, 0, 0] = 0.5                        # a grey pixel would be truncated to 0 as uint8
+  d["x"][0, 0, 0] = 0.5  # a grey pixel would be truncated to 0 as uint8
   with pytest.raises(ValueError, match="binarised"):
     ref_draws_run.write_epoch_draws(str(tmp_path), 1, d)
   assert os.listdir(tmp_path) == []
@@ -79,13 +81,30 @@ def test_reseed_reaches_the_reference_side(tmp_path, monkeypatch):
 
   monkeypatch.setattr(ref_draws_run.subprocess, "Popen", fake_popen)
   import bench.vs_reference as vr
+
   monkeypatch.setattr(vr, "require_reference", lambda: ("py", "src", "drv.py"))
-  for i, (flag, want) in enumerate(((["--reseed"], "15"), ([], None),
-                                    (["--stream_seed", "40"], "40"),
-                                    (["--reseed", "--stream_seed", "41"], "41"))):
+  for i, (flag, want) in enumerate(
+    (
+      (["--reseed"], "15"),
+      ([], None),
+      (["--stream_seed", "40"], "40"),
+      (["--reseed", "--stream_seed", "41"], "41"),
+    )
+  ):
     with pytest.raises(_Stop):
-      ref_draws_run.main(["--seed", "15", "--epochs", "1", "--exvae_inputs", "none",
-                          "--out", str(tmp_path / f"o{i}")] + flag)
+      ref_draws_run.main(
+        [
+          "--seed",
+          "15",
+          "--epochs",
+          "1",
+          "--exvae_inputs",
+          "none",
+          "--out",
+          str(tmp_path / f"o{i}"),
+        ]
+        + flag
+      )
     cmd = seen["cmd"]
     got = cmd[cmd.index("--stream_seed") + 1] if "--stream_seed" in cmd else None
     assert got == want, (flag, cmd)

@@ -31,8 +31,16 @@ def test_read_val_curve_orders_epochs_and_skips_other_records(tmp_path):
   assert seed_runs.read_val_curve(tmp_path / "missing") == []
 
 
-@pytest.mark.parametrize("args", [["--seeds", "x"], ["--epochs", "0"], ["--parallel", "0"],
-                                  ["--set", "novalue"], ["--config", "no_such_config"]])
+@pytest.mark.parametrize(
+  "args",
+  [
+    ["--seeds", "x"],
+    ["--epochs", "0"],
+    ["--parallel", "0"],
+    ["--set", "novalue"],
+    ["--config", "no_such_config"],
+  ],
+)
 def test_refusals(args, tmp_path):
   base = {"--config": "test", "--seeds": "0", "--epochs": "1", "--out": str(tmp_path)}
   base.update(dict(zip(args[::2], args[1::2])))
@@ -44,9 +52,26 @@ def test_refusals(args, tmp_path):
 
 @pytest.mark.slow
 def test_two_seeds_in_parallel(tmp_path):
-  proc = subprocess.run([sys.executable, "reference/seed_runs.py", "--config", "test", "--seeds", "1-2",
-                         "--epochs", "1", "--out", str(tmp_path), "--parallel", "2"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "reference/seed_runs.py",
+      "--config",
+      "test",
+      "--seeds",
+      "1-2",
+      "--epochs",
+      "1",
+      "--out",
+      str(tmp_path),
+      "--parallel",
+      "2",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   summary = json.loads((tmp_path / "seed_runs.json").read_text())
   runs = summary["seeds"]
