@@ -691,6 +691,57 @@ def _open_session(config, workdir: str, book: Bookkeeping, state: TrainState) ->
   book.t_start = time.time()
 
 
+def _summary_head(config, workdir: str, splits: data.Splits, setup: Setup) -> dict[str, Any]:
+  """The run summary's fixed part: workdir, data set (with a user data set's identity), prior
+  and the epoch's size."""
+  summary = {
+    "workdir": workdir,
+    "dataset": splits.name,
+    "data_source": splits.source,
+    "prior": config.prior,
+    "num_train": setup.num_train,
+    "steps_per_epoch": setup.steps_per_epoch,
+  }
+  if splits.identity is not None:  # a user's data set: its path (or plug-in) and SHA-256
+    summary["data_identity"] = splits.identity
+  return summary
+
+
+def _progress_bar(config, book: Bookkeeping, state: TrainState):
+  """The training loop's tqdm bar over all steps, starting at the restored one (shown only
+  on the primary host, and as :func:`exvae.progress.enabled` allows)."""
+  from tqdm.auto import tqdm
+
+  return tqdm(
+    total=book.max_steps,
+    initial=int(state.step),
+    desc="train",
+    unit="step",
+    dynamic_ncols=True,
+    disable=not progress_lib.enabled(config.progress and distributed.is_primary()),
+  )
+
+
+def _close_run(summary: dict[str, Any], book: Bookkeeping, state: TrainState) -> dict[str, Any]:
+  """Completes ``summary`` with the final step, epochs, wall time and early-stopping
+  bookkeeping, logs it as the run's last record and closes the run's TensorBoard writers.
+
+  Returns:
+    The completed summary (also updated in place).
+  """
+  step, meta = int(state.step), book.meta
+  summary.update(
+    step=step,
+    epochs=step / book.setup.steps_per_epoch,
+    wall_time_s=time.time() - book.t_start,
+    finished=meta["early_stopped"] or step >= book.max_steps,
+    **_summary_meta(meta),
+  )
+  _append_jsonl(book.metrics_path, {"summary": summary})
+  writers.close(book.workdir)
+  return summary
+
+
 def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains with validation-based early stopping; resumes from ``workdir`` if possible.
 
@@ -712,32 +763,14 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
   """
   splits, pool, setup, book, state = _prepare(config, workdir, mesh, allow_config_change)
   n, spe, meta = setup.num_train, setup.steps_per_epoch, book.meta
-  summary = {
-    "workdir": workdir,
-    "dataset": splits.name,
-    "data_source": splits.source,
-    "prior": config.prior,
-    "num_train": n,
-    "steps_per_epoch": spe,
-  }
-  if splits.identity is not None:  # a user's data set: its path (or plug-in) and SHA-256
-    summary["data_identity"] = splits.identity
+  summary = _summary_head(config, workdir, splits, setup)
   _open_session(config, workdir, book, state)
   if meta.get("early_stopped"):
     print("Training already early-stopped in this workdir; nothing to do.", flush=True)
     return dict(summary, step=int(state.step), finished=True, **_summary_meta(meta))
   stop = []  # SIGTERM: finish the step, save, stop
   prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-  from tqdm.auto import tqdm
-
-  bar = tqdm(
-    total=book.max_steps,
-    initial=int(state.step),
-    desc="train",
-    unit="step",
-    dynamic_ncols=True,
-    disable=not progress_lib.enabled(config.progress and distributed.is_primary()),
-  )
+  bar = _progress_bar(config, book, state)
   try:
     book.validate(state)
     perm_epoch, perm = -1, None
@@ -777,13 +810,4 @@ def _train(config, workdir: str, mesh, allow_config_change: bool = False) -> dic
       f"SIGTERM at step {int(state.step)}: checkpoint saved in {book.manager.directory}; "
       "run the same command to resume."
     )
-  summary.update(
-    step=int(state.step),
-    epochs=int(state.step) / spe,
-    wall_time_s=time.time() - book.t_start,
-    finished=meta["early_stopped"] or int(state.step) >= book.max_steps,
-    **_summary_meta(meta),
-  )
-  _append_jsonl(book.metrics_path, {"summary": summary})
-  writers.close(workdir)
-  return summary
+  return _close_run(summary, book, state)
