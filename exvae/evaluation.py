@@ -17,6 +17,7 @@ of images, and can save its progress to a resumable file
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -189,6 +190,34 @@ class _Reporters:
       p.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Batching:
+  """How :func:`evaluate_split` cuts its work into calls of the jitted scorer.
+
+  Attributes:
+    m: the number of examples, M.
+    num_samples: importance samples per example, S.
+    chunk: importance samples per call (``min(S, max_queries)``).
+    batch: examples per call (``batch * chunk <= max_queries``, at least 1).
+  """
+
+  m: int
+  num_samples: int
+  chunk: int
+  batch: int
+
+  @classmethod
+  def plan(cls, m: int, num_samples: int, max_queries: int) -> "_Batching":
+    """The largest batches that keep ``batch * chunk`` within ``max_queries``."""
+    chunk = min(num_samples, max_queries)
+    return cls(m, num_samples, chunk, max(1, min(m, max_queries // chunk)))
+
+  @property
+  def n_batches(self) -> int:
+    """Batches over the M examples (the last one padded)."""
+    return math.ceil(self.m / self.batch)
+
+
 def evaluate_split(
   params: PyTree,
   setup: Setup,
@@ -240,31 +269,10 @@ def evaluate_split(
     (certified: the exact-prior IWAE estimate lies in
     ``[log_px_iwae, log_px_iwae + max_err]``; 0 unless pruning is on).
   """
-  m = xs.shape[0]
-  chunk = min(num_samples, max_queries)
-  batch = max(1, min(m, max_queries // chunk))
-  n_batches = math.ceil(m / batch)
+  plan = _Batching.plan(xs.shape[0], num_samples, max_queries)
+  m, batch, chunk, n_batches = plan.m, plan.batch, plan.chunk, plan.n_batches
   out = {k: np.zeros(m, np.float64) for k in SPLIT_SCORES}
-  identity, start = None, 0
-  if partial_path is not None:
-    identity = atomic.dumps(
-      {
-        "given": partial_identity,
-        "m": int(m),
-        "batch": int(batch),
-        "chunk": int(chunk),
-        "num_samples": int(num_samples),
-        "key": np.asarray(jax.random.key_data(key)).tolist(),
-      },
-      sort_keys=True,
-    )
-    start = _read_partial(partial_path, identity, out, n_batches)
-    if start:
-      print(
-        f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
-        f"(scores saved in {partial_path})",
-        flush=True,
-      )
+  identity, start = _open_partial(partial_path, partial_identity, key, out, plan, desc)
   reporters = _Reporters(progress, m, desc, initial=min(start * batch, m))
   last_save = time.time()
   for b in range(start, n_batches):
@@ -285,6 +293,55 @@ def evaluate_split(
       _interrupted(partial_path, identity, out, b + 1, hi, m, desc)
   reporters.close()
   return out
+
+
+def _open_partial(
+  partial_path: str | None,
+  partial_identity: dict | None,
+  key: jax.Array,
+  out: dict[str, np.ndarray],
+  plan: _Batching,
+  desc: str,
+) -> tuple[str | None, int]:
+  """The identity of :func:`evaluate_split`'s partial-scores file, and the batch to start at.
+
+  The scores of a file found at ``partial_path`` with the same identity are read into
+  ``out`` (see :func:`_read_partial`) and the resumption is announced.
+
+  Args:
+    partial_path: where the partial scores are kept (None: not kept).
+    partial_identity: the caller's part of the identity (what else the scores depend on).
+    key: the evaluation's PRNG key (part of the identity).
+    out: the (M,) score arrays, filled in place from the file.
+    plan: how the examples are cut into batches (part of the identity).
+    desc: the evaluation's label, for the message.
+
+  Returns:
+    ``(identity, start)``: the identity as canonical JSON and the first batch still to
+    score; ``(None, 0)`` without ``partial_path``.
+  """
+  if partial_path is None:
+    return None, 0
+  m, batch = plan.m, plan.batch
+  identity = atomic.dumps(
+    {
+      "given": partial_identity,
+      "m": int(m),
+      "batch": int(batch),
+      "chunk": int(plan.chunk),
+      "num_samples": int(plan.num_samples),
+      "key": np.asarray(jax.random.key_data(key)).tolist(),
+    },
+    sort_keys=True,
+  )
+  start = _read_partial(partial_path, identity, out, plan.n_batches)
+  if start:
+    print(
+      f"{desc}: resuming after {min(start * batch, m)} of {m} examples "
+      f"(scores saved in {partial_path})",
+      flush=True,
+    )
+  return identity, start
 
 
 def _interrupted(
