@@ -218,6 +218,38 @@ def load(
       max_test=max_test,
       likelihood=likelihood,
     )
+  _check_load_args(name, source, eval_binarize, val_size, max_train, max_test)
+  if name == "celeba":  # continuous data: its own loader (official tfds splits, no binarisation)
+    from exvae.data.celeba import load_celeba
+
+    return load_celeba(data_dir, max_train=max_train, max_test=max_test)
+
+  parts, desc = _read_splits(name, data_dir, source, val_size)
+  return _assemble(
+    name,
+    parts,
+    binary=True,
+    source=desc,
+    eval_binarize=eval_binarize,
+    eval_binarize_seed=eval_binarize_seed,
+    max_train=max_train,
+    max_test=max_test,
+  )  # all four data sets use a Bernoulli likelihood
+
+
+def _check_load_args(
+  name: str,
+  source: str,
+  eval_binarize: str,
+  val_size: int | None,
+  max_train: int | None,
+  max_test: int | None,
+) -> None:
+  """Checks :func:`load`'s arguments for a built-in data set (see there).
+
+  Raises:
+    ValueError: unknown name or source, an ``eval_binarize`` the data set has not, bad sizes.
+  """
   if name not in KNOWN_DATASETS:
     raise ValueError(
       f"unknown data set {name!r}; known data sets: {', '.join(KNOWN_DATASETS)}, "
@@ -237,22 +269,6 @@ def load(
   _check_count(val_size, "val_size")
   _check_count(max_train, "max_train")
   _check_count(max_test, "max_test")
-  if name == "celeba":  # continuous data: its own loader (official tfds splits, no binarisation)
-    from exvae.data.celeba import load_celeba
-
-    return load_celeba(data_dir, max_train=max_train, max_test=max_test)
-
-  parts, desc = _read_splits(name, data_dir, source, val_size)
-  return _assemble(
-    name,
-    parts,
-    binary=True,
-    source=desc,
-    eval_binarize=eval_binarize,
-    eval_binarize_seed=eval_binarize_seed,
-    max_train=max_train,
-    max_test=max_test,
-  )  # all four data sets use a Bernoulli likelihood
 
 
 def load_grey(
