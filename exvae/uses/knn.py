@@ -27,6 +27,7 @@ exemplar prior).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -203,6 +204,80 @@ def evaluate_knn(
   from exvae import bank as bank_lib
 
   s = trained.splits
+  _require_labels(s)
+  if bank is None:
+    bank = bank_lib.from_checkpoint(
+      trained.config, "", trained=trained, batch_size=batch_size, progress=progress
+    )
+  model, mp = trained.setup.model, trained.params["model"]
+  val_x, test_x, query_images = _queries(trained, query_images)
+  key = jax.random.PRNGKey(0)  # queries are encoded as given: no binarisation here
+
+  def enc(x):
+    return bank_lib.encode_images(
+      model, mp, x, np.arange(x.shape[0]), key, binary=False, batch_size=batch_size
+    )
+
+  val_codes, test_codes = enc(val_x), enc(test_x)
+  predict = functools.partial(
+    knn_predict, ks=ks, batch_size=batch_size, tie_break=tie_break, progress=progress
+  )
+  runs = _predict_settings(predict, bank, val_codes, test_codes, s)
+  out = {
+    "num_train": int(bank.codes.shape[0]),
+    "num_val": int(val_codes.shape[0]),
+    "num_test": int(test_codes.shape[0]),
+    "ks": [int(k) for k in sorted(set(ks))],
+    "tie_break": tie_break,
+    "query_images": query_images,
+  }
+  for _, split in SETTINGS:
+    preds, y = runs[split]
+    out[split] = {str(k): v for k, v in error_rates(preds, y).items()}
+    out[f"{split}_predictions"] = {int(k): p for k, p in preds.items()}
+    out[f"{split}_labels"] = y.astype(np.int32)
+  return out
+
+
+def _predict_settings(
+  predict: Any, bank: Any, val_codes: np.ndarray, test_codes: np.ndarray, s: Any
+) -> dict[str, tuple[dict[int, np.ndarray], np.ndarray]]:
+  """The kNN predictions of :func:`evaluate_knn`'s three settings (see :data:`SETTINGS`).
+
+  Args:
+    predict: :func:`knn_predict` with ``ks`` and its keyword settings bound.
+    bank: the training bank: the codes and labels of the training references.
+    val_codes: the encoded validation images.
+    test_codes: the encoded test images.
+    s: the run's data splits (the validation and test labels).
+
+  Returns:
+    ``{setting: (predictions, labels)}``: ``val`` against the training references,
+    ``test`` against the training and validation ones, ``test_on_train`` the test
+    images against the training references alone.
+  """
+  train_codes, train_y = bank.codes, bank.labels
+  val_preds = predict(val_codes, train_codes, train_y)
+  ref = np.concatenate([train_codes, val_codes])
+  ref_y = np.concatenate([train_y, s.val_y])
+  test_preds = predict(test_codes, ref, ref_y)
+  # The test queries against the validation setting's references too: with the
+  # references fixed, the two settings differ only in their query images.
+  tot_preds = predict(test_codes, train_codes, train_y)
+  test_y = np.asarray(s.test_y)
+  return {
+    "test": (test_preds, test_y),
+    "val": (val_preds, np.asarray(s.val_y)),
+    "test_on_train": (tot_preds, test_y),
+  }
+
+
+def _require_labels(s) -> None:
+  """Checks that the splits ``s`` have labels for all three parts.
+
+  Raises:
+    DataFormatError: a part has no labels (the message says which).
+  """
   if s.train_y is None or s.val_y is None or s.test_y is None:
     missing = [
       k for k, y in (("y_train", s.train_y), ("y_val", s.val_y), ("y_test", s.test_y)) if y is None
@@ -213,73 +288,33 @@ def evaluate_knn(
       "y_val and y_test; without x_val the validation labels come from "
       "y_train)"
     )
-  if bank is None:
-    bank = bank_lib.from_checkpoint(
-      trained.config, "", trained=trained, batch_size=batch_size, progress=progress
-    )
-  model, mp = trained.setup.model, trained.params["model"]
+
+
+def _queries(trained: Any, query_images: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """The validation and test query images of :func:`evaluate_knn`.
+
+  Args:
+    trained: a :class:`exvae.bank.Trained`.
+    query_images: one of :data:`QUERY_IMAGES`.
+
+  Returns:
+    ``(val_x, test_x, query_images)``, the last as the record reports it ('grey', or why
+    binarised images are used instead).
+
+  Raises:
+    ValueError: an unknown ``query_images``.
+  """
   if query_images not in QUERY_IMAGES:
     raise ValueError(f"query_images must be one of {QUERY_IMAGES}, got {query_images!r}")
-  val_x, test_x = s.val_x, s.test_x
-  if query_images == "grey":
-    g = classifier.grey_splits(trained.config, s)
-    val_x, test_x = g.val_x, g.test_x
-    query_images = "grey" if g.grey_eval else "binarised (no grey reader for this data set)"
-  key = jax.random.PRNGKey(0)  # queries are encoded as given: no binarisation here
-
-  def enc(x):
-    return bank_lib.encode_images(
-      model, mp, x, np.arange(x.shape[0]), key, binary=False, batch_size=batch_size
-    )
-
-  val_codes, test_codes = enc(val_x), enc(test_x)
-  train_codes, train_y = bank.codes, bank.labels
-  val_preds = knn_predict(
-    val_codes,
-    train_codes,
-    train_y,
-    ks,
-    batch_size=batch_size,
-    tie_break=tie_break,
-    progress=progress,
+  s = trained.splits
+  if query_images != "grey":
+    return s.val_x, s.test_x, query_images
+  g = classifier.grey_splits(trained.config, s)
+  return (
+    g.val_x,
+    g.test_x,
+    "grey" if g.grey_eval else "binarised (no grey reader for this data set)",
   )
-  val_y = np.asarray(s.val_y)
-  ref = np.concatenate([train_codes, val_codes])
-  ref_y = np.concatenate([train_y, s.val_y])
-  test_preds = knn_predict(
-    test_codes, ref, ref_y, ks, batch_size=batch_size, tie_break=tie_break, progress=progress
-  )
-  test_y = np.asarray(s.test_y)
-  # The test queries against the validation setting's references too: with the
-  # references fixed, the two settings differ only in their query images.
-  tot_preds = knn_predict(
-    test_codes,
-    train_codes,
-    train_y,
-    ks,
-    batch_size=batch_size,
-    tie_break=tie_break,
-    progress=progress,
-  )
-  out = {
-    "num_train": int(train_codes.shape[0]),
-    "num_val": int(val_codes.shape[0]),
-    "num_test": int(test_codes.shape[0]),
-    "ks": [int(k) for k in sorted(set(ks))],
-    "tie_break": tie_break,
-    "query_images": query_images,
-  }
-  runs = {
-    "test": (test_preds, test_y),
-    "val": (val_preds, val_y),
-    "test_on_train": (tot_preds, test_y),
-  }
-  for _, split in SETTINGS:
-    preds, y = runs[split]
-    out[split] = {str(k): v for k, v in error_rates(preds, y).items()}
-    out[f"{split}_predictions"] = {int(k): p for k, p in preds.items()}
-    out[f"{split}_labels"] = y.astype(np.int32)
-  return out
 
 
 PER_EXAMPLE = "knn_per_example.npz"
