@@ -268,40 +268,16 @@ class _Pool(NamedTuple):
   key: jax.Array  # base key of the steps' randomness
 
 
-def train_classifier(
-  train_x: np.ndarray,
-  train_y: np.ndarray,
-  test_x: np.ndarray,
-  test_y: np.ndarray,
-  *,
-  hidden: int,
-  epochs: int,
-  augment: bool,
-  vae: Model | None = None,
-  vae_params: PyTree = None,
-  log_var: float = 0.0,
-  binary: bool = True,
-  seed: int = 0,
-  batch_size: int = 100,
-  learning_rate: float = 0.1,
-  num_classes: int | None = None,
-  max_steps: int | None = None,
-  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean,
-  progress: bool = False,
-  log_every: int = 0,
-  checkpoint_path: str | None = None,
-  checkpoint_identity: dict[str, Any] | None = None,
-  checkpoint_every: int = 10,
-) -> dict[str, Any]:
-  """Trains the MLP with or without generative augmentation; reports the test error.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSettings:
+  """How :func:`train_classifier` trains the MLP (its keyword arguments).
 
-  Args:
-    train_x, train_y: (N, H, W, C) grey levels in [0, 1] and their (N,) int labels.
-    test_x, test_y: (M, H, W, C) evaluation images and their (M,) labels.
+  Attributes:
     hidden: h.
     epochs: passes over the training set (the lr decays over all of them).
     augment: use the augmented loss (needs ``vae``, ``vae_params``, ``log_var``).
-    vae, vae_params: the generative model and its parameters.
+    vae: the generative model.
+    vae_params: its parameters.
     log_var: log s2 of the augmentation noise.
     binary: encode Bernoulli(x) (binary data sets).
     seed: seeds the classifier init, the epoch orders and the augmentation.
@@ -321,52 +297,73 @@ def train_classifier(
     checkpoint_identity: JSON-able description of what else the run depends on
       (the generative model, the training images); checked on restore.
     checkpoint_every: epochs between two saves.
+  """
+
+  hidden: int
+  epochs: int
+  augment: bool
+  vae: Model | None = None
+  vae_params: PyTree = None
+  log_var: float = 0.0
+  binary: bool = True
+  seed: int = 0
+  batch_size: int = 100
+  learning_rate: float = 0.1
+  num_classes: int | None = None
+  max_steps: int | None = None
+  mean_fn: Callable[[Any], jax.Array] = bernoulli_mean
+  progress: bool = False
+  log_every: int = 0
+  checkpoint_path: str | None = None
+  checkpoint_identity: dict[str, Any] | None = None
+  checkpoint_every: int = 10
+
+
+def train_classifier(
+  train_x: np.ndarray,
+  train_y: np.ndarray,
+  test_x: np.ndarray,
+  test_y: np.ndarray,
+  settings: TrainSettings | None = None,
+  **kwargs: Any,
+) -> dict[str, Any]:
+  """Trains the MLP with or without generative augmentation; reports the test error.
+
+  Args:
+    train_x, train_y: (N, H, W, C) grey levels in [0, 1] and their (N,) int labels.
+    test_x, test_y: (M, H, W, C) evaluation images and their (M,) labels.
+    settings: how to train (:class:`TrainSettings`).
+    **kwargs: instead of ``settings``, its fields as keywords (``hidden``, ``epochs``
+      and ``augment`` are required).
 
   Returns:
     ``{'test_error', 'losses' (per-step list), 'epoch_losses', 'steps', 'seconds', ...}``.
+
+  Raises:
+    TypeError: both ``settings`` and keywords, or a keyword that is not a field.
+    ValueError: augmentation without the generative model, or a batch larger than
+      the training set.
   """
-  if augment and (vae is None or vae_params is None):
+  if settings is not None and kwargs:
+    raise TypeError("train_classifier takes settings or their fields as keywords, not both")
+  f = TrainSettings(**kwargs) if settings is None else settings
+  if f.augment and (f.vae is None or f.vae_params is None):
     raise ValueError("augmentation needs the generative model and its parameters")
   train_x = np.ascontiguousarray(train_x, np.float32)
   train_y = np.asarray(train_y, np.int32)
-  setup = _classifier_setup(
-    train_x.shape[0],
-    train_y,
-    test_y,
-    num_classes,
-    hidden=hidden,
-    epochs=epochs,
-    augment=augment,
-    vae=vae,
-    binary=binary,
-    batch_size=batch_size,
-    learning_rate=learning_rate,
-    mean_fn=mean_fn,
-  )
-  state, pool = _start(setup, train_x, train_y, vae_params, log_var, seed)
-  total = epochs * setup.steps_per_epoch
-  plan = _Plan(
-    seed=seed,
-    epochs=epochs,
-    n=train_x.shape[0],
-    augment=bool(augment),
-    steps=total if max_steps is None else min(total, int(max_steps)),
-    label=f"mlp h={hidden} {'with' if augment else 'without'} augmentation, seed {seed}",
-  )
-  ckpt = (
-    None
-    if checkpoint_path is None
-    else _Checkpoints.of(
-      checkpoint_path, checkpoint_every, checkpoint_identity, setup, plan, learning_rate, log_var
-    )
-  )
+  setup = _classifier_setup(train_x.shape[0], train_y, test_y, f)
+  state, pool = _start(setup, train_x, train_y, f.vae_params, f.log_var, f.seed)
+  plan = _Plan.of(f, train_x.shape[0], setup.steps_per_epoch)
+  ckpt = _Checkpoints.of(f, setup, plan)
   state, losses, step, seconds = _run_epochs(
     state,
     pool,
     setup,
     plan,
     ckpt,
-    _Progress(plan, f"mlp h={hidden} aug={augment}", progress, log_every, setup.steps_per_epoch),
+    _Progress(
+      plan, f"mlp h={f.hidden} aug={f.augment}", f.progress, f.log_every, setup.steps_per_epoch
+    ),
   )
   err = error_rate(
     setup.classifier, state.params, np.asarray(test_x, np.float32), np.asarray(test_y)
@@ -378,9 +375,9 @@ def train_classifier(
     "losses": losses,
     "epoch_losses": ep,
     "steps": step,
-    "epochs": epochs,
-    "hidden": int(hidden),
-    "augment": bool(augment),
+    "epochs": f.epochs,
+    "hidden": int(f.hidden),
+    "augment": bool(f.augment),
     "seconds": seconds,
     "params": state.params,
     "classifier": setup.classifier,
@@ -388,28 +385,14 @@ def train_classifier(
 
 
 def _classifier_setup(
-  n: int,
-  train_y: np.ndarray,
-  test_y: np.ndarray,
-  num_classes: int | None,
-  *,
-  hidden: int,
-  epochs: int,
-  augment: bool,
-  vae: Model | None,
-  binary: bool,
-  batch_size: int,
-  learning_rate: float,
-  mean_fn: Callable[[Any], jax.Array],
+  n: int, train_y: np.ndarray, test_y: np.ndarray, f: TrainSettings
 ) -> ClassifierSetup:
   """The static description of a classifier trained on ``n`` images (drop-last batches).
 
   Args:
     n: the number of training images.
     train_y, test_y: their labels and the test labels (C = the largest label + 1).
-    num_classes: C, if given.
-    hidden, epochs, augment, vae, binary, batch_size, learning_rate, mean_fn: as
-      :func:`train_classifier`.
+    f: the training settings (``num_classes``: C, if given).
 
   Returns:
     The :class:`ClassifierSetup`.
@@ -417,20 +400,20 @@ def _classifier_setup(
   Raises:
     ValueError: ``batch_size`` exceeds ``n``.
   """
-  if batch_size > n:
-    raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
-  c = int(num_classes or int(max(train_y.max(), np.max(test_y))) + 1)
-  spe = n // batch_size
+  if f.batch_size > n:
+    raise ValueError(f"batch_size {f.batch_size} exceeds the {n} training images")
+  c = int(f.num_classes or int(max(train_y.max(), np.max(test_y))) + 1)
+  spe = n // f.batch_size
   return ClassifierSetup(
-    classifier=MLP(hidden=int(hidden), num_classes=c),
-    optimizer=make_optimizer(epochs, spe, learning_rate),
-    vae=vae,
-    augment=bool(augment),
-    binary=bool(binary),
+    classifier=MLP(hidden=int(f.hidden), num_classes=c),
+    optimizer=make_optimizer(f.epochs, spe, f.learning_rate),
+    vae=f.vae,
+    augment=bool(f.augment),
+    binary=bool(f.binary),
     num_classes=c,
-    batch_size=int(batch_size),
+    batch_size=int(f.batch_size),
     steps_per_epoch=spe,
-    mean_fn=mean_fn,
+    mean_fn=f.mean_fn,
   )
 
 
@@ -465,6 +448,19 @@ class _Plan(NamedTuple):
   steps: int  # steps to train in all (max_steps may stop it before the epochs end)
   label: str  # "mlp h=... with augmentation, seed ...", for log lines
 
+  @classmethod
+  def of(cls, f: TrainSettings, n: int, steps_per_epoch: int) -> _Plan:
+    """The plan of training with the settings ``f`` on ``n`` images."""
+    total = f.epochs * steps_per_epoch
+    return cls(
+      seed=f.seed,
+      epochs=f.epochs,
+      n=n,
+      augment=bool(f.augment),
+      steps=total if f.max_steps is None else min(total, int(f.max_steps)),
+      label=f"mlp h={f.hidden} {'with' if f.augment else 'without'} augmentation, seed {f.seed}",
+    )
+
 
 class _Checkpoints(NamedTuple):
   """Where a classifier's train state is saved, and every how many epochs."""
@@ -474,27 +470,23 @@ class _Checkpoints(NamedTuple):
   identity: str  # the settings, as JSON: a state saved with others is not restored
 
   @classmethod
-  def of(
-    cls,
-    path: str,
-    every: int,
-    given: dict[str, Any] | None,
-    setup: ClassifierSetup,
-    plan: _Plan,
-    learning_rate: float,
-    log_var: float,
-  ) -> _Checkpoints:
-    """Checkpoints at ``path`` of the training ``setup`` and ``plan`` describe.
+  def of(cls, f: TrainSettings, setup: ClassifierSetup, plan: _Plan) -> _Checkpoints | None:
+    """The checkpoints of the training ``f``, ``setup`` and ``plan`` describe.
 
     Args:
-      path, every: where, and every how many epochs.
-      given: what else the run depends on (``train_classifier``'s ``checkpoint_identity``).
+      f: the settings: where (``checkpoint_path``), every how many epochs, what else
+        the run depends on (``checkpoint_identity``), the initial lr and the
+        augmentation noise's log s2.
       setup, plan: the classifier and its training.
-      learning_rate, log_var: the initial lr and the augmentation noise's log s2.
+
+    Returns:
+      The checkpoints, or None without a ``checkpoint_path``.
     """
+    if f.checkpoint_path is None:
+      return None
     identity = atomic.dumps(
       {
-        "given": given,
+        "given": f.checkpoint_identity,
         "n": plan.n,
         "hidden": int(setup.classifier.hidden),
         "epochs": int(plan.epochs),
@@ -502,14 +494,14 @@ class _Checkpoints(NamedTuple):
         "binary": setup.binary,
         "seed": int(plan.seed),
         "batch_size": setup.batch_size,
-        "learning_rate": float(learning_rate),
+        "learning_rate": float(f.learning_rate),
         "num_classes": setup.num_classes,
-        "log_var": float(log_var),
+        "log_var": float(f.log_var),
         "steps": int(plan.steps),
       },
       sort_keys=True,
     )
-    return cls(path, int(every), identity)
+    return cls(f.checkpoint_path, int(f.checkpoint_every), identity)
 
   def save(self, state: ClassifierState, losses: list[float], seconds: float) -> None:
     """Saves the state, its per-step losses and the time trained so far."""
