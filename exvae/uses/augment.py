@@ -24,21 +24,20 @@ Inputs are grey-level images in [0, 1]
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
-import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exvae import atomic, stopping
+from exvae import stopping
 from exvae import bank as bank_lib
 from exvae.likelihoods import bernoulli_mean
 from exvae.models.base import Model
-from exvae.uses import classifier
+from exvae.uses import augment_runs, classifier
+from exvae.uses.augment_runs import RECORD_VERSION, classifier_record  # noqa: F401 (their old home)
 from exvae.uses.generation import augment_images
 
 PyTree = Any
@@ -158,27 +157,11 @@ def augmentation_spread(
 
 
 @stopping.deferring
-def run_augmentation(
-  trained,
-  *,
-  epochs: int,
-  hidden: int,
-  use_val: bool = True,
-  seed: int = 0,
-  seeds: Sequence[int] | None = None,
-  encode_input: str = "grey",
-  log_var: float | None = None,
-  max_steps: int | None = None,
-  progress: bool = False,
-  probe: int = 10000,
-  arms: Sequence[str] = ARMS,
-  log_every: int = 0,
-  done_dir: str | None = None,
-) -> dict[str, Any]:
-  """Trains the classifier without and with augmentation, for each seed; returns test errors.
+@dataclasses.dataclass(frozen=True, eq=False)
+class AugmentSettings:
+  """The settings of an augmentation experiment (:func:`run_augmentation`'s keywords).
 
-  Args:
-    trained: a :class:`exvae.bank.Trained` (its model generates the augmentations).
+  Attributes:
     epochs: classifier epochs.
     hidden: MLP width h.
     use_val: train on train + validation (the paper's setting), else train only.
@@ -194,13 +177,36 @@ def run_augmentation(
     arms: which classifiers to train, ``"without"`` and/or ``"with"``
       augmentation (e.g. only ``"with"`` when sweeping ``log_var``).
     log_every: a progress line every this many classifier epochs (0: none).
-    done_dir: where each finished classifier's result is written
-      (``seed<S>_<arm>.json``, :func:`classifier_record`). A classifier whose
-      record there has the same settings (model parameters, epochs, width,
-      training set, s2, encoder input, step cap, probe, seed, arm) is not
-      trained again: an interrupted run, started again with the same
-      ``done_dir``, loses at most the last 10 epochs of the classifier it was
-      training (``seed<S>_<arm>.partial.npz`` keeps its state every 10 epochs).
+    done_dir: where each finished classifier's record is written, and read back
+      instead of training it again when a stopped run is started again
+      (:mod:`exvae.uses.augment_runs`); None: no records.
+  """
+
+  epochs: int
+  hidden: int
+  use_val: bool = True
+  seed: int = 0
+  seeds: Sequence[int] | None = None
+  encode_input: str = "grey"
+  log_var: float | None = None
+  max_steps: int | None = None
+  progress: bool = False
+  probe: int = 10000
+  arms: Sequence[str] = ARMS
+  log_every: int = 0
+  done_dir: str | None = None
+
+
+def run_augmentation(
+  trained, settings: AugmentSettings | None = None, **kwargs: Any
+) -> dict[str, Any]:
+  """Trains the classifier without and with augmentation, for each seed; returns test errors.
+
+  Args:
+    trained: a :class:`exvae.bank.Trained` (its model generates the augmentations).
+    settings: the experiment's settings (:class:`AugmentSettings`).
+    **kwargs: instead of ``settings``, its fields as keywords (``epochs`` and ``hidden``
+      are required).
 
   Returns:
     JSON-able dict: ``runs`` (one entry per seed with both test errors),
@@ -212,61 +218,59 @@ def run_augmentation(
     one fixed augmented copy of each (seed 0). ``aug_error_without`` is how
     often a classifier that never saw an augmented image disagrees with the
     label the augmentation keeps: the label noise the augmentation brings.
+
+  Raises:
+    TypeError: both ``settings`` and keywords, or a keyword that is not a field.
+    ValueError: no seed, no arm, or an arm other than ``"without"`` and ``"with"``.
   """
-  seeds, arms = _seeds_and_arms(seed, seeds, arms)
-  binary = binarise_before_encoding(encode_input, trained.splits.binary)
+  if settings is not None and kwargs:
+    raise TypeError("run_augmentation takes settings or their fields as keywords, not both")
+  a = AugmentSettings(**kwargs) if settings is None else settings
+  seeds, arms = _seeds_and_arms(a.seed, a.seeds, a.arms)
+  binary = binarise_before_encoding(a.encode_input, trained.splits.binary)
   g = classifier.grey_splits(trained.config, trained.splits)
-  x, y = _training_set(g, use_val)
+  x, y = _training_set(g, a.use_val)
   model, mp, mean_fn = trained.setup.model, trained.params["model"], trained.setup.mean_fn
-  log_var, source = _noise_log_var(trained, g.train_x, log_var)
+  log_var, source = _noise_log_var(trained, g.train_x, a.log_var)
   out: dict[str, Any] = {
-    "epochs": int(epochs),
-    "hidden": int(hidden),
-    "use_val": bool(use_val),
+    "epochs": int(a.epochs),
+    "hidden": int(a.hidden),
+    "use_val": bool(a.use_val),
     "num_train": int(x.shape[0]),
     "num_test": int(g.test_x.shape[0]),
     "grey_eval": bool(g.grey_eval),
     "log_var": float(log_var),
     "log_var_source": source,
-    "encode_input": encode_input,
+    "encode_input": a.encode_input,
     "seeds": seeds,
     "arms": list(arms),
     "runs": [],
   }
-  out["spread"] = augmentation_spread(
-    model, mp, g.train_x[:2000], float(log_var), binary=binary, mean_fn=mean_fn
-  )
+  aug = dict(binary=binary, mean_fn=mean_fn)
+  out["spread"] = augmentation_spread(model, mp, g.train_x[:2000], float(log_var), **aug)
   probes = (
-    x[:probe],
-    y[:probe],
-    augmented_set(model, mp, x[:probe], float(log_var), binary=binary, mean_fn=mean_fn),
+    x[: a.probe],
+    y[: a.probe],
+    augmented_set(model, mp, x[: a.probe], float(log_var), **aug),
   )
   out["probe"] = int(probes[0].shape[0])
-  common = _classifier_settings(
-    mp,
-    x,
-    y,
-    epochs=epochs,
-    hidden=hidden,
-    log_var=log_var,
-    encode_input=encode_input,
-    max_steps=max_steps,
-    probe=out["probe"],
-  )
   fit = dict(
-    hidden=hidden,
-    epochs=epochs,
+    hidden=a.hidden,
+    epochs=a.epochs,
     vae=model,
     vae_params=mp,
     log_var=log_var,
     binary=binary,
-    max_steps=max_steps,
+    max_steps=a.max_steps,
     mean_fn=mean_fn,
-    progress=progress,
-    log_every=log_every,
+    progress=a.progress,
+    log_every=a.log_every,
   )
-  out["runs"], out["reused"], out["steps"] = _train_seeds(
-    seeds, arms, common, (x, y, g.test_x, g.test_y), probes, done_dir, fit
+  common = augment_runs.classifier_settings(
+    x, y, fit, encode_input=a.encode_input, probe=out["probe"]
+  )
+  out["runs"], out["reused"], out["steps"] = augment_runs.train_seeds(
+    seeds, arms, common, (x, y, g.test_x, g.test_y), probes, a.done_dir, fit
   )
   out.update(_mean_errors(out["runs"], arms))
   return out
@@ -295,80 +299,6 @@ def _training_set(g: classifier.GreyData, use_val: bool) -> tuple[np.ndarray, np
   return g.train_x, g.train_y
 
 
-def _classifier_settings(
-  model_params: PyTree,
-  x: np.ndarray,
-  y: np.ndarray,
-  *,
-  epochs: int,
-  hidden: int,
-  log_var: float,
-  encode_input: str,
-  max_steps: int | None,
-  probe: int,
-) -> dict[str, Any]:
-  """What every classifier's result depends on but its seed and arm (its record's identity).
-
-  Args:
-    model_params: the generative model's parameters (fingerprinted).
-    x, y: the classifiers' training images and labels (digested).
-    epochs, hidden, log_var, encode_input, max_steps: as :func:`run_augmentation`.
-    probe: the number of training images the train and augmented-image errors are measured on.
-
-  Returns:
-    A JSON-able dict.
-  """
-  return {
-    "model": bank_lib.params_fingerprint(model_params),
-    "epochs": int(epochs),
-    "hidden": int(hidden),
-    "num_train": int(x.shape[0]),
-    "train_images": _digest(x, y),
-    "log_var": float(log_var),
-    "encode_input": encode_input,
-    "max_steps": None if max_steps is None else int(max_steps),
-    "probe": int(probe),
-  }
-
-
-def _train_seeds(
-  seeds: list[int],
-  arms: Sequence[str],
-  common: dict[str, Any],
-  split: tuple[np.ndarray, ...],
-  probes: tuple[np.ndarray, ...],
-  done_dir: str | None,
-  fit: dict[str, Any],
-) -> tuple[list[dict[str, Any]], list[str], int]:
-  """Every seed's classifier of every arm: read from ``done_dir`` if finished before, else trained.
-
-  Args:
-    seeds, arms: which classifiers.
-    common: :func:`_classifier_settings`; with the seed and arm, a classifier's identity.
-    split, probes, done_dir, fit: as :func:`_train_arm`.
-
-  Returns:
-    ``(runs, reused, steps)``: one row per seed (each arm's test error, final
-    loss, seconds, train and augmented-image errors), the names of the
-    classifiers read from ``done_dir``, and the steps of the last one.
-  """
-  runs, reused, steps = [], [], None
-  for s in seeds:
-    row: dict[str, Any] = {"seed": s}
-    for tag in arms:
-      settings = dict(common, seed=s, arm=tag)
-      result = _finished_before(done_dir, s, tag, settings)
-      if result is not None:
-        reused.append(_name(s, tag))
-      else:
-        result = _train_arm(split, probes, s, tag, settings, done_dir, fit)
-      for what in ("test_error", "final_loss", "seconds", "train_error", "aug_error"):
-        row[f"{what}_{tag}"] = result[what]
-      steps = result["steps"]
-    runs.append(row)
-  return runs, reused, steps
-
-
 def _noise_log_var(trained, train_x: np.ndarray, log_var: float | None) -> tuple[float, str]:
   """The augmentation's log s2 and where it comes from.
 
@@ -392,79 +322,6 @@ def _noise_log_var(trained, train_x: np.ndarray, log_var: float | None) -> tuple
   return bank_lib.bank_log_var(trained, mean_lv)
 
 
-def _name(seed: int, tag: str) -> str:
-  """A classifier's name in ``done_dir``: ``seed<S>_<arm>`` (``.json``, ``.partial.npz``)."""
-  return f"seed{seed}_{tag}"
-
-
-def _finished_before(
-  done_dir: str | None, seed: int, tag: str, settings: dict[str, Any]
-) -> dict[str, Any] | None:
-  """The classifier's result if ``done_dir`` holds its record made with ``settings``, else None."""
-  if done_dir is None:
-    return None
-  path = os.path.join(done_dir, f"{_name(seed, tag)}.json")
-  result = _read_record(path, settings)
-  if result is not None:
-    print(f"seed {seed} {tag} augmentation: done before, read from {path}", flush=True)
-  return result
-
-
-def _train_arm(
-  split: tuple[np.ndarray, ...],
-  probes: tuple[np.ndarray, ...],
-  seed: int,
-  tag: str,
-  settings: dict[str, Any],
-  done_dir: str | None,
-  fit: dict[str, Any],
-) -> dict[str, Any]:
-  """Trains one classifier (``tag``: without or with augmentation) and measures it.
-
-  Args:
-    split: ``(x, y, test_x, test_y)``, its training and test images and labels.
-    probes: ``(x, y, x_aug)``: training images, their labels and one augmented copy
-      of each, on which its train and augmented-image errors are measured.
-    seed: the classifier's seed.
-    tag: ``"without"`` or ``"with"``.
-    settings: what the result depends on (its record's and checkpoint's identity).
-    done_dir: where its record is written (and its state kept while it trains), or None.
-    fit: the other arguments of :func:`exvae.uses.classifier.train_classifier`.
-
-  Returns:
-    ``{'test_error', 'final_loss', 'seconds', 'train_error', 'aug_error', 'steps'}``.
-  """
-  x, y, test_x, test_y = split
-  probe_x, probe_y, probe_aug = probes
-  name = _name(seed, tag)
-  ckpt = None if done_dir is None else os.path.join(done_dir, f"{name}.partial.npz")
-  r = classifier.train_classifier(
-    x,
-    y,
-    test_x,
-    test_y,
-    augment=tag == "with",
-    seed=seed,
-    checkpoint_path=ckpt,
-    checkpoint_identity=settings,
-    **fit,
-  )
-  result = {
-    "test_error": r["test_error"],
-    "final_loss": r["losses"][-1] if r["losses"] else None,
-    "seconds": r["seconds"],
-    "train_error": classifier.error_rate(r["classifier"], r["params"], probe_x, probe_y),
-    "aug_error": classifier.error_rate(r["classifier"], r["params"], probe_aug, probe_y),
-    "steps": r["steps"],
-  }
-  if done_dir is not None:
-    os.makedirs(done_dir, exist_ok=True)
-    atomic.write_json(os.path.join(done_dir, f"{name}.json"), classifier_record(settings, result))
-    if os.path.exists(ckpt):
-      os.remove(ckpt)
-  return result
-
-
 def _mean_errors(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, float]:
   """Each arm's test, train and augmented-image errors: the mean over the seeds, and
   ``*_std`` the sample standard deviation (0 for one seed)."""
@@ -475,63 +332,3 @@ def _mean_errors(runs: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, f
       out[f"{what}_{tag}"] = float(errs.mean())
       out[f"{what}_{tag}_std"] = float(errs.std(ddof=1)) if errs.size > 1 else 0.0
   return out
-
-
-# ----------------------------------------------------------------------------
-# One record per finished classifier (resuming a long augmentation)
-# ----------------------------------------------------------------------------
-
-RECORD_VERSION = 2  # 2: the record carries a digest of itself (atomic.SELF_DIGEST)
-
-
-def _digest(x: np.ndarray, y: np.ndarray) -> str:
-  """A short hash of the classifier's training images and labels."""
-  h = hashlib.sha256()
-  for a in (np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.int64)):
-    h.update(f"{a.shape}|".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()[:16]
-
-
-def classifier_record(settings: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-  """The JSON record of one finished classifier.
-
-  Args:
-    settings: everything the result depends on (the model parameters'
-      fingerprint, epochs, width, training set, s2, encoder input, step cap,
-      probe size, seed and arm).
-    result: ``test_error``, ``final_loss``, ``seconds``, ``train_error``,
-      ``aug_error`` and ``steps``.
-
-  Returns:
-    ``{"version", "settings", "result", "record_sha256"}``: the last is the digest of
-    the rest, checked before the result is reused.
-  """
-  return atomic.with_self_digest(
-    {"version": RECORD_VERSION, "settings": settings, "result": result}
-  )
-
-
-def _read_record(path: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-  """The result in ``path`` if it was made with ``settings``, else None (with a line why)."""
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      rec = json.load(f)
-    ok = (
-      rec.get("version") == RECORD_VERSION
-      and rec.get("settings") == settings
-      and isinstance(rec.get("result"), dict)
-    )
-    if ok:
-      atomic.check_self_digest(rec, path, required=True)
-  except (OSError, ValueError, AttributeError) as e:
-    print(
-      f"{path}: unreadable ({type(e).__name__}: {e}); training this classifier again", flush=True
-    )
-    return None
-  if not ok:
-    print(f"{path}: made with other settings; training this classifier again", flush=True)
-    return None
-  return rec["result"]
