@@ -24,8 +24,6 @@ from exvae import atomic
 from exvae import bank as bank_lib
 from exvae.uses import classifier
 
-PyTree = Any
-
 
 def classifier_settings(
   x: np.ndarray, y: np.ndarray, fit: dict[str, Any], *, encode_input: str, probe: int
