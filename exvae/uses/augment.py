@@ -156,7 +156,6 @@ def augmentation_spread(
   }
 
 
-@stopping.deferring
 @dataclasses.dataclass(frozen=True, eq=False)
 class AugmentSettings:
   """The settings of an augmentation experiment (:func:`run_augmentation`'s keywords).
@@ -197,6 +196,7 @@ class AugmentSettings:
   done_dir: str | None = None
 
 
+@stopping.deferring
 def run_augmentation(
   trained, settings: AugmentSettings | None = None, **kwargs: Any
 ) -> dict[str, Any]:
